@@ -1,0 +1,631 @@
+"""The kdgraph spec: a pydantic model that is the single source of truth for a run.
+
+Every field has its default and its documentation here, and nowhere else.
+``load_spec`` reads YAML (or a dict), applies ``--set`` style overrides and
+validates; every problem comes back as one ``SpecError`` that names the dotted
+YAML path of each wrong value and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from kdgraph.errors import SpecError
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "BUILTIN_MODEL_SOURCES",
+    "CutPair",
+    "DataSpec",
+    "DecomposeSpec",
+    "LossSpec",
+    "ModelSpec",
+    "OptimSpec",
+    "RuntimeSpec",
+    "ScheduleSpec",
+    "Spec",
+    "load_spec",
+    "max_recompositions",
+]
+
+# Reference shapes of the model sources shipped with kdgraph (models.py builds them).
+BUILTIN_MODEL_SOURCES: dict[str, str] = {
+    "timm": "timm:NAME",
+    "torchvision": "torchvision:NAME",
+    "module": "module:pkg.mod:factory",
+}
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "imagefolder", "synthetic")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_IDENT = re.compile(r"^[A-Za-z_]\w*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _invalid(message: str, *, allowed: str = "", at: str = "", got: Any = ...) -> PydanticCustomError:
+    """A validation error carrying what ``load_spec`` needs to render it.
+
+    ``at`` is a dotted path below the validator's own location (a model validator
+    reports on one of its fields); ``got`` replaces the input shown to the user.
+    """
+    ctx: dict[str, Any] = {"allowed": allowed, "at": at}
+    if got is not ...:
+        ctx["got"] = repr(got)
+    return PydanticCustomError("spec_value", message, ctx)
+
+
+def max_recompositions(blocks: int) -> int:
+    """How many recompositions k blocks allow: each merges neighbouring pairs, ceil(k/2) remain."""
+    return math.ceil(math.log2(blocks)) if blocks > 1 else 0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """A network to build: a source reference, its constructor arguments, optional weights."""
+
+    model: str = Field(
+        description="Model reference: 'timm:NAME', 'torchvision:NAME' or 'module:pkg.mod:factory' "
+        "(a factory function in an importable module; the spec's directory is searched first)."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the model factory, e.g. {num_classes: 100}.",
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Weights to load (strictly): .safetensors, or a torch file (a state_dict or a "
+        "kdgraph training checkpoint). Relative paths are relative to the working directory.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _check_reference(cls, ref: str) -> str:
+        allowed = ", ".join(BUILTIN_MODEL_SOURCES.values())
+        source, sep, rest = ref.partition(":")
+        if not sep or not rest:
+            raise _invalid("model reference must be 'SOURCE:NAME'", allowed=allowed)
+        if source in ("timm", "torchvision"):
+            if not _NAME.match(rest):
+                raise _invalid(f"bad {source} model name {rest!r}", allowed=allowed)
+        elif source == "module":
+            module, sep, factory = rest.rpartition(":")
+            if not sep or not _DOTTED.match(module) or not _IDENT.match(factory):
+                raise _invalid("module reference must be 'module:pkg.mod:factory'", allowed=allowed)
+        elif source not in _registered_model_sources():
+            raise _invalid(f"unknown model source {source!r}", allowed=allowed)
+        return ref
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_download(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key in ("pretrained", "weights"):
+            if kwargs.get(key):
+                raise _invalid(
+                    f"'{key}' asks for downloaded weights, which cannot be downloaded here; "
+                    f"remove it and give the weights file as checkpoint: PATH",
+                    allowed="constructor arguments other than pretrained/weights",
+                )
+        return kwargs
+
+
+def _registered_model_sources() -> set[str]:
+    """Sources added with ``kdgraph.models.register_model_source`` (imported lazily: torch)."""
+    from kdgraph.models import MODEL_SOURCES
+
+    return set(MODEL_SOURCES)
+
+
+class DataSpec(_Strict):
+    """The dataset, its input shape and how it is batched and augmented."""
+
+    dataset: str = Field(
+        default="digits",
+        description="Dataset: digits, fashion-mnist, imagefolder, synthetic, or 'torchvision:NAME' "
+        "(a torchvision dataset class whose files are present under root).",
+    )
+    root: Path | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        default=None, description="Input shape C,H,W fed to the models (None: the dataset's own size)."
+    )
+    batch_size: PositiveInt = Field(default=128, description="Training batch size.")
+    test_batch_size: PositiveInt | None = Field(
+        default=None, description="Evaluation batch size (None: the training batch size)."
+    )
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of the training set used, in (0, 1].")
+    samples: PositiveInt = Field(default=2048, description="Number of samples of the synthetic dataset.")
+    num_classes: int | None = Field(
+        default=None, ge=2, description="Number of classes (None: from the dataset; required for synthetic data of a custom size)."
+    )
+    augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
+        default="auto",
+        description="Training augmentation: auto (dataset's usual one), none, crop (padded random crop), crop+flip.",
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, dataset: str) -> str:
+        if dataset in BUILTIN_DATASETS:
+            return dataset
+        source, sep, name = dataset.partition(":")
+        if source == "torchvision" and sep and _IDENT.match(name):
+            return dataset
+        raise _invalid("unknown dataset", allowed=", ".join(BUILTIN_DATASETS) + ", torchvision:NAME")
+
+
+class CutPair(_Strict):
+    """One hand-chosen cut: a teacher module path and the student module path matched with it."""
+
+    teacher: str = Field(description="Teacher module path whose output is the cut, e.g. 'layer3'.")
+    student: str = Field(description="Student module path whose output is the cut, e.g. 'stages.2'.")
+
+
+class DecomposeSpec(_Strict):
+    """How teacher and student are cut into sequential blocks."""
+
+    blocks: PositiveInt = Field(default=5, description="Number of blocks k, the head included.")
+    cuts: Literal["auto"] | list[CutPair] = Field(
+        default="auto",
+        description="'auto' (cut at stage ends found from shapes) or blocks-1 explicit {teacher, student} module paths.",
+    )
+    projector: Literal["conv1x1"] = Field(
+        default="conv1x1", description="Adapter inserted where teacher and student widths differ."
+    )
+
+    @model_validator(mode="after")
+    def _cuts_fit_blocks(self) -> DecomposeSpec:
+        if isinstance(self.cuts, list) and len(self.cuts) != self.blocks - 1:
+            raise _invalid(
+                f"{self.blocks} blocks need {self.blocks - 1} cuts, {len(self.cuts)} given",
+                allowed=f"'auto' or a list of {self.blocks - 1} {{teacher, student}} pairs",
+                at="cuts",
+                got=[c.model_dump() for c in self.cuts],
+            )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    """The training method and how epochs are split over its training stages."""
+
+    method: Literal["stablekd", "kd", "kd+mse", "supervised"] = Field(
+        default="stablekd",
+        description="stablekd (decompose, then recompose), kd (logits only), kd+mse (logits and block "
+        "features), supervised (labels only, no teacher). Without a teacher the default becomes supervised.",
+    )
+    recompositions: int = Field(
+        default=2, ge=0, description="StableKD recompositions n (n+1 training stages); ignored by other methods."
+    )
+    epochs: PositiveInt = Field(default=60, description="Total training epochs over all training stages.")
+    stage_epochs: list[PositiveInt] | None = Field(
+        default=None,
+        description="Epochs of each training stage (recompositions+1 entries for stablekd, 1 otherwise, "
+        "summing to epochs). None: equal split, remainder to the last stage.",
+    )
+
+    @property
+    def num_stages(self) -> int:
+        """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
+        return self.recompositions + 1 if self.method == "stablekd" else 1
+
+
+class LossSpec(_Strict):
+    """Weights and form of the loss terms."""
+
+    kl_weight: float = Field(default=1.0, ge=0.0, description="Weight λ of KL(teacher logits) in the head loss.")
+    temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of the KL term.")
+    feature: Literal["mse"] = Field(default="mse", description="Loss between student and teacher block features.")
+    feature_weight: float = Field(default=1.0, ge=0.0, description="Weight of each feature loss term.")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+
+
+class OptimSpec(_Strict):
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["sgd", "adamw"] = Field(default="sgd", description="Optimizer.")
+    lr: float = Field(default=0.1, gt=0.0, description="Peak learning rate (of the first training stage).")
+    momentum: float = Field(default=0.9, ge=0.0, description="SGD momentum.")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(default=5e-4, ge=0.0, description="Weight decay.")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default=(0.9, 0.999), description="AdamW betas."
+    )
+    lr_schedule: Literal["stage_cyclic", "onecycle", "cosine", "constant"] = Field(
+        default="stage_cyclic",
+        description="stage_cyclic: one triangular cycle per training stage, peak halving each stage "
+        "(StableKD's); onecycle / cosine over the whole run; constant.",
+    )
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Cycles start and end at lr * min_lr_ratio."
+    )
+
+
+class RuntimeSpec(_Strict):
+    """Where and how the plan runs; none of this changes what is trained."""
+
+    device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    compile: bool = Field(default=False, description="torch.compile the training step.")
+    channels_last: bool | Literal["auto"] = Field(
+        default="auto", description="channels_last memory format (auto: for conv nets on GPU)."
+    )
+    log_every: PositiveInt = Field(default=50, description="Log losses every N steps (the step does no host syncs).")
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="Checkpoint every N steps; 0: only at the end of every epoch."
+    )
+    eval_every: PositiveInt = Field(default=1, description="Evaluate every N epochs.")
+    track_stability: bool = Field(
+        default=False, description="Record per-block feature losses of the whole student each epoch (costs time)."
+    )
+    num_threads: PositiveInt | None = Field(default=None, description="CPU threads for torch (None: torch's default).")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            raise _invalid("unknown device", allowed="auto, cpu, cuda, cuda:N")
+        return device
+
+
+class Spec(_Strict):
+    """A kdgraph run: teacher, student, data, and how distillation is compiled and run."""
+
+    name: str = Field(min_length=1, description="Run name; outputs go to runs/<name> unless output is set.")
+    seed: int = Field(default=0, description="Random seed of data order, initialisation and augmentation.")
+    teacher: ModelSpec | None = Field(
+        default=None, description="Teacher network (None: supervised training of the student alone)."
+    )
+    student: ModelSpec = Field(description="Student network.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Dataset and batching.")
+    decompose: DecomposeSpec = Field(default_factory=DecomposeSpec, description="Block decomposition.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Method and training stages.")
+    loss: LossSpec = Field(default_factory=LossSpec, description="Loss terms.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and LR schedule.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
+    output: Path | None = Field(default=None, description="Output directory (None: runs/<name>).")
+
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supervised_without_teacher(cls, data: Any) -> Any:
+        """No teacher and no explicit method: the method is supervised."""
+        if not isinstance(data, dict) or data.get("teacher") is not None:
+            return data
+        schedule = data.get("schedule")
+        if schedule is None:
+            return {**data, "schedule": {"method": "supervised"}}
+        if isinstance(schedule, dict) and "method" not in schedule:
+            return {**data, "schedule": {**schedule, "method": "supervised"}}
+        if isinstance(schedule, ScheduleSpec) and "method" not in schedule.model_fields_set:
+            return {**data, "schedule": schedule.model_copy(update={"method": "supervised"})}
+        return data
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Spec:
+        method = self.schedule.method
+        if self.teacher is None and method != "supervised":
+            raise _invalid(
+                f"method {method!r} needs a teacher; add teacher: {{model: ...}} or set schedule.method: supervised",
+                allowed="a {model, kwargs, checkpoint} mapping",
+                at="teacher",
+                got=None,
+            )
+        if self.teacher is not None and method == "supervised":
+            raise _invalid(
+                "supervised trains without a teacher; remove teacher or choose a distillation method",
+                allowed="stablekd, kd, kd+mse",
+                at="schedule.method",
+                got=method,
+            )
+        if method == "stablekd":
+            limit = max_recompositions(self.decompose.blocks)
+            if self.schedule.recompositions > limit:
+                raise _invalid(
+                    f"{self.decompose.blocks} blocks allow at most {limit} recompositions "
+                    f"(each merges neighbouring block pairs)",
+                    allowed=f"0..{limit}",
+                    at="schedule.recompositions",
+                    got=self.schedule.recompositions,
+                )
+        stage_epochs = self.schedule.stage_epochs
+        if stage_epochs is not None:
+            stages = self.schedule.num_stages
+            if len(stage_epochs) != stages:
+                why = f"stablekd with {self.schedule.recompositions} recompositions" if method == "stablekd" else method
+                raise _invalid(
+                    f"{why} has {stages} training stage(s), {len(stage_epochs)} stage_epochs given",
+                    allowed=f"a list of {stages} positive integers",
+                    at="schedule.stage_epochs",
+                    got=stage_epochs,
+                )
+            if sum(stage_epochs) != self.schedule.epochs:
+                raise _invalid(
+                    f"stage_epochs sum to {sum(stage_epochs)}, not epochs={self.schedule.epochs}",
+                    allowed=f"positive integers summing to {self.schedule.epochs}",
+                    at="schedule.stage_epochs",
+                    got=stage_epochs,
+                )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the run writes: ``output``, or runs/<name>."""
+        return self.output if self.output is not None else Path("runs") / self.name
+
+    @property
+    def source_dir(self) -> Path | None:
+        """Directory of the YAML file this spec was loaded from (searched first for module: models)."""
+        return self._source_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec, every default filled in, as JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and validate a spec.
+
+    ``source`` is a YAML file path or an already-parsed mapping (not modified).
+    ``overrides`` are ``dotted.path=value`` strings whose value is parsed as YAML.
+    Raises SpecError for any problem; returns a fully resolved Spec.
+    """
+    source_dir = None
+    if isinstance(source, dict):
+        raw = _deep_copy(source)
+    else:
+        path = Path(source)
+        raw = _read_yaml(path)
+        source_dir = path.resolve().parent
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise spec_error_from(exc) from None
+    spec._source_dir = source_dir
+    return spec
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError("", f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError("", f"YAML syntax error in {where}: {problem}") from None
+    if raw is None:
+        raise SpecError("", f"spec file {path} is empty; it needs at least name: and student: {{model: ...}}")
+    if not isinstance(raw, dict):
+        raise SpecError("", f"spec file {path} must be a mapping of keys (name:, student:, ...), got a {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError("--set", f"override {override!r} must look like dotted.path=value, e.g. schedule.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError("--set", f"value of override {override!r} is not valid YAML: {exc}") from None
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, parts[: depth + 1], override)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, parts, override)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, walked: list[str], override: str) -> Any:
+    """The container under ``node[part]``, made a fresh mapping where it is absent or null."""
+    if isinstance(node, list):
+        return node[_index(node, part, walked, override)]
+    if node.get(part) is None:
+        node[part] = {}
+    child = node[part]
+    if not isinstance(child, (dict, list)):
+        raise SpecError("--set", f"cannot apply {override!r}: {'.'.join(walked)} is {child!r}, not a mapping")
+    return child
+
+
+def _index(node: list[Any], part: str, walked: list[str], override: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise SpecError("--set", f"cannot apply {override!r}: {'.'.join(walked)} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+# ---------------------------------------------------------------------------
+# Rendering validation errors
+
+
+def spec_error_from(exc: ValidationError, root: type[BaseModel] = Spec) -> SpecError:
+    """One SpecError listing every problem of ``exc`` as '<path>: <problem> (got X); allowed: ...'."""
+    problems: list[tuple[tuple[str | int, ...], str, tuple[str | int, ...] | None, Any]] = []
+    for err in exc.errors(include_url=False):
+        path, union_at = _clean_loc(err["loc"], root)
+        at = (err.get("ctx") or {}).get("at")
+        if at:
+            path = path + tuple(at.split("."))
+        problems.append((path, _describe(err, path, root), union_at, err.get("input")))
+    # A union (cuts: 'auto' | list) reports one error per alternative: where one
+    # alternative got further into the value, the others' complaints are noise.
+    deeper = {u for p, _, u, _ in problems if u is not None and len(p) > len(u)}
+    kept: list[tuple[tuple[str | int, ...], str]] = []
+    seen_union: set[tuple[str | int, ...]] = set()
+    for path, text, union_at, value in problems:
+        if union_at is not None and path == union_at:
+            if union_at in deeper or union_at in seen_union:
+                continue
+            seen_union.add(union_at)
+            allowed = _allowed_for(_annotation_at(path, root))
+            text = f"matches none of the allowed forms (got {value!r}); allowed: {allowed}"
+        kept.append((path, text))
+    # A misspelt key usually also leaves a required key missing: name the typo first.
+    kept.sort(key=lambda item: 0 if "unknown key" in item[1] else 1)
+    lines = [f"{_dotted(path)}: {text}" for path, text in kept]
+    return SpecError(_dotted(kept[0][0]), "\n".join(lines))
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    return args[0] if len(args) == 1 else tp
+
+
+def _is_union(tp: Any) -> bool:
+    import types
+
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _annotation_at(path: tuple[str | int, ...], root: type[BaseModel]) -> Any:
+    """The declared type at ``path`` below ``root`` (None where it cannot be followed)."""
+    tp: Any = root
+    for part in path:
+        tp = _strip_optional(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif isinstance(part, int):
+            tp = _sequence_item(tp, part)
+            if tp is None:
+                return None
+        else:
+            return None
+    return tp
+
+
+def _sequence_item(tp: Any, index: int) -> Any:
+    options = typing.get_args(tp) if _is_union(tp) else (tp,)
+    for option in options:
+        origin = typing.get_origin(option)
+        args = typing.get_args(option)
+        if origin is list and args:
+            return args[0]
+        if origin is tuple and args:
+            return args[0] if args[-1] is Ellipsis else (args[index] if index < len(args) else None)
+    return None
+
+
+def _clean_loc(loc: tuple[str | int, ...], root: type[BaseModel]) -> tuple[tuple[str | int, ...], tuple[str | int, ...] | None]:
+    """Drop pydantic's union-member tags ('list[CutPair]') from ``loc``.
+
+    Returns the YAML path and, when the error went through a union of
+    alternatives, the path of that union.
+    """
+    path: list[str | int] = []
+    union_at: tuple[str | int, ...] | None = None
+    for i, part in enumerate(loc):
+        tp = _annotation_at(tuple(path), root)
+        model = _strip_optional(tp)
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        if isinstance(part, int) or (is_model and (part in model.model_fields or i == len(loc) - 1)):
+            path.append(part)
+        elif isinstance(part, str) and tp is not None and _is_union(tp):
+            union_at = tuple(path)  # a member tag of a union with several alternatives
+        elif tp is None or not is_model:
+            path.append(part)  # inside a free-form mapping (kwargs)
+    return tuple(path), union_at
+
+
+def _allowed_for(tp: Any) -> str:
+    """A short human rendering of the values a type accepts."""
+    if tp is None:
+        return ""
+    if _is_union(tp):
+        parts = [_allowed_for(a) for a in typing.get_args(tp)]
+        return " or ".join(p for p in parts if p)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return ", ".join(str(v) for v in typing.get_args(tp))
+    if origin is Annotated:
+        return _allowed_for(typing.get_args(tp)[0])
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if origin is list:
+        return f"a list of {_allowed_for(typing.get_args(tp)[0])}"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"a list of {len(args)} {_allowed_for(args[0])}s"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "{" + ", ".join(tp.model_fields) + "} mapping"
+    names = {int: "integer", float: "number", bool: "true/false", str: "string", Path: "path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _describe(err: dict[str, Any], path: tuple[str | int, ...], root: type[BaseModel]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        owner = _strip_optional(_annotation_at(path[:-1], root))
+        fields = list(owner.model_fields) if isinstance(owner, type) and issubclass(owner, BaseModel) else []
+        close = difflib.get_close_matches(str(path[-1]), fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key {path[-1]!r}; {hint}allowed: {', '.join(fields)}"
+    if kind == "missing" and path and isinstance(path[-1], int):
+        allowed = _allowed_for(_annotation_at(path[:-1], root))
+        return f"too few items, item {path[-1]} is missing; allowed: {allowed}"
+    if kind == "missing":
+        allowed = _allowed_for(_annotation_at(path, root))
+        return f"required key is missing; allowed: {allowed}" if allowed else "required key is missing"
+    if kind == "spec_value":
+        got = ctx.get("got", repr(value))
+        allowed = ctx.get("allowed")
+        return f"{err['msg']} (got {got})" + (f"; allowed: {allowed}" if allowed else "")
+    message = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+    message = message.replace("Input is not a valid path for <class 'pathlib.Path'>", "must be a path")
+    message = message[0].lower() + message[1:] if message else message
+    # A bound (greater_than, too_short, ...) already says what is allowed; a wrong type does not.
+    is_type_error = kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum", "path_type")
+    allowed = _allowed_for(_annotation_at(path, root)) if is_type_error else ""
+    return f"{message} (got {value!r})" + (f"; allowed: {allowed}" if allowed else "")

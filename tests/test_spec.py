@@ -1,0 +1,193 @@
+"""The spec: defaults, the DESIGN example, overrides, and a table of broken inputs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kdgraph.errors import SpecError
+from kdgraph.spec import Spec, load_spec, max_recompositions
+
+MINIMAL = "name: tiny\nstudent: {model: 'timm:resnet18'}\n"
+KD = "name: tiny\nteacher: {model: 'timm:resnet34'}\nstudent: {model: 'timm:resnet18'}\n"
+
+# DESIGN.md's example; the dataset is written as torchvision:CIFAR100 (the allowed spelling).
+DESIGN_EXAMPLE = """
+name: resnet34-to-resnet18
+seed: 0
+teacher: {model: "timm:resnet34", kwargs: {num_classes: 100}, checkpoint: runs/t34/model.safetensors}
+student: {model: "timm:resnet18", kwargs: {num_classes: 100}}
+data: {dataset: "torchvision:CIFAR100", root: data, input_size: [3, 32, 32], batch_size: 128, fraction: 1.0}
+decompose: {blocks: 5, cuts: auto, projector: conv1x1}
+schedule: {method: stablekd, recompositions: 2, epochs: 60}
+loss: {kl_weight: 1.0, temperature: 1.0, feature: mse}
+optim: {name: sgd, lr: 0.5, momentum: 0.9, weight_decay: 5.0e-4, lr_schedule: stage_cyclic}
+runtime: {device: auto, precision: bf16, compile: false, channels_last: true}
+output: runs/resnet34-to-resnet18
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_resolve(tmp_path):
+    spec = load_spec(write(tmp_path, KD))
+    assert spec.schedule.method == "stablekd"
+    assert spec.schedule.recompositions == 2 and spec.schedule.epochs == 60
+    assert spec.decompose.blocks == 5 and spec.decompose.cuts == "auto"
+    assert spec.data.dataset == "digits" and spec.data.batch_size == 128 and spec.data.input_size is None
+    assert spec.optim.name == "sgd" and spec.optim.lr == 0.1 and spec.optim.betas == (0.9, 0.999)
+    assert spec.runtime.channels_last == "auto" and spec.runtime.checkpoint_every == 0
+    assert spec.output_dir == Path("runs") / "tiny"
+    assert spec.source_dir == tmp_path.resolve()
+
+
+def test_no_teacher_defaults_to_supervised():
+    spec = load_spec({"name": "t", "student": {"model": "timm:resnet18"}})
+    assert spec.teacher is None
+    assert spec.schedule.method == "supervised"
+
+
+def test_design_example_parses(tmp_path):
+    spec = load_spec(write(tmp_path, DESIGN_EXAMPLE))
+    assert spec.teacher is not None and spec.teacher.checkpoint == Path("runs/t34/model.safetensors")
+    assert spec.student.kwargs == {"num_classes": 100}
+    assert spec.data.input_size == (3, 32, 32)
+    assert spec.runtime.precision == "bf16" and spec.runtime.channels_last is True
+    assert spec.optim.lr == 0.5
+    assert spec.output_dir == Path("runs/resnet34-to-resnet18")
+
+
+def test_resolved_dict_round_trips():
+    spec = load_spec({"name": "t", "student": {"model": "timm:resnet18"}, "data": {"input_size": [1, 8, 8]}})
+    resolved = spec.to_dict()
+    assert resolved["schedule"]["method"] == "supervised"
+    assert resolved["data"]["input_size"] == [1, 8, 8]
+    assert resolved["loss"]["temperature"] == 1.0
+    assert Spec.model_validate(resolved) == spec
+
+
+def test_explicit_cuts_parse():
+    cuts = [{"teacher": f"layer{i}", "student": f"stages.{i}"} for i in range(1, 5)]
+    spec = load_spec({"name": "t", "teacher": {"model": "timm:resnet34"}, "student": {"model": "timm:resnet18"},
+                      "decompose": {"cuts": cuts}})
+    assert [c.student for c in spec.decompose.cuts] == ["stages.1", "stages.2", "stages.3", "stages.4"]
+
+
+def test_overrides_int_list_null(tmp_path):
+    source = {"name": "t", "teacher": {"model": "timm:resnet34"}, "student": {"model": "timm:resnet18"}}
+    spec = load_spec(source, ["schedule.epochs=3", "data.input_size=[3,32,32]", "teacher=null",
+                              "schedule.method=supervised", "optim.lr=0.05", "runtime.num_threads=2"])
+    assert spec.schedule.epochs == 3
+    assert spec.data.input_size == (3, 32, 32)
+    assert spec.teacher is None and spec.schedule.method == "supervised"
+    assert spec.optim.lr == 0.05 and spec.runtime.num_threads == 2
+    assert source["teacher"] == {"model": "timm:resnet34"}  # the caller's dict is left alone
+
+
+def test_override_creates_teacher_and_indexes_lists():
+    cuts = [{"teacher": "a", "student": "b"}] * 4
+    spec = load_spec({"name": "t", "student": {"model": "timm:resnet18"}, "schedule": {"method": "kd"}},
+                     ["teacher.model=timm:resnet34", "decompose.cuts=" + repr(cuts), "decompose.cuts.2.student=c"])
+    assert spec.teacher.model == "timm:resnet34"
+    assert [c.student for c in spec.decompose.cuts] == ["b", "b", "c", "b"]
+
+
+def test_stage_epochs_valid():
+    spec = load_spec(KD_DICT | {"schedule": {"epochs": 10, "stage_epochs": [3, 3, 4]}})
+    assert spec.schedule.stage_epochs == [3, 3, 4]
+    kd = load_spec(KD_DICT | {"schedule": {"method": "kd", "epochs": 7, "stage_epochs": [7], "recompositions": 9}})
+    assert kd.schedule.num_stages == 1  # recompositions are ignored outside stablekd
+
+
+@pytest.mark.parametrize("blocks,expected", [(1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (8, 3), (9, 4)])
+def test_max_recompositions(blocks, expected):
+    assert max_recompositions(blocks) == expected
+
+
+KD_DICT = {"name": "t", "teacher": {"model": "timm:resnet34"}, "student": {"model": "timm:resnet18"}}
+
+# (id, YAML text, overrides, expected SpecError.path, fragments that must be in the message)
+BROKEN = [
+    ("unknown-key", KD + "scheduel: {epochs: 3}\n", [], "scheduel", ["did you mean 'schedule'", "allowed: name, seed"]),
+    ("unknown-nested-key", KD + "data: {batch_sise: 3}\n", [], "data.batch_sise", ["did you mean 'batch_size'"]),
+    ("wrong-literal", KD + "schedule: {method: stableKD}\n", [], "schedule.method", ["stablekd, kd, kd+mse, supervised", "'stableKD'"]),
+    ("wrong-augment", KD + "data: {augment: flip}\n", [], "data.augment", ["auto, none, crop, crop+flip"]),
+    ("negative-batch", KD + "data: {batch_size: -4}\n", [], "data.batch_size", ["greater than 0", "got -4"]),
+    ("fraction-zero", KD + "data: {fraction: 0}\n", [], "data.fraction", ["greater than 0"]),
+    ("fraction-above-one", KD + "data: {fraction: 1.5}\n", [], "data.fraction", ["less than or equal to 1"]),
+    ("bad-model-prefix", "name: t\nstudent: {model: 'hub:resnet18'}\n", [], "student.model",
+     ["unknown model source 'hub'", "timm:NAME, torchvision:NAME, module:pkg.mod:factory"]),
+    ("model-without-source", "name: t\nstudent: {model: resnet18}\n", [], "student.model", ["SOURCE:NAME", "timm:NAME"]),
+    ("bad-module-ref", "name: t\nstudent: {model: 'module:mymodels'}\n", [], "student.model", ["module:pkg.mod:factory"]),
+    ("pretrained-kwarg", "name: t\nstudent: {model: 'timm:resnet18', kwargs: {pretrained: true}}\n", [],
+     "student.kwargs", ["cannot be downloaded", "checkpoint"]),
+    ("too-many-recompositions", KD + "decompose: {blocks: 4}\nschedule: {recompositions: 3}\n", [],
+     "schedule.recompositions", ["at most 2 recompositions"]),
+    ("stage-epochs-sum", KD + "schedule: {epochs: 10, stage_epochs: [3, 3, 3]}\n", [], "schedule.stage_epochs",
+     ["sum to 9", "epochs=10"]),
+    ("stage-epochs-length", KD + "schedule: {epochs: 10, stage_epochs: [5, 5]}\n", [], "schedule.stage_epochs",
+     ["3 training stage(s)", "2 stage_epochs given"]),
+    ("stage-epochs-zero", KD + "schedule: {epochs: 10, stage_epochs: [0, 5, 5]}\n", [], "schedule.stage_epochs.0",
+     ["greater than 0"]),
+    ("kd-without-teacher", MINIMAL + "schedule: {method: kd}\n", [], "teacher",
+     ["method 'kd' needs a teacher", "schedule.method: supervised"]),
+    ("supervised-with-teacher", KD + "schedule: {method: supervised}\n", [], "schedule.method",
+     ["supervised trains without a teacher"]),
+    ("cuts-wrong-length", KD + "decompose: {blocks: 3, cuts: [{teacher: layer3, student: layer3}]}\n", [],
+     "decompose.cuts", ["3 blocks need 2 cuts, 1 given"]),
+    ("cuts-missing-student", KD + "decompose: {blocks: 2, cuts: [{teacher: layer3}]}\n", [],
+     "decompose.cuts.0.student", ["required key is missing"]),
+    ("cuts-bad-word", KD + "decompose: {cuts: manual}\n", [], "decompose.cuts", ["'manual'", "auto or a list"]),
+    ("input-size-type", MINIMAL + "data: {input_size: big}\n", [], "data.input_size", ["a list of 3 integers"]),
+    ("input-size-short", MINIMAL + "data: {input_size: [3, 32]}\n", [], "data.input_size.2", ["item 2 is missing"]),
+    ("unknown-dataset", MINIMAL + "data: {dataset: cifar100}\n", [], "data.dataset",
+     ["'cifar100'", "digits, fashion-mnist, imagefolder, synthetic, torchvision:NAME"]),
+    ("bad-device", MINIMAL + "runtime: {device: gpu}\n", [], "runtime.device", ["auto, cpu, cuda, cuda:N"]),
+    ("channels-last-word", MINIMAL + "runtime: {channels_last: maybe}\n", [], "runtime.channels_last",
+     ["true/false or auto"]),
+    ("missing-name", "student: {model: 'timm:resnet18'}\n", [], "name", ["required key is missing"]),
+    ("missing-student", "name: t\n", [], "student", ["required key is missing", "model, kwargs, checkpoint"]),
+    ("bad-set", MINIMAL, ["schedule.epochs"], "--set", ["dotted.path=value"]),
+    ("bad-set-through-scalar", MINIMAL, ["name.x=1"], "--set", ["not a mapping"]),
+    ("set-wrong-type", MINIMAL, ["schedule.epochs=many"], "schedule.epochs", ["valid integer", "'many'"]),
+    ("yaml-syntax", "name: t\nstudent: {model: 'timm:resnet18'\ndata: [\n", [], "", ["YAML syntax error", "spec.yaml:"]),
+    ("top-level-list", "- name: t\n", [], "", ["mapping", "list"]),
+    ("empty-file", "", [], "", ["empty"]),
+]
+
+
+@pytest.mark.parametrize("text,overrides,path,fragments", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
+def test_broken_specs(tmp_path, text, overrides, path, fragments):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text), overrides)
+    assert info.value.path == path
+    for fragment in fragments:
+        assert fragment in info.value.message
+
+
+def test_every_problem_listed_one_per_line():
+    with pytest.raises(SpecError) as info:
+        load_spec({"name": "t", "student": {"model": "timm:resnet18"},
+                   "data": {"batch_size": 0, "augment": "x"}, "optim": {"lr": -1}})
+    lines = info.value.message.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["data.batch_size", "data.augment", "optim.lr"]
+    assert info.value.path == "data.batch_size"
+
+
+def test_yaml_error_names_line(tmp_path):
+    path = write(tmp_path, "name: t\nstudent:\n  model: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in info.value.message and ":4:" in info.value.message
+
+
+def test_missing_file_named(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "nope.yaml")
+    assert info.value.path == "" and "nope.yaml" in info.value.message
