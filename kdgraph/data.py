@@ -1,0 +1,526 @@
+"""Datasets held in memory, and a loader that keeps them on the device.
+
+kdgraph's datasets are small (digits, Fashion-MNIST, CIFAR-size, image folders of a
+few thousand files), so a whole split is one tensor: ``create_dataset`` loads it once,
+converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` moves it to
+the device once and cuts batches there, with batched on-device augmentation. Every
+random choice (subset, order, crops, flips) is a pure function of the run seed and the
+epoch, so a resumed run sees exactly the batches an uninterrupted run would.
+
+Datasets are built by name from the ``DATASETS`` registry; a name with a colon
+(``torchvision:CIFAR10``) is looked up by its prefix and the loader reads the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdgraph.errors import DataError
+
+__all__ = [
+    "AUGMENTS",
+    "DATASETS",
+    "Dataset",
+    "DeviceLoader",
+    "RawSplits",
+    "build_loaders",
+    "class_balanced_subset",
+    "create_dataset",
+    "register_dataset",
+]
+
+AUGMENTS = ("none", "crop", "crop+flip")
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HELP = (
+    "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` "
+    f"(files land in {FASHION_MNIST_ROOT}), or set data.root to a folder holding "
+    "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
+    "and t10k-labels-idx1-ubyte[.gz]"
+)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# torchvision datasets of grey digits/clothes: a horizontal flip changes their meaning.
+_NO_FLIP_TORCHVISION = {"MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "USPS"}
+
+
+class RawSplits(NamedTuple):
+    """What a dataset loader returns: both splits at the dataset's own size, any value
+    scale (normalisation comes later), images float N x C x H x W, labels int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    default_augment: str
+
+
+LoaderFn = Callable[[Any, int], RawSplits]
+"""``fn(data_spec, seed) -> RawSplits``."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Both splits in memory (CPU), converted to ``input_size`` (C, H, W) and normalised
+    per channel with the mean/std of the full training split (before ``fraction``, so
+    every run of a dataset sees the same test tensors). ``mean``/``std`` are those
+    statistics, in the dataset's raw value scale."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    input_size: tuple[int, int, int]
+    default_augment: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __str__(self) -> str:
+        c, h, w = self.input_size
+        return (
+            f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test, {c}x{h}x{w}, "
+            f"{self.num_classes} classes, default augment {self.default_augment}"
+        )
+
+
+DATASETS: dict[str, LoaderFn] = {}
+
+
+def register_dataset(name: str, fn: LoaderFn, *, overwrite: bool = False) -> None:
+    """Add a loader under ``name`` (the part of ``data.dataset`` before any colon)."""
+    if name in DATASETS and not overwrite:
+        raise ValueError(f"dataset {name!r} is already registered; pass overwrite=True to replace it")
+    DATASETS[name] = fn
+
+
+def _valid_names() -> str:
+    return ", ".join(f"{n}:NAME" if n == "torchvision" else n for n in sorted(DATASETS))
+
+
+def create_dataset(data_spec: Any, seed: int) -> Dataset:
+    """Load ``data_spec.dataset``, convert it to ``data_spec.input_size``, keep a class-balanced
+    ``data_spec.fraction`` of the training split (chosen by ``seed``) and normalise it."""
+    name = data_spec.dataset
+    key = name.split(":", 1)[0]
+    if key not in DATASETS:
+        raise DataError(f"data.dataset: unknown dataset {name!r}; valid: {_valid_names()}")
+    raw = DATASETS[key](data_spec, seed)
+    train_x, test_x = raw.train_x.float(), raw.test_x.float()
+    train_y, test_y = raw.train_y.long(), raw.test_y.long()
+    num_classes = raw.num_classes
+    want_classes = getattr(data_spec, "num_classes", None)
+    if want_classes is not None and want_classes != num_classes:
+        raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
+
+    size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
+    train_x, test_x = _to_size(train_x, size, name), _to_size(test_x, size, name)
+
+    mean = train_x.mean(dim=(0, 2, 3))
+    std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    fraction = float(getattr(data_spec, "fraction", 1.0))
+    if fraction < 1.0:
+        keep = class_balanced_subset(train_y, fraction, seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return ((x - mean[:, None, None]) / std[:, None, None]).contiguous()
+
+    return Dataset(
+        name=name,
+        train_x=norm(train_x),
+        train_y=train_y,
+        test_x=norm(test_x),
+        test_y=test_y,
+        num_classes=num_classes,
+        input_size=(int(size[0]), int(size[1]), int(size[2])),
+        default_augment=raw.default_augment,
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices keeping ``round(fraction * n_c)`` (at least 1) samples of every class c."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"data.fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        k = max(1, round(fraction * len(idx)))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(keep).sort().values
+
+
+def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str) -> torch.Tensor:
+    """Convert N x C x H x W images to ``size`` = (C, H, W):
+    1 -> 3 channels by repeat, 3 -> 1 by the channel mean, H x W by bilinear resampling (antialiased)."""
+    if len(size) != 3:
+        raise DataError(f"data.input_size must be (C, H, W), got {size}")
+    c, h, w = (int(v) for v in size)
+    if x.shape[1] != c and (x.shape[1], c) not in ((1, 3), (3, 1)):
+        raise DataError(f"data.input_size: cannot turn {name}'s {x.shape[1]} channels into {c}")
+    if x.shape[1] == 3 and c == 1:
+        x = x.mean(dim=1, keepdim=True)
+    if tuple(x.shape[2:]) != (h, w):
+        # chunks keep the peak memory of resizing 60k images small
+        x = torch.cat(
+            [F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False, antialias=True) for part in x.split(8192)]
+        )
+    if x.shape[1] == 1 and c == 3:  # after resizing: a third of the work
+        x = x.repeat(1, 3, 1, 1)
+    return x
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def _load_digits(data_spec: Any, seed: int) -> RawSplits:
+    """scikit-learn's bundled 8x8 digits (values 0..16); a fixed stratified 80/20 split
+    (random_state 0, independent of the run seed): every run has the same test set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = d.images.astype(np.float32)[:, None]
+    tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    return RawSplits(
+        torch.from_numpy(tr_x), torch.from_numpy(tr_y).long(), torch.from_numpy(te_x), torch.from_numpy(te_y).long(), 10, "crop"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims}, file holds {arr.size} values")
+    return arr.reshape(dims)
+
+
+def _find_file(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        direct = root / name
+        if direct.is_file():
+            return direct
+    for name in (stem, stem + ".gz"):
+        found = sorted(root.rglob(name))
+        if found:
+            return found[0]
+    return None
+
+
+def _load_fashion_mnist(data_spec: Any, seed: int) -> RawSplits:
+    """Fashion-MNIST from its four IDX files (gzipped or not), searched under data.root
+    (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)."""
+    root = Path(data_spec.root) if data_spec.root is not None else FASHION_MNIST_ROOT
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    paths = {s: _find_file(root, s) if root.is_dir() else None for s in stems}
+    missing = [s for s, p in paths.items() if p is None]
+    if missing:
+        raise DataError(f"fashion-mnist: {', '.join(missing)} not found under {root}; {FASHION_MNIST_HELP}")
+    tr_x, tr_y, te_x, te_y = (torch.from_numpy(_read_idx(str(paths[s])).copy()) for s in stems)
+    return RawSplits(tr_x[:, None].float(), tr_y.long(), te_x[:, None].float(), te_y.long(), 10, "crop+flip")
+
+
+def _load_imagefolder(data_spec: Any, seed: int) -> RawSplits:
+    """root/train/<class>/*.png|jpg and root/test/<class>/... (or root/val), read with PIL
+    into memory at data.input_size (default: the first training image's size, RGB)."""
+    from PIL import Image
+
+    if data_spec.root is None:
+        raise DataError("data.root: imagefolder needs a root holding train/<class>/ and test/<class>/ (or val/)")
+    root = Path(data_spec.root)
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"data.root: {root} must hold train/<class>/ and test/<class>/ (or val/<class>/)")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"data.root: {train_dir} has no class sub-folders")
+    if data_spec.input_size is not None:
+        c, h, w = data_spec.input_size
+    else:
+        first = next((f for f in sorted((train_dir / classes[0]).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
+            raise DataError(f"data.root: {train_dir / classes[0]} has no images")
+        with Image.open(first) as im:
+            (w, h), c = im.size, 3
+    if c not in (1, 3):
+        raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
+    mode = "L" if c == 1 else "RGB"
+
+    def read(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            folder = split_dir / cls
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            for f in files:
+                with Image.open(f) as im:
+                    im = im.convert(mode)
+                    if im.size != (w, h):
+                        im = im.resize((w, h), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32)
+                xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+                ys.append(label)
+        if not xs:
+            raise DataError(f"data.root: no images under {split_dir}/<class>/ for classes {classes}")
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+
+    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DataError(f"data.root: {test_dir} has classes missing from train/: {extra}")
+    tr_x, tr_y = read(train_dir)
+    te_x, te_y = read(test_dir)
+    return RawSplits(tr_x, tr_y, te_x, te_y, len(classes), "crop+flip")
+
+
+def _load_torchvision(data_spec: Any, seed: int) -> RawSplits:
+    """``torchvision:NAME``: torchvision.datasets.NAME(root, train=..., download=False)
+    (or split="train"/"test"), with its files already under data.root."""
+    import torchvision
+
+    _, _, cls_name = data_spec.dataset.partition(":")
+    cls = getattr(torchvision.datasets, cls_name, None)
+    if cls is None or not isinstance(cls, type):
+        raise DataError(f"data.dataset: torchvision.datasets has no dataset {cls_name!r}")
+    if data_spec.root is None:
+        raise DataError(f"data.root: {data_spec.dataset} needs the folder holding its files (kdgraph never downloads)")
+    root = str(data_spec.root)
+
+    def build(train: bool):
+        try:
+            try:
+                return cls(root, train=train, download=False)
+            except TypeError:
+                return cls(root, split="train" if train else "test", download=False)
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise DataError(
+                f"data.root: {cls_name} files not found under {root} ({e}); kdgraph never downloads: "
+                f"fetch them with torchvision.datasets.{cls_name}({root!r}, download=True) where you have network"
+            ) from e
+
+    train_ds = build(True)
+    splits = []
+    for ds in (train_ds, build(False)):
+        data = getattr(ds, "data", None)
+        labels = getattr(ds, "targets", getattr(ds, "labels", None))
+        if data is not None and labels is not None:
+            x = torch.as_tensor(np.asarray(data)).float()
+            if x.ndim == 3:  # N x H x W grey
+                x = x[:, None]
+            elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # N x H x W x C
+                x = x.permute(0, 3, 1, 2)
+            y = torch.as_tensor(np.asarray(labels)).long()
+        else:
+            items = [ds[i] for i in range(len(ds))]
+            x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im, _ in items]))
+            x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            y = torch.tensor([int(t) for _, t in items], dtype=torch.long)
+        splits.append((x.contiguous(), y))
+    (tr_x, tr_y), (te_x, te_y) = splits
+    classes = getattr(train_ds, "classes", None)
+    num_classes = len(classes) if classes else int(max(tr_y.max(), te_y.max()) + 1)
+    augment = "crop" if cls_name in _NO_FLIP_TORCHVISION else "crop+flip"
+    return RawSplits(tr_x, tr_y, te_x, te_y, num_classes, augment)
+
+
+def _load_synthetic(data_spec: Any, seed: int) -> RawSplits:
+    """Standard-normal images of data.input_size (default 3x32x32) with uniform labels:
+    data.samples for training, samples // 4 for testing, drawn from ``seed``."""
+    c, h, w = data_spec.input_size if data_spec.input_size is not None else (3, 32, 32)
+    num_classes = data_spec.num_classes if data_spec.num_classes is not None else 10
+    n_train = int(data_spec.samples)
+    n_test = max(1, n_train // 4)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, c, h, w, generator=g)
+    y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
+    return RawSplits(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, "none")
+
+
+register_dataset("digits", _load_digits)
+register_dataset("fashion-mnist", _load_fashion_mnist)
+register_dataset("imagefolder", _load_imagefolder)
+register_dataset("torchvision", _load_torchvision)
+register_dataset("synthetic", _load_synthetic)
+
+
+# ------------------------------------------------------------------------ device loader
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class DeviceLoader:
+    """Batches of an in-memory split that lives on ``device``.
+
+    ``epoch(e, start_step)`` yields (xb, yb) for epoch e from step ``start_step`` on. The
+    order (a permutation when ``shuffle``) and the augmentation of every sample are drawn
+    on the CPU from a generator seeded by (seed, epoch) alone, once per epoch, and moved to
+    the device in one copy: a run resumed at (epoch, step) gets exactly the batches the
+    uninterrupted run got, on any device.
+
+    Sharding (``rank``/``world_size``, like DistributedSampler): every rank draws the same
+    permutation and takes its strided slice; the permutation is padded by wrapping around
+    (or truncated when ``drop_last``) to a multiple of ``world_size``, so every rank runs
+    the same number of batches. ``drop_last`` also drops a final incomplete batch.
+
+    Augmentation, batched on the device: ``crop`` pads by ``max(1, H // 8)`` with
+    ``pad_value`` per channel (default 0; pass the normalised value of a black pixel so
+    padding looks like the raw image's border) and takes a random H x W window;
+    ``crop+flip`` also mirrors half of the samples horizontally.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: str = "none",
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_value: torch.Tensor | None = None,
+    ):
+        if augment not in AUGMENTS:
+            raise DataError(f"data.augment: unknown augmentation {augment!r}; valid: auto, {', '.join(AUGMENTS)}")
+        if x.ndim != 4 or len(x) != len(y):
+            raise DataError(f"DeviceLoader needs N x C x H x W images and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        n = len(x)
+        total = (n // world_size if drop_last else -(-n // world_size)) * world_size
+        self.samples_per_rank = total // world_size
+        self._total = total
+        if self.samples_per_rank == 0:
+            raise DataError(f"{n} samples cannot be split over {world_size} ranks")
+        spr = self.samples_per_rank
+        self._num_batches = spr // batch_size if drop_last else -(-spr // batch_size)
+        if self._num_batches == 0:
+            raise DataError(
+                f"data.batch_size: {batch_size} is larger than the {spr} samples per rank and drop_last is on"
+            )
+        c, h, _ = x.shape[1:]
+        self.pad = max(1, h // 8)
+        fill = torch.zeros(c) if pad_value is None else torch.as_tensor(pad_value, dtype=x.dtype).flatten()
+        self._fill = fill.to(self.device, x.dtype)[None, :, None, None]
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's sample order and per-position (crop offsets, flip) for the epoch, on the device."""
+        n = len(self.y)
+        g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        # draws for every padded position in a fixed order, whatever the rank
+        offsets = torch.randint(0, 2 * self.pad + 1, (self._total, 2), generator=g) if self.augment != "none" else None
+        flips = torch.rand(self._total, generator=g) < 0.5 if self.augment == "crop+flip" else None
+        order = order.repeat(-(-self._total // n))[: self._total]  # wrap-around padding / drop_last truncation
+        mine = slice(self.rank, self._total, self.world_size)
+        pick = lambda t: None if t is None else t[mine].to(self.device, non_blocking=True)  # noqa: E731
+        return pick(order), pick(offsets), pick(flips)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self._epoch_plan(epoch)
+        bs = self.batch_size
+        for step in range(start_step, self._num_batches):
+            sl = slice(step * bs, min((step + 1) * bs, self.samples_per_rank))
+            idx = order[sl]
+            xb = self.x[idx]
+            if offsets is not None:
+                xb = self._crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
+            yield xb, self.y[idx]
+
+    def _crop_flip(self, xb: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        """Random crop from the padded batch by one gather: row/column indices per sample,
+        the column indices reversed for flipped samples (no per-sample Python loop)."""
+        b, c, h, w = xb.shape
+        p = self.pad
+        padded = F.pad(xb - self._fill, (p, p, p, p))  # pad with fill: shift so fill is 0
+        dev = xb.device
+        rows = offsets[:, 0:1] + torch.arange(h, device=dev)  # B x H
+        cols_fwd = torch.arange(w, device=dev)
+        cols = offsets[:, 1:2] + cols_fwd  # B x W
+        if flips is not None:
+            cols = torch.where(flips[:, None], offsets[:, 1:2] + (w - 1 - cols_fwd), cols)
+        out = padded[
+            torch.arange(b, device=dev)[:, None, None, None],
+            torch.arange(c, device=dev)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
+        return out + self._fill
+
+
+def build_loaders(
+    data_spec: Any, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1
+) -> tuple[DeviceLoader, DeviceLoader, Dataset]:
+    """(train loader, test loader, dataset). Train: shuffled, augmented (``auto`` = the
+    dataset's default), last incomplete batch dropped when a full batch exists (BatchNorm
+    dislikes tiny batches). Test: in order, no augmentation, every sample."""
+    ds = create_dataset(data_spec, seed)
+    augment = data_spec.augment if data_spec.augment != "auto" else ds.default_augment
+    # padding should look like a black border of the raw image, in normalised units
+    black = torch.tensor([-m / s for m, s in zip(ds.mean, ds.std)])
+    per_rank = len(ds.train_y) // world_size
+    train = DeviceLoader(
+        ds.train_x,
+        ds.train_y,
+        data_spec.batch_size,
+        shuffle=True,
+        augment=augment,
+        seed=seed,
+        device=device,
+        drop_last=per_rank >= data_spec.batch_size,
+        rank=rank,
+        world_size=world_size,
+        pad_value=black,
+    )
+    test = DeviceLoader(
+        ds.test_x,
+        ds.test_y,
+        data_spec.test_batch_size or data_spec.batch_size,
+        shuffle=False,
+        augment="none",
+        seed=seed,
+        device=device,
+        drop_last=False,
+        rank=rank,
+        world_size=world_size,
+    )
+    return train, test, ds
