@@ -103,6 +103,23 @@ def register_dataset(name: str, fn: LoaderFn, *, overwrite: bool = False) -> Non
     DATASETS[name] = fn
 
 
+# Input sizes known without reading the files, so that `kdgraph plan` never loads data.
+NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "synthetic": (3, 32, 32),
+    "torchvision:MNIST": (1, 28, 28), "torchvision:FashionMNIST": (1, 28, 28),
+    "torchvision:CIFAR10": (3, 32, 32), "torchvision:CIFAR100": (3, 32, 32),
+}
+
+
+def resolve_input_size(data_spec: Any) -> tuple[int, int, int]:
+    """data.input_size, or the dataset's own size where it is known without loading it."""
+    if data_spec.input_size is not None:
+        return tuple(int(v) for v in data_spec.input_size)
+    if data_spec.dataset in NATIVE_INPUT_SIZES:
+        return NATIVE_INPUT_SIZES[data_spec.dataset]
+    raise DataError(f"data.input_size: {data_spec.dataset} has no fixed size; set data.input_size: [C, H, W]")
+
+
 def _valid_names() -> str:
     return ", ".join(f"{n}:NAME" if n == "torchvision" else n for n in sorted(DATASETS))
 

@@ -13,7 +13,9 @@ class SpecError(KDGraphError):
     def __init__(self, path: str, message: str):
         self.path = path
         self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
+        # Messages built from several problems already start with their first path.
+        prefixed = not path or message.startswith(path)
+        super().__init__(message if prefixed else f"{path}: {message}")
 
 
 class ModelError(KDGraphError):

@@ -1,0 +1,189 @@
+"""Pass 5: the block graph, a networkx DiGraph of every way blocks can be wired.
+
+Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
+adapters ``lift_i`` / ``lower_i`` and loss nodes ``mse_i`` / ``head_loss``. Every edge
+carries the shape of the tensor on it and a ``kind``:
+
+- ``teacher``: T(i-1) -> T(i), the frozen teacher;
+- ``student``: S(i) -> S(i+1), the plain student chain (vanilla KD, supervised);
+- ``adapted``: S(i) -> lift_i -> lower_i -> S(i+1), the chain inside a merged StableKD group;
+- ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
+- ``loss``: the tensors that meet at a loss node.
+
+A plan stage is a choice of these edges (``stage_edges``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+
+from .errors import PlanError
+from .match import Pairing
+
+
+def _shape(cut) -> list[int] | None:
+    return list(cut.shape) if cut is not None else None
+
+
+def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
+                      has_teacher: bool) -> nx.DiGraph:
+    g = nx.DiGraph()
+    k = pairing.k
+    logits = [num_classes] if num_classes else None
+    g.add_node("input", kind="input", out_shape=list(input_shape))
+    g.add_node("labels", kind="labels", out_shape=[])
+    g.add_node("head_loss", kind="loss", terms=["ce", "kl"] if has_teacher else ["ce"])
+    for block in pairing.blocks:
+        i = block.index
+        s_out = _shape(block.student) if not block.is_head else logits
+        g.add_node(f"S{i}", kind="student", module=block.student.label if block.student else "head",
+                   out_shape=s_out)
+        if has_teacher:
+            t_out = _shape(block.teacher) if not block.is_head else logits
+            g.add_node(f"T{i}", kind="teacher", module=block.teacher.label if block.teacher else "head",
+                       out_shape=t_out)
+    for block in pairing.blocks:
+        i = block.index
+        prev = "input" if i == 1 else None
+        g.add_edge(prev or f"S{i - 1}", f"S{i}", kind="student",
+                   shape=g.nodes[prev or f"S{i - 1}"]["out_shape"])
+        if has_teacher:
+            tprev = "input" if i == 1 else f"T{i - 1}"
+            g.add_edge(tprev, f"T{i}", kind="teacher", shape=g.nodes[tprev]["out_shape"])
+        if block.is_head or not has_teacher:
+            continue
+        s_shape, t_shape = _shape(block.student), _shape(block.teacher)
+        a = block.adapter
+        if a is not None:
+            g.add_node(f"lift{i}", kind="adapter", role="lift", channels=list(a.lift),
+                       out_shape=t_shape, params=a.params // 2)
+            g.add_node(f"lower{i}", kind="adapter", role="lower", channels=list(a.lower),
+                       out_shape=s_shape, params=a.params - a.params // 2)
+            g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
+            g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
+            g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
+            g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
+            g.add_edge(f"lift{i}", f"mse{i}", kind="loss", shape=t_shape)
+        else:
+            g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
+            g.add_edge(f"S{i}", f"mse{i}", kind="loss", shape=s_shape)
+        g.add_node(f"mse{i}", kind="loss", terms=["mse"])
+        g.add_edge(f"T{i}", f"mse{i}", kind="loss", shape=t_shape)
+    g.add_edge(f"S{k}", "head_loss", kind="loss", shape=logits)
+    g.add_edge("labels", "head_loss", kind="loss", shape=[])
+    if has_teacher:
+        g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
+    validate_block_graph(g)
+    return g
+
+
+def validate_block_graph(g: nx.DiGraph) -> None:
+    """Acyclic; every student block reaches a loss; every loss compares equal shapes."""
+    if not nx.is_directed_acyclic_graph(g):
+        raise PlanError(f"block graph has a cycle: {nx.find_cycle(g)}")
+    losses = [n for n, d in g.nodes(data=True) if d["kind"] == "loss"]
+    for n, d in g.nodes(data=True):
+        if d["kind"] == "student" and not any(nx.has_path(g, n, loss) for loss in losses):
+            raise PlanError(f"block graph: student block {n} reaches no loss, so it is never trained")
+    for u, v, d in g.edges(data=True):
+        if g.nodes[v]["kind"] == "loss" and u != "labels":
+            shapes = {tuple(e["shape"] or ()) for a, _, e in g.in_edges(v, data=True) if a != "labels"}
+            if len(shapes) > 1:
+                raise PlanError(f"block graph: {v} compares tensors of different shapes {sorted(shapes)}")
+        elif d["shape"] is not None and g.nodes[u].get("out_shape") is not None \
+                and list(d["shape"]) != list(g.nodes[u]["out_shape"]):
+            raise PlanError(f"block graph: edge {u}->{v} carries {d['shape']}, {u} makes {g.nodes[u]['out_shape']}")
+    for v in g.nodes:
+        if g.nodes[v]["kind"] == "student":
+            feeds = {tuple(e["shape"] or ()) for _, _, e in g.in_edges(v, data=True)}
+            if len(feeds) > 1:
+                raise PlanError(f"block graph: {v} is fed tensors of different shapes {sorted(feeds)}")
+
+
+def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool) -> list[tuple[str, str]]:
+    """The edges one training stage uses.
+
+    Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
+    lower where present), runs its blocks through the adapted chain (the plain chain where no
+    adapter exists) and meets the teacher at mse_b or at the head loss. ``feature_losses``
+    adds an MSE at every inner block end (the KD + MSE plan) without adapting the chain.
+    """
+    edges: list[tuple[str, str]] = []
+    has_teacher = any(d["kind"] == "teacher" for _, d in g.nodes(data=True))
+    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
+    for group in groups:
+        a, b = group[0], group[-1]
+        if a == 1:
+            edges.append(("input", "S1"))
+        elif f"lower{a - 1}" in g:
+            edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
+        else:
+            edges.append((f"T{a - 1}", f"S{a}"))
+        for i in group[:-1]:
+            if f"lift{i}" in g and not feature_losses:
+                edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
+            else:
+                edges.append((f"S{i}", f"S{i + 1}"))
+            if feature_losses:
+                edges += _mse_edges(g, i)
+        if b == k:
+            edges.append((f"S{k}", "head_loss"))
+            edges.append(("labels", "head_loss"))
+            if has_teacher:
+                edges.append((f"T{k}", "head_loss"))
+        else:
+            edges += _mse_edges(g, b)
+    if has_teacher:
+        edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
+    return list(dict.fromkeys(edges))
+
+
+def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
+    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
+    out = [(f"T{i}", f"mse{i}"), (src, f"mse{i}")]
+    if src != f"S{i}":
+        out.insert(0, (f"S{i}", src))
+    return out
+
+
+def to_json(g: nx.DiGraph) -> dict:
+    return nx.node_link_data(g, edges="edges")
+
+
+def _label(n: str, d: dict) -> str:
+    extra = d.get("module") or ("x".join(map(str, d["channels"])) if "channels" in d else "")
+    shape = d.get("out_shape")
+    parts = [n] + ([extra] if extra else []) + ([str(shape)] if shape else [])
+    return "\\n".join(parts)
+
+
+_DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted"}
+
+
+def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
+    lines = [f'digraph "{name}" {{', "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
+    for n, d in g.nodes(data=True):
+        shape = {"loss": "ellipse", "adapter": "diamond"}.get(d["kind"], "box")
+        lines.append(f'  "{n}" [label="{_label(n, d)}", shape={shape}];')
+    for u, v, d in g.edges(data=True):
+        lines.append(f'  "{u}" -> "{v}" [style={_DOT_STYLE[d["kind"]]}, label="{d["kind"]}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_mermaid(g: nx.DiGraph) -> str:
+    lines = ["flowchart LR"]
+    for n, d in g.nodes(data=True):
+        text = _label(n, d).replace("\\n", "<br/>")
+        open_, close = {"loss": ("((", "))"), "adapter": ("{", "}")}.get(d["kind"], ("[", "]"))
+        lines.append(f'  {n}{open_}"{text}"{close}')
+    arrows = {"adapted": "-.->", "loss": "-.-o", "decompose": "==>"}
+    for u, v, d in g.edges(data=True):
+        lines.append(f"  {u} {arrows.get(d['kind'], '-->')}|{d['kind']}| {v}")
+    return "\n".join(lines) + "\n"
+
+
+def dumps(g: nx.DiGraph) -> str:
+    return json.dumps(to_json(g), indent=2)

@@ -1,0 +1,199 @@
+"""The compiler: an ordered list of passes from a spec to a plan, checked between passes.
+
+    Spec -> models -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
+         -> BlockGraph -> Plan
+
+Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
+order, times them and runs the invariant checker after each; a failed check names the
+pass that broke it. Everything here runs on the CPU in seconds and touches no data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import networkx as nx
+from torch import nn
+
+from .blockgraph import build_block_graph
+from .cuts import Cut, find_cuts
+from .data import resolve_input_size
+from .errors import PlanError
+from .match import Pairing, boundaries_for, pair_blocks
+from .models import build_model
+from .plan import Plan, build_plan
+from .segments import split_segments
+from .spec import Spec
+from .stages import Boundary, Stage, find_stages
+from .trace import TracedModel, trace
+
+
+@dataclass
+class ModelArtifacts:
+    """Everything the compiler learnt about one model."""
+
+    role: str
+    model: nn.Module
+    traced: TracedModel | None = None
+    cuts: list[Cut] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
+    boundaries: list[Boundary] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int | None:
+        out = next(n for n in reversed(self.traced.gm.graph.nodes) if n.op == "output")
+        arg = out.args[0]
+        shape = self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
+        return shape[-1] if shape and len(shape) == 2 else None
+
+    def segments(self) -> nn.ModuleList:
+        """The model split at its block boundaries (parameters shared with ``model``)."""
+        return split_segments(self.traced, [b.cut.node for b in self.boundaries])
+
+    def to_dict(self) -> dict:
+        return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],
+                "stages": [s.to_dict() for s in self.stages],
+                "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}
+                               for b in self.boundaries]}
+
+
+@dataclass
+class Compiled:
+    spec: Spec
+    input_size: tuple[int, int, int]
+    student: ModelArtifacts
+    teacher: ModelArtifacts | None = None
+    pairing: Pairing | None = None
+    graph: nx.DiGraph | None = None
+    plan: Plan | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.student.num_classes
+
+    def to_dict(self) -> dict:
+        """The JSON contract of `kdgraph plan --format json` (keys are kept stable)."""
+        from .blockgraph import to_json
+
+        return {
+            "name": self.spec.name,
+            "spec": self.spec.to_dict(),
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "teacher": self.teacher.to_dict() if self.teacher else None,
+            "student": self.student.to_dict(),
+            "blocks": [b.to_dict() for b in self.pairing.blocks],
+            "adapters_in_use": self.plan.uses_adapters,
+            "schedule": self.plan.to_dict(),
+            "graph": to_json(self.graph),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+# --- passes -------------------------------------------------------------------------------
+
+def pass_trace(c: Compiled) -> None:
+    for art in _models(c):
+        art.traced = trace(art.model, c.input_size, role=art.role)
+
+
+def pass_cuts(c: Compiled) -> None:
+    for art in _models(c):
+        art.cuts = find_cuts(art.traced)
+
+
+def pass_stages(c: Compiled) -> None:
+    for art in _models(c):
+        art.stages = find_stages(art.cuts, art.traced)
+
+
+def pass_boundaries(c: Compiled) -> None:
+    d = c.spec.decompose
+    for art in _models(c):
+        explicit = None if d.cuts == "auto" else [getattr(p, art.role) for p in d.cuts]
+        art.boundaries = boundaries_for(art.traced, art.cuts, art.stages, d.blocks, explicit)
+
+
+def pass_pair(c: Compiled) -> None:
+    c.pairing = pair_blocks(c.student.boundaries, c.teacher.boundaries if c.teacher else None)
+
+
+def pass_block_graph(c: Compiled) -> None:
+    c.graph = build_block_graph(c.pairing, c.input_size, c.num_classes, c.teacher is not None)
+
+
+def pass_plan(c: Compiled) -> None:
+    s = c.spec.schedule
+    c.plan = build_plan(s.method, c.pairing.k, s.recompositions, s.epochs, s.stage_epochs)
+
+
+# --- invariants ---------------------------------------------------------------------------
+
+def check(c: Compiled) -> list[str]:
+    """Invariants that must hold after every pass (for the artifacts that exist so far)."""
+    problems = []
+    for art in _models(c):
+        if art.traced is not None and art.traced.input_size != c.input_size:
+            problems.append(f"{art.role} traced at {art.traced.input_size}, spec says {c.input_size}")
+        idx = [cut.index for cut in art.cuts]
+        if idx != sorted(set(idx)):
+            problems.append(f"{art.role} cuts are not in strict graph order")
+        names = {cut.node for cut in art.cuts}
+        for st in art.stages:
+            if st.end.node not in names or st.end not in st.cuts:
+                problems.append(f"{art.role} stage {st.index} ends outside its cuts")
+        b_idx = [b.cut.index for b in art.boundaries]
+        if b_idx != sorted(set(b_idx)) or any(b.cut.node not in names for b in art.boundaries):
+            problems.append(f"{art.role} block boundaries are not increasing cuts")
+        if art.boundaries and len(art.boundaries) != c.spec.decompose.blocks - 1:
+            problems.append(f"{art.role} has {len(art.boundaries)} boundaries for {c.spec.decompose.blocks} blocks")
+    if c.teacher and c.teacher.traced and c.num_classes and c.teacher.num_classes != c.num_classes:
+        problems.append(f"teacher predicts {c.teacher.num_classes} classes, student {c.num_classes}")
+    if c.pairing is not None and c.pairing.k != c.spec.decompose.blocks:
+        problems.append(f"pairing has {c.pairing.k} blocks, spec asks for {c.spec.decompose.blocks}")
+    if c.plan is not None:
+        covered = [sorted(i for g in st.groups for i in g) for st in c.plan.stages]
+        if any(cov != list(range(1, c.plan.k + 1)) for cov in covered):
+            problems.append("a training stage does not train every student block exactly once")
+    return problems
+
+
+PASSES: list[tuple[str, Callable[[Compiled], None]]] = [
+    ("trace", pass_trace),
+    ("cuts", pass_cuts),
+    ("stages", pass_stages),
+    ("boundaries", pass_boundaries),
+    ("pair", pass_pair),
+    ("block_graph", pass_block_graph),
+    ("plan", pass_plan),
+]
+
+
+def _models(c: Compiled) -> list[ModelArtifacts]:
+    return [a for a in (c.teacher, c.student) if a is not None]
+
+
+def build_models(spec: Spec) -> tuple[nn.Module | None, nn.Module]:
+    teacher = build_model(spec.teacher, spec.source_dir) if spec.teacher else None
+    return teacher, build_model(spec.student, spec.source_dir)
+
+
+def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None) -> Compiled:
+    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them."""
+    t0 = time.perf_counter()
+    teacher, student = models if models is not None else build_models(spec)
+    c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
+                 student=ModelArtifacts("student", student),
+                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None)
+    c.timings["build"] = time.perf_counter() - t0
+    for name, fn in PASSES:
+        t0 = time.perf_counter()
+        fn(c)
+        c.timings[name] = time.perf_counter() - t0
+        problems = check(c)
+        if problems:
+            raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
+    return c

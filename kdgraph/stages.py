@@ -1,0 +1,149 @@
+"""Pass 3: group cuts into stages and choose the block boundaries.
+
+A stage is a run of consecutive cuts with one feature shape: the same reduction and
+width. Its end is the cut that closes the shallowest module, preferring containers
+(``layer2`` over ``act1``, ``blocks`` over ``norm``) and then the latest such cut.
+Blocks are then chosen from the stage ends: one boundary per reduction (the deepest
+stage of each), dropping the shallowest reductions when there are more than needed
+and splitting the longest stage by depth (isotropic networks) when there are fewer.
+The head (pooling + classifier) is always the last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cuts import Cut
+from .errors import PlanError
+from .trace import TracedModel
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Consecutive cuts with one feature shape; ``end`` is where the stage is cut."""
+
+    index: int
+    cuts: tuple[Cut, ...]
+    end: Cut
+
+    @property
+    def reduction(self) -> int | None:
+        return self.end.reduction
+
+    @property
+    def channels(self) -> int | None:
+        return self.end.channels
+
+    def to_dict(self) -> dict:
+        e = self.end
+        return {"index": self.index, "module": e.module, "node": e.node, "shape": list(e.shape),
+                "layout": e.layout, "channels": e.channels, "reduction": e.reduction,
+                "cuts": len(self.cuts)}
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The end of a block: a cut, and how it was chosen."""
+
+    cut: Cut
+    rule: str  # "stage end", "depth split k/m", "explicit"
+
+
+def _stage_key(cut: Cut) -> tuple:
+    return (cut.layout == "vector", cut.reduction, cut.channels)
+
+
+def _preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
+    """The cut at the lowest nesting level; those closing containers first; the latest of those."""
+    lowest = min(c.level for c in cuts)
+    candidates = [c for c in cuts if c.level == lowest]
+    containers = [c for c in candidates if c.module and traced.is_container(c.module)]
+    return (containers or candidates)[-1]
+
+
+def find_stages(cuts: list[Cut], traced: TracedModel) -> list[Stage]:
+    """Stages in graph order. Cuts of an unknown layout start no stage and join none."""
+    groups: list[list[Cut]] = []
+    for cut in cuts:
+        if cut.layout == "other":
+            continue
+        if groups and _stage_key(groups[-1][-1]) == _stage_key(cut):
+            groups[-1].append(cut)
+        else:
+            groups.append([cut])
+    return [Stage(i, tuple(g), _preferred(g, traced)) for i, g in enumerate(groups)]
+
+
+def _units(stage: Stage) -> list[Cut]:
+    """Cuts inside the stage that close a direct child of the stage end's module (blocks.3)."""
+    parent = stage.end.module
+    if not parent:
+        return []
+    depth = parent.count(".") + 2
+    units = []
+    for cut in stage.cuts:
+        child = next((p for p in cut.closes if p.startswith(parent + ".") and p.count(".") + 1 == depth), None)
+        if child is not None:
+            units.append(cut)
+    return units
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` near-equal chunks of n, the larger chunks first (10/4 -> 3,3,2,2)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> list[Boundary]:
+    """The ``blocks - 1`` cuts that end blocks 1..k-1 (the head is block k).
+
+    After: boundaries are in graph order, strictly increasing, and the last is the end of
+    the feature extractor (the deepest non-vector stage).
+    """
+    role = traced.role
+    need = blocks - 1
+    if need == 0:
+        return []
+    maps = [s for s in stages if s.end.layout != "vector"]
+    if not maps:
+        raise PlanError(f"the {role} has no feature-map or token cut to split at; "
+                        "name the cuts in decompose.cuts or use decompose.blocks: 1")
+    # One stage per resolution: the one whose end sits at the lowest level, so that a
+    # stage of expanded width inside the next block (efficientnet's blocks.3.0.bn1) loses
+    # to the block it follows (blocks.2).
+    per_reduction: dict[int | None, list[Stage]] = {}
+    for stage in maps:
+        per_reduction.setdefault(stage.reduction, []).append(stage)
+    chosen = []
+    for group in per_reduction.values():
+        end = _preferred([s.end for s in group], traced)
+        chosen.append(next(s for s in group if s.end is end))
+    chosen.sort(key=lambda s: s.end.index)
+    if len(chosen) >= need:
+        return [Boundary(s.end, "stage end") for s in chosen[len(chosen) - need:]]
+
+    # Too few resolutions: split the stages with the most repeated units by depth.
+    parts = {s.index: 1 for s in chosen}
+    units = {s.index: _units(s) for s in chosen}
+    while sum(parts.values()) < need:
+        splittable = [s for s in chosen if len(units[s.index]) > parts[s.index]]
+        if not splittable:
+            total = sum(len(u) for u in units.values()) or len(chosen)
+            raise PlanError(
+                f"the {role} cannot be cut into {blocks} blocks: it has {len(chosen)} resolution "
+                f"stages and {total} repeated units in all; lower decompose.blocks")
+        best = max(splittable, key=lambda s: len(units[s.index]) / parts[s.index])
+        parts[best.index] += 1
+    out: list[Boundary] = []
+    for stage in chosen:
+        p, u = parts[stage.index], units[stage.index]
+        if p == 1:
+            out.append(Boundary(stage.end, "stage end"))
+            continue
+        sizes = _split(len(u), p)
+        at = 0
+        for j, size in enumerate(sizes[:-1]):
+            at += size
+            out.append(Boundary(u[at - 1], f"depth split {j + 1}/{p} ({'/'.join(map(str, sizes))})"))
+        out.append(Boundary(stage.end, f"depth split {p}/{p} ({'/'.join(map(str, sizes))})"))
+    return out

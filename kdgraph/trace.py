@@ -1,0 +1,203 @@
+"""Pass 1: trace a model with torch.fx and give every node its shape and module path.
+
+The tracer keeps timm's leaf modules and autowrapped functions (timm registers the
+pieces its own fx feature extraction cannot trace through), binds every forward
+argument but the first to its default through ``concrete_args`` and records, for
+each node, the stack of modules it was called from (``nn_module_stack``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the compiler needs to know about one fx node."""
+
+    name: str
+    op: str
+    index: int
+    modules: tuple[str, ...]  # module paths the node was called from, outermost first
+    shape: tuple[int, ...] | None  # full shape (batch included) when the value is one tensor
+    dtype: str | None
+    input_dependent: bool  # computed (transitively) from the primary input
+
+    @property
+    def module(self) -> str:
+        return self.modules[-1] if self.modules else ""
+
+
+@dataclass
+class TracedModel:
+    """An fx GraphModule sharing parameters with ``model``, plus per-node facts."""
+
+    role: str  # "teacher" or "student"
+    model: nn.Module
+    gm: fx.GraphModule
+    input_size: tuple[int, int, int]
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    _containers: set[str] | None = field(default=None, repr=False)
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.nodes)
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def is_container(self, path: str) -> bool:
+        """True when the tracer went inside the module (a leaf such as BatchNormAct2d is not)."""
+        if self._containers is None:
+            self._containers = {p for info in self.nodes.values() for p in info.modules[:-1]}
+        return path in self._containers
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    """timm's registered leaf modules and autowrap functions (empty when timm is absent).
+
+    Stochastic-depth modules are leaves too: their forward branches on ``self.training``,
+    which fx would freeze into the graph, so that one graph could not serve both modes.
+    """
+    try:
+        from timm.layers import DropBlock2d, DropPath
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # timm is a dependency, but the tracer does not need it
+        return (), ()
+    leaves = (*timm_fx.get_notrace_modules(), DropPath, DropBlock2d)
+    return leaves, tuple(timm_fx.get_notrace_functions())
+
+
+class KDTracer(fx.Tracer):
+    """fx tracer that treats timm's not-traceable modules as leaves."""
+
+    def __init__(self) -> None:
+        leaf_modules, autowrap = _timm_notrace()
+        super().__init__(autowrap_functions=autowrap)
+        self._extra_leaves = leaf_modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_args(model: nn.Module) -> dict:
+    """Bind every forward argument but the first to its default (it is a constant, not a tensor)."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not params:
+        raise TraceError(f"{type(model).__name__}.forward takes no input argument")
+    concrete = {}
+    for p in params[1:]:
+        if p.default is inspect.Parameter.empty:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument '{p.name}' besides the input; "
+                "kdgraph feeds the image only. Give it a default or wrap the model."
+            )
+        concrete[p.name] = p.default
+    return concrete
+
+
+def _locate_failure(model: nn.Module, exc: BaseException) -> str:
+    """Name the innermost module of ``model`` and the Python line where tracing failed."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    where = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in paths:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, lineno).strip()
+            path = paths[id(owner)] or "<root>"
+            where = f"module '{path}' ({type(owner).__name__}), {code.co_filename}:{lineno}: {line}"
+    return where or "an unknown place (no module frame in the traceback)"
+
+
+def _inline_concrete_args(graph: fx.Graph) -> None:
+    """Replace the placeholders fx keeps for concrete args by their values.
+
+    fx leaves ``attn_mask=None`` style arguments as placeholders guarded by asserts; left in,
+    they would look like extra graph inputs that every segment needs.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        value = ph.args[0] if ph.args else None  # fx stores the concrete value as the default
+        for user in list(ph.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is ph else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is ph else n)
+        graph.erase_node(ph)
+
+
+def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "student",
+          batch_size: int = 2) -> TracedModel:
+    """Trace ``model`` and propagate shapes with one random batch of ``input_size``.
+
+    After: every node of the GraphModule has a NodeInfo; tensor nodes have shapes. The
+    GraphModule holds the very submodules of ``model`` (parameters shared, not copied).
+    """
+    tracer = KDTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model) or None)
+    except TraceError:
+        raise
+    except Exception as exc:  # fx raises many types; all mean "not traceable"
+        where = _locate_failure(model, exc)
+        raise TraceError(
+            f"torch.fx cannot trace the {role} ({type(model).__name__}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {where}\n"
+            "Name the cut points by module path in decompose.cuts, or make that module fx-traceable "
+            "(timm.layers.register_notrace_module marks it as a leaf)."
+        ) from exc
+    _inline_concrete_args(graph)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+    primary = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    sample = torch.randn(batch_size, *input_size)
+    was_training = model.training
+    model.eval()  # BN statistics must not move; eval also avoids batch-size-1 BN errors
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(sample)
+    except Exception as exc:
+        raise TraceError(
+            f"the {role} traced, but running it on a batch of shape {tuple(sample.shape)} failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Check data.input_size against the model."
+        ) from exc
+    finally:
+        model.train(was_training)
+
+    dependent: set[fx.Node] = {primary}
+    infos: dict[str, NodeInfo] = {}
+    for index, node in enumerate(gm.graph.nodes):
+        if node is not primary and any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+        meta = node.meta.get("tensor_meta")
+        is_tensor = meta is not None and hasattr(meta, "shape")
+        stack = node.meta.get("nn_module_stack") or {}
+        infos[node.name] = NodeInfo(
+            name=node.name,
+            op=node.op,
+            index=index,
+            modules=tuple(path for path, _ in stack.values()),
+            shape=tuple(meta.shape) if is_tensor else None,
+            dtype=str(meta.dtype).replace("torch.", "") if is_tensor else None,
+            input_dependent=node in dependent,
+        )
+    return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size), nodes=infos)
+
+
+__all__ = ["KDTracer", "NodeInfo", "TracedModel", "trace"]
