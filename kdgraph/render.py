@@ -1,0 +1,132 @@
+"""Human-readable renderings of compiler artifacts: rich tables and a PNG of the block graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+from rich.console import Group
+from rich.table import Table
+
+from .compiler import Compiled, ModelArtifacts
+
+
+def _fmt_shape(shape) -> str:
+    return "×".join(map(str, shape)) if shape else "-"
+
+
+def spec_table(c: Compiled) -> Table:
+    s = c.spec
+    t = Table(title=f"spec: {s.name}", show_header=False, title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_row("teacher", f"{s.teacher.model} {s.teacher.kwargs or ''}" + (
+        f" <- {s.teacher.checkpoint}" if s.teacher and s.teacher.checkpoint else "") if s.teacher else "none (supervised)")
+    t.add_row("student", f"{s.student.model} {s.student.kwargs or ''}")
+    t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
+                      f"fraction {s.data.fraction}")
+    t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
+                        + (f", {s.schedule.recompositions} recompositions" if s.schedule.method == "stablekd" else ""))
+    t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}")
+    t.add_row("optim", f"{s.optim.name} lr {s.optim.lr} wd {s.optim.weight_decay}, {s.optim.lr_schedule}")
+    r = s.runtime
+    t.add_row("runtime", f"device {r.device}, precision {r.precision}, compile {r.compile}, "
+                         f"channels_last {r.channels_last}")
+    t.add_row("output", str(s.output_dir))
+    return t
+
+
+def stages_table(art: ModelArtifacts) -> Table:
+    chosen = {b.cut.node: b.rule for b in art.boundaries}
+    t = Table(title=f"{art.role} stages ({type(art.model).__name__}, {len(art.cuts)} cuts)",
+              title_justify="left")
+    for col in ("#", "ends at", "node", "shape", "layout", "ch", "red.", "cuts", "block end"):
+        t.add_column(col)
+    for st in art.stages:
+        e = st.end
+        t.add_row(str(st.index), e.label, e.node, _fmt_shape(e.shape), e.layout, str(e.channels),
+                  str(e.reduction or "-"), str(len(st.cuts)), chosen.get(e.node, ""))
+    for b in art.boundaries:  # depth splits end inside a stage: list them too
+        if b.cut.node not in {st.end.node for st in art.stages}:
+            e = b.cut
+            t.add_row("", e.label, e.node, _fmt_shape(e.shape), e.layout, str(e.channels),
+                      str(e.reduction or "-"), "", b.rule)
+    return t
+
+
+def blocks_table(c: Compiled) -> Table:
+    t = Table(title="blocks (teacher ↔ student)", title_justify="left")
+    for col in ("block", "teacher ends at", "student ends at", "shape T / S", "adapter", "params", "rule"):
+        t.add_column(col)
+    active = c.plan.uses_adapters
+    for b in c.pairing.blocks:
+        if b.is_head:
+            t.add_row(str(b.index), "head" if c.teacher else "-", "head", f"{c.num_classes} logits", "", "", "head")
+            continue
+        a = b.adapter
+        adapter = f"{a.kind} {a.lift[0]}→{a.lift[1]}→{a.lower[1]}" if a else "-"
+        if a and not active:
+            adapter += " (unused by this method)"
+        shapes = f"{_fmt_shape(b.teacher.shape)} / {_fmt_shape(b.student.shape)}" if b.teacher \
+            else _fmt_shape(b.student.shape)
+        t.add_row(str(b.index), b.teacher.label if b.teacher else "-", b.student.label, shapes, adapter,
+                  f"{a.params:,}" if a else "", b.rule)
+    return t
+
+
+def schedule_table(c: Compiled) -> Table:
+    p = c.plan
+    title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if p.method == "stablekd" else "")
+    t = Table(title=title, title_justify="left")
+    for col in ("stage", "epochs", "groups", "losses"):
+        t.add_column(col)
+    for st in p.stages:
+        groups = "  ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
+        losses = "  ".join("+".join(terms) for terms in st.losses)
+        t.add_row(str(st.index), str(st.epochs), groups, losses)
+    return t
+
+
+def plan_view(c: Compiled) -> Group:
+    parts = [spec_table(c)]
+    if c.teacher:
+        parts.append(stages_table(c.teacher))
+    parts += [stages_table(c.student), blocks_table(c), schedule_table(c)]
+    return Group(*parts)
+
+
+def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
+    """A left-to-right drawing: teacher row on top, adapters and losses between, student below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6}
+    pos = {}
+    for n, d in g.nodes(data=True):
+        digits = "".join(ch for ch in n if ch.isdigit())
+        x = float(digits) if digits else (0.0 if n == "input" else len(g) / 2)
+        if n in ("head_loss", "labels"):
+            x = max((float("".join(c for c in m if c.isdigit()) or 0) for m in g.nodes), default=1) + 0.6
+        offset = {"lift": -0.15, "lower": 0.25, "mse": 0.45}
+        x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
+        pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
+    colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
+              "input": "#cccccc", "labels": "#cccccc"}
+    fig, ax = plt.subplots(figsize=(max(6, len(g) * 0.6), 4))
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss"):
+        edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
+        nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
+                               alpha=0.7, arrows=True, arrowsize=10)
+    nx.draw_networkx_nodes(g, pos, ax=ax, node_color=[colors[d["kind"]] for _, d in g.nodes(data=True)],
+                           node_size=700)
+    nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
+    ax.set_title(title)
+    ax.axis("off")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
