@@ -1,0 +1,61 @@
+"""Shared fixtures: cached timm models and traced models (tracing is the slow part of most tests).
+
+``timm_model(name, size)`` builds a small random-weight timm model (num_classes=10) at a
+small input where the architecture allows it; ``traced_timm(name)`` returns (model, traced,
+cuts, stages), each computed once per session. Tests must not mutate what they get back
+(copy.deepcopy it first when they need to).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+# Input size per timm model family: small where the model accepts it.
+# ViT / DeiT / Mixer / Swin need their img_size given to timm as well.
+SMALL = 64
+
+
+def timm_kwargs(name: str) -> tuple[dict, int]:
+    """(timm kwargs, input side) that keep ``name`` small and fast."""
+    kw: dict = {"num_classes": 10}
+    if name.startswith(("vit_", "deit_", "mixer_", "levit_")):
+        kw["img_size"] = SMALL
+    if name.startswith("swin_"):
+        kw.update(img_size=SMALL, window_size=2)
+    return kw, SMALL
+
+
+@functools.lru_cache(maxsize=None)
+def timm_model(name: str, **extra) -> torch.nn.Module:
+    import timm
+
+    kw, _ = timm_kwargs(name)
+    kw.update(extra)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timm.create_model(name, **kw).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def traced_timm(name: str):
+    """(model, traced, cuts, stages) of timm model ``name`` at its small input size."""
+    from kdgraph.cuts import find_cuts
+    from kdgraph.stages import find_stages
+    from kdgraph.trace import trace
+
+    model = timm_model(name)
+    _, side = timm_kwargs(name)
+    traced = trace(model, (3, side, side))
+    cuts = find_cuts(traced)
+    return model, traced, cuts, find_stages(cuts, traced)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
