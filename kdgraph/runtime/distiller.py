@@ -1,0 +1,121 @@
+"""The distiller: one nn.Module whose forward is the loss of one training stage.
+
+It holds the student (its segments share its parameters) and the adapters as
+submodules, so that DDP, the optimizer and checkpoints see exactly the trainable
+state. The teacher and its segments are plain attributes: frozen, never wrapped, never
+saved. ``set_stage`` chooses the groups; ``forward(x, y)`` returns the named loss terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import build_adapters
+from ..compiler import Compiled
+from ..losses import FeatureMSE, HeadLoss
+from ..plan import TrainingStage
+
+
+class Distiller(nn.Module):
+    def __init__(self, compiled: Compiled):
+        super().__init__()
+        spec, plan = compiled.spec, compiled.plan
+        self.student = compiled.student.model
+        self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
+        # Segments share the student's submodules; kept out of the module tree so that
+        # state_dict and DDP see every parameter once, under the student's own names.
+        self._segments = list(compiled.student.segments())
+        self._teacher = compiled.teacher.model if compiled.teacher else None
+        self._teacher_segments = list(compiled.teacher.segments()) if compiled.teacher else []
+        if self._teacher is not None:
+            self._teacher.eval().requires_grad_(False)
+        self.k = plan.k
+        self.feature_losses = plan.feature_losses
+        # StableKD keeps lower(lift(.)) between blocks; KD + MSE uses lift for its losses only.
+        self.adapted_chain = bool(len(self.adapters)) and not self.feature_losses
+        self.head_loss = HeadLoss(spec.loss.kl_weight, spec.loss.temperature, spec.loss.label_smoothing)
+        self.mse = FeatureMSE()
+        self.feature_weight = spec.loss.feature_weight
+        self.groups: tuple[tuple[int, ...], ...] = ((tuple(range(1, self.k + 1))),)
+
+    # -- the teacher ---------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher
+
+    def set_stage(self, stage: TrainingStage) -> None:
+        self.groups = stage.groups
+        need: set[int] = set()
+        if self._teacher is not None:
+            for group in self.groups:
+                a, b = group[0], group[-1]
+                if a > 1:
+                    need.add(a - 1)
+                need.add(b)
+                if self.feature_losses:
+                    need.update(group[:-1])
+        self._needed = need
+
+    @torch.no_grad()
+    def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The teacher's outputs at the block ends this stage needs (block k: its logits).
+
+        Only what is needed is kept; the teacher runs no further than the last needed block.
+        """
+        feats: dict[int, torch.Tensor] = {}
+        h = x
+        last = max(self._needed, default=0)
+        for i, seg in enumerate(self._teacher_segments[:last], start=1):
+            h = seg(h)
+            if i in self._needed:
+                feats[i] = h
+        return feats
+
+    # -- the student ---------------------------------------------------------------------
+    def _adapter(self, i: int):
+        return self.adapters[str(i)] if str(i) in self.adapters else None
+
+    def _lift(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        a = self._adapter(i)
+        return a.lift(h) if a is not None else h
+
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The student as it will be exported: segments, with lower(lift(.)) where adapters are kept."""
+        if not self.adapted_chain:
+            return self.student(x)
+        h = x
+        for i, seg in enumerate(self._segments, start=1):
+            h = seg(h)
+            a = self._adapter(i)
+            if a is not None:
+                h = a(h)
+        return h
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms of the current stage. No gradient crosses groups: each group starts
+        from the input or from a (no-grad) teacher feature."""
+        feats = self.teacher_features(x) if self._teacher is not None else {}
+        terms: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            a, b = group[0], group[-1]
+            if a == 1:
+                h = x
+            else:
+                adapter = self._adapter(a - 1)
+                h = adapter.lower(feats[a - 1]) if adapter is not None else feats[a - 1]
+            for i in group:
+                h = self._segments[i - 1](h)
+                if i == b:
+                    break
+                if self.feature_losses:
+                    terms[f"mse{i}"] = self.feature_weight * self.mse(self._lift(i, h), feats[i])
+                else:
+                    adapter = self._adapter(i)
+                    if adapter is not None:
+                        h = adapter(h)
+            if b == self.k:
+                terms.update(self.head_loss(h, y, feats.get(self.k)))
+            else:
+                terms[f"mse{b}"] = self.feature_weight * self.mse(self._lift(b, h), feats[b])
+        return terms

@@ -1,0 +1,284 @@
+"""The training loop: build, run the plan's stages, evaluate, checkpoint, export.
+
+    train(spec) = build (compile, data, distiller, optimizer, schedule)
+                  -> [resume] -> for each epoch: steps, evaluation, checkpoint
+                  -> export, summary, curves
+
+Positions are (epoch, step-in-epoch); the data order, augmentation and learning rate
+are pure functions of the position and the seed, and the checkpoint carries model,
+optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..compiler import Compiled, compile_spec
+from ..data import DeviceLoader, build_loaders
+from ..errors import KDGraphError
+from ..schedules import build_lr_scheduler
+from ..spec import Spec
+from . import checkpoint as ckpt
+from .distiller import Distiller
+from .evaluate import top1
+from .export import export_student
+from .progress import Reporter
+from .techniques import (DistInfo, autocast, build_optimizer, init_distributed, maybe_compile,
+                         resolve_device, to_channels_last, use_channels_last, wrap_ddp)
+
+
+class TrainingInterrupted(KDGraphError):
+    """SIGINT/SIGTERM: the checkpoint was saved; `kdgraph train --resume` continues."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once."""
+
+    spec: Spec
+    compiled: Compiled
+    info: DistInfo
+    device: torch.device
+    distiller: Distiller
+    step_module: torch.nn.Module  # the distiller, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    channels_last: bool
+    out: Path
+
+    @property
+    def stage_starts(self) -> list[int]:
+        starts, at = [], 0
+        for st in self.compiled.plan.stages:
+            starts.append(at)
+            at += st.epochs
+        return starts
+
+    def stage_of(self, epoch: int):
+        stages = self.compiled.plan.stages
+        return next(st for st, start in reversed(list(zip(stages, self.stage_starts))) if epoch >= start)
+
+
+def build_run(spec: Spec) -> Run:
+    info = init_distributed()
+    device = resolve_device(spec.runtime.device, info)
+    if spec.runtime.num_threads:
+        torch.set_num_threads(spec.runtime.num_threads)
+    torch.manual_seed(spec.seed)  # model and adapter initialisation
+    random.seed(spec.seed)
+    compiled = compile_spec(spec)
+    train_loader, _, ds = build_loaders(spec.data, spec.seed, device, info.rank, info.world_size)
+    if compiled.num_classes is not None and ds.num_classes > compiled.num_classes:
+        raise KDGraphError(f"{spec.data.dataset} has {ds.num_classes} classes but the student predicts "
+                           f"{compiled.num_classes}: set student.kwargs.num_classes: {ds.num_classes}")
+    # Evaluation runs on the main rank over the whole test split.
+    test_loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
+                               shuffle=False, device=device)
+    distiller = Distiller(compiled).to(device)
+    if distiller.teacher is not None:
+        distiller.teacher.to(device)
+    cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
+    if cl:
+        to_channels_last(distiller, distiller.teacher)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = build_optimizer(spec.optim, params, device)
+    scheduler = build_lr_scheduler(optimizer, spec.optim.lr_schedule, spec.optim.lr,
+                                   [st.epochs for st in compiled.plan.stages], len(train_loader),
+                                   spec.optim.min_lr_ratio)
+    step_module = maybe_compile(wrap_ddp(distiller, info, device, find_unused=compiled.plan.feature_losses),
+                                spec.runtime.compile)
+    return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
+               train_loader, test_loader, cl, spec.output_dir)
+
+
+def evaluate_student(run: Run) -> float:
+    was = run.distiller.training
+    run.distiller.eval()
+    try:
+        return top1(run.distiller.inference, run.test_loader, run.device, run.spec.runtime.precision,
+                    run.channels_last)
+    finally:
+        run.distiller.train(was)
+
+
+@contextmanager
+def stop_signals():
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+    requested = {"signal": None}
+
+    def handler(signum, _frame):
+        requested["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Metrics:
+    """metrics.jsonl, appended line by line (main rank only)."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        lines = []
+        if keep_until_step is not None and path.exists():  # resume: drop what the checkpoint lost
+            lines = [ln for ln in path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["global_step"] <= keep_until_step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def _save(run: Run, epoch: int, step: int, global_step: int, teacher_top1, best: dict) -> None:
+    if not run.info.is_main:
+        return
+    ckpt.save_atomic({
+        "model": run.distiller.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "position": {"epoch": epoch, "step": step, "global_step": global_step},
+        "plan": run.compiled.plan.to_dict(),
+        "teacher_top1": teacher_top1,
+        "history": best,
+    }, run.out / "checkpoints" / "last.pt")
+
+
+def _resume(run: Run) -> dict:
+    state = ckpt.load(run.out / "checkpoints" / "last.pt")
+    if state["plan"] != run.compiled.plan.to_dict():
+        raise KDGraphError(f"{run.out}/checkpoints/last.pt was written for another plan "
+                           f"({state['plan']['method']}, {state['plan']['epochs']} epochs); "
+                           "resume with the spec it was trained with, or choose another output")
+    run.distiller.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    return state
+
+
+def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
+    """Run ``spec`` to the end (or from its last checkpoint); returns the summary."""
+    t_start = time.perf_counter()
+    run = build_run(spec)
+    main = run.info.is_main
+    run.out.mkdir(parents=True, exist_ok=True)
+    if main:
+        (run.out / "plan.json").write_text(json.dumps(run.compiled.to_dict(), indent=2))
+    position = {"epoch": 0, "step": 0, "global_step": 0}
+    teacher_top1, history = None, {"wall_s": 0.0, "images": 0, "train_s": 0.0}
+    if resume:
+        state = _resume(run)
+        position, teacher_top1, history = state["position"], state["teacher_top1"], state["history"]
+    metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None)
+    plan = run.compiled.plan
+    total_epochs = plan.epochs
+    reporter = Reporter(quiet or not main, total_epochs, len(run.train_loader), plan)
+    if main and spec.teacher and spec.teacher.checkpoint is None:
+        reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
+                      "train one with a supervised spec and set teacher.checkpoint")
+    if main and run.distiller.teacher is not None and teacher_top1 is None:
+        teacher_top1 = top1(run.distiller.teacher, run.test_loader, run.device, spec.runtime.precision,
+                            run.channels_last)
+        reporter.note(f"teacher top-1 {teacher_top1:.2f}%")
+    rt = spec.runtime
+    gstep = position["global_step"]
+    student_top1 = None
+    with stop_signals() as stop, reporter:
+        for epoch in range(position["epoch"], total_epochs):
+            stage = run.stage_of(epoch)
+            run.distiller.set_stage(stage)
+            run.distiller.train()
+            start = position["step"] if epoch == position["epoch"] else 0
+            sums: dict[str, torch.Tensor] = {}
+            steps_done, t_epoch, t_log, log_images = 0, time.perf_counter(), time.perf_counter(), 0
+            reporter.start_epoch(epoch, stage, start)
+            for step, (xb, yb) in enumerate(run.train_loader.epoch(epoch, start), start=start):
+                if run.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with autocast(rt.precision, run.device):
+                    terms = run.step_module(xb, yb)
+                    loss = sum(terms.values())
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.scheduler.step()
+                gstep += 1
+                steps_done += 1
+                log_images += len(yb) * run.info.world_size
+                for name, value in terms.items():  # stays on the device: no host sync
+                    sums[name] = sums.get(name, 0) + value.detach()
+                if gstep % rt.log_every == 0:
+                    now = time.perf_counter()
+                    record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step + 1,
+                              "global_step": gstep, "lr": run.scheduler.get_last_lr()[0],
+                              **{k: round(v.item(), 6) for k, v in terms.items()},
+                              "loss": round(loss.item(), 6),
+                              "images_per_s": round(log_images / max(now - t_log, 1e-9), 1)}
+                    metrics.write(record)
+                    reporter.log(record)
+                    t_log, log_images = now, 0
+                reporter.advance()
+                if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
+                    _save(run, epoch, step + 1, gstep, teacher_top1, history)
+                if stop["signal"]:
+                    raise TrainingInterrupted(
+                        f"{stop['signal']}: stopped at epoch {epoch}, step {step + 1}; checkpoint saved to "
+                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume`")
+            epoch_s = time.perf_counter() - t_epoch
+            history["train_s"] += epoch_s
+            history["images"] += steps_done * spec.data.batch_size * run.info.world_size
+            if main and ((epoch + 1) % rt.eval_every == 0 or epoch + 1 == total_epochs):
+                student_top1 = evaluate_student(run)
+            record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": gstep,
+                      **{f"train_{k}": round(v.item() / max(steps_done, 1), 6) for k, v in sums.items()},
+                      "student_top1": student_top1, "epoch_s": round(epoch_s, 3),
+                      "images_per_s": round(steps_done * spec.data.batch_size * run.info.world_size
+                                            / max(epoch_s, 1e-9), 1)}
+            metrics.write(record)
+            reporter.end_epoch(record)
+            _save(run, epoch + 1, 0, gstep, teacher_top1, history)
+            position = {"epoch": epoch + 1, "step": 0, "global_step": gstep}
+    history["wall_s"] += time.perf_counter() - t_start
+    summary = {
+        "name": spec.name, "method": plan.method, "k": plan.k, "n": plan.n, "epochs": total_epochs,
+        "student_top1": student_top1 if student_top1 is not None else (evaluate_student(run) if main else None),
+        "teacher_top1": teacher_top1,
+        "wall_time_s": round(history["wall_s"], 2),
+        "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
+        "output": str(run.out),
+    }
+    if main:
+        export_student(run.distiller, run.compiled, run.out / "student.safetensors")
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from .curves import plot_curves
+
+        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name)
+    if run.info.enabled:
+        torch.distributed.barrier()
+    return summary

@@ -1,0 +1,61 @@
+"""Progress reporting: rich bars on a terminal, plain lines in CI (--quiet or no TTY)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class Reporter:
+    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan):
+        self.quiet = quiet
+        self.console = Console(highlight=False)
+        self.total_epochs, self.steps = total_epochs, steps_per_epoch
+        self.plan = plan
+        self.progress = None if quiet else Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+            self.run_task = self.progress.add_task("epochs", total=self.total_epochs, info="")
+            self.step_task = self.progress.add_task("steps ", total=self.steps, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def start_epoch(self, epoch: int, stage, start_step: int) -> None:
+        groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in stage.groups)
+        if self.progress is not None:
+            self.progress.update(self.run_task, completed=epoch, info=f"stage {stage.index}: {groups}")
+            self.progress.reset(self.step_task, total=self.steps, completed=start_step)
+        elif start_step:
+            self.console.print(f"resuming epoch {epoch} at step {start_step}")
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.step_task)
+
+    def log(self, record: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.step_task, info=f"loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                                                      f"{record['images_per_s']:.0f} img/s")
+
+    def end_epoch(self, record: dict) -> None:
+        acc = record["student_top1"]
+        losses = " ".join(f"{k[6:]} {v:.4f}" for k, v in record.items() if k.startswith("train_"))
+        line = (f"stage {record['stage']} epoch {record['epoch'] + 1}/{self.total_epochs}: {losses}"
+                + (f" | top-1 {acc:.2f}%" if acc is not None else "")
+                + f" | {record['images_per_s']:.0f} img/s")
+        if self.progress is not None:
+            self.progress.update(self.run_task, completed=record["epoch"] + 1)
+            self.progress.console.print(line)
+        else:
+            self.console.print(line)

@@ -1,0 +1,93 @@
+"""Runtime techniques, each one small function, applied in one fixed order by the loop:
+device -> distributed -> channels_last -> autocast -> compile -> DDP wrap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import SpecError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SpecError("runtime.device", f"'{name}' asked for, but no CUDA device is visible; use auto or cpu")
+        if name == "cuda":
+            name = f"cuda:{dist_info.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def init_distributed() -> DistInfo:
+    """DDP when launched by torchrun (RANK and WORLD_SIZE set): nccl on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
+    """auto: on CUDA for conv nets (tensor cores want NHWC); never on CPU, where it is slower."""
+    if setting == "auto":
+        return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return bool(setting)
+
+
+def to_channels_last(*modules: nn.Module | None) -> None:
+    for m in modules:
+        if m is not None:
+            m.to(memory_format=torch.channels_last)
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast on CUDA (auto or bf16); fp32 elsewhere: CPU bf16 is slow and lossy here."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(module: nn.Module, enabled: bool):
+    return torch.compile(module) if enabled else module
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, find_unused: bool) -> nn.Module:
+    if not info.enabled:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def build_optimizer(spec_optim, params, device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW; fused kernels on CUDA, foreach elsewhere (one launch per group, not per tensor)."""
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if spec_optim.name == "sgd":
+        return torch.optim.SGD(params, lr=spec_optim.lr, momentum=spec_optim.momentum,
+                               nesterov=spec_optim.nesterov and spec_optim.momentum > 0,
+                               weight_decay=spec_optim.weight_decay, **fast)
+    return torch.optim.AdamW(params, lr=spec_optim.lr, betas=tuple(spec_optim.betas),
+                             weight_decay=spec_optim.weight_decay, **fast)
