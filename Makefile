@@ -1,0 +1,42 @@
+# Two set-up commands do everything on a fresh machine:
+#   make demo   venv + install + train the quickstart teacher (if missing) + plan + train StableKD
+#   make test   venv + install + the test suite (what CI runs, through .ci/run)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch/torchvision pinned to the builds on this project's machines (pip takes them from
+# local disk there); pyproject.toml keeps honest ranges for everyone else.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: install
+	test -f runs/quickstart-teacher/student.safetensors || $(BIN)/kdgraph train specs/quickstart-teacher.yaml --quiet
+	$(BIN)/kdgraph plan specs/quickstart.yaml
+	$(BIN)/kdgraph train specs/quickstart.yaml --quiet
+	$(BIN)/kdgraph eval specs/quickstart.yaml
+
+bench: install
+	$(BIN)/python bench/plan_speed.py
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache
