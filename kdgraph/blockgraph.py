@@ -58,9 +58,9 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         a = block.adapter
         if a is not None:
             g.add_node(f"lift{i}", kind="adapter", role="lift", channels=list(a.lift),
-                       out_shape=t_shape, params=a.params // 2)
+                       out_shape=t_shape, params=a.lift_params)
             g.add_node(f"lower{i}", kind="adapter", role="lower", channels=list(a.lower),
-                       out_shape=s_shape, params=a.params - a.params // 2)
+                       out_shape=s_shape, params=a.lower_params)
             g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
             g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
             g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)

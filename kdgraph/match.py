@@ -35,12 +35,21 @@ class AdapterSpec:
     def lower(self) -> tuple[int, int]:
         return (self.teacher_channels, self.student_channels)
 
+    def _map_params(self, cin: int, cout: int) -> int:
+        # conv1x1: bias-free conv, then BN's weight and bias; linear: weight and bias
+        return cin * cout + (2 * cout if self.kind == "conv1x1" else cout)
+
+    @property
+    def lift_params(self) -> int:
+        return self._map_params(self.student_channels, self.teacher_channels)
+
+    @property
+    def lower_params(self) -> int:
+        return self._map_params(self.teacher_channels, self.student_channels)
+
     @property
     def params(self) -> int:
-        cs, ct = self.student_channels, self.teacher_channels
-        if self.kind == "conv1x1":  # bias-free conv, then BN's weight and bias
-            return (cs * ct + 2 * ct) + (ct * cs + 2 * cs)
-        return (cs * ct + ct) + (ct * cs + cs)
+        return self.lift_params + self.lower_params
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layout": self.layout, "lift": list(self.lift),
