@@ -101,6 +101,20 @@ def build_run(spec: Spec) -> Run:
                train_loader, test_loader, cl, spec.output_dir)
 
 
+def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimisation step of the current stage; returns device tensors (no host sync)."""
+    if run.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with autocast(run.spec.runtime.precision, run.device):
+        terms = run.step_module(xb, yb)
+        loss = sum(terms.values())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    return terms, loss
+
+
 def evaluate_student(run: Run) -> float:
     was = run.distiller.training
     run.distiller.eval()
@@ -219,15 +233,7 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
             steps_done, t_epoch, t_log, log_images = 0, time.perf_counter(), time.perf_counter(), 0
             reporter.start_epoch(epoch, stage, start)
             for step, (xb, yb) in enumerate(run.train_loader.epoch(epoch, start), start=start):
-                if run.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with autocast(rt.precision, run.device):
-                    terms = run.step_module(xb, yb)
-                    loss = sum(terms.values())
-                run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                run.optimizer.step()
-                run.scheduler.step()
+                terms, loss = train_step(run, xb, yb)
                 gstep += 1
                 steps_done += 1
                 log_images += len(yb) * run.info.world_size
