@@ -1,0 +1,73 @@
+"""Helpers of the runtime tests (test_runtime_step, test_resume, test_ddp, test_cli,
+test_export, test_train_e2e): tiny digits specs as dicts, and running the CLI in a
+subprocess. Everything runs on the CPU at 1x8x8 with the zoo's tiny ResNets."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "module:kdgraph.zoo:resnet_tiny_teacher"
+STUDENT = "module:kdgraph.zoo:resnet_tiny_student"
+KW = {"num_classes": 10, "in_chans": 1}
+
+
+def tiny_spec(output, method: str = "stablekd", *, blocks: int = 4, recompositions: int = 2, epochs: int = 3,
+              teacher: bool = True, teacher_checkpoint=None, student: str = STUDENT, fraction: float = 0.25,
+              batch_size: int = 16, **sections) -> dict:
+    """A spec dict for a tiny digits run; ``sections`` are merged into the top-level sections."""
+    spec = {
+        "name": f"tiny-{method}",
+        "seed": 0,
+        "student": {"model": student, "kwargs": dict(KW)},
+        "data": {"dataset": "digits", "batch_size": batch_size, "fraction": fraction},
+        "decompose": {"blocks": blocks},
+        "schedule": {"method": method, "epochs": epochs},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        "runtime": {"device": "cpu", "log_every": 1, "num_threads": 1},
+        "output": str(output),
+    }
+    if method == "stablekd":
+        spec["schedule"]["recompositions"] = recompositions
+    if teacher and method != "supervised":
+        spec["teacher"] = {"model": TEACHER, "kwargs": dict(KW)}
+        if teacher_checkpoint is not None:
+            spec["teacher"]["checkpoint"] = str(teacher_checkpoint)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return copy.deepcopy(spec)
+
+
+def write_spec(spec: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["COLUMNS"] = "200"
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_cmd(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(cli_cmd(*args), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
