@@ -141,6 +141,50 @@ def _inline_concrete_args(graph: fx.Graph) -> None:
         graph.erase_node(ph)
 
 
+_FUNCTIONAL_DROPOUT = {
+    torch.nn.functional.dropout: nn.Dropout,
+    torch.nn.functional.dropout1d: nn.Dropout1d,
+    torch.nn.functional.dropout2d: nn.Dropout2d,
+    torch.nn.functional.dropout3d: nn.Dropout3d,
+    torch.nn.functional.alpha_dropout: nn.AlphaDropout,
+    torch.nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+
+
+def _modal_dropout(model: nn.Module, graph: fx.Graph) -> None:
+    """Make ``F.dropout(x, p, training=self.training)`` follow the model's mode again.
+
+    fx evaluates ``self.training`` while tracing and freezes it into the graph, so a model
+    traced in train mode (as built) would drop activations in eval mode too (timm heads with
+    ``drop_rate > 0``). Each such call whose ``training`` is the mode of the moment becomes
+    a parameter-free ``nn.Dropout`` child of the module that called it, toggled by
+    ``model.train()`` / ``model.eval()`` like every other module. The state_dict is unchanged.
+    """
+    for node in list(graph.nodes):
+        cls = _FUNCTIONAL_DROPOUT.get(node.target) if node.op == "call_function" else None
+        if cls is None:
+            continue
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        a = bound.arguments
+        if a["training"] is not model.training or isinstance(a["p"], fx.Node) or isinstance(a["inplace"], fx.Node):
+            continue  # a fixed mode (MC dropout) or a computed rate: leave as traced
+        stack = node.meta.get("nn_module_stack") or {}
+        owner_path = list(stack.values())[-1][0] if stack else ""
+        owner = model.get_submodule(owner_path)
+        name = f"kdgraph_{node.name}"
+        owner.add_module(name, cls(a["p"], a["inplace"]))
+        with graph.inserting_before(node):
+            new = graph.call_module(f"{owner_path}.{name}" if owner_path else name, (a["input"],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        new.name = node.name
+
+
 def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "student",
           batch_size: int = 2) -> TracedModel:
     """Trace ``model`` and propagate shapes with one random batch of ``input_size``.
@@ -162,6 +206,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
             "(timm.layers.register_notrace_module marks it as a leaf)."
         ) from exc
     _inline_concrete_args(graph)
+    _modal_dropout(tracer.root, graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
 
     primary = next(n for n in gm.graph.nodes if n.op == "placeholder")
