@@ -31,6 +31,7 @@ from .distiller import Distiller
 from .evaluate import top1
 from .export import export_student
 from .progress import Reporter
+from .stability import StabilityTracker
 from .techniques import (DistInfo, autocast, build_optimizer, init_distributed, maybe_compile,
                          resolve_device, to_channels_last, use_channels_last, wrap_ddp)
 
@@ -223,6 +224,7 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
     rt = spec.runtime
     gstep = position["global_step"]
     student_top1 = None
+    tracker = StabilityTracker(run.distiller._segments) if rt.track_stability else None
     with stop_signals() as stop, reporter:
         for epoch in range(position["epoch"], total_epochs):
             stage = run.stage_of(epoch)
@@ -235,6 +237,8 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
             for step, (xb, yb) in enumerate(run.train_loader.epoch(epoch, start), start=start):
                 terms, loss = train_step(run, xb, yb)
                 gstep += 1
+                if tracker is not None:
+                    tracker.update(gstep)
                 steps_done += 1
                 log_images += len(yb) * run.info.world_size
                 for name, value in terms.items():  # stays on the device: no host sync
@@ -248,6 +252,8 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                               "images_per_s": round(log_images / max(now - t_log, 1e-9), 1)}
                     metrics.write(record)
                     reporter.log(record)
+                    for rec in tracker.flush() if tracker is not None else ():
+                        metrics.write(rec)
                     t_log, log_images = now, 0
                 reporter.advance()
                 if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
@@ -256,6 +262,8 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                     raise TrainingInterrupted(
                         f"{stop['signal']}: stopped at epoch {epoch}, step {step + 1}; checkpoint saved to "
                         f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume`")
+            for rec in tracker.flush() if tracker is not None else ():
+                metrics.write(rec)
             epoch_s = time.perf_counter() - t_epoch
             history["train_s"] += epoch_s
             history["images"] += steps_done * spec.data.batch_size * run.info.world_size
