@@ -83,6 +83,8 @@ def train(spec: SpecArg, set_: SetOpt = None,
         summary = run_training(_load(spec, set_), resume=resume, quiet=quiet or not sys.stdout.isatty())
     except KDGraphError as exc:
         _fail(exc)
+    if summary["student_top1"] is None:  # a non-main rank of a distributed run: rank 0 reports
+        return
     out.print(f"student top-1 {summary['student_top1']:.2f}%"
               + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")
               + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})")
