@@ -39,6 +39,16 @@ class Distiller(nn.Module):
         self.feature_weight = spec.loss.feature_weight
         self.groups: tuple[tuple[int, ...], ...] = ((tuple(range(1, self.k + 1))),)
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts reach the segments' own constants (fx copies plain tensor
+        attributes such as swin's relative position index into each segment) and the
+        unregistered teacher too."""
+        super()._apply(fn, recurse)
+        extra = self._segments + self._teacher_segments + ([self._teacher] if self._teacher is not None else [])
+        for module in extra:
+            module._apply(fn, recurse)
+        return self
+
     # -- the teacher ---------------------------------------------------------------------
     @property
     def teacher(self) -> nn.Module | None:

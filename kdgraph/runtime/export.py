@@ -35,6 +35,12 @@ class ExportedStudent(nn.Module):
         self.folded = nn.ModuleDict({str(i): m for i, m in folded.items()})
         self._segments = list(compiled.student.segments())
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for seg in self._segments:  # their copied constants are not submodules of self
+            seg._apply(fn, recurse)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, seg in enumerate(self._segments, start=1):
             x = seg(x)

@@ -85,9 +85,7 @@ def build_run(spec: Spec) -> Run:
     # Evaluation runs on the main rank over the whole test split.
     test_loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
                                shuffle=False, device=device)
-    distiller = Distiller(compiled).to(device)
-    if distiller.teacher is not None:
-        distiller.teacher.to(device)
+    distiller = Distiller(compiled).to(device)  # the teacher and segments move with it
     cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
     if cl:
         to_channels_last(distiller, distiller.teacher)
