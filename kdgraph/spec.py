@@ -189,8 +189,11 @@ class DecomposeSpec(_Strict):
         default="auto",
         description="'auto' (cut at stage ends found from shapes) or blocks-1 explicit {teacher, student} module paths.",
     )
-    projector: Literal["conv1x1"] = Field(
-        default="conv1x1", description="Adapter inserted where teacher and student widths differ."
+    projector: Literal["conv1x1", "cap"] = Field(
+        default="conv1x1",
+        description="lift adapter: conv1x1 (1x1 conv + BN where widths differ; with resampling and "
+        "token<->map conversion where layouts or resolutions differ) or cap (ScaleKD's cross-attention "
+        "projector at every block end).",
     )
 
     @model_validator(mode="after")
@@ -234,8 +237,19 @@ class LossSpec(_Strict):
 
     kl_weight: float = Field(default=1.0, ge=0.0, description="Weight λ of KL(teacher logits) in the head loss.")
     temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of the KL term.")
-    feature: Literal["mse"] = Field(default="mse", description="Loss between student and teacher block features.")
+    feature: Literal["mse", "dfm"] = Field(
+        default="mse", description="Loss between student and teacher block features: mse, or dfm "
+        "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
+        "component removed).")
     feature_weight: float = Field(default=1.0, ge=0.0, description="Weight of each feature loss term.")
+    dfm_alpha: float = Field(default=0.08, ge=0.0, description="DFM weight of the direct view (ScaleKD's configs: 0.08).")
+    dfm_beta: float = Field(default=0.06, ge=0.0, description="DFM weight of the alternative view (ScaleKD's configs: 0.06).")
+    tpp: bool = Field(default=False, description="ScaleKD's teacher parameter perception: feed the student's "
+                      "feature at block tpp_block (through lift) into the frozen teacher's later blocks and match "
+                      "the teacher's logits (KL) there; gradients reach the student through the teacher.")
+    tpp_block: PositiveInt | None = Field(default=None, description="Block end where the proxy path leaves the "
+                                          "student (None: the last block before the head).")
+    tpp_weight: float = Field(default=1.0, ge=0.0, description="Weight of the TPP loss.")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
 
 
@@ -277,7 +291,8 @@ class RuntimeSpec(_Strict):
     )
     eval_every: PositiveInt = Field(default=1, description="Evaluate every N epochs.")
     track_stability: bool = Field(
-        default=False, description="Record per-block feature losses of the whole student each epoch (costs time)."
+        default=False, description="Log, per step, the Euclidean distance between consecutive parameters of "
+        "each student block (the head's is StableKD's stability diagnostic) to metrics.jsonl."
     )
     num_threads: PositiveInt | None = Field(default=None, description="CPU threads for torch (None: torch's default).")
 
@@ -350,6 +365,16 @@ class Spec(_Strict):
                     at="schedule.recompositions",
                     got=self.schedule.recompositions,
                 )
+        if self.loss.tpp and method == "supervised":
+            raise _invalid("teacher parameter perception needs a teacher", allowed="false without a teacher",
+                           at="loss.tpp", got=True)
+        if self.loss.tpp_block is not None and self.loss.tpp_block >= self.decompose.blocks:
+            raise _invalid(f"the proxy path leaves the student at a block end before the head "
+                           f"(1..{self.decompose.blocks - 1})", allowed=f"1..{self.decompose.blocks - 1} or null",
+                           at="loss.tpp_block", got=self.loss.tpp_block)
+        if self.loss.tpp and self.decompose.blocks < 2:
+            raise _invalid("teacher parameter perception needs at least one block end: decompose.blocks >= 2",
+                           allowed="false with decompose.blocks: 1", at="loss.tpp", got=True)
         stage_epochs = self.schedule.stage_epochs
         if stage_epochs is not None:
             stages = self.schedule.num_stages
