@@ -1,0 +1,207 @@
+"""Every example spec compiles; pairings, the JSON contract, mismatches and explicit cuts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdgraph.compiler import compile_spec
+from kdgraph.errors import PlanError
+from kdgraph.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+HEAVY = {"swin_small-to-swin_tiny", "convnext_tiny-to-convnext_atto", "vit_small-to-vit_small_d8",
+         "efficientnet_b2-to-efficientnet_b0"}
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # checkpoint paths in specs are relative to the repo root
+
+
+def _load(path: Path):
+    spec = load_spec(path)
+    ckpt = spec.teacher.checkpoint if spec.teacher else None
+    if ckpt is not None and not Path(ckpt).exists():
+        spec = load_spec(path, ["teacher.checkpoint=null"])
+    return spec
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _compiled(stem: str):
+    if stem not in _CACHE:
+        _CACHE[stem] = compile_spec(_load(ROOT / "specs" / f"{stem}.yaml"))
+    return _CACHE[stem]
+
+
+def _params():
+    for p in SPECS:
+        marks = [pytest.mark.slow] if p.stem in HEAVY else []
+        yield pytest.param(p.stem, marks=marks, id=p.stem)
+
+
+@pytest.mark.parametrize("stem", _params())
+def test_every_spec_compiles(stem):
+    c = _compiled(stem)
+    spec = c.spec
+    assert c.pairing.k == spec.decompose.blocks
+    assert c.plan.k == spec.decompose.blocks
+    assert len(c.student.boundaries) == spec.decompose.blocks - 1
+    if c.teacher:
+        assert len(c.teacher.boundaries) == spec.decompose.blocks - 1
+    assert c.plan.epochs == spec.schedule.epochs
+    assert set(c.timings) >= {"build", "trace", "cuts", "stages", "boundaries", "pair", "block_graph", "plan"}
+    d = c.to_dict()
+    assert json.loads(json.dumps(d))["name"] == spec.name
+
+
+def _labels(bounds):
+    return [b.cut.label for b in bounds]
+
+
+def test_resnet34_to_resnet18():
+    c = _compiled("resnet34-to-resnet18")
+    assert _labels(c.teacher.boundaries) == ["layer1", "layer2", "layer3", "layer4"]
+    assert _labels(c.student.boundaries) == ["layer1", "layer2", "layer3", "layer4"]
+    assert c.pairing.adapters == []
+    assert [b.rule for b in c.pairing.blocks] == ["stage end"] * 4 + ["head"]
+    assert c.num_classes == 100 and c.input_size == (3, 32, 32)
+    assert [b.cut.shape for b in c.student.boundaries] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+
+
+def test_resnet50_to_resnet18_adapters():
+    c = _compiled("resnet50-to-resnet18")
+    assert _labels(c.teacher.boundaries) == ["layer1", "layer2", "layer3", "layer4"]
+    assert [(a.index, a.student_channels, a.teacher_channels, a.kind) for a in c.pairing.adapters] == [
+        (1, 64, 256, "conv1x1"), (2, 128, 512, "conv1x1"), (3, 256, 1024, "conv1x1"), (4, 512, 2048, "conv1x1")]
+    assert [a.lift for a in c.pairing.adapters] == [(64, 256), (128, 512), (256, 1024), (512, 2048)]
+
+
+def test_wide_resnet_to_resnet50_needs_no_adapters():
+    c = _compiled("wide_resnet50_2-to-resnet50")
+    assert c.pairing.adapters == [] and _labels(c.teacher.boundaries) == ["layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.slow
+def test_vit_depth_split():
+    c = _compiled("vit_small-to-vit_small_d8")
+    t, s = c.teacher.boundaries, c.student.boundaries
+    assert [b.cut.module for b in t[:3]] == ["blocks.2", "blocks.5", "blocks.8"]
+    assert [b.cut.module for b in s[:3]] == ["blocks.1", "blocks.3", "blocks.5"]
+    assert "blocks.11" in t[3].cut.closes and "blocks.7" in s[3].cut.closes
+    assert all(b.rule.endswith("(3/3/3/3)") for b in t)
+    assert all(b.rule.endswith("(2/2/2/2)") for b in s)
+    assert all(b.cut.shape == (197, 384) and b.cut.prefix_tokens == 1 for b in t + s)
+    assert c.pairing.adapters == []
+
+
+@pytest.mark.slow
+def test_swin_stages():
+    c = _compiled("swin_small-to-swin_tiny")
+    for art in (c.teacher, c.student):
+        cuts = [b.cut for b in art.boundaries]
+        assert [c_.module for c_ in cuts[:3]] == ["layers.0", "layers.1", "layers.2"]
+        assert "layers.3" in cuts[3].closes
+        assert [c_.layout for c_ in cuts] == ["NHWC"] * 4
+        assert [c_.reduction for c_ in cuts] == [4, 8, 16, 32]
+    assert c.pairing.adapters == []
+
+
+@pytest.mark.slow
+def test_convnext_adapters():
+    c = _compiled("convnext_tiny-to-convnext_atto")
+    assert [(a.student_channels, a.teacher_channels) for a in c.pairing.adapters] == [
+        (40, 96), (80, 192), (160, 384), (320, 768)]
+
+
+def test_json_contract():
+    c = _compiled("resnet50-to-resnet18")
+    d = json.loads(json.dumps(c.to_dict()))
+    for role in ("teacher", "student"):
+        art = d[role]
+        assert art["cuts"] and art["stages"]
+        for cut in art["cuts"]:
+            assert {"node", "module", "closes", "shape", "layout", "channels", "reduction"} <= set(cut)
+            assert isinstance(cut["closes"], list) and isinstance(cut["shape"], list)
+        for st in art["stages"]:
+            assert {"module", "node", "shape", "layout", "channels", "reduction"} <= set(st)
+    assert [b["index"] for b in d["blocks"]] == [1, 2, 3, 4, 5]
+    for b in d["blocks"]:
+        assert {"index", "teacher", "student", "adapter"} <= set(b)
+    assert d["blocks"][0]["adapter"]["lift"] == [64, 256] and d["blocks"][-1]["adapter"] is None
+    assert d["blocks"][-1]["teacher"] == d["blocks"][-1]["student"] == "output"
+    sched = d["schedule"]
+    assert {"method", "k", "n", "stages"} <= set(sched)
+    assert (sched["method"], sched["k"], sched["n"]) == ("stablekd", 5, 2)
+    for st in sched["stages"]:
+        assert {"index", "epochs", "groups", "losses"} <= set(st)
+    assert [st["epochs"] for st in sched["stages"]] == [20, 20, 20]
+    assert d["input_size"] == [3, 32, 32] and d["num_classes"] == 100
+    assert {n["id"] for n in d["graph"]["nodes"]} >= {"T1", "S5", "lift4", "lower4", "head_loss"}
+
+
+def _pair(teacher: str, student: str, size: int, t_kw=None, s_kw=None, **extra) -> dict:
+    return {
+        "name": "pair",
+        "teacher": {"model": f"timm:{teacher}", "kwargs": {"num_classes": 10, **(t_kw or {})}},
+        "student": {"model": f"timm:{student}", "kwargs": {"num_classes": 10, **(s_kw or {})}},
+        "data": {"dataset": "synthetic", "input_size": [3, size, size], "num_classes": 10},
+        **extra,
+    }
+
+
+def test_mismatched_pair_names_both_cuts():
+    raw = _pair("vit_tiny_patch16_224", "resnet18", 64, t_kw={"img_size": 64})
+    with pytest.raises(PlanError) as info:
+        compile_spec(load_spec(raw))
+    msg = str(info.value)
+    assert "teacher cut 'blocks.2'" in msg and "student cut 'layer1'" in msg
+    assert "tokens" in msg and "NCHW" in msg
+
+
+def test_explicit_cuts_override_the_automatic_choice():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4.1", "student": "layer4"}]})
+    c = compile_spec(load_spec(raw))
+    assert _labels(c.teacher.boundaries) == ["layer2", "layer4.1"]
+    assert _labels(c.student.boundaries) == ["layer2", "layer4"]
+    assert [b.rule for b in c.teacher.boundaries] == ["explicit", "explicit"]
+    assert [b.rule for b in c.pairing.blocks] == ["explicit", "explicit", "head"]
+    assert [b["rule"] for b in c.to_dict()["blocks"]] == ["explicit", "explicit", "head"]
+    assert c.teacher.boundaries[0].cut.shape == c.student.boundaries[0].cut.shape
+
+
+def test_explicit_cut_that_is_no_module_is_rejected():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4", "student": "layer9"}]})
+    with pytest.raises(PlanError, match=r"decompose\.cuts\.1\.student: 'layer9'"):
+        compile_spec(load_spec(raw))
+
+
+def test_explicit_cut_inside_a_residual_block_is_rejected():
+    raw = _pair("resnet34", "resnet18", 32, schedule={"recompositions": 1}, decompose={"blocks": 2, "cuts": [
+        {"teacher": "layer2.0.conv1", "student": "layer2"}]})
+    with pytest.raises(PlanError, match=r"decompose\.cuts\.0\.teacher"):
+        compile_spec(load_spec(raw))
+
+
+def test_explicit_cuts_out_of_order_are_rejected():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer3", "student": "layer2"}, {"teacher": "layer2", "student": "layer3"}]})
+    with pytest.raises(PlanError, match="forward order"):
+        compile_spec(load_spec(raw))
+
+
+def test_prebuilt_models_are_used_as_given():
+    import timm
+
+    spec = load_spec(_pair("resnet34", "resnet18", 32))
+    t, s = timm.create_model("resnet34", num_classes=10), timm.create_model("resnet18", num_classes=10)
+    c = compile_spec(spec, models=(t, s))
+    assert c.teacher.model is t and c.student.model is s
+    assert c.teacher.traced.gm.get_submodule("layer1.0.conv1") is t.layer1[0].conv1
