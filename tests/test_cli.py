@@ -1,0 +1,89 @@
+"""The kdgraph CLI (typer) in-process: plan formats, PNG, errors with exit code 2, help."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+
+from _runtime_helpers import ROOT
+
+QS = str(ROOT / "specs" / "quickstart.yaml")
+NO_CKPT = ["--set", "teacher.checkpoint=null"]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _all(result) -> str:
+    text = result.output
+    try:
+        text += result.stderr
+    except (ValueError, AttributeError):
+        pass
+    return text
+
+
+def test_plan_table(runner):
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT])
+    assert res.exit_code == 0, _all(res)
+    text = res.output
+    for word in ("quickstart", "stablekd", "teacher stages", "student stages", "blocks", "conv1x1", "layer3"):
+        assert word in text, word
+
+
+def test_plan_json(runner):
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--format", "json"])
+    assert res.exit_code == 0, _all(res)
+    data = json.loads(res.stdout)
+    assert {"teacher", "student", "blocks", "schedule"} <= set(data)
+    assert data["schedule"]["method"] == "stablekd" and data["schedule"]["k"] == 4
+    assert len(data["blocks"]) == 4
+    assert [s["epochs"] for s in data["schedule"]["stages"]] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("fmt", ["dot", "mermaid"])
+def test_plan_graph_formats(runner, fmt):
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--format", fmt])
+    assert res.exit_code == 0, _all(res)
+    assert "S1" in res.stdout and "T1" in res.stdout
+    assert ("digraph" in res.stdout) if fmt == "dot" else ("graph" in res.stdout or "flowchart" in res.stdout)
+
+
+def test_plan_png(runner, tmp_path):
+    png = tmp_path / "graph.png"
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--png", str(png)])
+    assert res.exit_code == 0, _all(res)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_key_is_exit_2_with_path_and_suggestion(runner, tmp_path):
+    spec = yaml.safe_load(open(QS))
+    spec["schedule"]["epoch"] = spec["schedule"].pop("epochs")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    res = runner.invoke(app, ["plan", str(bad), *NO_CKPT])
+    text = _all(res)
+    assert res.exit_code == 2, text
+    assert "schedule.epoch" in text and "did you mean" in text.lower()
+    assert "Traceback" not in text and isinstance(res.exception, SystemExit)  # a clean exit, no exception
+
+
+def test_bad_value_names_its_path(runner):
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--set", "schedule.epochs=-1"])
+    text = _all(res)
+    assert res.exit_code == 2, text
+    assert "schedule.epochs" in text and "Traceback" not in text and isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command, word", [("train", "--resume"), ("eval", "--checkpoint"), ("export", "--to")])
+def test_help(runner, command, word):
+    res = runner.invoke(app, [command, "--help"])
+    assert res.exit_code == 0, _all(res)
+    assert word in res.output
