@@ -71,3 +71,17 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def popen_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen(cli_cmd(*args), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def train_here(spec):
+    """kdgraph.runtime.loop.train in this process, restoring torch's thread count after
+    (the spec's runtime.num_threads would otherwise leak into the tests that follow)."""
+    import torch
+
+    from kdgraph.runtime.loop import train
+
+    threads = torch.get_num_threads()
+    try:
+        return train(spec)
+    finally:
+        torch.set_num_threads(threads)
