@@ -45,10 +45,12 @@ METHODS = {  # name -> (schedule.method, recompositions)
     "stablekd-4/2": ("stablekd", 2),
 }
 DATASETS = {  # input size, batch size, epoch budgets (1x .. 10x), teacher epochs
-    "digits": {"input_size": [1, 8, 8], "batch_size": 64, "budgets": [3, 6, 15, 30], "teacher_epochs": 30},
+    # digits has 22 steps per epoch: budgets are larger so that a 3-stage StableKD gets a
+    # few dozen steps per stage at the smallest one.
+    "digits": {"input_size": [1, 8, 8], "batch_size": 64, "budgets": [5, 10, 25, 50], "teacher_epochs": 30},
     "fashion-mnist": {"input_size": [1, 16, 16], "batch_size": 128, "budgets": [3, 6, 15], "teacher_epochs": 15},
 }
-SWEEP_LRS = [0.05, 0.1, 0.2, 0.4]
+SWEEP_LRS = [0.05, 0.1, 0.2, 0.5]
 DEFAULT_LR = 0.1
 
 
@@ -152,11 +154,11 @@ def sweep(args, results: Path) -> dict[str, float]:
     return best
 
 
-def tuned_lrs(results_sweep: Path, methods) -> dict[str, float]:
+def tuned_lrs(results_sweep: Path, methods, budget: int) -> dict[str, float]:
     done = _done(results_sweep)
     best = {}
     for method in methods:
-        rows = [r for r in done.values() if r["method"] == method]
+        rows = [r for r in done.values() if r["method"] == method and r["budget"] == budget]
         best[method] = max(rows, key=lambda r: r["top1"])["lr"] if rows else DEFAULT_LR
     return best
 
@@ -193,7 +195,7 @@ def main() -> None:
     budgets = args.budgets or DATASETS[args.dataset]["budgets"]
     if args.quick:
         args.pairs, args.seeds, args.fractions, budgets = ["narrow"], [0], [0.2], budgets[:1]
-    lrs = tuned_lrs(results_sweep, args.methods)
+    lrs = tuned_lrs(results_sweep, args.methods, DATASETS[args.dataset]["budgets"][0])
     _, teacher_top1 = teacher_checkpoint(args)
     print(f"teacher top-1 {teacher_top1:.2f}%; learning rates {lrs}", flush=True)
     done = _done(results)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layouts import FormatAdapter
 from .match import AdapterSpec, Pairing
+from .scalekd import CrossAttentionProjector
 
 
 class ChannelMap(nn.Module):
@@ -44,8 +46,14 @@ class ChannelMap(nn.Module):
 class AdapterPair(nn.Module):
     def __init__(self, spec: AdapterSpec):
         super().__init__()
-        self.lift = ChannelMap(spec.student_channels, spec.teacher_channels, spec.kind)
-        self.lower = ChannelMap(spec.teacher_channels, spec.student_channels, spec.kind)
+        self.spec = spec
+        if spec.foldable:
+            self.lift = ChannelMap(spec.student_channels, spec.teacher_channels, spec.kind)
+            self.lower = ChannelMap(spec.teacher_channels, spec.student_channels, spec.kind)
+            return
+        src, dst = spec.student_format, spec.teacher_format
+        self.lift = CrossAttentionProjector(src, dst) if spec.kind == "cap" else FormatAdapter(src, dst)
+        self.lower = FormatAdapter(dst, src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The student's inference path through the pair: lower(lift(x))."""
@@ -59,7 +67,12 @@ def build_adapters(pairing: Pairing) -> nn.ModuleDict:
 
 @torch.no_grad()
 def fold(pair: AdapterPair) -> nn.Module:
-    """One Cs -> Cs module equal to ``pair`` in eval mode: W = W2 W1, b = W2 b1 + b2."""
+    """One Cs -> Cs module equal to ``pair`` in eval mode: W = W2 W1, b = W2 b1 + b2.
+
+    Format and CAP adapters resample or attend, so they do not fold: they are kept as they are.
+    """
+    if not pair.spec.foldable:
+        return pair
     w1, b1 = pair.lift.affine()
     w2, b2 = pair.lower.affine()
     w, b = w2 @ w1, w2 @ b1 + b2

@@ -8,7 +8,9 @@ carries the shape of the tensor on it and a ``kind``:
 - ``student``: S(i) -> S(i+1), the plain student chain (vanilla KD, supervised);
 - ``adapted``: S(i) -> lift_i -> lower_i -> S(i+1), the chain inside a merged StableKD group;
 - ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
-- ``loss``: the tensors that meet at a loss node.
+- ``loss``: the tensors that meet at a loss node;
+- ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
+  blocks (nodes ``P_j``) to ``tpp_loss``.
 
 A plan stage is a choice of these edges (``stage_edges``).
 """
@@ -28,7 +30,10 @@ def _shape(cut) -> list[int] | None:
 
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
-                      has_teacher: bool) -> nx.DiGraph:
+                      has_teacher: bool, tpp_block: int | None = None) -> nx.DiGraph:
+    """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
+    S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
+    with T_j) on the student's feature."""
     g = nx.DiGraph()
     k = pairing.k
     logits = [num_classes] if num_classes else None
@@ -71,6 +76,16 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
             g.add_edge(f"S{i}", f"mse{i}", kind="loss", shape=s_shape)
         g.add_node(f"mse{i}", kind="loss", terms=["mse"])
         g.add_edge(f"T{i}", f"mse{i}", kind="loss", shape=t_shape)
+    if has_teacher and tpp_block is not None:
+        src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
+        for j in range(tpp_block + 1, k + 1):
+            g.add_node(f"P{j}", kind="proxy", module=g.nodes[f"T{j}"]["module"],
+                       out_shape=g.nodes[f"T{j}"]["out_shape"])
+            g.add_edge(src, f"P{j}", kind="proxy", shape=g.nodes[src]["out_shape"])
+            src = f"P{j}"
+        g.add_node("tpp_loss", kind="loss", terms=["kl"])
+        g.add_edge(f"P{k}", "tpp_loss", kind="loss", shape=logits)
+        g.add_edge(f"T{k}", "tpp_loss", kind="loss", shape=logits)
     g.add_edge(f"S{k}", "head_loss", kind="loss", shape=logits)
     g.add_edge("labels", "head_loss", kind="loss", shape=[])
     if has_teacher:
@@ -102,7 +117,8 @@ def validate_block_graph(g: nx.DiGraph) -> None:
                 raise PlanError(f"block graph: {v} is fed tensors of different shapes {sorted(feeds)}")
 
 
-def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool) -> list[tuple[str, str]]:
+def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
+                tpp_block: int | None = None) -> list[tuple[str, str]]:
     """The edges one training stage uses.
 
     Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
@@ -135,6 +151,9 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool) ->
                 edges.append((f"T{k}", "head_loss"))
         else:
             edges += _mse_edges(g, b)
+        if tpp_block is not None and tpp_block in group:
+            edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "proxy"]
+            edges += [(f"P{k}", "tpp_loss"), (f"T{k}", "tpp_loss")]
     if has_teacher:
         edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
     return list(dict.fromkeys(edges))
@@ -159,7 +178,8 @@ def _label(n: str, d: dict) -> str:
     return "\\n".join(parts)
 
 
-_DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted"}
+_DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted",
+              "proxy": "dashed"}
 
 
 def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:

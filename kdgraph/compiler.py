@@ -118,16 +118,23 @@ def pass_boundaries(c: Compiled) -> None:
 
 
 def pass_pair(c: Compiled) -> None:
-    c.pairing = pair_blocks(c.student.boundaries, c.teacher.boundaries if c.teacher else None)
+    c.pairing = pair_blocks(c.student.boundaries, c.teacher.boundaries if c.teacher else None,
+                            c.input_size[1:], c.spec.decompose.projector)
+
+
+def _tpp_block(c: Compiled) -> int | None:
+    loss = c.spec.loss
+    return (loss.tpp_block or c.pairing.k - 1) if loss.tpp else None
 
 
 def pass_block_graph(c: Compiled) -> None:
-    c.graph = build_block_graph(c.pairing, c.input_size, c.num_classes, c.teacher is not None)
+    c.graph = build_block_graph(c.pairing, c.input_size, c.num_classes, c.teacher is not None, _tpp_block(c))
 
 
 def pass_plan(c: Compiled) -> None:
     s = c.spec.schedule
-    c.plan = build_plan(s.method, c.pairing.k, s.recompositions, s.epochs, s.stage_epochs)
+    c.plan = build_plan(s.method, c.pairing.k, s.recompositions, s.epochs, s.stage_epochs,
+                        c.spec.loss.feature, _tpp_block(c))
 
 
 # --- invariants ---------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Block i of the teacher and block i of the student end at boundary cuts of the same
 reduction and layout. Where their widths differ an adapter pair is planned: ``lift``
 (Cs -> Ct) on the student's feature and ``lower`` (Ct -> Cs) on the teacher's.
-Where the reductions or layouts differ, a cross-architecture adapter would be needed;
-until it exists the pairing fails with a message naming both cuts.
+Where the reductions or layouts differ (a ViT teacher and a CNN student), blocks are
+paired by relative depth (the i-th boundary of each) and the pair gets a format adapter
+that converts layout and resamples the grid; the plan says which rule paired them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,28 @@ from dataclasses import dataclass
 
 from .cuts import Cut, find_cut_by_module
 from .errors import PlanError
+from .layouts import FeatureFormat
 from .stages import Boundary, Stage, choose_boundaries
 from .trace import TracedModel
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A lift/lower pair at the end of block ``index`` (both are linear maps on channels)."""
+    """A lift/lower pair at the end of block ``index``.
+
+    kinds: ``conv1x1`` (NCHW maps of one grid: 1x1 conv + BN each way), ``linear`` (tokens or
+    NHWC of one grid: Linear each way), ``format`` (layouts or grids differ: to map, resample,
+    1x1 conv + BN, to the other layout; see layouts.FormatAdapter) and ``cap`` (lift is
+    ScaleKD's cross-attention projector, lower a format adapter).
+    """
 
     index: int
-    kind: str  # "conv1x1" (NCHW maps: 1x1 conv + BN) or "linear" (tokens, NHWC: Linear)
-    layout: str
+    kind: str
+    layout: str  # the student's layout at the cut
     student_channels: int
     teacher_channels: int
+    student_format: FeatureFormat | None = None
+    teacher_format: FeatureFormat | None = None
 
     @property
     def lift(self) -> tuple[int, int]:
@@ -35,25 +45,45 @@ class AdapterSpec:
     def lower(self) -> tuple[int, int]:
         return (self.teacher_channels, self.student_channels)
 
+    @property
+    def foldable(self) -> bool:
+        """lower(lift(x)) is one linear map per position: export folds it into a 1x1 conv."""
+        return self.kind in ("conv1x1", "linear")
+
     def _map_params(self, cin: int, cout: int) -> int:
         # conv1x1: bias-free conv, then BN's weight and bias; linear: weight and bias
         return cin * cout + (2 * cout if self.kind == "conv1x1" else cout)
 
+    def _built_params(self) -> tuple[int, int]:
+        from .adapters import AdapterPair  # adapters builds modules from this spec
+
+        pair = AdapterPair(self)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return count(pair.lift), count(pair.lower)
+
     @property
     def lift_params(self) -> int:
-        return self._map_params(self.student_channels, self.teacher_channels)
+        if self.foldable:
+            return self._map_params(self.student_channels, self.teacher_channels)
+        return self._built_params()[0]
 
     @property
     def lower_params(self) -> int:
-        return self._map_params(self.teacher_channels, self.student_channels)
+        if self.foldable:
+            return self._map_params(self.teacher_channels, self.student_channels)
+        return self._built_params()[1]
 
     @property
     def params(self) -> int:
         return self.lift_params + self.lower_params
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "layout": self.layout, "lift": list(self.lift),
-                "lower": list(self.lower), "params": self.params}
+        d = {"kind": self.kind, "layout": self.layout, "lift": list(self.lift),
+             "lower": list(self.lower), "params": self.params}
+        if self.student_format is not None:
+            d["student_format"] = [self.student_format.layout, list(self.student_format.shape)]
+            d["teacher_format"] = [self.teacher_format.layout, list(self.teacher_format.shape)]
+        return d
 
 
 @dataclass(frozen=True)
@@ -119,44 +149,53 @@ def boundaries_for(traced: TracedModel, cuts: list[Cut], stages: list[Stage], bl
     return choose_boundaries(stages, blocks, traced)
 
 
-def _adapter(index: int, t: Cut, s: Cut) -> AdapterSpec | None:
-    if t.channels == s.channels:
+def _same_grid(t: Cut, s: Cut) -> bool:
+    return (t.reduction, t.layout, t.prefix_tokens) == (s.reduction, s.layout, s.prefix_tokens) \
+        and _spatial(t) == _spatial(s)
+
+
+def _spatial(c: Cut) -> tuple[int, ...]:
+    return {"NCHW": c.shape[1:], "NHWC": c.shape[:2], "tokens": c.shape[:1]}.get(c.layout, c.shape)
+
+
+def _adapter(index: int, t: Cut, s: Cut, input_hw: tuple[int, int], projector: str) -> AdapterSpec | None:
+    same = _same_grid(t, s)
+    if same and t.channels == s.channels and projector != "cap":
         return None
-    kind = "conv1x1" if s.layout == "NCHW" else "linear"
-    return AdapterSpec(index, kind, s.layout, s.channels, t.channels)
+    if same and projector != "cap":
+        return AdapterSpec(index, "conv1x1" if s.layout == "NCHW" else "linear", s.layout, s.channels, t.channels)
+    kind = "cap" if projector == "cap" else "format"
+    return AdapterSpec(index, kind, s.layout, s.channels, t.channels,
+                       FeatureFormat.of(s, input_hw), FeatureFormat.of(t, input_hw))
 
 
-def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None) -> Pairing:
-    """Pair the i-th teacher and student boundaries; the head is the last block.
+def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
+                input_hw: tuple[int, int] = (0, 0), projector: str = "conv1x1") -> Pairing:
+    """Pair the i-th teacher and student boundaries (relative depth); the head is the last block.
 
-    Raises PlanError naming both cuts where reductions or layouts differ.
+    Where layouts or grids differ (ViT teacher, CNN student; Swin's NHWC against NCHW) the
+    pair gets a format adapter and its rule says so. A vector (pooled) feature cannot be
+    converted: PlanError names both cuts.
     """
     pairs: list[BlockPair] = []
     problems = []
     for i, sb in enumerate(student, start=1):
         tb = teacher[i - 1] if teacher is not None else None
         adapter = None
+        rule = sb.rule
         if tb is not None:
             t, s = tb.cut, sb.cut
-            if (t.reduction, t.layout, t.prefix_tokens) != (s.reduction, s.layout, s.prefix_tokens):
-                problems.append(
-                    f"block {i}: teacher cut '{t.label}' is {t.layout} at reduction {t.reduction} "
-                    f"{list(t.shape)}, student cut '{s.label}' is {s.layout} at reduction "
-                    f"{s.reduction} {list(s.shape)}")
-                continue
-            if t.shape[:-1] != s.shape[:-1] and t.layout in ("NHWC", "tokens") or \
-                    t.layout == "NCHW" and t.shape[1:] != s.shape[1:]:
-                problems.append(f"block {i}: spatial sizes differ: teacher '{t.label}' "
-                                f"{list(t.shape)} vs student '{s.label}' {list(s.shape)}")
-                continue
-            adapter = _adapter(i, t, s)
-        rule = sb.rule if tb is None or tb.rule == sb.rule else f"{tb.rule} / {sb.rule}"
+            rule = sb.rule if tb.rule == sb.rule else f"{tb.rule} / {sb.rule}"
+            if not _same_grid(t, s):
+                if "vector" in (t.layout, s.layout) or "other" in (t.layout, s.layout):
+                    problems.append(f"block {i}: teacher cut '{t.label}' ({t.layout} {list(t.shape)}) and "
+                                    f"student cut '{s.label}' ({s.layout} {list(s.shape)}) cannot be converted")
+                    continue
+                rule += "; relative depth"
+            adapter = _adapter(i, t, s, input_hw, projector)
         pairs.append(BlockPair(i, tb.cut if tb else None, sb.cut, adapter, rule))
     if problems:
-        raise PlanError(
-            "teacher and student blocks do not match in resolution or layout:\n  "
-            + "\n  ".join(problems)
-            + "\nA resampling / token<->map adapter is needed there; kdgraph does not build one yet. "
-              "Choose other cuts with decompose.cuts or fewer decompose.blocks.")
+        raise PlanError("teacher and student blocks cannot be paired:\n  " + "\n  ".join(problems)
+                        + "\nChoose other cuts with decompose.cuts or fewer decompose.blocks.")
     head = BlockPair(len(student) + 1, None, None, None, "head")
     return Pairing(tuple(pairs) + (head,))

@@ -53,6 +53,7 @@ class Plan:
     k: int  # blocks in the block graph
     n: int  # recompositions
     stages: tuple[TrainingStage, ...]
+    tpp_block: int | None = None  # ScaleKD's proxy path leaves the student at this block end
 
     @property
     def epochs(self) -> int:
@@ -66,26 +67,27 @@ class Plan:
     @property
     def uses_adapters(self) -> bool:
         """Adapters are trained (and kept at inference) only where features are compared."""
-        return self.method == "kd+mse" or any(len(s.groups) > 1 for s in self.stages)
+        return self.method == "kd+mse" or self.tpp_block is not None or any(len(s.groups) > 1 for s in self.stages)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
-                "stages": [s.to_dict() for s in self.stages]}
+                "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages]}
 
 
-def _losses(group: tuple[int, ...], k: int, method: str) -> tuple[str, ...]:
+def _losses(group: tuple[int, ...], k: int, method: str, feature: str, tpp_block: int | None) -> tuple[str, ...]:
     if method == "supervised":
         return ("ce",)
-    if group[-1] != k:
-        return ("mse",)
-    head = ("ce", "kl")
+    terms: tuple[str, ...] = ("ce", "kl") if group[-1] == k else (feature,)
     if method == "kd+mse":
-        return head + tuple(f"mse{i}" for i in group[:-1])
-    return head
+        terms += tuple(f"{feature}{i}" for i in group[:-1])
+    if tpp_block is not None and tpp_block in group:
+        terms += ("tpp",)
+    return terms
 
 
 def build_plan(method: str, k: int, recompositions: int, epochs: int,
-               stage_epochs: list[int] | None = None) -> Plan:
+               stage_epochs: list[int] | None = None, feature: str = "mse",
+               tpp_block: int | None = None) -> Plan:
     """The schedule for ``method`` over k blocks. Spec validation has bounded n already."""
     if method == "stablekd":
         n = recompositions
@@ -101,6 +103,6 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
         groups = [(tuple(range(1, k + 1)),)]
     split = list(stage_epochs) if stage_epochs else split_epochs(epochs, len(groups))
     stages = tuple(
-        TrainingStage(i, e, g, tuple(_losses(grp, k, method) for grp in g))
+        TrainingStage(i, e, g, tuple(_losses(grp, k, method, feature, tpp_block) for grp in g))
         for i, (e, g) in enumerate(zip(split, groups)))
-    return Plan(method, k, n, stages)
+    return Plan(method, k, n, stages, tpp_block)

@@ -27,7 +27,9 @@ def spec_table(c: Compiled) -> Table:
                       f"fraction {s.data.fraction}")
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
                         + (f", {s.schedule.recompositions} recompositions" if s.schedule.method == "stablekd" else ""))
-    t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}")
+    t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}"
+                      + (f" (α {s.loss.dfm_alpha}, β {s.loss.dfm_beta})" if s.loss.feature == "dfm" else "")
+                      + (f", tpp weight {s.loss.tpp_weight}" if s.loss.tpp else ""))
     t.add_row("optim", f"{s.optim.name} lr {s.optim.lr} wd {s.optim.weight_decay}, {s.optim.lr_schedule}")
     r = s.runtime
     t.add_row("runtime", f"device {r.device}, precision {r.precision}, compile {r.compile}, "
@@ -65,6 +67,9 @@ def blocks_table(c: Compiled) -> Table:
             continue
         a = b.adapter
         adapter = f"{a.kind} {a.lift[0]}→{a.lift[1]}→{a.lower[1]}" if a else "-"
+        if a and a.student_format is not None:
+            adapter += f" ({a.student_format.layout} {a.student_format.hw[0]}² ↔ " \
+                       f"{a.teacher_format.layout} {a.teacher_format.hw[0]}²)"
         if a and not active:
             adapter += " (unused by this method)"
         shapes = f"{_fmt_shape(b.teacher.shape)} / {_fmt_shape(b.student.shape)}" if b.teacher \
@@ -76,7 +81,8 @@ def blocks_table(c: Compiled) -> Table:
 
 def schedule_table(c: Compiled) -> Table:
     p = c.plan
-    title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if p.method == "stablekd" else "")
+    title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if p.method == "stablekd" else "") + (
+        f", TPP proxy path from block {p.tpp_block}" if p.tpp_block else "")
     t = Table(title=title, title_justify="left")
     for col in ("stage", "epochs", "groups", "losses"):
         t.add_column(col)
@@ -102,21 +108,22 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6}
+    rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
+            "proxy": 2.8}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
         x = float(digits) if digits else (0.0 if n == "input" else len(g) / 2)
-        if n in ("head_loss", "labels"):
+        if n in ("head_loss", "labels", "tpp_loss"):
             x = max((float("".join(c for c in m if c.isdigit()) or 0) for m in g.nodes), default=1) + 0.6
-        offset = {"lift": -0.15, "lower": 0.25, "mse": 0.45}
+        offset = {"lift": -0.15, "lower": 0.25, "mse": 0.45, "tpp": 0.6}
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0"}
     fig, ax = plt.subplots(figsize=(max(6, len(g) * 0.6), 4))
-    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted"}
-    for kind in ("teacher", "student", "adapted", "decompose", "loss"):
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)

@@ -155,13 +155,15 @@ def _pair(teacher: str, student: str, size: int, t_kw=None, s_kw=None, **extra) 
     }
 
 
-def test_mismatched_pair_names_both_cuts():
-    raw = _pair("vit_tiny_patch16_224", "resnet18", 64, t_kw={"img_size": 64})
+def test_unconvertible_pair_names_both_cuts():
+    # A pooled vector cannot be converted to a map: pairing it with a map fails, naming both.
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 2, "cuts": [
+        {"teacher": "global_pool", "student": "layer4"}]})
     with pytest.raises(PlanError) as info:
         compile_spec(load_spec(raw))
     msg = str(info.value)
-    assert "teacher cut 'blocks.2'" in msg and "student cut 'layer1'" in msg
-    assert "tokens" in msg and "NCHW" in msg
+    assert "teacher cut 'global_pool'" in msg and "student cut 'layer4'" in msg
+    assert "vector" in msg and "NCHW" in msg
 
 
 def test_explicit_cuts_override_the_automatic_choice():

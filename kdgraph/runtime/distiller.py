@@ -13,7 +13,9 @@ from torch import nn
 
 from ..adapters import build_adapters
 from ..compiler import Compiled
-from ..losses import FeatureMSE, HeadLoss
+from ..layouts import FeatureFormat
+from ..losses import FeatureMSE, HeadLoss, KLDivergence
+from ..scalekd import DualViewFeatureMimicking
 from ..plan import TrainingStage
 
 
@@ -37,6 +39,16 @@ class Distiller(nn.Module):
         self.head_loss = HeadLoss(spec.loss.kl_weight, spec.loss.temperature, spec.loss.label_smoothing)
         self.mse = FeatureMSE()
         self.feature_weight = spec.loss.feature_weight
+        # DFM compares maps on the teacher's grid; one per block end, in the teacher's format.
+        self.dfm = {}
+        if spec.loss.feature == "dfm" and compiled.teacher is not None:
+            hw = compiled.input_size[1:]
+            self.dfm = {b.index: DualViewFeatureMimicking(FeatureFormat.of(b.teacher, hw), spec.loss.dfm_alpha,
+                                                          spec.loss.dfm_beta)
+                        for b in compiled.pairing.blocks if not b.is_head}
+        self.tpp_block = plan.tpp_block
+        self.tpp_weight = spec.loss.tpp_weight
+        self.tpp_kl = KLDivergence(spec.loss.temperature)
         self.groups: tuple[tuple[int, ...], ...] = ((tuple(range(1, self.k + 1))),)
 
     def _apply(self, fn, recurse=True):
@@ -65,6 +77,8 @@ class Distiller(nn.Module):
                 need.add(b)
                 if self.feature_losses:
                     need.update(group[:-1])
+                if self.tpp_block in group:
+                    need.add(self.k)
         self._needed = need
 
     @torch.no_grad()
@@ -116,10 +130,12 @@ class Distiller(nn.Module):
                 h = adapter.lower(feats[a - 1]) if adapter is not None else feats[a - 1]
             for i in group:
                 h = self._segments[i - 1](h)
+                if i == self.tpp_block:
+                    terms["tpp"] = self.tpp_weight * self.tpp_kl(self.proxy(i, h), feats[self.k])
                 if i == b:
                     break
                 if self.feature_losses:
-                    terms[f"mse{i}"] = self.feature_weight * self.mse(self._lift(i, h), feats[i])
+                    terms.update(self.feature_loss(i, h, feats[i]))
                 else:
                     adapter = self._adapter(i)
                     if adapter is not None:
@@ -127,5 +143,21 @@ class Distiller(nn.Module):
             if b == self.k:
                 terms.update(self.head_loss(h, y, feats.get(self.k)))
             else:
-                terms[f"mse{b}"] = self.feature_weight * self.mse(self._lift(b, h), feats[b])
+                terms.update(self.feature_loss(b, h, feats[b]))
         return terms
+
+    def feature_loss(self, i: int, h: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MSE (or DFM's two views) between lift_i(student feature) and the teacher's feature."""
+        lifted = self._lift(i, h)
+        if i in self.dfm:
+            return {f"{name.replace('dfm', f'dfm{i}')}": self.feature_weight * v
+                    for name, v in self.dfm[i](lifted, target).items()}
+        return {f"mse{i}": self.feature_weight * self.mse(lifted, target)}
+
+    def proxy(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """TPP: the student's feature at block i, lifted, through the frozen teacher's blocks
+        i+1..k. The teacher's parameters need no grad; gradients reach lift_i and the student."""
+        z = self._lift(i, h)
+        for seg in self._teacher_segments[i:]:
+            z = seg(z)
+        return z

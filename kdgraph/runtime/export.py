@@ -3,8 +3,9 @@
 Without adapters the export is the student's own state_dict: ``timm.create_model(name,
 **kwargs).load_state_dict`` takes it without kdgraph. With adapters, each lift/lower pair
 is folded into one exact Cs -> Cs 1x1 conv (or Linear) and the file holds the student's
-weights under ``model.`` and the folded maps under ``folded.``; ``kdgraph eval`` rebuilds
-that module from the spec.
+weights under ``model.`` and the folded maps under ``folded.``; cross-architecture (format,
+CAP) adapters resample, so they are kept whole there. ``kdgraph eval`` rebuilds that
+module from the spec.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters import fold
+from ..adapters import build_adapters, fold
 from ..compiler import Compiled, compile_spec
 from ..data import DeviceLoader, create_dataset
 from ..errors import KDGraphError
@@ -63,10 +64,16 @@ def export_student(distiller, compiled: Compiled, path: Path) -> Path:
         return path
     folded = {int(i): fold(pair.eval()) for i, pair in distiller.adapters.items()}
     module = ExportedStudent(compiled, folded)
-    meta["folded"] = json.dumps({i: [m.in_features if isinstance(m, nn.Linear) else m.in_channels,
-                                     type(m).__name__] for i, m in folded.items()})
+    meta["folded"] = json.dumps({i: [_width(m), type(m).__name__] for i, m in folded.items()})
     save_file(_contiguous(module.state_dict()), str(path), metadata={**meta, "format": "folded"})
     return path
+
+
+def _width(m: nn.Module) -> int | None:
+    """Channels of a folded map; None for an adapter pair kept whole (format, CAP)."""
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    return m.in_channels if isinstance(m, nn.Conv2d) else None
 
 
 def load_student(compiled: Compiled, path: Path) -> nn.Module:
@@ -85,8 +92,12 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
     state = load_file(str(path))
     if meta.get("format") == "folded":
         folded = {}
+        pairs = build_adapters(compiled.pairing)
         for i, (width, kind) in json.loads(meta["folded"]).items():
-            folded[int(i)] = nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
+            if kind == "AdapterPair":
+                folded[int(i)] = pairs[i]
+            else:
+                folded[int(i)] = nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
         module = ExportedStudent(compiled, folded)
     else:
         module = compiled.student.model
