@@ -295,6 +295,10 @@ class RuntimeSpec(_Strict):
         "each student block (the head's is StableKD's stability diagnostic) to metrics.jsonl."
     )
     num_threads: PositiveInt | None = Field(default=None, description="CPU threads for torch (None: torch's default).")
+    bn_recalibrate: bool | Literal["auto"] = Field(
+        default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
+        "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "
+        "statistics on teacher-fed inputs).")
 
     @field_validator("device")
     @classmethod

@@ -114,7 +114,37 @@ def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, 
     return terms, loss
 
 
+@torch.no_grad()
+def recalibrate_bn(run: Run) -> None:
+    """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
+    training data. In decomposed stages each block's statistics were gathered on inputs
+    derived from the teacher's features; the composed student feeds it its own, slightly
+    different ones. The pass runs in train mode without gradients, with a cumulative
+    average, and leaves the RNG untouched so that resumed runs stay exact."""
+    norms = [m for m in run.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was = run.distiller.training
+    run.distiller.train()
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for xb, _ in run.train_loader.epoch(0):
+            if run.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(run.spec.runtime.precision, run.device):
+                run.distiller.inference(xb)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    run.distiller.train(was)
+
+
 def evaluate_student(run: Run) -> float:
+    setting = run.spec.runtime.bn_recalibrate
+    if setting is True or (setting == "auto" and len(run.distiller.groups) > 1):
+        recalibrate_bn(run)
     was = run.distiller.training
     run.distiller.eval()
     try:
