@@ -1,0 +1,207 @@
+"""Cross-architecture pairs and ScaleKD's components (CAP, DFM, TPP)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+import torch.nn.functional as F
+
+from kdgraph.compiler import compile_spec
+from kdgraph.layouts import FeatureFormat, FormatAdapter, from_map, resample, to_map
+from kdgraph.runtime.distiller import Distiller
+from kdgraph.scalekd import CrossAttentionProjector, DualViewFeatureMimicking, dct2, idct2, remove_direct
+from kdgraph.spec import load_spec
+
+FORMATS = [
+    FeatureFormat("NCHW", 8, (8, 8)),
+    FeatureFormat("NCHW", 6, (4, 4)),
+    FeatureFormat("NHWC", 12, (4, 4)),
+    FeatureFormat("tokens", 16, (4, 4), prefix=1),
+    FeatureFormat("tokens", 10, (2, 2), prefix=0),
+]
+
+
+def _random(fmt: FeatureFormat, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, *fmt.shape)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.layout}{f.hw[0]}p{f.prefix}")
+def test_to_map_from_map_round_trip_is_exact(fmt):
+    x = _random(fmt)
+    m, prefix = to_map(x, fmt)
+    assert m.shape == (3, fmt.channels, *fmt.hw)
+    assert torch.equal(from_map(m, fmt, prefix), x)
+
+
+def test_tokens_to_map_puts_patch_tokens_in_row_major_grid():
+    fmt = FeatureFormat("tokens", 2, (2, 3), prefix=1)
+    x = torch.arange(7 * 2, dtype=torch.float32).reshape(1, 7, 2)  # token t has values (2t, 2t+1)
+    m, prefix = to_map(x, fmt)
+    assert torch.equal(prefix, x[:, :1])
+    # patch token 1 + (r * 3 + c) sits at row r, column c
+    for r, c in itertools.product(range(2), range(3)):
+        assert torch.equal(m[0, :, r, c], x[0, 1 + r * 3 + c])
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.permutations(FORMATS, 2)),
+                         ids=lambda f: f"{f.layout}{f.hw[0]}p{f.prefix}")
+def test_format_adapter_shapes_for_every_layout_pair(src, dst):
+    out = FormatAdapter(src, dst)(_random(src))
+    assert out.shape == (3, *dst.shape)
+
+
+def test_format_adapter_is_resample_then_projection():
+    src, dst = FeatureFormat("NCHW", 4, (8, 8)), FeatureFormat("tokens", 6, (4, 4), prefix=1)
+    a = FormatAdapter(src, dst).eval()
+    with torch.no_grad():
+        a.prefix.normal_()
+        a.proj[1].running_mean.normal_()
+        a.proj[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 8, 8)
+    by_hand = a.proj(F.adaptive_avg_pool2d(x, (4, 4)))
+    expected = torch.cat([a.prefix.expand(2, -1, -1), by_hand.flatten(2).transpose(1, 2)], 1)
+    assert torch.allclose(a(x), expected, atol=1e-6)
+
+
+def test_resample_upsamples_bilinear_and_pools_down():
+    m = torch.randn(1, 2, 4, 4)
+    assert torch.equal(resample(m, (2, 2)), F.avg_pool2d(m, 2))
+    assert torch.allclose(resample(m, (7, 7)), F.interpolate(m, size=(7, 7), mode="bilinear"))
+
+
+@pytest.mark.parametrize("dst", [FeatureFormat("tokens", 16, (4, 4), prefix=1), FeatureFormat("NCHW", 16, (2, 2)),
+                                 FeatureFormat("NHWC", 8, (4, 4))], ids=lambda f: f.layout)
+def test_cap_output_has_the_teachers_shape(dst):
+    src = FeatureFormat("NCHW", 6, (8, 8))
+    cap = CrossAttentionProjector(src, dst, heads=4)
+    out = cap(torch.randn(2, 6, 8, 8))
+    assert out.shape == (2, *dst.shape)
+    out.sum().backward()
+    assert cap.queries.grad is not None and cap.stem[0].weight.grad is not None
+
+
+def test_dct_matches_scipy():
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5))
+    ours = dct2(torch.from_numpy(x)).numpy()
+    assert np.allclose(ours, scipy.fft.dctn(x, type=2, norm="ortho", axes=(-2, -1)), atol=1e-12)
+    assert np.allclose(idct2(dct2(torch.from_numpy(x))).numpy(), x, atol=1e-12)
+
+
+def test_removing_the_direct_component_zeroes_dc_and_keeps_the_rest():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    hp = remove_direct(x)
+    X, H = dct2(x), dct2(hp)
+    assert H[..., 0, 0].abs().max() < 1e-12  # by construction
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    assert torch.allclose(H[..., mask], X[..., mask], atol=1e-12)
+    # the orthonormal DCT's direct component is the spatial mean: what is left has none
+    assert torch.allclose(hp, x - x.mean(dim=(-2, -1), keepdim=True), atol=1e-12)
+
+
+def test_dfm_against_hand_computation():
+    fmt = FeatureFormat("tokens", 4, (3, 3), prefix=1)
+    s, t = torch.randn(2, 10, 4), torch.randn(2, 10, 4)
+    terms = DualViewFeatureMimicking(fmt, alpha=0.08, beta=0.06)(s, t)
+    # by hand: drop the class token, grid, unit vectors along channels, then the two views
+    sm = s[:, 1:].transpose(1, 2).reshape(2, 4, 3, 3)
+    tm = t[:, 1:].transpose(1, 2).reshape(2, 4, 3, 3)
+    sm = sm / sm.norm(dim=1, keepdim=True)
+    tm = tm / tm.norm(dim=1, keepdim=True)
+    direct = ((sm - tm) ** 2).mean()
+    centre = lambda z: z - z.mean(dim=(-2, -1), keepdim=True)  # noqa: E731
+    alternative = ((centre(sm) - centre(tm)) ** 2).mean()
+    assert torch.allclose(terms["dfm_direct"], 0.08 * direct, atol=1e-6)
+    assert torch.allclose(terms["dfm_alt"], 0.06 * alternative, atol=1e-6)
+
+
+def _vit_to_resnet(**extra) -> dict:
+    raw = {
+        "name": "x",
+        "teacher": {"model": "timm:vit_tiny_patch16_224", "kwargs": {"num_classes": 10, "img_size": 64,
+                                                                      "patch_size": 8, "depth": 4}},
+        "student": {"model": "timm:resnet18", "kwargs": {"num_classes": 10}},
+        "data": {"dataset": "synthetic", "input_size": [3, 64, 64], "num_classes": 10},
+        "decompose": {"blocks": 5},
+        "schedule": {"method": "stablekd", "recompositions": 2, "epochs": 3},
+    }
+    for key, value in extra.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def test_vit_teacher_cnn_student_pairs_by_relative_depth():
+    c = compile_spec(load_spec(_vit_to_resnet()))
+    blocks = c.pairing.blocks
+    assert [b.teacher.label for b in blocks[:-1]] == ["blocks.0", "blocks.1", "blocks.2", "blocks"]
+    assert [b.student.label for b in blocks[:-1]] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all("relative depth" in b.rule for b in blocks[:-1])
+    for b in blocks[:-1]:
+        a = b.adapter
+        assert a.kind == "format" and a.teacher_format.layout == "tokens" and a.teacher_format.prefix == 1
+        assert a.teacher_format.hw == (8, 8) and a.student_format.hw == (b.student.shape[1], b.student.shape[2])
+        assert a.to_dict()["teacher_format"] == ["tokens", [65, 192]]
+    g = c.graph
+    assert g.edges["T1", "lower1"]["shape"] == [65, 192] and g.nodes["lower1"]["out_shape"] == [64, 16, 16]
+
+
+def test_cross_architecture_decomposed_step_feeds_converted_teacher_features():
+    torch.manual_seed(0)
+    c = compile_spec(load_spec(_vit_to_resnet()))
+    d = Distiller(c)
+    d.set_stage(c.plan.stages[0])
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    terms = d(x, y)
+    assert set(terms) == {"mse1", "mse2", "mse3", "mse4", "ce", "kl"}
+    # block 3 by hand: the teacher's tokens after block 2, lowered to the student's map
+    with torch.no_grad():
+        t = x
+        for seg in d._teacher_segments[:3]:
+            t = seg(t)
+        t2 = d._teacher_segments[0](x)
+        t2 = d._teacher_segments[1](t2)
+    s3 = d._segments[2](d.adapters["2"].lower(t2))
+    expected = F.mse_loss(d.adapters["3"].lift(s3), t)
+    assert torch.allclose(terms["mse3"], expected, atol=1e-6)
+
+
+def test_scalekd_plan_has_cap_dfm_and_the_proxy_path():
+    raw = _vit_to_resnet(decompose={"blocks": 2, "projector": "cap"},
+                         schedule={"method": "kd+mse", "recompositions": 0, "epochs": 1},
+                         loss={"feature": "dfm", "tpp": True})
+    c = compile_spec(load_spec(raw))
+    assert c.pairing.blocks[0].adapter.kind == "cap"
+    assert c.plan.tpp_block == 1
+    assert c.plan.stages[0].losses == (("ce", "kl", "dfm1", "tpp"),)
+    g = c.graph
+    assert [n for n, d in g.nodes(data=True) if d["kind"] == "proxy"] == ["P2"]
+    assert g.has_edge("lift1", "P2") and g.has_edge("P2", "tpp_loss") and g.has_edge("T2", "tpp_loss")
+    assert c.to_dict()["schedule"]["tpp_block"] == 1
+
+
+def test_tpp_gradients_reach_the_student_and_not_the_teacher():
+    torch.manual_seed(0)
+    raw = _vit_to_resnet(decompose={"blocks": 2, "projector": "cap"},
+                         schedule={"method": "kd+mse", "recompositions": 0, "epochs": 1},
+                         loss={"feature": "dfm", "tpp": True})
+    c = compile_spec(load_spec(raw))
+    d = Distiller(c)
+    d.set_stage(c.plan.stages[0])
+    # batch 4 and 2x2 student maps: BatchNorm over two values has a zero gradient
+    terms = d(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    assert {"tpp", "dfm1_direct", "dfm1_alt", "ce", "kl"} == set(terms)
+    grads = torch.autograd.grad(terms["tpp"], [p for p in d.parameters() if p.requires_grad], allow_unused=True)
+    named = dict(zip([n for n, p in d.named_parameters() if p.requires_grad], grads))
+    # (timm zero-initialises each residual branch's last BN: the stem is where gradient shows first)
+    assert named["student.conv1.weight"] is not None and named["student.conv1.weight"].abs().sum() > 0
+    assert named["adapters.1.lift.queries"].abs().sum() > 0
+    # the frozen teacher gets nothing: no parameter of it requires grad, none has a .grad
+    assert all(not p.requires_grad for p in c.teacher.model.parameters())
+    terms["tpp"].backward()
+    assert all(p.grad is None for p in c.teacher.model.parameters())
+    # the head (fc) is after the cut: TPP does not train it
+    assert named["student.fc.weight"] is None
