@@ -194,7 +194,8 @@ def test_tpp_gradients_reach_the_student_and_not_the_teacher():
     # batch 4 and 2x2 student maps: BatchNorm over two values has a zero gradient
     terms = d(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
     assert {"tpp", "dfm1_direct", "dfm1_alt", "ce", "kl"} == set(terms)
-    grads = torch.autograd.grad(terms["tpp"], [p for p in d.parameters() if p.requires_grad], allow_unused=True)
+    grads = torch.autograd.grad(terms["tpp"], [p for p in d.parameters() if p.requires_grad], allow_unused=True,
+                                retain_graph=True)
     named = dict(zip([n for n, p in d.named_parameters() if p.requires_grad], grads))
     # (timm zero-initialises each residual branch's last BN: the stem is where gradient shows first)
     assert named["student.conv1.weight"] is not None and named["student.conv1.weight"].abs().sum() > 0
