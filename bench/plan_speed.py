@@ -116,7 +116,7 @@ def render(rows: list[dict]) -> None:
 
         table = Table(title=f"plan speed ({torch.get_num_threads()} threads)")
         for h in headers:
-            table.add_column(h, justify="left" if h in ("pair", "slowest pass") else "right")
+            table.add_column(h, justify="left" if h in ("pair", "slowest pass") else "right", no_wrap=True)
         for row in cells:
             table.add_row(*row)
         Console().print(table)

@@ -195,8 +195,11 @@ def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
-            ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(sample))
+        # Built outside the mode, ShapeProp does not deep-copy the model to fake tensors; inside
+        # it, the real parameters are read as fake ones (metadata only, never written).
+        prop = ShapeProp(gm)
+        with contextlib.redirect_stderr(io.StringIO()), mode:  # ShapeProp prints what it raises
+            prop.propagate(mode.from_tensor(sample))
         return
     except Exception:
         for node in gm.graph.nodes:
