@@ -71,8 +71,10 @@ def _train(spec_dict: dict) -> tuple[dict, list[dict]]:
     from kdgraph.spec import load_spec
 
     spec = load_spec(spec_dict)
+    # a run the study was killed in continues from its last checkpoint
+    resume = (spec.output_dir / "checkpoints" / "last.pt").exists() and not (spec.output_dir / "summary.json").exists()
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(spec, quiet=True)
+        summary = train(spec, resume=resume, quiet=True)
     records = [json.loads(ln) for ln in (spec.output_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return summary, records
 
@@ -181,6 +183,8 @@ def main() -> None:
     p.add_argument("--stability", action="store_true", help="only the stability runs (kd vs stablekd-4/0)")
     p.add_argument("--sweep-lrs", nargs="*", type=float, default=SWEEP_LRS)
     p.add_argument("--sweep-fraction", type=float, default=1.0)
+    p.add_argument("--lrs-from", default=None, choices=list(DATASETS),
+                   help="use the learning rates tuned on another dataset's sweep")
     p.add_argument("--report", action="store_true", help="plots and markdown from the results")
     p.add_argument("--results", default=None, help="results file (default bench/results/convergence-DATASET.jsonl)")
     args = p.parse_args()
@@ -198,7 +202,8 @@ def main() -> None:
     budgets = args.budgets or DATASETS[args.dataset]["budgets"]
     if args.quick:
         args.pairs, args.seeds, args.fractions, budgets = ["narrow"], [0], [0.2], budgets[:1]
-    lrs = tuned_lrs(results_sweep, args.methods, DATASETS[args.dataset]["budgets"][0])
+    sweep_of = args.lrs_from or args.dataset
+    lrs = tuned_lrs(RESULTS / f"sweep-{sweep_of}.jsonl", args.methods, DATASETS[sweep_of]["budgets"][0])
     _, teacher_top1 = teacher_checkpoint(args)
     print(f"teacher top-1 {teacher_top1:.2f}%; learning rates {lrs}", flush=True)
     done = _done(results)
