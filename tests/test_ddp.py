@@ -40,8 +40,11 @@ def _spec_dict(out, method):
     # stablekd: 2 training stages over 2 epochs (set_stage under DDP); kd+mse: unused
     # parameters (the lower adapters) under find_unused_parameters
     kw = {"recompositions": 1} if method == "stablekd" else {}
+    # bn_recalibrate off: rank 0 re-estimates BN statistics before evaluating, outside the
+    # DDP step; the emulation models the step only
     return tiny_spec(out, method, epochs=2, fraction=0.1, batch_size=16,
-                     optim={"lr_schedule": "stage_cyclic" if method == "stablekd" else "cosine"}, **kw)
+                     optim={"lr_schedule": "stage_cyclic" if method == "stablekd" else "cosine"},
+                     runtime={"bn_recalibrate": False}, **kw)
 
 
 def _emulate(spec_dict, out: Path):
