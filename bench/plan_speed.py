@@ -131,10 +131,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", help=f"comma-separated subset of: {', '.join(PAIRS)}")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--no-e2e", action="store_true", help="skip the `kdgraph plan` subprocess timing")
     p.add_argument("--profile", metavar="PAIR", help="cProfile compile_spec on PAIR and print the top entries")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.profile:
         spec = load_spec(spec_dict(args.profile))
         models = build_models(spec)

@@ -9,10 +9,16 @@ cuts, stages), each computed once per session. Tests must not mutate what they g
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import pytest
 import torch
+
+# One intra-op thread: the test inputs are tiny, and with the cores shared (a loaded CI box,
+# parallel sessions) OpenMP's spinning threads made a densenet121 forward at 64x64 take 5 s
+# instead of 0.04 s. KDGRAPH_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("KDGRAPH_TEST_THREADS", "1")))
 
 # Input size per timm model family: small where the model accepts it.
 # ViT / DeiT / Mixer / Swin need their img_size given to timm as well.
