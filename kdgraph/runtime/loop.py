@@ -241,7 +241,7 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
     metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None)
     plan = run.compiled.plan
     total_epochs = plan.epochs
-    reporter = Reporter(quiet or not main, total_epochs, len(run.train_loader), plan)
+    reporter = Reporter(quiet, total_epochs, len(run.train_loader), plan, silent=not main)
     if main and spec.teacher and spec.teacher.checkpoint is None:
         reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
                       "train one with a supervised spec and set teacher.checkpoint")

@@ -7,12 +7,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Reporter:
-    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan):
-        self.quiet = quiet
+    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan, silent: bool = False):
+        """``quiet``: plain lines instead of bars; ``silent``: nothing at all (DDP ranks > 0)."""
+        self.quiet = quiet or silent
+        self.silent = silent
         self.console = Console(highlight=False)
         self.total_epochs, self.steps = total_epochs, steps_per_epoch
         self.plan = plan
-        self.progress = None if quiet else Progress(
+        self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
 
@@ -29,14 +31,15 @@ class Reporter:
         return False
 
     def note(self, text: str) -> None:
-        self.console.print(text)
+        if not self.silent:
+            self.console.print(text)
 
     def start_epoch(self, epoch: int, stage, start_step: int) -> None:
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in stage.groups)
         if self.progress is not None:
             self.progress.update(self.run_task, completed=epoch, info=f"stage {stage.index}: {groups}")
             self.progress.reset(self.step_task, total=self.steps, completed=start_step)
-        elif start_step:
+        elif start_step and not self.silent:
             self.console.print(f"resuming epoch {epoch} at step {start_step}")
 
     def advance(self) -> None:
@@ -57,5 +60,5 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.run_task, completed=record["epoch"] + 1)
             self.progress.console.print(line)
-        else:
+        elif not self.silent:
             self.console.print(line)
