@@ -119,7 +119,7 @@ def render(rows: list[dict]) -> None:
             table.add_column(h, justify="left" if h in ("pair", "slowest pass") else "right", no_wrap=True)
         for row in cells:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=max(120, Console().width)).print(table)
     except ImportError:
         widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
