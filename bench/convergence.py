@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 
