@@ -79,6 +79,9 @@ def plot_accuracy(agg: dict, path: Path, title: str) -> Path:
             ax.errorbar([b for b, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
                         marker="o", capsize=3, label=m)
         ax.set_xscale("log")
+        budgets = sorted({k[3] for k in agg if k[:2] == (pair, fraction)})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("epoch budget")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{pair}, {int(fraction * 100)} % data", fontsize=9)
