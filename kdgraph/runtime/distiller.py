@@ -49,7 +49,7 @@ class Distiller(nn.Module):
         self.tpp_block = plan.tpp_block
         self.tpp_weight = spec.loss.tpp_weight
         self.tpp_kl = KLDivergence(spec.loss.temperature)
-        self.groups: tuple[tuple[int, ...], ...] = ((tuple(range(1, self.k + 1))),)
+        self.set_stage(plan.stages[0])
 
     def _apply(self, fn, recurse=True):
         """Moves and casts reach the segments' own constants (fx copies plain tensor
