@@ -113,7 +113,7 @@ def eval_(spec: SpecArg, set_: SetOpt = None,
 def export(spec: SpecArg, to: Annotated[Path, typer.Option("--to", help="Where to write the student (.safetensors).")],
            set_: SetOpt = None,
            checkpoint: Annotated[Optional[Path], typer.Option(help="Training checkpoint (default: OUTPUT/checkpoints/last.pt).")] = None):
-    """Write the trained student: a plain state_dict, adapters folded into 1x1 convs."""
+    """Write the trained student: a plain state_dict, or with its adapters (1x1 pairs folded into one conv)."""
     from kdgraph.runtime.export import export_spec
 
     try:
