@@ -11,6 +11,7 @@ that converts layout and resamples the grid; the plan says which rule paired the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .cuts import Cut, find_cut_by_module
 from .errors import PlanError
@@ -54,7 +55,9 @@ class AdapterSpec:
         # conv1x1: bias-free conv, then BN's weight and bias; linear: weight and bias
         return cin * cout + (2 * cout if self.kind == "conv1x1" else cout)
 
+    @cached_property
     def _built_params(self) -> tuple[int, int]:
+        """(lift, lower) parameter counts of the built modules: built once per spec."""
         from .adapters import AdapterPair  # adapters builds modules from this spec
 
         pair = AdapterPair(self)
@@ -65,13 +68,13 @@ class AdapterSpec:
     def lift_params(self) -> int:
         if self.foldable:
             return self._map_params(self.student_channels, self.teacher_channels)
-        return self._built_params()[0]
+        return self._built_params[0]
 
     @property
     def lower_params(self) -> int:
         if self.foldable:
             return self._map_params(self.teacher_channels, self.student_channels)
-        return self._built_params()[1]
+        return self._built_params[1]
 
     @property
     def params(self) -> int:

@@ -55,12 +55,6 @@ class TracedModel:
     def order(self) -> list[str]:
         return list(self.nodes)
 
-    def node(self, name: str) -> fx.Node:
-        for n in self.gm.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
     def is_container(self, path: str) -> bool:
         """True when the tracer went inside the module (a leaf such as BatchNormAct2d is not)."""
         if self._containers is None:
