@@ -21,6 +21,8 @@ err = Console(stderr=True)
 SpecArg = Annotated[Path, typer.Argument(help="YAML spec file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a spec value: dotted.path=value (YAML value). Repeatable.")]
+CodeOpt = Annotated[bool, typer.Option(
+    "--allow-code", help="Let --set introduce a module: model reference (it imports and runs Python code).")]
 
 
 class PlanFormat(str, Enum):
@@ -40,14 +42,14 @@ def _fail(exc: KDGraphError) -> None:
     raise typer.Exit(2)
 
 
-def _load(spec: Path, overrides: list[str] | None):
+def _load(spec: Path, overrides: list[str] | None, allow_code: bool = False):
     from kdgraph.spec import load_spec
 
-    return load_spec(spec, overrides or [])
+    return load_spec(spec, overrides or [], allow_code=allow_code)
 
 
 @app.command()
-def plan(spec: SpecArg, set_: SetOpt = None,
+def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
          format: Annotated[PlanFormat, typer.Option("--format", "-f", help="Output format.")] = PlanFormat.table,
          png: Annotated[Optional[Path], typer.Option(help="Also draw the block graph to this PNG.")] = None):
     """Show how kdgraph decomposes the pair: cuts, stages, block pairing, adapters, schedule."""
@@ -56,7 +58,7 @@ def plan(spec: SpecArg, set_: SetOpt = None,
     from kdgraph.render import draw_block_graph, plan_view
 
     try:
-        compiled = compile_spec(_load(spec, set_))
+        compiled = compile_spec(_load(spec, set_, allow_code))
     except KDGraphError as exc:
         _fail(exc)
     if format is PlanFormat.json:
@@ -73,14 +75,14 @@ def plan(spec: SpecArg, set_: SetOpt = None,
 
 
 @app.command()
-def train(spec: SpecArg, set_: SetOpt = None,
+def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoints/last.pt.")] = False,
           quiet: Annotated[bool, typer.Option(help="Plain log lines instead of progress bars.")] = False):
     """Compile the plan and run it: train, evaluate, checkpoint, export the student."""
     from kdgraph.runtime.loop import train as run_training
 
     try:
-        summary = run_training(_load(spec, set_), resume=resume, quiet=quiet or not sys.stdout.isatty())
+        summary = run_training(_load(spec, set_, allow_code), resume=resume, quiet=quiet or not sys.stdout.isatty())
     except KDGraphError as exc:
         _fail(exc)
     if summary["student_top1"] is None:  # a non-main rank of a distributed run: rank 0 reports
@@ -91,7 +93,7 @@ def train(spec: SpecArg, set_: SetOpt = None,
 
 
 @app.command("eval")
-def eval_(spec: SpecArg, set_: SetOpt = None,
+def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(
               help="student.safetensors or a training checkpoint (default: OUTPUT/student.safetensors).")] = None,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
@@ -99,7 +101,7 @@ def eval_(spec: SpecArg, set_: SetOpt = None,
     from kdgraph.runtime.export import evaluate_spec
 
     try:
-        result = evaluate_spec(_load(spec, set_), checkpoint)
+        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint)
     except KDGraphError as exc:
         _fail(exc)
     if format is EvalFormat.json:
@@ -111,13 +113,13 @@ def eval_(spec: SpecArg, set_: SetOpt = None,
 
 @app.command()
 def export(spec: SpecArg, to: Annotated[Path, typer.Option("--to", help="Where to write the student (.safetensors).")],
-           set_: SetOpt = None,
+           set_: SetOpt = None, allow_code: CodeOpt = False,
            checkpoint: Annotated[Optional[Path], typer.Option(help="Training checkpoint (default: OUTPUT/checkpoints/last.pt).")] = None):
     """Write the trained student: a plain state_dict, or with its adapters (1x1 pairs folded into one conv)."""
     from kdgraph.runtime.export import export_spec
 
     try:
-        path = export_spec(_load(spec, set_), to, checkpoint)
+        path = export_spec(_load(spec, set_, allow_code), to, checkpoint)
     except KDGraphError as exc:
         _fail(exc)
     out.print(f"student written to {path}")

@@ -140,7 +140,8 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
         raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
-    train_x, test_x = _to_size(train_x, size, name), _to_size(test_x, size, name)
+    mode = getattr(data_spec, "resize", "resample")
+    train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
 
     mean = train_x.mean(dim=(0, 2, 3))
     std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -179,9 +180,10 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
     return torch.cat(keep).sort().values
 
 
-def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str) -> torch.Tensor:
+def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str, mode: str = "resample") -> torch.Tensor:
     """Convert N x C x H x W images to ``size`` = (C, H, W):
-    1 -> 3 channels by repeat, 3 -> 1 by the channel mean, H x W by bilinear resampling (antialiased)."""
+    1 -> 3 channels by repeat, 3 -> 1 by the channel mean, H x W by bilinear resampling
+    (antialiased) or, with ``mode`` pad, by centring on a black (raw value 0) canvas."""
     if len(size) != 3:
         raise DataError(f"data.input_size must be (C, H, W), got {size}")
     c, h, w = (int(v) for v in size)
@@ -189,7 +191,13 @@ def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str) -> torch.Tensor:
         raise DataError(f"data.input_size: cannot turn {name}'s {x.shape[1]} channels into {c}")
     if x.shape[1] == 3 and c == 1:
         x = x.mean(dim=1, keepdim=True)
-    if tuple(x.shape[2:]) != (h, w):
+    if tuple(x.shape[2:]) != (h, w) and mode == "pad":
+        dh, dw = h - x.shape[2], w - x.shape[3]
+        if dh < 0 or dw < 0:
+            raise DataError(f"data.resize: pad cannot shrink {name}'s {x.shape[2]}x{x.shape[3]} images to "
+                            f"{h}x{w}; use resize: resample or a larger data.input_size")
+        x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+    elif tuple(x.shape[2:]) != (h, w):
         # chunks keep the peak memory of resizing 60k images small
         x = torch.cat(
             [F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False, antialias=True) for part in x.split(8192)]

@@ -162,6 +162,11 @@ class DataSpec(_Strict):
         default="auto",
         description="Training augmentation: auto (dataset's usual one), none, crop (padded random crop), crop+flip.",
     )
+    resize: Literal["resample", "pad"] = Field(
+        default="resample",
+        description="How images reach input_size: resample (bilinear, antialiased) or pad (centred, with black, "
+        "as 28-px MNIST-style images are padded to 32 px; input_size must not be smaller).",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -418,11 +423,14 @@ class Spec(_Strict):
 # Loading
 
 
-def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> Spec:
+def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = (), *,
+              allow_code: bool = False) -> Spec:
     """Read, override and validate a spec.
 
     ``source`` is a YAML file path or an already-parsed mapping (not modified).
     ``overrides`` are ``dotted.path=value`` strings whose value is parsed as YAML.
+    A ``module:`` model reference imports and calls Python code, so a spec file is code;
+    an override may not introduce one unless ``allow_code`` (the CLI's ``--allow-code``).
     Raises SpecError for any problem; returns a fully resolved Spec.
     """
     source_dir = None
@@ -432,14 +440,28 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
         path = Path(source)
         raw = _read_yaml(path)
         source_dir = path.resolve().parent
+    before = _code_references(raw)
     for override in overrides:
         _apply_override(raw, override)
+    added = sorted(_code_references(raw) - before)
+    if added and not allow_code:
+        raise SpecError("--set", f"the overrides introduce {', '.join(map(repr, added))}: a module: reference "
+                        "imports and calls Python code; put it in the spec file, or pass --allow-code")
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         raise spec_error_from(exc) from None
     spec._source_dir = source_dir
     return spec
+
+
+def _code_references(value: Any) -> set[str]:
+    """Every ``module:`` string anywhere in a raw spec."""
+    if isinstance(value, dict):
+        return set().union(*(_code_references(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_code_references(v) for v in value)) if value else set()
+    return {value.strip()} if isinstance(value, str) and value.strip().startswith("module:") else set()
 
 
 def _deep_copy(value: Any) -> Any:

@@ -24,9 +24,10 @@ __all__ = [
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual; a 1x1 conv + BN downsample where the shape changes."""
+    """Two 3x3 convs with a residual; a 1x1 conv + BN downsample where the shape changes.
+    ``drop_path_rate`` > 0 drops the residual branch per sample in training (timm's DropPath)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_path_rate: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_chs)
@@ -43,11 +44,19 @@ class BasicBlock(nn.Module):
             if stride != 1 or in_chs != out_chs
             else nn.Identity()
         )
+        # Only where asked for, so that the default graph (and its node names) is unchanged.
+        self.drop_path: nn.Module | None = None
+        if drop_path_rate > 0:
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.bn2(self.conv2(x))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
         return self.act2(x + shortcut)
 
 
@@ -64,6 +73,7 @@ class ResNetTiny(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
         depths: Sequence[int] = (1, 1, 1),
         stem_width: int | None = None,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         if len(widths) != len(depths) or not widths:
@@ -80,7 +90,8 @@ class ResNetTiny(nn.Module):
         for i, (width, depth) in enumerate(zip(widths, depths)):
             stride = 1 if i == 0 else 2
             reduction *= stride
-            blocks = [BasicBlock(in_chs if j == 0 else width, width, stride if j == 0 else 1) for j in range(depth)]
+            blocks = [BasicBlock(in_chs if j == 0 else width, width, stride if j == 0 else 1, drop_path_rate)
+                      for j in range(depth)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"layer{i + 1}"})
             in_chs = width
@@ -111,8 +122,9 @@ def resnet_tiny(
     widths: Sequence[int] = (16, 32, 64),
     depths: Sequence[int] = (1, 1, 1),
     stem_width: int | None = None,
+    drop_path_rate: float = 0.0,
 ) -> ResNetTiny:
-    return ResNetTiny(num_classes, in_chans, widths, depths, stem_width)
+    return ResNetTiny(num_classes, in_chans, widths, depths, stem_width, drop_path_rate)
 
 
 def resnet_tiny_teacher(**kw) -> ResNetTiny:

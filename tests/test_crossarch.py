@@ -160,10 +160,10 @@ def test_cross_architecture_decomposed_step_feeds_converted_teacher_features():
     # block 3 by hand: the teacher's tokens after block 2, lowered to the student's map
     with torch.no_grad():
         t = x
-        for seg in d._teacher_segments[:3]:
+        for seg in d.teacher.segments[:3]:
             t = seg(t)
-        t2 = d._teacher_segments[0](x)
-        t2 = d._teacher_segments[1](t2)
+        t2 = d.teacher.segments[0](x)
+        t2 = d.teacher.segments[1](t2)
     s3 = d._segments[2](d.adapters["2"].lower(t2))
     expected = F.mse_loss(d.adapters["3"].lift(s3), t)
     assert torch.allclose(terms["mse3"], expected, atol=1e-6)

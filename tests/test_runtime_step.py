@@ -160,7 +160,7 @@ def test_no_gradient_crosses_groups(stablekd):
             if name not in mine:
                 assert g is None or torch.count_nonzero(g) == 0, f"{name} reaches a parameter of group {mine}"
         own = sum(per_term[name][k] for name in mine if per_term[name][k] is not None)
-        assert torch.allclose(total[k], own, atol=1e-7, rtol=1e-6)
+        assert torch.allclose(total[k], own, atol=1e-6, rtol=1e-5), (total[k] - own).abs().max()  # fp32 sum order
     assert any(torch.count_nonzero(g) > 0 for g in total)
 
 

@@ -2,8 +2,9 @@
 
 It holds the student (its segments share its parameters) and the adapters as
 submodules, so that DDP, the optimizer and checkpoints see exactly the trainable
-state. The teacher and its segments are plain attributes: frozen, never wrapped, never
-saved. ``set_stage`` chooses the groups; ``forward(x, y)`` returns the named loss terms.
+state. The teacher is a ``FrozenTeacher``, a plain object: always in eval mode, never
+trained, recalibrated, saved or wrapped. ``set_stage`` chooses the groups;
+``forward(x, y)`` returns the named loss terms.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..layouts import FeatureFormat
 from ..losses import FeatureMSE, HeadLoss, KLDivergence
 from ..scalekd import DualViewFeatureMimicking
 from ..plan import TrainingStage
+from .teacher import FrozenTeacher
 
 
 class Distiller(nn.Module):
@@ -28,10 +30,10 @@ class Distiller(nn.Module):
         # Segments share the student's submodules; kept out of the module tree so that
         # state_dict and DDP see every parameter once, under the student's own names.
         self._segments = list(compiled.student.segments())
-        self._teacher = compiled.teacher.model if compiled.teacher else None
-        self._teacher_segments = list(compiled.teacher.segments()) if compiled.teacher else []
-        if self._teacher is not None:
-            self._teacher.eval().requires_grad_(False)
+        # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
+        # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments())
+                        if compiled.teacher else None)
         self.k = plan.k
         self.feature_losses = plan.feature_losses
         # StableKD keeps lower(lift(.)) between blocks; KD + MSE uses lift for its losses only.
@@ -56,20 +58,18 @@ class Distiller(nn.Module):
         attributes such as swin's relative position index into each segment) and the
         unregistered teacher too."""
         super()._apply(fn, recurse)
-        extra = self._segments + self._teacher_segments + ([self._teacher] if self._teacher is not None else [])
-        for module in extra:
+        for module in self._segments:
             module._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher.apply_(fn)
         return self
 
     # -- the teacher ---------------------------------------------------------------------
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher
-
     def set_stage(self, stage: TrainingStage) -> None:
         self.groups = stage.groups
         need: set[int] = set()
-        if self._teacher is not None:
+        if self.teacher is not None:
+            self.teacher.freeze()  # whatever happened to it since (a user's .train()), eval again
             for group in self.groups:
                 a, b = group[0], group[-1]
                 if a > 1:
@@ -81,20 +81,9 @@ class Distiller(nn.Module):
                     need.add(self.k)
         self._needed = need
 
-    @torch.no_grad()
     def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The teacher's outputs at the block ends this stage needs (block k: its logits).
-
-        Only what is needed is kept; the teacher runs no further than the last needed block.
-        """
-        feats: dict[int, torch.Tensor] = {}
-        h = x
-        last = max(self._needed, default=0)
-        for i, seg in enumerate(self._teacher_segments[:last], start=1):
-            h = seg(h)
-            if i in self._needed:
-                feats[i] = h
-        return feats
+        """The frozen teacher's outputs at the block ends this stage needs (block k: its logits)."""
+        return self.teacher.features(x, self._needed)
 
     # -- the student ---------------------------------------------------------------------
     def _adapter(self, i: int):
@@ -119,7 +108,7 @@ class Distiller(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage. No gradient crosses groups: each group starts
         from the input or from a (no-grad) teacher feature."""
-        feats = self.teacher_features(x) if self._teacher is not None else {}
+        feats = self.teacher_features(x) if self.teacher is not None else {}
         terms: dict[str, torch.Tensor] = {}
         for group in self.groups:
             a, b = group[0], group[-1]
@@ -157,7 +146,4 @@ class Distiller(nn.Module):
     def proxy(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """TPP: the student's feature at block i, lifted, through the frozen teacher's blocks
         i+1..k. The teacher's parameters need no grad; gradients reach lift_i and the student."""
-        z = self._lift(i, h)
-        for seg in self._teacher_segments[i:]:
-            z = seg(z)
-        return z
+        return self.teacher.tail(self._lift(i, h), start=i)

@@ -33,7 +33,7 @@ from .export import export_student
 from .progress import Reporter
 from .stability import StabilityTracker
 from .techniques import (DistInfo, autocast, build_optimizer, init_distributed, maybe_compile,
-                         resolve_device, to_channels_last, use_channels_last, wrap_ddp)
+                         resolve_device, use_channels_last, wrap_ddp)
 
 
 class TrainingInterrupted(KDGraphError):
@@ -88,7 +88,7 @@ def build_run(spec: Spec) -> Run:
     distiller = Distiller(compiled).to(device)  # the teacher and segments move with it
     cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
     if cl:
-        to_channels_last(distiller, distiller.teacher)
+        distiller.to(memory_format=torch.channels_last)  # the teacher moves with it (Distiller._apply)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec.optim, params, device)
     scheduler = build_lr_scheduler(optimizer, spec.optim.lr_schedule, spec.optim.lr,

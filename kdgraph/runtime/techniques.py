@@ -58,12 +58,6 @@ def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
     return bool(setting)
 
 
-def to_channels_last(*modules: nn.Module | None) -> None:
-    for m in modules:
-        if m is not None:
-            m.to(memory_format=torch.channels_last)
-
-
 def autocast(precision: str, device: torch.device):
     """bf16 autocast on CUDA (auto or bf16); fp32 elsewhere: CPU bf16 is slow and lossy here."""
     if device.type == "cuda" and precision in ("auto", "bf16"):

@@ -1,0 +1,81 @@
+"""The frozen teacher: eval mode, no gradients, outside every module tree.
+
+A distillation run reads the teacher; it never trains it. ``FrozenTeacher`` is a plain
+object, not an ``nn.Module``, so that nothing that walks the student's module tree
+reaches it: ``distiller.train()`` leaves its BatchNorm, dropout and drop-path in eval
+mode, BatchNorm re-estimation never resets its statistics, ``state_dict`` (and so every
+checkpoint) holds no teacher tensor, and DDP neither wraps it nor broadcasts its buffers.
+
+    teacher = FrozenTeacher(model, segments)
+    teacher.to(device)                  # moves and casts still apply (``apply_``)
+    feats = teacher.features(x, {2, 4}) # block ends 2 and 4, computed without autograd
+    z = teacher.tail(h, start=3)        # blocks 4..k with autograd on h (TPP's proxy path)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class FrozenTeacher:
+    """A teacher model and its block segments (which share its submodules), frozen."""
+
+    def __init__(self, model: nn.Module, segments: Iterable[nn.Module]):
+        self.model = model
+        self.segments = list(segments)
+        self.freeze()
+
+    def freeze(self) -> FrozenTeacher:
+        """Eval mode and no parameter gradients, on the model and on every segment (segments
+        carry constants of their own, copied by fx; their modules are the model's)."""
+        self.model.eval().requires_grad_(False)
+        for seg in self.segments:
+            seg.eval()
+        return self
+
+    @property
+    def k(self) -> int:
+        return len(self.segments)
+
+    def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a move or cast (``nn.Module._apply``'s ``fn``) to the teacher's tensors."""
+        self.model._apply(fn)
+        for seg in self.segments:
+            seg._apply(fn)
+
+    def to(self, *args, **kwargs) -> FrozenTeacher:
+        self.model.to(*args, **kwargs)
+        for seg in self.segments:
+            seg.to(*args, **kwargs)
+        return self
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:
+        """The teacher's outputs at the block ends in ``needed`` (block k: its logits).
+
+        The teacher runs no further than the last needed block. ``no_grad`` rather than
+        ``inference_mode``: the features feed student blocks whose backward saves its
+        input, which inference tensors refuse.
+        """
+        feats: dict[int, torch.Tensor] = {}
+        h = x
+        for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
+            h = seg(h)
+            if i in needed:
+                feats[i] = h
+        return feats
+
+    def tail(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks start+1..k applied to ``h`` with autograd on ``h`` (the teacher's own
+        parameters need no grad): TPP's proxy path from a student feature to logits."""
+        for seg in self.segments[start:]:
+            h = seg(h)
+        return h
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (for its top-1)."""
+        return self.model(x)
