@@ -112,7 +112,7 @@ def teacher(args) -> tuple[Path, dict]:
 
 
 def cell_spec(args, method: str, mult: int, fraction: float, seed: int, lr: float | None = None,
-              track: bool = False) -> dict:
+              track: bool = False, sweep: bool = False) -> dict:
     kind, n, schedule, peak, bn = METHODS[method]
     lr = lr if lr is not None else peak
     epochs = (args.base_epochs or BASE_EPOCHS[fraction]) * mult
