@@ -1,25 +1,33 @@
-"""Training throughput: kdgraph's step next to a plain PyTorch KD loop, side by side in one run.
+"""Training throughput: kdgraph's step against a strong hand-written KD loop, side by side in one run.
 
-For each pair, on synthetic data of the pair's input size, it times (images/s):
-  plain      a vanilla-KD loop written the way a user would: eager, teacher in no_grad,
-             CE + KL, the same optimizer (SGD, momentum) — no kdgraph code at all
-  kd         kdgraph's `kd` plan (one group, logits only)
-  decomposed kdgraph `stablekd`, training stage 0 (every block fed the teacher's feature)
-  merged     kdgraph `stablekd`, training stage 1 (neighbouring blocks merged)
-Methods are interleaved round by round and the median per-step time is reported, with
-each kdgraph variant's ratio to `plain`. On CUDA the kdgraph runs use the spec's runtime
-(bf16 autocast, channels_last, optional torch.compile) while `plain` stays fp32 eager, as
-a user's loop would; the achieved FLOP rate counts teacher forward + 3x student forward.
+The loop is what a strong engineer writes without kdgraph, with the same techniques
+kdgraph's runtime uses: bf16 autocast on CUDA, channels_last for conv nets, the frozen
+teacher in eval mode under ``no_grad``, fused SGD (momentum, weight decay), CE + KL
+on the logits, eager or ``torch.compile``d. For each pair it times, eager and compiled:
 
-    python bench/throughput.py                       # CPU-sized defaults
-    python bench/throughput.py --device cuda --batch 256 --steps 30 --compile
+  loop        the strong hand-written KD loop (no kdgraph code)
+  kd          kdgraph's ``kd`` plan (one group, logits only)
+  decomposed  kdgraph ``stablekd``, training stage 0 (every block fed the teacher's feature)
+  merged      kdgraph ``stablekd``, training stage 1 (neighbouring blocks merged)
+
+and prints images/s (median of interleaved rounds), the ratio to the loop in the same
+mode, model FLOPs utilisation (teacher forward + 3x student forward per image, counted by
+``torch.utils.flop_counter`` at the pair's input size, over the GPU's dense bf16 peak) and
+peak GPU memory of each runner's step against the loop's. JSON lines go to ``--out``.
+
+    python bench/throughput.py                                   # CPU-sized: the 32-px pair, eager
+    python bench/throughput.py --device cuda                     # all pairs, eager and compiled
+    python bench/throughput.py --device cuda --pairs r34-r18@224 --modes compiled
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+import warnings
+from pathlib import Path
 
 import timm
 import torch
@@ -28,46 +36,73 @@ import torch.nn.functional as F
 from kdgraph.runtime.loop import build_run, train_step
 from kdgraph.spec import load_spec
 
+# label -> (teacher, student, input size, batch on CUDA, blocks)
 PAIRS = {
-    "r34-r18@32": ("resnet34", "resnet18", (3, 32, 32), {}),
-    "r34-r18@224": ("resnet34", "resnet18", (3, 224, 224), {}),
-    "swinS-swinT@224": ("swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224", (3, 224, 224), {}),
+    "r34-r18@224": ("resnet34", "resnet18", (3, 224, 224), 256, 5),
+    "swinS-swinT@224": ("swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224", (3, 224, 224), 128, 5),
+    "vitS-r18@224": ("vit_small_patch16_224", "resnet18", (3, 224, 224), 256, 5),
+    "r34-r18@32": ("resnet34", "resnet18", (3, 32, 32), 256, 5),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from NVIDIA's data sheets
+NUM_CLASSES = 100
 
 
-def make_spec(teacher, student, size, method, args, stage_epochs=None):
+def _conv_net(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def make_spec(teacher, student, size, blocks, method, batch, device, compiled):
     return load_spec({
         "name": f"bench-{method}",
-        "teacher": {"model": f"timm:{teacher}", "kwargs": {"num_classes": 100}},
-        "student": {"model": f"timm:{student}", "kwargs": {"num_classes": 100}},
-        "data": {"dataset": "synthetic", "input_size": list(size), "num_classes": 100,
-                 "samples": args.batch * 2, "batch_size": args.batch},
-        "decompose": {"blocks": 5},
+        "teacher": {"model": f"timm:{teacher}", "kwargs": {"num_classes": NUM_CLASSES}},
+        "student": {"model": f"timm:{student}", "kwargs": {"num_classes": NUM_CLASSES}},
+        "data": {"dataset": "synthetic", "input_size": list(size), "num_classes": NUM_CLASSES,
+                 "samples": batch * 2, "batch_size": batch, "augment": "none"},
+        "decompose": {"blocks": blocks},
         "schedule": {"method": method, "recompositions": 1 if method == "stablekd" else 0, "epochs": 2},
-        "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "lr_schedule": "constant"},
-        "runtime": {"device": args.device, "compile": args.compile, "precision": "auto"},
+        "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "constant"},
+        "runtime": {"device": device, "compile": compiled, "precision": "auto", "channels_last": "auto"},
         "output": "runs/bench",
     })
 
 
-class PlainKD:
-    """A user's plain vanilla-KD loop, eager fp32."""
+class StrongLoop:
+    """A strong hand-written KD step: no kdgraph code."""
 
-    def __init__(self, teacher, student, size, args):
-        dev = torch.device(args.device)
-        self.teacher = timm.create_model(teacher, num_classes=100).to(dev).eval()
-        self.student = timm.create_model(student, num_classes=100).to(dev).train()
-        self.opt = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.x = torch.randn(args.batch, *size, device=dev)
-        self.y = torch.randint(0, 100, (args.batch,), device=dev)
+    def __init__(self, teacher, student, size, batch, device, compiled):
+        dev = torch.device(device)
+        self.dev = dev
+        self.teacher = timm.create_model(teacher, num_classes=NUM_CLASSES).to(dev).eval().requires_grad_(False)
+        self.student = timm.create_model(student, num_classes=NUM_CLASSES).to(dev).train()
+        cuda = dev.type == "cuda"
+        self.cl = cuda and _conv_net(self.student)
+        if self.cl:
+            self.student.to(memory_format=torch.channels_last)
+            if _conv_net(self.teacher):
+                self.teacher.to(memory_format=torch.channels_last)
+        fast = {"fused": True} if cuda else {"foreach": True}
+        self.opt = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **fast)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
+        self.x = torch.randn(batch, *size, device=dev)
+        if self.cl:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
+        self.loss_fn = torch.compile(self._loss) if compiled else self._loss
+
+    def _loss(self, x, y):
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = self.student(x)
+        log_ps = F.log_softmax(s.float(), 1)
+        return F.cross_entropy(s.float(), y) + F.kl_div(log_ps, F.log_softmax(t.float(), 1),
+                                                         reduction="batchmean", log_target=True)
 
     def step(self):
-        with torch.no_grad():
-            t = self.teacher(self.x)
-        s = self.student(self.x)
-        loss = F.cross_entropy(s, self.y) + F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1),
-                                                      reduction="batchmean", log_target=True)
+        if self.amp is not None:
+            with self.amp:
+                loss = self.loss_fn(self.x, self.y)
+        else:
+            loss = self.loss_fn(self.x, self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -75,11 +110,11 @@ class PlainKD:
 
 
 class KDGraphStep:
-    def __init__(self, teacher, student, size, method, stage, args):
-        self.run = build_run(make_spec(teacher, student, size, method, args))
+    def __init__(self, teacher, student, size, blocks, method, stage, batch, device, compiled):
+        self.run = build_run(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
         self.run.distiller.set_stage(self.run.compiled.plan.stages[stage])
         self.run.distiller.train()
-        self.xb, self.yb = next(self.run.train_loader.epoch(0))
+        self.xb, self.yb = next(iter(self.run.train_loader.epoch(0)))
 
     def step(self):
         return train_step(self.run, self.xb, self.yb)[1]
@@ -91,76 +126,122 @@ def sync(device):
 
 
 def model_flops(teacher, student, size) -> float:
-    """Teacher forward + 3x student forward (forward + backward ~ 3 forwards), per image."""
+    """Teacher forward + 3x student forward (backward ~ 2 forwards), per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
     total = 0.0
     for name, mult in ((teacher, 1), (student, 3)):
-        m = timm.create_model(name, num_classes=100).eval()
+        m = timm.create_model(name, num_classes=NUM_CLASSES).eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             m(torch.randn(1, *size))
         total += mult * counter.get_total_flops()
     return total
 
 
-def bench_pair(label, args):
-    teacher, student, size, _ = PAIRS[label]
-    runners = {
-        "plain": PlainKD(teacher, student, size, args),
-        "kd": KDGraphStep(teacher, student, size, "kd", 0, args),
-        "decomposed": KDGraphStep(teacher, student, size, "stablekd", 0, args),
-        "merged": KDGraphStep(teacher, student, size, "stablekd", 1, args),
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
+def bench_pair(label, mode, args) -> list[dict]:
+    teacher, student, size, cuda_batch, blocks = PAIRS[label]
+    batch = args.batch or (cuda_batch if args.device == "cuda" else 16)
+    compiled = mode == "compiled"
+    builders = {
+        "loop": lambda: StrongLoop(teacher, student, size, batch, args.device, compiled),
+        "kd": lambda: KDGraphStep(teacher, student, size, blocks, "kd", 0, batch, args.device, compiled),
+        "decomposed": lambda: KDGraphStep(teacher, student, size, blocks, "stablekd", 0, batch, args.device, compiled),
+        "merged": lambda: KDGraphStep(teacher, student, size, blocks, "stablekd", 1, batch, args.device, compiled),
     }
-    for r in runners.values():  # warm-up (and compilation)
-        for _ in range(args.warmup):
-            r.step()
+    runners, memory = {}, {}
+    for name, build in builders.items():  # build, warm up (compile) and measure memory one at a time
         sync(args.device)
+        base = _allocated(args.device)
+        runner = build()
+        for _ in range(args.warmup):
+            runner.step()
+        sync(args.device)
+        if args.device == "cuda":
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            runner.step()
+            sync(args.device)
+            memory[name] = (before - base) + (torch.cuda.max_memory_allocated() - before)
+        runners[name] = runner
     times = {k: [] for k in runners}
-    for _ in range(args.rounds):
-        for name, r in runners.items():
+    for _ in range(args.rounds):  # interleaved: drift of the machine hits every runner alike
+        for name, runner in runners.items():
             sync(args.device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                r.step()
+                runner.step()
             sync(args.device)
             times[name].append((time.perf_counter() - t0) / args.steps)
-    ips = {k: args.batch / statistics.median(v) for k, v in times.items()}
-    return ips, model_flops(teacher, student, size)
+    flops = model_flops(teacher, student, size)
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    rows = []
+    for name, v in ips.items():
+        rows.append({"pair": label, "mode": mode, "method": name, "batch": batch, "images_per_s": round(v, 1),
+                     "ratio_to_loop": round(v / ips["loop"], 3), "tflops": round(v * flops / 1e12, 2),
+                     "peak_mem_gib": round(memory[name] / 2**30, 2) if name in memory else None,
+                     "mem_ratio_to_loop": round(memory[name] / memory["loop"], 3) if name in memory else None})
+    del runners
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="*", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--pairs", nargs="*", default=None, choices=list(PAIRS),
+                   help="default: every pair on CUDA, the 32-px pair on CPU")
+    p.add_argument("--modes", nargs="*", default=None, choices=["eager", "compiled"],
+                   help="default: eager and compiled on CUDA, eager on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20 CUDA / 2 CPU)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help="default: the pair's CUDA batch, 16 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10 CUDA / 2 CPU)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the kdgraph step")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="append one JSON line per row here")
     args = p.parse_args()
     cuda = args.device == "cuda"
-    args.batch = args.batch or (256 if cuda else 32)
-    args.steps = args.steps or (20 if cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = args.pairs or (list(PAIRS) if cuda else ["r34-r18@32"])
+    modes = args.modes or (["eager", "compiled"] if cuda else ["eager"])
+    args.steps = args.steps or (10 if cuda else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    warnings.filterwarnings("ignore")
     peak = None
     if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        print(f"device: {name}, peak bf16 {peak} TFLOP/s" if peak else f"device: {name}")
+        print(f"device: {name}, torch {torch.__version__}" + (f", dense bf16 peak {peak:.0f} TFLOP/s" if peak else ""))
     else:
-        print(f"device: cpu, {torch.get_num_threads()} threads")
-    print(f"batch {args.batch}, {args.steps} steps x {args.rounds} rounds, median per-step time\n")
-    head = f"{'pair':<18}{'method':<12}{'img/s':>10}{'ratio':>8}{'TFLOP/s':>10}" + ("  % peak" if peak else "")
+        print(f"device: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.steps} steps x {args.rounds} interleaved rounds, median per-step time\n")
+    head = (f"{'pair':<17}{'mode':<10}{'method':<12}{'batch':>6}{'img/s':>10}{'x loop':>8}{'TFLOP/s':>9}"
+            + ("  MFU %" if peak else "") + (f"{'mem GiB':>9}{'x loop':>8}" if cuda else ""))
     print(head)
-    print("-" * len(head))
-    for label in args.pairs:
-        ips, flops = bench_pair(label, args)
-        for name, v in ips.items():
-            tflops = v * flops / 1e12
-            line = f"{label:<18}{name:<12}{v:>10.1f}{v / ips['plain']:>8.2f}{tflops:>10.3f}"
-            if peak:
-                line += f"  {100 * tflops / peak:6.1f}"
-            print(line, flush=True)
+    print("-" * len(head), flush=True)
+    for label in pairs:
+        for mode in modes:
+            for row in bench_pair(label, mode, args):
+                line = (f"{row['pair']:<17}{row['mode']:<10}{row['method']:<12}{row['batch']:>6}"
+                        f"{row['images_per_s']:>10.1f}{row['ratio_to_loop']:>8.2f}{row['tflops']:>9.2f}")
+                if peak:
+                    row["mfu_pct"] = round(100 * row["tflops"] / peak, 1)
+                    line += f"  {row['mfu_pct']:5.1f}"
+                if cuda:
+                    line += f"{row['peak_mem_gib']:>9.2f}{row['mem_ratio_to_loop']:>8.2f}"
+                print(line, flush=True)
+                if args.out:
+                    with Path(args.out).open("a") as f:
+                        f.write(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                            "torch": torch.__version__, **row}) + "\n")
 
 
 if __name__ == "__main__":

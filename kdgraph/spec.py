@@ -79,7 +79,8 @@ def max_recompositions(blocks: int) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No inf/nan anywhere: `--set optim.lr=.inf` would otherwise train all-NaN and exit 0.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -277,14 +278,23 @@ class OptimSpec(_Strict):
     min_lr_ratio: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Cycles start and end at lr * min_lr_ratio."
     )
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0.0, description="Clip the global gradient norm of each step to this (None: no clipping)."
+    )
 
 
 class RuntimeSpec(_Strict):
     """Where and how the plan runs; none of this changes what is trained."""
 
     device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is fp32 on CPU (slow there); "
+        "fp16: fp16 autocast with a gradient scaler (GPUs without bf16)."
+    )
+    micro_batches: PositiveInt = Field(
+        default=1, description="Split each batch into this many micro-batches and accumulate their gradients: "
+        "one optimizer step per batch, the activation memory of one micro-batch (the same gradient as the "
+        "whole batch for models without BatchNorm)."
     )
     compile: bool = Field(default=False, description="torch.compile the training step.")
     channels_last: bool | Literal["auto"] = Field(

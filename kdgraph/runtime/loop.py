@@ -11,7 +11,9 @@ optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 import signal
 import time
@@ -32,12 +34,28 @@ from .evaluate import top1
 from .export import export_student
 from .progress import Reporter
 from .stability import StabilityTracker
-from .techniques import (DistInfo, autocast, build_optimizer, init_distributed, maybe_compile,
-                         resolve_device, use_channels_last, wrap_ddp)
+from .techniques import (DistInfo, autocast, build_optimizer, grad_scaler, init_distributed, maybe_compile,
+                         resolve_device, to_channels_last, use_channels_last, wrap_ddp)
 
 
 class TrainingInterrupted(KDGraphError):
     """SIGINT/SIGTERM: the checkpoint was saved; `kdgraph train --resume` continues."""
+
+
+class NonFiniteLoss(KDGraphError):
+    """The loss became inf or NaN: training stops before saving, so the last checkpoint is good."""
+
+
+def _check_finite(run: Run, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """One host sync; called where the loop syncs anyway (logging, checkpoints, epoch ends)."""
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return
+    bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+    last = run.out / "checkpoints" / "last.pt"
+    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+    raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
+                        "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
 
 
 @dataclass
@@ -56,6 +74,8 @@ class Run:
     test_loader: DeviceLoader
     channels_last: bool
     out: Path
+    scaler: torch.amp.GradScaler
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     @property
     def stage_starts(self) -> list[int]:
@@ -88,28 +108,57 @@ def build_run(spec: Spec) -> Run:
     distiller = Distiller(compiled).to(device)  # the teacher and segments move with it
     cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
     if cl:
-        distiller.to(memory_format=torch.channels_last)  # the teacher moves with it (Distiller._apply)
+        to_channels_last(distiller)  # segments and the teacher too (Distiller._apply)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec.optim, params, device)
     scheduler = build_lr_scheduler(optimizer, spec.optim.lr_schedule, spec.optim.lr,
                                    [st.epochs for st in compiled.plan.stages], len(train_loader),
                                    spec.optim.min_lr_ratio)
-    step_module = maybe_compile(wrap_ddp(distiller, info, device, find_unused=compiled.plan.feature_losses),
-                                spec.runtime.compile)
+    wrapped = wrap_ddp(distiller, info, device, find_unused=compiled.plan.feature_losses)
+    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+    step_module = maybe_compile(wrapped, spec.runtime.compile)
     return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
-               train_loader, test_loader, cl, spec.output_dir)
+               train_loader, test_loader, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device), ddp)
 
 
 def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step of the current stage; returns device tensors (no host sync)."""
+    """One optimisation step of the current stage; returns device tensors (no host sync).
+
+    With ``runtime.micro_batches`` k > 1 the batch is split into k parts whose losses,
+    weighted by their share of the batch, are backpropagated one after the other (DDP
+    synchronises on the last only), then one optimizer step: the whole batch's gradient
+    with one part's activation memory. fp16 scales the loss (a disabled scaler passes
+    everything through); ``optim.clip_grad_norm`` clips the unscaled gradient.
+    """
     if run.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    with autocast(run.spec.runtime.precision, run.device):
-        terms = run.step_module(xb, yb)
-        loss = sum(terms.values())
+    precision = run.spec.runtime.precision
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
+    parts = [(x, y) for x, y in zip(xb.tensor_split(run.spec.runtime.micro_batches),
+                                    yb.tensor_split(run.spec.runtime.micro_batches)) if len(y)]
+    terms: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=xb.device)
+    for j, (xm, ym) in enumerate(parts):
+        share = len(ym) / len(yb)
+        last = j == len(parts) - 1
+        sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
+        with sync:
+            with autocast(precision, run.device):
+                part = run.step_module(xm, ym)
+                part_loss = sum(part.values())
+            run.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
+        if len(parts) == 1:
+            terms, loss = part, part_loss
+        else:
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0) + value.detach() * share
+            loss = loss + part_loss.detach() * share
+    clip = run.spec.optim.clip_grad_norm
+    if clip is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.scheduler.step()
     return terms, loss
 
@@ -204,6 +253,7 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_top1, best:
         "model": run.distiller.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "rng": ckpt.rng_state(),
         "position": {"epoch": epoch, "step": step, "global_step": global_step},
         "plan": run.compiled.plan.to_dict(),
@@ -221,6 +271,8 @@ def _resume(run: Run) -> dict:
     run.distiller.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
     return state
 
@@ -272,6 +324,7 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                 for name, value in terms.items():  # stays on the device: no host sync
                     sums[name] = sums.get(name, 0) + value.detach()
                 if gstep % rt.log_every == 0:
+                    _check_finite(run, loss, terms, epoch, step + 1)
                     now = time.perf_counter()
                     record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step + 1,
                               "global_step": gstep, "lr": run.scheduler.get_last_lr()[0],
@@ -285,6 +338,7 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                     t_log, log_images = now, 0
                 reporter.advance()
                 if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
+                    _check_finite(run, loss, terms, epoch, step + 1)
                     _save(run, epoch, step + 1, gstep, teacher_top1, history)
                 if stop["signal"]:
                     raise TrainingInterrupted(
@@ -292,6 +346,9 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                         f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume`")
             for rec in tracker.flush() if tracker is not None else ():
                 metrics.write(rec)
+            if steps_done:
+                _check_finite(run, sum(sums.values()), {k: v / steps_done for k, v in sums.items()}, epoch,
+                              start + steps_done)
             epoch_s = time.perf_counter() - t_epoch
             history["train_s"] += epoch_s
             history["images"] += steps_done * spec.data.batch_size * run.info.world_size

@@ -1,5 +1,5 @@
 """Runtime techniques, each one small function, applied in one fixed order by the loop:
-device -> distributed -> channels_last -> autocast -> compile -> DDP wrap."""
+device -> distributed -> channels_last -> autocast (+ gradient scaler) -> compile -> DDP wrap."""
 
 from __future__ import annotations
 
@@ -58,11 +58,37 @@ def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
     return bool(setting)
 
 
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast on CUDA (auto or bf16); fp32 elsewhere: CPU bf16 is slow and lossy here."""
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """channels_last for every rank-4 parameter and buffer, nothing else.
+
+    ``nn.Module.to(memory_format=torch.channels_last)`` also tries its rank-5 tensors and
+    fails ("required rank 4 tensor to use channels_last format"): Swin keeps rank-5
+    buffers. Values are unchanged; only the strides of conv-shaped tensors change.
+    """
+    return module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA (auto or bf16), fp16 where asked for (with a gradient scaler), else fp32
+    (None). bf16 on the CPU stays fp32: slow and lossy there, and a GPU spec run on a laptop
+    should not pay for it."""
+    if precision == "fp16":
+        return torch.float16
     if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast(precision: str, device: torch.device):
+    dtype = autocast_dtype(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A dynamic loss scaler for fp16 (a disabled one, which passes everything through, otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def maybe_compile(module: nn.Module, enabled: bool):
