@@ -29,9 +29,9 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: install
-	test -f runs/quickstart-teacher/student.safetensors || $(BIN)/kdgraph train specs/quickstart-teacher.yaml --quiet
+	test -f runs/quickstart-teacher/student.safetensors || $(BIN)/kdgraph train specs/quickstart-teacher.yaml --quiet --force
 	$(BIN)/kdgraph plan specs/quickstart.yaml
-	$(BIN)/kdgraph train specs/quickstart.yaml --quiet
+	$(BIN)/kdgraph train specs/quickstart.yaml --quiet --force
 	$(BIN)/kdgraph eval specs/quickstart.yaml
 
 bench: install

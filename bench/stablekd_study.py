@@ -138,7 +138,7 @@ def _train(spec_dict: dict) -> tuple[dict, list[dict]]:
     spec = load_spec(spec_dict)
     resume = (spec.output_dir / "checkpoints" / "last.pt").exists() and not (spec.output_dir / "summary.json").exists()
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(spec, resume=resume, quiet=True)
+        summary = train(spec, resume=resume, quiet=True, force=not resume)
     records = [json.loads(ln) for ln in (spec.output_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return summary, records
 

@@ -76,16 +76,35 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
 
 @app.command()
 def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
-          resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoints/last.pt.")] = False,
+          resume: Annotated[bool, typer.Option(
+              help="Continue from OUTPUT/checkpoints/last.pt, with the spec and --set overrides stored in the run.")] = False,
+          force: Annotated[bool, typer.Option(help="Start over: delete an earlier run's files in OUTPUT first.")] = False,
           quiet: Annotated[bool, typer.Option(help="Plain log lines instead of progress bars.")] = False):
     """Compile the plan and run it: train, evaluate, checkpoint, export the student."""
+    from kdgraph.runtime.loop import TrainingInterrupted
     from kdgraph.runtime.loop import train as run_training
+    from kdgraph.runtime.runs import stored_run
 
+    overrides = list(set_ or [])
     try:
-        summary = run_training(_load(spec, set_, allow_code), resume=resume, quiet=quiet or not sys.stdout.isatty())
+        loaded = _load(spec, overrides, allow_code)
+        stored = stored_run(loaded.output_dir) if resume else None
+        if stored and stored.get("overrides"):  # --resume alone reuses the run's own overrides
+            overrides = list(stored["overrides"]) + overrides
+            loaded = _load(spec, overrides, allow_code)
+        source = {"spec_file": str(spec.resolve()), "overrides": overrides}
+        summary = run_training(loaded, resume=resume, quiet=quiet or not sys.stdout.isatty(), force=force,
+                               source=source)
+    except TrainingInterrupted as exc:
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     except KDGraphError as exc:
         _fail(exc)
     if summary["student_top1"] is None:  # a non-main rank of a distributed run: rank 0 reports
+        return
+    if summary.get("already_finished"):
+        out.print(f"{summary['output']} already finished (student top-1 {summary['student_top1']:.2f}%); "
+                  "nothing was changed")
         return
     out.print(f"student top-1 {summary['student_top1']:.2f}%"
               + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")

@@ -107,3 +107,93 @@ def test_cli_refuses_code_from_set_and_accepts_it_with_allow_code(tmp_path):
     ok = run_cli("plan", str(spec), "--set", swap, "--allow-code", "--format", "json")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert '"resnet_tiny_student_same"' in ok.stdout or "resnet_tiny_student_same" in ok.stdout
+
+
+# --- the output folder: locked, never reused by surprise -----------------------------------
+
+def _tiny_run(tmp_path, name="run", **kw):
+    spec = tiny_spec(tmp_path / name, "kd", epochs=1, fraction=0.1, **kw)
+    return write_spec(spec, tmp_path / f"{name}.yaml"), tmp_path / name
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    from kdgraph.runtime.runs import RunLock
+
+    spec, out = _tiny_run(tmp_path)
+    out.mkdir()
+    with RunLock(out):  # this (live) process holds it
+        proc = run_cli("train", str(spec), "--quiet")
+    _one_line_error(proc, "is in use by another kdgraph run", f"pid {os.getpid()}")
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    spec, out = _tiny_run(tmp_path)
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".kdgraph.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    proc = run_cli("train", str(spec), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "summary.json").exists() and not (out / ".kdgraph.lock").exists()
+
+
+def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
+    spec, out = _tiny_run(tmp_path)
+    first = run_cli("train", str(spec), "--quiet", "--set", "optim.lr=0.05")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(out)
+    # again without --resume or --force: refused, nothing touched
+    _one_line_error(run_cli("train", str(spec), "--quiet"), "already holds a run", "--resume", "--force")
+    # --resume alone reuses the stored --set; the run is finished, so nothing changes
+    again = run_cli("train", str(spec), "--quiet", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already finished" in again.stdout and "nothing was changed" in again.stdout
+    # a conflicting --set or another seed: refused, naming the keys, before writing anything
+    _one_line_error(run_cli("train", str(spec), "--quiet", "--resume", "--set", "seed=1"),
+                    "trained with another spec", "seed: 0 -> 1")
+    _one_line_error(run_cli("train", str(spec), "--quiet", "--resume", "--set", "optim.lr=0.1"),
+                    "optim.lr: 0.05 -> 0.1")
+    assert _snapshot(out) == before
+    # --force starts over
+    forced = run_cli("train", str(spec), "--quiet", "--force", "--set", "optim.lr=0.02")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert '"lr": 0.02' in (out / "run.json").read_text()
+
+
+@pytest.mark.parametrize("where", ["file", "below-file"])
+def test_output_that_is_a_file_is_refused_before_building(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "run"
+    spec = write_spec(tiny_spec(out, "kd", epochs=1), tmp_path / "spec.yaml")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), f"output {out}", "file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_sigint_exits_130_and_prints_the_resume_command(tmp_path):
+    import signal
+    import time
+
+    from _runtime_helpers import popen_cli
+
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd", epochs=50, runtime={"log_every": 1}), tmp_path / "s.yaml")
+    proc = popen_cli("train", str(spec), "--quiet")
+    t0 = time.time()
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "kdgraph train SPEC --resume" in " ".join(err.split()) and "error:" not in err
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()

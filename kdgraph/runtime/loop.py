@@ -29,6 +29,7 @@ from ..errors import KDGraphError
 from ..schedules import build_lr_scheduler
 from ..spec import Spec
 from . import checkpoint as ckpt
+from . import runs
 from .distiller import Distiller
 from .evaluate import top1
 from .export import export_student
@@ -277,12 +278,49 @@ def _resume(run: Run) -> dict:
     return state
 
 
-def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
-    """Run ``spec`` to the end (or from its last checkpoint); returns the summary."""
+def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = False,
+          source: dict | None = None) -> dict:
+    """Run ``spec`` to the end (or from its last checkpoint); returns the summary.
+
+    The output folder is checked, locked and claimed before models and data are built:
+    an earlier run there needs ``resume`` (with the same spec) or ``force`` (start over).
+    ``source`` (the spec file and its overrides) is recorded in OUT/run.json.
+    """
+    info = init_distributed()
+    lock = runs.RunLock(spec.output_dir)
+    if info.is_main:
+        runs.prepare_output(spec.output_dir)
+        lock.acquire()
+    try:
+        if info.is_main:
+            finished = _finished(spec, resume)
+            if finished is not None:
+                return finished
+            runs.claim(spec.output_dir, spec.to_dict(), resume, force, source)
+        if info.enabled:
+            torch.distributed.barrier()
+        return _train(spec, resume, quiet)
+    finally:
+        lock.release()
+
+
+def _finished(spec: Spec, resume: bool) -> dict | None:
+    """Resuming a run that already ended changes nothing: its summary, marked as such."""
+    path = spec.output_dir / "summary.json"
+    if not (resume and path.exists()):
+        return None
+    stored = runs.stored_run(spec.output_dir)
+    if stored is not None and (diff := runs.spec_differences(stored["spec"], spec.to_dict())):
+        raise runs.OutputError(f"{spec.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
+    summary = json.loads(path.read_text())
+    summary["already_finished"] = True
+    return summary
+
+
+def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     t_start = time.perf_counter()
     run = build_run(spec)
     main = run.info.is_main
-    run.out.mkdir(parents=True, exist_ok=True)
     if main:
         (run.out / "plan.json").write_text(json.dumps(run.compiled.to_dict(), indent=2))
     position = {"epoch": 0, "step": 0, "global_step": 0}
@@ -290,6 +328,12 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
     if resume:
         state = _resume(run)
         position, teacher_top1, history = state["position"], state["teacher_top1"], state["history"]
+    # wall time adds up across resumes: what earlier processes spent, plus this one so far
+    wall_before = history["wall_s"]
+
+    def save(epoch: int, step: int) -> None:
+        history["wall_s"] = wall_before + time.perf_counter() - t_start
+        _save(run, epoch, step, gstep, teacher_top1, history)
     metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None)
     plan = run.compiled.plan
     total_epochs = plan.epochs
@@ -339,11 +383,12 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                 reporter.advance()
                 if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
                     _check_finite(run, loss, terms, epoch, step + 1)
-                    _save(run, epoch, step + 1, gstep, teacher_top1, history)
+                    save(epoch, step + 1)
                 if stop["signal"]:
                     raise TrainingInterrupted(
                         f"{stop['signal']}: stopped at epoch {epoch}, step {step + 1}; checkpoint saved to "
-                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume`")
+                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume` "
+                        "(the spec and its --set overrides are stored in the run)")
             for rec in tracker.flush() if tracker is not None else ():
                 metrics.write(rec)
             if steps_done:
@@ -361,9 +406,12 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True) -> dict:
                                             / max(epoch_s, 1e-9), 1)}
             metrics.write(record)
             reporter.end_epoch(record)
-            _save(run, epoch + 1, 0, gstep, teacher_top1, history)
+            save(epoch + 1, 0)
             position = {"epoch": epoch + 1, "step": 0, "global_step": gstep}
-    history["wall_s"] += time.perf_counter() - t_start
+    # The student is evaluated and exported as the final stage left it, also when a resume
+    # finds no epoch left (a stop between the last checkpoint and the export).
+    run.distiller.set_stage(plan.stages[-1])
+    history["wall_s"] = wall_before + time.perf_counter() - t_start
     summary = {
         "name": spec.name, "method": plan.method, "k": plan.k, "n": plan.n, "epochs": total_epochs,
         "student_top1": student_top1 if student_top1 is not None else (evaluate_student(run) if main else None),

@@ -1,0 +1,178 @@
+"""A run's output folder: checked before anything is built, locked while a run writes it,
+and never reused by surprise.
+
+    prepare_output(out)            the folder is a folder (or can be made) and writable
+    with RunLock(out): ...          one writer at a time; a dead writer's lock is taken over
+    claim(out, spec, resume, force) refuse to overwrite an earlier run without --force, and
+                                    to resume with another spec (naming the keys that differ)
+
+``OUT/run.json`` holds the resolved spec (and the spec file and ``--set`` overrides it came
+from), so that ``kdgraph train SPEC --resume`` needs no override repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import KDGraphError
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".kdgraph.lock"
+# Spec keys a resumed run may change: where and how fast it runs, not what it trains.
+RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.compile")
+# Files a run writes; --force removes exactly these.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
+               "plan.json", "curves.png", RUN_FILE)
+
+
+class OutputError(KDGraphError):
+    """The output folder cannot be used as asked."""
+
+
+def prepare_output(out: Path) -> Path:
+    """Create ``out`` if needed and check that files can be written there (before models and
+    data are built, so that a bad folder costs nothing)."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"is below {parent}, which is a file"
+                raise OutputError(f"output {out} {what}; choose another output: (or --set output=...)")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output {out} is not writable ({exc.strerror or exc}); choose another output:") from None
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file in the output folder, held for the run.
+
+    Created with O_EXCL, so two runs cannot both take it. A lock left by a process that no
+    longer exists on this host is stale and taken over; one from another host is refused
+    (its process cannot be checked from here) with the file to delete named.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or (holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))):
+                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                    continue
+                where = "" if holder.get("host") == me["host"] else f" on {holder.get('host')}"
+                raise OutputError(f"{self.path.parent} is in use by another kdgraph run (pid {holder.get('pid')}"
+                                  f"{where}); wait for it, choose another output:, or delete {self.path} "
+                                  "if that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise OutputError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) and "pid" in data else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def spec_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose resolved values differ, outside RESUMABLE_CHANGES."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys
+            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def stored_run(out: Path) -> dict | None:
+    path = Path(out) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise OutputError(f"{path} is not valid JSON; restore it or start over with --force") from None
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` (empty: nothing)."""
+    return [name for name in ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors")
+            if (Path(out) / name).exists()]
+
+
+def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
+    """Decide what a run may do with ``out`` and record the spec it runs; raises before
+    writing anything when the answer is no."""
+    out = Path(out)
+    left = earlier_run(out)
+    if resume and force:
+        raise OutputError("--resume and --force contradict each other: --resume continues the run in "
+                          f"{out}, --force deletes it")
+    if resume:
+        stored = stored_run(out)
+        if stored is not None:
+            diff = spec_differences(stored["spec"], resolved)
+            if diff:
+                raise OutputError(f"{out} was trained with another spec; --resume needs the same one "
+                                  f"(differs: {'; '.join(diff)}). Drop the conflicting --set or edit, "
+                                  "or start over with --force")
+    elif left:
+        if not force:
+            raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
+                              "or start over with --force (deletes those files), or choose another output:")
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
