@@ -320,6 +320,45 @@ def plot(agg: dict, path: Path) -> Path:
     return path
 
 
+def stability_table(tracked: dict[str, dict]) -> str:
+    """Median per-step parameter distance ||θ_t − θ_{t−1}|| per student block (Fig. 1's quantity)."""
+    out = ["\n**Stability diagnostic (Fig. 1)**: median per-step ||Δθ|| per student block, x2 budget, "
+           "100 % data, lr 0.1 for both\n", "| method | window | " + " | ".join(f"block {b}" for b in range(1, 6)) + " |",
+           "|---|---|" + "---|" * 5]
+    for method, r in tracked.items():
+        steps = r["stability"]
+        per_epoch = len(steps) // r["epochs"]
+        for name, window in (("first 50 steps", steps[:50]), ("epoch 1", steps[:per_epoch]), ("whole run", steps)):
+            meds = [statistics.median(s[f"dtheta_block{b}"] for s in window) for b in range(1, 6)]
+            out.append(f"| {method} | {name} | " + " | ".join(f"{m:.4f}" for m in meds) + " |")
+    return "\n".join(out)
+
+
+def plot_stability(tracked: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.4), sharey=True)
+    for method, r in tracked.items():
+        steps = r["stability"]
+        xs = [s["global_step"] for s in steps]
+        for b, ax in enumerate(axes, start=1):
+            ax.plot(xs, [s[f"dtheta_block{b}"] for s in steps], lw=0.6, label=method)
+    for b, ax in enumerate(axes, start=1):
+        ax.set_title("head (block 5)" if b == 5 else f"block {b}")
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("||θ_t − θ_{t−1}||")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(results: Path, folder: Path) -> str:
     rows = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()] if results.exists() else []
     agg = aggregate(rows)
@@ -331,6 +370,10 @@ def report(results: Path, folder: Path) -> str:
     if sweep:
         parts.append("KD lr sweep (x1, 100 %, seed 0): " + ", ".join(f"lr {lr}: {t:.2f}" for lr, t in sweep))
     parts.append(table(agg))
+    tracked = {r["method"]: r for r in rows if r.get("track")}
+    if tracked:
+        parts.append(stability_table(tracked))
+        parts.append(f"\nstability plot: {plot_stability(tracked, folder / f'{results.stem}-stability.png')}")
     if agg:
         png = plot(agg, folder / f"{results.stem}.png")
         parts.append(f"\nplot: {png}")
