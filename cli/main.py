@@ -37,6 +37,28 @@ class EvalFormat(str, Enum):
     json = "json"
 
 
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        from kdgraph import __version__
+
+        def v(name: str) -> str:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return "not installed"
+        out.print(f"kdgraph {__version__} (torch {v('torch')}, timm {v('timm')}, python {sys.version.split()[0]})",
+                  highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version of kdgraph, torch and timm and exit.")] = False):
+    """kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it."""
+
+
 def _fail(exc: KDGraphError) -> None:
     err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -58,9 +80,12 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     from kdgraph.render import draw_block_graph, plan_view
 
     try:
-        compiled = compile_spec(_load(spec, set_, allow_code))
+        compiled = compile_spec(_load(spec, set_, allow_code), allow_missing_weights=True)
     except KDGraphError as exc:
         _fail(exc)
+    for missing in compiled.missing_weights:  # planning needs shapes only; train and eval need the file
+        err.print(f"warning: {missing} does not exist yet; planned from the architecture's shapes "
+                  "(train needs the file)", highlight=False, soft_wrap=True)
     if format is PlanFormat.json:
         sys.stdout.write(json.dumps(compiled.to_dict(), indent=2) + "\n")
     elif format is PlanFormat.dot:
@@ -104,19 +129,20 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         return
     if summary.get("already_finished"):
         out.print(f"{summary['output']} already finished (student top-1 {summary['student_top1']:.2f}%); "
-                  "nothing was changed")
+                  "nothing was changed", soft_wrap=True)
         return
     out.print(f"student top-1 {summary['student_top1']:.2f}%"
               + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")
-              + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})")
+              + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})", soft_wrap=True)
 
 
 @app.command("eval")
 def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(
-              help="student.safetensors or a training checkpoint (default: OUTPUT/student.safetensors).")] = None,
+              help="The student to score: an export folder, student.safetensors / best.safetensors or a training "
+                   "checkpoint, told apart by content (default: OUTPUT/student.safetensors).")] = None,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 accuracy of the trained student (and the teacher) on the test split."""
+    """Accuracy of the trained student (and of the teacher, where its weights exist) on the test split."""
     from kdgraph.runtime.export import evaluate_spec
 
     try:
@@ -131,18 +157,33 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
 
 
 @app.command()
-def export(spec: SpecArg, to: Annotated[Path, typer.Option("--to", help="Where to write the student (.safetensors).")],
+def export(spec: SpecArg, to: Annotated[Path, typer.Option(
+               "--to", help="Folder to write: model.safetensors (or model.pt2), config.json, README.md.")],
            set_: SetOpt = None, allow_code: CodeOpt = False,
-           checkpoint: Annotated[Optional[Path], typer.Option(help="Training checkpoint (default: OUTPUT/checkpoints/last.pt).")] = None):
-    """Write the trained student: a plain state_dict, or with its adapters (1x1 pairs folded into one conv)."""
+           checkpoint: Annotated[Optional[Path], typer.Option(
+               help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
+                    "checkpoint, told apart by content.")] = None):
+    """Write the student in timm's folder layout: its own state_dict (adapters folded into its layers) with
+    config.json (preprocessing included) and a model card; a torch.export program where adapters cannot fold."""
     from kdgraph.runtime.export import export_spec
 
+    command = "kdgraph train " + " ".join([str(spec), *(f"--set {o}" for o in set_ or [])])
     try:
-        path = export_spec(_load(spec, set_, allow_code), to, checkpoint)
+        result = export_spec(_load(spec, set_, allow_code), to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
-    out.print(f"student written to {path}")
+    if result["format"] == "state_dict":
+        out.print(f"student written to {result['folder']} (model.safetensors, config.json, README.md)",
+                  highlight=False, soft_wrap=True)
+    else:
+        out.print(f"student written to {result['folder']} as a torch.export program (model.pt2): "
+                  f"{result['reason']}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Entry point of the `kdgraph` script and `python -m kdgraph`."""
+    app(prog_name="kdgraph")
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -11,6 +11,7 @@ pass that broke it. Everything here runs on the CPU in seconds and touches no da
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,6 +70,8 @@ class Compiled:
     graph: nx.DiGraph | None = None
     plan: Plan | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Weights files that were named but not found, when the caller allowed that (plan, eval).
+    missing_weights: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int | None:
@@ -183,18 +186,33 @@ def _models(c: Compiled) -> list[ModelArtifacts]:
     return [a for a in (c.teacher, c.student) if a is not None]
 
 
-def build_models(spec: Spec) -> tuple[nn.Module | None, nn.Module]:
-    teacher = build_model(spec.teacher, spec.source_dir) if spec.teacher else None
-    return teacher, build_model(spec.student, spec.source_dir)
+def build_models(spec: Spec, missing: list[str] | None = None) -> tuple[nn.Module | None, nn.Module]:
+    """Teacher and student of ``spec``. With ``missing`` (a list), a checkpoint file that does
+    not exist is recorded there and the model keeps its initial weights (planning needs
+    shapes only); without it, a missing file is an error."""
+
+    def build(role: str, model_spec):
+        if missing is not None and model_spec.checkpoint is not None and not Path(model_spec.checkpoint).exists():
+            missing.append(f"{role}.checkpoint {model_spec.checkpoint}")
+            model_spec = model_spec.model_copy(update={"checkpoint": None})
+        return build_model(model_spec, spec.source_dir)
+
+    teacher = build("teacher", spec.teacher) if spec.teacher else None
+    return teacher, build("student", spec.student)
 
 
-def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None) -> Compiled:
-    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them."""
+def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
+                 allow_missing_weights: bool = False) -> Compiled:
+    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them;
+    ``allow_missing_weights`` plans with initial weights where a checkpoint file is missing
+    (listed in ``Compiled.missing_weights``)."""
     t0 = time.perf_counter()
-    teacher, student = models if models is not None else build_models(spec)
+    missing: list[str] = []
+    teacher, student = models if models is not None else build_models(spec, missing if allow_missing_weights else None)
     c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
                  student=ModelArtifacts("student", student),
-                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None)
+                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None,
+                 missing_weights=missing)
     c.timings["build"] = time.perf_counter() - t0
     for name, fn in PASSES:
         t0 = time.perf_counter()

@@ -61,6 +61,7 @@ class RawSplits(NamedTuple):
     test_y: torch.Tensor
     num_classes: int
     default_augment: str
+    pixel_max: float = 255.0  # the raw value of a white pixel (digits: 16)
 
 
 LoaderFn = Callable[[Any, int], RawSplits]
@@ -84,6 +85,7 @@ class Dataset:
     default_augment: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pixel_max: float = 255.0
 
     def __str__(self) -> str:
         c, h, w = self.input_size
@@ -164,6 +166,7 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
         default_augment=raw.default_augment,
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
+        pixel_max=float(raw.pixel_max),
     )
 
 
@@ -220,7 +223,8 @@ def _load_digits(data_spec: Any, seed: int) -> RawSplits:
     images = d.images.astype(np.float32)[:, None]
     tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
     return RawSplits(
-        torch.from_numpy(tr_x), torch.from_numpy(tr_y).long(), torch.from_numpy(te_x), torch.from_numpy(te_y).long(), 10, "crop"
+        torch.from_numpy(tr_x), torch.from_numpy(tr_y).long(), torch.from_numpy(te_x), torch.from_numpy(te_y).long(), 10, "crop",
+        pixel_max=16.0,
     )
 
 
@@ -376,7 +380,7 @@ def _load_synthetic(data_spec: Any, seed: int) -> RawSplits:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_test, c, h, w, generator=g)
     y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
-    return RawSplits(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, "none")
+    return RawSplits(x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, "none", pixel_max=1.0)
 
 
 register_dataset("digits", _load_digits)

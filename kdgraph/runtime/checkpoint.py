@@ -45,11 +45,18 @@ def save_atomic(obj: dict[str, Any], path: Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    from .runs import _UMASK
+
+    return _UMASK
 
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "plan")
@@ -63,7 +70,8 @@ def load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise KDGraphError(f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: torch.load would pick a reader by the suffix
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "global" in str(exc).lower():  # a class or function the file asks the unpickler to call

@@ -1,11 +1,11 @@
-"""Export and evaluation of the trained student.
+"""The trained student: kdgraph's own file, loads by content, evaluation and export.
 
-Without adapters the export is the student's own state_dict: ``timm.create_model(name,
-**kwargs).load_state_dict`` takes it without kdgraph. With adapters, each lift/lower pair
-is folded into one exact Cs -> Cs 1x1 conv (or Linear) and the file holds the student's
-weights under ``model.`` and the folded maps under ``folded.``; cross-architecture (format,
-CAP) adapters resample, so they are kept whole there. ``kdgraph eval`` rebuilds that
-module from the spec.
+``OUTPUT/student.safetensors`` (written by every run) is the student's own state_dict when
+no adapter stays in its inference path; with adapters, each lift/lower pair is folded into
+one exact Cs -> Cs map and the file holds the student under ``model.`` and the maps under
+``folded.`` (cross-architecture adapters are kept whole). ``kdgraph export`` turns either,
+or a training checkpoint, into a folder anyone can load (see ``ship``). Files are told
+apart by their content, never their suffix.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..data import DeviceLoader, create_dataset
 from ..errors import KDGraphError
 from ..spec import Spec
 from . import checkpoint as ckpt
+from . import ship
 from .evaluate import top1
 
 
@@ -62,7 +63,7 @@ def export_student(distiller, compiled: Compiled, path: Path) -> Path:
     if not distiller.adapted_chain:
         save_file(_contiguous(compiled.student.model.state_dict()), str(path), metadata={**meta, "format": "plain"})
         return path
-    folded = {int(i): fold(pair.eval()) for i, pair in distiller.adapters.items()}
+    folded = _folded_maps(distiller)
     module = ExportedStudent(compiled, folded)
     meta["folded"] = json.dumps({i: [_width(m), type(m).__name__] for i, m in folded.items()})
     save_file(_contiguous(module.state_dict()), str(path), metadata={**meta, "format": "folded"})
@@ -76,70 +77,171 @@ def _width(m: nn.Module) -> int | None:
     return m.in_channels if isinstance(m, nn.Conv2d) else None
 
 
-def load_student(compiled: Compiled, path: Path) -> nn.Module:
-    """The exported student of ``compiled`` with the weights of ``path`` (.safetensors or a training .pt)."""
+def file_format(path: Path) -> str:
+    """What ``path`` holds, read from its content (never its suffix): 'export' (a folder
+    written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle)."""
     path = Path(path)
     if not path.exists():
         raise KDGraphError(f"no trained student at {path}; run `kdgraph train` first or pass --checkpoint")
-    if path.suffix != ".safetensors":
+    if path.is_dir():
+        if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
+            return "export"
+        raise KDGraphError(f"{path} is a folder without {ship.WEIGHTS} or {ship.PROGRAM}: not a kdgraph export")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    raise KDGraphError(f"{path} is neither a safetensors file, a torch checkpoint nor a kdgraph export folder "
+                       f"(it starts with {head[:8]!r})")
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError
+        raise KDGraphError(f"cannot read {path} (truncated or corrupt safetensors): "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _folded_from_meta(compiled: Compiled, meta: dict) -> dict[int, nn.Module]:
+    folded = {}
+    pairs = build_adapters(compiled.pairing)
+    for i, (width, kind) in json.loads(meta["folded"]).items():
+        if kind == "AdapterPair":
+            folded[int(i)] = pairs[i]
+        else:
+            folded[int(i)] = nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
+    return folded
+
+
+def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
+    """Load the trained student of ``path`` into ``compiled.student.model``; returns the
+    folded adapter map after each block that keeps one (empty for a plain student).
+
+    ``path``: a training checkpoint, a kdgraph student .safetensors (plain or folded) or an
+    export folder holding model.safetensors; the format is read from the content."""
+    path = Path(path)
+    kind = file_format(path)
+    if kind == "torch":
         from .distiller import Distiller
 
         distiller = Distiller(compiled)
-        distiller.load_state_dict(ckpt.load(path)["model"])
-        return _Inference(distiller)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    state = load_file(str(path))
-    if meta.get("format") == "folded":
-        folded = {}
-        pairs = build_adapters(compiled.pairing)
-        for i, (width, kind) in json.loads(meta["folded"]).items():
-            if kind == "AdapterPair":
-                folded[int(i)] = pairs[i]
-            else:
-                folded[int(i)] = nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
-        module = ExportedStudent(compiled, folded)
+        try:
+            distiller.load_state_dict(ckpt.load(path)["model"])
+        except RuntimeError as exc:
+            raise KDGraphError(f"{path} does not fit this spec's student: {str(exc).splitlines()[0]}") from None
+        distiller.eval()
+        return _folded_maps(distiller)
+    if kind == "export":
+        if not (path / ship.WEIGHTS).is_file():
+            raise KDGraphError(f"{path} holds a torch.export program ({ship.PROGRAM}), not weights to train or "
+                               "re-export; evaluate it with `kdgraph eval --checkpoint` or load it with torch.export.load")
+        state, meta = _read_safetensors(path / ship.WEIGHTS)
+        maps, module = {}, compiled.student.model
     else:
-        module = compiled.student.model
+        state, meta = _read_safetensors(path)
+        maps = _folded_from_meta(compiled, meta) if meta.get("format") == "folded" else {}
+        module = ExportedStudent(compiled, maps) if maps else compiled.student.model
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise KDGraphError(f"{path} does not fit the student of this spec: {str(exc).splitlines()[0]}") from exc
-    return module
+        raise KDGraphError(f"{path} does not fit the student of this spec: {str(exc).splitlines()[0]}") from None
+    return maps
 
 
-class _Inference(nn.Module):
-    def __init__(self, distiller):
-        super().__init__()
-        self.distiller = distiller
+def _folded_maps(distiller) -> dict[int, nn.Module]:
+    if not distiller.adapted_chain:
+        return {}
+    return {int(i): fold(pair.eval()) for i, pair in distiller.adapters.items()}
 
-    def forward(self, x):
-        return self.distiller.inference(x)
+
+def load_student(compiled: Compiled, path: Path) -> nn.Module:
+    """The trained student of ``path`` as one inference module (any format kdgraph writes)."""
+    path = Path(path)
+    if file_format(path) == "export" and not (path / ship.WEIGHTS).is_file():
+        try:
+            return _Program(torch.export.load(str(path / ship.PROGRAM)).module())
+        except Exception as exc:  # torch.export's errors name no common base class
+            raise KDGraphError(f"cannot load {path / ship.PROGRAM}: {str(exc).splitlines()[0]}") from None
+    maps = load_trained(compiled, path)
+    return ExportedStudent(compiled, maps) if maps else compiled.student.model
+
+
+def _default_student(spec: Spec) -> Path:
+    return spec.output_dir / "student.safetensors"
 
 
 def evaluate_spec(spec: Spec, checkpoint: Path | None = None) -> dict:
-    """Top-1 of the trained student (and of the teacher) on the spec's test split, on the CPU or GPU."""
-    from .techniques import DistInfo, resolve_device
+    """Accuracy of the trained student (and of the teacher, where its weights are at hand) on
+    the spec's test split, on the CPU or GPU. The teacher is never needed to score the student."""
+    from .techniques import resolve_device
+
+    from .techniques import DistInfo
 
     device = resolve_device(spec.runtime.device, DistInfo())
-    compiled = compile_spec(spec)
-    student = load_student(compiled, checkpoint or spec.output_dir / "student.safetensors").to(device).eval()
+    compiled = compile_spec(spec, allow_missing_weights=True)
+    student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
     ds = create_dataset(spec.data, spec.seed)
     loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
                           shuffle=False, device=device)
     result = {"student_top1": top1(student, loader, device, spec.runtime.precision)}
-    if compiled.teacher is not None:
+    teacher_missing = any(m.startswith("teacher.") for m in compiled.missing_weights)
+    if compiled.teacher is not None and not teacher_missing and spec.teacher.checkpoint is not None:
         teacher = compiled.teacher.model.to(device).eval()
         result["teacher_top1"] = top1(teacher, loader, device, spec.runtime.precision)
     result["test_samples"] = len(ds.test_y)
     return result
 
 
-def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None) -> Path:
-    """Export the student of a training checkpoint (default OUTPUT/checkpoints/last.pt)."""
-    from .distiller import Distiller
+def preprocessing_of(spec: Spec, ds=None) -> dict:
+    """What a user must do to an image before the student sees it: size, mean and std on
+    pixels in [0, 1], resize rule. Read from the dataset (loaded here if not given)."""
+    if ds is None:
+        ds = create_dataset(spec.data, spec.seed)
+    scale = ds.pixel_max
+    return {"input_size": list(ds.input_size), "mean": [m / scale for m in ds.mean],
+            "std": [s / scale for s in ds.std], "interpolation": "bilinear", "crop_pct": 1.0,
+            "resize": spec.data.resize, "pixel_max": scale}
 
-    compiled = compile_spec(spec)
-    distiller = Distiller(compiled)
-    distiller.load_state_dict(ckpt.load(checkpoint or spec.output_dir / "checkpoints" / "last.pt")["model"])
-    return export_student(distiller.eval(), compiled, to)
+
+def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
+    """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
+
+    ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
+    OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
+    compiled = compile_spec(spec, allow_missing_weights=True)
+    path = checkpoint
+    if path is None:
+        path = _default_student(spec)
+        if not path.exists():
+            path = spec.output_dir / "checkpoints" / "last.pt"
+    maps = load_trained(compiled, path)
+    summary_file = spec.output_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    preprocessing = summary.get("preprocessing") or preprocessing_of(spec)
+    card = {"top1": summary.get("student_top1"), "top5": summary.get("student_top5"),
+            "teacher_top1": summary.get("teacher_top1"), "method": compiled.plan.method,
+            "resize": preprocessing.get("resize"), "weights_from": str(path),
+            "command": command or f"kdgraph train {spec.name}"}
+    compiled.student.model.eval()
+    return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
+
+
+class _Program(nn.Module):
+    """A torch.export program as a module. It is always in inference mode; an exported
+    program refuses train()/eval() calls, so they stop here."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)

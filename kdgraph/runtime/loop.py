@@ -18,6 +18,7 @@ import random
 import signal
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from . import checkpoint as ckpt
 from . import runs
 from .distiller import Distiller
 from .evaluate import top1
-from .export import export_student
+from .export import export_student, preprocessing_of
 from .progress import Reporter
 from .stability import StabilityTracker
 from .techniques import (DistInfo, autocast, build_optimizer, grad_scaler, init_distributed, maybe_compile,
@@ -76,6 +77,7 @@ class Run:
     channels_last: bool
     out: Path
     scaler: torch.amp.GradScaler
+    preprocessing: dict
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     @property
@@ -119,7 +121,8 @@ def build_run(spec: Spec) -> Run:
     ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
     step_module = maybe_compile(wrapped, spec.runtime.compile)
     return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
-               train_loader, test_loader, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device), ddp)
+               train_loader, test_loader, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device),
+               preprocessing_of(spec, ds), ddp)
 
 
 def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -240,6 +243,7 @@ class Metrics:
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record}
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -260,6 +264,7 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_top1, best:
         "plan": run.compiled.plan.to_dict(),
         "teacher_top1": teacher_top1,
         "history": best,
+        "preprocessing": run.preprocessing,
     }, run.out / "checkpoints" / "last.pt")
 
 
@@ -399,6 +404,9 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
             history["images"] += steps_done * spec.data.batch_size * run.info.world_size
             if main and ((epoch + 1) % rt.eval_every == 0 or epoch + 1 == total_epochs):
                 student_top1 = evaluate_student(run)
+                if student_top1 > history.get("best_top1", -1.0):  # ties keep the earlier epoch
+                    history.update(best_top1=student_top1, best_epoch=epoch + 1)
+                    runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "best.safetensors"))
             record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": gstep,
                       **{f"train_{k}": round(v.item() / max(steps_done, 1), 6) for k, v in sums.items()},
                       "student_top1": student_top1, "epoch_s": round(epoch_s, 3),
@@ -415,13 +423,17 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     summary = {
         "name": spec.name, "method": plan.method, "k": plan.k, "n": plan.n, "epochs": total_epochs,
         "student_top1": student_top1 if student_top1 is not None else (evaluate_student(run) if main else None),
+        "best_top1": history.get("best_top1"),
+        "best_epoch": history.get("best_epoch"),
         "teacher_top1": teacher_top1,
         "wall_time_s": round(history["wall_s"], 2),
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
         "output": str(run.out),
+        "preprocessing": run.preprocessing,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if main:
-        export_student(run.distiller, run.compiled, run.out / "student.safetensors")
+        runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "student.safetensors"))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from .curves import plot_curves
 

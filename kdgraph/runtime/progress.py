@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -11,8 +13,11 @@ class Reporter:
         """``quiet``: plain lines instead of bars; ``silent``: nothing at all (DDP ranks > 0)."""
         self.quiet = quiet or silent
         self.silent = silent
-        self.console = Console(highlight=False)
+        # soft_wrap: one unwrapped line per record without a terminal (CI, nohup, Slurm logs)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.total_epochs, self.steps = total_epochs, steps_per_epoch
+        self.t0 = time.monotonic()
+        self.first_epoch: int | None = None
         self.plan = plan
         self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -35,6 +40,8 @@ class Reporter:
             self.console.print(text)
 
     def start_epoch(self, epoch: int, stage, start_step: int) -> None:
+        if self.first_epoch is None:
+            self.first_epoch, self.t0 = epoch, time.monotonic()
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in stage.groups)
         if self.progress is not None:
             self.progress.update(self.run_task, completed=epoch, info=f"stage {stage.index}: {groups}")
@@ -57,8 +64,18 @@ class Reporter:
         line = (f"stage {record['stage']} epoch {record['epoch'] + 1}/{self.total_epochs}: {losses}"
                 + (f" | top-1 {acc:.2f}%" if acc is not None else "")
                 + f" | {record['images_per_s']:.0f} img/s")
+        done = record["epoch"] + 1 - (self.first_epoch or 0)
+        elapsed = time.monotonic() - self.t0
+        left = self.total_epochs - record["epoch"] - 1
+        line += f" | elapsed {_clock(elapsed)}, ETA {_clock(elapsed / max(done, 1) * left)}"
         if self.progress is not None:
             self.progress.update(self.run_task, completed=record["epoch"] + 1)
             self.progress.console.print(line)
         elif not self.silent:
             self.console.print(line)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"

@@ -31,6 +31,17 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "student.safetens
                "plan.json", "curves.png", RUN_FILE)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def readable(path: Path) -> Path:
+    """Give a written file the mode the user's umask asks for (0644 under the usual 022):
+    temp-file writers (mkstemp, safetensors) create 0600."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    return path
+
+
 class OutputError(KDGraphError):
     """The output folder cannot be used as asked."""
 
