@@ -61,7 +61,8 @@ def _base_spec(args, name: str, output: Path) -> dict:
         data["root"] = args.root
     return {"name": name, "data": data, "output": str(output),
             "decompose": {"blocks": 4},
-            "optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4},
+            "optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                      "decay_norms_and_biases": True},  # as the committed results were run
             "runtime": {"device": args.device, "log_every": 1000, "num_threads": args.threads}}
 
 

@@ -86,7 +86,8 @@ def _spec(args, name: str, out: Path) -> dict:
     if args.root:
         data["root"] = args.root
     return {"name": name, "data": data, "output": str(out), "decompose": {"blocks": 5},
-            "optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4},
+            "optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                      "decay_norms_and_biases": True},  # as the committed results were run
             "loss": {"kl_weight": 1.0, "temperature": 1.0, "feature": "mse"},
             "runtime": {"device": args.device, "log_every": 100000, "num_threads": args.threads,
                         "eval_every": 1}}

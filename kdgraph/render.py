@@ -8,6 +8,7 @@ import networkx as nx
 from rich.console import Group
 from rich.table import Table
 
+from .blockgraph import _label
 from .compiler import Compiled, ModelArtifacts
 
 
@@ -121,15 +122,17 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
               "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0"}
-    fig, ax = plt.subplots(figsize=(max(6, len(g) * 0.6), 4))
+    fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
     styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed"}
     for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color=[colors[d["kind"]] for _, d in g.nodes(data=True)],
-                           node_size=700)
-    nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
+                           node_size=900, node_shape="s", alpha=0.85)
+    # the labels DOT and Mermaid show: name, module or adapter kind and widths, output shape
+    labels = {n: _label(n, d).replace("\\n", "\n") for n, d in g.nodes(data=True)}
+    nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=6)
     ax.set_title(title)
     ax.axis("off")
     path = Path(path)

@@ -267,6 +267,9 @@ class OptimSpec(_Strict):
     momentum: float = Field(default=0.9, ge=0.0, description="SGD momentum.")
     nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
     weight_decay: float = Field(default=5e-4, ge=0.0, description="Weight decay.")
+    decay_norms_and_biases: bool = Field(
+        default=False, description="Also decay 1-d parameters (norm scales and shifts, biases) and the "
+        "student's no_weight_decay() tokens; off by default, as timm does.")
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         default=(0.9, 0.999), description="AdamW betas."
     )

@@ -11,7 +11,7 @@ So the independent reference is a single-process emulation of that math, built f
 same seed like ``build_run``: for every step, the rank-1 shard's gradient (from rank 0's
 buffers, whose update is then discarded), the rank-0 shard's gradient (its buffer update is
 kept), their mean fed to the same optimizer and LR schedule. The DDP run through the real
-loop (``torchrun -m cli.main train``) must export the same student and rank 0 must log the
+loop (``torchrun -m kdgraph train``, the README's launch command) must export the same student and rank 0 must log the
 same per-step losses. The emulation runs with the spec's thread count (as ``build_run``
 does): CPU conv reductions, and so the last bits, depend on it, and eight SGD steps with
 momentum amplify a last-bit difference to ~1e-4.
@@ -65,6 +65,7 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.data import build_loaders
     from kdgraph.runtime.distiller import Distiller
     from kdgraph.runtime.export import export_student
+    from kdgraph.runtime.loop import optimizer_params
     from kdgraph.runtime.techniques import build_optimizer
     from kdgraph.schedules import build_lr_scheduler
 
@@ -75,7 +76,7 @@ def _emulate_steps(spec, out: Path):
     loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]
     d = Distiller(compiled)
     params = [p for p in d.parameters() if p.requires_grad]
-    opt = build_optimizer(spec.optim, params, cpu)
+    opt = build_optimizer(spec.optim, optimizer_params(spec, d), cpu)
     sched = build_lr_scheduler(opt, spec.optim.lr_schedule, spec.optim.lr,
                                [st.epochs for st in compiled.plan.stages], len(loaders[0]), spec.optim.min_lr_ratio)
     starts, at = [], 0
@@ -110,7 +111,7 @@ def _emulate_steps(spec, out: Path):
 def test_two_gloo_ranks_match_single_process_math(tmp_path, method):
     spec = _spec_dict(tmp_path / "ddp", method)
     spec_path = write_spec(spec, tmp_path / "spec.yaml")
-    res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "cli.main",
+    res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "kdgraph",
                           "train", str(spec_path), "--quiet"],
                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

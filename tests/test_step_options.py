@@ -142,3 +142,34 @@ def test_channels_last_changes_no_value_on_swin(tmp_path, method):
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
     for (k, a), b in zip(_params(runs[True]).items(), _params(runs[False]).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_weight_decay_spares_norms_biases_and_tokens_as_timm_does(tmp_path, opt_out):
+    """One SGD step on a zero loss: decayed parameters shrink by lr*wd*p exactly; norms,
+    biases and the ViT student's no_weight_decay() tokens stay put (unless opted out)."""
+    from kdgraph.runtime.loop import optimizer_params
+    from kdgraph.runtime.techniques import build_optimizer
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "supervised", blocks=1, student="timm:vit_tiny_patch16_224",
+                               data={"input_size": [1, 16, 16]},
+                               optim={"lr": 0.5, "momentum": 0.0, "weight_decay": 0.1, "lr_schedule": "constant",
+                                      "decay_norms_and_biases": opt_out})
+                     | {"student": {"model": "timm:vit_tiny_patch16_224",
+                                    "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 16, "patch_size": 4,
+                                               "depth": 2}}})
+    run = build_run(spec)
+    tokens = run.distiller.student.no_weight_decay()
+    assert {"pos_embed", "cls_token"} <= tokens
+    before = _params(run)
+    opt = build_optimizer(spec.optim, optimizer_params(spec, run.distiller), torch.device("cpu"))
+    for p in run.distiller.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = _params(run)
+    spared = {k for k, v in before.items() if not opt_out and (v.ndim <= 1 or k.split(".", 1)[1] in tokens)}
+    assert {"student.pos_embed", "student.cls_token", "student.blocks.0.norm1.weight", "student.head.bias"} <= spared \
+        or opt_out
+    for k, v in before.items():
+        expected = v if k in spared else v * (1 - 0.5 * 0.1)
+        assert torch.allclose(after[k], expected, atol=1e-7), k

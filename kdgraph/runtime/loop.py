@@ -36,7 +36,7 @@ from .evaluate import top1
 from .export import export_student, preprocessing_of
 from .progress import Reporter
 from .stability import StabilityTracker
-from .techniques import (DistInfo, autocast, build_optimizer, grad_scaler, init_distributed, maybe_compile,
+from .techniques import (DistInfo, autocast, build_optimizer, decay_groups, no_weight_decay_names, grad_scaler, init_distributed, maybe_compile,
                          resolve_device, to_channels_last, use_channels_last, wrap_ddp)
 
 
@@ -112,8 +112,7 @@ def build_run(spec: Spec) -> Run:
     cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
     if cl:
         to_channels_last(distiller)  # segments and the teacher too (Distiller._apply)
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = build_optimizer(spec.optim, params, device)
+    optimizer = build_optimizer(spec.optim, optimizer_params(spec, distiller), device)
     scheduler = build_lr_scheduler(optimizer, spec.optim.lr_schedule, spec.optim.lr,
                                    [st.epochs for st in compiled.plan.stages], len(train_loader),
                                    spec.optim.min_lr_ratio)
@@ -123,6 +122,14 @@ def build_run(spec: Spec) -> Run:
     return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
                train_loader, test_loader, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device),
                preprocessing_of(spec, ds), ddp)
+
+
+def optimizer_params(spec: Spec, distiller: Distiller) -> list:
+    """Every trainable parameter; with timm's weight-decay rule unless the spec opts out."""
+    if spec.optim.decay_norms_and_biases:
+        return [p for p in distiller.parameters() if p.requires_grad]
+    return decay_groups(distiller.named_parameters(), spec.optim.weight_decay,
+                        no_weight_decay_names(distiller.student))
 
 
 def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -437,7 +444,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from .curves import plot_curves
 
-        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name)
+        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name, teacher_top1=teacher_top1)
     if run.info.enabled:
         torch.distributed.barrier()
     return summary

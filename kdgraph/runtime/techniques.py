@@ -102,8 +102,32 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, find_unuse
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
 
+def decay_groups(named_params, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
+    """timm's rule: no weight decay on 1-d parameters (norm scales and shifts, biases) or on
+    the names in ``skip`` (a model's ``no_weight_decay()``: position embeddings, class tokens)."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        short = name.split(".", 1)[1] if name.startswith("student.") else name
+        (no_decay if p.ndim <= 1 or short in skip else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """The model's own list of parameters to keep out of weight decay (timm's convention)."""
+    fn = getattr(model, "no_weight_decay", None)
+    try:
+        return set(fn()) if callable(fn) else set()
+    except Exception:  # a model's hook is its own business; without it, the 1-d rule applies
+        return set()
+
+
 def build_optimizer(spec_optim, params, device: torch.device) -> torch.optim.Optimizer:
-    """SGD or AdamW; fused kernels on CUDA, foreach elsewhere (one launch per group, not per tensor)."""
+    """SGD or AdamW; fused kernels on CUDA, foreach elsewhere (one launch per group, not per tensor).
+
+    ``params``: parameters, or parameter groups (see ``decay_groups``)."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if spec_optim.name == "sgd":
         return torch.optim.SGD(params, lr=spec_optim.lr, momentum=spec_optim.momentum,
