@@ -37,6 +37,11 @@ class EvalFormat(str, Enum):
     json = "json"
 
 
+class EvalSplit(str, Enum):
+    test = "test"
+    train = "train"
+
+
 def _fail(exc: KDGraphError) -> None:
     err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -106,7 +111,7 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         out.print(f"{summary['output']} already finished (student top-1 {summary['student_top1']:.2f}%); "
                   "nothing was changed")
         return
-    out.print(f"student top-1 {summary['student_top1']:.2f}%"
+    out.print(f"student top-1 {summary['student_top1']:.2f}% (top-5 {summary['student_top5']:.2f}%)"
               + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")
               + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})")
 
@@ -115,12 +120,14 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
 def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(
               help="student.safetensors or a training checkpoint (default: OUTPUT/student.safetensors).")] = None,
+          split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 accuracy of the trained student (and the teacher) on the test split."""
+    """Top-1 and top-5 accuracy of the trained student (and the teacher) on a split (top-5 is
+    top-C with C < 5 classes, as in timm)."""
     from kdgraph.runtime.export import evaluate_spec
 
     try:
-        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint)
+        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint, split.value)
     except KDGraphError as exc:
         _fail(exc)
     if format is EvalFormat.json:

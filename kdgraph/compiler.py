@@ -5,14 +5,15 @@
 
 Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
 order, times them and runs the invariant checker after each; a failed check names the
-pass that broke it. Everything here runs on the CPU in seconds and touches no data.
+pass that broke it. Everything here runs on the CPU in seconds and touches no data and no
+network: pretrained weights are fetched only where a caller asks (training, evaluation).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Callable
 
 import networkx as nx
 from torch import nn
@@ -69,6 +70,7 @@ class Compiled:
     graph: nx.DiGraph | None = None
     plan: Plan | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what building the models wants the user to know
 
     @property
     def num_classes(self) -> int | None:
@@ -90,6 +92,7 @@ class Compiled:
             "schedule": self.plan.to_dict(),
             "graph": to_json(self.graph),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
         }
 
 
@@ -183,18 +186,28 @@ def _models(c: Compiled) -> list[ModelArtifacts]:
     return [a for a in (c.teacher, c.student) if a is not None]
 
 
-def build_models(spec: Spec) -> tuple[nn.Module | None, nn.Module]:
-    teacher = build_model(spec.teacher, spec.source_dir) if spec.teacher else None
-    return teacher, build_model(spec.student, spec.source_dir)
+def build_models(spec: Spec, fetch: Collection[str] = (),
+                 notes: list[str] | None = None) -> tuple[nn.Module | None, nn.Module]:
+    """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are
+    fetched only for the roles in ``fetch`` (the others get random weights of the same shapes)."""
+    teacher = (build_model(spec.teacher, spec.source_dir, role="teacher", fetch="teacher" in fetch, notes=notes)
+               if spec.teacher else None)
+    return teacher, build_model(spec.student, spec.source_dir, role="student", fetch="student" in fetch, notes=notes)
 
 
-def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None) -> Compiled:
-    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them."""
+def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
+                 fetch: Collection[str] = ()) -> Compiled:
+    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
+
+    Planning needs shapes only, so pretrained weights are fetched for the roles in
+    ``fetch`` alone (training: both; evaluation: the teacher); checkpoints always load.
+    """
     t0 = time.perf_counter()
-    teacher, student = models if models is not None else build_models(spec)
+    notes: list[str] = []
+    teacher, student = models if models is not None else build_models(spec, fetch, notes)
     c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
                  student=ModelArtifacts("student", student),
-                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None)
+                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None, notes=notes)
     c.timings["build"] = time.perf_counter() - t0
     for name, fn in PASSES:
         t0 = time.perf_counter()

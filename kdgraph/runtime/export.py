@@ -24,7 +24,7 @@ from ..data import DeviceLoader, create_dataset
 from ..errors import KDGraphError
 from ..spec import Spec
 from . import checkpoint as ckpt
-from .evaluate import top1
+from .evaluate import accuracy
 
 
 class ExportedStudent(nn.Module):
@@ -117,21 +117,29 @@ class _Inference(nn.Module):
         return self.distiller.inference(x)
 
 
-def evaluate_spec(spec: Spec, checkpoint: Path | None = None) -> dict:
-    """Top-1 of the trained student (and of the teacher) on the spec's test split, on the CPU or GPU."""
+SPLITS = ("test", "train")
+
+
+def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test") -> dict:
+    """Top-1 and top-5 of the trained student (and of the teacher) on the spec's ``split``
+    (test, or the training split as the spec's data.fraction selects it), on the CPU or GPU."""
     from .techniques import DistInfo, resolve_device
 
+    if split not in SPLITS:
+        raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     device = resolve_device(spec.runtime.device, DistInfo())
-    compiled = compile_spec(spec)
+    compiled = compile_spec(spec, fetch=("teacher",))  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or spec.output_dir / "student.safetensors").to(device).eval()
     ds = create_dataset(spec.data, spec.seed)
-    loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
-                          shuffle=False, device=device)
-    result = {"student_top1": top1(student, loader, device, spec.runtime.precision)}
+    x, y = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
+    loader = DeviceLoader(x, y, spec.data.test_batch_size or spec.data.batch_size, shuffle=False, device=device)
+    result: dict = {"split": split, "samples": len(y)}
+    acc = accuracy(student, loader, device, spec.runtime.precision)
+    result.update(student_top1=acc["top1"], student_top5=acc["top5"])
     if compiled.teacher is not None:
         teacher = compiled.teacher.model.to(device).eval()
-        result["teacher_top1"] = top1(teacher, loader, device, spec.runtime.precision)
-    result["test_samples"] = len(ds.test_y)
+        acc = accuracy(teacher, loader, device, spec.runtime.precision)
+        result.update(teacher_top1=acc["top1"], teacher_top5=acc["top5"])
     return result
 
 
