@@ -37,6 +37,11 @@ class EvalFormat(str, Enum):
     json = "json"
 
 
+class EvalSplit(str, Enum):
+    test = "test"
+    train = "train"
+
+
 def _version(value: bool) -> None:
     if value:
         import importlib.metadata
@@ -131,7 +136,7 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         out.print(f"{summary['output']} already finished (student top-1 {summary['student_top1']:.2f}%); "
                   "nothing was changed", soft_wrap=True)
         return
-    out.print(f"student top-1 {summary['student_top1']:.2f}%"
+    out.print(f"student top-1 {summary['student_top1']:.2f}% (top-5 {summary['student_top5']:.2f}%)"
               + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")
               + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})", soft_wrap=True)
 
@@ -141,12 +146,14 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(
               help="The student to score: an export folder, student.safetensors / best.safetensors or a training "
                    "checkpoint, told apart by content (default: OUTPUT/student.safetensors).")] = None,
+          split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Accuracy of the trained student (and of the teacher, where its weights exist) on the test split."""
+    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a
+    split (top-5 is top-C with C < 5 classes, as in timm)."""
     from kdgraph.runtime.export import evaluate_spec
 
     try:
-        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint)
+        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint, split.value)
     except KDGraphError as exc:
         _fail(exc)
     if format is EvalFormat.json:

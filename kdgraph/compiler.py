@@ -5,15 +5,16 @@
 
 Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
 order, times them and runs the invariant checker after each; a failed check names the
-pass that broke it. Everything here runs on the CPU in seconds and touches no data.
+pass that broke it. Everything here runs on the CPU in seconds and touches no data and no
+network: pretrained weights are fetched only where a caller asks (training, evaluation).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable
 
 import networkx as nx
 from torch import nn
@@ -70,6 +71,7 @@ class Compiled:
     graph: nx.DiGraph | None = None
     plan: Plan | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what building the models wants the user to know
     # Weights files that were named but not found, when the caller allowed that (plan, eval).
     missing_weights: list[str] = field(default_factory=list)
 
@@ -93,6 +95,7 @@ class Compiled:
             "schedule": self.plan.to_dict(),
             "graph": to_json(self.graph),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
         }
 
 
@@ -186,32 +189,40 @@ def _models(c: Compiled) -> list[ModelArtifacts]:
     return [a for a in (c.teacher, c.student) if a is not None]
 
 
-def build_models(spec: Spec, missing: list[str] | None = None) -> tuple[nn.Module | None, nn.Module]:
-    """Teacher and student of ``spec``. With ``missing`` (a list), a checkpoint file that does
-    not exist is recorded there and the model keeps its initial weights (planning needs
-    shapes only); without it, a missing file is an error."""
+def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
+                 missing: list[str] | None = None) -> tuple[nn.Module | None, nn.Module]:
+    """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are
+    fetched only for the roles in ``fetch`` (the others get random weights of the same shapes).
+    With ``missing`` (a list), a checkpoint file that does not exist is recorded there and the
+    model keeps its initial weights (planning needs shapes only); without it, it is an error."""
 
     def build(role: str, model_spec):
         if missing is not None and model_spec.checkpoint is not None and not Path(model_spec.checkpoint).exists():
             missing.append(f"{role}.checkpoint {model_spec.checkpoint}")
             model_spec = model_spec.model_copy(update={"checkpoint": None})
-        return build_model(model_spec, spec.source_dir)
+        return build_model(model_spec, spec.source_dir, role=role, fetch=role in fetch, notes=notes)
 
     teacher = build("teacher", spec.teacher) if spec.teacher else None
     return teacher, build("student", spec.student)
 
 
 def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
-                 allow_missing_weights: bool = False) -> Compiled:
-    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them;
-    ``allow_missing_weights`` plans with initial weights where a checkpoint file is missing
-    (listed in ``Compiled.missing_weights``)."""
+                 fetch: Collection[str] = (), allow_missing_weights: bool = False) -> Compiled:
+    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
+
+    Planning needs shapes only, so pretrained weights are fetched for the roles in
+    ``fetch`` alone (training: both; evaluation: the teacher); checkpoints always load,
+    except that ``allow_missing_weights`` plans with initial weights where a checkpoint
+    file does not exist yet (listed in ``Compiled.missing_weights``).
+    """
     t0 = time.perf_counter()
+    notes: list[str] = []
     missing: list[str] = []
-    teacher, student = models if models is not None else build_models(spec, missing if allow_missing_weights else None)
+    teacher, student = models if models is not None else build_models(
+        spec, fetch, notes, missing if allow_missing_weights else None)
     c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
                  student=ModelArtifacts("student", student),
-                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None,
+                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None, notes=notes,
                  missing_weights=missing)
     c.timings["build"] = time.perf_counter() - t0
     for name, fn in PASSES:

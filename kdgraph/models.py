@@ -2,7 +2,8 @@
 
 A reference is ``SOURCE:REST``; ``MODEL_SOURCES[SOURCE](REST, kwargs)`` builds it.
 Built in: ``timm:NAME``, ``torchvision:NAME`` and ``module:pkg.mod:factory``.
-Nothing is ever downloaded: weights come from ``checkpoint`` files.
+Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
+true``, from timm's or torchvision's own pretrained loader (their hub and cache).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from kdgraph.errors import ModelError
 from kdgraph.spec import ModelSpec
+from kdgraph.weights import load_state, read_state_dict
 
 __all__ = [
     "MODEL_SOURCES",
+    "PRETRAINED_SOURCES",
     "ModelFactory",
     "build_model",
     "create_model",
     "load_checkpoint",
+    "read_state_dict",
     "register_model_source",
 ]
 
@@ -38,20 +41,32 @@ def _close_names(name: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _check_timm_name(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
         raise ModelError(f"unknown timm model {name!r}{_close_names(name, timm.list_models())}")
+
+
+def _create_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    _check_timm_name(name)
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _check_torchvision_name(name: str) -> None:
     import torchvision
 
     names = torchvision.models.list_models()
     if name not in names:
         raise ModelError(f"unknown torchvision model {name!r}{_close_names(name, names)}")
+
+
+def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    _check_torchvision_name(name)
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
@@ -124,50 +139,125 @@ def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Pa
             raise ModelError(f"{ref}: cannot build with kwargs {kwargs or {}}: {exc}") from exc
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def load_checkpoint(model: nn.Module, path: Path | str, *, fresh_head: bool = False) -> list[str]:
+    """Load the weights file ``path`` (safetensors or torch, read by content) into ``model``
+    strictly; see ``kdgraph.weights.load_state``. Returns the classifier keys kept fresh."""
+    return load_state(model, read_state_dict(path), str(path), fresh_head=fresh_head)
 
-        return load_file(str(path), device="cpu")
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _no_weights(ref: str, exc: BaseException) -> ModelError:
+    return ModelError(f"{ref}: cannot load its pretrained weights ({_short(exc)}); where no network is reachable, "
+                      "download them elsewhere and give the file as checkpoint: PATH instead of pretrained: true")
+
+
+def _timm_classes(name: str) -> int | None:
+    from timm.models import get_pretrained_cfg
+
+    _check_timm_name(name)
+    cfg = get_pretrained_cfg(name)
+    return cfg.num_classes if cfg is not None else None
+
+
+def _pretrained_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    _check_timm_name(name)
+    try:  # timm's own loader: its hub or local cache; a new num_classes gets a fresh head
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError, AssertionError) as exc:
+        raise _no_weights(f"timm:{name}", exc) from None
+
+
+def _torchvision_weights(name: str):
+    import torchvision
+
+    _check_torchvision_name(name)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors name no common base class
-        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]  # a kdgraph training checkpoint
-    if not isinstance(loaded, dict):
-        raise ModelError(f"checkpoint {path} holds a {type(loaded).__name__}, not a state_dict")
-    return loaded
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        raise ModelError(f"torchvision:{name} has no pretrained weights; give a weights file as checkpoint: PATH") from None
 
 
-def load_checkpoint(model: nn.Module, path: Path | str) -> nn.Module:
-    """Load weights from ``path`` into ``model`` strictly; every key must match in name and shape."""
-    path = Path(path)
-    state = _read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {path} does not fit {type(model).__name__}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[:10])}{more}")
-        raise ModelError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+def _torchvision_classes(name: str) -> int | None:
+    return len(_torchvision_weights(name).meta.get("categories") or []) or None
+
+
+def _pretrained_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    weights = _torchvision_weights(name)
+    classes = len(weights.meta.get("categories") or []) or None
+    other_head = kwargs.get("num_classes", classes) != classes
+    try:  # torchvision's own loader (its hub cache); it refuses a num_classes other than the weights'
+        pretrained = torchvision.models.get_model(name, weights=weights, **{k: v for k, v in kwargs.items()
+                                                                          if not (other_head and k == "num_classes")})
+    except (OSError, RuntimeError) as exc:
+        raise _no_weights(f"torchvision:{name}", exc) from None
+    if not other_head:
+        return pretrained
+    model = _create_torchvision(name, kwargs)  # as timm does: the pretrained body, a fresh head
+    load_state(model, pretrained.state_dict(), f"torchvision:{name} ({weights})", fresh_head=True)
     return model
 
 
-def build_model(model_spec: ModelSpec, search_path: Path | None = None) -> nn.Module:
-    """The model of a spec entry: built from its reference, then its checkpoint loaded if given."""
+# (classes of the default pretrained weights, loader) of the sources that have pretrained weights.
+PRETRAINED_SOURCES: dict[str, tuple[Callable[[str], int | None], ModelFactory]] = {
+    "timm": (_timm_classes, _pretrained_timm),
+    "torchvision": (_torchvision_classes, _pretrained_torchvision),
+}
+
+
+def _build_pretrained(model_spec: ModelSpec, role: str, fetch: bool, search_path: Path | None,
+                      notes: list[str]) -> nn.Module:
+    ref = model_spec.model
+    source, _, name = ref.partition(":")
+    if source not in PRETRAINED_SOURCES:  # the spec refuses this; a Python caller may not have validated
+        raise ModelError(f"{ref}: pretrained: true works for {', '.join(PRETRAINED_SOURCES)} models; "
+                         "give the weights file as checkpoint: PATH")
+    classes_of, fetch_pretrained = PRETRAINED_SOURCES[source]
+    classes, wanted = classes_of(name), model_spec.kwargs.get("num_classes")
+    other_head = classes is not None and wanted is not None and wanted != classes
+    if other_head and role == "teacher":
+        raise ModelError(f"teacher {ref}: its pretrained weights predict {classes} classes, kwargs.num_classes asks "
+                         f"for {wanted}, and a teacher with a random head teaches nothing; fine-tune it first (a "
+                         "supervised spec whose student is this model with pretrained: true) and give that run's "
+                         "checkpoints/last.pt as teacher.checkpoint")
+    if fetch:
+        try:
+            model = fetch_pretrained(name, dict(model_spec.kwargs))
+        except TypeError as exc:
+            raise ModelError(f"{ref}: cannot build with kwargs {model_spec.kwargs}: {exc}") from exc
+    else:
+        model = create_model(ref, model_spec.kwargs, search_path=search_path)
+        notes.append(f"{role} {ref}: pretrained weights not fetched here (planning needs only shapes)")
+    if other_head:
+        notes.append(f"{role} {ref}: the pretrained classifier ({classes} classes) is replaced by a fresh one "
+                     f"for {wanted} classes")
+    return model
+
+
+def build_model(model_spec: ModelSpec, search_path: Path | None = None, *, role: str = "student",
+                fetch: bool = True, notes: list[str] | None = None) -> nn.Module:
+    """The model of a spec entry: built from its reference, with its weights.
+
+    ``pretrained: true`` loads the source's own pretrained weights (timm's hub or cache,
+    torchvision's DEFAULT weights) unless ``fetch`` is false (planning: random weights of
+    the same shapes). A ``checkpoint`` is loaded strictly. A student whose weights were
+    trained for another number of classes gets a fresh classifier, as timm gives one; a
+    teacher's must fit. What the user should know (a fresh head) is appended to ``notes``.
+    """
+    notes = notes if notes is not None else []
+    if model_spec.pretrained:
+        return _build_pretrained(model_spec, role, fetch, search_path, notes)
     model = create_model(model_spec.model, model_spec.kwargs, search_path=search_path)
     if model_spec.checkpoint is not None:
-        load_checkpoint(model, model_spec.checkpoint)
+        fresh = load_checkpoint(model, model_spec.checkpoint, fresh_head=role == "student")
+        if fresh:
+            notes.append(f"{role} {model_spec.model}: classifier {', '.join(fresh)} freshly initialised "
+                         f"({model_spec.checkpoint} was trained for another number of classes)")
     return model

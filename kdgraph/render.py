@@ -7,6 +7,7 @@ from pathlib import Path
 import networkx as nx
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .blockgraph import _label
 from .compiler import Compiled, ModelArtifacts
@@ -16,14 +17,18 @@ def _fmt_shape(shape) -> str:
     return "×".join(map(str, shape)) if shape else "-"
 
 
+def _model_row(m) -> str:
+    weights = f" <- {m.checkpoint}" if m.checkpoint else (" <- pretrained" if m.pretrained else "")
+    return f"{m.model} {m.kwargs or ''}{weights}"
+
+
 def spec_table(c: Compiled) -> Table:
     s = c.spec
     t = Table(title=f"spec: {s.name}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
-    t.add_row("teacher", f"{s.teacher.model} {s.teacher.kwargs or ''}" + (
-        f" <- {s.teacher.checkpoint}" if s.teacher and s.teacher.checkpoint else "") if s.teacher else "none (supervised)")
-    t.add_row("student", f"{s.student.model} {s.student.kwargs or ''}")
+    t.add_row("teacher", _model_row(s.teacher) if s.teacher else "none (supervised)")
+    t.add_row("student", _model_row(s.student))
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
                       f"fraction {s.data.fraction}")
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
@@ -99,6 +104,7 @@ def plan_view(c: Compiled) -> Group:
     if c.teacher:
         parts.append(stages_table(c.teacher))
     parts += [stages_table(c.student), blocks_table(c), schedule_table(c)]
+    parts += [Text(f"note: {note}") for note in c.notes]
     return Group(*parts)
 
 

@@ -94,10 +94,19 @@ class ModelSpec(_Strict):
         default_factory=dict,
         description="Keyword arguments for the model factory, e.g. {num_classes: 100}.",
     )
+    pretrained: bool = Field(
+        default=False,
+        description="Load the source's own pretrained weights (timm: and torchvision: models; timm's hub or "
+        "local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
+        "classifier, as timm does; a teacher's must match. `kdgraph plan` does not fetch them.",
+    )
     checkpoint: Path | None = Field(
         default=None,
-        description="Weights to load (strictly): .safetensors, or a torch file (a state_dict or a "
-        "kdgraph training checkpoint). Relative paths are relative to the working directory.",
+        description="Weights file to load (strictly; format read from its content): safetensors or a torch "
+        "file holding a timm, torchvision or HF state_dict (wrappers such as state_dict/model/module and "
+        "prefixes such as module. stripped) or a kdgraph training checkpoint (checkpoints/last.pt). A "
+        "student's classifier trained for another number of classes is re-initialised; a teacher's must fit. "
+        "Relative paths are relative to the working directory.",
     )
 
     @field_validator("model")
@@ -124,11 +133,34 @@ class ModelSpec(_Strict):
         for key in ("pretrained", "weights"):
             if kwargs.get(key):
                 raise _invalid(
-                    f"'{key}' asks for downloaded weights, which cannot be downloaded here; "
-                    f"remove it and give the weights file as checkpoint: PATH",
+                    f"'{key}' in kwargs is not how kdgraph loads weights; remove it and write pretrained: true "
+                    "next to kwargs (the source's own pretrained weights) or checkpoint: PATH (a weights file)",
                     allowed="constructor arguments other than pretrained/weights",
                 )
         return kwargs
+
+    @model_validator(mode="after")
+    def _one_weights_source(self) -> ModelSpec:
+        if not self.pretrained:
+            return self
+        if self.checkpoint is not None:
+            raise _invalid("give either pretrained: true or a checkpoint, not both (the checkpoint would "
+                           "replace every pretrained weight)", allowed="false with a checkpoint", at="pretrained",
+                           got=True)
+        source = self.model.partition(":")[0]
+        sources = _pretrained_sources()
+        if source not in sources:
+            raise _invalid(f"{source}: models have no pretrained weights kdgraph can fetch; give the weights "
+                           "file as checkpoint: PATH", allowed=f"true for {', '.join(sources)} models",
+                           at="pretrained", got=True)
+        return self
+
+
+def _pretrained_sources() -> list[str]:
+    """Sources whose models have pretrained weights (kdgraph.models; imported lazily: torch)."""
+    from kdgraph.models import PRETRAINED_SOURCES
+
+    return list(PRETRAINED_SOURCES)
 
 
 def _registered_model_sources() -> set[str]:
@@ -366,7 +398,7 @@ class Spec(_Strict):
         if self.teacher is None and method != "supervised":
             raise _invalid(
                 f"method {method!r} needs a teacher; add teacher: {{model: ...}} or set schedule.method: supervised",
-                allowed="a {model, kwargs, checkpoint} mapping",
+                allowed="a {model, kwargs, pretrained, checkpoint} mapping",
                 at="teacher",
                 got=None,
             )

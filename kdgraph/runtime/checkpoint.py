@@ -10,7 +10,6 @@ optimizer and scheduler states, RNG states, the position and the plan), so it lo
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import KDGraphError
+from ..weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,30 +59,16 @@ def _umask() -> int:
     return _UMASK
 
 
-REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "plan")
+REQUIRED_KEYS = TRAINING_CHECKPOINT_KEYS
 
 
 def load(path: Path) -> dict[str, Any]:
-    """A kdgraph training checkpoint, loaded without unpickling anything but data."""
+    """A kdgraph training checkpoint, loaded without unpickling anything but data
+    (``kdgraph.weights.read_weights_file``: format by content, code refused)."""
     path = Path(path)
     if not path.exists():
         raise KDGraphError(f"no checkpoint at {path}: nothing to resume (train without --resume first)")
-    if not path.is_file():
-        raise KDGraphError(f"checkpoint {path} is not a file")
-    try:
-        with path.open("rb") as f:  # a file object: torch.load would pick a reader by the suffix
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "global" in str(exc).lower():  # a class or function the file asks the unpickler to call
-            raise KDGraphError(f"refusing to load {path}: it holds pickled Python objects, not only tensors and "
-                               "data, and loading them could run code; kdgraph never unpickles objects "
-                               f"({_culprit(exc)})") from None
-        raise KDGraphError(f"cannot read checkpoint {path}: {first}") from None
-    except Exception as exc:  # zip, EOF and storage errors name no common base class
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KDGraphError(f"cannot read checkpoint {path} (truncated, corrupt or not a kdgraph checkpoint): "
-                           f"{detail}") from None
+    state = read_weights_file(path)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise KDGraphError(f"{path} is not a kdgraph training checkpoint: it needs keys "
@@ -90,12 +76,3 @@ def load(path: Path) -> dict[str, Any]:
     # Checkpoints of kdgraph before the frozen-teacher fix also held the teacher's tensors.
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("_teacher.")}
     return state
-
-
-def _culprit(exc: Exception) -> str:
-    """The global the unpickler refused (torch names it in its message), for the error."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if "global" in line.lower():
-            return line.rstrip(".")
-    return "see torch.load(weights_only=True)"

@@ -25,7 +25,7 @@ from ..errors import KDGraphError
 from ..spec import Spec
 from . import checkpoint as ckpt
 from . import ship
-from .evaluate import top1
+from .evaluate import accuracy
 
 
 class ExportedStudent(nn.Module):
@@ -175,26 +175,50 @@ def _default_student(spec: Spec) -> Path:
     return spec.output_dir / "student.safetensors"
 
 
-def evaluate_spec(spec: Spec, checkpoint: Path | None = None) -> dict:
-    """Accuracy of the trained student (and of the teacher, where its weights are at hand) on
-    the spec's test split, on the CPU or GPU. The teacher is never needed to score the student."""
-    from .techniques import resolve_device
+SPLITS = ("test", "train")
 
-    from .techniques import DistInfo
 
+def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test") -> dict:
+    """Top-1 and top-5 of the trained student (and of the teacher, where its weights are at
+    hand) on the spec's ``split`` (test, or the training split as the spec's data.fraction
+    selects it), on the CPU or GPU. The teacher is never needed to score the student."""
+    from .techniques import DistInfo, resolve_device
+
+    if split not in SPLITS:
+        raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     device = resolve_device(spec.runtime.device, DistInfo())
-    compiled = compile_spec(spec, allow_missing_weights=True)
+    compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
     ds = create_dataset(spec.data, spec.seed)
-    loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
-                          shuffle=False, device=device)
-    result = {"student_top1": top1(student, loader, device, spec.runtime.precision)}
-    teacher_missing = any(m.startswith("teacher.") for m in compiled.missing_weights)
-    if compiled.teacher is not None and not teacher_missing and spec.teacher.checkpoint is not None:
+    x, y = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
+    loader = DeviceLoader(x, y, spec.data.test_batch_size or spec.data.batch_size, shuffle=False, device=device)
+    result: dict = {"split": split, "samples": len(y)}
+    acc = accuracy(student, loader, device, spec.runtime.precision)
+    result.update(student_top1=acc["top1"], student_top5=acc["top5"])
+    if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
         teacher = compiled.teacher.model.to(device).eval()
-        result["teacher_top1"] = top1(teacher, loader, device, spec.runtime.precision)
-    result["test_samples"] = len(ds.test_y)
+        acc = accuracy(teacher, loader, device, spec.runtime.precision)
+        result.update(teacher_top1=acc["top1"], teacher_top5=acc["top5"])
     return result
+
+
+def _compile_for_eval(spec: Spec) -> Compiled:
+    """The plan with the teacher's pretrained weights fetched where it has them; where they
+    cannot be had (offline), the plan without them: the student is scored either way."""
+    if spec.teacher is not None and spec.teacher.pretrained:
+        try:
+            return compile_spec(spec, fetch=("teacher",), allow_missing_weights=True)
+        except KDGraphError as exc:
+            compiled = compile_spec(spec, allow_missing_weights=True)
+            compiled.missing_weights.append(f"teacher pretrained weights ({str(exc).splitlines()[0]})")
+            return compiled
+    return compile_spec(spec, allow_missing_weights=True)
+
+
+def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
+    if any(m.startswith("teacher") for m in compiled.missing_weights):
+        return False
+    return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
 
 
 def preprocessing_of(spec: Spec, ds=None) -> dict:

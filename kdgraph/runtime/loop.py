@@ -32,12 +32,13 @@ from ..spec import Spec
 from . import checkpoint as ckpt
 from . import runs
 from .distiller import Distiller
-from .evaluate import top1
+from .evaluate import accuracy
 from .export import export_student, preprocessing_of
 from .progress import Reporter
 from .stability import StabilityTracker
-from .techniques import (DistInfo, autocast, build_optimizer, decay_groups, no_weight_decay_names, grad_scaler, init_distributed, maybe_compile,
-                         resolve_device, to_channels_last, use_channels_last, wrap_ddp)
+from .techniques import (DistInfo, autocast, build_optimizer, decay_groups, grad_scaler, init_distributed,
+                         maybe_compile, no_weight_decay_names, resolve_device, to_channels_last, use_channels_last,
+                         wrap_ddp)
 
 
 class TrainingInterrupted(KDGraphError):
@@ -100,7 +101,7 @@ def build_run(spec: Spec) -> Run:
         torch.set_num_threads(spec.runtime.num_threads)
     torch.manual_seed(spec.seed)  # model and adapter initialisation
     random.seed(spec.seed)
-    compiled = compile_spec(spec)
+    compiled = compile_spec(spec, fetch=("teacher", "student"))
     train_loader, _, ds = build_loaders(spec.data, spec.seed, device, info.rank, info.world_size)
     if compiled.num_classes is not None and ds.num_classes > compiled.num_classes:
         raise KDGraphError(f"{spec.data.dataset} has {ds.num_classes} classes but the student predicts "
@@ -201,15 +202,17 @@ def recalibrate_bn(run: Run) -> None:
     run.distiller.train(was)
 
 
-def evaluate_student(run: Run) -> float:
+def evaluate_student(run: Run) -> dict[str, float]:
+    """{'top1', 'top5'} of the composed student on the test split (BatchNorm re-estimated first
+    where ``runtime.bn_recalibrate`` says so)."""
     setting = run.spec.runtime.bn_recalibrate
     if setting is True or (setting == "auto" and len(run.distiller.groups) > 1):
         recalibrate_bn(run)
     was = run.distiller.training
     run.distiller.eval()
     try:
-        return top1(run.distiller.inference, run.test_loader, run.device, run.spec.runtime.precision,
-                    run.channels_last)
+        return accuracy(run.distiller.inference, run.test_loader, run.device, run.spec.runtime.precision,
+                        run.channels_last)
     finally:
         run.distiller.train(was)
 
@@ -258,7 +261,7 @@ class Metrics:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
 
 
-def _save(run: Run, epoch: int, step: int, global_step: int, teacher_top1, best: dict) -> None:
+def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None, best: dict) -> None:
     if not run.info.is_main:
         return
     ckpt.save_atomic({
@@ -269,7 +272,8 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_top1, best:
         "rng": ckpt.rng_state(),
         "position": {"epoch": epoch, "step": step, "global_step": global_step},
         "plan": run.compiled.plan.to_dict(),
-        "teacher_top1": teacher_top1,
+        "teacher_top1": teacher_acc and teacher_acc["top1"],
+        "teacher_top5": teacher_acc and teacher_acc["top5"],
         "history": best,
         "preprocessing": run.preprocessing,
     }, run.out / "checkpoints" / "last.pt")
@@ -336,30 +340,34 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     if main:
         (run.out / "plan.json").write_text(json.dumps(run.compiled.to_dict(), indent=2))
     position = {"epoch": 0, "step": 0, "global_step": 0}
-    teacher_top1, history = None, {"wall_s": 0.0, "images": 0, "train_s": 0.0}
+    teacher_acc, history = None, {"wall_s": 0.0, "images": 0, "train_s": 0.0}
     if resume:
         state = _resume(run)
-        position, teacher_top1, history = state["position"], state["teacher_top1"], state["history"]
+        position, history = state["position"], state["history"]
+        if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
+            teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
     # wall time adds up across resumes: what earlier processes spent, plus this one so far
     wall_before = history["wall_s"]
 
     def save(epoch: int, step: int) -> None:
         history["wall_s"] = wall_before + time.perf_counter() - t_start
-        _save(run, epoch, step, gstep, teacher_top1, history)
+        _save(run, epoch, step, gstep, teacher_acc, history)
     metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None)
     plan = run.compiled.plan
     total_epochs = plan.epochs
     reporter = Reporter(quiet, total_epochs, len(run.train_loader), plan, silent=not main)
-    if main and spec.teacher and spec.teacher.checkpoint is None:
+    for note in run.compiled.notes if main else ():
+        reporter.note(f"note: {note}")
+    if main and spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained:
         reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
-                      "train one with a supervised spec and set teacher.checkpoint")
-    if main and run.distiller.teacher is not None and teacher_top1 is None:
-        teacher_top1 = top1(run.distiller.teacher, run.test_loader, run.device, spec.runtime.precision,
-                            run.channels_last)
-        reporter.note(f"teacher top-1 {teacher_top1:.2f}%")
+                      "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
+    if main and run.distiller.teacher is not None and teacher_acc is None:
+        teacher_acc = accuracy(run.distiller.teacher, run.test_loader, run.device, spec.runtime.precision,
+                               run.channels_last)
+        reporter.note(f"teacher top-1 {teacher_acc['top1']:.2f}%, top-5 {teacher_acc['top5']:.2f}%")
     rt = spec.runtime
     gstep = position["global_step"]
-    student_top1 = None
+    student_acc = None
     tracker = StabilityTracker(run.distiller._segments) if rt.track_stability else None
     with stop_signals() as stop, reporter:
         for epoch in range(position["epoch"], total_epochs):
@@ -410,13 +418,14 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
             history["train_s"] += epoch_s
             history["images"] += steps_done * spec.data.batch_size * run.info.world_size
             if main and ((epoch + 1) % rt.eval_every == 0 or epoch + 1 == total_epochs):
-                student_top1 = evaluate_student(run)
-                if student_top1 > history.get("best_top1", -1.0):  # ties keep the earlier epoch
-                    history.update(best_top1=student_top1, best_epoch=epoch + 1)
+                student_acc = evaluate_student(run)
+                if student_acc["top1"] > history.get("best_top1", -1.0):  # ties keep the earlier epoch
+                    history.update(best_top1=student_acc["top1"], best_epoch=epoch + 1)
                     runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "best.safetensors"))
             record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": gstep,
                       **{f"train_{k}": round(v.item() / max(steps_done, 1), 6) for k, v in sums.items()},
-                      "student_top1": student_top1, "epoch_s": round(epoch_s, 3),
+                      "student_top1": student_acc and student_acc["top1"],
+                      "student_top5": student_acc and student_acc["top5"], "epoch_s": round(epoch_s, 3),
                       "images_per_s": round(steps_done * spec.data.batch_size * run.info.world_size
                                             / max(epoch_s, 1e-9), 1)}
             metrics.write(record)
@@ -427,12 +436,14 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     # finds no epoch left (a stop between the last checkpoint and the export).
     run.distiller.set_stage(plan.stages[-1])
     history["wall_s"] = wall_before + time.perf_counter() - t_start
+    if student_acc is None and main:
+        student_acc = evaluate_student(run)
     summary = {
         "name": spec.name, "method": plan.method, "k": plan.k, "n": plan.n, "epochs": total_epochs,
-        "student_top1": student_top1 if student_top1 is not None else (evaluate_student(run) if main else None),
+        "student_top1": student_acc and student_acc["top1"], "student_top5": student_acc and student_acc["top5"],
         "best_top1": history.get("best_top1"),
         "best_epoch": history.get("best_epoch"),
-        "teacher_top1": teacher_top1,
+        "teacher_top1": teacher_acc and teacher_acc["top1"], "teacher_top5": teacher_acc and teacher_acc["top5"],
         "wall_time_s": round(history["wall_s"], 2),
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
         "output": str(run.out),
@@ -444,7 +455,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from .curves import plot_curves
 
-        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name, teacher_top1=teacher_top1)
+        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name,
+                    teacher_top1=teacher_acc and teacher_acc["top1"])
     if run.info.enabled:
         torch.distributed.barrier()
     return summary

@@ -140,8 +140,9 @@ def spec_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose resolved values differ, outside RESUMABLE_CHANGES."""
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
+    # a key the stored spec lacks is a field newer than the run: it ran with that field's default
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys
-            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+            if k in a and a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
 def stored_run(out: Path) -> dict | None:

@@ -1,0 +1,252 @@
+"""Weight files: read by content, never run code, fitted to a model.
+
+    read_weights_file(path)  -> whatever the file holds (safetensors dict or torch data)
+    read_state_dict(path)    -> {name: tensor}, wrappers unwrapped (timm, torchvision, HF,
+                                DDP, Lightning, kdgraph training checkpoints)
+    load_state(model, state) -> loads strictly after stripping wrapper prefixes; every
+                                missing, unexpected or mis-shaped key reported in one error
+
+The format is read from the first bytes, never from the suffix: safetensors (an 8-byte
+little-endian header length, then a JSON header), a torch zip archive ('PK') or a legacy
+torch pickle (protocol opcode 0x80). Torch files load with ``weights_only=True``: a file
+asking the unpickler for a class or function (``__reduce__`` to ``os.system``, say) is
+refused before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = [
+    "TRAINING_CHECKPOINT_KEYS",
+    "classifier_names",
+    "load_state",
+    "read_state_dict",
+    "read_weights_file",
+]
+
+# What every kdgraph training checkpoint (OUT/checkpoints/last.pt) holds.
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "position", "plan")
+# Containers that other tools wrap a state_dict in: timm and Lightning ('state_dict'),
+# torchvision's reference scripts ('model'), some DDP savers ('module').
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+# Key prefixes of DDP ('module.'), torch.compile ('_orig_mod.') and wrapper modules ('model.').
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'torch' (zip or legacy pickle), from the file's first bytes."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelError(f"cannot read checkpoint {path}: the file is empty")
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
+        return "torch"
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if n <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{":
+            return "safetensors"
+    raise ModelError(f"cannot read checkpoint {path}: not a safetensors or torch file (it starts with {head[:8]!r})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refused_global(exc: Exception) -> str:
+    """The global the unpickler refused (torch names it in its message), for the error."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if "global" in line.lower():
+            return line.rstrip(".")
+    return "see torch.load(weights_only=True)"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            json.loads(f.read(n))  # a header cut short or not JSON: say so before safetensors does
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, JSON and OS errors share no base class
+        raise ModelError(f"cannot read checkpoint {path} (truncated or corrupt safetensors file): "
+                         f"{_first_line(exc)}") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:  # a file object: torch.load would pick a loader from a path's suffix
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # a class or function the file asks the unpickler to call
+            raise ModelError(f"cannot read checkpoint {path}: refusing to load it, it holds pickled Python "
+                             "objects, not only tensors and data, and loading them could run code; kdgraph "
+                             f"never unpickles objects ({_refused_global(exc)})") from None
+        raise ModelError(f"cannot read checkpoint {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # zip, EOF and storage errors name no common base class
+        raise ModelError(f"cannot read checkpoint {path} (truncated or corrupt): {_first_line(exc)}") from None
+
+
+def read_weights_file(path: Path | str) -> Any:
+    """What ``path`` holds, read by content: a safetensors file's tensors, or a torch file's
+    data (tensors, numbers, strings, containers; never objects). Every failure is one
+    ``ModelError`` line naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} is not a file")
+    return _read_safetensors(path) if _sniff(path) == "safetensors" else _read_torch(path)
+
+
+def _is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(k in obj for k in TRAINING_CHECKPOINT_KEYS)
+
+
+def _student_of_training_checkpoint(path: Path, ckpt: Mapping) -> dict[str, Any]:
+    """The student's own weights from a kdgraph training checkpoint (the distiller's state:
+    ``student.*`` and ``adapters.*``). Where the trained student runs through its adapters
+    (StableKD, TPP) its plain network is not the trained one, so that is refused."""
+    state = ckpt["model"]
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path} looks like a kdgraph training checkpoint but its 'model' is a "
+                         f"{type(state).__name__}, not a state_dict")
+    plan = ckpt["plan"] if isinstance(ckpt["plan"], Mapping) else {}
+    adapters = [k for k in state if k.startswith("adapters.")]
+    if adapters and plan.get("method") != "kd+mse":  # kd+mse's adapters serve its losses only
+        raise ModelError(f"{path} is a kdgraph training checkpoint of a {plan.get('method', '?')} student that "
+                         "runs through adapters between its blocks, so its plain network is not the trained one; "
+                         "use a checkpoint of a run without them (a supervised, kd or kd+mse run)")
+    return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+
+
+def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (safetensors or torch, read by content).
+
+    Unwraps ``{'state_dict': ...}``, ``{'model': ...}`` and ``{'module': ...}`` containers
+    (timm, Lightning, torchvision references, DDP savers); a kdgraph training checkpoint
+    (``last.pt``) gives its student's weights without the ``student.`` prefix. Key
+    prefixes such as ``module.`` are kept: ``load_state`` strips those that fit a model.
+    """
+    path = Path(path)
+    obj = read_weights_file(path)
+    if _is_training_checkpoint(obj):
+        obj = _student_of_training_checkpoint(path, obj)
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
+    odd = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd or not obj:
+        what = f"non-tensor entries: {', '.join(odd[:5])}" if odd else "no tensors"
+        raise ModelError(f"checkpoint {path} is not a state_dict: it holds {what}")
+    return dict(obj)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], own: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``model.``, nested up to three
+    deep: ``module._orig_mod.``) only where that makes more keys match the model's: a model
+    whose own keys start with ``model.`` keeps them. Ties keep the fewer strips."""
+    def score(s: Mapping[str, Any]) -> int:
+        return sum(k in own for k in s)
+
+    best, best_score = state, score(state)
+    frontier = [state]
+    for _ in range(3):
+        frontier = [{k.removeprefix(p): v for k, v in s.items()} for s in frontier for p in _PREFIXES
+                    if any(k.startswith(p) for k in s)]
+        frontier = [s for s in frontier if len(s) == len(state)]  # stripping must not merge keys
+        for s in frontier:
+            if score(s) > best_score:
+                best, best_score = s, score(s)
+    return best
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """Module paths of the model's classifier head: timm's ``pretrained_cfg['classifier']``,
+    else the module ``get_classifier()`` returns, else the last ``nn.Linear``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("classifier"):
+        names = cfg["classifier"]
+        return (names,) if isinstance(names, str) else tuple(names)
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        found = [n for n, m in model.named_modules() if n and m is head]
+        if found:
+            return (found[0],)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return (linears[-1],) if linears else ()
+
+
+def _head_keys(model: nn.Module, own: Mapping[str, Any]) -> set[str]:
+    names = classifier_names(model)
+    return {k for k in own for n in names if k.startswith(n + ".")}
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+    return f"  {title} ({len(items)}): {', '.join(items[:10])}{more}"
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+               fresh_head: bool = False) -> list[str]:
+    """Load ``state`` into ``model`` strictly, after stripping wrapper prefixes that fit.
+
+    With ``fresh_head``, classifier keys (``classifier_names``) that are missing or have
+    another shape (a checkpoint for another number of classes) keep the model's fresh
+    initialisation, as timm's ``pretrained=True, num_classes=N`` does; the keys kept fresh
+    are returned. Anything else that does not fit is one ``ModelError`` listing missing,
+    unexpected and mis-shaped keys (``source`` names the file in it).
+    """
+    own = model.state_dict()
+    state = _strip_prefixes(dict(state), own)
+    # BatchNorm counters are absent from old torchvision files; they do not change the function.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    head = _head_keys(model, own)
+    fresh = [k for k in own if k in head and (k in missing or k in mismatched)] if fresh_head else []
+    missing = [k for k in missing if k not in fresh]
+    mismatched = [k for k in mismatched if k not in fresh]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        if missing:
+            lines.append(_listing("missing keys", missing))
+        if unexpected:
+            lines.append(_listing("unexpected keys", unexpected))
+        if mismatched:
+            lines.append(_listing("shape mismatches", [f"{k}: checkpoint {tuple(state[k].shape)} vs model "
+                                                       f"{tuple(own[k].shape)}" for k in mismatched]))
+        other_classes = [k for k in mismatched if k in head and state[k].shape[1:] == own[k].shape[1:]]
+        if other_classes:
+            k = other_classes[0]
+            lines.append(f"  the classifier {k.rpartition('.')[0]} was trained for {state[k].shape[0]} classes, the "
+                         f"model has {own[k].shape[0]}: a teacher needs its trained head, so fine-tune it first "
+                         "(a supervised spec whose student is this model with this checkpoint) and give that "
+                         "run's checkpoints/last.pt as teacher.checkpoint")
+        raise ModelError("\n".join(lines))
+    # Fresh head keys and absent BatchNorm counters keep the model's own values.
+    full = {k: own[k] if k in fresh or k not in state else state[k] for k in own}
+    model.load_state_dict(full, strict=True)
+    return fresh

@@ -1,0 +1,462 @@
+"""Pretrained teachers and students: weight files read by content (safetensors, torch zip,
+legacy torch) from timm, torchvision, HF-, DDP- and Lightning-style savers and kdgraph's own
+training checkpoints; fresh heads for students; code payloads refused unexecuted; broken
+files as one-line errors; ``pretrained: true`` through timm's and torchvision's own loaders
+(never reaching a hub: sockets are disabled here); planning without weights; top-5.
+
+The truth every load is checked against is the source model's own ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from kdgraph.compiler import compile_spec
+from kdgraph.errors import ModelError
+from kdgraph.models import build_model, load_checkpoint, read_state_dict
+from kdgraph.runtime.evaluate import topk_correct
+from kdgraph.spec import ModelSpec, load_spec
+from kdgraph.weights import classifier_names
+
+from _runtime_helpers import ROOT, tiny_spec, train_here
+
+TIMM = "resnet10t"  # small: 5M parameters, builds in 0.05 s
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Nothing in this file may reach a hub: every connection attempt fails at once."""
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in kdgraph's tests")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def _timm(num_classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(TIMM, num_classes=num_classes)
+
+
+def _same(state: dict, truth: dict, skip: tuple[str, ...] = ()) -> None:
+    keys = [k for k in truth if not k.startswith(skip)]
+    assert sorted(k for k in state if not k.startswith(skip)) == sorted(keys)
+    for k in keys:
+        assert torch.equal(state[k], truth[k]), k
+
+
+def _save_safetensors(state: dict, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _save_torch(state, path: Path, legacy: bool = False) -> Path:
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+# --- formats, read by content ------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, name", [
+    ("safetensors", "w.safetensors"), ("safetensors", "w.pth"), ("safetensors", "weights"),
+    ("torch", "w.pt"), ("torch", "w.safetensors"), ("torch", "pytorch_model.bin"),
+    ("legacy", "w.pth.tar"), ("legacy", "w.safetensors"),
+])
+def test_format_is_read_from_content_not_suffix(tmp_path, fmt, name):
+    source = _timm()
+    truth = source.state_dict()
+    path = tmp_path / name
+    if fmt == "safetensors":
+        _save_safetensors(truth, path)
+    else:
+        _save_torch(truth, path, legacy=fmt == "legacy")
+    _same(read_state_dict(path), truth)
+    target = _timm(seed=1)
+    assert not torch.equal(target.fc.weight, source.fc.weight)
+    assert load_checkpoint(target, path) == []
+    _same(target.state_dict(), truth)
+
+
+@pytest.mark.parametrize("wrap", ["ddp-in-state_dict", "model", "module", "lightning", "compiled-ddp", "timm-train"])
+def test_wrappers_and_prefixes_are_stripped(tmp_path, wrap):
+    truth = _timm().state_dict()
+
+    def prefixed(prefix):
+        return {prefix + k: v for k, v in truth.items()}
+
+    saved = {
+        "ddp-in-state_dict": {"state_dict": prefixed("module.")},
+        "model": {"model": truth, "optimizer": {"state": {}}, "epoch": 3},  # torchvision's references
+        "module": {"module": truth},
+        "lightning": {"state_dict": prefixed("model."), "epoch": 1, "global_step": 10},
+        "compiled-ddp": prefixed("module._orig_mod."),
+        "timm-train": {"epoch": 5, "arch": TIMM, "state_dict": truth, "state_dict_ema": prefixed("ema.")},
+    }[wrap]
+    path = _save_torch(saved, tmp_path / "ckpt.pth")
+    target = _timm(seed=1)
+    load_checkpoint(target, path)
+    _same(target.state_dict(), truth)
+
+
+class _Wrapper(nn.Module):
+    """A model whose own keys start with 'model.': the prefix must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+        self.model(torch.zeros(1, 3, 5, 5))
+
+
+def test_prefix_is_stripped_only_where_it_fits_better(tmp_path):
+    torch.manual_seed(0)
+    source = _Wrapper()
+    truth = source.state_dict()
+    assert all(k.startswith("model.") for k in truth)
+    for saved in (truth, {"module." + k: v for k, v in truth.items()}):
+        path = _save_torch(saved, tmp_path / "w.pt")
+        torch.manual_seed(1)
+        target = _Wrapper()
+        load_checkpoint(target, path)
+        _same(target.state_dict(), truth)
+
+
+def test_hf_style_safetensors_with_model_prefix(tmp_path):
+    truth = _timm().state_dict()
+    path = _save_safetensors({"model." + k: v for k, v in truth.items()}, tmp_path / "model.safetensors")
+    target = _timm(seed=1)
+    load_checkpoint(target, path)
+    _same(target.state_dict(), truth)
+
+
+def test_torchvision_resnet_pth(tmp_path):
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=10)
+    truth = source.state_dict()
+    path = _save_torch(truth, tmp_path / "resnet18-f37072fd.pth")
+    spec = ModelSpec(model="torchvision:resnet18", kwargs={"num_classes": 10}, checkpoint=path)
+    _same(build_model(spec).state_dict(), truth)
+    # Files of old torchvision releases have no BatchNorm counters: they load all the same.
+    old = _save_torch({k: v for k, v in truth.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth")
+    _same(build_model(spec.model_copy(update={"checkpoint": old})).state_dict(), truth)
+
+
+def test_mismatches_are_listed_in_one_error(tmp_path):
+    state = dict(_timm().state_dict())
+    state.pop("conv1.0.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    path = _save_torch(state, tmp_path / "bad.pt")
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(_timm(), path)
+    text = str(info.value)
+    assert str(path) in text
+    assert "missing keys (1): conv1.0.weight" in text
+    assert "unexpected keys (1): extra.weight" in text
+    assert "layer1.0.conv1.weight: checkpoint (3, 3)" in text
+
+
+# --- heads ----------------------------------------------------------------------------------
+
+def test_classifier_names():
+    assert classifier_names(_timm()) == ("fc",)
+    assert classifier_names(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3)) == ("head",)
+    assert classifier_names(torchvision.models.mobilenet_v3_small(num_classes=3)) == ("classifier.3",)
+
+
+def test_student_checkpoint_for_other_classes_gets_a_fresh_head(tmp_path):
+    truth = _timm(num_classes=1000).state_dict()
+    path = _save_safetensors(truth, tmp_path / "in1k.safetensors")
+    notes: list[str] = []
+    spec = ModelSpec(model=f"timm:{TIMM}", kwargs={"num_classes": 7}, checkpoint=path)
+    torch.manual_seed(3)
+    student = build_model(spec, role="student", notes=notes)
+    _same(student.state_dict(), truth, skip=("fc.",))
+    assert student.fc.weight.shape == (7, 512)
+    torch.manual_seed(3)
+    assert torch.equal(student.fc.weight, timm.create_model(TIMM, num_classes=7).fc.weight)  # its own init
+    assert len(notes) == 1 and "fc.weight, fc.bias freshly initialised" in notes[0]
+
+
+def test_teacher_checkpoint_for_other_classes_is_an_error(tmp_path):
+    path = _save_safetensors(_timm(num_classes=1000).state_dict(), tmp_path / "in1k.safetensors")
+    spec = ModelSpec(model=f"timm:{TIMM}", kwargs={"num_classes": 7}, checkpoint=path)
+    with pytest.raises(ModelError, match=r"(?s)fc.weight: checkpoint \(1000, 512\) vs model \(7, 512\).*"
+                                         r"trained for 1000 classes.*fine-tune it first"):
+        build_model(spec, role="teacher")
+
+
+def test_fresh_head_never_hides_a_body_mismatch(tmp_path):
+    state = dict(_timm(num_classes=1000).state_dict())
+    state["layer1.0.conv1.weight"] = torch.zeros(1)
+    path = _save_torch(state, tmp_path / "w.pt")
+    with pytest.raises(ModelError, match="shape mismatches \\(1\\): layer1.0.conv1.weight"):
+        load_checkpoint(_timm(num_classes=7), path, fresh_head=True)
+
+
+# --- kdgraph's own training checkpoints (issue 15.13) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory):
+    """A one-epoch supervised run of the zoo's tiny teacher: OUT/checkpoints/last.pt and
+    OUT/student.safetensors."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    raw = tiny_spec(out, "supervised", blocks=1, epochs=1, fraction=0.1,
+                    student="module:kdgraph.zoo:resnet_tiny_teacher")
+    spec = load_spec(raw)
+    summary = train_here(spec)
+    return out, raw, summary
+
+
+def test_teacher_checkpoint_can_be_a_kdgraph_last_pt(tmp_path, supervised_run):
+    out, _, _ = supervised_run
+    truth = read_state_dict(out / "student.safetensors")  # the exported student, written independently
+    raw = tiny_spec(tmp_path / "kd", "kd", blocks=2, teacher_checkpoint=out / "checkpoints" / "last.pt")
+    compiled = compile_spec(load_spec(raw))
+    _same(compiled.teacher.model.state_dict(), truth)
+
+
+def _training_checkpoint(student: dict, adapters: dict, method: str) -> dict:
+    model = {**{"student." + k: v for k, v in student.items()}, **{"adapters." + k: v for k, v in adapters.items()}}
+    return {"model": model, "optimizer": {}, "scheduler": {}, "rng": {}, "scaler": {},
+            "position": {"epoch": 1, "step": 0, "global_step": 9}, "plan": {"method": method, "k": 4, "n": 0},
+            "teacher_top1": None, "history": {}}
+
+
+def test_kdgraph_checkpoint_whose_student_runs_through_adapters_is_refused(tmp_path):
+    truth = _timm().state_dict()
+    adapters = {"1.lift.weight": torch.zeros(4, 4, 1, 1)}
+    kdmse = _save_torch(_training_checkpoint(truth, adapters, "kd+mse"), tmp_path / "kdmse.pt")
+    _same(read_state_dict(kdmse), truth)  # kd+mse's adapters serve its losses only
+    stable = _save_torch(_training_checkpoint(truth, adapters, "stablekd"), tmp_path / "stable.pt")
+    with pytest.raises(ModelError, match="stablekd student that runs through adapters"):
+        read_state_dict(stable)
+
+
+# --- hostile and broken files -------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle", "raw-pickle-proto0", "as-safetensors"])
+def test_pickle_payload_is_refused_unexecuted(tmp_path, kind):
+    marker = tmp_path / "PWNED"
+    payload = {"conv1.0.weight": _Payload(marker)}
+    path = tmp_path / ("w.safetensors" if kind == "as-safetensors" else "w.pth")
+    if kind in ("torch-zip", "as-safetensors"):
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=0 if kind.endswith("proto0") else 2))
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(_timm(), path)
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text
+    assert ("refusing to load" in text and "posix.system" in text) or "not a safetensors or torch file" in text
+    assert not marker.exists()
+
+
+def _truncated(path: Path) -> bytes:
+    return path.read_bytes()[: path.stat().st_size // 2]
+
+
+@pytest.mark.parametrize("content", ["empty", "garbage", "truncated-safetensors", "truncated-torch",
+                                     "lying-header", "header-not-json", "tensor-list"])
+def test_unreadable_files_give_one_line_errors(tmp_path, content):
+    path = tmp_path / "w.pth"
+    state = _timm().state_dict()
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "garbage":
+        path.write_bytes(b"garbage" * 100)
+    elif content == "truncated-safetensors":
+        path.write_bytes(_truncated(_save_safetensors(state, tmp_path / "full.safetensors")))
+    elif content == "truncated-torch":
+        path.write_bytes(_truncated(_save_torch(state, tmp_path / "full.pt")))
+    elif content == "lying-header":  # a header length past the end of the file
+        path.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    elif content == "header-not-json":
+        path.write_bytes((8).to_bytes(8, "little") + b"{nojson!" + b"\0" * 32)
+    else:
+        torch.save([torch.zeros(2)], path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(_timm(), path)
+    text = str(info.value)
+    assert "\n" not in text, text
+    assert str(path) in text
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="checkpoint not found: .*nope.pt"):
+        read_state_dict(tmp_path / "nope.pt")
+
+
+# --- pretrained: true -----------------------------------------------------------------------------
+
+def test_pretrained_timm_goes_through_timm_loader(tmp_path):
+    """timm's own mechanism, pointed at a local file (pretrained_cfg_overlay) instead of its hub."""
+    truth = _timm(num_classes=1000).state_dict()
+    path = _save_safetensors(truth, tmp_path / "model.safetensors")
+    kwargs = {"pretrained_cfg_overlay": {"file": str(path)}}
+    teacher = build_model(ModelSpec(model=f"timm:{TIMM}", pretrained=True, kwargs=kwargs), role="teacher")
+    _same(teacher.state_dict(), truth)
+    notes: list[str] = []
+    student = build_model(ModelSpec(model=f"timm:{TIMM}", pretrained=True, kwargs={**kwargs, "num_classes": 10}),
+                          role="student", notes=notes)
+    _same(student.state_dict(), truth, skip=("fc.",))
+    assert student.fc.weight.shape == (10, 512)
+    assert "pretrained classifier (1000 classes) is replaced by a fresh one for 10 classes" in notes[0]
+
+
+def test_pretrained_teacher_for_other_classes_fails_before_fetching(monkeypatch):
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("must not build"))
+    with pytest.raises(ModelError, match="predict 1000 classes, kwargs.num_classes asks for 10"):
+        build_model(ModelSpec(model=f"timm:{TIMM}", pretrained=True, kwargs={"num_classes": 10}), role="teacher")
+
+
+def test_pretrained_timm_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError) as info:
+        build_model(ModelSpec(model=f"timm:{TIMM}", pretrained=True, kwargs={"num_classes": 10}))
+    text = str(info.value)
+    assert "\n" not in text, text
+    assert text.startswith(f"timm:{TIMM}: cannot load its pretrained weights") and "checkpoint: PATH" in text
+
+
+def _fake_torchvision_download(monkeypatch, state=None, error=None):
+    def load(url, *args, **kwargs):
+        if error is not None:
+            raise error
+        return state
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", load)
+
+
+def test_pretrained_torchvision_gets_a_fresh_head(monkeypatch):
+    torch.manual_seed(0)
+    truth = torchvision.models.resnet18().state_dict()  # ImageNet-shaped: 1000 classes
+    _fake_torchvision_download(monkeypatch, state=truth)
+    same = build_model(ModelSpec(model="torchvision:resnet18", pretrained=True), role="teacher")
+    _same(same.state_dict(), truth)
+    notes: list[str] = []
+    student = build_model(ModelSpec(model="torchvision:resnet18", pretrained=True, kwargs={"num_classes": 4}),
+                          notes=notes)
+    _same(student.state_dict(), truth, skip=("fc.",))
+    assert student.fc.weight.shape == (4, 512) and "fresh one for 4 classes" in notes[0]
+
+
+def test_pretrained_torchvision_offline_is_one_line(monkeypatch):
+    from urllib.error import URLError
+
+    _fake_torchvision_download(monkeypatch, error=URLError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(ModelError) as info:
+        build_model(ModelSpec(model="torchvision:resnet18", pretrained=True))
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("torchvision:resnet18: cannot load") and "checkpoint: PATH" in text
+
+
+def test_plan_fetches_no_weights(monkeypatch):
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: pytest.fail("plan fetched weights"))
+    raw = {"name": "p", "teacher": {"model": f"timm:{TIMM}", "pretrained": True},
+           "student": {"model": "timm:resnet18", "pretrained": True},
+           "data": {"dataset": "synthetic", "input_size": [3, 32, 32], "num_classes": 1000},
+           "decompose": {"blocks": 3}, "schedule": {"method": "kd", "epochs": 1}}
+    compiled = compile_spec(load_spec(raw))
+    assert compiled.plan.k == 3
+    assert [n.split(":")[0] for n in compiled.notes] == ["teacher timm", "student timm"]
+    assert all("not fetched" in n for n in compiled.notes)
+
+
+# --- the README's own-data specs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("stem", ["your-own-data-teacher", "your-own-data"])
+def test_your_own_data_specs_parse_and_plan_without_weights_or_data(monkeypatch, stem):
+    """The README's section 'Your own data and teacher' shows these files verbatim."""
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(ROOT / "specs" / f"{stem}.yaml")
+    assert spec.data.dataset == "imagefolder" and not (ROOT / spec.data.root).exists()
+    if spec.teacher is not None:  # step 2 names step 1's output, which does not exist here
+        assert str(spec.teacher.checkpoint) == "runs/my-teacher/student.safetensors"
+        spec = load_spec(ROOT / "specs" / f"{stem}.yaml", ["teacher.checkpoint=null"])
+    assert spec.student.pretrained
+    compiled = compile_spec(spec)
+    assert compiled.num_classes == 5
+    assert compiled.plan.k == spec.decompose.blocks
+    assert any("fresh one for 5 classes" in n for n in compiled.notes)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def test_topk_against_hand_computed_values():
+    logits = torch.tensor([
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],  # target 0: top-1 and top-5
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # target 2: ranks 5th -> top-5 only
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # target 1: ranks 6th -> neither
+        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # target 1: top-1
+        [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0],  # target 6: ranks 7th -> neither
+    ])
+    target = torch.tensor([0, 2, 1, 1, 6])
+    assert topk_correct(logits, target).tolist() == [2, 3]
+    from timm.utils import accuracy
+
+    assert [round(float(a), 4) for a in accuracy(logits, target, topk=(1, 5))] == [40.0, 60.0]
+    # Fewer classes than 5: top-5 is top-C, every row counts (as in timm).
+    small = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]])
+    assert topk_correct(small, torch.tensor([2, 0])).tolist() == [1, 2]
+
+
+def test_metrics_summary_and_eval_report_top5(supervised_run):
+    import json
+
+    from kdgraph.runtime.export import evaluate_spec
+
+    out, raw, summary = supervised_run
+    assert 0 <= summary["student_top1"] <= summary["student_top5"] <= 100
+    assert json.loads((out / "summary.json").read_text())["student_top5"] == summary["student_top5"]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[-1]["student_top5"] == summary["student_top5"]
+    test = evaluate_spec(load_spec(raw))
+    assert test["split"] == "test" and test["student_top1"] == pytest.approx(summary["student_top1"])
+    assert test["student_top5"] == pytest.approx(summary["student_top5"])
+    train = evaluate_spec(load_spec(raw), split="train")
+    assert train["split"] == "train" and train["samples"] != test["samples"]
+    assert train["student_top1"] <= train["student_top5"]
+
+
+def test_eval_cli_reports_top5_on_the_chosen_split(tmp_path, supervised_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from _runtime_helpers import write_spec
+
+    out, raw, summary = supervised_run
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    res = CliRunner().invoke(app, ["eval", str(spec), "--split", "train", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert result["split"] == "train" and {"student_top1", "student_top5", "samples"} <= set(result)
+    res = CliRunner().invoke(app, ["eval", str(spec)])
+    assert res.exit_code == 0, res.output
+    assert f"student_top5: {summary['student_top5']:.2f}%" in res.output and "split: test" in res.output
