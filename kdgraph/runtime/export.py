@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -141,5 +141,20 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None) -> Path:
 
     compiled = compile_spec(spec)
     distiller = Distiller(compiled)
-    distiller.load_state_dict(ckpt.load(checkpoint or spec.output_dir / "checkpoints" / "last.pt")["model"])
-    return export_student(distiller.eval(), compiled, to)
+    to = Path(to)
+    if to.is_dir():  # like cp: into the folder, under the usual name
+        to = to / "student.safetensors"
+    last = spec.output_dir / "checkpoints" / "last.pt"
+    try:
+        state = ckpt.load(checkpoint or last)
+    except KDGraphError as exc:
+        prev = ckpt.previous_of(last)
+        if checkpoint is not None or not prev.is_file():
+            raise
+        raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
+    distiller.load_state_dict(state["model"])
+    try:
+        return export_student(distiller.eval(), compiled, to)
+    except (OSError, SafetensorError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
