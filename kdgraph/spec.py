@@ -826,8 +826,8 @@ def _numeric_range(path: tuple[str | int, ...], root: type[BaseModel]) -> str:
     if tp not in (int, float):
         return ""
     bounds: dict[str, Any] = {}
-    for item in metadata:
-        for item in [item, *getattr(item, "metadata", ())]:  # a Field(...) inside Annotated holds its own
+    for declared in metadata:
+        for item in [declared, *getattr(declared, "metadata", ())]:  # a Field() in Annotated holds its own
             for name in ("gt", "ge", "lt", "le"):
                 if getattr(item, name, None) is not None:
                     bounds[name] = getattr(item, name)
