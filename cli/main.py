@@ -100,8 +100,11 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     else:
         out.print(plan_view(compiled))
     if png is not None:
-        draw_block_graph(compiled.graph, png, compiled.spec.name)
-        err.print(f"block graph drawn to {png}")
+        try:
+            drawn = draw_block_graph(compiled.graph, png, compiled.spec.name)
+        except KDGraphError as exc:
+            _fail(exc)
+        err.print(f"block graph drawn to {drawn}")
 
 
 @app.command()

@@ -104,6 +104,11 @@ class Compiled:
 def pass_trace(c: Compiled) -> None:
     for art in _models(c):
         art.traced = trace(art.model, c.input_size, role=art.role)
+    # A spec mistake, not a compiler bug: said here in spec words rather than by the invariant check.
+    if c.teacher is not None and c.num_classes and c.teacher.num_classes != c.num_classes:
+        raise PlanError(f"the teacher predicts {c.teacher.num_classes} classes, the student {c.num_classes}: "
+                        "set teacher.kwargs.num_classes and student.kwargs.num_classes to the dataset's "
+                        "number of classes")
 
 
 def pass_cuts(c: Compiled) -> None:

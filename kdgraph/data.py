@@ -140,6 +140,8 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
     want_classes = getattr(data_spec, "num_classes", None)
     if want_classes is not None and want_classes != num_classes:
         raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
+    _check_labels(name, "train", train_y, num_classes)
+    _check_labels(name, "test", test_y, num_classes)
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
     mode = getattr(data_spec, "resize", "resample")
@@ -168,6 +170,16 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
         std=tuple(std.tolist()),
         pixel_max=float(raw.pixel_max),
     )
+
+
+def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
+    """Every label of ``split`` in 0..num_classes-1: out of range, cross-entropy would fail on
+    the GPU with a device-side assert, or index past the logits on the CPU."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        values = labels[bad]
+        raise DataError(f"{name}: the {split} split has {int(bad.sum())} label(s) outside 0..{num_classes - 1} "
+                        f"(num_classes {num_classes}), from {int(values.min())} to {int(values.max())}")
 
 
 def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -231,8 +243,11 @@ def _load_digits(data_spec: Any, seed: int) -> RawSplits:
 @functools.lru_cache(maxsize=8)
 def _read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); fetch the file again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]

@@ -136,7 +136,21 @@ def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Pa
         except ModelError:
             raise
         except TypeError as exc:  # usually a wrong constructor argument
-            raise ModelError(f"{ref}: cannot build with kwargs {kwargs or {}}: {exc}") from exc
+            raise ModelError(f"{ref}: cannot build with kwargs {_shown(kwargs or {})}: {_first_line(exc)}") from exc
+        except Exception as exc:  # the factory's own complaint (ValueError, AssertionError, ...)
+            raise ModelError(f"{ref}: building it with kwargs {_shown(kwargs or {})} raised "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut to 200 characters (kwargs can be large)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return _shown(text.splitlines()[0]) if text else "(no message)"
 
 
 def load_checkpoint(model: nn.Module, path: Path | str, *, fresh_head: bool = False) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -11,6 +12,7 @@ from rich.text import Text
 
 from .blockgraph import _label
 from .compiler import Compiled, ModelArtifacts
+from .errors import KDGraphError
 
 
 def _fmt_shape(shape) -> str:
@@ -109,7 +111,11 @@ def plan_view(c: Compiled) -> Group:
 
 
 def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
-    """A left-to-right drawing: teacher row on top, adapters and losses between, student below."""
+    """A left-to-right drawing: teacher row on top, adapters and losses between, student below.
+
+    ``path`` may be a folder (the drawing goes in as ``<title>.png``); returns the file written.
+    Raises KDGraphError when it cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +148,15 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.axis("off")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    if path.is_dir():
+        path = path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', title) or 'block-graph'}.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        raise KDGraphError(f"cannot write --png {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an extension matplotlib has no writer for
+        raise KDGraphError(f"cannot write --png {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
     return path

@@ -4,6 +4,11 @@ Every field has its default and its documentation here, and nowhere else.
 ``load_spec`` reads YAML (or a dict), applies ``--set`` style overrides and
 validates; every problem comes back as one ``SpecError`` that names the dotted
 YAML path of each wrong value and says what is allowed.
+
+Numbers are typed strictly (``true`` is not 1, ``2.5`` is not an integer) and bounded
+above as well as below, and what is read is bounded too (file size, nesting depth,
+values after YAML aliases are expanded), so that no spec can hang or exhaust the
+machine before its errors are shown.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    PositiveInt,
     PrivateAttr,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -55,6 +61,24 @@ BUILTIN_MODEL_SOURCES: dict[str, str] = {
 }
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "imagefolder", "synthetic")
 
+# Bounds of what a spec may ask for. Generous for real runs; they exist so that a typo
+# (`epochs: 1e23`, `input_size: [1, 100000, 100000]`) is an error, not a hang or an 80 GB
+# allocation while tracing.
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_BLOCKS = 64
+MAX_CLASSES = 1_000_000
+MAX_SAMPLES = 10_000_000
+MAX_SIDE = 16_384  # each of C, H, W
+MAX_INPUT_ELEMENTS = 2**26  # C*H*W of one sample (64 Mi: 3x4096x4096 fits)
+MAX_SEED = 2**32 - 1  # the loader derives per-epoch seeds as seed * 1_000_003 + epoch, within 64 bits
+MAX_EVERY = 10**9  # log / eval / checkpoint intervals
+# Bounds of what is read: a spec is a few hundred values a few levels deep.
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 10_000  # after YAML aliases are expanded (a "billion laughs" expands to 10^9)
+MAX_SHOWN = 200  # characters of a value shown in an error message
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
@@ -69,13 +93,27 @@ def _invalid(message: str, *, allowed: str = "", at: str = "", got: Any = ...) -
     """
     ctx: dict[str, Any] = {"allowed": allowed, "at": at}
     if got is not ...:
-        ctx["got"] = repr(got)
+        ctx["got"] = _got(got)
     return PydanticCustomError("spec_value", message, ctx)
 
 
 def max_recompositions(blocks: int) -> int:
     """How many recompositions k blocks allow: each merges neighbouring pairs, ceil(k/2) remain."""
     return math.ceil(math.log2(blocks)) if blocks > 1 else 0
+
+
+def _not_a_bool(value: Any) -> Any:
+    """Python's bool is an int: without this, `epochs: true` would train for one epoch."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("spec_value", "true/false is not a number", {"allowed": "", "at": ""})
+    return value
+
+
+# Numbers refuse booleans; Int refuses fractions (2.5) but takes 3.0; Float takes integers.
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+Flag = Annotated[bool, Strict()]  # true/false only: not 1, "yes" or "on"
+_Side = Annotated[Int, Field(ge=1, le=MAX_SIDE)]
 
 
 class _Strict(BaseModel):
@@ -94,7 +132,7 @@ class ModelSpec(_Strict):
         default_factory=dict,
         description="Keyword arguments for the model factory, e.g. {num_classes: 100}.",
     )
-    pretrained: bool = Field(
+    pretrained: Flag = Field(
         default=False,
         description="Load the source's own pretrained weights (timm: and torchvision: models; timm's hub or "
         "local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
@@ -179,17 +217,18 @@ class DataSpec(_Strict):
         "(a torchvision dataset class whose files are present under root).",
     )
     root: Path | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
-    input_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
-        default=None, description="Input shape C,H,W fed to the models (None: the dataset's own size)."
+    input_size: tuple[_Side, _Side, _Side] | None = Field(
+        default=None, description=f"Input shape C,H,W fed to the models (None: the dataset's own size); each "
+        f"side at most {MAX_SIDE}, C*H*W at most {MAX_INPUT_ELEMENTS}."
     )
-    batch_size: PositiveInt = Field(default=128, description="Training batch size.")
-    test_batch_size: PositiveInt | None = Field(
-        default=None, description="Evaluation batch size (None: the training batch size)."
+    batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
+    test_batch_size: Int | None = Field(
+        default=None, ge=1, le=MAX_BATCH_SIZE, description="Evaluation batch size (None: the training batch size)."
     )
-    fraction: float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of the training set used, in (0, 1].")
-    samples: PositiveInt = Field(default=2048, description="Number of samples of the synthetic dataset.")
-    num_classes: int | None = Field(
-        default=None, ge=2, description="Number of classes (None: from the dataset; required for synthetic data of a custom size)."
+    fraction: Float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of the training set used, in (0, 1].")
+    samples: Int = Field(default=2048, ge=1, le=MAX_SAMPLES, description="Number of samples of the synthetic dataset.")
+    num_classes: Int | None = Field(
+        default=None, ge=2, le=MAX_CLASSES, description="Number of classes (None: from the dataset; required for synthetic data of a custom size)."
     )
     augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
         default="auto",
@@ -200,6 +239,16 @@ class DataSpec(_Strict):
         description="How images reach input_size: resample (bilinear, antialiased) or pad (centred, with black, "
         "as 28-px MNIST-style images are padded to 32 px; input_size must not be smaller).",
     )
+
+    @field_validator("input_size")
+    @classmethod
+    def _bounded_input(cls, size: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        # Tracing allocates a batch of this size before any model code runs.
+        if size is not None and math.prod(size) > MAX_INPUT_ELEMENTS:
+            raise _invalid(f"one sample of {size[0]}x{size[1]}x{size[2]} has {math.prod(size):,} values, more than "
+                           f"the {MAX_INPUT_ELEMENTS:,} kdgraph accepts",
+                           allowed=f"[C, H, W] with C*H*W <= {MAX_INPUT_ELEMENTS:,} (e.g. [3, 4096, 4096])")
+        return size
 
     @field_validator("dataset")
     @classmethod
@@ -222,7 +271,7 @@ class CutPair(_Strict):
 class DecomposeSpec(_Strict):
     """How teacher and student are cut into sequential blocks."""
 
-    blocks: PositiveInt = Field(default=5, description="Number of blocks k, the head included.")
+    blocks: Int = Field(default=5, ge=1, le=MAX_BLOCKS, description="Number of blocks k, the head included.")
     cuts: Literal["auto"] | list[CutPair] = Field(
         default="auto",
         description="'auto' (cut at stage ends found from shapes) or blocks-1 explicit {teacher, student} module paths.",
@@ -254,11 +303,11 @@ class ScheduleSpec(_Strict):
         description="stablekd (decompose, then recompose), kd (logits only), kd+mse (logits and block "
         "features), supervised (labels only, no teacher). Without a teacher the default becomes supervised.",
     )
-    recompositions: int = Field(
-        default=2, ge=0, description="StableKD recompositions n (n+1 training stages); ignored by other methods."
+    recompositions: Int = Field(
+        default=2, ge=0, le=MAX_BLOCKS, description="StableKD recompositions n (n+1 training stages); ignored by other methods."
     )
-    epochs: PositiveInt = Field(default=60, description="Total training epochs over all training stages.")
-    stage_epochs: list[PositiveInt] | None = Field(
+    epochs: Int = Field(default=60, ge=1, le=MAX_EPOCHS, description="Total training epochs over all training stages.")
+    stage_epochs: list[Annotated[Int, Field(ge=1, le=MAX_EPOCHS)]] | None = Field(
         default=None,
         description="Epochs of each training stage (recompositions+1 entries for stablekd, 1 otherwise, "
         "summing to epochs). None: equal split, remainder to the last stage.",
@@ -273,36 +322,36 @@ class ScheduleSpec(_Strict):
 class LossSpec(_Strict):
     """Weights and form of the loss terms."""
 
-    kl_weight: float = Field(default=1.0, ge=0.0, description="Weight λ of KL(teacher logits) in the head loss.")
-    temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature of the KL term.")
+    kl_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ of KL(teacher logits) in the head loss.")
+    temperature: Float = Field(default=1.0, gt=0.0, le=1000.0, description="Softmax temperature of the KL term.")
     feature: Literal["mse", "dfm"] = Field(
         default="mse", description="Loss between student and teacher block features: mse, or dfm "
         "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
         "component removed).")
-    feature_weight: float = Field(default=1.0, ge=0.0, description="Weight of each feature loss term.")
-    dfm_alpha: float = Field(default=0.08, ge=0.0, description="DFM weight of the direct view (ScaleKD's configs: 0.08).")
-    dfm_beta: float = Field(default=0.06, ge=0.0, description="DFM weight of the alternative view (ScaleKD's configs: 0.06).")
-    tpp: bool = Field(default=False, description="ScaleKD's teacher parameter perception: feed the student's "
+    feature_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of each feature loss term.")
+    dfm_alpha: Float = Field(default=0.08, ge=0.0, le=1000.0, description="DFM weight of the direct view (ScaleKD's configs: 0.08).")
+    dfm_beta: Float = Field(default=0.06, ge=0.0, le=1000.0, description="DFM weight of the alternative view (ScaleKD's configs: 0.06).")
+    tpp: Flag = Field(default=False, description="ScaleKD's teacher parameter perception: feed the student's "
                       "feature at block tpp_block (through lift) into the frozen teacher's later blocks and match "
                       "the teacher's logits (KL) there; gradients reach the student through the teacher.")
-    tpp_block: PositiveInt | None = Field(default=None, description="Block end where the proxy path leaves the "
+    tpp_block: Int | None = Field(default=None, ge=1, le=MAX_BLOCKS, description="Block end where the proxy path leaves the "
                                           "student (None: the last block before the head).")
-    tpp_weight: float = Field(default=1.0, ge=0.0, description="Weight of the TPP loss.")
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
+    label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
 
 
 class OptimSpec(_Strict):
     """Optimizer and learning-rate schedule."""
 
     name: Literal["sgd", "adamw"] = Field(default="sgd", description="Optimizer.")
-    lr: float = Field(default=0.1, gt=0.0, description="Peak learning rate (of the first training stage).")
-    momentum: float = Field(default=0.9, ge=0.0, description="SGD momentum.")
-    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
-    weight_decay: float = Field(default=5e-4, ge=0.0, description="Weight decay.")
-    decay_norms_and_biases: bool = Field(
+    lr: Float = Field(default=0.1, gt=0.0, le=10.0, description="Peak learning rate (of the first training stage).")
+    momentum: Float = Field(default=0.9, ge=0.0, le=1.0, description="SGD momentum.")
+    nesterov: Flag = Field(default=False, description="Nesterov momentum (SGD).")
+    weight_decay: Float = Field(default=5e-4, ge=0.0, le=1.0, description="Weight decay.")
+    decay_norms_and_biases: Flag = Field(
         default=False, description="Also decay 1-d parameters (norm scales and shifts, biases) and the "
         "student's no_weight_decay() tokens; off by default, as timm does.")
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+    betas: tuple[Annotated[Float, Field(ge=0.0, lt=1.0)], Annotated[Float, Field(ge=0.0, lt=1.0)]] = Field(
         default=(0.9, 0.999), description="AdamW betas."
     )
     lr_schedule: Literal["stage_cyclic", "onecycle", "cosine", "constant"] = Field(
@@ -310,11 +359,11 @@ class OptimSpec(_Strict):
         description="stage_cyclic: one triangular cycle per training stage, peak halving each stage "
         "(StableKD's); onecycle / cosine over the whole run; constant.",
     )
-    min_lr_ratio: float = Field(
+    min_lr_ratio: Float = Field(
         default=0.0, ge=0.0, le=1.0, description="Cycles start and end at lr * min_lr_ratio."
     )
-    clip_grad_norm: float | None = Field(
-        default=None, gt=0.0, description="Clip the global gradient norm of each step to this (None: no clipping)."
+    clip_grad_norm: Float | None = Field(
+        default=None, gt=0.0, le=1e6, description="Clip the global gradient norm of each step to this (None: no clipping)."
     )
 
 
@@ -326,26 +375,26 @@ class RuntimeSpec(_Strict):
         default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU; bf16 is fp32 on CPU (slow there); "
         "fp16: fp16 autocast with a gradient scaler (GPUs without bf16)."
     )
-    micro_batches: PositiveInt = Field(
-        default=1, description="Split each batch into this many micro-batches and accumulate their gradients: "
+    micro_batches: Int = Field(
+        default=1, ge=1, le=MAX_BATCH_SIZE, description="Split each batch into this many micro-batches and accumulate their gradients: "
         "one optimizer step per batch, the activation memory of one micro-batch (the same gradient as the "
         "whole batch for models without BatchNorm)."
     )
-    compile: bool = Field(default=False, description="torch.compile the training step.")
-    channels_last: bool | Literal["auto"] = Field(
+    compile: Flag = Field(default=False, description="torch.compile the training step.")
+    channels_last: Flag | Literal["auto"] = Field(
         default="auto", description="channels_last memory format (auto: for conv nets on GPU)."
     )
-    log_every: PositiveInt = Field(default=50, description="Log losses every N steps (the step does no host syncs).")
-    checkpoint_every: int = Field(
-        default=0, ge=0, description="Checkpoint every N steps; 0: only at the end of every epoch."
+    log_every: Int = Field(default=50, ge=1, le=MAX_EVERY, description="Log losses every N steps (the step does no host syncs).")
+    checkpoint_every: Int = Field(
+        default=0, ge=0, le=MAX_EVERY, description="Checkpoint every N steps; 0: only at the end of every epoch."
     )
-    eval_every: PositiveInt = Field(default=1, description="Evaluate every N epochs.")
-    track_stability: bool = Field(
+    eval_every: Int = Field(default=1, ge=1, le=MAX_EVERY, description="Evaluate every N epochs.")
+    track_stability: Flag = Field(
         default=False, description="Log, per step, the Euclidean distance between consecutive parameters of "
         "each student block (the head's is StableKD's stability diagnostic) to metrics.jsonl."
     )
-    num_threads: PositiveInt | None = Field(default=None, description="CPU threads for torch (None: torch's default).")
-    bn_recalibrate: bool | Literal["auto"] = Field(
+    num_threads: Int | None = Field(default=None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
+    bn_recalibrate: Flag | Literal["auto"] = Field(
         default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
         "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "
         "statistics on teacher-fed inputs).")
@@ -362,7 +411,8 @@ class Spec(_Strict):
     """A kdgraph run: teacher, student, data, and how distillation is compiled and run."""
 
     name: str = Field(min_length=1, description="Run name; outputs go to runs/<name> unless output is set.")
-    seed: int = Field(default=0, description="Random seed of data order, initialisation and augmentation.")
+    seed: Int = Field(default=0, ge=0, le=MAX_SEED,
+                      description="Random seed of data order, initialisation and augmentation.")
     teacher: ModelSpec | None = Field(
         default=None, description="Teacher network (None: supervised training of the student alone)."
     )
@@ -480,6 +530,7 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     """
     source_dir = None
     if isinstance(source, dict):
+        _check_bounded(source, "the spec")
         raw = _deep_copy(source)
     else:
         path = Path(source)
@@ -488,6 +539,7 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
     before = _code_references(raw)
     for override in overrides:
         _apply_override(raw, override)
+    _check_bounded(raw, "the spec with its overrides")
     added = sorted(_code_references(raw) - before)
     if added and not allow_code:
         raise SpecError("--set", f"the overrides introduce {', '.join(map(repr, added))}: a module: reference "
@@ -517,16 +569,67 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+def _check_bounded(value: Any, what: str) -> None:
+    """Refuse values nested deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES
+    values, counting a shared (YAML alias) or self-containing one each time it is reached.
+
+    Walks with an explicit stack and stops at the first limit, so that a "billion laughs"
+    costs MAX_SPEC_VALUES steps; everything after (copying, validating, rendering errors)
+    then works on a small value.
+    """
+    stack = [(value, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_SPEC_VALUES:
+            raise SpecError("", f"{what} holds more than {MAX_SPEC_VALUES:,} values (YAML aliases counted "
+                            "at their expanded size); a spec is a few hundred")
+        if isinstance(node, dict):
+            children = [*node.keys(), *node.values()]
+        elif isinstance(node, (list, tuple)):
+            children = list(node)
+        else:
+            continue
+        if depth >= MAX_SPEC_DEPTH and children:
+            raise SpecError("", f"{what} is nested more than {MAX_SPEC_DEPTH} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with the depth checked on the event stream first: the loader
+    recurses once per level and would raise RecursionError around 300 levels."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_SPEC_DEPTH:
+                line = f":{event.start_mark.line + 1}" if event.start_mark is not None else ""
+                raise SpecError("", f"{where}{line} is nested more than {MAX_SPEC_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    value = yaml.safe_load(text)
+    _check_bounded(value, where)
+    return value
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError("", f"spec file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError("", f"spec file {path} is {size:,} bytes; a spec is a few KB (at most {MAX_SPEC_BYTES:,})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _parse_yaml(path.read_text(), str(path))
+    except UnicodeDecodeError as exc:
+        raise SpecError("", f"spec file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError("", f"YAML syntax error in {where}: {problem}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise SpecError("", f"cannot read {path}: {_short(str(exc))}") from None
     if raw is None:
         raise SpecError("", f"spec file {path} is empty; it needs at least name: and student: {{model: ...}}")
     if not isinstance(raw, dict):
@@ -538,12 +641,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise SpecError("--set", f"override {override!r} must look like dotted.path=value, e.g. schedule.epochs=3")
+        raise SpecError("--set", f"override {_short(override)} must look like dotted.path=value, e.g. schedule.epochs=3")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise SpecError("--set", f"value of override {override!r} is not valid YAML: {exc}") from None
+        value = _parse_yaml(text, f"--set {key}") if text.strip() else None
+    except SpecError as exc:
+        raise SpecError("--set", exc.message) from None
+    except (yaml.YAMLError, ValueError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError("--set", f"value of override {key!r} is not valid YAML: {_short(problem)}") from None
     parts = key.split(".")
+    if len(parts) > MAX_SPEC_DEPTH:
+        raise SpecError("--set", f"override key {_short(key)} is more than {MAX_SPEC_DEPTH} levels deep")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         node = _child(node, part, parts[: depth + 1], override)
@@ -562,13 +670,13 @@ def _child(node: Any, part: str, walked: list[str], override: str) -> Any:
         node[part] = {}
     child = node[part]
     if not isinstance(child, (dict, list)):
-        raise SpecError("--set", f"cannot apply {override!r}: {'.'.join(walked)} is {child!r}, not a mapping")
+        raise SpecError("--set", f"cannot apply {_short(override)}: {'.'.join(walked)} is {_short(child)}, not a mapping")
     return child
 
 
 def _index(node: list[Any], part: str, walked: list[str], override: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise SpecError("--set", f"cannot apply {override!r}: {'.'.join(walked)} is not an index of a list of {len(node)}")
+        raise SpecError("--set", f"cannot apply {_short(override)}: {'.'.join(walked)} is not an index of a list of {len(node)}")
     return int(part)
 
 
@@ -596,12 +704,27 @@ def spec_error_from(exc: ValidationError, root: type[BaseModel] = Spec) -> SpecE
                 continue
             seen_union.add(union_at)
             allowed = _allowed_for(_annotation_at(path, root))
-            text = f"matches none of the allowed forms (got {value!r}); allowed: {allowed}"
+            text = f"matches none of the allowed forms (got {_got(value)}); allowed: {allowed}"
         kept.append((path, text))
     # A misspelt key usually also leaves a required key missing: name the typo first.
     kept.sort(key=lambda item: 0 if "unknown key" in item[1] else 1)
-    lines = [f"{_dotted(path)}: {text}" for path, text in kept]
+    lines = [f"{_dotted(path)}: {text}" for path, text in kept[:_MAX_PROBLEMS]]
+    if len(kept) > _MAX_PROBLEMS:
+        lines.append(f"... and {len(kept) - _MAX_PROBLEMS} more problems")
     return SpecError(_dotted(kept[0][0]), "\n".join(lines))
+
+
+_MAX_PROBLEMS = 10
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` (a string as it is), cut to MAX_SHOWN characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text):,} characters)"
+
+
+def _got(value: Any) -> str:
+    return _short(repr(value))
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
@@ -714,14 +837,51 @@ def _describe(err: dict[str, Any], path: tuple[str | int, ...], root: type[BaseM
     if kind == "missing":
         allowed = _allowed_for(_annotation_at(path, root))
         return f"required key is missing; allowed: {allowed}" if allowed else "required key is missing"
+    numeric = _numeric_range(path, root)
     if kind == "spec_value":
-        got = ctx.get("got", repr(value))
-        allowed = ctx.get("allowed")
+        got = ctx.get("got", _got(value))
+        allowed = ctx.get("allowed") or numeric
         return f"{err['msg']} (got {got})" + (f"; allowed: {allowed}" if allowed else "")
     message = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
     message = message.replace("Input is not a valid path for <class 'pathlib.Path'>", "must be a path")
     message = message[0].lower() + message[1:] if message else message
-    # A bound (greater_than, too_short, ...) already says what is allowed; a wrong type does not.
+    # A number's error names its whole range; a wrong type names the allowed form; other bounds
+    # (too_short, ...) already say what is allowed.
     is_type_error = kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum", "path_type")
-    allowed = _allowed_for(_annotation_at(path, root)) if is_type_error else ""
-    return f"{message} (got {value!r})" + (f"; allowed: {allowed}" if allowed else "")
+    allowed = numeric or (_allowed_for(_annotation_at(path, root)) if is_type_error else "")
+    return f"{message} (got {_got(value)})" + (f"; allowed: {allowed}" if allowed else "")
+
+
+def _numeric_range(path: tuple[str | int, ...], root: type[BaseModel]) -> str:
+    """'an integer from 1 to 100000' for a bounded number field at ``path``, else ''."""
+    tp, metadata = _strip_optional(_annotation_at(path, root)), list(_metadata_at(path, root))
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        metadata += extra
+    if tp not in (int, float):
+        return ""
+    bounds: dict[str, Any] = {}
+    for declared in metadata:
+        for item in [declared, *getattr(declared, "metadata", ())]:  # a Field() in Annotated holds its own
+            for name in ("gt", "ge", "lt", "le"):
+                if getattr(item, name, None) is not None:
+                    bounds[name] = getattr(item, name)
+    if not bounds:
+        return ""
+    low = f">= {bounds['ge']:g}" if "ge" in bounds else f"> {bounds['gt']:g}" if "gt" in bounds else ""
+    high = f"<= {bounds['le']:g}" if "le" in bounds else f"< {bounds['lt']:g}" if "lt" in bounds else ""
+    kind = "an integer" if tp is int else "a number"
+    if tp is int and "ge" in bounds and "le" in bounds:
+        return f"{kind} from {bounds['ge']} to {bounds['le']}"
+    return f"{kind} " + " and ".join(b for b in (low, high) if b)
+
+
+def _metadata_at(path: tuple[str | int, ...], root: type[BaseModel]) -> list[Any]:
+    """The constraints (Ge, Le, ...) declared on the field at ``path``; [] for list items,
+    whose constraints live in their Annotated type."""
+    if not path or not isinstance(path[-1], str):
+        return []
+    owner = _strip_optional(_annotation_at(path[:-1], root))
+    if isinstance(owner, type) and issubclass(owner, BaseModel) and path[-1] in owner.model_fields:
+        return list(owner.model_fields[path[-1]].metadata)
+    return []

@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import io
 import linecache
+import re
 import traceback
 from dataclasses import dataclass, field
 
@@ -198,7 +199,29 @@ def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
-    ShapeProp(gm).propagate(sample)
+    with contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(sample)
+
+
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+
+
+def _run_failure(role: str, shape: tuple[int, ...], exc: BaseException) -> str:
+    """One line saying why the traced model failed on the sample batch and which spec key fixes it.
+
+    ShapeProp wraps the model's own error in 'ShapeProp error for: node=...'; the cause is
+    what the user can act on.
+    """
+    cause = exc.__cause__ if "ShapeProp error" in str(exc) and exc.__cause__ is not None else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    channels = _CHANNELS.search(text)
+    if channels:
+        want, got = channels.groups()
+        return (f"the {role} takes {want} input channels but data.input_size gives {got} (a batch of shape "
+                f"{shape}): set data.input_size: [{want}, H, W], or {role}.kwargs.in_chans: {got}")
+    return (f"the {role} traced, but running it on a batch of shape {shape} failed: "
+            f"{type(cause).__name__}: {text[:300]}. Check data.input_size against the model and its "
+            f"{role}.kwargs (in_chans, img_size, num_classes)")
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "student",
@@ -233,11 +256,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
         with torch.no_grad():
             _propagate_shapes(gm, sample)
     except Exception as exc:
-        raise TraceError(
-            f"the {role} traced, but running it on a batch of shape {tuple(sample.shape)} failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Check data.input_size against the model."
-        ) from exc
+        raise TraceError(_run_failure(role, tuple(sample.shape), exc)) from exc
     finally:
         model.train(was_training)
 

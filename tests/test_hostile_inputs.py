@@ -197,3 +197,274 @@ def test_sigint_exits_130_and_prints_the_resume_command(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "kdgraph train SPEC --resume" in " ".join(err.split()) and "error:" not in err
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+# --- checkpoints: checksummed, the previous one kept ---------------------------------------
+
+def _checkpoint_state(weights):
+    return {"model": {"w": weights, "half": torch.ones(3, dtype=torch.bfloat16)}, "optimizer": {}, "scheduler": {},
+            "rng": ckpt.rng_state(), "position": {"epoch": 1, "step": 0, "global_step": 4}, "plan": {"k": 4}}
+
+
+def _flip_tensor_bytes(path, weights, count=2000, seed=0):
+    """Flip ``count`` bytes inside the stored data of ``weights`` (not the zip/pickle frame, whose
+    damage torch.load would notice anyway): only the checksum can tell."""
+    import random
+
+    raw = bytearray(path.read_bytes())
+    start = raw.find(weights.numpy().tobytes()[:64])
+    assert start > 0
+    for i in random.Random(seed).sample(range(start, start + weights.numel() * weights.element_size()), count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_in_a_checkpoint_are_refused_not_trained_on(tmp_path):
+    weights = torch.randn(128, 128)
+    path = ckpt.save_atomic(_checkpoint_state(weights), tmp_path / "last.pt")
+    assert "sha256" in torch.load(path, weights_only=True)  # still a weights_only file
+    assert torch.equal(ckpt.load(path)["model"]["w"], weights)
+    _flip_tensor_bytes(path, weights)
+    damaged = path.read_bytes()
+    with pytest.raises(KDGraphError, match=r"checkpoint .*last\.pt is corrupt: its content does not match"):
+        ckpt.load(path)
+    assert path.read_bytes() == damaged  # left for inspection
+
+
+def test_writing_last_keeps_the_previous_checkpoint_and_load_latest_falls_back(tmp_path):
+    weights = torch.randn(64, 64)
+    first = _checkpoint_state(weights)
+    path = ckpt.save_atomic(first, tmp_path / "last.pt", keep_previous=True)
+    assert not (tmp_path / "prev.pt").exists()
+    second = _checkpoint_state(weights + 1)
+    second["position"]["epoch"] = 2
+    ckpt.save_atomic(second, path, keep_previous=True)
+    assert ckpt.load(tmp_path / "prev.pt")["position"]["epoch"] == 1
+    state, warning = ckpt.load_latest(path)
+    assert warning is None and state["position"]["epoch"] == 2
+    _flip_tensor_bytes(path, weights + 1)
+    state, warning = ckpt.load_latest(path)
+    assert state["position"]["epoch"] == 1 and torch.equal(state["model"]["w"], weights)
+    assert "last.pt is corrupt" in warning and "prev.pt" in warning
+    (tmp_path / "prev.pt").write_bytes(b"")  # neither is good: one error naming both
+    with pytest.raises(KDGraphError, match=r"last\.pt is corrupt.*previous checkpoint is no good either.*prev\.pt"):
+        ckpt.load_latest(path)
+
+
+def test_resume_from_a_corrupt_last_checkpoint(tmp_path):
+    """End to end: both damaged -> exit 2 naming both, nothing changed; prev.pt good -> the run
+    continues from it with a warning, the damaged file set aside, and finishes."""
+    out = tmp_path / "run"
+    spec = write_spec(tiny_spec(out, "kd", epochs=2, fraction=0.1), tmp_path / "run.yaml")
+    first = run_cli("train", str(spec), "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    last, prev = out / "checkpoints" / "last.pt", out / "checkpoints" / "prev.pt"
+    assert ckpt.load(last)["position"]["epoch"] == 2 and ckpt.load(prev)["position"]["epoch"] == 1
+    (out / "summary.json").unlink()  # as if stopped between the last checkpoint and the export
+    good_prev = prev.read_bytes()
+    weights = next(v for v in ckpt.load(last)["model"].values() if v.numel() >= 256)
+    _flip_tensor_bytes(last, weights, count=min(2000, weights.numel()))
+    prev.write_bytes(good_prev[: len(good_prev) // 2])
+    before = _snapshot(out)
+    _one_line_error(run_cli("train", str(spec), "--quiet", "--resume"), f"checkpoint {last} is corrupt",
+                    f"{prev}", "no good either")
+    kept = ("checkpoints", "metrics.jsonl", "student.safetensors")  # plan.json is rewritten, with timings
+    assert {k: v for k, v in _snapshot(out).items() if k.parts[0] in kept} == \
+        {k: v for k, v in before.items() if k.parts[0] in kept}
+    prev.write_bytes(good_prev)
+    again = run_cli("train", str(spec), "--quiet", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    text = " ".join(again.stdout.split())
+    assert "is corrupt" in text and "continuing from the previous checkpoint" in text, again.stdout[-2000:]
+    assert (out / "checkpoints" / "last.pt.corrupt").exists() and (out / "summary.json").exists()
+    assert ckpt.load(last)["position"]["epoch"] == 2
+
+
+# --- data --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_labels_out_of_range_name_the_split_and_the_values(split):
+    from kdgraph import data
+    from kdgraph.errors import DataError
+    from kdgraph.spec import DataSpec
+
+    def bad_labels(data_spec, seed):
+        x = torch.rand(20, 1, 4, 4)
+        y = torch.arange(20) % 3
+        if split == "train":
+            y[[2, 5]] = torch.tensor([7, -1])
+        test_y = torch.tensor([0, 1, 2, 9, 9]) if split == "test" else torch.tensor([0, 1, 2, 0, 1])
+        return data.RawSplits(x, y, x[:5], test_y, 3, "none")
+
+    data.register_dataset("badlabels", bad_labels)
+    try:
+        spec = DataSpec.model_construct(dataset="badlabels", input_size=None, fraction=1.0, num_classes=None,
+                                        resize="resample")
+        with pytest.raises(DataError) as info:
+            data.create_dataset(spec, 0)
+    finally:
+        data.DATASETS.pop("badlabels")
+    message = str(info.value)
+    assert f"the {split} split has 2 label(s) outside 0..2" in message and "num_classes 3" in message
+    assert ("from -1 to 7" if split == "train" else "from 9 to 9") in message
+    assert "\n" not in message
+
+
+def test_a_gz_idx_file_that_is_not_gzip_is_a_data_error(tmp_path):
+    from kdgraph.data import create_dataset
+    from kdgraph.errors import DataError
+
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for stem in stems:
+        (tmp_path / f"{stem}.gz").write_bytes(b"this is not gzip at all")
+    spec = load_spec({"name": "x", "student": {"model": "timm:resnet18"},
+                      "data": {"dataset": "fashion-mnist", "root": str(tmp_path)}})
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: cannot read \(BadGzipFile"):
+        create_dataset(spec.data, 0)
+
+
+# --- models and tracing --------------------------------------------------------------------
+
+def test_a_factory_that_raises_is_one_line_naming_the_reference(tmp_path):
+    (tmp_path / "raising_models.py").write_text(
+        "def make(**kwargs):\n    raise ValueError('depth must be one of 18, 34')\n")
+    raw = tiny_spec(tmp_path / "run", "supervised", student="module:raising_models:make", teacher=False)
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    _one_line_error(run_cli("plan", str(spec)), "module:raising_models:make", "raised ValueError",
+                    "depth must be one of 18, 34")
+
+
+def test_a_wrong_channel_count_names_input_size_and_in_chans(tmp_path, capfd):
+    from kdgraph.compiler import compile_spec
+    from kdgraph.errors import TraceError
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd"), ["student.kwargs.in_chans=3"])
+    with pytest.raises(TraceError) as info:
+        compile_spec(spec)
+    message = str(info.value)
+    assert "takes 3 input channels but data.input_size gives 1" in message
+    assert "student.kwargs.in_chans: 1" in message and "\n" not in message and "ShapeProp" not in message
+    assert "Traceback" not in capfd.readouterr().err  # ShapeProp's own print is swallowed
+
+
+def test_a_num_classes_mismatch_names_num_classes_not_an_invariant(tmp_path):
+    from kdgraph.compiler import compile_spec
+    from kdgraph.errors import PlanError
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd"), ["student.kwargs.num_classes=7"])
+    with pytest.raises(PlanError) as info:
+        compile_spec(spec)
+    message = str(info.value)
+    assert "teacher predicts 10 classes, the student 7" in message and "kwargs.num_classes" in message
+    assert "invariant" not in message
+
+
+# --- spec: strict types, bounds, bounded reading -----------------------------------------
+
+@pytest.mark.parametrize("override,path,fragments", [
+    ("schedule.epochs=true", "schedule.epochs", ["true/false is not a number", "an integer from 1 to 100000"]),
+    ("schedule.epochs=1.0e+23", "schedule.epochs", ["an integer from 1 to 100000"]),
+    ("schedule.epochs=2.5", "schedule.epochs", ["fractional part"]),
+    ("optim.lr=true", "optim.lr", ["true/false is not a number", "a number > 0 and <= 10"]),
+    ("optim.lr=1.0e+23", "optim.lr", ["a number > 0 and <= 10"]),
+    ("data.batch_size=10000000", "data.batch_size", ["an integer from 1 to 65536"]),
+    ("loss.temperature=-1", "loss.temperature", ["a number > 0 and <= 1000"]),
+    ("runtime.compile=1", "runtime.compile", ["must be a valid boolean", "true/false"]),
+    ("seed=18446744073709551616", "seed", ["an integer from 0 to 4294967295"]),
+    ("seed=-1", "seed", ["an integer from 0 to 4294967295"]),
+    ("data.input_size=[1, 100000, 100000]", "data.input_size.1", ["an integer from 1 to 16384"]),
+    ("data.input_size=[16, 4096, 4096]", "data.input_size", ["268,435,456 values", "C*H*W <= 67,108,864"]),
+])
+def test_numbers_are_strictly_typed_and_bounded(tmp_path, override, path, fragments):
+    with pytest.raises(SpecError) as info:
+        load_spec(tiny_spec(tmp_path / "run", "kd"), [override])
+    assert info.value.path == path
+    for fragment in fragments:
+        assert fragment in info.value.message, info.value.message
+    assert load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule.epochs=3.0"]).schedule.epochs == 3
+
+
+def _billion_laughs():
+    lines = ["    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    return "name: lol\nstudent:\n  model: timm:resnet18\n  kwargs:\n" + "\n".join(lines) + "\n"
+
+
+def test_a_billion_laughs_in_kwargs_is_refused_fast(tmp_path):
+    import time
+
+    path = tmp_path / "lol.yaml"
+    path.write_text(_billion_laughs())
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match="more than 10,000 values"):
+        load_spec(path)
+    assert time.perf_counter() - t0 < 5
+    _one_line_error(run_cli("plan", str(path), timeout=60), str(path), "more than 10,000 values")
+
+
+@pytest.mark.parametrize("where", ["file", "set", "dict"])
+def test_deep_nesting_is_refused_without_recursion_error(tmp_path, where):
+    deep = "[" * 900 + "]" * 900
+    base = {"name": "deep", "student": {"model": "timm:resnet18"}}
+    with pytest.raises(SpecError, match="nested more than 32 levels deep"):
+        if where == "file":
+            path = tmp_path / "deep.yaml"
+            path.write_text(f"name: deep\nstudent: {{model: 'timm:resnet18', kwargs: {{a: {deep}}}}}\n")
+            load_spec(path)
+        elif where == "set":
+            load_spec(base, [f"student.kwargs.a={deep}"])
+        else:
+            base["student"]["kwargs"] = {"self": base}  # contains itself
+            load_spec(base)
+
+
+def test_values_in_error_messages_are_cut_short(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(tiny_spec(tmp_path / "run", "kd"), ["student.kwargs=[" + ", ".join(["12345"] * 2000) + "]"])
+    assert len(info.value.message) < 400 and "characters)" in info.value.message
+
+
+# --- output paths ------------------------------------------------------------------------
+
+def test_an_unwritable_output_is_refused_before_building(tmp_path):
+    out = "/proc/kdgraph-cannot-write-here/run"  # not writable even for root
+    with pytest.raises(KDGraphError, match=f"output {out} is not writable"):
+        from kdgraph.runtime.runs import prepare_output
+
+        prepare_output(out)
+
+
+def test_plan_png_into_a_folder_reports_the_file_and_unwritable_is_one_line(tmp_path):
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    ok = run_cli("plan", str(spec), "--png", str(folder))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    drawn = folder / "tiny-kd.png"
+    assert drawn.is_file() and str(drawn) in " ".join(ok.stderr.split())
+    _one_line_error(run_cli("plan", str(spec), "--png", "/proc/kdgraph-nope/graph.png"),
+                    "cannot write --png /proc/kdgraph-nope/graph.png")
+
+
+def test_export_to_an_existing_folder_writes_inside_and_unwritable_is_one_line(tmp_path):
+    from kdgraph.compiler import compile_spec
+    from kdgraph.runtime.distiller import Distiller
+    from kdgraph.runtime.export import export_spec
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd"))
+    distiller = Distiller(compile_spec(spec))
+    state = {"model": distiller.state_dict(), "optimizer": {}, "scheduler": {}, "rng": {}, "position": {},
+             "plan": {}}
+    checkpoint = ckpt.save_atomic(state, tmp_path / "c.pt")
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    result = export_spec(spec, folder, checkpoint)
+    assert result["folder"] == str(folder) and result["format"] == "state_dict"
+    assert (folder / "model.safetensors").stat().st_size > 0 and (folder / "config.json").is_file()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(KDGraphError, match=r"cannot write --to .*blocker/s"):
+        export_spec(spec, blocker / "s", checkpoint)
+    with pytest.raises(KDGraphError, match=r"export --to .*blocker: a file is there"):
+        export_spec(spec, blocker, checkpoint)
+    assert blocker.read_text() == "a file"

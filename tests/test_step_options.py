@@ -100,7 +100,8 @@ def test_fp16_with_gradient_scaler_tracks_fp32_and_skips_overflow(tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-    spec = load_spec(tiny_spec(tmp_path / "nan", "kd", epochs=2, optim={"lr": 1e30}))
+    spec = load_spec(tiny_spec(tmp_path / "nan", "kd", epochs=2))
+    spec.optim.lr = 1e30  # past the spec's bound (10), set after validation: a sure way to a non-finite loss
     with pytest.raises(NonFiniteLoss, match=r"the loss became (nan|inf).*optim\.lr"):
         train(spec)
     metrics = (tmp_path / "nan" / "metrics.jsonl").read_text()

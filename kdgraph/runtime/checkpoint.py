@@ -5,10 +5,16 @@ A training checkpoint holds tensors, numbers, strings and containers only (model
 optimizer and scheduler states, RNG states, the position and the plan), so it loads with
 ``torch.load(weights_only=True)``: a file carrying a pickled callable (``__reduce__`` to
 ``os.system``, say) is refused before anything in it runs.
+
+Each checkpoint carries the sha256 of its content (tensor bytes, dtypes and shapes, and
+every other value), checked on load: flipped bits on disk are an error, never silently
+corrupted weights. Writing ``last.pt`` first keeps the one it replaces as ``prev.pt``, and
+``load_latest`` falls back to it (with a warning) when ``last.pt`` is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -35,17 +41,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
+CHECKSUM_KEY = "sha256"
+
+
+def checksum(state: Any) -> str:
+    """sha256 of everything in ``state`` but its own CHECKSUM_KEY, in a fixed walk order:
+    tensors by dtype, shape and bytes, other values by their repr (tuples as lists: they
+    hash the same whichever way a container round-trips)."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                if key != CHECKSUM_KEY:
+                    feed(key)
+                    feed(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) -> Path:
+    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file.
+
+    The saved dict carries its checksum. ``keep_previous``: the file being replaced stays as
+    ``prev.pt`` beside it (hard-linked, so that ``path`` exists at every moment).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = _to_cpu(obj)
+    state[CHECKSUM_KEY] = checksum(state)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        if keep_previous and path.is_file():
+            _keep_as_previous(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,12 +106,64 @@ def _umask() -> int:
     return _UMASK
 
 
+def previous_of(path: Path) -> Path:
+    return Path(path).with_name("prev.pt")
+
+
+def _keep_as_previous(path: Path) -> None:
+    prev = previous_of(path)
+    staged = prev.with_name(f".{prev.name}.tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:  # a file system without hard links: rename, leaving a moment without last.pt
+        os.replace(path, prev)
+        return
+    os.replace(staged, prev)
+
+
+def _to_cpu(value: Any) -> Any:
+    """The state with every tensor on the CPU: hashed and saved from the same copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
+
+
 REQUIRED_KEYS = TRAINING_CHECKPOINT_KEYS
+
+
+def load_latest(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint at ``path`` or, when it is missing or damaged, ``prev.pt`` beside it.
+
+    Returns the state and a warning naming what was wrong and what was loaded instead
+    (None when ``path`` itself was good). Raises KDGraphError naming both files when
+    neither is good.
+    """
+    path = Path(path)
+    prev = previous_of(path)
+    try:
+        return load(path), None
+    except KDGraphError as exc:
+        if not prev.is_file() or prev == path:
+            raise
+        problem = exc if path.exists() else f"{path} is missing"
+    try:
+        state = load(prev)
+    except KDGraphError as exc:
+        raise KDGraphError(f"{problem}; the previous checkpoint is no good either: {exc}") from None
+    return state, f"warning: {problem}; continuing from the previous checkpoint {prev} instead"
 
 
 def load(path: Path) -> dict[str, Any]:
     """A kdgraph training checkpoint, loaded without unpickling anything but data
-    (``kdgraph.weights.read_weights_file``: format by content, code refused)."""
+    (``kdgraph.weights.read_weights_file``: format by content, code refused), its checksum
+    verified."""
     path = Path(path)
     if not path.exists():
         raise KDGraphError(f"no checkpoint at {path}: nothing to resume (train without --resume first)")
@@ -73,6 +172,10 @@ def load(path: Path) -> dict[str, Any]:
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise KDGraphError(f"{path} is not a kdgraph training checkpoint: it needs keys "
                            f"{', '.join(REQUIRED_KEYS)}; it has {have}")
+    stored = state.get(CHECKSUM_KEY)  # absent from checkpoints of kdgraph before checksums
+    if stored is not None and stored != checksum(state):
+        raise KDGraphError(f"checkpoint {path} is corrupt: its content does not match the checksum stored "
+                           "in it (damaged on disk or in transfer)")
     # Checkpoints of kdgraph before the frozen-teacher fix also held the teacher's tensors.
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("_teacher.")}
     return state

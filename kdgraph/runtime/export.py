@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -243,7 +243,13 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
         path = _default_student(spec)
         if not path.exists():
             path = spec.output_dir / "checkpoints" / "last.pt"
-    maps = load_trained(compiled, path)
+    try:
+        maps = load_trained(compiled, path)
+    except KDGraphError as exc:
+        prev = ckpt.previous_of(spec.output_dir / "checkpoints" / "last.pt")
+        if checkpoint is not None or path.name != "last.pt" or not prev.is_file():
+            raise
+        raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
     summary_file = spec.output_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     preprocessing = summary.get("preprocessing") or preprocessing_of(spec)
@@ -252,7 +258,11 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
             "resize": preprocessing.get("resize"), "weights_from": str(path),
             "command": command or f"kdgraph train {spec.name}"}
     compiled.student.model.eval()
-    return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
+    try:
+        return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
+    except (OSError, SafetensorError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
 
 
 class _Program(nn.Module):

@@ -276,11 +276,18 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict |
         "teacher_top5": teacher_acc and teacher_acc["top5"],
         "history": best,
         "preprocessing": run.preprocessing,
-    }, run.out / "checkpoints" / "last.pt")
+    }, run.out / "checkpoints" / "last.pt", keep_previous=True)
 
 
-def _resume(run: Run) -> dict:
-    state = ckpt.load(run.out / "checkpoints" / "last.pt")
+def _resume(run: Run) -> tuple[dict, str | None]:
+    """The state of the last good checkpoint (last.pt, else prev.pt) loaded into ``run``,
+    and a warning when it had to fall back."""
+    last = run.out / "checkpoints" / "last.pt"
+    state, warning = ckpt.load_latest(last)
+    if warning and run.info.is_main and last.exists():
+        # Set aside for inspection; left in place, the next save would rotate it into prev.pt.
+        last.replace(last.with_name("last.pt.corrupt"))
+        warning += f" (the damaged file is kept as {last.with_name('last.pt.corrupt')})"
     if state["plan"] != run.compiled.plan.to_dict():
         raise KDGraphError(f"{run.out}/checkpoints/last.pt was written for another plan "
                            f"({state['plan']['method']}, {state['plan']['epochs']} epochs); "
@@ -291,7 +298,7 @@ def _resume(run: Run) -> dict:
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(state["rng"])
-    return state
+    return state, warning
 
 
 def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = False,
@@ -341,8 +348,9 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         (run.out / "plan.json").write_text(json.dumps(run.compiled.to_dict(), indent=2))
     position = {"epoch": 0, "step": 0, "global_step": 0}
     teacher_acc, history = None, {"wall_s": 0.0, "images": 0, "train_s": 0.0}
+    fallback = None
     if resume:
-        state = _resume(run)
+        state, fallback = _resume(run)
         position, history = state["position"], state["history"]
         if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
             teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
@@ -358,6 +366,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     reporter = Reporter(quiet, total_epochs, len(run.train_loader), plan, silent=not main)
     for note in run.compiled.notes if main else ():
         reporter.note(f"note: {note}")
+    if fallback:
+        reporter.note(fallback)
     if main and spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained:
         reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
                       "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
