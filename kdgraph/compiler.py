@@ -1,11 +1,12 @@
 """The compiler: an ordered list of passes from a spec to a plan, checked between passes.
 
-    Spec -> models -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
+    Spec -> models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
          -> BlockGraph -> Plan
 
 Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
 order, times them and runs the invariant checker after each; a failed check names the
-pass that broke it. Everything here runs on the CPU in seconds and touches no data.
+pass that broke it. Everything here runs on the CPU in seconds and decodes no data (an
+image folder is listed and checked, to choose its loader).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .plan import Plan, build_plan
 from .segments import split_segments
 from .spec import Spec
 from .stages import Boundary, Stage, find_stages
+from .stream import DataPlan, plan_data
 from .trace import TracedModel, trace
 
 
@@ -65,6 +67,7 @@ class Compiled:
     input_size: tuple[int, int, int]
     student: ModelArtifacts
     teacher: ModelArtifacts | None = None
+    data: DataPlan | None = None
     pairing: Pairing | None = None
     graph: nx.DiGraph | None = None
     plan: Plan | None = None
@@ -83,6 +86,7 @@ class Compiled:
             "spec": self.spec.to_dict(),
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
+            "data": self.data.to_dict(),
             "teacher": self.teacher.to_dict() if self.teacher else None,
             "student": self.student.to_dict(),
             "blocks": [b.to_dict() for b in self.pairing.blocks],
@@ -94,6 +98,10 @@ class Compiled:
 
 
 # --- passes -------------------------------------------------------------------------------
+
+def pass_data(c: Compiled) -> None:
+    c.data = plan_data(c.spec.data, c.teacher.model if c.teacher else None, c.student.model, c.input_size)
+
 
 def pass_trace(c: Compiled) -> None:
     for art in _models(c):
@@ -169,6 +177,7 @@ def check(c: Compiled) -> list[str]:
 
 
 PASSES: list[tuple[str, Callable[[Compiled], None]]] = [
+    ("data", pass_data),
     ("trace", pass_trace),
     ("cuts", pass_cuts),
     ("stages", pass_stages),

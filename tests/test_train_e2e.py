@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 STEP_KEYS = {"kind", "stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s"}
 EPOCH_KEYS = {"kind", "stage", "epoch", "global_step", "student_top1", "epoch_s", "images_per_s"}
 SUMMARY_KEYS = {"name", "method", "k", "n", "epochs", "student_top1", "teacher_top1", "wall_time_s",
-                "mean_images_per_s", "output"}
+                "mean_images_per_s", "data", "output"}
 RUNTIME = {"device": "cpu", "log_every": 5, "num_threads": None}
 
 
