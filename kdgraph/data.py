@@ -5,7 +5,8 @@ few thousand files), so a whole split is one tensor: ``create_dataset`` loads it
 converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` moves it to
 the device once and cuts batches there, with batched on-device augmentation. Every
 random choice (subset, order, crops, flips) is a pure function of the run seed and the
-epoch, so a resumed run sees exactly the batches an uninterrupted run would.
+epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
+folder too large for memory is streamed instead (kdgraph.stream chooses).
 
 Datasets are built by name from the ``DATASETS`` registry; a name with a colon
 (``torchvision:CIFAR10``) is looked up by its prefix and the loader reads the rest.

@@ -360,6 +360,11 @@ class Data:
                 bad.update(loader.bad)
         return bad
 
+    def test_samples(self) -> int:
+        """Samples an evaluation covers: the test split less the unreadable files seen in it."""
+        n = self.test.samples_per_rank
+        return n - len(self.test.bad) if isinstance(self.test, StreamLoader) else n
+
     def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
         return {**self.train.state_dict(epoch, step), "bad_images": sorted(self.bad_images())}
 

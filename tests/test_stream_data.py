@@ -217,6 +217,11 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path):
     assert summary["data"]["bad_images"] == 1 and summary["data"]["bad_files"] == [str(bad)]
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["data"]["bad_images"] == 1
+    # `kdgraph eval` reads the data as training did: the same loader, normalisation and accuracy
+    from kdgraph.runtime.export import evaluate_spec
+
+    evaluated = evaluate_spec(spec)  # (its teacher is another random init: no checkpoint)
+    assert evaluated["student_top1"] == summary["student_top1"] and evaluated["test_samples"] == 12
 
     refuse = load_spec(folder_spec(root, tmp_path / "out2", epochs=1, workers=0, on_bad_image="error"))
     with pytest.raises(DataError, match=r"cannot decode .*bee/3\.png.*on_bad_image: skip"):

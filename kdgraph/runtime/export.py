@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters import build_adapters, fold
 from ..compiler import Compiled, compile_spec
-from ..data import DeviceLoader, create_dataset
+from ..stream import build_data
 from ..errors import KDGraphError
 from ..spec import Spec
 from . import checkpoint as ckpt
@@ -124,14 +124,13 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None) -> dict:
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = compile_spec(spec)
     student = load_student(compiled, checkpoint or spec.output_dir / "student.safetensors").to(device).eval()
-    ds = create_dataset(spec.data, spec.seed)
-    loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
-                          shuffle=False, device=device)
+    data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
+    loader = data.test
     result = {"student_top1": top1(student, loader, device, spec.runtime.precision)}
     if compiled.teacher is not None:
         teacher = compiled.teacher.model.to(device).eval()
         result["teacher_top1"] = top1(teacher, loader, device, spec.runtime.precision)
-    result["test_samples"] = len(ds.test_y)
+    result["test_samples"] = data.test_samples()
     return result
 
 
