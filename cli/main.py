@@ -89,8 +89,8 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     except KDGraphError as exc:
         _fail(exc)
     for missing in compiled.missing_weights:  # planning needs shapes only; train and eval need the file
-        err.print(f"warning: {missing} does not exist yet; planned from the architecture's shapes "
-                  "(train needs the file)", highlight=False, soft_wrap=True)
+        err.print(f"warning: {missing} does not exist yet; planned without it (train needs it)",
+                  highlight=False, soft_wrap=True)
     if format is PlanFormat.json:
         sys.stdout.write(json.dumps(compiled.to_dict(), indent=2) + "\n")
     elif format is PlanFormat.dot:

@@ -1,12 +1,13 @@
 """The compiler: an ordered list of passes from a spec to a plan, checked between passes.
 
-    Spec -> models -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
+    Spec -> models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
          -> BlockGraph -> Plan
 
 Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
 order, times them and runs the invariant checker after each; a failed check names the
-pass that broke it. Everything here runs on the CPU in seconds and touches no data and no
-network: pretrained weights are fetched only where a caller asks (training, evaluation).
+pass that broke it. Everything here runs on the CPU in seconds, decodes no data (an image
+folder is listed and checked, to choose its loader) and touches no network: pretrained
+weights are fetched only where a caller asks (training, evaluation).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .plan import Plan, build_plan
 from .segments import split_segments
 from .spec import Spec
 from .stages import Boundary, Stage, find_stages
+from .stream import DataPlan, plan_data
 from .trace import TracedModel, trace
 
 
@@ -67,6 +69,7 @@ class Compiled:
     input_size: tuple[int, int, int]
     student: ModelArtifacts
     teacher: ModelArtifacts | None = None
+    data: DataPlan | None = None
     pairing: Pairing | None = None
     graph: nx.DiGraph | None = None
     plan: Plan | None = None
@@ -74,6 +77,7 @@ class Compiled:
     notes: list[str] = field(default_factory=list)  # what building the models wants the user to know
     # Weights files that were named but not found, when the caller allowed that (plan, eval).
     missing_weights: list[str] = field(default_factory=list)
+    dry_run: bool = False  # planning only: files that do not exist yet are noted, not errors
 
     @property
     def num_classes(self) -> int | None:
@@ -88,6 +92,7 @@ class Compiled:
             "spec": self.spec.to_dict(),
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
+            "data": self.data.to_dict(),
             "teacher": self.teacher.to_dict() if self.teacher else None,
             "student": self.student.to_dict(),
             "blocks": [b.to_dict() for b in self.pairing.blocks],
@@ -100,6 +105,13 @@ class Compiled:
 
 
 # --- passes -------------------------------------------------------------------------------
+
+def pass_data(c: Compiled) -> None:
+    c.data = plan_data(c.spec.data, c.teacher.model if c.teacher else None, c.student.model, c.input_size,
+                       missing_ok=c.dry_run)
+    if c.data.train_images is None and c.spec.data.dataset == "imagefolder":
+        c.missing_weights.append(f"data.root {c.spec.data.root}")
+
 
 def pass_trace(c: Compiled) -> None:
     for art in _models(c):
@@ -180,6 +192,7 @@ def check(c: Compiled) -> list[str]:
 
 
 PASSES: list[tuple[str, Callable[[Compiled], None]]] = [
+    ("data", pass_data),
     ("trace", pass_trace),
     ("cuts", pass_cuts),
     ("stages", pass_stages),
@@ -228,7 +241,7 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
     c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
                  student=ModelArtifacts("student", student),
                  teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None, notes=notes,
-                 missing_weights=missing)
+                 missing_weights=missing, dry_run=allow_missing_weights)
     c.timings["build"] = time.perf_counter() - t0
     for name, fn in PASSES:
         t0 = time.perf_counter()

@@ -5,7 +5,8 @@ few thousand files), so a whole split is one tensor: ``create_dataset`` loads it
 converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` moves it to
 the device once and cuts batches there, with batched on-device augmentation. Every
 random choice (subset, order, crops, flips) is a pure function of the run seed and the
-epoch, so a resumed run sees exactly the batches an uninterrupted run would.
+epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
+folder too large for memory is streamed instead (kdgraph.stream chooses).
 
 Datasets are built by name from the ``DATASETS`` registry; a name with a colon
 (``torchvision:CIFAR10``) is looked up by its prefix and the loader reads the rest.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kdgraph.errors import DataError
+from kdgraph.imagefolder import BadImage, bad_image, read_image, scan_imagefolder
 
 __all__ = [
     "AUGMENTS",
@@ -46,7 +48,6 @@ FASHION_MNIST_HELP = (
     "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
     "and t10k-labels-idx1-ubyte[.gz]"
 )
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # torchvision datasets of grey digits/clothes: a horizontal flip changes their meaning.
 _NO_FLIP_TORCHVISION = {"MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "USPS"}
 
@@ -62,6 +63,7 @@ class RawSplits(NamedTuple):
     num_classes: int
     default_augment: str
     pixel_max: float = 255.0  # the raw value of a white pixel (digits: 16)
+    skipped: tuple[str, ...] = ()  # files that could not be decoded (data.on_bad_image: skip)
 
 
 LoaderFn = Callable[[Any, int], RawSplits]
@@ -86,6 +88,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pixel_max: float = 255.0
+    skipped: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         c, h, w = self.input_size
@@ -126,9 +129,11 @@ def _valid_names() -> str:
     return ", ".join(f"{n}:NAME" if n == "torchvision" else n for n in sorted(DATASETS))
 
 
-def create_dataset(data_spec: Any, seed: int) -> Dataset:
+def create_dataset(data_spec: Any, seed: int,
+                   norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Dataset:
     """Load ``data_spec.dataset``, convert it to ``data_spec.input_size``, keep a class-balanced
-    ``data_spec.fraction`` of the training split (chosen by ``seed``) and normalise it."""
+    ``data_spec.fraction`` of the training split (chosen by ``seed``) and normalise it, with
+    ``norm`` = (mean, std) per channel in the dataset's raw value scale where given."""
     name = data_spec.dataset
     key = name.split(":", 1)[0]
     if key not in DATASETS:
@@ -147,8 +152,13 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
     mode = getattr(data_spec, "resize", "resample")
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
 
-    mean = train_x.mean(dim=(0, 2, 3))
-    std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    if norm is None:
+        mean = train_x.mean(dim=(0, 2, 3))
+        std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    else:
+        mean, std = (torch.tensor(v, dtype=torch.float32) for v in norm)
+        if len(mean) != size[0] or len(std) != size[0]:
+            raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
     fraction = float(getattr(data_spec, "fraction", 1.0))
     if fraction < 1.0:
         keep = class_balanced_subset(train_y, fraction, seed)
@@ -169,6 +179,7 @@ def create_dataset(data_spec: Any, seed: int) -> Dataset:
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
         pixel_max=float(raw.pixel_max),
+        skipped=raw.skipped,
     )
 
 
@@ -284,55 +295,44 @@ def _load_fashion_mnist(data_spec: Any, seed: int) -> RawSplits:
 
 
 def _load_imagefolder(data_spec: Any, seed: int) -> RawSplits:
-    """root/train/<class>/*.png|jpg and root/test/<class>/... (or root/val), read with PIL
-    into memory at data.input_size (default: the first training image's size, RGB)."""
+    """root/train/<class>/*.png|jpg and root/val/<class>/... (or root/test), checked by
+    scan_imagefolder and read with PIL into memory at data.input_size (default: the first
+    training image's size, RGB). Unreadable files are skipped with a warning, or refused
+    (data.on_bad_image)."""
     from PIL import Image
 
-    if data_spec.root is None:
-        raise DataError("data.root: imagefolder needs a root holding train/<class>/ and test/<class>/ (or val/)")
-    root = Path(data_spec.root)
-    train_dir = root / "train"
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"data.root: {root} must hold train/<class>/ and test/<class>/ (or val/<class>/)")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"data.root: {train_dir} has no class sub-folders")
+    folder = scan_imagefolder(data_spec.root, getattr(data_spec, "num_classes", None))
     if data_spec.input_size is not None:
         c, h, w = data_spec.input_size
     else:
-        first = next((f for f in sorted((train_dir / classes[0]).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES), None)
-        if first is None:
-            raise DataError(f"data.root: {train_dir / classes[0]} has no images")
-        with Image.open(first) as im:
-            (w, h), c = im.size, 3
+        (h, w), c = folder.first_image_size(), 3
     if c not in (1, 3):
         raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
     mode = "L" if c == 1 else "RGB"
+    policy = getattr(data_spec, "on_bad_image", "skip")
+    skipped: list[str] = []
 
-    def read(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(files: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
-        for label, cls in enumerate(classes):
-            folder = split_dir / cls
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-            for f in files:
-                with Image.open(f) as im:
-                    im = im.convert(mode)
-                    if im.size != (w, h):
-                        im = im.resize((w, h), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32)
-                xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
-                ys.append(label)
+        for f, label in zip(files.tolist(), labels.tolist()):
+            try:
+                im = read_image(f, mode)
+            except BadImage as exc:
+                bad_image(f, str(exc), policy)
+                skipped.append(f)
+                continue
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32)
+            xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
         if not xs:
-            raise DataError(f"data.root: no images under {split_dir}/<class>/ for classes {classes}")
+            raise DataError(f"data.root: none of the {len(files)} images listed under {folder.root} could be read")
         return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
-    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
-    if extra:
-        raise DataError(f"data.root: {test_dir} has classes missing from train/: {extra}")
-    tr_x, tr_y = read(train_dir)
-    te_x, te_y = read(test_dir)
-    return RawSplits(tr_x, tr_y, te_x, te_y, len(classes), "crop+flip")
+    tr_x, tr_y = read(folder.train_files, folder.train_labels)
+    te_x, te_y = read(folder.test_files, folder.test_labels)
+    return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped))
 
 
 def _load_torchvision(data_spec: Any, seed: int) -> RawSplits:
@@ -486,6 +486,11 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
 
+    def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
+        """The position and what fixes the order there: (seed, epoch) draw every random choice."""
+        return {"loader": "memory", "epoch": epoch, "step": step, "seed": self.seed, "num_samples": len(self.y),
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
     def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's sample order and per-position (crop offsets, flip) for the epoch, on the device."""
         n = len(self.y)
@@ -532,12 +537,14 @@ class DeviceLoader:
 
 
 def build_loaders(
-    data_spec: Any, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1
+    data_spec: Any, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> tuple[DeviceLoader, DeviceLoader, Dataset]:
     """(train loader, test loader, dataset). Train: shuffled, augmented (``auto`` = the
     dataset's default), last incomplete batch dropped when a full batch exists (BatchNorm
-    dislikes tiny batches). Test: in order, no augmentation, every sample."""
-    ds = create_dataset(data_spec, seed)
+    dislikes tiny batches). Test: in order, no augmentation, every sample. ``norm``: see
+    create_dataset."""
+    ds = create_dataset(data_spec, seed, norm)
     augment = data_spec.augment if data_spec.augment != "auto" else ds.default_augment
     # padding should look like a black border of the raw image, in normalised units
     black = torch.tensor([-m / s for m, s in zip(ds.mean, ds.std)])

@@ -239,6 +239,35 @@ class DataSpec(_Strict):
         description="How images reach input_size: resample (bilinear, antialiased) or pad (centred, with black, "
         "as 28-px MNIST-style images are padded to 32 px; input_size must not be smaller).",
     )
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto",
+        description="memory: decode the whole dataset once and cut batches on the device (fast, for data that "
+        "fits); stream (imagefolder only): decode and augment each batch on DataLoader workers; auto: memory "
+        "when the decoded splits fit memory_budget_mb, else stream. `kdgraph plan` says which.",
+    )
+    memory_budget_mb: Int = Field(
+        default=2048, ge=1, le=1 << 30, description="auto loader: the most MB the decoded splits (float32 at input_size) may take "
+        "in memory before an image folder is streamed instead.",
+    )
+    on_bad_image: Literal["skip", "error"] = Field(
+        default="skip", description="An image file that cannot be decoded: skip it with a warning naming it "
+        "(counted in summary.json), or stop with an error.",
+    )
+    mean: tuple[Float, ...] | None = Field(
+        default=None, description="imagefolder: per-channel normalisation mean in 0..1 pixel units (None: the "
+        "teacher's timm pretrained_cfg, or the student's without a teacher, else the training split's "
+        "statistics). Set with std.",
+    )
+    std: tuple[Annotated[Float, Field(gt=0.0)], ...] | None = Field(
+        default=None, description="imagefolder: per-channel normalisation std in 0..1 pixel units (see mean).",
+    )
+    crop_pct: Float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Streamed evaluation: resize to input_size / crop_pct, then "
+        "centre-crop input_size (None: the teacher's pretrained_cfg crop_pct, else timm's 0.875).",
+    )
+    crop_scale: tuple[Annotated[Float, Field(gt=0.0, le=1.0)], Annotated[Float, Field(gt=0.0, le=1.0)]] = Field(
+        default=(0.08, 1.0), description="Streamed training: area range of timm's random-resized crop.",
+    )
 
     @field_validator("input_size")
     @classmethod
@@ -259,6 +288,32 @@ class DataSpec(_Strict):
         if source == "torchvision" and sep and _IDENT.match(name):
             return dataset
         raise _invalid("unknown dataset", allowed=", ".join(BUILTIN_DATASETS) + ", torchvision:NAME")
+
+    @model_validator(mode="after")
+    def _check_image_options(self) -> DataSpec:
+        folder = self.dataset == "imagefolder"
+        if self.loader == "stream" and not folder:
+            raise _invalid(f"the streaming loader reads image folders; {self.dataset} is held in memory",
+                           allowed="auto, memory", at="loader", got=self.loader)
+        for key in ("mean", "std"):
+            if getattr(self, key) is not None and not folder:
+                raise _invalid(f"sets the normalisation of an image folder (0..1 pixel units); {self.dataset} is "
+                               "normalised with its training split's statistics", allowed="null", at=key,
+                               got=getattr(self, key))
+        if (self.mean is None) != (self.std is None):
+            given, missing = ("mean", "std") if self.std is None else ("std", "mean")
+            raise _invalid(f"{given} is set, {missing} is not: give both or neither",
+                           allowed=f"a list of per-channel values like {given}", at=missing, got=None)
+        channels = self.input_size[0] if self.input_size is not None else None
+        if self.mean is not None and (len(self.mean) != len(self.std) or
+                                      (channels is not None and len(self.mean) != channels)):
+            raise _invalid(f"mean has {len(self.mean)} values, std {len(self.std)}"
+                           + (f", input_size {channels} channels" if channels is not None else ""),
+                           allowed=f"{channels or 'C'} values each", at="mean", got=self.mean)
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise _invalid("crop_scale is (min, max) area", allowed="0 < min <= max <= 1", at="crop_scale",
+                           got=self.crop_scale)
+        return self
 
 
 class CutPair(_Strict):
@@ -394,6 +449,19 @@ class RuntimeSpec(_Strict):
         "each student block (the head's is StableKD's stability diagnostic) to metrics.jsonl."
     )
     num_threads: Int | None = Field(default=None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
+    num_workers: Int = Field(
+        default=2, ge=0, le=1024, description="Streamed data: DataLoader worker processes that decode and augment "
+        "(0: in the training process). Batches do not depend on it.",
+    )
+    pin_memory: Flag | Literal["auto"] = Field(
+        default="auto", description="Streamed data: page-locked batches for faster host-to-GPU copies (auto: on CUDA)."
+    )
+    persistent_workers: Flag = Field(
+        default=True, description="Streamed data: keep the workers alive between epochs (no restart cost per epoch)."
+    )
+    prefetch_factor: Int = Field(
+        default=2, ge=1, le=1024, description="Streamed data: batches each worker prepares ahead of the training step."
+    )
     bn_recalibrate: Flag | Literal["auto"] = Field(
         default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
         "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "

@@ -44,7 +44,8 @@ _CACHE: dict[str, object] = {}
 
 def _compiled(stem: str):
     if stem not in _CACHE:
-        _CACHE[stem] = compile_spec(_load(ROOT / "specs" / f"{stem}.yaml"))
+        # as `kdgraph plan` does: an image folder or weights file that does not exist yet is noted
+        _CACHE[stem] = compile_spec(_load(ROOT / "specs" / f"{stem}.yaml"), allow_missing_weights=True)
     return _CACHE[stem]
 
 

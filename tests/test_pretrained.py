@@ -394,11 +394,13 @@ def test_your_own_data_specs_parse_and_plan_without_weights_or_data(monkeypatch,
     monkeypatch.chdir(ROOT)
     spec = load_spec(ROOT / "specs" / f"{stem}.yaml")
     assert spec.data.dataset == "imagefolder" and not (ROOT / spec.data.root).exists()
+    assert spec.student.pretrained
+    compiled = compile_spec(spec, allow_missing_weights=True)  # as `kdgraph plan` does
+    expected = [f"data.root {spec.data.root}"]
     if spec.teacher is not None:  # step 2 names step 1's output, which does not exist here
         assert str(spec.teacher.checkpoint) == "runs/my-teacher/student.safetensors"
-        spec = load_spec(ROOT / "specs" / f"{stem}.yaml", ["teacher.checkpoint=null"])
-    assert spec.student.pretrained
-    compiled = compile_spec(spec)
+        expected.insert(0, "teacher.checkpoint runs/my-teacher/student.safetensors")
+    assert compiled.missing_weights == expected
     assert compiled.num_classes == 5
     assert compiled.plan.k == spec.decompose.blocks
     assert any("fresh one for 5 classes" in n for n in compiled.notes)

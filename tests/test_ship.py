@@ -186,7 +186,11 @@ def test_training_outputs_best_and_final_timestamps_and_file_modes(tmp_path):
     assert max(r["student_top1"] for r in epochs) == summary["best_top1"]
     assert all("time" in r and r["time"].endswith("+00:00") for r in epochs)
     pre = summary["preprocessing"]
-    assert pre["input_size"] == [1, 8, 8] and pre["pixel_max"] == 16.0
+    assert pre["input_size"] == [1, 8, 8]
+    from kdgraph.data import create_dataset  # independent: the raw digits (0..16) statistics, scaled to 0..1
+
+    raw = create_dataset(spec.data, spec.seed)
+    assert pre["mean"] == pytest.approx([raw.mean[0] / 16]) and pre["std"] == pytest.approx([raw.std[0] / 16])
     assert 0 < pre["mean"][0] < 1 and 0 < pre["std"][0] < 1
     best = load_file(str(out / "best.safetensors"))
     assert best.keys() == load_file(str(out / "student.safetensors")).keys()

@@ -20,7 +20,7 @@ EPOCH_KEYS = {"time", "kind", "stage", "epoch", "global_step", "student_top1", "
               "images_per_s"}
 SUMMARY_KEYS = {"name", "method", "k", "n", "epochs", "student_top1", "student_top5", "best_top1", "best_epoch",
                 "teacher_top1", "teacher_top5", "wall_time_s", "mean_images_per_s", "output", "preprocessing",
-                "finished"}
+                "data", "finished"}
 RUNTIME = {"device": "cpu", "log_every": 5, "num_threads": None}
 
 

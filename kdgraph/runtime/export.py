@@ -20,9 +20,10 @@ from torch import nn
 
 from ..adapters import build_adapters, fold
 from ..compiler import Compiled, compile_spec
-from ..data import DeviceLoader, create_dataset
+from ..data import DeviceLoader
 from ..errors import KDGraphError
 from ..spec import Spec
+from ..stream import build_data
 from . import checkpoint as ckpt
 from . import ship
 from .evaluate import accuracy
@@ -189,10 +190,17 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
-    ds = create_dataset(spec.data, spec.seed)
-    x, y = (ds.test_x, ds.test_y) if split == "test" else (ds.train_x, ds.train_y)
-    loader = DeviceLoader(x, y, spec.data.test_batch_size or spec.data.batch_size, shuffle=False, device=device)
-    result: dict = {"split": split, "samples": len(y)}
+    data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
+    if split == "test":
+        loader, samples = data.test, data.test_samples()
+    elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
+        loader = DeviceLoader(data.train.x, data.train.y, spec.data.test_batch_size or spec.data.batch_size,
+                              shuffle=False, device=device)
+        samples = len(data.train.y)
+    else:
+        raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
+                           "its image folder (data.loader: stream)")
+    result: dict = {"split": split, "samples": samples}
     acc = accuracy(student, loader, device, spec.runtime.precision)
     result.update(student_top1=acc["top1"], student_top5=acc["top5"])
     if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
@@ -221,15 +229,18 @@ def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
     return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
 
 
-def preprocessing_of(spec: Spec, ds=None) -> dict:
+def preprocessing_of(spec: Spec, data=None) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
-    pixels in [0, 1], resize rule. Read from the dataset (loaded here if not given)."""
-    if ds is None:
-        ds = create_dataset(spec.data, spec.seed)
-    scale = ds.pixel_max
-    return {"input_size": list(ds.input_size), "mean": [m / scale for m in ds.mean],
-            "std": [s / scale for s in ds.std], "interpolation": "bilinear", "crop_pct": 1.0,
-            "resize": spec.data.resize, "pixel_max": scale}
+    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.stream.Data``,
+    built here without training when not given)."""
+    if data is None:
+        from .techniques import DistInfo
+
+        data = build_data(spec, compile_spec(spec, allow_missing_weights=True).data, torch.device("cpu"), DistInfo())
+    streamed = data.plan.loader == "stream"
+    return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
+            "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
+            "resize": "resize + centre crop" if streamed else spec.data.resize}
 
 
 def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:

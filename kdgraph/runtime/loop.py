@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..compiler import Compiled, compile_spec
-from ..data import DeviceLoader, build_loaders
+from ..data import DeviceLoader
 from ..errors import KDGraphError
 from ..schedules import build_lr_scheduler
 from ..spec import Spec
@@ -35,6 +35,7 @@ from .distiller import Distiller
 from .evaluate import accuracy
 from .export import export_student, preprocessing_of
 from .progress import Reporter
+from ..stream import Data, StreamLoader, build_data
 from .stability import StabilityTracker
 from .techniques import (DistInfo, autocast, build_optimizer, decay_groups, grad_scaler, init_distributed,
                          maybe_compile, no_weight_decay_names, resolve_device, to_channels_last, use_channels_last,
@@ -73,13 +74,18 @@ class Run:
     step_module: torch.nn.Module  # the distiller, DDP-wrapped and/or compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: DeviceLoader
-    test_loader: DeviceLoader
+    train_loader: DeviceLoader | StreamLoader
+    test_loader: DeviceLoader | StreamLoader
     channels_last: bool
     out: Path
     scaler: torch.amp.GradScaler
-    preprocessing: dict
+    data: Data
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
+
+    @property
+    def preprocessing(self) -> dict:
+        """What a user of the exported student must do to an image (timm's pretrained_cfg keys)."""
+        return preprocessing_of(self.spec, self.data)
 
     @property
     def stage_starts(self) -> list[int]:
@@ -102,13 +108,11 @@ def build_run(spec: Spec) -> Run:
     torch.manual_seed(spec.seed)  # model and adapter initialisation
     random.seed(spec.seed)
     compiled = compile_spec(spec, fetch=("teacher", "student"))
-    train_loader, _, ds = build_loaders(spec.data, spec.seed, device, info.rank, info.world_size)
-    if compiled.num_classes is not None and ds.num_classes > compiled.num_classes:
-        raise KDGraphError(f"{spec.data.dataset} has {ds.num_classes} classes but the student predicts "
-                           f"{compiled.num_classes}: set student.kwargs.num_classes: {ds.num_classes}")
-    # Evaluation runs on the main rank over the whole test split.
-    test_loader = DeviceLoader(ds.test_x, ds.test_y, spec.data.test_batch_size or spec.data.batch_size,
-                               shuffle=False, device=device)
+    data = build_data(spec, compiled.data, device, info)  # evaluation: the main rank, the whole test split
+    if compiled.num_classes is not None and data.num_classes > compiled.num_classes:
+        raise KDGraphError(f"{spec.data.dataset} has {data.num_classes} classes but the student predicts "
+                           f"{compiled.num_classes}: set student.kwargs.num_classes: {data.num_classes}")
+    train_loader = data.train
     distiller = Distiller(compiled).to(device)  # the teacher and segments move with it
     cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
     if cl:
@@ -121,8 +125,7 @@ def build_run(spec: Spec) -> Run:
     ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
     step_module = maybe_compile(wrapped, spec.runtime.compile)
     return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
-               train_loader, test_loader, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device),
-               preprocessing_of(spec, ds), ddp)
+               train_loader, data.test, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device), data, ddp)
 
 
 def optimizer_params(spec: Spec, distiller: Distiller) -> list:
@@ -271,6 +274,7 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict |
         "scaler": run.scaler.state_dict(),
         "rng": ckpt.rng_state(),
         "position": {"epoch": epoch, "step": step, "global_step": global_step},
+        "data": run.data.state_dict(epoch, step),
         "plan": run.compiled.plan.to_dict(),
         "teacher_top1": teacher_acc and teacher_acc["top1"],
         "teacher_top5": teacher_acc and teacher_acc["top5"],
@@ -297,6 +301,7 @@ def _resume(run: Run) -> tuple[dict, str | None]:
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    run.data.check_resume(state.get("data"), f"{run.out}/checkpoints/last.pt")
     ckpt.set_rng_state(state["rng"])
     return state, warning
 
@@ -456,6 +461,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         "teacher_top1": teacher_acc and teacher_acc["top1"], "teacher_top5": teacher_acc and teacher_acc["top5"],
         "wall_time_s": round(history["wall_s"], 2),
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
+        "data": run.data.record(),
         "output": str(run.out),
         "preprocessing": run.preprocessing,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

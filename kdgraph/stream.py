@@ -1,0 +1,462 @@
+"""Where a run's batches come from: held in memory (DeviceLoader) or streamed from an image
+folder by DataLoader workers (StreamLoader), chosen once per spec.
+
+    plan_data(data_spec, teacher, student, input_size) -> DataPlan   which loader and why, and the
+                                                                     normalisation (`kdgraph plan` shows it)
+    build_data(spec, plan, device, dist_info) -> Data                 the train and test loaders
+
+The in-memory path is the fast one for small data: decode once, cut batches on the device.
+An image folder whose decoded splits (float32 at input_size) exceed
+``data.memory_budget_mb`` is streamed instead (``data.loader`` forces either): workers
+decode each file and apply timm's transforms (training: random-resized crop, flip,
+normalisation; evaluation: resize to input_size / crop_pct, centre crop, normalisation),
+and the training process only trains.
+
+The streamed batches are as reproducible as the in-memory ones. The main process draws
+the epoch's order from (seed, epoch), like DeviceLoader, and shards it by stride like
+DistributedSampler; each sample is augmented in a worker under RNGs seeded by (seed,
+epoch, index). So a batch is a function of the position alone, not of the worker count
+or their scheduling, and a resumed run starts its sampler at the saved (epoch, step)
+without decoding the samples before it. Nothing random is carried between batches:
+the checkpoint's ``data`` entry (position, seed, sample count) is all a resume needs,
+and lets it refuse a folder that changed since.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DeviceLoader, build_loaders, class_balanced_subset
+from .errors import DataError
+from .imagefolder import BadImage, ImageFolder, bad_image, read_image, scan_imagefolder
+
+__all__ = ["Data", "DataPlan", "EpochSampler", "StreamDataset", "StreamLoader", "build_data", "plan_data",
+           "sample_seed"]
+
+DEFAULT_CROP_PCT = 0.875  # timm's
+STATS_SAMPLES = 512  # training images the streaming path estimates mean/std from, when it must
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """How a spec's data will be read, decided without decoding any image.
+
+    ``mean``/``std`` are per channel in 0..1 pixel units, or None where the training
+    split's statistics are used (known once it is read); ``stats`` says which."""
+
+    dataset: str
+    loader: str  # "memory" or "stream"
+    reason: str
+    input_size: tuple[int, int, int]
+    train_images: int | None = None  # image folders only
+    test_images: int | None = None
+    decoded_mb: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None  # streamed evaluation only
+    stats: str = "the training split's statistics"
+
+    def __str__(self) -> str:
+        norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
+            f"normalised with {self.stats}"
+        crop = f", eval crop_pct {self.crop_pct}" if self.loader == "stream" else ""
+        return f"{self.loader} ({self.reason}); {norm}{crop}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "loader": self.loader, "reason": self.reason,
+                "input_size": list(self.input_size), "train_images": self.train_images,
+                "test_images": self.test_images, "decoded_mb": self.decoded_mb,
+                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "crop_pct": self.crop_pct, "stats": self.stats}
+
+
+def _fmt(values: tuple[float, ...] | None) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "-"
+
+
+def plan_data(data_spec: Any, teacher: nn.Module | None, student: nn.Module,
+              input_size: tuple[int, int, int], missing_ok: bool = False) -> DataPlan:
+    """Choose the loader of ``data_spec`` and its normalisation. Image folders are listed and
+    checked (scan_imagefolder's errors surface here, in `kdgraph plan`); other datasets are
+    always held in memory and normalised with their training statistics. With ``missing_ok``
+    (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
+    if data_spec.dataset != "imagefolder":
+        return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
+    if missing_ok and (data_spec.root is None or not Path(data_spec.root).is_dir()):
+        mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
+                                                    "teacher" if teacher is not None else "student", input_size[0])
+        return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
+                        input_size, None, None, None, mean, std, crop_pct, stats)
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
+    c, h, w = input_size
+    if c not in (1, 3):
+        raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
+    mb = folder.num_images * c * h * w * 4 / 2**20
+    budget = data_spec.memory_budget_mb
+    size = f"{folder.num_images:,} images, {mb:,.1f} MB decoded" if mb >= 0.1 else \
+        f"{folder.num_images:,} images, {mb * 1024:,.0f} KB decoded"
+    if data_spec.loader == "auto":
+        loader = "memory" if mb <= budget else "stream"
+        reason = f"auto: {size} {'<=' if loader == 'memory' else '>'} data.memory_budget_mb {budget}"
+    else:
+        loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
+    mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
+                                                "teacher" if teacher is not None else "student", c)
+    return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
+                    round(mb, 1), mean, std, crop_pct, stats)
+
+
+def _normalisation(data_spec: Any, model: nn.Module, role: str, channels: int):
+    """(mean, std, crop_pct, where mean/std come from): the spec's, else the model's timm
+    pretrained_cfg (the teacher's: it sees the inputs the student is taught on; without a
+    teacher the student's, so that a teacher trained by kdgraph and the runs distilling
+    it agree), else None: the training split's statistics."""
+    cfg = getattr(model, "pretrained_cfg", None)  # timm models carry one; others do not
+    cfg = cfg if isinstance(cfg, dict) else {}
+    crop_pct = data_spec.crop_pct or cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    if data_spec.mean is not None:
+        return tuple(data_spec.mean), tuple(data_spec.std), crop_pct, "the spec (data.mean/std)"
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None and std is not None and len(mean) == len(std) == channels:
+        return tuple(map(float, mean)), tuple(map(float, std)), crop_pct, f"the {role}'s pretrained_cfg"
+    return None, None, crop_pct, "the training split's statistics"
+
+
+# ------------------------------------------------------------------------- transforms
+
+
+def train_transform(input_size: tuple[int, int, int], augment: str, mean, std, crop_pct: float,
+                    crop_scale: tuple[float, float]):
+    """timm's training transform: random-resized crop (area ``crop_scale``), horizontal flip
+    (crop+flip), normalisation; no colour jitter. ``augment`` none: the evaluation transform."""
+    from timm.data import create_transform
+
+    if augment == "none":
+        return eval_transform(input_size, mean, std, crop_pct)
+    return create_transform(input_size, is_training=True, scale=tuple(crop_scale),
+                            hflip=0.5 if augment == "crop+flip" else 0.0, color_jitter=None,
+                            interpolation="bilinear", mean=tuple(mean), std=tuple(std))
+
+
+def eval_transform(input_size: tuple[int, int, int], mean, std, crop_pct: float):
+    """timm's evaluation transform: resize the shorter side to side / crop_pct (bilinear),
+    centre-crop input_size, normalise."""
+    from timm.data import create_transform
+
+    return create_transform(input_size, is_training=False, crop_pct=crop_pct, interpolation="bilinear",
+                            mean=tuple(mean), std=tuple(std))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch``: well mixed, < 2**63."""
+    state = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
+
+
+@contextmanager
+def _seeded(seed: int):
+    """torch's CPU generator and Python's random (timm's crop draws from it) seeded for one
+    sample, and restored after: with num_workers 0 the training process's RNGs are untouched."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+# ----------------------------------------------------------------------- streaming
+
+
+class StreamDataset(torch.utils.data.Dataset):
+    """Files decoded and transformed on demand. Keys are (index, epoch): an augmented
+    sample's RNGs are seeded by (seed, epoch, index), so it is the same in any worker.
+    A file that cannot be decoded comes back as (None, (path, reason))."""
+
+    def __init__(self, files: np.ndarray, labels: np.ndarray, num_classes: int, channels: int, transform,
+                 *, augmented: bool, seed: int):
+        if len(files) != len(labels) or not len(files):
+            raise DataError(f"StreamDataset needs as many labels as files, at least one: {len(files)} / {len(labels)}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise DataError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+        self.files = files  # numpy str array: workers read it without touching refcounts
+        self.labels = labels
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = transform
+        self.augmented = augmented
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path = str(self.files[index])
+        try:
+            image = read_image(path, self.mode)
+        except BadImage as exc:
+            return None, (path, str(exc))
+        if self.augmented:
+            with _seeded(sample_seed(self.seed, epoch, index)):
+                return self.transform(image), int(self.labels[index])
+        return self.transform(image), int(self.labels[index])
+
+
+def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, str], ...]]:
+    """(images, labels, unreadable (path, reason) pairs) of one batch; unreadable samples are left out."""
+    good = [s for s in samples if s[0] is not None]
+    bad = tuple(s[1] for s in samples if s[0] is None)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long), bad
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Batches of (index, epoch) keys for one rank, from a position on.
+
+    The epoch's order is DeviceLoader's: a permutation drawn from (seed, epoch) (or 0..n-1
+    without ``shuffle``), padded by wrapping around (or truncated with ``drop_last``) to a
+    multiple of ``world_size``, and rank r takes every world_size-th position from r, as
+    DistributedSampler does. ``set_position(epoch, step)`` is called before each pass
+    (persistent workers re-iterate the same sampler); iteration starts at ``step`` without
+    touching earlier samples.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.total = (n // world_size if drop_last else -(-n // world_size)) * world_size
+        self.samples_per_rank = self.total // world_size
+        if self.samples_per_rank == 0:
+            raise DataError(f"{n} samples cannot be split over {world_size} ranks")
+        spr = self.samples_per_rank
+        self.num_batches = spr // batch_size if drop_last else -(-spr // batch_size)
+        if self.num_batches == 0:
+            raise DataError(f"data.batch_size: {batch_size} is larger than the {spr} samples per rank and "
+                            "drop_last is on")
+        self.epoch, self.step = 0, 0
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        if not 0 <= step <= self.num_batches:
+            raise DataError(f"step {step} is outside an epoch of {self.num_batches} batches")
+        self.epoch, self.step = epoch, step
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for the whole epoch."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        order = order.repeat(-(-self.total // self.n))[: self.total]
+        return order[self.rank : self.total : self.world_size]
+
+    def __len__(self) -> int:
+        return self.num_batches - self.step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, bs = self.epoch, self.batch_size
+        order = self.order(epoch).tolist()
+        for step in range(self.step, self.num_batches):
+            yield [(i, epoch) for i in order[step * bs : min((step + 1) * bs, self.samples_per_rank)]]
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: a worker that died of it would turn the training
+    # process's clean stop (checkpoint, resume hint) into "worker exited unexpectedly". The
+    # training process stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    num_workers: int = 2
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+
+class StreamLoader:
+    """DeviceLoader's interface (``len``, ``epoch(e, start_step)``, ``state_dict``) over a
+    StreamDataset: an EpochSampler feeds a torch DataLoader whose workers decode and
+    transform; batches are moved to ``device`` as they arrive. Unreadable files are
+    skipped with one warning each (``bad`` maps path -> reason) or refused (``on_bad_image``)."""
+
+    def __init__(self, dataset: StreamDataset, batch_size: int, *, shuffle: bool, seed: int,
+                 device: torch.device | str = "cpu", drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 workers: WorkerOptions = WorkerOptions(), on_bad_image: str = "skip"):
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.world_size = world_size
+        self.on_bad_image = on_bad_image
+        self.sampler = EpochSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                    rank=rank, world_size=world_size)
+        self.samples_per_rank = self.sampler.samples_per_rank
+        n = workers.num_workers
+        # generator: each pass draws a worker base seed from it, which would otherwise come from
+        # the global RNG and shift dropout draws after a resume (the samples reseed themselves)
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=n,
+            pin_memory=workers.pin_memory, persistent_workers=workers.persistent_workers and n > 0,
+            prefetch_factor=workers.prefetch_factor if n > 0 else None, worker_init_fn=_worker_init if n > 0 else None,
+            generator=torch.Generator().manual_seed(seed))
+        self.bad: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_position(epoch, start_step)
+        for xb, yb, bad in self._loader:
+            for path, reason in bad:
+                if path not in self.bad:
+                    bad_image(path, reason, self.on_bad_image)
+                    self.bad[path] = reason
+            if not len(yb):
+                raise DataError(f"no image of a batch could be read ({', '.join(p for p, _ in bad)}); "
+                                "is data.root readable?")
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+    def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
+        """The position and what fixes the batches there: (seed, epoch, index) draw everything."""
+        return {"loader": "stream", "epoch": epoch, "step": step, "seed": self.seed, "num_samples": len(self.dataset),
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+
+# ---------------------------------------------------------------------------- build
+
+
+@dataclass
+class Data:
+    """A run's loaders and what it normalised with (mean/std in 0..1 pixel units)."""
+
+    plan: DataPlan
+    train: DeviceLoader | StreamLoader
+    test: DeviceLoader | StreamLoader
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stats: str
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
+
+    def bad_images(self) -> dict[str, str]:
+        bad = dict(self.skipped)
+        for loader in (self.train, self.test):
+            if isinstance(loader, StreamLoader):
+                bad.update(loader.bad)
+        return bad
+
+    def test_samples(self) -> int:
+        """Samples an evaluation covers: the test split less the unreadable files seen in it."""
+        n = self.test.samples_per_rank
+        return n - len(self.test.bad) if isinstance(self.test, StreamLoader) else n
+
+    def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
+        return {**self.train.state_dict(epoch, step), "bad_images": sorted(self.bad_images())}
+
+    def check_resume(self, state: dict[str, Any] | None, where: str) -> None:
+        """Refuse a checkpoint whose data differ (another sample count, seed or batch size)."""
+        if state is None:  # checkpoints before the streaming path
+            return
+        now = self.train.state_dict(state["epoch"], state["step"])
+        diff = [f"{k} {state[k]} then, {now[k]} now" for k in ("loader", "num_samples", "seed", "batch_size",
+                                                               "world_size") if state.get(k) != now[k]]
+        if diff:
+            raise DataError(f"{where} was written for other training data ({'; '.join(diff)}); resume with the "
+                            "data it was trained on, or start over with --force")
+        self.skipped.update({p: "seen before the resume" for p in state.get("bad_images", ())})
+
+    def record(self) -> dict[str, Any]:
+        """What summary.json says about the data."""
+        bad = self.bad_images()
+        out = {"loader": self.plan.loader, "reason": self.plan.reason, "mean": [round(v, 6) for v in self.mean],
+               "std": [round(v, 6) for v in self.std], "stats": self.stats}
+        if self.plan.loader == "stream":
+            out["crop_pct"] = self.plan.crop_pct
+        out.update(bad_images=len(bad), bad_files=sorted(bad)[:20])
+        return out
+
+
+def build_data(spec: Any, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
+    """The train loader (sharded over ranks) and the test loader (the whole split, for the
+    main rank's evaluation) of ``plan``."""
+    d = spec.data
+    test_bs = d.test_batch_size or d.batch_size
+    if plan.loader == "memory":
+        # image folders are read in 0..255; the plan's mean/std are in 0..1
+        norm = (tuple(255 * m for m in plan.mean), tuple(255 * s for s in plan.std)) if plan.mean else None
+        train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm)
+        test = DeviceLoader(ds.test_x, ds.test_y, test_bs, shuffle=False, device=device)
+        scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
+        return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
+                    tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
+    folder = scan_imagefolder(d.root, d.num_classes)
+    c = plan.input_size[0]
+    mean, std, stats = plan.mean, plan.std, plan.stats
+    if mean is None:
+        mean, std, stats = _estimate_stats(folder, plan, d.on_bad_image)
+    augment = d.augment if d.augment != "auto" else "crop+flip"
+    files, labels = folder.train_files, folder.train_labels
+    if d.fraction < 1.0:
+        keep = class_balanced_subset(torch.from_numpy(labels), d.fraction, spec.seed).numpy()
+        files, labels = files[keep], labels[keep]
+    rt = spec.runtime
+    workers = WorkerOptions(rt.num_workers, device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
+                            rt.persistent_workers, rt.prefetch_factor)
+    n_classes = len(folder.classes)
+    train_ds = StreamDataset(files, labels, n_classes, c,
+                             train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale),
+                             augmented=augment != "none", seed=spec.seed)
+    test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
+                            eval_transform(plan.input_size, mean, std, plan.crop_pct), augmented=False, seed=spec.seed)
+    per_rank = len(files) // dist_info.world_size
+    train = StreamLoader(train_ds, d.batch_size, shuffle=True, seed=spec.seed, device=device,
+                         drop_last=per_rank >= d.batch_size, rank=dist_info.rank,
+                         world_size=dist_info.world_size, workers=workers, on_bad_image=d.on_bad_image)
+    test = StreamLoader(test_ds, test_bs, shuffle=False, seed=spec.seed, device=device, workers=workers,
+                        on_bad_image=d.on_bad_image)
+    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats)
+
+
+def _estimate_stats(folder: ImageFolder, plan: DataPlan, on_bad_image: str):
+    """Per-channel mean/std (0..1 units) of up to STATS_SAMPLES evenly spaced training images,
+    after the evaluation resize and crop: the streaming path never decodes the whole split."""
+    c = plan.input_size[0]
+    to_tensor = eval_transform(plan.input_size, (0.0,) * c, (1.0,) * c, plan.crop_pct)
+    n = len(folder.train_files)
+    picks = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLES)).round().astype(int))
+    xs = []
+    for i in picks.tolist():
+        try:
+            xs.append(to_tensor(read_image(str(folder.train_files[i]), "L" if c == 1 else "RGB")))
+        except BadImage as exc:
+            with warnings.catch_warnings():  # the training pass warns about it once, and counts it
+                warnings.simplefilter("ignore")
+                bad_image(str(folder.train_files[i]), str(exc), on_bad_image)
+    if not xs:
+        raise DataError(f"data.root: none of {len(picks)} training images under {folder.root} could be read")
+    x = torch.stack(xs)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return (tuple(mean.tolist()), tuple(std.tolist()),
+            f"the training split's statistics ({len(xs)} of {n:,} images)")
