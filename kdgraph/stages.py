@@ -50,7 +50,8 @@ class Boundary:
 
 
 def _stage_key(cut: Cut) -> tuple:
-    return (cut.layout == "vector", cut.reduction, cut.channels)
+    # The shape too: a nominal reduction (cuts._nominal_reduction) spans grids of a few sizes.
+    return (cut.layout == "vector", cut.reduction, cut.channels, cut.shape if cut.layout != "vector" else None)
 
 
 def _preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
