@@ -95,3 +95,115 @@ def test_torchvision_flat_networks_plan_at_nominal_reductions(name, size, reduct
     bounds = choose_boundaries(stages, 5, traced)
     assert [b.cut.reduction for b in bounds] == reductions
     assert all(b.cut.module.startswith("features") for b in bounds)
+
+
+# --- models torch.fx cannot trace whole ----------------------------------------------------
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, the model around it can."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: not fx-traceable
+            return self.conv(x)
+        return x
+
+
+class WithBranchyBlocks(nn.Module):
+    def __init__(self, w: int = 8, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU())
+        self.layer1 = nn.Sequential(Branchy(w), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), Branchy(2 * w), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), Branchy(4 * w))
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.layer3(self.layer2(self.layer1(self.stem(x)))).mean((2, 3)))
+
+
+class UntraceableTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:  # in the top-level forward: no module to make a leaf
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_submodules_become_leaves_and_the_model_plans():
+    model = WithBranchyBlocks()
+    traced = trace(model, (1, 16, 16))
+    assert [leaf.split(" ", 1)[0] for leaf in traced.leaves] == ["layer1.0", "layer2.1", "layer3.1"]
+    assert all("(Branchy)" in leaf and "if x.sum() > 0:" in leaf and "test_any_model.py:" in leaf
+               for leaf in traced.leaves)
+    called = {n.target for n in traced.gm.graph.nodes if n.op == "call_module"}
+    assert {"layer1.0", "layer2.1", "layer3.1"} <= called and "layer1.0.conv" not in called
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(traced.gm(x), model(x))  # the leaf runs its Python, branch and all
+
+    spec = tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]})
+    c = compile_spec(spec, models=(WithBranchyBlocks(16), WithBranchyBlocks(8)))
+    assert [b.to_dict()["student"] for b in c.pairing.blocks] == ["layer1", "layer2", "layer3", "output"]
+    leaf_notes = [n for n in c.notes if "whole as a leaf" in n]
+    assert len(leaf_notes) == 6 and leaf_notes[0].startswith("teacher: traced layer1.0 (Branchy)")
+    assert c.to_dict()["student"]["leaves"] == list(c.student.traced.leaves)
+
+
+def test_plan_cli_reports_the_leaves(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "branchy_models.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_any_model import WithBranchyBlocks\n"
+        "def make(num_classes=10, in_chans=1):\n    return WithBranchyBlocks(8, num_classes)\n"
+        % str(__import__("pathlib").Path(__file__).parent))
+    (tmp_path / "spec.yaml").write_text(
+        "name: branchy\nstudent: {model: 'module:branchy_models:make'}\n"
+        "data: {dataset: synthetic, input_size: [1, 16, 16]}\ndecompose: {blocks: 3}\n"
+        "schedule: {method: supervised, epochs: 1}\n")
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "spec.yaml")], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "student: traced layer1.0 (Branchy) whole as a leaf" in " ".join(result.output.split())
+
+
+def test_an_untraceable_top_level_forward_is_a_one_line_error_naming_module_and_line():
+    from kdgraph.errors import TraceError
+
+    with pytest.raises(TraceError) as info:
+        trace(UntraceableTop(), (1, 8, 8), role="student")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "torch.fx cannot trace the student (UntraceableTop)" in msg
+    assert "module '<root>' (UntraceableTop)" in msg and "test_any_model.py:" in msg
+    assert "if x.mean() > 0:" in msg
+
+
+def test_a_model_that_is_all_leaf_is_refused_naming_the_leaf():
+    from kdgraph.errors import PlanError
+
+    class AllInOne(nn.Module):  # features and classifier in one untraceable forward
+        def __init__(self):
+            super().__init__()
+            self.body = Branchy(1)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            if x.std() > 0:
+                x = self.body(x)
+            return self.fc(x.flatten(1))
+
+    model = nn.Sequential(AllInOne(), nn.ReLU(), nn.Linear(10, 10))
+    traced = trace(model, (1, 8, 8))
+    assert [leaf.split(" ", 1)[0] for leaf in traced.leaves] == ["0"]
+    cuts = find_cuts(traced)
+    with pytest.raises(PlanError, match=r"torch.fx traced 0 \(AllInOne\) whole, as a leaf"):
+        choose_boundaries(find_stages(cuts, traced), 3, traced)
