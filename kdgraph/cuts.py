@@ -46,22 +46,36 @@ class Cut:
         return d
 
 
+def _pow2(r: int) -> bool:
+    return r > 0 and r & (r - 1) == 0
+
+
 def _reduction(size: tuple[int, int], h: int, w: int) -> int | None:
-    """The exact reduction of an h×w grid of an H×W input (None when it does not tile it)."""
+    """The exact reduction of an h×w grid of an H×W input (None when it does not tile it).
+
+    Where that is not a power of two but a power-of-two stride with padding gives the same
+    grid (4x4 of 224 is 224/56 exactly, and 224/64 rounded up), the stride is meant: 64.
+    """
     H, W = size
     if h <= 0 or w <= 0 or H % h or W % w or H // h != W // w:
         return None
-    return H // h
+    r = H // h
+    if not _pow2(r):
+        padded = [p for p in (2 ** k for k in range(1, max(H, W).bit_length() + 1))
+                  if -(-H // p) == h and -(-W // p) == w]
+        if padded:
+            return padded[0]
+    return r
 
 
 def _nominal_reduction(size: tuple[int, int], h: int, w: int) -> int | None:
     """The stride product (a power of two) of a grid that does not tile the input exactly.
 
     Unpadded convolutions and ceil-mode pools leave grids near, not at, H/r (AlexNet's 55 of
-    224 at stride 4, SqueezeNet's 109 at stride 2, Inception's 147 and 35 of 299): the grid is
-    taken as reduction r when both sides are within one cell, or 10 %, of H/r and W/r (and
-    square when the input is). timm's
-    feature_info gives such maps the same nominal reduction.
+    224 at stride 4, SqueezeNet's 109 at stride 2, Inception's 147, 35 and 8 of 299): the
+    grid is taken as reduction r when both sides are within 1.5 cells, or 10 %, of H/r and
+    W/r (and square when the input is). timm's feature_info gives such maps the same
+    nominal reduction.
     """
     H, W = size
     if h <= 0 or w <= 0 or (H == W and h != w):  # a square input keeps square maps
@@ -70,7 +84,7 @@ def _nominal_reduction(size: tuple[int, int], h: int, w: int) -> int | None:
     r = 1
     while r <= max(H, W):
         eh, ew = H / r, W / r
-        if all(abs(got - want) <= max(1.0, 0.1 * want) for got, want in ((h, eh), (w, ew))):
+        if all(abs(got - want) <= max(1.5, 0.1 * want) for got, want in ((h, eh), (w, ew))):
             err = abs(math.log(eh / h)) + abs(math.log(ew / w))
             if best is None or err < best[0]:
                 best = (err, r)

@@ -207,3 +207,18 @@ def test_a_model_that_is_all_leaf_is_refused_naming_the_leaf():
     cuts = find_cuts(traced)
     with pytest.raises(PlanError, match=r"torch.fx traced 0 \(AllInOne\) whole, as a leaf"):
         choose_boundaries(find_stages(cuts, traced), 3, traced)
+
+
+@pytest.mark.parametrize("shape,hw,reduction", [
+    ((64, 55, 55), (224, 224), 4),  # AlexNet: k11 s4 p2
+    ((96, 109, 109), (224, 224), 2),  # SqueezeNet: k7 s2, no padding
+    ((2048, 8, 8), (299, 299), 32),  # Inception v3's last map
+    ((288, 35, 35), (299, 299), 8),
+    ((1280, 4, 4), (224, 224), 64),  # 224 / 64 rounded up (selecsls, shvit), not 224 / 56
+    ((192, 16, 16), (224, 224), 14),  # a patch-14 stem tiles 224 exactly
+    ((8, 3, 3), (64, 64), 16),
+])
+def test_nominal_reductions_of_grids_that_do_not_tile_the_input(shape, hw, reduction):
+    from kdgraph.cuts import infer_layout
+
+    assert infer_layout(shape, hw) == ("NCHW", shape[0], reduction, 0)
