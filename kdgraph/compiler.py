@@ -60,7 +60,8 @@ class ModelArtifacts:
         return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],
                 "stages": [s.to_dict() for s in self.stages],
                 "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}
-                               for b in self.boundaries]}
+                               for b in self.boundaries],
+                "leaves": list(self.traced.leaves) if self.traced else []}
 
 
 @dataclass
@@ -116,6 +117,9 @@ def pass_data(c: Compiled) -> None:
 def pass_trace(c: Compiled) -> None:
     for art in _models(c):
         art.traced = trace(art.model, c.input_size, role=art.role)
+        for leaf in art.traced.leaves:
+            c.notes.append(f"{art.role}: traced {leaf.split(': ', 1)[0]} whole as a leaf (no cut inside it), "
+                           f"torch.fx cannot trace it: {leaf.split(': ', 1)[1]}")
     # A spec mistake, not a compiler bug: said here in spec words rather than by the invariant check.
     if c.teacher is not None and c.num_classes and c.teacher.num_classes != c.num_classes:
         raise PlanError(f"the teacher predicts {c.teacher.num_classes} classes, the student {c.num_classes}: "

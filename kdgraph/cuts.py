@@ -46,11 +46,50 @@ class Cut:
         return d
 
 
+def _pow2(r: int) -> bool:
+    return r > 0 and r & (r - 1) == 0
+
+
 def _reduction(size: tuple[int, int], h: int, w: int) -> int | None:
+    """The exact reduction of an h×w grid of an H×W input (None when it does not tile it).
+
+    Where that is not a power of two but a power-of-two stride with padding gives the same
+    grid (4x4 of 224 is 224/56 exactly, and 224/64 rounded up), the stride is meant: 64.
+    """
     H, W = size
     if h <= 0 or w <= 0 or H % h or W % w or H // h != W // w:
         return None
-    return H // h
+    r = H // h
+    if not _pow2(r):
+        padded = [p for p in (2 ** k for k in range(1, max(H, W).bit_length() + 1))
+                  if -(-H // p) == h and -(-W // p) == w]
+        if padded:
+            return padded[0]
+    return r
+
+
+def _nominal_reduction(size: tuple[int, int], h: int, w: int) -> int | None:
+    """The stride product (a power of two) of a grid that does not tile the input exactly.
+
+    Unpadded convolutions and ceil-mode pools leave grids near, not at, H/r (AlexNet's 55 of
+    224 at stride 4, SqueezeNet's 109 at stride 2, Inception's 147, 35 and 8 of 299): the
+    grid is taken as reduction r when both sides are within 1.5 cells, or 10 %, of H/r and
+    W/r (and square when the input is). timm's feature_info gives such maps the same
+    nominal reduction.
+    """
+    H, W = size
+    if h <= 0 or w <= 0 or (H == W and h != w):  # a square input keeps square maps
+        return None
+    best = None
+    r = 1
+    while r <= max(H, W):
+        eh, ew = H / r, W / r
+        if all(abs(got - want) <= max(1.5, 0.1 * want) for got, want in ((h, eh), (w, ew))):
+            err = abs(math.log(eh / h)) + abs(math.log(ew / w))
+            if best is None or err < best[0]:
+                best = (err, r)
+        r *= 2
+    return best[1] if best else None
 
 
 def _token_reduction(size: tuple[int, int], n: int) -> tuple[int, int] | None:
@@ -80,12 +119,13 @@ def infer_layout(shape: tuple[int, ...], input_hw: tuple[int, int]) -> tuple[str
             return "tokens", shape[1], found[0], found[1]
         return "other", shape[-1], None, 0
     if len(shape) == 3:
-        r = _reduction(input_hw, shape[1], shape[2])
-        if r is not None:
-            return "NCHW", shape[0], r, 0
-        r = _reduction(input_hw, shape[0], shape[1])
-        if r is not None:
-            return "NHWC", shape[2], r, 0
+        for reduction in (_reduction, _nominal_reduction):  # exact grids first, in either layout
+            r = reduction(input_hw, shape[1], shape[2])
+            if r is not None:
+                return "NCHW", shape[0], r, 0
+            r = reduction(input_hw, shape[0], shape[1])
+            if r is not None:
+                return "NHWC", shape[2], r, 0
     return "other", None, None, 0
 
 
@@ -93,15 +133,29 @@ _POOL_FUNCTIONS = {"mean", "amax", "max", "adaptive_avg_pool2d", "adaptive_max_p
                    "max_pool2d", "sum"}
 
 
+_FIXED_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
 def _spatial(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
     return tuple(shape[1:3]) if layout == "NCHW" else tuple(shape[0:2])
 
 
 def _is_global_pool(traced: TracedModel, node) -> bool:
-    """A node that pools a map to 1x1: a pooling module or a mean/max over the spatial axes."""
+    """A node that pools a map to 1x1: a pooling module or a mean/max over the spatial axes.
+
+    A pool of fixed kernel (VGG's last ``MaxPool2d(2)`` of a 2x2 map at a small input) is
+    not global: its 1x1 output is a feature map of the next reduction, as timm's
+    feature_info says.
+    """
     if node.op == "call_module":
-        return "pool" in type(traced.model.get_submodule(node.target)).__name__.lower()
+        module = traced.model.get_submodule(node.target)
+        if isinstance(module, _FIXED_POOLS):
+            return False
+        return "pool" in type(module).__name__.lower()
     target = getattr(node.target, "__name__", node.target)
+    if target in ("max_pool2d", "avg_pool2d"):
+        kernel = node.kwargs.get("kernel_size", node.args[1] if len(node.args) > 1 else None)
+        return not isinstance(kernel, (int, tuple))  # a kernel read from the map's size is global
     return isinstance(target, str) and target in _POOL_FUNCTIONS
 
 
@@ -129,6 +183,7 @@ def find_cuts(traced: TracedModel) -> list[Cut]:
     expiring: dict[int, list] = {}
     cuts: list[Cut] = []
     pooled = False  # once features are pooled to a vector, later 1x1 maps are vectors too
+    last_hw: tuple[int, int] | None = None  # the grid of the latest map cut
     for i, n in enumerate(nodes):
         info = traced.nodes[n.name]
         if info.input_dependent and n.users:
@@ -146,8 +201,21 @@ def find_cuts(traced: TracedModel) -> list[Cut]:
         level = sum(1 for p in info.modules if p not in closes and not _is_sequence(traced, p))
         layout, channels, reduction, prefix = infer_layout(info.shape[1:], input_hw)
         if layout in ("NCHW", "NHWC") and _spatial(info.shape[1:], layout) == (1, 1) \
-                and input_hw != (1, 1) and (pooled or _is_global_pool(traced, n)):
-            layout, reduction = "vector", None  # (C, 1, 1) after a global pool is a vector
+                and input_hw != (1, 1) and (pooled or _is_global_pool(traced, n)
+                                            or (last_hw is not None and max(last_hw) > 3)):
+            # (C, 1, 1) after a global pool is a vector, and so is one reached from a grid
+            # larger than 3x3 in one step (VGG's 7x7 conv head at 224): only a stride-2 step
+            # (VGG's last max pool of a 2x2 map at 32 px, AlexNet's of 3x3 at 64) keeps a 1x1 map a map.
+            layout, reduction = "vector", None
+        if layout in ("NCHW", "NHWC"):
+            hw = _spatial(info.shape[1:], layout)
+            if last_hw is not None and hw[0] * hw[1] > last_hw[0] * last_hw[1] \
+                    and _reduction(input_hw, *hw) is None:
+                # A grid blown up to a fixed size (torchvision VGG's AdaptiveAvgPool2d((7, 7))
+                # of a 1x1 map at 32 px) has no reduction: not a place to compare features.
+                layout, reduction = "other", None
+            else:
+                last_hw = hw
         pooled = pooled or layout == "vector"
         cuts.append(Cut(
             node=n.name, index=i, module=closes[0] if closes else "", closes=closes,

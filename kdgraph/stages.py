@@ -7,11 +7,20 @@ Blocks are then chosen from the stage ends: one boundary per reduction (the deep
 stage of each), dropping the shallowest reductions when there are more than needed
 and splitting the longest stage by depth (isotropic networks) when there are fewer.
 The head (pooling + classifier) is always the last block.
+
+Where the model names its own feature taps (timm's ``feature_info``: module, width,
+reduction), a stage whose cuts include a tap ends there: the rule above and timm's
+conventions differ in a few families (resnet18d's deep stem, dpn, nfnet, ghostnet), and a
+tap is where a user of that model expects the feature. Where the rule's end carries the
+very same tensor as the tap (an ``nn.Identity`` after it), the rule's end stays and the
+stage says so. ``Stage.tap`` records either, and the block's rule column shows it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch import nn
 
 from .cuts import Cut
 from .errors import PlanError
@@ -25,6 +34,14 @@ class Stage:
     index: int
     cuts: tuple[Cut, ...]
     end: Cut
+    # How feature_info moved or confirmed the end: "" (the rule alone), "feature_info tap X"
+    # (the end moved to tap X), "same tensor as feature_info tap X" (an identity of the end).
+    tap: str = ""
+
+    @property
+    def rule(self) -> str:
+        """The boundary rule for this stage's end, as the plan's rule column shows it."""
+        return f"stage end ({self.tap})" if self.tap else "stage end"
 
     @property
     def reduction(self) -> int | None:
@@ -38,7 +55,7 @@ class Stage:
         e = self.end
         return {"index": self.index, "module": e.module, "node": e.node, "shape": list(e.shape),
                 "layout": e.layout, "channels": e.channels, "reduction": e.reduction,
-                "cuts": len(self.cuts)}
+                "cuts": len(self.cuts), "tap": self.tap}
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,8 @@ class Boundary:
 
 
 def _stage_key(cut: Cut) -> tuple:
-    return (cut.layout == "vector", cut.reduction, cut.channels)
+    # The shape too: a nominal reduction (cuts._nominal_reduction) spans grids of a few sizes.
+    return (cut.layout == "vector", cut.reduction, cut.channels, cut.shape if cut.layout != "vector" else None)
 
 
 def _preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
@@ -59,6 +77,39 @@ def _preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
     candidates = [c for c in cuts if c.level == lowest]
     containers = [c for c in candidates if c.module and traced.is_container(c.module)]
     return (containers or candidates)[-1]
+
+
+def feature_taps(traced: TracedModel) -> dict[str, int | None]:
+    """{module: width} of the feature taps the model declares (timm's ``feature_info``)."""
+    info = getattr(traced.model, "feature_info", None)
+    taps = {}
+    for entry in info if isinstance(info, (list, tuple)) else ():
+        try:
+            module, width = entry["module"], entry.get("num_chs")
+        except (TypeError, KeyError, AttributeError):
+            continue
+        if isinstance(module, str) and module:
+            taps[module] = width
+    return taps
+
+
+def _tapped(cut: Cut, taps: dict[str, int | None]) -> str | None:
+    """The declared tap ``cut`` closes with the declared width (the innermost of several)."""
+    hits = [m for m in cut.closes if m in taps and taps[m] in (None, cut.channels)]
+    return hits[-1] if hits else None
+
+
+def _end(group: list[Cut], traced: TracedModel, taps: dict[str, int | None]) -> tuple[Cut, str]:
+    """The stage's end and its ``tap`` note (see Stage)."""
+    end = _preferred(group, traced)
+    tapped = [c for c in group if _tapped(c, taps)]
+    if not tapped or end is tapped[-1] or end.layout == "vector":
+        return end, ""
+    tap = tapped[-1]
+    name = _tapped(tap, taps)
+    if same_value(traced, end, tap):
+        return end, f"same tensor as feature_info tap {name}"
+    return tap, f"feature_info tap {name}"
 
 
 def find_stages(cuts: list[Cut], traced: TracedModel) -> list[Stage]:
@@ -71,7 +122,8 @@ def find_stages(cuts: list[Cut], traced: TracedModel) -> list[Stage]:
             groups[-1].append(cut)
         else:
             groups.append([cut])
-    return [Stage(i, tuple(g), _preferred(g, traced)) for i, g in enumerate(groups)]
+    taps = feature_taps(traced)
+    return [Stage(i, tuple(g), *_end(g, traced, taps)) for i, g in enumerate(groups)]
 
 
 def _units(stage: Stage) -> list[Cut]:
@@ -106,7 +158,10 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
         return []
     maps = [s for s in stages if s.end.layout != "vector"]
     if not maps:
-        raise PlanError(f"the {role} has no feature-map or token cut to split at; "
+        leaves = [leaf.split(": ", 1)[0] for leaf in traced.leaves]
+        why = (f" (torch.fx traced {', '.join(leaves)} whole, as a leaf: it cannot trace through)"
+               if leaves else "")
+        raise PlanError(f"the {role} has no feature-map or token cut to split at{why}; "
                         "name the cuts in decompose.cuts or use decompose.blocks: 1")
     # One stage per resolution: the one whose end sits at the lowest level, so that a
     # stage of expanded width inside the next block (efficientnet's blocks.3.0.bn1) loses
@@ -115,12 +170,15 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
     for stage in maps:
         per_reduction.setdefault(stage.reduction, []).append(stage)
     chosen = []
+    taps = feature_taps(traced)
     for group in per_reduction.values():
-        end = _preferred([s.end for s in group], traced)
+        # A stage ending at one of the model's declared feature taps wins.
+        declared = [s for s in group if _tapped(s.end, taps) or s.tap]
+        end = _preferred([s.end for s in declared or group], traced)
         chosen.append(next(s for s in group if s.end is end))
     chosen.sort(key=lambda s: s.end.index)
     if len(chosen) >= need:
-        return [Boundary(s.end, "stage end") for s in chosen[len(chosen) - need:]]
+        return [Boundary(s.end, s.rule) for s in chosen[len(chosen) - need:]]
 
     # Too few resolutions: split the stages with the most repeated units by depth.
     parts = {s.index: 1 for s in chosen}
@@ -138,7 +196,7 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
     for stage in chosen:
         p, u = parts[stage.index], units[stage.index]
         if p == 1:
-            out.append(Boundary(stage.end, "stage end"))
+            out.append(Boundary(stage.end, stage.rule))
             continue
         sizes = _split(len(u), p)
         at = 0
@@ -147,3 +205,32 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
             out.append(Boundary(u[at - 1], f"depth split {j + 1}/{p} ({'/'.join(map(str, sizes))})"))
         out.append(Boundary(stage.end, f"depth split {p}/{p} ({'/'.join(map(str, sizes))})"))
     return out
+
+
+def _identity(traced: TracedModel, node) -> bool:
+    """A node whose output is its input, in both modes: nn.Identity, a rate-0 dropout or drop
+    path, ``contiguous``."""
+    if node.op == "call_method":
+        return node.target == "contiguous"
+    if node.op != "call_module":
+        return False
+    module = traced.gm.get_submodule(node.target)
+    if isinstance(module, nn.Identity):
+        return True
+    rate = getattr(module, "p", getattr(module, "drop_prob", None))
+    return "drop" in type(module).__name__.lower() and rate == 0
+
+
+def same_value(traced: TracedModel, a: Cut, b: Cut) -> bool:
+    """True when cuts ``a`` and ``b`` carry the same tensor: the later is the earlier passed
+    through identities only (repvgg's ``final_conv = nn.Identity()`` after ``stages``)."""
+    if a.index > b.index:
+        a, b = b, a
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    node = nodes[b.node]
+    while node.name != a.node:
+        inputs = [x for x in node.all_input_nodes if traced.nodes[x.name].input_dependent]
+        if len(inputs) != 1 or not _identity(traced, node):
+            return False
+        node = inputs[0]
+    return True

@@ -4,6 +4,12 @@ The tracer keeps timm's leaf modules and autowrapped functions (timm registers t
 pieces its own fx feature extraction cannot trace through), binds every forward
 argument but the first to its default through ``concrete_args`` and records, for
 each node, the stack of modules it was called from (``nn_module_stack``).
+
+Where fx still fails inside a submodule (data-dependent control flow, a Python call on a
+tensor's value), the module class it failed in becomes a leaf and tracing starts again,
+as timm's and torchvision's feature extractors do with their registered leaves: the graph
+then calls that module whole, so no cut lies inside it. ``TracedModel.leaves`` says which
+modules became leaves and why. Only a failure in the top-level forward is an error.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class TracedModel:
     gm: fx.GraphModule
     input_size: tuple[int, int, int]
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
+    leaves: tuple[str, ...] = ()
     _containers: set[str] | None = field(default=None, repr=False)
 
     @property
@@ -79,12 +87,12 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 
 
 class KDTracer(fx.Tracer):
-    """fx tracer that treats timm's not-traceable modules as leaves."""
+    """fx tracer that treats timm's not-traceable modules, and ``leaf_types``, as leaves."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         leaf_modules, autowrap = _timm_notrace()
         super().__init__(autowrap_functions=autowrap)
-        self._extra_leaves = leaf_modules
+        self._extra_leaves = (*leaf_modules, *leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
@@ -109,18 +117,70 @@ def _concrete_args(model: nn.Module) -> dict:
     return concrete
 
 
-def _locate_failure(model: nn.Module, exc: BaseException) -> str:
+@dataclass(frozen=True)
+class _Failure:
+    """Where tracing failed: the innermost module of the model with a frame in the traceback."""
+
+    path: str | None  # "" for the root module, None when no module frame was found
+    module: nn.Module | None
+    where: str
+
+
+def _locate_failure(model: nn.Module, exc: BaseException) -> _Failure:
     """Name the innermost module of ``model`` and the Python line where tracing failed."""
     paths = {id(m): name for name, m in model.named_modules()}
-    where = None
+    found = _Failure(None, None, "an unknown place (no module frame in the traceback)")
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module) and id(owner) in paths:
             code = frame.f_code
             line = linecache.getline(code.co_filename, lineno).strip()
-            path = paths[id(owner)] or "<root>"
-            where = f"module '{path}' ({type(owner).__name__}), {code.co_filename}:{lineno}: {line}"
-    return where or "an unknown place (no module frame in the traceback)"
+            path = paths[id(owner)]
+            where = f"module '{path or '<root>'}' ({type(owner).__name__}), {code.co_filename}:{lineno}: {line}"
+            found = _Failure(path, owner, where)
+    return found
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+_MAX_LEAF_RETRIES = 16
+
+
+def _trace_graph(model: nn.Module, role: str) -> tuple[KDTracer, fx.Graph, tuple[str, ...]]:
+    """Trace ``model``, making the module class fx fails in a leaf and retrying.
+
+    After: the graph, its tracer and the leaves added (one line each, naming the module, the
+    reason and the source line). TraceError where the failure is in the top-level forward,
+    outside any module, or persists after ``_MAX_LEAF_RETRIES`` leaves.
+    """
+    concrete = _concrete_args(model) or None
+    leaf_types: list[type] = []
+    reasons: dict[type, str] = {}
+    while True:
+        tracer = KDTracer(tuple(leaf_types))
+        try:
+            graph = tracer.trace(model, concrete_args=concrete)
+            break
+        except TraceError:
+            raise
+        except Exception as exc:  # fx raises many types; all mean "not traceable"
+            failure = _locate_failure(model, exc)
+            cls = type(failure.module) if failure.module is not None else None
+            if not failure.path or cls in leaf_types or len(leaf_types) >= _MAX_LEAF_RETRIES:
+                # One line: the CLI prints it as it is.
+                raise TraceError(
+                    f"torch.fx cannot trace the {role} ({type(model).__name__}): {_why(exc)}, at "
+                    f"{failure.where}. Make that forward fx-traceable (no Python branch on a tensor's "
+                    "value), or wrap the model so that the code lies in a submodule kdgraph can treat "
+                    "as a leaf") from exc
+            leaf_types.append(cls)
+            reasons[cls] = f"{_why(exc)[:160]}, at {failure.where.split(', ', 1)[1]}"
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    leaves = tuple(f"{path} ({type(m).__name__}): {reasons[type(m)]}"
+                   for path, m in model.named_modules() if type(m) in reasons and path in called)
+    return tracer, graph, leaves
 
 
 def _inline_concrete_args(graph: fx.Graph) -> None:
@@ -231,19 +291,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
     After: every node of the GraphModule has a NodeInfo; tensor nodes have shapes. The
     GraphModule holds the very submodules of ``model`` (parameters shared, not copied).
     """
-    tracer = KDTracer()
-    try:
-        graph = tracer.trace(model, concrete_args=_concrete_args(model) or None)
-    except TraceError:
-        raise
-    except Exception as exc:  # fx raises many types; all mean "not traceable"
-        where = _locate_failure(model, exc)
-        raise TraceError(
-            f"torch.fx cannot trace the {role} ({type(model).__name__}): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {where}\n"
-            "Name the cut points by module path in decompose.cuts, or make that module fx-traceable "
-            "(timm.layers.register_notrace_module marks it as a leaf)."
-        ) from exc
+    tracer, graph, leaves = _trace_graph(model, role)
     _inline_concrete_args(graph)
     _modal_dropout(tracer.root, graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -277,7 +325,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
             dtype=str(meta.dtype).replace("torch.", "") if is_tensor else None,
             input_dependent=node in dependent,
         )
-    return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size), nodes=infos)
+    return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size), nodes=infos, leaves=leaves)
 
 
 __all__ = ["KDTracer", "NodeInfo", "TracedModel", "trace"]
