@@ -85,7 +85,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     from kdgraph.render import draw_block_graph, plan_view
 
     try:
-        compiled = compile_spec(_load(spec, set_, allow_code), allow_missing_weights=True)
+        compiled = compile_spec(_load(spec, set_, allow_code), allow_missing_weights=True, materialize=False)
     except KDGraphError as exc:
         _fail(exc)
     for missing in compiled.missing_weights:  # planning needs shapes only; train and eval need the file

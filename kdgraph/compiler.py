@@ -7,7 +7,10 @@ Each pass is a plain function of the artifacts before it. ``compile_spec`` runs 
 order, times them and runs the invariant checker after each; a failed check names the
 pass that broke it. Everything here runs on the CPU in seconds, decodes no data (an image
 folder is listed and checked, to choose its loader) and touches no network: pretrained
-weights are fetched only where a caller asks (training, evaluation).
+weights are fetched only where a caller asks (training, evaluation). Planning alone
+(``materialize=False``, as `kdgraph plan` does) builds the models with their parameters on
+the meta device and propagates shapes on meta tensors: no weight is allocated, initialised
+or read, so a billion-parameter teacher plans in about a second.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .cuts import Cut, find_cuts
 from .data import resolve_input_size
 from .errors import PlanError
 from .match import Pairing, boundaries_for, pair_blocks
-from .models import build_model
+from .models import build_model, create_model, holds_meta
 from .plan import Plan, build_plan
 from .segments import split_segments
 from .spec import Spec
@@ -116,7 +119,7 @@ def pass_data(c: Compiled) -> None:
 
 def pass_trace(c: Compiled) -> None:
     for art in _models(c):
-        art.traced = trace(art.model, c.input_size, role=art.role)
+        art.traced = _trace(c, art)
         for leaf in art.traced.leaves:
             c.notes.append(f"{art.role}: traced {leaf.split(': ', 1)[0]} whole as a leaf (no cut inside it), "
                            f"torch.fx cannot trace it: {leaf.split(': ', 1)[1]}")
@@ -125,6 +128,23 @@ def pass_trace(c: Compiled) -> None:
         raise PlanError(f"the teacher predicts {c.teacher.num_classes} classes, the student {c.num_classes}: "
                         "set teacher.kwargs.num_classes and student.kwargs.num_classes to the dataset's "
                         "number of classes")
+
+
+def _trace(c: Compiled, art: ModelArtifacts) -> TracedModel:
+    """``trace``; a model on the meta device that cannot be traced or shape-propagated there
+    (a constructor or forward that needs tensor values) is built from the spec with real
+    weights and traced again, with a note. Its weights are only ever used for shapes here."""
+    if not holds_meta(art.model):
+        return trace(art.model, c.input_size, role=art.role)
+    try:
+        return trace(art.model, c.input_size, role=art.role)
+    except Exception as exc:  # the real build's own trace raises the error that matters, if any
+        model_spec = getattr(c.spec, art.role)
+        art.model = create_model(model_spec.model, model_spec.kwargs, search_path=c.spec.source_dir)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        c.notes.append(f"{art.role} {model_spec.model}: planned with real weights (on the meta device, "
+                       f"tracing failed: {first})")
+        return trace(art.model, c.input_size, role=art.role)
 
 
 def pass_cuts(c: Compiled) -> None:
@@ -212,36 +232,45 @@ def _models(c: Compiled) -> list[ModelArtifacts]:
 
 
 def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
-                 missing: list[str] | None = None) -> tuple[nn.Module | None, nn.Module]:
+                 missing: list[str] | None = None, materialize: bool = True) -> tuple[nn.Module | None, nn.Module]:
     """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are
     fetched only for the roles in ``fetch`` (the others get random weights of the same shapes).
     With ``missing`` (a list), a checkpoint file that does not exist is recorded there and the
-    model keeps its initial weights (planning needs shapes only); without it, it is an error."""
+    model keeps its initial weights (planning needs shapes only); without it, it is an error.
+    ``materialize=False``: parameters on the meta device, checkpoints checked from their
+    headers, nothing fetched (``build_model``)."""
 
     def build(role: str, model_spec):
         if missing is not None and model_spec.checkpoint is not None and not Path(model_spec.checkpoint).exists():
             missing.append(f"{role}.checkpoint {model_spec.checkpoint}")
             model_spec = model_spec.model_copy(update={"checkpoint": None})
-        return build_model(model_spec, spec.source_dir, role=role, fetch=role in fetch, notes=notes)
+        return build_model(model_spec, spec.source_dir, role=role, fetch=role in fetch, notes=notes,
+                           materialize=materialize)
 
     teacher = build("teacher", spec.teacher) if spec.teacher else None
     return teacher, build("student", spec.student)
 
 
 def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
-                 fetch: Collection[str] = (), allow_missing_weights: bool = False) -> Compiled:
+                 fetch: Collection[str] = (), allow_missing_weights: bool = False,
+                 materialize: bool = True) -> Compiled:
     """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
 
     Planning needs shapes only, so pretrained weights are fetched for the roles in
     ``fetch`` alone (training: both; evaluation: the teacher); checkpoints always load,
     except that ``allow_missing_weights`` plans with initial weights where a checkpoint
     file does not exist yet (listed in ``Compiled.missing_weights``).
+
+    ``materialize=False`` builds a plan only (`kdgraph plan`): the models' parameters stay
+    on the meta device, so ``Compiled.*.model`` cannot run; checkpoints are checked from
+    their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
+    output is the same as with real weights.
     """
     t0 = time.perf_counter()
     notes: list[str] = []
     missing: list[str] = []
     teacher, student = models if models is not None else build_models(
-        spec, fetch, notes, missing if allow_missing_weights else None)
+        spec, fetch, notes, missing if allow_missing_weights else None, materialize)
     c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
                  student=ModelArtifacts("student", student),
                  teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None, notes=notes,

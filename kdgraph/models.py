@@ -4,10 +4,16 @@ A reference is ``SOURCE:REST``; ``MODEL_SOURCES[SOURCE](REST, kwargs)`` builds i
 Built in: ``timm:NAME``, ``torchvision:NAME`` and ``module:pkg.mod:factory``.
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
+
+Planning needs shapes only: ``build_model(..., materialize=False)`` builds the network
+with its parameters on the meta device (no memory, no initialisation) and checks a
+checkpoint against it from the file's header. A teacher with a checkpoint is built the
+same way for training and takes the file's tensors over (one copy of its weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import sys
@@ -20,7 +26,7 @@ from torch import nn
 
 from kdgraph.errors import ModelError
 from kdgraph.spec import ModelSpec
-from kdgraph.weights import load_state, read_state_dict
+from kdgraph.weights import fit_state, load_state, read_state_dict
 
 __all__ = [
     "MODEL_SOURCES",
@@ -28,7 +34,9 @@ __all__ = [
     "ModelFactory",
     "build_model",
     "create_model",
+    "holds_meta",
     "load_checkpoint",
+    "parameters_on_meta",
     "read_state_dict",
     "register_model_source",
 ]
@@ -119,8 +127,41 @@ def _search_first(directory: Path | None) -> Iterator[None]:
         sys.path.remove(entry)
 
 
-def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Path | None = None) -> nn.Module:
-    """Build the model ``ref`` names ('timm:resnet18', 'module:pkg.mod:factory') with random weights.
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered meanwhile is put on the meta device: a shape and a
+    dtype, no memory, and initialisers applied to it do nothing.
+
+    Only parameters: ``with torch.device("meta")`` would put every tensor a constructor makes
+    there too, and constructors compute with tensors (timm's drop-path rates are
+    ``torch.linspace(...)[i].item()``, which a meta tensor refuses; Swin's relative position
+    index is a non-persistent buffer that no state dict restores). Buffers are built as
+    usual. Parameter subclasses (lazy modules' ``UninitializedParameter``) stay as built.
+    Works by wrapping ``nn.Module.register_parameter`` for the duration, on one thread.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if type(param) is nn.Parameter and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def holds_meta(model: nn.Module) -> bool:
+    """True when some parameter or buffer of ``model`` is on the meta device (has no data)."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Path | None = None, *,
+                 meta: bool = False) -> nn.Module:
+    """Build the model ``ref`` names ('timm:resnet18', 'module:pkg.mod:factory') with random weights,
+    or with ``meta`` its parameters on the meta device (``parameters_on_meta``).
 
     ``search_path`` (the spec file's directory) is searched first for module: references.
     """
@@ -132,7 +173,8 @@ def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Pa
         raise ModelError(f"unknown model source {source!r} in {ref!r}; sources: {', '.join(MODEL_SOURCES)}")
     with _search_first(search_path if source == "module" else None):
         try:
-            return factory(rest, dict(kwargs or {}))
+            with parameters_on_meta() if meta else contextlib.nullcontext():
+                return factory(rest, dict(kwargs or {}))
         except ModelError:
             raise
         except TypeError as exc:  # usually a wrong constructor argument
@@ -226,8 +268,20 @@ PRETRAINED_SOURCES: dict[str, tuple[Callable[[str], int | None], ModelFactory]] 
 }
 
 
+def _build_for_planning(ref: str, kwargs: dict[str, Any], search_path: Path | None, role: str,
+                        notes: list[str]) -> nn.Module:
+    """``ref`` with its parameters on the meta device; where its factory refuses that, built
+    with real weights (the factory's own error, if building fails either way), with a note."""
+    try:
+        return create_model(ref, kwargs, search_path=search_path, meta=True)
+    except Exception as exc:  # the real build below raises the error that matters, if any
+        model = create_model(ref, kwargs, search_path=search_path)
+        notes.append(f"{role} {ref}: built with real weights for planning (on the meta device: {_short(exc)})")
+        return model
+
+
 def _build_pretrained(model_spec: ModelSpec, role: str, fetch: bool, search_path: Path | None,
-                      notes: list[str]) -> nn.Module:
+                      notes: list[str], materialize: bool) -> nn.Module:
     ref = model_spec.model
     source, _, name = ref.partition(":")
     if source not in PRETRAINED_SOURCES:  # the spec refuses this; a Python caller may not have validated
@@ -241,13 +295,14 @@ def _build_pretrained(model_spec: ModelSpec, role: str, fetch: bool, search_path
                          f"for {wanted}, and a teacher with a random head teaches nothing; fine-tune it first (a "
                          "supervised spec whose student is this model with pretrained: true) and give that run's "
                          "checkpoints/last.pt as teacher.checkpoint")
-    if fetch:
+    if fetch and materialize:
         try:
             model = fetch_pretrained(name, dict(model_spec.kwargs))
         except TypeError as exc:
             raise ModelError(f"{ref}: cannot build with kwargs {model_spec.kwargs}: {exc}") from exc
     else:
-        model = create_model(ref, model_spec.kwargs, search_path=search_path)
+        model = (create_model(ref, model_spec.kwargs, search_path=search_path) if materialize
+                 else _build_for_planning(ref, model_spec.kwargs, search_path, role, notes))
         notes.append(f"{role} {ref}: pretrained weights not fetched here (planning needs only shapes)")
     if other_head:
         notes.append(f"{role} {ref}: the pretrained classifier ({classes} classes) is replaced by a fresh one "
@@ -255,8 +310,30 @@ def _build_pretrained(model_spec: ModelSpec, role: str, fetch: bool, search_path
     return model
 
 
+def _teacher_from_checkpoint(model_spec: ModelSpec, search_path: Path | None) -> nn.Module:
+    """A teacher takes every tensor from its checkpoint (its head must fit), so it is built
+    with its parameters on the meta device and takes the file's tensors over, memory-mapped
+    where the format allows: one copy of its weights in memory, and no time spent on an
+    initialisation the file overwrites. Where that leaves a tensor without data (a parameter
+    no state dict holds) or the factory refuses the meta device, it is built and loaded as
+    any other model."""
+    path = model_spec.checkpoint
+    state = read_state_dict(path, data="mmap")
+    try:
+        model = create_model(model_spec.model, model_spec.kwargs, search_path=search_path, meta=True)
+    except Exception:  # the real build below raises the error that matters, if any
+        model = None
+    if model is not None:
+        load_state(model, state, str(path), assign=True)
+        if not holds_meta(model):
+            return model
+    model = create_model(model_spec.model, model_spec.kwargs, search_path=search_path)
+    load_state(model, state, str(path))
+    return model
+
+
 def build_model(model_spec: ModelSpec, search_path: Path | None = None, *, role: str = "student",
-                fetch: bool = True, notes: list[str] | None = None) -> nn.Module:
+                fetch: bool = True, notes: list[str] | None = None, materialize: bool = True) -> nn.Module:
     """The model of a spec entry: built from its reference, with its weights.
 
     ``pretrained: true`` loads the source's own pretrained weights (timm's hub or cache,
@@ -264,14 +341,32 @@ def build_model(model_spec: ModelSpec, search_path: Path | None = None, *, role:
     the same shapes). A ``checkpoint`` is loaded strictly. A student whose weights were
     trained for another number of classes gets a fresh classifier, as timm gives one; a
     teacher's must fit. What the user should know (a fresh head) is appended to ``notes``.
+
+    ``materialize=False`` (planning): the parameters are on the meta device (see
+    ``parameters_on_meta``; a real build where the factory refuses, with a note), nothing is
+    fetched, and a checkpoint is checked against the model from the file's header alone
+    (safetensors metadata, a memory-mapped torch file), reporting the same missing,
+    unexpected and mis-shaped keys and the same notes as loading it would.
     """
     notes = notes if notes is not None else []
     if model_spec.pretrained:
-        return _build_pretrained(model_spec, role, fetch, search_path, notes)
-    model = create_model(model_spec.model, model_spec.kwargs, search_path=search_path)
-    if model_spec.checkpoint is not None:
-        fresh = load_checkpoint(model, model_spec.checkpoint, fresh_head=role == "student")
-        if fresh:
-            notes.append(f"{role} {model_spec.model}: classifier {', '.join(fresh)} freshly initialised "
-                         f"({model_spec.checkpoint} was trained for another number of classes)")
+        return _build_pretrained(model_spec, role, fetch, search_path, notes, materialize)
+    ref, path = model_spec.model, model_spec.checkpoint
+    if not materialize:
+        model = _build_for_planning(ref, model_spec.kwargs, search_path, role, notes)
+        if path is not None:
+            _, fresh = fit_state(model, read_state_dict(path, data="none"), str(path), fresh_head=role == "student")
+            _note_fresh(notes, role, model_spec, fresh)
+        return model
+    if path is not None and role == "teacher":
+        return _teacher_from_checkpoint(model_spec, search_path)
+    model = create_model(ref, model_spec.kwargs, search_path=search_path)
+    if path is not None:
+        _note_fresh(notes, role, model_spec, load_checkpoint(model, path, fresh_head=role == "student"))
     return model
+
+
+def _note_fresh(notes: list[str], role: str, model_spec: ModelSpec, fresh: list[str]) -> None:
+    if fresh:
+        notes.append(f"{role} {model_spec.model}: classifier {', '.join(fresh)} freshly initialised "
+                     f"({model_spec.checkpoint} was trained for another number of classes)")

@@ -20,6 +20,7 @@ import io
 import linecache
 import re
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -242,25 +243,68 @@ def _modal_dropout(model: nn.Module, graph: fx.Graph) -> None:
         new.name = node.name
 
 
-def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
-    """Shapes and dtypes of every node: on fake tensors (no arithmetic, 4-5x faster at 224x224
-    than a real forward), falling back to a real forward for ops fake tensors cannot run
-    (data-dependent output shapes) and for the real forward's clearer error messages."""
+@contextlib.contextmanager
+def _swapped(gm: fx.GraphModule, convert: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """For the duration, each parameter and buffer ``t`` of ``gm`` reads as ``convert(t)``
+    (kept where that is None)."""
+    swapped = []
+    for module in gm.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                new = convert(t) if t is not None else None
+                if new is not None:
+                    swapped.append((store, name, t))
+                    store[name] = new
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        yield
+    finally:
+        for store, name, t in swapped:
+            store[name] = t
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        # Built outside the mode, ShapeProp does not deep-copy the model to fake tensors; inside
-        # it, the real parameters are read as fake ones (metadata only, never written).
-        prop = ShapeProp(gm)
-        with contextlib.redirect_stderr(io.StringIO()), mode:  # ShapeProp prints what it raises
-            prop.propagate(mode.from_tensor(sample))
-        return
+
+def _propagate(gm: fx.GraphModule, sample: torch.Tensor, mode=None,
+               convert: Callable[[torch.Tensor], torch.Tensor | None] = lambda t: None) -> None:
+    """ShapeProp of ``sample`` (a fake tensor of ``mode`` where given), tensors ``convert``ed."""
+    prop = ShapeProp(gm)  # built outside the fake mode: ShapeProp then does not deep-copy the model
+    try:
+        # ShapeProp prints what it raises; inside a fake mode, real parameters are read as fake
+        # ones (metadata only, never written).
+        with contextlib.redirect_stderr(io.StringIO()), _swapped(gm, convert), mode or contextlib.nullcontext():
+            prop.propagate(mode.from_tensor(sample) if mode is not None else sample)
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
-    with contextlib.redirect_stderr(io.StringIO()):
-        ShapeProp(gm).propagate(sample)
+        raise
+
+
+def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
+    """Shapes and dtypes of every node, without arithmetic where possible.
+
+    A model built for planning (parameters on the meta device) runs on meta tensors, its
+    buffers moved there for the duration: the cheapest propagation (about 3x faster than
+    fake tensors on Swin). Where an op has no meta kernel, fake tensors on the sample's
+    device are tried; where those fail too the error is raised (the compiler then builds
+    that model with real weights and traces again). A model with real weights runs on fake
+    tensors (4-5x faster at 224x224 than a real forward), falling back to a real forward for
+    ops fake tensors cannot run (data-dependent output shapes) and for the real forward's
+    clearer error messages.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    planning = any(t.is_meta for t in (*gm.parameters(), *gm.buffers()))
+    if planning:
+        with contextlib.suppress(Exception):
+            _propagate(gm, sample.to("meta"), convert=lambda t: None if t.is_meta else t.to("meta"))
+            return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    to_fake = mode.fake_tensor_converter.from_meta_and_device
+    try:
+        _propagate(gm, sample, mode, convert=lambda t: to_fake(mode, t, sample.device) if t.is_meta else None)
+        return
+    except Exception:
+        if planning:
+            raise
+    _propagate(gm, sample)
 
 
 _CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")

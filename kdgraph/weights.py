@@ -3,8 +3,16 @@
     read_weights_file(path)  -> whatever the file holds (safetensors dict or torch data)
     read_state_dict(path)    -> {name: tensor}, wrappers unwrapped (timm, torchvision, HF,
                                 DDP, Lightning, kdgraph training checkpoints)
-    load_state(model, state) -> loads strictly after stripping wrapper prefixes; every
-                                missing, unexpected or mis-shaped key reported in one error
+    fit_state(model, state)  -> checks the state against the model's keys and shapes after
+                                stripping wrapper prefixes; every missing, unexpected or
+                                mis-shaped key reported in one error
+    load_state(model, state) -> fit_state, then loads strictly
+
+``read_state_dict(path, data="none")`` reads shapes and dtypes from the file's header
+alone (meta tensors, no tensor data read): what planning checks a checkpoint with.
+``data="mmap"`` maps a torch file's storages instead of reading them, so that a model
+built on the meta device takes the tensors over (``load_state(..., assign=True)``) with
+one copy of the weights in memory.
 
 The format is read from the first bytes, never from the suffix: safetensors (an 8-byte
 little-endian header length, then a JSON header), a torch zip archive ('PK') or a legacy
@@ -20,7 +28,7 @@ import pickle
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +38,7 @@ from .errors import ModelError
 __all__ = [
     "TRAINING_CHECKPOINT_KEYS",
     "classifier_names",
+    "fit_state",
     "load_state",
     "read_state_dict",
     "read_weights_file",
@@ -45,17 +54,27 @@ _PREFIXES = ("module.", "_orig_mod.", "model.")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# How much of a weights file to read: all of it, its storages memory-mapped, or its header.
+DataMode = Literal["read", "mmap", "none"]
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _sniff(path: Path) -> str:
-    """'safetensors', 'torch' (zip or legacy pickle), from the file's first bytes."""
+    """'safetensors', 'torch' (zip) or 'torch-legacy' (pickle), from the file's first bytes."""
     size = path.stat().st_size
     if size == 0:
         raise ModelError(f"cannot read checkpoint {path}: the file is empty")
     with path.open("rb") as f:
         head = f.read(9)
-    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
+    if head.startswith(_ZIP_MAGIC):
         return "torch"
+    if head[0] == _PICKLE_PROTO:
+        return "torch-legacy"
     if len(head) == 9:
         (n,) = struct.unpack("<Q", head[:8])
         if n <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{":
@@ -77,22 +96,31 @@ def _refused_global(exc: Exception) -> str:
     return "see torch.load(weights_only=True)"
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, data: DataMode) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             json.loads(f.read(n))  # a header cut short or not JSON: say so before safetensors does
-        return load_file(str(path), device="cpu")
+        if data != "none":
+            return load_file(str(path), device="cpu")
+        # safe_open checks the header against the file's size; get_slice reads no tensor data.
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8),
+                                   device="meta") for k, s in slices.items()}
     except Exception as exc:  # SafetensorError, JSON and OS errors share no base class
         raise ModelError(f"cannot read checkpoint {path} (truncated or corrupt safetensors file): "
                          f"{_first_line(exc)}") from None
 
 
-def _read_torch(path: Path) -> Any:
-    try:  # a file object: torch.load would pick a loader from a path's suffix
-        with path.open("rb") as f:
+def _read_torch(path: Path, mmap: bool) -> Any:
+    try:
+        if mmap:  # only a path maps; a zip file named *.safetensors would go to safetensors by its suffix
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with path.open("rb") as f:  # a file object: torch.load would pick a loader from a path's suffix
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():  # a class or function the file asks the unpickler to call
@@ -104,16 +132,37 @@ def _read_torch(path: Path) -> Any:
         raise ModelError(f"cannot read checkpoint {path} (truncated or corrupt): {_first_line(exc)}") from None
 
 
-def read_weights_file(path: Path | str) -> Any:
+def read_weights_file(path: Path | str, data: DataMode = "read") -> Any:
     """What ``path`` holds, read by content: a safetensors file's tensors, or a torch file's
     data (tensors, numbers, strings, containers; never objects). Every failure is one
-    ``ModelError`` line naming the file."""
+    ``ModelError`` line naming the file.
+
+    ``data="mmap"``: a torch zip file's storages are memory-mapped, not read (legacy files
+    cannot be mapped and are read). ``data="none"``: a safetensors file's tensors are meta
+    tensors made from its header alone; a torch file is mapped (its pickle and zip directory
+    are read, its storages never touched) and its tensors turned into meta tensors.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} is not a file")
-    return _read_safetensors(path) if _sniff(path) == "safetensors" else _read_torch(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path, data)
+    obj = _read_torch(path, mmap=data != "read" and kind == "torch" and path.suffix != ".safetensors")
+    return _to_meta(obj) if data == "none" else obj
+
+
+def _to_meta(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a meta tensor of its shape and dtype (no data read)."""
+    if torch.is_tensor(obj):
+        return obj.to("meta")
+    if isinstance(obj, Mapping):
+        return {k: _to_meta(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_meta(v) for v in obj) if type(obj) in (list, tuple) else obj
+    return obj
 
 
 def _is_training_checkpoint(obj: Any) -> bool:
@@ -137,8 +186,9 @@ def _student_of_training_checkpoint(path: Path, ckpt: Mapping) -> dict[str, Any]
     return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
 
 
-def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (safetensors or torch, read by content).
+def read_state_dict(path: Path | str, data: DataMode = "read") -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (safetensors or torch, read by content; ``data`` as in
+    ``read_weights_file``: "none" gives meta tensors, enough to check shapes).
 
     Unwraps ``{'state_dict': ...}``, ``{'model': ...}`` and ``{'module': ...}`` containers
     (timm, Lightning, torchvision references, DDP savers); a kdgraph training checkpoint
@@ -146,7 +196,7 @@ def read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
     prefixes such as ``module.`` are kept: ``load_state`` strips those that fit a model.
     """
     path = Path(path)
-    obj = read_weights_file(path)
+    obj = read_weights_file(path, data)
     if _is_training_checkpoint(obj):
         obj = _student_of_training_checkpoint(path, obj)
     while isinstance(obj, Mapping):
@@ -209,15 +259,17 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}): {', '.join(items[:10])}{more}"
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
-               fresh_head: bool = False) -> list[str]:
-    """Load ``state`` into ``model`` strictly, after stripping wrapper prefixes that fit.
+def fit_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+              fresh_head: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` fitted to ``model``'s keys and shapes, after stripping wrapper prefixes that fit;
+    nothing is loaded, and tensors on the meta device (a model built for planning, a state
+    read from a file's header) are checked like any other.
 
     With ``fresh_head``, classifier keys (``classifier_names``) that are missing or have
     another shape (a checkpoint for another number of classes) keep the model's fresh
-    initialisation, as timm's ``pretrained=True, num_classes=N`` does; the keys kept fresh
-    are returned. Anything else that does not fit is one ``ModelError`` listing missing,
-    unexpected and mis-shaped keys (``source`` names the file in it).
+    initialisation, as timm's ``pretrained=True, num_classes=N`` does. Returns (the state
+    with the model's keys, the keys kept fresh). Anything else that does not fit is one
+    ``ModelError`` listing missing, unexpected and mis-shaped keys (``source`` names the file).
     """
     own = model.state_dict()
     state = _strip_prefixes(dict(state), own)
@@ -246,7 +298,23 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
                          "(a supervised spec whose student is this model with this checkpoint) and give that "
                          "run's checkpoints/last.pt as teacher.checkpoint")
         raise ModelError("\n".join(lines))
+    return {k: state[k] for k in own if k in state and k not in fresh}, fresh
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+               fresh_head: bool = False, assign: bool = False) -> list[str]:
+    """Load ``state`` into ``model`` strictly (``fit_state`` first); returns the classifier
+    keys kept fresh.
+
+    ``assign``: the model's tensors become the state's own (cast where the model's dtype
+    differs) instead of copies, as a model whose parameters are on the meta device needs;
+    every key the state does not give keeps the model's tensor, so afterwards the model
+    holds meta tensors exactly where it held them and the state had nothing.
+    """
+    fitted, fresh = fit_state(model, state, source, fresh_head=fresh_head)
+    own = model.state_dict()
+    if assign:
+        fitted = {k: v.to(own[k].dtype) for k, v in fitted.items()}  # copy_ would cast; assign does not
     # Fresh head keys and absent BatchNorm counters keep the model's own values.
-    full = {k: own[k] if k in fresh or k not in state else state[k] for k in own}
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict({k: fitted.get(k, own[k]) for k in own}, strict=True, assign=assign)
     return fresh

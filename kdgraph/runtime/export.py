@@ -236,7 +236,8 @@ def preprocessing_of(spec: Spec, data=None) -> dict:
     if data is None:
         from .techniques import DistInfo
 
-        data = build_data(spec, compile_spec(spec, allow_missing_weights=True).data, torch.device("cpu"), DistInfo())
+        data = build_data(spec, compile_spec(spec, allow_missing_weights=True, materialize=False).data,
+                          torch.device("cpu"), DistInfo())
     streamed = data.plan.loader == "stream"
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
