@@ -287,7 +287,12 @@ class DataSpec(_Strict):
         source, sep, name = dataset.partition(":")
         if source == "torchvision" and sep and _IDENT.match(name):
             return dataset
-        raise _invalid("unknown dataset", allowed=", ".join(BUILTIN_DATASETS) + ", torchvision:NAME")
+        from .data import DATASETS  # loaders registered with kdgraph.data.register_dataset (lazy: torch)
+
+        if source in DATASETS:
+            return dataset
+        extra = sorted(set(DATASETS) - set(BUILTIN_DATASETS) - {"torchvision"})
+        raise _invalid("unknown dataset", allowed=", ".join([*BUILTIN_DATASETS, *extra]) + ", torchvision:NAME")
 
     @model_validator(mode="after")
     def _check_image_options(self) -> DataSpec:
@@ -447,6 +452,10 @@ class RuntimeSpec(_Strict):
     track_stability: Flag = Field(
         default=False, description="Log, per step, the Euclidean distance between consecutive parameters of "
         "each student block (the head's is StableKD's stability diagnostic) to metrics.jsonl."
+    )
+    log: Literal["jsonl", "tensorboard"] = Field(
+        default="jsonl", description="metrics.jsonl always; tensorboard: also TensorBoard event files in "
+        "OUTPUT/tensorboard (needs the tensorboard package: pip install 'kdgraph[tensorboard]').",
     )
     num_threads: Int | None = Field(default=None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
     num_workers: Int = Field(

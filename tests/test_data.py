@@ -97,8 +97,18 @@ def test_register_dataset():
         with pytest.raises(ValueError, match="already registered"):
             data.register_dataset("tiny-test", tiny)
         assert create_dataset(spec(dataset="tiny-test"), seed=0).num_classes == 2
+        # through the spec's validation too, as a user's YAML reaches it
+        from kdgraph.errors import SpecError
+        from kdgraph.spec import load_spec
+
+        real = {"name": "r", "student": {"model": "module:kdgraph.zoo:resnet_tiny_student"},
+                "data": {"dataset": "tiny-test", "input_size": [1, 4, 4]}, "schedule": {"method": "supervised"},
+                "decompose": {"blocks": 1}}
+        assert load_spec(real).data.dataset == "tiny-test"
     finally:
         del data.DATASETS["tiny-test"]
+    with pytest.raises(SpecError, match="data.dataset"):
+        load_spec(real)
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:

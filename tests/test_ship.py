@@ -217,3 +217,20 @@ def test_version_and_python_dash_m():
     assert helptext.returncode == 0 and "Usage: kdgraph" in helptext.stdout
     for command in ("plan", "train", "eval", "export"):
         assert command in helptext.stdout
+
+
+def test_tensorboard_logging_carries_what_metrics_jsonl_says(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd", epochs=2, fraction=0.1, runtime={"log": "tensorboard"}))
+    train_here(spec)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    board = acc.Scalars("epoch/student_top1")
+    assert [e.step for e in board] == [r["global_step"] for r in epochs]
+    assert [e.value for e in board] == pytest.approx([r["student_top1"] for r in epochs])
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [e.value for e in acc.Scalars("step/lr")] == pytest.approx([r["lr"] for r in steps])
+    assert "step/kl" in acc.Tags()["scalars"]

@@ -242,10 +242,12 @@ def stop_signals():
 
 
 class Metrics:
-    """metrics.jsonl, appended line by line (main rank only)."""
+    """metrics.jsonl, appended line by line (main rank only); with ``tensorboard``, every
+    numeric field also as a TensorBoard scalar ``KIND/FIELD`` at the record's global step."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
+        self.board = None
         if not enabled:
             return
         lines = []
@@ -253,12 +255,31 @@ class Metrics:
             lines = [ln for ln in path.read_text().splitlines()
                      if ln.strip() and json.loads(ln)["global_step"] <= keep_until_step]
         path.write_text("".join(ln + "\n" for ln in lines))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise KDGraphError("runtime.log: tensorboard needs the tensorboard package; install it with "
+                                   "pip install 'kdgraph[tensorboard]' (or pip install tensorboard)") from None
+            # purge_step: a resumed run drops the events the checkpoint did not keep, as metrics.jsonl does
+            self.board = SummaryWriter(str(path.parent / "tensorboard"),
+                                       purge_step=None if keep_until_step is None else keep_until_step + 1)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record}
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.board is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "global_step":
+                        self.board.add_scalar(f"{record['kind']}/{key}", value, record["global_step"])
+                if record["kind"] == "epoch":
+                    self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
@@ -365,7 +386,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     def save(epoch: int, step: int) -> None:
         history["wall_s"] = wall_before + time.perf_counter() - t_start
         _save(run, epoch, step, gstep, teacher_acc, history)
-    metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None)
+    metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None,
+                      tensorboard=spec.runtime.log == "tensorboard")
     plan = run.compiled.plan
     total_epochs = plan.epochs
     reporter = Reporter(quiet, total_epochs, len(run.train_loader), plan, silent=not main)
@@ -471,6 +493,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from .curves import plot_curves
 
+        metrics.close()
         plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name,
                     teacher_top1=teacher_acc and teacher_acc["top1"])
     if run.info.enabled:

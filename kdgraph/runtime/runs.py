@@ -25,11 +25,11 @@ from ..errors import KDGraphError
 RUN_FILE = "run.json"
 LOCK_FILE = ".kdgraph.lock"
 # Spec keys a resumed run may change: where and how fast it runs, not what it trains.
-RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.compile",
+RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
 # Files a run writes; --force removes exactly these.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
                "plan.json", "curves.png", RUN_FILE)
 
 
