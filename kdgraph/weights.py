@@ -64,7 +64,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _sniff(path: Path) -> str:
+def sniff(path: Path) -> str:
     """'safetensors', 'torch' (zip) or 'torch-legacy' (pickle), from the file's first bytes."""
     size = path.stat().st_size
     if size == 0:
@@ -147,7 +147,7 @@ def read_weights_file(path: Path | str, data: DataMode = "read") -> Any:
         raise ModelError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} is not a file")
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path, data)
     obj = _read_torch(path, mmap=data != "read" and kind == "torch" and path.suffix != ".safetensors")

@@ -47,6 +47,20 @@ def tiny_spec(output, method: str = "stablekd", *, blocks: int = 4, recompositio
     return copy.deepcopy(spec)
 
 
+def randomise_bn(module, seed):
+    """Non-trivial BatchNorm affine parameters and running statistics (drawn from ``seed``), so
+    that folding and export must use the running statistics, not the identity they start at."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.5, 0.5, generator=g)
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+
+
 def write_spec(spec: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -15,17 +15,7 @@ from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.export import export_student, load_student
 from kdgraph.spec import load_spec
 
-from _runtime_helpers import tiny_spec, train_here, write_spec
-
-
-def _randomise_bn(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5, generator=g)
-            m.bias.data.uniform_(-0.5, 0.5, generator=g)
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
+from _runtime_helpers import randomise_bn, tiny_spec, train_here, write_spec
 
 
 def test_plain_export_loads_into_timm(tmp_path):
@@ -36,7 +26,7 @@ def test_plain_export_loads_into_timm(tmp_path):
     compiled = compile_spec(spec)
     d = Distiller(compiled)
     assert not d.adapted_chain
-    _randomise_bn(compiled.student.model, 0)
+    randomise_bn(compiled.student.model, 0)
     path = export_student(d.eval(), compiled, tmp_path / "student.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,7 +44,7 @@ def test_folded_export_reloads_to_the_inference_path(tmp_path):
     compiled = compile_spec(spec)
     d = Distiller(compiled)
     assert d.adapted_chain and len(d.adapters) == 3
-    _randomise_bn(d, 1)  # the student's and the adapters' BN: folding must use running stats
+    randomise_bn(d, 1)  # the student's and the adapters' BN: folding must use running stats
     d.eval()
     path = export_student(d, compiled, tmp_path / "student.safetensors")
     fresh = compile_spec(spec)  # another (random) student: every weight must come from the file

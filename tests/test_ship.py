@@ -24,7 +24,7 @@ from kdgraph.runtime.export import _folded_maps, export_spec, file_format, load_
 from kdgraph.runtime.ship import fold_into_student, ship_student
 from kdgraph.spec import load_spec
 
-from _runtime_helpers import ROOT, run_cli, tiny_spec, train_here, write_spec
+from _runtime_helpers import ROOT, randomise_bn, run_cli, tiny_spec, train_here, write_spec
 
 
 def _tiny_resnet(widths):
@@ -40,23 +40,13 @@ def bottleneck_spec(out, method="stablekd", **kw):
     return spec
 
 
-def _randomise_bn(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5, generator=g)
-            m.bias.data.uniform_(-0.5, 0.5, generator=g)
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-
-
 def test_adapters_fold_into_the_bottleneck_students_own_layers(tmp_path):
     import timm
 
     compiled = compile_spec(load_spec(bottleneck_spec(tmp_path / "run")))
     d = Distiller(compiled)
     assert d.adapted_chain and sorted(d.adapters) == ["1", "2", "3", "4"]
-    _randomise_bn(d, 0)  # the adapters' BN too: folding must use running statistics
+    randomise_bn(d, 0)  # the adapters' BN too: folding must use running statistics
     d.eval()
     folded = fold_into_student(compiled, _folded_maps(d))
     assert folded.reason is None
@@ -83,7 +73,7 @@ def test_an_adapter_before_a_padded_conv_does_not_fold_and_says_why(tmp_path):
 def test_unfoldable_student_ships_as_a_torch_export_program(tmp_path):
     compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd")))
     d = Distiller(compiled)
-    _randomise_bn(d, 1)
+    randomise_bn(d, 1)
     d.eval()
     pre = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.4]}
     result = ship_student(compiled, _folded_maps(d), tmp_path / "ship", pre, {"top1": 12.5})
@@ -234,3 +224,29 @@ def test_tensorboard_logging_carries_what_metrics_jsonl_says(tmp_path):
     steps = [r for r in records if r["kind"] == "step"]
     assert [e.value for e in acc.Scalars("step/lr")] == pytest.approx([r["lr"] for r in steps])
     assert "step/kl" in acc.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("case", ["empty", "garbage", "truncated-safetensors", "folder-without-model"])
+def test_unreadable_students_give_one_clear_error(tmp_path, case):
+    from safetensors.torch import save_file
+
+    from kdgraph.errors import KDGraphError
+
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "kd")))
+    path = tmp_path / "student.safetensors"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "garbage":
+        path.write_bytes(b"garbage" * 10)
+    elif case == "truncated-safetensors":
+        save_file({k: v.contiguous() for k, v in compiled.student.model.state_dict().items()}, str(path))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path = tmp_path / "ship"
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    expected = {"empty": "the file is empty", "garbage": "not a safetensors or torch file",
+                "truncated-safetensors": "truncated or corrupt", "folder-without-model": "not a kdgraph export"}
+    with pytest.raises(KDGraphError, match=expected[case]) as info:
+        load_student(compiled, path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import KDGraphError
 from ..weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
+from .runs import readable
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,7 +91,7 @@ def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) ->
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        readable(Path(tmp))  # mkstemp creates 0600; the user's umask decides
         if keep_previous and path.is_file():
             _keep_as_previous(path)
         os.replace(tmp, path)
@@ -98,12 +99,6 @@ def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    from .runs import _UMASK
-
-    return _UMASK
 
 
 def previous_of(path: Path) -> Path:

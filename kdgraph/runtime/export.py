@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import build_adapters, fold
@@ -23,6 +23,7 @@ from ..compiler import Compiled, compile_spec
 from ..data import DeviceLoader
 from ..errors import KDGraphError
 from ..spec import Spec
+from ..weights import read_weights_file, sniff
 from ..stream import build_data
 from . import checkpoint as ckpt
 from . import ship
@@ -88,24 +89,14 @@ def file_format(path: Path) -> str:
         if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
             return "export"
         raise KDGraphError(f"{path} is a folder without {ship.WEIGHTS} or {ship.PROGRAM}: not a kdgraph export")
-    with path.open("rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
-        return "safetensors"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
-    raise KDGraphError(f"{path} is neither a safetensors file, a torch checkpoint nor a kdgraph export folder "
-                       f"(it starts with {head[:8]!r})")
+    return "torch" if sniff(path).startswith("torch") else "safetensors"
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception as exc:  # safetensors raises its own SafetensorError and OSError
-        raise KDGraphError(f"cannot read {path} (truncated or corrupt safetensors): "
-                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    """The tensors (read and checked by ``read_weights_file``) and the metadata of ``path``."""
+    state = read_weights_file(path)
+    with safe_open(str(path), "pt") as f:
+        return state, f.metadata() or {}
 
 
 def _folded_from_meta(compiled: Compiled, meta: dict) -> dict[int, nn.Module]:
@@ -229,15 +220,9 @@ def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
     return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
 
 
-def preprocessing_of(spec: Spec, data=None) -> dict:
+def preprocessing_of(spec: Spec, data) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
-    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.stream.Data``,
-    built here without training when not given)."""
-    if data is None:
-        from .techniques import DistInfo
-
-        data = build_data(spec, compile_spec(spec, allow_missing_weights=True, materialize=False).data,
-                          torch.device("cpu"), DistInfo())
+    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.stream.Data``)."""
     streamed = data.plan.loader == "stream"
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
@@ -264,7 +249,11 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
         raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
     summary_file = spec.output_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    preprocessing = summary.get("preprocessing") or preprocessing_of(spec)
+    preprocessing = summary.get("preprocessing")
+    if preprocessing is None:  # a run stopped before its summary: read the data as training did
+        from .techniques import DistInfo
+
+        preprocessing = preprocessing_of(spec, build_data(spec, compiled.data, torch.device("cpu"), DistInfo()))
     card = {"top1": summary.get("student_top1"), "top5": summary.get("student_top5"),
             "teacher_top1": summary.get("teacher_top1"), "method": compiled.plan.method,
             "resize": preprocessing.get("resize"), "weights_from": str(path),

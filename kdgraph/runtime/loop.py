@@ -83,11 +83,6 @@ class Run:
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
     @property
-    def preprocessing(self) -> dict:
-        """What a user of the exported student must do to an image (timm's pretrained_cfg keys)."""
-        return preprocessing_of(self.spec, self.data)
-
-    @property
     def stage_starts(self) -> list[int]:
         starts, at = [], 0
         for st in self.compiled.plan.stages:
@@ -300,7 +295,6 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict |
         "teacher_top1": teacher_acc and teacher_acc["top1"],
         "teacher_top5": teacher_acc and teacher_acc["top5"],
         "history": best,
-        "preprocessing": run.preprocessing,
     }, run.out / "checkpoints" / "last.pt", keep_previous=True)
 
 
@@ -485,7 +479,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
         "data": run.data.record(),
         "output": str(run.out),
-        "preprocessing": run.preprocessing,
+        "preprocessing": preprocessing_of(spec, run.data),  # what export's config.json records
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if main:
