@@ -151,8 +151,7 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
                    "checkpoint, told apart by content (default: OUTPUT/student.safetensors).")] = None,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a
-    split (top-5 is top-C with C < 5 classes, as in timm)."""
+    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split."""
     from kdgraph.runtime.export import evaluate_spec
 
     try:
@@ -173,8 +172,7 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
            checkpoint: Annotated[Optional[Path], typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
-    """Write the student in timm's folder layout: its own state_dict (adapters folded into its layers) with
-    config.json (preprocessing included) and a model card; a torch.export program where adapters cannot fold."""
+    """Write the student as a folder timm loads: weights, config.json with preprocessing, model card."""
     from kdgraph.runtime.export import export_spec
 
     command = "kdgraph train " + " ".join([str(spec), *(f"--set {o}" for o in set_ or [])])
