@@ -1,8 +1,10 @@
-"""Pass 5: the block graph, a networkx DiGraph of every way blocks can be wired.
+"""The block graph, a networkx DiGraph of every way blocks can be wired.
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
-adapters ``lift_i`` / ``lower_i`` and loss nodes ``mse_i`` / ``head_loss``. Every edge
-carries the shape of the tensor on it and a ``kind``:
+adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
+spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` and ScaleKD's ``tpp_loss``;
+a loss node lists the ``terms`` it adds (the names training logs). Every edge carries the
+shape of the tensor on it and a ``kind``:
 
 - ``teacher``: T(i-1) -> T(i), the frozen teacher;
 - ``student``: S(i) -> S(i+1), the plain student chain (vanilla KD, supervised);
@@ -12,7 +14,8 @@ carries the shape of the tensor on it and a ``kind``:
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
   blocks (nodes ``P_j``) to ``tpp_loss``.
 
-A plan stage is a choice of these edges (``stage_edges``).
+A plan stage is a choice of these edges (``stage_edges``); ``program.stage_program`` turns
+that choice into the operations the runtime executes.
 """
 
 from __future__ import annotations
@@ -29,25 +32,30 @@ def _shape(cut) -> list[int] | None:
     return list(cut.shape) if cut is not None else None
 
 
+def feature_terms(feature: str, i: int) -> list[str]:
+    """The loss terms of block i's feature loss: one MSE, or DFM's direct and alternative views."""
+    return [f"dfm{i}_direct", f"dfm{i}_alt"] if feature == "dfm" else [f"{feature}{i}"]
+
+
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
-                      has_teacher: bool, tpp_block: int | None = None) -> nx.DiGraph:
+                      has_teacher: bool, tpp_block: int | None = None, feature: str = "mse") -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
     with T_j) on the student's feature."""
-    g = nx.DiGraph()
+    g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
     logits = [num_classes] if num_classes else None
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
-    g.add_node("head_loss", kind="loss", terms=["ce", "kl"] if has_teacher else ["ce"])
+    g.add_node("head_loss", kind="loss", loss="head", block=k, terms=["ce", "kl"] if has_teacher else ["ce"])
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits
-        g.add_node(f"S{i}", kind="student", module=block.student.label if block.student else "head",
+        g.add_node(f"S{i}", kind="student", block=i, module=block.student.label if block.student else "head",
                    out_shape=s_out)
         if has_teacher:
             t_out = _shape(block.teacher) if not block.is_head else logits
-            g.add_node(f"T{i}", kind="teacher", module=block.teacher.label if block.teacher else "head",
+            g.add_node(f"T{i}", kind="teacher", block=i, module=block.teacher.label if block.teacher else "head",
                        out_shape=t_out)
     for block in pairing.blocks:
         i = block.index
@@ -60,30 +68,31 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         if block.is_head or not has_teacher:
             continue
         s_shape, t_shape = _shape(block.student), _shape(block.teacher)
+        loss = f"{feature}{i}"
         a = block.adapter
         if a is not None:
-            g.add_node(f"lift{i}", kind="adapter", role="lift", channels=list(a.lift),
+            g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
                        out_shape=t_shape, params=a.lift_params)
-            g.add_node(f"lower{i}", kind="adapter", role="lower", channels=list(a.lower),
+            g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
                        out_shape=s_shape, params=a.lower_params)
             g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
             g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
             g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
             g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
-            g.add_edge(f"lift{i}", f"mse{i}", kind="loss", shape=t_shape)
+            g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
         else:
             g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
-            g.add_edge(f"S{i}", f"mse{i}", kind="loss", shape=s_shape)
-        g.add_node(f"mse{i}", kind="loss", terms=["mse"])
-        g.add_edge(f"T{i}", f"mse{i}", kind="loss", shape=t_shape)
+            g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+        g.add_node(loss, kind="loss", loss="feature", block=i, terms=feature_terms(feature, i))
+        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
     if has_teacher and tpp_block is not None:
         src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
         for j in range(tpp_block + 1, k + 1):
-            g.add_node(f"P{j}", kind="proxy", module=g.nodes[f"T{j}"]["module"],
+            g.add_node(f"P{j}", kind="proxy", block=j, module=g.nodes[f"T{j}"]["module"],
                        out_shape=g.nodes[f"T{j}"]["out_shape"])
             g.add_edge(src, f"P{j}", kind="proxy", shape=g.nodes[src]["out_shape"])
             src = f"P{j}"
-        g.add_node("tpp_loss", kind="loss", terms=["kl"])
+        g.add_node("tpp_loss", kind="loss", loss="tpp", block=tpp_block, terms=["tpp"])
         g.add_edge(f"P{k}", "tpp_loss", kind="loss", shape=logits)
         g.add_edge(f"T{k}", "tpp_loss", kind="loss", shape=logits)
     g.add_edge(f"S{k}", "head_loss", kind="loss", shape=logits)
@@ -118,13 +127,14 @@ def validate_block_graph(g: nx.DiGraph) -> None:
 
 
 def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
-                tpp_block: int | None = None) -> list[tuple[str, str]]:
+                tpp_block: int | None = None, chain_adapters: bool = True) -> list[tuple[str, str]]:
     """The edges one training stage uses.
 
     Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
     lower where present), runs its blocks through the adapted chain (the plain chain where no
-    adapter exists) and meets the teacher at mse_b or at the head loss. ``feature_losses``
-    adds an MSE at every inner block end (the KD + MSE plan) without adapting the chain.
+    adapter exists, or where ``chain_adapters`` is off: a method that trains no adapter) and
+    meets the teacher at block b's feature loss or at the head loss. ``feature_losses`` adds
+    a feature loss at every inner block end (the KD + MSE plan) without adapting the chain.
     """
     edges: list[tuple[str, str]] = []
     has_teacher = any(d["kind"] == "teacher" for _, d in g.nodes(data=True))
@@ -138,7 +148,7 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
         else:
             edges.append((f"T{a - 1}", f"S{a}"))
         for i in group[:-1]:
-            if f"lift{i}" in g and not feature_losses:
+            if f"lift{i}" in g and chain_adapters and not feature_losses:
                 edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
             else:
                 edges.append((f"S{i}", f"S{i + 1}"))
@@ -161,7 +171,8 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
 
 def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
     src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
-    out = [(f"T{i}", f"mse{i}"), (src, f"mse{i}")]
+    loss = f"{g.graph['feature']}{i}"
+    out = [(f"T{i}", loss), (src, loss)]
     if src != f"S{i}":
         out.insert(0, (f"S{i}", src))
     return out
@@ -171,7 +182,7 @@ def to_json(g: nx.DiGraph) -> dict:
     return nx.node_link_data(g, edges="edges")
 
 
-def _label(n: str, d: dict) -> str:
+def node_label(n: str, d: dict) -> str:
     extra = d.get("module") or ("x".join(map(str, d["channels"])) if "channels" in d else "")
     shape = d.get("out_shape")
     parts = [n] + ([extra] if extra else []) + ([str(shape)] if shape else [])
@@ -186,7 +197,7 @@ def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
     lines = [f'digraph "{name}" {{', "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
     for n, d in g.nodes(data=True):
         shape = {"loss": "ellipse", "adapter": "diamond"}.get(d["kind"], "box")
-        lines.append(f'  "{n}" [label="{_label(n, d)}", shape={shape}];')
+        lines.append(f'  "{n}" [label="{node_label(n, d)}", shape={shape}];')
     for u, v, d in g.edges(data=True):
         lines.append(f'  "{u}" -> "{v}" [style={_DOT_STYLE[d["kind"]]}, label="{d["kind"]}"];')
     lines.append("}")
@@ -196,7 +207,7 @@ def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
 def to_mermaid(g: nx.DiGraph) -> str:
     lines = ["flowchart LR"]
     for n, d in g.nodes(data=True):
-        text = _label(n, d).replace("\\n", "<br/>")
+        text = node_label(n, d).replace("\\n", "<br/>")
         open_, close = {"loss": ("((", "))"), "adapter": ("{", "}")}.get(d["kind"], ("[", "]"))
         lines.append(f'  {n}{open_}"{text}"{close}')
     arrows = {"adapted": "-.->", "loss": "-.-o", "decompose": "==>"}

@@ -1,11 +1,12 @@
 """The compiler: an ordered list of passes from a spec to a plan, checked between passes.
 
-    Spec -> models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
-         -> BlockGraph -> Plan
+    Spec -> Models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
+         -> segments -> BlockGraph -> Plan (a Program per training stage)
 
-Each pass is a plain function of the artifacts before it. ``compile_spec`` runs them in
-order, times them and runs the invariant checker after each; a failed check names the
-pass that broke it. Everything here runs on the CPU in seconds, decodes no data (an image
+Each pass is a function of the artifacts before it that returns a new, frozen artifact
+(it changes none of its inputs). ``compile_spec`` calls them in one straight line, in the
+order of ``PASSES``; each call is timed and followed by the invariant check, and a failed
+check names the pass that broke it. Everything here runs on the CPU in seconds, decodes no data (an image
 folder is listed and checked, to choose its loader) and touches no network: pretrained
 weights are fetched only where a caller asks (training, evaluation). Planning alone
 (``materialize=False``, as `kdgraph plan` does) builds the models with their parameters on
@@ -18,18 +19,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 from torch import nn
 
-from .blockgraph import build_block_graph
+from .blockgraph import build_block_graph, to_json
 from .cuts import Cut, find_cuts
 from .data import resolve_input_size
 from .errors import PlanError
 from .match import Pairing, boundaries_for, pair_blocks
 from .models import build_model, create_model, holds_meta
 from .plan import Plan, build_plan
+from .program import stage_program
 from .segments import split_segments
 from .spec import Spec
 from .stages import Boundary, Stage, find_stages
@@ -37,16 +39,18 @@ from .stream import DataPlan, plan_data
 from .trace import TracedModel, trace
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArtifacts:
-    """Everything the compiler learnt about one model."""
+    """Everything the compiler learnt about one model; each pass returns a new one."""
 
     role: str
     model: nn.Module
     traced: TracedModel | None = None
-    cuts: list[Cut] = field(default_factory=list)
-    stages: list[Stage] = field(default_factory=list)
-    boundaries: list[Boundary] = field(default_factory=list)
+    cuts: tuple[Cut, ...] = ()
+    stages: tuple[Stage, ...] = ()
+    boundaries: tuple[Boundary, ...] = ()
+    # The model split at its block boundaries: GraphModules sharing the model's parameters.
+    segments: tuple[nn.Module, ...] = ()
 
     @property
     def num_classes(self) -> int | None:
@@ -54,10 +58,6 @@ class ModelArtifacts:
         arg = out.args[0]
         shape = self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
         return shape[-1] if shape and len(shape) == 2 else None
-
-    def segments(self) -> nn.ModuleList:
-        """The model split at its block boundaries (parameters shared with ``model``)."""
-        return split_segments(self.traced, [b.cut.node for b in self.boundaries])
 
     def to_dict(self) -> dict:
         return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],
@@ -67,21 +67,41 @@ class ModelArtifacts:
                 "leaves": list(self.traced.leaves) if self.traced else []}
 
 
-@dataclass
+@dataclass(frozen=True)
+class Models:
+    """The teacher (None without one) and the student, and what building them noted."""
+
+    teacher: ModelArtifacts | None
+    student: ModelArtifacts
+    notes: tuple[str, ...] = ()  # what building the models wants the user to know
+    # Weights files that were named but not found, when the caller allowed that (plan, eval).
+    missing: tuple[str, ...] = ()
+
+    def each(self) -> tuple[ModelArtifacts, ...]:
+        return tuple(a for a in (self.teacher, self.student) if a is not None)
+
+    def map(self, fn: Callable[[ModelArtifacts], ModelArtifacts]) -> Models:
+        """A copy with ``fn`` applied to each model's artifacts."""
+        return replace(self, teacher=fn(self.teacher) if self.teacher is not None else None,
+                       student=fn(self.student))
+
+
+@dataclass(frozen=True)
 class Compiled:
+    """The compiler's output: every artifact of every pass."""
+
     spec: Spec
     input_size: tuple[int, int, int]
     student: ModelArtifacts
-    teacher: ModelArtifacts | None = None
-    data: DataPlan | None = None
-    pairing: Pairing | None = None
-    graph: nx.DiGraph | None = None
-    plan: Plan | None = None
+    teacher: ModelArtifacts | None
+    data: DataPlan
+    pairing: Pairing
+    graph: nx.DiGraph  # frozen (nx.freeze)
+    plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what building the models wants the user to know
-    # Weights files that were named but not found, when the caller allowed that (plan, eval).
-    missing_weights: list[str] = field(default_factory=list)
-    dry_run: bool = False  # planning only: files that do not exist yet are noted, not errors
+    notes: tuple[str, ...] = ()  # what building the models wants the user to know
+    # Weights files (or data) that were named but not found, when the caller allowed that (plan, eval).
+    missing_weights: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int | None:
@@ -89,8 +109,6 @@ class Compiled:
 
     def to_dict(self) -> dict:
         """The JSON contract of `kdgraph plan --format json` (keys are kept stable)."""
-        from .blockgraph import to_json
-
         return {
             "name": self.spec.name,
             "spec": self.spec.to_dict(),
@@ -108,90 +126,158 @@ class Compiled:
         }
 
 
-# --- passes -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildMode:
+    """How models are built. ``fetch``: roles whose ``pretrained: true`` weights are fetched
+    (the others get random weights of the same shapes); ``allow_missing``: a checkpoint file
+    or image folder that does not exist yet is listed, not an error (planning needs shapes
+    only); ``materialize=False``: parameters on the meta device, checkpoints checked from
+    their headers, nothing fetched (`kdgraph plan`)."""
 
-def pass_data(c: Compiled) -> None:
-    c.data = plan_data(c.spec.data, c.teacher.model if c.teacher else None, c.student.model, c.input_size,
-                       missing_ok=c.dry_run)
-    if c.data.train_images is None and c.spec.data.dataset == "imagefolder":
-        c.missing_weights.append(f"data.root {c.spec.data.root}")
+    fetch: frozenset[str] = frozenset()
+    allow_missing: bool = False
+    materialize: bool = True
 
 
-def pass_trace(c: Compiled) -> None:
-    for art in _models(c):
-        art.traced = _trace(c, art)
+# --- passes, in the order compile_spec runs them ------------------------------------------
+
+def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
+    """Pass 1: the teacher and the student with their weights (or ``given``)."""
+    if given is not None:
+        teacher, student = given
+        notes, missing = [], []
+    else:
+        notes, missing = [], []
+        teacher, student = build_models(spec, mode.fetch, notes, missing if mode.allow_missing else None,
+                                        mode.materialize)
+    return Models(ModelArtifacts("teacher", teacher) if teacher is not None else None,
+                  ModelArtifacts("student", student), tuple(notes), tuple(missing))
+
+
+def data_pass(spec: Spec, models: Models, input_size: tuple[int, int, int], mode: BuildMode) -> DataPlan:
+    """Pass 2: how the data will be read (loader, normalisation), without decoding it."""
+    return plan_data(spec.data, models.teacher.model if models.teacher else None, models.student.model,
+                     input_size, missing_ok=mode.allow_missing)
+
+
+def trace_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Models:
+    """Pass 3: each model traced with torch.fx, shapes propagated."""
+    notes = list(models.notes)
+
+    def one(art: ModelArtifacts) -> ModelArtifacts:
+        art = _trace(spec, art, input_size, notes)
         for leaf in art.traced.leaves:
-            c.notes.append(f"{art.role}: traced {leaf.split(': ', 1)[0]} whole as a leaf (no cut inside it), "
-                           f"torch.fx cannot trace it: {leaf.split(': ', 1)[1]}")
+            notes.append(f"{art.role}: traced {leaf.split(': ', 1)[0]} whole as a leaf (no cut inside it), "
+                         f"torch.fx cannot trace it: {leaf.split(': ', 1)[1]}")
+        return art
+
+    traced = models.map(one)
+    t, s = traced.teacher, traced.student
     # A spec mistake, not a compiler bug: said here in spec words rather than by the invariant check.
-    if c.teacher is not None and c.num_classes and c.teacher.num_classes != c.num_classes:
-        raise PlanError(f"the teacher predicts {c.teacher.num_classes} classes, the student {c.num_classes}: "
+    if t is not None and s.num_classes and t.num_classes != s.num_classes:
+        raise PlanError(f"the teacher predicts {t.num_classes} classes, the student {s.num_classes}: "
                         "set teacher.kwargs.num_classes and student.kwargs.num_classes to the dataset's "
                         "number of classes")
+    return replace(traced, notes=tuple(notes))
 
 
-def _trace(c: Compiled, art: ModelArtifacts) -> TracedModel:
+def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], notes: list[str]) -> ModelArtifacts:
     """``trace``; a model on the meta device that cannot be traced or shape-propagated there
     (a constructor or forward that needs tensor values) is built from the spec with real
     weights and traced again, with a note. Its weights are only ever used for shapes here."""
     if not holds_meta(art.model):
-        return trace(art.model, c.input_size, role=art.role)
+        return replace(art, traced=trace(art.model, input_size, role=art.role))
     try:
-        return trace(art.model, c.input_size, role=art.role)
+        return replace(art, traced=trace(art.model, input_size, role=art.role))
     except Exception as exc:  # the real build's own trace raises the error that matters, if any
-        model_spec = getattr(c.spec, art.role)
-        art.model = create_model(model_spec.model, model_spec.kwargs, search_path=c.spec.source_dir)
+        model_spec = getattr(spec, art.role)
+        model = create_model(model_spec.model, model_spec.kwargs, search_path=spec.source_dir)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        c.notes.append(f"{art.role} {model_spec.model}: planned with real weights (on the meta device, "
-                       f"tracing failed: {first})")
-        return trace(art.model, c.input_size, role=art.role)
+        notes.append(f"{art.role} {model_spec.model}: planned with real weights (on the meta device, "
+                     f"tracing failed: {first})")
+        return replace(art, model=model, traced=trace(model, input_size, role=art.role))
 
 
-def pass_cuts(c: Compiled) -> None:
-    for art in _models(c):
-        art.cuts = find_cuts(art.traced)
+def cuts_pass(models: Models) -> Models:
+    """Pass 4: every single-tensor cut of each model."""
+    return models.map(lambda art: replace(art, cuts=tuple(find_cuts(art.traced))))
 
 
-def pass_stages(c: Compiled) -> None:
-    for art in _models(c):
-        art.stages = find_stages(art.cuts, art.traced)
+def stages_pass(models: Models) -> Models:
+    """Pass 5: cuts grouped into stages of one feature shape."""
+    return models.map(lambda art: replace(art, stages=tuple(find_stages(list(art.cuts), art.traced))))
 
 
-def pass_boundaries(c: Compiled) -> None:
-    d = c.spec.decompose
-    for art in _models(c):
+def boundaries_pass(spec: Spec, models: Models) -> Models:
+    """Pass 6: the cuts that end each block (explicit in the spec, else chosen)."""
+    d = spec.decompose
+
+    def one(art: ModelArtifacts) -> ModelArtifacts:
         explicit = None if d.cuts == "auto" else [getattr(p, art.role) for p in d.cuts]
-        art.boundaries = boundaries_for(art.traced, art.cuts, art.stages, d.blocks, explicit)
+        return replace(art, boundaries=tuple(boundaries_for(art.traced, list(art.cuts), list(art.stages),
+                                                             d.blocks, explicit)))
+
+    return models.map(one)
 
 
-def pass_pair(c: Compiled) -> None:
-    c.pairing = pair_blocks(c.student.boundaries, c.teacher.boundaries if c.teacher else None,
-                            c.input_size[1:], c.spec.decompose.projector)
+def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
+    """Pass 7: teacher and student blocks paired, adapters planned where they differ."""
+    teacher = list(models.teacher.boundaries) if models.teacher else None
+    return pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
 
 
-def _tpp_block(c: Compiled) -> int | None:
-    loss = c.spec.loss
-    return (loss.tpp_block or c.pairing.k - 1) if loss.tpp else None
+def split_pass(models: Models) -> Models:
+    """Pass 8: each model split at its block boundaries into segments (shared parameters)."""
+    return models.map(lambda art: replace(
+        art, segments=tuple(split_segments(art.traced, [b.cut.node for b in art.boundaries]))))
 
 
-def pass_block_graph(c: Compiled) -> None:
-    c.graph = build_block_graph(c.pairing, c.input_size, c.num_classes, c.teacher is not None, _tpp_block(c))
+def _tpp_block(spec: Spec, pairing: Pairing) -> int | None:
+    return (spec.loss.tpp_block or pairing.k - 1) if spec.loss.tpp else None
 
 
-def pass_plan(c: Compiled) -> None:
-    s = c.spec.schedule
-    c.plan = build_plan(s.method, c.pairing.k, s.recompositions, s.epochs, s.stage_epochs,
-                        c.spec.loss.feature, _tpp_block(c))
+def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
+                     input_size: tuple[int, int, int]) -> nx.DiGraph:
+    """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
+    return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
+                                       _tpp_block(spec, pairing), spec.loss.feature))
+
+
+def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
+    """Pass 10: the training schedule, each stage with its program read from the graph."""
+    s = spec.schedule
+    plan = build_plan(s.method, pairing.k, s.recompositions, s.epochs, s.stage_epochs,
+                      _tpp_block(spec, pairing) if spec.teacher is not None else None)
+    return plan.with_programs([
+        stage_program(graph, st.groups, chain_adapters=plan.chains_adapters,
+                      feature_losses=plan.feature_losses, tpp_block=plan.tpp_block)
+        for st in plan.stages])
+
+
+PASSES: tuple[Callable, ...] = (build_pass, data_pass, trace_pass, cuts_pass, stages_pass, boundaries_pass,
+                                pair_pass, split_pass, block_graph_pass, plan_pass)
 
 
 # --- invariants ---------------------------------------------------------------------------
 
-def check(c: Compiled) -> list[str]:
-    """Invariants that must hold after every pass (for the artifacts that exist so far)."""
+def check(spec: Spec, input_size: tuple[int, int, int], artifact) -> list[str]:
+    """Invariants of the artifact a pass just returned."""
+    if isinstance(artifact, Models):
+        return _check_models(spec, input_size, artifact)
+    if isinstance(artifact, Pairing) and artifact.k != spec.decompose.blocks:
+        return [f"pairing has {artifact.k} blocks, spec asks for {spec.decompose.blocks}"]
+    if isinstance(artifact, Plan):
+        covered = [sorted(i for g in st.groups for i in g) for st in artifact.stages]
+        if any(cov != list(range(1, artifact.k + 1)) for cov in covered):
+            return ["a training stage does not train every student block exactly once"]
+    return []
+
+
+def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) -> list[str]:
     problems = []
-    for art in _models(c):
-        if art.traced is not None and art.traced.input_size != c.input_size:
-            problems.append(f"{art.role} traced at {art.traced.input_size}, spec says {c.input_size}")
+    for art in models.each():
+        if art.traced is not None and art.traced.input_size != input_size:
+            problems.append(f"{art.role} traced at {art.traced.input_size}, spec says {input_size}")
         idx = [cut.index for cut in art.cuts]
         if idx != sorted(set(idx)):
             problems.append(f"{art.role} cuts are not in strict graph order")
@@ -202,33 +288,35 @@ def check(c: Compiled) -> list[str]:
         b_idx = [b.cut.index for b in art.boundaries]
         if b_idx != sorted(set(b_idx)) or any(b.cut.node not in names for b in art.boundaries):
             problems.append(f"{art.role} block boundaries are not increasing cuts")
-        if art.boundaries and len(art.boundaries) != c.spec.decompose.blocks - 1:
-            problems.append(f"{art.role} has {len(art.boundaries)} boundaries for {c.spec.decompose.blocks} blocks")
-    if c.teacher and c.teacher.traced and c.num_classes and c.teacher.num_classes != c.num_classes:
-        problems.append(f"teacher predicts {c.teacher.num_classes} classes, student {c.num_classes}")
-    if c.pairing is not None and c.pairing.k != c.spec.decompose.blocks:
-        problems.append(f"pairing has {c.pairing.k} blocks, spec asks for {c.spec.decompose.blocks}")
-    if c.plan is not None:
-        covered = [sorted(i for g in st.groups for i in g) for st in c.plan.stages]
-        if any(cov != list(range(1, c.plan.k + 1)) for cov in covered):
-            problems.append("a training stage does not train every student block exactly once")
+        if art.boundaries and len(art.boundaries) != spec.decompose.blocks - 1:
+            problems.append(f"{art.role} has {len(art.boundaries)} boundaries for {spec.decompose.blocks} blocks")
+        if art.segments and len(art.segments) != len(art.boundaries) + 1:
+            problems.append(f"{art.role} has {len(art.segments)} segments for {len(art.boundaries)} boundaries")
+    t, s = models.teacher, models.student
+    if t and t.traced and s.traced and s.num_classes and t.num_classes != s.num_classes:
+        problems.append(f"teacher predicts {t.num_classes} classes, student {s.num_classes}")
     return problems
 
 
-PASSES: list[tuple[str, Callable[[Compiled], None]]] = [
-    ("data", pass_data),
-    ("trace", pass_trace),
-    ("cuts", pass_cuts),
-    ("stages", pass_stages),
-    ("boundaries", pass_boundaries),
-    ("pair", pass_pair),
-    ("block_graph", pass_block_graph),
-    ("plan", pass_plan),
-]
+class _Passes:
+    """Runs each pass in ``PASSES`` order: times it and checks what it returned."""
 
+    def __init__(self, spec: Spec, input_size: tuple[int, int, int]):
+        self.spec, self.input_size = spec, input_size
+        self.timings: dict[str, float] = {}
 
-def _models(c: Compiled) -> list[ModelArtifacts]:
-    return [a for a in (c.teacher, c.student) if a is not None]
+    def __call__(self, fn: Callable, *args):
+        number = len(self.timings)
+        if PASSES[number] is not fn:
+            raise AssertionError(f"pass {number + 1} is {PASSES[number].__name__}, not {fn.__name__}")
+        t0 = time.perf_counter()
+        out = fn(*args)
+        name = fn.__name__.removesuffix("_pass")
+        self.timings[name] = time.perf_counter() - t0
+        problems = check(self.spec, self.input_size, out)
+        if problems:
+            raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
+        return out
 
 
 def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
@@ -266,21 +354,20 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
     their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
     output is the same as with real weights.
     """
-    t0 = time.perf_counter()
-    notes: list[str] = []
-    missing: list[str] = []
-    teacher, student = models if models is not None else build_models(
-        spec, fetch, notes, missing if allow_missing_weights else None, materialize)
-    c = Compiled(spec=spec, input_size=resolve_input_size(spec.data),
-                 student=ModelArtifacts("student", student),
-                 teacher=ModelArtifacts("teacher", teacher) if teacher is not None else None, notes=notes,
-                 missing_weights=missing, dry_run=allow_missing_weights)
-    c.timings["build"] = time.perf_counter() - t0
-    for name, fn in PASSES:
-        t0 = time.perf_counter()
-        fn(c)
-        c.timings[name] = time.perf_counter() - t0
-        problems = check(c)
-        if problems:
-            raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
-    return c
+    mode = BuildMode(frozenset(fetch), allow_missing_weights, materialize)
+    input_size = resolve_input_size(spec.data)
+    run = _Passes(spec, input_size)
+    built = run(build_pass, spec, mode, models)
+    data = run(data_pass, spec, built, input_size, mode)
+    traced = run(trace_pass, spec, built, input_size)
+    cut = run(cuts_pass, traced)
+    staged = run(stages_pass, cut)
+    bounded = run(boundaries_pass, spec, staged)
+    pairing = run(pair_pass, spec, bounded, input_size)
+    split = run(split_pass, bounded)
+    graph = run(block_graph_pass, spec, split, pairing, input_size)
+    plan = run(plan_pass, spec, pairing, graph)
+    missing = split.missing + ((f"data.root {spec.data.root}",)
+                               if data.train_images is None and spec.data.dataset == "imagefolder" else ())
+    return Compiled(spec, input_size, split.student, split.teacher, data, pairing, graph, plan,
+                    run.timings, split.notes, missing)

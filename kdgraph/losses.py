@@ -8,14 +8,19 @@ are detached: gradients never flow into the teacher.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KLDivergence", "FeatureMSE", "HeadLoss"]
+__all__ = ["KLDivergence", "FeatureMSE", "HeadLoss", "no_autocast"]
 
 
-def _no_autocast(t: torch.Tensor) -> torch.autocast:
+def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Losses in float32 whatever the caller's autocast (meta tensors, shapes only, have none)."""
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
@@ -34,7 +39,7 @@ class KLDivergence(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        with _no_autocast(student_logits):
+        with no_autocast(student_logits):
             log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
             log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
             kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -54,7 +59,7 @@ class FeatureMSE(nn.Module):
                 f"FeatureMSE: student feature {tuple(student_feature.shape)} and teacher feature "
                 f"{tuple(teacher_feature.shape)} differ in shape; an adapter is missing"
             )
-        with _no_autocast(student_feature):
+        with no_autocast(student_feature):
             return F.mse_loss(student_feature.float(), teacher_feature.detach().float())
 
 
@@ -78,7 +83,7 @@ class HeadLoss(nn.Module):
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        with _no_autocast(student_logits):
+        with no_autocast(student_logits):
             ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
         out = {"ce": ce}
         if teacher_logits is not None:

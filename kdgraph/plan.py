@@ -1,17 +1,22 @@
-"""Pass 6: the training schedule, a list of training stages over the block graph.
+"""The training schedule: a list of training stages over the block graph.
 
 StableKD-k/n (Kao, Chen, Chan): stage 0 decomposes the student into k groups of one
 block; each recomposition R merges groups i and i+1 for every odd i, so after n of them
 the groups are coarser, and a group is fed as its first block was and trained against the
 teacher at its last cut. Vanilla KD is StableKD-1/0: one group of all blocks. KD + MSE is
 one group with a feature MSE at every block end. Supervised is one group without a teacher.
+
+``build_plan`` fixes the groups and epochs of each stage; the compiler's plan pass then
+gives every stage its ``Program`` (``kdgraph.program``), read from the block graph, and the
+loss terms each group is trained with are the program's loss nodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SpecError
+from .program import Program
 
 Groups = tuple[tuple[int, ...], ...]
 
@@ -40,11 +45,19 @@ class TrainingStage:
     index: int
     epochs: int
     groups: Groups
-    losses: tuple[tuple[str, ...], ...]  # per group: the loss terms it is trained with
+    program: Program | None = None  # what the runtime executes: set by the compiler's plan pass
+
+    @property
+    def losses(self) -> tuple[tuple[str, ...], ...]:
+        """Per group: the loss terms it is trained with (from its program's loss nodes)."""
+        if self.program is None:
+            return tuple(() for _ in self.groups)
+        return tuple(self.program.terms_of(group) for group in self.groups)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "epochs": self.epochs, "groups": [list(g) for g in self.groups],
-                "losses": [list(terms) for terms in self.losses]}
+                "losses": [list(terms) for terms in self.losses],
+                "program": self.program.to_dict() if self.program is not None else None}
 
 
 @dataclass(frozen=True)
@@ -69,26 +82,24 @@ class Plan:
         """Adapters are trained (and kept at inference) only where features are compared."""
         return self.method == "kd+mse" or self.tpp_block is not None or any(len(s.groups) > 1 for s in self.stages)
 
+    @property
+    def chains_adapters(self) -> bool:
+        """A group's blocks are chained through lower(lift(.)) where adapters exist (StableKD,
+        TPP); KD + MSE uses lift for its losses only and chains the blocks directly."""
+        return self.uses_adapters and not self.feature_losses
+
+    def with_programs(self, programs: list[Program]) -> Plan:
+        return replace(self, stages=tuple(replace(st, program=p) for st, p in zip(self.stages, programs)))
+
     def to_dict(self) -> dict:
         return {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
                 "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages]}
 
 
-def _losses(group: tuple[int, ...], k: int, method: str, feature: str, tpp_block: int | None) -> tuple[str, ...]:
-    if method == "supervised":
-        return ("ce",)
-    terms: tuple[str, ...] = ("ce", "kl") if group[-1] == k else (feature,)
-    if method == "kd+mse":
-        terms += tuple(f"{feature}{i}" for i in group[:-1])
-    if tpp_block is not None and tpp_block in group:
-        terms += ("tpp",)
-    return terms
-
-
 def build_plan(method: str, k: int, recompositions: int, epochs: int,
-               stage_epochs: list[int] | None = None, feature: str = "mse",
-               tpp_block: int | None = None) -> Plan:
-    """The schedule for ``method`` over k blocks. Spec validation has bounded n already."""
+               stage_epochs: list[int] | None = None, tpp_block: int | None = None) -> Plan:
+    """The schedule for ``method`` over k blocks (stages without programs yet). Spec
+    validation has bounded n already."""
     if method == "stablekd":
         n = recompositions
         groups = [decompose(k)]
@@ -102,7 +113,5 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
         n = 0
         groups = [(tuple(range(1, k + 1)),)]
     split = list(stage_epochs) if stage_epochs else split_epochs(epochs, len(groups))
-    stages = tuple(
-        TrainingStage(i, e, g, tuple(_losses(grp, k, method, feature, tpp_block) for grp in g))
-        for i, (e, g) in enumerate(zip(split, groups)))
+    stages = tuple(TrainingStage(i, e, g) for i, (e, g) in enumerate(zip(split, groups)))
     return Plan(method, k, n, stages, tpp_block)

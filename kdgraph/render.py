@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .blockgraph import _label
+from .blockgraph import node_label
 from .compiler import Compiled, ModelArtifacts
 from .errors import KDGraphError
 
@@ -144,7 +144,7 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color=[colors[d["kind"]] for _, d in g.nodes(data=True)],
                            node_size=900, node_shape="s", alpha=0.85)
     # the labels DOT and Mermaid show: name, module or adapter kind and widths, output shape
-    labels = {n: _label(n, d).replace("\\n", "\n") for n, d in g.nodes(data=True)}
+    labels = {n: node_label(n, d).replace("\\n", "\n") for n, d in g.nodes(data=True)}
     nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=6)
     ax.set_title(title)
     ax.axis("off")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import no_autocast
 from .layouts import FeatureFormat, from_map, resample, to_map
 
 
@@ -100,7 +101,7 @@ class DualViewFeatureMimicking(nn.Module):
         self.fmt, self.alpha, self.beta = fmt, alpha, beta
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(student.device.type, enabled=False):
+        with no_autocast(student):
             s, _ = to_map(student.float(), self.fmt)
             t, _ = to_map(teacher.detach().float(), self.fmt)
             s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)

@@ -1,6 +1,6 @@
-"""Helpers of the runtime tests (test_runtime_step, test_resume, test_ddp, test_cli,
-test_export, test_train_e2e): tiny digits specs as dicts, and running the CLI in a
-subprocess. Everything runs on the CPU at 1x8x8 with the zoo's tiny ResNets."""
+"""Helpers of the tests: ``tiny_spec`` (the one tiny digits spec, as a dict: the zoo's tiny
+ResNets on the CPU at 1x8x8; ``load_spec(tiny_spec(...))`` validates it) and running the
+CLI in a subprocess."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ STUDENT = "module:kdgraph.zoo:resnet_tiny_student"
 KW = {"num_classes": 10, "in_chans": 1}
 
 
-def tiny_spec(output, method: str = "stablekd", *, blocks: int = 4, recompositions: int = 2, epochs: int = 3,
+def tiny_spec(output="runs/tiny", method: str = "stablekd", *, blocks: int = 4, recompositions: int = 2, epochs: int = 3,
               teacher: bool = True, teacher_checkpoint=None, student: str = STUDENT, fraction: float = 0.25,
               batch_size: int = 16, **sections) -> dict:
     """A spec dict for a tiny digits run; ``sections`` are merged into the top-level sections."""

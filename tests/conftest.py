@@ -65,21 +65,3 @@ def traced_timm(name: str):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def tiny_spec(teacher: str | None = "resnet_tiny_teacher", student: str = "resnet_tiny_student",
-              blocks: int = 4, method: str = "stablekd", recompositions: int = 2, epochs: int = 12, **extra):
-    """A quickstart-like spec (zoo models on 1x8x8 digits) as a validated Spec."""
-    from kdgraph.spec import load_spec
-
-    raw = {
-        "name": "tiny",
-        "student": {"model": f"module:kdgraph.zoo:{student}", "kwargs": {"num_classes": 10, "in_chans": 1}},
-        "data": {"dataset": "digits"},
-        "decompose": {"blocks": blocks},
-        "schedule": {"method": method, "recompositions": recompositions, "epochs": epochs},
-        **extra,
-    }
-    if teacher:
-        raw["teacher"] = {"model": f"module:kdgraph.zoo:{teacher}", "kwargs": {"num_classes": 10, "in_chans": 1}}
-    return load_spec(raw)

@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_spec
 from kdgraph.compiler import compile_spec
 from kdgraph.cuts import find_cuts
 from kdgraph.stages import choose_boundaries, find_stages
 from kdgraph.trace import trace
+from kdgraph.spec import load_spec
+
+from _runtime_helpers import tiny_spec
 
 
 def _planned(model: nn.Module, size: int, in_chans: int = 3):
@@ -76,7 +78,7 @@ def test_flat_sequential_stages_come_from_feature_shapes():
 
 
 def test_flat_teacher_and_student_plan_with_adapters():
-    spec = tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]})
+    spec = load_spec(tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]}))
     c = compile_spec(spec, models=(flat_cnn(16), flat_cnn(8)))
     assert [b.to_dict()["teacher"] for b in c.pairing.blocks] == ["7", "10", "11", "output"]
     assert [a.lift for a in c.pairing.adapters] == [(16, 32), (32, 64), (32, 64)]
@@ -149,7 +151,7 @@ def test_untraceable_submodules_become_leaves_and_the_model_plans():
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(traced.gm(x), model(x))  # the leaf runs its Python, branch and all
 
-    spec = tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]})
+    spec = load_spec(tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]}))
     c = compile_spec(spec, models=(WithBranchyBlocks(16), WithBranchyBlocks(8)))
     assert [b.to_dict()["student"] for b in c.pairing.blocks] == ["layer1", "layer2", "layer3", "output"]
     leaf_notes = [n for n in c.notes if "whole as a leaf" in n]

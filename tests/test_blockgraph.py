@@ -7,20 +7,22 @@ import json
 import networkx as nx
 import pytest
 
-from conftest import tiny_spec
 from kdgraph.blockgraph import dumps, stage_edges, to_dot, to_json, to_mermaid, validate_block_graph
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import PlanError
+from kdgraph.spec import load_spec
+
+from _runtime_helpers import tiny_spec
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_spec(tiny_spec())
+    return compile_spec(load_spec(tiny_spec()))
 
 
 @pytest.fixture(scope="module")
 def same_width():
-    return compile_spec(tiny_spec(student="resnet_tiny_student_same"))
+    return compile_spec(load_spec(tiny_spec(student="module:kdgraph.zoo:resnet_tiny_student_same")))
 
 
 TEACHER_CHAIN = [("input", "T1"), ("T1", "T2"), ("T2", "T3"), ("T3", "T4")]
@@ -122,7 +124,7 @@ def test_same_width_pair_has_no_adapters(same_width):
 
 
 def test_supervised_graph_has_no_teacher():
-    c = compile_spec(tiny_spec(teacher=None, method="supervised"))
+    c = compile_spec(load_spec(tiny_spec(teacher=False, method="supervised")))
     g = c.graph
     assert set(g.nodes) == {"input", "labels", "head_loss", "S1", "S2", "S3", "S4"}
     assert g.nodes["head_loss"]["terms"] == ["ce"]

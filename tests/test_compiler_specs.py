@@ -217,3 +217,24 @@ def test_prebuilt_models_are_used_as_given():
     c = compile_spec(spec, models=(t, s))
     assert c.teacher.model is t and c.student.model is s
     assert c.teacher.traced.gm.get_submodule("layer1.0.conv1") is t.layer1[0].conv1
+
+
+def test_passes_run_in_order_numbered_and_return_frozen_artifacts():
+    """compile_spec runs every pass of PASSES once, in order; each pass's docstring gives its
+    number; the artifacts it returns cannot be changed in place."""
+    import dataclasses
+
+    import networkx as nx
+
+    from kdgraph.compiler import PASSES
+
+    c = _compiled("quickstart")
+    assert list(c.timings) == [fn.__name__.removesuffix("_pass") for fn in PASSES]
+    for number, fn in enumerate(PASSES, start=1):
+        assert fn.__doc__.startswith(f"Pass {number}: "), fn.__name__
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.plan = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.student.boundaries = ()
+    with pytest.raises(nx.NetworkXError):
+        c.graph.add_node("extra")

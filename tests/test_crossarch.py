@@ -164,7 +164,7 @@ def test_cross_architecture_decomposed_step_feeds_converted_teacher_features():
             t = seg(t)
         t2 = d.teacher.segments[0](x)
         t2 = d.teacher.segments[1](t2)
-    s3 = d._segments[2](d.adapters["2"].lower(t2))
+    s3 = d.chain.segments[2](d.adapters["2"].lower(t2))
     expected = F.mse_loss(d.adapters["3"].lift(s3), t)
     assert torch.allclose(terms["mse3"], expected, atol=1e-6)
 
@@ -176,7 +176,7 @@ def test_scalekd_plan_has_cap_dfm_and_the_proxy_path():
     c = compile_spec(load_spec(raw))
     assert c.pairing.blocks[0].adapter.kind == "cap"
     assert c.plan.tpp_block == 1
-    assert c.plan.stages[0].losses == (("ce", "kl", "dfm1", "tpp"),)
+    assert c.plan.stages[0].losses == (("tpp", "dfm1_direct", "dfm1_alt", "ce", "kl"),)
     g = c.graph
     assert [n for n, d in g.nodes(data=True) if d["kind"] == "proxy"] == ["P2"]
     assert g.has_edge("lift1", "P2") and g.has_edge("P2", "tpp_loss") and g.has_edge("T2", "tpp_loss")

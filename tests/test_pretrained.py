@@ -400,7 +400,7 @@ def test_your_own_data_specs_parse_and_plan_without_weights_or_data(monkeypatch,
     if spec.teacher is not None:  # step 2 names step 1's output, which does not exist here
         assert str(spec.teacher.checkpoint) == "runs/my-teacher/student.safetensors"
         expected.insert(0, "teacher.checkpoint runs/my-teacher/student.safetensors")
-    assert compiled.missing_weights == expected
+    assert list(compiled.missing_weights) == expected
     assert compiled.num_classes == 5
     assert compiled.plan.k == spec.decompose.blocks
     assert any("fresh one for 5 classes" in n for n in compiled.notes)

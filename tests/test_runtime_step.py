@@ -1,6 +1,6 @@
 """The Distiller's training step, checked against hand computations.
 
-Independent truth: the teacher and student segments (``compiled.*.segments()``) and the
+Independent truth: the teacher and student segments (``compiled.*.segments``) and the
 adapters composed by hand, and the losses written out with F.mse_loss, F.cross_entropy and
 KL(p_t || p_s) = T^2 * mean_b sum_c p_t (log p_t - log p_s) with explicit log_softmax.
 """
@@ -56,7 +56,7 @@ def _kl(s_logits, t_logits):
 def _teacher_chain(compiled, x):
     feats, h = {}, x
     with torch.no_grad():
-        for i, seg in enumerate(compiled.teacher.segments(), start=1):
+        for i, seg in enumerate(compiled.teacher.segments, start=1):
             h = seg(h)
             feats[i] = h
     return feats
@@ -76,7 +76,7 @@ def test_stage0_terms_equal_hand_computation(stablekd):
     d.set_stage(plan.stages[0])
     x, y = _batch()
     terms = d(x, y)
-    S = list(compiled.student.segments())
+    S = list(compiled.student.segments)
     A = d.adapters
     t = _teacher_chain(compiled, x)
     expected = {
@@ -103,7 +103,7 @@ def test_merged_stage_terms_and_chain(stablekd):
     assert set(feats) == {2, 4}  # what the groups need: group (3,4)'s input and target, group (1,2)'s target
     assert all(f.grad_fn is None and not f.requires_grad for f in feats.values())
     terms = d(x, y)
-    S = list(compiled.student.segments())
+    S = list(compiled.student.segments)
     A = d.adapters
     t = _teacher_chain(compiled, x)
     h12 = S[1](A["1"].lower(A["1"].lift(S[0](x))))  # group [1,2] is fed the image, chained through lower(lift(.))
@@ -127,7 +127,7 @@ def test_teacher_features_only_needed(stablekd, stage, needed):
 def _owners(compiled, d):
     """Stage-0 owner (loss terms) of every trainable parameter, by identity."""
     owner = {}
-    segs = list(compiled.student.segments())
+    segs = list(compiled.student.segments)
     for i, seg in enumerate(segs, start=1):
         terms = ("ce", "kl") if i == 4 else (f"mse{i}",)
         for p in seg.parameters():
@@ -169,7 +169,7 @@ def test_perturbing_a_group_input_leaves_other_groups_gradients(stablekd, monkey
     d.train()
     d.set_stage(compiled.plan.stages[0])
     x, y = _batch()
-    segs = list(compiled.student.segments())
+    segs = list(compiled.student.segments)
     g1 = list(segs[0].parameters()) + list(d.adapters["1"].lift.parameters())
     g3 = list(segs[2].parameters()) + list(d.adapters["3"].lift.parameters())
     g4 = list(segs[3].parameters())
@@ -220,7 +220,7 @@ def test_term_names_per_method(tmp_path, method, names):
         t = compiled.teacher.model(x)
         _close(terms, {"ce": F.cross_entropy(logits, y), "kl": KL_W * _kl(logits, t)})
     else:  # kd+mse: the student's own chain; lift only for the losses
-        S = list(compiled.student.segments())
+        S = list(compiled.student.segments)
         t = _teacher_chain(compiled, x)
         h, expected = x, {}
         for i in range(1, 4):
@@ -242,7 +242,7 @@ def test_inference_paths(tmp_path, stablekd):
     compiled, d = stablekd
     d.eval()
     assert d.adapted_chain
-    S, A = list(compiled.student.segments()), d.adapters
+    S, A = list(compiled.student.segments), d.adapters
     with torch.no_grad():
         h = x
         for i in range(1, 4):

@@ -6,13 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import timm_kwargs, tiny_spec
+from conftest import timm_kwargs
 from kdgraph.compiler import compile_spec
 from kdgraph.cuts import find_cuts
 from kdgraph.errors import PlanError
 from kdgraph.segments import split_segments
 from kdgraph.stages import choose_boundaries, find_stages
+from kdgraph.spec import load_spec
 from kdgraph.trace import trace
+
+from _runtime_helpers import tiny_spec
 
 TIMM = [
     ("resnet18", {}), ("resnet50", {}), ("efficientnet_b0", {"drop_rate": 0.3, "drop_path_rate": 0.1}),
@@ -30,6 +33,7 @@ def _compose(segments, x):
 
 
 def _check(model, segments, x):
+    segments = torch.nn.ModuleList(segments)
     # eval
     model.eval()
     segments.eval()
@@ -80,17 +84,17 @@ def test_timm_segments_compose_to_forward(name, extra):
 
 @pytest.mark.parametrize("student", ["resnet_tiny_student", "resnet_tiny_teacher", "resnet_tiny_student_same"])
 def test_zoo_segments_via_compile_spec(student):
-    c = compile_spec(tiny_spec(teacher=None, student=student, method="supervised"))
-    segs = c.student.segments()
+    c = compile_spec(load_spec(tiny_spec(teacher=False, student=f"module:kdgraph.zoo:{student}", method="supervised")))
+    segs = c.student.segments
     assert len(segs) == 4
     _check(c.student.model, segs, torch.randn(3, 1, 8, 8))
 
 
 def test_teacher_and_student_segments_of_a_pair():
-    c = compile_spec(tiny_spec())
+    c = compile_spec(load_spec(tiny_spec()))
     x = torch.randn(2, 1, 8, 8)
     for art in (c.teacher, c.student):
-        _check(art.model, art.segments(), x)
+        _check(art.model, art.segments, x)
 
 
 def test_custom_module_spec_segments():
@@ -102,7 +106,7 @@ def test_custom_module_spec_segments():
     c = compile_spec(spec)
     x = torch.randn(2, *c.input_size)
     for art in (c.teacher, c.student):
-        segs = art.segments()
+        segs = art.segments
         assert len(segs) == spec.decompose.blocks
         _check(art.model, segs, x)
 

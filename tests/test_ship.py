@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from kdgraph.compiler import compile_spec
 from kdgraph.runtime.distiller import Distiller
-from kdgraph.runtime.export import _folded_maps, export_spec, file_format, load_student
+from kdgraph.runtime.export import folded_maps, export_spec, file_format, load_student
 from kdgraph.runtime.ship import fold_into_student, ship_student
 from kdgraph.spec import load_spec
 
@@ -48,7 +48,7 @@ def test_adapters_fold_into_the_bottleneck_students_own_layers(tmp_path):
     assert d.adapted_chain and sorted(d.adapters) == ["1", "2", "3", "4"]
     randomise_bn(d, 0)  # the adapters' BN too: folding must use running statistics
     d.eval()
-    folded = fold_into_student(compiled, _folded_maps(d))
+    folded = fold_into_student(compiled, folded_maps(d))
     assert folded.reason is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,7 +65,7 @@ def test_adapters_fold_into_the_bottleneck_students_own_layers(tmp_path):
 def test_an_adapter_before_a_padded_conv_does_not_fold_and_says_why(tmp_path):
     compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd")))
     d = Distiller(compiled).eval()
-    folded = fold_into_student(compiled, _folded_maps(d))
+    folded = fold_into_student(compiled, folded_maps(d))
     assert folded.model is None
     assert "3x3 convolution with padding" in folded.reason and "conv1" in folded.reason
 
@@ -76,7 +76,7 @@ def test_unfoldable_student_ships_as_a_torch_export_program(tmp_path):
     randomise_bn(d, 1)
     d.eval()
     pre = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.4]}
-    result = ship_student(compiled, _folded_maps(d), tmp_path / "ship", pre, {"top1": 12.5})
+    result = ship_student(compiled, folded_maps(d), tmp_path / "ship", pre, {"top1": 12.5})
     assert result["format"] == "torch.export"
     files = sorted(p.name for p in (tmp_path / "ship").iterdir())
     assert files == ["README.md", "config.json", "model.pt2"]

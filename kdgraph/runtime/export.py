@@ -11,6 +11,7 @@ apart by their content, never their suffix.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,30 +28,8 @@ from ..weights import read_weights_file, sniff
 from ..stream import build_data
 from . import checkpoint as ckpt
 from . import ship
+from .chain import ExportedStudent
 from .evaluate import accuracy
-
-
-class ExportedStudent(nn.Module):
-    """The student's segments with folded adapters between them (parameters shared with ``model``)."""
-
-    def __init__(self, compiled: Compiled, folded: dict[int, nn.Module]):
-        super().__init__()
-        self.model = compiled.student.model
-        self.folded = nn.ModuleDict({str(i): m for i, m in folded.items()})
-        self._segments = list(compiled.student.segments())
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for seg in self._segments:  # their copied constants are not submodules of self
-            seg._apply(fn, recurse)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, seg in enumerate(self._segments, start=1):
-            x = seg(x)
-            if str(i) in self.folded:
-                x = self.folded[str(i)](x)
-        return x
 
 
 def _contiguous(state: dict) -> dict:
@@ -65,8 +44,8 @@ def export_student(distiller, compiled: Compiled, path: Path) -> Path:
     if not distiller.adapted_chain:
         save_file(_contiguous(compiled.student.model.state_dict()), str(path), metadata={**meta, "format": "plain"})
         return path
-    folded = _folded_maps(distiller)
-    module = ExportedStudent(compiled, folded)
+    folded = folded_maps(distiller)
+    module = _exported(compiled, folded)
     meta["folded"] = json.dumps({i: [_width(m), type(m).__name__] for i, m in folded.items()})
     save_file(_contiguous(module.state_dict()), str(path), metadata={**meta, "format": "folded"})
     return path
@@ -127,7 +106,7 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
         except RuntimeError as exc:
             raise KDGraphError(f"{path} does not fit this spec's student: {str(exc).splitlines()[0]}") from None
         distiller.eval()
-        return _folded_maps(distiller)
+        return folded_maps(distiller)
     if kind == "export":
         if not (path / ship.WEIGHTS).is_file():
             raise KDGraphError(f"{path} holds a torch.export program ({ship.PROGRAM}), not weights to train or "
@@ -137,7 +116,7 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
     else:
         state, meta = _read_safetensors(path)
         maps = _folded_from_meta(compiled, meta) if meta.get("format") == "folded" else {}
-        module = ExportedStudent(compiled, maps) if maps else compiled.student.model
+        module = _exported(compiled, maps) if maps else compiled.student.model
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
@@ -145,7 +124,12 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
     return maps
 
 
-def _folded_maps(distiller) -> dict[int, nn.Module]:
+def _exported(compiled: Compiled, folded: dict[int, nn.Module]) -> ExportedStudent:
+    return ExportedStudent(compiled.student.model, compiled.student.segments, folded)
+
+
+def folded_maps(distiller) -> dict[int, nn.Module]:
+    """The folded map of each adapter pair the distiller keeps in its student's chain."""
     if not distiller.adapted_chain:
         return {}
     return {int(i): fold(pair.eval()) for i, pair in distiller.adapters.items()}
@@ -160,7 +144,7 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
         except Exception as exc:  # torch.export's errors name no common base class
             raise KDGraphError(f"cannot load {path / ship.PROGRAM}: {str(exc).splitlines()[0]}") from None
     maps = load_trained(compiled, path)
-    return ExportedStudent(compiled, maps) if maps else compiled.student.model
+    return _exported(compiled, maps) if maps else compiled.student.model
 
 
 def _default_student(spec: Spec) -> Path:
@@ -209,8 +193,8 @@ def _compile_for_eval(spec: Spec) -> Compiled:
             return compile_spec(spec, fetch=("teacher",), allow_missing_weights=True)
         except KDGraphError as exc:
             compiled = compile_spec(spec, allow_missing_weights=True)
-            compiled.missing_weights.append(f"teacher pretrained weights ({str(exc).splitlines()[0]})")
-            return compiled
+            return replace(compiled, missing_weights=compiled.missing_weights
+                           + (f"teacher pretrained weights ({str(exc).splitlines()[0]})",))
     return compile_spec(spec, allow_missing_weights=True)
 
 

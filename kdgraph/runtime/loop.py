@@ -399,7 +399,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     rt = spec.runtime
     gstep = position["global_step"]
     student_acc = None
-    tracker = StabilityTracker(run.distiller._segments) if rt.track_stability else None
+    tracker = StabilityTracker(run.distiller.chain.segments) if rt.track_stability else None
     with stop_signals() as stop, reporter:
         for epoch in range(position["epoch"], total_epochs):
             stage = run.stage_of(epoch)

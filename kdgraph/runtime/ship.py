@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import KDGraphError
+from .chain import ExportedStudent
 
 WEIGHTS = "model.safetensors"
 PROGRAM = "model.pt2"
@@ -262,14 +263,14 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
         raise ExportError(f"export --to {folder}: a file is there; name a folder (it will hold "
                           f"{WEIGHTS}, {CONFIG} and {CARD})")
     folder.mkdir(parents=True, exist_ok=True)
-    from .export import ExportedStudent
 
     card = dict(card or {})
     c, h, w = compiled.input_size
     probe = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(0))
     device = next(compiled.student.model.parameters()).device
     probe = probe.to(device)
-    trained = (ExportedStudent(compiled, maps) if maps else compiled.student.model).eval()
+    trained = (ExportedStudent(compiled.student.model, compiled.student.segments, maps) if maps
+               else compiled.student.model).eval()
     reference = trained(probe).float()
     folded = fold_into_student(compiled, maps)
     for stale in (WEIGHTS, PROGRAM):

@@ -9,7 +9,7 @@ checkpoint) holds no teacher tensor, and DDP neither wraps it nor broadcasts its
     teacher = FrozenTeacher(model, segments)
     teacher.to(device)                  # moves and casts still apply (``apply_``)
     feats = teacher.features(x, {2, 4}) # block ends 2 and 4, computed without autograd
-    z = teacher.tail(h, start=3)        # blocks 4..k with autograd on h (TPP's proxy path)
+    z = teacher.block(4, h)             # block 4 with autograd on h (TPP's proxy path)
 """
 
 from __future__ import annotations
@@ -68,12 +68,10 @@ class FrozenTeacher:
                 feats[i] = h
         return feats
 
-    def tail(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Blocks start+1..k applied to ``h`` with autograd on ``h`` (the teacher's own
-        parameters need no grad): TPP's proxy path from a student feature to logits."""
-        for seg in self.segments[start:]:
-            h = seg(h)
-        return h
+    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` (1-based) applied to ``h`` with autograd on ``h`` (the teacher's own
+        parameters need no grad): a step of TPP's proxy path from a student feature."""
+        return self.segments[i - 1](h)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
