@@ -8,8 +8,9 @@ random choice (subset, order, crops, flips) is a pure function of the run seed a
 epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
 folder too large for memory is streamed instead (kdgraph.stream chooses).
 
-Datasets are built by name from the ``DATASETS`` registry; a name with a colon
-(``torchvision:CIFAR10``) is looked up by its prefix and the loader reads the rest.
+Datasets are built by name from the ``DATASETS`` registry (``kdgraph.registry``; the
+built-in ones are registered here); a name with a colon (``torchvision:CIFAR10``) is
+looked up by its prefix and the loader reads the rest.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import BadImage, bad_image, read_image, scan_imagefolder
+from kdgraph.registry import AUGMENTATIONS, DATASETS, dataset_choices, register_dataset
+from kdgraph.spec.schema import DataSpec
 
 __all__ = [
-    "AUGMENTS",
     "DATASETS",
     "Dataset",
     "DeviceLoader",
@@ -40,7 +42,6 @@ __all__ = [
     "register_dataset",
 ]
 
-AUGMENTS = ("none", "crop", "crop+flip")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HELP = (
     "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` "
@@ -66,7 +67,7 @@ class RawSplits(NamedTuple):
     skipped: tuple[str, ...] = ()  # files that could not be decoded (data.on_bad_image: skip)
 
 
-LoaderFn = Callable[[Any, int], RawSplits]
+LoaderFn = Callable[[DataSpec, int], RawSplits]
 """``fn(data_spec, seed) -> RawSplits``."""
 
 
@@ -98,16 +99,6 @@ class Dataset:
         )
 
 
-DATASETS: dict[str, LoaderFn] = {}
-
-
-def register_dataset(name: str, fn: LoaderFn, *, overwrite: bool = False) -> None:
-    """Add a loader under ``name`` (the part of ``data.dataset`` before any colon)."""
-    if name in DATASETS and not overwrite:
-        raise ValueError(f"dataset {name!r} is already registered; pass overwrite=True to replace it")
-    DATASETS[name] = fn
-
-
 # Input sizes known without reading the files, so that `kdgraph plan` never loads data.
 NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
     "digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "synthetic": (3, 32, 32),
@@ -116,7 +107,7 @@ NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def resolve_input_size(data_spec: Any) -> tuple[int, int, int]:
+def resolve_input_size(data_spec: DataSpec) -> tuple[int, int, int]:
     """data.input_size, or the dataset's own size where it is known without loading it."""
     if data_spec.input_size is not None:
         return tuple(int(v) for v in data_spec.input_size)
@@ -125,11 +116,7 @@ def resolve_input_size(data_spec: Any) -> tuple[int, int, int]:
     raise DataError(f"data.input_size: {data_spec.dataset} has no fixed size; set data.input_size: [C, H, W]")
 
 
-def _valid_names() -> str:
-    return ", ".join(f"{n}:NAME" if n == "torchvision" else n for n in sorted(DATASETS))
-
-
-def create_dataset(data_spec: Any, seed: int,
+def create_dataset(data_spec: DataSpec, seed: int,
                    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Dataset:
     """Load ``data_spec.dataset``, convert it to ``data_spec.input_size``, keep a class-balanced
     ``data_spec.fraction`` of the training split (chosen by ``seed``) and normalise it, with
@@ -137,19 +124,19 @@ def create_dataset(data_spec: Any, seed: int,
     name = data_spec.dataset
     key = name.split(":", 1)[0]
     if key not in DATASETS:
-        raise DataError(f"data.dataset: unknown dataset {name!r}; valid: {_valid_names()}")
-    raw = DATASETS[key](data_spec, seed)
+        raise DataError(f"data.dataset: unknown dataset {name!r}; valid: {', '.join(dataset_choices())}")
+    raw = DATASETS.get(key)(data_spec, seed)
     train_x, test_x = raw.train_x.float(), raw.test_x.float()
     train_y, test_y = raw.train_y.long(), raw.test_y.long()
     num_classes = raw.num_classes
-    want_classes = getattr(data_spec, "num_classes", None)
+    want_classes = data_spec.num_classes
     if want_classes is not None and want_classes != num_classes:
         raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
     _check_labels(name, "train", train_y, num_classes)
     _check_labels(name, "test", test_y, num_classes)
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
-    mode = getattr(data_spec, "resize", "resample")
+    mode = data_spec.resize
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
 
     if norm is None:
@@ -159,7 +146,7 @@ def create_dataset(data_spec: Any, seed: int,
         mean, std = (torch.tensor(v, dtype=torch.float32) for v in norm)
         if len(mean) != size[0] or len(std) != size[0]:
             raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
-    fraction = float(getattr(data_spec, "fraction", 1.0))
+    fraction = data_spec.fraction
     if fraction < 1.0:
         keep = class_balanced_subset(train_y, fraction, seed)
         train_x, train_y = train_x[keep], train_y[keep]
@@ -236,7 +223,7 @@ def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str, mode: str = "res
 # ----------------------------------------------------------------------------- loaders
 
 
-def _load_digits(data_spec: Any, seed: int) -> RawSplits:
+def _load_digits(data_spec: DataSpec, seed: int) -> RawSplits:
     """scikit-learn's bundled 8x8 digits (values 0..16); a fixed stratified 80/20 split
     (random_state 0, independent of the run seed): every run has the same test set."""
     from sklearn.datasets import load_digits
@@ -281,7 +268,7 @@ def _find_file(root: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_fashion_mnist(data_spec: Any, seed: int) -> RawSplits:
+def _load_fashion_mnist(data_spec: DataSpec, seed: int) -> RawSplits:
     """Fashion-MNIST from its four IDX files (gzipped or not), searched under data.root
     (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)."""
     root = Path(data_spec.root) if data_spec.root is not None else FASHION_MNIST_ROOT
@@ -294,14 +281,14 @@ def _load_fashion_mnist(data_spec: Any, seed: int) -> RawSplits:
     return RawSplits(tr_x[:, None].float(), tr_y.long(), te_x[:, None].float(), te_y.long(), 10, "crop+flip")
 
 
-def _load_imagefolder(data_spec: Any, seed: int) -> RawSplits:
+def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
     """root/train/<class>/*.png|jpg and root/val/<class>/... (or root/test), checked by
     scan_imagefolder and read with PIL into memory at data.input_size (default: the first
     training image's size, RGB). Unreadable files are skipped with a warning, or refused
     (data.on_bad_image)."""
     from PIL import Image
 
-    folder = scan_imagefolder(data_spec.root, getattr(data_spec, "num_classes", None))
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
     if data_spec.input_size is not None:
         c, h, w = data_spec.input_size
     else:
@@ -309,7 +296,7 @@ def _load_imagefolder(data_spec: Any, seed: int) -> RawSplits:
     if c not in (1, 3):
         raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
     mode = "L" if c == 1 else "RGB"
-    policy = getattr(data_spec, "on_bad_image", "skip")
+    policy = data_spec.on_bad_image
     skipped: list[str] = []
 
     def read(files: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +322,7 @@ def _load_imagefolder(data_spec: Any, seed: int) -> RawSplits:
     return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped))
 
 
-def _load_torchvision(data_spec: Any, seed: int) -> RawSplits:
+def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
     """``torchvision:NAME``: torchvision.datasets.NAME(root, train=..., download=False)
     (or split="train"/"test"), with its files already under data.root."""
     import torchvision
@@ -385,7 +372,7 @@ def _load_torchvision(data_spec: Any, seed: int) -> RawSplits:
     return RawSplits(tr_x, tr_y, te_x, te_y, num_classes, augment)
 
 
-def _load_synthetic(data_spec: Any, seed: int) -> RawSplits:
+def _load_synthetic(data_spec: DataSpec, seed: int) -> RawSplits:
     """Standard-normal images of data.input_size (default 3x32x32) with uniform labels:
     data.samples for training, samples // 4 for testing, drawn from ``seed``."""
     c, h, w = data_spec.input_size if data_spec.input_size is not None else (3, 32, 32)
@@ -401,8 +388,8 @@ def _load_synthetic(data_spec: Any, seed: int) -> RawSplits:
 register_dataset("digits", _load_digits)
 register_dataset("fashion-mnist", _load_fashion_mnist)
 register_dataset("imagefolder", _load_imagefolder)
-register_dataset("torchvision", _load_torchvision)
 register_dataset("synthetic", _load_synthetic)
+register_dataset("torchvision", _load_torchvision)
 
 
 # ------------------------------------------------------------------------ device loader
@@ -447,8 +434,9 @@ class DeviceLoader:
         world_size: int = 1,
         pad_value: torch.Tensor | None = None,
     ):
-        if augment not in AUGMENTS:
-            raise DataError(f"data.augment: unknown augmentation {augment!r}; valid: auto, {', '.join(AUGMENTS)}")
+        if augment not in AUGMENTATIONS:
+            raise DataError(f"data.augment: unknown augmentation {augment!r}; "
+                            f"valid: auto, {', '.join(AUGMENTATIONS.names())}")
         if x.ndim != 4 or len(x) != len(y):
             raise DataError(f"DeviceLoader needs N x C x H x W images and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -497,8 +485,9 @@ class DeviceLoader:
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         # draws for every padded position in a fixed order, whatever the rank
-        offsets = torch.randint(0, 2 * self.pad + 1, (self._total, 2), generator=g) if self.augment != "none" else None
-        flips = torch.rand(self._total, generator=g) < 0.5 if self.augment == "crop+flip" else None
+        augmentation = AUGMENTATIONS.get(self.augment)
+        offsets = torch.randint(0, 2 * self.pad + 1, (self._total, 2), generator=g) if augmentation.crop else None
+        flips = torch.rand(self._total, generator=g) < 0.5 if augmentation.flip else None
         order = order.repeat(-(-self._total // n))[: self._total]  # wrap-around padding / drop_last truncation
         mine = slice(self.rank, self._total, self.world_size)
         pick = lambda t: None if t is None else t[mine].to(self.device, non_blocking=True)  # noqa: E731
@@ -537,7 +526,7 @@ class DeviceLoader:
 
 
 def build_loaders(
-    data_spec: Any, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
+    data_spec: DataSpec, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> tuple[DeviceLoader, DeviceLoader, Dataset]:
     """(train loader, test loader, dataset). Train: shuffled, augmented (``auto`` = the

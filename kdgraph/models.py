@@ -1,7 +1,8 @@
 """Model sources: build a network from a reference string, load its weights.
 
-A reference is ``SOURCE:REST``; ``MODEL_SOURCES[SOURCE](REST, kwargs)`` builds it.
-Built in: ``timm:NAME``, ``torchvision:NAME`` and ``module:pkg.mod:factory``.
+A reference is ``SOURCE:REST``; ``MODEL_SOURCES.get(SOURCE)(REST, kwargs)`` builds it
+(``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME`` and
+``module:pkg.mod:factory``.
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
 
@@ -25,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from kdgraph.errors import ModelError
+from kdgraph.registry import MODEL_SOURCES, register_model_source
 from kdgraph.spec import ModelSpec
 from kdgraph.weights import fit_state, load_state, read_state_dict
 
@@ -98,18 +100,9 @@ def _create_from_module(ref: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-MODEL_SOURCES: dict[str, ModelFactory] = {
-    "timm": _create_timm,
-    "torchvision": _create_torchvision,
-    "module": _create_from_module,
-}
-
-
-def register_model_source(name: str, factory: ModelFactory) -> None:
-    """Make ``NAME:REST`` references build with ``factory(REST, kwargs)``."""
-    if not name.isidentifier():
-        raise ValueError(f"model source name must be an identifier, got {name!r}")
-    MODEL_SOURCES[name] = factory
+MODEL_SOURCES.register("timm", _create_timm)
+MODEL_SOURCES.register("torchvision", _create_torchvision)
+MODEL_SOURCES.register("module", _create_from_module)
 
 
 @contextmanager
@@ -168,9 +161,9 @@ def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Pa
     source, sep, rest = ref.partition(":")
     if not sep or not rest:
         raise ModelError(f"model reference {ref!r} must look like SOURCE:NAME; sources: {', '.join(MODEL_SOURCES)}")
-    factory = MODEL_SOURCES.get(source)
-    if factory is None:
+    if source not in MODEL_SOURCES:
         raise ModelError(f"unknown model source {source!r} in {ref!r}; sources: {', '.join(MODEL_SOURCES)}")
+    factory = MODEL_SOURCES.get(source)
     with _search_first(search_path if source == "module" else None):
         try:
             with parameters_on_meta() if meta else contextlib.nullcontext():

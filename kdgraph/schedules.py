@@ -3,7 +3,8 @@
 A schedule is a pure function of the global optimizer step, so resuming needs nothing
 but the step: the LambdaLR built here keeps only ``last_epoch`` in its state_dict.
 
-Kinds (``lr`` of step k, 0-based; ``min = min_lr_ratio * peak_lr``; ``n`` = steps):
+Kinds (registered in ``kdgraph.registry.SCHEDULES``, the values of ``optim.lr_schedule``;
+``lr`` of step k, 0-based; ``min = min_lr_ratio * peak_lr``; ``n`` = steps):
 
 - ``stage_cyclic``: one triangular cycle per training stage, as CyclicLR
   "triangular2" with cycles the length of the stages (StableKD): the lr rises linearly
@@ -31,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SCHEDULE_KINDS", "ONECYCLE_PCT_START", "LRSchedule", "build_lr_scheduler"]
+from .registry import SCHEDULES
 
-SCHEDULE_KINDS = ("stage_cyclic", "onecycle", "cosine", "constant")
+__all__ = ["ONECYCLE_PCT_START", "LRSchedule", "build_lr_scheduler"]
+
 ONECYCLE_PCT_START = 0.3
 
 
@@ -50,8 +52,8 @@ class LRSchedule:
     stage_starts: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown lr schedule {self.kind!r}; valid: {', '.join(SCHEDULE_KINDS)}")
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.kind!r}; valid: {', '.join(SCHEDULES.names())}")
         object.__setattr__(self, "stage_epochs", tuple(int(e) for e in self.stage_epochs))
         if not self.stage_epochs or any(e < 0 for e in self.stage_epochs) or sum(self.stage_epochs) == 0:
             raise ValueError(f"stage_epochs must be non-negative with a positive total, got {self.stage_epochs}")
@@ -83,27 +85,45 @@ class LRSchedule:
         return stage
 
     def lr_at(self, step: int) -> float:
-        lo, hi, n = self.min_lr, self.peak_lr, self.total_steps
-        if self.kind == "constant":
-            return hi
-        if self.kind == "cosine":
-            k = min(max(step, 0), n)
-            return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * k / n))
-        if self.kind == "onecycle":
-            t = min(max(step, 0) + 0.5, n) / n  # step centre, as a fraction of the run
-            if t <= ONECYCLE_PCT_START:
-                return lo + (hi - lo) * t / ONECYCLE_PCT_START
-            u = (t - ONECYCLE_PCT_START) / (1.0 - ONECYCLE_PCT_START)
-            return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * u))
-        # stage_cyclic
-        s = self.stage_of(step)
-        length = self.stage_epochs[s] * self.steps_per_epoch
-        u = min(max(step - self.stage_starts[s], 0) + 0.5, length) / length
-        triangle = 1.0 - abs(2.0 * u - 1.0)
-        return lo + (hi - lo) / 2**s * triangle
+        return SCHEDULES.get(self.kind)(self, step)
 
     def __call__(self, step: int) -> float:
         return self.lr_at(step)
+
+
+# The kinds, in the order they are listed to users; each gives the lr of a global step.
+
+
+@SCHEDULES.register("stage_cyclic")
+def _stage_cyclic(schedule: LRSchedule, step: int) -> float:
+    lo, hi = schedule.min_lr, schedule.peak_lr
+    s = schedule.stage_of(step)
+    length = schedule.stage_epochs[s] * schedule.steps_per_epoch
+    u = min(max(step - schedule.stage_starts[s], 0) + 0.5, length) / length
+    triangle = 1.0 - abs(2.0 * u - 1.0)
+    return lo + (hi - lo) / 2**s * triangle
+
+
+@SCHEDULES.register("onecycle")
+def _onecycle(schedule: LRSchedule, step: int) -> float:
+    lo, hi, n = schedule.min_lr, schedule.peak_lr, schedule.total_steps
+    t = min(max(step, 0) + 0.5, n) / n  # step centre, as a fraction of the run
+    if t <= ONECYCLE_PCT_START:
+        return lo + (hi - lo) * t / ONECYCLE_PCT_START
+    u = (t - ONECYCLE_PCT_START) / (1.0 - ONECYCLE_PCT_START)
+    return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * u))
+
+
+@SCHEDULES.register("cosine")
+def _cosine(schedule: LRSchedule, step: int) -> float:
+    lo, hi, n = schedule.min_lr, schedule.peak_lr, schedule.total_steps
+    k = min(max(step, 0), n)
+    return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * k / n))
+
+
+@SCHEDULES.register("constant")
+def _constant(schedule: LRSchedule, step: int) -> float:
+    return schedule.peak_lr
 
 
 def build_lr_scheduler(

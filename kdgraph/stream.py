@@ -40,6 +40,8 @@ from torch import nn
 from .data import DeviceLoader, build_loaders, class_balanced_subset
 from .errors import DataError
 from .imagefolder import BadImage, ImageFolder, bad_image, read_image, scan_imagefolder
+from .registry import AUGMENTATIONS
+from .spec.schema import DataSpec, Spec
 
 __all__ = ["Data", "DataPlan", "EpochSampler", "StreamDataset", "StreamLoader", "build_data", "plan_data",
            "sample_seed"]
@@ -88,7 +90,7 @@ def _fmt(values: tuple[float, ...] | None) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "-"
 
 
-def plan_data(data_spec: Any, teacher: nn.Module | None, student: nn.Module,
+def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,
               input_size: tuple[int, int, int], missing_ok: bool = False) -> DataPlan:
     """Choose the loader of ``data_spec`` and its normalisation. Image folders are listed and
     checked (scan_imagefolder's errors surface here, in `kdgraph plan`); other datasets are
@@ -120,7 +122,7 @@ def plan_data(data_spec: Any, teacher: nn.Module | None, student: nn.Module,
                     round(mb, 1), mean, std, crop_pct, stats)
 
 
-def _normalisation(data_spec: Any, model: nn.Module, role: str, channels: int):
+def _normalisation(data_spec: DataSpec, model: nn.Module, role: str, channels: int):
     """(mean, std, crop_pct, where mean/std come from): the spec's, else the model's timm
     pretrained_cfg (the teacher's: it sees the inputs the student is taught on; without a
     teacher the student's, so that a teacher trained by kdgraph and the runs distilling
@@ -145,10 +147,11 @@ def train_transform(input_size: tuple[int, int, int], augment: str, mean, std, c
     (crop+flip), normalisation; no colour jitter. ``augment`` none: the evaluation transform."""
     from timm.data import create_transform
 
-    if augment == "none":
+    augmentation = AUGMENTATIONS.get(augment)
+    if not augmentation.crop:
         return eval_transform(input_size, mean, std, crop_pct)
     return create_transform(input_size, is_training=True, scale=tuple(crop_scale),
-                            hflip=0.5 if augment == "crop+flip" else 0.0, color_jitter=None,
+                            hflip=0.5 if augmentation.flip else 0.0, color_jitter=None,
                             interpolation="bilinear", mean=tuple(mean), std=tuple(std))
 
 
@@ -397,7 +400,7 @@ class Data:
         return out
 
 
-def build_data(spec: Any, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
+def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
     """The train loader (sharded over ranks) and the test loader (the whole split, for the
     main rank's evaluation) of ``plan``."""
     d = spec.data
@@ -426,7 +429,7 @@ def build_data(spec: Any, plan: DataPlan, device: torch.device, dist_info: Any) 
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
                              train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale),
-                             augmented=augment != "none", seed=spec.seed)
+                             augmented=AUGMENTATIONS.get(augment).crop, seed=spec.seed)
     test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
                             eval_transform(plan.input_size, mean, std, plan.crop_pct), augmented=False, seed=spec.seed)
     per_rank = len(files) // dist_info.world_size

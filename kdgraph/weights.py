@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .registry import METHODS
 
 __all__ = [
     "TRAINING_CHECKPOINT_KEYS",
@@ -169,6 +170,12 @@ def _is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and all(k in obj for k in TRAINING_CHECKPOINT_KEYS)
 
 
+def _adapters_serve_losses_only(method: Any) -> bool:
+    """Whether a run of ``method`` (a checkpoint's plan.method) uses its adapters for feature
+    losses only (kd+mse), so that its student runs without them."""
+    return isinstance(method, str) and method in METHODS and METHODS.get(method).feature_losses
+
+
 def _student_of_training_checkpoint(path: Path, ckpt: Mapping) -> dict[str, Any]:
     """The student's own weights from a kdgraph training checkpoint (the distiller's state:
     ``student.*`` and ``adapters.*``). Where the trained student runs through its adapters
@@ -179,7 +186,7 @@ def _student_of_training_checkpoint(path: Path, ckpt: Mapping) -> dict[str, Any]
                          f"{type(state).__name__}, not a state_dict")
     plan = ckpt["plan"] if isinstance(ckpt["plan"], Mapping) else {}
     adapters = [k for k in state if k.startswith("adapters.")]
-    if adapters and plan.get("method") != "kd+mse":  # kd+mse's adapters serve its losses only
+    if adapters and not _adapters_serve_losses_only(plan.get("method")):
         raise ModelError(f"{path} is a kdgraph training checkpoint of a {plan.get('method', '?')} student that "
                          "runs through adapters between its blocks, so its plain network is not the trained one; "
                          "use a checkpoint of a run without them (a supervised, kd or kd+mse run)")

@@ -1,7 +1,6 @@
 import gzip
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from kdgraph import data
 from kdgraph.data import DeviceLoader, build_loaders, class_balanced_subset, create_dataset
 from kdgraph.errors import DataError
+from kdgraph.spec import DataSpec
 
 
 def spec(**kw):
@@ -26,7 +26,7 @@ def spec(**kw):
         augment="auto",
     )
     base.update(kw)
-    return SimpleNamespace(**base)
+    return DataSpec.model_construct(**base)  # unvalidated: the data code's own checks are tested
 
 
 # ---------------------------------------------------------------- datasets
@@ -106,7 +106,7 @@ def test_register_dataset():
                 "decompose": {"blocks": 1}}
         assert load_spec(real).data.dataset == "tiny-test"
     finally:
-        del data.DATASETS["tiny-test"]
+        data.DATASETS.unregister("tiny-test")
     with pytest.raises(SpecError, match="data.dataset"):
         load_spec(real)
 

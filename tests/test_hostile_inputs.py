@@ -303,7 +303,7 @@ def test_labels_out_of_range_name_the_split_and_the_values(split):
         with pytest.raises(DataError) as info:
             data.create_dataset(spec, 0)
     finally:
-        data.DATASETS.pop("badlabels")
+        data.DATASETS.unregister("badlabels")
     message = str(info.value)
     assert f"the {split} split has 2 label(s) outside 0..2" in message and "num_classes 3" in message
     assert ("from -1 to 7" if split == "train" else "from 9 to 9") in message

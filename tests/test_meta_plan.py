@@ -239,8 +239,9 @@ class _DataDependent(nn.Module):
 
 @pytest.mark.parametrize("cls, note", [(_ReadsItsWeights, "built with real weights for planning"),
                                        (_DataDependent, "planned with real weights")])
-def test_models_that_need_values_fall_back_to_a_real_build(monkeypatch, tmp_path, cls, note):
-    monkeypatch.setitem(MODEL_SOURCES, "metatest", lambda name, kwargs: cls(**kwargs))
+def test_models_that_need_values_fall_back_to_a_real_build(request, tmp_path, cls, note):
+    MODEL_SOURCES.register("metatest", lambda name, kwargs: cls(**kwargs))
+    request.addfinalizer(lambda: MODEL_SOURCES.unregister("metatest"))
     raw = _mini_spec(tmp_path)
     raw["student"] = {"model": "metatest:x", "kwargs": {"num_classes": 10}}
     raw["decompose"] = {"blocks": 2}

@@ -87,7 +87,7 @@ def test_registered_source_builds_and_validates_in_spec():
         spec = load_spec({"name": "t", "student": {"model": "toy:3"}})
         assert build_model(spec.student).in_features == 3
     finally:
-        del MODEL_SOURCES["toy"]
+        MODEL_SOURCES.unregister("toy")
 
 
 def _tiny(seed: int) -> nn.Module:

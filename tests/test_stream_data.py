@@ -22,7 +22,7 @@ from kdgraph.data import DeviceLoader
 from kdgraph.errors import DataError, SpecError
 from kdgraph.imagefolder import BadImageWarning, scan_imagefolder
 from kdgraph.runtime import loop
-from kdgraph.spec import load_spec
+from kdgraph.spec import DataSpec, load_spec
 from kdgraph.stream import (EpochSampler, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform,
                             plan_data, train_transform)
 
@@ -54,10 +54,10 @@ def folder_spec(root: Path, out: Path, *, channels: int = 1, epochs: int = 2, lo
     return spec
 
 
-def data_spec(root, **kw) -> SimpleNamespace:
+def data_spec(root, **kw) -> DataSpec:
     base = dict(dataset="imagefolder", root=root, input_size=(1, 8, 8), num_classes=None, loader="auto",
                 memory_budget_mb=2048, mean=None, std=None, crop_pct=None)
-    return SimpleNamespace(**{**base, **kw})
+    return DataSpec(**{**base, **kw})
 
 
 def _student(out: Path) -> dict[str, torch.Tensor]:
@@ -293,7 +293,7 @@ def test_auto_choice_follows_the_memory_budget(tmp_path):
     assert forced.loader == "stream" and "data.loader: stream" in forced.reason
     assert plan_data(data_spec(root, memory_budget_mb=1, loader="memory"), None, student, (3, 512, 512)).loader \
         == "memory"
-    digits = plan_data(SimpleNamespace(dataset="digits"), None, student, (1, 8, 8))
+    digits = plan_data(DataSpec(dataset="digits"), None, student, (1, 8, 8))
     assert digits.loader == "memory" and digits.mean is None
 
 

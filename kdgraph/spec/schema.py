@@ -1,65 +1,62 @@
-"""The kdgraph spec: a pydantic model that is the single source of truth for a run.
+"""The kdgraph spec's schema: pydantic models that are the single source of truth for a run.
 
-Every field has its default and its documentation here, and nowhere else.
-``load_spec`` reads YAML (or a dict), applies ``--set`` style overrides and
-validates; every problem comes back as one ``SpecError`` that names the dotted
-YAML path of each wrong value and says what is allowed.
+Every field has its default and its documentation here, and nowhere else. Each rule that
+spans fields is one named validator. Names chosen from a registry (methods, datasets, LR
+schedules, augmentations, model sources) are checked against ``kdgraph.registry`` when
+validating, so an entry registered later is valid too.
 
 Numbers are typed strictly (``true`` is not 1, ``2.5`` is not an integer) and bounded
-above as well as below, and what is read is bounded too (file size, nesting depth,
-values after YAML aliases are expanded), so that no spec can hang or exhaust the
-machine before its errors are shown.
+above as well as below, so that no spec can hang or exhaust the machine.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-import typing
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PrivateAttr,
     Strict,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
-from kdgraph.errors import SpecError
+from kdgraph.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    METHODS,
+    MODEL_SOURCES,
+    SCHEDULES,
+    Method,
+    dataset_choices,
+    model_source_choices,
+)
 
 __all__ = [
-    "BUILTIN_DATASETS",
-    "BUILTIN_MODEL_SOURCES",
     "CutPair",
     "DataSpec",
     "DecomposeSpec",
     "LossSpec",
     "ModelSpec",
+    "OneOf",
     "OptimSpec",
     "RuntimeSpec",
     "ScheduleSpec",
     "Spec",
-    "load_spec",
     "max_recompositions",
 ]
-
-# Reference shapes of the model sources shipped with kdgraph (models.py builds them).
-BUILTIN_MODEL_SOURCES: dict[str, str] = {
-    "timm": "timm:NAME",
-    "torchvision": "torchvision:NAME",
-    "module": "module:pkg.mod:factory",
-}
-BUILTIN_DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "imagefolder", "synthetic")
 
 # Bounds of what a spec may ask for. Generous for real runs; they exist so that a typo
 # (`epochs: 1e23`, `input_size: [1, 100000, 100000]`) is an error, not a hang or an 80 GB
@@ -73,11 +70,6 @@ MAX_SIDE = 16_384  # each of C, H, W
 MAX_INPUT_ELEMENTS = 2**26  # C*H*W of one sample (64 Mi: 3x4096x4096 fits)
 MAX_SEED = 2**32 - 1  # the loader derives per-epoch seeds as seed * 1_000_003 + epoch, within 64 bits
 MAX_EVERY = 10**9  # log / eval / checkpoint intervals
-# Bounds of what is read: a spec is a few hundred values a few levels deep.
-MAX_SPEC_BYTES = 1_000_000
-MAX_SPEC_DEPTH = 32
-MAX_SPEC_VALUES = 10_000  # after YAML aliases are expanded (a "billion laughs" expands to 10^9)
-MAX_SHOWN = 200  # characters of a value shown in an error message
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -93,8 +85,41 @@ def _invalid(message: str, *, allowed: str = "", at: str = "", got: Any = ...) -
     """
     ctx: dict[str, Any] = {"allowed": allowed, "at": at}
     if got is not ...:
-        ctx["got"] = _got(got)
+        ctx["got"] = got
     return PydanticCustomError("spec_value", message, ctx)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Field metadata: a string that must be one of ``choices()``, read when validating (so
+    that entries registered after import count). ``accepts`` decides; by default, being one
+    of the choices. The error renderer lists the choices as what is allowed."""
+
+    what: str
+    choices: Callable[[], list[str]]
+    accepts: Callable[[str], bool] | None = None
+
+    def allowed(self) -> str:
+        return ", ".join(self.choices())
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The choices as the JSON schema's enum (examples, where ``accepts`` takes more forms)."""
+        return {**handler(schema), ("enum" if self.accepts is None else "examples"): self.choices()}
+
+    def _check(self, value: str) -> str:
+        accepted = self.accepts(value) if self.accepts is not None else value in self.choices()
+        if not accepted:
+            raise _invalid(f"unknown {self.what}", allowed=self.allowed())
+        return value
+
+
+def _method_names(where: Callable[[Method], bool]) -> list[str]:
+    """Names of the methods ``where`` holds for, in registration order."""
+    return [name for name in METHODS if where(METHODS.get(name))]
 
 
 def max_recompositions(blocks: int) -> int:
@@ -150,19 +175,18 @@ class ModelSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _check_reference(cls, ref: str) -> str:
-        allowed = ", ".join(BUILTIN_MODEL_SOURCES.values())
+        allowed = ", ".join(model_source_choices())
         source, sep, rest = ref.partition(":")
         if not sep or not rest:
             raise _invalid("model reference must be 'SOURCE:NAME'", allowed=allowed)
-        if source in ("timm", "torchvision"):
-            if not _NAME.match(rest):
-                raise _invalid(f"bad {source} model name {rest!r}", allowed=allowed)
-        elif source == "module":
+        if source not in MODEL_SOURCES:
+            raise _invalid(f"unknown model source {source!r}", allowed=allowed)
+        if source in ("timm", "torchvision") and not _NAME.match(rest):
+            raise _invalid(f"bad {source} model name {rest!r}", allowed=allowed)
+        if source == "module":
             module, sep, factory = rest.rpartition(":")
             if not sep or not _DOTTED.match(module) or not _IDENT.match(factory):
                 raise _invalid("module reference must be 'module:pkg.mod:factory'", allowed=allowed)
-        elif source not in _registered_model_sources():
-            raise _invalid(f"unknown model source {source!r}", allowed=allowed)
         return ref
 
     @field_validator("kwargs")
@@ -178,15 +202,18 @@ class ModelSpec(_Strict):
         return kwargs
 
     @model_validator(mode="after")
-    def _one_weights_source(self) -> ModelSpec:
-        if not self.pretrained:
-            return self
-        if self.checkpoint is not None:
+    def _pretrained_or_checkpoint(self) -> ModelSpec:
+        if self.pretrained and self.checkpoint is not None:
             raise _invalid("give either pretrained: true or a checkpoint, not both (the checkpoint would "
                            "replace every pretrained weight)", allowed="false with a checkpoint", at="pretrained",
                            got=True)
-        source = self.model.partition(":")[0]
-        sources = _pretrained_sources()
+        return self
+
+    @model_validator(mode="after")
+    def _pretrained_weights_exist(self) -> ModelSpec:
+        if not self.pretrained:
+            return self
+        source, sources = self.model.partition(":")[0], _pretrained_sources()
         if source not in sources:
             raise _invalid(f"{source}: models have no pretrained weights kdgraph can fetch; give the weights "
                            "file as checkpoint: PATH", allowed=f"true for {', '.join(sources)} models",
@@ -201,17 +228,15 @@ def _pretrained_sources() -> list[str]:
     return list(PRETRAINED_SOURCES)
 
 
-def _registered_model_sources() -> set[str]:
-    """Sources added with ``kdgraph.models.register_model_source`` (imported lazily: torch)."""
-    from kdgraph.models import MODEL_SOURCES
-
-    return set(MODEL_SOURCES)
+def _is_registered_dataset(dataset: str) -> bool:
+    """A dataset is named by its registered loader, before any colon (torchvision:CIFAR10)."""
+    return dataset.partition(":")[0] in DATASETS
 
 
 class DataSpec(_Strict):
     """The dataset, its input shape and how it is batched and augmented."""
 
-    dataset: str = Field(
+    dataset: Annotated[str, OneOf("dataset", dataset_choices, accepts=_is_registered_dataset)] = Field(
         default="digits",
         description="Dataset: digits, fashion-mnist, imagefolder, synthetic, or 'torchvision:NAME' "
         "(a torchvision dataset class whose files are present under root).",
@@ -230,7 +255,7 @@ class DataSpec(_Strict):
     num_classes: Int | None = Field(
         default=None, ge=2, le=MAX_CLASSES, description="Number of classes (None: from the dataset; required for synthetic data of a custom size)."
     )
-    augment: Literal["auto", "none", "crop", "crop+flip"] = Field(
+    augment: Annotated[str, OneOf("augmentation", lambda: ["auto", *AUGMENTATIONS.names()])] = Field(
         default="auto",
         description="Training augmentation: auto (dataset's usual one), none, crop (padded random crop), crop+flip.",
     )
@@ -279,42 +304,42 @@ class DataSpec(_Strict):
                            allowed=f"[C, H, W] with C*H*W <= {MAX_INPUT_ELEMENTS:,} (e.g. [3, 4096, 4096])")
         return size
 
-    @field_validator("dataset")
-    @classmethod
-    def _check_dataset(cls, dataset: str) -> str:
-        if dataset in BUILTIN_DATASETS:
-            return dataset
-        source, sep, name = dataset.partition(":")
-        if source == "torchvision" and sep and _IDENT.match(name):
-            return dataset
-        from .data import DATASETS  # loaders registered with kdgraph.data.register_dataset (lazy: torch)
-
-        if source in DATASETS:
-            return dataset
-        extra = sorted(set(DATASETS) - set(BUILTIN_DATASETS) - {"torchvision"})
-        raise _invalid("unknown dataset", allowed=", ".join([*BUILTIN_DATASETS, *extra]) + ", torchvision:NAME")
-
     @model_validator(mode="after")
-    def _check_image_options(self) -> DataSpec:
-        folder = self.dataset == "imagefolder"
-        if self.loader == "stream" and not folder:
+    def _stream_reads_image_folders(self) -> DataSpec:
+        if self.loader == "stream" and self.dataset != "imagefolder":
             raise _invalid(f"the streaming loader reads image folders; {self.dataset} is held in memory",
                            allowed="auto, memory", at="loader", got=self.loader)
+        return self
+
+    @model_validator(mode="after")
+    def _normalisation_set_for_image_folders(self) -> DataSpec:
         for key in ("mean", "std"):
-            if getattr(self, key) is not None and not folder:
+            if getattr(self, key) is not None and self.dataset != "imagefolder":
                 raise _invalid(f"sets the normalisation of an image folder (0..1 pixel units); {self.dataset} is "
                                "normalised with its training split's statistics", allowed="null", at=key,
                                got=getattr(self, key))
+        return self
+
+    @model_validator(mode="after")
+    def _mean_and_std_together(self) -> DataSpec:
         if (self.mean is None) != (self.std is None):
             given, missing = ("mean", "std") if self.std is None else ("std", "mean")
             raise _invalid(f"{given} is set, {missing} is not: give both or neither",
                            allowed=f"a list of per-channel values like {given}", at=missing, got=None)
+        return self
+
+    @model_validator(mode="after")
+    def _mean_and_std_per_channel(self) -> DataSpec:
         channels = self.input_size[0] if self.input_size is not None else None
         if self.mean is not None and (len(self.mean) != len(self.std) or
                                       (channels is not None and len(self.mean) != channels)):
             raise _invalid(f"mean has {len(self.mean)} values, std {len(self.std)}"
                            + (f", input_size {channels} channels" if channels is not None else ""),
                            allowed=f"{channels or 'C'} values each", at="mean", got=self.mean)
+        return self
+
+    @model_validator(mode="after")
+    def _crop_scale_ordered(self) -> DataSpec:
         if self.crop_scale[0] > self.crop_scale[1]:
             raise _invalid("crop_scale is (min, max) area", allowed="0 < min <= max <= 1", at="crop_scale",
                            got=self.crop_scale)
@@ -358,7 +383,7 @@ class DecomposeSpec(_Strict):
 class ScheduleSpec(_Strict):
     """The training method and how epochs are split over its training stages."""
 
-    method: Literal["stablekd", "kd", "kd+mse", "supervised"] = Field(
+    method: Annotated[str, OneOf("method", METHODS.names)] = Field(
         default="stablekd",
         description="stablekd (decompose, then recompose), kd (logits only), kd+mse (logits and block "
         "features), supervised (labels only, no teacher). Without a teacher the default becomes supervised.",
@@ -376,7 +401,7 @@ class ScheduleSpec(_Strict):
     @property
     def num_stages(self) -> int:
         """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return self.recompositions + 1 if self.method == "stablekd" else 1
+        return self.recompositions + 1 if METHODS.get(self.method).decomposes else 1
 
 
 class LossSpec(_Strict):
@@ -414,7 +439,7 @@ class OptimSpec(_Strict):
     betas: tuple[Annotated[Float, Field(ge=0.0, lt=1.0)], Annotated[Float, Field(ge=0.0, lt=1.0)]] = Field(
         default=(0.9, 0.999), description="AdamW betas."
     )
-    lr_schedule: Literal["stage_cyclic", "onecycle", "cosine", "constant"] = Field(
+    lr_schedule: Annotated[str, OneOf("lr schedule", SCHEDULES.names)] = Field(
         default="stage_cyclic",
         description="stage_cyclic: one triangular cycle per training stage, peak halving each stage "
         "(StableKD's); onecycle / cosine over the whole run; constant.",
@@ -507,73 +532,106 @@ class Spec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _supervised_without_teacher(cls, data: Any) -> Any:
-        """No teacher and no explicit method: the method is supervised."""
+        """No teacher and no explicit method: the method is the one that needs no teacher (supervised)."""
         if not isinstance(data, dict) or data.get("teacher") is not None:
             return data
+        teacherless = {"method": _method_names(lambda m: not m.teacher)[0]}
         schedule = data.get("schedule")
         if schedule is None:
-            return {**data, "schedule": {"method": "supervised"}}
+            return {**data, "schedule": teacherless}
         if isinstance(schedule, dict) and "method" not in schedule:
-            return {**data, "schedule": {**schedule, "method": "supervised"}}
+            return {**data, "schedule": {**schedule, **teacherless}}
         if isinstance(schedule, ScheduleSpec) and "method" not in schedule.model_fields_set:
-            return {**data, "schedule": schedule.model_copy(update={"method": "supervised"})}
+            return {**data, "schedule": schedule.model_copy(update=teacherless)}
         return data
 
     @model_validator(mode="after")
-    def _check_method(self) -> Spec:
-        method = self.schedule.method
-        if self.teacher is None and method != "supervised":
+    def _teacher_given_when_needed(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        if self.teacher is None and method.teacher:
             raise _invalid(
-                f"method {method!r} needs a teacher; add teacher: {{model: ...}} or set schedule.method: supervised",
+                f"method {method.name!r} needs a teacher; add teacher: {{model: ...}} or set schedule.method: "
+                + " or ".join(_method_names(lambda m: not m.teacher)),
                 allowed="a {model, kwargs, pretrained, checkpoint} mapping",
                 at="teacher",
                 got=None,
             )
-        if self.teacher is not None and method == "supervised":
+        return self
+
+    @model_validator(mode="after")
+    def _no_teacher_when_unused(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        if self.teacher is not None and not method.teacher:
             raise _invalid(
-                "supervised trains without a teacher; remove teacher or choose a distillation method",
-                allowed="stablekd, kd, kd+mse",
+                f"{method.name} trains without a teacher; remove teacher or choose a distillation method",
+                allowed=", ".join(_method_names(lambda m: m.teacher)),
                 at="schedule.method",
-                got=method,
+                got=method.name,
             )
-        if method == "stablekd":
-            limit = max_recompositions(self.decompose.blocks)
-            if self.schedule.recompositions > limit:
-                raise _invalid(
-                    f"{self.decompose.blocks} blocks allow at most {limit} recompositions "
-                    f"(each merges neighbouring block pairs)",
-                    allowed=f"0..{limit}",
-                    at="schedule.recompositions",
-                    got=self.schedule.recompositions,
-                )
-        if self.loss.tpp and method == "supervised":
+        return self
+
+    @model_validator(mode="after")
+    def _recompositions_fit_blocks(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        limit = max_recompositions(self.decompose.blocks)
+        if method.decomposes and self.schedule.recompositions > limit:
+            raise _invalid(
+                f"{self.decompose.blocks} blocks allow at most {limit} recompositions "
+                f"(each merges neighbouring block pairs)",
+                allowed=f"0..{limit}",
+                at="schedule.recompositions",
+                got=self.schedule.recompositions,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tpp_needs_teacher(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        if self.loss.tpp and not method.teacher:
             raise _invalid("teacher parameter perception needs a teacher", allowed="false without a teacher",
                            at="loss.tpp", got=True)
+        return self
+
+    @model_validator(mode="after")
+    def _tpp_block_before_head(self) -> Spec:
         if self.loss.tpp_block is not None and self.loss.tpp_block >= self.decompose.blocks:
             raise _invalid(f"the proxy path leaves the student at a block end before the head "
                            f"(1..{self.decompose.blocks - 1})", allowed=f"1..{self.decompose.blocks - 1} or null",
                            at="loss.tpp_block", got=self.loss.tpp_block)
+        return self
+
+    @model_validator(mode="after")
+    def _tpp_needs_block_end(self) -> Spec:
         if self.loss.tpp and self.decompose.blocks < 2:
             raise _invalid("teacher parameter perception needs at least one block end: decompose.blocks >= 2",
                            allowed="false with decompose.blocks: 1", at="loss.tpp", got=True)
+        return self
+
+    @model_validator(mode="after")
+    def _stage_epochs_one_per_stage(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        stage_epochs, stages = self.schedule.stage_epochs, self.schedule.num_stages
+        if stage_epochs is not None and len(stage_epochs) != stages:
+            why = (f"{method.name} with {self.schedule.recompositions} recompositions" if method.decomposes
+                   else method.name)
+            raise _invalid(
+                f"{why} has {stages} training stage(s), {len(stage_epochs)} stage_epochs given",
+                allowed=f"a list of {stages} positive integers",
+                at="schedule.stage_epochs",
+                got=stage_epochs,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stage_epochs_sum_to_epochs(self) -> Spec:
         stage_epochs = self.schedule.stage_epochs
-        if stage_epochs is not None:
-            stages = self.schedule.num_stages
-            if len(stage_epochs) != stages:
-                why = f"stablekd with {self.schedule.recompositions} recompositions" if method == "stablekd" else method
-                raise _invalid(
-                    f"{why} has {stages} training stage(s), {len(stage_epochs)} stage_epochs given",
-                    allowed=f"a list of {stages} positive integers",
-                    at="schedule.stage_epochs",
-                    got=stage_epochs,
-                )
-            if sum(stage_epochs) != self.schedule.epochs:
-                raise _invalid(
-                    f"stage_epochs sum to {sum(stage_epochs)}, not epochs={self.schedule.epochs}",
-                    allowed=f"positive integers summing to {self.schedule.epochs}",
-                    at="schedule.stage_epochs",
-                    got=stage_epochs,
-                )
+        if stage_epochs is not None and sum(stage_epochs) != self.schedule.epochs:
+            raise _invalid(
+                f"stage_epochs sum to {sum(stage_epochs)}, not epochs={self.schedule.epochs}",
+                allowed=f"positive integers summing to {self.schedule.epochs}",
+                at="schedule.stage_epochs",
+                got=stage_epochs,
+            )
         return self
 
     @property
@@ -591,374 +649,3 @@ class Spec(_Strict):
         return self.model_dump(mode="json")
 
 
-# ---------------------------------------------------------------------------
-# Loading
-
-
-def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = (), *,
-              allow_code: bool = False) -> Spec:
-    """Read, override and validate a spec.
-
-    ``source`` is a YAML file path or an already-parsed mapping (not modified).
-    ``overrides`` are ``dotted.path=value`` strings whose value is parsed as YAML.
-    A ``module:`` model reference imports and calls Python code, so a spec file is code;
-    an override may not introduce one unless ``allow_code`` (the CLI's ``--allow-code``).
-    Raises SpecError for any problem; returns a fully resolved Spec.
-    """
-    source_dir = None
-    if isinstance(source, dict):
-        _check_bounded(source, "the spec")
-        raw = _deep_copy(source)
-    else:
-        path = Path(source)
-        raw = _read_yaml(path)
-        source_dir = path.resolve().parent
-    before = _code_references(raw)
-    for override in overrides:
-        _apply_override(raw, override)
-    _check_bounded(raw, "the spec with its overrides")
-    added = sorted(_code_references(raw) - before)
-    if added and not allow_code:
-        raise SpecError("--set", f"the overrides introduce {', '.join(map(repr, added))}: a module: reference "
-                        "imports and calls Python code; put it in the spec file, or pass --allow-code")
-    try:
-        spec = Spec.model_validate(raw)
-    except ValidationError as exc:
-        raise spec_error_from(exc) from None
-    spec._source_dir = source_dir
-    return spec
-
-
-def _code_references(value: Any) -> set[str]:
-    """Every ``module:`` string anywhere in a raw spec."""
-    if isinstance(value, dict):
-        return set().union(*(_code_references(v) for v in value.values())) if value else set()
-    if isinstance(value, list):
-        return set().union(*(_code_references(v) for v in value)) if value else set()
-    return {value.strip()} if isinstance(value, str) and value.strip().startswith("module:") else set()
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def _check_bounded(value: Any, what: str) -> None:
-    """Refuse values nested deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES
-    values, counting a shared (YAML alias) or self-containing one each time it is reached.
-
-    Walks with an explicit stack and stops at the first limit, so that a "billion laughs"
-    costs MAX_SPEC_VALUES steps; everything after (copying, validating, rendering errors)
-    then works on a small value.
-    """
-    stack = [(value, 1)]
-    seen = 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if seen > MAX_SPEC_VALUES:
-            raise SpecError("", f"{what} holds more than {MAX_SPEC_VALUES:,} values (YAML aliases counted "
-                            "at their expanded size); a spec is a few hundred")
-        if isinstance(node, dict):
-            children = [*node.keys(), *node.values()]
-        elif isinstance(node, (list, tuple)):
-            children = list(node)
-        else:
-            continue
-        if depth >= MAX_SPEC_DEPTH and children:
-            raise SpecError("", f"{what} is nested more than {MAX_SPEC_DEPTH} levels deep")
-        stack.extend((child, depth + 1) for child in children)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` with the depth checked on the event stream first: the loader
-    recurses once per level and would raise RecursionError around 300 levels."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_SPEC_DEPTH:
-                line = f":{event.start_mark.line + 1}" if event.start_mark is not None else ""
-                raise SpecError("", f"{where}{line} is nested more than {MAX_SPEC_DEPTH} levels deep")
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
-    value = yaml.safe_load(text)
-    _check_bounded(value, where)
-    return value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SpecError("", f"spec file not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_SPEC_BYTES:
-        raise SpecError("", f"spec file {path} is {size:,} bytes; a spec is a few KB (at most {MAX_SPEC_BYTES:,})")
-    try:
-        raw = _parse_yaml(path.read_text(), str(path))
-    except UnicodeDecodeError as exc:
-        raise SpecError("", f"spec file {path} is not UTF-8 text (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError("", f"YAML syntax error in {where}: {problem}") from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise SpecError("", f"cannot read {path}: {_short(str(exc))}") from None
-    if raw is None:
-        raise SpecError("", f"spec file {path} is empty; it needs at least name: and student: {{model: ...}}")
-    if not isinstance(raw, dict):
-        raise SpecError("", f"spec file {path} must be a mapping of keys (name:, student:, ...), got a {type(raw).__name__}")
-    return raw
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise SpecError("--set", f"override {_short(override)} must look like dotted.path=value, e.g. schedule.epochs=3")
-    try:
-        value = _parse_yaml(text, f"--set {key}") if text.strip() else None
-    except SpecError as exc:
-        raise SpecError("--set", exc.message) from None
-    except (yaml.YAMLError, ValueError) as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError("--set", f"value of override {key!r} is not valid YAML: {_short(problem)}") from None
-    parts = key.split(".")
-    if len(parts) > MAX_SPEC_DEPTH:
-        raise SpecError("--set", f"override key {_short(key)} is more than {MAX_SPEC_DEPTH} levels deep")
-    node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        node = _child(node, part, parts[: depth + 1], override)
-    last = parts[-1]
-    if isinstance(node, list):
-        node[_index(node, last, parts, override)] = value
-    else:
-        node[last] = value
-
-
-def _child(node: Any, part: str, walked: list[str], override: str) -> Any:
-    """The container under ``node[part]``, made a fresh mapping where it is absent or null."""
-    if isinstance(node, list):
-        return node[_index(node, part, walked, override)]
-    if node.get(part) is None:
-        node[part] = {}
-    child = node[part]
-    if not isinstance(child, (dict, list)):
-        raise SpecError("--set", f"cannot apply {_short(override)}: {'.'.join(walked)} is {_short(child)}, not a mapping")
-    return child
-
-
-def _index(node: list[Any], part: str, walked: list[str], override: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise SpecError("--set", f"cannot apply {_short(override)}: {'.'.join(walked)} is not an index of a list of {len(node)}")
-    return int(part)
-
-
-# ---------------------------------------------------------------------------
-# Rendering validation errors
-
-
-def spec_error_from(exc: ValidationError, root: type[BaseModel] = Spec) -> SpecError:
-    """One SpecError listing every problem of ``exc`` as '<path>: <problem> (got X); allowed: ...'."""
-    problems: list[tuple[tuple[str | int, ...], str, tuple[str | int, ...] | None, Any]] = []
-    for err in exc.errors(include_url=False):
-        path, union_at = _clean_loc(err["loc"], root)
-        at = (err.get("ctx") or {}).get("at")
-        if at:
-            path = path + tuple(at.split("."))
-        problems.append((path, _describe(err, path, root), union_at, err.get("input")))
-    # A union (cuts: 'auto' | list) reports one error per alternative: where one
-    # alternative got further into the value, the others' complaints are noise.
-    deeper = {u for p, _, u, _ in problems if u is not None and len(p) > len(u)}
-    kept: list[tuple[tuple[str | int, ...], str]] = []
-    seen_union: set[tuple[str | int, ...]] = set()
-    for path, text, union_at, value in problems:
-        if union_at is not None and path == union_at:
-            if union_at in deeper or union_at in seen_union:
-                continue
-            seen_union.add(union_at)
-            allowed = _allowed_for(_annotation_at(path, root))
-            text = f"matches none of the allowed forms (got {_got(value)}); allowed: {allowed}"
-        kept.append((path, text))
-    # A misspelt key usually also leaves a required key missing: name the typo first.
-    kept.sort(key=lambda item: 0 if "unknown key" in item[1] else 1)
-    lines = [f"{_dotted(path)}: {text}" for path, text in kept[:_MAX_PROBLEMS]]
-    if len(kept) > _MAX_PROBLEMS:
-        lines.append(f"... and {len(kept) - _MAX_PROBLEMS} more problems")
-    return SpecError(_dotted(kept[0][0]), "\n".join(lines))
-
-
-_MAX_PROBLEMS = 10
-
-
-def _short(value: Any) -> str:
-    """``repr(value)`` (a string as it is), cut to MAX_SHOWN characters."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text):,} characters)"
-
-
-def _got(value: Any) -> str:
-    return _short(repr(value))
-
-
-def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _strip_optional(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
-    return args[0] if len(args) == 1 else tp
-
-
-def _is_union(tp: Any) -> bool:
-    import types
-
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _annotation_at(path: tuple[str | int, ...], root: type[BaseModel]) -> Any:
-    """The declared type at ``path`` below ``root`` (None where it cannot be followed)."""
-    tp: Any = root
-    for part in path:
-        tp = _strip_optional(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
-            field = tp.model_fields.get(part)
-            if field is None:
-                return None
-            tp = field.annotation
-        elif isinstance(part, int):
-            tp = _sequence_item(tp, part)
-            if tp is None:
-                return None
-        else:
-            return None
-    return tp
-
-
-def _sequence_item(tp: Any, index: int) -> Any:
-    options = typing.get_args(tp) if _is_union(tp) else (tp,)
-    for option in options:
-        origin = typing.get_origin(option)
-        args = typing.get_args(option)
-        if origin is list and args:
-            return args[0]
-        if origin is tuple and args:
-            return args[0] if args[-1] is Ellipsis else (args[index] if index < len(args) else None)
-    return None
-
-
-def _clean_loc(loc: tuple[str | int, ...], root: type[BaseModel]) -> tuple[tuple[str | int, ...], tuple[str | int, ...] | None]:
-    """Drop pydantic's union-member tags ('list[CutPair]') from ``loc``.
-
-    Returns the YAML path and, when the error went through a union of
-    alternatives, the path of that union.
-    """
-    path: list[str | int] = []
-    union_at: tuple[str | int, ...] | None = None
-    for i, part in enumerate(loc):
-        tp = _annotation_at(tuple(path), root)
-        model = _strip_optional(tp)
-        is_model = isinstance(model, type) and issubclass(model, BaseModel)
-        if isinstance(part, int) or (is_model and (part in model.model_fields or i == len(loc) - 1)):
-            path.append(part)
-        elif isinstance(part, str) and tp is not None and _is_union(tp):
-            union_at = tuple(path)  # a member tag of a union with several alternatives
-        elif tp is None or not is_model:
-            path.append(part)  # inside a free-form mapping (kwargs)
-    return tuple(path), union_at
-
-
-def _allowed_for(tp: Any) -> str:
-    """A short human rendering of the values a type accepts."""
-    if tp is None:
-        return ""
-    if _is_union(tp):
-        parts = [_allowed_for(a) for a in typing.get_args(tp)]
-        return " or ".join(p for p in parts if p)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return ", ".join(str(v) for v in typing.get_args(tp))
-    if origin is Annotated:
-        return _allowed_for(typing.get_args(tp)[0])
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if origin is list:
-        return f"a list of {_allowed_for(typing.get_args(tp)[0])}"
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return f"a list of {len(args)} {_allowed_for(args[0])}s"
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "{" + ", ".join(tp.model_fields) + "} mapping"
-    names = {int: "integer", float: "number", bool: "true/false", str: "string", Path: "path"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _describe(err: dict[str, Any], path: tuple[str | int, ...], root: type[BaseModel]) -> str:
-    kind = err["type"]
-    ctx = err.get("ctx") or {}
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        owner = _strip_optional(_annotation_at(path[:-1], root))
-        fields = list(owner.model_fields) if isinstance(owner, type) and issubclass(owner, BaseModel) else []
-        close = difflib.get_close_matches(str(path[-1]), fields, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return f"unknown key {path[-1]!r}; {hint}allowed: {', '.join(fields)}"
-    if kind == "missing" and path and isinstance(path[-1], int):
-        allowed = _allowed_for(_annotation_at(path[:-1], root))
-        return f"too few items, item {path[-1]} is missing; allowed: {allowed}"
-    if kind == "missing":
-        allowed = _allowed_for(_annotation_at(path, root))
-        return f"required key is missing; allowed: {allowed}" if allowed else "required key is missing"
-    numeric = _numeric_range(path, root)
-    if kind == "spec_value":
-        got = ctx.get("got", _got(value))
-        allowed = ctx.get("allowed") or numeric
-        return f"{err['msg']} (got {got})" + (f"; allowed: {allowed}" if allowed else "")
-    message = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
-    message = message.replace("Input is not a valid path for <class 'pathlib.Path'>", "must be a path")
-    message = message[0].lower() + message[1:] if message else message
-    # A number's error names its whole range; a wrong type names the allowed form; other bounds
-    # (too_short, ...) already say what is allowed.
-    is_type_error = kind.endswith(("_type", "_parsing")) or kind in ("literal_error", "enum", "path_type")
-    allowed = numeric or (_allowed_for(_annotation_at(path, root)) if is_type_error else "")
-    return f"{message} (got {_got(value)})" + (f"; allowed: {allowed}" if allowed else "")
-
-
-def _numeric_range(path: tuple[str | int, ...], root: type[BaseModel]) -> str:
-    """'an integer from 1 to 100000' for a bounded number field at ``path``, else ''."""
-    tp, metadata = _strip_optional(_annotation_at(path, root)), list(_metadata_at(path, root))
-    while typing.get_origin(tp) is Annotated:
-        tp, *extra = typing.get_args(tp)
-        metadata += extra
-    if tp not in (int, float):
-        return ""
-    bounds: dict[str, Any] = {}
-    for declared in metadata:
-        for item in [declared, *getattr(declared, "metadata", ())]:  # a Field() in Annotated holds its own
-            for name in ("gt", "ge", "lt", "le"):
-                if getattr(item, name, None) is not None:
-                    bounds[name] = getattr(item, name)
-    if not bounds:
-        return ""
-    low = f">= {bounds['ge']:g}" if "ge" in bounds else f"> {bounds['gt']:g}" if "gt" in bounds else ""
-    high = f"<= {bounds['le']:g}" if "le" in bounds else f"< {bounds['lt']:g}" if "lt" in bounds else ""
-    kind = "an integer" if tp is int else "a number"
-    if tp is int and "ge" in bounds and "le" in bounds:
-        return f"{kind} from {bounds['ge']} to {bounds['le']}"
-    return f"{kind} " + " and ".join(b for b in (low, high) if b)
-
-
-def _metadata_at(path: tuple[str | int, ...], root: type[BaseModel]) -> list[Any]:
-    """The constraints (Ge, Le, ...) declared on the field at ``path``; [] for list items,
-    whose constraints live in their Annotated type."""
-    if not path or not isinstance(path[-1], str):
-        return []
-    owner = _strip_optional(_annotation_at(path[:-1], root))
-    if isinstance(owner, type) and issubclass(owner, BaseModel) and path[-1] in owner.model_fields:
-        return list(owner.model_fields[path[-1]].metadata)
-    return []

@@ -1,0 +1,188 @@
+"""Registries: one per kind of named thing a spec chooses (model sources, datasets, LR
+schedules, augmentations, methods). The spec's validation, the plan and the runtime all
+read these, so a name registered here is valid everywhere at once.
+
+This module does not import torch. Entries whose implementation needs it are registered
+where they are implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``);
+their registry imports that module the first time it is read, so that a torch-free caller
+such as the spec's validation sees the built-in entries without importing them itself.
+Methods and augmentations are plain descriptions, registered below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "AUGMENTATIONS",
+    "DATASETS",
+    "METHODS",
+    "MODEL_SOURCES",
+    "SCHEDULES",
+    "Augmentation",
+    "Method",
+    "Registry",
+    "UnknownName",
+    "dataset_choices",
+    "model_source_choices",
+    "register_dataset",
+    "register_model_source",
+]
+
+T = TypeVar("T")
+
+
+class UnknownName(LookupError):
+    """A name that its registry does not hold."""
+
+
+class Registry(Generic[T]):
+    """Named entries of one ``kind``, in registration order.
+
+    ``home`` is the module that registers the built-in entries; it is imported the first
+    time the registry is read (not when it is written to, which is what that module does).
+    """
+
+    def __init__(self, kind: str, home: str | None = None):
+        self.kind = kind
+        self._home = home
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T | None = None, *, overwrite: bool = False) -> Any:
+        """Add ``entry`` under ``name``; without ``entry``, a decorator that adds what it decorates.
+
+        A name already taken is an error unless ``overwrite``.
+        """
+        if entry is None:
+            def decorate(fn: T) -> T:
+                self.register(name, fn, overwrite=overwrite)
+                return fn
+
+            return decorate
+        if name in self._entries and not overwrite:
+            raise ValueError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
+        self._entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its entry."""
+        self.get(name)
+        return self._entries.pop(name)
+
+    def get(self, name: str) -> T:
+        """The entry of ``name``; UnknownName, listing the registered names, if there is none."""
+        entries = self._loaded()
+        if name not in entries:
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {', '.join(entries)}")
+        return entries[name]
+
+    def names(self) -> list[str]:
+        """The registered names, in registration order."""
+        return list(self._loaded())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaded()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+    def _loaded(self) -> dict[str, T]:
+        if self._home is not None:
+            importlib.import_module(self._home)  # a no-op once imported, or while it is being imported
+        return self._entries
+
+
+# ------------------------------------------------------------------------- model sources
+
+MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry("model source", home="kdgraph.models")
+"""``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
+
+
+def register_model_source(name: str, factory: Callable[[str, dict[str, Any]], Any]) -> None:
+    """Make ``NAME:REST`` references build with ``factory(REST, kwargs)``, replacing any
+    source of that name."""
+    if not name.isidentifier():
+        raise ValueError(f"model source name must be an identifier, got {name!r}")
+    MODEL_SOURCES.register(name, factory, overwrite=True)
+
+
+def model_source_choices() -> list[str]:
+    """The model references a spec may give, one form per source."""
+    return ["module:pkg.mod:factory" if name == "module" else f"{name}:NAME" for name in MODEL_SOURCES]
+
+
+# ------------------------------------------------------------------------------ datasets
+
+DATASETS: Registry[Callable[[Any, int], Any]] = Registry("dataset", home="kdgraph.data")
+"""The part of ``data.dataset`` before any colon -> ``loader(data_spec, seed) -> RawSplits``."""
+
+
+def register_dataset(name: str, fn: Callable[[Any, int], Any], *, overwrite: bool = False) -> None:
+    """Add a loader under ``name`` (the part of ``data.dataset`` before any colon)."""
+    DATASETS.register(name, fn, overwrite=overwrite)
+
+
+def dataset_choices() -> list[str]:
+    """The values of ``data.dataset`` as shown to users: torchvision takes a class name after a colon."""
+    return [f"{name}:NAME" if name == "torchvision" else name for name in DATASETS]
+
+
+# ------------------------------------------------------------------------- LR schedules
+
+SCHEDULES: Registry[Callable[[Any, int], float]] = Registry("lr schedule", home="kdgraph.schedules")
+"""``optim.lr_schedule`` -> ``lr(schedule: LRSchedule, step) -> float``."""
+
+
+# ------------------------------------------------------------------------- augmentations
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A training augmentation (``data.augment``; its ``auto`` is each dataset's usual one)."""
+
+    name: str
+    crop: bool  # a random crop: in memory padded by H // 8, streamed timm's random-resized crop
+    flip: bool  # a horizontal flip of half the samples
+    summary: str
+
+
+AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
+for _augmentation in (
+    Augmentation("none", crop=False, flip=False, summary="no augmentation"),
+    Augmentation("crop", crop=True, flip=False, summary="a random crop"),
+    Augmentation("crop+flip", crop=True, flip=True, summary="a random crop and a horizontal flip of half the samples"),
+):
+    AUGMENTATIONS.register(_augmentation.name, _augmentation)
+del _augmentation
+
+
+# ------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method (``schedule.method``) and what it asks of the compiler."""
+
+    name: str
+    teacher: bool  # needs a teacher (False only for supervised)
+    decomposes: bool  # True only for stablekd: groups come from decomposition + recompositions
+    feature_losses: bool  # True only for kd+mse: an MSE at every inner block end of one end-to-end group
+    summary: str  # one line for help/errors
+
+
+METHODS: Registry[Method] = Registry("method")
+for _method in (
+    Method("stablekd", teacher=True, decomposes=True, feature_losses=False,
+           summary="decompose into blocks trained on teacher features, then recompose"),
+    Method("kd", teacher=True, decomposes=False, feature_losses=False, summary="logits only"),
+    Method("kd+mse", teacher=True, decomposes=False, feature_losses=True, summary="logits and block features"),
+    Method("supervised", teacher=False, decomposes=False, feature_losses=False, summary="labels only, no teacher"),
+):
+    METHODS.register(_method.name, _method)
+del _method

@@ -1,0 +1,37 @@
+"""The kdgraph spec: the schema of a run (``schema``), reading it from YAML with ``--set``
+overrides (``loader``) and explaining what is wrong with one (``explain``).
+
+``load_spec`` reads YAML (or a dict), applies the overrides and validates; every problem
+comes back as one ``SpecError`` that names the dotted YAML path of each wrong value, what
+was given and what is allowed. Importing this package does not import torch.
+"""
+
+from .explain import spec_error_from
+from .loader import load_spec
+from .schema import (
+    CutPair,
+    DataSpec,
+    DecomposeSpec,
+    LossSpec,
+    ModelSpec,
+    OptimSpec,
+    RuntimeSpec,
+    ScheduleSpec,
+    Spec,
+    max_recompositions,
+)
+
+__all__ = [
+    "CutPair",
+    "DataSpec",
+    "DecomposeSpec",
+    "LossSpec",
+    "ModelSpec",
+    "OptimSpec",
+    "RuntimeSpec",
+    "ScheduleSpec",
+    "Spec",
+    "load_spec",
+    "max_recompositions",
+    "spec_error_from",
+]

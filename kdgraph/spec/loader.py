@@ -1,0 +1,189 @@
+"""Reading a spec: YAML (or a dict), ``--set`` overrides, validation.
+
+What is read is bounded (file size, nesting depth, values after YAML aliases are
+expanded), so that no spec can hang or exhaust the machine before its errors are shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kdgraph.errors import SpecError
+
+from .explain import short, spec_error_from
+from .schema import Spec
+
+__all__ = ["load_spec"]
+
+# Bounds of what is read: a spec is a few hundred values a few levels deep.
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_VALUES = 10_000  # after YAML aliases are expanded (a "billion laughs" expands to 10^9)
+
+
+def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = (), *,
+              allow_code: bool = False) -> Spec:
+    """Read, override and validate a spec.
+
+    ``source`` is a YAML file path or an already-parsed mapping (not modified).
+    ``overrides`` are ``dotted.path=value`` strings whose value is parsed as YAML.
+    A ``module:`` model reference imports and calls Python code, so a spec file is code;
+    an override may not introduce one unless ``allow_code`` (the CLI's ``--allow-code``).
+    Raises SpecError for any problem; returns a fully resolved Spec.
+    """
+    source_dir = None
+    if isinstance(source, dict):
+        _check_bounded(source, "the spec")
+        raw = _deep_copy(source)
+    else:
+        path = Path(source)
+        raw = _read_yaml(path)
+        source_dir = path.resolve().parent
+    before = _code_references(raw)
+    for override in overrides:
+        _apply_override(raw, override)
+    _check_bounded(raw, "the spec with its overrides")
+    added = sorted(_code_references(raw) - before)
+    if added and not allow_code:
+        raise SpecError("--set", f"the overrides introduce {', '.join(map(repr, added))}: a module: reference "
+                        "imports and calls Python code; put it in the spec file, or pass --allow-code")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise spec_error_from(exc) from None
+    spec._source_dir = source_dir
+    return spec
+
+
+def _code_references(value: Any) -> set[str]:
+    """Every ``module:`` string anywhere in a raw spec."""
+    if isinstance(value, dict):
+        return set().union(*(_code_references(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_code_references(v) for v in value)) if value else set()
+    return {value.strip()} if isinstance(value, str) and value.strip().startswith("module:") else set()
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _check_bounded(value: Any, what: str) -> None:
+    """Refuse values nested deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES
+    values, counting a shared (YAML alias) or self-containing one each time it is reached.
+
+    Walks with an explicit stack and stops at the first limit, so that a "billion laughs"
+    costs MAX_SPEC_VALUES steps; everything after (copying, validating, rendering errors)
+    then works on a small value.
+    """
+    stack = [(value, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_SPEC_VALUES:
+            raise SpecError("", f"{what} holds more than {MAX_SPEC_VALUES:,} values (YAML aliases counted "
+                            "at their expanded size); a spec is a few hundred")
+        if isinstance(node, dict):
+            children = [*node.keys(), *node.values()]
+        elif isinstance(node, (list, tuple)):
+            children = list(node)
+        else:
+            continue
+        if depth >= MAX_SPEC_DEPTH and children:
+            raise SpecError("", f"{what} is nested more than {MAX_SPEC_DEPTH} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with the depth checked on the event stream first: the loader
+    recurses once per level and would raise RecursionError around 300 levels."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_SPEC_DEPTH:
+                line = f":{event.start_mark.line + 1}" if event.start_mark is not None else ""
+                raise SpecError("", f"{where}{line} is nested more than {MAX_SPEC_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    value = yaml.safe_load(text)
+    _check_bounded(value, where)
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError("", f"spec file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError("", f"spec file {path} is {size:,} bytes; a spec is a few KB (at most {MAX_SPEC_BYTES:,})")
+    try:
+        raw = _parse_yaml(path.read_text(), str(path))
+    except UnicodeDecodeError as exc:
+        raise SpecError("", f"spec file {path} is not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError("", f"YAML syntax error in {where}: {problem}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise SpecError("", f"cannot read {path}: {short(str(exc))}") from None
+    if raw is None:
+        raise SpecError("", f"spec file {path} is empty; it needs at least name: and student: {{model: ...}}")
+    if not isinstance(raw, dict):
+        raise SpecError("", f"spec file {path} must be a mapping of keys (name:, student:, ...), got a {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError("--set", f"override {short(override)} must look like dotted.path=value, e.g. schedule.epochs=3")
+    try:
+        value = _parse_yaml(text, f"--set {key}") if text.strip() else None
+    except SpecError as exc:
+        raise SpecError("--set", exc.message) from None
+    except (yaml.YAMLError, ValueError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError("--set", f"value of override {key!r} is not valid YAML: {short(problem)}") from None
+    parts = key.split(".")
+    if len(parts) > MAX_SPEC_DEPTH:
+        raise SpecError("--set", f"override key {short(key)} is more than {MAX_SPEC_DEPTH} levels deep")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, parts[: depth + 1], override)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, parts, override)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, walked: list[str], override: str) -> Any:
+    """The container under ``node[part]``, made a fresh mapping where it is absent or null."""
+    if isinstance(node, list):
+        return node[_index(node, part, walked, override)]
+    if node.get(part) is None:
+        node[part] = {}
+    child = node[part]
+    if not isinstance(child, (dict, list)):
+        raise SpecError("--set", f"cannot apply {short(override)}: {'.'.join(walked)} is {short(child)}, not a mapping")
+    return child
+
+
+def _index(node: list[Any], part: str, walked: list[str], override: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise SpecError("--set", f"cannot apply {short(override)}: {'.'.join(walked)} is not an index of a list of {len(node)}")
+    return int(part)
+

@@ -1,0 +1,159 @@
+"""The registries: one list per kind, read by the spec's validation, its error messages and
+the runtime; a registered entry is valid everywhere at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from _runtime_helpers import KW, ROOT, tiny_spec, train_here
+from kdgraph.errors import SpecError
+from kdgraph.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    METHODS,
+    MODEL_SOURCES,
+    SCHEDULES,
+    Augmentation,
+    Method,
+    Registry,
+    UnknownName,
+    dataset_choices,
+    register_dataset,
+    register_model_source,
+)
+from kdgraph.spec import load_spec
+
+
+def test_registry_registers_in_order_and_names_the_kind_when_a_name_is_unknown():
+    colours = Registry[str]("colour")
+    colours.register("red", "#f00")
+
+    @colours.register("green")
+    def green() -> str:
+        return "#0f0"
+
+    assert colours.names() == ["red", "green"] and list(colours) == ["red", "green"]
+    assert "red" in colours and "blue" not in colours and colours.get("green") is green
+    with pytest.raises(ValueError, match="colour 'red' is already registered"):
+        colours.register("red", "#e00")
+    colours.register("red", "#e00", overwrite=True)
+    assert colours.get("red") == "#e00" and colours.names() == ["red", "green"]
+    with pytest.raises(UnknownName, match="unknown colour 'blue'; registered: red, green"):
+        colours.get("blue")
+    assert colours.unregister("red") == "#e00" and colours.names() == ["green"]
+
+
+def test_builtin_entries():
+    assert METHODS.names() == ["stablekd", "kd", "kd+mse", "supervised"]
+    assert [name for name in METHODS if not METHODS.get(name).teacher] == ["supervised"]
+    assert [name for name in METHODS if METHODS.get(name).decomposes] == ["stablekd"]
+    assert [name for name in METHODS if METHODS.get(name).feature_losses] == ["kd+mse"]
+    assert SCHEDULES.names() == ["stage_cyclic", "onecycle", "cosine", "constant"]
+    assert AUGMENTATIONS.names() == ["none", "crop", "crop+flip"]
+    assert MODEL_SOURCES.names()[:3] == ["timm", "torchvision", "module"]
+    assert DATASETS.names()[:5] == ["digits", "fashion-mnist", "imagefolder", "synthetic", "torchvision"]
+
+
+def test_spec_and_registry_import_without_torch():
+    code = "import kdgraph.spec, kdgraph.registry, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _ramp(data_spec, seed):
+    """A two-class dataset: dark and bright 1x8x8 images."""
+    x = torch.cat([torch.full((40, 1, 8, 8), 10.0), torch.full((40, 1, 8, 8), 200.0)])
+    x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) * 20
+    y = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    return x, y, x[::4], y[::4], 2, "none"
+
+
+def test_registered_dataset_passes_load_spec_and_trains(tmp_path):
+    from kdgraph.data import RawSplits
+
+    register_dataset("ramp-test", lambda data_spec, seed: RawSplits(*_ramp(data_spec, seed)))
+    try:
+        raw = tiny_spec(tmp_path / "run", "supervised", blocks=2, epochs=1, fraction=1.0,
+                        data={"dataset": "ramp-test", "input_size": [1, 8, 8]})
+        raw["student"]["kwargs"]["num_classes"] = 2
+        spec = load_spec(raw)
+        assert spec.data.dataset == "ramp-test"
+        summary = train_here(spec)
+        assert summary["epochs"] == 1 and (tmp_path / "run" / "student.safetensors").is_file()
+    finally:
+        DATASETS.unregister("ramp-test")
+    with pytest.raises(SpecError, match="data.dataset"):
+        load_spec(raw)
+
+
+def test_registered_model_source_passes_load_spec_and_trains(tmp_path):
+    from kdgraph import zoo
+
+    register_model_source("regtest", lambda name, kwargs: getattr(zoo, name)(**kwargs))
+    try:
+        raw = tiny_spec(tmp_path / "run", "kd", blocks=2, epochs=1, student="regtest:resnet_tiny_student")
+        spec = load_spec(raw)
+        assert spec.student.model == "regtest:resnet_tiny_student"
+        summary = train_here(spec)
+        assert summary["epochs"] == 1 and (tmp_path / "run" / "student.safetensors").is_file()
+    finally:
+        MODEL_SOURCES.unregister("regtest")
+    with pytest.raises(SpecError, match="unknown model source 'regtest'"):
+        load_spec(raw)
+
+
+# (YAML path, section, key, registry, what the registry's new entry is, the allowed names)
+CHOICES = [
+    ("schedule.method", "schedule", "method", METHODS,
+     Method("regtest", teacher=True, decomposes=False, feature_losses=False, summary="a test method"),
+     METHODS.names),
+    ("optim.lr_schedule", "optim", "lr_schedule", SCHEDULES, lambda schedule, step: schedule.peak_lr,
+     SCHEDULES.names),
+    ("data.augment", "data", "augment", AUGMENTATIONS,
+     Augmentation("regtest", crop=False, flip=False, summary="a test augmentation"),
+     lambda: ["auto", *AUGMENTATIONS.names()]),
+    ("data.dataset", "data", "dataset", DATASETS, _ramp, dataset_choices),
+]
+
+
+@pytest.mark.parametrize("path,section,key,registry,entry,allowed", CHOICES, ids=[c[0] for c in CHOICES])
+def test_allowed_values_are_the_registry_names(path, section, key, registry, entry, allowed):
+    raw = {"name": "t", "teacher": {"model": "module:kdgraph.zoo:resnet_tiny_teacher", "kwargs": KW},
+           "student": {"model": "module:kdgraph.zoo:resnet_tiny_student", "kwargs": KW}, section: {key: "nope"}}
+    registry.register("regtest", entry)
+    try:
+        with pytest.raises(SpecError) as info:
+            load_spec(raw)
+        names = allowed()
+        assert names[-1] == "regtest"
+        assert info.value.path == path
+        assert info.value.message.endswith(f"(got 'nope'); allowed: {', '.join(names)}")
+        raw[section][key] = "regtest"
+        assert getattr(getattr(load_spec(raw), section), key) == "regtest"
+    finally:
+        registry.unregister("regtest")
+    assert "regtest" not in allowed()
+
+
+def test_model_source_error_lists_the_registered_sources():
+    register_model_source("regtest", lambda name, kwargs: nn.Identity())
+    try:
+        with pytest.raises(SpecError) as info:
+            load_spec({"name": "t", "student": {"model": "hub:x"}})
+    finally:
+        MODEL_SOURCES.unregister("regtest")
+    assert "allowed: timm:NAME, torchvision:NAME, module:pkg.mod:factory, regtest:NAME" in info.value.message
+
+
+def test_json_schema_lists_the_registry_names():
+    from kdgraph.spec import Spec
+
+    defs = Spec.model_json_schema()["$defs"]
+    assert defs["ScheduleSpec"]["properties"]["method"]["enum"] == METHODS.names()
+    assert defs["OptimSpec"]["properties"]["lr_schedule"]["enum"] == SCHEDULES.names()
+    assert defs["DataSpec"]["properties"]["augment"]["enum"] == ["auto", *AUGMENTATIONS.names()]
+    assert defs["DataSpec"]["properties"]["dataset"]["examples"] == dataset_choices()
