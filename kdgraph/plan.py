@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import SpecError
+from .registry import METHODS
 from .program import Program
 
 Groups = tuple[tuple[int, ...], ...]
@@ -75,12 +76,12 @@ class Plan:
     @property
     def feature_losses(self) -> bool:
         """KD + MSE: an MSE at every inner block end of the one end-to-end group."""
-        return self.method == "kd+mse"
+        return METHODS.get(self.method).feature_losses
 
     @property
     def uses_adapters(self) -> bool:
         """Adapters are trained (and kept at inference) only where features are compared."""
-        return self.method == "kd+mse" or self.tpp_block is not None or any(len(s.groups) > 1 for s in self.stages)
+        return self.feature_losses or self.tpp_block is not None or any(len(s.groups) > 1 for s in self.stages)
 
     @property
     def chains_adapters(self) -> bool:
@@ -100,7 +101,7 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
                stage_epochs: list[int] | None = None, tpp_block: int | None = None) -> Plan:
     """The schedule for ``method`` over k blocks (stages without programs yet). Spec
     validation has bounded n already."""
-    if method == "stablekd":
+    if METHODS.get(method).decomposes:
         n = recompositions
         groups = [decompose(k)]
         for _ in range(n):

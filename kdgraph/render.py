@@ -13,6 +13,7 @@ from rich.text import Text
 from .blockgraph import node_label
 from .compiler import Compiled, ModelArtifacts
 from .errors import KDGraphError
+from .registry import METHODS
 
 
 def _fmt_shape(shape) -> str:
@@ -35,7 +36,7 @@ def spec_table(c: Compiled) -> Table:
                       f"fraction {s.data.fraction}")
     t.add_row("loader", str(c.data) + (f", {s.runtime.num_workers} workers" if c.data.loader == "stream" else ""))
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
-                        + (f", {s.schedule.recompositions} recompositions" if s.schedule.method == "stablekd" else ""))
+                        + (f", {s.schedule.recompositions} recompositions" if METHODS.get(s.schedule.method).decomposes else ""))
     t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}"
                       + (f" (α {s.loss.dfm_alpha}, β {s.loss.dfm_beta})" if s.loss.feature == "dfm" else "")
                       + (f", tpp weight {s.loss.tpp_weight}" if s.loss.tpp else ""))
@@ -90,7 +91,7 @@ def blocks_table(c: Compiled) -> Table:
 
 def schedule_table(c: Compiled) -> Table:
     p = c.plan
-    title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if p.method == "stablekd" else "") + (
+    title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if METHODS.get(p.method).decomposes else "") + (
         f", TPP proxy path from block {p.tpp_block}" if p.tpp_block else "")
     t = Table(title=title, title_justify="left")
     for col in ("stage", "epochs", "groups", "losses"):
