@@ -8,12 +8,16 @@ feature). Both are linear (BN in eval mode is affine), so the inference path
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .layouts import FormatAdapter
-from .match import AdapterSpec, Pairing
 from .scalekd import CrossAttentionProjector
+
+if TYPE_CHECKING:
+    from .match import AdapterSpec, Pairing
 
 
 class ChannelMap(nn.Module):

@@ -10,9 +10,9 @@ that converts layout and resamples the grid; the plan says which rule paired the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, replace
 
+from .adapters import AdapterPair
 from .cuts import Cut, find_cut_by_module
 from .errors import PlanError
 from .layouts import FeatureFormat
@@ -37,6 +37,8 @@ class AdapterSpec:
     teacher_channels: int
     student_format: FeatureFormat | None = None
     teacher_format: FeatureFormat | None = None
+    # (lift, lower) parameters of the built modules of a format or cap pair (``_counted``)
+    built_params: tuple[int, int] = (0, 0)
 
     @property
     def lift(self) -> tuple[int, int]:
@@ -55,26 +57,17 @@ class AdapterSpec:
         # conv1x1: bias-free conv, then BN's weight and bias; linear: weight and bias
         return cin * cout + (2 * cout if self.kind == "conv1x1" else cout)
 
-    @cached_property
-    def _built_params(self) -> tuple[int, int]:
-        """(lift, lower) parameter counts of the built modules: built once per spec."""
-        from .adapters import AdapterPair  # adapters builds modules from this spec
-
-        pair = AdapterPair(self)
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return count(pair.lift), count(pair.lower)
-
     @property
     def lift_params(self) -> int:
         if self.foldable:
             return self._map_params(self.student_channels, self.teacher_channels)
-        return self._built_params[0]
+        return self.built_params[0]
 
     @property
     def lower_params(self) -> int:
         if self.foldable:
             return self._map_params(self.teacher_channels, self.student_channels)
-        return self._built_params[1]
+        return self.built_params[1]
 
     @property
     def params(self) -> int:
@@ -168,8 +161,15 @@ def _adapter(index: int, t: Cut, s: Cut, input_hw: tuple[int, int], projector: s
     if same and projector != "cap":
         return AdapterSpec(index, "conv1x1" if s.layout == "NCHW" else "linear", s.layout, s.channels, t.channels)
     kind = "cap" if projector == "cap" else "format"
-    return AdapterSpec(index, kind, s.layout, s.channels, t.channels,
-                       FeatureFormat.of(s, input_hw), FeatureFormat.of(t, input_hw))
+    return _counted(AdapterSpec(index, kind, s.layout, s.channels, t.channels,
+                                FeatureFormat.of(s, input_hw), FeatureFormat.of(t, input_hw)))
+
+
+def _counted(spec: AdapterSpec) -> AdapterSpec:
+    """``spec`` with the parameter counts of its built lift and lower (no closed form for these)."""
+    pair = AdapterPair(spec)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return replace(spec, built_params=(count(pair.lift), count(pair.lower)))
 
 
 def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,

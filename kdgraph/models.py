@@ -21,14 +21,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from kdgraph.errors import ModelError
-from kdgraph.registry import MODEL_SOURCES, register_model_source
-from kdgraph.spec import ModelSpec
+from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
 from kdgraph.weights import fit_state, load_state, read_state_dict
+
+if TYPE_CHECKING:
+    from kdgraph.spec import ModelSpec
 
 __all__ = [
     "MODEL_SOURCES",
@@ -255,10 +257,8 @@ def _pretrained_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 # (classes of the default pretrained weights, loader) of the sources that have pretrained weights.
-PRETRAINED_SOURCES: dict[str, tuple[Callable[[str], int | None], ModelFactory]] = {
-    "timm": (_timm_classes, _pretrained_timm),
-    "torchvision": (_torchvision_classes, _pretrained_torchvision),
-}
+PRETRAINED_SOURCES.register("timm", (_timm_classes, _pretrained_timm))
+PRETRAINED_SOURCES.register("torchvision", (_torchvision_classes, _pretrained_torchvision))
 
 
 def _build_for_planning(ref: str, kwargs: dict[str, Any], search_path: Path | None, role: str,
@@ -280,7 +280,7 @@ def _build_pretrained(model_spec: ModelSpec, role: str, fetch: bool, search_path
     if source not in PRETRAINED_SOURCES:  # the spec refuses this; a Python caller may not have validated
         raise ModelError(f"{ref}: pretrained: true works for {', '.join(PRETRAINED_SOURCES)} models; "
                          "give the weights file as checkpoint: PATH")
-    classes_of, fetch_pretrained = PRETRAINED_SOURCES[source]
+    classes_of, fetch_pretrained = PRETRAINED_SOURCES.get(source)
     classes, wanted = classes_of(name), model_spec.kwargs.get("num_classes")
     other_head = classes is not None and wanted is not None and wanted != classes
     if other_head and role == "teacher":

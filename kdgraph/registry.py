@@ -104,6 +104,11 @@ MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry("model 
 """``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
 
 
+PRETRAINED_SOURCES: Registry[tuple[Callable[[str], Any], Callable[..., Any]]] = Registry(
+    "pretrained model source", home="kdgraph.models")
+"""Sources whose models have pretrained weights -> (classes of the default weights, loader)."""
+
+
 def register_model_source(name: str, factory: Callable[[str, dict[str, Any]], Any]) -> None:
     """Make ``NAME:REST`` references build with ``factory(REST, kwargs)``, replacing any
     source of that name."""

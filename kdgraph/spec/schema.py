@@ -34,6 +34,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
 from kdgraph.registry import (
+    PRETRAINED_SOURCES,
     AUGMENTATIONS,
     DATASETS,
     METHODS,
@@ -222,10 +223,8 @@ class ModelSpec(_Strict):
 
 
 def _pretrained_sources() -> list[str]:
-    """Sources whose models have pretrained weights (kdgraph.models; imported lazily: torch)."""
-    from kdgraph.models import PRETRAINED_SOURCES
-
-    return list(PRETRAINED_SOURCES)
+    """Sources whose models have pretrained weights (registered by kdgraph.models, loaded lazily: torch)."""
+    return PRETRAINED_SOURCES.names()
 
 
 def _is_registered_dataset(dataset: str) -> bool:
