@@ -105,7 +105,7 @@ def compare(model, art) -> tuple[str, list[str]]:
     """(status, reasons) of one planned model against its feature_info."""
     from torch import nn
 
-    from kdgraph.stages import same_value
+    from kdgraph.compiler.stages import same_value
 
     modules = dict(model.named_modules())
     traced, cuts, stages = art.traced, art.cuts, art.stages

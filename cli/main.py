@@ -152,7 +152,7 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
     """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split."""
-    from kdgraph.runtime.export import evaluate_spec
+    from kdgraph.runtime.commands import evaluate_spec
 
     try:
         result = evaluate_spec(_load(spec, set_, allow_code), checkpoint, split.value)
@@ -173,7 +173,7 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
     """Write the student as a folder timm loads: weights, config.json with preprocessing, model card."""
-    from kdgraph.runtime.export import export_spec
+    from kdgraph.runtime.commands import export_spec
 
     command = "kdgraph train " + " ".join([str(spec), *(f"--set {o}" for o in set_ or [])])
     try:

@@ -1,6 +1,6 @@
 """``python -m kdgraph`` (and ``torchrun --nproc_per_node N -m kdgraph train SPEC``)."""
 
-from cli.main import main
+from kdgraph.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .layouts import FormatAdapter
-from .scalekd import CrossAttentionProjector
+from kdgraph.layouts import FormatAdapter
+from kdgraph.scalekd import CrossAttentionProjector
 
 if TYPE_CHECKING:
-    from .match import AdapterSpec, Pairing
+    from kdgraph.compiler.pair import AdapterSpec, Pairing
 
 
 class ChannelMap(nn.Module):

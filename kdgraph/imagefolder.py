@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from kdgraph.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "BadImage", "BadImageWarning", "ImageFolder", "bad_image", "read_image",
            "scan_imagefolder"]

@@ -8,13 +8,17 @@ tokens can feed a CNN student block and a CNN's map can be compared with a ViT's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cuts import Cut
+if TYPE_CHECKING:
+    from kdgraph.compiler.cuts import Cut
+
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from pathlib import Path
 
@@ -10,10 +12,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .blockgraph import node_label
-from .compiler import Compiled, ModelArtifacts
-from .errors import KDGraphError
-from .registry import METHODS
+from kdgraph.compiler.blockgraph import node_label
+from kdgraph.errors import KDGraphError
+from kdgraph.registry import METHODS
+
+if TYPE_CHECKING:
+    from kdgraph.compiler import Compiled, ModelArtifacts
 
 
 def _fmt_shape(shape) -> str:

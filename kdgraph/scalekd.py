@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import no_autocast
-from .layouts import FeatureFormat, from_map, resample, to_map
+from kdgraph.losses import no_autocast
+from kdgraph.layouts import FeatureFormat, from_map, resample, to_map
 
 
 class CrossAttentionProjector(nn.Module):

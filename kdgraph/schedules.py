@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .registry import SCHEDULES
+from kdgraph.registry import SCHEDULES
 
 __all__ = ["ONECYCLE_PCT_START", "LRSchedule", "build_lr_scheduler"]
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .registry import METHODS
+from kdgraph.errors import ModelError
+from kdgraph.registry import METHODS
 
 __all__ = [
     "TRAINING_CHECKPOINT_KEYS",

@@ -75,7 +75,7 @@ def cli_env() -> dict:
 
 
 def cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "kdgraph", *args]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -50,9 +50,9 @@ def timm_model(name: str, **extra) -> torch.nn.Module:
 @functools.lru_cache(maxsize=None)
 def traced_timm(name: str):
     """(model, traced, cuts, stages) of timm model ``name`` at its small input size."""
-    from kdgraph.cuts import find_cuts
-    from kdgraph.stages import find_stages
-    from kdgraph.trace import trace
+    from kdgraph.compiler.cuts import find_cuts
+    from kdgraph.compiler.stages import find_stages
+    from kdgraph.compiler.trace import trace
 
     model = timm_model(name)
     _, side = timm_kwargs(name)

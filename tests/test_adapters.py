@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from kdgraph.adapters import AdapterPair, ChannelMap, build_adapters, fold
-from kdgraph.match import AdapterSpec, BlockPair, Pairing
+from kdgraph.compiler.pair import AdapterSpec, BlockPair, Pairing
 
 
 def _randomise(module: nn.Module) -> None:

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from kdgraph.compiler import compile_spec
-from kdgraph.cuts import find_cuts
-from kdgraph.stages import choose_boundaries, find_stages
-from kdgraph.trace import trace
+from kdgraph.compiler.cuts import find_cuts
+from kdgraph.compiler.boundaries import choose_boundaries
+from kdgraph.compiler.stages import find_stages
+from kdgraph.compiler.trace import trace
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec
@@ -162,7 +163,7 @@ def test_untraceable_submodules_become_leaves_and_the_model_plans():
 def test_plan_cli_reports_the_leaves(tmp_path):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from kdgraph.cli.main import app
 
     (tmp_path / "branchy_models.py").write_text(
         "import sys\nsys.path.insert(0, %r)\nfrom test_any_model import WithBranchyBlocks\n"
@@ -221,6 +222,6 @@ def test_a_model_that_is_all_leaf_is_refused_naming_the_leaf():
     ((8, 3, 3), (64, 64), 16),
 ])
 def test_nominal_reductions_of_grids_that_do_not_tile_the_input(shape, hw, reduction):
-    from kdgraph.cuts import infer_layout
+    from kdgraph.compiler.cuts import infer_layout
 
     assert infer_layout(shape, hw) == ("NCHW", shape[0], reduction, 0)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from kdgraph.cli.main import app
 
 from _runtime_helpers import ROOT
 

@@ -23,10 +23,10 @@ import torch
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS handle exists
 
-from kdgraph.data import resolve_input_size  # noqa: E402
-from kdgraph.runtime import loop  # noqa: E402
-from kdgraph.runtime.loop import TrainingInterrupted, build_run, train, train_step  # noqa: E402
-from kdgraph.spec import load_spec  # noqa: E402
+from kdgraph.data import resolve_input_size
+from kdgraph.runtime import loop
+from kdgraph.runtime.loop import TrainingInterrupted, build_run, train, train_step
+from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec  # noqa: E402
 

@@ -63,7 +63,7 @@ def test_folded_export_reloads_to_the_inference_path(tmp_path):
 
 @pytest.mark.slow
 def test_cli_export_writes_the_trained_student(tmp_path):
-    from cli.main import app
+    from kdgraph.cli.main import app
 
     spec_dict = tiny_spec(tmp_path / "run", "stablekd", recompositions=1, epochs=2, fraction=0.1)
     spec_path = write_spec(spec_dict, tmp_path / "spec.yaml")

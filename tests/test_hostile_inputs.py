@@ -449,7 +449,7 @@ def test_plan_png_into_a_folder_reports_the_file_and_unwritable_is_one_line(tmp_
 def test_export_to_an_existing_folder_writes_inside_and_unwritable_is_one_line(tmp_path):
     from kdgraph.compiler import compile_spec
     from kdgraph.runtime.distiller import Distiller
-    from kdgraph.runtime.export import export_spec
+    from kdgraph.runtime.commands import export_spec
 
     spec = load_spec(tiny_spec(tmp_path / "run", "kd"))
     distiller = Distiller(compile_spec(spec))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kdgraph.errors import SpecError
-from kdgraph.plan import build_plan, decompose, recompose, split_epochs
+from kdgraph.compiler.plan import build_plan, decompose, recompose, split_epochs
 
 # Decomposition, then every recomposition until the student is one block, written out.
 EXPECTED = {

@@ -429,7 +429,7 @@ def test_topk_against_hand_computed_values():
 def test_metrics_summary_and_eval_report_top5(supervised_run):
     import json
 
-    from kdgraph.runtime.export import evaluate_spec
+    from kdgraph.runtime.commands import evaluate_spec
 
     out, raw, summary = supervised_run
     assert 0 <= summary["student_top1"] <= summary["student_top5"] <= 100
@@ -450,7 +450,7 @@ def test_eval_cli_reports_top5_on_the_chosen_split(tmp_path, supervised_run):
 
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from kdgraph.cli.main import app
     from _runtime_helpers import write_spec
 
     out, raw, summary = supervised_run

@@ -8,12 +8,13 @@ from torch import nn
 
 from conftest import timm_kwargs
 from kdgraph.compiler import compile_spec
-from kdgraph.cuts import find_cuts
+from kdgraph.compiler.cuts import find_cuts
 from kdgraph.errors import PlanError
-from kdgraph.segments import split_segments
-from kdgraph.stages import choose_boundaries, find_stages
+from kdgraph.compiler.split import split_segments
+from kdgraph.compiler.boundaries import choose_boundaries
+from kdgraph.compiler.stages import find_stages
 from kdgraph.spec import load_spec
-from kdgraph.trace import trace
+from kdgraph.compiler.trace import trace
 
 from _runtime_helpers import tiny_spec
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from kdgraph.compiler import compile_spec
 from kdgraph.runtime.distiller import Distiller
-from kdgraph.runtime.export import folded_maps, export_spec, file_format, load_student
+from kdgraph.runtime.commands import export_spec
+from kdgraph.runtime.export import file_format, folded_maps, load_student
 from kdgraph.runtime.ship import fold_into_student, ship_student
 from kdgraph.spec import load_spec
 
@@ -177,7 +178,7 @@ def test_training_outputs_best_and_final_timestamps_and_file_modes(tmp_path):
     assert all("time" in r and r["time"].endswith("+00:00") for r in epochs)
     pre = summary["preprocessing"]
     assert pre["input_size"] == [1, 8, 8]
-    from kdgraph.data import create_dataset  # independent: the raw digits (0..16) statistics, scaled to 0..1
+    from kdgraph.data import create_dataset
 
     raw = create_dataset(spec.data, spec.seed)
     assert pre["mean"] == pytest.approx([raw.mean[0] / 16]) and pre["std"] == pytest.approx([raw.std[0] / 16])

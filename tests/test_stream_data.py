@@ -23,8 +23,8 @@ from kdgraph.errors import DataError, SpecError
 from kdgraph.imagefolder import BadImageWarning, scan_imagefolder
 from kdgraph.runtime import loop
 from kdgraph.spec import DataSpec, load_spec
-from kdgraph.stream import (EpochSampler, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform,
-                            plan_data, train_transform)
+from kdgraph.stream import (EpochSampler, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform, train_transform)
+from kdgraph.compiler.data import plan_data
 
 from _runtime_helpers import tiny_spec, train_here
 
@@ -218,7 +218,7 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["data"]["bad_images"] == 1
     # `kdgraph eval` reads the data as training did: the same loader, normalisation and accuracy
-    from kdgraph.runtime.export import evaluate_spec
+    from kdgraph.runtime.commands import evaluate_spec
 
     evaluated = evaluate_spec(spec)  # (its teacher is another random init: no checkpoint)
     assert evaluated["student_top1"] == summary["student_top1"] and evaluated["samples"] == 12
@@ -301,7 +301,7 @@ def test_plan_shows_the_loader(tmp_path):
     from typer.testing import CliRunner
 
     from _runtime_helpers import write_spec
-    from cli.main import app
+    from kdgraph.cli.main import app
 
     root = write_folder(tmp_path / "images")
     path = write_spec(folder_spec(root, tmp_path / "out", loader="auto"), tmp_path / "spec.yaml")

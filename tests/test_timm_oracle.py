@@ -15,8 +15,9 @@ from torch import nn
 
 from conftest import traced_timm
 from kdgraph.errors import TraceError
-from kdgraph.stages import choose_boundaries, same_value
-from kdgraph.trace import trace
+from kdgraph.compiler.boundaries import choose_boundaries
+from kdgraph.compiler.stages import same_value
+from kdgraph.compiler.trace import trace
 
 MODELS = [
     # ResNet family

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from conftest import traced_timm
-from kdgraph.cuts import find_cut_by_module, find_cuts, infer_layout
+from kdgraph.compiler.cuts import find_cut_by_module, find_cuts, infer_layout
 from kdgraph.errors import TraceError
-from kdgraph.trace import trace
+from kdgraph.compiler.trace import trace
 
 
 class Residual(nn.Module):

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ..errors import KDGraphError
-from ..weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
-from .runs import readable
+from kdgraph.errors import KDGraphError
+from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
+from kdgraph.runtime.runs import readable
 
 
 def rng_state() -> dict[str, Any]:

@@ -10,18 +10,22 @@ object: always in eval mode, never trained, recalibrated, saved or wrapped.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..adapters import build_adapters
-from ..compiler import Compiled
-from ..layouts import FeatureFormat
-from ..losses import FeatureMSE, HeadLoss, KLDivergence
-from ..plan import TrainingStage
-from ..program import Op
-from ..scalekd import DualViewFeatureMimicking
-from .chain import StudentChain
-from .teacher import FrozenTeacher
+from kdgraph.adapters import build_adapters
+from kdgraph.layouts import FeatureFormat
+from kdgraph.losses import FeatureMSE, HeadLoss, KLDivergence
+from kdgraph.scalekd import DualViewFeatureMimicking
+from kdgraph.runtime.chain import StudentChain
+from kdgraph.runtime.teacher import FrozenTeacher
+
+if TYPE_CHECKING:
+    from kdgraph.compiler import Compiled
+    from kdgraph.compiler.plan import TrainingStage
+    from kdgraph.compiler.program import Op
 
 
 class Distiller(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .techniques import autocast
+from kdgraph.runtime.techniques import autocast
 
 TOPK = (1, 5)
 

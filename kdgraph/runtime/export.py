@@ -10,26 +10,26 @@ apart by their content, never their suffix.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import build_adapters, fold
-from ..compiler import Compiled, compile_spec
-from ..data import DeviceLoader
-from ..errors import KDGraphError
-from ..spec import Spec
-from ..weights import read_weights_file, sniff
-from ..stream import build_data
-from . import checkpoint as ckpt
-from . import ship
-from .chain import ExportedStudent
-from .evaluate import accuracy
+from kdgraph.adapters import build_adapters, fold
+from kdgraph.errors import KDGraphError
+from kdgraph.weights import read_weights_file, sniff
+from kdgraph.runtime import checkpoint as ckpt
+from kdgraph.runtime import ship
+from kdgraph.runtime.chain import ExportedStudent
+
+if TYPE_CHECKING:
+    from kdgraph.compiler import Compiled
+    from kdgraph.spec import Spec
 
 
 def _contiguous(state: dict) -> dict:
@@ -98,7 +98,7 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
     path = Path(path)
     kind = file_format(path)
     if kind == "torch":
-        from .distiller import Distiller
+        from kdgraph.runtime.distiller import Distiller
 
         distiller = Distiller(compiled)
         try:
@@ -147,63 +147,6 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
     return _exported(compiled, maps) if maps else compiled.student.model
 
 
-def _default_student(spec: Spec) -> Path:
-    return spec.output_dir / "student.safetensors"
-
-
-SPLITS = ("test", "train")
-
-
-def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test") -> dict:
-    """Top-1 and top-5 of the trained student (and of the teacher, where its weights are at
-    hand) on the spec's ``split`` (test, or the training split as the spec's data.fraction
-    selects it), on the CPU or GPU. The teacher is never needed to score the student."""
-    from .techniques import DistInfo, resolve_device
-
-    if split not in SPLITS:
-        raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
-    device = resolve_device(spec.runtime.device, DistInfo())
-    compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
-    student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
-    data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
-    if split == "test":
-        loader, samples = data.test, data.test_samples()
-    elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
-        loader = DeviceLoader(data.train.x, data.train.y, spec.data.test_batch_size or spec.data.batch_size,
-                              shuffle=False, device=device)
-        samples = len(data.train.y)
-    else:
-        raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
-                           "its image folder (data.loader: stream)")
-    result: dict = {"split": split, "samples": samples}
-    acc = accuracy(student, loader, device, spec.runtime.precision)
-    result.update(student_top1=acc["top1"], student_top5=acc["top5"])
-    if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
-        teacher = compiled.teacher.model.to(device).eval()
-        acc = accuracy(teacher, loader, device, spec.runtime.precision)
-        result.update(teacher_top1=acc["top1"], teacher_top5=acc["top5"])
-    return result
-
-
-def _compile_for_eval(spec: Spec) -> Compiled:
-    """The plan with the teacher's pretrained weights fetched where it has them; where they
-    cannot be had (offline), the plan without them: the student is scored either way."""
-    if spec.teacher is not None and spec.teacher.pretrained:
-        try:
-            return compile_spec(spec, fetch=("teacher",), allow_missing_weights=True)
-        except KDGraphError as exc:
-            compiled = compile_spec(spec, allow_missing_weights=True)
-            return replace(compiled, missing_weights=compiled.missing_weights
-                           + (f"teacher pretrained weights ({str(exc).splitlines()[0]})",))
-    return compile_spec(spec, allow_missing_weights=True)
-
-
-def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
-    if any(m.startswith("teacher") for m in compiled.missing_weights):
-        return False
-    return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
-
-
 def preprocessing_of(spec: Spec, data) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
     pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.stream.Data``)."""
@@ -211,43 +154,6 @@ def preprocessing_of(spec: Spec, data) -> dict:
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
             "resize": "resize + centre crop" if streamed else spec.data.resize}
-
-
-def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
-    """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
-
-    ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
-    OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
-    compiled = compile_spec(spec, allow_missing_weights=True)
-    path = checkpoint
-    if path is None:
-        path = _default_student(spec)
-        if not path.exists():
-            path = spec.output_dir / "checkpoints" / "last.pt"
-    try:
-        maps = load_trained(compiled, path)
-    except KDGraphError as exc:
-        prev = ckpt.previous_of(spec.output_dir / "checkpoints" / "last.pt")
-        if checkpoint is not None or path.name != "last.pt" or not prev.is_file():
-            raise
-        raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
-    summary_file = spec.output_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    preprocessing = summary.get("preprocessing")
-    if preprocessing is None:  # a run stopped before its summary: read the data as training did
-        from .techniques import DistInfo
-
-        preprocessing = preprocessing_of(spec, build_data(spec, compiled.data, torch.device("cpu"), DistInfo()))
-    card = {"top1": summary.get("student_top1"), "top5": summary.get("student_top5"),
-            "teacher_top1": summary.get("teacher_top1"), "method": compiled.plan.method,
-            "resize": preprocessing.get("resize"), "weights_from": str(path),
-            "command": command or f"kdgraph train {spec.name}"}
-    compiled.student.model.eval()
-    try:
-        return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
-    except (OSError, SafetensorError) as exc:
-        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
 
 
 class _Program(nn.Module):

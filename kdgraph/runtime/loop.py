@@ -11,6 +11,8 @@ optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import json
 import math
@@ -24,22 +26,22 @@ from pathlib import Path
 
 import torch
 
-from ..compiler import Compiled, compile_spec
-from ..data import DeviceLoader
-from ..errors import KDGraphError
-from ..schedules import build_lr_scheduler
-from ..spec import Spec
-from . import checkpoint as ckpt
-from . import runs
-from .distiller import Distiller
-from .evaluate import accuracy
-from .export import export_student, preprocessing_of
-from .progress import Reporter
-from ..stream import Data, StreamLoader, build_data
-from .stability import StabilityTracker
-from .techniques import (DistInfo, autocast, build_optimizer, decay_groups, grad_scaler, init_distributed,
-                         maybe_compile, no_weight_decay_names, resolve_device, to_channels_last, use_channels_last,
-                         wrap_ddp)
+from kdgraph.compiler import Compiled, compile_spec
+from kdgraph.errors import KDGraphError
+from kdgraph.schedules import build_lr_scheduler
+from kdgraph.runtime import checkpoint as ckpt
+from kdgraph.runtime import runs
+from kdgraph.runtime.distiller import Distiller
+from kdgraph.runtime.evaluate import accuracy
+from kdgraph.runtime.export import export_student, preprocessing_of
+from kdgraph.runtime.progress import Reporter
+from kdgraph.stream import Data, StreamLoader, build_data
+from kdgraph.runtime.stability import StabilityTracker
+from kdgraph.runtime.techniques import (DistInfo, autocast, build_optimizer, decay_groups, grad_scaler, init_distributed, maybe_compile, no_weight_decay_names, resolve_device, to_channels_last, use_channels_last, wrap_ddp)
+
+if TYPE_CHECKING:
+    from kdgraph.data import DeviceLoader
+    from kdgraph.spec import Spec
 
 
 class TrainingInterrupted(KDGraphError):
@@ -485,7 +487,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     if main:
         runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "student.safetensors"))
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        from .curves import plot_curves
+        from kdgraph.runtime.curves import plot_curves
 
         metrics.close()
         plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name,

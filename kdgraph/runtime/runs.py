@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import KDGraphError
+from kdgraph.errors import KDGraphError
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".kdgraph.lock"

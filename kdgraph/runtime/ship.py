@@ -31,8 +31,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import KDGraphError
-from .chain import ExportedStudent
+from kdgraph.errors import KDGraphError
+from kdgraph.runtime.chain import ExportedStudent
 
 WEIGHTS = "model.safetensors"
 PROGRAM = "model.pt2"

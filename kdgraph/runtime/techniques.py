@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import SpecError
+from kdgraph.errors import SpecError
 
 
 @dataclass(frozen=True)

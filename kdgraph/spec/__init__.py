@@ -6,20 +6,9 @@ comes back as one ``SpecError`` that names the dotted YAML path of each wrong va
 was given and what is allowed. Importing this package does not import torch.
 """
 
-from .explain import spec_error_from
-from .loader import load_spec
-from .schema import (
-    CutPair,
-    DataSpec,
-    DecomposeSpec,
-    LossSpec,
-    ModelSpec,
-    OptimSpec,
-    RuntimeSpec,
-    ScheduleSpec,
-    Spec,
-    max_recompositions,
-)
+from kdgraph.spec.explain import spec_error_from
+from kdgraph.spec.loader import load_spec
+from kdgraph.spec.schema import (CutPair, DataSpec, DecomposeSpec, LossSpec, ModelSpec, OptimSpec, RuntimeSpec, ScheduleSpec, Spec, max_recompositions)
 
 __all__ = [
     "CutPair",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from kdgraph.errors import SpecError
 
-from .schema import OneOf, Spec
+from kdgraph.spec.schema import OneOf, Spec
 
 __all__ = ["short", "spec_error_from"]
 

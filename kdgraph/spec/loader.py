@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from kdgraph.errors import SpecError
 
-from .explain import short, spec_error_from
-from .schema import Spec
+from kdgraph.spec.explain import short, spec_error_from
+from kdgraph.spec.schema import Spec
 
 __all__ = ["load_spec"]
 

@@ -1,4 +1,4 @@
-"""Pass 7: split a traced model at its block boundaries into segment GraphModules.
+"""Pass 8: split a traced model at its block boundaries into segment GraphModules.
 
 Segment i maps the tensor at boundary i-1 (the image for i = 1) to the tensor at
 boundary i (the model's output for the last). Segments are GraphModules over the same
@@ -9,11 +9,19 @@ are copied into every segment that uses them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.fx as fx
 from torch import nn
 
-from .errors import PlanError
-from .trace import TracedModel
+from kdgraph.errors import PlanError
+
+from dataclasses import replace
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.compiler.artifacts import Models
+
 
 
 def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
@@ -57,3 +65,9 @@ def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
         segments.append(fx.GraphModule(traced.gm, graph, f"{traced.role}_block{seg + 1}"))
         start = end
     return nn.ModuleList(segments)
+
+
+def split_pass(models: Models) -> Models:
+    """Pass 8: each model split at its block boundaries into segments (shared parameters)."""
+    return models.map(lambda art: replace(
+        art, segments=tuple(split_segments(art.traced, [b.cut.node for b in art.boundaries]))))

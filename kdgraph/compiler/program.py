@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .blockgraph import stage_edges
+from kdgraph.compiler.blockgraph import stage_edges
 
 
 @dataclass(frozen=True)

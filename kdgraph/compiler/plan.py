@@ -1,4 +1,4 @@
-"""The training schedule: a list of training stages over the block graph.
+"""Pass 10: the training schedule, a list of training stages over the block graph.
 
 StableKD-k/n (Kao, Chen, Chan): stage 0 decomposes the student into k groups of one
 block; each recomposition R merges groups i and i+1 for every odd i, so after n of them
@@ -13,11 +13,22 @@ loss terms each group is trained with are the program's loss nodes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, replace
 
-from .errors import SpecError
-from .registry import METHODS
-from .program import Program
+import networkx as nx
+
+from kdgraph.errors import SpecError
+from kdgraph.registry import METHODS
+
+from kdgraph.compiler.blockgraph import tpp_block_of
+from kdgraph.compiler.program import stage_program
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.program import Program
+    from kdgraph.compiler.pair import Pairing
+    from kdgraph.spec import Spec
 
 Groups = tuple[tuple[int, ...], ...]
 
@@ -116,3 +127,14 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
     split = list(stage_epochs) if stage_epochs else split_epochs(epochs, len(groups))
     stages = tuple(TrainingStage(i, e, g) for i, (e, g) in enumerate(zip(split, groups)))
     return Plan(method, k, n, stages, tpp_block)
+
+
+def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
+    """Pass 10: the training schedule, each stage with its program read from the graph."""
+    s = spec.schedule
+    plan = build_plan(s.method, pairing.k, s.recompositions, s.epochs, s.stage_epochs,
+                      tpp_block_of(spec, pairing) if spec.teacher is not None else None)
+    return plan.with_programs([
+        stage_program(graph, st.groups, chain_adapters=plan.chains_adapters,
+                      feature_losses=plan.feature_losses, tpp_block=plan.tpp_block)
+        for st in plan.stages])

@@ -1,4 +1,4 @@
-"""Pass 4: pair teacher and student blocks and decide where adapters go.
+"""Pass 7: pair teacher and student blocks and decide where adapters go.
 
 Block i of the teacher and block i of the student end at boundary cuts of the same
 reduction and layout. Where their widths differ an adapter pair is planned: ``lift``
@@ -10,14 +10,20 @@ that converts layout and resamples the grid; the plan says which rule paired the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, replace
 
-from .adapters import AdapterPair
-from .cuts import Cut, find_cut_by_module
-from .errors import PlanError
-from .layouts import FeatureFormat
-from .stages import Boundary, Stage, choose_boundaries
-from .trace import TracedModel
+from kdgraph.adapters import AdapterPair
+from kdgraph.errors import PlanError
+from kdgraph.layouts import FeatureFormat
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.cuts import Cut
+    from kdgraph.compiler.boundaries import Boundary
+    from kdgraph.compiler.artifacts import Models
+    from kdgraph.spec import Spec
+
 
 
 @dataclass(frozen=True)
@@ -121,30 +127,6 @@ class Pairing:
         return [b.adapter for b in self.blocks if b.adapter]
 
 
-def _explicit(cuts: list[Cut], paths: list[str], role: str) -> list[Boundary]:
-    out = []
-    for i, path in enumerate(paths):
-        cut = find_cut_by_module(cuts, path)
-        if cut is None:
-            near = [c.label for c in cuts if c.label and (path in c.label or c.label in path)][:6]
-            hint = f"; cuts near it: {', '.join(near)}" if near else ""
-            raise PlanError(
-                f"decompose.cuts.{i}.{role}: '{path}' is not a cut of the {role} (no single tensor "
-                f"crosses there, or no such module){hint}. `kdgraph plan` lists every cut.")
-        out.append(Boundary(cut, "explicit"))
-    if any(a.cut.index >= b.cut.index for a, b in zip(out, out[1:])):
-        raise PlanError(f"decompose.cuts: the {role} cuts must be in forward order")
-    return out
-
-
-def boundaries_for(traced: TracedModel, cuts: list[Cut], stages: list[Stage], blocks: int,
-                   explicit: list[str] | None) -> list[Boundary]:
-    """Block ends of one model: the explicit cuts when given, else the automatic choice."""
-    if explicit is not None:
-        return _explicit(cuts, explicit, traced.role)
-    return choose_boundaries(stages, blocks, traced)
-
-
 def _same_grid(t: Cut, s: Cut) -> bool:
     return (t.reduction, t.layout, t.prefix_tokens) == (s.reduction, s.layout, s.prefix_tokens) \
         and _spatial(t) == _spatial(s)
@@ -202,3 +184,9 @@ def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
                         + "\nChoose other cuts with decompose.cuts or fewer decompose.blocks.")
     head = BlockPair(len(student) + 1, None, None, None, "head")
     return Pairing(tuple(pairs) + (head,))
+
+
+def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
+    """Pass 7: teacher and student blocks paired, adapters planned where they differ."""
+    teacher = list(models.teacher.boundaries) if models.teacher else None
+    return pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)

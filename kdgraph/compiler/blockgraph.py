@@ -1,4 +1,4 @@
-"""The block graph, a networkx DiGraph of every way blocks can be wired.
+"""Pass 9: the block graph, a networkx DiGraph of every way blocks can be wired.
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
 adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
@@ -20,12 +20,19 @@ that choice into the operations the runtime executes.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 
 import networkx as nx
 
-from .errors import PlanError
-from .match import Pairing
+from kdgraph.errors import PlanError
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.pair import Pairing
+    from kdgraph.compiler.artifacts import Models
+    from kdgraph.spec import Spec
+
 
 
 def _shape(cut) -> list[int] | None:
@@ -218,3 +225,14 @@ def to_mermaid(g: nx.DiGraph) -> str:
 
 def dumps(g: nx.DiGraph) -> str:
     return json.dumps(to_json(g), indent=2)
+
+
+def tpp_block_of(spec: Spec, pairing: Pairing) -> int | None:
+    return (spec.loss.tpp_block or pairing.k - 1) if spec.loss.tpp else None
+
+
+def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
+                     input_size: tuple[int, int, int]) -> nx.DiGraph:
+    """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
+    return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
+                                       tpp_block_of(spec, pairing), spec.loss.feature))

@@ -1,4 +1,4 @@
-"""Pass 2: find the cuts of a traced model.
+"""Pass 4: find the cuts of a traced model.
 
 A cut is a node after which exactly one input-dependent value is live: everything later
 depends on the input only through that node, so the network splits there into a prefix
@@ -10,12 +10,18 @@ input-dependent and do not count; sizes read from an input-dependent tensor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
-from .trace import TracedModel
+if TYPE_CHECKING:
+    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.compiler.artifacts import Models
+
+
 
 LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
 
@@ -231,3 +237,8 @@ def find_cut_by_module(cuts: list[Cut], path: str) -> Cut | None:
         if path in cut.closes or cut.node == path:
             return cut
     return None
+
+
+def cuts_pass(models: Models) -> Models:
+    """Pass 4: every single-tensor cut of each model."""
+    return models.map(lambda art: replace(art, cuts=tuple(find_cuts(art.traced))))

@@ -1,12 +1,9 @@
-"""Pass 3: group cuts into stages and choose the block boundaries.
+"""Pass 5: group cuts into stages, each of one feature shape.
 
 A stage is a run of consecutive cuts with one feature shape: the same reduction and
 width. Its end is the cut that closes the shallowest module, preferring containers
 (``layer2`` over ``act1``, ``blocks`` over ``norm``) and then the latest such cut.
-Blocks are then chosen from the stage ends: one boundary per reduction (the deepest
-stage of each), dropping the shallowest reductions when there are more than needed
-and splitting the longest stage by depth (isotropic networks) when there are fewer.
-The head (pooling + classifier) is always the last block.
+Blocks are then chosen from the stage ends (``boundaries``, pass 6).
 
 Where the model names its own feature taps (timm's ``feature_info``: module, width,
 reduction), a stage whose cuts include a tap ends there: the rule above and timm's
@@ -18,13 +15,16 @@ stage says so. ``Stage.tap`` records either, and the block's rule column shows i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 from torch import nn
 
-from .cuts import Cut
-from .errors import PlanError
-from .trace import TracedModel
+if TYPE_CHECKING:
+    from kdgraph.compiler.cuts import Cut
+    from kdgraph.compiler.trace import TracedModel
+
 
 
 @dataclass(frozen=True)
@@ -58,20 +58,12 @@ class Stage:
                 "cuts": len(self.cuts), "tap": self.tap}
 
 
-@dataclass(frozen=True)
-class Boundary:
-    """The end of a block: a cut, and how it was chosen."""
-
-    cut: Cut
-    rule: str  # "stage end", "depth split k/m", "explicit"
-
-
 def _stage_key(cut: Cut) -> tuple:
     # The shape too: a nominal reduction (cuts._nominal_reduction) spans grids of a few sizes.
     return (cut.layout == "vector", cut.reduction, cut.channels, cut.shape if cut.layout != "vector" else None)
 
 
-def _preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
+def preferred(cuts: list[Cut], traced: TracedModel) -> Cut:
     """The cut at the lowest nesting level; those closing containers first; the latest of those."""
     lowest = min(c.level for c in cuts)
     candidates = [c for c in cuts if c.level == lowest]
@@ -93,7 +85,7 @@ def feature_taps(traced: TracedModel) -> dict[str, int | None]:
     return taps
 
 
-def _tapped(cut: Cut, taps: dict[str, int | None]) -> str | None:
+def tapped(cut: Cut, taps: dict[str, int | None]) -> str | None:
     """The declared tap ``cut`` closes with the declared width (the innermost of several)."""
     hits = [m for m in cut.closes if m in taps and taps[m] in (None, cut.channels)]
     return hits[-1] if hits else None
@@ -101,12 +93,12 @@ def _tapped(cut: Cut, taps: dict[str, int | None]) -> str | None:
 
 def _end(group: list[Cut], traced: TracedModel, taps: dict[str, int | None]) -> tuple[Cut, str]:
     """The stage's end and its ``tap`` note (see Stage)."""
-    end = _preferred(group, traced)
-    tapped = [c for c in group if _tapped(c, taps)]
+    end = preferred(group, traced)
+    tapped = [c for c in group if tapped(c, taps)]
     if not tapped or end is tapped[-1] or end.layout == "vector":
         return end, ""
     tap = tapped[-1]
-    name = _tapped(tap, taps)
+    name = tapped(tap, taps)
     if same_value(traced, end, tap):
         return end, f"same tensor as feature_info tap {name}"
     return tap, f"feature_info tap {name}"
@@ -124,87 +116,6 @@ def find_stages(cuts: list[Cut], traced: TracedModel) -> list[Stage]:
             groups.append([cut])
     taps = feature_taps(traced)
     return [Stage(i, tuple(g), *_end(g, traced, taps)) for i, g in enumerate(groups)]
-
-
-def _units(stage: Stage) -> list[Cut]:
-    """Cuts inside the stage that close a direct child of the stage end's module (blocks.3)."""
-    parent = stage.end.module
-    if not parent:
-        return []
-    depth = parent.count(".") + 2
-    units = []
-    for cut in stage.cuts:
-        child = next((p for p in cut.closes if p.startswith(parent + ".") and p.count(".") + 1 == depth), None)
-        if child is not None:
-            units.append(cut)
-    return units
-
-
-def _split(n: int, parts: int) -> list[int]:
-    """Sizes of ``parts`` near-equal chunks of n, the larger chunks first (10/4 -> 3,3,2,2)."""
-    base, extra = divmod(n, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> list[Boundary]:
-    """The ``blocks - 1`` cuts that end blocks 1..k-1 (the head is block k).
-
-    After: boundaries are in graph order, strictly increasing, and the last is the end of
-    the feature extractor (the deepest non-vector stage).
-    """
-    role = traced.role
-    need = blocks - 1
-    if need == 0:
-        return []
-    maps = [s for s in stages if s.end.layout != "vector"]
-    if not maps:
-        leaves = [leaf.split(": ", 1)[0] for leaf in traced.leaves]
-        why = (f" (torch.fx traced {', '.join(leaves)} whole, as a leaf: it cannot trace through)"
-               if leaves else "")
-        raise PlanError(f"the {role} has no feature-map or token cut to split at{why}; "
-                        "name the cuts in decompose.cuts or use decompose.blocks: 1")
-    # One stage per resolution: the one whose end sits at the lowest level, so that a
-    # stage of expanded width inside the next block (efficientnet's blocks.3.0.bn1) loses
-    # to the block it follows (blocks.2).
-    per_reduction: dict[int | None, list[Stage]] = {}
-    for stage in maps:
-        per_reduction.setdefault(stage.reduction, []).append(stage)
-    chosen = []
-    taps = feature_taps(traced)
-    for group in per_reduction.values():
-        # A stage ending at one of the model's declared feature taps wins.
-        declared = [s for s in group if _tapped(s.end, taps) or s.tap]
-        end = _preferred([s.end for s in declared or group], traced)
-        chosen.append(next(s for s in group if s.end is end))
-    chosen.sort(key=lambda s: s.end.index)
-    if len(chosen) >= need:
-        return [Boundary(s.end, s.rule) for s in chosen[len(chosen) - need:]]
-
-    # Too few resolutions: split the stages with the most repeated units by depth.
-    parts = {s.index: 1 for s in chosen}
-    units = {s.index: _units(s) for s in chosen}
-    while sum(parts.values()) < need:
-        splittable = [s for s in chosen if len(units[s.index]) > parts[s.index]]
-        if not splittable:
-            total = sum(len(u) for u in units.values()) or len(chosen)
-            raise PlanError(
-                f"the {role} cannot be cut into {blocks} blocks: it has {len(chosen)} resolution "
-                f"stages and {total} repeated units in all; lower decompose.blocks")
-        best = max(splittable, key=lambda s: len(units[s.index]) / parts[s.index])
-        parts[best.index] += 1
-    out: list[Boundary] = []
-    for stage in chosen:
-        p, u = parts[stage.index], units[stage.index]
-        if p == 1:
-            out.append(Boundary(stage.end, stage.rule))
-            continue
-        sizes = _split(len(u), p)
-        at = 0
-        for j, size in enumerate(sizes[:-1]):
-            at += size
-            out.append(Boundary(u[at - 1], f"depth split {j + 1}/{p} ({'/'.join(map(str, sizes))})"))
-        out.append(Boundary(stage.end, f"depth split {p}/{p} ({'/'.join(map(str, sizes))})"))
-    return out
 
 
 def _identity(traced: TracedModel, node) -> bool:

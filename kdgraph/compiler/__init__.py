@@ -1,0 +1,140 @@
+"""The compiler: an ordered list of passes from a spec to a plan, checked between passes.
+
+    Spec -> Models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
+         -> segments -> BlockGraph -> Plan (a Program per training stage)
+
+One pass per module of this package, numbered as ``compile_spec`` runs them (``PASSES``):
+build, data, trace, cuts, stages, boundaries, pair, split, blockgraph, plan. Each pass is a
+function of the artifacts before it that returns a new, frozen artifact (``artifacts``);
+``compile_spec`` calls them in one straight line, each call timed and followed by the
+invariant check, and a failed check names the pass that broke it. Everything here runs on
+the CPU in seconds, decodes no data (an image folder is listed and checked, to choose its
+loader) and touches no network: pretrained weights are fetched only where a caller asks
+(training, evaluation). Planning alone (``materialize=False``, as `kdgraph plan` does) builds
+the models with their parameters on the meta device and propagates shapes on meta tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import time
+from collections.abc import Callable, Collection
+
+from torch import nn
+
+from kdgraph.compiler.artifacts import BuildMode, Compiled, ModelArtifacts, Models
+from kdgraph.compiler.blockgraph import block_graph_pass
+from kdgraph.compiler.boundaries import boundaries_pass
+from kdgraph.compiler.build import build_models, build_pass
+from kdgraph.compiler.cuts import cuts_pass
+from kdgraph.compiler.data import data_pass
+from kdgraph.compiler.pair import Pairing, pair_pass
+from kdgraph.compiler.plan import Plan, plan_pass
+from kdgraph.compiler.split import split_pass
+from kdgraph.compiler.stages import stages_pass
+from kdgraph.compiler.trace import trace_pass
+from kdgraph.data import resolve_input_size
+from kdgraph.errors import PlanError
+
+if TYPE_CHECKING:
+    from kdgraph.spec import Spec
+
+__all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "build_models", "check", "compile_spec"]
+
+
+PASSES: tuple[Callable, ...] = (build_pass, data_pass, trace_pass, cuts_pass, stages_pass, boundaries_pass,
+                                pair_pass, split_pass, block_graph_pass, plan_pass)
+
+
+def check(spec: Spec, input_size: tuple[int, int, int], artifact) -> list[str]:
+    """Invariants of the artifact a pass just returned."""
+    if isinstance(artifact, Models):
+        return _check_models(spec, input_size, artifact)
+    if isinstance(artifact, Pairing) and artifact.k != spec.decompose.blocks:
+        return [f"pairing has {artifact.k} blocks, spec asks for {spec.decompose.blocks}"]
+    if isinstance(artifact, Plan):
+        covered = [sorted(i for g in st.groups for i in g) for st in artifact.stages]
+        if any(cov != list(range(1, artifact.k + 1)) for cov in covered):
+            return ["a training stage does not train every student block exactly once"]
+    return []
+
+
+def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) -> list[str]:
+    problems = []
+    for art in models.each():
+        if art.traced is not None and art.traced.input_size != input_size:
+            problems.append(f"{art.role} traced at {art.traced.input_size}, spec says {input_size}")
+        idx = [cut.index for cut in art.cuts]
+        if idx != sorted(set(idx)):
+            problems.append(f"{art.role} cuts are not in strict graph order")
+        names = {cut.node for cut in art.cuts}
+        for st in art.stages:
+            if st.end.node not in names or st.end not in st.cuts:
+                problems.append(f"{art.role} stage {st.index} ends outside its cuts")
+        b_idx = [b.cut.index for b in art.boundaries]
+        if b_idx != sorted(set(b_idx)) or any(b.cut.node not in names for b in art.boundaries):
+            problems.append(f"{art.role} block boundaries are not increasing cuts")
+        if art.boundaries and len(art.boundaries) != spec.decompose.blocks - 1:
+            problems.append(f"{art.role} has {len(art.boundaries)} boundaries for {spec.decompose.blocks} blocks")
+        if art.segments and len(art.segments) != len(art.boundaries) + 1:
+            problems.append(f"{art.role} has {len(art.segments)} segments for {len(art.boundaries)} boundaries")
+    t, s = models.teacher, models.student
+    if t and t.traced and s.traced and s.num_classes and t.num_classes != s.num_classes:
+        problems.append(f"teacher predicts {t.num_classes} classes, student {s.num_classes}")
+    return problems
+
+
+class _Passes:
+    """Runs each pass in ``PASSES`` order: times it and checks what it returned."""
+
+    def __init__(self, spec: Spec, input_size: tuple[int, int, int]):
+        self.spec, self.input_size = spec, input_size
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, fn: Callable, *args):
+        number = len(self.timings)
+        if PASSES[number] is not fn:
+            raise AssertionError(f"pass {number + 1} is {PASSES[number].__name__}, not {fn.__name__}")
+        t0 = time.perf_counter()
+        out = fn(*args)
+        name = fn.__name__.removesuffix("_pass")
+        self.timings[name] = time.perf_counter() - t0
+        problems = check(self.spec, self.input_size, out)
+        if problems:
+            raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
+        return out
+
+
+def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
+                 fetch: Collection[str] = (), allow_missing_weights: bool = False,
+                 materialize: bool = True) -> Compiled:
+    """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
+
+    Planning needs shapes only, so pretrained weights are fetched for the roles in
+    ``fetch`` alone (training: both; evaluation: the teacher); checkpoints always load,
+    except that ``allow_missing_weights`` plans with initial weights where a checkpoint
+    file does not exist yet (listed in ``Compiled.missing_weights``).
+
+    ``materialize=False`` builds a plan only (`kdgraph plan`): the models' parameters stay
+    on the meta device, so ``Compiled.*.model`` cannot run; checkpoints are checked from
+    their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
+    output is the same as with real weights.
+    """
+    mode = BuildMode(frozenset(fetch), allow_missing_weights, materialize)
+    input_size = resolve_input_size(spec.data)
+    run = _Passes(spec, input_size)
+    built = run(build_pass, spec, mode, models)
+    data = run(data_pass, spec, built, input_size, mode)
+    traced = run(trace_pass, spec, built, input_size)
+    cut = run(cuts_pass, traced)
+    staged = run(stages_pass, cut)
+    bounded = run(boundaries_pass, spec, staged)
+    pairing = run(pair_pass, spec, bounded, input_size)
+    split = run(split_pass, bounded)
+    graph = run(block_graph_pass, spec, split, pairing, input_size)
+    plan = run(plan_pass, spec, pairing, graph)
+    missing = split.missing + ((f"data.root {spec.data.root}",)
+                               if data.train_images is None and spec.data.dataset == "imagefolder" else ())
+    return Compiled(spec, input_size, split.student, split.teacher, data, pairing, graph, plan,
+                    run.timings, split.notes, missing)

@@ -1,0 +1,120 @@
+"""The compiler's artifacts: what each pass returns (frozen) and the compiled whole."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import networkx as nx
+from torch import nn
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.boundaries import Boundary
+    from kdgraph.compiler.cuts import Cut
+    from kdgraph.compiler.data import DataPlan
+    from kdgraph.compiler.pair import Pairing
+    from kdgraph.compiler.plan import Plan
+    from kdgraph.compiler.stages import Stage
+    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.spec import Spec
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """Everything the compiler learnt about one model; each pass returns a new one."""
+
+    role: str
+    model: nn.Module
+    traced: TracedModel | None = None
+    cuts: tuple[Cut, ...] = ()
+    stages: tuple[Stage, ...] = ()
+    boundaries: tuple[Boundary, ...] = ()
+    # The model split at its block boundaries: GraphModules sharing the model's parameters.
+    segments: tuple[nn.Module, ...] = ()
+
+    @property
+    def num_classes(self) -> int | None:
+        out = next(n for n in reversed(self.traced.gm.graph.nodes) if n.op == "output")
+        arg = out.args[0]
+        shape = self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
+        return shape[-1] if shape and len(shape) == 2 else None
+
+    def to_dict(self) -> dict:
+        return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],
+                "stages": [s.to_dict() for s in self.stages],
+                "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}
+                               for b in self.boundaries],
+                "leaves": list(self.traced.leaves) if self.traced else []}
+
+
+@dataclass(frozen=True)
+class Models:
+    """The teacher (None without one) and the student, and what building them noted."""
+
+    teacher: ModelArtifacts | None
+    student: ModelArtifacts
+    notes: tuple[str, ...] = ()  # what building the models wants the user to know
+    # Weights files that were named but not found, when the caller allowed that (plan, eval).
+    missing: tuple[str, ...] = ()
+
+    def each(self) -> tuple[ModelArtifacts, ...]:
+        return tuple(a for a in (self.teacher, self.student) if a is not None)
+
+    def map(self, fn: Callable[[ModelArtifacts], ModelArtifacts]) -> Models:
+        """A copy with ``fn`` applied to each model's artifacts."""
+        return replace(self, teacher=fn(self.teacher) if self.teacher is not None else None,
+                       student=fn(self.student))
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The compiler's output: every artifact of every pass."""
+
+    spec: Spec
+    input_size: tuple[int, int, int]
+    student: ModelArtifacts
+    teacher: ModelArtifacts | None
+    data: DataPlan
+    pairing: Pairing
+    graph: nx.DiGraph  # frozen (nx.freeze)
+    plan: Plan
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what building the models wants the user to know
+    # Weights files (or data) that were named but not found, when the caller allowed that (plan, eval).
+    missing_weights: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.student.num_classes
+
+    def to_dict(self) -> dict:
+        """The JSON contract of `kdgraph plan --format json` (keys are kept stable)."""
+        return {
+            "name": self.spec.name,
+            "spec": self.spec.to_dict(),
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "data": self.data.to_dict(),
+            "teacher": self.teacher.to_dict() if self.teacher else None,
+            "student": self.student.to_dict(),
+            "blocks": [b.to_dict() for b in self.pairing.blocks],
+            "adapters_in_use": self.plan.uses_adapters,
+            "schedule": self.plan.to_dict(),
+            "graph": nx.node_link_data(self.graph, edges="edges"),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class BuildMode:
+    """How models are built. ``fetch``: roles whose ``pretrained: true`` weights are fetched
+    (the others get random weights of the same shapes); ``allow_missing``: a checkpoint file
+    or image folder that does not exist yet is listed, not an error (planning needs shapes
+    only); ``materialize=False``: parameters on the meta device, checkpoints checked from
+    their headers, nothing fetched (`kdgraph plan`)."""
+
+    fetch: frozenset[str] = frozenset()
+    allow_missing: bool = False
+    materialize: bool = True

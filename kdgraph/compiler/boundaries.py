@@ -1,0 +1,147 @@
+"""Pass 6: the block boundaries, the cuts that end blocks 1..k-1 of each model.
+
+Named in the spec (``decompose.cuts``), or chosen from the stage ends: one boundary per
+reduction (the deepest stage of each), dropping the shallowest reductions when there are
+more than needed and splitting the longest stage by depth (isotropic networks) when there
+are fewer. The head (pooling + classifier) is always the last block.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dataclasses import dataclass, replace
+
+from kdgraph.compiler.cuts import Cut, find_cut_by_module
+from kdgraph.compiler.stages import Stage, feature_taps, preferred, tapped
+from kdgraph.errors import PlanError
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import ModelArtifacts, Models
+    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.spec import Spec
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The end of a block: a cut, and how it was chosen."""
+
+    cut: Cut
+    rule: str  # "stage end", "depth split k/m", "explicit"
+
+
+def _units(stage: Stage) -> list[Cut]:
+    """Cuts inside the stage that close a direct child of the stage end's module (blocks.3)."""
+    parent = stage.end.module
+    if not parent:
+        return []
+    depth = parent.count(".") + 2
+    units = []
+    for cut in stage.cuts:
+        child = next((p for p in cut.closes if p.startswith(parent + ".") and p.count(".") + 1 == depth), None)
+        if child is not None:
+            units.append(cut)
+    return units
+
+
+def _split(n: int, parts: int) -> list[int]:
+    """Sizes of ``parts`` near-equal chunks of n, the larger chunks first (10/4 -> 3,3,2,2)."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> list[Boundary]:
+    """The ``blocks - 1`` cuts that end blocks 1..k-1 (the head is block k).
+
+    After: boundaries are in graph order, strictly increasing, and the last is the end of
+    the feature extractor (the deepest non-vector stage).
+    """
+    role = traced.role
+    need = blocks - 1
+    if need == 0:
+        return []
+    maps = [s for s in stages if s.end.layout != "vector"]
+    if not maps:
+        leaves = [leaf.split(": ", 1)[0] for leaf in traced.leaves]
+        why = (f" (torch.fx traced {', '.join(leaves)} whole, as a leaf: it cannot trace through)"
+               if leaves else "")
+        raise PlanError(f"the {role} has no feature-map or token cut to split at{why}; "
+                        "name the cuts in decompose.cuts or use decompose.blocks: 1")
+    # One stage per resolution: the one whose end sits at the lowest level, so that a
+    # stage of expanded width inside the next block (efficientnet's blocks.3.0.bn1) loses
+    # to the block it follows (blocks.2).
+    per_reduction: dict[int | None, list[Stage]] = {}
+    for stage in maps:
+        per_reduction.setdefault(stage.reduction, []).append(stage)
+    chosen = []
+    taps = feature_taps(traced)
+    for group in per_reduction.values():
+        # A stage ending at one of the model's declared feature taps wins.
+        declared = [s for s in group if tapped(s.end, taps) or s.tap]
+        end = preferred([s.end for s in declared or group], traced)
+        chosen.append(next(s for s in group if s.end is end))
+    chosen.sort(key=lambda s: s.end.index)
+    if len(chosen) >= need:
+        return [Boundary(s.end, s.rule) for s in chosen[len(chosen) - need:]]
+
+    # Too few resolutions: split the stages with the most repeated units by depth.
+    parts = {s.index: 1 for s in chosen}
+    units = {s.index: _units(s) for s in chosen}
+    while sum(parts.values()) < need:
+        splittable = [s for s in chosen if len(units[s.index]) > parts[s.index]]
+        if not splittable:
+            total = sum(len(u) for u in units.values()) or len(chosen)
+            raise PlanError(
+                f"the {role} cannot be cut into {blocks} blocks: it has {len(chosen)} resolution "
+                f"stages and {total} repeated units in all; lower decompose.blocks")
+        best = max(splittable, key=lambda s: len(units[s.index]) / parts[s.index])
+        parts[best.index] += 1
+    out: list[Boundary] = []
+    for stage in chosen:
+        p, u = parts[stage.index], units[stage.index]
+        if p == 1:
+            out.append(Boundary(stage.end, stage.rule))
+            continue
+        sizes = _split(len(u), p)
+        at = 0
+        for j, size in enumerate(sizes[:-1]):
+            at += size
+            out.append(Boundary(u[at - 1], f"depth split {j + 1}/{p} ({'/'.join(map(str, sizes))})"))
+        out.append(Boundary(stage.end, f"depth split {p}/{p} ({'/'.join(map(str, sizes))})"))
+    return out
+
+
+def _explicit(cuts: list[Cut], paths: list[str], role: str) -> list[Boundary]:
+    out = []
+    for i, path in enumerate(paths):
+        cut = find_cut_by_module(cuts, path)
+        if cut is None:
+            near = [c.label for c in cuts if c.label and (path in c.label or c.label in path)][:6]
+            hint = f"; cuts near it: {', '.join(near)}" if near else ""
+            raise PlanError(
+                f"decompose.cuts.{i}.{role}: '{path}' is not a cut of the {role} (no single tensor "
+                f"crosses there, or no such module){hint}. `kdgraph plan` lists every cut.")
+        out.append(Boundary(cut, "explicit"))
+    if any(a.cut.index >= b.cut.index for a, b in zip(out, out[1:])):
+        raise PlanError(f"decompose.cuts: the {role} cuts must be in forward order")
+    return out
+
+
+def boundaries_for(traced: TracedModel, cuts: list[Cut], stages: list[Stage], blocks: int,
+                   explicit: list[str] | None) -> list[Boundary]:
+    """Block ends of one model: the explicit cuts when given, else the automatic choice."""
+    if explicit is not None:
+        return _explicit(cuts, explicit, traced.role)
+    return choose_boundaries(stages, blocks, traced)
+
+
+def boundaries_pass(spec: Spec, models: Models) -> Models:
+    """Pass 6: the cuts that end each block (explicit in the spec, else chosen)."""
+    d = spec.decompose
+
+    def one(art: ModelArtifacts) -> ModelArtifacts:
+        explicit = None if d.cuts == "auto" else [getattr(p, art.role) for p in d.cuts]
+        return replace(art, boundaries=tuple(boundaries_for(art.traced, list(art.cuts), list(art.stages),
+                                                             d.blocks, explicit)))
+
+    return models.map(one)

@@ -1,0 +1,110 @@
+"""Pass 2: how the data will be read (loader, normalisation), decided without decoding it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from kdgraph.errors import DataError
+from kdgraph.imagefolder import scan_imagefolder
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import BuildMode, Models
+    from kdgraph.spec import DataSpec, Spec
+
+
+DEFAULT_CROP_PCT = 0.875  # timm's
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """How a spec's data will be read, decided without decoding any image.
+
+    ``mean``/``std`` are per channel in 0..1 pixel units, or None where the training
+    split's statistics are used (known once it is read); ``stats`` says which."""
+
+    dataset: str
+    loader: str  # "memory" or "stream"
+    reason: str
+    input_size: tuple[int, int, int]
+    train_images: int | None = None  # image folders only
+    test_images: int | None = None
+    decoded_mb: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None  # streamed evaluation only
+    stats: str = "the training split's statistics"
+
+    def __str__(self) -> str:
+        norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
+            f"normalised with {self.stats}"
+        crop = f", eval crop_pct {self.crop_pct}" if self.loader == "stream" else ""
+        return f"{self.loader} ({self.reason}); {norm}{crop}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "loader": self.loader, "reason": self.reason,
+                "input_size": list(self.input_size), "train_images": self.train_images,
+                "test_images": self.test_images, "decoded_mb": self.decoded_mb,
+                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "crop_pct": self.crop_pct, "stats": self.stats}
+
+
+def _fmt(values: tuple[float, ...] | None) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "-"
+
+
+def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,
+              input_size: tuple[int, int, int], missing_ok: bool = False) -> DataPlan:
+    """Choose the loader of ``data_spec`` and its normalisation. Image folders are listed and
+    checked (scan_imagefolder's errors surface here, in `kdgraph plan`); other datasets are
+    always held in memory and normalised with their training statistics. With ``missing_ok``
+    (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
+    if data_spec.dataset != "imagefolder":
+        return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
+    if missing_ok and (data_spec.root is None or not Path(data_spec.root).is_dir()):
+        mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
+                                                    "teacher" if teacher is not None else "student", input_size[0])
+        return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
+                        input_size, None, None, None, mean, std, crop_pct, stats)
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
+    c, h, w = input_size
+    if c not in (1, 3):
+        raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
+    mb = folder.num_images * c * h * w * 4 / 2**20
+    budget = data_spec.memory_budget_mb
+    size = f"{folder.num_images:,} images, {mb:,.1f} MB decoded" if mb >= 0.1 else \
+        f"{folder.num_images:,} images, {mb * 1024:,.0f} KB decoded"
+    if data_spec.loader == "auto":
+        loader = "memory" if mb <= budget else "stream"
+        reason = f"auto: {size} {'<=' if loader == 'memory' else '>'} data.memory_budget_mb {budget}"
+    else:
+        loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
+    mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
+                                                "teacher" if teacher is not None else "student", c)
+    return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
+                    round(mb, 1), mean, std, crop_pct, stats)
+
+
+def _normalisation(data_spec: DataSpec, model: nn.Module, role: str, channels: int):
+    """(mean, std, crop_pct, where mean/std come from): the spec's, else the model's timm
+    pretrained_cfg (the teacher's: it sees the inputs the student is taught on; without a
+    teacher the student's, so that a teacher trained by kdgraph and the runs distilling
+    it agree), else None: the training split's statistics."""
+    cfg = getattr(model, "pretrained_cfg", None)  # timm models carry one; others do not
+    cfg = cfg if isinstance(cfg, dict) else {}
+    crop_pct = data_spec.crop_pct or cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    if data_spec.mean is not None:
+        return tuple(data_spec.mean), tuple(data_spec.std), crop_pct, "the spec (data.mean/std)"
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None and std is not None and len(mean) == len(std) == channels:
+        return tuple(map(float, mean)), tuple(map(float, std)), crop_pct, f"the {role}'s pretrained_cfg"
+    return None, None, crop_pct, "the training split's statistics"
+
+
+def data_pass(spec: Spec, models: Models, input_size: tuple[int, int, int], mode: BuildMode) -> DataPlan:
+    """Pass 2: how the data will be read (loader, normalisation), without decoding it."""
+    return plan_data(spec.data, models.teacher.model if models.teacher else None, models.student.model,
+                     input_size, missing_ok=mode.allow_missing)

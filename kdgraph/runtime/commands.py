@@ -1,0 +1,118 @@
+"""What `kdgraph eval` and `kdgraph export` do: compile the spec, load the run's trained
+student (any file kdgraph writes, told apart by content), then score it or ship it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+
+from kdgraph.compiler import Compiled, compile_spec
+from kdgraph.data import DeviceLoader
+from kdgraph.errors import KDGraphError
+from kdgraph.runtime import checkpoint as ckpt
+from kdgraph.runtime import ship
+from kdgraph.runtime.evaluate import accuracy
+from kdgraph.runtime.export import load_student, load_trained, preprocessing_of
+from kdgraph.stream import build_data
+
+if TYPE_CHECKING:
+    from kdgraph.spec import Spec
+
+
+def _default_student(spec: Spec) -> Path:
+    return spec.output_dir / "student.safetensors"
+
+
+SPLITS = ("test", "train")
+
+
+def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test") -> dict:
+    """Top-1 and top-5 of the trained student (and of the teacher, where its weights are at
+    hand) on the spec's ``split`` (test, or the training split as the spec's data.fraction
+    selects it), on the CPU or GPU. The teacher is never needed to score the student."""
+    from kdgraph.runtime.techniques import DistInfo, resolve_device
+
+    if split not in SPLITS:
+        raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    device = resolve_device(spec.runtime.device, DistInfo())
+    compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
+    student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
+    data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
+    if split == "test":
+        loader, samples = data.test, data.test_samples()
+    elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
+        loader = DeviceLoader(data.train.x, data.train.y, spec.data.test_batch_size or spec.data.batch_size,
+                              shuffle=False, device=device)
+        samples = len(data.train.y)
+    else:
+        raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
+                           "its image folder (data.loader: stream)")
+    result: dict = {"split": split, "samples": samples}
+    acc = accuracy(student, loader, device, spec.runtime.precision)
+    result.update(student_top1=acc["top1"], student_top5=acc["top5"])
+    if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
+        teacher = compiled.teacher.model.to(device).eval()
+        acc = accuracy(teacher, loader, device, spec.runtime.precision)
+        result.update(teacher_top1=acc["top1"], teacher_top5=acc["top5"])
+    return result
+
+
+def _compile_for_eval(spec: Spec) -> Compiled:
+    """The plan with the teacher's pretrained weights fetched where it has them; where they
+    cannot be had (offline), the plan without them: the student is scored either way."""
+    if spec.teacher is not None and spec.teacher.pretrained:
+        try:
+            return compile_spec(spec, fetch=("teacher",), allow_missing_weights=True)
+        except KDGraphError as exc:
+            compiled = compile_spec(spec, allow_missing_weights=True)
+            return replace(compiled, missing_weights=compiled.missing_weights
+                           + (f"teacher pretrained weights ({str(exc).splitlines()[0]})",))
+    return compile_spec(spec, allow_missing_weights=True)
+
+
+def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
+    if any(m.startswith("teacher") for m in compiled.missing_weights):
+        return False
+    return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
+
+
+def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
+    """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
+
+    ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
+    OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
+    compiled = compile_spec(spec, allow_missing_weights=True)
+    path = checkpoint
+    if path is None:
+        path = _default_student(spec)
+        if not path.exists():
+            path = spec.output_dir / "checkpoints" / "last.pt"
+    try:
+        maps = load_trained(compiled, path)
+    except KDGraphError as exc:
+        prev = ckpt.previous_of(spec.output_dir / "checkpoints" / "last.pt")
+        if checkpoint is not None or path.name != "last.pt" or not prev.is_file():
+            raise
+        raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
+    summary_file = spec.output_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    preprocessing = summary.get("preprocessing")
+    if preprocessing is None:  # a run stopped before its summary: read the data as training did
+        from kdgraph.runtime.techniques import DistInfo
+
+        preprocessing = preprocessing_of(spec, build_data(spec, compiled.data, torch.device("cpu"), DistInfo()))
+    card = {"top1": summary.get("student_top1"), "top5": summary.get("student_top5"),
+            "teacher_top1": summary.get("teacher_top1"), "method": compiled.plan.method,
+            "resize": preprocessing.get("resize"), "weights_from": str(path),
+            "command": command or f"kdgraph train {spec.name}"}
+    compiled.student.model.eval()
+    try:
+        return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
+    except (OSError, SafetensorError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
