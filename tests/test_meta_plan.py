@@ -22,7 +22,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
-from kdgraph import blockgraph
+from kdgraph.compiler import blockgraph
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import ModelError
 from kdgraph.models import MODEL_SOURCES, build_model, holds_meta

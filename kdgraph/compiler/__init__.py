@@ -138,3 +138,19 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     return Compiled(spec, input_size, split.student, split.teacher, data, pairing, graph, plan,
                     run.timings, split.notes, missing)
+
+
+def pipeline_mermaid() -> str:
+    """The pipeline as a Mermaid flowchart, drawn from ``PASSES`` (the README shows it)."""
+    lines = ["flowchart LR", '  spec(["Spec<br/>kdgraph/spec/"])']
+    prev = "spec"
+    for number, fn in enumerate(PASSES, start=1):
+        name = fn.__name__.removesuffix("_pass")
+        artifact = str(fn.__annotations__.get("return", "")).split("[")[0]
+        lines.append(f'  p{number}["{number} {name}<br/>compiler/{fn.__module__.rpartition(".")[2]}.py<br/>→ {artifact}"]')
+        lines.append(f"  {prev} --> p{number}")
+        prev = f"p{number}"
+    lines += ['  run["runtime/distiller.py<br/>runs each stage\'s Program"]', f"  {prev} --> run",
+              '  loop["runtime/loop.py<br/>train, checkpoint, resume"]', "  run --> loop",
+              '  ship["runtime/export.py, ship.py<br/>student.safetensors, timm folder"]', "  loop --> ship"]
+    return "\n".join(lines) + "\n"

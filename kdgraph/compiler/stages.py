@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import Models
     from kdgraph.compiler.cuts import Cut
     from kdgraph.compiler.trace import TracedModel
 
@@ -94,10 +95,10 @@ def tapped(cut: Cut, taps: dict[str, int | None]) -> str | None:
 def _end(group: list[Cut], traced: TracedModel, taps: dict[str, int | None]) -> tuple[Cut, str]:
     """The stage's end and its ``tap`` note (see Stage)."""
     end = preferred(group, traced)
-    tapped = [c for c in group if tapped(c, taps)]
-    if not tapped or end is tapped[-1] or end.layout == "vector":
+    hits = [c for c in group if tapped(c, taps)]
+    if not hits or end is hits[-1] or end.layout == "vector":
         return end, ""
-    tap = tapped[-1]
+    tap = hits[-1]
     name = tapped(tap, taps)
     if same_value(traced, end, tap):
         return end, f"same tensor as feature_info tap {name}"
@@ -145,3 +146,8 @@ def same_value(traced: TracedModel, a: Cut, b: Cut) -> bool:
             return False
         node = inputs[0]
     return True
+
+
+def stages_pass(models: Models) -> Models:
+    """Pass 5: cuts grouped into stages of one feature shape."""
+    return models.map(lambda art: replace(art, stages=tuple(find_stages(list(art.cuts), art.traced))))
