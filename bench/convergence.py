@@ -66,7 +66,7 @@ def _base_spec(args, name: str, output: Path) -> dict:
             "runtime": {"device": args.device, "log_every": 1000, "num_threads": args.threads}}
 
 
-def _train(spec_dict: dict) -> tuple[dict, list[dict]]:
+def train_once(spec_dict: dict) -> tuple[dict, list[dict]]:
     from kdgraph.runtime.loop import train
     from kdgraph.spec import load_spec
 
@@ -90,7 +90,7 @@ def teacher_checkpoint(args) -> tuple[Path, float]:
         spec["optim"].update(lr=0.1, lr_schedule="onecycle")
         spec["decompose"] = {"blocks": 1}
         print(f"training the {args.dataset} teacher ...", flush=True)
-        _train(spec)
+        train_once(spec)
     return ckpt, json.loads((out / "summary.json").read_text())["student_top1"]
 
 
@@ -116,7 +116,7 @@ def cell_spec(args, pair: str, method: str, budget: int, fraction: float, seed: 
     return spec
 
 
-def _done(path: Path) -> dict[str, dict]:
+def done_cells(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
@@ -129,7 +129,7 @@ def run_cell(args, results: Path, done: dict, **cell) -> dict:
     if key in done:
         return done[key]
     t0 = time.perf_counter()
-    summary, records = _train(spec)
+    summary, records = train_once(spec)
     row = {"cell": key, "dataset": args.dataset, **cell,
            "top1": summary["student_top1"], "teacher_top1": summary["teacher_top1"],
            "curve": [r["student_top1"] for r in records if r["kind"] == "epoch"],
@@ -145,7 +145,7 @@ def run_cell(args, results: Path, done: dict, **cell) -> dict:
 
 def sweep(args, results: Path) -> dict[str, float]:
     """Best learning rate per method: smallest budget, seed 0, pair 'narrow' (--sweep-fraction of the data)."""
-    done = _done(results)
+    done = done_cells(results)
     budget = DATASETS[args.dataset]["budgets"][0]
     best = {}
     for method in args.methods:
@@ -158,7 +158,7 @@ def sweep(args, results: Path) -> dict[str, float]:
 
 
 def tuned_lrs(results_sweep: Path, methods, budget: int) -> dict[str, float]:
-    done = _done(results_sweep)
+    done = done_cells(results_sweep)
     best = {}
     for method in methods:
         rows = [r for r in done.values() if r["method"] == method and r["budget"] == budget]
@@ -206,7 +206,7 @@ def main() -> None:
     lrs = tuned_lrs(RESULTS / f"sweep-{sweep_of}.jsonl", args.methods, DATASETS[sweep_of]["budgets"][0])
     _, teacher_top1 = teacher_checkpoint(args)
     print(f"teacher top-1 {teacher_top1:.2f}%; learning rates {lrs}", flush=True)
-    done = _done(results)
+    done = done_cells(results)
     if args.stability:
         for method in ("kd", "stablekd-4/0"):
             run_cell(args, results, done, pair="narrow", method=method, budget=budgets[1] if len(budgets) > 1

@@ -40,13 +40,13 @@ def write_folder(root: Path, n_train: int, n_val: int) -> Path:
     """Fashion-MNIST's first n_train training and n_val test images as PNGs (once; reused)."""
     from PIL import Image
 
-    from kdgraph.data import _read_idx
+    from kdgraph.data import read_idx
 
     done = root / ".complete"
     if done.exists():
         return root
-    x_tr, y_tr = _read_idx(str(FASHION / "train-images-idx3-ubyte.gz")), _read_idx(str(FASHION / "train-labels-idx1-ubyte.gz"))
-    x_te, y_te = _read_idx(str(FASHION / "t10k-images-idx3-ubyte.gz")), _read_idx(str(FASHION / "t10k-labels-idx1-ubyte.gz"))
+    x_tr, y_tr = read_idx(str(FASHION / "train-images-idx3-ubyte.gz")), read_idx(str(FASHION / "train-labels-idx1-ubyte.gz"))
+    x_te, y_te = read_idx(str(FASHION / "t10k-images-idx3-ubyte.gz")), read_idx(str(FASHION / "t10k-labels-idx1-ubyte.gz"))
     for split, x, y, n in (("train", x_tr, y_tr, n_train), ("val", x_te, y_te, n_val)):
         for i in range(n):
             folder = root / split / f"class{int(y[i]):02d}"
@@ -110,7 +110,8 @@ def measure(root: Path, loader: str, args) -> dict:
     for _ in range(args.steps):
         n += len(next(it)[1])
     loader_ips = n / (time.perf_counter() - t0)
-    del it, run
+    it.close()
+    run = None  # drop the run and its loaders: persistent workers stop with them
     gc.collect()  # persistent workers stop with their loader: their peak RSS lands in RUSAGE_CHILDREN
     time.sleep(0.5)
     return {"loader": loader, "train_images": len(list((root / "train").rglob("*.png"))),

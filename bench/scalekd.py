@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from convergence import _done, _train  # bench/convergence.py
+from convergence import done_cells, train_once  # bench/convergence.py
 
 RESULTS = Path("bench/results/scalekd-fashion.jsonl")
 VIT = {"num_classes": 10, "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 2}
@@ -53,7 +53,7 @@ def teacher(args) -> tuple[str, float]:
                     optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "lr_schedule": "onecycle",
                            "decay_norms_and_biases": True})  # as the committed results were run
         print("training the ViT teacher ...", flush=True)
-        _train(spec)
+        train_once(spec)
     return str(out / "student.safetensors"), json.loads((out / "summary.json").read_text())["student_top1"]
 
 
@@ -91,14 +91,14 @@ def main() -> None:
         return
     _, teacher_top1 = teacher(args)
     print(f"ViT teacher top-1 {teacher_top1:.2f}%", flush=True)
-    done = _done(RESULTS)
+    done = done_cells(RESULTS)
     for seed in args.seeds:
         for method in args.methods:
             spec = cell(args, method, seed)
             if spec["name"] in done:
                 continue
             t0 = time.perf_counter()
-            summary, records = _train(spec)
+            summary, records = train_once(spec)
             row = {"cell": spec["name"], "method": method, "seed": seed, "epochs": args.epochs,
                    "fraction": args.fraction, "top1": summary["student_top1"], "teacher_top1": teacher_top1,
                    "curve": [r["student_top1"] for r in records if r["kind"] == "epoch"],
@@ -109,7 +109,7 @@ def main() -> None:
 
 
 def report() -> str:
-    rows = list(_done(RESULTS).values())
+    rows = list(done_cells(RESULTS).values())
     if not rows:
         return "(no results)"
     lines = [f"ViT teacher (width 64, depth 4, patch 7) top-1: {rows[0]['teacher_top1']:.2f} %; "

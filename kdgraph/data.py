@@ -239,7 +239,7 @@ def _load_digits(data_spec: DataSpec, seed: int) -> RawSplits:
 
 
 @functools.lru_cache(maxsize=8)
-def _read_idx(path: str) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
@@ -277,7 +277,7 @@ def _load_fashion_mnist(data_spec: DataSpec, seed: int) -> RawSplits:
     missing = [s for s, p in paths.items() if p is None]
     if missing:
         raise DataError(f"fashion-mnist: {', '.join(missing)} not found under {root}; {FASHION_MNIST_HELP}")
-    tr_x, tr_y, te_x, te_y = (torch.from_numpy(_read_idx(str(paths[s])).copy()) for s in stems)
+    tr_x, tr_y, te_x, te_y = (torch.from_numpy(read_idx(str(paths[s])).copy()) for s in stems)
     return RawSplits(tr_x[:, None].float(), tr_y.long(), te_x[:, None].float(), te_y.long(), 10, "crop+flip")
 
 

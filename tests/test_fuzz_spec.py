@@ -149,8 +149,7 @@ def _fuzz_cases(cases_per_spec: int = CASES_PER_SPEC):
 def _check_outcome(path, spec_dict, what, compile_it: bool) -> str:
     try:
         with time_limit(CASE_LIMIT_S):
-            spec = load_spec(spec_dict)
-            spec._source_dir = path.parent  # module: references next to the spec file
+            spec = load_spec(spec_dict, source_dir=path.parent)  # module: references next to the spec file
             if compile_it:
                 compile_spec(spec)
                 return "plan"

@@ -27,23 +27,24 @@ MAX_SPEC_VALUES = 10_000  # after YAML aliases are expanded (a "billion laughs" 
 
 
 def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = (), *,
-              allow_code: bool = False) -> Spec:
+              allow_code: bool = False, source_dir: Path | None = None) -> Spec:
     """Read, override and validate a spec.
 
     ``source`` is a YAML file path or an already-parsed mapping (not modified).
     ``overrides`` are ``dotted.path=value`` strings whose value is parsed as YAML.
     A ``module:`` model reference imports and calls Python code, so a spec file is code;
     an override may not introduce one unless ``allow_code`` (the CLI's ``--allow-code``).
+    ``source_dir``: where a mapping's ``module:`` references are searched first (a file's
+    own directory otherwise).
     Raises SpecError for any problem; returns a fully resolved Spec.
     """
-    source_dir = None
     if isinstance(source, dict):
         _check_bounded(source, "the spec")
         raw = _deep_copy(source)
     else:
         path = Path(source)
         raw = _read_yaml(path)
-        source_dir = path.resolve().parent
+        source_dir = source_dir or path.resolve().parent
     before = _code_references(raw)
     for override in overrides:
         _apply_override(raw, override)
@@ -56,8 +57,7 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         raise spec_error_from(exc) from None
-    spec._source_dir = source_dir
-    return spec
+    return spec.located_at(source_dir)
 
 
 def _code_references(value: Any) -> set[str]:

@@ -633,6 +633,11 @@ class Spec(_Strict):
         """Directory of the YAML file this spec was loaded from (searched first for module: models)."""
         return self._source_dir
 
+    def located_at(self, directory: Path | None) -> Spec:
+        """This spec, with ``source_dir`` set to ``directory``."""
+        self._source_dir = directory
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, every default filled in, as JSON-compatible data."""
         return self.model_dump(mode="json")
