@@ -24,6 +24,8 @@ and lets it refuse a folder that changed since.
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import signal
 import warnings
@@ -195,11 +197,19 @@ class EpochSampler(torch.utils.data.Sampler):
             yield [(i, epoch) for i in order[step * bs : min((step + 1) * bs, self.samples_per_rank)]]
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(_worker_id: int, nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group: a worker that died of it would turn the training
     # process's clean stop (checkpoint, resume hint) into "worker exited unexpectedly". The
     # training process stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
+
+
+# Training on the CPU, workers and the training threads share the cores. Workers decode far
+# faster than a CPU step consumes (bench/data_throughput.py), so they run at a lower priority:
+# the step keeps its cores and the workers fill the prefetch queue from what it leaves.
+CPU_WORKER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,7 @@ class WorkerOptions:
     pin_memory: bool = False
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    nice: int = 0  # added to the workers' niceness (CPU training: CPU_WORKER_NICE)
 
 
 class StreamLoader:
@@ -233,7 +244,7 @@ class StreamLoader:
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=n,
             pin_memory=workers.pin_memory, persistent_workers=workers.persistent_workers and n > 0,
-            prefetch_factor=workers.prefetch_factor if n > 0 else None, worker_init_fn=_worker_init if n > 0 else None,
+            prefetch_factor=workers.prefetch_factor if n > 0 else None, worker_init_fn=functools.partial(_worker_init, nice=workers.nice) if n > 0 else None,
             generator=torch.Generator().manual_seed(seed))
         self.bad: dict[str, str] = {}
 
@@ -340,7 +351,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
     workers = WorkerOptions(rt.num_workers, device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
-                            rt.persistent_workers, rt.prefetch_factor)
+                            rt.persistent_workers, rt.prefetch_factor, CPU_WORKER_NICE if device.type == "cpu" else 0)
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
                              train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale),
