@@ -66,14 +66,18 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.runtime.distiller import Distiller
     from kdgraph.runtime.export import export_student
     from kdgraph.runtime.loop import optimizer_params
-    from kdgraph.runtime.techniques import build_optimizer
+    from kdgraph.runtime.techniques import DistInfo, build_optimizer
     from kdgraph.schedules import build_lr_scheduler
+    from kdgraph.stream import build_data
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     compiled = compile_spec(spec)
     cpu = torch.device("cpu")
-    loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]
+    if spec.data.dataset == "imagefolder":  # streamed: each rank's StreamLoader, as build_run makes it
+        loaders = [build_data(spec, compiled.data, cpu, DistInfo(rank=r, world_size=2)).train for r in (0, 1)]
+    else:
+        loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]
     d = Distiller(compiled)
     params = [p for p in d.parameters() if p.requires_grad]
     opt = build_optimizer(spec.optim, optimizer_params(spec, d), cpu)
@@ -106,10 +110,25 @@ def _emulate_steps(spec, out: Path):
     return rank0_losses, len(loaders[0])
 
 
+def _stream_spec_dict(out, root):
+    """kd on an image folder, streamed by one worker per rank (DistributedSampler-style shards
+    of EpochSampler); mean/std given, so that no rank estimates its own."""
+    from test_stream_data import folder_spec
+
+    spec = folder_spec(root, out, epochs=2, workers=1, mean=[0.5], std=[0.25], augment="crop+flip")
+    spec["runtime"]["bn_recalibrate"] = False
+    return spec
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("method", ["stablekd", "kd+mse"])
+@pytest.mark.parametrize("method", ["stablekd", "kd+mse", "stream"])
 def test_two_gloo_ranks_match_single_process_math(tmp_path, method):
-    spec = _spec_dict(tmp_path / "ddp", method)
+    if method == "stream":
+        from test_stream_data import write_folder
+
+        spec = _stream_spec_dict(tmp_path / "ddp", write_folder(tmp_path / "images", train=12))
+    else:
+        spec = _spec_dict(tmp_path / "ddp", method)
     spec_path = write_spec(spec, tmp_path / "spec.yaml")
     res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "kdgraph",
                           "train", str(spec_path), "--quiet"],
