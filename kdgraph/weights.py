@@ -74,12 +74,14 @@ def sniff(path: Path) -> str:
         head = f.read(9)
     if head.startswith(_ZIP_MAGIC):
         return "torch"
-    if head[0] == _PICKLE_PROTO:
-        return "torch-legacy"
+    # safetensors before pickle: its first byte is the low byte of the header length, which is
+    # the pickle PROTO opcode (0x80) for one header length in 256
     if len(head) == 9:
         (n,) = struct.unpack("<Q", head[:8])
         if n <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{":
             return "safetensors"
+    if head[0] == _PICKLE_PROTO:
+        return "torch-legacy"
     raise ModelError(f"cannot read checkpoint {path}: not a safetensors or torch file (it starts with {head[:8]!r})")
 
 

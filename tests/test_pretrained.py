@@ -87,6 +87,20 @@ def test_format_is_read_from_content_not_suffix(tmp_path, fmt, name):
     _same(target.state_dict(), truth)
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80, the
+    pickle PROTO opcode, for one length in 256 (the quickstart's folded student hit it)."""
+    truth = {"w": torch.arange(6.0).reshape(2, 3)}
+    for pad in range(256):
+        path = tmp_path / f"{pad}.safetensors"
+        save_file(truth, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no metadata length gave a header length with low byte 0x80")
+    _same(read_state_dict(path), truth)
+
+
 @pytest.mark.parametrize("wrap", ["ddp-in-state_dict", "model", "module", "lightning", "compiled-ddp", "timm-train"])
 def test_wrappers_and_prefixes_are_stripped(tmp_path, wrap):
     truth = _timm().state_dict()
