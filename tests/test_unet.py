@@ -263,7 +263,7 @@ def test_fashion_masks_are_thresholded_images():
     assert ds.num_classes == 2 and ds.train_y.shape[1:] == (28, 28) and ds.default_augment == "none"
     raw = torch.from_numpy(_read_idx(str(next(FASHION.rglob("t10k-images-idx3-ubyte*")))).copy())
     assert torch.equal(ds.test_y, (raw > FOREGROUND_THRESHOLD).long())
-    assert len(ds.train_y) == 6000  # fraction 0.1, drawn at random (no class per sample)
+    assert len(ds.train_y) == 3000  # fraction 0.05, drawn at random (no class per sample)
 
 
 @pytest.mark.slow
@@ -286,3 +286,11 @@ def test_short_distillation_beats_the_untrained_student(tmp_path):
     untrained = accuracy(unet_tiny(widths=(8, 16, 32)).eval(), test, torch.device("cpu"))
     assert summary["student_top1"] > untrained["top1"] + 5
     assert summary["student_miou"] > untrained["miou"]
+
+
+def test_ship_names_the_multi_tensor_cut_it_cannot_fold(compiled, distiller):
+    from kdgraph.runtime.ship import fold_into_student
+
+    maps = folded_maps(distiller.eval())
+    folded = fold_into_student(compiled, {2: maps[2]})
+    assert folded.model is None and "cut 2 carries 2 tensors" in folded.reason
