@@ -442,11 +442,12 @@ def _load_synthetic(data_spec: DataSpec, seed: int) -> RawSplits:
 
 register_dataset("digits", _load_digits)
 register_dataset("fashion-mnist", _load_fashion_mnist)
-register_dataset("fashion-mnist-masks", _load_fashion_masks)
-register_dataset("fashion-mnist-seg", _load_fashion_seg)
 register_dataset("imagefolder", _load_imagefolder)
 register_dataset("synthetic", _load_synthetic)
 register_dataset("torchvision", _load_torchvision)
+# Per-pixel labels (dense tasks), after the image-classification datasets.
+register_dataset("fashion-mnist-masks", _load_fashion_masks)
+register_dataset("fashion-mnist-seg", _load_fashion_seg)
 
 
 # ------------------------------------------------------------------------ device loader
