@@ -3,7 +3,9 @@
 ``lift`` maps the student's Cs channels to the teacher's Ct (compared with the teacher's
 feature by MSE); ``lower`` maps Ct back to Cs (feeds a student block the teacher's
 feature). Both are linear (BN in eval mode is affine), so the inference path
-``lower(lift(x))`` folds into one exact Cs -> Cs map at export.
+``lower(lift(x))`` folds into one exact Cs -> Cs map at export. At a multi-tensor cut (a
+U-Net's skips) each tensor has its own pair (``TupleAdapterPair``) and folds to its own map
+(``TupleMap``); a tensor whose widths agree passes unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from kdgraph.layouts import FormatAdapter
 from kdgraph.scalekd import CrossAttentionProjector
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.pair import AdapterSpec, Pairing
+    from kdgraph.compiler.pair import AdapterSpec, Pairing, TupleAdapterSpec
 
 
 class ChannelMap(nn.Module):
@@ -64,9 +66,53 @@ class AdapterPair(nn.Module):
         return self.lower(self.lift(x))
 
 
+class TupleMap(nn.Module):
+    """One map per tensor of a multi-tensor cut's tuple (keyed by position); the tensors
+    without one pass unchanged."""
+
+    def __init__(self, maps: dict[int, nn.Module], size: int):
+        super().__init__()
+        self.size = size
+        self.maps = nn.ModuleDict({str(j): m for j, m in maps.items()})
+
+    def forward(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if len(xs) != self.size:
+            raise ValueError(f"expected the {self.size} tensors of a multi-tensor cut, got {len(xs)}")
+        return tuple(self.maps[str(j)](x) if str(j) in self.maps else x for j, x in enumerate(xs))
+
+
+class TupleAdapterPair(nn.Module):
+    """The adapter pairs of a multi-tensor cut: lift and lower map its tuple, each tensor
+    with its own pair (``pairs``, keyed by position)."""
+
+    def __init__(self, spec: TupleAdapterSpec):
+        super().__init__()
+        self.spec = spec
+        self.pairs = nn.ModuleDict({str(j): AdapterPair(p) for j, p in enumerate(spec.parts) if p is not None})
+        self.size = len(spec.parts)
+
+    def _map(self, xs: tuple[torch.Tensor, ...], side: str) -> tuple[torch.Tensor, ...]:
+        if len(xs) != self.size:
+            raise ValueError(f"expected the {self.size} tensors of a multi-tensor cut, got {len(xs)}")
+        return tuple(getattr(self.pairs[str(j)], side)(x) if str(j) in self.pairs else x for j, x in enumerate(xs))
+
+    def lift(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Each student tensor to the teacher's width."""
+        return self._map(xs, "lift")
+
+    def lower(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Each teacher tensor to the student's width."""
+        return self._map(xs, "lower")
+
+    def forward(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.lower(self.lift(xs))
+
+
 def build_adapters(pairing: Pairing) -> nn.ModuleDict:
-    """One AdapterPair per block end whose widths differ, keyed by the block index."""
-    return nn.ModuleDict({str(a.index): AdapterPair(a) for a in pairing.adapters})
+    """One AdapterPair per block end whose widths differ (a TupleAdapterPair at a
+    multi-tensor cut), keyed by the block index."""
+    return nn.ModuleDict({str(a.index): TupleAdapterPair(a) if hasattr(a, "parts") else AdapterPair(a)
+                          for a in pairing.adapters})
 
 
 @torch.no_grad()
@@ -74,7 +120,10 @@ def fold(pair: AdapterPair) -> nn.Module:
     """One Cs -> Cs module equal to ``pair`` in eval mode: W = W2 W1, b = W2 b1 + b2.
 
     Format and CAP adapters resample or attend, so they do not fold: they are kept as they are.
+    The pairs of a multi-tensor cut fold one by one into a TupleMap.
     """
+    if isinstance(pair, TupleAdapterPair):
+        return TupleMap({int(j): fold(p) for j, p in pair.pairs.items()}, pair.size)
     if not pair.spec.foldable:
         return pair
     w1, b1 = pair.lift.affine()

@@ -102,6 +102,7 @@ class Dataset:
 # Input sizes known without reading the files, so that `kdgraph plan` never loads data.
 NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
     "digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "synthetic": (3, 32, 32),
+    "fashion-mnist-masks": (1, 28, 28), "fashion-mnist-seg": (1, 28, 28),
     "torchvision:MNIST": (1, 28, 28), "torchvision:FashionMNIST": (1, 28, 28),
     "torchvision:CIFAR10": (3, 32, 32), "torchvision:CIFAR100": (3, 32, 32),
 }
@@ -137,6 +138,8 @@ def create_dataset(data_spec: DataSpec, seed: int,
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
     mode = data_spec.resize
+    if train_y.dim() == 3:  # per-pixel labels (masks) follow their images to the new grid
+        train_y, test_y = (_masks_to_size(y, size, name, mode) for y in (train_y, test_y))
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
 
     if norm is None:
@@ -148,7 +151,8 @@ def create_dataset(data_spec: DataSpec, seed: int,
             raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
     fraction = data_spec.fraction
     if fraction < 1.0:
-        keep = class_balanced_subset(train_y, fraction, seed)
+        keep = (class_balanced_subset(train_y, fraction, seed) if train_y.dim() == 1
+                else random_subset(len(train_y), fraction, seed))
         train_x, train_y = train_x[keep], train_y[keep]
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +195,29 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
         k = max(1, round(fraction * len(idx)))
         keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(keep).sort().values
+
+
+def random_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of ``round(fraction * n)`` (at least 1) samples: per-pixel labels have no
+    class per sample to balance."""
+    if not 0.0 < fraction <= 1.0:
+        raise DataError(f"data.fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:max(1, round(fraction * n))].sort().values
+
+
+def _masks_to_size(y: torch.Tensor, size: tuple[int, ...], name: str, mode: str) -> torch.Tensor:
+    """N x H x W per-pixel labels to ``size``'s grid: nearest resampling, or padding with
+    background (0) where images are padded."""
+    h, w = int(size[1]), int(size[2])
+    if tuple(y.shape[1:]) == (h, w):
+        return y
+    if mode == "pad":
+        dh, dw = h - y.shape[1], w - y.shape[2]
+        if dh < 0 or dw < 0:
+            raise DataError(f"data.resize: pad cannot shrink {name}'s masks to {h}x{w}")
+        return F.pad(y, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+    return F.interpolate(y[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
 
 
 def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str, mode: str = "resample") -> torch.Tensor:
@@ -279,6 +306,34 @@ def _load_fashion_mnist(data_spec: DataSpec, seed: int) -> RawSplits:
         raise DataError(f"fashion-mnist: {', '.join(missing)} not found under {root}; {FASHION_MNIST_HELP}")
     tr_x, tr_y, te_x, te_y = (torch.from_numpy(read_idx(str(paths[s])).copy()) for s in stems)
     return RawSplits(tr_x[:, None].float(), tr_y.long(), te_x[:, None].float(), te_y.long(), 10, "crop+flip")
+
+
+FOREGROUND_THRESHOLD = 25  # raw pixel value (of 255) above which a Fashion-MNIST pixel is the garment
+
+
+def _fashion_masks(data_spec: DataSpec, seed: int, semantic: bool) -> RawSplits:
+    """Fashion-MNIST images with per-pixel labels (N x H x W): the garment's pixels (raw value
+    above FOREGROUND_THRESHOLD) are 1 and the background 0 (``fashion-mnist-masks``), or the
+    garment's pixels carry its class 1..10 (``fashion-mnist-seg``, 11 classes). No augmentation
+    by default: crops and flips move images only."""
+    raw = _load_fashion_mnist(data_spec, seed)
+
+    def masks(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fg = (x[:, 0] > FOREGROUND_THRESHOLD).long()
+        return fg * (y[:, None, None] + 1) if semantic else fg
+
+    return RawSplits(raw.train_x, masks(raw.train_x, raw.train_y), raw.test_x, masks(raw.test_x, raw.test_y),
+                     11 if semantic else 2, "none")
+
+
+def _load_fashion_masks(data_spec: DataSpec, seed: int) -> RawSplits:
+    """Foreground segmentation of Fashion-MNIST: 2 classes per pixel (see ``_fashion_masks``)."""
+    return _fashion_masks(data_spec, seed, semantic=False)
+
+
+def _load_fashion_seg(data_spec: DataSpec, seed: int) -> RawSplits:
+    """Semantic segmentation of Fashion-MNIST: background + 10 garment classes per pixel."""
+    return _fashion_masks(data_spec, seed, semantic=True)
 
 
 def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
@@ -390,6 +445,9 @@ register_dataset("fashion-mnist", _load_fashion_mnist)
 register_dataset("imagefolder", _load_imagefolder)
 register_dataset("synthetic", _load_synthetic)
 register_dataset("torchvision", _load_torchvision)
+# Per-pixel labels (dense tasks), after the image-classification datasets.
+register_dataset("fashion-mnist-masks", _load_fashion_masks)
+register_dataset("fashion-mnist-seg", _load_fashion_seg)
 
 
 # ------------------------------------------------------------------------ device loader
@@ -535,6 +593,9 @@ def build_loaders(
     create_dataset."""
     ds = create_dataset(data_spec, seed, norm)
     augment = data_spec.augment if data_spec.augment != "auto" else ds.default_augment
+    if ds.train_y.dim() > 1 and augment != "none":
+        raise DataError(f"data.augment: {augment} crops or flips images but not {ds.name}'s per-pixel labels; "
+                        "use augment: none")
     # padding should look like a black border of the raw image, in normalised units
     black = torch.tensor([-m / s for m, s in zip(ds.mean, ds.std)])
     per_rank = len(ds.train_y) // world_size

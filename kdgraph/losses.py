@@ -24,11 +24,20 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+def per_sample(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits as they are; dense (B, C, *spatial) logits as (B*H*W, C), one row per pixel."""
+    if logits.dim() <= 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
 class KLDivergence(nn.Module):
     """Hinton's KD term: ``T^2 * mean_batch sum_c p_t (log p_t - log p_s)``.
 
     ``p = softmax(logits / T)``; the ``T^2`` keeps the gradient scale independent of T.
-    Inputs are (B, C) logits; the result is a float32 scalar.
+    Inputs are (B, C) logits, or dense (B, C, H, W) logits of a per-pixel task: there each
+    pixel is a sample, and the sum over classes is averaged over B*H*W pixels. The result is
+    a float32 scalar.
     """
 
     def __init__(self, temperature: float = 1.0):
@@ -39,6 +48,7 @@ class KLDivergence(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature
+        student_logits, teacher_logits = per_sample(student_logits), per_sample(teacher_logits)
         with no_autocast(student_logits):
             log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
             log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
@@ -51,9 +61,22 @@ class KLDivergence(nn.Module):
 
 class FeatureMSE(nn.Module):
     """Mean squared error over every element between a (projected) student feature and
-    the teacher feature of the same shape (FitNets / StableKD block loss)."""
+    the teacher feature of the same shape (FitNets / StableKD block loss).
 
-    def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    At a multi-tensor cut (a U-Net's skips) both are tuples of tensors, paired by position:
+    the loss is the mean of the per-tensor MSEs (each tensor weighs the same, whatever its size).
+    """
+
+    def forward(self, student_feature, teacher_feature) -> torch.Tensor:
+        if isinstance(student_feature, (tuple, list)) or isinstance(teacher_feature, (tuple, list)):
+            if not isinstance(student_feature, (tuple, list)) or not isinstance(teacher_feature, (tuple, list)) \
+                    or len(student_feature) != len(teacher_feature):
+                raise ValueError("FeatureMSE: a multi-tensor feature must meet one of as many tensors")
+            losses = [self._one(s, t) for s, t in zip(student_feature, teacher_feature)]
+            return torch.stack(losses).mean()
+        return self._one(student_feature, teacher_feature)
+
+    def _one(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
         if student_feature.shape != teacher_feature.shape:
             raise ValueError(
                 f"FeatureMSE: student feature {tuple(student_feature.shape)} and teacher feature "
@@ -65,6 +88,9 @@ class FeatureMSE(nn.Module):
 
 class HeadLoss(nn.Module):
     """Loss of the head block: cross-entropy with the labels plus weighted KD.
+
+    Dense (B, C, H, W) logits with (B, H, W) targets (a per-pixel task) give the per-pixel
+    CE and KL, each averaged over every pixel of the batch.
 
     Returns ``{"ce": CE(y, label_smoothing), "kl": kl_weight * KLDivergence(T)}``; the
     ``"kl"`` entry is absent when ``teacher_logits`` is None (plain supervised training).

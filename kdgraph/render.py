@@ -60,14 +60,19 @@ def stages_table(art: ModelArtifacts) -> Table:
         t.add_column(col)
     for st in art.stages:
         e = st.end
-        t.add_row(str(st.index), e.label, e.node, _fmt_shape(e.shape), e.layout, str(e.channels),
+        t.add_row(str(st.index), e.description, e.node, _cut_shape(e), e.layout, str(e.channels),
                   str(e.reduction or "-"), str(len(st.cuts)), chosen.get(e.node, ""))
     for b in art.boundaries:  # depth splits end inside a stage: list them too
         if b.cut.node not in {st.end.node for st in art.stages}:
             e = b.cut
-            t.add_row("", e.label, e.node, _fmt_shape(e.shape), e.layout, str(e.channels),
+            t.add_row("", e.description, e.node, _cut_shape(e), e.layout, str(e.channels),
                       str(e.reduction or "-"), "", b.rule)
     return t
+
+
+def _cut_shape(cut) -> str:
+    """A cut's shape; a multi-tensor cut's shapes joined by ' + '."""
+    return " + ".join(_fmt_shape(m.shape) for m in cut.members)
 
 
 def blocks_table(c: Compiled) -> Table:
@@ -77,18 +82,18 @@ def blocks_table(c: Compiled) -> Table:
     active = c.plan.uses_adapters
     for b in c.pairing.blocks:
         if b.is_head:
-            t.add_row(str(b.index), "head" if c.teacher else "-", "head", f"{c.num_classes} logits", "", "", "head")
+            logits = f"{c.num_classes} logits" + (" per pixel" if c.student.dense else "")
+            t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "", "head")
             continue
         a = b.adapter
-        adapter = f"{a.kind} {a.lift[0]}→{a.lift[1]}→{a.lower[1]}" if a else "-"
+        adapter = a.describe() if a else "-"
         if a and a.student_format is not None:
             adapter += f" ({a.student_format.layout} {a.student_format.hw[0]}² ↔ " \
                        f"{a.teacher_format.layout} {a.teacher_format.hw[0]}²)"
         if a and not active:
             adapter += " (unused by this method)"
-        shapes = f"{_fmt_shape(b.teacher.shape)} / {_fmt_shape(b.student.shape)}" if b.teacher \
-            else _fmt_shape(b.student.shape)
-        t.add_row(str(b.index), b.teacher.label if b.teacher else "-", b.student.label, shapes, adapter,
+        shapes = f"{_cut_shape(b.teacher)} / {_cut_shape(b.student)}" if b.teacher else _cut_shape(b.student)
+        t.add_row(str(b.index), b.teacher.description if b.teacher else "-", b.student.description, shapes, adapter,
                   f"{a.params:,}" if a else "", b.rule)
     return t
 

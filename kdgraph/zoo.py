@@ -20,6 +20,10 @@ __all__ = [
     "resnet_tiny_teacher",
     "resnet_tiny_student",
     "resnet_tiny_student_same",
+    "UNetTiny",
+    "unet_tiny",
+    "unet_tiny_teacher",
+    "unet_tiny_student",
 ]
 
 
@@ -140,3 +144,77 @@ def resnet_tiny_student(**kw) -> ResNetTiny:
 def resnet_tiny_student_same(**kw) -> ResNetTiny:
     """The teacher's widths, one block per stage: no adapters needed."""
     return resnet_tiny(**{"widths": (32, 64, 128), "depths": (1, 1, 1), **kw})
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 conv + BN + ReLU at one resolution (a U-Net level)."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__(
+            nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True),
+            nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False), nn.BatchNorm2d(out_chs), nn.ReLU(inplace=True),
+        )
+
+
+class UNetTiny(nn.Module):
+    """A small U-Net for dense prediction: ``len(widths) - 1`` encoder levels, each halving
+    the grid, a bottleneck at the deepest width, and a decoder that upsamples (2x2
+    transposed conv) and concatenates the encoder feature of the same grid (a long skip).
+    The head is a 1x1 conv to ``num_classes`` per-pixel logits of the input's size.
+
+    widths (16, 32, 64) on a 28x28 input: enc1 16@28, enc2 32@14, bottleneck 64@7, then
+    dec2 32@14 (after concatenating enc2), dec1 16@28 (after enc1), head C@28.
+    """
+
+    def __init__(self, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64),
+                 drop_rate: float = 0.0):
+        super().__init__()
+        if len(widths) < 2:
+            raise ValueError(f"a U-Net needs at least two widths, got {tuple(widths)}")
+        self.num_classes = num_classes
+        self.levels = len(widths) - 1
+        in_chs = in_chans
+        for i, w in enumerate(widths[:-1]):
+            self.add_module(f"enc{i + 1}", ConvBlock(in_chs, w))
+            self.add_module(f"pool{i + 1}", nn.MaxPool2d(2))
+            in_chs = w
+        self.bottleneck = ConvBlock(in_chs, widths[-1])
+        # Only where asked for, so that the default graph (and its node names) is unchanged.
+        self.drop: nn.Module | None = nn.Dropout2d(drop_rate) if drop_rate > 0 else None
+        for i in reversed(range(self.levels)):
+            w, deeper = widths[i], widths[i + 1]
+            self.add_module(f"up{i + 1}", nn.ConvTranspose2d(deeper, w, 2, stride=2))
+            self.add_module(f"dec{i + 1}", ConvBlock(2 * w, w))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i in range(self.levels):  # fixed at construction: unrolled by fx
+            x = getattr(self, f"enc{i + 1}")(x)
+            skips.append(x)
+            x = getattr(self, f"pool{i + 1}")(x)
+        x = self.bottleneck(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        for i in reversed(range(self.levels)):
+            x = getattr(self, f"up{i + 1}")(x)
+            x = getattr(self, f"dec{i + 1}")(torch.cat([skips[i], x], dim=1))
+        return self.head(x)
+
+
+def unet_tiny(num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64),
+              drop_rate: float = 0.0) -> UNetTiny:
+    return UNetTiny(num_classes, in_chans, widths, drop_rate)
+
+
+def unet_tiny_teacher(**kw) -> UNetTiny:
+    """Widths (16, 32, 64): two encoder levels with long skips and a 64-wide bottleneck."""
+    return unet_tiny(**{"widths": (16, 32, 64), **kw})
+
+
+def unet_tiny_student(**kw) -> UNetTiny:
+    """Widths (8, 16, 32), the teacher's topology at half width: adapters at every cut."""
+    return unet_tiny(**{"widths": (8, 16, 32), **kw})

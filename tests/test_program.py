@@ -85,7 +85,8 @@ def test_plan_shows_what_train_runs(path, monkeypatch):
                                                                               run_op(self, op, inputs, terms))[1])
     d = Distiller(c).to("meta")
     x = torch.empty(2, *c.input_size, device="meta")
-    y = torch.zeros(2, dtype=torch.long, device="meta")
+    # labels as the task has them: one per image, or one per pixel (a U-Net's masks)
+    y = torch.zeros(2, *(c.student.logits_shape or [0])[1:], dtype=torch.long, device="meta")
     for stage, row in zip(c.plan.stages, shown, strict=True):
         ran.clear()
         d.set_stage(stage)

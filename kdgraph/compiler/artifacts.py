@@ -34,11 +34,31 @@ class ModelArtifacts:
     segments: tuple[nn.Module, ...] = ()
 
     @property
-    def num_classes(self) -> int | None:
+    def output_shape(self) -> tuple[int, ...] | None:
+        """The traced output's shape (batch included), where the output is one tensor."""
         out = next(n for n in reversed(self.traced.gm.graph.nodes) if n.op == "output")
         arg = out.args[0]
-        shape = self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
+        return self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
+
+    @property
+    def dense(self) -> bool:
+        """A per-pixel task: (B, C, H, W) logits on the input's own grid (a U-Net's masks)."""
+        shape = self.output_shape
+        return bool(shape and len(shape) == 4 and tuple(shape[2:]) == tuple(self.traced.input_size[1:]))
+
+    @property
+    def num_classes(self) -> int | None:
+        shape = self.output_shape
+        if self.dense:
+            return shape[1]
         return shape[-1] if shape and len(shape) == 2 else None
+
+    @property
+    def logits_shape(self) -> list[int] | None:
+        """Per-sample logits: [C], or [C, H, W] for a per-pixel task."""
+        if self.num_classes is None:
+            return None
+        return list(self.output_shape[1:]) if self.dense else [self.num_classes]
 
     def to_dict(self) -> dict:
         return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],

@@ -14,6 +14,11 @@ shape of the tensor on it and a ``kind``:
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
   blocks (nodes ``P_j``) to ``tpp_loss``.
 
+At a multi-tensor cut (a U-Net's skips) an edge carries the list of its tensors' shapes,
+lift and lower act per tensor, a decompose edge feeds the next student block every teacher
+tensor of the cut, and the feature loss compares every tensor (the mean of the per-tensor
+MSEs).
+
 A plan stage is a choice of these edges (``stage_edges``); ``program.stage_program`` turns
 that choice into the operations the runtime executes.
 """
@@ -35,8 +40,14 @@ if TYPE_CHECKING:
 
 
 
-def _shape(cut) -> list[int] | None:
-    return list(cut.shape) if cut is not None else None
+def _shape(cut) -> list | None:
+    """The shape on an edge leaving ``cut``: one shape, or a list of shapes (multi-tensor)."""
+    return cut.shapes if cut is not None else None
+
+
+def _key(shape) -> tuple:
+    """A shape (or a list of shapes) as a hashable key."""
+    return tuple(_key(s) if isinstance(s, list) else s for s in (shape or ()))
 
 
 def feature_terms(feature: str, i: int) -> list[str]:
@@ -45,25 +56,26 @@ def feature_terms(feature: str, i: int) -> list[str]:
 
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
-                      has_teacher: bool, tpp_block: int | None = None, feature: str = "mse") -> nx.DiGraph:
+                      has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
+                      logits_shape: list[int] | None = None) -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
     with T_j) on the student's feature."""
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
-    logits = [num_classes] if num_classes else None
+    logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
     g.add_node("head_loss", kind="loss", loss="head", block=k, terms=["ce", "kl"] if has_teacher else ["ce"])
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits
-        g.add_node(f"S{i}", kind="student", block=i, module=block.student.label if block.student else "head",
-                   out_shape=s_out)
+        g.add_node(f"S{i}", kind="student", block=i,
+                   module=block.student.description if block.student else "head", out_shape=s_out)
         if has_teacher:
             t_out = _shape(block.teacher) if not block.is_head else logits
-            g.add_node(f"T{i}", kind="teacher", block=i, module=block.teacher.label if block.teacher else "head",
-                       out_shape=t_out)
+            g.add_node(f"T{i}", kind="teacher", block=i,
+                       module=block.teacher.description if block.teacher else "head", out_shape=t_out)
     for block in pairing.blocks:
         i = block.index
         prev = "input" if i == 1 else None
@@ -74,6 +86,9 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
             g.add_edge(tprev, f"T{i}", kind="teacher", shape=g.nodes[tprev]["out_shape"])
         if block.is_head or not has_teacher:
             continue
+        if feature == "dfm" and block.multi:
+            raise PlanError(f"block {i} ends at a multi-tensor cut ({block.student.description}): loss.feature "
+                            "dfm compares one feature map; use loss.feature: mse")
         s_shape, t_shape = _shape(block.student), _shape(block.teacher)
         loss = f"{feature}{i}"
         a = block.adapter
@@ -120,7 +135,7 @@ def validate_block_graph(g: nx.DiGraph) -> None:
             raise PlanError(f"block graph: student block {n} reaches no loss, so it is never trained")
     for u, v, d in g.edges(data=True):
         if g.nodes[v]["kind"] == "loss" and u != "labels":
-            shapes = {tuple(e["shape"] or ()) for a, _, e in g.in_edges(v, data=True) if a != "labels"}
+            shapes = {_key(e["shape"]) for a, _, e in g.in_edges(v, data=True) if a != "labels"}
             if len(shapes) > 1:
                 raise PlanError(f"block graph: {v} compares tensors of different shapes {sorted(shapes)}")
         elif d["shape"] is not None and g.nodes[u].get("out_shape") is not None \
@@ -128,7 +143,7 @@ def validate_block_graph(g: nx.DiGraph) -> None:
             raise PlanError(f"block graph: edge {u}->{v} carries {d['shape']}, {u} makes {g.nodes[u]['out_shape']}")
     for v in g.nodes:
         if g.nodes[v]["kind"] == "student":
-            feeds = {tuple(e["shape"] or ()) for _, _, e in g.in_edges(v, data=True)}
+            feeds = {_key(e["shape"]) for _, _, e in g.in_edges(v, data=True)}
             if len(feeds) > 1:
                 raise PlanError(f"block graph: {v} is fed tensors of different shapes {sorted(feeds)}")
 
@@ -189,8 +204,15 @@ def to_json(g: nx.DiGraph) -> dict:
     return nx.node_link_data(g, edges="edges")
 
 
+def _channels(channels: list) -> str:
+    """``16x32``, or per tensor of a multi-tensor cut ``8x16, -, 32x64``."""
+    if channels and isinstance(channels[0], (list, type(None))):
+        return ", ".join("x".join(map(str, c)) if c else "-" for c in channels)
+    return "x".join(map(str, channels))
+
+
 def node_label(n: str, d: dict) -> str:
-    extra = d.get("module") or ("x".join(map(str, d["channels"])) if "channels" in d else "")
+    extra = d.get("module") or (_channels(d["channels"]) if "channels" in d else "")
     shape = d.get("out_shape")
     parts = [n] + ([extra] if extra else []) + ([str(shape)] if shape else [])
     return "\\n".join(parts)
@@ -235,4 +257,5 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
                      input_size: tuple[int, int, int]) -> nx.DiGraph:
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
-                                       tpp_block_of(spec, pairing), spec.loss.feature))
+                                       tpp_block_of(spec, pairing), spec.loss.feature,
+                                       models.student.logits_shape))

@@ -4,6 +4,12 @@ Named in the spec (``decompose.cuts``), or chosen from the stage ends: one bound
 reduction (the deepest stage of each), dropping the shallowest reductions when there are
 more than needed and splitting the longest stage by depth (isotropic networks) when there
 are fewer. The head (pooling + classifier) is always the last block.
+
+A non-sequential model (one with multi-tensor cuts, a U-Net) is cut on its way down first:
+one boundary per resolution from the input to the deepest one (the encoder levels and the
+bottleneck, each carrying the skip tensors still live there), dropping the shallowest when
+there are more than needed; where more blocks are asked for, the decoder's levels follow
+(``choose_down_up``).
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
                if leaves else "")
         raise PlanError(f"the {role} has no feature-map or token cut to split at{why}; "
                         "name the cuts in decompose.cuts or use decompose.blocks: 1")
+    if any(s.end.multi for s in maps):
+        return choose_down_up(maps, need, traced)
     # One stage per resolution: the one whose end sits at the lowest level, so that a
     # stage of expanded width inside the next block (efficientnet's blocks.3.0.bn1) loses
     # to the block it follows (blocks.2).
@@ -109,6 +117,39 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
             out.append(Boundary(u[at - 1], f"depth split {j + 1}/{p} ({'/'.join(map(str, sizes))})"))
         out.append(Boundary(stage.end, f"depth split {p}/{p} ({'/'.join(map(str, sizes))})"))
     return out
+
+
+def _per_reduction(stages: list[Stage], traced: TracedModel) -> list[Stage]:
+    """One stage per reduction among ``stages`` (the preferred end of each), in graph order."""
+    groups: dict[int | None, list[Stage]] = {}
+    for stage in stages:
+        groups.setdefault(stage.reduction, []).append(stage)
+    chosen = []
+    for group in groups.values():
+        end = preferred([s.end for s in group], traced)
+        chosen.append(next(s for s in group if s.end is end))
+    return sorted(chosen, key=lambda s: s.end.index)
+
+
+def choose_down_up(maps: list[Stage], need: int, traced: TracedModel) -> list[Boundary]:
+    """Block ends of a non-sequential (encoder-decoder) model: one per resolution on the way
+    down to the deepest (the first run of stages at the deepest reduction ends it), the
+    deepest ``need`` of them; then, where more are needed, one per resolution on the way up,
+    in graph order."""
+    deepest = max(s.reduction or 0 for s in maps)
+    first = next(i for i, s in enumerate(maps) if (s.reduction or 0) == deepest)
+    pivot = first
+    while pivot + 1 < len(maps) and (maps[pivot + 1].reduction or 0) == deepest:
+        pivot += 1
+    down = _per_reduction(maps[:pivot + 1], traced)
+    up = [s for s in _per_reduction(maps[pivot + 1:], traced)]
+    if len(down) >= need:
+        return [Boundary(s.end, s.rule) for s in down[len(down) - need:]]
+    if len(down) + len(up) < need:
+        raise PlanError(f"the {traced.role} cannot be cut into {need + 1} blocks: it has {len(down)} resolutions "
+                        f"on the way down and {len(up)} on the way up; lower decompose.blocks")
+    return [Boundary(s.end, s.rule) for s in down] + [Boundary(s.end, "decoder " + s.rule)
+                                                    for s in up[:need - len(down)]]
 
 
 def _explicit(cuts: list[Cut], paths: list[str], role: str) -> list[Boundary]:

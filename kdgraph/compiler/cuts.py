@@ -6,6 +6,15 @@ and a suffix and the suffix can be fed any tensor of the cut's shape. Values com
 from parameters, buffers and constants (``get_attr``, constant arithmetic) are not
 input-dependent and do not count; sizes read from an input-dependent tensor
 (``x.shape``) do, because a suffix fed another tensor could not recompute them.
+
+Non-sequential networks (a U-Net's encoder features cross to the decoder over long skips)
+have no single-tensor cut at their deeper resolutions. Where the deepest feature-map
+resolution of a model has no single-tensor cut, the sweep also records **multi-tensor
+cuts**: positions after which between 2 and ``MAX_CUT_TENSORS`` input-dependent values are
+live, every one a feature map, the node itself among them. Such a cut lists its tensors in
+``Cut.tensors`` (graph order; the last is the cut's own node, whose shape, layout, width and
+reduction the cut reports); a suffix is fed every one of them. Sequential models never get
+one, so their cuts are exactly the single-tensor ones.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ if TYPE_CHECKING:
 
 
 LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
+MAX_CUT_TENSORS = 4  # the most tensors a multi-tensor cut may carry
 
 
 @dataclass(frozen=True)
@@ -40,15 +50,49 @@ class Cut:
     reduction: int | None  # input size / feature size; None for vectors and unknown layouts
     prefix_tokens: int = 0  # class/register tokens in front of the patch tokens
     level: int = 0  # how many enclosing modules (sequence containers aside) stay open after it
+    # A multi-tensor cut: every tensor live after it, in graph order, the last being this
+    # node (each a single-tensor Cut record of its own node); () for a single-tensor cut.
+    tensors: tuple[Cut, ...] = ()
 
     @property
     def label(self) -> str:
         return self.module or self.node
 
+    @property
+    def members(self) -> tuple[Cut, ...]:
+        """The tensors that cross the cut, in graph order (one for a single-tensor cut)."""
+        return self.tensors or (self,)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.tensors) > 1
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The node names of the tensors that cross the cut, in graph order."""
+        return tuple(m.node for m in self.members)
+
+    @property
+    def shapes(self) -> list:
+        """The shape of the cut's tensor, or the list of its tensors' shapes (multi-tensor)."""
+        if self.multi:
+            return [list(m.shape) for m in self.tensors]
+        return list(self.shape)
+
+    @property
+    def description(self) -> str:
+        """``enc2`` for a single-tensor cut, ``enc2 (3 tensors: enc1, pool1, enc2)`` otherwise."""
+        if not self.multi:
+            return self.label
+        return f"{self.label} ({len(self.tensors)} tensors: {', '.join(m.label for m in self.tensors)})"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["closes"] = list(self.closes)
         d["shape"] = list(self.shape)
+        del d["tensors"]
+        if self.multi:  # single-tensor cuts keep the keys they always had
+            d["tensors"] = [m.to_dict() for m in self.tensors]
         return d
 
 
@@ -170,12 +214,42 @@ def _is_sequence(traced: TracedModel, path: str) -> bool:
     return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
-def find_cuts(traced: TracedModel) -> list[Cut]:
-    """Every single-tensor cut, in graph order, found in one sweep that tracks the live set.
+def _map_reduction(shape, input_hw: tuple[int, int]) -> int | None:
+    """The reduction of a batched shape that is a feature map (NCHW or NHWC) larger than 1x1
+    (a squeeze-excitation's pooled 1x1 is no resolution of the network), else None."""
+    if shape is None or len(shape) != 4:
+        return None
+    layout, _, reduction, _ = infer_layout(tuple(shape[1:]), input_hw)
+    if layout not in ("NCHW", "NHWC") or _spatial(tuple(shape[1:]), layout) == (1, 1):
+        return None
+    return reduction
+
+
+def needs_multi_tensor_cuts(traced: TracedModel, cuts: list[Cut]) -> bool:
+    """True when the model's deepest feature-map resolution has no single-tensor cut (a U-Net:
+    its encoder features stay live over long skips while the bottleneck runs)."""
+    input_hw = traced.input_size[1:]
+    deepest = max((r for n in traced.gm.graph.nodes if traced.nodes[n.name].input_dependent
+                   for r in [_map_reduction(traced.nodes[n.name].shape, input_hw)] if r is not None), default=None)
+    covered = max((c.reduction for c in cuts if c.layout != "vector" and c.reduction is not None), default=0)
+    return deepest is not None and deepest > covered
+
+
+def find_cuts(traced: TracedModel, multi: bool | None = None) -> list[Cut]:
+    """Every cut, in graph order, found in one sweep that tracks the live set: the
+    single-tensor cuts and, where the model needs them (``needs_multi_tensor_cuts``; or
+    ``multi=True``), the multi-tensor cuts too.
 
     After: cuts are strictly increasing in ``index``; the model output is not a cut (the
     head block ends there) and neither is the input.
     """
+    if multi is None:
+        single = _sweep(traced, False)
+        return _sweep(traced, True) if needs_multi_tensor_cuts(traced, single) else single
+    return _sweep(traced, multi)
+
+
+def _sweep(traced: TracedModel, multi: bool) -> list[Cut]:
     nodes = list(traced.gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
@@ -197,10 +271,17 @@ def find_cuts(traced: TracedModel) -> list[Cut]:
             expiring.setdefault(last_use[n], []).append(n)
         for dead in expiring.pop(i, ()):
             live.discard(dead)
-        if n.op in ("placeholder", "output") or live != {n} or info.shape is None:
+        if n.op in ("placeholder", "output") or n not in live or info.shape is None:
             continue
         if nodes[i + 1].op == "output":
             continue  # the logits: the end of the head block, not a place to cut
+        if live != {n}:
+            if multi and len(live) <= MAX_CUT_TENSORS:
+                members = [_member(traced, m, index[m], last_in_module, input_hw)
+                           for m in sorted(live, key=index.__getitem__)]
+                if all(m is not None for m in members):
+                    cuts.append(replace(members[-1], tensors=tuple(members)))
+            continue
         closes = tuple(p for p in info.modules if last_in_module[p] == i)
         # A cut inside layer3.0 leaves layer3.0 open: level 1. Sequence containers (layer3,
         # blocks, stages) do not count, so every stage of a ModuleList sits at level 0.
@@ -231,6 +312,22 @@ def find_cuts(traced: TracedModel) -> list[Cut]:
     return cuts
 
 
+def _member(traced: TracedModel, n, i: int, last_in_module: dict[str, int],
+            input_hw: tuple[int, int]) -> Cut | None:
+    """The record of one tensor of a multi-tensor cut: node ``n`` (at index ``i``) as a cut of
+    its own; None unless it is a feature map."""
+    info = traced.nodes[n.name]
+    if info.shape is None or len(info.shape) != 4:
+        return None
+    layout, channels, reduction, _ = infer_layout(tuple(info.shape[1:]), input_hw)
+    if layout not in ("NCHW", "NHWC") or reduction is None:
+        return None
+    closes = tuple(p for p in info.modules if last_in_module[p] == i)
+    level = sum(1 for p in info.modules if p not in closes and not _is_sequence(traced, p))
+    return Cut(node=n.name, index=i, module=closes[0] if closes else "", closes=closes,
+               shape=tuple(info.shape[1:]), layout=layout, channels=channels, reduction=reduction, level=level)
+
+
 def find_cut_by_module(cuts: list[Cut], path: str) -> Cut | None:
     """The cut that closes module ``path`` (or whose node is named ``path``)."""
     for cut in cuts:
@@ -240,5 +337,5 @@ def find_cut_by_module(cuts: list[Cut], path: str) -> Cut | None:
 
 
 def cuts_pass(models: Models) -> Models:
-    """Pass 4: every single-tensor cut of each model."""
+    """Pass 4: every cut of each model (multi-tensor ones where the model needs them)."""
     return models.map(lambda art: replace(art, cuts=tuple(find_cuts(art.traced))))

@@ -6,6 +6,10 @@ reduction and layout. Where their widths differ an adapter pair is planned: ``li
 Where the reductions or layouts differ (a ViT teacher and a CNN student), blocks are
 paired by relative depth (the i-th boundary of each) and the pair gets a format adapter
 that converts layout and resamples the grid; the plan says which rule paired them.
+
+Multi-tensor cuts (a U-Net's skips) pair when both carry as many tensors; tensors pair
+position by position (graph order), each on one grid, and each gets its own lift/lower
+where its widths differ (``TupleAdapterSpec``; a tensor of equal widths passes unchanged).
 """
 
 from __future__ import annotations
@@ -79,6 +83,10 @@ class AdapterSpec:
     def params(self) -> int:
         return self.lift_params + self.lower_params
 
+    def describe(self) -> str:
+        """``conv1x1 16→32→16`` (the plan's adapter column)."""
+        return f"{self.kind} {self.lift[0]}→{self.lift[1]}→{self.lower[1]}"
+
     def to_dict(self) -> dict:
         d = {"kind": self.kind, "layout": self.layout, "lift": list(self.lift),
              "lower": list(self.lower), "params": self.params}
@@ -89,13 +97,63 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class TupleAdapterSpec:
+    """The adapters at a multi-tensor cut ending block ``index``: per tensor (graph order)
+    an AdapterSpec, or None where teacher and student widths agree (the tensor passes as it
+    is). lift and lower map the tuple of the cut's tensors, each tensor by its own pair."""
+
+    index: int
+    parts: tuple[AdapterSpec | None, ...]
+    kind: str = "per-tensor"
+    student_format = None  # no single format: see each part
+    teacher_format = None
+
+    @property
+    def layout(self) -> str:
+        return next(p.layout for p in self.parts if p is not None)
+
+    @property
+    def lift(self) -> list:
+        """(Cs, Ct) of each tensor's lift; (C, C) where it passes unchanged."""
+        return [list(p.lift) if p else None for p in self.parts]
+
+    @property
+    def lower(self) -> list:
+        return [list(p.lower) if p else None for p in self.parts]
+
+    @property
+    def foldable(self) -> bool:
+        return all(p is None or p.foldable for p in self.parts)
+
+    @property
+    def lift_params(self) -> int:
+        return sum(p.lift_params for p in self.parts if p)
+
+    @property
+    def lower_params(self) -> int:
+        return sum(p.lower_params for p in self.parts if p)
+
+    @property
+    def params(self) -> int:
+        return self.lift_params + self.lower_params
+
+    def describe(self) -> str:
+        """``per-tensor [conv1x1 8→16→8, -, conv1x1 32→64→32]`` (the plan's adapter column)."""
+        return f"{self.kind} [" + ", ".join(p.describe() if p else "-" for p in self.parts) + "]"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tensors": [p.to_dict() if p else None for p in self.parts],
+                "params": self.params}
+
+
+@dataclass(frozen=True)
 class BlockPair:
     """Block ``index`` (1-based): where it ends in each model. The head ends at the output."""
 
     index: int
     teacher: Cut | None  # None: the head (ends at the logits) or no teacher
     student: Cut | None
-    adapter: AdapterSpec | None
+    adapter: AdapterSpec | TupleAdapterSpec | None
     rule: str  # how the boundary was chosen ("stage end", "depth split 2/4", "explicit", "head")
 
     @property
@@ -111,7 +169,14 @@ class BlockPair:
             "student_node": self.student.node if self.student else None,
             "adapter": self.adapter.to_dict() if self.adapter else None,
             "rule": self.rule,
+            **({"teacher_tensors": list(self.teacher.nodes) if self.teacher else None,
+                "student_tensors": list(self.student.nodes)} if self.multi else {}),
         }
+
+    @property
+    def multi(self) -> bool:
+        """The block ends at a multi-tensor cut."""
+        return bool(self.student is not None and self.student.multi)
 
 
 @dataclass(frozen=True)
@@ -123,7 +188,7 @@ class Pairing:
         return len(self.blocks)
 
     @property
-    def adapters(self) -> list[AdapterSpec]:
+    def adapters(self) -> list[AdapterSpec | TupleAdapterSpec]:
         return [b.adapter for b in self.blocks if b.adapter]
 
 
@@ -154,6 +219,22 @@ def _counted(spec: AdapterSpec) -> AdapterSpec:
     return replace(spec, built_params=(count(pair.lift), count(pair.lower)))
 
 
+def _tuple_adapter(i: int, t: Cut, s: Cut, projector: str) -> tuple[TupleAdapterSpec | None, str | None]:
+    """The per-tensor adapters of block i's multi-tensor cuts, or why they cannot pair."""
+    where = f"block {i}: teacher cut {t.description} and student cut {s.description}"
+    if len(t.members) != len(s.members):
+        return None, f"{where} carry {len(t.members)} and {len(s.members)} tensors"
+    if projector == "cap":
+        return None, f"{where}: the cap projector maps one tensor; use decompose.projector: conv1x1"
+    parts = []
+    for j, (tm, sm) in enumerate(zip(t.members, s.members), start=1):
+        if not _same_grid(tm, sm):
+            return None, (f"{where}: tensor {j} is {tm.layout} {list(tm.shape)} in the teacher and "
+                          f"{sm.layout} {list(sm.shape)} in the student (multi-tensor cuts pair tensors of one grid)")
+        parts.append(_adapter(i, tm, sm, (0, 0), projector))
+    return (TupleAdapterSpec(i, tuple(parts)) if any(parts) else None), None
+
+
 def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
                 input_hw: tuple[int, int] = (0, 0), projector: str = "conv1x1") -> Pairing:
     """Pair the i-th teacher and student boundaries (relative depth); the head is the last block.
@@ -168,7 +249,13 @@ def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
         tb = teacher[i - 1] if teacher is not None else None
         adapter = None
         rule = sb.rule
-        if tb is not None:
+        if tb is not None and (tb.cut.multi or sb.cut.multi):
+            rule = sb.rule if tb.rule == sb.rule else f"{tb.rule} / {sb.rule}"
+            adapter, problem = _tuple_adapter(i, tb.cut, sb.cut, projector)
+            if problem:
+                problems.append(problem)
+                continue
+        elif tb is not None:
             t, s = tb.cut, sb.cut
             rule = sb.rule if tb.rule == sb.rule else f"{tb.rule} / {sb.rule}"
             if not _same_grid(t, s):

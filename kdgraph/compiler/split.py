@@ -1,7 +1,9 @@
 """Pass 8: split a traced model at its block boundaries into segment GraphModules.
 
 Segment i maps the tensor at boundary i-1 (the image for i = 1) to the tensor at
-boundary i (the model's output for the last). Segments are GraphModules over the same
+boundary i (the model's output for the last). At a multi-tensor cut (a U-Net's skips) the
+segment before it returns the tuple of the cut's tensors (graph order) and the segment
+after it takes one argument per tensor; single-tensor cuts stay plain tensors. Segments are GraphModules over the same
 root, so they hold the very submodules and parameters of the model: training a segment
 trains the model. Nodes that do not depend on the input (get_attr, constant arithmetic)
 are copied into every segment that uses them.
@@ -16,6 +18,7 @@ from torch import nn
 
 from kdgraph.errors import PlanError
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 if TYPE_CHECKING:
@@ -24,21 +27,26 @@ if TYPE_CHECKING:
 
 
 
-def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
-    """One GraphModule per block; ``boundaries`` are cut node names in graph order.
+def split_segments(traced: TracedModel, boundaries: Sequence[str | Sequence[str]]) -> nn.ModuleList:
+    """One GraphModule per block; ``boundaries`` are cut node names in graph order, or for a
+    multi-tensor cut the tuple of its tensors' node names (graph order, the last being the
+    cut's position).
 
-    After: composing the segments in order computes exactly the traced forward.
+    After: composing the segments in order (``runtime.chain.call_segment``) computes exactly the traced forward.
     """
     nodes = list(traced.gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
-    ends = [position[b] for b in boundaries] + [len(nodes) - 1]
+    cut_nodes = [(b,) if isinstance(b, str) else tuple(b) for b in boundaries]
+    ends = [position[b[-1]] for b in cut_nodes] + [len(nodes) - 1]
     segments = []
-    start = 0  # index of the node whose value feeds the segment
+    start = 0  # index of the node at the cut that feeds the segment
+    feeds: tuple[str, ...] = (nodes[0].name,)
     for seg, end in enumerate(ends):
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        feed = nodes[start]
-        env[feed] = graph.placeholder("x" if seg == 0 else f"cut_{feed.name}")
+        for name in feeds:
+            feed = nodes[position[name]]
+            env[feed] = graph.placeholder("x" if seg == 0 else f"cut_{feed.name}")
 
         def copy(node: fx.Node, seg=seg, graph=graph, env=env) -> fx.Node:
             if node in env:
@@ -61,13 +69,17 @@ def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
                 copy(dep)
             env[node] = graph.node_copy(node, lambda n: env[n])
         else:
-            graph.output(env[nodes[end]])
+            out = cut_nodes[seg]
+            graph.output(env[nodes[end]] if len(out) == 1 else tuple(env[nodes[position[n]]] for n in out))
         segments.append(fx.GraphModule(traced.gm, graph, f"{traced.role}_block{seg + 1}"))
         start = end
+        if seg < len(cut_nodes):
+            feeds = cut_nodes[seg]
     return nn.ModuleList(segments)
 
 
 def split_pass(models: Models) -> Models:
     """Pass 8: each model split at its block boundaries into segments (shared parameters)."""
     return models.map(lambda art: replace(
-        art, segments=tuple(split_segments(art.traced, [b.cut.node for b in art.boundaries]))))
+        art, segments=tuple(split_segments(art.traced, [b.cut.nodes if b.cut.multi else b.cut.node
+                                                         for b in art.boundaries]))))

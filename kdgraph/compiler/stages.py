@@ -61,7 +61,10 @@ class Stage:
 
 def _stage_key(cut: Cut) -> tuple:
     # The shape too: a nominal reduction (cuts._nominal_reduction) spans grids of a few sizes.
-    return (cut.layout == "vector", cut.reduction, cut.channels, cut.shape if cut.layout != "vector" else None)
+    # and the tensors a multi-tensor cut carries: a U-Net's decoder at 14x14 (enc1 + dec2 live)
+    # is not its encoder at 14x14.
+    return (cut.layout == "vector", cut.reduction, cut.channels, cut.shape if cut.layout != "vector" else None,
+            tuple(m.shape for m in cut.tensors))
 
 
 def preferred(cuts: list[Cut], traced: TracedModel) -> Cut:

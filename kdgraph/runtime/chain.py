@@ -10,6 +10,10 @@ names) and composes them with a map after some blocks: the trained adapters
     chain = StudentChain(compiled.student.segments)
     chain.block(2, h)                     # block 2 alone
     chain(x, maps={1: adapter_1})         # the whole student, adapter_1 after block 1
+
+The value at a multi-tensor cut (a U-Net's skips) is the tuple of its tensors: the block
+before it returns the tuple, the block after it takes them as arguments (``call_segment``),
+and a map after such a block maps the tuple (per tensor).
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+
+Feature = torch.Tensor | tuple[torch.Tensor, ...]  # the value at a cut
+
+
+def call_segment(segment: nn.Module, h: Feature) -> Feature:
+    """``segment`` on the value of a cut: a tensor, or the tuple of a multi-tensor cut's tensors."""
+    return segment(*h) if isinstance(h, tuple) else segment(h)
 
 
 class StudentChain:
@@ -29,14 +41,14 @@ class StudentChain:
     def __len__(self) -> int:
         return len(self.segments)
 
-    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def block(self, i: int, h: Feature) -> Feature:
         """Block ``i`` (1-based) applied to ``h``."""
-        return self.segments[i - 1](h)
+        return call_segment(self.segments[i - 1], h)
 
     def __call__(self, x: torch.Tensor, maps: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
         """Every block in order, ``maps[i]`` after block i where there is one."""
         for i, seg in enumerate(self.segments, start=1):
-            x = seg(x)
+            x = call_segment(seg, x)
             if i in maps:
                 x = maps[i](x)
         return x

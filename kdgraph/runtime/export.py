@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kdgraph.adapters import build_adapters, fold
+from kdgraph.adapters import TupleMap, build_adapters, fold
 from kdgraph.errors import KDGraphError
 from kdgraph.weights import read_weights_file, sniff
 from kdgraph.runtime import checkpoint as ckpt
@@ -46,9 +46,21 @@ def export_student(distiller, compiled: Compiled, path: Path) -> Path:
         return path
     folded = folded_maps(distiller)
     module = _exported(compiled, folded)
-    meta["folded"] = json.dumps({i: [_width(m), type(m).__name__] for i, m in folded.items()})
+    meta["folded"] = json.dumps({i: _describe(m) for i, m in folded.items()})
     save_file(_contiguous(module.state_dict()), str(path), metadata={**meta, "format": "folded"})
     return path
+
+
+def _describe(m: nn.Module) -> list:
+    """[width, class name] of a folded map; a multi-tensor cut's TupleMap lists its maps by
+    position: [[[position, width, class name], ...], "TupleMap"]."""
+    if isinstance(m, TupleMap):
+        return [[[int(j), *_describe(part)] for j, part in m.maps.items()], "TupleMap", m.size]
+    return [_width(m), type(m).__name__]
+
+
+def _map_of(width: int, kind: str) -> nn.Module:
+    return nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
 
 
 def _width(m: nn.Module) -> int | None:
@@ -81,11 +93,13 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 def _folded_from_meta(compiled: Compiled, meta: dict) -> dict[int, nn.Module]:
     folded = {}
     pairs = build_adapters(compiled.pairing)
-    for i, (width, kind) in json.loads(meta["folded"]).items():
-        if kind == "AdapterPair":
+    for i, (width, kind, *rest) in json.loads(meta["folded"]).items():
+        if kind == "TupleMap":  # width: [[position, width, kind], ...]; rest: [tensors]
+            folded[int(i)] = TupleMap({j: _map_of(w, k) for j, w, k in width}, rest[0])
+        elif kind == "AdapterPair":
             folded[int(i)] = pairs[i]
         else:
-            folded[int(i)] = nn.Conv2d(width, width, 1) if kind == "Conv2d" else nn.Linear(width, width)
+            folded[int(i)] = _map_of(width, kind)
     return folded
 
 

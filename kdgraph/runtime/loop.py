@@ -397,7 +397,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     if main and run.distiller.teacher is not None and teacher_acc is None:
         teacher_acc = accuracy(run.distiller.teacher, run.test_loader, run.device, spec.runtime.precision,
                                run.channels_last)
-        reporter.note(f"teacher top-1 {teacher_acc['top1']:.2f}%, top-5 {teacher_acc['top5']:.2f}%")
+        reporter.note(f"teacher top-1 {teacher_acc['top1']:.2f}%, top-5 {teacher_acc['top5']:.2f}%"
+                      + (f", mIoU {teacher_acc['miou']:.2f}%" if "miou" in teacher_acc else ""))
     rt = spec.runtime
     gstep = position["global_step"]
     student_acc = None
@@ -458,7 +459,9 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
             record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": gstep,
                       **{f"train_{k}": round(v.item() / max(steps_done, 1), 6) for k, v in sums.items()},
                       "student_top1": student_acc and student_acc["top1"],
-                      "student_top5": student_acc and student_acc["top5"], "epoch_s": round(epoch_s, 3),
+                      "student_top5": student_acc and student_acc["top5"],
+                      **({"student_miou": student_acc["miou"]} if student_acc and "miou" in student_acc else {}),
+                      "epoch_s": round(epoch_s, 3),
                       "images_per_s": round(steps_done * spec.data.batch_size * run.info.world_size
                                             / max(epoch_s, 1e-9), 1)}
             metrics.write(record)
@@ -477,6 +480,9 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         "best_top1": history.get("best_top1"),
         "best_epoch": history.get("best_epoch"),
         "teacher_top1": teacher_acc and teacher_acc["top1"], "teacher_top5": teacher_acc and teacher_acc["top5"],
+        # a per-pixel task: top-1 is the pixel accuracy, and the mean IoU is reported too
+        **({"student_miou": student_acc["miou"]} if student_acc and "miou" in student_acc else {}),
+        **({"teacher_miou": teacher_acc["miou"]} if teacher_acc and "miou" in teacher_acc else {}),
         "wall_time_s": round(history["wall_s"], 2),
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
         "data": run.data.record(),

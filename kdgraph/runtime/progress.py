@@ -63,6 +63,7 @@ class Reporter:
         losses = " ".join(f"{k[6:]} {v:.4f}" for k, v in record.items() if k.startswith("train_"))
         line = (f"stage {record['stage']} epoch {record['epoch'] + 1}/{self.total_epochs}: {losses}"
                 + (f" | top-1 {acc:.2f}% top-5 {record['student_top5']:.2f}%" if acc is not None else "")
+                + (f" mIoU {record['student_miou']:.2f}%" if record.get("student_miou") is not None else "")
                 + f" | {record['images_per_s']:.0f} img/s")
         done = record["epoch"] + 1 - (self.first_epoch or 0)
         elapsed = time.monotonic() - self.t0

@@ -123,6 +123,9 @@ def fold_into_student(compiled, maps: dict[int, nn.Module]) -> Folded:
     boundaries = [b.cut.node for b in compiled.student.boundaries]
     by_name = {n.name: n for n in traced.graph.nodes}
     for key, f in sorted(maps.items()):
+        if hasattr(f, "maps"):  # adapters.TupleMap: one map per tensor of a multi-tensor cut
+            return Folded(None, f"cut {key} carries {f.size} tensors (a multi-tensor cut: the skips of a "
+                                "non-sequential network), whose maps are not pushed into the student's layers")
         if not isinstance(f, (nn.Conv2d, nn.Linear)):
             return Folded(None, f"the adapter at cut {key} changes the feature's format (cross-architecture), "
                                 "which no layer of the student can absorb")

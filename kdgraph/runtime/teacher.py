@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from kdgraph.runtime.chain import call_segment
+
 
 class FrozenTeacher:
     """A teacher model and its block segments (which share its submodules), frozen."""
@@ -63,7 +65,7 @@ class FrozenTeacher:
         feats: dict[int, torch.Tensor] = {}
         h = x
         for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
-            h = seg(h)
+            h = call_segment(seg, h)
             if i in needed:
                 feats[i] = h
         return feats
@@ -71,7 +73,7 @@ class FrozenTeacher:
     def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Block ``i`` (1-based) applied to ``h`` with autograd on ``h`` (the teacher's own
         parameters need no grad): a step of TPP's proxy path from a student feature."""
-        return self.segments[i - 1](h)
+        return call_segment(self.segments[i - 1], h)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
