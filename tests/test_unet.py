@@ -256,12 +256,12 @@ def test_export_recomposes_the_student_exactly(compiled, distiller, tmp_path):
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed")
 def test_fashion_masks_are_thresholded_images():
-    from kdgraph.data import FOREGROUND_THRESHOLD, _read_idx, create_dataset
+    from kdgraph.data import FOREGROUND_THRESHOLD, read_idx, create_dataset
 
     spec = load_spec(SPEC)
     ds = create_dataset(spec.data, 0)
     assert ds.num_classes == 2 and ds.train_y.shape[1:] == (28, 28) and ds.default_augment == "none"
-    raw = torch.from_numpy(_read_idx(str(next(FASHION.rglob("t10k-images-idx3-ubyte*")))).copy())
+    raw = torch.from_numpy(read_idx(str(next(FASHION.rglob("t10k-images-idx3-ubyte*")))).copy())
     assert torch.equal(ds.test_y, (raw > FOREGROUND_THRESHOLD).long())
     assert len(ds.train_y) == 3000  # fraction 0.05, drawn at random (no class per sample)
 
