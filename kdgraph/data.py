@@ -524,7 +524,7 @@ class DeviceLoader:
         c, h, _ = x.shape[1:]
         self.pad = max(1, h // 8)
         fill = torch.zeros(c) if pad_value is None else torch.as_tensor(pad_value, dtype=x.dtype).flatten()
-        self._fill = fill.to(self.device, x.dtype)[None, :, None, None]
+        self.fill = fill.to(self.device, x.dtype)[None, :, None, None]
 
     def __len__(self) -> int:
         return self._num_batches
@@ -537,7 +537,7 @@ class DeviceLoader:
         return {"loader": "memory", "epoch": epoch, "step": step, "seed": self.seed, "num_samples": len(self.y),
                 "batch_size": self.batch_size, "world_size": self.world_size}
 
-    def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's sample order and per-position (crop offsets, flip) for the epoch, on the device."""
         n = len(self.y)
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
@@ -552,22 +552,22 @@ class DeviceLoader:
         return pick(order), pick(offsets), pick(flips)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, offsets, flips = self._epoch_plan(epoch)
+        order, offsets, flips = self.epoch_plan(epoch)
         bs = self.batch_size
         for step in range(start_step, self._num_batches):
             sl = slice(step * bs, min((step + 1) * bs, self.samples_per_rank))
             idx = order[sl]
             xb = self.x[idx]
             if offsets is not None:
-                xb = self._crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
+                xb = self.crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
             yield xb, self.y[idx]
 
-    def _crop_flip(self, xb: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    def crop_flip(self, xb: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
         """Random crop from the padded batch by one gather: row/column indices per sample,
         the column indices reversed for flipped samples (no per-sample Python loop)."""
         b, c, h, w = xb.shape
         p = self.pad
-        padded = F.pad(xb - self._fill, (p, p, p, p))  # pad with fill: shift so fill is 0
+        padded = F.pad(xb - self.fill, (p, p, p, p))  # pad with fill: shift so fill is 0
         dev = xb.device
         rows = offsets[:, 0:1] + torch.arange(h, device=dev)  # B x H
         cols_fwd = torch.arange(w, device=dev)
@@ -580,7 +580,7 @@ class DeviceLoader:
             rows[:, None, :, None],
             cols[:, None, None, :],
         ]
-        return out + self._fill
+        return out + self.fill
 
 
 def build_loaders(

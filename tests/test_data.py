@@ -238,7 +238,7 @@ def test_crop_flip_matches_per_sample_reference(augment):
     x, y = _xy(n=16, c=2, h=8, w=6)
     fill = torch.tensor([-1.5, 2.0])
     loader = DeviceLoader(x, y, 16, shuffle=True, augment=augment, seed=5, pad_value=fill)
-    order, offsets, flips = loader._epoch_plan(0)
+    order, offsets, flips = loader.epoch_plan(0)
     (xb, yb), = list(loader.epoch(0))
     assert torch.equal(yb, order)
     want = _reference_crop(x[order], offsets, flips, loader.pad, fill[None, :, None, None])
@@ -252,7 +252,7 @@ def test_crop_offset_centre_is_identity():
     x, y = _xy(n=4, h=16, w=16)
     loader = DeviceLoader(x, y, 4, shuffle=False, augment="crop")
     centre = torch.full((4, 2), loader.pad)
-    torch.testing.assert_close(loader._crop_flip(x, centre, None), x)
+    torch.testing.assert_close(loader.crop_flip(x, centre, None), x)
 
 
 def test_bad_augment():
@@ -268,6 +268,6 @@ def test_build_loaders_digits():
     xb, yb = next(train.epoch(0))
     assert xb.shape == (64, 1, 8, 8) and yb.dtype == torch.int64
     # padding is the normalised value of a black pixel (the digits' background)
-    assert train._fill.flatten().item() == pytest.approx(-ds.mean[0] / ds.std[0])
+    assert train.fill.flatten().item() == pytest.approx(-ds.mean[0] / ds.std[0])
     train2, _, _ = build_loaders(spec(augment="none", fraction=0.01, batch_size=64), seed=0, device="cpu")
     assert train2.augment == "none" and len(train2) == 1 and not train2.drop_last
