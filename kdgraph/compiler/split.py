@@ -27,8 +27,12 @@ if TYPE_CHECKING:
 def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
     """One GraphModule per block; ``boundaries`` are cut node names in graph order.
 
-    After: composing the segments in order computes exactly the traced forward.
+    After: composing the segments in order computes exactly the traced forward. Segments of
+    a lazy traced GraphModule (planning) are lazy too: they write their code when first called.
     """
+    from kdgraph.compiler.trace import graph_module, is_lazy  # not at module level: one floor less
+
+    lazy = is_lazy(traced.gm)
     nodes = list(traced.gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     ends = [position[b] for b in boundaries] + [len(nodes) - 1]
@@ -62,7 +66,7 @@ def split_segments(traced: TracedModel, boundaries: list[str]) -> nn.ModuleList:
             env[node] = graph.node_copy(node, lambda n: env[n])
         else:
             graph.output(env[nodes[end]])
-        segments.append(fx.GraphModule(traced.gm, graph, f"{traced.role}_block{seg + 1}"))
+        segments.append(graph_module(traced.gm, graph, f"{traced.role}_block{seg + 1}", lazy))
         start = end
     return nn.ModuleList(segments)
 
