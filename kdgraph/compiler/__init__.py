@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from torch import nn
 
@@ -88,14 +90,16 @@ def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) 
 class _Passes:
     """Runs each pass in ``PASSES`` order: times it and checks what it returned."""
 
-    def __init__(self, spec: Spec, input_size: tuple[int, int, int]):
-        self.spec, self.input_size = spec, input_size
+    def __init__(self, spec: Spec, input_size: tuple[int, int, int], freeze: bool = False):
+        self.spec, self.input_size, self.freeze = spec, input_size, freeze
         self.timings: dict[str, float] = {}
 
     def __call__(self, fn: Callable, *args):
         number = len(self.timings)
         if PASSES[number] is not fn:
             raise AssertionError(f"pass {number + 1} is {PASSES[number].__name__}, not {fn.__name__}")
+        if self.freeze:  # what earlier passes built, and imported (timm, by the build), is frozen too
+            gc.freeze()
         t0 = time.perf_counter()
         out = fn(*args)
         name = fn.__name__.removesuffix("_pass")
@@ -104,6 +108,23 @@ class _Passes:
         if problems:
             raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
         return out
+
+
+@contextlib.contextmanager
+def _collecting_new_objects_only() -> Iterator[bool]:
+    """For the duration, Python's cycle collector leaves alone every object that existed
+    before (``gc.freeze``; yields True): compiling allocates fx graphs by the thousand, and
+    each full collection they trigger would scan all of torch and timm again (a fifth of
+    `kdgraph plan`). What the passes make is still collected. Nothing changes (yields False)
+    where the caller froze objects itself or turned the collector off."""
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield False
+        return
+    gc.freeze()
+    try:
+        yield True
+    finally:
+        gc.unfreeze()
 
 
 def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
@@ -121,9 +142,14 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
     their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
     output is the same as with real weights.
     """
-    mode = BuildMode(frozenset(fetch), allow_missing_weights, materialize)
+    with _collecting_new_objects_only() as frozen:
+        return _compile(spec, models, BuildMode(frozenset(fetch), allow_missing_weights, materialize), frozen)
+
+
+def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode: BuildMode,
+             freeze: bool) -> Compiled:
     input_size = resolve_input_size(spec.data)
-    run = _Passes(spec, input_size)
+    run = _Passes(spec, input_size, freeze)
     built = run(build_pass, spec, mode, models)
     data = run(data_pass, spec, built, input_size, mode)
     traced = run(trace_pass, spec, built, input_size)

@@ -27,13 +27,39 @@ if TYPE_CHECKING:
 
 
 
+def _lazy_kind() -> type[fx.GraphModule] | None:
+    try:
+        from torch.fx._lazy_graph_module import _LazyGraphModule
+    except ImportError:  # a private torch API: None where it is gone
+        return None
+    return _LazyGraphModule
+
+
+def graph_module(root: nn.Module, graph: fx.Graph, class_name: str, lazy: bool = False) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)``; ``lazy``: one that writes and compiles its
+    Python code when first called or read (torch.fx's ``_LazyGraphModule``, as torch.compile
+    uses), not now. Planning never runs its graph modules: writing their code was a tenth of
+    `kdgraph plan`. Where torch has no lazy kind, a plain one."""
+    kind = _lazy_kind() if lazy else None
+    return (kind or fx.GraphModule)(root, graph, class_name)
+
+
+def is_lazy(gm: fx.GraphModule) -> bool:
+    """True for a GraphModule that writes its code when first called (``graph_module``)."""
+    kind = _lazy_kind()
+    return kind is not None and isinstance(gm, kind)
+
+
 def split_segments(traced: TracedModel, boundaries: Sequence[str | Sequence[str]]) -> nn.ModuleList:
     """One GraphModule per block; ``boundaries`` are cut node names in graph order, or for a
     multi-tensor cut the tuple of its tensors' node names (graph order, the last being the
     cut's position).
 
-    After: composing the segments in order (``runtime.chain.call_segment``) computes exactly the traced forward.
+    After: composing the segments in order (``runtime.chain.call_segment``) computes exactly
+    the traced forward. Segments of a lazy traced GraphModule (planning) are lazy too: they
+    write their code when first called.
     """
+    lazy = is_lazy(traced.gm)
     nodes = list(traced.gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     cut_nodes = [(b,) if isinstance(b, str) else tuple(b) for b in boundaries]
@@ -71,7 +97,7 @@ def split_segments(traced: TracedModel, boundaries: Sequence[str | Sequence[str]
         else:
             out = cut_nodes[seg]
             graph.output(env[nodes[end]] if len(out) == 1 else tuple(env[nodes[position[n]]] for n in out))
-        segments.append(fx.GraphModule(traced.gm, graph, f"{traced.role}_block{seg + 1}"))
+        segments.append(graph_module(traced.gm, graph, f"{traced.role}_block{seg + 1}", lazy))
         start = end
         if seg < len(cut_nodes):
             feeds = cut_nodes[seg]

@@ -17,21 +17,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import contextlib
+import dis
 import inspect
 import io
 import linecache
 import re
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
+import torch.fx.proxy as fx_proxy
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from kdgraph.errors import PlanError, TraceError
 
+from kdgraph.compiler.split import graph_module
 from kdgraph.models import create_model, holds_meta
 
 if TYPE_CHECKING:
@@ -95,6 +99,40 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     return leaves, tuple(timm_fx.get_notrace_functions())
 
 
+class _CachedDis:
+    """``dis`` as torch.fx's proxies see it while kdgraph traces: the instructions of a code
+    object are listed once per trace. fx lists the calling function's bytecode at every
+    unpacking of a proxy (``B, H, W, C = x.shape``), again and again for the same functions:
+    a third of the time to trace Swin. Everything else is ``dis`` itself."""
+
+    def __init__(self) -> None:
+        self._listed: dict[types.CodeType, tuple[dis.Instruction, ...]] = {}
+
+    def get_instructions(self, x, *args, **kwargs):
+        if args or kwargs or not isinstance(x, types.CodeType):
+            return dis.get_instructions(x, *args, **kwargs)
+        listed = self._listed.get(x)
+        if listed is None:
+            listed = self._listed[x] = tuple(dis.get_instructions(x))
+        return iter(listed)
+
+    def __getattr__(self, name: str):
+        return getattr(dis, name)
+
+
+@contextlib.contextmanager
+def _listing_bytecode_once() -> Iterator[None]:
+    """For the duration, torch.fx.proxy reads bytecode through a ``_CachedDis``."""
+    if getattr(fx_proxy, "dis", None) is not dis:  # another trace holds it, or fx no longer uses dis
+        yield
+        return
+    fx_proxy.dis = _CachedDis()
+    try:
+        yield
+    finally:
+        fx_proxy.dis = dis
+
+
 class KDTracer(fx.Tracer):
     """fx tracer that treats timm's not-traceable modules, and ``leaf_types``, as leaves."""
 
@@ -102,11 +140,49 @@ class KDTracer(fx.Tracer):
         leaf_modules, autowrap = _timm_notrace()
         super().__init__(autowrap_functions=autowrap)
         self._extra_leaves = (*leaf_modules, *leaf_types)
+        self._param_names: dict[int, str] = {}
+        self._buffer_names: dict[int, str] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        # Names of the root's parameters and buffers by identity, the first name of a shared
+        # tensor as named_parameters() gives it: fx looks each one up by walking every module
+        # of the model again, at each use.
+        if isinstance(root, nn.Module):
+            for name, p in root.named_parameters():
+                self._param_names.setdefault(id(p), name)
+            for name, b in root.named_buffers():
+                self._buffer_names.setdefault(id(b), name)
+        try:
+            with _listing_bytecode_once():
+                return super().trace(root, concrete_args=concrete_args)
+        finally:
+            self._param_names, self._buffer_names = {}, {}
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):  # fx: a parameter or buffer of the root becomes a get_attr
+            names = self._param_names if isinstance(a, nn.Parameter) else self._buffer_names
+            name = names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        name = None
+        if isinstance(attr_val, torch.Tensor) and not self.param_shapes_constant:
+            if isinstance(attr_val, nn.Parameter):
+                name = self._param_names.get(id(attr_val))
+            if name is None and self.proxy_buffer_attributes:
+                name = self._buffer_names.get(id(attr_val))
+        if name is None:  # not the root's: fx's own answer
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:  # as fx: one get_attr proxy per name
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 def _concrete_args(model: nn.Module) -> dict:
@@ -337,16 +413,17 @@ def _run_failure(role: str, shape: tuple[int, ...], exc: BaseException) -> str:
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "student",
-          batch_size: int = 2) -> TracedModel:
+          batch_size: int = 2, lazy: bool = False) -> TracedModel:
     """Trace ``model`` and propagate shapes with one random batch of ``input_size``.
 
     After: every node of the GraphModule has a NodeInfo; tensor nodes have shapes. The
     GraphModule holds the very submodules of ``model`` (parameters shared, not copied).
+    ``lazy`` (planning): it writes its Python code only when first called (``graph_module``).
     """
     tracer, graph, leaves = _trace_graph(model, role)
     _inline_concrete_args(graph)
     _modal_dropout(tracer.root, graph)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = graph_module(tracer.root, graph, type(model).__name__, lazy)
 
     primary = next(n for n in gm.graph.nodes if n.op == "placeholder")
     sample = torch.randn(batch_size, *input_size)
@@ -410,8 +487,8 @@ def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], no
     weights and traced again, with a note. Its weights are only ever used for shapes here."""
     if not holds_meta(art.model):
         return replace(art, traced=trace(art.model, input_size, role=art.role))
-    try:
-        return replace(art, traced=trace(art.model, input_size, role=art.role))
+    try:  # planning: graph modules that never run write no code
+        return replace(art, traced=trace(art.model, input_size, role=art.role, lazy=True))
     except Exception as exc:  # the real build's own trace raises the error that matters, if any
         model_spec = getattr(spec, art.role)
         model = create_model(model_spec.model, model_spec.kwargs, search_path=spec.source_dir)
