@@ -59,26 +59,41 @@ STATS_SAMPLES = 512  # training images the streaming path estimates mean/std fro
 
 
 def train_transform(input_size: tuple[int, int, int], augment: str, mean, std, crop_pct: float,
-                    crop_scale: tuple[float, float]):
+                    crop_scale: tuple[float, float], *, normalize: bool = True):
     """timm's training transform: random-resized crop (area ``crop_scale``), horizontal flip
-    (crop+flip), normalisation; no colour jitter. ``augment`` none: the evaluation transform."""
+    (crop+flip), normalisation; no colour jitter. ``augment`` none: the evaluation transform.
+    ``normalize=False``: uint8 tensors, to be normalised a batch at a time (``Normalizer``), as
+    timm's prefetcher does."""
     from timm.data import create_transform
 
     augmentation = AUGMENTATIONS.get(augment)
     if not augmentation.crop:
-        return eval_transform(input_size, mean, std, crop_pct)
+        return eval_transform(input_size, mean, std, crop_pct, normalize=normalize)
     return create_transform(input_size, is_training=True, scale=tuple(crop_scale),
                             hflip=0.5 if augmentation.flip else 0.0, color_jitter=None,
-                            interpolation="bilinear", mean=tuple(mean), std=tuple(std))
+                            interpolation="bilinear", mean=tuple(mean), std=tuple(std), use_prefetcher=not normalize)
 
 
-def eval_transform(input_size: tuple[int, int, int], mean, std, crop_pct: float):
+def eval_transform(input_size: tuple[int, int, int], mean, std, crop_pct: float, *, normalize: bool = True):
     """timm's evaluation transform: resize the shorter side to side / crop_pct (bilinear),
-    centre-crop input_size, normalise."""
+    centre-crop input_size, normalise (``normalize=False``: uint8, see train_transform)."""
     from timm.data import create_transform
 
     return create_transform(input_size, is_training=False, crop_pct=crop_pct, interpolation="bilinear",
-                            mean=tuple(mean), std=tuple(std))
+                            mean=tuple(mean), std=tuple(std), use_prefetcher=not normalize)
+
+
+class Normalizer:
+    """uint8 image batches to normalised float32, on their device: ``(x / 255 - mean) / std``,
+    the very operations of torchvision's ToTensor and Normalize, one batch at a time. Workers
+    then decode and augment only, and send a quarter of the bytes."""
+
+    def __init__(self, mean, std, device: torch.device):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255).sub_(self.mean).div_(self.std)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -90,7 +105,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @contextmanager
 def _seeded(seed: int):
     """torch's CPU generator and Python's random (timm's crop draws from it) seeded for one
-    sample, and restored after: with num_workers 0 the training process's RNGs are untouched."""
+    sample, and restored after in the training process (num_workers 0), whose RNGs stay
+    untouched; a worker's are not restored (they serve nothing else)."""
+    if torch.utils.data.get_worker_info() is not None:  # a worker's RNGs serve its samples only
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        yield
+        return
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
@@ -203,7 +224,10 @@ def _worker_init(_worker_id: int, nice: int = 0) -> None:
     # training process stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
-        os.nice(nice)
+        try:  # Linux: run only on a core nothing else wants
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(nice)
 
 
 # Training on the CPU, workers and the training threads share the cores. Workers decode far
@@ -229,8 +253,10 @@ class StreamLoader:
 
     def __init__(self, dataset: StreamDataset, batch_size: int, *, shuffle: bool, seed: int,
                  device: torch.device | str = "cpu", drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 workers: WorkerOptions = WorkerOptions(), on_bad_image: str = "skip"):
+                 workers: WorkerOptions = WorkerOptions(), on_bad_image: str = "skip",
+                 normalizer: Normalizer | None = None):
         self.dataset = dataset
+        self.normalizer = normalizer  # for a dataset whose transform gives uint8 (normalize=False)
         self.device = torch.device(device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.world_size = world_size
@@ -264,7 +290,8 @@ class StreamLoader:
             if not len(yb):
                 raise DataError(f"no image of a batch could be read ({', '.join(p for p, _ in bad)}); "
                                 "is data.root readable?")
-            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            xb = xb.to(self.device, non_blocking=True)
+            yield (self.normalizer(xb) if self.normalizer is not None else xb), yb.to(self.device, non_blocking=True)
 
     def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
         """The position and what fixes the batches there: (seed, epoch, index) draw everything."""
@@ -354,16 +381,20 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                             rt.persistent_workers, rt.prefetch_factor, CPU_WORKER_NICE if device.type == "cpu" else 0)
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
-                             train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale),
+                             train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale,
+                                             normalize=False),
                              augmented=AUGMENTATIONS.get(augment).crop, seed=spec.seed)
     test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
-                            eval_transform(plan.input_size, mean, std, plan.crop_pct), augmented=False, seed=spec.seed)
+                            eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False),
+                            augmented=False, seed=spec.seed)
+    normalizer = Normalizer(mean, std, device)
     per_rank = len(files) // dist_info.world_size
     train = StreamLoader(train_ds, d.batch_size, shuffle=True, seed=spec.seed, device=device,
                          drop_last=per_rank >= d.batch_size, rank=dist_info.rank,
-                         world_size=dist_info.world_size, workers=workers, on_bad_image=d.on_bad_image)
+                         world_size=dist_info.world_size, workers=workers, on_bad_image=d.on_bad_image,
+                         normalizer=normalizer)
     test = StreamLoader(test_ds, test_bs, shuffle=False, seed=spec.seed, device=device, workers=workers,
-                        on_bad_image=d.on_bad_image)
+                        on_bad_image=d.on_bad_image, normalizer=normalizer)
     return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats)
 
 

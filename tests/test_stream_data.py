@@ -23,7 +23,8 @@ from kdgraph.errors import DataError, SpecError
 from kdgraph.imagefolder import BadImageWarning, scan_imagefolder
 from kdgraph.runtime import loop
 from kdgraph.spec import DataSpec, load_spec
-from kdgraph.stream import (EpochSampler, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform, train_transform)
+from kdgraph.stream import (EpochSampler, Normalizer, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform,
+                            train_transform)
 from kdgraph.compiler.data import plan_data
 
 from _runtime_helpers import tiny_spec, train_here
@@ -131,6 +132,27 @@ def _stream(root: Path, workers: int, *, channels: int = 1, world_size: int = 1,
     ds = StreamDataset(folder.train_files, folder.train_labels, 3, channels, transform, augmented=True, seed=7)
     return StreamLoader(ds, 5, shuffle=True, seed=7, drop_last=True, rank=rank, world_size=world_size,
                         workers=WorkerOptions(num_workers=workers, persistent_workers=True))
+
+
+@pytest.mark.parametrize("augment", ["crop+flip", "none"])
+def test_uint8_samples_normalised_by_the_batch_equal_timms_normalising_transform(tmp_path, augment):
+    """Training streams uint8 from the workers and normalises whole batches (Normalizer);
+    independent truth: timm's own transform with its ToTensor and Normalize, sample by sample."""
+    folder = scan_imagefolder(write_folder(tmp_path / "images", channels=3))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    def dataset(normalize):
+        tf = train_transform((3, 8, 8), augment, mean, std, 0.875, (0.08, 1.0), normalize=normalize)
+        return StreamDataset(folder.train_files, folder.train_labels, 3, 3, tf, augmented=augment != "none", seed=3)
+
+    raw, timm_normalised = dataset(False), dataset(True)
+    norm = Normalizer(mean, std, torch.device("cpu"))
+    for i in range(len(raw)):
+        x, label = raw[(i, 2)]
+        assert x.dtype == torch.uint8
+        expected, expected_label = timm_normalised[(i, 2)]
+        assert label == expected_label
+        torch.testing.assert_close(norm(x[None])[0], expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
