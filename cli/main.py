@@ -80,8 +80,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
          format: Annotated[PlanFormat, typer.Option("--format", "-f", help="Output format.")] = PlanFormat.table,
          png: Annotated[Optional[Path], typer.Option(help="Also draw the block graph to this PNG.")] = None):
     """Show how kdgraph decomposes the pair: cuts, stages, block pairing, adapters, schedule."""
-    from kdgraph.compiler import blockgraph
-    from kdgraph.compiler import compile_spec
+    from kdgraph.compiler import blockgraph, compile_spec
     from kdgraph.render import draw_block_graph, plan_view
 
     try:

@@ -8,9 +8,8 @@ tokens can feed a CNN student block and a CNN's map can be compared with a ViT's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 from rich.console import Group

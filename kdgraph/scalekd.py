@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdgraph.losses import no_autocast
 from kdgraph.layouts import FeatureFormat, from_map, resample, to_map
+from kdgraph.losses import no_autocast
 
 
 class CrossAttentionProjector(nn.Module):

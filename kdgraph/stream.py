@@ -107,19 +107,16 @@ def _seeded(seed: int):
     """torch's CPU generator and Python's random (timm's crop draws from it) seeded for one
     sample, and restored after in the training process (num_workers 0), whose RNGs stay
     untouched; a worker's are not restored (they serve nothing else)."""
-    if torch.utils.data.get_worker_info() is not None:  # a worker's RNGs serve its samples only
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        yield
-        return
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    in_worker = torch.utils.data.get_worker_info() is not None
+    saved = None if in_worker else (torch.get_rng_state(), random.getstate())
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
 
 
 # ----------------------------------------------------------------------- streaming
@@ -218,22 +215,16 @@ class EpochSampler(torch.utils.data.Sampler):
             yield [(i, epoch) for i in order[step * bs : min((step + 1) * bs, self.samples_per_rank)]]
 
 
-def _worker_init(_worker_id: int, nice: int = 0) -> None:
+def _worker_init(_worker_id: int, low_priority: bool = False) -> None:
     # Ctrl-C reaches the whole process group: a worker that died of it would turn the training
     # process's clean stop (checkpoint, resume hint) into "worker exited unexpectedly". The
     # training process stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
+    if low_priority:
         try:  # Linux: run only on a core nothing else wants
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
-            os.nice(nice)
-
-
-# Training on the CPU, workers and the training threads share the cores. Workers decode far
-# faster than a CPU step consumes (bench/data_throughput.py), so they run at a lower priority:
-# the step keeps its cores and the workers fill the prefetch queue from what it leaves.
-CPU_WORKER_NICE = 10
+            os.nice(10)
 
 
 @dataclass(frozen=True)
@@ -242,7 +233,10 @@ class WorkerOptions:
     pin_memory: bool = False
     persistent_workers: bool = True
     prefetch_factor: int = 2
-    nice: int = 0  # added to the workers' niceness (CPU training: CPU_WORKER_NICE)
+    # Training on the CPU, workers and the training threads share the cores; workers decode
+    # faster than a CPU step consumes (bench/data_throughput.py), so they run at idle priority
+    # and fill the prefetch queue from what the step leaves.
+    low_priority: bool = False
 
 
 class StreamLoader:
@@ -270,7 +264,8 @@ class StreamLoader:
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=n,
             pin_memory=workers.pin_memory, persistent_workers=workers.persistent_workers and n > 0,
-            prefetch_factor=workers.prefetch_factor if n > 0 else None, worker_init_fn=functools.partial(_worker_init, nice=workers.nice) if n > 0 else None,
+            prefetch_factor=workers.prefetch_factor if n > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, low_priority=workers.low_priority) if n > 0 else None,
             generator=torch.Generator().manual_seed(seed))
         self.bad: dict[str, str] = {}
 
@@ -378,7 +373,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
     workers = WorkerOptions(rt.num_workers, device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
-                            rt.persistent_workers, rt.prefetch_factor, CPU_WORKER_NICE if device.type == "cpu" else 0)
+                            rt.persistent_workers, rt.prefetch_factor, low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
                              train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale,

@@ -8,11 +8,24 @@ import sys
 
 import pytest
 import torch
+from _runtime_helpers import KW, ROOT, tiny_spec, train_here
 from torch import nn
 
-from _runtime_helpers import KW, ROOT, tiny_spec, train_here
 from kdgraph.errors import SpecError
-from kdgraph.registry import (AUGMENTATIONS, DATASETS, METHODS, MODEL_SOURCES, SCHEDULES, Augmentation, Method, Registry, UnknownName, dataset_choices, register_dataset, register_model_source)
+from kdgraph.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    METHODS,
+    MODEL_SOURCES,
+    SCHEDULES,
+    Augmentation,
+    Method,
+    Registry,
+    UnknownName,
+    dataset_choices,
+    register_dataset,
+    register_model_source,
+)
 from kdgraph.spec import load_spec
 
 

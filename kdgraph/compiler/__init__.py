@@ -16,12 +16,11 @@ the models with their parameters on the meta device and propagates shapes on met
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import gc
 import time
 from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING
 
 from torch import nn
 

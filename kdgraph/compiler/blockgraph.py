@@ -25,17 +25,16 @@ that choice into the operations the runtime executes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from kdgraph.errors import PlanError
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.pair import Pairing
     from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.pair import Pairing
     from kdgraph.spec import Spec
 
 

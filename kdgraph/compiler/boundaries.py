@@ -14,9 +14,8 @@ there are more than needed; where more blocks are asked for, the decoder's level
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from kdgraph.compiler.cuts import Cut, find_cut_by_module
 from kdgraph.compiler.stages import Stage, feature_taps, preferred, tapped

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 

@@ -19,16 +19,15 @@ one, so their cuts are exactly the single-tensor ones.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.trace import TracedModel
     from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.trace import TracedModel
 
 
 

@@ -14,18 +14,17 @@ where its widths differ (``TupleAdapterSpec``; a tensor of equal widths passes u
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from kdgraph.adapters import AdapterPair
 from kdgraph.errors import PlanError
 from kdgraph.layouts import FeatureFormat
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.cuts import Cut
-    from kdgraph.compiler.boundaries import Boundary
     from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.boundaries import Boundary
+    from kdgraph.compiler.cuts import Cut
     from kdgraph.spec import Spec
 
 

@@ -13,21 +13,19 @@ loss terms each group is trained with are the program's loss nodes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from kdgraph.compiler.blockgraph import tpp_block_of
+from kdgraph.compiler.program import stage_program
 from kdgraph.errors import SpecError
 from kdgraph.registry import METHODS
 
-from kdgraph.compiler.blockgraph import tpp_block_of
-from kdgraph.compiler.program import stage_program
-
 if TYPE_CHECKING:
-    from kdgraph.compiler.program import Program
     from kdgraph.compiler.pair import Pairing
+    from kdgraph.compiler.program import Program
     from kdgraph.spec import Spec
 
 Groups = tuple[tuple[int, ...], ...]

@@ -11,6 +11,8 @@ are copied into every segment that uses them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
@@ -18,12 +20,9 @@ from torch import nn
 
 from kdgraph.errors import PlanError
 
-from collections.abc import Sequence
-from dataclasses import replace
-
 if TYPE_CHECKING:
-    from kdgraph.compiler.trace import TracedModel
     from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.trace import TracedModel
 
 
 

@@ -15,9 +15,8 @@ stage says so. ``Stage.tap`` records either, and the block's rule column shows i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from torch import nn
 

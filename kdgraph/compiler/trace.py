@@ -14,8 +14,6 @@ modules became leaves and why. Only a failure in the top-level forward is an err
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import dis
 import inspect
@@ -26,6 +24,7 @@ import traceback
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -33,9 +32,8 @@ import torch.fx.proxy as fx_proxy
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from kdgraph.errors import PlanError, TraceError
-
 from kdgraph.compiler.split import graph_module
+from kdgraph.errors import PlanError, TraceError
 from kdgraph.models import create_model, holds_meta
 
 if TYPE_CHECKING:

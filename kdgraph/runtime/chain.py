@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-
 Feature = torch.Tensor | tuple[torch.Tensor, ...]  # the value at a cut
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from kdgraph.errors import KDGraphError
-from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
 from kdgraph.runtime.runs import readable
+from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
 
 
 def rng_state() -> dict[str, Any]:

@@ -18,9 +18,9 @@ from torch import nn
 from kdgraph.adapters import build_adapters
 from kdgraph.layouts import FeatureFormat
 from kdgraph.losses import FeatureMSE, HeadLoss, KLDivergence
-from kdgraph.scalekd import DualViewFeatureMimicking
 from kdgraph.runtime.chain import StudentChain
 from kdgraph.runtime.teacher import FrozenTeacher
+from kdgraph.scalekd import DualViewFeatureMimicking
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled

@@ -10,10 +10,9 @@ apart by their content, never their suffix.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,10 +21,10 @@ from torch import nn
 
 from kdgraph.adapters import TupleMap, build_adapters, fold
 from kdgraph.errors import KDGraphError
-from kdgraph.weights import read_weights_file, sniff
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.chain import ExportedStudent
+from kdgraph.weights import read_weights_file, sniff
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled

@@ -11,8 +11,6 @@ optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import json
 import math
@@ -20,24 +18,38 @@ import random
 import signal
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kdgraph.compiler import Compiled, compile_spec
 from kdgraph.errors import KDGraphError
-from kdgraph.schedules import build_lr_scheduler
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
 from kdgraph.runtime.progress import Reporter
-from kdgraph.stream import Data, StreamLoader, build_data
 from kdgraph.runtime.stability import StabilityTracker
-from kdgraph.runtime.techniques import (DistInfo, autocast, build_optimizer, decay_groups, grad_scaler, init_distributed, maybe_compile, no_weight_decay_names, resolve_device, to_channels_last, use_channels_last, wrap_ddp)
+from kdgraph.runtime.techniques import (
+    DistInfo,
+    autocast,
+    build_optimizer,
+    decay_groups,
+    grad_scaler,
+    init_distributed,
+    maybe_compile,
+    no_weight_decay_names,
+    resolve_device,
+    to_channels_last,
+    use_channels_last,
+    wrap_ddp,
+)
+from kdgraph.schedules import build_lr_scheduler
+from kdgraph.stream import Data, StreamLoader, build_data
 
 if TYPE_CHECKING:
     from kdgraph.data import DeviceLoader

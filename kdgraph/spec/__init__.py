@@ -8,7 +8,18 @@ was given and what is allowed. Importing this package does not import torch.
 
 from kdgraph.spec.explain import spec_error_from
 from kdgraph.spec.loader import load_spec
-from kdgraph.spec.schema import (CutPair, DataSpec, DecomposeSpec, LossSpec, ModelSpec, OptimSpec, RuntimeSpec, ScheduleSpec, Spec, max_recompositions)
+from kdgraph.spec.schema import (
+    CutPair,
+    DataSpec,
+    DecomposeSpec,
+    LossSpec,
+    ModelSpec,
+    OptimSpec,
+    RuntimeSpec,
+    ScheduleSpec,
+    Spec,
+    max_recompositions,
+)
 
 __all__ = [
     "CutPair",

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from kdgraph.errors import SpecError
-
 from kdgraph.spec.schema import OneOf, Spec
 
 __all__ = ["short", "spec_error_from"]

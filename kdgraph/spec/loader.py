@@ -14,7 +14,6 @@ import yaml
 from pydantic import ValidationError
 
 from kdgraph.errors import SpecError
-
 from kdgraph.spec.explain import short, spec_error_from
 from kdgraph.spec.schema import Spec
 

@@ -33,7 +33,17 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
-from kdgraph.registry import (PRETRAINED_SOURCES, AUGMENTATIONS, DATASETS, METHODS, MODEL_SOURCES, SCHEDULES, Method, dataset_choices, model_source_choices)
+from kdgraph.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    METHODS,
+    MODEL_SOURCES,
+    PRETRAINED_SOURCES,
+    SCHEDULES,
+    Method,
+    dataset_choices,
+    model_source_choices,
+)
 
 __all__ = [
     "CutPair",
