@@ -150,7 +150,8 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
                    "checkpoint, told apart by content (default: OUTPUT/student.safetensors).")] = None,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split."""
+    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split;
+    for a dense task, pixel accuracy (as top-1) and mean IoU."""
     from kdgraph.runtime.commands import evaluate_spec
 
     try:

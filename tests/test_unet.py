@@ -286,6 +286,12 @@ def test_short_distillation_beats_the_untrained_student(tmp_path):
     untrained = accuracy(unet_tiny(widths=(8, 16, 32)).eval(), test, torch.device("cpu"))
     assert summary["student_top1"] > untrained["top1"] + 5
     assert summary["student_miou"] > untrained["miou"]
+    # `kdgraph eval` scores the same student on the same split as training's last evaluation
+    from kdgraph.runtime.commands import evaluate_spec
+
+    scores = evaluate_spec(student)
+    assert scores["student_top1"] == pytest.approx(summary["student_top1"])
+    assert scores["student_miou"] == pytest.approx(summary["student_miou"])
 
 
 def test_ship_names_the_multi_tensor_cut_it_cannot_fold(compiled, distiller):

@@ -53,13 +53,16 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
                            "its image folder (data.loader: stream)")
     result: dict = {"split": split, "samples": samples}
-    acc = accuracy(student, loader, device, spec.runtime.precision)
-    result.update(student_top1=acc["top1"], student_top5=acc["top5"])
+    result.update(_scores("student", accuracy(student, loader, device, spec.runtime.precision)))
     if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
         teacher = compiled.teacher.model.to(device).eval()
-        acc = accuracy(teacher, loader, device, spec.runtime.precision)
-        result.update(teacher_top1=acc["top1"], teacher_top5=acc["top5"])
+        result.update(_scores("teacher", accuracy(teacher, loader, device, spec.runtime.precision)))
     return result
+
+
+def _scores(role: str, acc: dict) -> dict:
+    """``role``'s top-1 and top-5 and, for a dense task, its mean IoU (top-1 is pixel accuracy)."""
+    return {f"{role}_{k}": acc[k] for k in ("top1", "top5", "miou") if k in acc}
 
 
 def _compile_for_eval(spec: Spec) -> Compiled:
