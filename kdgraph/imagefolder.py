@@ -146,7 +146,8 @@ def read_image(path: str, mode: str):
 
     try:
         with Image.open(path) as im:
-            return im.convert(mode)  # convert decodes: truncated data fails here, not later
+            im.load()  # decodes: truncated data fails here, not later
+            return im if im.mode == mode else im.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{type(exc).__name__}: {exc}") from None
 

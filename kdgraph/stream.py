@@ -8,14 +8,15 @@ folder by DataLoader workers (StreamLoader), chosen once per spec.
 The in-memory path is the fast one for small data: decode once, cut batches on the device.
 An image folder whose decoded splits (float32 at input_size) exceed
 ``data.memory_budget_mb`` is streamed instead (``data.loader`` forces either): workers
-decode each file and apply timm's transforms (training: random-resized crop, flip,
-normalisation; evaluation: resize to input_size / crop_pct, centre crop, normalisation),
-and the training process only trains.
+decode the files of a batch and transform them (training: timm's random-resized crop and
+flip, for the whole batch at once, kdgraph.transforms; evaluation: timm's resize to
+input_size / crop_pct and centre crop), and send uint8 batches that the training process
+normalises on its device.
 
 The streamed batches are as reproducible as the in-memory ones. The main process draws
 the epoch's order from (seed, epoch), like DeviceLoader, and shards it by stride like
-DistributedSampler; each sample is augmented in a worker under RNGs seeded by (seed,
-epoch, index). So a batch is a function of the position alone, not of the worker count
+DistributedSampler; each sample's crop and flip are drawn from a hash of (seed, epoch,
+index). So a batch is a function of the position alone, not of the worker count
 or their scheduling, and a resumed run starts its sampler at the saved (epoch, step)
 without decoding the samples before it. Nothing random is carried between batches:
 the checkpoint's ``data`` entry (position, seed, sample count) is all a resume needs,
@@ -26,11 +27,9 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import signal
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +40,14 @@ from kdgraph.data import DeviceLoader, build_loaders, class_balanced_subset
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import BadImage, ImageFolder, bad_image, read_image, scan_imagefolder
 from kdgraph.registry import AUGMENTATIONS
+from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
 
 if TYPE_CHECKING:
     from kdgraph.compiler.data import DataPlan
     from kdgraph.spec.schema import Spec
 
-__all__ = ["Data", "EpochSampler", "StreamDataset", "StreamLoader", "build_data",
-           "sample_seed"]
+__all__ = ["Data", "EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "build_data",
+           "eval_transform", "train_transform"]
 
 STATS_SAMPLES = 512  # training images the streaming path estimates mean/std from, when it must
 
@@ -58,25 +58,21 @@ STATS_SAMPLES = 512  # training images the streaming path estimates mean/std fro
 # ------------------------------------------------------------------------- transforms
 
 
-def train_transform(input_size: tuple[int, int, int], augment: str, mean, std, crop_pct: float,
-                    crop_scale: tuple[float, float], *, normalize: bool = True):
-    """timm's training transform: random-resized crop (area ``crop_scale``), horizontal flip
-    (crop+flip), normalisation; no colour jitter. ``augment`` none: the evaluation transform.
-    ``normalize=False``: uint8 tensors, to be normalised a batch at a time (``Normalizer``), as
-    timm's prefetcher does."""
-    from timm.data import create_transform
-
+def train_transform(input_size: tuple[int, int, int], augment: str, crop_pct: float,
+                    crop_scale: tuple[float, float]):
+    """The training augmentation, to uint8: timm's random-resized crop (area ``crop_scale``)
+    and horizontal flip (crop+flip), drawn per sample from (seed, epoch, index) a batch at a
+    time (kdgraph.transforms); no colour jitter. ``augment`` none: the evaluation transform."""
     augmentation = AUGMENTATIONS.get(augment)
     if not augmentation.crop:
-        return eval_transform(input_size, mean, std, crop_pct, normalize=normalize)
-    return create_transform(input_size, is_training=True, scale=tuple(crop_scale),
-                            hflip=0.5 if augmentation.flip else 0.0, color_jitter=None,
-                            interpolation="bilinear", mean=tuple(mean), std=tuple(std), use_prefetcher=not normalize)
+        return eval_transform(input_size, (0.0,) * input_size[0], (1.0,) * input_size[0], crop_pct, normalize=False)
+    return RandomResizedCropFlip(input_size[1:], tuple(crop_scale), flip=augmentation.flip)
 
 
 def eval_transform(input_size: tuple[int, int, int], mean, std, crop_pct: float, *, normalize: bool = True):
     """timm's evaluation transform: resize the shorter side to side / crop_pct (bilinear),
-    centre-crop input_size, normalise (``normalize=False``: uint8, see train_transform)."""
+    centre-crop input_size, normalise (``normalize=False``: uint8, normalised a batch at a
+    time by ``Normalizer``, as timm's prefetcher does)."""
     from timm.data import create_transform
 
     return create_transform(input_size, is_training=False, crop_pct=crop_pct, interpolation="bilinear",
@@ -96,39 +92,22 @@ class Normalizer:
         return x.float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch``: well mixed, < 2**63."""
-    state = np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) | (int(state[1]) >> 1)
-
-
-@contextmanager
-def _seeded(seed: int):
-    """torch's CPU generator and Python's random (timm's crop draws from it) seeded for one
-    sample, and restored after in the training process (num_workers 0), whose RNGs stay
-    untouched; a worker's are not restored (they serve nothing else)."""
-    in_worker = torch.utils.data.get_worker_info() is not None
-    saved = None if in_worker else (torch.get_rng_state(), random.getstate())
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-
-
 # ----------------------------------------------------------------------- streaming
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, str], ...]]
+
+
 class StreamDataset(torch.utils.data.Dataset):
-    """Files decoded and transformed on demand. Keys are (index, epoch): an augmented
-    sample's RNGs are seeded by (seed, epoch, index), so it is the same in any worker.
-    A file that cannot be decoded comes back as (None, (path, reason))."""
+    """Files decoded and transformed on demand, a batch per call (``__getitems__``, which a
+    DataLoader's fetcher calls with a batch's keys). Keys are (index, epoch). A training
+    transform (RandomResizedCropFlip) draws each sample's crop from (seed, epoch, index), so
+    a sample is the same in any worker and any batch; an evaluation transform (timm's, to
+    uint8) is applied per image. Files that cannot be decoded are left out of the batch and
+    listed as (path, reason)."""
 
     def __init__(self, files: np.ndarray, labels: np.ndarray, num_classes: int, channels: int, transform,
-                 *, augmented: bool, seed: int):
+                 *, seed: int):
         if len(files) != len(labels) or not len(files):
             raise DataError(f"StreamDataset needs as many labels as files, at least one: {len(files)} / {len(labels)}")
         if labels.min() < 0 or labels.max() >= num_classes:
@@ -136,33 +115,43 @@ class StreamDataset(torch.utils.data.Dataset):
         self.files = files  # numpy str array: workers read it without touching refcounts
         self.labels = labels
         self.mode = "L" if channels == 1 else "RGB"
+        self.channels = channels
         self.transform = transform
-        self.augmented = augmented
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Batch:
+        """(uint8 images, labels, unreadable (path, reason) pairs) of the samples ``keys``."""
+        images, indices, epochs, bad = [], [], [], []
+        for index, epoch in keys:
+            path = str(self.files[index])
+            try:
+                images.append(read_image(path, self.mode))
+            except BadImage as exc:
+                bad.append((path, str(exc)))
+                continue
+            indices.append(index)
+            epochs.append(epoch)
+        if not images:
+            return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), tuple(bad)
+        indices = np.array(indices, dtype=np.int64)
+        if isinstance(self.transform, RandomResizedCropFlip):
+            x = self.transform(images, sample_seeds(self.seed, np.array(epochs), indices))
+        else:
+            x = torch.stack([self.transform(im) for im in images])
+        return x, torch.from_numpy(self.labels[indices]), tuple(bad)
+
     def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        path = str(self.files[index])
-        try:
-            image = read_image(path, self.mode)
-        except BadImage as exc:
-            return None, (path, str(exc))
-        if self.augmented:
-            with _seeded(sample_seed(self.seed, epoch, index)):
-                return self.transform(image), int(self.labels[index])
-        return self.transform(image), int(self.labels[index])
+        """One sample: (image, label), or (None, (path, reason)) for an unreadable file."""
+        x, y, bad = self.__getitems__([key])
+        return (None, bad[0]) if bad else (x[0], int(y[0]))
 
 
-def collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, str], ...]]:
-    """(images, labels, unreadable (path, reason) pairs) of one batch; unreadable samples are left out."""
-    good = [s for s in samples if s[0] is not None]
-    bad = tuple(s[1] for s in samples if s[0] is None)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long), bad
+def _as_is(batch: Batch) -> Batch:
+    """The DataLoader's collate_fn: StreamDataset.__getitems__ returns whole batches."""
+    return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -262,7 +251,7 @@ class StreamLoader:
         # generator: each pass draws a worker base seed from it, which would otherwise come from
         # the global RNG and shift dropout draws after a resume (the samples reseed themselves)
         self._loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=n,
+            dataset, batch_sampler=self.sampler, collate_fn=_as_is, num_workers=n,
             pin_memory=workers.pin_memory, persistent_workers=workers.persistent_workers and n > 0,
             prefetch_factor=workers.prefetch_factor if n > 0 else None,
             worker_init_fn=functools.partial(_worker_init, low_priority=workers.low_priority) if n > 0 else None,
@@ -376,12 +365,9 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                             rt.persistent_workers, rt.prefetch_factor, low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
-                             train_transform(plan.input_size, augment, mean, std, plan.crop_pct, d.crop_scale,
-                                             normalize=False),
-                             augmented=AUGMENTATIONS.get(augment).crop, seed=spec.seed)
+                             train_transform(plan.input_size, augment, plan.crop_pct, d.crop_scale), seed=spec.seed)
     test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
-                            eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False),
-                            augmented=False, seed=spec.seed)
+                            eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False), seed=spec.seed)
     normalizer = Normalizer(mean, std, device)
     per_rank = len(files) // dist_info.world_size
     train = StreamLoader(train_ds, d.batch_size, shuffle=True, seed=spec.seed, device=device,
