@@ -96,15 +96,18 @@ def measure(root: Path, loader: str, args) -> dict:
             epoch += 1
 
     it = batches()
-    images, t_start = 0, None
+    images, t_start, waited = 0, None, 0.0
     for i in range(need):
         if i == args.warmup:
             t_start = time.perf_counter()
+        t_wait = time.perf_counter()
         xb, yb = next(it)
         if i >= args.warmup:
             images += len(yb)
+            waited += time.perf_counter() - t_wait
         train_step(run, xb, yb)
-    train_ips = images / (time.perf_counter() - t_start)
+    elapsed = time.perf_counter() - t_start
+    train_ips = images / elapsed
     # the loader alone: how fast batches arrive when nothing trains
     t0, n = time.perf_counter(), 0
     for _ in range(args.steps):
@@ -116,6 +119,8 @@ def measure(root: Path, loader: str, args) -> dict:
     time.sleep(0.5)
     return {"loader": loader, "train_images": len(list((root / "train").rglob("*.png"))),
             "images_per_s": round(train_ips, 1), "loader_only_images_per_s": round(loader_ips, 1),
+            # share of the timed steps spent waiting for the next batch (the rest: training)
+            "waiting_share": round(waited / elapsed, 3),
             "build_s": round(build_s, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
@@ -159,7 +164,7 @@ def main() -> None:
         return statistics.median(r[key] for r in rows if r["train_images"] == size and r["loader"] == loader)
 
     print(f"\n{'train images':>12} | {'memory img/s':>12} | {'stream img/s':>12} | {'ratio':>5} | "
-          f"{'stream loader alone':>19} | {'RSS memory MB':>13} | {'RSS stream MB (+workers)':>24}")
+          f"{'stream loader alone':>19} | {'stream waits':>12} | {'RSS memory MB':>13} | {'RSS stream MB (+workers)':>24}")
     summary = []
     for size in args.sizes:
         m, s = med(size, "memory", "images_per_s"), med(size, "stream", "images_per_s")
@@ -167,9 +172,11 @@ def main() -> None:
                 "ratio": round(s / m, 3), "stream_loader_only_images_per_s": med(size, "stream", "loader_only_images_per_s"),
                 "memory_peak_rss_mb": med(size, "memory", "peak_rss_mb"),
                 "stream_peak_rss_mb": med(size, "stream", "peak_rss_mb"),
+                "stream_waiting_share": med(size, "stream", "waiting_share"),
                 "stream_worker_peak_rss_mb": med(size, "stream", "worker_peak_rss_mb")}
         summary.append(line)
         print(f"{size:>12,} | {m:>12.1f} | {s:>12.1f} | {s / m:>5.2f} | {line['stream_loader_only_images_per_s']:>19.1f} | "
+              f"{line['stream_waiting_share']:>12.1%} | "
               f"{line['memory_peak_rss_mb']:>13.0f} | {line['stream_peak_rss_mb']:>10.0f} (+{line['stream_worker_peak_rss_mb']:.0f} each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("measure", "cache", "out")}
