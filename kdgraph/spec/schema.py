@@ -227,6 +227,11 @@ def _pretrained_sources() -> list[str]:
     return PRETRAINED_SOURCES.names()
 
 
+def _summaries(registry) -> str:
+    """'name (summary), ...' of a registry whose entries carry a one-line summary."""
+    return ", ".join(f"{name} ({registry.get(name).summary})" for name in registry.names())
+
+
 def _is_registered_dataset(dataset: str) -> bool:
     """A dataset is named by its registered loader, before any colon (torchvision:CIFAR10)."""
     return dataset.partition(":")[0] in DATASETS
@@ -237,8 +242,8 @@ class DataSpec(_Strict):
 
     dataset: Annotated[str, OneOf("dataset", dataset_choices, accepts=_is_registered_dataset)] = Field(
         default="digits",
-        description="Dataset: digits, fashion-mnist, imagefolder, synthetic, or 'torchvision:NAME' "
-        "(a torchvision dataset class whose files are present under root).",
+        description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
+        "or 'torchvision:NAME' (a torchvision dataset class whose files are present under root).",
     )
     root: Path | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
@@ -256,7 +261,8 @@ class DataSpec(_Strict):
     )
     augment: Annotated[str, OneOf("augmentation", lambda: ["auto", *AUGMENTATIONS.names()])] = Field(
         default="auto",
-        description="Training augmentation: auto (dataset's usual one), none, crop (padded random crop), crop+flip.",
+        description="Training augmentation: auto (the dataset's usual one); " + _summaries(AUGMENTATIONS) + ". A crop "
+        "is padded by H // 8 in memory, timm's random-resized crop (crop_scale) when streamed.",
     )
     resize: Literal["resample", "pad"] = Field(
         default="resample",
@@ -384,8 +390,7 @@ class ScheduleSpec(_Strict):
 
     method: Annotated[str, OneOf("method", METHODS.names)] = Field(
         default="stablekd",
-        description="stablekd (decompose, then recompose), kd (logits only), kd+mse (logits and block "
-        "features), supervised (labels only, no teacher). Without a teacher the default becomes supervised.",
+        description=_summaries(METHODS) + ". Without a teacher the default becomes supervised.",
     )
     recompositions: Int = Field(
         default=2, ge=0, le=MAX_BLOCKS, description="StableKD recompositions n (n+1 training stages); ignored by other methods."
