@@ -37,7 +37,7 @@ def spec_table(c: Compiled) -> Table:
     t.add_row("student", _model_row(s.student))
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
                       f"fraction {s.data.fraction}")
-    t.add_row("loader", str(c.data) + (f", {s.runtime.num_workers} workers" if c.data.loader == "stream" else ""))
+    t.add_row("loader", str(c.data) + (f", runtime.num_workers {s.runtime.num_workers}" if c.data.loader == "stream" else ""))
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
                         + (f", {s.schedule.recompositions} recompositions" if METHODS.get(s.schedule.method).decomposes else ""))
     t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}"

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from kdgraph.compiler.data import DataPlan
     from kdgraph.spec.schema import Spec
 
-__all__ = ["Data", "EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "build_data",
-           "eval_transform", "train_transform"]
+__all__ = ["Data", "EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "available_cpus", "build_data",
+           "eval_transform", "resolve_workers", "train_transform"]
 
 STATS_SAMPLES = 512  # training images the streaming path estimates mean/std from, when it must
 
@@ -216,6 +216,30 @@ def _worker_init(_worker_id: int, low_priority: bool = False) -> None:
             os.nice(10)
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_workers(num_workers: int | str, device: torch.device) -> int:
+    """``runtime.num_workers``; auto: 2 on the CPU (the workers share the training's cores, at
+    idle priority), else the CPUs of this rank (the node's over LOCAL_WORLD_SIZE) less one for
+    the training process, at least 1 and at most MAX_AUTO_WORKERS (timm's default is 4, the
+    torchvision reference scripts' 16)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type == "cpu":
+        return 2
+    ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(1, min(MAX_AUTO_WORKERS, available_cpus() // ranks_here - 1))
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     num_workers: int = 2
@@ -298,6 +322,7 @@ class Data:
     std: tuple[float, ...]
     stats: str
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
+    workers: int = 0  # DataLoader worker processes of the streamed path
 
     def bad_images(self) -> dict[str, str]:
         bad = dict(self.skipped)
@@ -332,7 +357,7 @@ class Data:
         out = {"loader": self.plan.loader, "reason": self.plan.reason, "mean": [round(v, 6) for v in self.mean],
                "std": [round(v, 6) for v in self.std], "stats": self.stats}
         if self.plan.loader == "stream":
-            out["crop_pct"] = self.plan.crop_pct
+            out.update(crop_pct=self.plan.crop_pct, workers=self.workers)
         out.update(bad_images=len(bad), bad_files=sorted(bad)[:20])
         return out
 
@@ -361,7 +386,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         keep = class_balanced_subset(torch.from_numpy(labels), d.fraction, spec.seed).numpy()
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
-    workers = WorkerOptions(rt.num_workers, device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
+    workers = WorkerOptions(resolve_workers(rt.num_workers, device), device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
                             rt.persistent_workers, rt.prefetch_factor, low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
@@ -376,7 +401,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                          normalizer=normalizer)
     test = StreamLoader(test_ds, test_bs, shuffle=False, seed=spec.seed, device=device, workers=workers,
                         on_bad_image=d.on_bad_image, normalizer=normalizer)
-    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats)
+    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats, workers=workers.num_workers)
 
 
 def _estimate_stats(folder: ImageFolder, plan: DataPlan, on_bad_image: str):

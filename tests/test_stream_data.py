@@ -272,6 +272,51 @@ def test_sampler_shards_like_device_loader(tmp_path):
     assert len(set(torch.cat(orders).tolist())) == 21  # disjoint shards
 
 
+# ------------------------------------------------------------- workers and waiting
+
+
+def test_auto_workers(monkeypatch):
+    from kdgraph import stream
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(stream, "available_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert stream.resolve_workers("auto", cpu) == 2  # the workers share the training's cores
+    assert stream.resolve_workers("auto", cuda) == 8  # 15 free CPUs, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert stream.resolve_workers("auto", cuda) == 3  # 16 CPUs over 4 ranks, less the trainer
+    monkeypatch.setattr(stream, "available_cpus", lambda: 2)
+    assert stream.resolve_workers("auto", cuda) == 1
+    assert stream.resolve_workers(0, cuda) == 0 and stream.resolve_workers(5, cpu) == 5
+
+
+def test_waiting_for_data_is_measured_and_a_starved_run_says_so(tmp_path, monkeypatch, capsys):
+    """Workers slowed to 40 ms a batch against a tiny model's millisecond step: the epochs
+    report most of their time as waiting for data, the run warns once and names
+    runtime.num_workers; the in-memory path over the same folder waits for nothing."""
+    import time as _time
+
+    root = write_folder(tmp_path / "images")
+    fast = train_here(load_spec(folder_spec(root, tmp_path / "memory", loader="memory")))
+    real = StreamDataset.__getitems__
+
+    def slow(self, keys):
+        _time.sleep(0.04)
+        return real(self, keys)
+
+    monkeypatch.setattr(StreamDataset, "__getitems__", slow)
+    capsys.readouterr()
+    summary = train_here(load_spec(folder_spec(root, tmp_path / "stream", workers=0)))
+    out = capsys.readouterr().out
+    epochs = [json.loads(ln) for ln in (tmp_path / "stream" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["data_wait_share"] for r in epochs if r["kind"] == "epoch"]
+    assert len(shares) == 2 and all(0.5 < s <= 1.0 for s in shares)
+    assert 0.5 < summary["data_wait_share"] <= 1.0 and summary["data"]["workers"] == 0
+    assert out.count("waited for data") == 1 and "raise runtime.num_workers (now 0," in out
+    assert "waiting for data" in out  # the epoch line
+    assert fast["data_wait_share"] < 0.25 and "workers" not in fast["data"]
+
+
 # ------------------------------------------------------------------- transforms
 
 

@@ -15,11 +15,12 @@ from _runtime_helpers import TEACHER, tiny_spec, train_here
 
 pytestmark = pytest.mark.slow
 
-STEP_KEYS = {"time", "kind", "stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s"}
+STEP_KEYS = {"time", "kind", "stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s",
+             "data_wait_share"}
 EPOCH_KEYS = {"time", "kind", "stage", "epoch", "global_step", "student_top1", "student_top5", "epoch_s",
-              "images_per_s"}
+              "images_per_s", "data_wait_share"}
 SUMMARY_KEYS = {"name", "method", "k", "n", "epochs", "student_top1", "student_top5", "best_top1", "best_epoch",
-                "teacher_top1", "teacher_top5", "wall_time_s", "mean_images_per_s", "output", "preprocessing",
+                "teacher_top1", "teacher_top5", "wall_time_s", "mean_images_per_s", "data_wait_share", "output", "preprocessing",
                 "data", "finished"}
 RUNTIME = {"device": "cpu", "log_every": 5, "num_threads": None}
 

@@ -49,9 +49,11 @@ from kdgraph.runtime.techniques import (
     wrap_ddp,
 )
 from kdgraph.schedules import build_lr_scheduler
-from kdgraph.stream import Data, StreamLoader, build_data
+from kdgraph.stream import Data, StreamLoader, available_cpus, build_data
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from kdgraph.data import DeviceLoader
     from kdgraph.spec import Spec
 
@@ -143,6 +145,37 @@ def optimizer_params(spec: Spec, distiller: Distiller) -> list:
         return [p for p in distiller.parameters() if p.requires_grad]
     return decay_groups(distiller.named_parameters(), spec.optim.weight_decay,
                         no_weight_decay_names(distiller.student))
+
+
+class WaitTimed:
+    """A batch iterator that adds up, in ``waited``, the seconds spent waiting for its next
+    batch (timm's train loop logs the same as data_time)."""
+
+    def __init__(self, batches: Iterable):
+        self.batches, self.waited = iter(batches), 0.0
+
+    def __iter__(self) -> WaitTimed:
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - t0
+
+
+STARVED_SHARE = 0.25  # an epoch that waited longer for data than this says so, once per run
+
+
+def _starved(run: Run, record: dict) -> bool:
+    return isinstance(run.train_loader, StreamLoader) and record["data_wait_share"] > STARVED_SHARE
+
+
+def data_starved_warning(run: Run, record: dict) -> str:
+    return (f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} of the time: "
+            f"decoding is the bottleneck; raise runtime.num_workers (now {run.data.workers}, "
+            f"{available_cpus()} CPUs available to this process)")
 
 
 def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -415,6 +448,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
     gstep = position["global_step"]
     student_acc = None
     tracker = StabilityTracker(run.distiller.chain.segments) if rt.track_stability else None
+    data_warned = False
     with stop_signals() as stop, reporter:
         for epoch in range(position["epoch"], total_epochs):
             stage = run.stage_of(epoch)
@@ -424,7 +458,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
             sums: dict[str, torch.Tensor] = {}
             steps_done, t_epoch, t_log, log_images = 0, time.perf_counter(), time.perf_counter(), 0
             reporter.start_epoch(epoch, stage, start)
-            for step, (xb, yb) in enumerate(run.train_loader.epoch(epoch, start), start=start):
+            batches, waited_log = WaitTimed(run.train_loader.epoch(epoch, start)), 0.0
+            for step, (xb, yb) in enumerate(batches, start=start):
                 terms, loss = train_step(run, xb, yb)
                 gstep += 1
                 if tracker is not None:
@@ -440,12 +475,13 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                               "global_step": gstep, "lr": run.scheduler.get_last_lr()[0],
                               **{k: round(v.item(), 6) for k, v in terms.items()},
                               "loss": round(loss.item(), 6),
-                              "images_per_s": round(log_images / max(now - t_log, 1e-9), 1)}
+                              "images_per_s": round(log_images / max(now - t_log, 1e-9), 1),
+                              "data_wait_share": round((batches.waited - waited_log) / max(now - t_log, 1e-9), 3)}
                     metrics.write(record)
                     reporter.log(record)
                     for rec in tracker.flush() if tracker is not None else ():
                         metrics.write(rec)
-                    t_log, log_images = now, 0
+                    t_log, log_images, waited_log = now, 0, batches.waited
                 reporter.advance()
                 if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
                     _check_finite(run, loss, terms, epoch, step + 1)
@@ -462,6 +498,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                               start + steps_done)
             epoch_s = time.perf_counter() - t_epoch
             history["train_s"] += epoch_s
+            history["data_s"] = history.get("data_s", 0.0) + batches.waited
             history["images"] += steps_done * spec.data.batch_size * run.info.world_size
             if main and ((epoch + 1) % rt.eval_every == 0 or epoch + 1 == total_epochs):
                 student_acc = evaluate_student(run)
@@ -475,8 +512,12 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                       **({"student_miou": student_acc["miou"]} if student_acc and "miou" in student_acc else {}),
                       "epoch_s": round(epoch_s, 3),
                       "images_per_s": round(steps_done * spec.data.batch_size * run.info.world_size
-                                            / max(epoch_s, 1e-9), 1)}
+                                            / max(epoch_s, 1e-9), 1),
+                      "data_wait_share": round(batches.waited / max(epoch_s, 1e-9), 3)}
             metrics.write(record)
+            if main and not data_warned and _starved(run, record):
+                data_warned = True
+                reporter.note(data_starved_warning(run, record))
             reporter.end_epoch(record)
             save(epoch + 1, 0)
             position = {"epoch": epoch + 1, "step": 0, "global_step": gstep}
@@ -497,6 +538,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
         **({"teacher_miou": teacher_acc["miou"]} if teacher_acc and "miou" in teacher_acc else {}),
         "wall_time_s": round(history["wall_s"], 2),
         "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
+        "data_wait_share": round(history.get("data_s", 0.0) / max(history["train_s"], 1e-9), 3),
         "data": run.data.record(),
         "output": str(run.out),
         "preprocessing": preprocessing_of(spec, run.data),  # what export's config.json records

@@ -64,7 +64,9 @@ class Reporter:
         line = (f"stage {record['stage']} epoch {record['epoch'] + 1}/{self.total_epochs}: {losses}"
                 + (f" | top-1 {acc:.2f}% top-5 {record['student_top5']:.2f}%" if acc is not None else "")
                 + (f" mIoU {record['student_miou']:.2f}%" if record.get("student_miou") is not None else "")
-                + f" | {record['images_per_s']:.0f} img/s")
+                + f" | {record['images_per_s']:.0f} img/s"
+                + (f", {record['data_wait_share']:.0%} of it waiting for data"
+                   if record.get("data_wait_share", 0) >= 0.05 else ""))
         done = record["epoch"] + 1 - (self.first_epoch or 0)
         elapsed = time.monotonic() - self.t0
         left = self.total_epochs - record["epoch"] - 1

@@ -133,6 +133,12 @@ def _allowed_at(path: tuple[str | int, ...], root: type[BaseModel]) -> str:
     return _allowed_for(_annotation_at(path, root))
 
 
+def _unannotated(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
 def _allowed_for(tp: Any) -> str:
     """A short human rendering of the values a type accepts."""
     if tp is None:
@@ -144,14 +150,14 @@ def _allowed_for(tp: Any) -> str:
     if origin is Literal:
         return ", ".join(str(v) for v in typing.get_args(tp))
     if origin is Annotated:
-        return _allowed_for(typing.get_args(tp)[0])
+        return _range_text(tp, []) or _allowed_for(typing.get_args(tp)[0])
     if origin is dict or tp is dict:
         return "a mapping"
     if origin is list:
-        return f"a list of {_allowed_for(typing.get_args(tp)[0])}"
+        return f"a list of {_allowed_for(_unannotated(typing.get_args(tp)[0]))}"
     if origin is tuple:
         args = typing.get_args(tp)
-        return f"a list of {len(args)} {_allowed_for(args[0])}s"
+        return f"a list of {len(args)} {_allowed_for(_unannotated(args[0]))}s"
     if tp is type(None):
         return "null"
     if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -193,7 +199,12 @@ def _describe(err: dict[str, Any], path: tuple[str | int, ...], root: type[BaseM
 
 def _numeric_range(path: tuple[str | int, ...], root: type[BaseModel]) -> str:
     """'an integer from 1 to 100000' for a bounded number field at ``path``, else ''."""
-    tp, metadata = _strip_optional(_annotation_at(path, root)), list(_metadata_at(path, root))
+    return _range_text(_strip_optional(_annotation_at(path, root)), list(_metadata_at(path, root)))
+
+
+def _range_text(tp: Any, metadata: list[Any]) -> str:
+    """'an integer from 0 to 1024' for int or float ``tp`` (Annotated or not) bounded by its own
+    or the given ``metadata``, else ''."""
     while typing.get_origin(tp) is Annotated:
         tp, *extra = typing.get_args(tp)
         metadata += extra
