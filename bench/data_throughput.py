@@ -120,7 +120,7 @@ def measure(root: Path, loader: str, args) -> dict:
     return {"loader": loader, "train_images": len(list((root / "train").rglob("*.png"))),
             "images_per_s": round(train_ips, 1), "loader_only_images_per_s": round(loader_ips, 1),
             # share of the timed steps spent waiting for the next batch (the rest: training)
-            "waiting_share": round(waited / elapsed, 3),
+            "data_wait_share": round(waited / elapsed, 3),
             "build_s": round(build_s, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
@@ -172,11 +172,11 @@ def main() -> None:
                 "ratio": round(s / m, 3), "stream_loader_only_images_per_s": med(size, "stream", "loader_only_images_per_s"),
                 "memory_peak_rss_mb": med(size, "memory", "peak_rss_mb"),
                 "stream_peak_rss_mb": med(size, "stream", "peak_rss_mb"),
-                "stream_waiting_share": med(size, "stream", "waiting_share"),
+                "stream_data_wait_share": med(size, "stream", "data_wait_share"),
                 "stream_worker_peak_rss_mb": med(size, "stream", "worker_peak_rss_mb")}
         summary.append(line)
         print(f"{size:>12,} | {m:>12.1f} | {s:>12.1f} | {s / m:>5.2f} | {line['stream_loader_only_images_per_s']:>19.1f} | "
-              f"{line['stream_waiting_share']:>12.1%} | "
+              f"{line['stream_data_wait_share']:>12.1%} | "
               f"{line['memory_peak_rss_mb']:>13.0f} | {line['stream_peak_rss_mb']:>10.0f} (+{line['stream_worker_peak_rss_mb']:.0f} each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("measure", "cache", "out")}

@@ -171,6 +171,24 @@ def test_uint8_batches_normalised_equal_torchvision_and_timm_per_sample(tmp_path
     assert torch.equal(raw[(5, 2)][0], x[5])  # one sample alone: the same as in its batch
 
 
+def test_non_square_output_and_mixed_input_sizes():
+    """(H, W) output from images of different sizes and aspects, each equal to torchvision's
+    resized_crop at its box (PIL takes sizes as (W, H): a swap would show here)."""
+    import torchvision.transforms.functional as TF
+
+    from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
+
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)) for h, w in ((9, 30), (40, 12), (17, 17))]
+    tf = RandomResizedCropFlip((6, 10), flip=False)
+    seeds = sample_seeds(0, 1, np.arange(3))
+    x = tf(images, seeds)
+    assert x.shape == (3, 1, 6, 10) and x.dtype == torch.uint8
+    for k, (top, left, h, w, _) in enumerate(zip(*tf.boxes(images, seeds))):
+        want = TF.resized_crop(images[k], int(top), int(left), int(h), int(w), [6, 10], TF.InterpolationMode.BILINEAR)
+        assert np.array_equal(x[k, 0].numpy(), np.asarray(want))
+
+
 def test_crop_boxes_follow_timms_get_params():
     """The batch's box sampler against timm's RandomResizedCropAndInterpolation.get_params:
     the same distribution of area, aspect and position (10,000 draws each, quantiles
