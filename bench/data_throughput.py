@@ -12,6 +12,7 @@ medians. The machine is shared, so single numbers are noisy.
 
     python bench/data_throughput.py                       # 6k and 24k images, 32 px, 2 workers
     python bench/data_throughput.py --sizes 6000 --repeats 1 --steps 10
+    python bench/data_throughput.py --device cuda --side 224 --workers 8   # on a GPU
 
 Also printed: the streamed loader alone (decoding + augmentation on the workers, no
 training), the headroom of the streaming path over the training step. Results (one JSON
@@ -69,7 +70,7 @@ def spec_dict(root: Path, loader: str, args) -> dict:
                  "batch_size": args.batch, "loader": loader},
         "decompose": {"blocks": 4},
         "schedule": {"method": "kd", "epochs": 1},
-        "runtime": {"device": "cpu", "num_threads": args.threads, "num_workers": args.workers},
+        "runtime": {"device": args.device, "num_threads": args.threads, "num_workers": args.workers},
         "output": str(root.parent / f"run-{loader}"),
     }
 
@@ -106,6 +107,8 @@ def measure(root: Path, loader: str, args) -> dict:
             images += len(yb)
             waited += time.perf_counter() - t_wait
         train_step(run, xb, yb)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()  # the steps are queued, not done
     elapsed = time.perf_counter() - t_start
     train_ips = images / elapsed
     # the loader alone: how fast batches arrive when nothing trains
@@ -139,6 +142,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     p.add_argument("--workers", type=int, default=2, help="runtime.num_workers of the streaming path")
+    p.add_argument("--device", default="cpu", help="cpu (the goal's setting) or cuda (a GPU: decoding overlaps training)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/kdgraph-bench-fashion-png"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data-throughput.jsonl")
     p.add_argument("--measure", nargs=2, metavar=("ROOT", "LOADER"), help=argparse.SUPPRESS)
@@ -149,7 +153,8 @@ def main() -> None:
 
     rows = []
     passthrough = ["--side", str(args.side), "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--workers", str(args.workers)]
+                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--workers", str(args.workers),
+                   "--device", args.device]
     for size in args.sizes:
         root = write_folder(args.cache / f"n{size}" / "images", size, args.val)
         for r in range(args.repeats):
