@@ -389,6 +389,19 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(tmp_path):
         train_here(refuse)
 
 
+def test_a_batch_with_no_readable_image_is_an_error_naming_its_files(tmp_path):
+    """Every file of a batch unreadable (a folder whose images were all truncated): one
+    DataError naming them, from a worker as from the training process."""
+    root = write_folder(tmp_path / "images")
+    for f in (root / "train").rglob("*.png"):
+        f.write_bytes(f.read_bytes()[:60])
+    for workers in (0, 2):
+        loader = _stream(root, workers)
+        with pytest.warns(BadImageWarning), pytest.raises(DataError, match=r"no image of a batch could be read "
+                                                                             r"\(.*\.png, .*\.png"):
+            next(iter(loader.epoch(0)))
+
+
 def test_corrupt_image_in_memory_path_is_skipped_too(tmp_path):
     root = write_folder(tmp_path / "images")
     (root / "val" / "cat" / "0.png").write_bytes(b"not a png at all")
