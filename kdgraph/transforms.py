@@ -114,7 +114,8 @@ class RandomResizedCropFlip:
         out_h, out_w = self.size
         channels = len(images[0].getbands()) if images else 1
         # (N, C, H, W) with the canonical strides: a (N, H, W, 1) array permuted would carry
-        # strides that also read as channels_last, which some CPU conv backward kernels mishandle
+        # strides that also read as channels_last, and on such batches a CPU training step
+        # (torch 2.14.1) aborted in backward with a corrupted heap
         out = np.empty((len(images), channels, out_h, out_w), dtype=np.uint8)
         for k, im in enumerate(images):
             t, l_ = int(top[k]), int(left[k])

@@ -256,7 +256,7 @@ def test_zero_and_two_workers_give_identical_batches(tmp_path, channels):
         for (xa, ya), (xb, yb) in zip(a, b):
             assert xa.shape == (5, channels, 8, 8) and torch.equal(xa, xb) and torch.equal(ya, yb)
         # plain NCHW strides: for one channel, a permuted NHWC array's strides also read as
-        # channels_last, and torch 2.14's CPU conv backward corrupted the heap on such input
+        # channels_last, and a CPU training step (torch 2.14.1) aborted in backward on them
         raw = workers.dataset.__getitems__([(0, epoch), (1, epoch)])[0]
         assert raw.stride() == torch.empty(raw.shape).stride()
     assert torch.equal(torch.get_rng_state(), rng_before)  # augmentation leaves the trainer's RNG alone
