@@ -52,9 +52,6 @@ __all__ = ["Data", "EpochSampler", "Normalizer", "StreamDataset", "StreamLoader"
 STATS_SAMPLES = 512  # training images the streaming path estimates mean/std from, when it must
 
 
-# ------------------------------------------------------------------------------ the plan
-
-
 # ------------------------------------------------------------------------- transforms
 
 
@@ -115,7 +112,6 @@ class StreamDataset(torch.utils.data.Dataset):
         self.files = files  # numpy str array: workers read it without touching refcounts
         self.labels = labels
         self.mode = "L" if channels == 1 else "RGB"
-        self.channels = channels
         self.transform = transform
         self.seed = seed
 
@@ -271,9 +267,9 @@ class StreamLoader:
         self.sampler = EpochSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                     rank=rank, world_size=world_size)
         self.samples_per_rank = self.sampler.samples_per_rank
-        n = workers.num_workers
+        self.num_workers = n = workers.num_workers
         # generator: each pass draws a worker base seed from it, which would otherwise come from
-        # the global RNG and shift dropout draws after a resume (the samples reseed themselves)
+        # the global RNG and shift dropout draws after a resume (the samples' draws do not use it)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, collate_fn=_as_is, num_workers=n,
             pin_memory=workers.pin_memory, persistent_workers=workers.persistent_workers and n > 0,
@@ -322,7 +318,6 @@ class Data:
     std: tuple[float, ...]
     stats: str
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
-    workers: int = 0  # DataLoader worker processes of the streamed path
 
     def bad_images(self) -> dict[str, str]:
         bad = dict(self.skipped)
@@ -357,7 +352,7 @@ class Data:
         out = {"loader": self.plan.loader, "reason": self.plan.reason, "mean": [round(v, 6) for v in self.mean],
                "std": [round(v, 6) for v in self.std], "stats": self.stats}
         if self.plan.loader == "stream":
-            out.update(crop_pct=self.plan.crop_pct, workers=self.workers)
+            out.update(crop_pct=self.plan.crop_pct, workers=self.train.num_workers)
         out.update(bad_images=len(bad), bad_files=sorted(bad)[:20])
         return out
 
@@ -386,8 +381,9 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         keep = class_balanced_subset(torch.from_numpy(labels), d.fraction, spec.seed).numpy()
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
-    workers = WorkerOptions(resolve_workers(rt.num_workers, device), device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory,
-                            rt.persistent_workers, rt.prefetch_factor, low_priority=device.type == "cpu")
+    pin = device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory
+    workers = WorkerOptions(resolve_workers(rt.num_workers, device), pin, rt.persistent_workers, rt.prefetch_factor,
+                            low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,
                              train_transform(plan.input_size, augment, plan.crop_pct, d.crop_scale), seed=spec.seed)
@@ -401,7 +397,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                          normalizer=normalizer)
     test = StreamLoader(test_ds, test_bs, shuffle=False, seed=spec.seed, device=device, workers=workers,
                         on_bad_image=d.on_bad_image, normalizer=normalizer)
-    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats, workers=workers.num_workers)
+    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats)
 
 
 def _estimate_stats(folder: ImageFolder, plan: DataPlan, on_bad_image: str):

@@ -172,9 +172,9 @@ def _starved(run: Run, record: dict) -> bool:
     return isinstance(run.train_loader, StreamLoader) and record["data_wait_share"] > STARVED_SHARE
 
 
-def data_starved_warning(run: Run, record: dict) -> str:
+def _data_starved_warning(run: Run, record: dict) -> str:
     return (f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} of the time: "
-            f"decoding is the bottleneck; raise runtime.num_workers (now {run.data.workers}, "
+            f"decoding is the bottleneck; raise runtime.num_workers (now {run.train_loader.num_workers}, "
             f"{available_cpus()} CPUs available to this process)")
 
 
@@ -517,7 +517,7 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
             metrics.write(record)
             if main and not data_warned and _starved(run, record):
                 data_warned = True
-                reporter.note(data_starved_warning(run, record))
+                reporter.note(_data_starved_warning(run, record))
             reporter.end_epoch(record)
             save(epoch + 1, 0)
             position = {"epoch": epoch + 1, "step": 0, "global_step": gstep}

@@ -487,7 +487,7 @@ class RuntimeSpec(_Strict):
         "OUTPUT/tensorboard (needs the tensorboard package: pip install 'kdgraph[tensorboard]').",
     )
     num_threads: Int | None = Field(default=None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
-    num_workers: Annotated[int, Field(ge=0, le=1024), BeforeValidator(_not_a_bool)] | Literal["auto"] = Field(
+    num_workers: Annotated[Int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
         default="auto", description="Streamed data: DataLoader worker processes that decode and augment "
         "(0: in the training process; auto: 2 on the CPU, else this rank's CPUs less one, at most 8). Batches do "
         "not depend on it.",
