@@ -25,7 +25,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS
 
 from kdgraph.data import resolve_input_size
 from kdgraph.runtime import loop
-from kdgraph.runtime.loop import TrainingInterrupted, build_run, train, train_step
+from kdgraph.runtime.loop import Trainer, TrainingInterrupted, train
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec  # noqa: E402
@@ -55,14 +55,14 @@ def _cuda_overrides(path: Path, compiled: bool, channels_last) -> list[str]:
 def test_every_spec_trains_on_cuda(path, mode):
     compiled = mode == "compiled"
     cl = {"eager-cl": True, "eager-nocl": False, "compiled": "auto"}[mode]
-    run = build_run(load_spec(path, _cuda_overrides(path, compiled, cl), allow_code=True))
+    run = Trainer(load_spec(path, _cuda_overrides(path, compiled, cl), allow_code=True))
     stages = run.compiled.plan.stages
-    xb, yb = next(iter(run.train_loader.epoch(0)))
+    xb, yb = next(iter(run.data.train.epoch(0)))
     for stage in {stages[0].index: stages[0], stages[-1].index: stages[-1]}.values():
         run.distiller.set_stage(stage)
         run.distiller.train()
         for _ in range(2):
-            terms, loss = train_step(run, xb, yb)
+            terms, loss = run.train_step(xb, yb)
         assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
     torch.cuda.synchronize()
 
@@ -79,8 +79,8 @@ def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages():
         "runtime": {"device": "cuda", "precision": "bf16", "channels_last": True},
         "output": "/tmp/kdgraph-cuda-tier/bf16",
     }
-    run = build_run(load_spec(raw))
-    xb, yb = next(iter(run.train_loader.epoch(0)))
+    run = Trainer(load_spec(raw))
+    xb, yb = next(iter(run.data.train.epoch(0)))
     xb = xb.contiguous(memory_format=torch.channels_last)
     for stage in run.compiled.plan.stages[:2]:  # stage 0: five single blocks; stage 1: merged pairs
         run.distiller.set_stage(stage)
@@ -105,18 +105,18 @@ def test_resume_is_exact_on_cuda(tmp_path, monkeypatch):
                                                 "num_threads": 1}))
 
         train(spec("a"))
-        real_step, calls = loop.train_step, {"n": 0}
+        real_step, calls = loop.Trainer.train_step, {"n": 0}
 
-        def stopping_step(run, xb, yb):
+        def stopping_step(trainer, xb, yb):
             calls["n"] += 1
             if calls["n"] == 7:  # mid-epoch: the loop saves at the next step boundary and stops
                 signal.raise_signal(signal.SIGTERM)
-            return real_step(run, xb, yb)
+            return real_step(trainer, xb, yb)
 
-        monkeypatch.setattr(loop, "train_step", stopping_step)
+        monkeypatch.setattr(loop.Trainer, "train_step", stopping_step)
         with pytest.raises(TrainingInterrupted):
             train(spec("b"))
-        monkeypatch.setattr(loop, "train_step", real_step)
+        monkeypatch.setattr(loop.Trainer, "train_step", real_step)
         train(spec("b"), resume=True)
         from safetensors.torch import load_file
 

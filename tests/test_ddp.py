@@ -8,11 +8,11 @@ the *average of the two ranks' gradients*, each taken with BN over its own B sam
 samples would normalise over 2B and differ legitimately.
 
 So the independent reference is a single-process emulation of that math, built from the
-same seed like ``build_run``: for every step, the rank-1 shard's gradient (from rank 0's
+same seed like the ``Trainer``: for every step, the rank-1 shard's gradient (from rank 0's
 buffers, whose update is then discarded), the rank-0 shard's gradient (its buffer update is
 kept), their mean fed to the same optimizer and LR schedule. The DDP run through the real
 loop (``torchrun -m kdgraph train``, the README's launch command) must export the same student and rank 0 must log the
-same per-step losses. The emulation runs with the spec's thread count (as ``build_run``
+same per-step losses. The emulation runs with the spec's thread count (as the ``Trainer``
 does): CPU conv reductions, and so the last bits, depend on it, and eight SGD steps with
 momentum amplify a last-bit difference to ~1e-4.
 """
@@ -53,7 +53,7 @@ def _emulate(spec_dict, out: Path):
 
     spec = load_spec(spec_dict)
     threads = torch.get_num_threads()
-    torch.set_num_threads(spec.runtime.num_threads)  # as build_run: conv reductions depend on it
+    torch.set_num_threads(spec.runtime.num_threads)  # as the Trainer: conv reductions depend on it
     try:
         return _emulate_steps(spec, out)
     finally:
@@ -68,13 +68,13 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.runtime.loop import optimizer_params
     from kdgraph.runtime.techniques import DistInfo, build_optimizer
     from kdgraph.schedules import build_lr_scheduler
-    from kdgraph.stream import build_data
+    from kdgraph.data import build_data
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     compiled = compile_spec(spec)
     cpu = torch.device("cpu")
-    if spec.data.dataset == "imagefolder":  # streamed: each rank's StreamLoader, as build_run makes it
+    if spec.data.dataset == "imagefolder":  # streamed: each rank's StreamLoader, as the Trainer makes it
         loaders = [build_data(spec, compiled.data, cpu, DistInfo(rank=r, world_size=2)).train for r in (0, 1)]
     else:
         loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]

@@ -12,13 +12,12 @@ import torch
 from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
-from kdgraph.data import DeviceLoader
+from kdgraph.data import DeviceLoader, build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import load_student, load_trained, preprocessing_of
-from kdgraph.stream import build_data
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec

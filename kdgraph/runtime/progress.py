@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class Reporter:
-    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan, silent: bool = False):
+    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, silent: bool = False):
         """``quiet``: plain lines instead of bars; ``silent``: nothing at all (DDP ranks > 0)."""
         self.quiet = quiet or silent
         self.silent = silent
@@ -18,7 +18,6 @@ class Reporter:
         self.total_epochs, self.steps = total_epochs, steps_per_epoch
         self.t0 = time.monotonic()
         self.first_epoch: int | None = None
-        self.plan = plan
         self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)

@@ -1,6 +1,7 @@
-"""A run's output folder: checked before anything is built, locked while a run writes it,
-and never reused by surprise.
+"""A run's output folder: every path in it named once (``RunFolder``), checked before
+anything is built, locked while a run writes it, and never reused by surprise.
 
+    RunFolder(out)                  the paths: checkpoints, metrics, summary, student, ...
     prepare_output(out)            the folder is a folder (or can be made) and writable
     with RunLock(out): ...          one writer at a time; a dead writer's lock is taken over
     claim(out, spec, resume, force) refuse to overwrite an earlier run without --force, and
@@ -17,20 +18,90 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdgraph.errors import KDGraphError
 
-RUN_FILE = "run.json"
-LOCK_FILE = ".kdgraph.lock"
 # Spec keys a resumed run may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
-# Files a run writes; --force removes exactly these.
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
-               "plan.json", "curves.png", RUN_FILE)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of a run's output folder, each spelled here only.
+
+    ``prev.pt``, the checkpoint ``last.pt`` replaced, is named by ``checkpoint.previous_of``
+    (the checkpoint writer keeps it beside whatever file it rotates)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def corrupt_checkpoint(self) -> Path:
+        """Where a damaged last.pt is set aside on resume (left in place, the next save would
+        rotate it into prev.pt)."""
+        return self.checkpoints / "last.pt.corrupt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def student(self) -> Path:
+        """The final student, exported (the default of ``kdgraph eval`` and ``export``)."""
+        return self.root / "student.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def stored_spec(self) -> Path:
+        """The resolved spec and the spec file and ``--set`` overrides it came from."""
+        return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".kdgraph.lock"
+
+    def outputs(self) -> tuple[Path, ...]:
+        """Everything a run writes; --force removes exactly these."""
+        return (self.checkpoints, self.tensorboard, self.metrics, self.summary, self.student, self.best, self.plan,
+                self.curves, self.stored_spec)
+
+    def earlier_run(self) -> list[str]:
+        """What an earlier run left here (empty: nothing)."""
+        return [p.name for p in (self.checkpoints, self.metrics, self.summary, self.student) if p.exists()]
 
 
 _UMASK = os.umask(0o022)
@@ -87,7 +158,7 @@ class RunLock:
     """
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK_FILE
+        self.path = RunFolder(out).lock
         self.held = False
 
     def acquire(self) -> RunLock:
@@ -148,7 +219,7 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 
 
 def stored_run(out: Path) -> dict | None:
-    path = Path(out) / RUN_FILE
+    path = RunFolder(out).stored_spec
     if not path.exists():
         return None
     try:
@@ -157,17 +228,11 @@ def stored_run(out: Path) -> dict | None:
         raise OutputError(f"{path} is not valid JSON; restore it or start over with --force") from None
 
 
-def earlier_run(out: Path) -> list[str]:
-    """What an earlier run left in ``out`` (empty: nothing)."""
-    return [name for name in ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors")
-            if (Path(out) / name).exists()]
-
-
 def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
     """Decide what a run may do with ``out`` and record the spec it runs; raises before
     writing anything when the answer is no."""
-    out = Path(out)
-    left = earlier_run(out)
+    folder = RunFolder(out)
+    left = folder.earlier_run()
     if resume and force:
         raise OutputError("--resume and --force contradict each other: --resume continues the run in "
                           f"{out}, --force deletes it")
@@ -183,10 +248,9 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
         if not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
                               "or start over with --force (deletes those files), or choose another output:")
-        for name in RUN_OUTPUTS:
-            target = out / name
+        for target in folder.outputs():
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
+    folder.stored_spec.write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
