@@ -67,7 +67,7 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.runtime.export import export_student
     from kdgraph.runtime.loop import optimizer_params
     from kdgraph.runtime.techniques import DistInfo, build_optimizer
-    from kdgraph.schedules import build_lr_scheduler
+    from kdgraph.schedules import build_lr_scheduler, stage_at
     from kdgraph.data import build_data
 
     torch.manual_seed(spec.seed)
@@ -83,13 +83,9 @@ def _emulate_steps(spec, out: Path):
     opt = build_optimizer(spec.optim, optimizer_params(spec, d), cpu)
     sched = build_lr_scheduler(opt, spec.optim.lr_schedule, spec.optim.lr,
                                [st.epochs for st in compiled.plan.stages], len(loaders[0]), spec.optim.min_lr_ratio)
-    starts, at = [], 0
-    for st in compiled.plan.stages:
-        starts.append(at)
-        at += st.epochs
     rank0_losses = []
     for epoch in range(compiled.plan.epochs):
-        stage = [st for st, s in zip(compiled.plan.stages, starts) if epoch >= s][-1]
+        stage = compiled.plan.stages[stage_at([st.epochs for st in compiled.plan.stages], epoch)]
         d.set_stage(stage)
         d.train()
         for (x0, y0), (x1, y1) in zip(loaders[0].epoch(epoch), loaders[1].epoch(epoch)):
