@@ -123,8 +123,8 @@ class Trainer:
         if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
-        self.config = resolve_config(spec, device, self.compiled.student.model)
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
+        self.config = resolve_config(spec, device, self.compiled.student.model)
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
