@@ -79,7 +79,8 @@ class LRSchedule:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        object.__setattr__(self, "stage_starts", tuple(s * self.steps_per_epoch for s in stage_starts(self.stage_epochs)))
+        starts = tuple(s * self.steps_per_epoch for s in stage_starts(self.stage_epochs))
+        object.__setattr__(self, "stage_starts", starts)
 
     @property
     def total_steps(self) -> int:

@@ -119,7 +119,8 @@ class Trainer:
         random.seed(spec.seed)
         self.compiled = compile_spec(spec, fetch=("teacher", "student"))
         self.plan = self.compiled.plan
-        self.data = build_data(spec, self.compiled.data, device, self.info)  # evaluation: the main rank, the whole test split
+        # the train split sharded over ranks; the test split whole, for the main rank's evaluation
+        self.data = build_data(spec, self.compiled.data, device, self.info)
         if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
@@ -147,6 +148,10 @@ class Trainer:
         self.student_acc: dict | None = None  # the latest evaluation
         self.tracker: StabilityTracker | None = None
         self.data_warned = False
+        # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
+        self.metrics: Metrics | None = None
+        self.reporter: Reporter | None = None
+        self.stop: dict = {"signal": None}
 
     @property
     def main(self) -> bool:
@@ -166,18 +171,19 @@ class Trainer:
         if self.main:
             self.folder.plan.write_text(json.dumps(self.compiled.to_dict(), indent=2))
         fallback = self.restore() if resume else None
-        metrics = Metrics(self.folder, self.main, self.global_step if resume else None, self.config.tensorboard)
-        reporter = Reporter(quiet, self.plan.epochs, len(self.data.train), silent=not self.main)
-        self.start_notes(reporter, fallback)
+        self.metrics = Metrics(self.folder, self.main, self.global_step if resume else None, self.config.tensorboard)
+        self.reporter = Reporter(quiet, self.plan.epochs, len(self.data.train), silent=not self.main)
+        self.start_notes(fallback)
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
-        with stop_signals() as stop, reporter:
+        with stop_signals() as self.stop, self.reporter:
             for epoch in range(self.position["epoch"], self.plan.epochs):
-                self.train_epoch(epoch, stop, metrics, reporter)
-        return self.finish(metrics)
+                self.train_epoch(epoch)
+        return self.finish()
 
-    def start_notes(self, reporter: Reporter, fallback: str | None) -> None:
+    def start_notes(self, fallback: str | None) -> None:
         """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
+        reporter = self.reporter
         for note in self.compiled.notes if self.main else ():
             reporter.note(f"note: {note}")
         if fallback:
@@ -195,12 +201,12 @@ class Trainer:
     def stage_of(self, epoch: int) -> TrainingStage:
         return self.plan.stages[stage_at([st.epochs for st in self.plan.stages], epoch)]
 
-    def train_epoch(self, epoch: int, stop: dict, metrics: Metrics, reporter: Reporter) -> None:
+    def train_epoch(self, epoch: int) -> None:
         stage = self.stage_of(epoch)
         self.distiller.set_stage(stage)
         self.distiller.train()
         start = self.position["step"] if epoch == self.position["epoch"] else 0
-        reporter.start_epoch(epoch, stage, start)
+        self.reporter.start_epoch(epoch, stage, start)
         meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
         for step, (xb, yb) in enumerate(meter.batches, start=start):
             terms, loss = self.train_step(xb, yb)
@@ -209,10 +215,10 @@ class Trainer:
                 self.tracker.update(self.global_step)
             meter.add(terms, len(yb) * self.info.world_size)
             if self.global_step % self.config.log_every == 0:
-                self.log_step(meter, stage, epoch, step + 1, terms, loss, metrics, reporter)
-            reporter.advance()
-            self.checkpoint_if_due(stop, epoch, step + 1, terms, loss)
-        self.end_epoch(meter, stage, epoch, metrics, reporter)
+                self.log_step(meter, stage, epoch, step + 1, terms, loss)
+            self.reporter.advance()
+            self.checkpoint_if_due(epoch, step + 1, terms, loss)
+        self.end_epoch(meter, stage, epoch)
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
@@ -256,7 +262,7 @@ class Trainer:
         return terms, loss
 
     def log_step(self, meter: EpochMeter, stage: TrainingStage, epoch: int, step: int,
-                 terms: dict[str, torch.Tensor], loss: torch.Tensor, metrics: Metrics, reporter: Reporter) -> None:
+                 terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         self.check_finite(loss, terms, epoch, step)
         images_per_s, wait_share = meter.window()
         record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step,
@@ -265,24 +271,23 @@ class Trainer:
                   "loss": round(loss.item(), 6),
                   "images_per_s": round(images_per_s, 1),
                   "data_wait_share": round(wait_share, 3)}
-        metrics.write(record)
-        reporter.log(record)
-        self.flush_stability(metrics)
+        self.metrics.write(record)
+        self.reporter.log(record)
+        self.flush_stability()
 
-    def flush_stability(self, metrics: Metrics) -> None:
+    def flush_stability(self) -> None:
         for record in self.tracker.flush() if self.tracker is not None else ():
-            metrics.write(record)
+            self.metrics.write(record)
 
-    def checkpoint_if_due(self, stop: dict, epoch: int, step: int, terms: dict[str, torch.Tensor],
-                          loss: torch.Tensor) -> None:
+    def checkpoint_if_due(self, epoch: int, step: int, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         """Save every ``checkpoint_every`` steps, and on a stop signal (then stop)."""
-        every = self.config.checkpoint_every
-        if stop["signal"] or (every and self.global_step % every == 0):
+        every, signal_name = self.config.checkpoint_every, self.stop["signal"]
+        if signal_name or (every and self.global_step % every == 0):
             self.check_finite(loss, terms, epoch, step)
             self.save(epoch, step)
-        if stop["signal"]:
+        if signal_name:
             raise TrainingInterrupted(
-                f"{stop['signal']}: stopped at epoch {epoch}, step {step}; checkpoint saved to "
+                f"{signal_name}: stopped at epoch {epoch}, step {step}; checkpoint saved to "
                 f"{self.folder.last_checkpoint}; continue with `kdgraph train SPEC --resume` "
                 "(the spec and its --set overrides are stored in the run)")
 
@@ -297,10 +302,9 @@ class Trainer:
         raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
                             "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
 
-    def end_epoch(self, meter: EpochMeter, stage: TrainingStage, epoch: int, metrics: Metrics,
-                  reporter: Reporter) -> None:
+    def end_epoch(self, meter: EpochMeter, stage: TrainingStage, epoch: int) -> None:
         """Account the epoch, evaluate where due, record it, and checkpoint at its end."""
-        self.flush_stability(metrics)
+        self.flush_stability()
         if meter.steps:
             self.check_finite(sum(meter.sums.values()), {k: v / meter.steps for k, v in meter.sums.items()}, epoch,
                               meter.start + meter.steps)
@@ -319,9 +323,9 @@ class Trainer:
                   "epoch_s": round(epoch_s, 3),
                   "images_per_s": round(images / max(epoch_s, 1e-9), 1),
                   "data_wait_share": round(meter.batches.waited / max(epoch_s, 1e-9), 3)}
-        metrics.write(record)
-        self.warn_if_starved(record, reporter)
-        reporter.end_epoch(record)
+        self.metrics.write(record)
+        self.warn_if_starved(record)
+        self.reporter.end_epoch(record)
         self.save(epoch + 1, 0)
 
     def evaluate_epoch(self, epoch: int) -> None:
@@ -331,16 +335,16 @@ class Trainer:
             self.history.update(best_top1=self.student_acc["top1"], best_epoch=epoch + 1)
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
 
-    def warn_if_starved(self, record: dict, reporter: Reporter) -> None:
+    def warn_if_starved(self, record: dict) -> None:
         """Once per run: an epoch of a streamed run that mostly waited for its data."""
         train = self.data.train
         if (not self.main or self.data_warned or not isinstance(train, StreamLoader)
                 or record["data_wait_share"] <= STARVED_SHARE):
             return
         self.data_warned = True
-        reporter.note(f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} of the "
-                      f"time: decoding is the bottleneck; raise runtime.num_workers (now {train.num_workers}, "
-                      f"{available_cpus()} CPUs available to this process)")
+        self.reporter.note(f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} "
+                           f"of the time: decoding is the bottleneck; raise runtime.num_workers (now "
+                           f"{train.num_workers}, {available_cpus()} CPUs available to this process)")
 
     # ---------------------------------------------------------------------- evaluation
 
@@ -432,7 +436,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ finishing
 
-    def finish(self, metrics: Metrics) -> dict:
+    def finish(self) -> dict:
         """Evaluate and export the student as the final stage left it (also when a resume
         finds no epoch left: a stop between the last checkpoint and the export), write the
         summary and the curves."""
@@ -444,8 +448,8 @@ class Trainer:
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
             self.folder.summary.write_text(json.dumps(summary, indent=2))
-            metrics.close()
-            plot_curves(metrics.read(), self.plan, self.folder.curves, title=self.name,
+            self.metrics.close()
+            plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,
                         teacher_top1=self.teacher_acc and self.teacher_acc["top1"])
         if self.info.enabled:
             torch.distributed.barrier()
