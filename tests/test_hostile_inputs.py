@@ -251,6 +251,79 @@ def test_writing_last_keeps_the_previous_checkpoint_and_load_latest_falls_back(t
         ckpt.load_latest(path)
 
 
+class _Interrupted(BaseException):
+    """What a SIGTERM or Ctrl-C raises in the middle of a save: not an Exception."""
+
+
+@pytest.mark.parametrize("keep_previous", [False, True], ids=["alone", "keep_previous"])
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_an_interrupted_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch, where,
+                                                                              keep_previous):
+    """Atomicity itself, at the exact points: a save stopped half-way through writing its bytes,
+    or after writing them and before the rename, leaves ``last.pt`` byte for byte the old,
+    loadable checkpoint and no temporary file beside it; the file the rename would have put in
+    place was whole, synced and in the same folder (a rename across file systems is a copy)."""
+    import io
+    from pathlib import Path
+
+    folder = tmp_path / "checkpoints"
+    weights = torch.randn(64, 64)
+    path = ckpt.save_atomic(_checkpoint_state(weights), folder / "last.pt", keep_previous=keep_previous)
+    old = path.read_bytes()
+    new = _checkpoint_state(weights + 1)
+    new["position"]["epoch"] = 2
+    events = []
+    if where == "writing":
+        real_save = torch.save
+
+        def torn_save(obj, f, *args, **kwargs):  # half the bytes reach the file, then the signal
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+            if hasattr(f, "write"):
+                f.write(half)
+                f.flush()
+            else:
+                Path(f).write_bytes(half)
+            raise _Interrupted
+
+        monkeypatch.setattr(torch, "save", torn_save)
+    else:
+        real_replace, real_fsync = os.replace, os.fsync
+
+        def fsync(fd):
+            events.append("fsync")
+            return real_fsync(fd)
+
+        def interrupted_replace(src, dst, *args, **kwargs):
+            if Path(dst) != path:  # prev.pt's staging
+                return real_replace(src, dst, *args, **kwargs)
+            events.append("rename")
+            assert Path(src).parent == path.parent, src
+            assert ckpt.load(Path(src))["position"]["epoch"] == 2  # whole before it is put in place
+            raise _Interrupted
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(_Interrupted):
+        ckpt.save_atomic(new, path, keep_previous=keep_previous)
+    monkeypatch.undo()
+    if where == "renaming":
+        assert events == ["fsync", "rename"]
+    assert path.read_bytes() == old
+    state = ckpt.load(path)
+    assert state["position"]["epoch"] == 1 and torch.equal(state["model"]["w"], weights)
+    kept = {"last.pt", "prev.pt"} if keep_previous and where == "renaming" else {"last.pt"}
+    assert {p.name for p in folder.iterdir()} == kept  # no .last.pt.*.tmp, no .prev.pt.tmp
+    if "prev.pt" in kept:
+        assert ckpt.load(folder / "prev.pt")["position"]["epoch"] == 1
+    state, warning = ckpt.load_latest(path)
+    assert warning is None and state["position"]["epoch"] == 1
+    ckpt.save_atomic(new, path, keep_previous=keep_previous)  # the next save goes through
+    assert ckpt.load(path)["position"]["epoch"] == 2
+    assert {p.name for p in folder.iterdir()} == ({"last.pt", "prev.pt"} if keep_previous else {"last.pt"})
+
+
 def test_resume_from_a_corrupt_last_checkpoint(tmp_path):
     """End to end: both damaged -> exit 2 naming both, nothing changed; prev.pt good -> the run
     continues from it with a warning, the damaged file set aside, and finishes."""
