@@ -12,7 +12,7 @@ Recipes (batch 128, SGD momentum 0.9, weight decay 5e-4; CE weight 1 unless said
   dkd               CE + DKD, alpha 1, beta 8, T 4, warm-up over the first 1/12 of the epochs
                     (mdistiller's CIFAR setting: 20 of 240), OneCycle
   dist              CE + DIST, beta 1, gamma 1, tau 1 (the paper's ImageNet setting), OneCycle
-  stablekd-5/2      StableKD, 2 recompositions, KL (T 1) head loss, stage_cyclic (StableKD's)
+  stablekd-5/2      StableKD, 2 recompositions, kd's KL (T 4) as head loss, stage_cyclic (StableKD's)
   stablekd-5/2+best the same with the head loss of the best of kd+ls / dkd / dist on 20 % (mean
                     over seeds, chosen when those cells are done; its name says which), at
                     stablekd-5/2's learning rate
@@ -69,8 +69,9 @@ RECIPES: dict[str, dict] = {
                 loss={"logit": "dkd", "temperature": 4.0, "dkd_alpha": 1.0, "dkd_beta": 8.0}),
     "dist": dict(method="kd", lr_schedule="onecycle", lrs=ONECYCLE_LRS,
                  loss={"logit": "dist", "temperature": 1.0, "dist_beta": 1.0, "dist_gamma": 1.0}),
+    # kd's KL in the head block: against kd, only the blockwise schedule differs
     "stablekd-5/2": dict(method="stablekd", recompositions=2, lr_schedule="stage_cyclic", lrs=CYCLIC_LRS,
-                         loss={"temperature": 1.0}),
+                         loss={"temperature": 4.0}),
     "stablekd-5/2+best": dict(method="stablekd", recompositions=2, lr_schedule="stage_cyclic", lrs=(),
                               loss=None),  # the head loss of the best LOGIT_RECIPES entry
     "fm": dict(method="kd", lr_schedule="onecycle", lrs=ONECYCLE_LRS, mult=2,
@@ -146,7 +147,8 @@ def main_cells(args, methods, lrs: dict[str, float], head: str | None) -> list[d
                     cells.append({"method": m, "fraction": fraction, "seed": seed, "head": head,
                                   "lr": lrs.get("stablekd-5/2", 0.5)})
                 else:
-                    cells.append({"method": m, "fraction": fraction, "seed": seed, "lr": lrs.get(m, RECIPES[m]["lrs"][1])})
+                    cells.append({"method": m, "fraction": fraction, "seed": seed,
+                                  "lr": lrs.get(m, RECIPES[m]["lrs"][1])})
     return cells
 
 
@@ -196,9 +198,12 @@ def dry_run(args) -> None:
 
 # --- cost estimate -----------------------------------------------------------------------------
 
+FASHION_TRAIN = 60_000
+
+
 def estimate(args) -> None:
     """One KD cell of one epoch on 20 % with an untrained teacher of the pair (the weights do not
-    change the cost): seconds per x1 cell and the whole grid at ``--jobs``."""
+    change the cost), extrapolated to an x1 cell and the whole grid at ``--jobs``."""
     spec = recipe_spec(args, "supervised", SWEEP_FRACTION, 0, lr=0.1)
     spec["name"] = f"estimate-{_tag(args)}"
     spec["output"] = str(Path(args.work) / spec["name"])
@@ -207,12 +212,22 @@ def estimate(args) -> None:
     spec["loss"]["temperature"] = 4.0
     t0 = time.perf_counter()
     summary, _ = study._train(spec)
-    wall = time.perf_counter() - t0
-    per_cell = wall * BASE_EPOCHS[SWEEP_FRACTION]  # one eval per epoch here, ~3 in a grid cell: an upper bound
+    print(extrapolate(args, time.perf_counter() - t0, summary["mean_images_per_s"]), flush=True)
+
+
+def extrapolate(args, wall_s: float, images_per_s: float) -> str:
+    """An x1 cell from one measured epoch: BASE_EPOCHS[0.2] epochs of training, plus twice the
+    measured rest (setup, one teacher and one student evaluation) for a cell's ~3-5
+    evaluations; the teacher as its epochs of 100 % at 1.5x a KD step's cost per image."""
+    train_s = SWEEP_FRACTION * FASHION_TRAIN / images_per_s
+    rest = max(wall_s - train_s, 0.0)
+    cell = BASE_EPOCHS[SWEEP_FRACTION] * train_s + 2 * rest
+    teacher = (args.teacher_epochs or study.TEACHER_EPOCHS.get(args.width_div, 8)) * 1.5 * FASHION_TRAIN / images_per_s
     units = grid_units(args)
-    print(f"1 epoch of 20 % ({summary['mean_images_per_s']:.0f} img/s training): {wall:.0f} s with "
-          f"{args.threads or 'default'} thread(s); an x1 cell ~{per_cell:.0f} s; the grid ~{units} x1 cells "
-          f"(+ the teacher) ~{units * per_cell / max(args.jobs, 1) / 3600:.1f} h at --jobs {args.jobs}", flush=True)
+    total = units * cell / max(args.jobs, 1) + teacher
+    return (f"1 epoch of 20 %: {wall_s:.0f} s ({images_per_s:.0f} img/s training, {args.threads or 'default'} "
+            f"thread(s)); an x1 cell ~{cell:.0f} s; {units} x1 cells at --jobs {args.jobs} + the teacher "
+            f"(~{teacher / 60:.0f} min) ~{total / 3600:.1f} h")
 
 
 def grid_units(args) -> int:
