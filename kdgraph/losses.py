@@ -152,11 +152,12 @@ class DKD(nn.Module):
     ``T^2`` and the batch mean are mdistiller's: ``dkd_loss = (alpha * tckd + beta * nckd)`` with
     both KLs summed over classes, multiplied by T^2 and divided by the batch size. mdistiller
     forms p^ by subtracting 1000 from the target logit before the softmax; here the target
-    column is dropped, which is the same distribution without the constant (exp(-1000) is 0 in
-    float32). Its defaults on CIFAR-100: alpha 1, beta 8, T 4, CE weight 1, and the DKD term
+    logit is put 200 below the row's lowest other logit: the same distribution (both weigh the
+    target exactly 0 in float32), whatever the logits' range. Its defaults on CIFAR-100: alpha 1, beta 8, T 4, CE weight 1, and the DKD term
     ramped in over 20 epochs (``dkd_warmup``, which the caller multiplies by).
 
-    ``targets`` are class indices, (B,) or (B, *spatial) for dense logits, each in 0..C-1.
+    ``targets`` are class indices, (B,) or (B, *spatial) for dense logits, each in 0..C-1 (not
+    checked: that would read them on the host every step; an index outside gives inf or nan).
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
@@ -178,10 +179,10 @@ class DKD(nn.Module):
                              "(one target per row, at least 2 classes)")
         with no_autocast(s):
             s, te = s.float() / t, te.detach().float() / t
-            gt = F.one_hot(targets.long(), s.shape[1]).bool()
+            # no one_hot / boolean indexing: both read the targets on the host (a sync per step)
+            gt = torch.arange(s.shape[1], device=s.device) == targets[:, None]
             tckd = _binary_kl(s, te, gt)
-            n, c = s.shape
-            nckd = _kl_rows(s[~gt].view(n, c - 1), te[~gt].view(n, c - 1))
+            nckd = _kl_rows(_drop_target(s, gt), _drop_target(te, gt))
             return {"tckd": self.alpha * t * t * tckd.mean(), "nckd": self.beta * t * t * nckd.mean()}
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -191,6 +192,15 @@ class DKD(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+def _drop_target(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Tempered logits whose target entry lies 200 below the row's lowest other entry: its
+    softmax weight is exactly 0 in float32 (exp(-200) underflows), so the softmax is the
+    distribution over the non-target classes, finite everywhere and without a gradient to the
+    target logit (mdistiller subtracts a fixed 1000 instead)."""
+    floor = z.detach().masked_fill(gt, float("inf")).amin(dim=-1, keepdim=True) - 200.0
+    return torch.where(gt, floor, z)
 
 
 def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,21 @@ def test_dkd_nckd_survives_a_confident_teacher():
     assert torch.isfinite(nckd)
 
 
+def test_dkd_nckd_is_finite_beyond_mdistillers_mask_and_ignores_the_target_logit():
+    """Logits a thousand apart (where subtracting a fixed 1000 would not hide the target): NCKD
+    is still the KL of the non-target columns, and it sends no gradient to the target logit."""
+    t = torch.tensor([[3000.0, 2.0, 0.0, -1.0], [1.0, -400.0, 0.5, 2.0]])
+    s = torch.tensor([[-1500.0, 0.0, 1.0, 0.0], [0.0, 1.0, 2500.0, -1.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    nckd = DKD(0.0, 1.0, 1.0)(s, t, y)
+    keep = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    want = kl(softmax(t.double()[keep].view(2, 3)), softmax(s.detach().double()[keep].view(2, 3))).mean()
+    assert nckd.item() == pytest.approx(want.item(), rel=1e-5)
+    nckd.backward()
+    assert s.grad[0, 0] == 0 and s.grad[1, 2] == 0
+    assert s.grad[keep].abs().sum() > 0
+
+
 @pytest.mark.parametrize("epoch,warmup,want", [(1, 20, 0.05), (10, 20, 0.5), (20, 20, 1.0), (35, 20, 1.0),
                                                (0.5, 1, 0.5), (3, 0, 1.0)])
 def test_dkd_warmup_is_mdistillers_linear_ramp(epoch, warmup, want):
