@@ -11,7 +11,7 @@ Recipes (batch 128, SGD momentum 0.9, weight decay 5e-4; CE weight 1 unless said
   kd+ls             CE + 9 KL of Z-scored logits at base T 2 (Sun et al.'s CIFAR recipe), OneCycle
   dkd               CE + DKD, alpha 1, beta 8, T 4, warm-up over the first 1/12 of the epochs
                     (mdistiller's CIFAR setting: 20 of 240), OneCycle
-  dist              CE + DIST, beta 1, gamma 1, tau 1 (the paper's ImageNet setting), OneCycle
+  dist              CE + DIST, beta 1, gamma 1, tau 1 (the authors' code's defaults), OneCycle
   stablekd-5/2      StableKD, 2 recompositions, kd's KL (T 4) as head loss, stage_cyclic (StableKD's)
   stablekd-5/2+best the same with the head loss of the best of kd+ls / dkd / dist on 20 % (mean
                     over seeds, chosen when those cells are done; its name says which), at

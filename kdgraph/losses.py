@@ -254,9 +254,9 @@ class DIST(nn.Module):
     Pearson's rho is invariant to a positive affine map of either argument, so the student
     only has to match relations, not the teacher's probabilities ("exact match" relaxed);
     identical logits give 0, and each term lies in [0, 2 tau^2]. The authors' code adds
-    eps = 1e-8 to the product of norms, as here. Their settings: beta = gamma = 1, tau = 1 on
-    ImageNet; the loss is added to CE. With dense logits the batch of the intra-class term
-    is every pixel of the batch.
+    eps = 1e-8 to the product of norms, as here, and defaults to beta = gamma = tau = 1; the
+    loss is added to CE. With dense logits the batch of the intra-class term is every pixel of
+    the batch.
     """
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):

@@ -225,8 +225,9 @@ class MixupCutmix:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, seed: int, epoch: int, indices,
                  num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mixed x, soft targets (B, num_classes) float32)`` for a batch ``x`` (B, C, H, W) with
-        class labels ``y`` (B,) of the samples ``indices`` (their dataset indices, in batch order)
-        in ``epoch``. ``x`` is not modified. Same arguments, bit-identical outputs."""
+        class labels ``y`` (B,) of the samples ``indices`` (their dataset indices, in batch order,
+        on the host: a list, numpy array or CPU tensor; only the first is read) in ``epoch``. ``x``
+        is not modified. Same arguments, bit-identical outputs."""
         if y.dim() != 1:
             raise ValueError(f"mixup/cutmix mixes class labels (B,), not labels of shape {tuple(y.shape)}")
         lam, box = self.draws(seed, epoch, int(np.asarray(indices).reshape(-1)[0]), x.shape[-2], x.shape[-1])[0]
