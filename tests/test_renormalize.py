@@ -44,3 +44,18 @@ def test_mismatched_channels_are_refused():
         Renormalize(*STUDENT, *TEACHER)(torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="std"):
         Renormalize((0.5,), (0.0,), (0.5,), (0.5,))
+
+
+def test_renormalising_a_mixed_batch_is_mixing_the_renormalised_batch():
+    """Mixup's weights sum to 1 and cutmix moves pixels, so both commute with a per-channel affine
+    map: the runtime may mix the student's batch once and renormalise that for the teacher."""
+    from kdgraph.transforms import MixupCutmix
+
+    renorm = Renormalize(*STUDENT, *TEACHER)
+    x = normalise(pixels(b=6), *STUDENT)
+    y = torch.arange(6)
+    mix = MixupCutmix(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=0.5)
+    for epoch in range(8):
+        mixed, _ = mix(x, y, 0, epoch, range(6), 10)
+        mixed_teacher, _ = mix(renorm(x), y, 0, epoch, range(6), 10)
+        torch.testing.assert_close(renorm(mixed), mixed_teacher, rtol=1e-5, atol=1e-5)
