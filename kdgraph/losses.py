@@ -153,8 +153,9 @@ class DKD(nn.Module):
     both KLs summed over classes, multiplied by T^2 and divided by the batch size. mdistiller
     forms p^ by subtracting 1000 from the target logit before the softmax; here the target
     logit is put 200 below the row's lowest other logit: the same distribution (both weigh the
-    target exactly 0 in float32), whatever the logits' range. Its defaults on CIFAR-100: alpha 1, beta 8, T 4, CE weight 1, and the DKD term
-    ramped in over 20 epochs (``dkd_warmup``, which the caller multiplies by).
+    target exactly 0 in float32), whatever the logits' range. mdistiller's CIFAR-100 setting:
+    alpha 1, beta 8, T 4, CE weight 1, and the DKD term ramped in over the first 20 of 240
+    epochs (``dkd_warmup``, which the caller multiplies the loss by).
 
     ``targets`` are class indices, (B,) or (B, *spatial) for dense logits, each in 0..C-1 (not
     checked: that would read them on the host every step; an index outside gives inf or nan).
@@ -221,11 +222,13 @@ def _binary_kl(s: torch.Tensor, te: torch.Tensor, gt: torch.Tensor) -> torch.Ten
 
 
 def dkd_warmup(epoch: float, warmup_epochs: float) -> float:
-    """The weight DKD's term is multiplied by (Zhao et al. / mdistiller): ``min(epoch / warmup_epochs, 1)``
-    with ``epoch`` counted from 1 for the first epoch (mdistiller's counter), so the first epoch
-    trains at 1/warmup_epochs. ``epoch`` may be fractional (``e + step / steps_per_epoch`` with e from
-    1) for a per-step ramp; ``warmup_epochs`` 0 switches the warm-up off. Pure: a resumed run gets
-    the weight from its epoch counter alone."""
+    """The factor DKD's loss is multiplied by (Zhao et al. / mdistiller): ``min(epoch / warmup_epochs, 1)``.
+
+    ``epoch`` counts from 1: per epoch, as mdistiller (whose first epoch is 1 and trains at
+    1 / warmup_epochs), the 0-based epoch e gives ``e + 1``; per step, for a smooth ramp (a
+    warm-up shorter than a few epochs), step i of n in epoch e gives ``e + (i + 1) / n``.
+    ``warmup_epochs`` 0 switches the warm-up off. Pure: a resumed run gets the factor from its
+    counters alone."""
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
     if warmup_epochs == 0:
