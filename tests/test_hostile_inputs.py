@@ -109,6 +109,81 @@ def test_cli_refuses_code_from_set_and_accepts_it_with_allow_code(tmp_path):
     assert '"resnet_tiny_student_same"' in ok.stdout or "resnet_tiny_student_same" in ok.stdout
 
 
+
+def _binary(text: str) -> str:
+    import base64
+
+    return "!!binary " + base64.b64encode(text.encode()).decode()
+
+
+def _code_overrides(marker) -> list[list[str]]:
+    """Overrides that would make the student ``os.system("touch MARKER")`` if they got through:
+    a YAML !!binary value (bytes, which pydantic would coerce to the reference), a merge key, an
+    anchor, a plain string, and a python tag."""
+    kwargs = f"student.kwargs={{command: 'touch {marker}'}}"
+    return [
+        [f"student.model={_binary('module:os:system')}", kwargs],
+        [f"student={{<<: {{model: 'module:os:system'}}, kwargs: {{command: 'touch {marker}'}}}}"],
+        [f"student={{model: &m 'module:os:system', kwargs: {{command: 'touch {marker}'}}}}"],
+        ["student.model=module:os:system", kwargs],
+        ["student.model=!!python/name:os.system", kwargs],
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_set_cannot_introduce_code_in_any_yaml_form(tmp_path, case):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    marker = tmp_path / "PWNED"
+    overrides = _code_overrides(marker)[case]
+    raw = tiny_spec(tmp_path / "run", "kd")
+    with pytest.raises(SpecError) as info:
+        load_spec(raw, overrides)
+    assert "student" in str(info.value)
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    for command in ("plan", "train", "eval", "export"):
+        args = [command, str(spec), *[a for o in overrides for a in ("--set", o)]]
+        args += ["--to", str(tmp_path / "out")] if command == "export" else []
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (command, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        assert "student" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_binary_is_refused_even_with_allow_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    with pytest.raises(SpecError, match="!!binary value is not accepted"):
+        load_spec(tiny_spec(tmp_path / "run", "kd"), _code_overrides(marker)[0], allow_code=True)
+    text = "name: x\nstudent:\n  model: " + _binary("timm:resnet18") + "\n"
+    (tmp_path / "spec.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"spec.yaml, at student.model: a !!binary value"):
+        load_spec(tmp_path / "spec.yaml")
+    assert not marker.exists()
+
+
+def test_stored_overrides_on_resume_pass_the_same_guard(tmp_path):
+    """A run folder whose stored --set overrides name code: --resume replays them through the guard."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from kdgraph.runtime.runs import RUN_FILE
+
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "run"
+    spec = write_spec(tiny_spec(out, "kd"), tmp_path / "spec.yaml")
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
+    res = CliRunner().invoke(app, ["train", str(spec), "--resume", "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "!!binary" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not marker.exists()
+
 # --- the output folder: locked, never reused by surprise -----------------------------------
 
 def _tiny_run(tmp_path, name="run", **kw):
