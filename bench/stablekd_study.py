@@ -169,16 +169,18 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_cells(args, results: Path, cells: list[dict]) -> list[dict]:
-    """Run the cells not yet in ``results``, ``args.jobs`` at a time; append each as it ends."""
+def run_cells(args, results: Path, cells: list[dict], spec_of=None) -> list[dict]:
+    """Run the cells not yet in ``results``, ``args.jobs`` at a time; append each as it ends.
+    ``spec_of(args, **cell)`` builds a cell's spec dict (default: this study's ``cell_spec``)."""
+    spec_of = spec_of or cell_spec
     done = _done(results)
     jobs = []
     for cell in cells:
-        spec = cell_spec(args, **cell)
+        spec = spec_of(args, **cell)
         if spec["name"] not in done:
             jobs.append(({"width_div": args.width_div, **cell}, spec))
     print(f"{len(cells) - len(jobs)} of {len(cells)} cells done; running {len(jobs)}", flush=True)
-    rows = [done[cell_spec(args, **c)["name"]] for c in cells if cell_spec(args, **c)["name"] in done]
+    rows = [done[spec_of(args, **c)["name"]] for c in cells if spec_of(args, **c)["name"] in done]
 
     def finish(row: dict) -> None:
         with results.open("a") as f:

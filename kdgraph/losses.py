@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KLDivergence", "FeatureMSE", "HeadLoss", "no_autocast"]
+__all__ = ["DIST", "DKD", "FeatureMSE", "HeadLoss", "KLDivergence", "LogitStandardization", "dkd_warmup", "no_autocast",
+           "standardize_logits"]
 
 
 def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -118,3 +119,214 @@ class HeadLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kl_weight={self.kl_weight}, label_smoothing={self.label_smoothing}"
+
+
+# --- logit losses of the recipes (issue 22) ----------------------------------------------------
+# Each takes (B, C) logits, or dense (B, C, *spatial) logits whose pixels are samples (per_sample),
+# computes in float32 with autocast off and never sends a gradient into the teacher. ``terms``
+# returns the weighted named terms (what metrics.jsonl logs); ``forward`` is their sum.
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sun et al.'s Z-score of each row over the classes: ``(z - mean(z)) / (std(z) + eps)``.
+
+    ``std`` is Bessel-corrected (1/(C-1)), as the authors' code (``logit.std(dim=-1)``); the
+    paper's 1/C variance differs by the constant factor sqrt(C/(C-1)), which a base temperature
+    absorbs. Rows of at least 2 classes."""
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+class DKD(nn.Module):
+    r"""Decoupled KD (Zhao et al., CVPR 2022, Sec. 3): ``T^2 * mean_n (alpha TCKD + beta NCKD)``.
+
+    For one sample with target class t and ``p = softmax(z / T)`` (teacher T, student S):
+
+    - binary probabilities ``b = [p_t, p_\t]`` with ``p_\t = 1 - p_t`` (target vs all others);
+    - ``TCKD = KL(b^T || b^S) = sum_{i in {t, \t}} b_i^T log(b_i^T / b_i^S)``;
+    - non-target distribution ``p^_i = p_i / p_\t = softmax_{i != t}(z_i / T)``, i != t;
+    - ``NCKD = KL(p^^T || p^^S) = sum_{i != t} p^_i^T log(p^_i^T / p^_i^S)``.
+
+    The paper's decomposition of Hinton's KD: ``KL(p^T || p^S) = TCKD + (1 - p_t^T) NCKD``
+    per sample, so DKD with alpha = 1 and beta = 1 - p_t^T is KD, and DKD decouples the weight.
+    ``T^2`` and the batch mean are mdistiller's: ``dkd_loss = (alpha * tckd + beta * nckd)`` with
+    both KLs summed over classes, multiplied by T^2 and divided by the batch size. mdistiller
+    forms p^ by subtracting 1000 from the target logit before the softmax; here the target
+    logit is put 200 below the row's lowest other logit: the same distribution (both weigh the
+    target exactly 0 in float32), whatever the logits' range. mdistiller's CIFAR-100 setting:
+    alpha 1, beta 8, T 4, CE weight 1, and the DKD term ramped in over the first 20 of 240
+    epochs (``dkd_warmup``, which the caller multiplies the loss by).
+
+    ``targets`` are class indices, (B,) or (B, *spatial) for dense logits, each in 0..C-1 (not
+    checked: that would read them on the host every step; an index outside gives inf or nan).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got {alpha} and {beta}")
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+
+    def terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"tckd": T^2 alpha mean TCKD, "nckd": T^2 beta mean NCKD}``."""
+        t = self.temperature
+        s, te = per_sample(student_logits), per_sample(teacher_logits)
+        targets = targets.reshape(-1)
+        if s.shape[0] != targets.shape[0] or s.shape[1] < 2:
+            raise ValueError(f"DKD: {s.shape[0]} rows of {s.shape[1]} logits for {targets.shape[0]} targets "
+                             "(one target per row, at least 2 classes)")
+        with no_autocast(s):
+            s, te = s.float() / t, te.detach().float() / t
+            # no one_hot / boolean indexing: both read the targets on the host (a sync per step)
+            gt = torch.arange(s.shape[1], device=s.device) == targets[:, None]
+            tckd = _binary_kl(s, te, gt)
+            nckd = _kl_rows(_drop_target(s, gt), _drop_target(te, gt))
+            return {"tckd": self.alpha * t * t * tckd.mean(), "nckd": self.beta * t * t * nckd.mean()}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        terms = self.terms(student_logits, teacher_logits, targets)
+        return terms["tckd"] + terms["nckd"]
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+def _drop_target(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Tempered logits whose target entry lies 200 below the row's lowest other entry: its
+    softmax weight is exactly 0 in float32 (exp(-200) underflows), so the softmax is the
+    distribution over the non-target classes, finite everywhere and without a gradient to the
+    target logit (mdistiller subtracts a fixed 1000 instead)."""
+    floor = z.detach().masked_fill(gt, float("inf")).amin(dim=-1, keepdim=True) - 200.0
+    return torch.where(gt, floor, z)
+
+
+def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Per row ``KL(softmax(log_p) || softmax(log_q))`` of unnormalised log-probabilities."""
+    log_q, log_p = F.log_softmax(log_q, dim=-1), F.log_softmax(log_p, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _binary_kl(s: torch.Tensor, te: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per row KL between the teacher's and the student's [p_t, 1 - p_t], from tempered logits:
+    log p_t = z_t - logsumexp(z) and log p_\\t = logsumexp(z_{i != t}) - logsumexp(z), so that
+    neither is the log of a probability that underflowed."""
+    def binary(z: torch.Tensor) -> torch.Tensor:
+        target = z.masked_fill(~gt, float("-inf")).logsumexp(dim=-1)
+        other = z.masked_fill(gt, float("-inf")).logsumexp(dim=-1)
+        return torch.stack([target, other], dim=-1)
+    return _kl_rows(binary(s), binary(te))
+
+
+def dkd_warmup(epoch: float, warmup_epochs: float) -> float:
+    """The factor DKD's loss is multiplied by (Zhao et al. / mdistiller): ``min(epoch / warmup_epochs, 1)``.
+
+    ``epoch`` counts from 1: per epoch, as mdistiller (whose first epoch is 1 and trains at
+    1 / warmup_epochs), the 0-based epoch e gives ``e + 1``; per step, for a smooth ramp (a
+    warm-up shorter than a few epochs), step i of n in epoch e gives ``e + (i + 1) / n``.
+    ``warmup_epochs`` 0 switches the warm-up off. Pure: a resumed run gets the factor from its
+    counters alone."""
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_epochs == 0:
+        return 1.0
+    return min(max(float(epoch), 0.0) / float(warmup_epochs), 1.0)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b (DIST's code: the cosine
+    of the centred rows, eps added to the product of norms)."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+class DIST(nn.Module):
+    r"""DIST (Huang et al., NeurIPS 2022, Sec. 3): ``beta * L_inter + gamma * L_intra``.
+
+    ``Y = softmax(Z / tau)`` row-wise, a (B, C) matrix for student (S) and teacher (T), and
+    ``rho_p(u, v) = cov(u, v) / (std(u) std(v))`` (Pearson correlation).
+
+    - inter-class relation: ``L_inter = tau^2 * (1 - 1/B sum_i rho_p(Y^S_{i,:}, Y^T_{i,:}))``,
+      each sample's class distribution correlated with the teacher's;
+    - intra-class relation: ``L_intra = tau^2 * (1 - 1/C sum_j rho_p(Y^S_{:,j}, Y^T_{:,j}))``,
+      each class's probabilities over the batch correlated with the teacher's.
+
+    Pearson's rho is invariant to a positive affine map of either argument, so the student
+    only has to match relations, not the teacher's probabilities ("exact match" relaxed);
+    identical logits give 0, and each term lies in [0, 2 tau^2]. The authors' code adds
+    eps = 1e-8 to the product of norms, as here, and defaults to beta = gamma = tau = 1; the
+    loss is added to CE. With dense logits the batch of the intra-class term is every pixel of
+    the batch.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if beta < 0 or gamma < 0:
+            raise ValueError(f"beta and gamma must be >= 0, got {beta} and {gamma}")
+        self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
+
+    def terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"inter": beta L_inter, "intra": gamma L_intra}``."""
+        tau = self.temperature
+        s, te = per_sample(student_logits), per_sample(teacher_logits)
+        with no_autocast(s):
+            y_s = F.softmax(s.float() / tau, dim=-1)
+            y_t = F.softmax(te.detach().float() / tau, dim=-1)
+            inter = 1 - _pearson_rows(y_s, y_t).mean()
+            intra = 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
+            return {"inter": self.beta * tau * tau * inter, "intra": self.gamma * tau * tau * intra}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        terms = self.terms(student_logits, teacher_logits)
+        return terms["inter"] + terms["intra"]
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
+
+
+class LogitStandardization(nn.Module):
+    r"""Logit standardisation (Sun et al., CVPR 2024, Algorithm 1) around a logit loss.
+
+    ``Z(z; T_base) = (z - mean(z)) / (std(z) T_base)`` for the teacher's and the student's logits
+    each, before the tempered softmax: the temperature becomes ``std(z) * T_base``, its own for
+    each model and sample, and the student has to match the teacher's logit *relations*, not
+    their range. Implemented as the authors' code does it, ``loss(standardize_logits(z_s),
+    standardize_logits(z_t))`` with the inner loss's temperature as the base temperature
+    (their CIFAR-100 recipe: T_base 2, KD weight 9, for both KD and DKD).
+
+    A wrapper rather than a flag on each loss: one implementation of the Z-score composes with
+    every logit loss (KL, DKD, and DIST where one wants it) and leaves each inner loss exactly
+    its paper's formula; ``loss.standardize: true`` in a spec is this wrapper around the chosen
+    loss. Extra arguments (DKD's targets) pass through. The loss is invariant to shifting a row
+    of either logits by a constant and to scaling it by a positive factor.
+    """
+
+    def __init__(self, loss: nn.Module, eps: float = 1e-7):
+        super().__init__()
+        self.loss = loss
+        self.eps = float(eps)
+
+    def _standardized(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+        s, te = per_sample(student_logits), per_sample(teacher_logits)
+        with no_autocast(s):
+            return standardize_logits(s.float(), self.eps), standardize_logits(te.detach().float(), self.eps)
+
+    def terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *args) -> dict[str, torch.Tensor]:
+        """The inner loss's terms on the standardised logits (a loss without ``terms`` gives one
+        named ``"kl"``)."""
+        s, te = self._standardized(student_logits, teacher_logits)
+        if hasattr(self.loss, "terms"):
+            return self.loss.terms(s, te, *args)
+        return {"kl": self.loss(s, te, *args)}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *args) -> torch.Tensor:
+        s, te = self._standardized(student_logits, teacher_logits)
+        return self.loss(s, te, *args)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"

@@ -109,6 +109,81 @@ def test_cli_refuses_code_from_set_and_accepts_it_with_allow_code(tmp_path):
     assert '"resnet_tiny_student_same"' in ok.stdout or "resnet_tiny_student_same" in ok.stdout
 
 
+
+def _binary(text: str) -> str:
+    import base64
+
+    return "!!binary " + base64.b64encode(text.encode()).decode()
+
+
+def _code_overrides(marker) -> list[list[str]]:
+    """Overrides that would make the student ``os.system("touch MARKER")`` if they got through:
+    a YAML !!binary value (bytes, which pydantic would coerce to the reference), a merge key, an
+    anchor, a plain string, and a python tag."""
+    kwargs = f"student.kwargs={{command: 'touch {marker}'}}"
+    return [
+        [f"student.model={_binary('module:os:system')}", kwargs],
+        [f"student={{<<: {{model: 'module:os:system'}}, kwargs: {{command: 'touch {marker}'}}}}"],
+        [f"student={{model: &m 'module:os:system', kwargs: {{command: 'touch {marker}'}}}}"],
+        ["student.model=module:os:system", kwargs],
+        ["student.model=!!python/name:os.system", kwargs],
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_set_cannot_introduce_code_in_any_yaml_form(tmp_path, case):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    marker = tmp_path / "PWNED"
+    overrides = _code_overrides(marker)[case]
+    raw = tiny_spec(tmp_path / "run", "kd")
+    with pytest.raises(SpecError) as info:
+        load_spec(raw, overrides)
+    assert "student" in str(info.value)
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    for command in ("plan", "train", "eval", "export"):
+        args = [command, str(spec), *[a for o in overrides for a in ("--set", o)]]
+        args += ["--to", str(tmp_path / "out")] if command == "export" else []
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (command, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        assert "student" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_binary_is_refused_even_with_allow_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    with pytest.raises(SpecError, match="!!binary value is not accepted"):
+        load_spec(tiny_spec(tmp_path / "run", "kd"), _code_overrides(marker)[0], allow_code=True)
+    text = "name: x\nstudent:\n  model: " + _binary("timm:resnet18") + "\n"
+    (tmp_path / "spec.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"spec.yaml, at student.model: a !!binary value"):
+        load_spec(tmp_path / "spec.yaml")
+    assert not marker.exists()
+
+
+def test_stored_overrides_on_resume_pass_the_same_guard(tmp_path):
+    """A run folder whose stored --set overrides name code: --resume replays them through the guard."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from kdgraph.runtime.runs import RUN_FILE
+
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "run"
+    spec = write_spec(tiny_spec(out, "kd"), tmp_path / "spec.yaml")
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
+    res = CliRunner().invoke(app, ["train", str(spec), "--resume", "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "!!binary" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not marker.exists()
+
 # --- the output folder: locked, never reused by surprise -----------------------------------
 
 def _tiny_run(tmp_path, name="run", **kw):
@@ -249,6 +324,79 @@ def test_writing_last_keeps_the_previous_checkpoint_and_load_latest_falls_back(t
     (tmp_path / "prev.pt").write_bytes(b"")  # neither is good: one error naming both
     with pytest.raises(KDGraphError, match=r"last\.pt is corrupt.*previous checkpoint is no good either.*prev\.pt"):
         ckpt.load_latest(path)
+
+
+class _Interrupted(BaseException):
+    """What a SIGTERM or Ctrl-C raises in the middle of a save: not an Exception."""
+
+
+@pytest.mark.parametrize("keep_previous", [False, True], ids=["alone", "keep_previous"])
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_an_interrupted_save_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch, where,
+                                                                              keep_previous):
+    """Atomicity itself, at the exact points: a save stopped half-way through writing its bytes,
+    or after writing them and before the rename, leaves ``last.pt`` byte for byte the old,
+    loadable checkpoint and no temporary file beside it; the file the rename would have put in
+    place was whole, synced and in the same folder (a rename across file systems is a copy)."""
+    import io
+    from pathlib import Path
+
+    folder = tmp_path / "checkpoints"
+    weights = torch.randn(64, 64)
+    path = ckpt.save_atomic(_checkpoint_state(weights), folder / "last.pt", keep_previous=keep_previous)
+    old = path.read_bytes()
+    new = _checkpoint_state(weights + 1)
+    new["position"]["epoch"] = 2
+    events = []
+    if where == "writing":
+        real_save = torch.save
+
+        def torn_save(obj, f, *args, **kwargs):  # half the bytes reach the file, then the signal
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+            if hasattr(f, "write"):
+                f.write(half)
+                f.flush()
+            else:
+                Path(f).write_bytes(half)
+            raise _Interrupted
+
+        monkeypatch.setattr(torch, "save", torn_save)
+    else:
+        real_replace, real_fsync = os.replace, os.fsync
+
+        def fsync(fd):
+            events.append("fsync")
+            return real_fsync(fd)
+
+        def interrupted_replace(src, dst, *args, **kwargs):
+            if Path(dst) != path:  # prev.pt's staging
+                return real_replace(src, dst, *args, **kwargs)
+            events.append("rename")
+            assert Path(src).parent == path.parent, src
+            assert ckpt.load(Path(src))["position"]["epoch"] == 2  # whole before it is put in place
+            raise _Interrupted
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(_Interrupted):
+        ckpt.save_atomic(new, path, keep_previous=keep_previous)
+    monkeypatch.undo()
+    if where == "renaming":
+        assert events == ["fsync", "rename"]
+    assert path.read_bytes() == old
+    state = ckpt.load(path)
+    assert state["position"]["epoch"] == 1 and torch.equal(state["model"]["w"], weights)
+    kept = {"last.pt", "prev.pt"} if keep_previous and where == "renaming" else {"last.pt"}
+    assert {p.name for p in folder.iterdir()} == kept  # no .last.pt.*.tmp, no .prev.pt.tmp
+    if "prev.pt" in kept:
+        assert ckpt.load(folder / "prev.pt")["position"]["epoch"] == 1
+    state, warning = ckpt.load_latest(path)
+    assert warning is None and state["position"]["epoch"] == 1
+    ckpt.save_atomic(new, path, keep_previous=keep_previous)  # the next save goes through
+    assert ckpt.load(path)["position"]["epoch"] == 2
+    assert {p.name for p in folder.iterdir()} == ({"last.pt", "prev.pt"} if keep_previous else {"last.pt"})
 
 
 def test_resume_from_a_corrupt_last_checkpoint(tmp_path):
@@ -468,3 +616,134 @@ def test_export_to_an_existing_folder_writes_inside_and_unwritable_is_one_line(t
     with pytest.raises(KDGraphError, match=r"export --to .*blocker: a file is there"):
         export_spec(spec, blocker, checkpoint)
     assert blocker.read_text() == "a file"
+
+
+# --- a torch.export program (model.pt2) from anyone: read without running what it holds ----
+
+def _tiny_program(path):
+    """A real torch.export archive of a tiny 1x8x8 classifier with a dynamic batch, as kdgraph writes them."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model.eval(), (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: batch},),
+                                  strict=False)
+    torch.export.save(program, str(path))
+    return path
+
+
+def _rewrite_archive(src, dst, edit):
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    edit(files)
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return dst
+
+
+def _pickled(marker) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    return buffer.getvalue()
+
+
+def _edit_json(files, suffix, edit):
+    import json
+
+    name = next(n for n in files if n.endswith(suffix))
+    data = json.loads(files[name])
+    edit(data)
+    files[name] = json.dumps(data).encode()
+    return name
+
+
+def _pickled_weight(marker):
+    def edit(files):
+        holder = {}
+
+        def mark(cfg):
+            fqn = next(iter(cfg["config"]))
+            cfg["config"][fqn]["use_pickle"] = True
+            holder["file"] = cfg["config"][fqn]["path_name"]
+        name = _edit_json(files, "model_weights_config.json", mark)
+        files[name.rsplit("/", 1)[0] + "/" + holder["file"]] = _pickled(marker)
+    return edit
+
+
+def _pickled_sample_inputs(marker):
+    def edit(files):
+        files[next(n for n in files if "/sample_inputs/" in n)] = _pickled(marker)
+    return edit
+
+
+def _graph_edit(change):
+    def edit(files):
+        _edit_json(files, "models/model.json", change)
+    return edit
+
+
+def _target_os_system(marker):
+    def change(program):
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if "relu" in n["target"])
+        node["target"] = "torch.os.system"
+    return _graph_edit(change)
+
+
+def _guards_code(marker):
+    return _graph_edit(lambda program: program.__setitem__("guards_code", [f"__import__('os').system('touch {marker}')"]))
+
+
+def _sympy_expr(marker):
+    def change(program):
+        stack = [program]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if "expr_str" in node:
+                    node["expr_str"] = f"__import__('os').system('touch {marker}')"
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    return _graph_edit(change)
+
+
+def _custom_object(marker):
+    def edit(files):
+        root = next(iter(files)).split("/", 1)[0]
+        files[f"{root}/data/constants/custom_obj_0"] = _pickled(marker)
+    return edit
+
+
+_CRAFTED = {"pickled weight": _pickled_weight, "pickled sample inputs": _pickled_sample_inputs,
+            "target torch.os.system": _target_os_system, "guards_code": _guards_code,
+            "expression": _sympy_expr, "custom object": _custom_object}
+
+
+def test_kdgraphs_own_kind_of_program_passes_the_check(tmp_path):
+    from kdgraph.runtime.program import check_program
+
+    check_program(_tiny_program(tmp_path / "model.pt2"))
+
+
+@pytest.mark.parametrize("craft", list(_CRAFTED))
+def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
+    from kdgraph.runtime.program import UnsafeProgramError, check_program
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    good = _tiny_program(tmp_path / "model.pt2")
+    evil = _rewrite_archive(good, folder / "model.pt2", _CRAFTED[craft](marker))
+    with pytest.raises(UnsafeProgramError, match="refusing to load"):
+        check_program(evil)
+    if craft == "pickled weight":  # through the CLI: one line, exit 2, nothing run
+        spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+        proc = run_cli("eval", str(spec), "--checkpoint", str(folder))
+        _one_line_error(proc, "refusing to load", str(evil), "stored pickled")
+        assert evil.exists()
+    assert not marker.exists()

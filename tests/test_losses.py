@@ -44,21 +44,59 @@ def test_kl_matches_hand(temp):
 
 
 def test_kl_zero_when_equal_and_no_teacher_grad():
+    """Equal logits: the loss and the student's gradient are 0 (a gradient, not None: the student
+    is in the graph), the teacher gets none. Unequal: the student's gradient is the hand one,
+    d/ds T^2 KL(p_t || p_s) = T (p_s - p_t) / B, and the teacher still gets none."""
+    temp = 3.0
     s = torch.tensor(S, requires_grad=True)
     t = torch.tensor(S, requires_grad=True)
-    loss = KLDivergence(3.0)(s, t)
+    loss = KLDivergence(temp)(s, t)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    (loss + s.sum()).backward()
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().max().item() < 1e-6
+    assert t.grad is None
+    s = torch.tensor(S, requires_grad=True)
+    t = torch.tensor(T, requires_grad=True)
+    KLDivergence(temp)(s, t).backward()
+    want = [[temp * (ps - pt) / len(S) for ps, pt in zip(softmax(srow, temp), softmax(trow, temp))]
+            for srow, trow in zip(S, T)]
+    torch.testing.assert_close(s.grad, torch.tensor(want), rtol=1e-5, atol=1e-7)
     assert t.grad is None
 
 
 def test_feature_mse_matches_hand():
-    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    b = torch.tensor([[[[0.0, 2.0], [5.0, 3.0]]]], requires_grad=True)
+    """The value, and the gradients: the student's is the hand one, 2 (a - b) / N, the
+    teacher's none (both inputs require a gradient, so a detach on either side shows)."""
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)  # student
+    b = torch.tensor([[[[0.0, 2.0], [5.0, 3.0]]]], requires_grad=True)  # teacher
     want = ((1 - 0) ** 2 + 0 + (3 - 5) ** 2 + (4 - 3) ** 2) / 4
     got = FeatureMSE()(a, b)
     assert got.item() == pytest.approx(want)
-    assert not got.requires_grad  # teacher side detached, student side constant here
+    assert got.requires_grad  # through the student
+    got.backward()
+    assert a.grad is not None
+    torch.testing.assert_close(a.grad, torch.tensor([[[[2 * (1 - 0) / 4, 0.0], [2 * (3 - 5) / 4, 2 * (4 - 3) / 4]]]]))
+    assert b.grad is None  # the teacher side is detached
+
+
+def test_dense_logits_are_one_sample_per_pixel():
+    """(B, C, H, W) logits of a per-pixel task against the hand computation on the (B*H*W, C)
+    rows taken with C moved last: row (b, h, w) is [x[b, c, h, w] for c]. (A reshape without
+    moving C would mix classes of different pixels into one row.)"""
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 2, 3, 2, 4
+    s, t = torch.randn(B, C, H, W, generator=g) * 2, torch.randn(B, C, H, W, generator=g) * 2
+    y = torch.randint(0, C, (B, H, W), generator=g)
+
+    def rows(x):
+        return [[x[b, c, h, w].item() for c in range(C)] for b in range(B) for h in range(H) for w in range(W)]
+
+    labels = [y[b, h, w].item() for b in range(B) for h in range(H) for w in range(W)]
+    for temp in (1.0, 2.0):
+        assert KLDivergence(temp)(s, t).item() == pytest.approx(hand_kl(rows(s), rows(t), temp), rel=1e-5)
+    out = HeadLoss(kl_weight=0.5, temperature=2.0, label_smoothing=0.1)(s, y, t)
+    assert out["ce"].item() == pytest.approx(hand_ce(rows(s), labels, 0.1), rel=1e-5)
+    assert out["kl"].item() == pytest.approx(0.5 * hand_kl(rows(s), rows(t), 2.0), rel=1e-5)
 
 
 def test_feature_mse_shape_mismatch():

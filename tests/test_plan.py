@@ -34,9 +34,14 @@ def _lists(groups):
 
 @pytest.mark.parametrize("k", sorted(EXPECTED))
 def test_recompose_sequence(k):
+    # Bounded: each recomposition halves the count (rounding up), so ceil(log2 k) of them reach
+    # one block; a wrong merge rule fails at its first step instead of looping until memory runs out.
     chain = [decompose(k)]
-    while len(chain[-1]) > 1:
+    for _ in range(k):
+        if len(chain[-1]) == 1:
+            break
         chain.append(recompose(chain[-1]))
+        assert len(chain[-1]) == (len(chain[-2]) + 1) // 2, [_lists(g) for g in chain]
     assert [_lists(g) for g in chain] == EXPECTED[k]
     assert recompose(chain[-1]) == chain[-1]  # one block stays one block
 

@@ -148,6 +148,11 @@ BROKEN = [
     ("cuts-missing-student", KD + "decompose: {blocks: 2, cuts: [{teacher: layer3}]}\n", [],
      "decompose.cuts.0.student", ["required key is missing"]),
     ("cuts-bad-word", KD + "decompose: {cuts: manual}\n", [], "decompose.cuts", ["'manual'", "auto or a list"]),
+    # 1.0 would make the cross-entropy's targets uniform: the labels would teach nothing
+    ("label-smoothing-one", KD + "loss: {label_smoothing: 1.0}\n", [], "loss.label_smoothing",
+     ["loss.label_smoothing:", "less than 1", "got 1.0", "a number >= 0 and < 1"]),
+    ("label-smoothing-negative", KD, ["loss.label_smoothing=-0.1"], "loss.label_smoothing",
+     ["greater than or equal to 0", "a number >= 0 and < 1"]),
     ("input-size-type", MINIMAL + "data: {input_size: big}\n", [], "data.input_size", ["a list of 3 integers"]),
     ("input-size-short", MINIMAL + "data: {input_size: [3, 32]}\n", [], "data.input_size.2", ["item 2 is missing"]),
     ("unknown-dataset", MINIMAL + "data: {dataset: cifar100}\n", [], "data.dataset",
@@ -173,6 +178,12 @@ def test_broken_specs(tmp_path, text, overrides, path, fragments):
     assert info.value.path == path
     for fragment in fragments:
         assert fragment in info.value.message
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.99])
+def test_label_smoothing_below_one_is_accepted(tmp_path, value):
+    spec = load_spec(write(tmp_path, KD + f"loss: {{label_smoothing: {value}}}\n"))
+    assert spec.loss.label_smoothing == value
 
 
 def test_every_problem_listed_one_per_line():

@@ -229,6 +229,30 @@ def test_crop_boxes_follow_timms_get_params():
         assert tuple(int(v[0]) for v in got) == want
 
 
+def test_flip_is_independent_of_the_crop():
+    """The flip is a draw of its own: over 20,000 samples its rate is one half whatever the crop
+    came out as (the crop's top and left within the room the image leaves, its area, its aspect).
+    A flip reading one of the crop's draws (the top's, say) would flip nearly every crop in one
+    half of the range and almost none in the other."""
+    from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
+
+    n, H, W = 20_000, 48, 64
+    top, left, h, w, flipped = RandomResizedCropFlip((8, 8)).boxes([Image.new("L", (W, H))] * n,
+                                                                  sample_seeds(4, 1, np.arange(n)))
+    assert abs(flipped.mean() - 0.5) < 0.02
+    features = {}
+    for name, at, room in (("top", top, H - h), ("left", left, W - w)):
+        placed = room >= 4  # room to place the crop in: its position was drawn
+        assert placed.sum() > n // 2, name
+        features[name] = (at[placed] / room[placed], flipped[placed])
+    features["area"] = (h * w / (H * W), flipped)
+    features["log aspect"] = (np.log(w / h), flipped)
+    for name, (value, flips) in features.items():
+        low = value < np.median(value)
+        for half, rate in (("low", flips[low].mean()), ("high", flips[~low].mean())):
+            assert abs(rate - 0.5) < 0.03, f"flip rate {rate:.3f} where the crop's {name} is {half}"
+
+
 def test_sample_seeds_and_uniforms():
     """Draws depend on (seed, epoch, index) and nothing else, and look uniform."""
     from kdgraph.transforms import sample_seeds, uniforms

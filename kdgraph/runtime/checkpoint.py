@@ -115,6 +115,9 @@ def _keep_as_previous(path: Path) -> None:
         os.replace(path, prev)
         return
     os.replace(staged, prev)
+    # rename(2) between two links of one file does nothing and leaves the source: so it is when
+    # a save was stopped before its rename (prev.pt is then a link of last.pt)
+    staged.unlink(missing_ok=True)
 
 
 def _to_cpu(value: Any) -> Any:

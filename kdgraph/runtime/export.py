@@ -24,6 +24,7 @@ from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.chain import ExportedStudent
+from kdgraph.runtime.program import check_program
 from kdgraph.weights import read_weights_file, sniff
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
     """The trained student of ``path`` as one inference module (any format kdgraph writes)."""
     path = Path(path)
     if file_format(path) == "export" and not (path / ship.WEIGHTS).is_file():
+        check_program(path / ship.PROGRAM)  # torch.export.load runs what a crafted archive holds
         try:
             return _Program(torch.export.load(str(path / ship.PROGRAM)).module())
         except Exception as exc:  # torch.export's errors name no common base class

@@ -6,6 +6,7 @@ expanded), so that no spec can hang or exhaust the machine before its errors are
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,28 +45,28 @@ def load_spec(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()
         path = Path(source)
         raw = _read_yaml(path)
         source_dir = source_dir or path.resolve().parent
-    before = _code_references(raw)
+    # The guard is checked on the validated spec (Spec._code_only_from_the_spec_file), where
+    # every value has its final type, so that no YAML tag or coercion can turn an override
+    # into a module: reference after it was looked at.
+    context = None if allow_code else {"code_from_file": _model_references(raw)}
     for override in overrides:
         _apply_override(raw, override)
     _check_bounded(raw, "the spec with its overrides")
-    added = sorted(_code_references(raw) - before)
-    if added and not allow_code:
-        raise SpecError("--set", f"the overrides introduce {', '.join(map(repr, added))}: a module: reference "
-                        "imports and calls Python code; put it in the spec file, or pass --allow-code")
     try:
-        spec = Spec.model_validate(raw)
+        spec = Spec.model_validate(raw, context=context)
     except ValidationError as exc:
         raise spec_error_from(exc) from None
     return spec.located_at(source_dir)
 
 
-def _code_references(value: Any) -> set[str]:
-    """Every ``module:`` string anywhere in a raw spec."""
-    if isinstance(value, dict):
-        return set().union(*(_code_references(v) for v in value.values())) if value else set()
-    if isinstance(value, list):
-        return set().union(*(_code_references(v) for v in value)) if value else set()
-    return {value.strip()} if isinstance(value, str) and value.strip().startswith("module:") else set()
+def _model_references(raw: dict[str, Any]) -> dict[str, str]:
+    """{role: model reference} the spec itself gives, before any override."""
+    refs = {}
+    for role in ("teacher", "student"):
+        section = raw.get(role)
+        if isinstance(section, dict) and isinstance(section.get("model"), str):
+            refs[role] = section["model"]
+    return refs
 
 
 def _deep_copy(value: Any) -> Any:
@@ -117,7 +118,35 @@ def _parse_yaml(text: str, where: str) -> Any:
             depth -= 1
     value = yaml.safe_load(text)
     _check_bounded(value, where)
+    _check_plain(value, where)
     return value
+
+
+# What a spec value may be once parsed: JSON's types. YAML's others (!!binary bytes,
+# !!timestamp dates, !!set, !!omap pairs) would reach the schema as Python objects that
+# pydantic coerces (bytes to str), after any check on the text.
+_PLAIN = (str, int, float, bool, type(None))
+_TAGS = {bytes: "!!binary", set: "!!set", tuple: "!!omap/!!pairs", datetime.date: "!!timestamp"}
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse any parsed value that is not a string, number, boolean, null, list or mapping
+    with string keys, naming where it is. ``value`` is bounded (``_check_bounded``)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        at = f"{where}, at {path}" if path else where
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    raise SpecError(path, f"{at}: key {short(repr(key))} is not a string; keys are names")
+                stack.append((child, f"{path}.{key}" if path else key))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(node))
+        elif not isinstance(node, _PLAIN):
+            tag = next((t for kind, t in _TAGS.items() if isinstance(node, kind)), f"!!{type(node).__name__}")
+            raise SpecError(path, f"{at}: a {tag} value is not accepted; spec values are strings, numbers, "
+                            "true/false, null, lists and mappings")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     PrivateAttr,
     Strict,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -151,7 +152,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """A network to build: a source reference, its constructor arguments, optional weights."""
 
-    model: str = Field(
+    model: Annotated[str, Strict()] = Field(  # strict: no bytes (YAML's !!binary) coerced to a reference
         description="Model reference: 'timm:NAME', 'torchvision:NAME' or 'module:pkg.mod:factory' "
         "(a factory function in an importable module; the spec's directory is searched first)."
     )
@@ -550,6 +551,26 @@ class Spec(_Strict):
         if isinstance(schedule, ScheduleSpec) and "method" not in schedule.model_fields_set:
             return {**data, "schedule": schedule.model_copy(update=teacherless)}
         return data
+
+    @model_validator(mode="after")
+    def _code_only_from_the_spec_file(self, info: ValidationInfo) -> Spec:
+        """A ``module:`` reference imports and calls Python code. Validated with a context
+        ``{"code_from_file": {role: reference}}`` (``load_spec`` without allow_code), a model
+        may name one only where the spec file itself names the same one; every other source
+        of values (--set, a run's stored overrides) is refused here, after parsing and
+        coercion, whatever YAML form the value had."""
+        from_file = (info.context or {}).get("code_from_file")
+        if from_file is None:
+            return self
+        for role in ("teacher", "student"):
+            model = getattr(self, role)
+            if model is not None and model.model.startswith("module:") and model.model != from_file.get(role):
+                raise _invalid(f"{model.model!r} does not come from the spec file: a module: reference imports "
+                               "and calls Python code, so only the spec file may name one; put it in the spec "
+                               "file, or pass --allow-code (allow_code=True) to let --set introduce it",
+                               allowed="timm:NAME, torchvision:NAME, or the spec file's own module: reference",
+                               at=f"{role}.model", got=model.model)
+        return self
 
     @model_validator(mode="after")
     def _teacher_given_when_needed(self) -> Spec:
