@@ -172,13 +172,13 @@ def test_stored_overrides_on_resume_pass_the_same_guard(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from kdgraph.runtime.runs import RUN_FILE
+    from kdgraph.runtime.runs import RunFolder
 
     marker = tmp_path / "PWNED"
     out = tmp_path / "run"
     spec = write_spec(tiny_spec(out, "kd"), tmp_path / "spec.yaml")
     out.mkdir()
-    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
+    RunFolder(out).stored_spec.write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
     res = CliRunner().invoke(app, ["train", str(spec), "--resume", "--quiet"])
     assert res.exit_code == 2, res.output
     assert "!!binary" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
