@@ -9,7 +9,8 @@ converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` mov
 the device once and cuts batches there, with batched on-device augmentation. Every
 random choice (subset, order, crops, flips) is a pure function of the run seed and the
 epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
-folder too large for memory is streamed instead (kdgraph.stream chooses).
+folder too large for memory is streamed instead (the compiler's data pass decides, from
+``data.memory_budget_mb`` and ``data.loader``).
 
 Datasets are built by name from the ``DATASETS`` registry (``kdgraph.registry``; the
 built-in ones are registered here); a name with a colon (``torchvision:CIFAR10``) is

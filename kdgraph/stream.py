@@ -1,6 +1,6 @@
 """The streaming path: an image folder's files decoded and transformed by DataLoader workers
-(StreamLoader), for folders too large to hold in memory (``kdgraph.data`` holds the others
-and chooses, as the compiler's data plan says).
+(StreamLoader), for folders too large to hold in memory (``kdgraph.data`` holds the others,
+and builds a run's data from the path the compiler's data plan chose).
 
     stream_loaders(spec, plan, folder, keep, device, dist_info)   the train and test loaders
 

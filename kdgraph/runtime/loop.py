@@ -119,6 +119,7 @@ class Trainer:
         random.seed(spec.seed)
         self.compiled = compile_spec(spec, fetch=("teacher", "student"))
         self.plan = self.compiled.plan
+        self.stage_epochs = [st.epochs for st in self.plan.stages]
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation
         self.data = build_data(spec, self.compiled.data, device, self.info)
         if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
@@ -130,7 +131,7 @@ class Trainer:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
         self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
-                                            [st.epochs for st in self.plan.stages], len(self.data.train),
+                                            self.stage_epochs, len(self.data.train),
                                             spec.optim.min_lr_ratio)
         wrapped = wrap_ddp(self.distiller, self.info, device, find_unused=self.plan.feature_losses)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
@@ -199,7 +200,7 @@ class Trainer:
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
 
     def stage_of(self, epoch: int) -> TrainingStage:
-        return self.plan.stages[stage_at([st.epochs for st in self.plan.stages], epoch)]
+        return self.plan.stages[stage_at(self.stage_epochs, epoch)]
 
     def train_epoch(self, epoch: int) -> None:
         stage = self.stage_of(epoch)
