@@ -30,6 +30,17 @@ class CrossAttentionProjector(nn.Module):
     positional embedding. Output: the teacher's layout, grid and width.
     """
 
+    @staticmethod
+    def count_params(src: FeatureFormat, dst: FeatureFormat, mlp_ratio: float = 2.0) -> int:
+        """Parameters of ``CrossAttentionProjector(src, dst)``, without building it (the head
+        count does not change it): stem conv + BN, positional embedding, queries, attention's
+        in/out projections, LayerNorm, MLP."""
+        c, hidden = dst.channels, int(dst.channels * mlp_ratio)
+        stem = src.channels * c * 9 + 2 * c
+        tokens = src.hw[0] * src.hw[1] * c + (dst.prefix + dst.hw[0] * dst.hw[1]) * c
+        attn = 3 * c * c + 3 * c + c * c + c
+        return stem + tokens + attn + 2 * c + (c * hidden + hidden) + (hidden * c + c)
+
     def __init__(self, src: FeatureFormat, dst: FeatureFormat, heads: int = 8, mlp_ratio: float = 2.0):
         super().__init__()
         self.src, self.dst = src, dst

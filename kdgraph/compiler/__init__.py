@@ -30,13 +30,14 @@ from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
 from kdgraph.compiler.data import data_pass
-from kdgraph.compiler.pair import Pairing, pair_pass
-from kdgraph.compiler.plan import Plan, plan_pass
+from kdgraph.compiler.pair import pair_pass
+from kdgraph.compiler.plan import plan_pass
 from kdgraph.compiler.split import split_pass
 from kdgraph.compiler.stages import stages_pass
 from kdgraph.compiler.trace import trace_pass
 from kdgraph.data import resolve_input_size
 from kdgraph.errors import PlanError
+from kdgraph.ir import Pairing, Plan
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec

@@ -19,8 +19,8 @@ lift and lower act per tensor, a decompose edge feeds the next student block eve
 tensor of the cut, and the feature loss compares every tensor (the mean of the per-tensor
 MSEs).
 
-A plan stage is a choice of these edges (``stage_edges``); ``program.stage_program`` turns
-that choice into the operations the runtime executes.
+A plan stage is a choice of these edges (``program.stage_edges``); ``program.stage_program``
+turns that choice into the operations the runtime executes.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import networkx as nx
 
 from kdgraph.errors import PlanError
 
+from kdgraph.ir import Pairing
+
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import Models
-    from kdgraph.compiler.pair import Pairing
     from kdgraph.spec import Spec
 
 
@@ -145,58 +146,6 @@ def validate_block_graph(g: nx.DiGraph) -> None:
             feeds = {_key(e["shape"]) for _, _, e in g.in_edges(v, data=True)}
             if len(feeds) > 1:
                 raise PlanError(f"block graph: {v} is fed tensors of different shapes {sorted(feeds)}")
-
-
-def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
-                tpp_block: int | None = None, chain_adapters: bool = True) -> list[tuple[str, str]]:
-    """The edges one training stage uses.
-
-    Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
-    lower where present), runs its blocks through the adapted chain (the plain chain where no
-    adapter exists, or where ``chain_adapters`` is off: a method that trains no adapter) and
-    meets the teacher at block b's feature loss or at the head loss. ``feature_losses`` adds
-    a feature loss at every inner block end (the KD + MSE plan) without adapting the chain.
-    """
-    edges: list[tuple[str, str]] = []
-    has_teacher = any(d["kind"] == "teacher" for _, d in g.nodes(data=True))
-    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
-    for group in groups:
-        a, b = group[0], group[-1]
-        if a == 1:
-            edges.append(("input", "S1"))
-        elif f"lower{a - 1}" in g:
-            edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
-        else:
-            edges.append((f"T{a - 1}", f"S{a}"))
-        for i in group[:-1]:
-            if f"lift{i}" in g and chain_adapters and not feature_losses:
-                edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
-            else:
-                edges.append((f"S{i}", f"S{i + 1}"))
-            if feature_losses:
-                edges += _mse_edges(g, i)
-        if b == k:
-            edges.append((f"S{k}", "head_loss"))
-            edges.append(("labels", "head_loss"))
-            if has_teacher:
-                edges.append((f"T{k}", "head_loss"))
-        else:
-            edges += _mse_edges(g, b)
-        if tpp_block is not None and tpp_block in group:
-            edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "proxy"]
-            edges += [(f"P{k}", "tpp_loss"), (f"T{k}", "tpp_loss")]
-    if has_teacher:
-        edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
-    return list(dict.fromkeys(edges))
-
-
-def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
-    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
-    loss = f"{g.graph['feature']}{i}"
-    out = [(f"T{i}", loss), (src, loss)]
-    if src != f"S{i}":
-        out.insert(0, (f"S{i}", src))
-    return out
 
 
 def to_json(g: nx.DiGraph) -> dict:

@@ -23,7 +23,7 @@ import re
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,54 +32,14 @@ import torch.fx.proxy as fx_proxy
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
 from kdgraph.compiler.split import graph_module
 from kdgraph.errors import PlanError, TraceError
+from kdgraph.ir import NodeInfo
 from kdgraph.models import create_model, holds_meta
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import ModelArtifacts, Models
     from kdgraph.spec import Spec
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the compiler needs to know about one fx node."""
-
-    name: str
-    op: str
-    index: int
-    modules: tuple[str, ...]  # module paths the node was called from, outermost first
-    shape: tuple[int, ...] | None  # full shape (batch included) when the value is one tensor
-    dtype: str | None
-    input_dependent: bool  # computed (transitively) from the primary input
-
-    @property
-    def module(self) -> str:
-        return self.modules[-1] if self.modules else ""
-
-
-@dataclass
-class TracedModel:
-    """An fx GraphModule sharing parameters with ``model``, plus per-node facts."""
-
-    role: str  # "teacher" or "student"
-    model: nn.Module
-    gm: fx.GraphModule
-    input_size: tuple[int, int, int]
-    nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
-    leaves: tuple[str, ...] = ()
-    _containers: set[str] | None = field(default=None, repr=False)
-
-    @property
-    def order(self) -> list[str]:
-        return list(self.nodes)
-
-    def is_container(self, path: str) -> bool:
-        """True when the tracer went inside the module (a leaf such as BatchNormAct2d is not)."""
-        if self._containers is None:
-            self._containers = {p for info in self.nodes.values() for p in info.modules[:-1]}
-        return path in self._containers
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
