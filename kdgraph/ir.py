@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["LAYOUTS", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "FeatureFormat", "Groups",
+import networkx as nx
+
+__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "FeatureFormat", "Groups",
            "NodeInfo", "Op", "Pairing", "Plan", "Program", "Stage", "TrainingStage", "TupleAdapterSpec"]
 
 Groups = tuple[tuple[int, ...], ...]  # a training stage's groups of consecutive blocks (1-based)
@@ -337,9 +339,12 @@ class Op:
     """Compute graph node ``node`` (of ``kind``) from the values of ``inputs``, in that order.
 
     kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
-    ``lift`` / ``lower`` (the adapter pair after block ``block``), ``proxy`` (teacher block
-    ``block`` on a student feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss``
-    says which: feature, head or tpp)."""
+    ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
+    into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
+    feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss`` says where it sits:
+    feature, head or tpp; ``entry`` names the ``kdgraph.losses.LOSSES`` entry that computes
+    it and ``params`` that entry's constructor arguments, resolved from the spec by the
+    compiler)."""
 
     node: str
     kind: str
@@ -347,20 +352,45 @@ class Op:
     block: int | None = None
     loss: str = ""
     terms: tuple[str, ...] = ()
+    entry: str = ""
+    params: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict:
         d = {"node": self.node, "kind": self.kind, "inputs": list(self.inputs), "block": self.block}
         if self.kind == "loss":
-            d.update(loss=self.loss, terms=list(self.terms))
+            d.update(loss=self.loss, terms=list(self.terms), entry=self.entry, params=dict(self.params))
         return d
 
 
 @dataclass(frozen=True)
 class Program:
-    """The operations of one training stage, in execution order, and the edges they realise."""
+    """Operations in execution order, and the edges of the block graph they realise: a
+    training stage's (its loss terms), or the student's inference path (``output``: the node
+    whose value is the student's output)."""
 
     ops: tuple[Op, ...]
     edges: tuple[tuple[str, str], ...]
+    output: str = ""
+
+    @property
+    def adapter_blocks(self) -> tuple[int, ...]:
+        """The blocks whose adapter pair the program runs (lift, then lower)."""
+        return tuple(op.block for op in self.ops if op.kind == "lift")
+
+    def folded(self) -> Program:
+        """An inference program with each lift -> lower pair replaced by one ``folded`` op
+        (what an exported student runs: ``adapters.fold``)."""
+        lifts = {op.node: op for op in self.ops if op.kind == "lift"}
+        renamed: dict[str, str] = {}
+        ops = []
+        for op in self.ops:
+            inputs = tuple(renamed.get(n, n) for n in op.inputs)
+            if op.kind == "lower" and op.inputs[0] in lifts:
+                renamed[op.node] = f"folded{op.block}"
+                ops.append(Op(f"folded{op.block}", "folded", lifts[op.inputs[0]].inputs, op.block))
+            elif op.kind != "lift":
+                ops.append(replace(op, inputs=inputs))
+        return replace(self, ops=tuple(ops), edges=(), output=renamed.get(self.output, self.output))
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -380,7 +410,8 @@ class Program:
         return tuple(t for op in self.ops if op.kind == "loss" and op.block in group for t in op.terms)
 
     def to_dict(self) -> dict:
-        return {"ops": [op.to_dict() for op in self.ops], "edges": [list(e) for e in self.edges]}
+        d = {"ops": [op.to_dict() for op in self.ops], "edges": [list(e) for e in self.edges]}
+        return {**d, "output": self.output} if self.output else d
 
 
 @dataclass(frozen=True)
@@ -389,6 +420,8 @@ class TrainingStage:
     epochs: int
     groups: Groups
     program: Program | None = None  # what the runtime executes: set by the compiler's plan pass
+    # The student as evaluated, recalibrated and exported during this stage (plan pass).
+    inference: Program | None = None
 
     @property
     def losses(self) -> tuple[tuple[str, ...], ...]:
@@ -400,7 +433,8 @@ class TrainingStage:
     def to_dict(self) -> dict:
         return {"index": self.index, "epochs": self.epochs, "groups": [list(g) for g in self.groups],
                 "losses": [list(terms) for terms in self.losses],
-                "program": self.program.to_dict() if self.program is not None else None}
+                "program": self.program.to_dict() if self.program is not None else None,
+                "inference": self.inference.to_dict() if self.inference is not None else None}
 
 
 @dataclass(frozen=True)
@@ -429,8 +463,9 @@ class Plan:
         TPP); KD + MSE uses lift for its losses only and chains the blocks directly."""
         return self.uses_adapters and not self.feature_losses
 
-    def with_programs(self, programs: list[Program]) -> Plan:
-        return replace(self, stages=tuple(replace(st, program=p) for st, p in zip(self.stages, programs)))
+    def with_programs(self, programs: list[Program], inference: list[Program]) -> Plan:
+        return replace(self, stages=tuple(replace(st, program=p, inference=i)
+                                          for st, p, i in zip(self.stages, programs, inference)))
 
     def to_dict(self) -> dict:
         return {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
@@ -472,3 +507,9 @@ class DataPlan:
 
 def _fmt(values: tuple[float, ...] | None) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "-"
+
+
+def graph_json(g: nx.DiGraph) -> dict:
+    """The block graph's JSON form (networkx node-link data), as `kdgraph plan --format json`
+    and ``blockgraph.dumps`` write it."""
+    return nx.node_link_data(g, edges="edges")

@@ -12,7 +12,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, Stage
+from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, Stage, graph_json
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -143,7 +143,7 @@ class Compiled:
             "blocks": [b.to_dict() for b in self.pairing.blocks],
             "adapters_in_use": self.plan.uses_adapters,
             "schedule": self.plan.to_dict(),
-            "graph": nx.node_link_data(self.graph, edges="edges"),
+            "graph": graph_json(self.graph),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": list(self.notes),
         }

@@ -7,8 +7,10 @@ teacher at its last cut. Vanilla KD is StableKD-1/0: one group of all blocks. KD
 one group with a feature MSE at every block end. Supervised is one group without a teacher.
 
 ``build_plan`` fixes the groups and epochs of each stage; the compiler's plan pass then
-gives every stage its ``Program`` (``kdgraph.program``), read from the block graph, and the
-loss terms each group is trained with are the program's loss nodes.
+gives every stage its training ``Program`` and its inference ``Program`` (``compiler.program``),
+read from the block graph: the loss terms each group is trained with are the training
+program's loss nodes, and evaluation, BatchNorm recalibration and export run the inference
+program.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from kdgraph.compiler.blockgraph import tpp_block_of
-from kdgraph.compiler.program import stage_program
+from kdgraph.compiler.program import inference_program, stage_program
 from kdgraph.errors import SpecError
 from kdgraph.ir import Groups, Pairing, Plan, TrainingStage
 from kdgraph.registry import METHODS
@@ -71,8 +72,9 @@ def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
     """Pass 10: the training schedule, each stage with its program read from the graph."""
     s = spec.schedule
     plan = build_plan(s.method, pairing.k, s.recompositions, s.epochs, s.stage_epochs,
-                      tpp_block_of(spec, pairing) if spec.teacher is not None else None)
+                      graph.graph["tpp_block"])  # chosen once, by the block graph pass
+    inference = inference_program(graph, plan.chains_adapters)
     return plan.with_programs([
         stage_program(graph, st.groups, chain_adapters=plan.chains_adapters,
                       feature_losses=plan.feature_losses, tpp_block=plan.tpp_block)
-        for st in plan.stages])
+        for st in plan.stages], [inference] * len(plan.stages))

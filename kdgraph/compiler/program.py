@@ -107,7 +107,8 @@ def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
     kind = d["role"] if d["kind"] == "adapter" else d["kind"]
     if kind == "loss":
         block = g.graph["tpp_block"] if d["loss"] == "tpp" else d["block"]
-        return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]))
+        return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]), d["entry"],
+                  tuple(d["params"].items()))
     return Op(n, kind, _inputs(g, edges, n), d["block"])
 
 
@@ -122,3 +123,27 @@ def stage_program(g: nx.DiGraph, groups: tuple[tuple[int, ...], ...], *, chain_a
     used = {e for e in edges if e[0] in needed and e[1] in needed}
     ops = tuple(_op(g, used, n) for n in order if g.nodes[n]["kind"] not in ("input", "labels"))
     return Program(ops, tuple(e for e in edges if e in used))
+
+
+def inference_edges(g: nx.DiGraph, chain_adapters: bool) -> list[tuple[str, str]]:
+    """The student's path from the input to its output: the plain chain S1 -> .. -> Sk, with
+    each block's lift -> lower kept between blocks where the plan chains adapters (they are
+    part of the student it trained: StableKD, TPP)."""
+    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
+    edges = [("input", "S1")]
+    for i in range(1, k):
+        if chain_adapters and f"lift{i}" in g:
+            edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
+        else:
+            edges.append((f"S{i}", f"S{i + 1}"))
+    return edges
+
+
+def inference_program(g: nx.DiGraph, chain_adapters: bool) -> Program:
+    """The program evaluation, BatchNorm recalibration and export run: the student (with its
+    chained adapters) from the input to its logits, read from the graph's edges."""
+    edges = inference_edges(g, chain_adapters)
+    path = nx.DiGraph(edges)
+    order = nx.lexicographical_topological_sort(path, key=lambda n: _rank(g, n))
+    ops = tuple(_op(g, set(edges), n) for n in order if n != "input")
+    return Program(ops, tuple(edges), output=ops[-1].node)
