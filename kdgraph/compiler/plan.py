@@ -51,8 +51,8 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
                stage_epochs: list[int] | None = None, tpp_block: int | None = None) -> Plan:
     """The schedule for ``method`` over k blocks (stages without programs yet). Spec
     validation has bounded n already."""
+    n = METHODS.get(method).stages(recompositions) - 1  # recompositions this method makes
     if METHODS.get(method).decomposes:
-        n = recompositions
         groups = [decompose(k)]
         for _ in range(n):
             nxt = recompose(groups[-1])
@@ -61,7 +61,6 @@ def build_plan(method: str, k: int, recompositions: int, epochs: int,
                                 f"after {len(groups) - 1} the student is one block already")
             groups.append(nxt)
     else:
-        n = 0
         groups = [(tuple(range(1, k + 1)),)]
     split = list(stage_epochs) if stage_epochs else split_epochs(epochs, len(groups))
     stages = tuple(TrainingStage(i, e, g) for i, (e, g) in enumerate(zip(split, groups)))

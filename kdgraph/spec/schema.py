@@ -405,7 +405,7 @@ class ScheduleSpec(_Strict):
     @property
     def num_stages(self) -> int:
         """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return self.recompositions + 1 if METHODS.get(self.method).decomposes else 1
+        return METHODS.get(self.method).stages(self.recompositions)
 
 
 class LossSpec(_Strict):
