@@ -50,7 +50,11 @@ LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
 
 @dataclass(frozen=True)
 class Cut:
-    """A single-tensor cut point. ``shape`` excludes the batch dimension."""
+    """A cut point: after ``node``, the rest of the model depends on the input only through
+    the tensor(s) that cross it. A single-tensor cut carries ``node``'s value alone; a
+    multi-tensor cut (a U-Net's skips) carries ``tensors`` (graph order, ``node``'s last) and
+    reports ``node``'s shape, layout, width and reduction. ``shape`` excludes the batch
+    dimension."""
 
     node: str
     index: int  # position of the node in graph order

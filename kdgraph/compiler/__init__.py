@@ -172,7 +172,7 @@ def pipeline_mermaid() -> str:
         lines.append(f'  p{number}["{number} {name}<br/>compiler/{fn.__module__.rpartition(".")[2]}.py<br/>→ {artifact}"]')
         lines.append(f"  {prev} --> p{number}")
         prev = f"p{number}"
-    lines += ['  run["runtime/distiller.py<br/>runs each stage\'s Program"]', f"  {prev} --> run",
+    lines += ['  run["runtime/distiller.py<br/>runs each stage\'s programs"]', f"  {prev} --> run",
               '  loop["runtime/loop.py<br/>train, checkpoint, resume"]', "  run --> loop",
               '  ship["runtime/export.py, ship.py<br/>student.safetensors, timm folder"]', "  loop --> ship"]
     return "\n".join(lines) + "\n"

@@ -650,9 +650,10 @@ class Spec(_Strict):
         return self._source_dir
 
     def located_at(self, directory: Path | None) -> Spec:
-        """This spec, with ``source_dir`` set to ``directory``."""
-        self._source_dir = directory
-        return self
+        """A copy of this spec whose ``source_dir`` is ``directory`` (this one is unchanged)."""
+        located = self.model_copy()
+        located._source_dir = directory
+        return located
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, every default filled in, as JSON-compatible data."""
