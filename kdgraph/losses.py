@@ -24,9 +24,14 @@ entry and, where users choose it, one spec field):
 - ``forward(*inputs)`` returns one scalar, or a dict of scalars in the order of ``terms``,
   weighted already: the step's loss is the sum of every term.
 
-The compiler writes each loss node's entry, resolved params and term names into the block
-graph; every loss op of a stage's program carries them, and the distiller builds the op's
-module from the program alone (``create_loss``), never from the spec.
+The compiler (``compiler.blockgraph``) chooses each loss node's entry: the head's is ``kd``
+with a teacher and ``ce`` without; a block end's is ``loss.feature``; TPP's is ``tpp``. It
+writes the entry, its resolved params and its term names into the block graph; every loss op
+of a stage's program carries them, and the distiller builds the op's module from the program
+alone (``create_loss``), never from the spec. A new head recipe (DKD, DIST, logit
+standardisation) is a ``head`` entry here plus the spec field that names it (read where the
+head's entry is chosen); a new feature loss is a ``feature`` entry plus its name among
+``loss.feature``'s choices.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ class KLDivergence(nn.Module):
 
 @LOSSES.register("mse")
 class FeatureMSE(nn.Module):
-    """``w * mean_elements (s - t)^2``: the mean squared error over every element between a
+    """``mse = w * mean_elements (s - t)^2``: the mean squared error over every element between a
     (projected) student feature s and the teacher feature t of the same shape, times the
     weight w (FitNets / StableKD block loss).
 
