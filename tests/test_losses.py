@@ -139,3 +139,15 @@ def test_tpp_entry_matches_hand():
 def test_feature_mse_weight_multiplies_the_mean():
     a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]])
     assert FeatureMSE(weight=3.0)(a, b).item() == pytest.approx(3.0 * (1 + 4) / 2)
+
+
+def test_the_spec_offers_every_feature_loss_and_no_other():
+    """``loss.feature``'s choices are the LOSSES entries of role feature. The spec cannot read
+    the registry (it imports no torch), so this test keeps the two lists equal."""
+    import typing
+
+    from kdgraph.losses import LOSSES
+    from kdgraph.spec import LossSpec
+
+    offered = typing.get_args(LossSpec.model_fields["feature"].annotation)
+    assert sorted(offered) == sorted(n for n in LOSSES if LOSSES.get(n).role == "feature")
