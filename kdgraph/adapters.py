@@ -19,7 +19,7 @@ from kdgraph.layouts import FormatAdapter
 from kdgraph.scalekd import CrossAttentionProjector
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.pair import AdapterSpec, Pairing, TupleAdapterSpec
+    from kdgraph.ir import AdapterSpec, Pairing, TupleAdapterSpec
 
 
 class ChannelMap(nn.Module):

@@ -37,7 +37,7 @@ from kdgraph.spec.schema import DataSpec
 from kdgraph.stream import StreamLoader, stream_loaders
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.data import DataPlan
+    from kdgraph.ir import DataPlan
     from kdgraph.spec.schema import Spec
 
 __all__ = [

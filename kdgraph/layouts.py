@@ -8,41 +8,13 @@ tokens can feed a CNN student block and a CNN's map can be compared with a ViT's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from kdgraph.compiler.cuts import Cut
+from kdgraph.ir import FeatureFormat
 
-
-
-@dataclass(frozen=True)
-class FeatureFormat:
-    layout: str  # NCHW | NHWC | tokens
-    channels: int
-    hw: tuple[int, int]
-    prefix: int = 0  # class/register tokens in front of the patch tokens
-
-    @classmethod
-    def of(cls, cut: Cut, input_hw: tuple[int, int]) -> FeatureFormat:
-        if cut.layout == "NCHW":
-            return cls("NCHW", cut.shape[0], (cut.shape[1], cut.shape[2]))
-        if cut.layout == "NHWC":
-            return cls("NHWC", cut.shape[2], (cut.shape[0], cut.shape[1]))
-        if cut.layout == "tokens":
-            r = cut.reduction
-            return cls("tokens", cut.shape[1], (input_hw[0] // r, input_hw[1] // r), cut.prefix_tokens)
-        raise ValueError(f"cut '{cut.label}' has layout {cut.layout}; only maps and tokens convert")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        h, w = self.hw
-        return {"NCHW": (self.channels, h, w), "NHWC": (h, w, self.channels),
-                "tokens": (self.prefix + h * w, self.channels)}[self.layout]
 
 
 def to_map(x: torch.Tensor, fmt: FeatureFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,6 +57,12 @@ class FormatAdapter(nn.Module):
     Prefix tokens of a token destination are learned (one parameter per prefix token); a
     token source's prefix tokens are dropped (the patch grid carries the spatial content).
     """
+
+    @staticmethod
+    def count_params(src: FeatureFormat, dst: FeatureFormat) -> int:
+        """Parameters of ``FormatAdapter(src, dst)``, without building it: the bias-free 1x1
+        conv, BN's weight and bias, and the learned prefix tokens."""
+        return src.channels * dst.channels + 2 * dst.channels + dst.prefix * dst.channels
 
     def __init__(self, src: FeatureFormat, dst: FeatureFormat):
         super().__init__()

@@ -180,6 +180,12 @@ class Method:
     feature_losses: bool  # True only for kd+mse: an MSE at every inner block end of one end-to-end group
     summary: str  # one line for help/errors
 
+    def stages(self, recompositions: int) -> int:
+        """Training stages of a schedule with ``recompositions`` (``schedule.recompositions``):
+        one more than that where the method decomposes, one otherwise. Spec validation and the
+        plan both count them here."""
+        return recompositions + 1 if self.decomposes else 1
+
 
 METHODS: Registry[Method] = Registry("method")
 for _method in (

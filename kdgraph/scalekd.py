@@ -1,13 +1,12 @@
-"""ScaleKD's components (Fan et al., "ScaleKD: Strong Vision Transformers Could Be Excellent
-Teachers"), as kdgraph adapters and losses:
+"""ScaleKD's cross-attention projector (Fan et al., "ScaleKD: Strong Vision Transformers Could
+Be Excellent Teachers"), as a kdgraph adapter.
 
-- CAP, the cross-attention projector: a ``lift`` that turns a student map into the
-  teacher's tokens (3x3 conv + BN + ReLU, positional embedding, learned queries, one per
-  teacher position, multi-head cross-attention, LayerNorm + MLP);
-- DFM, dual-view feature mimicking: MSE of channel-normalised features, plus MSE after
-  removing the direct (zero-frequency) component of the 2-D DCT over the spatial axes;
-- TPP, teacher parameter perception, is a path in the distiller (student prefix ->
-  frozen teacher suffix) and uses DFM / KL on what comes out.
+CAP is a ``lift`` that turns a student map into the teacher's tokens (3x3 conv + BN + ReLU,
+positional embedding, learned queries, one per teacher position, multi-head cross-attention,
+LayerNorm + MLP). ScaleKD's other two components are a loss and a path: DFM (dual-view
+feature mimicking) and TPP (teacher parameter perception, the student's feature through the
+frozen teacher's later blocks) are ``kdgraph.losses`` entries ``dfm`` and ``tpp``, and TPP's
+path is the block graph's ``proxy`` edges.
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdgraph.layouts import FeatureFormat, from_map, resample, to_map
-from kdgraph.losses import no_autocast
+from kdgraph.layouts import FeatureFormat, from_map, to_map
 
 
 class CrossAttentionProjector(nn.Module):
@@ -29,6 +26,17 @@ class CrossAttentionProjector(nn.Module):
     and values are the student's tokens after a 3x3 conv + BN + ReLU and a learned
     positional embedding. Output: the teacher's layout, grid and width.
     """
+
+    @staticmethod
+    def count_params(src: FeatureFormat, dst: FeatureFormat, mlp_ratio: float = 2.0) -> int:
+        """Parameters of ``CrossAttentionProjector(src, dst)``, without building it (the head
+        count does not change it): stem conv + BN, positional embedding, queries, attention's
+        in/out projections, LayerNorm, MLP."""
+        c, hidden = dst.channels, int(dst.channels * mlp_ratio)
+        stem = src.channels * c * 9 + 2 * c
+        tokens = src.hw[0] * src.hw[1] * c + (dst.prefix + dst.hw[0] * dst.hw[1]) * c
+        attn = 3 * c * c + 3 * c + c * c + c
+        return stem + tokens + attn + 2 * c + (c * hidden + hidden) + (hidden * c + c)
 
     def __init__(self, src: FeatureFormat, dst: FeatureFormat, heads: int = 8, mlp_ratio: float = 2.0):
         super().__init__()
@@ -59,55 +67,4 @@ class CrossAttentionProjector(nn.Module):
         return from_map(mp, self.dst)
 
 
-def dct_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Orthonormal DCT-II matrix D (n x n): X = D @ x transforms along one axis."""
-    k = torch.arange(n, device=device, dtype=torch.float64)[:, None]
-    i = torch.arange(n, device=device, dtype=torch.float64)[None, :]
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d.to(dtype)
-
-
-def dct2(x: torch.Tensor) -> torch.Tensor:
-    """2-D orthonormal DCT-II over the last two axes (scipy.fft.dctn(type=2, norm='ortho'))."""
-    dh = dct_matrix(x.shape[-2], x.device, x.dtype)
-    dw = dct_matrix(x.shape[-1], x.device, x.dtype)
-    return dh @ x @ dw.T
-
-
-def idct2(X: torch.Tensor) -> torch.Tensor:
-    dh = dct_matrix(X.shape[-2], X.device, X.dtype)
-    dw = dct_matrix(X.shape[-1], X.device, X.dtype)
-    return dh.T @ X @ dw
-
-
-def remove_direct(x: torch.Tensor) -> torch.Tensor:
-    """The feature with its zero-frequency DCT component removed, transformed back."""
-    X = dct2(x)
-    X = X.clone()
-    X[..., 0, 0] = 0
-    return idct2(X)
-
-
-class DualViewFeatureMimicking(nn.Module):
-    """DFM: alpha * MSE(direct view) + beta * MSE(alternative view: DC removed).
-
-    Both features are converted to NCHW maps of the teacher's grid (prefix tokens dropped)
-    and L2-normalised along channels before comparison. Returns the two terms separately.
-    """
-
-    def __init__(self, fmt: FeatureFormat, alpha: float = 0.08, beta: float = 0.06):
-        super().__init__()
-        self.fmt, self.alpha, self.beta = fmt, alpha, beta
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-        with no_autocast(student):
-            s, _ = to_map(student.float(), self.fmt)
-            t, _ = to_map(teacher.detach().float(), self.fmt)
-            s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
-            direct = F.mse_loss(s, t)
-            alternative = F.mse_loss(remove_direct(s), remove_direct(t))
-        return {"dfm_direct": self.alpha * direct, "dfm_alt": self.beta * alternative}
-
-
-__all__ = ["CrossAttentionProjector", "DualViewFeatureMimicking", "dct2", "idct2", "remove_direct", "resample"]
+__all__ = ["CrossAttentionProjector"]

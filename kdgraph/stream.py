@@ -40,7 +40,7 @@ from kdgraph.registry import AUGMENTATIONS
 from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.data import DataPlan
+    from kdgraph.ir import DataPlan
     from kdgraph.spec.schema import Spec
 
 __all__ = ["EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "available_cpus", "eval_transform",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from kdgraph.adapters import AdapterPair, ChannelMap, build_adapters, fold
-from kdgraph.compiler.pair import AdapterSpec, BlockPair, Pairing
+from kdgraph.ir import AdapterSpec, BlockPair, Pairing
 
 
 def _randomise(module: nn.Module) -> None:
@@ -88,3 +88,20 @@ def test_build_adapters_keys_by_block_index():
     assert list(adapters.keys()) == ["1", "3"]
     assert adapters["1"].lift.conv.in_channels == 16 and adapters["3"].lower.linear.out_features == 8
     assert sum(p.numel() for p in adapters.parameters()) == sum(s.params for s in specs)
+
+
+def test_format_and_cap_parameter_counts_match_the_built_modules():
+    """The pair pass counts adapter parameters by formula (nothing built); the built modules agree."""
+    from kdgraph.adapters import AdapterPair
+    from kdgraph.compiler.pair import _counted
+    from kdgraph.ir import FeatureFormat
+
+    formats = [(FeatureFormat("NCHW", 16, (4, 4)), FeatureFormat("tokens", 24, (2, 2), prefix=1)),
+               (FeatureFormat("tokens", 24, (2, 2), prefix=1), FeatureFormat("NHWC", 8, (4, 4))),
+               (FeatureFormat("NCHW", 6, (8, 8)), FeatureFormat("NCHW", 12, (4, 4)))]
+    for kind in ("format", "cap"):
+        for src, dst in formats:
+            spec = _counted(AdapterSpec(1, kind, src.layout, src.channels, dst.channels, src, dst))
+            pair = AdapterPair(spec)
+            count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+            assert (spec.lift_params, spec.lower_params) == (count(pair.lift), count(pair.lower)), (kind, src, dst)

@@ -7,7 +7,8 @@ import json
 import networkx as nx
 import pytest
 
-from kdgraph.compiler.blockgraph import dumps, stage_edges, to_dot, to_json, to_mermaid, validate_block_graph
+from kdgraph.compiler.blockgraph import dumps, to_dot, to_json, to_mermaid, validate_block_graph
+from kdgraph.compiler.program import stage_edges
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import PlanError
 from kdgraph.spec import load_spec

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from kdgraph.compiler import compile_spec
 from kdgraph.layouts import FeatureFormat, FormatAdapter, from_map, resample, to_map
 from kdgraph.runtime.distiller import Distiller
-from kdgraph.scalekd import CrossAttentionProjector, DualViewFeatureMimicking, dct2, idct2, remove_direct
+from kdgraph.losses import DualViewFeatureMimicking, dct2, idct2, remove_direct
+from kdgraph.scalekd import CrossAttentionProjector
 from kdgraph.spec import load_spec
 
 FORMATS = [

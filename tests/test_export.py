@@ -25,7 +25,7 @@ def test_plain_export_loads_into_timm(tmp_path):
                                data={"input_size": [1, 32, 32]}))
     compiled = compile_spec(spec)
     d = Distiller(compiled)
-    assert not d.adapted_chain
+    assert not d.adapters_in_inference
     randomise_bn(compiled.student.model, 0)
     path = export_student(d.eval(), compiled, tmp_path / "student.safetensors")
     with warnings.catch_warnings():
@@ -43,7 +43,7 @@ def test_folded_export_reloads_to_the_inference_path(tmp_path):
     spec = load_spec(tiny_spec(tmp_path, "stablekd"))
     compiled = compile_spec(spec)
     d = Distiller(compiled)
-    assert d.adapted_chain and len(d.adapters) == 3
+    assert d.adapters_in_inference and len(d.adapters) == 3
     randomise_bn(d, 1)  # the student's and the adapters' BN: folding must use running stats
     d.eval()
     path = export_student(d, compiled, tmp_path / "student.safetensors")

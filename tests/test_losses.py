@@ -124,3 +124,68 @@ def test_float32_under_autocast_with_bf16_inputs():
         assert v.dtype == torch.float32
     # bf16 rounding of these small integers is exact, so the values match the float32 ones
     assert kl.item() == pytest.approx(hand_kl(S, T, 2.0), rel=1e-5)
+
+
+# -- the registry: every entry describes itself, and is checked against its formula by hand --
+
+def test_every_loss_entry_describes_itself():
+    import inspect
+
+    from kdgraph.losses import LOSSES
+    from kdgraph.spec import LossSpec
+
+    assert LOSSES.names() == ["mse", "kd", "ce", "tpp", "dfm"]
+    fields = set(LossSpec.model_fields) | {"fmt"}
+    for name in LOSSES:
+        cls = LOSSES.get(name)
+        assert cls.__doc__ and "=" in cls.__doc__, f"{name}: the docstring gives the formula"
+        assert cls.summary and "\n" not in cls.summary
+        assert cls.role in ("head", "feature", "tpp") and cls.terms
+        assert all(("{block}" in t) == (cls.role == "feature") for t in cls.terms), name
+        assert set(cls.params.values()) <= fields, f"{name}: params read loss.* fields"
+        assert set(cls.params) <= set(inspect.signature(cls).parameters), name
+        assert not list(cls(**{a: {"layout": "NCHW", "channels": 2, "hw": (2, 2)} if f == "fmt" else 1.0
+                               for a, f in cls.params.items()}).state_dict()), f"{name} holds no state"
+
+
+def test_term_names_and_params_come_from_the_entries():
+    from kdgraph.losses import resolve_params, term_names
+
+    assert term_names("mse", 3) == ("mse3",) and term_names("dfm", 2) == ("dfm2_direct", "dfm2_alt")
+    assert term_names("kd") == ("ce", "kl") and term_names("ce") == ("ce",) and term_names("tpp") == ("tpp",)
+    spec = {"kl_weight": 0.5, "temperature": 4.0, "label_smoothing": 0.1, "feature_weight": 2.0, "tpp_weight": 3.0}
+    assert resolve_params("kd", spec) == {"kl_weight": 0.5, "temperature": 4.0, "label_smoothing": 0.1}
+    assert resolve_params("mse", spec) == {"weight": 2.0}
+    assert resolve_params("tpp", spec) == {"weight": 3.0, "temperature": 4.0}
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_entry_matches_hand(smoothing):
+    from kdgraph.losses import CrossEntropy
+
+    got = CrossEntropy(label_smoothing=smoothing)(torch.tensor(S), torch.tensor(Y))
+    assert got.item() == pytest.approx(hand_ce(S, Y, smoothing), rel=1e-5)
+
+
+def test_tpp_entry_matches_hand():
+    from kdgraph.losses import TeacherParameterPerception
+
+    got = TeacherParameterPerception(weight=0.25, temperature=2.0)(torch.tensor(S), torch.tensor(T))
+    assert got.item() == pytest.approx(0.25 * hand_kl(S, T, 2.0), rel=1e-5)
+
+
+def test_feature_mse_weight_multiplies_the_mean():
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]])
+    assert FeatureMSE(weight=3.0)(a, b).item() == pytest.approx(3.0 * (1 + 4) / 2)
+
+
+def test_the_spec_offers_every_feature_loss_and_no_other():
+    """``loss.feature``'s choices are the LOSSES entries of role feature. The spec cannot read
+    the registry (it imports no torch), so this test keeps the two lists equal."""
+    import typing
+
+    from kdgraph.losses import LOSSES
+    from kdgraph.spec import LossSpec
+
+    offered = typing.get_args(LossSpec.model_fields["feature"].annotation)
+    assert sorted(offered) == sorted(n for n in LOSSES if LOSSES.get(n).role == "feature")

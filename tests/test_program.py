@@ -92,8 +92,20 @@ def test_plan_shows_what_train_runs(path, monkeypatch):
         d.set_stage(stage)
         terms = d(x, y)
         ops = row["program"]["ops"]
-        assert ran == [op["node"] for op in ops if op["kind"] != "teacher"]
+        assert ran == [op["node"] for op in ops]
         assert list(terms) == [t for op in ops if op["kind"] == "loss" for t in op["terms"]]
         assert sorted(t for group in row["losses"] for t in group) == sorted(terms)
         teacher = [op["node"] for op in ops if op["kind"] == "teacher"]
         assert teacher == [f"T{i}" for i in range(1, len(teacher) + 1)]  # the teacher runs as far as read
+        # evaluation runs the stage's inference program: the student chain, with the adapters
+        # the plan keeps in it (a program of student blocks alone is the student's own forward)
+        ran.clear()
+        out = d.inference(x)
+        inference = row["inference"]
+        assert inference["output"] == f"S{c.plan.k}"
+        shown_ops = [op["node"] for op in inference["ops"]]
+        assert ran == ([] if all(op["kind"] == "student" for op in inference["ops"]) else shown_ops)
+        assert [n for n in shown_ops if n.startswith("S")] == [f"S{i}" for i in range(1, c.plan.k + 1)]
+        assert all(op["kind"] in ("student", "lift", "lower") for op in inference["ops"])
+        assert bool(d.adapters_in_inference) == (c.plan.chains_adapters and bool(c.pairing.adapters))
+        assert out.shape == (2, *(c.student.logits_shape or []))

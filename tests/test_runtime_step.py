@@ -235,13 +235,13 @@ def test_inference_paths(tmp_path, stablekd):
     x, _ = _batch()
     compiled, d = _build(tmp_path, "kd+mse")
     d.eval()
-    assert len(d.adapters) == 3 and not d.adapted_chain
+    assert len(d.adapters) == 3 and not d.adapters_in_inference
     with torch.no_grad():
         assert torch.equal(d.inference(x), compiled.student.model(x))
 
     compiled, d = stablekd
     d.eval()
-    assert d.adapted_chain
+    assert d.adapters_in_inference
     S, A = list(compiled.student.segments), d.adapters
     with torch.no_grad():
         h = x

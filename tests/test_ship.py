@@ -46,7 +46,7 @@ def test_adapters_fold_into_the_bottleneck_students_own_layers(tmp_path):
 
     compiled = compile_spec(load_spec(bottleneck_spec(tmp_path / "run")))
     d = Distiller(compiled)
-    assert d.adapted_chain and sorted(d.adapters) == ["1", "2", "3", "4"]
+    assert d.adapters_in_inference and sorted(d.adapters) == ["1", "2", "3", "4"]
     randomise_bn(d, 0)  # the adapters' BN too: folding must use running statistics
     d.eval()
     folded = fold_into_student(compiled, folded_maps(d))

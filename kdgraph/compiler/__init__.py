@@ -3,11 +3,13 @@
     Spec -> Models -> DataPlan -> TracedModel -> Cuts -> Stages -> boundaries -> Pairing
          -> segments -> BlockGraph -> Plan (a Program per training stage)
 
-One pass per module of this package, numbered as ``compile_spec`` runs them (``PASSES``):
-build, data, trace, cuts, stages, boundaries, pair, split, blockgraph, plan. Each pass is a
-function of the artifacts before it that returns a new, frozen artifact (``artifacts``);
-``compile_spec`` calls them in one straight line, each call timed and followed by the
-invariant check, and a failed check names the pass that broke it. Everything here runs on
+One pass per module of this package; ``PASSES`` is their order, kept there alone (the
+README's pipeline picture is drawn from it, and each pass module's docstring gives its
+number). Each pass is a function of the artifacts before it that returns a new, frozen
+artifact (records in ``kdgraph.ir``, built objects in ``artifacts``): its parameters name the
+artifacts it reads, its return annotation the one it writes (``_WRITES``). ``compile_spec``
+runs them in ``PASSES`` order, each call timed and followed by the invariant check, and a
+failed check names the pass that broke it. Everything here runs on
 the CPU in seconds, decodes no data (an image folder is listed and checked, to choose its
 loader) and touches no network: pretrained weights are fetched only where a caller asks
 (training, evaluation). Planning alone (``materialize=False``, as `kdgraph plan` does) builds
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import time
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING
@@ -30,13 +33,14 @@ from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
 from kdgraph.compiler.data import data_pass
-from kdgraph.compiler.pair import Pairing, pair_pass
-from kdgraph.compiler.plan import Plan, plan_pass
+from kdgraph.compiler.pair import pair_pass
+from kdgraph.compiler.plan import plan_pass
 from kdgraph.compiler.split import split_pass
 from kdgraph.compiler.stages import stages_pass
 from kdgraph.compiler.trace import trace_pass
 from kdgraph.data import resolve_input_size
 from kdgraph.errors import PlanError
+from kdgraph.ir import Pairing, Plan
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -46,6 +50,10 @@ __all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "build
 
 PASSES: tuple[Callable, ...] = (build_pass, data_pass, trace_pass, cuts_pass, stages_pass, boundaries_pass,
                                 pair_pass, split_pass, block_graph_pass, plan_pass)
+
+# A pass's return annotation -> the name its artifact goes under; a pass reads the artifacts
+# its parameters name (``spec``, ``mode``, ``given`` models and ``input_size`` to start with).
+_WRITES = {"Models": "models", "DataPlan": "data", "Pairing": "pairing", "nx.DiGraph": "graph", "Plan": "plan"}
 
 
 def check(spec: Spec, input_size: tuple[int, int, int], artifact) -> list[str]:
@@ -86,27 +94,24 @@ def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) 
     return problems
 
 
-class _Passes:
-    """Runs each pass in ``PASSES`` order: times it and checks what it returned."""
-
-    def __init__(self, spec: Spec, input_size: tuple[int, int, int], freeze: bool = False):
-        self.spec, self.input_size, self.freeze = spec, input_size, freeze
-        self.timings: dict[str, float] = {}
-
-    def __call__(self, fn: Callable, *args):
-        number = len(self.timings)
-        if PASSES[number] is not fn:
-            raise AssertionError(f"pass {number + 1} is {PASSES[number].__name__}, not {fn.__name__}")
-        if self.freeze:  # what earlier passes built, and imported (timm, by the build), is frozen too
+def _run_passes(spec: Spec, env: dict, freeze: bool) -> dict[str, float]:
+    """Run every pass of ``PASSES`` in order over ``env`` (artifacts by name, updated in
+    place): each reads what its parameters name and writes its result under ``_WRITES``; each
+    is timed and its result checked. Returns the timings, by pass name."""
+    timings: dict[str, float] = {}
+    for fn in PASSES:
+        if freeze:  # what earlier passes built, and imported (timm, by the build), is frozen too
             gc.freeze()
+        args = [env[name] for name in inspect.signature(fn).parameters]
         t0 = time.perf_counter()
         out = fn(*args)
         name = fn.__name__.removesuffix("_pass")
-        self.timings[name] = time.perf_counter() - t0
-        problems = check(self.spec, self.input_size, out)
+        timings[name] = time.perf_counter() - t0
+        problems = check(spec, env["input_size"], out)
         if problems:
             raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
-        return out
+        env[_WRITES[fn.__annotations__["return"]]] = out
+    return timings
 
 
 @contextlib.contextmanager
@@ -148,21 +153,13 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
 def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode: BuildMode,
              freeze: bool) -> Compiled:
     input_size = resolve_input_size(spec.data)
-    run = _Passes(spec, input_size, freeze)
-    built = run(build_pass, spec, mode, models)
-    data = run(data_pass, spec, built, input_size, mode)
-    traced = run(trace_pass, spec, built, input_size)
-    cut = run(cuts_pass, traced)
-    staged = run(stages_pass, cut)
-    bounded = run(boundaries_pass, spec, staged)
-    pairing = run(pair_pass, spec, bounded, input_size)
-    split = run(split_pass, bounded)
-    graph = run(block_graph_pass, spec, split, pairing, input_size)
-    plan = run(plan_pass, spec, pairing, graph)
-    missing = split.missing + ((f"data.root {spec.data.root}",)
+    env = {"spec": spec, "mode": mode, "given": models, "input_size": input_size}
+    timings = _run_passes(spec, env, freeze)
+    built, data = env["models"], env["data"]
+    missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
-    return Compiled(spec, input_size, split.student, split.teacher, data, pairing, graph, plan,
-                    run.timings, split.notes, missing)
+    return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
+                    timings, built.notes, missing)
 
 
 def pipeline_mermaid() -> str:
@@ -175,7 +172,7 @@ def pipeline_mermaid() -> str:
         lines.append(f'  p{number}["{number} {name}<br/>compiler/{fn.__module__.rpartition(".")[2]}.py<br/>→ {artifact}"]')
         lines.append(f"  {prev} --> p{number}")
         prev = f"p{number}"
-    lines += ['  run["runtime/distiller.py<br/>runs each stage\'s Program"]', f"  {prev} --> run",
+    lines += ['  run["runtime/distiller.py<br/>runs each stage\'s programs"]', f"  {prev} --> run",
               '  loop["runtime/loop.py<br/>train, checkpoint, resume"]', "  run --> loop",
               '  ship["runtime/export.py, ship.py<br/>student.safetensors, timm folder"]', "  loop --> ship"]
     return "\n".join(lines) + "\n"

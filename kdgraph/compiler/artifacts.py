@@ -1,4 +1,6 @@
-"""The compiler's artifacts: what each pass returns (frozen) and the compiled whole."""
+"""The compiler's artifacts that hold built torch objects: a traced model, a model's
+segments, the compiled whole. The records they carry (cuts, stages, pairing, plan) are
+``kdgraph.ir``'s."""
 
 from __future__ import annotations
 
@@ -7,17 +9,37 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import networkx as nx
+import torch.fx as fx
 from torch import nn
 
+from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, Stage, graph_json
+
 if TYPE_CHECKING:
-    from kdgraph.compiler.boundaries import Boundary
-    from kdgraph.compiler.cuts import Cut
-    from kdgraph.compiler.data import DataPlan
-    from kdgraph.compiler.pair import Pairing
-    from kdgraph.compiler.plan import Plan
-    from kdgraph.compiler.stages import Stage
-    from kdgraph.compiler.trace import TracedModel
     from kdgraph.spec import Spec
+
+
+@dataclass
+class TracedModel:
+    """An fx GraphModule sharing parameters with ``model``, plus per-node facts."""
+
+    role: str  # "teacher" or "student"
+    model: nn.Module
+    gm: fx.GraphModule
+    input_size: tuple[int, int, int]
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
+    leaves: tuple[str, ...] = ()
+    _containers: set[str] | None = field(default=None, repr=False)
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.nodes)
+
+    def is_container(self, path: str) -> bool:
+        """True when the tracer went inside the module (a leaf such as BatchNormAct2d is not)."""
+        if self._containers is None:
+            self._containers = {p for info in self.nodes.values() for p in info.modules[:-1]}
+        return path in self._containers
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ class Compiled:
             "blocks": [b.to_dict() for b in self.pairing.blocks],
             "adapters_in_use": self.plan.uses_adapters,
             "schedule": self.plan.to_dict(),
-            "graph": nx.node_link_data(self.graph, edges="edges"),
+            "graph": graph_json(self.graph),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": list(self.notes),
         }

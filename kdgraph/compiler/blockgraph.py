@@ -2,8 +2,10 @@
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
 adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
-spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` and ScaleKD's ``tpp_loss``;
-a loss node lists the ``terms`` it adds (the names training logs). Every edge carries the
+spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` and ScaleKD's ``tpp_loss``.
+A loss node names its ``kdgraph.losses.LOSSES`` entry (``entry``), the entry's constructor
+arguments resolved from the spec (``params``) and the ``terms`` it adds (the names training
+logs), so that the runtime builds every loss from the graph alone. Every edge carries the
 shape of the tensor on it and a ``kind``:
 
 - ``teacher``: T(i-1) -> T(i), the frozen teacher;
@@ -19,22 +21,25 @@ lift and lower act per tensor, a decompose edge feeds the next student block eve
 tensor of the cut, and the feature loss compares every tensor (the mean of the per-tensor
 MSEs).
 
-A plan stage is a choice of these edges (``stage_edges``); ``program.stage_program`` turns
-that choice into the operations the runtime executes.
+A plan stage is a choice of these edges (``program.stage_edges``); ``program.stage_program``
+turns that choice into the operations the runtime executes.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
 from kdgraph.errors import PlanError
+from kdgraph.ir import FeatureFormat, Pairing, graph_json
+from kdgraph.losses import LOSSES, resolve_params, term_names
+from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import Models
-    from kdgraph.compiler.pair import Pairing
     from kdgraph.spec import Spec
 
 
@@ -49,23 +54,29 @@ def _key(shape) -> tuple:
     return tuple(_key(s) if isinstance(s, list) else s for s in (shape or ()))
 
 
-def feature_terms(feature: str, i: int) -> list[str]:
-    """The loss terms of block i's feature loss: one MSE, or DFM's direct and alternative views."""
-    return [f"dfm{i}_direct", f"dfm{i}_alt"] if feature == "dfm" else [f"{feature}{i}"]
+def _loss_node(g: nx.DiGraph, node: str, role: str, entry: str, block: int, loss_spec: Mapping[str, Any],
+               fmt: FeatureFormat | None = None) -> None:
+    """Add loss node ``node``: its LOSSES entry, that entry's params resolved from the spec, its terms."""
+    if LOSSES.get(entry).role != role:
+        raise PlanError(f"loss {entry!r} is a {LOSSES.get(entry).role} loss, not a {role} loss")
+    g.add_node(node, kind="loss", loss=role, block=block, entry=entry,
+               params=resolve_params(entry, loss_spec, fmt), terms=list(term_names(entry, block)))
 
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
                       has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
-                      logits_shape: list[int] | None = None) -> nx.DiGraph:
+                      logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None) -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
-    with T_j) on the student's feature."""
+    with T_j) on the student's feature. ``loss_spec``: the spec's ``loss`` section, from which
+    each loss node's params are resolved (None: the spec's defaults)."""
+    loss_spec = LossSpec().model_dump() if loss_spec is None else loss_spec
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
-    g.add_node("head_loss", kind="loss", loss="head", block=k, terms=["ce", "kl"] if has_teacher else ["ce"])
+    _loss_node(g, "head_loss", "head", "kd" if has_teacher else "ce", k, loss_spec)
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits
@@ -104,7 +115,8 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         else:
             g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
             g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
-        g.add_node(loss, kind="loss", loss="feature", block=i, terms=feature_terms(feature, i))
+        fmt = FeatureFormat.of(block.teacher, tuple(input_shape[1:])) if "fmt" in LOSSES.get(feature).params else None
+        _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
         g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
     if has_teacher and tpp_block is not None:
         src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
@@ -113,7 +125,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
                        out_shape=g.nodes[f"T{j}"]["out_shape"])
             g.add_edge(src, f"P{j}", kind="proxy", shape=g.nodes[src]["out_shape"])
             src = f"P{j}"
-        g.add_node("tpp_loss", kind="loss", loss="tpp", block=tpp_block, terms=["tpp"])
+        _loss_node(g, "tpp_loss", "tpp", "tpp", tpp_block, loss_spec)
         g.add_edge(f"P{k}", "tpp_loss", kind="loss", shape=logits)
         g.add_edge(f"T{k}", "tpp_loss", kind="loss", shape=logits)
     g.add_edge(f"S{k}", "head_loss", kind="loss", shape=logits)
@@ -147,60 +159,7 @@ def validate_block_graph(g: nx.DiGraph) -> None:
                 raise PlanError(f"block graph: {v} is fed tensors of different shapes {sorted(feeds)}")
 
 
-def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
-                tpp_block: int | None = None, chain_adapters: bool = True) -> list[tuple[str, str]]:
-    """The edges one training stage uses.
-
-    Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
-    lower where present), runs its blocks through the adapted chain (the plain chain where no
-    adapter exists, or where ``chain_adapters`` is off: a method that trains no adapter) and
-    meets the teacher at block b's feature loss or at the head loss. ``feature_losses`` adds
-    a feature loss at every inner block end (the KD + MSE plan) without adapting the chain.
-    """
-    edges: list[tuple[str, str]] = []
-    has_teacher = any(d["kind"] == "teacher" for _, d in g.nodes(data=True))
-    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
-    for group in groups:
-        a, b = group[0], group[-1]
-        if a == 1:
-            edges.append(("input", "S1"))
-        elif f"lower{a - 1}" in g:
-            edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
-        else:
-            edges.append((f"T{a - 1}", f"S{a}"))
-        for i in group[:-1]:
-            if f"lift{i}" in g and chain_adapters and not feature_losses:
-                edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
-            else:
-                edges.append((f"S{i}", f"S{i + 1}"))
-            if feature_losses:
-                edges += _mse_edges(g, i)
-        if b == k:
-            edges.append((f"S{k}", "head_loss"))
-            edges.append(("labels", "head_loss"))
-            if has_teacher:
-                edges.append((f"T{k}", "head_loss"))
-        else:
-            edges += _mse_edges(g, b)
-        if tpp_block is not None and tpp_block in group:
-            edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "proxy"]
-            edges += [(f"P{k}", "tpp_loss"), (f"T{k}", "tpp_loss")]
-    if has_teacher:
-        edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
-    return list(dict.fromkeys(edges))
-
-
-def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
-    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
-    loss = f"{g.graph['feature']}{i}"
-    out = [(f"T{i}", loss), (src, loss)]
-    if src != f"S{i}":
-        out.insert(0, (f"S{i}", src))
-    return out
-
-
-def to_json(g: nx.DiGraph) -> dict:
-    return nx.node_link_data(g, edges="edges")
+to_json = graph_json  # the graph's JSON form is defined once, in kdgraph.ir
 
 
 def _channels(channels: list) -> str:
@@ -257,4 +216,4 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
-                                       models.student.logits_shape))
+                                       models.student.logits_shape, spec.loss.model_dump()))

@@ -14,25 +14,17 @@ there are more than needed; where more blocks are asked for, the decoder's level
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from kdgraph.compiler.cuts import Cut, find_cut_by_module
-from kdgraph.compiler.stages import Stage, feature_taps, preferred, tapped
+from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
+from kdgraph.compiler.cuts import find_cut_by_module
+from kdgraph.compiler.stages import feature_taps, preferred, tapped
 from kdgraph.errors import PlanError
+from kdgraph.ir import Boundary, Cut, Stage
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import ModelArtifacts, Models
-    from kdgraph.compiler.trace import TracedModel
     from kdgraph.spec import Spec
-
-
-@dataclass(frozen=True)
-class Boundary:
-    """The end of a block: a cut, and how it was chosen."""
-
-    cut: Cut
-    rule: str  # "stage end", "depth split k/m", "explicit"
 
 
 def _units(stage: Stage) -> list[Cut]:

@@ -20,79 +20,19 @@ one, so their cuts are exactly the single-tensor ones.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from kdgraph.ir import Cut
+
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import Models
-    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.compiler.artifacts import Models, TracedModel
 
 
 
-LAYOUTS = ("NCHW", "NHWC", "tokens", "vector", "other")
 MAX_CUT_TENSORS = 4  # the most tensors a multi-tensor cut may carry
-
-
-@dataclass(frozen=True)
-class Cut:
-    """A single-tensor cut point. ``shape`` excludes the batch dimension."""
-
-    node: str
-    index: int  # position of the node in graph order
-    module: str  # the shallowest module the cut closes ("" when it closes none)
-    closes: tuple[str, ...]  # every module whose last node this is, shallowest first
-    shape: tuple[int, ...]
-    layout: str  # one of LAYOUTS
-    channels: int | None
-    reduction: int | None  # input size / feature size; None for vectors and unknown layouts
-    prefix_tokens: int = 0  # class/register tokens in front of the patch tokens
-    level: int = 0  # how many enclosing modules (sequence containers aside) stay open after it
-    # A multi-tensor cut: every tensor live after it, in graph order, the last being this
-    # node (each a single-tensor Cut record of its own node); () for a single-tensor cut.
-    tensors: tuple[Cut, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return self.module or self.node
-
-    @property
-    def members(self) -> tuple[Cut, ...]:
-        """The tensors that cross the cut, in graph order (one for a single-tensor cut)."""
-        return self.tensors or (self,)
-
-    @property
-    def multi(self) -> bool:
-        return len(self.tensors) > 1
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        """The node names of the tensors that cross the cut, in graph order."""
-        return tuple(m.node for m in self.members)
-
-    @property
-    def shapes(self) -> list:
-        """The shape of the cut's tensor, or the list of its tensors' shapes (multi-tensor)."""
-        if self.multi:
-            return [list(m.shape) for m in self.tensors]
-        return list(self.shape)
-
-    @property
-    def description(self) -> str:
-        """``enc2`` for a single-tensor cut, ``enc2 (3 tensors: enc1, pool1, enc2)`` otherwise."""
-        if not self.multi:
-            return self.label
-        return f"{self.label} ({len(self.tensors)} tensors: {', '.join(m.label for m in self.tensors)})"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["closes"] = list(self.closes)
-        d["shape"] = list(self.shape)
-        del d["tensors"]
-        if self.multi:  # single-tensor cuts keep the keys they always had
-            d["tensors"] = [m.to_dict() for m in self.tensors]
-        return d
 
 
 def _pow2(r: int) -> bool:

@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import scan_imagefolder
+from kdgraph.ir import DataPlan
 from kdgraph.spec.schema import DEFAULT_CROP_PCT
 
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import BuildMode, Models
     from kdgraph.spec import DataSpec, Spec
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """How a spec's data will be read, decided without decoding any image.
-
-    ``mean``/``std`` are per channel in 0..1 pixel units, or None where the training
-    split's statistics are used (known once it is read); ``stats`` says which."""
-
-    dataset: str
-    loader: str  # "memory" or "stream"
-    reason: str
-    input_size: tuple[int, int, int]
-    train_images: int | None = None  # image folders only
-    test_images: int | None = None
-    decoded_mb: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    crop_pct: float | None = None  # streamed evaluation only
-    stats: str = "the training split's statistics"
-
-    def __str__(self) -> str:
-        norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
-            f"normalised with {self.stats}"
-        crop = f", eval crop_pct {self.crop_pct}" if self.loader == "stream" else ""
-        return f"{self.loader} ({self.reason}); {norm}{crop}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "loader": self.loader, "reason": self.reason,
-                "input_size": list(self.input_size), "train_images": self.train_images,
-                "test_images": self.test_images, "decoded_mb": self.decoded_mb,
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "crop_pct": self.crop_pct, "stats": self.stats}
-
-
-def _fmt(values: tuple[float, ...] | None) -> str:
-    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if values else "-"
 
 
 def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,

@@ -1,6 +1,6 @@
 """A training stage as a program: the block graph's stage edges, turned into ordered operations.
 
-``stage_program`` takes the edges one stage uses (``blockgraph.stage_edges``), keeps the
+``stage_program`` takes the edges one stage uses (``stage_edges``), keeps the
 nodes some loss depends on, and orders them: the frozen teacher's blocks first, then each
 student block followed by what reads it (its lift, TPP's proxy path, its feature loss, the
 lower feeding the next block). Every operation names the graph node it computes and the
@@ -13,62 +13,61 @@ loss terms a stage is trained with are those of its loss nodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import networkx as nx
 
-from kdgraph.compiler.blockgraph import stage_edges
+from kdgraph.ir import Op, Program
 
 
-@dataclass(frozen=True)
-class Op:
-    """Compute graph node ``node`` (of ``kind``) from the values of ``inputs``, in that order.
+def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
+                tpp_block: int | None = None, chain_adapters: bool = True) -> list[tuple[str, str]]:
+    """The edges one training stage uses.
 
-    kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
-    ``lift`` / ``lower`` (the adapter pair after block ``block``), ``proxy`` (teacher block
-    ``block`` on a student feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss``
-    says which: feature, head or tpp)."""
+    Each group [a..b] is fed the input (a = 1) or the teacher's output of block a-1 (through
+    lower where present), runs its blocks through the adapted chain (the plain chain where no
+    adapter exists, or where ``chain_adapters`` is off: a method that trains no adapter) and
+    meets the teacher at block b's feature loss or at the head loss. ``feature_losses`` adds
+    a feature loss at every inner block end (the KD + MSE plan) without adapting the chain.
+    """
+    edges: list[tuple[str, str]] = []
+    has_teacher = any(d["kind"] == "teacher" for _, d in g.nodes(data=True))
+    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
+    for group in groups:
+        a, b = group[0], group[-1]
+        if a == 1:
+            edges.append(("input", "S1"))
+        elif f"lower{a - 1}" in g:
+            edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
+        else:
+            edges.append((f"T{a - 1}", f"S{a}"))
+        for i in group[:-1]:
+            if f"lift{i}" in g and chain_adapters and not feature_losses:
+                edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
+            else:
+                edges.append((f"S{i}", f"S{i + 1}"))
+            if feature_losses:
+                edges += _mse_edges(g, i)
+        if b == k:
+            edges.append((f"S{k}", "head_loss"))
+            edges.append(("labels", "head_loss"))
+            if has_teacher:
+                edges.append((f"T{k}", "head_loss"))
+        else:
+            edges += _mse_edges(g, b)
+        if tpp_block is not None and tpp_block in group:
+            edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "proxy"]
+            edges += [(f"P{k}", "tpp_loss"), (f"T{k}", "tpp_loss")]
+    if has_teacher:
+        edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
+    return list(dict.fromkeys(edges))
 
-    node: str
-    kind: str
-    inputs: tuple[str, ...]
-    block: int | None = None
-    loss: str = ""
-    terms: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict:
-        d = {"node": self.node, "kind": self.kind, "inputs": list(self.inputs), "block": self.block}
-        if self.kind == "loss":
-            d.update(loss=self.loss, terms=list(self.terms))
-        return d
-
-
-@dataclass(frozen=True)
-class Program:
-    """The operations of one training stage, in execution order, and the edges they realise."""
-
-    ops: tuple[Op, ...]
-    edges: tuple[tuple[str, str], ...]
-
-    @property
-    def terms(self) -> tuple[str, ...]:
-        """Every loss term the stage computes, in the order it computes them."""
-        return tuple(t for op in self.ops if op.kind == "loss" for t in op.terms)
-
-    @property
-    def teacher_reads(self) -> tuple[int, ...]:
-        """The teacher blocks whose outputs the rest of the program reads (the teacher runs
-        up to the last of them)."""
-        teacher = {op.node: op.block for op in self.ops if op.kind == "teacher"}
-        return tuple(sorted({teacher[n] for op in self.ops if op.kind != "teacher" for n in op.inputs
-                             if n in teacher}))
-
-    def terms_of(self, group: tuple[int, ...]) -> tuple[str, ...]:
-        """The loss terms of the loss nodes that the blocks of ``group`` reach."""
-        return tuple(t for op in self.ops if op.kind == "loss" and op.block in group for t in op.terms)
-
-    def to_dict(self) -> dict:
-        return {"ops": [op.to_dict() for op in self.ops], "edges": [list(e) for e in self.edges]}
+def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
+    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
+    loss = f"{g.graph['feature']}{i}"
+    out = [(f"T{i}", loss), (src, loss)]
+    if src != f"S{i}":
+        out.insert(0, (f"S{i}", src))
+    return out
 
 
 # Among nodes ready at once: the teacher first, then per block: the block, its lift, TPP's
@@ -108,13 +107,14 @@ def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
     kind = d["role"] if d["kind"] == "adapter" else d["kind"]
     if kind == "loss":
         block = g.graph["tpp_block"] if d["loss"] == "tpp" else d["block"]
-        return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]))
+        return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]), d["entry"],
+                  tuple(d["params"].items()))
     return Op(n, kind, _inputs(g, edges, n), d["block"])
 
 
 def stage_program(g: nx.DiGraph, groups: tuple[tuple[int, ...], ...], *, chain_adapters: bool,
                   feature_losses: bool, tpp_block: int | None = None) -> Program:
-    """The program of one training stage of ``groups`` (see ``blockgraph.stage_edges``)."""
+    """The program of one training stage of ``groups`` (see ``stage_edges``)."""
     edges = stage_edges(g, [list(grp) for grp in groups], feature_losses, tpp_block, chain_adapters)
     stage = nx.DiGraph(edges)
     losses = [n for n in stage if g.nodes[n]["kind"] == "loss"]
@@ -123,3 +123,27 @@ def stage_program(g: nx.DiGraph, groups: tuple[tuple[int, ...], ...], *, chain_a
     used = {e for e in edges if e[0] in needed and e[1] in needed}
     ops = tuple(_op(g, used, n) for n in order if g.nodes[n]["kind"] not in ("input", "labels"))
     return Program(ops, tuple(e for e in edges if e in used))
+
+
+def inference_edges(g: nx.DiGraph, chain_adapters: bool) -> list[tuple[str, str]]:
+    """The student's path from the input to its output: the plain chain S1 -> .. -> Sk, with
+    each block's lift -> lower kept between blocks where the plan chains adapters (they are
+    part of the student it trained: StableKD, TPP)."""
+    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
+    edges = [("input", "S1")]
+    for i in range(1, k):
+        if chain_adapters and f"lift{i}" in g:
+            edges += [(f"S{i}", f"lift{i}"), (f"lift{i}", f"lower{i}"), (f"lower{i}", f"S{i + 1}")]
+        else:
+            edges.append((f"S{i}", f"S{i + 1}"))
+    return edges
+
+
+def inference_program(g: nx.DiGraph, chain_adapters: bool) -> Program:
+    """The program evaluation, BatchNorm recalibration and export run: the student (with its
+    chained adapters) from the input to its logits, read from the graph's edges."""
+    edges = inference_edges(g, chain_adapters)
+    path = nx.DiGraph(edges)
+    order = nx.lexicographical_topological_sort(path, key=lambda n: _rank(g, n))
+    ops = tuple(_op(g, set(edges), n) for n in order if n != "input")
+    return Program(ops, tuple(edges), output=ops[-1].node)

@@ -21,8 +21,8 @@ from torch import nn
 from kdgraph.errors import PlanError
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import Models
-    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.compiler.artifacts import Models, TracedModel
+
 
 
 

@@ -15,47 +15,16 @@ stage says so. ``Stage.tap`` records either, and the block's rule column shows i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from kdgraph.ir import Cut, Stage
+
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import Models
-    from kdgraph.compiler.cuts import Cut
-    from kdgraph.compiler.trace import TracedModel
+    from kdgraph.compiler.artifacts import Models, TracedModel
 
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Consecutive cuts with one feature shape; ``end`` is where the stage is cut."""
-
-    index: int
-    cuts: tuple[Cut, ...]
-    end: Cut
-    # How feature_info moved or confirmed the end: "" (the rule alone), "feature_info tap X"
-    # (the end moved to tap X), "same tensor as feature_info tap X" (an identity of the end).
-    tap: str = ""
-
-    @property
-    def rule(self) -> str:
-        """The boundary rule for this stage's end, as the plan's rule column shows it."""
-        return f"stage end ({self.tap})" if self.tap else "stage end"
-
-    @property
-    def reduction(self) -> int | None:
-        return self.end.reduction
-
-    @property
-    def channels(self) -> int | None:
-        return self.end.channels
-
-    def to_dict(self) -> dict:
-        e = self.end
-        return {"index": self.index, "module": e.module, "node": e.node, "shape": list(e.shape),
-                "layout": e.layout, "channels": e.channels, "reduction": e.reduction,
-                "cuts": len(self.cuts), "tap": self.tap}
 
 
 def _stage_key(cut: Cut) -> tuple:

@@ -23,7 +23,7 @@ import re
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,54 +32,14 @@ import torch.fx.proxy as fx_proxy
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
 from kdgraph.compiler.split import graph_module
 from kdgraph.errors import PlanError, TraceError
+from kdgraph.ir import NodeInfo
 from kdgraph.models import create_model, holds_meta
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import ModelArtifacts, Models
     from kdgraph.spec import Spec
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the compiler needs to know about one fx node."""
-
-    name: str
-    op: str
-    index: int
-    modules: tuple[str, ...]  # module paths the node was called from, outermost first
-    shape: tuple[int, ...] | None  # full shape (batch included) when the value is one tensor
-    dtype: str | None
-    input_dependent: bool  # computed (transitively) from the primary input
-
-    @property
-    def module(self) -> str:
-        return self.modules[-1] if self.modules else ""
-
-
-@dataclass
-class TracedModel:
-    """An fx GraphModule sharing parameters with ``model``, plus per-node facts."""
-
-    role: str  # "teacher" or "student"
-    model: nn.Module
-    gm: fx.GraphModule
-    input_size: tuple[int, int, int]
-    nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
-    leaves: tuple[str, ...] = ()
-    _containers: set[str] | None = field(default=None, repr=False)
-
-    @property
-    def order(self) -> list[str]:
-        return list(self.nodes)
-
-    def is_container(self, path: str) -> bool:
-        """True when the tracer went inside the module (a leaf such as BatchNormAct2d is not)."""
-        if self._containers is None:
-            self._containers = {p for info in self.nodes.values() for p in info.modules[:-1]}
-        return path in self._containers
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
@@ -281,14 +241,23 @@ def _inline_concrete_args(graph: fx.Graph) -> None:
         graph.erase_node(ph)
 
 
-_FUNCTIONAL_DROPOUT = {
-    torch.nn.functional.dropout: nn.Dropout,
-    torch.nn.functional.dropout1d: nn.Dropout1d,
-    torch.nn.functional.dropout2d: nn.Dropout2d,
-    torch.nn.functional.dropout3d: nn.Dropout3d,
-    torch.nn.functional.alpha_dropout: nn.AlphaDropout,
-    torch.nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
-}
+_FUNCTIONAL_DROPOUT = frozenset({  # each takes (input, p, training, inplace)
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
+})
+
+
+class _DropoutInModeOf:
+    """``fn(x, p, owner.training, inplace)``: a functional dropout that reads its module's mode
+    when it runs (a call_function target of the traced graph; it holds ``owner``, adds nothing
+    to it)."""
+
+    def __init__(self, fn: Callable, owner: nn.Module):
+        self.fn, self.owner = fn, owner
+        self.__name__ = f"{fn.__name__}_in_mode"  # fx names the generated code's global after it
+
+    def __call__(self, x: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
+        return self.fn(x, p, self.owner.training, inplace)
 
 
 def _modal_dropout(model: nn.Module, graph: fx.Graph) -> None:
@@ -296,16 +265,17 @@ def _modal_dropout(model: nn.Module, graph: fx.Graph) -> None:
 
     fx evaluates ``self.training`` while tracing and freezes it into the graph, so a model
     traced in train mode (as built) would drop activations in eval mode too (timm heads with
-    ``drop_rate > 0``). Each such call whose ``training`` is the mode of the moment becomes
-    a parameter-free ``nn.Dropout`` child of the module that called it, toggled by
-    ``model.train()`` / ``model.eval()`` like every other module. The state_dict is unchanged.
+    ``drop_rate > 0``). Each such call whose ``training`` is the mode of the moment becomes a
+    call of the same function that reads the calling module's mode when it runs
+    (``_DropoutInModeOf``), so ``model.train()`` / ``model.eval()`` reach it. The model itself
+    is left as it was: no module is added to it.
     """
     for node in list(graph.nodes):
-        cls = _FUNCTIONAL_DROPOUT.get(node.target) if node.op == "call_function" else None
-        if cls is None:
+        fn = node.target if node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUT else None
+        if fn is None:
             continue
         try:
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
         except TypeError:
             continue
         bound.apply_defaults()
@@ -314,11 +284,9 @@ def _modal_dropout(model: nn.Module, graph: fx.Graph) -> None:
             continue  # a fixed mode (MC dropout) or a computed rate: leave as traced
         stack = node.meta.get("nn_module_stack") or {}
         owner_path = list(stack.values())[-1][0] if stack else ""
-        owner = model.get_submodule(owner_path)
-        name = f"kdgraph_{node.name}"
-        owner.add_module(name, cls(a["p"], a["inplace"]))
         with graph.inserting_before(node):
-            new = graph.call_module(f"{owner_path}.{name}" if owner_path else name, (a["input"],))
+            new = graph.call_function(_DropoutInModeOf(fn, model.get_submodule(owner_path)),
+                                      (a["input"], a["p"], a["inplace"]))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
@@ -425,7 +393,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
 
     primary = next(n for n in gm.graph.nodes if n.op == "placeholder")
     sample = torch.randn(batch_size, *input_size)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a mix stays a mix
     model.eval()  # BN statistics must not move; eval also avoids batch-size-1 BN errors
     try:
         with torch.no_grad():
@@ -433,7 +401,8 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
     except Exception as exc:
         raise TraceError(_run_failure(role, tuple(sample.shape), exc)) from exc
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
     dependent: set[fx.Node] = {primary}
     infos: dict[str, NodeInfo] = {}

@@ -4,34 +4,54 @@ It holds the student and the adapters as submodules, so that DDP, the optimizer 
 checkpoints see exactly the trainable state; the student's block segments (a
 ``StudentChain``) share its parameters. The teacher is a ``FrozenTeacher``, a plain
 object: always in eval mode, never trained, recalibrated, saved or wrapped.
-``set_stage`` loads a training stage's program, compiled from the block graph
-(``kdgraph.program``); ``forward(x, y)`` executes it and returns the named loss terms.
+
+Everything it runs is a program of the plan (``kdgraph.ir.Program``), read from the block
+graph by the compiler: ``set_stage`` loads a training stage's program and its inference
+program; ``forward(x, y)`` executes the first and returns the named loss terms,
+``inference(x)`` the second (evaluation, BatchNorm recalibration, export). Each op kind is
+one entry of ``OP_KINDS``; each loss op builds its module from the op's ``entry`` and
+``params`` (``kdgraph.losses.create_loss``): the distiller never reads the spec.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kdgraph.adapters import build_adapters
-from kdgraph.layouts import FeatureFormat
-from kdgraph.losses import FeatureMSE, HeadLoss, KLDivergence
-from kdgraph.runtime.chain import StudentChain
+from kdgraph.ir import Op, TrainingStage
+from kdgraph.losses import create_loss
+from kdgraph.registry import Registry
+from kdgraph.runtime.chain import StudentChain, run_program
 from kdgraph.runtime.teacher import FrozenTeacher
-from kdgraph.scalekd import DualViewFeatureMimicking
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled
-    from kdgraph.compiler.plan import TrainingStage
-    from kdgraph.compiler.program import Op
+
+@dataclass
+class StepState:
+    """What the ops of one program run share: the loss terms written so far, and the teacher's
+    block outputs of this batch (one no-grad pass, up to the last block the program reads)."""
+
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
+OP_KINDS: Registry[OpFn] = Registry("program op kind")
+"""An op's ``kind`` -> ``fn(distiller, op, inputs, state)``: the value of ``op.node`` (a loss
+op adds its terms to ``state.terms``). A new kind of op (a cached teacher, say) is one entry
+here and one kind of node in the block graph."""
 
 
 class Distiller(nn.Module):
     def __init__(self, compiled: Compiled):
         super().__init__()
-        spec, plan = compiled.spec, compiled.plan
+        plan = compiled.plan
         self.student = compiled.student.model
         self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
@@ -41,23 +61,11 @@ class Distiller(nn.Module):
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
         self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
                         if compiled.teacher else None)
-        self.k = plan.k
-        # StableKD keeps lower(lift(.)) between blocks; KD + MSE uses lift for its losses only.
-        self.adapted_chain = bool(len(self.adapters)) and plan.chains_adapters
-        self.head_loss = HeadLoss(spec.loss.kl_weight, spec.loss.temperature, spec.loss.label_smoothing)
-        self.mse = FeatureMSE()
-        self.feature_weight = spec.loss.feature_weight
-        # DFM compares maps on the teacher's grid; one per block end, in the teacher's format.
-        self.dfm = {}
-        if spec.loss.feature == "dfm" and compiled.teacher is not None:
-            hw = compiled.input_size[1:]
-            self.dfm = {b.index: DualViewFeatureMimicking(FeatureFormat.of(b.teacher, hw), spec.loss.dfm_alpha,
-                                                          spec.loss.dfm_beta)
-                        for b in compiled.pairing.blocks if not b.is_head}
-        self.tpp_weight = spec.loss.tpp_weight
-        self.tpp_kl = KLDivergence(spec.loss.temperature)
-        self._kinds = {"student": self._student, "lift": self._lift, "lower": self._lower, "proxy": self._proxy,
-                       "loss": self._loss}
+        # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
+        # state, and stay out of the module tree (checkpoints, DDP).
+        self.losses: dict[str, nn.Module] = {
+            op.node: create_loss(op.entry, dict(op.params))
+            for st in plan.stages for op in st.program.ops if op.kind == "loss"}
         self.set_stage(plan.stages[0])
 
     def _apply(self, fn, recurse=True):
@@ -71,14 +79,18 @@ class Distiller(nn.Module):
         return self
 
     def set_stage(self, stage: TrainingStage) -> None:
-        """Run ``stage``'s program from now on."""
-        self.stage = stage
+        """Run ``stage``'s programs from now on."""
         self.groups = stage.groups
         self.program = stage.program
+        self.inference_program = stage.inference
         self._teacher_blocks = set(self.program.teacher_reads)
-        self._ops = tuple(op for op in self.program.ops if op.kind != "teacher")
         if self.teacher is not None:
             self.teacher.freeze()  # whatever happened to it since (a user's .train()), eval again
+
+    @property
+    def adapters_in_inference(self) -> tuple[int, ...]:
+        """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
+        return self.inference_program.adapter_blocks
 
     def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
@@ -86,48 +98,57 @@ class Distiller(nn.Module):
         return self.teacher.features(x, self._teacher_blocks)
 
     def inference(self, x: torch.Tensor) -> torch.Tensor:
-        """The student as it will be exported: its blocks, with lower(lift(.)) where adapters are kept."""
-        if not self.adapted_chain:
-            return self.student(x)
-        return self.chain(x, {int(i): a for i, a in self.adapters.items()})
+        """The student as it will be exported: the stage's inference program."""
+        state = StepState()
+        return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
+                           whole=self.student)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
         each group starts from the input or from a (no-grad) teacher feature."""
-        values: dict[str, torch.Tensor] = {"input": x, "labels": y}
-        if self._teacher_blocks:
-            values.update((f"T{i}", f) for i, f in self.teacher_features(x).items())
-        terms: dict[str, torch.Tensor] = {}
-        for op in self._ops:
-            values[op.node] = self.run_op(op, [values[n] for n in op.inputs], terms)
-        return terms
+        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {})
+        run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
+        return state.terms
 
-    def run_op(self, op: Op, inputs: list[torch.Tensor], terms: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """One operation of the program: the value of ``op.node`` (a loss adds to ``terms``)."""
-        return self._kinds[op.kind](op, inputs, terms)
+    def run_op(self, op: Op, inputs: list[Any], state: StepState) -> Any:
+        """One operation of a program: the value of ``op.node`` (a loss adds to ``state.terms``)."""
+        return OP_KINDS.get(op.kind)(self, op, inputs, state)
 
-    # -- the operations of a program -----------------------------------------------------
-    def _student(self, op: Op, inputs: list[torch.Tensor], terms) -> torch.Tensor:
-        return self.chain.block(op.block, inputs[0])
 
-    def _lift(self, op: Op, inputs: list[torch.Tensor], terms) -> torch.Tensor:
-        return self.adapters[str(op.block)].lift(inputs[0])
+# -- the operations of a program ------------------------------------------------------------
 
-    def _lower(self, op: Op, inputs: list[torch.Tensor], terms) -> torch.Tensor:
-        return self.adapters[str(op.block)].lower(inputs[0])
+@OP_KINDS.register("teacher")
+def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """Teacher block ``op.block``, from the batch's one no-grad teacher pass (None for a block
+    that only feeds later teacher blocks)."""
+    return state.teacher.get(op.block)
 
-    def _proxy(self, op: Op, inputs: list[torch.Tensor], terms) -> torch.Tensor:
-        """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
-        parameters need no grad, gradients reach lift and the student."""
-        return self.teacher.block(op.block, inputs[0])
 
-    def _loss(self, op: Op, inputs: list[torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
-        if op.loss == "head":
-            terms.update(self.head_loss(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None))
-        elif op.loss == "tpp":
-            terms["tpp"] = self.tpp_weight * self.tpp_kl(*inputs)
-        elif op.block in self.dfm:
-            direct, alt = self.dfm[op.block](*inputs).values()
-            terms.update(zip(op.terms, (self.feature_weight * direct, self.feature_weight * alt)))
-        else:
-            terms[op.terms[0]] = self.feature_weight * self.mse(*inputs)
+@OP_KINDS.register("student")
+def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    return d.chain.block(op.block, inputs[0])
+
+
+@OP_KINDS.register("lift")
+def _lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    return d.adapters[str(op.block)].lift(inputs[0])
+
+
+@OP_KINDS.register("lower")
+def _lower(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    return d.adapters[str(op.block)].lower(inputs[0])
+
+
+@OP_KINDS.register("proxy")
+def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
+    parameters need no grad, gradients reach lift and the student."""
+    return d.teacher.block(op.block, inputs[0])
+
+
+@OP_KINDS.register("loss")
+def _loss(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> None:
+    """The op's loss module on its inputs; its values, in the order of its terms, are logged
+    under the op's term names."""
+    out = d.losses[op.node](*inputs)
+    state.terms.update(zip(op.terms, out.values() if isinstance(out, Mapping) else (out,)))

@@ -41,7 +41,7 @@ def export_student(distiller, compiled: Compiled, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kdgraph": "1", "spec_name": compiled.spec.name, "student": compiled.spec.student.model}
-    if not distiller.adapted_chain:
+    if not distiller.adapters_in_inference:
         save_file(_contiguous(compiled.student.model.state_dict()), str(path), metadata={**meta, "format": "plain"})
         return path
     folded = folded_maps(distiller)
@@ -139,14 +139,12 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
 
 
 def _exported(compiled: Compiled, folded: dict[int, nn.Module]) -> ExportedStudent:
-    return ExportedStudent(compiled.student.model, compiled.student.segments, folded)
+    return ExportedStudent.of(compiled, folded)
 
 
 def folded_maps(distiller) -> dict[int, nn.Module]:
-    """The folded map of each adapter pair the distiller keeps in its student's chain."""
-    if not distiller.adapted_chain:
-        return {}
-    return {int(i): fold(pair.eval()) for i, pair in distiller.adapters.items()}
+    """The folded map of each adapter pair the distiller's inference program keeps."""
+    return {i: fold(distiller.adapters[str(i)].eval()) for i in distiller.adapters_in_inference}
 
 
 def load_student(compiled: Compiled, path: Path) -> nn.Module:
@@ -155,7 +153,7 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
     if file_format(path) == "export" and not (path / ship.WEIGHTS).is_file():
         check_program(path / ship.PROGRAM)  # torch.export.load runs what a crafted archive holds
         try:
-            return _Program(torch.export.load(str(path / ship.PROGRAM)).module())
+            return _ExportedProgram(torch.export.load(str(path / ship.PROGRAM)).module())
         except Exception as exc:  # torch.export's errors name no common base class
             raise KDGraphError(f"cannot load {path / ship.PROGRAM}: {str(exc).splitlines()[0]}") from None
     maps = load_trained(compiled, path)
@@ -171,7 +169,7 @@ def preprocessing_of(spec: Spec, data) -> dict:
             "resize": "resize + centre crop" if streamed else spec.data.resize}
 
 
-class _Program(nn.Module):
+class _ExportedProgram(nn.Module):
     """A torch.export program as a module. It is always in inference mode; an exported
     program refuses train()/eval() calls, so they stop here."""
 

@@ -56,7 +56,7 @@ from kdgraph.schedules import build_lr_scheduler, stage_at
 from kdgraph.stream import StreamLoader, available_cpus
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.plan import TrainingStage
+    from kdgraph.ir import TrainingStage
     from kdgraph.spec import Spec
 
 

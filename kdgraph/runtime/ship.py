@@ -272,8 +272,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     probe = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(0))
     device = next(compiled.student.model.parameters()).device
     probe = probe.to(device)
-    trained = (ExportedStudent(compiled.student.model, compiled.student.segments, maps) if maps
-               else compiled.student.model).eval()
+    trained = (ExportedStudent.of(compiled, maps) if maps else compiled.student.model).eval()
     reference = trained(probe).float()
     folded = fold_into_student(compiled, maps)
     for stale in (WEIGHTS, PROGRAM):

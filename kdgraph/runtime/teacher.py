@@ -7,7 +7,7 @@ mode, BatchNorm re-estimation never resets its statistics, ``state_dict`` (and s
 checkpoint) holds no teacher tensor, and DDP neither wraps it nor broadcasts its buffers.
 
     teacher = FrozenTeacher(model, segments)
-    teacher.to(device)                  # moves and casts still apply (``apply_``)
+    teacher.apply_(fn)                  # a move or cast of its owner reaches it
     feats = teacher.features(x, {2, 4}) # block ends 2 and 4, computed without autograd
     z = teacher.block(4, h)             # block 4 with autograd on h (TPP's proxy path)
 """
@@ -38,21 +38,11 @@ class FrozenTeacher:
             seg.eval()
         return self
 
-    @property
-    def k(self) -> int:
-        return len(self.segments)
-
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a move or cast (``nn.Module._apply``'s ``fn``) to the teacher's tensors."""
         self.model._apply(fn)
         for seg in self.segments:
             seg._apply(fn)
-
-    def to(self, *args, **kwargs) -> FrozenTeacher:
-        self.model.to(*args, **kwargs)
-        for seg in self.segments:
-            seg.to(*args, **kwargs)
-        return self
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:

@@ -407,7 +407,7 @@ class ScheduleSpec(_Strict):
     @property
     def num_stages(self) -> int:
         """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return self.recompositions + 1 if METHODS.get(self.method).decomposes else 1
+        return METHODS.get(self.method).stages(self.recompositions)
 
 
 class LossSpec(_Strict):
@@ -672,9 +672,10 @@ class Spec(_Strict):
         return self._source_dir
 
     def located_at(self, directory: Path | None) -> Spec:
-        """This spec, with ``source_dir`` set to ``directory``."""
-        self._source_dir = directory
-        return self
+        """A copy of this spec whose ``source_dir`` is ``directory`` (this one is unchanged)."""
+        located = self.model_copy()
+        located._source_dir = directory
+        return located
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, every default filled in, as JSON-compatible data."""
