@@ -110,6 +110,13 @@ def _env(ctx: Ctx) -> list[str]:
     return [ctx.python, str(Path(__file__).resolve()), "--env-report", str(ctx.figures("env"))]
 
 
+def _compiled_throughput(pair: str) -> Part:
+    return Part(f"throughput-compiled-{pair}", f"bench/throughput.py, {pair}, compiled", 240, True,
+                _throughput("compiled", pair))
+
+
+# Priority order: the cheap checks, then the goal's headline figures (every pair eager, the
+# ResNet pair compiled), the data path, the compiled tier, the other pairs compiled.
 PARTS: list[Part] = [
     Part("env", "torch, the GPU, the packages kdgraph imports", 15, False, _env),
     Part("tier-eager", "every spec, eager, channels_last on and off", 120, False, _tier("on_DEVICE and eager", 6, True)),
@@ -117,10 +124,10 @@ PARTS: list[Part] = [
          _tier("(bf16 or resume) and DEVICE", 1, False)),
     Part("throughput-eager", "bench/throughput.py, every pair, eager, against the strong loop", 120, True,
          _throughput("eager")),
+    _compiled_throughput(THROUGHPUT_PAIRS[0]),
     Part("data", "bench/data_throughput.py at 224 px: in-memory against streamed", 120, True, _data),
     Part("tier-compiled", "every spec, torch.compile (inductor)", 300, False, _tier("on_DEVICE and compiled", 8, True)),
-    *[Part(f"throughput-compiled-{pair}", f"bench/throughput.py, {pair}, compiled", 240, True,
-           _throughput("compiled", pair)) for pair in THROUGHPUT_PAIRS],
+    *[_compiled_throughput(pair) for pair in THROUGHPUT_PAIRS[1:]],
     Part("stablekd", "bench/stablekd_study.py --block full: the cells not yet in its results", 480, False,
          _stablekd, default=False),
 ]
@@ -175,11 +182,21 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
     """Run ``parts`` in order within ``budget_s``; returns one record per part (summary.json)."""
     ctx.work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("figures.jsonl", "log.txt"):  # one run, one set of figures
+        (out / name).unlink(missing_ok=True)
     t0, running, records = time.monotonic(), [], {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def left() -> float:
         return budget_s - (time.monotonic() - t0)
+
+    def write_summary() -> list[dict]:
+        """summary.json as it stands (rewritten after every part: a call cut short keeps it)."""
+        summary = [records.get(p.name, {"part": p.name, "status": "pending"}) for p in parts]
+        (out / "summary.json").write_text(json.dumps({"dry_run": ctx.dry, "budget_s": budget_s,
+                                                      "seconds": round(time.monotonic() - t0, 1),
+                                                      "parts": summary}, indent=1))
+        return summary
 
     def reap(block_until_free: int | None) -> None:
         """Collect finished parts; stop any still running at the budget's end. Waits until at most
@@ -192,6 +209,7 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
                 if r.proc.poll() is not None:
                     running.remove(r)
                     records[r.part.name] = _finish(ctx, r, timed_out=over, out=out)
+                    write_summary()
             if block_until_free is None or len(running) <= block_until_free:
                 return
             time.sleep(0.5)
@@ -202,9 +220,10 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
             records[part.name] = {"part": part.name, "status": "skipped", "why": "nothing to run in a dry run"}
             continue
         reap(0 if part.exclusive else ctx.jobs - 1)
-        if part.estimate_s > left() and not ctx.dry:  # the estimates are a GPU's; a dry run tries everything
+        # the estimates are a GPU's: a dry run starts every part while there is time
+        if left() <= 0 or (part.estimate_s > left() and not ctx.dry):
             records[part.name] = {"part": part.name, "status": "skipped", "estimate_s": part.estimate_s,
-                                  "why": f"does not fit: {left():.0f} s of the budget left"}
+                                  "why": f"does not fit: {max(left(), 0):.0f} s of the budget left"}
             continue
         ctx.figures(part.name).unlink(missing_ok=True)
         log = ctx.work / (part.name.replace("@", "_") + ".log")
@@ -217,11 +236,7 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
         if part.exclusive:
             reap(0)
     reap(0)
-    summary = [records[p.name] for p in parts]
-    (out / "summary.json").write_text(json.dumps({"dry_run": ctx.dry, "budget_s": budget_s,
-                                                  "seconds": round(time.monotonic() - t0, 1), "parts": summary},
-                                                 indent=1))
-    return summary
+    return write_summary()
 
 
 def _finish(ctx: Ctx, r: Running, timed_out: bool, out: Path) -> dict:
@@ -296,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for part in parts:
             cmd = part.command(ctx)
-            print(f"{part.name:<34}{part.estimate_s:>5} s  {'alone' if part.exclusive else 'shared'}  {part.what}\n"
-                  f"{'':<34}{' '.join(cmd) if cmd else '(nothing in a dry run)'}")
+            print(f"{part.name:<37}{part.estimate_s:>5} s  {'alone' if part.exclusive else 'shared'}  {part.what}\n"
+                  f"{'':<37}{' '.join(cmd) if cmd else '(nothing in a dry run)'}")
         return 0
     summary = run_parts(parts, ctx, args.budget, args.out)
-    print(f"\n{'part':<34}{'status':<9}{'seconds':>8}  result")
+    print(f"\n{'part':<37}{'status':<9}{'seconds':>8}  result")
     for rec in summary:
         result = rec.get("tests") or rec.get("why") or f"{rec.get('figures', 0)} figures"
-        print(f"{rec['part']:<34}{rec['status']:<9}{rec.get('seconds', ''):>8}  {result}")
+        print(f"{rec['part']:<37}{rec['status']:<9}{rec.get('seconds', ''):>8}  {result}")
     rest = [r["part"] for r in summary if r["status"] in ("skipped", "stopped") and "dry run" not in r.get("why", "")]
     if rest:
         print(f"\nnext call: bash bench/gpu/run.sh --parts {' '.join(rest)}")
