@@ -162,7 +162,9 @@ def main() -> None:
         for r in range(args.repeats):
             for loader in ("memory", "stream"):  # interleaved: drifting load hits both alike
                 res = subprocess.run([sys.executable, __file__, "--measure", str(root), loader, *passthrough],
-                                     capture_output=True, text=True, cwd=ROOT, check=True)
+                                     capture_output=True, text=True, cwd=ROOT)
+                if res.returncode:
+                    sys.exit(f"measuring {loader} on {root} failed:\n{res.stderr[-4000:]}")
                 row = {**json.loads(res.stdout.strip().splitlines()[-1]), "repeat": r}
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -93,7 +93,7 @@ def _data(ctx: Ctx) -> list[str]:
     cmd = [ctx.python, "bench/data_throughput.py", "--device", ctx.device, "--root", str(FASHION),
            "--out", str(ctx.figures("data")), "--cache", str(ctx.work / "png")]
     if ctx.dry:
-        return cmd + ["--sizes", "64", "--val", "16", "--batch", "16", "--steps", "2", "--warmup", "1",
+        return cmd + ["--sizes", "128", "--val", "64", "--batch", "16", "--steps", "2", "--warmup", "1",
                       "--repeats", "1", "--threads", "1", "--workers", "0"]
     return cmd + ["--sizes", "6000", "--repeats", "2", "--side", "224", "--batch", "256", "--workers", "8",
                   "--threads", "4"]
