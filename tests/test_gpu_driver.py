@@ -116,6 +116,19 @@ def test_tier_outcomes_are_counted_per_part(tmp_path):
     assert record["tests"] == {"failed": 1, "passed": 2}
 
 
+def test_a_part_that_resumes_adds_only_its_new_lines(tmp_path, monkeypatch):
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text('{"cell": 1}\n{"cell": 2}\n')
+    monkeypatch.setattr(driver, "ROOT", tmp_path)
+    ctx = driver.Ctx(False, tmp_path / "work", jobs=1)
+    code = "import sys; open(sys.argv[1], 'a').write('{\"cell\": 3}' + chr(10))"
+    part = driver.Part("study", "s", 1, False, lambda c: [sys.executable, "-c", code, str(c.figures("study"))],
+                       resume_from="earlier.jsonl")
+    (record,) = driver.run_parts([part], ctx, budget_s=60, out=tmp_path / "out")
+    assert record["figures"] == 1
+    assert [json.loads(x)["cell"] for x in (tmp_path / "out" / "figures.jsonl").read_text().splitlines()] == [3]
+
+
 def test_dry_run_of_the_environment_part(tmp_path):
     t0 = time.monotonic()
     rc = driver.main(["--dry-run", "--parts", "env", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,9 @@ class Part:
     exclusive: bool  # a timing: runs with nothing else on the GPU
     command: Callable[[Ctx], list[str] | None]  # None: nothing to run in this mode
     default: bool = True
+    # Earlier results the part's script resumes from (it skips what they hold): copied to the
+    # part's figures file first; only the lines it adds are figures of this call.
+    resume_from: str | None = None
 
 
 def _tier(select: str, workers: int, every_spec: bool):
@@ -103,7 +107,7 @@ def _stablekd(ctx: Ctx) -> list[str] | None:
     if ctx.dry:
         return None  # cells of whole epochs: nothing tiny to run
     return [ctx.python, "bench/stablekd_study.py", "--device", "cuda", "--jobs", "10", "--block", "full",
-            "--root", str(FASHION)]
+            "--root", str(FASHION), "--results", str(ctx.figures("stablekd"))]
 
 
 def _env(ctx: Ctx) -> list[str]:
@@ -129,7 +133,7 @@ PARTS: list[Part] = [
     Part("tier-compiled", "every spec, torch.compile (inductor)", 300, False, _tier("on_DEVICE and compiled", 8, True)),
     *[_compiled_throughput(pair) for pair in THROUGHPUT_PAIRS[1:]],
     Part("stablekd", "bench/stablekd_study.py --block full: the cells not yet in its results", 480, False,
-         _stablekd, default=False),
+         _stablekd, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
 ]
 
 
@@ -150,6 +154,7 @@ class Running:
     proc: subprocess.Popen
     started: float
     log: Path
+    skip: int  # lines of the figures file that were there before the part ran
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -165,12 +170,12 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _figures(ctx: Ctx, part: Part) -> list[dict]:
+def _figures(ctx: Ctx, part: Part, skip: int) -> list[dict]:
     path = ctx.figures(part.name)
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines()[skip:]:
         try:
             rows.append({"part": part.name, **json.loads(line)})
         except json.JSONDecodeError:  # a line cut by a stop at the budget's end
@@ -225,14 +230,18 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
             records[part.name] = {"part": part.name, "status": "skipped", "estimate_s": part.estimate_s,
                                   "why": f"does not fit: {max(left(), 0):.0f} s of the budget left"}
             continue
-        ctx.figures(part.name).unlink(missing_ok=True)
+        figures = ctx.figures(part.name)
+        figures.unlink(missing_ok=True)
+        if part.resume_from:
+            shutil.copyfile(ROOT / part.resume_from, figures)
+        skip = len(figures.read_text().splitlines()) if figures.exists() else 0
         log = ctx.work / (part.name.replace("@", "_") + ".log")
         env_part = {**env, "KDGRAPH_TEST_JSONL": str(ctx.figures(part.name))}
         print(f"[{time.monotonic() - t0:6.0f} s] start {part.name}: {' '.join(cmd)}", flush=True)
         with log.open("w") as f:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env_part, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        running.append(Running(part, proc, time.monotonic(), log))
+        running.append(Running(part, proc, time.monotonic(), log, skip))
         if part.exclusive:
             reap(0)
     reap(0)
@@ -240,7 +249,7 @@ def run_parts(parts: list[Part], ctx: Ctx, budget_s: float, out: Path) -> list[d
 
 
 def _finish(ctx: Ctx, r: Running, timed_out: bool, out: Path) -> dict:
-    rows = _figures(ctx, r.part)
+    rows = _figures(ctx, r.part, r.skip)
     with (out / "figures.jsonl").open("a") as f:
         for row in rows:
             f.write(json.dumps({"dry_run": ctx.dry, **row}) + "\n")
@@ -286,8 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", default=None, metavar="PART",
                    help="parts to run, in priority order whatever the order given (a prefix picks a group: tier, "
                         "throughput-compiled); default: every default part")
-    p.add_argument("--budget", type=float, default=450.0,
-                   help="seconds for all parts (default 450: one call of 8 minutes with room to start and copy)")
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds for all parts (default 420: an 8-minute call less installing the wheels and stopping)")
     p.add_argument("--jobs", type=int, default=3, help="check parts side by side")
     p.add_argument("--dry-run", action="store_true", help="the same parts on the CPU at tiny sizes")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
