@@ -112,6 +112,15 @@ def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int =
     reset_compile_caches()
 
 
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_tier_overrides_read_no_weights_no_data_and_no_network(path, tmp_path):
+    for device in BATCH:
+        spec = load_spec(path, tier_overrides(path, "compiled", device, tmp_path), allow_code=True)
+        models = [m for m in (spec.teacher, spec.student) if m is not None]
+        assert [(m.checkpoint, m.pretrained) for m in models] == [(None, False)] * len(models)
+        assert (spec.data.dataset, spec.data.batch_size, spec.runtime.device) == ("synthetic", BATCH[device], device)
+
+
 def _cpu_cases():
     for path in SPECS:
         for mode in MODES:
