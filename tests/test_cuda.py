@@ -10,7 +10,7 @@
   compiled cases run Dynamo with its ``eager`` backend: the graph capture, guards and
   recompiles inductor would see, without AOT autograd or code generation (``aot_eager`` took
   twice as long, inductor's C++ build a minute or more per graph on a CPU core), and the
-  quickstart pair compiles with inductor itself (slow).
+  quickstart pair's first stage compiles with inductor itself (slow).
   Every case starts from an empty compile cache and fails if Dynamo hits its recompile limit
   (it would otherwise run the rest eager and say so once in a warning).
 - A decomposed and a merged stage's loss terms in bf16 autocast are within 3 % (relative)
@@ -51,8 +51,9 @@ MODES = {"eager-cl": (False, True), "eager-nocl": (False, False), "compiled": (T
 BATCH = {"cuda": 8, "cpu": 2}
 # Seconds per case on one CPU thread, not minutes, for all but these (224-px Swin-S: ~20 s a case).
 SLOW_ON_CPU = {"swin_small-to-resnet18", "swin_small-to-swin_tiny"}
-# The CPU case that compiles with inductor (C++ code generation, about a minute per graph on
-# a CPU core): the smallest KD pair, its decomposed and its merged stage.
+# The CPU case that compiles with inductor: the smallest KD pair's first stage, one step
+# (C++ code generation: 2.7 min from a cold cache for both stages on a loaded 2-core machine;
+# the eager backend checks every stage's capture and recompiles).
 INDUCTOR_ON_CPU = ["quickstart"]
 
 
@@ -92,15 +93,15 @@ def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor]:
     return xb, yb
 
 
-def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int = 2) -> None:
-    """``steps`` steps of the first and the last training stage; every loss finite, no
-    recompile-limit hit (a fresh compile cache first: earlier cases' entries would count)."""
+def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int = 2, last_stage: bool = True) -> None:
+    """``steps`` steps of the first and (``last_stage``) the last training stage; every loss
+    finite, no recompile-limit hit (a fresh compile cache first: earlier cases' entries would count)."""
     reset_compile_caches()
     with RecompileWatch(strict=True) as watch:
         run = build_run(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
         stages = run.compiled.plan.stages
         xb, yb = tier_batch(run)
-        for stage in {stages[0].index: stages[0], stages[-1].index: stages[-1]}.values():
+        for stage in [stages[0]] + ([stages[-1]] if last_stage and len(stages) > 1 else []):
             run.distiller.set_stage(stage)
             run.distiller.train()
             for _ in range(steps):
@@ -155,7 +156,7 @@ def test_every_spec_trains_on_cpu(path, mode, tmp_path, dynamo_backend):
 @pytest.mark.parametrize("stem", INDUCTOR_ON_CPU)
 def test_smallest_specs_train_compiled_by_inductor_on_cpu(stem, tmp_path):
     path = next(p for p in SPECS if p.stem == stem)
-    run_tier_case(path, "compiled", "cpu", tmp_path, steps=1)
+    run_tier_case(path, "compiled", "cpu", tmp_path, steps=1, last_stage=False)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
