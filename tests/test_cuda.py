@@ -42,18 +42,18 @@ from kdgraph.spec import load_spec
 from _runtime_helpers import tiny_spec  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-no_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-needs_cuda = [pytest.mark.cuda, no_cuda]
+skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+needs_cuda = [pytest.mark.cuda, skip_without_cuda]
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.yaml"))
 # mode -> (runtime.compile, runtime.channels_last)
 MODES = {"eager-cl": (False, True), "eager-nocl": (False, False), "compiled": (True, "auto")}
 BATCH = {"cuda": 8, "cpu": 2}
-# Seconds per case on one CPU thread, not minutes, for all but these (224-px Swin-S: ~20 s a case).
+# Under 40 s a case on one CPU thread, most under 10, for all but these (224-px Swin-S: 16-42 s).
 SLOW_ON_CPU = {"swin_small-to-resnet18", "swin_small-to-swin_tiny"}
 # The CPU case that compiles with inductor: the smallest KD pair's first stage, one step
-# (C++ code generation: 2.7 min from a cold cache for both stages on a loaded 2-core machine;
-# the eager backend checks every stage's capture and recompiles).
+# (C++ code generation from a cold cache on a loaded 2-core machine: 68 s, 163 s with the last
+# stage too; the eager backend checks every stage's capture and recompiles).
 INDUCTOR_ON_CPU = ["quickstart"]
 
 
@@ -129,17 +129,8 @@ def _cpu_cases():
             yield pytest.param(path, mode, id=f"{path.stem}-{mode}", marks=marks)
 
 
-@pytest.fixture
-def dynamo_backend(monkeypatch):
-    """``torch.compile`` with another default backend for the test (the runtime calls
-    ``torch.compile(module)``)."""
-    def use(backend: str):
-        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
-    return use
-
-
 @pytest.mark.cuda
-@no_cuda
+@skip_without_cuda
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_every_spec_trains_on_cuda(path, mode, tmp_path):
@@ -147,8 +138,9 @@ def test_every_spec_trains_on_cuda(path, mode, tmp_path):
 
 
 @pytest.mark.parametrize("path, mode", list(_cpu_cases()))
-def test_every_spec_trains_on_cpu(path, mode, tmp_path, dynamo_backend):
-    dynamo_backend("eager")
+def test_every_spec_trains_on_cpu(path, mode, tmp_path, monkeypatch):
+    # the runtime calls torch.compile(module): Dynamo's eager backend for this test
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     run_tier_case(path, mode, "cpu", tmp_path)
 
 

@@ -135,10 +135,10 @@ class RecompileWatch(logging.Handler):
 
     At the limit, Dynamo logs one warning ("torch._dynamo hit config.recompile_limit") and
     runs that function eager from then on: a compiled run quietly becomes an eager one. That
-    warning is the signal every torch version since 2.4 gives (the config flag that raises
-    instead was renamed between versions), so the watch reads the log record. ``strict``
-    also sets ``fail_on_recompile_limit_hit`` where this torch has it, so a hit raises at
-    once (tests); without it the run goes on and the count is there to report."""
+    warning is Dynamo's one signal by default (the flag that raises instead is off, and was
+    renamed between versions), so the watch reads the log record. ``strict`` also sets
+    ``fail_on_recompile_limit_hit`` where this torch has it, so a hit raises at once (tests);
+    without it the run goes on and the count is there to report."""
 
     LOGGER = "torch._dynamo.convert_frame"
 
