@@ -138,7 +138,8 @@ class RecompileWatch(logging.Handler):
     warning is Dynamo's one signal by default (the flag that raises instead is off, and was
     renamed between versions), so the watch reads the log record. ``strict`` also sets
     ``fail_on_recompile_limit_hit`` where this torch has it, so a hit raises at once (tests);
-    without it the run goes on and the count is there to report."""
+    without it the run goes on and the count is there to report. Dynamo warns once per
+    function (then skips it for good), so ``hits`` counts functions gone eager, not calls."""
 
     LOGGER = "torch._dynamo.convert_frame"
 
