@@ -543,6 +543,23 @@ def test_export_to_an_existing_folder_writes_inside_and_unwritable_is_one_line(t
     with pytest.raises(KDGraphError, match=r"export --to .*blocker: a file is there"):
         export_spec(spec, blocker, checkpoint)
     assert blocker.read_text() == "a file"
+    again = export_spec(spec, folder, checkpoint)  # an earlier export is replaced
+    assert again["folder"] == str(folder)
+
+
+def test_export_refuses_a_folder_that_is_not_a_kdgraph_export(tmp_path):
+    """`export --to .` in a repository overwrote its README.md; a user's config.json too."""
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("my project")
+    (repo / "config.json").write_text('{"mine": true}')
+    before = _snapshot(repo)
+    for extra in ([], ["--checkpoint", str(tmp_path / "missing.pt")]):
+        proc = run_cli("export", str(spec), "--to", str(repo), *extra)
+        _one_line_error(proc, f"export --to {repo}", "not a kdgraph export", "new or empty folder")
+    assert _snapshot(repo) == before
+    assert not (tmp_path / "run").exists()
 
 
 # --- a torch.export program (model.pt2) from anyone: read without running what it holds ----

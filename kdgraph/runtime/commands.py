@@ -89,6 +89,7 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
+    ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     compiled = compile_spec(spec, allow_missing_weights=True)
     path = checkpoint
     if path is None:
