@@ -239,10 +239,50 @@ def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
     _one_line_error(run_cli("train", str(spec), "--quiet", "--resume", "--set", "optim.lr=0.1"),
                     "optim.lr: 0.05 -> 0.1")
     assert _snapshot(out) == before
-    # --force starts over
+    # --force starts over, deleting only what the run wrote
+    (out / "checkpoints" / "my-notes.txt").write_text("mine")
     forced = run_cli("train", str(spec), "--quiet", "--force", "--set", "optim.lr=0.02")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert '"lr": 0.02' in (out / "run.json").read_text()
+    assert (out / "checkpoints" / "my-notes.txt").read_text() == "mine"
+
+
+def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
+    from kdgraph.runtime.runs import claim
+
+    out = tmp_path / "run"
+    ours = ["checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/.last.pt.abc123.tmp", "metrics.jsonl",
+            "summary.json", "student.safetensors", "run.json", "tensorboard/events.out.tfevents.1.host.2.0"]
+    theirs = ["checkpoints/my-best.pt", "checkpoints/keep/a.txt", "tensorboard/other-run/events.out.tfevents.9",
+              "tensorboard/notes.md", "notes.md", "data/x.png"]
+    for name in ours + theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    claim(out, {"seed": 0}, resume=False, force=True)
+    assert [n for n in ours if n != "run.json" and (out / n).exists()] == []
+    assert all((out / n).read_text() == n for n in theirs)
+    # folders holding only what a run wrote go with it
+    (out / "tensorboard" / "notes.md").unlink()
+    for name in ("tensorboard/other-run/events.out.tfevents.9",):
+        (out / name).unlink()
+    (out / "tensorboard" / "other-run").rmdir()
+    (out / "tensorboard" / "events.out.tfevents.2").write_text("x")
+    claim(out, {"seed": 0}, resume=False, force=True)
+    assert not (out / "tensorboard").exists() and (out / "checkpoints" / "my-best.pt").exists()
+
+
+@pytest.mark.parametrize("output", ["", "/", ".", "./", "~", "cwd"])
+def test_output_that_is_a_root_home_or_the_working_directory_is_refused(tmp_path, output):
+    from pathlib import Path
+
+    output = {"~": str(Path.home()), "cwd": os.getcwd()}.get(output, output)
+    with pytest.raises(SpecError) as info:
+        load_spec(tiny_spec(output, "kd"))
+    assert info.value.path == "output" and "a folder of the run's own" in info.value.message
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    proc = run_cli("train", str(spec), "--quiet", "--set", f"output='{output}'")
+    _one_line_error(proc, "output:", "a folder of the run's own")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("where", ["file", "below-file"])

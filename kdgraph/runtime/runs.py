@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -28,9 +27,12 @@ LOCK_FILE = ".kdgraph.lock"
 RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
-# Files a run writes; --force removes exactly these.
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
-               "plan.json", "curves.png", RUN_FILE)
+# Files a run writes; --force removes exactly these, and in its two folders only the files
+# (glob patterns) it writes there: a user's own files stay, and so does a folder holding them.
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors", "plan.json", "curves.png",
+               RUN_FILE)
+RUN_FOLDERS = {"checkpoints": ("last.pt", "prev.pt", ".last.pt.*.tmp", ".prev.pt.tmp"),
+               "tensorboard": ("events.out.tfevents.*",)}
 
 
 _UMASK = os.umask(0o022)
@@ -163,6 +165,23 @@ def earlier_run(out: Path) -> list[str]:
             if (Path(out) / name).exists()]
 
 
+def _remove_run_files(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (RUN_OUTPUTS, RUN_FOLDERS) and nothing else."""
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    for folder, patterns in RUN_FOLDERS.items():
+        if not (out / folder).is_dir() or (out / folder).is_symlink():
+            continue
+        for pattern in patterns:
+            for target in (out / folder).glob(pattern):
+                if target.is_file() or target.is_symlink():
+                    target.unlink()
+        if not any((out / folder).iterdir()):
+            (out / folder).rmdir()
+
+
 def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
     """Decide what a run may do with ``out`` and record the spec it runs; raises before
     writing anything when the answer is no."""
@@ -183,10 +202,5 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
         if not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
                               "or start over with --force (deletes those files), or choose another output:")
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        _remove_run_files(out)
     (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))

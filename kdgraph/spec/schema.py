@@ -551,6 +551,27 @@ class Spec(_Strict):
             return {**data, "schedule": schedule.model_copy(update=teacherless)}
         return data
 
+    @field_validator("output")
+    @classmethod
+    def _output_of_its_own(cls, output: Path | None) -> Path | None:
+        """A run writes (and --force deletes) files by name in its output folder: it must be a
+        folder of the run's own, not the filesystem root, the home folder or the working
+        directory (``output: ""`` is the working directory)."""
+        if output is None:
+            return output
+        allowed = "a folder of the run's own, e.g. runs/NAME (the default, with output: null)"
+        try:
+            where = output.resolve()
+            roots = {Path(where.anchor): "the filesystem root", Path.home().resolve(): "your home folder",
+                     Path.cwd().resolve(): "the working directory"}
+        except (OSError, RuntimeError) as exc:
+            raise _invalid(f"cannot resolve {str(output)!r}: {exc}", allowed=allowed) from None
+        if str(output) in ("", ".") or where in roots:
+            what = roots.get(where, "the working directory")
+            raise _invalid(f"this is {what}, where a run would write and replace files by name",
+                           allowed=allowed)
+        return output
+
     @model_validator(mode="after")
     def _code_only_from_the_spec_file(self, info: ValidationInfo) -> Spec:
         """A ``module:`` reference imports and calls Python code. Validated with a context
