@@ -4,6 +4,7 @@ the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -222,6 +223,50 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert (out / "summary.json").exists() and not (out / ".kdgraph.lock").exists()
 
 
+def _contend(out, barrier, trials, results):
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.runs import RunLock
+
+    for trial in range(trials):
+        barrier.wait()
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except KDGraphError:
+            pass
+        results.put((trial, lock.held))
+        barrier.wait()  # both have tried before either lets go
+        lock.release()
+
+
+def test_two_runs_starting_together_never_both_hold_the_lock(tmp_path):
+    """The lock was created, then written: a second run reading it empty took it as stale."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results, trials = ctx.Barrier(2), ctx.Queue(), 200
+    procs = [ctx.Process(target=_contend, args=(tmp_path, barrier, trials, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    held = [results.get(timeout=120) for _ in range(2 * trials)]
+    for p in procs:
+        p.join(timeout=120)
+    holders = [sum(h for t, h in held if t == trial) for trial in range(trials)]
+    assert holders == [1] * trials, holders
+    assert not (tmp_path / ".kdgraph.lock").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["", "{not json", '{"pid": "abc", "host": "h"}', '{"pid": 1e30}',
+                                     '{"pid": 100000000000000000000000000000}', '{"pid": -5}', "[1, 2]"])
+def test_a_corrupt_lock_is_one_line_and_left_alone(tmp_path, content):
+    spec, out = _tiny_run(tmp_path)
+    out.mkdir()
+    (out / ".kdgraph.lock").write_text(content)
+    proc = run_cli("train", str(spec), "--quiet")
+    _one_line_error(proc, f"{out / '.kdgraph.lock'} is not a kdgraph run lock", "delete it if no kdgraph run")
+    assert (out / ".kdgraph.lock").read_text() == content
+    assert sorted(p.name for p in out.iterdir()) == [".kdgraph.lock"]
+
 def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
     spec, out = _tiny_run(tmp_path)
     first = run_cli("train", str(spec), "--quiet", "--set", "optim.lr=0.05")
@@ -246,6 +291,26 @@ def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
     assert '"lr": 0.02' in (out / "run.json").read_text()
     assert (out / "checkpoints" / "my-notes.txt").read_text() == "mine"
 
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    """Another run's last.pt copied into an unfinished run (same plan and seed, other lr and
+    kl_weight) was adopted: the checkpoint carries its spec, compared whole on --resume."""
+    import shutil
+
+    spec_a, out_a = _tiny_run(tmp_path, "a")
+    first = run_cli("train", str(spec_a), "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    raw = tiny_spec(tmp_path / "b", "kd", epochs=1, fraction=0.1, optim={"lr": 0.02}, loss={"kl_weight": 0.5})
+    spec_b = write_spec(raw, tmp_path / "b.yaml")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"spec": load_spec(raw).to_dict(), "overrides": []}))
+    shutil.copytree(out_a / "checkpoints", tmp_path / "b" / "checkpoints")
+    before = _snapshot(tmp_path / "b" / "checkpoints")
+    proc = run_cli("train", str(spec_b), "--quiet", "--resume")
+    _one_line_error(proc, "was written by a run with another spec", "optim.lr: 0.1 -> 0.02",
+                    "loss.kl_weight: 1.0 -> 0.5")
+    assert _snapshot(tmp_path / "b" / "checkpoints") == before
+    assert not (tmp_path / "b" / "summary.json").exists()
 
 def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
     from kdgraph.runtime.runs import claim

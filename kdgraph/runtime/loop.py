@@ -339,6 +339,7 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict |
         "position": {"epoch": epoch, "step": step, "global_step": global_step},
         "data": run.data.state_dict(epoch, step),
         "plan": run.compiled.plan.to_dict(),
+        "spec": run.spec.to_dict(),  # what _resume compares: a copied-in checkpoint of another run is refused
         "teacher_top1": teacher_acc and teacher_acc["top1"],
         "teacher_top5": teacher_acc and teacher_acc["top5"],
         "history": best,
@@ -358,6 +359,13 @@ def _resume(run: Run) -> tuple[dict, str | None]:
         raise KDGraphError(f"{run.out}/checkpoints/last.pt was written for another plan "
                            f"({state['plan']['method']}, {state['plan']['epochs']} epochs); "
                            "resume with the spec it was trained with, or choose another output")
+    # Checkpoints of kdgraph before this carry no spec: the plan check above is all there is.
+    diff = [d for d in runs.spec_differences(state.get("spec") or {}, run.spec.to_dict())
+            if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
+    if diff:
+        raise KDGraphError(f"{run.out}/checkpoints/last.pt was written by a run with another spec "
+                           f"(differs: {'; '.join(diff)}); it is not this run's checkpoint: resume with the "
+                           "spec it was trained with, or start over with --force")
     run.distiller.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

@@ -12,6 +12,7 @@ from), so that ``kdgraph train SPEC --resume`` needs no override repeated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -83,9 +84,11 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """An exclusive lock file in the output folder, held for the run.
 
-    Created with O_EXCL, so two runs cannot both take it. A lock left by a process that no
-    longer exists on this host is stale and taken over; one from another host is refused
-    (its process cannot be checked from here) with the file to delete named.
+    Created with its content in one step (a private file, hard-linked to the lock's name:
+    the link fails where a lock exists), so no run ever reads a lock that is being written.
+    A lock left by a process that no longer exists on this host is stale and taken over; one
+    from another host is refused (its process cannot be checked from here) with the file to
+    delete named; one that is not a kdgraph lock (no readable pid) is refused likewise.
     """
 
     def __init__(self, out: Path):
@@ -94,30 +97,68 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None or (holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                    continue
-                where = "" if holder.get("host") == me["host"] else f" on {holder.get('host')}"
-                raise OutputError(f"{self.path.parent} is in use by another kdgraph run (pid {holder.get('pid')}"
-                                  f"{where}); wait for it, choose another output:, or delete {self.path} "
-                                  "if that run is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
+        for _ in range(3):
+            if self._create(json.dumps(me)):
+                self.held = True
+                return self
+            raw, holder = self._holder()
+            if raw is None:  # gone between the two calls: try again
+                continue
+            if holder is None:
+                raise OutputError(f"{self.path} is not a kdgraph run lock (it holds {raw[:60]!r}, not a pid); "
+                                  f"delete it if no kdgraph run is using {self.path.parent}")
+            if holder["host"] == me["host"] and not _pid_alive(holder["pid"]):
+                self._take_over(raw)  # stale: its writer is gone
+                continue
+            where = "" if holder["host"] == me["host"] else f" on {holder['host']}"
+            raise OutputError(f"{self.path.parent} is in use by another kdgraph run (pid {holder['pid']}"
+                              f"{where}); wait for it, choose another output, or delete {self.path} "
+                              "if that run is gone")
         raise OutputError(f"could not take the lock {self.path}")
 
-    def _holder(self) -> dict | None:
+    def _create(self, content: str) -> bool:
+        """Make the lock file with ``content`` atomically; False where one exists."""
+        private = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.monotonic_ns()}")
+        private.write_text(content)
         try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and "pid" in data else None
-        except (OSError, ValueError):
-            return None
+            os.link(private, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink(missing_ok=True)
+
+    def _take_over(self, stale: str) -> None:
+        """Remove the stale lock whose content is ``stale``, and only it: it is moved aside
+        first, and put back where another run replaced it in the meantime."""
+        aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another run took it over first
+            return
+        try:
+            if aside.read_text(errors="replace") != stale:  # a live run's fresh lock: restore it
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _holder(self) -> tuple[str | None, dict | None]:
+        """The lock's text (None where it is gone) and, where it names a process, {pid, host}."""
+        try:
+            raw = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise OutputError(f"cannot read the run lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return raw, None
+        pid = data.get("pid") if isinstance(data, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+            return raw, None
+        return raw, {"pid": pid, "host": str(data.get("host"))}
 
     def release(self) -> None:
         if self.held:
