@@ -544,7 +544,10 @@ def test_a_num_classes_mismatch_names_num_classes_not_an_invariant(tmp_path):
 @pytest.mark.parametrize("override,path,fragments", [
     ("schedule.epochs=true", "schedule.epochs", ["true/false is not a number", "an integer from 1 to 100000"]),
     ("schedule.epochs=1.0e+23", "schedule.epochs", ["an integer from 1 to 100000"]),
-    ("schedule.epochs=2.5", "schedule.epochs", ["fractional part"]),
+    ("schedule.epochs=2.5", "schedule.epochs", ["must be a valid integer"]),
+    ("schedule.epochs='3'", "schedule.epochs", ["must be a valid integer", "an integer from 1 to 100000"]),
+    ("schedule.epochs=3.0", "schedule.epochs", ["must be a valid integer"]),
+    ("data.batch_size=64.0", "data.batch_size", ["must be a valid integer", "an integer from 1 to 65536"]),
     ("optim.lr=true", "optim.lr", ["true/false is not a number", "a number > 0 and <= 10"]),
     ("optim.lr=1.0e+23", "optim.lr", ["a number > 0 and <= 10"]),
     ("data.batch_size=10000000", "data.batch_size", ["an integer from 1 to 65536"]),
@@ -561,8 +564,21 @@ def test_numbers_are_strictly_typed_and_bounded(tmp_path, override, path, fragme
     assert info.value.path == path
     for fragment in fragments:
         assert fragment in info.value.message, info.value.message
-    assert load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule.epochs=3.0"]).schedule.epochs == 3
+    assert load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule.epochs=3"]).schedule.epochs == 3
 
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_line(tmp_path):
+    text = ("name: dup\nstudent:\n  model: timm:resnet18\nschedule:\n  epochs: 3\n  method: supervised\n"
+            "  epochs: 30\n")
+    (tmp_path / "spec.yaml").write_text(text)
+    proc = run_cli("plan", str(tmp_path / "spec.yaml"))
+    _one_line_error(proc, "spec.yaml:7:3", "key 'epochs' appears twice", "first at line 5")
+    with pytest.raises(SpecError, match="key 'epochs' appears twice"):
+        load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule={epochs: 3, epochs: 4}"])
+    # a merge key may be overridden, as YAML intends
+    merged = "name: m\nstudent:\n  <<: {model: timm:resnet18, kwargs: {num_classes: 10}}\n  model: timm:resnet34\n"
+    (tmp_path / "merged.yaml").write_text(merged)
+    assert load_spec(tmp_path / "merged.yaml").student.model == "timm:resnet34"
 
 def _billion_laughs():
     lines = ["    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]

@@ -136,8 +136,9 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
-# Numbers refuse booleans; Int refuses fractions (2.5) but takes 3.0; Float takes integers.
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# Numbers refuse booleans; Int takes integers only (not "3", not 64.0); Float takes
+# integers, and strings YAML 1.1 leaves unparsed ("1e-3": PyYAML needs 1.0e-3).
+Int = Annotated[int, BeforeValidator(_not_a_bool), Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
 Flag = Annotated[bool, Strict()]  # true/false only: not 1, "yes" or "on"
 _Side = Annotated[Int, Field(ge=1, le=MAX_SIDE)]
