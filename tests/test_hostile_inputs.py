@@ -812,3 +812,31 @@ def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
         _one_line_error(proc, "refusing to load", str(evil), "stored pickled")
         assert evil.exists()
     assert not marker.exists()
+
+
+# --- runtime values the machine or the model cannot use ---------------------------------------
+
+def test_micro_batches_that_leave_batchnorm_tiny_parts_are_refused(tmp_path):
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 16}),
+                      tmp_path / "spec.yaml")
+    _one_line_error(run_cli("plan", str(spec)), "runtime.micro_batches", "parts of 1 sample", "BatchNorm",
+                    "at most 4")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), "runtime.micro_batches")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(SpecError, match="leave empty parts") as info:
+        load_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 17}))
+    assert info.value.path == "runtime.micro_batches"
+    assert load_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 4}))
+
+
+def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path):
+    from test_stream_data import folder_spec, write_folder
+
+    from kdgraph.stream import available_cpus
+
+    root = write_folder(tmp_path / "images")
+    workers = 4 * max(available_cpus(), 8) + 1
+    spec = write_spec(folder_spec(root, tmp_path / "run", workers=workers), tmp_path / "spec.yaml")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), "runtime.num_workers", f"{workers} worker processes",
+                    "allowed: 0 to")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

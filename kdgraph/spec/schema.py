@@ -594,6 +594,14 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _micro_batches_fit_the_batch(self) -> Spec:
+        if self.runtime.micro_batches > self.data.batch_size:
+            raise _invalid(f"{self.runtime.micro_batches} micro-batches of a batch of {self.data.batch_size} "
+                           "leave empty parts", allowed=f"1..{self.data.batch_size} (data.batch_size)",
+                           at="runtime.micro_batches", got=self.runtime.micro_batches)
+        return self
+
+    @model_validator(mode="after")
     def _teacher_given_when_needed(self) -> Spec:
         method = METHODS.get(self.schedule.method)
         if self.teacher is None and method.teacher:
