@@ -370,6 +370,15 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
             ys.append(label)
         if not xs:
             raise DataError(f"data.root: none of the {len(files)} images listed under {folder.root} could be read")
+        lost = sorted(set(labels.tolist()) - set(ys))  # a class with no readable image cannot be learned or scored
+        if lost:
+            cls = folder.classes[lost[0]]
+            split = folder.eval_split if files is folder.test_files else "train"
+            named = [f for f, label in zip(files.tolist(), labels.tolist()) if label == lost[0]]
+            more = f" (and {len(lost) - 1} more classes)" if len(lost) > 1 else ""
+            raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable{more} ({len(named)} "
+                            f"files, e.g. {named[0]}); fix or replace them, or remove the class folder from train/ "
+                            f"and {folder.eval_split}/")
         return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
 
     tr_x, tr_y = read(folder.train_files, folder.train_labels)

@@ -78,6 +78,9 @@ def scan_imagefolder(root: Path | str | None, num_classes: int | None = None) ->
     if root is None:
         raise DataError("data.root: imagefolder needs a root holding train/<class>/ and val/<class>/ (or test/)")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root: {root} is a file; an image folder is a folder holding train/<class>/ and "
+                        "val/<class>/ (or test/<class>/)")
     train_dir = root / "train"
     eval_dir = next((root / d for d in EVAL_SPLITS if (root / d).is_dir()), None)
     if not train_dir.is_dir() or eval_dir is None:
@@ -147,9 +150,20 @@ def read_image(path: str, mode: str):
     try:
         with Image.open(path) as im:
             im.load()  # decodes: truncated data fails here, not later
+            if im.mode.startswith("I"):  # 16-bit grey (PNG): PIL's convert clips 0..65535 to 255
+                im = _to_8_bit(im)
             return im if im.mode == mode else im.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def _to_8_bit(im):
+    """A 16-bit (or 32-bit integer) grey image scaled to 8-bit 'L': 65535 is white, as 255 is."""
+    from PIL import Image
+
+    pixels = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else float(2**32 - 1)
+    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def bad_image(path: str, reason: str, policy: str) -> None:

@@ -840,3 +840,57 @@ def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path
     _one_line_error(run_cli("train", str(spec), "--quiet"), "runtime.num_workers", f"{workers} worker processes",
                     "allowed: 0 to")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- image folders ------------------------------------------------------------------------
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kdgraph.imagefolder import read_image
+
+    pixels = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    grey = np.asarray(read_image(str(tmp_path / "deep.png"), "L"))
+    assert grey.dtype == np.uint8 and np.array_equal(grey.ravel(), np.arange(256))
+    rgb = np.asarray(read_image(str(tmp_path / "deep.png"), "RGB"))
+    assert np.array_equal(rgb[..., 0], grey)
+
+
+def _image_folder_spec(tmp_path, **data):
+    from test_stream_data import folder_spec, write_folder
+
+    root = write_folder(tmp_path / "images")
+    return root, folder_spec(root, tmp_path / "run", loader="memory", **data)
+
+
+def test_a_class_whose_every_image_is_unreadable_is_an_error(tmp_path):
+    root, raw = _image_folder_spec(tmp_path)
+    for image in (root / "train" / "bee").iterdir():
+        image.write_bytes(b"not a png")
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    proc = run_cli("train", str(spec), "--quiet")
+    _one_line_error(proc, "every image of class 'bee' in train/ is unreadable", "8 files")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_plan_stops_a_num_classes_that_disagrees_with_the_class_folders(tmp_path):
+    root, raw = _image_folder_spec(tmp_path)
+    for role in ("teacher", "student"):
+        raw[role]["kwargs"]["num_classes"] = 10  # the folder has 3
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    _one_line_error(run_cli("plan", str(spec)), "student.kwargs.num_classes", "predicts 10 classes",
+                    "3 class folders")
+
+
+def test_a_data_root_that_is_a_file_and_a_spec_that_is_a_folder_are_named_as_such(tmp_path):
+    root, raw = _image_folder_spec(tmp_path)
+    raw["data"]["root"] = str(tmp_path / "file.txt")
+    (tmp_path / "file.txt").write_text("not a folder")
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    for command in ("plan", "train"):
+        _one_line_error(run_cli(command, str(spec), *(["--quiet"] if command == "train" else [])),
+                        f"data.root: {tmp_path / 'file.txt'} is a file")
+    _one_line_error(run_cli("plan", str(tmp_path)), f"spec {tmp_path} is a folder")
+    assert (tmp_path / "file.txt").read_text() == "not a folder"

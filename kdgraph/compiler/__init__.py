@@ -29,7 +29,7 @@ from kdgraph.compiler.blockgraph import block_graph_pass
 from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
-from kdgraph.compiler.data import data_pass
+from kdgraph.compiler.data import check_num_classes, data_pass
 from kdgraph.compiler.pair import Pairing, pair_pass
 from kdgraph.compiler.plan import Plan, plan_pass
 from kdgraph.compiler.split import split_pass
@@ -152,6 +152,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     built = run(build_pass, spec, mode, models)
     data = run(data_pass, spec, built, input_size, mode)
     traced = run(trace_pass, spec, built, input_size)
+    check_num_classes(data, traced.student.num_classes)
     cut = run(cuts_pass, traced)
     staged = run(stages_pass, cut)
     bounded = run(boundaries_pass, spec, staged)

@@ -37,6 +37,7 @@ class DataPlan:
     std: tuple[float, ...] | None = None
     crop_pct: float | None = None  # streamed evaluation only
     stats: str = "the training split's statistics"
+    num_classes: int | None = None  # image folders: their class folders
 
     def __str__(self) -> str:
         norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
@@ -64,7 +65,7 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
     if data_spec.dataset != "imagefolder":
         return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
-    if missing_ok and (data_spec.root is None or not Path(data_spec.root).is_dir()):
+    if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):
         mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
                                                     "teacher" if teacher is not None else "student", input_size[0])
         return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
@@ -85,7 +86,16 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
                                                 "teacher" if teacher is not None else "student", c)
     return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
-                    round(mb, 1), mean, std, crop_pct, stats)
+                    round(mb, 1), mean, std, crop_pct, stats, len(folder.classes))
+
+
+def check_num_classes(data: DataPlan, predicted: int | None) -> None:
+    """An image folder's classes are its class folders: the student must predict exactly as
+    many (``predicted``: what tracing found, None for a dense task)."""
+    if data.num_classes is not None and predicted is not None and predicted != data.num_classes:
+        raise DataError(f"student.kwargs.num_classes: the student predicts {predicted} classes, the image folder "
+                        f"has {data.num_classes} class folders; set num_classes: {data.num_classes} in "
+                        "student.kwargs (and teacher.kwargs)")
 
 
 def _normalisation(data_spec: DataSpec, model: nn.Module, role: str, channels: int):

@@ -174,6 +174,8 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise SpecError("", f"spec {path} is a folder; give the YAML file, e.g. {path / 'spec.yaml'}")
     if not path.is_file():
         raise SpecError("", f"spec file not found: {path}")
     size = path.stat().st_size
