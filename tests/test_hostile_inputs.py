@@ -375,8 +375,43 @@ def test_sigint_exits_130_and_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
-    assert "kdgraph train SPEC --resume" in " ".join(err.split()) and "error:" not in err
+    # the real spec path, and epochs counted from 1 as the progress lines count them
+    assert f"kdgraph train {spec} --resume" in " ".join(err.split()) and "error:" not in err
+    assert "stopped at epoch 1," in err
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_full_disk_while_checkpointing_keeps_last_pt_and_says_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from kdgraph.runtime import checkpoint
+    from kdgraph.runtime.loop import train
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd", epochs=2, fraction=0.1))
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first checkpoint is written; the disk fills before the second
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KDGraphError) as info:
+            train(spec, source={"spec_file": "/specs/mine.yaml", "overrides": []})
+    finally:
+        torch.set_num_threads(threads)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    message = str(info.value)
+    assert "No space left on device" in message and f"{last} from before is intact" in message
+    assert "kdgraph train /specs/mine.yaml --resume" in message and "\n" not in message
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert ckpt.load(last)["position"]["epoch"] == 1  # the first epoch's checkpoint, whole
+    assert not list(last.parent.glob(".*.tmp"))
 
 
 # --- checkpoints: checksummed, the previous one kept ---------------------------------------

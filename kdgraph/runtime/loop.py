@@ -330,6 +330,14 @@ class Metrics:
 def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None, best: dict) -> None:
     if not run.info.is_main:
         return
+    try:
+        _save_checkpoint(run, epoch, step, global_step, teacher_acc, best)
+    except ckpt.CheckpointWriteError as exc:
+        raise KDGraphError(f"{exc}; free space and continue from it with `{runs.resume_command(run.out)}`") from None
+
+
+def _save_checkpoint(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None,
+                     best: dict) -> None:
     ckpt.save_atomic({
         "model": run.distiller.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -496,8 +504,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                     save(epoch, step + 1)
                 if stop["signal"]:
                     raise TrainingInterrupted(
-                        f"{stop['signal']}: stopped at epoch {epoch}, step {step + 1}; checkpoint saved to "
-                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume` "
+                        f"{stop['signal']}: stopped at epoch {epoch + 1}, step {step + 1}; checkpoint saved to "
+                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `{runs.resume_command(run.out)}` "
                         "(the spec and its --set overrides are stored in the run)")
             for rec in tracker.flush() if tracker is not None else ():
                 metrics.write(rec)

@@ -200,6 +200,16 @@ def stored_run(out: Path) -> dict | None:
         raise OutputError(f"{path} is not valid JSON; restore it or start over with --force") from None
 
 
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out``: its spec file as run.json recorded it
+    (the stored --set overrides are reused), else a SPEC placeholder."""
+    try:
+        spec_file = (stored_run(out) or {}).get("spec_file")
+    except KDGraphError:
+        spec_file = None
+    return f"kdgraph train {spec_file or 'SPEC'} --resume"
+
+
 def earlier_run(out: Path) -> list[str]:
     """What an earlier run left in ``out`` (empty: nothing)."""
     return [name for name in ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors")
