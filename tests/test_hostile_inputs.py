@@ -929,3 +929,32 @@ def test_a_data_root_that_is_a_file_and_a_spec_that_is_a_folder_are_named_as_suc
                         f"data.root: {tmp_path / 'file.txt'} is a file")
     _one_line_error(run_cli("plan", str(tmp_path)), f"spec {tmp_path} is a folder")
     assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+# --- paths the OS refuses for their length ----------------------------------------------------
+
+_LONG = "n" * 300  # one path component over NAME_MAX (255 bytes)
+
+
+@pytest.mark.parametrize("where", ["spec", "output", "student.checkpoint", "data.root", "--png", "--checkpoint",
+                                   "--to"])
+def test_a_path_component_over_255_bytes_is_one_line(tmp_path, where):
+    raw = tiny_spec(tmp_path / "run", "kd")
+    long = str(tmp_path / _LONG / "x")
+    fragment = "bytes"
+    if where == "spec":
+        args = ["plan", str(tmp_path / f"{_LONG}.yaml")]
+    else:
+        if where == "output":
+            raw["output"] = long
+        elif where == "student.checkpoint":
+            raw["student"]["checkpoint"] = long
+        elif where == "data.root":
+            raw["data"] = {**raw["data"], "dataset": "imagefolder", "root": long}
+        spec = str(write_spec(raw, tmp_path / "spec.yaml"))
+        args = {"--png": ["plan", spec, "--png", long + ".png"],
+                "--checkpoint": ["eval", spec, "--checkpoint", long],
+                "--to": ["export", spec, "--to", long]}.get(where, ["train", spec, "--quiet"])
+        fragment = where if where.startswith("--") else f"{where}: the path has a name of"
+    _one_line_error(run_cli(*args), fragment, "at most 255")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["spec.yaml"] if where != "spec" else [])

@@ -21,6 +21,7 @@ from torch import nn
 
 from kdgraph.adapters import TupleMap, build_adapters, fold
 from kdgraph.errors import KDGraphError
+from kdgraph.paths import path_problem
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.chain import ExportedStudent
@@ -74,6 +75,8 @@ def file_format(path: Path) -> str:
     """What ``path`` holds, read from its content (never its suffix): 'export' (a folder
     written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle)."""
     path = Path(path)
+    if (problem := path_problem(path)) is not None:
+        raise KDGraphError(f"--checkpoint {str(path)[:200]} {problem}")
     if not path.exists():
         raise KDGraphError(f"no trained student at {path}; run `kdgraph train` first or pass --checkpoint")
     if path.is_dir():

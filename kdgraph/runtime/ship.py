@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from kdgraph.errors import KDGraphError
+from kdgraph.paths import path_problem
 from kdgraph.runtime.chain import ExportedStudent
 
 WEIGHTS = "model.safetensors"
@@ -255,6 +256,8 @@ def check_destination(folder: Path) -> Path:
     export (its config.json carries a kdgraph block). Export replaces README.md and
     config.json, so any other folder (a repository, a user's own model) is refused."""
     folder = Path(folder)
+    if (problem := path_problem(folder)) is not None:
+        raise ExportError(f"export --to {str(folder)[:200]} {problem}")
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"export --to {folder}: a file is there; name a folder (it will hold "
                           f"{WEIGHTS}, {CONFIG} and {CARD})")

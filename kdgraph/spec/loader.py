@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from kdgraph.errors import SpecError
+from kdgraph.paths import path_problem
 from kdgraph.spec.explain import short, spec_error_from
 from kdgraph.spec.schema import Spec
 
@@ -174,6 +175,8 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if (problem := path_problem(path)) is not None:
+        raise SpecError("", f"spec path {short(str(path))} {problem}")
     if path.is_dir():
         raise SpecError("", f"spec {path} is a folder; give the YAML file, e.g. {path / 'spec.yaml'}")
     if not path.is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from kdgraph.paths import NAME_MAX, PATH_MAX, path_problem
 from kdgraph.registry import (
     AUGMENTATIONS,
     DATASETS,
@@ -144,6 +146,18 @@ Flag = Annotated[bool, Strict()]  # true/false only: not 1, "yes" or "on"
 _Side = Annotated[Int, Field(ge=1, le=MAX_SIDE)]
 
 
+def _fits_the_os(path: Path) -> Path:
+    """A path every os call would refuse (ENAMETOOLONG, even to ask whether it exists)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise _invalid(f"the path {problem}", allowed=f"names of at most {NAME_MAX} bytes, paths of at most "
+                       f"{PATH_MAX - 1} bytes", got=str(path) if len(str(path)) <= 80 else str(path)[:80] + "...")
+    return path
+
+
+UserPath = Annotated[Path, AfterValidator(_fits_the_os)]
+
+
 class _Strict(BaseModel):
     # No inf/nan anywhere: `--set optim.lr=.inf` would otherwise train all-NaN and exit 0.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -166,7 +180,7 @@ class ModelSpec(_Strict):
         "local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
         "classifier, as timm does; a teacher's must match. `kdgraph plan` does not fetch them.",
     )
-    checkpoint: Path | None = Field(
+    checkpoint: UserPath | None = Field(
         default=None,
         description="Weights file to load (strictly; format read from its content): safetensors or a torch "
         "file holding a timm, torchvision or HF state_dict (wrappers such as state_dict/model/module and "
@@ -247,7 +261,7 @@ class DataSpec(_Strict):
         description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
         "or 'torchvision:NAME' (a torchvision dataset class whose files are present under root).",
     )
-    root: Path | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
+    root: UserPath | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
         default=None, description=f"Input shape C,H,W fed to the models (None: the dataset's own size); each "
         f"side at most {MAX_SIDE}, C*H*W at most {MAX_INPUT_ELEMENTS}."
@@ -532,7 +546,7 @@ class Spec(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec, description="Loss terms.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and LR schedule.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
-    output: Path | None = Field(default=None, description="Output directory (None: runs/<name>).")
+    output: UserPath | None = Field(default=None, description="Output directory (None: runs/<name>).")
 
     _source_dir: Path | None = PrivateAttr(default=None)
 
