@@ -405,6 +405,12 @@ def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
                 return cls(root, train=train, download=False)
             except TypeError:
                 return cls(root, split="train" if train else "test", download=False)
+        except TypeError:
+            instead = {"ImageFolder": "imagefolder", "DatasetFolder": "imagefolder", "FakeData": "synthetic"}
+            hint = f"; use dataset: {instead[cls_name]}" if cls_name in instead else ""
+            raise DataError(f"data.dataset: torchvision.datasets.{cls_name} does not take (root, train=, download=) "
+                            f"or (root, split=, download=), as the datasets torchvision: reads do (MNIST, "
+                            f"FashionMNIST, CIFAR10, CIFAR100, SVHN, STL10, ...){hint}") from None
         except (RuntimeError, FileNotFoundError, OSError) as e:
             raise DataError(
                 f"data.root: {cls_name} files not found under {root} ({e}); kdgraph never downloads: "

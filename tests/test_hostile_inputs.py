@@ -970,3 +970,13 @@ def test_eval_of_a_program_exported_from_another_pair_is_one_line(tmp_path, othe
     spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
     what = "predicts 5 classes, this spec's student 10" if "classes" in other else "does not take this spec's input"
     _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), "does not fit the student", what)
+
+
+@pytest.mark.parametrize("name,instead", [("ImageFolder", "imagefolder"), ("FakeData", "synthetic")])
+def test_a_torchvision_dataset_without_a_split_keyword_is_one_line(tmp_path, name, instead):
+    raw = tiny_spec(tmp_path / "run", "kd")
+    raw["data"] = {**raw["data"], "dataset": f"torchvision:{name}", "root": str(tmp_path), "input_size": [1, 8, 8]}
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), f"torchvision.datasets.{name} does not take",
+                    f"use dataset: {instead}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
