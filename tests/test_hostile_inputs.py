@@ -980,3 +980,26 @@ def test_a_torchvision_dataset_without_a_split_keyword_is_one_line(tmp_path, nam
     _one_line_error(run_cli("train", str(spec), "--quiet"), f"torchvision.datasets.{name} does not take",
                     f"use dataset: {instead}")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- newcomer paths ---------------------------------------------------------------------------
+
+def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_teacher(tmp_path):
+    """A run trained with --set (here a student of other widths): eval and export without
+    repeating it load the same student; export ignores a teacher file that does not fit."""
+    spec, out = _tiny_run(tmp_path)
+    widths = "student.kwargs.widths=[16, 32, 48]"
+    first = run_cli("train", str(spec), "--quiet", "--set", widths)
+    assert first.returncode == 0, first.stderr[-2000:]
+    scored = run_cli("eval", str(spec), "--format", "json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout)["student_top1"] >= 0
+    misfit = tmp_path / "misfit.safetensors"
+    import shutil
+
+    shutil.copy(out / "student.safetensors", misfit)  # the student's weights: not the teacher's shapes
+    shipped = run_cli("export", str(spec), "--to", str(tmp_path / "ship"), "--set", f"teacher.checkpoint={misfit}")
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    card = (tmp_path / "ship" / "README.md").read_text()
+    assert "widths=[16, 32, 48]" in card or "widths" in json.loads((tmp_path / "ship" / "config.json").read_text())[
+        "kdgraph"]["command"]

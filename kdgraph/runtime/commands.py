@@ -84,13 +84,23 @@ def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
     return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
 
 
+def _without_teacher_weights(spec: Spec) -> Spec:
+    """``spec`` with a teacher of random weights: exporting the student needs the teacher's
+    shapes (the pairing), never its weights, so a teacher file that is gone or does not fit
+    cannot stop an export."""
+    if spec.teacher is None:
+        return spec
+    teacher = spec.teacher.model_copy(update={"checkpoint": None, "pretrained": False})
+    return spec.model_copy(update={"teacher": teacher})
+
+
 def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
     """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
-    compiled = compile_spec(spec, allow_missing_weights=True)
+    compiled = compile_spec(_without_teacher_weights(spec), allow_missing_weights=True)
     path = checkpoint
     if path is None:
         path = _default_student(spec)
