@@ -1003,3 +1003,23 @@ def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_tea
     card = (tmp_path / "ship" / "README.md").read_text()
     assert "widths=[16, 32, 48]" in card or "widths" in json.loads((tmp_path / "ship" / "config.json").read_text())[
         "kdgraph"]["command"]
+
+
+def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from kdgraph.runtime import progress
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500, plan=None)
+    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
+    record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
+    for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
+        clock["t"] = t
+        reporter.log({**record, "step": step})
+    lines = reporter.console.file.getvalue().splitlines()
+    assert lines == ["epoch 1/3 step 10/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:00",
+                     "epoch 1/3 step 30/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:31"]
