@@ -62,6 +62,26 @@ def _version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version of kdgraph, torch and timm and exit.")] = False):
     """kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it."""
+    _plain_warnings()
+
+
+def _plain_warnings() -> None:
+    """kdgraph's own warnings (an image skipped, say) as 'warning: ...' lines, not Python's
+    'data.py:363: BadImageWarning: ...' format; other libraries' warnings are left as they are."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "kdgraph", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("kdgraph."):
+            err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.kdgraph = True
+    warnings.showwarning = show
 
 
 def _fail(exc: KDGraphError) -> None:

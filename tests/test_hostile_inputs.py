@@ -1023,3 +1023,31 @@ def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(mon
     lines = reporter.console.file.getvalue().splitlines()
     assert lines == ["epoch 1/3 step 10/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:00",
                      "epoch 1/3 step 30/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:31"]
+
+
+def test_small_messages_a_newcomer_reads(tmp_path):
+    from test_stream_data import write_folder
+
+    # eval --checkpoint that is not there: no advice to pass --checkpoint
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    proc = run_cli("eval", str(spec), "--checkpoint", str(tmp_path / "missing.pt"))
+    _one_line_error(proc, f"no trained student at {tmp_path / 'missing.pt'}")
+    assert "pass --checkpoint" not in proc.stderr
+    # with both val/ and test/, the plan says which one is evaluated
+    root = write_folder(tmp_path / "images")
+    (root / "val").rename(root / "test")
+    write_folder(root)  # val/ again, beside test/
+    raw = tiny_spec(tmp_path / "run", "kd")
+    raw["data"] = {"dataset": "imagefolder", "root": str(root), "input_size": [1, 8, 8], "batch_size": 4}
+    for role in ("teacher", "student"):
+        raw[role]["kwargs"]["num_classes"] = 3
+    planned = run_cli("plan", str(write_spec(raw, tmp_path / "folder.yaml")))
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "val/ is evaluated, test/ is not read" in " ".join(planned.stdout.split())
+    # a skipped image is a plain 'warning:' line, not Python's file:line format
+    (root / "train" / "bee" / "0.png").write_bytes(b"not a png")
+    raw["data"]["loader"] = "memory"
+    raw["schedule"]["epochs"] = 1
+    trained = run_cli("train", str(write_spec(raw, tmp_path / "folder.yaml")), "--quiet")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "warning: skipping unreadable image" in trained.stderr and "BadImageWarning" not in trained.stderr

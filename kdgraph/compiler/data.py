@@ -83,6 +83,8 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
         reason = f"auto: {size} {'<=' if loader == 'memory' else '>'} data.memory_budget_mb {budget}"
     else:
         loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
+    if folder.eval_split == "val" and (Path(folder.root) / "test").is_dir():
+        reason += "; val/ is evaluated, test/ is not read"
     mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
                                                 "teacher" if teacher is not None else "student", c)
     return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),

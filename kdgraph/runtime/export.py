@@ -71,14 +71,16 @@ def _width(m: nn.Module) -> int | None:
     return m.in_channels if isinstance(m, nn.Conv2d) else None
 
 
-def file_format(path: Path) -> str:
+def file_format(path: Path, given: bool = False) -> str:
     """What ``path`` holds, read from its content (never its suffix): 'export' (a folder
-    written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle)."""
+    written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle).
+    ``given``: the user named ``path`` (--checkpoint), so the error suggests nothing else."""
     path = Path(path)
     if (problem := path_problem(path)) is not None:
         raise KDGraphError(f"--checkpoint {str(path)[:200]} {problem}")
     if not path.exists():
-        raise KDGraphError(f"no trained student at {path}; run `kdgraph train` first or pass --checkpoint")
+        raise KDGraphError(f"no trained student at {path}" + ("" if given else "; run `kdgraph train` first or "
+                                                                "pass --checkpoint"))
     if path.is_dir():
         if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
             return "export"
