@@ -1051,3 +1051,22 @@ def test_small_messages_a_newcomer_reads(tmp_path):
     trained = run_cli("train", str(write_spec(raw, tmp_path / "folder.yaml")), "--quiet")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "warning: skipping unreadable image" in trained.stderr and "BadImageWarning" not in trained.stderr
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_path):
+    """--resume said 'train without --resume first' and a plain run said 'continue it with --resume'."""
+    from kdgraph.runtime.runs import claim, earlier_run
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    (out / "run.json").write_text('{"spec": {"seed": 0}}')
+    assert earlier_run(out) == []
+    claim(out, {"seed": 0}, resume=False, force=False)  # no error: nothing would be lost
+    assert not (out / "metrics.jsonl").exists()  # the killed run's own files go
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    assert earlier_run(out) == ["checkpoints/last.pt", "metrics.jsonl"]
+    with pytest.raises(KDGraphError, match="already holds a run .*checkpoints/last.pt"):
+        claim(out, {"seed": 0}, resume=False, force=False)

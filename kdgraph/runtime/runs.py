@@ -211,9 +211,13 @@ def resume_command(out: Path) -> str:
 
 
 def earlier_run(out: Path) -> list[str]:
-    """What an earlier run left in ``out`` (empty: nothing)."""
-    return [name for name in ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors")
-            if (Path(out) / name).exists()]
+    """What an earlier run left in ``out`` that a new run would lose (empty: nothing). A run
+    killed before its first checkpoint leaves only metrics.jsonl and run.json: nothing to
+    continue (--resume has no checkpoint), so a plain run may start over it."""
+    out = Path(out)
+    kept = [name for name in ("checkpoints/last.pt", "checkpoints/prev.pt", "summary.json", "student.safetensors")
+            if (out / name).exists()]
+    return kept + ["metrics.jsonl"] * bool(kept and (out / "metrics.jsonl").exists())
 
 
 def _remove_run_files(out: Path) -> None:
@@ -249,9 +253,9 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
                 raise OutputError(f"{out} was trained with another spec; --resume needs the same one "
                                   f"(differs: {'; '.join(diff)}). Drop the conflicting --set or edit, "
                                   "or start over with --force")
-    elif left:
-        if not force:
+    else:
+        if left and not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
-                              "or start over with --force (deletes those files), or choose another output:")
-        _remove_run_files(out)
+                              "or start over with --force (deletes those files), or choose another output")
+        _remove_run_files(out)  # a forced start, or what a run killed before its first checkpoint left
     (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
