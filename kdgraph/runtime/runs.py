@@ -125,8 +125,19 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a file system without hard links: O_EXCL, the content written at once after
+            return self._create_exclusive(content)
         finally:
             private.unlink(missing_ok=True)
+
+    def _create_exclusive(self, content: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        return True
 
     def _take_over(self, stale: str) -> None:
         """Remove the stale lock whose content is ``stale``, and only it: it is moved aside
