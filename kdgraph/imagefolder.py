@@ -24,8 +24,8 @@ import numpy as np
 
 from kdgraph.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "BadImage", "BadImageWarning", "ImageFolder", "bad_image", "read_image",
-           "scan_imagefolder"]
+__all__ = ["IMAGE_SUFFIXES", "BadImage", "BadImageWarning", "ImageFolder", "bad_image", "check_classes_readable",
+           "read_image", "scan_imagefolder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 EVAL_SPLITS = ("val", "test")
@@ -141,6 +141,29 @@ def _images(folder: Path) -> list[str]:
                             f"{', '.join(IMAGE_SUFFIXES)} files only; move it out of {folder}")
         images.append(entry.path)
     return images
+
+
+def check_classes_readable(folder: ImageFolder) -> None:
+    """Refuse a class none of whose files opens as an image, in either split, reading headers
+    only (one file per healthy class): streamed, such a class would train on zero images with
+    a warning per file. A file whose header opens but whose data is truncated is found when
+    it is decoded, as before."""
+    from PIL import Image
+
+    for split, files, labels in (("train", folder.train_files, folder.train_labels),
+                                 (folder.eval_split, folder.test_files, folder.test_labels)):
+        for label, cls in enumerate(folder.classes):
+            named = files[labels == label].tolist()
+            for path in named:
+                try:
+                    with Image.open(path):
+                        break
+                except Exception:  # noqa: BLE001 - PIL raises several unrelated types for a bad header
+                    continue
+            else:
+                raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable ({len(named)} "
+                                f"files, e.g. {named[0]}); fix or replace them, or remove the class folder from "
+                                f"train/ and {folder.eval_split}/")
 
 
 def read_image(path: str, mode: str):

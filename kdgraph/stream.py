@@ -38,7 +38,8 @@ import torch
 
 from kdgraph.data import DeviceLoader, build_loaders, class_balanced_subset
 from kdgraph.errors import DataError, SpecError
-from kdgraph.imagefolder import BadImage, ImageFolder, bad_image, read_image, scan_imagefolder
+from kdgraph.imagefolder import (BadImage, ImageFolder, bad_image, check_classes_readable, read_image,
+                                 scan_imagefolder)
 from kdgraph.registry import AUGMENTATIONS
 from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
 
@@ -378,6 +379,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                     tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
     num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
     folder = scan_imagefolder(d.root, d.num_classes)
+    check_classes_readable(folder)
     c = plan.input_size[0]
     mean, std, stats = plan.mean, plan.std, plan.stats
     if mean is None:

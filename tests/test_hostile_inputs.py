@@ -902,8 +902,10 @@ def _image_folder_spec(tmp_path, **data):
     return root, folder_spec(root, tmp_path / "run", loader="memory", **data)
 
 
-def test_a_class_whose_every_image_is_unreadable_is_an_error(tmp_path):
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_class_whose_every_image_is_unreadable_is_an_error(tmp_path, loader):
     root, raw = _image_folder_spec(tmp_path)
+    raw["data"]["loader"] = loader
     for image in (root / "train" / "bee").iterdir():
         image.write_bytes(b"not a png")
     spec = write_spec(raw, tmp_path / "spec.yaml")
