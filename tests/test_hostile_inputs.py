@@ -1072,3 +1072,26 @@ def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_pa
     assert earlier_run(out) == ["checkpoints/last.pt", "metrics.jsonl"]
     with pytest.raises(KDGraphError, match="already holds a run .*checkpoints/last.pt"):
         claim(out, {"seed": 0}, resume=False, force=False)
+
+
+def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
+    """The in-memory path peaked at 3.4x what data.memory_budget_mb counts: a list of decoded
+    images, then a stacked copy. numpy reports its allocations to tracemalloc."""
+    import tracemalloc
+
+    from test_stream_data import write_folder
+
+    from kdgraph.data import _load_imagefolder
+    from kdgraph.spec import DataSpec
+
+    root = write_folder(tmp_path / "images", channels=3, side=48, train=16, val=4)
+    spec = DataSpec(dataset="imagefolder", root=root, input_size=(3, 48, 48))
+    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48 * 4
+    tracemalloc.start()
+    try:
+        raw = _load_imagefolder(spec, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raw.train_x.shape == (48, 3, 48, 48) and raw.test_x.shape == (12, 3, 48, 48)
+    assert peak < 1.3 * decoded, (peak, decoded)
