@@ -1095,3 +1095,14 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
         tracemalloc.stop()
     assert raw.train_x.shape == (48, 3, 48, 48) and raw.test_x.shape == (12, 3, 48, 48)
     assert peak < 1.3 * decoded, (peak, decoded)
+
+
+def test_the_resume_command_repeats_an_output_override(tmp_path):
+    from kdgraph.runtime.runs import RUN_FILE, resume_command
+
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    assert resume_command(out) == "kdgraph train SPEC --resume"
+    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "spec_file": "/specs/my spec.yaml",
+                                            "overrides": ["optim.lr=0.1", f"output={out}"]}))
+    assert resume_command(out) == f"kdgraph train '/specs/my spec.yaml' --set output={out} --resume"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -212,13 +213,16 @@ def stored_run(out: Path) -> dict | None:
 
 
 def resume_command(out: Path) -> str:
-    """The command that continues the run in ``out``: its spec file as run.json recorded it
-    (the stored --set overrides are reused), else a SPEC placeholder."""
+    """The command that continues the run in ``out``: its spec file as run.json recorded it,
+    else a SPEC placeholder. The stored --set overrides are reused, except that an output=
+    override must be given again: without it the run is looked for elsewhere."""
     try:
-        spec_file = (stored_run(out) or {}).get("spec_file")
+        stored = stored_run(out) or {}
     except KDGraphError:
-        spec_file = None
-    return f"kdgraph train {spec_file or 'SPEC'} --resume"
+        stored = {}
+    where = [o for o in stored.get("overrides") or [] if o.partition("=")[0].strip() == "output"]
+    return " ".join(["kdgraph train", shlex.quote(stored.get("spec_file") or "SPEC"),
+                     *(f"--set {shlex.quote(o)}" for o in where[-1:]), "--resume"])
 
 
 def earlier_run(out: Path) -> list[str]:
