@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdgraph.errors import DataError
+from kdgraph.errors import DataError, SpecError
 from kdgraph.imagefolder import BadImage, ImageFolder, bad_image, read_image
 from kdgraph.registry import AUGMENTATIONS
 from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
@@ -210,6 +210,7 @@ def _worker_init(_worker_id: int, low_priority: bool = False) -> None:
 
 
 MAX_AUTO_WORKERS = 8
+WORKERS_PER_CPU = 2  # the most runtime.num_workers may ask for per available CPU (or MAX_AUTO_WORKERS)
 
 
 def available_cpus() -> int:
@@ -226,6 +227,11 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
     the training process, at least 1 and at most MAX_AUTO_WORKERS (timm's default is 4, the
     torchvision reference scripts' 16)."""
     if num_workers != "auto":
+        limit = max(MAX_AUTO_WORKERS, WORKERS_PER_CPU * available_cpus())
+        if int(num_workers) > limit:
+            raise SpecError("runtime.num_workers", f"{num_workers} worker processes for the {available_cpus()} CPUs "
+                            "this process may use: each is a process of its own, with its own memory, and more than "
+                            f"a few per CPU only wait for one; allowed: 0 to {limit}, or auto")
         return int(num_workers)
     if device.type == "cpu":
         return 2
@@ -303,11 +309,12 @@ class StreamLoader:
 # ---------------------------------------------------------------------------- build
 
 
-def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, device: torch.device,
-                   dist_info: Any) -> tuple[StreamLoader, StreamLoader, tuple[float, ...], tuple[float, ...], str]:
+def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, num_workers: int,
+                   device: torch.device, dist_info: Any
+                   ) -> tuple[StreamLoader, StreamLoader, tuple[float, ...], tuple[float, ...], str]:
     """The streamed train loader (the training files ``keep`` selects, all without it;
     sharded over ranks) and test loader (the whole split) of ``folder``, with the mean, std
-    (0..1 units) and where they came from."""
+    (0..1 units) and where they came from. ``num_workers``: see ``resolve_workers``."""
     d = spec.data
     c = plan.input_size[0]
     mean, std, stats = plan.mean, plan.std, plan.stats
@@ -319,7 +326,7 @@ def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.nda
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
     pin = device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory
-    workers = WorkerOptions(resolve_workers(rt.num_workers, device), pin, rt.persistent_workers, rt.prefetch_factor,
+    workers = WorkerOptions(num_workers, pin, rt.persistent_workers, rt.prefetch_factor,
                             low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,

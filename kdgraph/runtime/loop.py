@@ -139,6 +139,7 @@ class Trainer:
         self.scaler = grad_scaler(self.config.precision, device)
         self.folder = RunFolder(spec.output_dir)
         self.name = spec.name
+        self.spec_record = spec.to_dict()  # in every checkpoint: a resume refuses one of another run
         self.preprocessing = preprocessing_of(spec, self.data)  # what export's config.json records
         self.untrained_teacher = bool(spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained)
         self.position = {"epoch": 0, "step": 0, "global_step": 0}
@@ -288,8 +289,8 @@ class Trainer:
             self.save(epoch, step)
         if signal_name:
             raise TrainingInterrupted(
-                f"{signal_name}: stopped at epoch {epoch}, step {step}; checkpoint saved to "
-                f"{self.folder.last_checkpoint}; continue with `kdgraph train SPEC --resume` "
+                f"{signal_name}: stopped at epoch {epoch + 1}, step {step}; checkpoint saved to "
+                f"{self.folder.last_checkpoint}; continue with `{runs.resume_command(self.folder.root)}` "
                 "(the spec and its --set overrides are stored in the run)")
 
     def check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -395,6 +396,13 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if not self.main:
             return
+        try:
+            self.save_checkpoint(epoch, step)
+        except ckpt.CheckpointWriteError as exc:
+            raise KDGraphError(f"{exc}; free space and continue from it with "
+                               f"`{runs.resume_command(self.folder.root)}`") from None
+
+    def save_checkpoint(self, epoch: int, step: int) -> None:
         acc = self.teacher_acc
         ckpt.save_atomic({
             "model": self.distiller.state_dict(),
@@ -405,6 +413,7 @@ class Trainer:
             "position": {"epoch": epoch, "step": step, "global_step": self.global_step},
             "data": self.data.state_dict(epoch, step),
             "plan": self.plan.to_dict(),
+            "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
             "teacher_top1": acc and acc["top1"],
             "teacher_top5": acc and acc["top5"],
             "history": self.history,
@@ -418,6 +427,14 @@ class Trainer:
         if warning and self.main and last.exists():
             last.replace(self.folder.corrupt_checkpoint)
             warning += f" (the damaged file is kept as {self.folder.corrupt_checkpoint})"
+        # The spec first (it names what differs); checkpoints of kdgraph before this carry no
+        # spec: the plan check below is all there is for them.
+        diff = [d for d in runs.spec_differences(state.get("spec") or {}, self.spec_record)
+                if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
+        if diff:
+            raise KDGraphError(f"{last} was written by a run with another spec (differs: {'; '.join(diff)}); it is "
+                               "not this run's checkpoint: resume with the spec it was trained with, or start over "
+                               "with --force")
         if state["plan"] != self.plan.to_dict():
             raise KDGraphError(f"{last} was written for another plan ({state['plan']['method']}, "
                                f"{state['plan']['epochs']} epochs); resume with the spec it was trained with, "
