@@ -70,7 +70,7 @@ def test_no_import_cycles():
 # Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS = (
     ("base: errors, registries, the compiler's torch-free records",
-     ("kdgraph", "kdgraph.errors", "kdgraph.registry", "kdgraph.ir")),
+     ("kdgraph", "kdgraph.errors", "kdgraph.registry", "kdgraph.ir", "kdgraph.paths")),
     ("spec", ("kdgraph.spec",)),
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
