@@ -34,7 +34,7 @@ def test_run_folder_paths():
     folder = RunFolder("runs/x")
     assert folder.last_checkpoint == Path("runs/x/checkpoints/last.pt")
     assert folder.corrupt_checkpoint.parent == folder.checkpoints
-    assert folder.tensorboard in folder.outputs() and folder.lock not in folder.outputs()
+    assert folder.tensorboard in folder.written_in_folders() and folder.lock not in folder.outputs()
 
 
 def test_epoch_to_stage():
