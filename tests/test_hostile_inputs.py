@@ -1089,7 +1089,7 @@ def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(mon
 
     clock = {"t": 100.0}
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500, plan=None)
+    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500)
     reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
     record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
     for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
