@@ -342,7 +342,9 @@ class Pairing:
 class Op:
     """Compute graph node ``node`` (of ``kind``) from the values of ``inputs``, in that order.
 
-    kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
+    kinds: ``teacher`` (frozen teacher block, no autograd), ``cache`` (the teacher's logits of
+    this batch's views replayed from a teacher cache, in place of the teacher's head block),
+    ``student`` (student block),
     ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
     into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
     feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss`` says where it sits:
@@ -409,6 +411,21 @@ class Program:
         return tuple(sorted({teacher[n] for op in self.ops if op.kind != "teacher" for n in op.inputs
                              if n in teacher}))
 
+    @property
+    def replayable(self) -> bool:
+        """The teacher's logits are the only teacher output the program reads, by the head loss
+        alone (no feature, no TPP proxy): a teacher cache can stand in for the teacher."""
+        teacher = {op.node: op.block for op in self.ops if op.kind == "teacher"}
+        if not teacher or any(op.kind == "proxy" for op in self.ops):
+            return False
+        k = max(teacher.values())
+        reads = [(n, op) for op in self.ops if op.kind != "teacher" for n in op.inputs if n in teacher]
+        return all(teacher[n] == k and op.kind == "loss" and op.loss == "head" for n, op in reads)
+
+    @property
+    def reads_cache(self) -> bool:
+        return any(op.kind == "cache" for op in self.ops)
+
     def terms_of(self, group: tuple[int, ...]) -> tuple[str, ...]:
         """The loss terms of the loss nodes that the blocks of ``group`` reach."""
         return tuple(t for op in self.ops if op.kind == "loss" and op.block in group for t in op.terms)
@@ -467,13 +484,30 @@ class Plan:
         TPP); KD + MSE uses lift for its losses only and chains the blocks directly."""
         return self.uses_adapters and not self.feature_losses
 
+    @property
+    def cache_stages(self) -> tuple[int, ...]:
+        """The stages whose programs replay the teacher's logits from a cache."""
+        return tuple(st.index for st in self.stages if st.program is not None and st.program.reads_cache)
+
+    @property
+    def live_teacher(self) -> bool:
+        """Some stage runs the teacher itself (its blocks, or TPP's proxy path through them)."""
+        return any(op.kind in ("teacher", "proxy") for st in self.stages if st.program is not None
+                   for op in st.program.ops)
+
+    def stage_epochs(self, index: int) -> range:
+        """The epochs (0-based) stage ``index`` trains."""
+        start = sum(st.epochs for st in self.stages[:index])
+        return range(start, start + self.stages[index].epochs)
+
     def with_programs(self, programs: list[Program], inference: list[Program]) -> Plan:
         return replace(self, stages=tuple(replace(st, program=p, inference=i)
                                           for st, p, i in zip(self.stages, programs, inference)))
 
     def to_dict(self) -> dict:
         return {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
-                "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages]}
+                "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages],
+                **({"cache_stages": list(self.cache_stages)} if self.cache_stages else {})}
 
 
 @dataclass(frozen=True)

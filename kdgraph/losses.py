@@ -50,7 +50,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.registry import Registry
 
-__all__ = ["LOSSES", "CrossEntropy", "DualViewFeatureMimicking", "FeatureMSE", "HeadLoss", "KLDivergence",
+__all__ = ["LOSSES", "CrossEntropy", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "create_loss", "no_autocast", "resolve_params", "term_names",
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
 
@@ -196,6 +196,64 @@ class HeadLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kl_weight={self.kl_weight}, label_smoothing={self.label_smoothing}"
+
+
+@LOSSES.register("fkd")
+class FKDHeadLoss(nn.Module):
+    """The head loss on a top-k teacher cache: cross-entropy plus KL to FKD's soft label
+    (Shen & Xing, "A Fast Knowledge Distillation Framework", 2021, marginal smoothing).
+
+    The cache holds, per sample, the k largest teacher probabilities ``p_c = softmax(z_t/T)_c``
+    (c in K, the top-k classes) and their indices. The remainder ``r = 1 - sum_{c in K} p_c`` is
+    spread uniformly over the other C - k classes:
+
+        p~_c = p_c                    for c in K
+        p~_c = r / (C - k)            otherwise  (r clamped at 0: fp16 sums may pass 1)
+
+    ``kl = λ T^2 mean_batch sum_c p~_c (log p~_c - log softmax(z_s/T)_c)`` (0 log 0 = 0),
+    ``ce = CE(y, z_s)`` with label smoothing, for student logits z_s (B, C), labels y, weight λ,
+    temperature T (the cache's, which the cache key fixes). With k = C it is ``kd`` on the
+    teacher's probabilities rounded to fp16.
+
+    ``teacher`` is the cache's ``(probs (B, k), indices (B, k))`` pair. Returns
+    ``{"ce", "kl"}``, weighted, as ``kd`` does.
+    """
+
+    summary = "cross-entropy plus KL to the teacher's cached top-k probabilities, the rest spread uniformly (FKD)"
+    role = "head"
+    terms = ("ce", "kl")
+    params = {"kl_weight": "kl_weight", "temperature": "temperature", "label_smoothing": "label_smoothing"}
+
+    def __init__(self, kl_weight: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.kl_weight, self.temperature = float(kl_weight), float(temperature)
+        self.label_smoothing = float(label_smoothing)
+
+    @staticmethod
+    def soft_label(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
+        """p~ (B, C) from the top-k probabilities and indices (marginal smoothing)."""
+        probs = probs.float()
+        k = probs.shape[-1]
+        rest = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(classes - k, 1)
+        full = rest.expand(probs.shape[0], classes) if classes > k else probs.new_zeros(probs.shape[0], classes)
+        return full.scatter(1, indices.long(), probs)
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        probs, indices = teacher
+        t = self.temperature
+        with no_autocast(student_logits):
+            z = student_logits.float()
+            ce = F.cross_entropy(z, targets, label_smoothing=self.label_smoothing)
+            p = self.soft_label(probs.detach(), indices, z.shape[-1])
+            log_q = F.log_softmax(z / t, dim=-1)
+            kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean() * (t * t)
+        return {"ce": ce, "kl": self.kl_weight * kl}
+
+    def extra_repr(self) -> str:
+        return f"kl_weight={self.kl_weight}, temperature={self.temperature}, label_smoothing={self.label_smoothing}"
 
 
 @LOSSES.register("ce")

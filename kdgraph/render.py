@@ -103,12 +103,14 @@ def schedule_table(c: Compiled) -> Table:
     title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if METHODS.get(p.method).decomposes else "") + (
         f", TPP proxy path from block {p.tpp_block}" if p.tpp_block else "")
     t = Table(title=title, title_justify="left")
-    for col in ("stage", "epochs", "groups", "losses"):
+    cache = c.spec.teacher is not None and c.spec.teacher.cache is not None
+    for col in ("stage", "epochs", "groups", "losses") + (("teacher",) if cache else ()):
         t.add_column(col)
     for st in p.stages:
         groups = "  ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
         losses = "  ".join("+".join(terms) for terms in st.losses)
-        t.add_row(str(st.index), str(st.epochs), groups, losses)
+        teacher = ("cache" if st.program.reads_cache else "live") if cache else None
+        t.add_row(str(st.index), str(st.epochs), groups, losses, *((teacher,) if cache else ()))
     return t
 
 
@@ -133,7 +135,7 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
-            "proxy": 2.8}
+            "proxy": 2.8, "cache": 2.5}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
@@ -144,10 +146,10 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "cache": "#f4d3b0"}
     fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
-    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed"}
-    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy"):
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "cache": "dashed"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy", "cache"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)

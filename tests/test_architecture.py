@@ -74,6 +74,7 @@ LAYERS = (
     ("spec", ("kdgraph.spec",)),
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
+      "kdgraph.teacher_cache",
       "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
       "kdgraph.adapters")),
     ("compiler", ("kdgraph.compiler",)),

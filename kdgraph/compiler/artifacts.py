@@ -155,8 +155,10 @@ class BuildMode:
     (the others get random weights of the same shapes); ``allow_missing``: a checkpoint file
     or image folder that does not exist yet is listed, not an error (planning needs shapes
     only); ``materialize=False``: parameters on the meta device, checkpoints checked from
-    their headers, nothing fetched (`kdgraph plan`)."""
+    their headers, nothing fetched (`kdgraph plan`); ``defer``: roles built as for planning
+    whatever ``materialize`` says (a teacher whose logits a cache replays in every stage)."""
 
     fetch: frozenset[str] = frozenset()
     allow_missing: bool = False
     materialize: bool = True
+    defer: frozenset[str] = frozenset()

@@ -14,7 +14,12 @@ shape of the tensor on it and a ``kind``:
 - ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
 - ``loss``: the tensors that meet at a loss node;
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
-  blocks (nodes ``P_j``) to ``tpp_loss``.
+  blocks (nodes ``P_j``) to ``tpp_loss``;
+- ``cache``: input -> ``cache``, the teacher's logits of the input's view replayed from a
+  teacher cache (``teacher.cache``). A full cache feeds ``head_loss`` (its entry unchanged);
+  a top-k cache feeds ``fkd_loss`` (entry ``fkd``, FKD's soft label), the head loss of the
+  stages that replay it. ``program.stage_program`` reads the cache in a stage whose only
+  teacher read is the head's (``Program.replayable``).
 
 At a multi-tensor cut (a U-Net's skips) an edge carries the list of its tensors' shapes,
 lift and lower act per tensor, a decompose edge feeds the next student block every teacher
@@ -37,6 +42,7 @@ from kdgraph.errors import PlanError
 from kdgraph.ir import FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
 from kdgraph.spec.schema import LossSpec
+from kdgraph.teacher_cache import read_header
 
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import Models
@@ -65,11 +71,13 @@ def _loss_node(g: nx.DiGraph, node: str, role: str, entry: str, block: int, loss
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
                       has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
-                      logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None) -> nx.DiGraph:
+                      logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None,
+                      cache: str | None = None) -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
     with T_j) on the student's feature. ``loss_spec``: the spec's ``loss`` section, from which
-    each loss node's params are resolved (None: the spec's defaults)."""
+    each loss node's params are resolved (None: the spec's defaults). ``cache``: the mode of
+    the teacher cache the spec names (``full`` or ``topk``), None without one."""
     loss_spec = LossSpec().model_dump() if loss_spec is None else loss_spec
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
@@ -132,8 +140,26 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     g.add_edge("labels", "head_loss", kind="loss", shape=[])
     if has_teacher:
         g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
+    if has_teacher and cache is not None:
+        _cache_nodes(g, k, logits, cache, loss_spec)
     validate_block_graph(g)
     return g
+
+
+def _cache_nodes(g: nx.DiGraph, k: int, logits: list | None, cache: str, loss_spec: Mapping[str, Any]) -> None:
+    """The cache node (the teacher's logits, replayed) and the head loss it feeds."""
+    g.add_node("cache", kind="cache", block=k, module=f"teacher cache ({cache})", out_shape=logits)
+    g.add_edge("input", "cache", kind="cache", shape=g.nodes["input"]["out_shape"])
+    head = "head_loss"
+    if cache == "topk":
+        if logits is None or len(logits) != 1:
+            raise PlanError(f"a top-k teacher cache holds class probabilities of (C,) logits; the logits are "
+                            f"{logits}: build the cache with --full")
+        head = "fkd_loss"
+        _loss_node(g, head, "head", "fkd", k, loss_spec)
+        g.add_edge(f"S{k}", head, kind="loss", shape=logits)
+        g.add_edge("labels", head, kind="loss", shape=[])
+    g.add_edge("cache", head, kind="loss", shape=logits)
 
 
 def validate_block_graph(g: nx.DiGraph) -> None:
@@ -177,7 +203,7 @@ def node_label(n: str, d: dict) -> str:
 
 
 _DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted",
-              "proxy": "dashed"}
+              "proxy": "dashed", "cache": "dashed"}
 
 
 def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
@@ -216,4 +242,11 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
-                                       models.student.logits_shape, spec.loss.model_dump()))
+                                       models.student.logits_shape, spec.loss.model_dump(), cache_mode(spec)))
+
+
+def cache_mode(spec: Spec) -> str | None:
+    """The mode (``full``, ``topk``) of the teacher cache the spec names, from its header."""
+    if spec.teacher is None or spec.teacher.cache is None:
+        return None
+    return read_header(spec.teacher.cache)["key"]["mode"]["value"]["mode"]

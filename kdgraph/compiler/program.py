@@ -80,7 +80,7 @@ def _rank(g: nx.DiGraph, n: str) -> tuple[int, int, int, int]:
     kind = d["kind"]
     if kind in ("input", "labels"):
         return (0, 0, 0, 0)
-    if kind == "teacher":
+    if kind in ("teacher", "cache"):
         return (1, d["block"], 0, 0)
     if kind == "proxy":
         return (2, g.graph["tpp_block"], _ORDER["proxy"], d["block"])
@@ -98,7 +98,7 @@ def _inputs(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> tuple[str, ..
     sources = [u for u, _ in g.in_edges(n) if (u, n) in edges]
     if g.nodes[n]["kind"] != "loss":
         return tuple(sources)
-    order = {"labels": 1, "teacher": 2}
+    order = {"labels": 1, "teacher": 2, "cache": 2}
     return tuple(sorted(sources, key=lambda u: order.get(g.nodes[u]["kind"], 0)))
 
 
@@ -114,8 +114,31 @@ def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
 
 def stage_program(g: nx.DiGraph, groups: tuple[tuple[int, ...], ...], *, chain_adapters: bool,
                   feature_losses: bool, tpp_block: int | None = None) -> Program:
-    """The program of one training stage of ``groups`` (see ``stage_edges``)."""
+    """The program of one training stage of ``groups`` (see ``stage_edges``). Where the graph
+    has a teacher cache and the stage reads the teacher's logits alone (``Program.replayable``),
+    the cache feeds the head loss in the teacher's place."""
     edges = stage_edges(g, [list(grp) for grp in groups], feature_losses, tpp_block, chain_adapters)
+    program = _program(g, edges)
+    if "cache" in g and program.replayable:
+        program = _program(g, _replay_edges(g, edges))
+    return program
+
+
+def _replay_edges(g: nx.DiGraph, edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``edges`` with the head loss fed by the cache: the cache's own head loss (a top-k
+    cache's ``fkd_loss``) replaces ``head_loss``; the teacher's blocks then reach no loss."""
+    head = next(v for _, v in g.out_edges("cache"))
+    k = g.nodes["cache"]["block"]
+    out = [("input", "cache")]
+    for u, v in edges:
+        if v == "head_loss":
+            out.append(("cache", head) if u == f"T{k}" else (u, head))
+        else:
+            out.append((u, v))
+    return list(dict.fromkeys(out))
+
+
+def _program(g: nx.DiGraph, edges: list[tuple[str, str]]) -> Program:
     stage = nx.DiGraph(edges)
     losses = [n for n in stage if g.nodes[n]["kind"] == "loss"]
     needed = set(losses).union(*(nx.ancestors(stage, n) for n in losses))

@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepState:
-    """What the ops of one program run share: the loss terms written so far, and the teacher's
-    block outputs of this batch (one no-grad pass, up to the last block the program reads)."""
+    """What the ops of one program run share: the loss terms written so far, the teacher's
+    block outputs of this batch (one no-grad pass, up to the last block the program reads),
+    and the teacher's logits of this batch replayed from a cache (where a stage reads one)."""
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+    cached: Any = None
 
 
 OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
@@ -58,9 +60,10 @@ class Distiller(nn.Module):
         # student's own names.
         self.chain = StudentChain(compiled.student.segments)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
-        # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
+        # out of train()/eval(), modules(), parameters(), state_dict() and DDP. None where no
+        # stage runs it (a teacher cache replays its logits in every stage).
         self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
-                        if compiled.teacher else None)
+                        if compiled.teacher and plan.live_teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
         self.losses: dict[str, nn.Module] = {
@@ -103,10 +106,12 @@ class Distiller(nn.Module):
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
                            whole=self.student)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, cached: Any = None) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
-        each group starts from the input or from a (no-grad) teacher feature."""
-        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {})
+        each group starts from the input or from a (no-grad) teacher feature. ``cached``: the
+        teacher's logits of this batch from a teacher cache, for a stage whose program reads it
+        (``TeacherCache.batch``)."""
+        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, cached=cached)
         run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
         return state.terms
 
@@ -122,6 +127,15 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """Teacher block ``op.block``, from the batch's one no-grad teacher pass (None for a block
     that only feeds later teacher blocks)."""
     return state.teacher.get(op.block)
+
+
+@OP_KINDS.register("cache")
+def _cache(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The teacher's logits of this batch's views, replayed: float32 logits (a full cache) or
+    (probabilities, indices) of the top k (a top-k cache), as the trainer read them."""
+    if state.cached is None:
+        raise RuntimeError(f"{op.node}: the stage replays a teacher cache, but no cached logits came with the batch")
+    return state.cached
 
 
 @OP_KINDS.register("student")

@@ -22,7 +22,7 @@ import signal
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,7 @@ from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
+from kdgraph.runtime.cache import TeacherCache, split_cached
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
@@ -117,7 +118,7 @@ class Trainer:
             torch.set_num_threads(spec.runtime.num_threads)
         torch.manual_seed(spec.seed)  # model and adapter initialisation
         random.seed(spec.seed)
-        self.compiled = compile_spec(spec, fetch=("teacher", "student"))
+        self.compiled = self.compile(spec)
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation
@@ -126,6 +127,9 @@ class Trainer:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
+        # the stages that replay the teacher's logits read them here, batch by batch
+        self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
+                                   device) if self.plan.cache_stages else None)
         self.config = resolve_config(spec, device, self.compiled.student.model)
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
@@ -154,6 +158,20 @@ class Trainer:
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
         self.stop: dict = {"signal": None}
+
+    @staticmethod
+    def compile(spec: Spec):
+        """The compiled spec, models with their weights. A teacher that a cache may replay is
+        deferred (built on the meta device, nothing loaded) and built for real only where some
+        stage still runs it; the RNG is re-seeded for that second build, so the student starts
+        from the same weights either way."""
+        defer = ("teacher",) if spec.teacher is not None and spec.teacher.cache is not None else ()
+        compiled = compile_spec(spec, fetch=("teacher", "student"), defer=defer)
+        if defer and compiled.plan.live_teacher:
+            torch.manual_seed(spec.seed)
+            random.seed(spec.seed)
+            compiled = compile_spec(spec, fetch=("teacher", "student"))
+        return compiled
 
     @property
     def main(self) -> bool:
@@ -193,6 +211,10 @@ class Trainer:
         if self.main and self.untrained_teacher:
             reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
                           "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
+        if self.main and self.cache is not None:
+            stages = ", ".join(map(str, self.plan.cache_stages))
+            reporter.note(f"note: stage(s) {stages} replay the teacher's logits from {self.cache.root} "
+                          f"({self.cache.mode})" + ("" if self.distiller.teacher else "; the teacher is not built"))
         if self.main and self.distiller.teacher is not None and self.teacher_acc is None:
             self.teacher_acc = accuracy(self.distiller.teacher, self.data.test, self.device, self.config.precision,
                                         self.config.channels_last)
@@ -210,8 +232,10 @@ class Trainer:
         start = self.position["step"] if epoch == self.position["epoch"] else 0
         self.reporter.start_epoch(epoch, stage, start)
         meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
+        replay = self.cache is not None and stage.program.reads_cache
         for step, (xb, yb) in enumerate(meter.batches, start=start):
-            terms, loss = self.train_step(xb, yb)
+            cached = self.cache.batch(epoch, step, len(yb)) if replay else None
+            terms, loss = self.train_step(xb, yb, cached)
             self.global_step += 1
             if self.tracker is not None:
                 self.tracker.update(self.global_step)
@@ -222,8 +246,10 @@ class Trainer:
             self.checkpoint_if_due(epoch, step + 1, terms, loss)
         self.end_epoch(meter, stage, epoch)
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
+                   cached: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
+        ``cached``: the batch's teacher logits from the teacher cache, where the stage replays it.
 
         With ``micro_batches`` k > 1 the batch is split into k parts whose losses, weighted
         by their share of the batch, are backpropagated one after the other (DDP
@@ -235,17 +261,18 @@ class Trainer:
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [(x, y) for x, y in zip(xb.tensor_split(cfg.micro_batches), yb.tensor_split(cfg.micro_batches))
-                 if len(y)]
+        cached_parts = split_cached(cached, cfg.micro_batches) if cached is not None else [None] * cfg.micro_batches
+        parts = [(x, y, c) for x, y, c in zip(xb.tensor_split(cfg.micro_batches), yb.tensor_split(cfg.micro_batches),
+                                              cached_parts) if len(y)]
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=xb.device)
-        for j, (xm, ym) in enumerate(parts):
+        for j, (xm, ym, cm) in enumerate(parts):
             share = len(ym) / len(yb)
             last = j == len(parts) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 with autocast(cfg.precision, cfg.device):
-                    part = self.step_module(xm, ym)
+                    part = self.step_module(xm, ym) if cm is None else self.step_module(xm, ym, cm)
                     part_loss = sum(part.values())
                 self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
             if len(parts) == 1:

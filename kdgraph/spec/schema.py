@@ -54,6 +54,7 @@ __all__ = [
     "DecomposeSpec",
     "LossSpec",
     "ModelSpec",
+    "TeacherSpec",
     "OneOf",
     "OptimSpec",
     "RuntimeSpec",
@@ -237,6 +238,19 @@ class ModelSpec(_Strict):
                            "file as checkpoint: PATH", allowed=f"true for {', '.join(sources)} models",
                            at="pretrained", got=True)
         return self
+
+
+class TeacherSpec(ModelSpec):
+    """The teacher: a network to build, and optionally its logits replayed from a cache."""
+
+    cache: UserPath | None = Field(
+        default=None,
+        description="A teacher cache written by `kdgraph cache SPEC --epochs N` (a folder): every training "
+        "stage whose only teacher read is the head replays the teacher's logits from it instead of running "
+        "the teacher (the teacher is not built when no stage needs it live); `kdgraph plan` names those "
+        "stages. A cache built for another teacher, data, augmentation, seed or runtime is refused, and so "
+        "is a plan that reads it past its epochs.",
+    )
 
 
 def _pretrained_sources() -> list[str]:
@@ -537,7 +551,7 @@ class Spec(_Strict):
     name: str = Field(min_length=1, description="Run name; outputs go to runs/<name> unless output is set.")
     seed: Int = Field(default=0, ge=0, le=MAX_SEED,
                       description="Random seed of data order, initialisation and augmentation.")
-    teacher: ModelSpec | None = Field(
+    teacher: TeacherSpec | None = Field(
         default=None, description="Teacher network (None: supervised training of the student alone)."
     )
     student: ModelSpec = Field(description="Student network.")
