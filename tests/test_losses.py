@@ -134,7 +134,7 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
-    assert LOSSES.names() == ["mse", "kd", "ce", "tpp", "dfm"]
+    assert LOSSES.names() == ["mse", "kd", "fkd", "ce", "tpp", "dfm"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
         cls = LOSSES.get(name)

@@ -14,17 +14,18 @@ the live teacher's logits bit for bit. Epochs whose training stage needs the tea
 One shard per (epoch, rank), written under a temporary name and renamed when whole: a killed
 build resumes at the first missing shard. Under torchrun (``torchrun -m kdgraph cache ...``)
 each rank writes its own shards and rank 0 the header; training must use as many ranks.
+Replay is ``kdgraph.runtime.replay``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from kdgraph.teacher_cache import (
     write_header,
 )
 
-__all__ = ["CacheSummary", "TeacherCache", "build_cache", "split_cached"]
+__all__ = ["CacheSummary", "build_cache"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,33 @@ def _rows(loader) -> int:
     return min(loader.samples_per_rank, len(loader) * loader.batch_size)
 
 
+def _checked_mode(compiled, full: bool, top_k: int) -> tuple[str, int | None]:
+    if full:
+        return "full", None
+    if compiled.teacher.dense or compiled.teacher.num_classes is None:
+        raise KDGraphError("a top-k cache holds class probabilities of (C,) logits; this teacher's output is "
+                           "not: build it with --full")
+    if not 1 <= top_k <= MAX_CLASSES_TOPK:
+        raise KDGraphError(f"--top-k must be in 1..{MAX_CLASSES_TOPK}, got {top_k}")
+    return "topk", min(top_k, compiled.teacher.num_classes)
+
+
+def _epochs_to_build(root: Path, key: dict, epochs: int, plan) -> tuple[int, list[int]]:
+    """(epochs the cache covers, those written: the stages that read the cache). A folder
+    built for another run is refused; one built for more epochs keeps them."""
+    if (root / "header.json").exists():
+        old = read_header(root)
+        diff = differences(old["key"], key)
+        if diff:
+            raise KDGraphError(f"{root} holds a cache built for another run (differs: {'; '.join(diff)}); "
+                               "choose another teacher.cache or delete it")
+        epochs = max(epochs, int(old["epochs"]))
+    # Stages that need the teacher live never read the cache: their epochs are not written.
+    stage_epochs = [st.epochs for st in plan.stages]
+    return epochs, [e for e in range(epochs)
+                    if e >= plan.epochs or plan.stages[stage_at(stage_epochs, e)].program.replayable]
+
+
 def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_TOP_K,
                 quiet: bool = False) -> CacheSummary:
     """Write the teacher's outputs for the first ``epochs`` epochs of ``spec``'s run into
@@ -114,142 +142,88 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     random.seed(spec.seed)
     base = _without_cache(spec)
     compiled = compile_spec(base, fetch=("teacher",))
-    plan = compiled.plan
-    mode = "full" if full else "topk"
-    classes = compiled.teacher.num_classes
-    if mode == "topk":
-        if compiled.teacher.dense or classes is None:
-            raise KDGraphError("a top-k cache holds class probabilities of (C,) logits; this teacher's output is "
-                               "not: build it with --full")
-        if not 1 <= top_k <= MAX_CLASSES_TOPK:
-            raise KDGraphError(f"--top-k must be in 1..{MAX_CLASSES_TOPK}, got {top_k}")
-        top_k = min(top_k, classes)
-    key = cache_key(spec, mode, top_k if mode == "topk" else None, info.world_size)
+    mode, top_k = _checked_mode(compiled, full, top_k)
+    key = cache_key(spec, mode, top_k, info.world_size)
     root.mkdir(parents=True, exist_ok=True)
-    if (root / "header.json").exists():
-        old = read_header(root)
-        diff = differences(old["key"], key)
-        if diff:
-            raise KDGraphError(f"{root} holds a cache built for another run (differs: {'; '.join(diff)}); "
-                               "choose another teacher.cache or delete it")
-        epochs = max(epochs, int(old["epochs"]))
-    # Stages that need the teacher live never read the cache: their epochs are not written.
-    stage_epochs = [st.epochs for st in plan.stages]
-    wanted = [e for e in range(epochs)
-              if e >= plan.epochs or plan.stages[stage_at(stage_epochs, e)].program.replayable]
-
+    epochs, wanted = _epochs_to_build(root, key, epochs, compiled.plan)
     data = build_data(base, compiled.data, device, info)
     config = resolve_config(base, device, compiled.student.model)
     teacher = FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
         teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
-    loader = data.train
-    rows = _rows(loader)
-    shape = tuple(compiled.teacher.logits_shape or ())
-    dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k)
-    row_bytes = dtype.itemsize * (int(np.prod(shape)) if mode == "full" else 1)
+    shard = _ShardWriter(teacher, compiled.plan.k, config, mode, top_k, spec.loss.temperature,
+                         tuple(compiled.teacher.logits_shape or ()), _rows(data.train))
     if info.is_main:
         write_header(root, {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
-                            "logits_shape": list(shape), "rows_per_epoch": rows, "batch_size": loader.batch_size,
-                            "bytes_per_row": row_bytes, "teacher_weights_sha256": _weights_sha256(teacher.model)})
+                            "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
+                            "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
+                            "teacher_weights_sha256": _weights_sha256(teacher.model)})
     todo = [e for e in wanted if not shard_path(root, e, info.rank).exists()]
-    head = plan.k
-    t0, forward_s = time.perf_counter(), 0.0
+    t0 = time.perf_counter()
     progress = None if quiet or not info.is_main else Progress(
         TextColumn("cache {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=Console(stderr=True))
-    if progress is not None:
-        progress.start()
-        task = progress.add_task("batches", total=len(todo) * len(loader))
-    try:
+    with progress or contextlib.nullcontext():
+        task = progress.add_task("batches", total=len(todo) * len(data.train)) if progress else None
         for epoch in todo:
-            final = shard_path(root, epoch, info.rank)
-            tmp = final.with_name(final.name + ".tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
-                                            shape=(rows, *shape) if mode == "full" else (rows,))
-            at = 0
-            for xb, _ in loader.epoch(epoch):
-                if config.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                f0 = time.perf_counter()
-                # as Trainer.train_step feeds the distiller: micro-batch by micro-batch, under autocast
-                parts = []
-                for xm in xb.tensor_split(config.micro_batches):
-                    if len(xm):
-                        with autocast(config.precision, device):
-                            parts.append(teacher.features(xm, {head})[head])
-                logits = torch.cat(parts).float()
-                forward_s += time.perf_counter() - f0
-                n = len(logits)
-                if mode == "full":
-                    out[at:at + n] = logits.cpu().numpy()
-                else:
-                    p, i = torch.softmax(logits / spec.loss.temperature, dim=-1).topk(top_k, dim=-1)
-                    out["p"][at:at + n] = p.half().cpu().numpy()
-                    out["i"][at:at + n] = i.cpu().numpy().astype(np.uint16)
-                at += n
-                if progress is not None:
-                    progress.advance(task)
-            if at != rows:
-                raise KDGraphError(f"epoch {epoch + 1} gave {at} training views, expected {rows}")
-            out.flush()
-            del out
-            os.replace(tmp, final)  # the shard is whole, or absent
-    finally:
-        if progress is not None:
-            progress.stop()
+            shard.write(shard_path(root, epoch, info.rank), data.train.epoch(epoch),
+                        lambda: progress.advance(task) if progress else None)
     if info.enabled:
         torch.distributed.barrier()
     if info.is_main:
         header = read_header(root)
         header.pop("format")
         write_header(root, {**header, "complete": True})
-    return CacheSummary(str(root), mode, top_k if mode == "topk" else None, wanted, todo, rows,
-                        row_bytes, time.perf_counter() - t0, forward_s)
+    return CacheSummary(str(root), mode, top_k, wanted, todo, shard.rows, shard.row_bytes,
+                        time.perf_counter() - t0, shard.forward_s)
 
 
-def split_cached(cached: Any, parts: int) -> list[Any]:
-    """A batch's cached teacher output in ``parts`` micro-batches (as ``tensor_split`` splits the batch)."""
-    if isinstance(cached, tuple):
-        return [tuple(p) for p in zip(*(c.tensor_split(parts) for c in cached))]
-    return list(cached.tensor_split(parts))
+class _ShardWriter:
+    """Writes one epoch's shard: the teacher run as the distiller runs it, on every batch."""
 
+    def __init__(self, teacher: FrozenTeacher, head: int, config, mode: str, top_k: int | None,
+                 temperature: float, shape: tuple[int, ...], rows: int):
+        self.teacher, self.head, self.config = teacher, head, config
+        self.mode, self.top_k, self.temperature = mode, top_k, temperature
+        self.shape, self.rows = shape, rows
+        self.dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k)
+        self.row_bytes = self.dtype.itemsize * (int(np.prod(shape)) if mode == "full" else 1)
+        self.forward_s = 0.0
 
-class TeacherCache:
-    """A built cache, read batch by batch: rows ``step * batch_size ..`` of the epoch's shard
-    of this rank, memory-mapped (``np.load(mmap_mode='r')``)."""
+    def logits(self, xb: torch.Tensor) -> torch.Tensor:
+        """As Trainer.train_step feeds the distiller: micro-batch by micro-batch, under autocast."""
+        cfg = self.config
+        if cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        parts = []
+        for xm in xb.tensor_split(cfg.micro_batches):
+            if len(xm):
+                with autocast(cfg.precision, cfg.device):
+                    parts.append(self.teacher.features(xm, {self.head})[self.head])
+        return torch.cat(parts).float()
 
-    def __init__(self, root: Path | str, rank: int, world_size: int, batch_size: int, device: torch.device):
-        self.root = Path(root)
-        header = read_header(self.root)
-        built_for = header["key"]["ranks"]["value"]
-        if built_for != world_size:
-            raise KDGraphError(f"{self.root} was built on {built_for} rank(s); this run has {world_size}: rebuild it "
-                               f"under the same torchrun")
-        if not header.get("complete"):
-            raise KDGraphError(f"{self.root} is incomplete (its build stopped): run `kdgraph cache` again to finish it")
-        if header["batch_size"] != batch_size:
-            raise KDGraphError(f"{self.root} was built with batch size {header['batch_size']}, this run has {batch_size}")
-        self.mode = header["key"]["mode"]["value"]["mode"]
-        self.stored = set(header["stored_epochs"])
-        self.rank, self.batch_size, self.device = rank, batch_size, device
-        self._shards: dict[int, np.ndarray] = {}
-
-    def _shard(self, epoch: int) -> np.ndarray:
-        if epoch not in self._shards:
-            path = shard_path(self.root, epoch, self.rank)
-            if epoch not in self.stored or not path.exists():
-                raise KDGraphError(f"{self.root} holds no epoch {epoch + 1} (rank {self.rank}); rebuild it with "
-                                   f"`kdgraph cache SPEC --epochs {epoch + 1}`")
-            self._shards = {epoch: np.load(path, mmap_mode="r")}  # one epoch mapped at a time
-        return self._shards[epoch]
-
-    def batch(self, epoch: int, step: int, n: int) -> Any:
-        """The teacher's output for the ``n`` views of batch ``step`` of ``epoch``: float32
-        logits (full), or (fp16 probabilities, int64 indices) of the top k."""
-        rows = self._shard(epoch)[step * self.batch_size: step * self.batch_size + n]
-        if self.mode == "full":
-            return torch.from_numpy(np.array(rows)).to(self.device, non_blocking=True)
-        return (torch.from_numpy(np.array(rows["p"])).to(self.device, non_blocking=True),
-                torch.from_numpy(rows["i"].astype(np.int64)).to(self.device, non_blocking=True))
+    def write(self, final: Path, batches, advance) -> None:
+        """Every batch of ``batches`` into ``final``, under a temporary name until it is whole."""
+        tmp = final.with_name(final.name + ".tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
+                                        shape=(self.rows, *self.shape) if self.mode == "full" else (self.rows,))
+        at = 0
+        for xb, _ in batches:
+            f0 = time.perf_counter()
+            logits = self.logits(xb)
+            self.forward_s += time.perf_counter() - f0
+            n = len(logits)
+            if self.mode == "full":
+                out[at:at + n] = logits.cpu().numpy()
+            else:
+                p, i = torch.softmax(logits / self.temperature, dim=-1).topk(self.top_k, dim=-1)
+                out["p"][at:at + n] = p.half().cpu().numpy()
+                out["i"][at:at + n] = i.cpu().numpy().astype(np.uint16)
+            at += n
+            advance()
+        if at != self.rows:
+            raise KDGraphError(f"{final.name}: the epoch gave {at} training views, expected {self.rows}")
+        out.flush()
+        del out
+        os.replace(tmp, final)  # the shard is whole, or absent

@@ -31,7 +31,7 @@ from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
-from kdgraph.runtime.cache import TeacherCache, split_cached
+from kdgraph.runtime.replay import TeacherCache, split_cached
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
