@@ -181,10 +181,19 @@ def test_full_cache_is_exact_with_micro_batches(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_topk_cache_trains(tmp_path):
+def test_topk_cache_trains_and_eval_export_need_no_cache(tmp_path):
+    import shutil
+
+    from kdgraph.runtime.commands import evaluate_spec, export_spec
+
     build_cache(_spec(tmp_path, "b", epochs=1), 1, top_k=3, quiet=True)
-    summary = train_here(_spec(tmp_path, "cached", epochs=1))
-    assert summary["student_top1"] is not None
+    spec = _spec(tmp_path, "cached", epochs=1)
+    summary = train_here(spec)
+    records = (tmp_path / "cached" / "metrics.jsonl").read_text()
+    assert summary["student_top1"] is not None and '"kl"' in records
+    shutil.rmtree(tmp_path / "cache")  # the cache is for training: a finished run no longer needs it
+    assert evaluate_spec(spec)["student_top1"] == pytest.approx(summary["student_top1"])
+    assert export_spec(spec, tmp_path / "export")["format"] == "state_dict"
 
 
 def test_cli_builds_the_cache(tmp_path):
