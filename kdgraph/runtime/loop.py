@@ -31,7 +31,6 @@ from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
-from kdgraph.runtime.replay import TeacherCache, split_cached
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
@@ -39,6 +38,7 @@ from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
 from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
+from kdgraph.runtime.replay import TeacherCache, split_cached
 from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.stability import StabilityTracker
 from kdgraph.runtime.techniques import (
