@@ -2,7 +2,8 @@
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
 adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
-spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` and ScaleKD's ``tpp_loss``.
+spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` (``loss.logit``'s entry with a
+teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
 A loss node names its ``kdgraph.losses.LOSSES`` entry (``entry``), the entry's constructor
 arguments resolved from the spec (``params``) and the ``terms`` it adds (the names training
 logs), so that the runtime builds every loss from the graph alone. Every edge carries the
@@ -36,6 +37,7 @@ import networkx as nx
 from kdgraph.errors import PlanError
 from kdgraph.ir import FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
+from kdgraph.registry import LOGIT_LOSSES
 from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ def _loss_node(g: nx.DiGraph, node: str, role: str, entry: str, block: int, loss
                params=resolve_params(entry, loss_spec, fmt), terms=list(term_names(entry, block)))
 
 
+def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool) -> str:
+    """The head loss's LOSSES entry: ``loss.logit``'s with a teacher, cross-entropy alone without."""
+    return LOGIT_LOSSES.get(loss_spec["logit"]).entry if has_teacher else "ce"
+
+
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
                       has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
                       logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None) -> nx.DiGraph:
@@ -76,7 +83,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
-    _loss_node(g, "head_loss", "head", "kd" if has_teacher else "ce", k, loss_spec)
+    _loss_node(g, "head_loss", "head", head_entry(loss_spec, has_teacher), k, loss_spec)
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits

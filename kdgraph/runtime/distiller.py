@@ -39,6 +39,7 @@ class StepState:
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+    progress: torch.Tensor | float | None = None  # epochs done by the end of this step (losses with ``progress``)
 
 
 OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
@@ -103,10 +104,13 @@ class Distiller(nn.Module):
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
                            whole=self.student)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
-        each group starts from the input or from a (no-grad) teacher feature."""
-        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {})
+        each group starts from the input or from a (no-grad) teacher feature. ``progress``, the
+        epochs done by the end of this step (fractional; a 0-dim tensor keeps a compiled step
+        from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up)."""
+        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, progress=progress)
         run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
         return state.terms
 
@@ -150,5 +154,6 @@ def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 def _loss(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> None:
     """The op's loss module on its inputs; its values, in the order of its terms, are logged
     under the op's term names."""
-    out = d.losses[op.node](*inputs)
+    loss = d.losses[op.node]
+    out = loss(*inputs, progress=state.progress) if getattr(loss, "progress", False) else loss(*inputs)
     state.terms.update(zip(op.terms, out.values() if isinstance(out, Mapping) else (out,)))
