@@ -40,15 +40,26 @@ def spec_table(c: Compiled) -> Table:
     t.add_row("loader", str(c.data) + (f", runtime.num_workers {s.runtime.num_workers}" if c.data.loader == "stream" else ""))
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
                         + (f", {s.schedule.recompositions} recompositions" if METHODS.get(s.schedule.method).decomposes else ""))
-    t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}"
-                      + (f" (α {s.loss.dfm_alpha}, β {s.loss.dfm_beta})" if s.loss.feature == "dfm" else "")
-                      + (f", tpp weight {s.loss.tpp_weight}" if s.loss.tpp else ""))
+    for nodes, entry, params in loss_nodes(c.graph):
+        t.add_row("loss" if nodes == "head_loss" else "", f"{nodes}: {entry}" + (f" ({params})" if params else ""))
     t.add_row("optim", f"{s.optim.name} lr {s.optim.lr} wd {s.optim.weight_decay}, {s.optim.lr_schedule}")
     r = s.runtime
     t.add_row("runtime", f"device {r.device}, precision {r.precision}, compile {r.compile}, "
                          f"channels_last {r.channels_last}")
     t.add_row("output", str(s.output_dir))
     return t
+
+
+def loss_nodes(g: nx.DiGraph) -> list[tuple[str, str, str]]:
+    """(loss nodes, their LOSSES entry, its params) of the block graph, head first; the feature
+    losses of every block end with the same params on one row (``mse1..mse3``)."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for n, d in sorted(g.nodes(data=True), key=lambda nd: (nd[1].get("loss") != "head", nd[1].get("block", 0))):
+        if d["kind"] == "loss":
+            params = ", ".join(f"{k} {v}" for k, v in d["params"].items() if k != "fmt")
+            rows.setdefault((d["entry"], params), []).append(n)
+    return [(names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}", entry, params)
+            for (entry, params), names in rows.items()]
 
 
 def stages_table(art: ModelArtifacts) -> Table:

@@ -221,6 +221,9 @@ def tpp_block_of(spec: Spec, pairing: Pairing) -> int | None:
 def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
                      input_size: tuple[int, int, int]) -> nx.DiGraph:
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
+    if spec.data.mixup is not None and models.student.dense:
+        raise PlanError("data.mixup: mixup mixes one class label per image; this student predicts a class per "
+                        "pixel (set data.mixup: null)")
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
                                        models.student.logits_shape, spec.loss.model_dump()))

@@ -477,11 +477,12 @@ class LossSpec(_Strict):
 
     @model_validator(mode="after")
     def _own_params_of_the_chosen_logit_loss(self) -> LossSpec:
-        """A parameter only another logit loss reads would be silently ignored: refuse it."""
-        chosen = LOGIT_LOSSES.get(self.logit)
+        """A parameter only another logit loss reads would be silently ignored: refuse it where
+        it is set to other than its default (a spec that writes out the defaults stays valid
+        with any logit loss)."""
         for name in LOGIT_LOSSES:
             for key in LOGIT_LOSSES.get(name).own:
-                if name != self.logit and key in self.model_fields_set and key not in chosen.own:
+                if name != self.logit and getattr(self, key) != type(self).model_fields[key].default:
                     raise _invalid(f"{key} is a parameter of loss.logit {name}, and loss.logit is {self.logit}",
                                    allowed=f"loss.logit: {name}, or no {key}", at=key, got=getattr(self, key))
         return self
