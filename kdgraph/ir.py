@@ -481,7 +481,10 @@ class DataPlan:
     """How a spec's data will be read, decided without decoding any image.
 
     ``mean``/``std`` are per channel in 0..1 pixel units, or None where the training
-    split's statistics are used (known once it is read); ``stats`` says which."""
+    split's statistics are used (known once it is read); ``stats`` says which. The data is
+    normalised with them, which is what the student sees; ``teacher_mean``/``teacher_std``,
+    where set, are the teacher's own normalisation (its pretrained_cfg differs from the
+    student's), into which the teacher's input is renormalised."""
 
     dataset: str
     loader: str  # "memory" or "stream"
@@ -494,10 +497,15 @@ class DataPlan:
     std: tuple[float, ...] | None = None
     crop_pct: float | None = None  # streamed evaluation only
     stats: str = "the training split's statistics"
+    teacher_mean: tuple[float, ...] | None = None
+    teacher_std: tuple[float, ...] | None = None
 
     def __str__(self) -> str:
         norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
             f"normalised with {self.stats}"
+        if self.teacher_mean is not None:
+            norm = f"student: {norm}; teacher renormalised to its own mean {_fmt(self.teacher_mean)} std " \
+                   f"{_fmt(self.teacher_std)} (its pretrained_cfg)"
         crop = f", eval crop_pct {self.crop_pct}" if self.loader == "stream" else ""
         return f"{self.loader} ({self.reason}); {norm}{crop}"
 
@@ -506,7 +514,9 @@ class DataPlan:
                 "input_size": list(self.input_size), "train_images": self.train_images,
                 "test_images": self.test_images, "decoded_mb": self.decoded_mb,
                 "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "crop_pct": self.crop_pct, "stats": self.stats}
+                "crop_pct": self.crop_pct, "stats": self.stats,
+                "teacher_mean": list(self.teacher_mean) if self.teacher_mean else None,
+                "teacher_std": list(self.teacher_std) if self.teacher_std else None}
 
 
 def _fmt(values: tuple[float, ...] | None) -> str:

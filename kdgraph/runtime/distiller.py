@@ -28,6 +28,7 @@ from kdgraph.losses import create_loss
 from kdgraph.registry import Registry
 from kdgraph.runtime.chain import StudentChain, run_program
 from kdgraph.runtime.teacher import FrozenTeacher
+from kdgraph.transforms import Renormalize
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled
@@ -49,6 +50,15 @@ op adds its terms to ``state.terms``). A new kind of op (a cached teacher, say) 
 here and one kind of node in the block graph."""
 
 
+def teacher_normalize(compiled: Compiled) -> Renormalize | None:
+    """The map from the student's normalisation to the teacher's, where the plan gives the
+    teacher its own (``DataPlan.teacher_mean``); None where both see the same batch."""
+    data = compiled.data
+    if data is None or data.teacher_mean is None:
+        return None
+    return Renormalize(data.mean, data.std, data.teacher_mean, data.teacher_std)
+
+
 class Distiller(nn.Module):
     def __init__(self, compiled: Compiled):
         super().__init__()
@@ -60,7 +70,7 @@ class Distiller(nn.Module):
         self.chain = StudentChain(compiled.student.segments)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
