@@ -18,7 +18,7 @@ from typing import Any
 
 import networkx as nx
 
-__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "FeatureFormat", "Groups",
+__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "ExplicitPair", "FeatureFormat", "Groups",
            "NodeInfo", "Op", "Pairing", "Plan", "Program", "Stage", "TrainingStage", "TupleAdapterSpec"]
 
 Groups = tuple[tuple[int, ...], ...]  # a training stage's groups of consecutive blocks (1-based)
@@ -326,8 +326,39 @@ class BlockPair:
 
 
 @dataclass(frozen=True)
+class ExplicitPair:
+    """A layer pair named in the spec (``loss.pairs[index - 1]``): a feature loss between the
+    student's output of one module and the teacher's of another, both single-tensor cuts, on
+    top of the block losses. Each is read inside its model's block (``student_block``,
+    ``teacher_block``) by a tap (``kdgraph.compiler.split``), where the cut is not the block's
+    end; ``adapter`` lifts the student's feature to the teacher's (its lift only)."""
+
+    index: int  # 1-based
+    student: Cut
+    teacher: Cut
+    student_block: int
+    teacher_block: int
+    adapter: AdapterSpec | None
+    loss: str  # a feature entry of kdgraph.losses.LOSSES
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """The suffix of its graph nodes and terms: ``p1`` (``xs_p1``, ``mse_p1``)."""
+        return f"p{self.index}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "student": self.student.label, "teacher": self.teacher.label,
+                "student_node": self.student.node, "teacher_node": self.teacher.node,
+                "student_block": self.student_block, "teacher_block": self.teacher_block,
+                "adapter": self.adapter.to_dict() if self.adapter else None, "loss": self.loss,
+                "weight": self.weight, "rule": "explicit"}
+
+
+@dataclass(frozen=True)
 class Pairing:
     blocks: tuple[BlockPair, ...]
+    pairs: tuple[ExplicitPair, ...] = ()  # the spec's explicit layer pairs (loss.pairs)
 
     @property
     def k(self) -> int:

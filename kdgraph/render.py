@@ -105,6 +105,11 @@ def blocks_table(c: Compiled) -> Table:
         shapes = f"{_cut_shape(b.teacher)} / {_cut_shape(b.student)}" if b.teacher else _cut_shape(b.student)
         t.add_row(str(b.index), b.teacher.description if b.teacher else "-", b.student.description, shapes, adapter,
                   f"{a.params:,}" if a else "", b.rule)
+    for p in c.pairing.pairs:  # loss.pairs: feature losses inside blocks, read by taps
+        a = p.adapter
+        t.add_row(f"{p.name} ({p.loss})", f"{p.teacher.label} (block {p.teacher_block})",
+                  f"{p.student.label} (block {p.student_block})", f"{_cut_shape(p.teacher)} / {_cut_shape(p.student)}",
+                  f"lift {a.kind} {a.lift[0]}→{a.lift[1]}" if a else "-", f"{a.lift_params:,}" if a else "", "explicit")
     return t
 
 
@@ -143,7 +148,7 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
-            "proxy": 2.8}
+            "proxy": 2.8, "tap": 1.4}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
@@ -154,10 +159,10 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2"}
     fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
-    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed"}
-    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy"):
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "tap": "dotted"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy", "tap"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)

@@ -189,8 +189,11 @@ def test_the_spec_offers_every_feature_loss_and_no_other():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
+    from kdgraph.spec.schema import LayerPair
+
     offered = typing.get_args(LossSpec.model_fields["feature"].annotation)
     assert sorted(offered) == sorted(n for n in LOSSES if LOSSES.get(n).role == "feature")
+    assert LayerPair.model_fields["loss"].annotation == LossSpec.model_fields["feature"].annotation
 
 
 def test_the_spec_offers_every_logit_loss_and_its_own_fields():

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kdgraph.adapters import build_adapters
+from kdgraph.adapters import build_adapters, build_pair_lifts
+from kdgraph.compiler.split import TAP_PREFIX, Tap
 from kdgraph.ir import Op, TrainingStage
 from kdgraph.losses import create_loss
 from kdgraph.registry import Registry
@@ -74,6 +75,12 @@ class Distiller(nn.Module):
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
+        # Explicit layer pairs: the student side's lifts (trained), and the taps inside the
+        # blocks of both models (in their segments, outside every module tree), by graph node.
+        self.pair_lifts = build_pair_lifts(compiled.pairing)
+        segments = list(self.chain.segments) + (list(self.teacher.segments) if self.teacher else [])
+        self.taps: dict[str, Tap] = {name.removeprefix(TAP_PREFIX): m for seg in segments
+                                     for name, m in seg.named_children() if isinstance(m, Tap)}
         self.losses: dict[str, nn.Module] = {
             op.node: create_loss(op.entry, dict(op.params))
             for st in plan.stages for op in st.program.ops if op.kind == "loss"}
@@ -120,8 +127,14 @@ class Distiller(nn.Module):
         each group starts from the input or from a (no-grad) teacher feature. ``progress``, the
         epochs done by the end of this step (fractional; a 0-dim tensor keeps a compiled step
         from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up)."""
-        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, progress=progress)
-        run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
+        for tap in self.taps.values():
+            tap.armed = True
+        try:
+            state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, progress=progress)
+            run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
+        finally:
+            for tap in self.taps.values():
+                tap.armed, tap.value = False, None
         return state.terms
 
     def run_op(self, op: Op, inputs: list[Any], state: StepState) -> Any:
@@ -151,6 +164,19 @@ def _lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 @OP_KINDS.register("lower")
 def _lower(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.adapters[str(op.block)].lower(inputs[0])
+
+
+@OP_KINDS.register("tap")
+def _tap(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """An explicit layer pair's feature: what the tap inside block ``op.block`` kept when the
+    block ran, or the block's output itself where the pair's cut is the block's end."""
+    tap = d.taps.get(op.node)
+    return inputs[0] if tap is None else tap.value
+
+
+@OP_KINDS.register("pair_lift")
+def _pair_lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    return d.pair_lifts[op.node](inputs[0])
 
 
 @OP_KINDS.register("proxy")

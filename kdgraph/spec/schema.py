@@ -49,6 +49,7 @@ from kdgraph.registry import (
 
 __all__ = [
     "CutPair",
+    "LayerPair",
     "MixupSpec",
     "DataSpec",
     "DecomposeSpec",
@@ -434,6 +435,21 @@ class ScheduleSpec(_Strict):
         return METHODS.get(self.method).stages(self.recompositions)
 
 
+# The feature entries of kdgraph.losses.LOSSES (which needs torch: a test keeps the two equal).
+FeatureLoss = Literal["mse", "dfm"]
+
+
+class LayerPair(_Strict):
+    """One explicit layer pair: a feature loss between a student module's output and a teacher
+    module's output (both single-tensor cuts: `kdgraph plan` lists them), an adapter lifting the
+    student's feature where widths or grids differ."""
+
+    student: str = Field(min_length=1, description="Student module path whose output is compared, e.g. 'layer2.1'.")
+    teacher: str = Field(min_length=1, description="Teacher module path whose output is its target, e.g. 'layer3.0'.")
+    loss: FeatureLoss = Field(default="mse", description="Feature loss of the pair: mse or dfm (as loss.feature).")
+    weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the pair's loss term.")
+
+
 class LossSpec(_Strict):
     """Weights and form of the loss terms."""
 
@@ -460,7 +476,7 @@ class LossSpec(_Strict):
                              "relation (the authors' default: 1).")
     dist_gamma: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DIST: weight γ of the intra-class "
                               "relation (the authors' default: 1).")
-    feature: Literal["mse", "dfm"] = Field(
+    feature: FeatureLoss = Field(
         default="mse", description="Loss between student and teacher block features: mse, or dfm "
         "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
         "component removed).")
@@ -474,6 +490,11 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    pairs: list[LayerPair] = Field(
+        default_factory=list, max_length=MAX_BLOCKS, description="Explicit layer pairs {student, teacher, loss, "
+        "weight}: feature losses at named module outputs, in every training stage, on top of the method's own "
+        "(with schedule.method kd: instead of automatic pairs, which kd has none of; with kd+mse: on top of its "
+        "block-end MSEs; with stablekd: on top of the decomposition's block losses). Terms mse_p1, mse_p2, ...")
 
     @model_validator(mode="after")
     def _own_params_of_the_chosen_logit_loss(self) -> LossSpec:
@@ -703,6 +724,14 @@ class Spec(_Strict):
                                f"{self.schedule.method} trains with cross-entropy alone",
                                allowed=f"{default if not isinstance(default, bool) else 'false'} without a teacher",
                                at=f"loss.{key}", got=getattr(self.loss, key))
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_need_teacher(self) -> Spec:
+        if self.loss.pairs and not METHODS.get(self.schedule.method).teacher:
+            raise _invalid(f"a layer pair compares with a teacher's features; {self.schedule.method} has no teacher",
+                           allowed="[] without a teacher", at="loss.pairs",
+                           got=[p.model_dump() for p in self.loss.pairs])
         return self
 
     @model_validator(mode="after")
