@@ -376,7 +376,9 @@ class Op:
     kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
     ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
     into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
-    feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss`` says where it sits:
+    feature, with autograd: TPP), ``tap`` (an explicit layer pair's feature inside block
+    ``block``, kept while that block ran), ``pair_lift`` (that pair's lift), ``loss`` (adds
+    ``terms``; ``loss`` says where it sits:
     feature, head or tpp; ``entry`` names the ``kdgraph.losses.LOSSES`` entry that computes
     it and ``params`` that entry's constructor arguments, resolved from the spec by the
     compiler)."""
