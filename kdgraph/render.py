@@ -35,8 +35,11 @@ def spec_table(c: Compiled) -> Table:
     t.add_column("value")
     t.add_row("teacher", _model_row(s.teacher) if s.teacher else "none (supervised)")
     t.add_row("student", _model_row(s.student))
+    m = s.data.mixup
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
-                      f"fraction {s.data.fraction}")
+                      f"fraction {s.data.fraction}" + (
+                          f"; mixup α {m.mixup_alpha} / cutmix α {m.cutmix_alpha} (p {m.prob}, switch {m.switch_prob}) "
+                          "on the batch teacher and student both see" if m else ""))
     t.add_row("loader", str(c.data) + (f", runtime.num_workers {s.runtime.num_workers}" if c.data.loader == "stream" else ""))
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
                         + (f", {s.schedule.recompositions} recompositions" if METHODS.get(s.schedule.method).decomposes else ""))
