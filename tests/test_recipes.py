@@ -147,3 +147,19 @@ def test_training_with_dkd_logs_its_terms(tmp_path):
     steps = [r for r in steps if r.get("kind") == "step"]
     assert steps and all({"ce", "tckd", "nckd"} <= set(r) for r in steps)
     assert all(r["loss"] == pytest.approx(r["ce"] + r["tckd"] + r["nckd"], abs=3e-6) for r in steps)
+
+
+@pytest.mark.parametrize("logit", ["dkd", "dist"])
+def test_per_pixel_logits_are_per_pixel_samples_in_a_dense_step(logit):
+    """The U-Net pair (2 classes per pixel): the head terms are the recipe's module on the
+    logits with every pixel a sample, as the KL term is."""
+    spec = load_spec(ROOT / "specs" / "fashion-unet.yaml", [f"loss.logit={logit}", "schedule.method=kd"])
+    torch.manual_seed(0)
+    c = compile_spec(spec, allow_missing_weights=True)
+    x, y = torch.randn(2, *c.input_size), torch.randint(0, 2, (2, *c.input_size[1:]))
+    terms = Distiller(c)(x, y)
+    with torch.no_grad():
+        s, t = c.student.model(x), c.teacher.model.eval()(x)
+    want = DKD(1.0, 8.0, 1.0).terms(s, t, y) if logit == "dkd" else DIST(1.0, 1.0, 1.0).terms(s, t)
+    for name, value in want.items():
+        torch.testing.assert_close(terms[name].detach(), value)
