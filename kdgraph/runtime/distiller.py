@@ -106,6 +106,11 @@ class Distiller(nn.Module):
             self.teacher.freeze()  # whatever happened to it since (a user's .train()), eval again
 
     @property
+    def needs_progress(self) -> bool:
+        """Some loss of the plan declares ``progress`` (DKD's warm-up): the caller passes it."""
+        return any(getattr(loss, "progress", False) for loss in self.losses.values())
+
+    @property
     def adapters_in_inference(self) -> tuple[int, ...]:
         """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
         return self.inference_program.adapter_blocks
