@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # local disk there); pyproject.toml keeps honest ranges for everyone else.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench gpu-wheels gpu-dry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ demo: install
 bench: install
 	$(BIN)/python bench/plan_speed.py
 	$(BIN)/python bench/throughput.py
+
+# Before a GPU call: wheels a bare GPU machine lacks (.whl/) and Fashion-MNIST (.gpu/); see README, "On a GPU".
+gpu-wheels: install
+	PY=$(BIN)/python bash bench/gpu/prepare.sh
+
+# The GPU script's parts on this CPU at tiny sizes (what the GPU call will run, checked here).
+gpu-dry: install
+	$(BIN)/python bench/gpu/driver.py --dry-run --out runs/gpu-dry
 
 clean:
 	rm -rf runs .pytest_cache

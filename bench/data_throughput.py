@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def write_folder(root: Path, n_train: int, n_val: int) -> Path:
-    """Fashion-MNIST's first n_train training and n_val test images as PNGs (once; reused)."""
+def write_folder(root: Path, n_train: int, n_val: int, fashion: Path = FASHION) -> Path:
+    """Fashion-MNIST's first n_train training and n_val test images (IDX files under
+    ``fashion``) as PNGs (once; reused)."""
     from PIL import Image
 
     from kdgraph.data import read_idx
@@ -46,8 +47,8 @@ def write_folder(root: Path, n_train: int, n_val: int) -> Path:
     done = root / ".complete"
     if done.exists():
         return root
-    x_tr, y_tr = read_idx(str(FASHION / "train-images-idx3-ubyte.gz")), read_idx(str(FASHION / "train-labels-idx1-ubyte.gz"))
-    x_te, y_te = read_idx(str(FASHION / "t10k-images-idx3-ubyte.gz")), read_idx(str(FASHION / "t10k-labels-idx1-ubyte.gz"))
+    x_tr, y_tr = read_idx(str(fashion / "train-images-idx3-ubyte.gz")), read_idx(str(fashion / "train-labels-idx1-ubyte.gz"))
+    x_te, y_te = read_idx(str(fashion / "t10k-images-idx3-ubyte.gz")), read_idx(str(fashion / "t10k-labels-idx1-ubyte.gz"))
     for split, x, y, n in (("train", x_tr, y_tr, n_train), ("val", x_te, y_te, n_val)):
         for i in range(n):
             folder = root / split / f"class{int(y[i]):02d}"
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     p.add_argument("--workers", type=int, default=2, help="runtime.num_workers of the streaming path")
     p.add_argument("--device", default="cpu", help="cpu (the goal's setting) or cuda (a GPU: decoding overlaps training)")
+    p.add_argument("--root", type=Path, default=FASHION, help="Fashion-MNIST's IDX files (default Debian's)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/kdgraph-bench-fashion-png"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data-throughput.jsonl")
     p.add_argument("--measure", nargs=2, metavar=("ROOT", "LOADER"), help=argparse.SUPPRESS)
@@ -156,11 +158,13 @@ def main() -> None:
                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--workers", str(args.workers),
                    "--device", args.device]
     for size in args.sizes:
-        root = write_folder(args.cache / f"n{size}" / "images", size, args.val)
+        root = write_folder(args.cache / f"n{size}" / "images", size, args.val, args.root)
         for r in range(args.repeats):
             for loader in ("memory", "stream"):  # interleaved: drifting load hits both alike
                 res = subprocess.run([sys.executable, __file__, "--measure", str(root), loader, *passthrough],
-                                     capture_output=True, text=True, cwd=ROOT, check=True)
+                                     capture_output=True, text=True, cwd=ROOT)
+                if res.returncode:
+                    sys.exit(f"measuring {loader} on {root} failed:\n{res.stderr[-4000:]}")
                 row = {**json.loads(res.stdout.strip().splitlines()[-1]), "repeat": r}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -184,7 +188,7 @@ def main() -> None:
               f"{line['stream_data_wait_share']:>12.1%} | "
               f"{line['memory_peak_rss_mb']:>13.0f} | {line['stream_peak_rss_mb']:>10.0f} (+{line['stream_worker_peak_rss_mb']:.0f} each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("measure", "cache", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("measure", "cache", "out", "root")}
     with args.out.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -23,6 +23,7 @@ peak GPU memory of each runner's step against the loop's. JSON lines go to ``--o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kdgraph.runtime.loop import build_run, train_step
+from kdgraph.runtime.techniques import RecompileWatch, reset_compile_caches
 from kdgraph.spec import load_spec
 
 # label -> (teacher, student, input size, batch on CUDA, blocks)
@@ -142,7 +144,33 @@ def _allocated(device) -> int:
     return torch.cuda.memory_allocated() if device == "cuda" else 0
 
 
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far (grows on every recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def bench_pair(label, mode, args) -> list[dict]:
+    """Build, warm up and time the four runners of one pair in one mode.
+
+    Compiled, each (pair, mode) starts from an empty compile cache: Dynamo keeps at most 8
+    entries per code object, and the runners of earlier pairs would push this pair's past
+    that limit into eager (timed as compiled). A recompile-limit hit raises (``--strict``,
+    the default) or is reported in the rows; so is any graph compiled during the timed
+    rounds (the warm-up should have compiled everything)."""
+    reset_compile_caches()
+    with RecompileWatch(strict=args.strict) as watch:
+        rows = _bench_pair(label, mode, args)
+    for row in rows:
+        row["recompile_limit_hits"] = watch.hits
+    if watch.hits:
+        print(f"warning: {label} {mode}: Dynamo hit its recompile limit {watch.hits}x ({watch.functions}); "
+              "part of it ran eager", flush=True)
+    return rows
+
+
+def _bench_pair(label, mode, args) -> list[dict]:
     teacher, student, size, cuda_batch, blocks = PAIRS[label]
     batch = args.batch or (cuda_batch if args.device == "cuda" else 16)
     compiled = mode == "compiled"
@@ -168,6 +196,7 @@ def bench_pair(label, mode, args) -> list[dict]:
             memory[name] = (before - base) + (torch.cuda.max_memory_allocated() - before)
         runners[name] = runner
     times = {k: [] for k in runners}
+    graphs_before = compiled_graphs()
     for _ in range(args.rounds):  # interleaved: drift of the machine hits every runner alike
         for name, runner in runners.items():
             sync(args.device)
@@ -176,6 +205,7 @@ def bench_pair(label, mode, args) -> list[dict]:
                 runner.step()
             sync(args.device)
             times[name].append((time.perf_counter() - t0) / args.steps)
+    graphs_in_timing = compiled_graphs() - graphs_before
     flops = model_flops(teacher, student, size)
     ips = {k: batch / statistics.median(v) for k, v in times.items()}
     rows = []
@@ -183,7 +213,8 @@ def bench_pair(label, mode, args) -> list[dict]:
         rows.append({"pair": label, "mode": mode, "method": name, "batch": batch, "images_per_s": round(v, 1),
                      "ratio_to_loop": round(v / ips["loop"], 3), "tflops": round(v * flops / 1e12, 2),
                      "peak_mem_gib": round(memory[name] / 2**30, 2) if name in memory else None,
-                     "mem_ratio_to_loop": round(memory[name] / memory["loop"], 3) if name in memory else None})
+                     "mem_ratio_to_loop": round(memory[name] / memory["loop"], 3) if name in memory else None,
+                     "graphs_compiled_while_timed": graphs_in_timing})
     del runners
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -203,10 +234,16 @@ def main():
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="append one JSON line per row here")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend of the compiled mode (eager or aot_eager: capture only, a quick check on a CPU)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="report a recompile-limit hit in the rows instead of failing")
     args = p.parse_args()
     cuda = args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.backend != "inductor":  # the loop's and kdgraph's torch.compile(module) calls alike
+        torch.compile = functools.partial(torch.compile, backend=args.backend)
     pairs = args.pairs or (list(PAIRS) if cuda else ["r34-r18@32"])
     modes = args.modes or (["eager", "compiled"] if cuda else ["eager"])
     args.steps = args.steps or (10 if cuda else 2)
@@ -241,7 +278,8 @@ def main():
                 if args.out:
                     with Path(args.out).open("a") as f:
                         f.write(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
-                                            "torch": torch.__version__, **row}) + "\n")
+                                            "torch": torch.__version__, **row,
+                                            "backend": args.backend if row["mode"] == "compiled" else None}) + "\n")
 
 
 if __name__ == "__main__":

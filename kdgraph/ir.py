@@ -530,6 +530,7 @@ class DataPlan:
     std: tuple[float, ...] | None = None
     crop_pct: float | None = None  # streamed evaluation only
     stats: str = "the training split's statistics"
+    num_classes: int | None = None  # image folders: their class folders
     teacher_mean: tuple[float, ...] | None = None
     teacher_std: tuple[float, ...] | None = None
 

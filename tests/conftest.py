@@ -65,3 +65,18 @@ def traced_timm(name: str):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_runtest_logreport(report):
+    """With KDGRAPH_TEST_JSONL set, one JSON line per test outcome appended there as it comes
+    (bench/gpu/driver.py reads it: a part killed at its time limit keeps what finished)."""
+    path = os.environ.get("KDGRAPH_TEST_JSONL")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's controller writes its workers' reports
+        return
+    if not path or not (report.when == "call" or report.outcome != "passed"):
+        return
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+                            "seconds": round(report.duration, 2)}) + "\n")

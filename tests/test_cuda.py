@@ -1,18 +1,28 @@
-"""The CUDA tier: skipped without a GPU. Run it with ``pytest -m cuda tests/test_cuda.py``
-(``-n 8`` with pytest-xdist runs specs side by side on one GPU).
+"""The CUDA tier, and the same harness on the CPU so that CI catches its bugs without a GPU.
 
-- Every spec in specs/ trains a few steps of its first and last training stage on CUDA in
-  bf16: eager with channels_last on and off, and torch.compile'd. Data is replaced by
-  synthetic data of the spec's input size and weights files by random weights: the
-  runtime is under test, not the data.
+- Every spec in specs/ trains a few steps of its first and last training stage: eager with
+  channels_last on and off, and torch.compile'd. Data is replaced by synthetic data of the
+  spec's input size (per-pixel labels where the student predicts per pixel), weights files
+  and pretrained weights by random weights: the runtime is under test, not the data, and
+  nothing is downloaded.
+  CUDA (``pytest -m cuda tests/test_cuda.py``, ``-n 8`` with pytest-xdist runs cases side by
+  side on one GPU): batch 8, bf16, inductor. CPU (always): the same overrides at batch 2;
+  compiled cases run Dynamo with its ``eager`` backend: the graph capture, guards and
+  recompiles inductor would see, without AOT autograd or code generation (``aot_eager`` took
+  twice as long, inductor's C++ build a minute or more per graph on a CPU core), and the
+  quickstart pair's first stage compiles with inductor itself (slow).
+  Every case starts from an empty compile cache and fails if Dynamo hits its recompile limit
+  (it would otherwise run the rest eager and say so once in a warning).
 - A decomposed and a merged stage's loss terms in bf16 autocast are within 3 % (relative)
   of the same terms in fp32 on the same weights and batch (bf16 keeps an 8-bit mantissa).
-- A run stopped mid-epoch and resumed on CUDA ends bit-identical to an uninterrupted one
+  These two run on the CPU as well.
+- A run stopped mid-epoch and resumed ends bit-identical to an uninterrupted one
   (deterministic algorithms on).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -26,58 +36,133 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS
 from kdgraph.data import resolve_input_size
 from kdgraph.runtime import loop
 from kdgraph.runtime.loop import TrainingInterrupted, build_run, train, train_step
+from kdgraph.runtime.techniques import RecompileWatch, reset_compile_caches
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec  # noqa: E402
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+HAS_CUDA = torch.cuda.is_available()
+skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+needs_cuda = [pytest.mark.cuda, skip_without_cuda]
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "specs").glob("*.yaml"))
+# mode -> (runtime.compile, runtime.channels_last)
+MODES = {"eager-cl": (False, True), "eager-nocl": (False, False), "compiled": (True, "auto")}
+BATCH = {"cuda": 8, "cpu": 2}
+# Under 40 s a case on one CPU thread, most under 10, for all but these (224-px Swin-S: 16-42 s).
+SLOW_ON_CPU = {"swin_small-to-resnet18", "swin_small-to-swin_tiny"}
+# The CPU case that compiles with inductor: the smallest KD pair's first stage, one step
+# (C++ code generation from a cold cache on a loaded 2-core machine: 68 s, 163 s with the last
+# stage too; the eager backend checks every stage's capture and recompiles).
+INDUCTOR_ON_CPU = ["quickstart"]
 
 
-def _cuda_overrides(path: Path, compiled: bool, channels_last) -> list[str]:
+def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str]:
+    """The tier's --set overrides of one spec: synthetic data of the spec's input size (two
+    batches), the device, bf16, the mode's compile and channels_last, and random weights in
+    place of weights files and pretrained weights (the tier never reads data or the network)."""
     spec = load_spec(path)
+    compiled, channels_last = MODES[mode]
     c, h, w = resolve_input_size(spec.data)
     classes = spec.student.kwargs.get("num_classes") or spec.data.num_classes or 1000
-    sets = [f"data={{dataset: synthetic, input_size: [{c}, {h}, {w}], num_classes: {classes}, samples: 16, "
-            "batch_size: 8, augment: none}",
-            "runtime.device=cuda", "runtime.precision=bf16", f"runtime.compile={str(compiled).lower()}",
-            f"runtime.channels_last={channels_last if isinstance(channels_last, str) else str(channels_last).lower()}",
-            "student.checkpoint=", "output=/tmp/kdgraph-cuda-tier/" + path.stem]
-    if spec.teacher is not None:
-        sets.append("teacher.checkpoint=")
+    batch = BATCH[device]
+    sets = [f"data={{dataset: synthetic, input_size: [{c}, {h}, {w}], num_classes: {classes}, "
+            f"samples: {2 * batch}, batch_size: {batch}, augment: none}}",
+            f"runtime.device={device}", "runtime.precision=bf16", f"runtime.compile={str(compiled).lower()}",
+            f"runtime.channels_last={str(channels_last).lower()}", f"output={output}"]
+    for role in ("teacher", "student"):
+        model = getattr(spec, role)
+        if model is None:
+            continue
+        if model.checkpoint is not None:
+            sets.append(f"{role}.checkpoint=")
+        if model.pretrained:
+            sets.append(f"{role}.pretrained=false")
     return sets
 
 
-@pytest.mark.parametrize("mode", ["eager-cl", "eager-nocl", "compiled"])
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_every_spec_trains_on_cuda(path, mode):
-    compiled = mode == "compiled"
-    cl = {"eager-cl": True, "eager-nocl": False, "compiled": "auto"}[mode]
-    run = build_run(load_spec(path, _cuda_overrides(path, compiled, cl), allow_code=True))
-    stages = run.compiled.plan.stages
+def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's first training batch; per-pixel labels (B, H, W) on the logits' grid where
+    the student predicts per pixel (a U-Net), since synthetic data has one label per image."""
     xb, yb = next(iter(run.train_loader.epoch(0)))
-    for stage in {stages[0].index: stages[0], stages[-1].index: stages[-1]}.values():
-        run.distiller.set_stage(stage)
-        run.distiller.train()
-        for _ in range(2):
-            terms, loss = train_step(run, xb, yb)
-        assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
-    torch.cuda.synchronize()
+    student = run.compiled.student
+    if student.dense:
+        g = torch.Generator().manual_seed(0)
+        grid = tuple(student.output_shape[2:])
+        yb = torch.randint(0, student.num_classes, (len(yb), *grid), generator=g).to(yb.device)
+    return xb, yb
 
 
-def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages():
+def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int = 2, last_stage: bool = True) -> None:
+    """``steps`` steps of the first and (``last_stage``) the last training stage; every loss
+    finite, no recompile-limit hit (a fresh compile cache first: earlier cases' entries would count)."""
+    reset_compile_caches()
+    with RecompileWatch(strict=True) as watch:
+        run = build_run(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
+        stages = run.compiled.plan.stages
+        xb, yb = tier_batch(run)
+        for stage in [stages[0]] + ([stages[-1]] if last_stage and len(stages) > 1 else []):
+            run.distiller.set_stage(stage)
+            run.distiller.train()
+            for _ in range(steps):
+                terms, loss = train_step(run, xb, yb)
+            assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
+        if device == "cuda":
+            torch.cuda.synchronize()
+    assert watch.hits == 0, f"recompile limit hit (ran eager from there): {watch.functions}"
+    reset_compile_caches()
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_tier_overrides_read_no_weights_no_data_and_no_network(path, tmp_path):
+    for device in BATCH:
+        spec = load_spec(path, tier_overrides(path, "compiled", device, tmp_path), allow_code=True)
+        models = [m for m in (spec.teacher, spec.student) if m is not None]
+        assert [(m.checkpoint, m.pretrained) for m in models] == [(None, False)] * len(models)
+        assert (spec.data.dataset, spec.data.batch_size, spec.runtime.device) == ("synthetic", BATCH[device], device)
+
+
+def _cpu_cases():
+    for path in SPECS:
+        for mode in MODES:
+            marks = [pytest.mark.slow] if path.stem in SLOW_ON_CPU else []
+            yield pytest.param(path, mode, id=f"{path.stem}-{mode}", marks=marks)
+
+
+@pytest.mark.cuda
+@skip_without_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_spec_trains_on_cuda(path, mode, tmp_path):
+    run_tier_case(path, mode, "cuda", tmp_path)
+
+
+@pytest.mark.parametrize("path, mode", list(_cpu_cases()))
+def test_every_spec_trains_on_cpu(path, mode, tmp_path, monkeypatch):
+    # the runtime calls torch.compile(module): Dynamo's eager backend for this test
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    run_tier_case(path, mode, "cpu", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", INDUCTOR_ON_CPU)
+def test_smallest_specs_train_compiled_by_inductor_on_cpu(stem, tmp_path):
+    path = next(p for p in SPECS if p.stem == stem)
+    run_tier_case(path, "compiled", "cpu", tmp_path, steps=1, last_stage=False)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
+def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages(device, tmp_path):
     raw = {
         "name": "bf16-vs-fp32", "seed": 0,
         "teacher": {"model": "timm:resnet34", "kwargs": {"num_classes": 10}},
         "student": {"model": "timm:resnet18", "kwargs": {"num_classes": 10}},
         "data": {"dataset": "synthetic", "input_size": [3, 64, 64], "num_classes": 10, "samples": 64,
-                 "batch_size": 64, "augment": "none"},
+                 "batch_size": 64 if device == "cuda" else 8, "augment": "none"},
         "decompose": {"blocks": 5},
         "schedule": {"method": "stablekd", "recompositions": 2, "epochs": 3},
-        "runtime": {"device": "cuda", "precision": "bf16", "channels_last": True},
-        "output": "/tmp/kdgraph-cuda-tier/bf16",
+        "runtime": {"device": device, "precision": "bf16", "channels_last": True},
+        "output": str(tmp_path),
     }
     run = build_run(load_spec(raw))
     xb, yb = next(iter(run.train_loader.epoch(0)))
@@ -86,7 +171,7 @@ def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages():
         run.distiller.set_stage(stage)
         run.distiller.train()
         with torch.no_grad():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 low = {k: v.float() for k, v in run.distiller(xb, yb).items()}
             ref = run.distiller(xb, yb)
         assert low.keys() == ref.keys()
@@ -95,13 +180,15 @@ def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages():
             assert rel < 3e-2, (stage.index, k, low[k].item(), ref[k].item())
 
 
-def test_resume_is_exact_on_cuda(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
+def test_resume_is_exact(device, tmp_path, monkeypatch):
     torch.use_deterministic_algorithms(True, warn_only=False)
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
         def spec(name):
             return load_spec(tiny_spec(tmp_path / name, "stablekd", recompositions=1, epochs=3,
-                                       runtime={"device": "cuda", "checkpoint_every": 4, "log_every": 1,
+                                       runtime={"device": device, "checkpoint_every": 4, "log_every": 1,
                                                 "num_threads": 1}))
 
         train(spec("a"))
@@ -126,3 +213,5 @@ def test_resume_is_exact_on_cuda(tmp_path, monkeypatch):
             assert torch.equal(a[k], b[k]), k
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_num_threads(threads)  # the spec's runtime.num_threads would leak into later tests

@@ -1,9 +1,11 @@
 """Runtime techniques, each one small function, applied in one fixed order by the loop:
-device -> distributed -> channels_last -> autocast (+ gradient scaler) -> compile -> DDP wrap."""
+device -> distributed -> cuDNN autotuning -> channels_last -> autocast (+ gradient scaler)
+-> compile -> DDP wrap."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -51,6 +53,28 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def use_cudnn_benchmark(device: torch.device, deterministic: bool) -> bool:
+    """cuDNN autotuning (``torch.backends.cudnn.benchmark``) on CUDA unless the run asks for
+    determinism (``deterministic``, or deterministic algorithms already switched on in torch).
+
+    Autotuning times several convolution algorithms per new input shape and keeps the fastest:
+    a one-off cost per shape, then faster convolutions for the rest of the run (a training run
+    sees one or two shapes). The algorithm it picks may change between runs, so results are
+    not bit-reproducible with it on. Never on the CPU, where the flag does nothing."""
+    return device.type == "cuda" and not deterministic and not torch.are_deterministic_algorithms_enabled()
+
+
+def apply_cudnn_benchmark(device: torch.device, deterministic: bool) -> bool:
+    """Set ``torch.backends.cudnn.benchmark`` as ``use_cudnn_benchmark`` decides; returns it.
+
+    Only ever switches it on for CUDA, or off for a deterministic CUDA run: on the CPU the
+    process's setting is left as it was (a caller's choice, not the spec's)."""
+    on = use_cudnn_benchmark(device, deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = on
+    return on
+
+
 def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
     """auto: on CUDA for conv nets (tensor cores want NHWC); never on CPU, where it is slower."""
     if setting == "auto":
@@ -93,6 +117,55 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
 
 def maybe_compile(module: nn.Module, enabled: bool):
     return torch.compile(module) if enabled else module
+
+
+def reset_compile_caches() -> None:
+    """Forget every compiled graph and its guards (``torch._dynamo.reset()``).
+
+    Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) cache entries per code
+    object; entries of earlier models (another Distiller, another benchmark runner) count
+    against that limit for the next one, which then silently runs eager. Reset between
+    independent compiled programs in one process."""
+    torch._dynamo.reset()
+
+
+class RecompileWatch(logging.Handler):
+    """Counts the times Dynamo hit its recompile limit while attached: ``with
+    RecompileWatch() as watch: ...``, then ``watch.hits`` and ``watch.functions``.
+
+    At the limit, Dynamo logs one warning ("torch._dynamo hit config.recompile_limit") and
+    runs that function eager from then on: a compiled run quietly becomes an eager one. That
+    warning is Dynamo's one signal by default (the flag that raises instead is off, and was
+    renamed between versions), so the watch reads the log record. ``strict`` also sets
+    ``fail_on_recompile_limit_hit`` where this torch has it, so a hit raises at once (tests);
+    without it the run goes on and the count is there to report. Dynamo warns once per
+    function (then skips it for good), so ``hits`` counts functions gone eager, not calls."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self, strict: bool = False):
+        super().__init__(level=logging.WARNING)
+        self.strict = strict
+        self.hits = 0
+        self.functions: list[str] = []
+        self._patch = contextlib.ExitStack()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("torch._dynamo hit config."):
+            self.hits += 1
+            args = record.args if isinstance(record.args, tuple) else ()
+            self.functions.append(str(args[2]) if len(args) > 2 else "?")
+
+    def __enter__(self) -> RecompileWatch:
+        logging.getLogger(self.LOGGER).addHandler(self)
+        config = torch._dynamo.config
+        if self.strict and hasattr(config, "fail_on_recompile_limit_hit"):
+            self._patch.enter_context(config.patch(fail_on_recompile_limit_hit=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patch.close()
+        logging.getLogger(self.LOGGER).removeHandler(self)
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, find_unused: bool) -> nn.Module:

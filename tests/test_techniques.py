@@ -1,0 +1,96 @@
+"""Runtime techniques that decide from the device and the spec, checked on the CPU: cuDNN
+autotuning's decision (a fake CUDA device: the decision reads only ``device.type``) and the
+recompile watch (a real recompile-limit hit, with Dynamo's cheap ``eager`` backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdgraph.runtime.techniques import (
+    RecompileWatch,
+    apply_cudnn_benchmark,
+    reset_compile_caches,
+    use_cudnn_benchmark,
+)
+
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+@pytest.fixture
+def cudnn_flag():
+    before = torch.backends.cudnn.benchmark
+    yield
+    torch.backends.cudnn.benchmark = before
+
+
+def test_cudnn_benchmark_on_for_cuda_unless_determinism_is_asked_for():
+    assert use_cudnn_benchmark(CUDA, deterministic=False) is True
+    assert use_cudnn_benchmark(CUDA, deterministic=True) is False
+    assert use_cudnn_benchmark(CPU, deterministic=False) is False
+
+
+def test_deterministic_algorithms_switched_on_in_torch_turn_autotuning_off():
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert use_cudnn_benchmark(CUDA, deterministic=False) is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_apply_sets_the_flag_on_cuda_and_leaves_it_alone_on_cpu(cudnn_flag):
+    torch.backends.cudnn.benchmark = False
+    assert apply_cudnn_benchmark(CUDA, deterministic=False) is True
+    assert torch.backends.cudnn.benchmark is True
+    assert apply_cudnn_benchmark(CUDA, deterministic=True) is False
+    assert torch.backends.cudnn.benchmark is False
+    torch.backends.cudnn.benchmark = True  # a caller's own choice on the CPU stays
+    assert apply_cudnn_benchmark(CPU, deterministic=False) is False
+    assert torch.backends.cudnn.benchmark is True
+
+
+def _recompiling():
+    """A compiled function that recompiles for every new string constant (Dynamo specialises
+    on strings), with the ``eager`` backend: no code generation, milliseconds per compile."""
+
+    def f(x, tag: str):
+        return x * len(tag)
+
+    return torch.compile(f, backend="eager")
+
+
+def test_recompile_watch_counts_a_limit_hit_and_the_function_still_answers():
+    reset_compile_caches()
+    f, x = _recompiling(), torch.ones(3)
+    with torch._dynamo.config.patch(recompile_limit=2), RecompileWatch() as watch:
+        out = [f(x, "a" * n) for n in range(1, 5)]  # the third string is over the limit
+    assert watch.hits == 1, watch.functions
+    assert "f" in watch.functions[0]
+    assert [o[0].item() for o in out] == [1.0, 2.0, 3.0, 4.0]  # eager from then on, still right
+    reset_compile_caches()
+
+
+def test_recompile_watch_sees_nothing_within_the_limit_or_after_a_reset():
+    reset_compile_caches()
+    x = torch.ones(3)
+    with torch._dynamo.config.patch(recompile_limit=2), RecompileWatch() as watch:
+        f = _recompiling()
+        f(x, "a"), f(x, "aa")
+        reset_compile_caches()  # a fresh cache: the same two strings compile again within the limit
+        f = _recompiling()
+        f(x, "aaa"), f(x, "aaaa")
+    assert watch.hits == 0
+    reset_compile_caches()
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"),
+                    reason="this torch has no fail_on_recompile_limit_hit")
+def test_strict_recompile_watch_raises_at_the_limit():
+    reset_compile_caches()
+    f, x = _recompiling(), torch.ones(3)
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.raises(Exception, match="recompile limit|fail_on_recompile"):
+        with RecompileWatch(strict=True):
+            for n in range(1, 5):
+                f(x, "a" * n)
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # restored on the way out
+    reset_compile_caches()
