@@ -69,20 +69,13 @@ def test_report_writes_table_and_plot(tmp_path):
 
 
 def test_grid_cells_and_specs(tmp_path):
-    from kdgraph.errors import SpecError
     from kdgraph.spec import load_spec
 
     args = _args(tmp_path)
     assert recipes.grid_units(args) == 70  # 7 sweeps x 3 lrs (fm x2) + 8 x 2 x 3 main (fm x2) - the sweeps' best
-    # what the training loop does not run yet (the spec refuses it, issue 22): mixup, DKD's warm-up
-    pending = {"fm": "data.mixup: mixup is planned", "dkd": "loss.dkd_warmup_epochs: DKD's warm-up needs"}
     for method in recipes.ORDER:
         for fraction in (0.2, 1.0):
             head = recipes.LOGIT_RECIPES[0] if method == "stablekd-5/2+best" else None
-            if method in pending:
-                with pytest.raises(SpecError, match="^" + pending[method]):
-                    load_spec(recipes.recipe_spec(args, method, fraction, 1, lr=0.1, head=head))
-                continue
             spec = load_spec(recipes.recipe_spec(args, method, fraction, 1, lr=0.1, head=head))
             assert spec.schedule.epochs == recipes.BASE_EPOCHS[fraction] * recipes.RECIPES[method].get("mult", 1)
             assert spec.data.augment == "crop+flip"

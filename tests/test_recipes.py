@@ -28,9 +28,9 @@ def _head(spec: dict) -> dict:
                               "standardize": False}),
     ({"logit": "kl", "standardize": True, "temperature": 2.0, "kl_weight": 9.0}, "kd", ["ce", "kl"],
      {"ce_weight": 1.0, "kl_weight": 9.0, "temperature": 2.0, "label_smoothing": 0.0, "standardize": True}),
-    ({"logit": "dkd", "dkd_beta": 4.0, "temperature": 4.0}, "dkd", ["ce", "tckd", "nckd"],
+    ({"logit": "dkd", "dkd_beta": 4.0, "dkd_warmup_epochs": 2.5, "temperature": 4.0}, "dkd", ["ce", "tckd", "nckd"],
      {"ce_weight": 1.0, "label_smoothing": 0.0, "alpha": 1.0, "beta": 4.0, "temperature": 4.0,
-      "warmup_epochs": 0.0, "standardize": False}),
+      "warmup_epochs": 2.5, "standardize": False}),
     ({"logit": "dist", "dist_gamma": 2.0, "ce_weight": 0.5}, "dist", ["ce", "inter", "intra"],
      {"ce_weight": 0.5, "label_smoothing": 0.0, "beta": 1.0, "gamma": 2.0, "temperature": 1.0,
       "standardize": False}),
@@ -71,10 +71,8 @@ def test_the_plan_names_the_head_loss_and_its_params():
     ({"loss": {"dkd_alpha": -1.0}}, "loss.dkd_alpha: must be greater than or equal to 0 (got -1.0)"),
     ({"loss": {"ce_weight": -0.5}}, "loss.ce_weight: must be greater than or equal to 0 (got -0.5)"),
     ({"loss": {"dkd_warmup_epochs": -1}}, "loss.dkd_warmup_epochs: must be greater than or equal to 0 (got -1)"),
-    ({"data": {"mixup": {"cutmix_alpha": 1.0}}},
-     "data.mixup: mixup is planned but the training loop does not apply it yet"),
-    ({"loss": {"logit": "dkd", "dkd_warmup_epochs": 2.0}},
-     "loss.dkd_warmup_epochs: DKD's warm-up needs the training progress, which the training loop does not pass"),
+    ({"loss": {"logit": "dkd"}, "data": {"mixup": {"cutmix_alpha": 1.0}}},
+     "data.mixup: loss.logit dkd needs each sample's class, and mixup gives mixed soft labels"),
     ({"loss": {"logit": "dist"}, "runtime": {"micro_batches": 2}},
      "runtime.micro_batches: loss.logit dist relates the samples of a batch; micro-batches would each be a "
      "batch of their own (got 2); allowed: 1 with loss.logit dist"),
@@ -100,17 +98,8 @@ def test_a_spec_writing_out_the_defaults_stays_valid_with_any_logit_loss():
     load_spec(tiny_spec(method="kd", loss={"kl_weight": 1.0, "logit": "dist", "dkd_beta": 8.0}))
 
 
-def _with(spec, section: str, **values):
-    """``spec`` with ``values`` in ``section``, unvalidated: what the spec refuses today (mixup,
-    DKD's warm-up: the training loop does not run them yet) reaches the compiler and the
-    distiller, whose own checks are tested here."""
-    return spec.model_copy(update={section: getattr(spec, section).model_copy(update=values)})
-
-
 def test_mixup_with_per_pixel_labels_is_refused_by_the_plan():
-    from kdgraph.spec.schema import MixupSpec
-
-    spec = _with(load_spec(ROOT / "specs" / "fashion-unet.yaml"), "data", mixup=MixupSpec())
+    spec = load_spec(ROOT / "specs" / "fashion-unet.yaml", ["data.mixup.mixup_alpha=1.0"])
     with pytest.raises(PlanError, match=r"^data.mixup: mixup mixes one class label per image; this student "
                                         "predicts a class per pixel"):
         compile_spec(spec, materialize=False, allow_missing_weights=True)
@@ -122,7 +111,7 @@ def _step(loss: dict, progress=None):
     """One forward of a kd plan: the distiller's terms, and the student's and teacher's logits
     and labels of the same batch computed beside it."""
     torch.manual_seed(0)
-    c = compile_spec(_with(load_spec(tiny_spec(method="kd")), "loss", **loss))
+    c = compile_spec(load_spec(tiny_spec(method="kd", loss=loss)))
     d = Distiller(c)
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     terms = d(x, y, progress=progress)

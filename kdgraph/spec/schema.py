@@ -780,21 +780,6 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _what_the_training_loop_runs(self) -> Spec:
-        """Planned, not yet trained: the training loop (being restructured into a Trainer) does
-        not yet mix batches nor pass the training progress to the losses. Refused here rather
-        than ignored; the loop's side of issue 22 lifts this."""
-        if self.data.mixup is not None:
-            raise _invalid("mixup is planned but the training loop does not apply it yet (issue 22: it lands "
-                           "with the Trainer); remove data.mixup", allowed="null", at="data.mixup",
-                           got=self.data.mixup.model_dump())
-        if self.loss.dkd_warmup_epochs > 0:
-            raise _invalid("DKD's warm-up needs the training progress, which the training loop does not pass "
-                           "to the losses yet (issue 22: it lands with the Trainer)", allowed="0",
-                           at="loss.dkd_warmup_epochs", got=self.loss.dkd_warmup_epochs)
-        return self
-
-    @model_validator(mode="after")
     def _hard_labels_without_mixup(self) -> Spec:
         logit = LOGIT_LOSSES.get(self.loss.logit)
         if self.data.mixup is not None and logit.hard_labels and self.teacher is not None:
