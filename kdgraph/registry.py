@@ -6,7 +6,7 @@ This module does not import torch. Entries whose implementation needs it are reg
 where they are implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``);
 their registry imports that module the first time it is read, so that a torch-free caller
 such as the spec's validation sees the built-in entries without importing them itself.
-Methods and augmentations are plain descriptions, registered below.
+Methods, augmentations and logit losses are plain descriptions, registered below.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import Any, Generic, TypeVar
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "LOGIT_LOSSES",
     "METHODS",
     "MODEL_SOURCES",
     "SCHEDULES",
     "Augmentation",
+    "LogitLoss",
     "Method",
     "Registry",
     "UnknownName",
@@ -197,3 +199,38 @@ for _method in (
 ):
     METHODS.register(_method.name, _method)
 del _method
+
+
+# --------------------------------------------------------------------------- logit losses
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """A logit loss of the head block with a teacher (``loss.logit``), described without torch:
+    what the spec validates and the compiler chooses by. Its module is the ``head`` entry
+    ``entry`` of ``kdgraph.losses.LOSSES``, whose ``summary`` is this one and whose params read
+    ``own`` besides the fields every logit loss shares (``ce_weight``, ``label_smoothing``,
+    ``temperature``, ``standardize``); a test keeps the two equal."""
+
+    name: str
+    entry: str  # its kdgraph.losses.LOSSES entry (role head)
+    own: tuple[str, ...]  # loss.* fields only this logit loss reads (set with another: refused)
+    hard_labels: bool  # needs class indices, not mixed soft targets (refused with data.mixup)
+    batch_relations: bool  # relates the samples of a batch (refused with runtime.micro_batches > 1)
+    summary: str  # one line: the spec's description, the plan, errors
+
+
+LOGIT_LOSSES: Registry[LogitLoss] = Registry("logit loss")
+for _logit in (
+    LogitLoss("kl", entry="kd", own=("kl_weight",), hard_labels=False, batch_relations=False,
+              summary="cross-entropy with the labels plus weighted KL to the teacher's logits (Hinton et al.)"),
+    LogitLoss("dkd", entry="dkd", own=("dkd_alpha", "dkd_beta", "dkd_warmup_epochs"), hard_labels=True,
+              batch_relations=False,
+              summary="cross-entropy plus decoupled KD: target-class and non-target-class KL weighted apart "
+                      "(Zhao et al. 2022)"),
+    LogitLoss("dist", entry="dist", own=("dist_beta", "dist_gamma"), hard_labels=False, batch_relations=True,
+              summary="cross-entropy plus DIST: inter- and intra-class Pearson correlation of the "
+                      "probabilities (Huang et al. 2022)"),
+):
+    LOGIT_LOSSES.register(_logit.name, _logit)
+del _logit

@@ -15,6 +15,7 @@ from kdgraph.errors import SpecError
 from kdgraph.registry import (
     AUGMENTATIONS,
     DATASETS,
+    LOGIT_LOSSES,
     METHODS,
     MODEL_SOURCES,
     SCHEDULES,
@@ -157,16 +158,17 @@ def test_json_schema_lists_the_registry_names():
     assert defs["OptimSpec"]["properties"]["lr_schedule"]["enum"] == SCHEDULES.names()
     assert defs["DataSpec"]["properties"]["augment"]["enum"] == ["auto", *AUGMENTATIONS.names()]
     assert defs["DataSpec"]["properties"]["dataset"]["examples"] == dataset_choices()
+    assert defs["LossSpec"]["properties"]["logit"]["enum"] == LOGIT_LOSSES.names()
 
 
 def test_spec_field_descriptions_name_every_built_in_choice():
     """`kdgraph schema` and the JSON schema describe each choice field in prose; every built-in
     name of its registry must be there (a dataset added without its description fails here)."""
-    from kdgraph.spec.schema import DataSpec, ModelSpec, OptimSpec, ScheduleSpec
+    from kdgraph.spec.schema import DataSpec, LossSpec, ModelSpec, OptimSpec, ScheduleSpec
 
     fields = [(DataSpec, "dataset", DATASETS.names()), (DataSpec, "augment", AUGMENTATIONS.names()),
               (ScheduleSpec, "method", METHODS.names()), (OptimSpec, "lr_schedule", SCHEDULES.names()),
-              (ModelSpec, "model", MODEL_SOURCES.names())]
+              (ModelSpec, "model", MODEL_SOURCES.names()), (LossSpec, "logit", LOGIT_LOSSES.names())]
     for model, field, names in fields:
         description = model.model_fields[field].description
         assert names, field
