@@ -240,7 +240,7 @@ class ModelSpec(_Strict):
 
 
 def _pretrained_sources() -> list[str]:
-    """Sources whose models have pretrained weights (registered by kdgraph.models, loaded lazily: torch)."""
+    """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
     return PRETRAINED_SOURCES.names()
 
 
