@@ -419,11 +419,6 @@ class ScheduleSpec(_Strict):
         "summing to epochs). None: equal split, remainder to the last stage.",
     )
 
-    @property
-    def num_stages(self) -> int:
-        """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return METHODS.get(self.method).stages(self.recompositions)
-
 
 class LossSpec(_Strict):
     """Weights and form of the loss terms."""
@@ -681,7 +676,7 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _stage_epochs_one_per_stage(self) -> Spec:
         method = METHODS.get(self.schedule.method)
-        stage_epochs, stages = self.schedule.stage_epochs, self.schedule.num_stages
+        stage_epochs, stages = self.schedule.stage_epochs, method.stages(self.schedule.recompositions)
         if stage_epochs is not None and len(stage_epochs) != stages:
             why = (f"{method.name} with {self.schedule.recompositions} recompositions" if method.decomposes
                    else method.name)
