@@ -65,6 +65,50 @@ def test_spec_and_registry_import_without_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_spec_validation_sees_every_built_in_name_without_torch():
+    """The built-in names are declared in kdgraph.registry; validating a spec that uses
+    them imports neither torch nor the modules that implement them."""
+    code = """if True:
+        import sys
+        from kdgraph.spec import load_spec
+        from kdgraph.registry import DATASETS, METHODS, MODEL_SOURCES, SCHEDULES
+        kw = {"width": 8, "num_classes": 10}
+        for dataset in ("digits", "fashion-mnist-seg", "torchvision:CIFAR10"):
+            load_spec({"name": "t", "data": {"dataset": dataset},
+                       "teacher": {"model": "timm:resnet18", "pretrained": True},
+                       "student": {"model": "torchvision:resnet18"}})
+        for schedule in SCHEDULES.names():
+            load_spec({"name": "t", "student": {"model": "module:kdgraph.zoo:resnet_tiny_student", "kwargs": kw},
+                       "optim": {"lr_schedule": schedule}, "schedule": {"method": "supervised"}})
+        heavy = [m for m in ("torch", "kdgraph.models", "kdgraph.data", "kdgraph.schedules") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_every_declared_name_is_registered_by_its_home_module():
+    """A name declared in kdgraph.registry and never implemented fails here, not in a run."""
+    import kdgraph.data
+    import kdgraph.models
+    import kdgraph.schedules  # noqa: F401  (each registers its entries on import)
+    from kdgraph.registry import PRETRAINED_SOURCES
+
+    for registry in (MODEL_SOURCES, PRETRAINED_SOURCES, DATASETS, SCHEDULES, METHODS, AUGMENTATIONS):
+        assert registry.unregistered() == [], registry.kind
+
+
+def test_a_declared_name_is_valid_before_its_entry_is_registered():
+    colours = Registry[str]("colour", declared=("red",), home="a colour module")
+    assert colours.names() == ["red"] and "red" in colours
+    with pytest.raises(LookupError, match="colour 'red' is declared but not registered yet: a colour module"):
+        colours.get("red")
+    colours.register("green", "#0f0")
+    colours.register("red", "#f00")
+    assert colours.names() == ["red", "green"] and colours.get("red") == "#f00"
+    with pytest.raises(ValueError, match="colour 'red' is already registered"):
+        colours.register("red", "#e00")
+
+
 def _ramp(data_spec, seed):
     """A two-class dataset: dark and bright 1x8x8 images."""
     x = torch.cat([torch.full((40, 1, 8, 8), 10.0), torch.full((40, 1, 8, 8), 200.0)])

@@ -243,7 +243,7 @@ class ModelSpec(_Strict):
 
 
 def _pretrained_sources() -> list[str]:
-    """Sources whose models have pretrained weights (registered by kdgraph.models, loaded lazily: torch)."""
+    """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
     return PRETRAINED_SOURCES.names()
 
 
@@ -444,11 +444,6 @@ class ScheduleSpec(_Strict):
         description="Epochs of each training stage (recompositions+1 entries for stablekd, 1 otherwise, "
         "summing to epochs). None: equal split, remainder to the last stage.",
     )
-
-    @property
-    def num_stages(self) -> int:
-        """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return METHODS.get(self.method).stages(self.recompositions)
 
 
 # The feature entries of kdgraph.losses.LOSSES (which needs torch: a test keeps the two equal).
@@ -800,7 +795,7 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _stage_epochs_one_per_stage(self) -> Spec:
         method = METHODS.get(self.schedule.method)
-        stage_epochs, stages = self.schedule.stage_epochs, self.schedule.num_stages
+        stage_epochs, stages = self.schedule.stage_epochs, method.stages(self.schedule.recompositions)
         if stage_epochs is not None and len(stage_epochs) != stages:
             why = (f"{method.name} with {self.schedule.recompositions} recompositions" if method.decomposes
                    else method.name)
