@@ -25,8 +25,8 @@ leaves whole shards only and resumes at the first missing one. Under torchrun ev
 writes its own shards (``r{rank}``) from its own slice of the epoch; rank 0 writes the header.
 
 The key (``cache_key``) names what fixes the cached values: the teacher (model, kwargs,
-pretrained weights' name, the checkpoint file's SHA-256), the data spec, the augmentation,
-the seed, the runtime settings the teacher's numerics depend on (precision, micro-batches,
+pretrained weights' name, the checkpoint file's SHA-256), the data spec (mixup included), the
+augmentation, the resolved input normalisation (the batch's and the teacher's), the seed, the runtime settings the teacher's numerics depend on (precision, micro-batches,
 channels_last), the ranks, the mode (k and T for top-k). ``differences`` compares two keys
 field by field, for a refusal that names what differs.
 """
@@ -84,9 +84,11 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int) -> dict[str, Any]:
+def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int, data_plan: Any = None) -> dict[str, Any]:
     """What the cached values are a function of, field by field (each a short hash, the
-    readable values beside it in the header). ``mode``: full or topk."""
+    readable values beside it in the header). ``mode``: full or topk. ``data_plan`` (the
+    compiled ``DataPlan``): its resolved normalisation, which the student's model can choose
+    (the batch's, and the teacher's own where they differ)."""
     t = spec.teacher
     teacher = {"model": t.model, "kwargs": t.kwargs, "pretrained": t.pretrained,
                "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint is not None else None}
@@ -98,6 +100,7 @@ def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int) -> dict
         "teacher": teacher,
         "data": data,
         "augmentation": augment,
+        "normalisation": {f: getattr(data_plan, f, None) for f in ("mean", "std", "teacher_mean", "teacher_std")},
         "seed": spec.seed,
         "runtime": {"precision": rt.precision, "micro_batches": rt.micro_batches,
                     "channels_last": str(rt.channels_last)},

@@ -172,6 +172,51 @@ def test_full_cache_replays_bit_for_bit_and_the_teacher_is_not_built(tmp_path):
     assert live["student_top1"] == cached["student_top1"]
 
 
+@pytest.mark.parametrize("recipe", [
+    pytest.param({"data": {"mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}}}, id="kd-mixup"),
+    pytest.param({"loss": {"logit": "dkd", "standardize": True}}, id="dkd-standardize"),
+])
+def test_full_cache_replays_a_recipe_bit_for_bit(tmp_path, recipe):
+    """With data.mixup the cache holds the teacher on the mixed batch (the same draw as live);
+    with dkd and standardize the replayed logits feed the same head loss: the same weights."""
+    build_cache(_spec(tmp_path, "b", **recipe), 2, full=True, quiet=True)
+    live = train_here(_spec(tmp_path, "live", cache=None, **recipe))
+    cached = train_here(_spec(tmp_path, "cached", **recipe))
+    a, b = _weights(tmp_path / "live"), _weights(tmp_path / "cached")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert live["student_top1"] == cached["student_top1"]
+
+
+def test_mixup_cache_holds_the_teacher_on_the_mixed_batch(tmp_path):
+    mix = {"data": {"mixup": {"mixup_alpha": 0.0, "cutmix_alpha": 1.0}}}
+    build_cache(_spec(tmp_path, "b", **mix), 1, full=True, quiet=True)
+    trainer = Trainer(_spec(tmp_path, "t", cache=None, **mix))
+    xb, yb = next(iter(trainer.data.train.epoch(0, 2)))
+    mixed, _ = trainer.mix(xb, yb, 0, 2)
+    assert not torch.equal(mixed, xb)
+    rows = torch.from_numpy(np.load(shard_path(tmp_path / "cache", 0, 0))[2 * 16: 3 * 16])
+    assert torch.equal(rows, trainer.distiller.teacher.features(mixed, {trainer.plan.k})[trainer.plan.k])
+
+
+@pytest.mark.parametrize("loss", [{"logit": "dkd"}, {"standardize": True}])
+def test_topk_cache_with_a_logit_recipe_is_refused(tmp_path, loss):
+    build_cache(_spec(tmp_path, "b", epochs=1), 1, top_k=3, quiet=True)
+    with pytest.raises(KDGraphError, match="a top-k teacher cache replays through FKD's soft label.*--full"):
+        compile_spec(_spec(tmp_path, "c", epochs=1, loss=loss))
+
+
+def test_the_students_init_does_not_depend_on_the_teacher(tmp_path):
+    """Live teacher, cache (teacher deferred) or no teacher at all: the same initial student."""
+    build_cache(_spec(tmp_path, "b", epochs=1), 1, full=True, quiet=True)
+    inits = []
+    for spec in (_spec(tmp_path, "live", cache=None, epochs=1), _spec(tmp_path, "cached", epochs=1),
+                 load_spec(tiny_spec(tmp_path / "sup", method="supervised", epochs=1))):
+        torch.manual_seed(spec.seed)
+        inits.append(Trainer.compile(spec).student.model.state_dict())
+    for other in inits[1:]:
+        assert all(torch.equal(inits[0][k], other[k]) for k in inits[0])
+
+
 def test_full_cache_is_exact_with_micro_batches(tmp_path):
     kw = {"runtime": {"device": "cpu", "log_every": 1, "num_threads": 1, "micro_batches": 2}}
     build_cache(_spec(tmp_path, "b", epochs=1, **kw), 1, full=True, quiet=True)

@@ -40,7 +40,7 @@ from kdgraph.compiler.stages import stages_pass
 from kdgraph.compiler.trace import trace_pass
 from kdgraph.data import resolve_input_size
 from kdgraph.errors import PlanError, SpecError
-from kdgraph.ir import Pairing, Plan
+from kdgraph.ir import DataPlan, Pairing, Plan
 from kdgraph.teacher_cache import cache_key, differences, read_header
 
 if TYPE_CHECKING:
@@ -160,14 +160,14 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     timings = _run_passes(spec, env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
-    check_cache(spec, env["plan"])
+    check_cache(spec, env["plan"], data)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
                     timings, built.notes, missing)
 
 
-def check_cache(spec: Spec, plan: Plan) -> None:
+def check_cache(spec: Spec, plan: Plan, data: DataPlan) -> None:
     """The teacher cache the spec names was built for this run (teacher, data, augmentation,
     seed, runtime: one line naming what differs) and covers every epoch a stage replays from
     it. Past the cached epochs the plan is refused, not patched with the live teacher: a
@@ -178,7 +178,8 @@ def check_cache(spec: Spec, plan: Plan) -> None:
     root = spec.teacher.cache
     header = read_header(root)
     mode = header["key"]["mode"]["value"]
-    diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"]))
+    diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
+                                                    data))
     if diff:
         raise SpecError("teacher.cache", f"{root} was built for another run (differs: {'; '.join(diff)}); "
                         "rebuild it with `kdgraph cache SPEC --epochs N`")

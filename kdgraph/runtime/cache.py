@@ -6,9 +6,11 @@ computed once (``kdgraph.teacher_cache`` describes the folder and its key).
 
 The builder draws exactly the batches the Trainer will: it builds the run's own data
 (``build_data``: same sampler order, same crops and flips per (seed, epoch, index), the same
-rank's slice under torchrun) and runs the teacher as the distiller does (its block segments,
-each micro-batch alone, under the run's autocast and memory format), so a full cache holds
-the live teacher's logits bit for bit. Epochs whose training stage needs the teacher live
+rank's slice under torchrun), mixes each batch as the trainer does where ``data.mixup`` is on
+(``RuntimeConfig.mix``: the same draw from seed, epoch and position), and runs the teacher as
+the distiller does (its own input normalisation, its block segments, each micro-batch alone,
+under the run's autocast and memory format), so a full cache holds the live teacher's logits
+bit for bit. Epochs whose training stage needs the teacher live
 (decomposed StableKD stages, feature losses, TPP) are not written: no stage would read them.
 
 One shard per (epoch, rank), written under a temporary name and renamed when whole: a killed
@@ -36,6 +38,7 @@ from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
+from kdgraph.runtime.distiller import teacher_normalize
 from kdgraph.runtime.teacher import FrozenTeacher
 from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device
 from kdgraph.schedules import stage_at
@@ -143,17 +146,18 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     base = _without_cache(spec)
     compiled = compile_spec(base, fetch=("teacher",))
     mode, top_k = _checked_mode(compiled, full, top_k)
-    key = cache_key(spec, mode, top_k, info.world_size)
+    key = cache_key(spec, mode, top_k, info.world_size, compiled.data)
     root.mkdir(parents=True, exist_ok=True)
     epochs, wanted = _epochs_to_build(root, key, epochs, compiled.plan)
     data = build_data(base, compiled.data, device, info)
     config = resolve_config(base, device, compiled.student.model)
-    teacher = FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
+    teacher = FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
         teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     shard = _ShardWriter(teacher, compiled.plan.k, config, mode, top_k, spec.loss.temperature,
-                         tuple(compiled.teacher.logits_shape or ()), _rows(data.train))
+                         tuple(compiled.teacher.logits_shape or ()), _rows(data.train),
+                         (info.rank, info.world_size, compiled.num_classes or data.num_classes))
     if info.is_main:
         write_header(root, {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
                             "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
@@ -167,7 +171,7 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     with progress or contextlib.nullcontext():
         task = progress.add_task("batches", total=len(todo) * len(data.train)) if progress else None
         for epoch in todo:
-            shard.write(shard_path(root, epoch, info.rank), data.train.epoch(epoch),
+            shard.write(shard_path(root, epoch, info.rank), epoch, data.train.epoch(epoch),
                         lambda: progress.advance(task) if progress else None)
     if info.enabled:
         torch.distributed.barrier()
@@ -183,8 +187,9 @@ class _ShardWriter:
     """Writes one epoch's shard: the teacher run as the distiller runs it, on every batch."""
 
     def __init__(self, teacher: FrozenTeacher, head: int, config, mode: str, top_k: int | None,
-                 temperature: float, shape: tuple[int, ...], rows: int):
+                 temperature: float, shape: tuple[int, ...], rows: int, where: tuple[int, int, int | None]):
         self.teacher, self.head, self.config = teacher, head, config
+        self.rank, self.world_size, self.num_classes = where  # for the mix's batch positions
         self.mode, self.top_k, self.temperature = mode, top_k, temperature
         self.shape, self.rows = shape, rows
         self.dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k)
@@ -203,13 +208,16 @@ class _ShardWriter:
                     parts.append(self.teacher.features(xm, {self.head})[self.head])
         return torch.cat(parts).float()
 
-    def write(self, final: Path, batches, advance) -> None:
-        """Every batch of ``batches`` into ``final``, under a temporary name until it is whole."""
+    def write(self, final: Path, epoch: int, batches, advance) -> None:
+        """Every batch of ``batches`` (``epoch``'s) into ``final``, under a temporary name until
+        it is whole; each batch mixed first where the run mixes (``RuntimeConfig.mix``), as the
+        trainer mixes the batch its teacher reads."""
         tmp = final.with_name(final.name + ".tmp")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
                                         shape=(self.rows, *self.shape) if self.mode == "full" else (self.rows,))
         at = 0
-        for xb, _ in batches:
+        for step, (xb, yb) in enumerate(batches):
+            xb, _ = self.config.mix(xb, yb, epoch, step * self.world_size + self.rank, self.num_classes)
             f0 = time.perf_counter()
             logits = self.logits(xb)
             self.forward_s += time.perf_counter() - f0
