@@ -17,8 +17,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from kdgraph.errors import PlanError
-from kdgraph.ir import AdapterSpec, BlockPair, Boundary, Cut, FeatureFormat, Pairing, TupleAdapterSpec
+from kdgraph.ir import AdapterSpec, BlockPair, Boundary, Cut, FeatureFormat, Pairing, ProjectionSpec, TupleAdapterSpec
 from kdgraph.layouts import FormatAdapter
 from kdgraph.scalekd import CrossAttentionProjector
 
@@ -110,7 +114,64 @@ def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
     return Pairing(tuple(pairs) + (head,))
 
 
+def _why_not_projected(block: BlockPair) -> str:
+    """Why the teacher's feature at ``block``'s end cannot be projected into the student's
+    format ("" where it can)."""
+    a = block.adapter
+    if hasattr(a, "parts"):
+        return f"block {block.index} ends at a multi-tensor cut ({block.student.description}), projected per tensor " \
+               "is not implemented"
+    s, t = a.student_format, a.teacher_format
+    if s is not None and s.prefix and s.prefix != t.prefix:
+        return (f"block {block.index}: the student's tokens carry {s.prefix} prefix token(s) and the teacher's "
+                f"{t.prefix}; a projection of the teacher's feature has nothing to fill them with")
+    return ""
+
+
+def project_blocks(pairing: Pairing, input_hw: tuple[int, int], relu_ends: frozenset[int] = frozenset()) -> Pairing:
+    """``pairing`` with a frozen projection in place of each adapter (``decompose.adapters:
+    projected``), or unchanged with ``fallback`` saying why when some pair cannot be projected
+    (adapters stay in the path for every block: one student, one mode). ``relu_ends``: the
+    blocks whose student cut is a ReLU's output (their projection is sign-split)."""
+    problems = [why for b in pairing.blocks if b.adapter is not None and (why := _why_not_projected(b))]
+    if problems:
+        return replace(pairing, fallback="; ".join(problems) + "; adapters stay in the path (in_path)")
+    blocks = []
+    for b in pairing.blocks:
+        if b.adapter is not None:
+            s = FeatureFormat.of(b.student, input_hw)
+            t = FeatureFormat.of(b.teacher, input_hw)
+            b = replace(b, adapter=None, projection=ProjectionSpec(b.index, s, t, b.index in relu_ends))
+        blocks.append(b)
+    return replace(pairing, blocks=tuple(blocks), adapters_mode="projected")
+
+
+def _relu_ends(models: Models, pairing: Pairing) -> frozenset[int]:
+    """Blocks whose student cut is the output of a ReLU (its values are never negative)."""
+    traced = models.student.traced
+    if traced is None:
+        return frozenset()
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    out = set()
+    for b in pairing.blocks:
+        node = nodes.get(b.student.node) if b.student is not None else None
+        if node is None:
+            continue
+        if node.op == "call_module":
+            is_relu = isinstance(traced.gm.get_submodule(node.target), nn.ReLU)
+        else:
+            is_relu = node.target in (torch.relu, F.relu, torch.relu_) or (node.op == "call_method"
+                                                                          and node.target in ("relu", "relu_"))
+        if is_relu:
+            out.add(b.index)
+    return frozenset(out)
+
+
 def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
-    """Pass 7: teacher and student blocks paired, adapters planned where they differ."""
+    """Pass 7: teacher and student blocks paired, adapters planned where they differ (or, with
+    ``decompose.adapters: projected``, frozen projections of the teacher's features)."""
     teacher = list(models.teacher.boundaries) if models.teacher else None
-    return pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
+    pairing = pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
+    if spec.decompose.adapters == "projected" and pairing.adapters:
+        pairing = project_blocks(pairing, input_size[1:], _relu_ends(models, pairing))
+    return pairing

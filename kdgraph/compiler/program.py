@@ -37,6 +37,8 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
             edges.append(("input", "S1"))
         elif f"lower{a - 1}" in g:
             edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
+        elif f"project{a - 1}" in g:
+            edges += [(f"T{a - 1}", f"project{a - 1}"), (f"project{a - 1}", f"S{a}")]
         else:
             edges.append((f"T{a - 1}", f"S{a}"))
         for i in group[:-1]:
@@ -62,8 +64,10 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
 
 
 def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
-    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
     loss = f"{g.graph['feature']}{i}"
+    if f"project{i}" in g:  # met in the student's space: S(i) against the projected teacher
+        return [(f"T{i}", f"project{i}"), (f"project{i}", loss), (f"S{i}", loss)]
+    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
     out = [(f"T{i}", loss), (src, loss)]
     if src != f"S{i}":
         out.insert(0, (f"S{i}", src))
@@ -82,6 +86,8 @@ def _rank(g: nx.DiGraph, n: str) -> tuple[int, int, int, int]:
         return (0, 0, 0, 0)
     if kind == "teacher":
         return (1, d["block"], 0, 0)
+    if kind == "projection":
+        return (1, d["block"], 1, 0)
     if kind == "proxy":
         return (2, g.graph["tpp_block"], _ORDER["proxy"], d["block"])
     if kind == "adapter":
@@ -98,13 +104,13 @@ def _inputs(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> tuple[str, ..
     sources = [u for u, _ in g.in_edges(n) if (u, n) in edges]
     if g.nodes[n]["kind"] != "loss":
         return tuple(sources)
-    order = {"labels": 1, "teacher": 2}
+    order = {"labels": 1, "teacher": 2, "projection": 2}
     return tuple(sorted(sources, key=lambda u: order.get(g.nodes[u]["kind"], 0)))
 
 
 def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
     d = g.nodes[n]
-    kind = d["role"] if d["kind"] == "adapter" else d["kind"]
+    kind = {"adapter": d.get("role"), "projection": "project"}.get(d["kind"], d["kind"])
     if kind == "loss":
         block = g.graph["tpp_block"] if d["loss"] == "tpp" else d["block"]
         return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]), d["entry"],

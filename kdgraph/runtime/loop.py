@@ -444,6 +444,9 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                                run.channels_last)
         reporter.note(f"teacher top-1 {teacher_acc['top1']:.2f}%, top-5 {teacher_acc['top5']:.2f}%"
                       + (f", mIoU {teacher_acc['miou']:.2f}%" if "miou" in teacher_acc else ""))
+    if plan.fit is not None and not run.distiller.projections_fitted:  # a resumed run loads its fit
+        used = run.distiller.fit_projections(run.train_loader.epoch(0), plan.fit.batches)
+        reporter.note(f"projections fitted: PCA of the teacher at block ends {list(plan.fit.blocks)}, {used} batches")
     rt = spec.runtime
     gstep = position["global_step"]
     student_acc = None
