@@ -75,7 +75,7 @@ LAYERS = (
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
       "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
-      "kdgraph.adapters")),
+      "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),

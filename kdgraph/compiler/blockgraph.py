@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from kdgraph.errors import PlanError
-from kdgraph.ir import FeatureFormat, Pairing, graph_json
+from kdgraph.ir import BlockPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
 from kdgraph.spec.schema import LossSpec
 
@@ -100,36 +100,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         if feature == "dfm" and block.multi:
             raise PlanError(f"block {i} ends at a multi-tensor cut ({block.student.description}): loss.feature "
                             "dfm compares one feature map; use loss.feature: mse")
-        s_shape, t_shape = _shape(block.student), _shape(block.teacher)
-        loss = f"{feature}{i}"
-        a = block.adapter
-        if a is not None:
-            g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
-                       out_shape=t_shape, params=a.lift_params)
-            g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
-                       out_shape=s_shape, params=a.lower_params)
-            g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
-            g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
-            g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
-            g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
-            g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
-        elif block.projection is not None:
-            # The teacher's feature in the student's format: it feeds S(i+1) and is what S(i)
-            # is trained to produce; the student chain S(i) -> S(i+1) stays direct.
-            p = block.projection
-            g.add_node(f"project{i}", kind="projection", block=i, method=p.describe(), out_shape=s_shape)
-            g.add_edge(f"T{i}", f"project{i}", kind="decompose", shape=t_shape)
-            g.add_edge(f"project{i}", f"S{i + 1}", kind="decompose", shape=s_shape)
-            g.add_edge(f"project{i}", loss, kind="loss", shape=s_shape)
-            g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
-        else:
-            g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
-            g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
-        fmt_cut = block.student if block.projection is not None else block.teacher
-        fmt = FeatureFormat.of(fmt_cut, tuple(input_shape[1:])) if "fmt" in LOSSES.get(feature).params else None
-        _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
-        if block.projection is None:
-            g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
+        _wire_feature(g, block, feature, loss_spec, tuple(input_shape[1:]))
     if has_teacher and tpp_block is not None:
         src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
         for j in range(tpp_block + 1, k + 1):
@@ -146,6 +117,42 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
     validate_block_graph(g)
     return g
+
+
+def _wire_feature(g: nx.DiGraph, block: BlockPair, feature: str, loss_spec: Mapping[str, Any], input_hw: tuple) -> None:
+    """Block i's end: its adapters (or frozen projection), the decompose edge feeding S(i+1)
+    and the feature loss where student and teacher meet."""
+    i = block.index
+    s_shape, t_shape = _shape(block.student), _shape(block.teacher)
+    loss = f"{feature}{i}"
+    a = block.adapter
+    if a is not None:
+        g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
+                   out_shape=t_shape, params=a.lift_params)
+        g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
+                   out_shape=s_shape, params=a.lower_params)
+        g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
+        g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
+        g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
+        g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
+    elif block.projection is not None:
+        # The teacher's feature in the student's format: it feeds S(i+1) and is what S(i)
+        # is trained to produce; the student chain S(i) -> S(i+1) stays direct.
+        p = block.projection
+        g.add_node(f"project{i}", kind="projection", block=i, method=p.describe(), out_shape=s_shape)
+        g.add_edge(f"T{i}", f"project{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"project{i}", f"S{i + 1}", kind="decompose", shape=s_shape)
+        g.add_edge(f"project{i}", loss, kind="loss", shape=s_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    else:
+        g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    fmt_cut = block.student if block.projection is not None else block.teacher
+    fmt = FeatureFormat.of(fmt_cut, input_hw) if "fmt" in LOSSES.get(feature).params else None
+    _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
+    if block.projection is None:
+        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
 
 
 def validate_block_graph(g: nx.DiGraph) -> None:
