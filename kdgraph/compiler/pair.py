@@ -172,6 +172,6 @@ def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> P
     ``decompose.adapters: projected``, frozen projections of the teacher's features)."""
     teacher = list(models.teacher.boundaries) if models.teacher else None
     pairing = pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
-    if spec.decompose.adapters == "projected" and pairing.adapters:
+    if spec.decompose.adapters == "projected":
         pairing = project_blocks(pairing, input_size[1:], _relu_ends(models, pairing))
     return pairing
