@@ -119,12 +119,11 @@ def _why_not_projected(block: BlockPair) -> str:
     format ("" where it can)."""
     a = block.adapter
     if hasattr(a, "parts"):
-        return f"block {block.index} ends at a multi-tensor cut ({block.student.description}), projected per tensor " \
-               "is not implemented"
+        return f"a multi-tensor cut ({block.student.description}) is not projected (per-tensor PCA is not implemented)"
     s, t = a.student_format, a.teacher_format
     if s is not None and s.prefix and s.prefix != t.prefix:
-        return (f"block {block.index}: the student's tokens carry {s.prefix} prefix token(s) and the teacher's "
-                f"{t.prefix}; a projection of the teacher's feature has nothing to fill them with")
+        return (f"the student's tokens carry {s.prefix} prefix token(s) and the teacher's {t.prefix}; a projection "
+                "of the teacher's feature has nothing to fill them with")
     return ""
 
 
@@ -133,9 +132,14 @@ def project_blocks(pairing: Pairing, input_hw: tuple[int, int], relu_ends: froze
     projected``), or unchanged with ``fallback`` saying why when some pair cannot be projected
     (adapters stay in the path for every block: one student, one mode). ``relu_ends``: the
     blocks whose student cut is a ReLU's output (their projection is sign-split)."""
-    problems = [why for b in pairing.blocks if b.adapter is not None and (why := _why_not_projected(b))]
+    problems: dict[str, list[int]] = {}
+    for b in pairing.blocks:
+        if b.adapter is not None and (why := _why_not_projected(b)):
+            problems.setdefault(why, []).append(b.index)
     if problems:
-        return replace(pairing, fallback="; ".join(problems) + "; adapters stay in the path (in_path)")
+        said = "; ".join(f"block{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {why}"
+                         for why, ix in problems.items())
+        return replace(pairing, fallback=f"{said}; every block keeps its adapters in the path (in_path)")
     blocks = []
     for b in pairing.blocks:
         if b.adapter is not None:
