@@ -208,3 +208,51 @@ def test_a_pair_the_projection_cannot_carry_falls_back_and_says_why():
     assert "prefix token" in c.pairing.fallback and "in_path" in c.pairing.fallback
     assert any("decompose.adapters: projected" in n and "prefix token" in n for n in c.notes)
     assert c.plan.fit is None
+
+
+@pytest.mark.slow
+def test_a_killed_projected_run_resumes_exactly(tmp_path):
+    """Run B is killed mid-run and resumed in a fresh process: it keeps the projection it
+    fitted (from its checkpoint) and ends with run A's student and losses."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import popen_cli, run_cli, tiny_spec
+
+    def spec(name):
+        d = tiny_spec(tmp_path / name, "stablekd", recompositions=1, epochs=2,
+                      decompose={"adapters": "projected", "projection_batches": 3},
+                      runtime={"checkpoint_every": 3, "log_every": 1})
+        return write_spec(d, tmp_path / f"{name}.yaml")
+
+    def steps(out):
+        path = out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        recs = []
+        for ln in lines:
+            try:
+                recs.append(json.loads(ln))
+            except json.JSONDecodeError:  # a line being written
+                break
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_share", "time")}
+                for r in recs if r["kind"] == "step"]
+
+    assert run_cli("train", str(spec("a")), "--quiet").returncode == 0
+    proc = popen_cli("train", str(spec("b")), "--quiet")
+    t0 = time.time()
+    while not (steps(tmp_path / "b") and steps(tmp_path / "b")[-1]["global_step"] >= 10):
+        assert proc.poll() is None and time.time() - t0 < 240, "run B ended or stalled before step 10"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fitted = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    res = run_cli("train", str(spec("b")), "--quiet", "--resume")
+    assert res.returncode == 0, res.stderr
+    final = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for key in (k for k in fitted if k.startswith("projections.")):
+        assert torch.equal(final[key], fitted[key]), key
+    a, b = load_file(str(tmp_path / "a" / "student.safetensors")), load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert steps(tmp_path / "a") == steps(tmp_path / "b")
