@@ -14,8 +14,8 @@ Methods (batch 128, SGD momentum 0.9, weight decay 5e-4, KL at T 1):
                         each block end, lower∘lift kept in the student), stage_cyclic at 0.5
   stablekd-5/2-proj     StableKD-5/2, decompose.adapters: projected (frozen PCA of the teacher's
                         features, 20 batches; no adapter), stage_cyclic at 0.5
-The teacher is trained here once (supervised, OneCycle at 0.1, ``--teacher-epochs`` on the
-whole training split). Cells: ``--fraction`` of the training split, ``--epochs`` in all,
+The teacher is trained here once (supervised, OneCycle at 0.1, ``--teacher-epochs`` 2 on
+``--teacher-fraction`` 0.5 of the training split: a CPU budget). Cells: ``--fraction`` of the training split, ``--epochs`` in all,
 seeds in order (every method of seed 0 first, so partial results compare like with like).
 
 Every cell appends one JSON line to bench/results/adapter-free-wN.jsonl when it finishes; a
@@ -83,6 +83,7 @@ def cell_spec(args, method: str, seed: int) -> dict:
     spec["decompose"] = {"blocks": 5, "adapters": adapters}
     spec["schedule"] = {"method": kind, "epochs": args.epochs, **({"recompositions": n} if kind == "stablekd" else {})}
     spec["optim"].update(lr=lr, lr_schedule=schedule)
+    spec["runtime"]["eval_every"] = args.epochs  # the final student only: evaluation is most of a short cell
     return spec
 
 
@@ -119,7 +120,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="in all (StableKD-5/2: one per training stage at 3)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--teacher-epochs", type=int, default=2)
-    p.add_argument("--teacher-fraction", type=float, default=1.0, help="override (smoke runs)")
+    p.add_argument("--teacher-fraction", type=float, default=0.5)
     p.add_argument("--results", default=None, help="default bench/results/adapter-free-{full|wN}.jsonl")
     p.add_argument("--report", action="store_true")
     args = p.parse_args()
