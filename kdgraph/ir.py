@@ -300,7 +300,9 @@ class ProjectionSpec:
     grid, ``Cs`` principal components of the teacher's channels (a PCA fitted on training
     batches before decomposition), then the student's layout. ``split``: the student's block
     ends in a ReLU, so each of ``Cs/2`` components is carried as its positive and negative
-    part (both non-negative, which a ReLU output can match exactly)."""
+    part (both non-negative, which a ReLU output can match exactly). A token student's prefix
+    tokens are the teacher's (projected alike) where it has as many, else the projection of the
+    teacher's map pooled over the grid."""
 
     index: int
     student_format: FeatureFormat
@@ -318,7 +320,9 @@ class ProjectionSpec:
         t, s = self.teacher_format, self.student_format
         body = f"{t.channels}→{self.components}×2" if self.split else f"{t.channels}→{self.components}"
         move = "" if (t.layout, t.hw) == (s.layout, s.hw) else f", {t.layout} {list(t.hw)}→{s.layout} {list(s.hw)}"
-        return f"pca{'±' if self.split else ''} {body}{move}"
+        prefix = "" if not s.prefix else (", prefix tokens: the teacher's" if t.prefix == s.prefix
+                                          else ", prefix tokens: the pooled map")
+        return f"pca{'±' if self.split else ''} {body}{move}{prefix}"
 
     def to_dict(self) -> dict:
         return {"kind": "pca", "split": self.split, "components": self.components,

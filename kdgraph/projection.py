@@ -18,7 +18,9 @@ feature MSE in the student's space is the teacher's squared error within that su
 A block that ends in a ReLU cannot produce negative values, and principal coordinates are
 signed; there ("split") each of Cs/2 components is carried as its positive and negative part,
 relu(z) and relu(-z), both non-negative, and a ReLU output can match them exactly. Where the
-student is wider than the teacher has components, the extra channels are fed zeros.
+student is wider than the teacher has components, the extra channels are fed zeros. A token
+student's class/register tokens get the teacher's own, projected alike, where the teacher has
+as many, else the projection of the teacher's map pooled over the grid.
 
     z = C (x - mu)               C: (k, Ct) top-k eigenvectors of the teacher's channel covariance
     split: [relu(z), relu(-z)]   k = Cs/2
@@ -59,14 +61,31 @@ class Projection(nn.Module):
         """Principal coordinates (B, k, h, w) of a (B, Ct, h, w) map."""
         return torch.einsum("kc,bchw->bkhw", self.components, m - self.mean[:, None, None])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.coordinates(self.to_student_grid(x))
+    def _student_channels(self, z: torch.Tensor, dim: int) -> torch.Tensor:
+        """Principal coordinates along ``dim`` as the student's Cs channels: sign-split where
+        the student's block ends in a ReLU, zeros past the teacher's components."""
         if self.spec.split:
-            z = torch.cat([F.relu(z), F.relu(-z)], dim=1)
-        cs = self.spec.student_format.channels
-        if z.shape[1] < cs:  # a student wider than the teacher's components: the rest is zero
-            z = torch.cat([z, z.new_zeros(z.shape[0], cs - z.shape[1], *z.shape[2:])], dim=1)
-        return from_map(z, self.spec.student_format).to(x.dtype)
+            z = torch.cat([F.relu(z), F.relu(-z)], dim=dim)
+        missing = self.spec.student_format.channels - z.shape[dim]
+        if missing > 0:  # a student wider than the teacher's components: the rest is zero
+            shape = list(z.shape)
+            shape[dim] = missing
+            z = torch.cat([z, z.new_zeros(shape)], dim=dim)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, s = self.spec.teacher_format, self.spec.student_format
+        m, prefix = to_map(x, t)
+        m = resample(m.float(), s.hw)
+        z = self._student_channels(self.coordinates(m), 1)
+        tokens = None
+        if s.prefix:
+            # The student's class/register tokens: the teacher's own where it has as many, else
+            # the teacher's map pooled over the grid (what a class token summarises).
+            src = prefix.float() if prefix is not None and t.prefix == s.prefix else \
+                m.mean(dim=(2, 3))[:, None, :].expand(-1, s.prefix, -1)
+            tokens = self._student_channels((src - self.mean) @ self.components.T, -1)
+        return from_map(z, s, tokens).to(x.dtype)
 
     def lift(self, z: torch.Tensor) -> torch.Tensor:
         """The pseudo-inverse on a student-format feature: the teacher's map on the student's grid,

@@ -201,12 +201,39 @@ def test_cross_architecture_tokens_to_maps_are_projected():
     assert all(op.kind == "student" for op in c.plan.stages[-1].inference.ops)
 
 
-def test_a_pair_the_projection_cannot_carry_falls_back_and_says_why():
-    """A ViT student's class token has no counterpart in a CNN teacher's map."""
+def test_a_cnn_teacher_feeds_a_vit_students_class_token_its_pooled_map():
     c = _shipped("resnet50-to-vit_tiny", "decompose.adapters=projected")
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters and not c.pairing.fallback
+    p = c.pairing.projections[0]
+    assert p.student_format.prefix == 1 and p.teacher_format.prefix == 0 and not p.split
+    # the class token is the projection of the teacher's map pooled over the student's grid
+    t_fmt, s_fmt = FeatureFormat("NCHW", 8, (4, 4)), FeatureFormat("tokens", 3, (2, 2), prefix=1)
+    proj = Projection(ProjectionSpec(1, s_fmt, t_fmt))
+    x = torch.randn(6, 8, 4, 4)
+    fit_projections({"1": proj}, lambda x, blocks: {1: x}, [(x, None)], limit=1)
+    pooled = F.adaptive_avg_pool2d(x, (2, 2))
+    out = proj(x)
+    assert out.shape == (6, 5, 3)
+    want_cls = (pooled.mean(dim=(2, 3)) - proj.mean) @ proj.components.T
+    assert torch.allclose(out[:, 0], want_cls, atol=1e-5)
+    want_patches = proj.coordinates(pooled).flatten(2).transpose(1, 2)
+    assert torch.allclose(out[:, 1:], want_patches, atol=1e-5)
+
+
+def test_tokens_to_tokens_keep_the_teachers_class_token_projected():
+    t_fmt, s_fmt = FeatureFormat("tokens", 8, (2, 2), prefix=1), FeatureFormat("tokens", 4, (2, 2), prefix=1)
+    proj = Projection(ProjectionSpec(1, s_fmt, t_fmt))
+    x = torch.randn(3, 5, 8)
+    fit_projections({"1": proj}, lambda x, blocks: {1: x}, [(x, None)], limit=1)
+    assert torch.allclose(proj(x)[:, 0], (x[:, 0] - proj.mean) @ proj.components.T, atol=1e-5)
+
+
+def test_a_pair_the_projection_cannot_carry_falls_back_and_says_why():
+    """A U-Net's multi-tensor cuts: no per-tensor projection yet, so adapters stay in the path."""
+    c = _shipped("fashion-unet", "decompose.adapters=projected")
     assert c.pairing.adapters_mode == "in_path" and c.pairing.adapters
-    assert "prefix token" in c.pairing.fallback and "in_path" in c.pairing.fallback
-    assert any("decompose.adapters: projected" in n and "prefix token" in n for n in c.notes)
+    assert "multi-tensor" in c.pairing.fallback and "in_path" in c.pairing.fallback
+    assert any("decompose.adapters: projected" in n and "multi-tensor" in n for n in c.notes)
     assert c.plan.fit is None
 
 
@@ -256,3 +283,22 @@ def test_a_killed_projected_run_resumes_exactly(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "student.safetensors")), load_file(str(tmp_path / "b" / "student.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert steps(tmp_path / "a") == steps(tmp_path / "b")
+
+
+_VIT = {"model": "timm:vit_tiny_patch16_224",
+        "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 48,
+                   "num_heads": 2}}
+
+
+@pytest.mark.parametrize("teacher,student", [(_VIT, _resnet("resnet18", 8)), (_resnet("resnet50", 8), _VIT)],
+                         ids=["vit-to-cnn", "cnn-to-vit"])
+def test_cross_architecture_projected_pairs_train_and_stay_their_own_architecture(tmp_path, teacher, student):
+    spec = load_spec({**wide_pair_spec(tmp_path / "run", epochs=3), "teacher": teacher, "student": student})
+    compiled = compile_spec(spec)
+    assert compiled.pairing.adapters_mode == "projected" and compiled.plan.fit is not None
+    assert {p.teacher_format.layout for p in compiled.pairing.projections} != \
+        {p.student_format.layout for p in compiled.pairing.projections}  # the projection carries the layout
+    summary = train_here(spec)
+    assert summary["student_top1"] >= 0
+    d = Distiller(compile_spec(spec))
+    assert all(op.kind == "student" for op in d.inference_program.ops)

@@ -119,11 +119,7 @@ def _why_not_projected(block: BlockPair) -> str:
     format ("" where it can)."""
     a = block.adapter
     if hasattr(a, "parts"):
-        return f"a multi-tensor cut ({block.student.description}) is not projected (per-tensor PCA is not implemented)"
-    s, t = a.student_format, a.teacher_format
-    if s is not None and s.prefix and s.prefix != t.prefix:
-        return (f"the student's tokens carry {s.prefix} prefix token(s) and the teacher's {t.prefix}; a projection "
-                "of the teacher's feature has nothing to fill them with")
+        return "multi-tensor cuts are not projected (a PCA per tensor is not implemented)"
     return ""
 
 
