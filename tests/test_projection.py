@@ -302,3 +302,35 @@ def test_cross_architecture_projected_pairs_train_and_stay_their_own_architectur
     assert summary["student_top1"] >= 0
     d = Distiller(compile_spec(spec))
     assert all(op.kind == "student" for op in d.inference_program.ops)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_fit_the_projection_of_the_batches_they_share_out(tmp_path):
+    """Under DDP each rank sees its shard (positions r, r+2, ... of the epoch's order); the fit
+    adds both ranks' sums, so it equals one process's fit on batches twice as large."""
+    from _runtime_helpers import cli_env, tiny_spec
+
+    # the ranks' first 2 batches of 8 are positions 0..31 of the epoch's order, as the single
+    # process's first 2 batches of 16 (padding only ever repeats the order's start at its end)
+    spec = tiny_spec(tmp_path / "ddp", "stablekd", recompositions=1, epochs=2, fraction=0.04, batch_size=8,
+                     decompose={"adapters": "projected", "projection_batches": 2})
+    path = write_spec(spec, tmp_path / "ddp.yaml")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(path),
+                          "--quiet"], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+    from kdgraph.stream import build_data
+    from kdgraph.runtime.techniques import DistInfo
+
+    single = load_spec({**spec, "data": {**spec["data"], "batch_size": 16}})
+    torch.manual_seed(single.seed)  # the teacher's random weights, as build_run draws them
+    compiled = compile_spec(single)
+    d = Distiller(compiled)
+    data = build_data(single, compiled.data, torch.device("cpu"), DistInfo())
+    d.fit_projections(data.train.epoch(0), 2)
+    keys = [k for k in ddp if k.startswith("projections.")]
+    assert keys
+    for k in keys:
+        assert torch.allclose(d.state_dict()[k].double(), ddp[k].double(), atol=1e-4), k
