@@ -7,6 +7,11 @@ Where the reductions or layouts differ (a ViT teacher and a CNN student), blocks
 paired by relative depth (the i-th boundary of each) and the pair gets a format adapter
 that converts layout and resamples the grid; the plan says which rule paired them.
 
+With ``decompose.adapters: projected`` every adapter is replaced by a ``ProjectionSpec``: the
+teacher's feature projected into the student's format by a frozen PCA (``kdgraph.projection``),
+sign-split where the student's block ends in a ReLU; where some pair cannot be projected the
+pairing keeps its adapters and says why (``Pairing.fallback``, a note of the plan).
+
 Multi-tensor cuts (a U-Net's skips) pair when both carry as many tensors; tensors pair
 position by position (graph order), each on one grid, and each gets its own lift/lower
 where its widths differ (``TupleAdapterSpec``; a tensor of equal widths passes unchanged).

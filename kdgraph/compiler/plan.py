@@ -10,7 +10,8 @@ one group with a feature MSE at every block end. Supervised is one group without
 gives every stage its training ``Program`` and its inference ``Program`` (``compiler.program``),
 read from the block graph: the loss terms each group is trained with are the training
 program's loss nodes, and evaluation, BatchNorm recalibration and export run the inference
-program.
+program. Where a stage reads a frozen projection (``decompose.adapters: projected``) the plan
+gets its fit (``Plan.fit``), the stage before stage 0 that fits every projection once.
 """
 
 from __future__ import annotations
