@@ -62,6 +62,26 @@ def _version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version of kdgraph, torch and timm and exit.")] = False):
     """kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it."""
+    _plain_warnings()
+
+
+def _plain_warnings() -> None:
+    """kdgraph's own warnings (an image skipped, say) as 'warning: ...' lines, not Python's
+    'data.py:363: BadImageWarning: ...' format; other libraries' warnings are left as they are."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "kdgraph", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("kdgraph."):
+            err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.kdgraph = True
+    warnings.showwarning = show
 
 
 def _fail(exc: KDGraphError) -> None:
@@ -73,6 +93,20 @@ def _load(spec: Path, overrides: list[str] | None, allow_code: bool = False):
     from kdgraph.spec import load_spec
 
     return load_spec(spec, overrides or [], allow_code=allow_code)
+
+
+def _load_run(spec: Path, overrides: list[str] | None, allow_code: bool = False):
+    """The spec as its run trained it: the --set overrides stored in OUTPUT/run.json first,
+    then the ones given now (train --resume, eval and export). Returns (spec, all overrides)."""
+    from kdgraph.runtime.runs import stored_run
+
+    given = list(overrides or [])
+    loaded = _load(spec, given, allow_code)
+    stored = stored_run(loaded.output_dir)
+    if stored and stored.get("overrides"):
+        given = list(stored["overrides"]) + given
+        loaded = _load(spec, given, allow_code)
+    return loaded, given
 
 
 @app.command()
@@ -115,14 +149,12 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     """Compile the plan and run it: train, evaluate, checkpoint, export the student."""
     from kdgraph.runtime.loop import TrainingInterrupted
     from kdgraph.runtime.loop import train as run_training
-    from kdgraph.runtime.runs import stored_run
 
     overrides = list(set_ or [])
     try:
-        loaded = _load(spec, overrides, allow_code)
-        stored = stored_run(loaded.output_dir) if resume else None
-        if stored and stored.get("overrides"):  # --resume alone reuses the run's own overrides
-            overrides = list(stored["overrides"]) + overrides
+        if resume:  # --resume alone reuses the run's own overrides
+            loaded, overrides = _load_run(spec, overrides, allow_code)
+        else:
             loaded = _load(spec, overrides, allow_code)
         source = {"spec_file": str(spec.resolve()), "overrides": overrides}
         summary = run_training(loaded, resume=resume, quiet=quiet or not sys.stdout.isatty(), force=force,
@@ -151,11 +183,11 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
     """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split;
-    for a dense task, pixel accuracy (as top-1) and mean IoU."""
+    for a dense task, pixel accuracy (as top-1) and mean IoU. The run's stored --set overrides apply first."""
     from kdgraph.runtime.commands import evaluate_spec
 
     try:
-        result = evaluate_spec(_load(spec, set_, allow_code), checkpoint, split.value)
+        result = evaluate_spec(_load_run(spec, set_, allow_code)[0], checkpoint, split.value)
     except KDGraphError as exc:
         _fail(exc)
     if format is EvalFormat.json:
@@ -172,12 +204,14 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
            checkpoint: Annotated[Optional[Path], typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
-    """Write the student as a folder timm loads: weights, config.json with preprocessing, model card."""
+    """Write the student as a folder timm loads: weights, config.json with preprocessing, model card.
+    The run's stored --set overrides apply first; the teacher's weights are not needed."""
     from kdgraph.runtime.commands import export_spec
 
-    command = "kdgraph train " + " ".join([str(spec), *(f"--set {o}" for o in set_ or [])])
     try:
-        result = export_spec(_load(spec, set_, allow_code), to, checkpoint, command=command)
+        loaded, overrides = _load_run(spec, set_, allow_code)
+        command = "kdgraph train " + " ".join([str(spec), *(f"--set {o}" for o in overrides)])
+        result = export_spec(loaded, to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
     if result["format"] == "state_dict":

@@ -155,8 +155,8 @@ def create_dataset(data_spec: DataSpec, seed: int,
                 else random_subset(len(train_y), fraction, seed))
         train_x, train_y = train_x[keep], train_y[keep]
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        return ((x - mean[:, None, None]) / std[:, None, None]).contiguous()
+    def norm(x: torch.Tensor) -> torch.Tensor:  # one new tensor, divided in place (not two)
+        return (x - mean[:, None, None]).div_(std[:, None, None]).contiguous()
 
     return Dataset(
         name=name,
@@ -355,7 +355,11 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
     skipped: list[str] = []
 
     def read(files: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+        # Decoded straight into one array (no list of images then a stacked copy), so that the
+        # decoded size data.memory_budget_mb is compared with is the peak; unreadable files
+        # leave their rows unused at the end.
+        out = np.empty((len(files), c, h, w), dtype=np.float32)
+        ys = []
         for f, label in zip(files.tolist(), labels.tolist()):
             try:
                 im = read_image(f, mode)
@@ -365,12 +369,22 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
                 continue
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32)
-            xs.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
+            pixels = np.asarray(im)
+            out[len(ys)] = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
             ys.append(label)
-        if not xs:
+        xs = out[:len(ys)]
+        if not len(xs):
             raise DataError(f"data.root: none of the {len(files)} images listed under {folder.root} could be read")
-        return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)
+        lost = sorted(set(labels.tolist()) - set(ys))  # a class with no readable image cannot be learned or scored
+        if lost:
+            cls = folder.classes[lost[0]]
+            split = folder.eval_split if files is folder.test_files else "train"
+            named = [f for f, label in zip(files.tolist(), labels.tolist()) if label == lost[0]]
+            more = f" (and {len(lost) - 1} more classes)" if len(lost) > 1 else ""
+            raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable{more} ({len(named)} "
+                            f"files, e.g. {named[0]}); fix or replace them, or remove the class folder from train/ "
+                            f"and {folder.eval_split}/")
+        return torch.from_numpy(xs), torch.tensor(ys, dtype=torch.long)
 
     tr_x, tr_y = read(folder.train_files, folder.train_labels)
     te_x, te_y = read(folder.test_files, folder.test_labels)
@@ -396,6 +410,12 @@ def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
                 return cls(root, train=train, download=False)
             except TypeError:
                 return cls(root, split="train" if train else "test", download=False)
+        except TypeError:
+            instead = {"ImageFolder": "imagefolder", "DatasetFolder": "imagefolder", "FakeData": "synthetic"}
+            hint = f"; use dataset: {instead[cls_name]}" if cls_name in instead else ""
+            raise DataError(f"data.dataset: torchvision.datasets.{cls_name} does not take (root, train=, download=) "
+                            f"or (root, split=, download=), as the datasets torchvision: reads do (MNIST, "
+                            f"FashionMNIST, CIFAR10, CIFAR100, SVHN, STL10, ...){hint}") from None
         except (RuntimeError, FileNotFoundError, OSError) as e:
             raise DataError(
                 f"data.root: {cls_name} files not found under {root} ({e}); kdgraph never downloads: "

@@ -24,8 +24,8 @@ import numpy as np
 
 from kdgraph.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "BadImage", "BadImageWarning", "ImageFolder", "bad_image", "read_image",
-           "scan_imagefolder"]
+__all__ = ["IMAGE_SUFFIXES", "BadImage", "BadImageWarning", "ImageFolder", "bad_image", "check_classes_readable",
+           "read_image", "scan_imagefolder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 EVAL_SPLITS = ("val", "test")
@@ -78,6 +78,9 @@ def scan_imagefolder(root: Path | str | None, num_classes: int | None = None) ->
     if root is None:
         raise DataError("data.root: imagefolder needs a root holding train/<class>/ and val/<class>/ (or test/)")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root: {root} is a file; an image folder is a folder holding train/<class>/ and "
+                        "val/<class>/ (or test/<class>/)")
     train_dir = root / "train"
     eval_dir = next((root / d for d in EVAL_SPLITS if (root / d).is_dir()), None)
     if not train_dir.is_dir() or eval_dir is None:
@@ -140,6 +143,29 @@ def _images(folder: Path) -> list[str]:
     return images
 
 
+def check_classes_readable(folder: ImageFolder) -> None:
+    """Refuse a class none of whose files opens as an image, in either split, reading headers
+    only (one file per healthy class): streamed, such a class would train on zero images with
+    a warning per file. A file whose header opens but whose data is truncated is found when
+    it is decoded, as before."""
+    from PIL import Image
+
+    for split, files, labels in (("train", folder.train_files, folder.train_labels),
+                                 (folder.eval_split, folder.test_files, folder.test_labels)):
+        for label, cls in enumerate(folder.classes):
+            named = files[labels == label].tolist()
+            for path in named:
+                try:
+                    with Image.open(path):
+                        break
+                except Exception:  # noqa: BLE001 - PIL raises several unrelated types for a bad header
+                    continue
+            else:
+                raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable ({len(named)} "
+                                f"files, e.g. {named[0]}); fix or replace them, or remove the class folder from "
+                                f"train/ and {folder.eval_split}/")
+
+
 def read_image(path: str, mode: str):
     """The decoded PIL image at ``path`` in ``mode`` ('L' or 'RGB'); BadImage when it cannot be."""
     from PIL import Image
@@ -147,9 +173,20 @@ def read_image(path: str, mode: str):
     try:
         with Image.open(path) as im:
             im.load()  # decodes: truncated data fails here, not later
+            if im.mode.startswith("I"):  # 16-bit grey (PNG): PIL's convert clips 0..65535 to 255
+                im = _to_8_bit(im)
             return im if im.mode == mode else im.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise BadImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def _to_8_bit(im):
+    """A 16-bit (or 32-bit integer) grey image scaled to 8-bit 'L': 65535 is white, as 255 is."""
+    from PIL import Image
+
+    pixels = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or pixels.max(initial=0) <= 65535 else float(2**32 - 1)
+    return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 
 def bad_image(path: str, reason: str, policy: str) -> None:

@@ -557,6 +557,7 @@ class DataPlan:
     std: tuple[float, ...] | None = None
     crop_pct: float | None = None  # streamed evaluation only
     stats: str = "the training split's statistics"
+    num_classes: int | None = None  # image folders: their class folders
 
     def __str__(self) -> str:
         norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \

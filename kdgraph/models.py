@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -240,10 +241,47 @@ def _timm_classes(name: str) -> int | None:
     return cfg.num_classes if cfg is not None else None
 
 
+def _timm_weights_unreachable(name: str, kwargs: dict[str, Any]) -> str | None:
+    """Why timm's pretrained weights of ``name`` cannot be had here, found in seconds (None:
+    they are in the local cache, a local file, or their host answers). Offline, timm's hub
+    client retries for about a minute before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    cfg = {**(cfg.to_dict() if cfg is not None else {}), **(kwargs.get("pretrained_cfg_overlay") or {})}
+    if cfg.get("file") or cfg.get("state_dict"):
+        return None
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg["hf_hub_id"].split("@")[0]
+        files = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files if f):
+            return None
+        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    elif cfg.get("url"):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg["url"]).path).name
+        if cached.is_file():
+            return None
+        host = urlparse(cfg["url"]).hostname
+    else:
+        return None
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        return f"{host} is not reachable ({exc}) and the weights are not in the local cache"
+    return None
+
+
 def _pretrained_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
     _check_timm_name(name)
+    if (problem := _timm_weights_unreachable(name, kwargs)) is not None:
+        raise _no_weights(f"timm:{name}", OSError(problem))
     try:  # timm's own loader: its hub or local cache; a new num_classes gets a fresh head
         return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError, AssertionError) as exc:

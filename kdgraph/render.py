@@ -13,6 +13,7 @@ from rich.text import Text
 
 from kdgraph.compiler.blockgraph import node_label
 from kdgraph.errors import KDGraphError
+from kdgraph.paths import path_problem
 from kdgraph.registry import METHODS
 
 if TYPE_CHECKING:
@@ -161,8 +162,11 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.axis("off")
     path = Path(path)
-    if path.is_dir():
-        path = path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', title) or 'block-graph'}.png"
+    if path_problem(path) is None and path.is_dir():
+        path = path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', title)[:200] or 'block-graph'}.png"
+    if (problem := path_problem(path)) is not None:
+        plt.close(fig)
+        raise KDGraphError(f"cannot write --png {str(path)[:200]}: the path {problem}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")

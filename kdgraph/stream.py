@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from kdgraph.data import DeviceLoader, build_loaders, class_balanced_subset
-from kdgraph.errors import DataError
-from kdgraph.imagefolder import BadImage, ImageFolder, bad_image, read_image, scan_imagefolder
+from kdgraph.errors import DataError, SpecError
+from kdgraph.imagefolder import (BadImage, ImageFolder, bad_image, check_classes_readable, read_image,
+                                 scan_imagefolder)
 from kdgraph.registry import AUGMENTATIONS
 from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
 
@@ -213,6 +214,7 @@ def _worker_init(_worker_id: int, low_priority: bool = False) -> None:
 
 
 MAX_AUTO_WORKERS = 8
+WORKERS_PER_CPU = 2  # the most runtime.num_workers may ask for per available CPU (or MAX_AUTO_WORKERS)
 
 
 def available_cpus() -> int:
@@ -229,6 +231,11 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
     the training process, at least 1 and at most MAX_AUTO_WORKERS (timm's default is 4, the
     torchvision reference scripts' 16)."""
     if num_workers != "auto":
+        limit = max(MAX_AUTO_WORKERS, WORKERS_PER_CPU * available_cpus())
+        if int(num_workers) > limit:
+            raise SpecError("runtime.num_workers", f"{num_workers} worker processes for the {available_cpus()} CPUs "
+                            "this process may use: each is a process of its own, with its own memory, and more than "
+                            f"a few per CPU only wait for one; allowed: 0 to {limit}, or auto")
         return int(num_workers)
     if device.type == "cpu":
         return 2
@@ -370,7 +377,9 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
         return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
                     tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
+    num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
     folder = scan_imagefolder(d.root, d.num_classes)
+    check_classes_readable(folder)
     c = plan.input_size[0]
     mean, std, stats = plan.mean, plan.std, plan.stats
     if mean is None:
@@ -382,7 +391,7 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
     pin = device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory
-    workers = WorkerOptions(resolve_workers(rt.num_workers, device), pin, rt.persistent_workers, rt.prefetch_factor,
+    workers = WorkerOptions(num_workers, pin, rt.persistent_workers, rt.prefetch_factor,
                             low_priority=device.type == "cpu")
     n_classes = len(folder.classes)
     train_ds = StreamDataset(files, labels, n_classes, c,

@@ -4,6 +4,7 @@ the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -222,6 +223,50 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert (out / "summary.json").exists() and not (out / ".kdgraph.lock").exists()
 
 
+def _contend(out, barrier, trials, results):
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.runs import RunLock
+
+    for trial in range(trials):
+        barrier.wait()
+        lock = RunLock(out)
+        try:
+            lock.acquire()
+        except KDGraphError:
+            pass
+        results.put((trial, lock.held))
+        barrier.wait()  # both have tried before either lets go
+        lock.release()
+
+
+def test_two_runs_starting_together_never_both_hold_the_lock(tmp_path):
+    """The lock was created, then written: a second run reading it empty took it as stale."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results, trials = ctx.Barrier(2), ctx.Queue(), 200
+    procs = [ctx.Process(target=_contend, args=(tmp_path, barrier, trials, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    held = [results.get(timeout=120) for _ in range(2 * trials)]
+    for p in procs:
+        p.join(timeout=120)
+    holders = [sum(h for t, h in held if t == trial) for trial in range(trials)]
+    assert holders == [1] * trials, holders
+    assert not (tmp_path / ".kdgraph.lock").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["", "{not json", '{"pid": "abc", "host": "h"}', '{"pid": 1e30}',
+                                     '{"pid": 100000000000000000000000000000}', '{"pid": -5}', "[1, 2]"])
+def test_a_corrupt_lock_is_one_line_and_left_alone(tmp_path, content):
+    spec, out = _tiny_run(tmp_path)
+    out.mkdir()
+    (out / ".kdgraph.lock").write_text(content)
+    proc = run_cli("train", str(spec), "--quiet")
+    _one_line_error(proc, f"{out / '.kdgraph.lock'} is not a kdgraph run lock", "delete it if no kdgraph run")
+    assert (out / ".kdgraph.lock").read_text() == content
+    assert sorted(p.name for p in out.iterdir()) == [".kdgraph.lock"]
+
 def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
     spec, out = _tiny_run(tmp_path)
     first = run_cli("train", str(spec), "--quiet", "--set", "optim.lr=0.05")
@@ -239,10 +284,70 @@ def test_earlier_runs_need_resume_or_force_and_resume_checks_the_spec(tmp_path):
     _one_line_error(run_cli("train", str(spec), "--quiet", "--resume", "--set", "optim.lr=0.1"),
                     "optim.lr: 0.05 -> 0.1")
     assert _snapshot(out) == before
-    # --force starts over
+    # --force starts over, deleting only what the run wrote
+    (out / "checkpoints" / "my-notes.txt").write_text("mine")
     forced = run_cli("train", str(spec), "--quiet", "--force", "--set", "optim.lr=0.02")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert '"lr": 0.02' in (out / "run.json").read_text()
+    assert (out / "checkpoints" / "my-notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    """Another run's last.pt copied into an unfinished run (same plan and seed, other lr and
+    kl_weight) was adopted: the checkpoint carries its spec, compared whole on --resume."""
+    import shutil
+
+    spec_a, out_a = _tiny_run(tmp_path, "a")
+    first = run_cli("train", str(spec_a), "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    raw = tiny_spec(tmp_path / "b", "kd", epochs=1, fraction=0.1, optim={"lr": 0.02}, loss={"kl_weight": 0.5})
+    spec_b = write_spec(raw, tmp_path / "b.yaml")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"spec": load_spec(raw).to_dict(), "overrides": []}))
+    shutil.copytree(out_a / "checkpoints", tmp_path / "b" / "checkpoints")
+    before = _snapshot(tmp_path / "b" / "checkpoints")
+    proc = run_cli("train", str(spec_b), "--quiet", "--resume")
+    _one_line_error(proc, "was written by a run with another spec", "optim.lr: 0.1 -> 0.02",
+                    "loss.kl_weight: 1.0 -> 0.5")
+    assert _snapshot(tmp_path / "b" / "checkpoints") == before
+    assert not (tmp_path / "b" / "summary.json").exists()
+
+def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
+    from kdgraph.runtime.runs import claim
+
+    out = tmp_path / "run"
+    ours = ["checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/.last.pt.abc123.tmp", "metrics.jsonl",
+            "summary.json", "student.safetensors", "run.json", "tensorboard/events.out.tfevents.1.host.2.0"]
+    theirs = ["checkpoints/my-best.pt", "checkpoints/keep/a.txt", "tensorboard/other-run/events.out.tfevents.9",
+              "tensorboard/notes.md", "notes.md", "data/x.png"]
+    for name in ours + theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    claim(out, {"seed": 0}, resume=False, force=True)
+    assert [n for n in ours if n != "run.json" and (out / n).exists()] == []
+    assert all((out / n).read_text() == n for n in theirs)
+    # folders holding only what a run wrote go with it
+    (out / "tensorboard" / "notes.md").unlink()
+    for name in ("tensorboard/other-run/events.out.tfevents.9",):
+        (out / name).unlink()
+    (out / "tensorboard" / "other-run").rmdir()
+    (out / "tensorboard" / "events.out.tfevents.2").write_text("x")
+    claim(out, {"seed": 0}, resume=False, force=True)
+    assert not (out / "tensorboard").exists() and (out / "checkpoints" / "my-best.pt").exists()
+
+
+@pytest.mark.parametrize("output", ["", "/", ".", "./", "~", "cwd"])
+def test_output_that_is_a_root_home_or_the_working_directory_is_refused(tmp_path, output):
+    from pathlib import Path
+
+    output = {"~": str(Path.home()), "cwd": os.getcwd()}.get(output, output)
+    with pytest.raises(SpecError) as info:
+        load_spec(tiny_spec(output, "kd"))
+    assert info.value.path == "output" and "a folder of the run's own" in info.value.message
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    proc = run_cli("train", str(spec), "--quiet", "--set", f"output='{output}'")
+    _one_line_error(proc, "output:", "a folder of the run's own")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("where", ["file", "below-file"])
@@ -270,8 +375,43 @@ def test_sigint_exits_130_and_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
-    assert "kdgraph train SPEC --resume" in " ".join(err.split()) and "error:" not in err
+    # the real spec path, and epochs counted from 1 as the progress lines count them
+    assert f"kdgraph train {spec} --resume" in " ".join(err.split()) and "error:" not in err
+    assert "stopped at epoch 1," in err
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_full_disk_while_checkpointing_keeps_last_pt_and_says_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from kdgraph.runtime import checkpoint
+    from kdgraph.runtime.loop import train
+
+    spec = load_spec(tiny_spec(tmp_path / "run", "kd", epochs=2, fraction=0.1))
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first checkpoint is written; the disk fills before the second
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KDGraphError) as info:
+            train(spec, source={"spec_file": "/specs/mine.yaml", "overrides": []})
+    finally:
+        torch.set_num_threads(threads)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    message = str(info.value)
+    assert "No space left on device" in message and f"{last} from before is intact" in message
+    assert "kdgraph train /specs/mine.yaml --resume" in message and "\n" not in message
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert ckpt.load(last)["position"]["epoch"] == 1  # the first epoch's checkpoint, whole
+    assert not list(last.parent.glob(".*.tmp"))
 
 
 # --- checkpoints: checksummed, the previous one kept ---------------------------------------
@@ -512,7 +652,10 @@ def test_a_num_classes_mismatch_names_num_classes_not_an_invariant(tmp_path):
 @pytest.mark.parametrize("override,path,fragments", [
     ("schedule.epochs=true", "schedule.epochs", ["true/false is not a number", "an integer from 1 to 100000"]),
     ("schedule.epochs=1.0e+23", "schedule.epochs", ["an integer from 1 to 100000"]),
-    ("schedule.epochs=2.5", "schedule.epochs", ["fractional part"]),
+    ("schedule.epochs=2.5", "schedule.epochs", ["must be a valid integer"]),
+    ("schedule.epochs='3'", "schedule.epochs", ["must be a valid integer", "an integer from 1 to 100000"]),
+    ("schedule.epochs=3.0", "schedule.epochs", ["must be a valid integer"]),
+    ("data.batch_size=64.0", "data.batch_size", ["must be a valid integer", "an integer from 1 to 65536"]),
     ("optim.lr=true", "optim.lr", ["true/false is not a number", "a number > 0 and <= 10"]),
     ("optim.lr=1.0e+23", "optim.lr", ["a number > 0 and <= 10"]),
     ("data.batch_size=10000000", "data.batch_size", ["an integer from 1 to 65536"]),
@@ -529,8 +672,21 @@ def test_numbers_are_strictly_typed_and_bounded(tmp_path, override, path, fragme
     assert info.value.path == path
     for fragment in fragments:
         assert fragment in info.value.message, info.value.message
-    assert load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule.epochs=3.0"]).schedule.epochs == 3
+    assert load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule.epochs=3"]).schedule.epochs == 3
 
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_line(tmp_path):
+    text = ("name: dup\nstudent:\n  model: timm:resnet18\nschedule:\n  epochs: 3\n  method: supervised\n"
+            "  epochs: 30\n")
+    (tmp_path / "spec.yaml").write_text(text)
+    proc = run_cli("plan", str(tmp_path / "spec.yaml"))
+    _one_line_error(proc, "spec.yaml:7:3", "key 'epochs' appears twice", "first at line 5")
+    with pytest.raises(SpecError, match="key 'epochs' appears twice"):
+        load_spec(tiny_spec(tmp_path / "run", "kd"), ["schedule={epochs: 3, epochs: 4}"])
+    # a merge key may be overridden, as YAML intends
+    merged = "name: m\nstudent:\n  <<: {model: timm:resnet18, kwargs: {num_classes: 10}}\n  model: timm:resnet34\n"
+    (tmp_path / "merged.yaml").write_text(merged)
+    assert load_spec(tmp_path / "merged.yaml").student.model == "timm:resnet34"
 
 def _billion_laughs():
     lines = ["    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
@@ -616,17 +772,36 @@ def test_export_to_an_existing_folder_writes_inside_and_unwritable_is_one_line(t
     with pytest.raises(KDGraphError, match=r"export --to .*blocker: a file is there"):
         export_spec(spec, blocker, checkpoint)
     assert blocker.read_text() == "a file"
+    again = export_spec(spec, folder, checkpoint)  # an earlier export is replaced
+    assert again["folder"] == str(folder)
+
+
+def test_export_refuses_a_folder_that_is_not_a_kdgraph_export(tmp_path):
+    """`export --to .` in a repository overwrote its README.md; a user's config.json too."""
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("my project")
+    (repo / "config.json").write_text('{"mine": true}')
+    before = _snapshot(repo)
+    for extra in ([], ["--checkpoint", str(tmp_path / "missing.pt")]):
+        proc = run_cli("export", str(spec), "--to", str(repo), *extra)
+        _one_line_error(proc, f"export --to {repo}", "not a kdgraph export", "new or empty folder")
+    assert _snapshot(repo) == before
+    assert not (tmp_path / "run").exists()
 
 
 # --- a torch.export program (model.pt2) from anyone: read without running what it holds ----
 
-def _tiny_program(path):
-    """A real torch.export archive of a tiny 1x8x8 classifier with a dynamic batch, as kdgraph writes them."""
+def _tiny_program(path, channels=1, classes=10):
+    """A real torch.export archive of a tiny CxHxW=channelsx8x8 classifier with a dynamic batch, as kdgraph
+    writes them."""
     from torch import nn
 
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, classes))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model.eval(), (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: batch},),
+    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),), dynamic_shapes=({0: batch},),
                                   strict=False)
     torch.export.save(program, str(path))
     return path
@@ -747,3 +922,260 @@ def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
         _one_line_error(proc, "refusing to load", str(evil), "stored pickled")
         assert evil.exists()
     assert not marker.exists()
+
+
+# --- runtime values the machine or the model cannot use ---------------------------------------
+
+def test_micro_batches_that_leave_batchnorm_tiny_parts_are_refused(tmp_path):
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 16}),
+                      tmp_path / "spec.yaml")
+    _one_line_error(run_cli("plan", str(spec)), "runtime.micro_batches", "parts of 1 sample", "BatchNorm",
+                    "at most 4")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), "runtime.micro_batches")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(SpecError, match="leave empty parts") as info:
+        load_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 17}))
+    assert info.value.path == "runtime.micro_batches"
+    assert load_spec(tiny_spec(tmp_path / "run", "kd", batch_size=16, runtime={"micro_batches": 4}))
+
+
+def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path):
+    from test_stream_data import folder_spec, write_folder
+
+    from kdgraph.stream import available_cpus
+
+    root = write_folder(tmp_path / "images")
+    workers = 4 * max(available_cpus(), 8) + 1
+    spec = write_spec(folder_spec(root, tmp_path / "run", workers=workers), tmp_path / "spec.yaml")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), "runtime.num_workers", f"{workers} worker processes",
+                    "allowed: 0 to")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- image folders ------------------------------------------------------------------------
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from kdgraph.imagefolder import read_image
+
+    pixels = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    grey = np.asarray(read_image(str(tmp_path / "deep.png"), "L"))
+    assert grey.dtype == np.uint8 and np.array_equal(grey.ravel(), np.arange(256))
+    rgb = np.asarray(read_image(str(tmp_path / "deep.png"), "RGB"))
+    assert np.array_equal(rgb[..., 0], grey)
+
+
+def _image_folder_spec(tmp_path, **data):
+    from test_stream_data import folder_spec, write_folder
+
+    root = write_folder(tmp_path / "images")
+    return root, folder_spec(root, tmp_path / "run", loader="memory", **data)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_a_class_whose_every_image_is_unreadable_is_an_error(tmp_path, loader):
+    root, raw = _image_folder_spec(tmp_path)
+    raw["data"]["loader"] = loader
+    for image in (root / "train" / "bee").iterdir():
+        image.write_bytes(b"not a png")
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    proc = run_cli("train", str(spec), "--quiet")
+    _one_line_error(proc, "every image of class 'bee' in train/ is unreadable", "8 files")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_plan_stops_a_num_classes_that_disagrees_with_the_class_folders(tmp_path):
+    root, raw = _image_folder_spec(tmp_path)
+    for role in ("teacher", "student"):
+        raw[role]["kwargs"]["num_classes"] = 10  # the folder has 3
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    _one_line_error(run_cli("plan", str(spec)), "student.kwargs.num_classes", "predicts 10 classes",
+                    "3 class folders")
+
+
+def test_a_data_root_that_is_a_file_and_a_spec_that_is_a_folder_are_named_as_such(tmp_path):
+    root, raw = _image_folder_spec(tmp_path)
+    raw["data"]["root"] = str(tmp_path / "file.txt")
+    (tmp_path / "file.txt").write_text("not a folder")
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    for command in ("plan", "train"):
+        _one_line_error(run_cli(command, str(spec), *(["--quiet"] if command == "train" else [])),
+                        f"data.root: {tmp_path / 'file.txt'} is a file")
+    _one_line_error(run_cli("plan", str(tmp_path)), f"spec {tmp_path} is a folder")
+    assert (tmp_path / "file.txt").read_text() == "not a folder"
+
+
+# --- paths the OS refuses for their length ----------------------------------------------------
+
+_LONG = "n" * 300  # one path component over NAME_MAX (255 bytes)
+
+
+@pytest.mark.parametrize("where", ["spec", "output", "student.checkpoint", "data.root", "--png", "--checkpoint",
+                                   "--to"])
+def test_a_path_component_over_255_bytes_is_one_line(tmp_path, where):
+    raw = tiny_spec(tmp_path / "run", "kd")
+    long = str(tmp_path / _LONG / "x")
+    fragment = "bytes"
+    if where == "spec":
+        args = ["plan", str(tmp_path / f"{_LONG}.yaml")]
+    else:
+        if where == "output":
+            raw["output"] = long
+        elif where == "student.checkpoint":
+            raw["student"]["checkpoint"] = long
+        elif where == "data.root":
+            raw["data"] = {**raw["data"], "dataset": "imagefolder", "root": long}
+        spec = str(write_spec(raw, tmp_path / "spec.yaml"))
+        args = {"--png": ["plan", spec, "--png", long + ".png"],
+                "--checkpoint": ["eval", spec, "--checkpoint", long],
+                "--to": ["export", spec, "--to", long]}.get(where, ["train", spec, "--quiet"])
+        fragment = where if where.startswith("--") else f"{where}: the path has a name of"
+    _one_line_error(run_cli(*args), fragment, "at most 255")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["spec.yaml"] if where != "spec" else [])
+
+
+@pytest.mark.parametrize("other", [{"classes": 5}, {"channels": 3}])
+def test_eval_of_a_program_exported_from_another_pair_is_one_line(tmp_path, other):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    _tiny_program(folder / "model.pt2", **other)
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    what = "predicts 5 classes, this spec's student 10" if "classes" in other else "does not take this spec's input"
+    _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), "does not fit the student", what)
+
+
+@pytest.mark.parametrize("name,instead", [("ImageFolder", "imagefolder"), ("FakeData", "synthetic")])
+def test_a_torchvision_dataset_without_a_split_keyword_is_one_line(tmp_path, name, instead):
+    raw = tiny_spec(tmp_path / "run", "kd")
+    raw["data"] = {**raw["data"], "dataset": f"torchvision:{name}", "root": str(tmp_path), "input_size": [1, 8, 8]}
+    spec = write_spec(raw, tmp_path / "spec.yaml")
+    _one_line_error(run_cli("train", str(spec), "--quiet"), f"torchvision.datasets.{name} does not take",
+                    f"use dataset: {instead}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --- newcomer paths ---------------------------------------------------------------------------
+
+def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_teacher(tmp_path):
+    """A run trained with --set (here a student of other widths): eval and export without
+    repeating it load the same student; export ignores a teacher file that does not fit."""
+    spec, out = _tiny_run(tmp_path)
+    widths = "student.kwargs.widths=[16, 32, 48]"
+    first = run_cli("train", str(spec), "--quiet", "--set", widths)
+    assert first.returncode == 0, first.stderr[-2000:]
+    scored = run_cli("eval", str(spec), "--format", "json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout)["student_top1"] >= 0
+    misfit = tmp_path / "misfit.safetensors"
+    import shutil
+
+    shutil.copy(out / "student.safetensors", misfit)  # the student's weights: not the teacher's shapes
+    shipped = run_cli("export", str(spec), "--to", str(tmp_path / "ship"), "--set", f"teacher.checkpoint={misfit}")
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    card = (tmp_path / "ship" / "README.md").read_text()
+    assert "widths=[16, 32, 48]" in card or "widths" in json.loads((tmp_path / "ship" / "config.json").read_text())[
+        "kdgraph"]["command"]
+
+
+def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from kdgraph.runtime import progress
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500, plan=None)
+    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
+    record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
+    for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
+        clock["t"] = t
+        reporter.log({**record, "step": step})
+    lines = reporter.console.file.getvalue().splitlines()
+    assert lines == ["epoch 1/3 step 10/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:00",
+                     "epoch 1/3 step 30/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:31"]
+
+
+def test_small_messages_a_newcomer_reads(tmp_path):
+    from test_stream_data import write_folder
+
+    # eval --checkpoint that is not there: no advice to pass --checkpoint
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    proc = run_cli("eval", str(spec), "--checkpoint", str(tmp_path / "missing.pt"))
+    _one_line_error(proc, f"no trained student at {tmp_path / 'missing.pt'}")
+    assert "pass --checkpoint" not in proc.stderr
+    # with both val/ and test/, the plan says which one is evaluated
+    root = write_folder(tmp_path / "images")
+    (root / "val").rename(root / "test")
+    write_folder(root)  # val/ again, beside test/
+    raw = tiny_spec(tmp_path / "run", "kd")
+    raw["data"] = {"dataset": "imagefolder", "root": str(root), "input_size": [1, 8, 8], "batch_size": 4}
+    for role in ("teacher", "student"):
+        raw[role]["kwargs"]["num_classes"] = 3
+    planned = run_cli("plan", str(write_spec(raw, tmp_path / "folder.yaml")))
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "val/ is evaluated, test/ is not read" in " ".join(planned.stdout.split())
+    # a skipped image is a plain 'warning:' line, not Python's file:line format
+    (root / "train" / "bee" / "0.png").write_bytes(b"not a png")
+    raw["data"]["loader"] = "memory"
+    raw["schedule"]["epochs"] = 1
+    trained = run_cli("train", str(write_spec(raw, tmp_path / "folder.yaml")), "--quiet")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "warning: skipping unreadable image" in trained.stderr and "BadImageWarning" not in trained.stderr
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_path):
+    """--resume said 'train without --resume first' and a plain run said 'continue it with --resume'."""
+    from kdgraph.runtime.runs import claim, earlier_run
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    (out / "run.json").write_text('{"spec": {"seed": 0}}')
+    assert earlier_run(out) == []
+    claim(out, {"seed": 0}, resume=False, force=False)  # no error: nothing would be lost
+    assert not (out / "metrics.jsonl").exists()  # the killed run's own files go
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
+    assert earlier_run(out) == ["checkpoints/last.pt", "metrics.jsonl"]
+    with pytest.raises(KDGraphError, match="already holds a run .*checkpoints/last.pt"):
+        claim(out, {"seed": 0}, resume=False, force=False)
+
+
+def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
+    """The in-memory path peaked at 3.4x what data.memory_budget_mb counts: a list of decoded
+    images, then a stacked copy. numpy reports its allocations to tracemalloc."""
+    import tracemalloc
+
+    from test_stream_data import write_folder
+
+    from kdgraph.data import _load_imagefolder
+    from kdgraph.spec import DataSpec
+
+    root = write_folder(tmp_path / "images", channels=3, side=48, train=16, val=4)
+    spec = DataSpec(dataset="imagefolder", root=root, input_size=(3, 48, 48))
+    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48 * 4
+    tracemalloc.start()
+    try:
+        raw = _load_imagefolder(spec, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raw.train_x.shape == (48, 3, 48, 48) and raw.test_x.shape == (12, 3, 48, 48)
+    assert peak < 1.3 * decoded, (peak, decoded)
+
+
+def test_the_resume_command_repeats_an_output_override(tmp_path):
+    from kdgraph.runtime.runs import RUN_FILE, resume_command
+
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    assert resume_command(out) == "kdgraph train SPEC --resume"
+    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "spec_file": "/specs/my spec.yaml",
+                                            "overrides": ["optim.lr=0.1", f"output={out}"]}))
+    assert resume_command(out) == f"kdgraph train '/specs/my spec.yaml' --set output={out} --resume"

@@ -356,6 +356,23 @@ def test_pretrained_timm_offline_is_one_line(tmp_path, monkeypatch):
     assert text.startswith(f"timm:{TIMM}: cannot load its pretrained weights") and "checkpoint: PATH" in text
 
 
+def test_pretrained_timm_without_network_fails_before_the_hubs_retries(tmp_path, monkeypatch):
+    """Offline without the hub's offline switch, timm's client retried for about a minute."""
+    import time
+
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: pytest.fail("tried the hub"))
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError) as info:
+        build_model(ModelSpec(model=f"timm:{TIMM}", pretrained=True, kwargs={"num_classes": 10}))
+    text = str(info.value)
+    assert time.perf_counter() - t0 < 10
+    assert "\n" not in text and text.startswith(f"timm:{TIMM}: cannot load its pretrained weights")
+    assert "huggingface.co is not reachable" in text and "not in the local cache" in text and "checkpoint: PATH" in text
+
+
 def _fake_torchvision_download(monkeypatch, state=None, error=None):
     def load(url, *args, **kwargs):
         if error is not None:

@@ -92,7 +92,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(loop, "train_step", stopping_step)
-    with pytest.raises(loop.TrainingInterrupted, match="epoch 1, step 2"):
+    with pytest.raises(loop.TrainingInterrupted, match="epoch 2, step 2"):
         train_here(load_spec(folder_spec(root, tmp_path / "b")))
     monkeypatch.setattr(loop, "train_step", real_step)
     state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)

@@ -32,7 +32,7 @@ from kdgraph.compiler.blockgraph import block_graph_pass
 from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
-from kdgraph.compiler.data import data_pass
+from kdgraph.compiler.data import check_num_classes, data_pass
 from kdgraph.compiler.pair import pair_pass
 from kdgraph.compiler.plan import plan_pass
 from kdgraph.compiler.split import split_pass
@@ -156,6 +156,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     env = {"spec": spec, "mode": mode, "given": models, "input_size": input_size}
     timings = _run_passes(spec, env, freeze)
     built, data = env["models"], env["data"]
+    check_num_classes(data, built.student.num_classes)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     fallback = (f"decompose.adapters: projected: {env['pairing'].fallback}",) if env["pairing"].fallback else ()

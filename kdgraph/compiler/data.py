@@ -28,7 +28,7 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
     if data_spec.dataset != "imagefolder":
         return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
-    if missing_ok and (data_spec.root is None or not Path(data_spec.root).is_dir()):
+    if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):
         mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
                                                     "teacher" if teacher is not None else "student", input_size[0])
         return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
@@ -46,10 +46,21 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
         reason = f"auto: {size} {'<=' if loader == 'memory' else '>'} data.memory_budget_mb {budget}"
     else:
         loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
+    if folder.eval_split == "val" and (Path(folder.root) / "test").is_dir():
+        reason += "; val/ is evaluated, test/ is not read"
     mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
                                                 "teacher" if teacher is not None else "student", c)
     return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
-                    round(mb, 1), mean, std, crop_pct, stats)
+                    round(mb, 1), mean, std, crop_pct, stats, len(folder.classes))
+
+
+def check_num_classes(data: DataPlan, predicted: int | None) -> None:
+    """An image folder's classes are its class folders: the student must predict exactly as
+    many (``predicted``: what tracing found, None for a dense task)."""
+    if data.num_classes is not None and predicted is not None and predicted != data.num_classes:
+        raise DataError(f"student.kwargs.num_classes: the student predicts {predicted} classes, the image folder "
+                        f"has {data.num_classes} class folders; set num_classes: {data.num_classes} in "
+                        "student.kwargs (and teacher.kwargs)")
 
 
 def _normalisation(data_spec: DataSpec, model: nn.Module, role: str, channels: int):

@@ -85,8 +85,9 @@ def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _to_cpu(obj)
     state[CHECKSUM_KEY] = checksum(state)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -95,10 +96,23 @@ def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) ->
         if keep_previous and path.is_file():
             _keep_as_previous(path)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk, a quota; torch's zip writer says "write failed"
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+            raise
+        detail = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        kept = f"; {path} from before is intact" if path.is_file() else ""
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {detail}{kept}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class CheckpointWriteError(KDGraphError):
+    """A checkpoint could not be written (disk full, quota, permissions); the one before is kept."""
 
 
 def previous_of(path: Path) -> Path:

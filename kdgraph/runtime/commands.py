@@ -17,7 +17,7 @@ from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.evaluate import accuracy
-from kdgraph.runtime.export import load_student, load_trained, preprocessing_of
+from kdgraph.runtime.export import file_format, load_student, load_trained, preprocessing_of
 from kdgraph.stream import build_data
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
 
     if split not in SPLITS:
         raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    if checkpoint is not None:
+        file_format(checkpoint, given=True)  # a --checkpoint that is not there: said before anything is built
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
@@ -84,12 +86,25 @@ def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
     return spec.teacher.checkpoint is not None or bool(spec.teacher.pretrained)
 
 
+def _without_teacher_weights(spec: Spec) -> Spec:
+    """``spec`` with a teacher of random weights: exporting the student needs the teacher's
+    shapes (the pairing), never its weights, so a teacher file that is gone or does not fit
+    cannot stop an export."""
+    if spec.teacher is None:
+        return spec
+    teacher = spec.teacher.model_copy(update={"checkpoint": None, "pretrained": False})
+    return spec.model_copy(update={"teacher": teacher})
+
+
 def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
     """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
-    compiled = compile_spec(spec, allow_missing_weights=True)
+    ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
+    if checkpoint is not None:
+        file_format(checkpoint, given=True)
+    compiled = compile_spec(_without_teacher_weights(spec), allow_missing_weights=True)
     path = checkpoint
     if path is None:
         path = _default_student(spec)

@@ -21,6 +21,7 @@ from torch import nn
 
 from kdgraph.adapters import TupleMap, build_adapters, fold
 from kdgraph.errors import KDGraphError
+from kdgraph.paths import path_problem
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.chain import ExportedStudent
@@ -70,12 +71,16 @@ def _width(m: nn.Module) -> int | None:
     return m.in_channels if isinstance(m, nn.Conv2d) else None
 
 
-def file_format(path: Path) -> str:
+def file_format(path: Path, given: bool = False) -> str:
     """What ``path`` holds, read from its content (never its suffix): 'export' (a folder
-    written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle)."""
+    written by `kdgraph export`), 'safetensors', 'torch' (a torch.save zip or pickle).
+    ``given``: the user named ``path`` (--checkpoint), so the error suggests nothing else."""
     path = Path(path)
+    if (problem := path_problem(path)) is not None:
+        raise KDGraphError(f"--checkpoint {str(path)[:200]} {problem}")
     if not path.exists():
-        raise KDGraphError(f"no trained student at {path}; run `kdgraph train` first or pass --checkpoint")
+        raise KDGraphError(f"no trained student at {path}" + ("" if given else "; run `kdgraph train` first or "
+                                                                "pass --checkpoint"))
     if path.is_dir():
         if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
             return "export"
@@ -153,11 +158,32 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
     if file_format(path) == "export" and not (path / ship.WEIGHTS).is_file():
         check_program(path / ship.PROGRAM)  # torch.export.load runs what a crafted archive holds
         try:
-            return _ExportedProgram(torch.export.load(str(path / ship.PROGRAM)).module())
+            program = _ExportedProgram(torch.export.load(str(path / ship.PROGRAM)).module())
         except Exception as exc:  # torch.export's errors name no common base class
             raise KDGraphError(f"cannot load {path / ship.PROGRAM}: {str(exc).splitlines()[0]}") from None
+        _check_program_fits(compiled, program, path / ship.PROGRAM)
+        return program
     maps = load_trained(compiled, path)
     return _exported(compiled, maps) if maps else compiled.student.model
+
+
+def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> None:
+    """A program exported from another pair takes another input or predicts another number
+    of classes: found on a probe batch of this spec's input size, before any data is read."""
+    expected = compiled.num_classes
+    probe = torch.zeros(2, *compiled.input_size)
+    try:
+        with torch.no_grad():
+            out = program(probe)
+        got = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
+        problem = None if got is not None and (expected is None or got == expected) else \
+            f"it predicts {got if got is not None else 'no'} classes, this spec's student {expected}"
+    except Exception as exc:  # a guard on the input shape, a shape error inside: no common base class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problem = f"it does not take this spec's input {list(compiled.input_size)} ({first[:200]})"
+    if problem is not None:
+        raise KDGraphError(f"{path} does not fit the student of this spec: {problem}; give the spec it was "
+                           "exported from")
 
 
 def preprocessing_of(spec: Spec, data) -> dict:

@@ -330,6 +330,14 @@ class Metrics:
 def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None, best: dict) -> None:
     if not run.info.is_main:
         return
+    try:
+        _save_checkpoint(run, epoch, step, global_step, teacher_acc, best)
+    except ckpt.CheckpointWriteError as exc:
+        raise KDGraphError(f"{exc}; free space and continue from it with `{runs.resume_command(run.out)}`") from None
+
+
+def _save_checkpoint(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None,
+                     best: dict) -> None:
     ckpt.save_atomic({
         "model": run.distiller.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -339,6 +347,7 @@ def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict |
         "position": {"epoch": epoch, "step": step, "global_step": global_step},
         "data": run.data.state_dict(epoch, step),
         "plan": run.compiled.plan.to_dict(),
+        "spec": run.spec.to_dict(),  # what _resume compares: a copied-in checkpoint of another run is refused
         "teacher_top1": teacher_acc and teacher_acc["top1"],
         "teacher_top5": teacher_acc and teacher_acc["top5"],
         "history": best,
@@ -354,6 +363,14 @@ def _resume(run: Run) -> tuple[dict, str | None]:
         # Set aside for inspection; left in place, the next save would rotate it into prev.pt.
         last.replace(last.with_name("last.pt.corrupt"))
         warning += f" (the damaged file is kept as {last.with_name('last.pt.corrupt')})"
+    # The spec first (it names what differs); checkpoints of kdgraph before this carry no
+    # spec: the plan check below is all there is for them.
+    diff = [d for d in runs.spec_differences(state.get("spec") or {}, run.spec.to_dict())
+            if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
+    if diff:
+        raise KDGraphError(f"{run.out}/checkpoints/last.pt was written by a run with another spec "
+                           f"(differs: {'; '.join(diff)}); it is not this run's checkpoint: resume with the "
+                           "spec it was trained with, or start over with --force")
     if state["plan"] != run.compiled.plan.to_dict():
         raise KDGraphError(f"{run.out}/checkpoints/last.pt was written for another plan "
                            f"({state['plan']['method']}, {state['plan']['epochs']} epochs); "
@@ -491,8 +508,8 @@ def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
                     save(epoch, step + 1)
                 if stop["signal"]:
                     raise TrainingInterrupted(
-                        f"{stop['signal']}: stopped at epoch {epoch}, step {step + 1}; checkpoint saved to "
-                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `kdgraph train SPEC --resume` "
+                        f"{stop['signal']}: stopped at epoch {epoch + 1}, step {step + 1}; checkpoint saved to "
+                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `{runs.resume_command(run.out)}` "
                         "(the spec and its --set overrides are stored in the run)")
             for rec in tracker.flush() if tracker is not None else ():
                 metrics.write(rec)

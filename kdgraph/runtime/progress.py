@@ -8,6 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+PLAIN_EVERY_S = 30.0  # seconds between plain step lines without a terminal
+
+
 class Reporter:
     def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan, silent: bool = False):
         """``quiet``: plain lines instead of bars; ``silent``: nothing at all (DDP ranks > 0)."""
@@ -19,6 +22,7 @@ class Reporter:
         self.t0 = time.monotonic()
         self.first_epoch: int | None = None
         self.plan = plan
+        self.last_plain: float | None = None  # when the last plain step line was printed
         self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
@@ -44,7 +48,8 @@ class Reporter:
             self.first_epoch, self.t0 = epoch, time.monotonic()
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in stage.groups)
         if self.progress is not None:
-            self.progress.update(self.run_task, completed=epoch, info=f"stage {stage.index}: {groups}")
+            self.progress.update(self.run_task, completed=epoch + start_step / max(self.steps, 1),
+                                 info=f"stage {stage.index}: {groups}")
             self.progress.reset(self.step_task, total=self.steps, completed=start_step)
         elif start_step and not self.silent:
             self.console.print(f"resuming epoch {epoch} at step {start_step}")
@@ -52,11 +57,21 @@ class Reporter:
     def advance(self) -> None:
         if self.progress is not None:
             self.progress.advance(self.step_task)
+            # the epochs bar moves by steps too, so its time-remaining column has a speed before an epoch ends
+            self.progress.advance(self.run_task, 1 / max(self.steps, 1))
 
     def log(self, record: dict) -> None:
+        info = f"loss {record['loss']:.4f} lr {record['lr']:.3g} {record['images_per_s']:.0f} img/s"
         if self.progress is not None:
-            self.progress.update(self.step_task, info=f"loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                                                      f"{record['images_per_s']:.0f} img/s")
+            self.progress.update(self.step_task, info=info)
+            return
+        # Without a terminal, a plain line every PLAIN_EVERY_S (the first at once): an epoch can
+        # take minutes, and a log that says nothing until it ends looks like a hang.
+        now = time.monotonic()
+        if not self.silent and (self.last_plain is None or now - self.last_plain >= PLAIN_EVERY_S):
+            self.last_plain = now
+            self.console.print(f"epoch {record['epoch'] + 1}/{self.total_epochs} step {record['step']}/{self.steps}: "
+                               f"{info} | elapsed {_clock(now - self.t0)}")
 
     def end_epoch(self, record: dict) -> None:
         acc = record["student_top1"]

@@ -12,9 +12,10 @@ from), so that ``kdgraph train SPEC --resume`` needs no override repeated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -28,9 +29,12 @@ LOCK_FILE = ".kdgraph.lock"
 RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
-# Files a run writes; --force removes exactly these.
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors",
-               "plan.json", "curves.png", RUN_FILE)
+# Files a run writes; --force removes exactly these, and in its two folders only the files
+# (glob patterns) it writes there: a user's own files stay, and so does a folder holding them.
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors", "plan.json", "curves.png",
+               RUN_FILE)
+RUN_FOLDERS = {"checkpoints": ("last.pt", "prev.pt", ".last.pt.*.tmp", ".prev.pt.tmp"),
+               "tensorboard": ("events.out.tfevents.*",)}
 
 
 _UMASK = os.umask(0o022)
@@ -81,9 +85,11 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """An exclusive lock file in the output folder, held for the run.
 
-    Created with O_EXCL, so two runs cannot both take it. A lock left by a process that no
-    longer exists on this host is stale and taken over; one from another host is refused
-    (its process cannot be checked from here) with the file to delete named.
+    Created with its content in one step (a private file, hard-linked to the lock's name:
+    the link fails where a lock exists), so no run ever reads a lock that is being written.
+    A lock left by a process that no longer exists on this host is stale and taken over; one
+    from another host is refused (its process cannot be checked from here) with the file to
+    delete named; one that is not a kdgraph lock (no readable pid) is refused likewise.
     """
 
     def __init__(self, out: Path):
@@ -92,30 +98,79 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None or (holder.get("host") == me["host"] and not _pid_alive(int(holder["pid"]))):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                    continue
-                where = "" if holder.get("host") == me["host"] else f" on {holder.get('host')}"
-                raise OutputError(f"{self.path.parent} is in use by another kdgraph run (pid {holder.get('pid')}"
-                                  f"{where}); wait for it, choose another output:, or delete {self.path} "
-                                  "if that run is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
+        for _ in range(3):
+            if self._create(json.dumps(me)):
+                self.held = True
+                return self
+            raw, holder = self._holder()
+            if raw is None:  # gone between the two calls: try again
+                continue
+            if holder is None:
+                raise OutputError(f"{self.path} is not a kdgraph run lock (it holds {raw[:60]!r}, not a pid); "
+                                  f"delete it if no kdgraph run is using {self.path.parent}")
+            if holder["host"] == me["host"] and not _pid_alive(holder["pid"]):
+                self._take_over(raw)  # stale: its writer is gone
+                continue
+            where = "" if holder["host"] == me["host"] else f" on {holder['host']}"
+            raise OutputError(f"{self.path.parent} is in use by another kdgraph run (pid {holder['pid']}"
+                              f"{where}); wait for it, choose another output, or delete {self.path} "
+                              "if that run is gone")
         raise OutputError(f"could not take the lock {self.path}")
 
-    def _holder(self) -> dict | None:
+    def _create(self, content: str) -> bool:
+        """Make the lock file with ``content`` atomically; False where one exists."""
+        private = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.monotonic_ns()}")
+        private.write_text(content)
         try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and "pid" in data else None
-        except (OSError, ValueError):
-            return None
+            os.link(private, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: O_EXCL, the content written at once after
+            return self._create_exclusive(content)
+        finally:
+            private.unlink(missing_ok=True)
+
+    def _create_exclusive(self, content: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        return True
+
+    def _take_over(self, stale: str) -> None:
+        """Remove the stale lock whose content is ``stale``, and only it: it is moved aside
+        first, and put back where another run replaced it in the meantime."""
+        aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}.{time.monotonic_ns()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another run took it over first
+            return
+        try:
+            if aside.read_text(errors="replace") != stale:  # a live run's fresh lock: restore it
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.path)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _holder(self) -> tuple[str | None, dict | None]:
+        """The lock's text (None where it is gone) and, where it names a process, {pid, host}."""
+        try:
+            raw = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            raise OutputError(f"cannot read the run lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return raw, None
+        pid = data.get("pid") if isinstance(data, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+            return raw, None
+        return raw, {"pid": pid, "host": str(data.get("host"))}
 
     def release(self) -> None:
         if self.held:
@@ -157,10 +212,44 @@ def stored_run(out: Path) -> dict | None:
         raise OutputError(f"{path} is not valid JSON; restore it or start over with --force") from None
 
 
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out``: its spec file as run.json recorded it,
+    else a SPEC placeholder. The stored --set overrides are reused, except that an output=
+    override must be given again: without it the run is looked for elsewhere."""
+    try:
+        stored = stored_run(out) or {}
+    except KDGraphError:
+        stored = {}
+    where = [o for o in stored.get("overrides") or [] if o.partition("=")[0].strip() == "output"]
+    return " ".join(["kdgraph train", shlex.quote(stored.get("spec_file") or "SPEC"),
+                     *(f"--set {shlex.quote(o)}" for o in where[-1:]), "--resume"])
+
+
 def earlier_run(out: Path) -> list[str]:
-    """What an earlier run left in ``out`` (empty: nothing)."""
-    return [name for name in ("checkpoints", "metrics.jsonl", "summary.json", "student.safetensors")
-            if (Path(out) / name).exists()]
+    """What an earlier run left in ``out`` that a new run would lose (empty: nothing). A run
+    killed before its first checkpoint leaves only metrics.jsonl and run.json: nothing to
+    continue (--resume has no checkpoint), so a plain run may start over it."""
+    out = Path(out)
+    kept = [name for name in ("checkpoints/last.pt", "checkpoints/prev.pt", "summary.json", "student.safetensors")
+            if (out / name).exists()]
+    return kept + ["metrics.jsonl"] * bool(kept and (out / "metrics.jsonl").exists())
+
+
+def _remove_run_files(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (RUN_OUTPUTS, RUN_FOLDERS) and nothing else."""
+    for name in RUN_OUTPUTS:
+        target = out / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    for folder, patterns in RUN_FOLDERS.items():
+        if not (out / folder).is_dir() or (out / folder).is_symlink():
+            continue
+        for pattern in patterns:
+            for target in (out / folder).glob(pattern):
+                if target.is_file() or target.is_symlink():
+                    target.unlink()
+        if not any((out / folder).iterdir()):
+            (out / folder).rmdir()
 
 
 def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
@@ -179,14 +268,9 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
                 raise OutputError(f"{out} was trained with another spec; --resume needs the same one "
                                   f"(differs: {'; '.join(diff)}). Drop the conflicting --set or edit, "
                                   "or start over with --force")
-    elif left:
-        if not force:
+    else:
+        if left and not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
-                              "or start over with --force (deletes those files), or choose another output:")
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+                              "or start over with --force (deletes those files), or choose another output")
+        _remove_run_files(out)  # a forced start, or what a run killed before its first checkpoint left
     (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from kdgraph.errors import KDGraphError
+from kdgraph.paths import path_problem
 from kdgraph.runtime.chain import ExportedStudent
 
 WEIGHTS = "model.safetensors"
@@ -250,6 +251,31 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_destination(folder: Path) -> Path:
+    """``folder`` if an export may be written there: absent, empty, or an earlier kdgraph
+    export (its config.json carries a kdgraph block). Export replaces README.md and
+    config.json, so any other folder (a repository, a user's own model) is refused."""
+    folder = Path(folder)
+    if (problem := path_problem(folder)) is not None:
+        raise ExportError(f"export --to {str(folder)[:200]} {problem}")
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"export --to {folder}: a file is there; name a folder (it will hold "
+                          f"{WEIGHTS}, {CONFIG} and {CARD})")
+    if not folder.is_dir() or not any(folder.iterdir()) or _is_export(folder):
+        return folder
+    raise ExportError(f"export --to {folder}: the folder holds files and is not a kdgraph export (no {CONFIG} "
+                      f"with a kdgraph block); export writes {WEIGHTS} or {PROGRAM}, {CONFIG} and {CARD}, "
+                      "replacing files of those names: name a new or empty folder")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("kdgraph"), dict)
+
+
 @torch.no_grad()
 def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessing: dict[str, Any],
                  card: dict[str, Any] | None = None, *, atol: float = 1e-4) -> dict[str, Any]:
@@ -261,10 +287,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExportError(f"export --to {folder}: a file is there; name a folder (it will hold "
-                          f"{WEIGHTS}, {CONFIG} and {CARD})")
+    folder = check_destination(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     card = dict(card or {})

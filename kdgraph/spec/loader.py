@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from kdgraph.errors import SpecError
+from kdgraph.paths import path_problem
 from kdgraph.spec.explain import short, spec_error_from
 from kdgraph.spec.schema import Spec
 
@@ -104,6 +105,30 @@ def _check_bounded(value: Any, what: str) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the
+    last silently: `epochs: 3` then `epochs: 30` further down). Keys merged in with `<<:`
+    may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (first at line "
+                        f"{earlier.start_mark.line + 1}); YAML would keep only the last: remove one",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load`` with the depth checked on the event stream first: the loader
     recurses once per level and would raise RecursionError around 300 levels."""
@@ -116,7 +141,7 @@ def _parse_yaml(text: str, where: str) -> Any:
                 raise SpecError("", f"{where}{line} is nested more than {MAX_SPEC_DEPTH} levels deep")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
-    value = yaml.safe_load(text)
+    value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     _check_bounded(value, where)
     _check_plain(value, where)
     return value
@@ -150,6 +175,10 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if (problem := path_problem(path)) is not None:
+        raise SpecError("", f"spec path {short(str(path))} {problem}")
+    if path.is_dir():
+        raise SpecError("", f"spec {path} is a folder; give the YAML file, e.g. {path / 'spec.yaml'}")
     if not path.is_file():
         raise SpecError("", f"spec file not found: {path}")
     size = path.stat().st_size
@@ -163,7 +192,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError("", f"YAML syntax error in {where}: {problem}") from None
+        kind = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise SpecError("", f"{kind} in {where}: {problem}") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         raise SpecError("", f"cannot read {path}: {short(str(exc))}") from None
     if raw is None:

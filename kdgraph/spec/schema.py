@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from kdgraph.paths import NAME_MAX, PATH_MAX, path_problem
 from kdgraph.registry import (
     AUGMENTATIONS,
     DATASETS,
@@ -136,11 +138,24 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
-# Numbers refuse booleans; Int refuses fractions (2.5) but takes 3.0; Float takes integers.
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# Numbers refuse booleans; Int takes integers only (not "3", not 64.0); Float takes
+# integers, and strings YAML 1.1 leaves unparsed ("1e-3": PyYAML needs 1.0e-3).
+Int = Annotated[int, BeforeValidator(_not_a_bool), Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
 Flag = Annotated[bool, Strict()]  # true/false only: not 1, "yes" or "on"
 _Side = Annotated[Int, Field(ge=1, le=MAX_SIDE)]
+
+
+def _fits_the_os(path: Path) -> Path:
+    """A path every os call would refuse (ENAMETOOLONG, even to ask whether it exists)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise _invalid(f"the path {problem}", allowed=f"names of at most {NAME_MAX} bytes, paths of at most "
+                       f"{PATH_MAX - 1} bytes", got=str(path) if len(str(path)) <= 80 else str(path)[:80] + "...")
+    return path
+
+
+UserPath = Annotated[Path, AfterValidator(_fits_the_os)]
 
 
 class _Strict(BaseModel):
@@ -165,7 +180,7 @@ class ModelSpec(_Strict):
         "local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
         "classifier, as timm does; a teacher's must match. `kdgraph plan` does not fetch them.",
     )
-    checkpoint: Path | None = Field(
+    checkpoint: UserPath | None = Field(
         default=None,
         description="Weights file to load (strictly; format read from its content): safetensors or a torch "
         "file holding a timm, torchvision or HF state_dict (wrappers such as state_dict/model/module and "
@@ -246,7 +261,7 @@ class DataSpec(_Strict):
         description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
         "or 'torchvision:NAME' (a torchvision dataset class whose files are present under root).",
     )
-    root: Path | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
+    root: UserPath | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
         default=None, description=f"Input shape C,H,W fed to the models (None: the dataset's own size); each "
         f"side at most {MAX_SIDE}, C*H*W at most {MAX_INPUT_ELEMENTS}."
@@ -542,7 +557,7 @@ class Spec(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec, description="Loss terms.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and LR schedule.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
-    output: Path | None = Field(default=None, description="Output directory (None: runs/<name>).")
+    output: UserPath | None = Field(default=None, description="Output directory (None: runs/<name>).")
 
     _source_dir: Path | None = PrivateAttr(default=None)
 
@@ -562,6 +577,27 @@ class Spec(_Strict):
             return {**data, "schedule": schedule.model_copy(update=teacherless)}
         return data
 
+    @field_validator("output")
+    @classmethod
+    def _output_of_its_own(cls, output: Path | None) -> Path | None:
+        """A run writes (and --force deletes) files by name in its output folder: it must be a
+        folder of the run's own, not the filesystem root, the home folder or the working
+        directory (``output: ""`` is the working directory)."""
+        if output is None:
+            return output
+        allowed = "a folder of the run's own, e.g. runs/NAME (the default, with output: null)"
+        try:
+            where = output.resolve()
+            roots = {Path(where.anchor): "the filesystem root", Path.home().resolve(): "your home folder",
+                     Path.cwd().resolve(): "the working directory"}
+        except (OSError, RuntimeError) as exc:
+            raise _invalid(f"cannot resolve {str(output)!r}: {exc}", allowed=allowed) from None
+        if str(output) in ("", ".") or where in roots:
+            what = roots.get(where, "the working directory")
+            raise _invalid(f"this is {what}, where a run would write and replace files by name",
+                           allowed=allowed)
+        return output
+
     @model_validator(mode="after")
     def _code_only_from_the_spec_file(self, info: ValidationInfo) -> Spec:
         """A ``module:`` reference imports and calls Python code. Validated with a context
@@ -580,6 +616,14 @@ class Spec(_Strict):
                                "file, or pass --allow-code (allow_code=True) to let --set introduce it",
                                allowed="timm:NAME, torchvision:NAME, or the spec file's own module: reference",
                                at=f"{role}.model", got=model.model)
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batches_fit_the_batch(self) -> Spec:
+        if self.runtime.micro_batches > self.data.batch_size:
+            raise _invalid(f"{self.runtime.micro_batches} micro-batches of a batch of {self.data.batch_size} "
+                           "leave empty parts", allowed=f"1..{self.data.batch_size} (data.batch_size)",
+                           at="runtime.micro_batches", got=self.runtime.micro_batches)
         return self
 
     @model_validator(mode="after")
