@@ -4,8 +4,8 @@ folder, once through the in-memory loader (DeviceLoader) and once streamed (Stre
 The pair is kdgraph's zoo ResNets at 1x32x32 (teacher widths 16-32-64, student 8-16-32),
 method kd, batch 128, on the CPU. The folder is Fashion-MNIST written as PNG files (root/train/<class>/*.png, root/val/...),
 at two sizes (6k and 24k training images by default; 1k val). For each folder size and
-path, a fresh process builds the run exactly as ``kdgraph train`` does (build_run), trains
-``--warmup`` steps, then times ``--steps`` steps of the loop's train_step on the loader's
+path, a fresh process builds the run exactly as ``kdgraph train`` does (Trainer), trains
+``--warmup`` steps, then times ``--steps`` steps of the Trainer's train_step on the loader's
 batches, and reports images/s and peak RSS (the training process, and its worker
 processes). Each measurement is repeated ``--repeats`` times, interleaved; the table shows
 medians. The machine is shared, so single numbers are noisy.
@@ -80,12 +80,12 @@ def measure(root: Path, loader: str, args) -> dict:
     """One measurement, in this (fresh) process: images/s over args.steps steps, peak RSS."""
     import torch
 
-    from kdgraph.runtime.loop import build_run, train_step
+    from kdgraph.runtime.loop import Trainer
     from kdgraph.spec import load_spec
 
     spec = load_spec(spec_dict(root, loader, args))
     t0 = time.perf_counter()
-    run = build_run(spec)
+    run = Trainer(spec)
     build_s = time.perf_counter() - t0
     run.distiller.set_stage(run.compiled.plan.stages[0])
     run.distiller.train()
@@ -94,7 +94,7 @@ def measure(root: Path, loader: str, args) -> dict:
     def batches():
         epoch = 0
         while True:
-            yield from run.train_loader.epoch(epoch)
+            yield from run.data.train.epoch(epoch)
             epoch += 1
 
     it = batches()
@@ -107,7 +107,7 @@ def measure(root: Path, loader: str, args) -> dict:
         if i >= args.warmup:
             images += len(yb)
             waited += time.perf_counter() - t_wait
-        train_step(run, xb, yb)
+        run.train_step(xb, yb)
     if run.device.type == "cuda":
         torch.cuda.synchronize()  # the steps are queued, not done
     elapsed = time.perf_counter() - t_start

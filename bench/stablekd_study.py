@@ -99,9 +99,11 @@ def _tag(args) -> str:
 
 def teacher(args) -> tuple[Path, dict]:
     """Train the ResNet-34 teacher once per work folder (supervised, OneCycle at 0.1)."""
-    out = Path(args.work) / f"teacher-{_tag(args)}"
-    if not (out / "summary.json").exists():
-        spec = _spec(args, f"teacher-resnet34-{_tag(args)}", out)
+    from kdgraph.runtime.runs import RunFolder
+
+    out = RunFolder(Path(args.work) / f"teacher-{_tag(args)}")
+    if not out.summary.exists():
+        spec = _spec(args, f"teacher-resnet34-{_tag(args)}", out.root)
         spec["student"] = _model("resnet34", args.width_div)
         spec["decompose"] = {"blocks": 1}
         spec["schedule"] = {"method": "supervised",
@@ -109,7 +111,7 @@ def teacher(args) -> tuple[Path, dict]:
         spec["optim"].update(lr=0.1, lr_schedule="onecycle")
         print("training the teacher ...", flush=True)
         _train(spec)
-    return out / "student.safetensors", json.loads((out / "summary.json").read_text())
+    return out.student, json.loads(out.summary.read_text())
 
 
 def cell_spec(args, method: str, mult: int, fraction: float, seed: int, lr: float | None = None,
@@ -134,13 +136,15 @@ def cell_spec(args, method: str, mult: int, fraction: float, seed: int, lr: floa
 
 def _train(spec_dict: dict) -> tuple[dict, list[dict]]:
     from kdgraph.runtime.loop import train
+    from kdgraph.runtime.runs import RunFolder
     from kdgraph.spec import load_spec
 
     spec = load_spec(spec_dict)
-    resume = (spec.output_dir / "checkpoints" / "last.pt").exists() and not (spec.output_dir / "summary.json").exists()
+    folder = RunFolder(spec.output_dir)
+    resume = folder.last_checkpoint.exists() and not folder.summary.exists()
     with contextlib.redirect_stdout(io.StringIO()):
         summary = train(spec, resume=resume, quiet=True, force=not resume)
-    records = [json.loads(ln) for ln in (spec.output_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    records = [json.loads(ln) for ln in folder.metrics.read_text().splitlines() if ln.strip()]
     return summary, records
 
 

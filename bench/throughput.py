@@ -34,7 +34,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kdgraph.runtime.loop import build_run, train_step
+from kdgraph.runtime.loop import Trainer
 from kdgraph.runtime.techniques import RecompileWatch, reset_compile_caches
 from kdgraph.spec import load_spec
 
@@ -113,13 +113,13 @@ class StrongLoop:
 
 class KDGraphStep:
     def __init__(self, teacher, student, size, blocks, method, stage, batch, device, compiled):
-        self.run = build_run(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
+        self.run = Trainer(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
         self.run.distiller.set_stage(self.run.compiled.plan.stages[stage])
         self.run.distiller.train()
-        self.xb, self.yb = next(iter(self.run.train_loader.epoch(0)))
+        self.xb, self.yb = next(iter(self.run.data.train.epoch(0)))
 
     def step(self):
-        return train_step(self.run, self.xb, self.yb)[1]
+        return self.run.train_step(self.xb, self.yb)[1]
 
 
 def sync(device):

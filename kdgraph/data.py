@@ -1,4 +1,7 @@
-"""Datasets held in memory, and a loader that keeps them on the device.
+"""A run's data: datasets held in memory with a loader that keeps them on the device, or an
+image folder streamed (``kdgraph.stream``), as the compiler's data plan chose.
+
+    build_data(spec, plan, device, dist_info) -> Data   the train and test loaders
 
 kdgraph's datasets are small (digits, Fashion-MNIST, CIFAR-size, image folders of a
 few thousand files), so a whole split is one tensor: ``create_dataset`` loads it once,
@@ -6,7 +9,8 @@ converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` mov
 the device once and cuts batches there, with batched on-device augmentation. Every
 random choice (subset, order, crops, flips) is a pure function of the run seed and the
 epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
-folder too large for memory is streamed instead (kdgraph.stream chooses).
+folder too large for memory is streamed instead (the compiler's data pass decides, from
+``data.memory_budget_mb`` and ``data.loader``).
 
 Datasets are built by name from the ``DATASETS`` registry (``kdgraph.registry``; the
 built-in ones are registered here); a name with a colon (``torchvision:CIFAR10``) is
@@ -18,24 +22,31 @@ from __future__ import annotations
 import functools
 import gzip
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdgraph.errors import DataError
-from kdgraph.imagefolder import BadImage, bad_image, read_image, scan_imagefolder
+from kdgraph.imagefolder import BadImage, bad_image, check_classes_readable, read_image, scan_imagefolder
 from kdgraph.registry import AUGMENTATIONS, DATASETS, dataset_choices, register_dataset
 from kdgraph.spec.schema import DataSpec
+from kdgraph.stream import StreamLoader, resolve_workers, stream_loaders
+
+if TYPE_CHECKING:
+    from kdgraph.ir import DataPlan
+    from kdgraph.spec.schema import Spec
 
 __all__ = [
     "DATASETS",
+    "Data",
     "Dataset",
     "DeviceLoader",
     "RawSplits",
+    "build_data",
     "build_loaders",
     "class_balanced_subset",
     "create_dataset",
@@ -645,3 +656,80 @@ def build_loaders(
         world_size=world_size,
     )
     return train, test, ds
+
+
+# ------------------------------------------------------------------------- a run's data
+
+
+@dataclass
+class Data:
+    """A run's loaders and what it normalised with (mean/std in 0..1 pixel units)."""
+
+    plan: DataPlan
+    train: DeviceLoader | StreamLoader
+    test: DeviceLoader | StreamLoader
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stats: str
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
+
+    def bad_images(self) -> dict[str, str]:
+        bad = dict(self.skipped)
+        for loader in (self.train, self.test):
+            if isinstance(loader, StreamLoader):
+                bad.update(loader.bad)
+        return bad
+
+    def test_samples(self) -> int:
+        """Samples an evaluation covers: the test split less the unreadable files seen in it."""
+        n = self.test.samples_per_rank
+        return n - len(self.test.bad) if isinstance(self.test, StreamLoader) else n
+
+    def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
+        return {**self.train.state_dict(epoch, step), "bad_images": sorted(self.bad_images())}
+
+    def check_resume(self, state: dict[str, Any] | None, where: str) -> None:
+        """Refuse a checkpoint whose data differ (another sample count, seed or batch size)."""
+        if state is None:  # checkpoints before the streaming path
+            return
+        now = self.train.state_dict(state["epoch"], state["step"])
+        diff = [f"{k} {state[k]} then, {now[k]} now" for k in ("loader", "num_samples", "seed", "batch_size",
+                                                               "world_size") if state.get(k) != now[k]]
+        if diff:
+            raise DataError(f"{where} was written for other training data ({'; '.join(diff)}); resume with the "
+                            "data it was trained on, or start over with --force")
+        self.skipped.update({p: "seen before the resume" for p in state.get("bad_images", ())})
+
+    def record(self) -> dict[str, Any]:
+        """What summary.json says about the data."""
+        bad = self.bad_images()
+        out = {"loader": self.plan.loader, "reason": self.plan.reason, "mean": [round(v, 6) for v in self.mean],
+               "std": [round(v, 6) for v in self.std], "stats": self.stats}
+        if self.plan.loader == "stream":
+            out.update(crop_pct=self.plan.crop_pct, workers=self.train.num_workers)
+        out.update(bad_images=len(bad), bad_files=sorted(bad)[:20])
+        return out
+
+
+def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
+    """The train loader (sharded over ranks) and the test loader (the whole split, for the
+    main rank's evaluation) of ``plan``."""
+    d = spec.data
+    if plan.loader == "memory":
+        # image folders are read in 0..255; the plan's mean/std are in 0..1
+        norm = (tuple(255 * m for m in plan.mean), tuple(255 * s for s in plan.std)) if plan.mean else None
+        train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm)
+        test = DeviceLoader(ds.test_x, ds.test_y, d.test_batch_size or d.batch_size, shuffle=False,
+                            device=device)
+        scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
+        return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
+                    tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
+    num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
+    folder = scan_imagefolder(d.root, d.num_classes)
+    check_classes_readable(folder)
+    keep = None
+    if d.fraction < 1.0:
+        keep = class_balanced_subset(torch.from_numpy(folder.train_labels), d.fraction, spec.seed).numpy()
+    train, test, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info)
+    return Data(plan, train, test, len(folder.classes), mean, std, stats)

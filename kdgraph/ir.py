@@ -512,7 +512,7 @@ class Plan:
     # KD + MSE: an MSE at every inner block end of the one end-to-end group (the method's
     # ``Method.feature_losses``, read from its registry entry by ``build_plan``).
     feature_losses: bool = False
-    fit: ProjectionFit | None = None  # the projection fit before stage 0 (projected blocks)
+    projection_fit: ProjectionFit | None = None  # the projection fit before stage 0 (projected blocks)
 
     @property
     def epochs(self) -> int:
@@ -536,7 +536,7 @@ class Plan:
     def to_dict(self) -> dict:
         d = {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
              "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages]}
-        return {**d, "fit": self.fit.to_dict()} if self.fit else d
+        return {**d, "projection_fit": self.projection_fit.to_dict()} if self.projection_fit else d
 
 
 @dataclass(frozen=True)

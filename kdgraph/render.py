@@ -105,9 +105,9 @@ def schedule_table(c: Compiled) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("stage", "epochs", "groups", "losses"):
         t.add_column(col)
-    if p.fit is not None:  # a stage of its own: no epochs, teacher features of a few batches
-        t.add_row("fit", "-", f"PCA of the teacher at block ends {', '.join(map(str, p.fit.blocks))} "
-                  f"({p.fit.batches} batches), then frozen", "")
+    if p.projection_fit is not None:  # a stage of its own: no epochs, teacher features of a few batches
+        t.add_row("fit", "-", f"PCA of the teacher at block ends {', '.join(map(str, p.projection_fit.blocks))} "
+                  f"({p.projection_fit.batches} batches), then frozen", "")
     for st in p.stages:
         groups = "  ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
         losses = "  ".join("+".join(terms) for terms in st.losses)

@@ -26,6 +26,7 @@ value of the curve.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,9 +35,26 @@ import torch
 
 from kdgraph.registry import SCHEDULES
 
-__all__ = ["ONECYCLE_PCT_START", "LRSchedule", "build_lr_scheduler"]
+__all__ = ["ONECYCLE_PCT_START", "LRSchedule", "build_lr_scheduler", "stage_at", "stage_starts"]
 
 ONECYCLE_PCT_START = 0.3
+
+
+def stage_starts(stage_epochs: Sequence[int]) -> tuple[int, ...]:
+    """The first epoch (or step, given stage lengths in steps) of each training stage: the
+    stages run one after the other."""
+    return tuple(itertools.accumulate(stage_epochs[:-1], initial=0))
+
+
+def stage_at(stage_epochs: Sequence[int], epoch: int) -> int:
+    """Index of the training stage that ``epoch`` belongs to (a stage of no epochs holds none;
+    past the end, the last stage). The one epoch -> stage mapping: the loop, the learning rate
+    and the curves read it here."""
+    stage = 0
+    for s, (start, e) in enumerate(zip(stage_starts(stage_epochs), stage_epochs)):
+        if e and start <= epoch:
+            stage = s
+    return stage
 
 
 @dataclass(frozen=True)
@@ -61,11 +79,8 @@ class LRSchedule:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        starts, pos = [], 0
-        for e in self.stage_epochs:
-            starts.append(pos)
-            pos += e * self.steps_per_epoch
-        object.__setattr__(self, "stage_starts", tuple(starts))
+        starts = tuple(s * self.steps_per_epoch for s in stage_starts(self.stage_epochs))
+        object.__setattr__(self, "stage_starts", starts)
 
     @property
     def total_steps(self) -> int:
@@ -77,12 +92,7 @@ class LRSchedule:
 
     def stage_of(self, step: int) -> int:
         """Index of the training stage that global ``step`` belongs to (the last stage past the end)."""
-        step = min(max(step, 0), self.total_steps - 1)
-        stage = 0
-        for s, (start, e) in enumerate(zip(self.stage_starts, self.stage_epochs)):
-            if e and start <= step:
-                stage = s
-        return stage
+        return stage_at(self.stage_epochs, min(max(step, 0), self.total_steps - 1) // self.steps_per_epoch)
 
     def lr_at(self, step: int) -> float:
         return SCHEDULES.get(self.kind)(self, step)

@@ -1,13 +1,11 @@
-"""Where a run's batches come from: held in memory (DeviceLoader) or streamed from an image
-folder by DataLoader workers (StreamLoader), chosen once per spec.
+"""The streaming path: an image folder's files decoded and transformed by DataLoader workers
+(StreamLoader), for folders too large to hold in memory (``kdgraph.data`` holds the others,
+and builds a run's data from the path the compiler's data plan chose).
 
-    plan_data(data_spec, teacher, student, input_size) -> DataPlan   which loader and why, and the
-                                                                     normalisation (`kdgraph plan` shows it)
-    build_data(spec, plan, device, dist_info) -> Data                 the train and test loaders
+    stream_loaders(spec, plan, folder, keep, device, dist_info)   the train and test loaders
 
-The in-memory path is the fast one for small data: decode once, cut batches on the device.
 An image folder whose decoded splits (float32 at input_size) exceed
-``data.memory_budget_mb`` is streamed instead (``data.loader`` forces either): workers
+``data.memory_budget_mb`` is streamed (``data.loader`` forces either way): workers
 decode the files of a batch and transform them (training: timm's random-resized crop and
 flip, for the whole batch at once, kdgraph.transforms; evaluation: timm's resize to
 input_size / crop_pct and centre crop), and send uint8 batches that the training process
@@ -30,16 +28,14 @@ import os
 import signal
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from kdgraph.data import DeviceLoader, build_loaders, class_balanced_subset
 from kdgraph.errors import DataError, SpecError
-from kdgraph.imagefolder import (BadImage, ImageFolder, bad_image, check_classes_readable, read_image,
-                                 scan_imagefolder)
+from kdgraph.imagefolder import BadImage, ImageFolder, bad_image, read_image
 from kdgraph.registry import AUGMENTATIONS
 from kdgraph.transforms import RandomResizedCropFlip, sample_seeds
 
@@ -47,8 +43,8 @@ if TYPE_CHECKING:
     from kdgraph.ir import DataPlan
     from kdgraph.spec.schema import Spec
 
-__all__ = ["Data", "EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "available_cpus", "build_data",
-           "eval_transform", "resolve_workers", "train_transform"]
+__all__ = ["EpochSampler", "Normalizer", "StreamDataset", "StreamLoader", "available_cpus", "eval_transform",
+           "resolve_workers", "stream_loaders", "train_transform"]
 
 STATS_SAMPLES = 512  # training images the streaming path estimates mean/std from, when it must
 
@@ -313,81 +309,20 @@ class StreamLoader:
 # ---------------------------------------------------------------------------- build
 
 
-@dataclass
-class Data:
-    """A run's loaders and what it normalised with (mean/std in 0..1 pixel units)."""
-
-    plan: DataPlan
-    train: DeviceLoader | StreamLoader
-    test: DeviceLoader | StreamLoader
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    stats: str
-    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
-
-    def bad_images(self) -> dict[str, str]:
-        bad = dict(self.skipped)
-        for loader in (self.train, self.test):
-            if isinstance(loader, StreamLoader):
-                bad.update(loader.bad)
-        return bad
-
-    def test_samples(self) -> int:
-        """Samples an evaluation covers: the test split less the unreadable files seen in it."""
-        n = self.test.samples_per_rank
-        return n - len(self.test.bad) if isinstance(self.test, StreamLoader) else n
-
-    def state_dict(self, epoch: int, step: int) -> dict[str, Any]:
-        return {**self.train.state_dict(epoch, step), "bad_images": sorted(self.bad_images())}
-
-    def check_resume(self, state: dict[str, Any] | None, where: str) -> None:
-        """Refuse a checkpoint whose data differ (another sample count, seed or batch size)."""
-        if state is None:  # checkpoints before the streaming path
-            return
-        now = self.train.state_dict(state["epoch"], state["step"])
-        diff = [f"{k} {state[k]} then, {now[k]} now" for k in ("loader", "num_samples", "seed", "batch_size",
-                                                               "world_size") if state.get(k) != now[k]]
-        if diff:
-            raise DataError(f"{where} was written for other training data ({'; '.join(diff)}); resume with the "
-                            "data it was trained on, or start over with --force")
-        self.skipped.update({p: "seen before the resume" for p in state.get("bad_images", ())})
-
-    def record(self) -> dict[str, Any]:
-        """What summary.json says about the data."""
-        bad = self.bad_images()
-        out = {"loader": self.plan.loader, "reason": self.plan.reason, "mean": [round(v, 6) for v in self.mean],
-               "std": [round(v, 6) for v in self.std], "stats": self.stats}
-        if self.plan.loader == "stream":
-            out.update(crop_pct=self.plan.crop_pct, workers=self.train.num_workers)
-        out.update(bad_images=len(bad), bad_files=sorted(bad)[:20])
-        return out
-
-
-def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
-    """The train loader (sharded over ranks) and the test loader (the whole split, for the
-    main rank's evaluation) of ``plan``."""
+def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, num_workers: int,
+                   device: torch.device, dist_info: Any
+                   ) -> tuple[StreamLoader, StreamLoader, tuple[float, ...], tuple[float, ...], str]:
+    """The streamed train loader (the training files ``keep`` selects, all without it;
+    sharded over ranks) and test loader (the whole split) of ``folder``, with the mean, std
+    (0..1 units) and where they came from. ``num_workers``: see ``resolve_workers``."""
     d = spec.data
-    test_bs = d.test_batch_size or d.batch_size
-    if plan.loader == "memory":
-        # image folders are read in 0..255; the plan's mean/std are in 0..1
-        norm = (tuple(255 * m for m in plan.mean), tuple(255 * s for s in plan.std)) if plan.mean else None
-        train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm)
-        test = DeviceLoader(ds.test_x, ds.test_y, test_bs, shuffle=False, device=device)
-        scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
-        return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
-                    tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
-    num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
-    folder = scan_imagefolder(d.root, d.num_classes)
-    check_classes_readable(folder)
     c = plan.input_size[0]
     mean, std, stats = plan.mean, plan.std, plan.stats
     if mean is None:
         mean, std, stats = _estimate_stats(folder, plan, d.on_bad_image)
     augment = d.augment if d.augment != "auto" else "crop+flip"
     files, labels = folder.train_files, folder.train_labels
-    if d.fraction < 1.0:
-        keep = class_balanced_subset(torch.from_numpy(labels), d.fraction, spec.seed).numpy()
+    if keep is not None:
         files, labels = files[keep], labels[keep]
     rt = spec.runtime
     pin = device.type == "cuda" if rt.pin_memory == "auto" else rt.pin_memory
@@ -404,9 +339,9 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
                          drop_last=per_rank >= d.batch_size, rank=dist_info.rank,
                          world_size=dist_info.world_size, workers=workers, on_bad_image=d.on_bad_image,
                          normalizer=normalizer)
-    test = StreamLoader(test_ds, test_bs, shuffle=False, seed=spec.seed, device=device, workers=workers,
-                        on_bad_image=d.on_bad_image, normalizer=normalizer)
-    return Data(plan, train, test, n_classes, tuple(mean), tuple(std), stats)
+    test = StreamLoader(test_ds, d.test_batch_size or d.batch_size, shuffle=False, seed=spec.seed, device=device,
+                        workers=workers, on_bad_image=d.on_bad_image, normalizer=normalizer)
+    return train, test, tuple(mean), tuple(std), stats
 
 
 def _estimate_stats(folder: ImageFolder, plan: DataPlan, on_bad_image: str):

@@ -35,7 +35,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS
 
 from kdgraph.data import resolve_input_size
 from kdgraph.runtime import loop
-from kdgraph.runtime.loop import TrainingInterrupted, build_run, train, train_step
+from kdgraph.runtime.loop import Trainer, TrainingInterrupted, train
 from kdgraph.runtime.techniques import RecompileWatch, reset_compile_caches
 from kdgraph.spec import load_spec
 
@@ -84,7 +84,7 @@ def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str
 def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's first training batch; per-pixel labels (B, H, W) on the logits' grid where
     the student predicts per pixel (a U-Net), since synthetic data has one label per image."""
-    xb, yb = next(iter(run.train_loader.epoch(0)))
+    xb, yb = next(iter(run.data.train.epoch(0)))
     student = run.compiled.student
     if student.dense:
         g = torch.Generator().manual_seed(0)
@@ -98,14 +98,14 @@ def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int =
     finite, no recompile-limit hit (a fresh compile cache first: earlier cases' entries would count)."""
     reset_compile_caches()
     with RecompileWatch(strict=True) as watch:
-        run = build_run(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
+        run = Trainer(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
         stages = run.compiled.plan.stages
         xb, yb = tier_batch(run)
         for stage in [stages[0]] + ([stages[-1]] if last_stage and len(stages) > 1 else []):
             run.distiller.set_stage(stage)
             run.distiller.train()
             for _ in range(steps):
-                terms, loss = train_step(run, xb, yb)
+                terms, loss = run.train_step(xb, yb)
             assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
         if device == "cuda":
             torch.cuda.synchronize()
@@ -164,8 +164,8 @@ def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages(device, tmp_path)
         "runtime": {"device": device, "precision": "bf16", "channels_last": True},
         "output": str(tmp_path),
     }
-    run = build_run(load_spec(raw))
-    xb, yb = next(iter(run.train_loader.epoch(0)))
+    run = Trainer(load_spec(raw))
+    xb, yb = next(iter(run.data.train.epoch(0)))
     xb = xb.contiguous(memory_format=torch.channels_last)
     for stage in run.compiled.plan.stages[:2]:  # stage 0: five single blocks; stage 1: merged pairs
         run.distiller.set_stage(stage)
@@ -192,18 +192,18 @@ def test_resume_is_exact(device, tmp_path, monkeypatch):
                                                 "num_threads": 1}))
 
         train(spec("a"))
-        real_step, calls = loop.train_step, {"n": 0}
+        real_step, calls = loop.Trainer.train_step, {"n": 0}
 
-        def stopping_step(run, xb, yb):
+        def stopping_step(trainer, xb, yb):
             calls["n"] += 1
             if calls["n"] == 7:  # mid-epoch: the loop saves at the next step boundary and stops
                 signal.raise_signal(signal.SIGTERM)
-            return real_step(run, xb, yb)
+            return real_step(trainer, xb, yb)
 
-        monkeypatch.setattr(loop, "train_step", stopping_step)
+        monkeypatch.setattr(loop.Trainer, "train_step", stopping_step)
         with pytest.raises(TrainingInterrupted):
             train(spec("b"))
-        monkeypatch.setattr(loop, "train_step", real_step)
+        monkeypatch.setattr(loop.Trainer, "train_step", real_step)
         train(spec("b"), resume=True)
         from safetensors.torch import load_file
 

@@ -8,11 +8,11 @@ the *average of the two ranks' gradients*, each taken with BN over its own B sam
 samples would normalise over 2B and differ legitimately.
 
 So the independent reference is a single-process emulation of that math, built from the
-same seed like ``build_run``: for every step, the rank-1 shard's gradient (from rank 0's
+same seed like the ``Trainer``: for every step, the rank-1 shard's gradient (from rank 0's
 buffers, whose update is then discarded), the rank-0 shard's gradient (its buffer update is
 kept), their mean fed to the same optimizer and LR schedule. The DDP run through the real
 loop (``torchrun -m kdgraph train``, the README's launch command) must export the same student and rank 0 must log the
-same per-step losses. The emulation runs with the spec's thread count (as ``build_run``
+same per-step losses. The emulation runs with the spec's thread count (as the ``Trainer``
 does): CPU conv reductions, and so the last bits, depend on it, and eight SGD steps with
 momentum amplify a last-bit difference to ~1e-4.
 """
@@ -53,7 +53,7 @@ def _emulate(spec_dict, out: Path):
 
     spec = load_spec(spec_dict)
     threads = torch.get_num_threads()
-    torch.set_num_threads(spec.runtime.num_threads)  # as build_run: conv reductions depend on it
+    torch.set_num_threads(spec.runtime.num_threads)  # as the Trainer: conv reductions depend on it
     try:
         return _emulate_steps(spec, out)
     finally:
@@ -67,14 +67,14 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.runtime.export import export_student
     from kdgraph.runtime.loop import optimizer_params
     from kdgraph.runtime.techniques import DistInfo, build_optimizer
-    from kdgraph.schedules import build_lr_scheduler
-    from kdgraph.stream import build_data
+    from kdgraph.schedules import build_lr_scheduler, stage_at
+    from kdgraph.data import build_data
 
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     compiled = compile_spec(spec)
     cpu = torch.device("cpu")
-    if spec.data.dataset == "imagefolder":  # streamed: each rank's StreamLoader, as build_run makes it
+    if spec.data.dataset == "imagefolder":  # streamed: each rank's StreamLoader, as the Trainer makes it
         loaders = [build_data(spec, compiled.data, cpu, DistInfo(rank=r, world_size=2)).train for r in (0, 1)]
     else:
         loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]
@@ -83,13 +83,9 @@ def _emulate_steps(spec, out: Path):
     opt = build_optimizer(spec.optim, optimizer_params(spec, d), cpu)
     sched = build_lr_scheduler(opt, spec.optim.lr_schedule, spec.optim.lr,
                                [st.epochs for st in compiled.plan.stages], len(loaders[0]), spec.optim.min_lr_ratio)
-    starts, at = [], 0
-    for st in compiled.plan.stages:
-        starts.append(at)
-        at += st.epochs
     rank0_losses = []
     for epoch in range(compiled.plan.epochs):
-        stage = [st for st, s in zip(compiled.plan.stages, starts) if epoch >= s][-1]
+        stage = compiled.plan.stages[stage_at([st.epochs for st in compiled.plan.stages], epoch)]
         d.set_stage(stage)
         d.train()
         for (x0, y0), (x1, y1) in zip(loaders[0].epoch(epoch), loaders[1].epoch(epoch)):

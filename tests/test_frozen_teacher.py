@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from kdgraph import zoo
 from kdgraph.compiler import compile_spec
 from kdgraph.runtime.distiller import Distiller
-from kdgraph.runtime.loop import build_run, evaluate_student, recalibrate_bn, train_step
+from kdgraph.runtime.loop import Trainer
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import KW, tiny_spec, train_here
@@ -103,16 +103,16 @@ def test_teacher_is_outside_the_module_tree(tmp_path, teacher_file):
 def test_training_and_bn_recalibration_leave_the_teacher_bit_identical(tmp_path, teacher_file):
     spec = load_spec(tiny_spec(tmp_path, "stablekd", teacher_checkpoint=teacher_file,
                                runtime={"bn_recalibrate": True}))
-    run = build_run(spec)
+    run = Trainer(spec)
     before = {k: v.clone() for k, v in run.distiller.teacher.model.state_dict().items()}
     assert any(k.endswith("running_mean") for k in before)
     for stage in run.compiled.plan.stages:
         run.distiller.set_stage(stage)
         run.distiller.train()
-        for _, (xb, yb) in zip(range(2), run.train_loader.epoch(stage.index)):
-            train_step(run, xb, yb)
-        recalibrate_bn(run)
-        evaluate_student(run)
+        for _, (xb, yb) in zip(range(2), run.data.train.epoch(stage.index)):
+            run.train_step(xb, yb)
+        run.recalibrate_bn()
+        run.evaluate()
     after = run.distiller.teacher.model.state_dict()
     assert before.keys() == after.keys()
     for k in before:

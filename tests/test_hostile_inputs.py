@@ -173,13 +173,13 @@ def test_stored_overrides_on_resume_pass_the_same_guard(tmp_path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from kdgraph.runtime.runs import RUN_FILE
+    from kdgraph.runtime.runs import RunFolder
 
     marker = tmp_path / "PWNED"
     out = tmp_path / "run"
     spec = write_spec(tiny_spec(out, "kd"), tmp_path / "spec.yaml")
     out.mkdir()
-    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
+    RunFolder(out).stored_spec.write_text(json.dumps({"spec": {}, "overrides": _code_overrides(marker)[0]}))
     res = CliRunner().invoke(app, ["train", str(spec), "--resume", "--quiet"])
     assert res.exit_code == 2, res.output
     assert "!!binary" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
@@ -1089,7 +1089,7 @@ def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(mon
 
     clock = {"t": 100.0}
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500, plan=None)
+    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500)
     reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
     record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
     for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
@@ -1171,11 +1171,11 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
 
 
 def test_the_resume_command_repeats_an_output_override(tmp_path):
-    from kdgraph.runtime.runs import RUN_FILE, resume_command
+    from kdgraph.runtime.runs import RunFolder, resume_command
 
     out = tmp_path / "elsewhere"
     out.mkdir()
     assert resume_command(out) == "kdgraph train SPEC --resume"
-    (out / RUN_FILE).write_text(json.dumps({"spec": {}, "spec_file": "/specs/my spec.yaml",
+    RunFolder(out).stored_spec.write_text(json.dumps({"spec": {}, "spec_file": "/specs/my spec.yaml",
                                             "overrides": ["optim.lr=0.1", f"output={out}"]}))
     assert resume_command(out) == f"kdgraph train '/specs/my spec.yaml' --set output={out} --resume"

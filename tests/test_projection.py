@@ -105,7 +105,7 @@ def test_projected_plan_has_a_fit_stage_and_no_adapter_in_the_students_path(tmp_
     assert pairing.adapters_mode == "projected" and not pairing.adapters
     assert [p.index for p in pairing.projections] == [1, 2, 3, 4]
     assert all(p.split for p in pairing.projections)  # timm's BasicBlock ends in a ReLU
-    assert plan.fit.blocks == (1, 2, 3, 4) and plan.fit.batches == 2
+    assert plan.projection_fit.blocks == (1, 2, 3, 4) and plan.projection_fit.batches == 2
     for st in plan.stages:
         assert [op.kind for op in st.inference.ops] == ["student"] * 5
         assert not st.program.adapter_blocks
@@ -117,7 +117,7 @@ def test_projected_plan_has_a_fit_stage_and_no_adapter_in_the_students_path(tmp_
     last = plan.stages[-1].program
     assert {op.node: op for op in last.ops}["S2"].inputs == ("S1",)  # recomposed: the student's own chain
     data = compiled.to_dict()
-    assert data["schedule"]["fit"] == {"method": "pca", "blocks": [1, 2, 3, 4], "batches": 2}
+    assert data["schedule"]["projection_fit"] == {"method": "pca", "blocks": [1, 2, 3, 4], "batches": 2}
     assert data["adapters_mode"] == "projected" and data["adapters_in_use"] is False
     json.dumps(data)
 
@@ -234,7 +234,7 @@ def test_a_pair_the_projection_cannot_carry_falls_back_and_says_why():
     assert c.pairing.adapters_mode == "in_path" and c.pairing.adapters
     assert "multi-tensor" in c.pairing.fallback and "in_path" in c.pairing.fallback
     assert any("decompose.adapters: projected" in n and "multi-tensor" in n for n in c.notes)
-    assert c.plan.fit is None
+    assert c.plan.projection_fit is None
 
 
 @pytest.mark.slow
@@ -295,7 +295,7 @@ _VIT = {"model": "timm:vit_tiny_patch16_224",
 def test_cross_architecture_projected_pairs_train_and_stay_their_own_architecture(tmp_path, teacher, student):
     spec = load_spec({**wide_pair_spec(tmp_path / "run", epochs=3), "teacher": teacher, "student": student})
     compiled = compile_spec(spec)
-    assert compiled.pairing.adapters_mode == "projected" and compiled.plan.fit is not None
+    assert compiled.pairing.adapters_mode == "projected" and compiled.plan.projection_fit is not None
     assert {p.teacher_format.layout for p in compiled.pairing.projections} != \
         {p.student_format.layout for p in compiled.pairing.projections}  # the projection carries the layout
     summary = train_here(spec)

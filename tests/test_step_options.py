@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgraph.runtime.loop import NonFiniteLoss, build_run, train_step, train
+from kdgraph.runtime.loop import NonFiniteLoss, Trainer, train
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec
@@ -17,11 +17,11 @@ def _run(tmp_path, name, method="stablekd", **sections):
     torch.manual_seed(0)
     optim = {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant",
              **sections.pop("optim", {})}
-    return build_run(load_spec(tiny_spec(tmp_path / name, method, batch_size=24, optim=optim, **sections)))
+    return Trainer(load_spec(tiny_spec(tmp_path / name, method, batch_size=24, optim=optim, **sections)))
 
 
 def _batch(run):
-    return next(iter(run.train_loader.epoch(0)))
+    return next(iter(run.data.train.epoch(0)))
 
 
 def _params(run):
@@ -37,8 +37,8 @@ def test_micro_batches_equal_the_whole_batch_without_batch_statistics(tmp_path, 
     xb, yb = _batch(whole)
     before = _params(whole)
     assert all(torch.equal(before[k], v) for k, v in _params(split).items())
-    t_whole, l_whole = train_step(whole, xb, yb)
-    t_split, l_split = train_step(split, xb, yb)
+    t_whole, l_whole = whole.train_step(xb, yb)
+    t_split, l_split = split.train_step(xb, yb)
     torch.testing.assert_close(l_split, l_whole, rtol=1e-5, atol=1e-6)
     assert t_split.keys() == t_whole.keys()
     for k in t_whole:
@@ -55,8 +55,8 @@ def test_micro_batches_differ_with_batch_statistics(tmp_path):
     whole, split = _run(tmp_path, "whole"), _run(tmp_path, "split", runtime={"micro_batches": 3})
     whole.distiller.train(), split.distiller.train()
     xb, yb = _batch(whole)
-    _, l_whole = train_step(whole, xb, yb)
-    _, l_split = train_step(split, xb, yb)
+    _, l_whole = whole.train_step(xb, yb)
+    _, l_split = split.train_step(xb, yb)
     assert not torch.allclose(l_whole, l_split, rtol=1e-4)
 
 
@@ -66,8 +66,8 @@ def test_clip_grad_norm_scales_the_update_by_c_over_the_norm(tmp_path):
     clipped = _run(tmp_path, "clipped", optim={"clip_grad_norm": clip})
     xb, yb = _batch(free)
     before = _params(free)
-    train_step(free, xb, yb)
-    train_step(clipped, xb, yb)
+    free.train_step(xb, yb)
+    clipped.train_step(xb, yb)
     grads = {k: (before[k] - v) / lr for k, v in _params(free).items()}  # plain SGD: theta - lr g
     norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
     assert norm > clip  # clipping is active
@@ -82,8 +82,8 @@ def test_fp16_with_gradient_scaler_tracks_fp32_and_skips_overflow(tmp_path):
     assert fp16.scaler.is_enabled() and not fp32.scaler.is_enabled()
     xb, yb = _batch(fp32)
     before = _params(fp16)
-    t32, l32 = train_step(fp32, xb, yb)
-    t16, l16 = train_step(fp16, xb, yb)
+    t32, l32 = fp32.train_step(xb, yb)
+    t16, l16 = fp16.train_step(xb, yb)
     torch.testing.assert_close(l16.float(), l32, rtol=2e-2, atol=2e-2)
     d32 = torch.cat([(v - before[k]).flatten() for k, v in _params(fp32).items()])
     d16 = torch.cat([(v - before[k]).flatten() for k, v in _params(fp16).items()])
@@ -93,7 +93,7 @@ def test_fp16_with_gradient_scaler_tracks_fp32_and_skips_overflow(tmp_path):
     now = _params(fp16)
     p = next(p for p in fp16.distiller.parameters() if p.requires_grad)
     hook = p.register_hook(lambda g: g * float("inf"))
-    train_step(fp16, xb, yb)
+    fp16.train_step(xb, yb)
     hook.remove()
     assert all(torch.equal(now[k], v) for k, v in _params(fp16).items())
     assert fp16.scaler.get_scale() == scale / 2
@@ -133,13 +133,13 @@ def test_channels_last_changes_no_value_on_swin(tmp_path, method):
         raw["data"] = {"dataset": "synthetic", "input_size": [3, 32, 32], "num_classes": 10, "samples": 8,
                        "batch_size": 4}
         torch.manual_seed(0)
-        runs[cl] = build_run(load_spec(raw))
-    assert runs[True].channels_last and not runs[False].channels_last
+        runs[cl] = Trainer(load_spec(raw))
+    assert runs[True].config.channels_last and not runs[False].config.channels_last
     xb, yb = _batch(runs[False])
     out = {}
     for cl, run in runs.items():
         torch.manual_seed(5)  # the same drop-path draws (timm's swin_tiny default: 0.1) for both
-        out[cl] = train_step(run, xb, yb)
+        out[cl] = run.train_step(xb, yb)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
     for (k, a), b in zip(_params(runs[True]).items(), _params(runs[False]).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -159,7 +159,7 @@ def test_weight_decay_spares_norms_biases_and_tokens_as_timm_does(tmp_path, opt_
                      | {"student": {"model": "timm:vit_tiny_patch16_224",
                                     "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 16, "patch_size": 4,
                                                "depth": 2}}})
-    run = build_run(spec)
+    run = Trainer(spec)
     tokens = run.distiller.student.no_weight_decay()
     assert {"pos_embed", "cls_token"} <= tokens
     before = _params(run)

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kdgraph.data import DeviceLoader
+from kdgraph.data import DeviceLoader, build_data
 from kdgraph.errors import DataError, SpecError
 from kdgraph.imagefolder import BadImageWarning, scan_imagefolder
 from kdgraph.runtime import loop
 from kdgraph.spec import DataSpec, load_spec
-from kdgraph.stream import (EpochSampler, Normalizer, StreamDataset, StreamLoader, WorkerOptions, build_data, eval_transform,
+from kdgraph.stream import (EpochSampler, Normalizer, StreamDataset, StreamLoader, WorkerOptions, eval_transform,
                             train_transform)
 from kdgraph.compiler.data import plan_data
 
@@ -82,19 +82,19 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
     steps_per_epoch = 24 // 4
 
     calls = {"n": 0}
-    real_step = loop.train_step
+    real_step = loop.Trainer.train_step
 
-    def stopping_step(run, xb, yb):
-        out = real_step(run, xb, yb)
+    def stopping_step(trainer, xb, yb):
+        out = real_step(trainer, xb, yb)
         calls["n"] += 1
         if calls["n"] == steps_per_epoch + 2:
             signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the loop saves and stops
         return out
 
-    monkeypatch.setattr(loop, "train_step", stopping_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", stopping_step)
     with pytest.raises(loop.TrainingInterrupted, match="epoch 2, step 2"):
         train_here(load_spec(folder_spec(root, tmp_path / "b")))
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     state = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
     assert state["position"] == {"epoch": 1, "step": 2, "global_step": steps_per_epoch + 2}
     assert state["data"]["loader"] == "stream" and state["data"]["num_samples"] == 24

@@ -9,15 +9,12 @@ from torch import nn
 
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import scan_imagefolder
-
 from kdgraph.ir import DataPlan
+from kdgraph.spec.schema import DEFAULT_CROP_PCT
 
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import BuildMode, Models
     from kdgraph.spec import DataSpec, Spec
-
-
-DEFAULT_CROP_PCT = 0.875  # timm's
 
 
 def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,

@@ -11,7 +11,7 @@ gives every stage its training ``Program`` and its inference ``Program`` (``comp
 read from the block graph: the loss terms each group is trained with are the training
 program's loss nodes, and evaluation, BatchNorm recalibration and export run the inference
 program. Where a stage reads a frozen projection (``decompose.adapters: projected``) the plan
-gets its fit (``Plan.fit``), the stage before stage 0 that fits every projection once.
+gets its fit (``Plan.projection_fit``), the stage before stage 0 that fits every projection once.
 """
 
 from __future__ import annotations
@@ -81,5 +81,5 @@ def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
         for st in plan.stages], [inference] * len(plan.stages))
     projected = sorted({op.block for st in plan.stages for op in st.program.ops if op.kind == "project"})
     if projected:  # the projections some stage reads are fitted once, before stage 0
-        plan = replace(plan, fit=ProjectionFit(tuple(projected), spec.decompose.projection_batches))
+        plan = replace(plan, projection_fit=ProjectionFit(tuple(projected), spec.decompose.projection_batches))
     return plan

@@ -12,20 +12,16 @@ import torch
 from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
-from kdgraph.data import DeviceLoader
+from kdgraph.data import DeviceLoader, build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import file_format, load_student, load_trained, preprocessing_of
-from kdgraph.stream import build_data
+from kdgraph.runtime.runs import RunFolder
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
-
-
-def _default_student(spec: Spec) -> Path:
-    return spec.output_dir / "student.safetensors"
 
 
 SPLITS = ("test", "train")
@@ -43,7 +39,7 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         file_format(checkpoint, given=True)  # a --checkpoint that is not there: said before anything is built
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
-    student = load_student(compiled, checkpoint or _default_student(spec)).to(device).eval()
+    student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student).to(device).eval()
     data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
     if split == "test":
         loader, samples = data.test, data.test_samples()
@@ -105,19 +101,18 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
     if checkpoint is not None:
         file_format(checkpoint, given=True)
     compiled = compile_spec(_without_teacher_weights(spec), allow_missing_weights=True)
+    folder = RunFolder(spec.output_dir)
     path = checkpoint
     if path is None:
-        path = _default_student(spec)
-        if not path.exists():
-            path = spec.output_dir / "checkpoints" / "last.pt"
+        path = folder.student if folder.student.exists() else folder.last_checkpoint
     try:
         maps = load_trained(compiled, path)
     except KDGraphError as exc:
-        prev = ckpt.previous_of(spec.output_dir / "checkpoints" / "last.pt")
-        if checkpoint is not None or path.name != "last.pt" or not prev.is_file():
+        prev = ckpt.previous_of(folder.last_checkpoint)
+        if checkpoint is not None or path != folder.last_checkpoint or not prev.is_file():
             raise
         raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
-    summary_file = spec.output_dir / "summary.json"
+    summary_file = folder.summary
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     preprocessing = summary.get("preprocessing")
     if preprocessing is None:  # a run stopped before its summary: read the data as training did

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdgraph.schedules import stage_starts
+
 
 def plot_curves(records: list[dict], plan, path: Path, title: str = "", teacher_top1: float | None = None) -> Path:
     import matplotlib
@@ -27,12 +29,10 @@ def plot_curves(records: list[dict], plan, path: Path, title: str = "", teacher_
         ax_acc.axhline(teacher_top1, ls="--", lw=1, color="#e76f51", label=f"teacher {teacher_top1:.2f}%")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test top-1 (%)")
-    at = 0
-    for st in plan.stages:
+    for st, at in zip(plan.stages, stage_starts([st.epochs for st in plan.stages])):
         for ax in (ax_loss, ax_acc):
             ax.axvspan(at + 0.5, at + st.epochs + 0.5, alpha=0.08 if st.index % 2 == 0 else 0.16, color="grey")
         ax_acc.text(at + 0.6, 0.02, f"stage {st.index}", transform=ax_acc.get_xaxis_transform(), fontsize=7)
-        at += st.epochs
     ax_acc.legend(fontsize=7)
     steps = [r for r in records if r["kind"] == "step" and "lr" in r]
     ax_lr.plot([r["global_step"] for r in steps], [r["lr"] for r in steps], lw=1, color="#264653")

@@ -57,7 +57,7 @@ class Distiller(nn.Module):
         self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
         # decompose.adapters: projected: the teacher's features in the student's format, frozen
         # buffers fitted once before stage 0 (``fit_projections``), saved with the checkpoints.
-        self.projections = build_projections(compiled.pairing) if plan.fit is not None else nn.ModuleDict()
+        self.projections = build_projections(compiled.pairing) if plan.projection_fit is not None else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
         # student's own names.
         self.chain = StudentChain(compiled.student.segments)

@@ -188,7 +188,7 @@ def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> N
 
 def preprocessing_of(spec: Spec, data) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
-    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.stream.Data``)."""
+    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.data.Data``)."""
     streamed = data.plan.loader == "stream"
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,

@@ -1,12 +1,15 @@
-"""The training loop: build, run the plan's stages, evaluate, checkpoint, export.
+"""The training loop: a Trainer built once from the spec, then epochs of steps, evaluation
+and checkpoints, then the exported student and the summary.
 
-    train(spec) = build (compile, data, distiller, optimizer, schedule)
-                  -> [resume] -> for each epoch: steps, evaluation, checkpoint
-                  -> export, summary, curves
+    train(spec) = claim the run folder -> Trainer(spec) -> [restore] -> fit: for each epoch,
+                  train_epoch (train_step, log_step, checkpoint) and end_epoch (evaluate,
+                  record, save) -> finish (export, summary, curves)
 
 Positions are (epoch, step-in-epoch); the data order, augmentation and learning rate
 are pure functions of the position and the seed, and the checkpoint carries model,
 optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
+The spec is read while the Trainer is built; the loop reads the compiled plan and the
+resolved ``RuntimeConfig``.
 """
 
 from __future__ import annotations
@@ -18,24 +21,26 @@ import random
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from kdgraph.compiler import Compiled, compile_spec
+from kdgraph.compiler import compile_spec
+from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
+from kdgraph.runtime.config import resolve_config
+from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
+from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
+from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.stability import StabilityTracker
 from kdgraph.runtime.techniques import (
-    DistInfo,
     autocast,
     build_optimizer,
     decay_groups,
@@ -45,16 +50,13 @@ from kdgraph.runtime.techniques import (
     no_weight_decay_names,
     resolve_device,
     to_channels_last,
-    use_channels_last,
     wrap_ddp,
 )
-from kdgraph.schedules import build_lr_scheduler
-from kdgraph.stream import Data, StreamLoader, available_cpus, build_data
+from kdgraph.schedules import build_lr_scheduler, stage_at
+from kdgraph.stream import StreamLoader, available_cpus
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from kdgraph.data import DeviceLoader
+    from kdgraph.ir import TrainingStage
     from kdgraph.spec import Spec
 
 
@@ -66,77 +68,7 @@ class NonFiniteLoss(KDGraphError):
     """The loss became inf or NaN: training stops before saving, so the last checkpoint is good."""
 
 
-def _check_finite(run: Run, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    """One host sync; called where the loop syncs anyway (logging, checkpoints, epoch ends)."""
-    value = float(loss.detach())
-    if math.isfinite(value):
-        return
-    bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-    last = run.out / "checkpoints" / "last.pt"
-    kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
-    raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
-                        "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
-
-
-@dataclass
-class Run:
-    """Everything the loop needs, built once."""
-
-    spec: Spec
-    compiled: Compiled
-    info: DistInfo
-    device: torch.device
-    distiller: Distiller
-    step_module: torch.nn.Module  # the distiller, DDP-wrapped and/or compiled
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_loader: DeviceLoader | StreamLoader
-    test_loader: DeviceLoader | StreamLoader
-    channels_last: bool
-    out: Path
-    scaler: torch.amp.GradScaler
-    data: Data
-    ddp: torch.nn.parallel.DistributedDataParallel | None = None
-
-    @property
-    def stage_starts(self) -> list[int]:
-        starts, at = [], 0
-        for st in self.compiled.plan.stages:
-            starts.append(at)
-            at += st.epochs
-        return starts
-
-    def stage_of(self, epoch: int):
-        stages = self.compiled.plan.stages
-        return next(st for st, start in reversed(list(zip(stages, self.stage_starts))) if epoch >= start)
-
-
-def build_run(spec: Spec) -> Run:
-    info = init_distributed()
-    device = resolve_device(spec.runtime.device, info)
-    if spec.runtime.num_threads:
-        torch.set_num_threads(spec.runtime.num_threads)
-    torch.manual_seed(spec.seed)  # model and adapter initialisation
-    random.seed(spec.seed)
-    compiled = compile_spec(spec, fetch=("teacher", "student"))
-    data = build_data(spec, compiled.data, device, info)  # evaluation: the main rank, the whole test split
-    if compiled.num_classes is not None and data.num_classes > compiled.num_classes:
-        raise KDGraphError(f"{spec.data.dataset} has {data.num_classes} classes but the student predicts "
-                           f"{compiled.num_classes}: set student.kwargs.num_classes: {data.num_classes}")
-    train_loader = data.train
-    distiller = Distiller(compiled).to(device)  # the teacher and segments move with it
-    cl = use_channels_last(spec.runtime.channels_last, compiled.student.model, device)
-    if cl:
-        to_channels_last(distiller)  # segments and the teacher too (Distiller._apply)
-    optimizer = build_optimizer(spec.optim, optimizer_params(spec, distiller), device)
-    scheduler = build_lr_scheduler(optimizer, spec.optim.lr_schedule, spec.optim.lr,
-                                   [st.epochs for st in compiled.plan.stages], len(train_loader),
-                                   spec.optim.min_lr_ratio)
-    wrapped = wrap_ddp(distiller, info, device, find_unused=compiled.plan.feature_losses)
-    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
-    step_module = maybe_compile(wrapped, spec.runtime.compile)
-    return Run(spec, compiled, info, device, distiller, step_module, optimizer, scheduler,
-               train_loader, data.test, cl, spec.output_dir, grad_scaler(spec.runtime.precision, device), data, ddp)
+STARVED_SHARE = 0.25  # an epoch that waited longer for data than this says so, once per run
 
 
 def optimizer_params(spec: Spec, distiller: Distiller) -> list:
@@ -147,119 +79,430 @@ def optimizer_params(spec: Spec, distiller: Distiller) -> list:
                         no_weight_decay_names(distiller.student))
 
 
-class WaitTimed:
-    """A batch iterator that adds up, in ``waited``, the seconds spent waiting for its next
-    batch (timm's train loop logs the same as data_time)."""
+class EpochMeter:
+    """An epoch's running totals: the loss terms summed on the device (no host sync), the
+    steps taken, and the images and data wait of the current logging window."""
 
-    def __init__(self, batches: Iterable):
-        self.batches, self.waited = iter(batches), 0.0
+    def __init__(self, batches: WaitTimed, start: int):
+        self.batches, self.start = batches, start
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.images = 0, 0
+        self.t0 = self.t_window = time.perf_counter()
+        self.waited_window = 0.0
 
-    def __iter__(self) -> WaitTimed:
-        return self
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        self.steps += 1
+        self.images += images
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach()
 
-    def __next__(self):
-        t0 = time.perf_counter()
+    def window(self) -> tuple[float, float]:
+        """(images per second, share of the time spent waiting for data) since the last call."""
+        now = time.perf_counter()
+        span = max(now - self.t_window, 1e-9)
+        rates = self.images / span, (self.batches.waited - self.waited_window) / span
+        self.t_window, self.images, self.waited_window = now, 0, self.batches.waited
+        return rates
+
+
+class Trainer:
+    """A run of the compiled plan: built once from the spec (device, plan, data, distiller,
+    optimizer, schedule, runtime techniques), then ``fit`` trains it to the end."""
+
+    def __init__(self, spec: Spec):
+        self.t_start = time.perf_counter()  # the run's wall time counts the build
+        self.info = init_distributed()
+        device = resolve_device(spec.runtime.device, self.info)
+        if spec.runtime.num_threads:
+            torch.set_num_threads(spec.runtime.num_threads)
+        torch.manual_seed(spec.seed)  # model and adapter initialisation
+        random.seed(spec.seed)
+        self.compiled = compile_spec(spec, fetch=("teacher", "student"))
+        self.plan = self.compiled.plan
+        self.stage_epochs = [st.epochs for st in self.plan.stages]
+        # the train split sharded over ranks; the test split whole, for the main rank's evaluation
+        self.data = build_data(spec, self.compiled.data, device, self.info)
+        if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
+            raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
+                               f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
+        self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
+        self.config = resolve_config(spec, device, self.compiled.student.model)
+        if self.config.channels_last:
+            to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
+        self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
+        self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
+                                            self.stage_epochs, len(self.data.train),
+                                            spec.optim.min_lr_ratio)
+        wrapped = wrap_ddp(self.distiller, self.info, device, find_unused=self.plan.feature_losses)
+        self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        self.step_module = maybe_compile(wrapped, self.config.compile)  # the distiller, DDP-wrapped and/or compiled
+        self.scaler = grad_scaler(self.config.precision, device)
+        self.folder = RunFolder(spec.output_dir)
+        self.name = spec.name
+        self.spec_record = spec.to_dict()  # in every checkpoint: a resume refuses one of another run
+        self.preprocessing = preprocessing_of(spec, self.data)  # what export's config.json records
+        self.untrained_teacher = bool(spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained)
+        self.position = {"epoch": 0, "step": 0, "global_step": 0}
+        self.global_step = 0
+        self.history = {"wall_s": 0.0, "images": 0, "train_s": 0.0}
+        self.wall_before = 0.0  # wall time of earlier processes of this run (resumes add up)
+        self.teacher_acc: dict | None = None
+        self.student_acc: dict | None = None  # the latest evaluation
+        self.tracker: StabilityTracker | None = None
+        self.data_warned = False
+        # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
+        self.metrics: Metrics | None = None
+        self.reporter: Reporter | None = None
+        self.stop: dict = {"signal": None}
+
+    @property
+    def main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
+
+    # ------------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False, quiet: bool = True) -> dict:
+        """Train from the start, or from the last checkpoint, to the end; returns the summary."""
+        if self.main:
+            self.folder.plan.write_text(json.dumps(self.compiled.to_dict(), indent=2))
+        fallback = self.restore() if resume else None
+        self.metrics = Metrics(self.folder, self.main, self.global_step if resume else None, self.config.tensorboard)
+        self.reporter = Reporter(quiet, self.plan.epochs, len(self.data.train), silent=not self.main)
+        self.start_notes(fallback)
+        self.fit_projections()
+        if self.config.track_stability:
+            self.tracker = StabilityTracker(self.distiller.chain.segments)
+        with stop_signals() as self.stop, self.reporter:
+            for epoch in range(self.position["epoch"], self.plan.epochs):
+                self.train_epoch(epoch)
+        return self.finish()
+
+    def start_notes(self, fallback: str | None) -> None:
+        """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
+        reporter = self.reporter
+        for note in self.compiled.notes if self.main else ():
+            reporter.note(f"note: {note}")
+        if fallback:
+            reporter.note(fallback)
+        if self.main and self.untrained_teacher:
+            reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
+                          "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
+        if self.main and self.distiller.teacher is not None and self.teacher_acc is None:
+            self.teacher_acc = accuracy(self.distiller.teacher, self.data.test, self.device, self.config.precision,
+                                        self.config.channels_last)
+            acc = self.teacher_acc
+            reporter.note(f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
+                          + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
+
+    def fit_projections(self) -> None:
+        """The plan's projection fit (``decompose.adapters: projected``), before stage 0 and once
+        per run: a resumed run has its fit from the checkpoint (frozen buffers of the distiller)."""
+        fit = self.plan.projection_fit
+        if fit is None or self.distiller.projections_fitted:
+            return
+        used = self.distiller.fit_projections(self.data.train.epoch(0), fit.batches)
+        self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
+
+    def stage_of(self, epoch: int) -> TrainingStage:
+        return self.plan.stages[stage_at(self.stage_epochs, epoch)]
+
+    def train_epoch(self, epoch: int) -> None:
+        stage = self.stage_of(epoch)
+        self.distiller.set_stage(stage)
+        self.distiller.train()
+        start = self.position["step"] if epoch == self.position["epoch"] else 0
+        self.reporter.start_epoch(epoch, stage, start)
+        meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
+        for step, (xb, yb) in enumerate(meter.batches, start=start):
+            terms, loss = self.train_step(xb, yb)
+            self.global_step += 1
+            if self.tracker is not None:
+                self.tracker.update(self.global_step)
+            meter.add(terms, len(yb) * self.info.world_size)
+            if self.global_step % self.config.log_every == 0:
+                self.log_step(meter, stage, epoch, step + 1, terms, loss)
+            self.reporter.advance()
+            self.checkpoint_if_due(epoch, step + 1, terms, loss)
+        self.end_epoch(meter, stage, epoch)
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimisation step of the current stage; returns device tensors (no host sync).
+
+        With ``micro_batches`` k > 1 the batch is split into k parts whose losses, weighted
+        by their share of the batch, are backpropagated one after the other (DDP
+        synchronises on the last only), then one optimizer step: the whole batch's gradient
+        with one part's activation memory. fp16 scales the loss (a disabled scaler passes
+        everything through); ``clip_grad_norm`` clips the unscaled gradient.
+        """
+        cfg = self.config
+        if cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = [(x, y) for x, y in zip(xb.tensor_split(cfg.micro_batches), yb.tensor_split(cfg.micro_batches))
+                 if len(y)]
+        terms: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=xb.device)
+        for j, (xm, ym) in enumerate(parts):
+            share = len(ym) / len(yb)
+            last = j == len(parts) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+            with sync:
+                with autocast(cfg.precision, cfg.device):
+                    part = self.step_module(xm, ym)
+                    part_loss = sum(part.values())
+                self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
+            if len(parts) == 1:
+                terms, loss = part, part_loss
+            else:
+                for name, value in part.items():
+                    terms[name] = terms.get(name, 0) + value.detach() * share
+                loss = loss + part_loss.detach() * share
+        if cfg.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return terms, loss
+
+    def log_step(self, meter: EpochMeter, stage: TrainingStage, epoch: int, step: int,
+                 terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        self.check_finite(loss, terms, epoch, step)
+        images_per_s, wait_share = meter.window()
+        record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step,
+                  "global_step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+                  **{k: round(v.item(), 6) for k, v in terms.items()},
+                  "loss": round(loss.item(), 6),
+                  "images_per_s": round(images_per_s, 1),
+                  "data_wait_share": round(wait_share, 3)}
+        self.metrics.write(record)
+        self.reporter.log(record)
+        self.flush_stability()
+
+    def flush_stability(self) -> None:
+        for record in self.tracker.flush() if self.tracker is not None else ():
+            self.metrics.write(record)
+
+    def checkpoint_if_due(self, epoch: int, step: int, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Save every ``checkpoint_every`` steps, and on a stop signal (then stop)."""
+        every, signal_name = self.config.checkpoint_every, self.stop["signal"]
+        if signal_name or (every and self.global_step % every == 0):
+            self.check_finite(loss, terms, epoch, step)
+            self.save(epoch, step)
+        if signal_name:
+            raise TrainingInterrupted(
+                f"{signal_name}: stopped at epoch {epoch + 1}, step {step}; checkpoint saved to "
+                f"{self.folder.last_checkpoint}; continue with `{runs.resume_command(self.folder.root)}` "
+                "(the spec and its --set overrides are stored in the run)")
+
+    def check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+        """One host sync; called where the loop syncs anyway (logging, checkpoints, epoch ends)."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return
+        bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        last = self.folder.last_checkpoint
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+        raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
+                            "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
+
+    def end_epoch(self, meter: EpochMeter, stage: TrainingStage, epoch: int) -> None:
+        """Account the epoch, evaluate where due, record it, and checkpoint at its end."""
+        self.flush_stability()
+        if meter.steps:
+            self.check_finite(sum(meter.sums.values()), {k: v / meter.steps for k, v in meter.sums.items()}, epoch,
+                              meter.start + meter.steps)
+        epoch_s = time.perf_counter() - meter.t0
+        self.history["train_s"] += epoch_s
+        self.history["data_s"] = self.history.get("data_s", 0.0) + meter.batches.waited
+        images = meter.steps * self.config.batch_size * self.info.world_size
+        self.history["images"] += images
+        if self.main and ((epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.plan.epochs):
+            self.evaluate_epoch(epoch)
+        acc = self.student_acc
+        record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": self.global_step,
+                  **{f"train_{k}": round(v.item() / max(meter.steps, 1), 6) for k, v in meter.sums.items()},
+                  "student_top1": acc and acc["top1"], "student_top5": acc and acc["top5"],
+                  **({"student_miou": acc["miou"]} if acc and "miou" in acc else {}),
+                  "epoch_s": round(epoch_s, 3),
+                  "images_per_s": round(images / max(epoch_s, 1e-9), 1),
+                  "data_wait_share": round(meter.batches.waited / max(epoch_s, 1e-9), 3)}
+        self.metrics.write(record)
+        self.warn_if_starved(record)
+        self.reporter.end_epoch(record)
+        self.save(epoch + 1, 0)
+
+    def evaluate_epoch(self, epoch: int) -> None:
+        """Evaluate the student; a new best top-1 is exported as best.safetensors."""
+        self.student_acc = self.evaluate()
+        if self.student_acc["top1"] > self.history.get("best_top1", -1.0):  # ties keep the earlier epoch
+            self.history.update(best_top1=self.student_acc["top1"], best_epoch=epoch + 1)
+            readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
+
+    def warn_if_starved(self, record: dict) -> None:
+        """Once per run: an epoch of a streamed run that mostly waited for its data."""
+        train = self.data.train
+        if (not self.main or self.data_warned or not isinstance(train, StreamLoader)
+                or record["data_wait_share"] <= STARVED_SHARE):
+            return
+        self.data_warned = True
+        self.reporter.note(f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} "
+                           f"of the time: decoding is the bottleneck; raise runtime.num_workers (now "
+                           f"{train.num_workers}, {available_cpus()} CPUs available to this process)")
+
+    # ---------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def recalibrate_bn(self) -> None:
+        """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
+        training data. In decomposed stages each block's statistics were gathered on inputs
+        derived from the teacher's features; the composed student feeds it its own, slightly
+        different ones. The pass runs in train mode without gradients, with a cumulative
+        average, and leaves the RNG untouched so that resumed runs stay exact."""
+        norms = [m for m in self.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        was = self.distiller.training
+        self.distiller.train()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for xb, _ in self.data.train.epoch(0):
+                if self.config.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with autocast(self.config.precision, self.device):
+                    self.distiller.inference(xb)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        self.distiller.train(was)
+
+    def evaluate(self) -> dict[str, float]:
+        """{'top1', 'top5'} of the composed student on the test split (BatchNorm re-estimated
+        first where ``bn_recalibrate`` says so)."""
+        setting = self.config.bn_recalibrate
+        if setting is True or (setting == "auto" and len(self.distiller.groups) > 1):
+            self.recalibrate_bn()
+        was = self.distiller.training
+        self.distiller.eval()
         try:
-            return next(self.batches)
+            return accuracy(self.distiller.inference, self.data.test, self.device, self.config.precision,
+                            self.config.channels_last)
         finally:
-            self.waited += time.perf_counter() - t0
+            self.distiller.train(was)
 
+    # --------------------------------------------------------------------- checkpoints
 
-STARVED_SHARE = 0.25  # an epoch that waited longer for data than this says so, once per run
+    def save(self, epoch: int, step: int) -> None:
+        self.history["wall_s"] = self.wall_s()
+        if not self.main:
+            return
+        try:
+            self.save_checkpoint(epoch, step)
+        except ckpt.CheckpointWriteError as exc:
+            raise KDGraphError(f"{exc}; free space and continue from it with "
+                               f"`{runs.resume_command(self.folder.root)}`") from None
 
+    def save_checkpoint(self, epoch: int, step: int) -> None:
+        acc = self.teacher_acc
+        ckpt.save_atomic({
+            "model": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "position": {"epoch": epoch, "step": step, "global_step": self.global_step},
+            "data": self.data.state_dict(epoch, step),
+            "plan": self.plan.to_dict(),
+            "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
+            "teacher_top1": acc and acc["top1"],
+            "teacher_top5": acc and acc["top5"],
+            "history": self.history,
+        }, self.folder.last_checkpoint, keep_previous=True)
 
-def _starved(run: Run, record: dict) -> bool:
-    return isinstance(run.train_loader, StreamLoader) and record["data_wait_share"] > STARVED_SHARE
+    def restore(self) -> str | None:
+        """Load the last good checkpoint (last.pt, else prev.pt); returns a warning when it
+        had to fall back."""
+        last = self.folder.last_checkpoint
+        state, warning = ckpt.load_latest(last)
+        if warning and self.main and last.exists():
+            last.replace(self.folder.corrupt_checkpoint)
+            warning += f" (the damaged file is kept as {self.folder.corrupt_checkpoint})"
+        # The spec first (it names what differs); checkpoints of kdgraph before this carry no
+        # spec: the plan check below is all there is for them.
+        diff = [d for d in runs.spec_differences(state.get("spec") or {}, self.spec_record)
+                if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
+        if diff:
+            raise KDGraphError(f"{last} was written by a run with another spec (differs: {'; '.join(diff)}); it is "
+                               "not this run's checkpoint: resume with the spec it was trained with, or start over "
+                               "with --force")
+        if state["plan"] != self.plan.to_dict():
+            raise KDGraphError(f"{last} was written for another plan ({state['plan']['method']}, "
+                               f"{state['plan']['epochs']} epochs); resume with the spec it was trained with, "
+                               "or choose another output")
+        self.distiller.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.data.check_resume(state.get("data"), str(last))
+        ckpt.set_rng_state(state["rng"])
+        self.position, self.history = state["position"], state["history"]
+        self.global_step, self.wall_before = self.position["global_step"], self.history["wall_s"]
+        if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
+            self.teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
+        return warning
 
+    # ------------------------------------------------------------------------ finishing
 
-def _data_starved_warning(run: Run, record: dict) -> str:
-    return (f"warning: epoch {record['epoch'] + 1} waited for data {record['data_wait_share']:.0%} of the time: "
-            f"decoding is the bottleneck; raise runtime.num_workers (now {run.train_loader.num_workers}, "
-            f"{available_cpus()} CPUs available to this process)")
+    def finish(self) -> dict:
+        """Evaluate and export the student as the final stage left it (also when a resume
+        finds no epoch left: a stop between the last checkpoint and the export), write the
+        summary and the curves."""
+        self.distiller.set_stage(self.plan.stages[-1])
+        self.history["wall_s"] = self.wall_s()
+        if self.student_acc is None and self.main:
+            self.student_acc = self.evaluate()
+        summary = self.summary()
+        if self.main:
+            readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
+            self.folder.summary.write_text(json.dumps(summary, indent=2))
+            self.metrics.close()
+            plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,
+                        teacher_top1=self.teacher_acc and self.teacher_acc["top1"])
+        if self.info.enabled:
+            torch.distributed.barrier()
+        return summary
 
-
-def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimisation step of the current stage; returns device tensors (no host sync).
-
-    With ``runtime.micro_batches`` k > 1 the batch is split into k parts whose losses,
-    weighted by their share of the batch, are backpropagated one after the other (DDP
-    synchronises on the last only), then one optimizer step: the whole batch's gradient
-    with one part's activation memory. fp16 scales the loss (a disabled scaler passes
-    everything through); ``optim.clip_grad_norm`` clips the unscaled gradient.
-    """
-    if run.channels_last:
-        xb = xb.contiguous(memory_format=torch.channels_last)
-    precision = run.spec.runtime.precision
-    run.optimizer.zero_grad(set_to_none=True)
-    parts = [(x, y) for x, y in zip(xb.tensor_split(run.spec.runtime.micro_batches),
-                                    yb.tensor_split(run.spec.runtime.micro_batches)) if len(y)]
-    terms: dict[str, torch.Tensor] = {}
-    loss = torch.zeros((), device=xb.device)
-    for j, (xm, ym) in enumerate(parts):
-        share = len(ym) / len(yb)
-        last = j == len(parts) - 1
-        sync = contextlib.nullcontext() if last or run.ddp is None else run.ddp.no_sync()
-        with sync:
-            with autocast(precision, run.device):
-                part = run.step_module(xm, ym)
-                part_loss = sum(part.values())
-            run.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
-        if len(parts) == 1:
-            terms, loss = part, part_loss
-        else:
-            for name, value in part.items():
-                terms[name] = terms.get(name, 0) + value.detach() * share
-            loss = loss + part_loss.detach() * share
-    clip = run.spec.optim.clip_grad_norm
-    if clip is not None:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    return terms, loss
-
-
-@torch.no_grad()
-def recalibrate_bn(run: Run) -> None:
-    """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
-    training data. In decomposed stages each block's statistics were gathered on inputs
-    derived from the teacher's features; the composed student feeds it its own, slightly
-    different ones. The pass runs in train mode without gradients, with a cumulative
-    average, and leaves the RNG untouched so that resumed runs stay exact."""
-    norms = [m for m in run.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    was = run.distiller.training
-    run.distiller.train()
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        for xb, _ in run.train_loader.epoch(0):
-            if run.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast(run.spec.runtime.precision, run.device):
-                run.distiller.inference(xb)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    run.distiller.train(was)
-
-
-def evaluate_student(run: Run) -> dict[str, float]:
-    """{'top1', 'top5'} of the composed student on the test split (BatchNorm re-estimated first
-    where ``runtime.bn_recalibrate`` says so)."""
-    setting = run.spec.runtime.bn_recalibrate
-    if setting is True or (setting == "auto" and len(run.distiller.groups) > 1):
-        recalibrate_bn(run)
-    was = run.distiller.training
-    run.distiller.eval()
-    try:
-        return accuracy(run.distiller.inference, run.test_loader, run.device, run.spec.runtime.precision,
-                        run.channels_last)
-    finally:
-        run.distiller.train(was)
+    def summary(self) -> dict:
+        s, t, h = self.student_acc, self.teacher_acc, self.history
+        return {
+            "name": self.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
+            "epochs": self.plan.epochs,
+            "student_top1": s and s["top1"], "student_top5": s and s["top5"],
+            "best_top1": h.get("best_top1"),
+            "best_epoch": h.get("best_epoch"),
+            "teacher_top1": t and t["top1"], "teacher_top5": t and t["top5"],
+            # a per-pixel task: top-1 is the pixel accuracy, and the mean IoU is reported too
+            **({"student_miou": s["miou"]} if s and "miou" in s else {}),
+            **({"teacher_miou": t["miou"]} if t and "miou" in t else {}),
+            "wall_time_s": round(h["wall_s"], 2),
+            "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
+            "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
+            "data": self.data.record(),
+            "output": str(self.folder.root),
+            "preprocessing": self.preprocessing,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 @contextmanager
@@ -283,115 +526,13 @@ def stop_signals():
             signal.signal(s, h)
 
 
-class Metrics:
-    """metrics.jsonl, appended line by line (main rank only); with ``tensorboard``, every
-    numeric field also as a TensorBoard scalar ``KIND/FIELD`` at the record's global step."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
-        self.path, self.enabled = path, enabled
-        self.board = None
-        if not enabled:
-            return
-        lines = []
-        if keep_until_step is not None and path.exists():  # resume: drop what the checkpoint lost
-            lines = [ln for ln in path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["global_step"] <= keep_until_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise KDGraphError("runtime.log: tensorboard needs the tensorboard package; install it with "
-                                   "pip install 'kdgraph[tensorboard]' (or pip install tensorboard)") from None
-            # purge_step: a resumed run drops the events the checkpoint did not keep, as metrics.jsonl does
-            self.board = SummaryWriter(str(path.parent / "tensorboard"),
-                                       purge_step=None if keep_until_step is None else keep_until_step + 1)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.board is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "global_step":
-                        self.board.add_scalar(f"{record['kind']}/{key}", value, record["global_step"])
-                if record["kind"] == "epoch":
-                    self.board.flush()
-
-    def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
-
-    def read(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-
-
-def _save(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None, best: dict) -> None:
-    if not run.info.is_main:
-        return
-    try:
-        _save_checkpoint(run, epoch, step, global_step, teacher_acc, best)
-    except ckpt.CheckpointWriteError as exc:
-        raise KDGraphError(f"{exc}; free space and continue from it with `{runs.resume_command(run.out)}`") from None
-
-
-def _save_checkpoint(run: Run, epoch: int, step: int, global_step: int, teacher_acc: dict | None,
-                     best: dict) -> None:
-    ckpt.save_atomic({
-        "model": run.distiller.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": ckpt.rng_state(),
-        "position": {"epoch": epoch, "step": step, "global_step": global_step},
-        "data": run.data.state_dict(epoch, step),
-        "plan": run.compiled.plan.to_dict(),
-        "spec": run.spec.to_dict(),  # what _resume compares: a copied-in checkpoint of another run is refused
-        "teacher_top1": teacher_acc and teacher_acc["top1"],
-        "teacher_top5": teacher_acc and teacher_acc["top5"],
-        "history": best,
-    }, run.out / "checkpoints" / "last.pt", keep_previous=True)
-
-
-def _resume(run: Run) -> tuple[dict, str | None]:
-    """The state of the last good checkpoint (last.pt, else prev.pt) loaded into ``run``,
-    and a warning when it had to fall back."""
-    last = run.out / "checkpoints" / "last.pt"
-    state, warning = ckpt.load_latest(last)
-    if warning and run.info.is_main and last.exists():
-        # Set aside for inspection; left in place, the next save would rotate it into prev.pt.
-        last.replace(last.with_name("last.pt.corrupt"))
-        warning += f" (the damaged file is kept as {last.with_name('last.pt.corrupt')})"
-    # The spec first (it names what differs); checkpoints of kdgraph before this carry no
-    # spec: the plan check below is all there is for them.
-    diff = [d for d in runs.spec_differences(state.get("spec") or {}, run.spec.to_dict())
-            if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
-    if diff:
-        raise KDGraphError(f"{run.out}/checkpoints/last.pt was written by a run with another spec "
-                           f"(differs: {'; '.join(diff)}); it is not this run's checkpoint: resume with the "
-                           "spec it was trained with, or start over with --force")
-    if state["plan"] != run.compiled.plan.to_dict():
-        raise KDGraphError(f"{run.out}/checkpoints/last.pt was written for another plan "
-                           f"({state['plan']['method']}, {state['plan']['epochs']} epochs); "
-                           "resume with the spec it was trained with, or choose another output")
-    run.distiller.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.data.check_resume(state.get("data"), f"{run.out}/checkpoints/last.pt")
-    ckpt.set_rng_state(state["rng"])
-    return state, warning
-
-
 def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = False,
           source: dict | None = None) -> dict:
     """Run ``spec`` to the end (or from its last checkpoint); returns the summary.
 
     The output folder is checked, locked and claimed before models and data are built:
     an earlier run there needs ``resume`` (with the same spec) or ``force`` (start over).
-    ``source`` (the spec file and its overrides) is recorded in OUT/run.json.
+    ``source`` (the spec file and its overrides) is stored in the run folder.
     """
     info = init_distributed()
     lock = runs.RunLock(spec.output_dir)
@@ -406,14 +547,14 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = Fa
             runs.claim(spec.output_dir, spec.to_dict(), resume, force, source)
         if info.enabled:
             torch.distributed.barrier()
-        return _train(spec, resume, quiet)
+        return Trainer(spec).fit(resume, quiet)
     finally:
         lock.release()
 
 
 def _finished(spec: Spec, resume: bool) -> dict | None:
     """Resuming a run that already ended changes nothing: its summary, marked as such."""
-    path = spec.output_dir / "summary.json"
+    path = RunFolder(spec.output_dir).summary
     if not (resume and path.exists()):
         return None
     stored = runs.stored_run(spec.output_dir)
@@ -421,157 +562,4 @@ def _finished(spec: Spec, resume: bool) -> dict | None:
         raise runs.OutputError(f"{spec.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
     summary = json.loads(path.read_text())
     summary["already_finished"] = True
-    return summary
-
-
-def _train(spec: Spec, resume: bool, quiet: bool) -> dict:
-    t_start = time.perf_counter()
-    run = build_run(spec)
-    main = run.info.is_main
-    if main:
-        (run.out / "plan.json").write_text(json.dumps(run.compiled.to_dict(), indent=2))
-    position = {"epoch": 0, "step": 0, "global_step": 0}
-    teacher_acc, history = None, {"wall_s": 0.0, "images": 0, "train_s": 0.0}
-    fallback = None
-    if resume:
-        state, fallback = _resume(run)
-        position, history = state["position"], state["history"]
-        if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
-            teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
-    # wall time adds up across resumes: what earlier processes spent, plus this one so far
-    wall_before = history["wall_s"]
-
-    def save(epoch: int, step: int) -> None:
-        history["wall_s"] = wall_before + time.perf_counter() - t_start
-        _save(run, epoch, step, gstep, teacher_acc, history)
-    metrics = Metrics(run.out / "metrics.jsonl", main, position["global_step"] if resume else None,
-                      tensorboard=spec.runtime.log == "tensorboard")
-    plan = run.compiled.plan
-    total_epochs = plan.epochs
-    reporter = Reporter(quiet, total_epochs, len(run.train_loader), plan, silent=not main)
-    for note in run.compiled.notes if main else ():
-        reporter.note(f"note: {note}")
-    if fallback:
-        reporter.note(fallback)
-    if main and spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained:
-        reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
-                      "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
-    if main and run.distiller.teacher is not None and teacher_acc is None:
-        teacher_acc = accuracy(run.distiller.teacher, run.test_loader, run.device, spec.runtime.precision,
-                               run.channels_last)
-        reporter.note(f"teacher top-1 {teacher_acc['top1']:.2f}%, top-5 {teacher_acc['top5']:.2f}%"
-                      + (f", mIoU {teacher_acc['miou']:.2f}%" if "miou" in teacher_acc else ""))
-    if plan.fit is not None and not run.distiller.projections_fitted:  # a resumed run loads its fit
-        used = run.distiller.fit_projections(run.train_loader.epoch(0), plan.fit.batches)
-        reporter.note(f"projections fitted: PCA of the teacher at block ends {list(plan.fit.blocks)}, {used} batches")
-    rt = spec.runtime
-    gstep = position["global_step"]
-    student_acc = None
-    tracker = StabilityTracker(run.distiller.chain.segments) if rt.track_stability else None
-    data_warned = False
-    with stop_signals() as stop, reporter:
-        for epoch in range(position["epoch"], total_epochs):
-            stage = run.stage_of(epoch)
-            run.distiller.set_stage(stage)
-            run.distiller.train()
-            start = position["step"] if epoch == position["epoch"] else 0
-            sums: dict[str, torch.Tensor] = {}
-            steps_done, t_epoch, t_log, log_images = 0, time.perf_counter(), time.perf_counter(), 0
-            reporter.start_epoch(epoch, stage, start)
-            batches, waited_log = WaitTimed(run.train_loader.epoch(epoch, start)), 0.0
-            for step, (xb, yb) in enumerate(batches, start=start):
-                terms, loss = train_step(run, xb, yb)
-                gstep += 1
-                if tracker is not None:
-                    tracker.update(gstep)
-                steps_done += 1
-                log_images += len(yb) * run.info.world_size
-                for name, value in terms.items():  # stays on the device: no host sync
-                    sums[name] = sums.get(name, 0) + value.detach()
-                if gstep % rt.log_every == 0:
-                    _check_finite(run, loss, terms, epoch, step + 1)
-                    now = time.perf_counter()
-                    record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step + 1,
-                              "global_step": gstep, "lr": run.scheduler.get_last_lr()[0],
-                              **{k: round(v.item(), 6) for k, v in terms.items()},
-                              "loss": round(loss.item(), 6),
-                              "images_per_s": round(log_images / max(now - t_log, 1e-9), 1),
-                              "data_wait_share": round((batches.waited - waited_log) / max(now - t_log, 1e-9), 3)}
-                    metrics.write(record)
-                    reporter.log(record)
-                    for rec in tracker.flush() if tracker is not None else ():
-                        metrics.write(rec)
-                    t_log, log_images, waited_log = now, 0, batches.waited
-                reporter.advance()
-                if stop["signal"] or (rt.checkpoint_every and gstep % rt.checkpoint_every == 0):
-                    _check_finite(run, loss, terms, epoch, step + 1)
-                    save(epoch, step + 1)
-                if stop["signal"]:
-                    raise TrainingInterrupted(
-                        f"{stop['signal']}: stopped at epoch {epoch + 1}, step {step + 1}; checkpoint saved to "
-                        f"{run.out / 'checkpoints' / 'last.pt'}; continue with `{runs.resume_command(run.out)}` "
-                        "(the spec and its --set overrides are stored in the run)")
-            for rec in tracker.flush() if tracker is not None else ():
-                metrics.write(rec)
-            if steps_done:
-                _check_finite(run, sum(sums.values()), {k: v / steps_done for k, v in sums.items()}, epoch,
-                              start + steps_done)
-            epoch_s = time.perf_counter() - t_epoch
-            history["train_s"] += epoch_s
-            history["data_s"] = history.get("data_s", 0.0) + batches.waited
-            history["images"] += steps_done * spec.data.batch_size * run.info.world_size
-            if main and ((epoch + 1) % rt.eval_every == 0 or epoch + 1 == total_epochs):
-                student_acc = evaluate_student(run)
-                if student_acc["top1"] > history.get("best_top1", -1.0):  # ties keep the earlier epoch
-                    history.update(best_top1=student_acc["top1"], best_epoch=epoch + 1)
-                    runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "best.safetensors"))
-            record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": gstep,
-                      **{f"train_{k}": round(v.item() / max(steps_done, 1), 6) for k, v in sums.items()},
-                      "student_top1": student_acc and student_acc["top1"],
-                      "student_top5": student_acc and student_acc["top5"],
-                      **({"student_miou": student_acc["miou"]} if student_acc and "miou" in student_acc else {}),
-                      "epoch_s": round(epoch_s, 3),
-                      "images_per_s": round(steps_done * spec.data.batch_size * run.info.world_size
-                                            / max(epoch_s, 1e-9), 1),
-                      "data_wait_share": round(batches.waited / max(epoch_s, 1e-9), 3)}
-            metrics.write(record)
-            if main and not data_warned and _starved(run, record):
-                data_warned = True
-                reporter.note(_data_starved_warning(run, record))
-            reporter.end_epoch(record)
-            save(epoch + 1, 0)
-            position = {"epoch": epoch + 1, "step": 0, "global_step": gstep}
-    # The student is evaluated and exported as the final stage left it, also when a resume
-    # finds no epoch left (a stop between the last checkpoint and the export).
-    run.distiller.set_stage(plan.stages[-1])
-    history["wall_s"] = wall_before + time.perf_counter() - t_start
-    if student_acc is None and main:
-        student_acc = evaluate_student(run)
-    summary = {
-        "name": spec.name, "method": plan.method, "k": plan.k, "n": plan.n, "epochs": total_epochs,
-        "student_top1": student_acc and student_acc["top1"], "student_top5": student_acc and student_acc["top5"],
-        "best_top1": history.get("best_top1"),
-        "best_epoch": history.get("best_epoch"),
-        "teacher_top1": teacher_acc and teacher_acc["top1"], "teacher_top5": teacher_acc and teacher_acc["top5"],
-        # a per-pixel task: top-1 is the pixel accuracy, and the mean IoU is reported too
-        **({"student_miou": student_acc["miou"]} if student_acc and "miou" in student_acc else {}),
-        **({"teacher_miou": teacher_acc["miou"]} if teacher_acc and "miou" in teacher_acc else {}),
-        "wall_time_s": round(history["wall_s"], 2),
-        "mean_images_per_s": round(history["images"] / max(history["train_s"], 1e-9), 1),
-        "data_wait_share": round(history.get("data_s", 0.0) / max(history["train_s"], 1e-9), 3),
-        "data": run.data.record(),
-        "output": str(run.out),
-        "preprocessing": preprocessing_of(spec, run.data),  # what export's config.json records
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    if main:
-        runs.readable(export_student(run.distiller.eval(), run.compiled, run.out / "student.safetensors"))
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        from kdgraph.runtime.curves import plot_curves
-
-        metrics.close()
-        plot_curves(metrics.read(), plan, run.out / "curves.png", title=spec.name,
-                    teacher_top1=teacher_acc and teacher_acc["top1"])
-    if run.info.enabled:
-        torch.distributed.barrier()
     return summary

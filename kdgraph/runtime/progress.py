@@ -12,7 +12,7 @@ PLAIN_EVERY_S = 30.0  # seconds between plain step lines without a terminal
 
 
 class Reporter:
-    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, plan, silent: bool = False):
+    def __init__(self, quiet: bool, total_epochs: int, steps_per_epoch: int, silent: bool = False):
         """``quiet``: plain lines instead of bars; ``silent``: nothing at all (DDP ranks > 0)."""
         self.quiet = quiet or silent
         self.silent = silent
@@ -21,7 +21,6 @@ class Reporter:
         self.total_epochs, self.steps = total_epochs, steps_per_epoch
         self.t0 = time.monotonic()
         self.first_epoch: int | None = None
-        self.plan = plan
         self.last_plain: float | None = None  # when the last plain step line was printed
         self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

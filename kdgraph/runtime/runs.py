@@ -1,6 +1,7 @@
-"""A run's output folder: checked before anything is built, locked while a run writes it,
-and never reused by surprise.
+"""A run's output folder: every path in it named once (``RunFolder``), checked before
+anything is built, locked while a run writes it, and never reused by surprise.
 
+    RunFolder(out)                  the paths: checkpoints, metrics, summary, student, ...
     prepare_output(out)            the folder is a folder (or can be made) and writable
     with RunLock(out): ...          one writer at a time; a dead writer's lock is taken over
     claim(out, spec, resume, force) refuse to overwrite an earlier run without --force, and
@@ -18,23 +19,105 @@ import os
 import shlex
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdgraph.errors import KDGraphError
 
-RUN_FILE = "run.json"
-LOCK_FILE = ".kdgraph.lock"
 # Spec keys a resumed run may change: where and how fast it runs, not what it trains.
 RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
-# Files a run writes; --force removes exactly these, and in its two folders only the files
-# (glob patterns) it writes there: a user's own files stay, and so does a folder holding them.
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "student.safetensors", "best.safetensors", "plan.json", "curves.png",
-               RUN_FILE)
-RUN_FOLDERS = {"checkpoints": ("last.pt", "prev.pt", ".last.pt.*.tmp", ".prev.pt.tmp"),
-               "tensorboard": ("events.out.tfevents.*",)}
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of a run's output folder, each spelled here only (``checkpoint.previous_of``
+    names prev.pt beside any file it rotates, as the checkpoint writer keeps it)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        return self.checkpoints / "prev.pt"
+
+    @property
+    def corrupt_checkpoint(self) -> Path:
+        """Where a damaged last.pt is set aside on resume (left in place, the next save would
+        rotate it into prev.pt)."""
+        return self.checkpoints / "last.pt.corrupt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def student(self) -> Path:
+        """The final student, exported (the default of ``kdgraph eval`` and ``export``)."""
+        return self.root / "student.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.safetensors"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def stored_spec(self) -> Path:
+        """The resolved spec and the spec file and ``--set`` overrides it came from."""
+        return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".kdgraph.lock"
+
+    def outputs(self) -> tuple[Path, ...]:
+        """The files a run writes at the top of the folder; --force removes exactly these."""
+        return (self.metrics, self.summary, self.student, self.best, self.plan, self.curves, self.stored_spec)
+
+    def written_in_folders(self) -> dict[Path, tuple[str, ...]]:
+        """The run's two folders and the files (glob patterns) it writes there (the checkpoint
+        writer's temp files included): --force removes those only, so that a user's own files
+        stay, and so does a folder holding them."""
+        last, prev = self.last_checkpoint.name, self.previous_checkpoint.name
+        return {self.checkpoints: (last, prev, f".{last}.*.tmp", f".{prev}.tmp"),
+                self.tensorboard: ("events.out.tfevents.*",)}
+
+    def earlier_run(self) -> list[str]:
+        """What an earlier run left here that a new run would lose (empty: nothing), relative to
+        the folder. A run killed before its first checkpoint leaves only metrics.jsonl and
+        run.json: nothing to continue (--resume has no checkpoint), so a plain run may start
+        over it."""
+        kept = [p for p in (self.last_checkpoint, self.previous_checkpoint, self.summary, self.student) if p.exists()]
+        if kept and self.metrics.exists():
+            kept.append(self.metrics)
+        return [p.relative_to(self.root).as_posix() for p in kept]
 
 
 _UMASK = os.umask(0o022)
@@ -93,7 +176,7 @@ class RunLock:
     """
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK_FILE
+        self.path = RunFolder(out).lock
         self.held = False
 
     def acquire(self) -> RunLock:
@@ -203,7 +286,7 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 
 
 def stored_run(out: Path) -> dict | None:
-    path = Path(out) / RUN_FILE
+    path = RunFolder(out).stored_spec
     if not path.exists():
         return None
     try:
@@ -226,37 +309,31 @@ def resume_command(out: Path) -> str:
 
 
 def earlier_run(out: Path) -> list[str]:
-    """What an earlier run left in ``out`` that a new run would lose (empty: nothing). A run
-    killed before its first checkpoint leaves only metrics.jsonl and run.json: nothing to
-    continue (--resume has no checkpoint), so a plain run may start over it."""
-    out = Path(out)
-    kept = [name for name in ("checkpoints/last.pt", "checkpoints/prev.pt", "summary.json", "student.safetensors")
-            if (out / name).exists()]
-    return kept + ["metrics.jsonl"] * bool(kept and (out / "metrics.jsonl").exists())
+    """``RunFolder(out).earlier_run()``."""
+    return RunFolder(out).earlier_run()
 
 
-def _remove_run_files(out: Path) -> None:
-    """Delete what a run wrote in ``out`` (RUN_OUTPUTS, RUN_FOLDERS) and nothing else."""
-    for name in RUN_OUTPUTS:
-        target = out / name
+def _remove_run_files(folder: RunFolder) -> None:
+    """Delete what a run wrote in ``folder`` (outputs, written_in_folders) and nothing else."""
+    for target in folder.outputs():
         if target.is_file() or target.is_symlink():
             target.unlink()
-    for folder, patterns in RUN_FOLDERS.items():
-        if not (out / folder).is_dir() or (out / folder).is_symlink():
+    for sub, patterns in folder.written_in_folders().items():
+        if not sub.is_dir() or sub.is_symlink():
             continue
         for pattern in patterns:
-            for target in (out / folder).glob(pattern):
+            for target in sub.glob(pattern):
                 if target.is_file() or target.is_symlink():
                     target.unlink()
-        if not any((out / folder).iterdir()):
-            (out / folder).rmdir()
+        if not any(sub.iterdir()):
+            sub.rmdir()
 
 
 def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
     """Decide what a run may do with ``out`` and record the spec it runs; raises before
     writing anything when the answer is no."""
-    out = Path(out)
-    left = earlier_run(out)
+    folder = RunFolder(out)
+    left = folder.earlier_run()
     if resume and force:
         raise OutputError("--resume and --force contradict each other: --resume continues the run in "
                           f"{out}, --force deletes it")
@@ -272,5 +349,5 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
         if left and not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
                               "or start over with --force (deletes those files), or choose another output")
-        _remove_run_files(out)  # a forced start, or what a run killed before its first checkpoint left
-    (out / RUN_FILE).write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
+        _remove_run_files(folder)  # a forced start, or what a run killed before its first checkpoint left
+    folder.stored_spec.write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))

@@ -74,6 +74,7 @@ MAX_SIDE = 16_384  # each of C, H, W
 MAX_INPUT_ELEMENTS = 2**26  # C*H*W of one sample (64 Mi: 3x4096x4096 fits)
 MAX_SEED = 2**32 - 1  # the loader derives per-epoch seeds as seed * 1_000_003 + epoch, within 64 bits
 MAX_EVERY = 10**9  # log / eval / checkpoint intervals
+DEFAULT_CROP_PCT = 0.875  # timm's evaluation crop, where neither the spec nor the model's pretrained_cfg sets one
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -309,7 +310,7 @@ class DataSpec(_Strict):
     )
     crop_pct: Float | None = Field(
         default=None, gt=0.0, le=1.0, description="Streamed evaluation: resize to input_size / crop_pct, then "
-        "centre-crop input_size (None: the teacher's pretrained_cfg crop_pct, else timm's 0.875).",
+        f"centre-crop input_size (None: the teacher's pretrained_cfg crop_pct, else timm's {DEFAULT_CROP_PCT}).",
     )
     crop_scale: tuple[Annotated[Float, Field(gt=0.0, le=1.0)], Annotated[Float, Field(gt=0.0, le=1.0)]] = Field(
         default=(0.08, 1.0), description="Streamed training: area range of timm's random-resized crop.",

@@ -1,0 +1,51 @@
+"""The runtime's settings, resolved once from the spec: what the training step and the loop
+read, so that neither looks at the spec again.
+
+    resolve_config(spec, device, model) -> RuntimeConfig
+
+``auto`` values that depend on the machine or the model (channels_last) are decided here;
+``bn_recalibrate: auto`` stays ``auto`` because it depends on the training stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from kdgraph.runtime.techniques import use_channels_last
+
+if TYPE_CHECKING:
+    from kdgraph.spec import Spec
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: torch.device
+    precision: str  # autocast: see techniques.autocast_dtype
+    channels_last: bool
+    compile: bool
+    micro_batches: int  # a batch is split into this many parts, one optimizer step
+    clip_grad_norm: float | None
+    batch_size: int  # per rank
+    log_every: int  # optimizer steps between step records (each one host sync)
+    checkpoint_every: int  # optimizer steps between mid-epoch checkpoints; 0: none (every epoch ends with one)
+    eval_every: int  # epochs between evaluations (the last epoch always has one)
+    bn_recalibrate: bool | Literal["auto"]  # auto: where the stage trained more than one group
+    track_stability: bool
+    tensorboard: bool
+
+    def __str__(self) -> str:
+        return "\n".join(f"{f.name}: {getattr(self, f.name)}" for f in fields(self))
+
+
+def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> RuntimeConfig:
+    """The settings of ``spec`` on ``device`` for the student ``model``."""
+    rt = spec.runtime
+    return RuntimeConfig(
+        device=device, precision=rt.precision, channels_last=use_channels_last(rt.channels_last, model, device),
+        compile=rt.compile, micro_batches=rt.micro_batches, clip_grad_norm=spec.optim.clip_grad_norm,
+        batch_size=spec.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
+        eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate, track_stability=rt.track_stability,
+        tensorboard=rt.log == "tensorboard")
