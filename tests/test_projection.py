@@ -321,7 +321,7 @@ def test_two_gloo_ranks_fit_the_projection_of_the_batches_they_share_out(tmp_pat
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)["model"]
 
-    from kdgraph.stream import build_data
+    from kdgraph.data import build_data
     from kdgraph.runtime.techniques import DistInfo
 
     single = load_spec({**spec, "data": {**spec["data"], "batch_size": 16}})
