@@ -141,6 +141,7 @@ class Compiled:
             "teacher": self.teacher.to_dict() if self.teacher else None,
             "student": self.student.to_dict(),
             "blocks": [b.to_dict() for b in self.pairing.blocks],
+            "pairs": [p.to_dict() for p in self.pairing.pairs],
             "adapters_in_use": self.plan.uses_adapters and bool(self.pairing.adapters),
             "adapters_mode": self.pairing.adapters_mode,
             "schedule": self.plan.to_dict(),
