@@ -151,6 +151,48 @@ def test_projections_are_frozen_and_saved_with_the_checkpoint(tmp_path):
     assert not any(p.requires_grad for p in d.projections.parameters())
 
 
+def test_explicit_layer_pairs_compose_with_projected_blocks(tmp_path):
+    """loss.pairs with decompose.adapters: projected: the blocks meet in the student's space
+    through frozen projections, the pair's lift (student -> teacher width) trains beside them,
+    and neither enters the student's inference path. Truth for the pair's term in the
+    recomposed stage: the eager models' module outputs (forward hooks) and the pair's lift."""
+    spec = wide_pair_spec(tmp_path / "run")
+    spec["loss"] = {"pairs": [{"student": "layer2.0", "teacher": "layer2.1", "weight": 2.0}]}
+    c = compile_spec(load_spec(spec))
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters
+    assert c.pairing.pairs[0].adapter.lift == (16, 64)
+    for st in c.plan.stages:
+        assert [op.kind for op in st.inference.ops] == ["student"] * 5
+        assert "mse_p1" in {op.node for op in st.program.ops}
+    first = {op.node: op for op in c.plan.stages[0].program.ops}
+    assert first["S3"].inputs == ("project2",) and first["mse2"].inputs == ("S2", "project2")
+    assert first["xlift_p1"].inputs == ("xs_p1",) and first["mse_p1"].inputs == ("xlift_p1", "xt_p1")
+    d = Distiller(c)
+    assert not d.adapters and not d.adapters_in_inference
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 32, 32), torch.arange(8) % 10) for _ in range(2)]
+    d.fit_projections(batches, 2)
+    x, y = batches[0]
+    terms = d(x, y)
+    assert {"mse1", "mse2", "mse_p1"} <= set(terms)
+    terms["mse_p1"].backward()
+    assert d.pair_lifts["xlift_p1"].conv.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in d.projections.parameters())
+    d.zero_grad(set_to_none=True)
+    d.set_stage(c.plan.stages[-1])  # recomposed: the student's own chain, as KD
+    terms = d(x, y)
+    seen = {}
+    hooks = [c.student.model.get_submodule("layer2.0").register_forward_hook(lambda m, a, o: seen.setdefault("s", o)),
+             c.teacher.model.get_submodule("layer2.1").register_forward_hook(lambda m, a, o: seen.setdefault("t", o))]
+    with torch.no_grad():
+        c.student.model(x)
+        d.teacher(x)
+        want = 2.0 * torch.mean((d.pair_lifts["xlift_p1"](seen["s"]) - seen["t"]) ** 2)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(terms["mse_p1"].detach(), want)
+
+
 @pytest.mark.slow
 def test_the_exported_projected_student_loads_with_plain_timm(tmp_path):
     from kdgraph.runtime.commands import export_spec
