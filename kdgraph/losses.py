@@ -88,6 +88,18 @@ def per_sample(logits: torch.Tensor) -> torch.Tensor:
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x * factor``, skipped at factor 1 (a weight or temperature left at its default): x * 1
+    is x exactly, so the values are the same and the step runs one op (and its backward) less."""
+    return x if factor == 1.0 else x * factor
+
+
+def _frozen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without a gradient path: the teacher's features come from a no-grad pass already
+    (no detach op then); a proxy path's or a caller's tensor is detached."""
+    return t.detach() if t.requires_grad else t
+
+
 class KLDivergence(nn.Module):
     """Hinton's KD term: ``T^2 * mean_batch sum_c p_t (log p_t - log p_s)``.
 
@@ -107,10 +119,13 @@ class KLDivergence(nn.Module):
         t = self.temperature
         student_logits, teacher_logits = per_sample(student_logits), per_sample(teacher_logits)
         with no_autocast(student_logits):
-            log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-            log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+            s, te = student_logits.float(), _frozen(teacher_logits).float()
+            if t != 1.0:  # z / 1 is z exactly: at T = 1 (the default) the division is skipped
+                s, te = s / t, te / t
+            log_p_s = F.log_softmax(s, dim=-1)
+            log_p_t = F.log_softmax(te, dim=-1)
             kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-            return kl * (t * t)
+            return _scaled(kl, t * t)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -142,8 +157,8 @@ class FeatureMSE(nn.Module):
                     or len(student_feature) != len(teacher_feature):
                 raise ValueError("FeatureMSE: a multi-tensor feature must meet one of as many tensors")
             losses = [self._one(s, t) for s, t in zip(student_feature, teacher_feature)]
-            return self.weight * torch.stack(losses).mean()
-        return self.weight * self._one(student_feature, teacher_feature)
+            return _scaled(torch.stack(losses).mean(), self.weight)
+        return _scaled(self._one(student_feature, teacher_feature), self.weight)
 
     def _one(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
         if student_feature.shape != teacher_feature.shape:
@@ -152,7 +167,7 @@ class FeatureMSE(nn.Module):
                 f"{tuple(teacher_feature.shape)} differ in shape; an adapter is missing"
             )
         with no_autocast(student_feature):
-            return F.mse_loss(student_feature.float(), teacher_feature.detach().float())
+            return F.mse_loss(student_feature.float(), _frozen(teacher_feature).float())
 
 
 @LOSSES.register("kd")
@@ -191,7 +206,7 @@ class HeadLoss(nn.Module):
             ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
         out = {"ce": ce}
         if teacher_logits is not None:
-            out["kl"] = self.kl_weight * self.kl(student_logits, teacher_logits)
+            out["kl"] = _scaled(self.kl(student_logits, teacher_logits), self.kl_weight)
         return out
 
     def extra_repr(self) -> str:
@@ -236,7 +251,7 @@ class TeacherParameterPerception(nn.Module):
         self.kl = KLDivergence(temperature)
 
     def forward(self, proxy_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return self.weight * self.kl(proxy_logits, teacher_logits)
+        return _scaled(self.kl(proxy_logits, teacher_logits), self.weight)
 
 
 # ScaleKD's dual-view feature mimicking (Fan et al., "ScaleKD: Strong Vision Transformers
