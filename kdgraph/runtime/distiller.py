@@ -16,14 +16,14 @@ one entry of ``OP_KINDS``; each loss op builds its module from the op's ``entry`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kdgraph.adapters import build_adapters
-from kdgraph.ir import Op, TrainingStage
+from kdgraph.ir import Op, Program, TrainingStage
 from kdgraph.losses import create_loss
 from kdgraph.registry import Registry
 from kdgraph.runtime.chain import StudentChain, run_program
@@ -81,7 +81,7 @@ class Distiller(nn.Module):
     def set_stage(self, stage: TrainingStage) -> None:
         """Run ``stage``'s programs from now on."""
         self.groups = stage.groups
-        self.program = stage.program
+        self.program = whole_student(stage.program, len(self.chain.segments))
         self.inference_program = stage.inference
         self._teacher_blocks = set(self.program.teacher_reads)
         if self.teacher is not None:
@@ -115,6 +115,25 @@ class Distiller(nn.Module):
         return OP_KINDS.get(op.kind)(self, op, inputs, state)
 
 
+def whole_student(program: Program, blocks: int) -> Program:
+    """``program`` with its student ops replaced by one ``whole`` op (the student's own
+    forward) where they run blocks 1..``blocks`` in order from the input and the rest of the
+    program reads the last one only (kd, supervised): the same function (the split pass
+    guarantees it) and the same values, without the segments' calls and the out-of-place
+    residual adds of their fx graphs. Any other program is returned as it is."""
+    student = [op for op in program.ops if op.kind == "student"]
+    chained = [op.block for op in student] == list(range(1, blocks + 1)) and all(
+        op.inputs == ((student[i - 1].node,) if i else ("input",)) for i, op in enumerate(student))
+    inner = {op.node for op in student[:-1]}
+    if not chained or any(n in inner for op in program.ops if op.kind != "student" for n in op.inputs) \
+            or program.output in inner:
+        return program
+    last = student[-1]
+    ops = tuple(Op(last.node, "whole", ("input",), last.block) if op is last else op
+                for op in program.ops if op.kind != "student" or op is last)
+    return replace(program, ops=ops)
+
+
 # -- the operations of a program ------------------------------------------------------------
 
 @OP_KINDS.register("teacher")
@@ -127,6 +146,12 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.chain.block(op.block, inputs[0])
+
+
+@OP_KINDS.register("whole")
+def _whole(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The whole student on the input: its last block's output (see ``whole_student``)."""
+    return d.student(inputs[0])
 
 
 @OP_KINDS.register("lift")

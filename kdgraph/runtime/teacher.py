@@ -52,6 +52,9 @@ class FrozenTeacher:
         ``inference_mode``: the features feed student blocks whose backward saves its
         input, which inference tensors refuse.
         """
+        last = len(self.segments)
+        if needed == {last}:  # the logits only (kd): the model's own forward, the same values
+            return {last: self.model(x)}
         feats: dict[int, torch.Tensor] = {}
         h = x
         for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
