@@ -156,6 +156,7 @@ class Trainer:
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
         self.stop: dict = {"signal": None}
+        self.progress: torch.Tensor | None = None  # of the current step, set by train_epoch
 
     @property
     def main(self) -> bool:
@@ -213,6 +214,8 @@ class Trainer:
         self.reporter.start_epoch(epoch, stage, start)
         meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
         for step, (xb, yb) in enumerate(meter.batches, start=start):
+            xb, yb = self.mix(xb, yb, epoch, step)
+            self.progress = self.progress_at(epoch, step)
             terms, loss = self.train_step(xb, yb)
             self.global_step += 1
             if self.tracker is not None:
@@ -223,6 +226,24 @@ class Trainer:
             self.reporter.advance()
             self.checkpoint_if_due(epoch, step + 1, terms, loss)
         self.end_epoch(meter, stage, epoch)
+
+    def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consistent teaching (``data.mixup``): the batch mixed once, before the step, so that
+        the teacher and the student read the same tensor; the labels become mixed soft targets.
+        The draw is a function of (seed, epoch, this rank's batch position): a resumed run
+        mixes exactly as the uninterrupted one."""
+        mixup = self.config.mixup
+        if mixup is None:
+            return xb, yb
+        position = step * self.info.world_size + self.info.rank
+        return mixup(xb, yb, self.config.seed, epoch, [position], self.compiled.num_classes or self.data.num_classes)
+
+    def progress_at(self, epoch: int, step: int) -> torch.Tensor | None:
+        """Epochs done by the end of ``step`` (e + (i + 1) / n), for the losses that read it
+        (DKD's warm-up); a device tensor, so a compiled step does not recompile per value."""
+        if not self.distiller.needs_progress:
+            return None
+        return torch.tensor(epoch + (step + 1) / len(self.data.train), device=self.device)
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
@@ -256,7 +277,7 @@ class Trainer:
         share of the batch), is added to the parameters' gradients."""
         cfg = self.config
         with autocast(cfg.precision, cfg.device):
-            terms = self.step_module(x, y)
+            terms = self.step_module(x, y, progress=self.progress)
             loss = functools.reduce(operator.add, terms.values())  # no 0 + first term: one op less
         self.scaler.scale(loss if share == 1.0 else loss * share).backward()
         return terms, loss
