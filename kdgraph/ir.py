@@ -435,6 +435,8 @@ class Op:
     kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
     ``project`` (the frozen projection of teacher block ``block``'s feature into the student's
     format: ``decompose.adapters: projected``),
+    ``whole`` (the student's own forward on the input, in place of blocks 1..``block`` run in
+    order where nothing else reads their inner outputs: ``compiler.program.whole_student``),
     ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
     into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
     feature, with autograd: TPP), ``tap`` (an explicit layer pair's feature inside block

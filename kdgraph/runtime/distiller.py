@@ -75,7 +75,10 @@ class Distiller(nn.Module):
         self.chain = StudentChain(compiled.student.segments)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
+        # its own forward stands for its segments only where none holds a tap (explicit pairs)
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
+                                      whole=not any(isinstance(m, Tap) for seg in compiled.teacher.segments
+                                                    for m in seg.children()))
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
@@ -173,6 +176,13 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.chain.block(op.block, inputs[0])
+
+
+@OP_KINDS.register("whole")
+def _whole(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The whole student on the input: its last block's output, the student's own forward in
+    place of its blocks run in order (``kdgraph.compiler.program.whole_student``)."""
+    return d.student(inputs[0])
 
 
 @OP_KINDS.register("lift")
