@@ -93,7 +93,7 @@ def test_topk_cache_feeds_fkd_and_plan_names_the_cached_stages(tmp_path):
     assert header["bytes_per_row"] == 12  # 3 fp16 probabilities + 3 uint16 indices
     c = compile_spec(_spec(tmp_path, "p"), materialize=False)
     ops = c.plan.stages[0].program.ops
-    assert [op.kind for op in ops] == ["cache"] + ["student"] * 4 + ["loss"] and ops[-1].entry == "fkd"
+    assert [op.kind for op in ops] == ["cache", "whole", "loss"] and ops[-1].entry == "fkd"  # the student whole
     assert not c.plan.live_teacher
     path = write_spec(tiny_spec(tmp_path / "p", method="kd", epochs=2,
                                 teacher={"model": "module:kdgraph.zoo:resnet_tiny_teacher",

@@ -38,7 +38,7 @@ from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
-from kdgraph.runtime.distiller import teacher_normalize
+from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
 from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device
 from kdgraph.schedules import stage_at
@@ -151,7 +151,7 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     epochs, wanted = _epochs_to_build(root, key, epochs, compiled.plan)
     data = build_data(base, compiled.data, device, info)
     config = resolve_config(base, device, compiled.student.model)
-    teacher = FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
+    teacher = frozen_teacher(compiled)
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
         teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
