@@ -94,3 +94,56 @@ def test_strict_recompile_watch_raises_at_the_limit():
                 f(x, "a" * n)
     assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # restored on the way out
     reset_compile_caches()
+
+
+# --- the Trainer applies them: determinism, autotuning, the recompile count in the summary --------
+
+
+def _spec(tmp_path, **runtime):
+    from kdgraph.spec import load_spec
+
+    from _runtime_helpers import tiny_spec
+
+    return load_spec(tiny_spec(tmp_path / "run", "kd", epochs=1, runtime={"log_every": 50, **runtime}))
+
+
+def test_a_deterministic_spec_turns_on_deterministic_algorithms_and_no_autotuning(tmp_path):
+    from kdgraph.runtime.loop import Trainer
+
+    try:
+        trainer = Trainer(_spec(tmp_path, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert trainer.config.deterministic and not trainer.config.cudnn_benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_run_counts_recompile_limit_hits_in_its_summary_and_warns_at_the_end(tmp_path, capfd, monkeypatch):
+    """A hit is what Dynamo logs (a real one is tested above with the eager backend): here the
+    step logs that record itself, so the run stays an eager CPU run of seconds."""
+    import logging
+
+    from kdgraph.runtime.loop import Trainer, train
+
+    step = Trainer.train_step
+
+    def step_that_hits_the_limit(self, xb, yb):
+        if self.global_step == 1:
+            logging.getLogger(RecompileWatch.LOGGER).warning(
+                "torch._dynamo hit config.%s (%s)\n   function: %s", "recompile_limit", 8, "'forward' (distiller.py:1)")
+        return step(self, xb, yb)
+
+    monkeypatch.setattr(Trainer, "train_step", step_that_hits_the_limit)
+    summary = train(_spec(tmp_path))
+    assert summary["compile"]["recompile_limit_hits"] == 1
+    assert summary["compile"]["functions_gone_eager"] == ["'forward' (distiller.py:1)"]
+    assert summary["compile"]["enabled"] is False and summary["compile"]["cudnn_benchmark"] is False
+    assert "recompile limit 1 time(s)" in capfd.readouterr().out
+
+
+def test_a_run_without_hits_says_zero_and_no_warning(tmp_path, capfd):
+    from kdgraph.runtime.loop import train
+
+    summary = train(_spec(tmp_path))
+    assert summary["compile"]["recompile_limit_hits"] == 0
+    assert "recompile limit" not in capfd.readouterr().out

@@ -41,6 +41,8 @@ from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.stability import StabilityTracker
 from kdgraph.runtime.techniques import (
+    RecompileWatch,
+    apply_cudnn_benchmark,
     autocast,
     build_optimizer,
     decay_groups,
@@ -48,8 +50,10 @@ from kdgraph.runtime.techniques import (
     init_distributed,
     maybe_compile,
     no_weight_decay_names,
+    reset_compile_caches,
     resolve_device,
     to_channels_last,
+    use_deterministic_algorithms,
     wrap_ddp,
 )
 from kdgraph.schedules import build_lr_scheduler, stage_at
@@ -115,6 +119,7 @@ class Trainer:
         device = resolve_device(spec.runtime.device, self.info)
         if spec.runtime.num_threads:
             torch.set_num_threads(spec.runtime.num_threads)
+        use_deterministic_algorithms(spec.runtime.deterministic)  # before any kernel runs
         torch.manual_seed(spec.seed)  # model and adapter initialisation
         random.seed(spec.seed)
         self.compiled = compile_spec(spec, fetch=("teacher", "student"))
@@ -127,6 +132,7 @@ class Trainer:
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
         self.config = resolve_config(spec, device, self.compiled.student.model)
+        apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
@@ -135,7 +141,12 @@ class Trainer:
                                             spec.optim.min_lr_ratio)
         wrapped = wrap_ddp(self.distiller, self.info, device, find_unused=self.plan.feature_losses)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        if self.config.compile:
+            # graphs of an earlier Trainer in this process (a test, a benchmark runner) count
+            # against Dynamo's recompile limit for this one's step; see reset_compile_caches
+            reset_compile_caches()
         self.step_module = maybe_compile(wrapped, self.config.compile)  # the distiller, DDP-wrapped and/or compiled
+        self.recompiles = RecompileWatch()  # attached while fit trains: limit hits, reported in the summary
         self.scaler = grad_scaler(self.config.precision, device)
         self.folder = RunFolder(spec.output_dir)
         self.name = spec.name
@@ -178,10 +189,20 @@ class Trainer:
         self.start_notes(fallback)
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
-        with stop_signals() as self.stop, self.reporter:
+        with stop_signals() as self.stop, self.reporter, self.recompiles:
             for epoch in range(self.position["epoch"], self.plan.epochs):
                 self.train_epoch(epoch)
+        self.warn_if_recompiled()
         return self.finish()
+
+    def warn_if_recompiled(self) -> None:
+        """At the end of a compiled run whose step hit Dynamo's recompile limit: that function
+        ran eager from then on, so the run was slower than a compiled one should be."""
+        watch = self.recompiles
+        if self.main and watch.hits:
+            self.reporter.note(f"warning: torch.compile hit its recompile limit {watch.hits} time(s) "
+                               f"({', '.join(watch.functions)}); those functions ran eager from then on. "
+                               "summary.json counts them under compile")
 
     def start_notes(self, fallback: str | None) -> None:
         """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
@@ -489,6 +510,11 @@ class Trainer:
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
             "data": self.data.record(),
+            # recompile_limit_hits: functions of the step Dynamo gave up on (they ran eager), this process
+            "compile": {"enabled": self.config.compile, "recompile_limit_hits": self.recompiles.hits,
+                        "functions_gone_eager": self.recompiles.functions,
+                        "cudnn_benchmark": self.config.cudnn_benchmark,
+                        "deterministic": self.config.deterministic},
             "output": str(self.folder.root),
             "preprocessing": self.preprocessing,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

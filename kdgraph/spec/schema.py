@@ -522,6 +522,9 @@ class RuntimeSpec(_Strict):
         default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
         "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "
         "statistics on teacher-fed inputs).")
+    deterministic: Flag = Field(
+        default=False, description="Bit-reproducible on CUDA: torch's deterministic algorithms, cuDNN autotuning off "
+        "(on otherwise: it times convolution algorithms once per shape and keeps the fastest). Slower.")
 
     @field_validator("device")
     @classmethod
