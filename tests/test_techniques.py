@@ -147,3 +147,51 @@ def test_a_run_without_hits_says_zero_and_no_warning(tmp_path, capfd):
     summary = train(_spec(tmp_path))
     assert summary["compile"]["recompile_limit_hits"] == 0
     assert "recompile limit" not in capfd.readouterr().out
+
+
+def _counting(trainer):
+    """Wrap the training loader's epoch() to count the batches it yields."""
+    read = []
+    epoch = trainer.data.train.epoch
+
+    def counted(e, start=0):
+        for batch in epoch(e, start):
+            read.append(e)
+            yield batch
+
+    trainer.data.train.epoch = counted
+    return read
+
+
+@pytest.mark.parametrize("bound, expected", [(3, 3), (None, "epoch"), (10**6, "epoch")])
+def test_bn_recalibration_reads_at_most_its_bound_of_batches_once_per_step(tmp_path, bound, expected):
+    from kdgraph.runtime.loop import Trainer
+
+    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=bound))
+    read = _counting(trainer)
+    trainer.evaluate()
+    assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
+    trainer.evaluate()  # nothing trained since: the statistics are those of the last pass
+    assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
+    trainer.global_step += 1
+    trainer.evaluate()
+    assert len(read) == 2 * (len(trainer.data.train) if expected == "epoch" else expected)
+
+
+def test_a_bounded_recalibration_estimates_what_its_batches_hold(tmp_path):
+    """Independent truth: one BatchNorm's statistics after a bound of 2 batches are the mean and
+    the (unbiased) variance of its input over exactly those two batches."""
+    from kdgraph.runtime.loop import Trainer
+
+    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=2))
+    bn = next(m for m in trainer.distiller.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    trainer.recalibrate_bn()
+    hook.remove()
+    x = torch.cat(seen).transpose(0, 1).flatten(1)
+    assert len(seen) == 2
+    torch.testing.assert_close(bn.running_mean, x.mean(1), rtol=1e-4, atol=1e-5)
+    # a cumulative average of per-batch unbiased variances, as torch's BatchNorm keeps with momentum None
+    per_batch = torch.stack([s.transpose(0, 1).flatten(1).var(1) for s in seen]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-4, atol=1e-5)

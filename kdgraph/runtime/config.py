@@ -35,6 +35,7 @@ class RuntimeConfig:
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints; 0: none (every epoch ends with one)
     eval_every: int  # epochs between evaluations (the last epoch always has one)
     bn_recalibrate: bool | Literal["auto"]  # auto: where the stage trained more than one group
+    bn_recalibrate_batches: int | None  # training batches the re-estimate reads; None: an epoch
     track_stability: bool
     tensorboard: bool
 
@@ -50,5 +51,6 @@ def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> 
         compile=rt.compile, deterministic=rt.deterministic,
         cudnn_benchmark=use_cudnn_benchmark(device, rt.deterministic), micro_batches=rt.micro_batches, clip_grad_norm=spec.optim.clip_grad_norm,
         batch_size=spec.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
-        eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate, track_stability=rt.track_stability,
+        eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate,
+        bn_recalibrate_batches=rt.bn_recalibrate_batches, track_stability=rt.track_stability,
         tensorboard=rt.log == "tensorboard")

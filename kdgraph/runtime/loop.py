@@ -15,6 +15,7 @@ resolved ``RuntimeConfig``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -161,6 +162,7 @@ class Trainer:
         self.student_acc: dict | None = None  # the latest evaluation
         self.tracker: StabilityTracker | None = None
         self.data_warned = False
+        self.bn_recalibrated_at: int | None = None  # the global step of the last BatchNorm re-estimate
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
@@ -373,11 +375,17 @@ class Trainer:
 
     @torch.no_grad()
     def recalibrate_bn(self) -> None:
-        """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
-        training data. In decomposed stages each block's statistics were gathered on inputs
-        derived from the teacher's features; the composed student feeds it its own, slightly
-        different ones. The pass runs in train mode without gradients, with a cumulative
-        average, and leaves the RNG untouched so that resumed runs stay exact."""
+        """Re-estimate the BatchNorm statistics of the student's inference path on the first
+        ``bn_recalibrate_batches`` batches of the training data (a whole pass without a bound).
+        In decomposed stages each block's statistics were gathered on inputs derived from the
+        teacher's features; the composed student feeds it its own, slightly different ones.
+        The pass runs in train mode without gradients, with a cumulative average, on epoch 0's
+        order (the same batches at every evaluation, in any process), and leaves the RNG
+        untouched so that resumed runs stay exact. A pass at the step of the last one finds
+        the statistics it would compute, and is skipped."""
+        if self.bn_recalibrated_at == self.global_step:
+            return
+        self.bn_recalibrated_at = self.global_step
         norms = [m for m in self.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not norms:
             return
@@ -388,7 +396,7 @@ class Trainer:
         was = self.distiller.training
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for xb, _ in self.data.train.epoch(0):
+            for xb, _ in itertools.islice(self.data.train.epoch(0), self.config.bn_recalibrate_batches):
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.precision, self.device):
