@@ -147,6 +147,7 @@ class Trainer:
             # against Dynamo's recompile limit for this one's step; see reset_compile_caches
             reset_compile_caches()
         self.step_module = maybe_compile(wrapped, self.config.compile)  # the distiller, DDP-wrapped and/or compiled
+        self.writer = ckpt.BackgroundWriter()  # checkpoints hashed and written while training goes on
         self.recompiles = RecompileWatch()  # attached while fit trains: limit hits, reported in the summary
         self.scaler = grad_scaler(self.config.precision, device)
         self.folder = RunFolder(spec.output_dir)
@@ -191,9 +192,12 @@ class Trainer:
         self.start_notes(fallback)
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
-        with stop_signals() as self.stop, self.reporter, self.recompiles:
-            for epoch in range(self.position["epoch"], self.plan.epochs):
-                self.train_epoch(epoch)
+        try:
+            with stop_signals() as self.stop, self.reporter, self.recompiles:
+                for epoch in range(self.position["epoch"], self.plan.epochs):
+                    self.train_epoch(epoch)
+        finally:
+            self.writer.join()  # a stop (signal, non-finite loss) leaves the last checkpoint whole
         self.warn_if_recompiled()
         return self.finish()
 
@@ -311,6 +315,7 @@ class Trainer:
             self.check_finite(loss, terms, epoch, step)
             self.save(epoch, step)
         if signal_name:
+            self.checkpoint_written()
             raise TrainingInterrupted(
                 f"{signal_name}: stopped at epoch {epoch + 1}, step {step}; checkpoint saved to "
                 f"{self.folder.last_checkpoint}; continue with `{runs.resume_command(self.folder.root)}` "
@@ -425,15 +430,20 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if not self.main:
             return
+        self.checkpoint_written()  # the save before this one: its error, if any, stops the run here
+        self.save_checkpoint(epoch, step)
+
+    def checkpoint_written(self) -> None:
+        """Wait for the checkpoint being written in the background; a failed write stops the run."""
         try:
-            self.save_checkpoint(epoch, step)
+            self.writer.wait()
         except ckpt.CheckpointWriteError as exc:
             raise KDGraphError(f"{exc}; free space and continue from it with "
                                f"`{runs.resume_command(self.folder.root)}`") from None
 
     def save_checkpoint(self, epoch: int, step: int) -> None:
         acc = self.teacher_acc
-        ckpt.save_atomic({
+        self.writer.submit({
             "model": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -445,7 +455,7 @@ class Trainer:
             "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
             "teacher_top1": acc and acc["top1"],
             "teacher_top5": acc and acc["top5"],
-            "history": self.history,
+            "history": dict(self.history),
         }, self.folder.last_checkpoint, keep_previous=True)
 
     def restore(self) -> str | None:
@@ -487,6 +497,7 @@ class Trainer:
         """Evaluate and export the student as the final stage left it (also when a resume
         finds no epoch left: a stop between the last checkpoint and the export), write the
         summary and the curves."""
+        self.checkpoint_written()
         self.distiller.set_stage(self.plan.stages[-1])
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
