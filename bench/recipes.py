@@ -22,10 +22,9 @@ Budgets: the same number of optimizer steps at both fractions, 3 epochs on 100 %
 20 % (x1; fm x2). Seeds 0, 1, 2. Learning rates: each recipe's best of a 3-point sweep on
 seed 0 at 20 % (the sweep's best cell is then that seed's cell, not run twice).
 
-The loss and mixup fields are the spec shape proposed for issue 22 (``loss.logit``,
-``loss.standardize``, ``loss.ce_weight``, ``loss.dkd_*``, ``loss.dist_*``, ``data.mixup``);
-until kdgraph's spec has them only supervised, kd and stablekd-5/2 run. They are written in
-one place, ``RECIPES``.
+The loss and mixup fields are kdgraph's spec fields of issue 22 (``loss.logit``,
+``loss.standardize``, ``loss.ce_weight``, ``loss.dkd_*``, ``loss.dist_*``, ``data.mixup``),
+written in one place, ``RECIPES``; ``--dry-run`` validates every cell's spec.
 
 Every cell appends one JSON line to bench/results/recipes-{wN|full}.jsonl when it finishes;
 a finished cell is skipped on a rerun and a killed one resumes from its checkpoint.

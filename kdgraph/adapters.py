@@ -115,6 +115,18 @@ def build_adapters(pairing: Pairing) -> nn.ModuleDict:
                           for a in pairing.adapters})
 
 
+def build_pair_lifts(pairing: Pairing) -> nn.ModuleDict:
+    """The lift of each explicit layer pair whose features differ (the student side of its
+    loss; a pair has no lower), keyed by its lift node (``xlift_p1``)."""
+    lifts = {}
+    for pair in pairing.pairs:
+        a = pair.adapter
+        if a is not None:
+            lifts[f"xlift_{pair.name}"] = ChannelMap(a.student_channels, a.teacher_channels, a.kind) if a.foldable \
+                else FormatAdapter(a.student_format, a.teacher_format)
+    return nn.ModuleDict(lifts)
+
+
 @torch.no_grad()
 def fold(pair: AdapterPair) -> nn.Module:
     """One Cs -> Cs module equal to ``pair`` in eval mode: W = W2 W1, b = W2 b1 + b2.

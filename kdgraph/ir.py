@@ -18,7 +18,7 @@ from typing import Any
 
 import networkx as nx
 
-__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "FeatureFormat", "Groups",
+__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "ExplicitPair", "FeatureFormat", "Groups",
            "NodeInfo", "Op", "Pairing", "Plan", "Program", "Stage", "TrainingStage", "TupleAdapterSpec"]
 
 Groups = tuple[tuple[int, ...], ...]  # a training stage's groups of consecutive blocks (1-based)
@@ -326,8 +326,39 @@ class BlockPair:
 
 
 @dataclass(frozen=True)
+class ExplicitPair:
+    """A layer pair named in the spec (``loss.pairs[index - 1]``): a feature loss between the
+    student's output of one module and the teacher's of another, both single-tensor cuts, on
+    top of the block losses. Each is read inside its model's block (``student_block``,
+    ``teacher_block``) by a tap (``kdgraph.compiler.split``), where the cut is not the block's
+    end; ``adapter`` lifts the student's feature to the teacher's (its lift only)."""
+
+    index: int  # 1-based
+    student: Cut
+    teacher: Cut
+    student_block: int
+    teacher_block: int
+    adapter: AdapterSpec | None
+    loss: str  # a feature entry of kdgraph.losses.LOSSES
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """The suffix of its graph nodes and terms: ``p1`` (``xs_p1``, ``mse_p1``)."""
+        return f"p{self.index}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "student": self.student.label, "teacher": self.teacher.label,
+                "student_node": self.student.node, "teacher_node": self.teacher.node,
+                "student_block": self.student_block, "teacher_block": self.teacher_block,
+                "adapter": self.adapter.to_dict() if self.adapter else None, "loss": self.loss,
+                "weight": self.weight, "rule": "explicit"}
+
+
+@dataclass(frozen=True)
 class Pairing:
     blocks: tuple[BlockPair, ...]
+    pairs: tuple[ExplicitPair, ...] = ()  # the spec's explicit layer pairs (loss.pairs)
 
     @property
     def k(self) -> int:
@@ -345,7 +376,9 @@ class Op:
     kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
     ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
     into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
-    feature, with autograd: TPP), ``loss`` (adds ``terms``; ``loss`` says where it sits:
+    feature, with autograd: TPP), ``tap`` (an explicit layer pair's feature inside block
+    ``block``, kept while that block ran), ``pair_lift`` (that pair's lift), ``loss`` (adds
+    ``terms``; ``loss`` says where it sits:
     feature, head or tpp; ``entry`` names the ``kdgraph.losses.LOSSES`` entry that computes
     it and ``params`` that entry's constructor arguments, resolved from the spec by the
     compiler)."""
@@ -481,7 +514,10 @@ class DataPlan:
     """How a spec's data will be read, decided without decoding any image.
 
     ``mean``/``std`` are per channel in 0..1 pixel units, or None where the training
-    split's statistics are used (known once it is read); ``stats`` says which."""
+    split's statistics are used (known once it is read); ``stats`` says which. The data is
+    normalised with them, which is what the student sees; ``teacher_mean``/``teacher_std``,
+    where set, are the teacher's own normalisation (its pretrained_cfg differs from the
+    student's), into which the teacher's input is renormalised."""
 
     dataset: str
     loader: str  # "memory" or "stream"
@@ -495,10 +531,15 @@ class DataPlan:
     crop_pct: float | None = None  # streamed evaluation only
     stats: str = "the training split's statistics"
     num_classes: int | None = None  # image folders: their class folders
+    teacher_mean: tuple[float, ...] | None = None
+    teacher_std: tuple[float, ...] | None = None
 
     def __str__(self) -> str:
         norm = f"mean {_fmt(self.mean)} std {_fmt(self.std)} from {self.stats}" if self.mean else \
             f"normalised with {self.stats}"
+        if self.teacher_mean is not None:
+            norm = f"student: {norm}; teacher renormalised to its own mean {_fmt(self.teacher_mean)} std " \
+                   f"{_fmt(self.teacher_std)} (its pretrained_cfg)"
         crop = f", eval crop_pct {self.crop_pct}" if self.loader == "stream" else ""
         return f"{self.loader} ({self.reason}); {norm}{crop}"
 
@@ -507,7 +548,9 @@ class DataPlan:
                 "input_size": list(self.input_size), "train_images": self.train_images,
                 "test_images": self.test_images, "decoded_mb": self.decoded_mb,
                 "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "crop_pct": self.crop_pct, "stats": self.stats}
+                "crop_pct": self.crop_pct, "stats": self.stats,
+                "teacher_mean": list(self.teacher_mean) if self.teacher_mean else None,
+                "teacher_std": list(self.teacher_std) if self.teacher_std else None}
 
 
 def _fmt(values: tuple[float, ...] | None) -> str:

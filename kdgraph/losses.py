@@ -22,15 +22,20 @@ entry and, where users choose it, one spec field):
   field the compiler resolves it from (``resolve_params``; ``fmt`` is special: the teacher's
   ``FeatureFormat`` at the block end);
 - ``forward(*inputs)`` returns one scalar, or a dict of scalars in the order of ``terms``,
-  weighted already: the step's loss is the sum of every term.
+  weighted already: the step's loss is the sum of every term;
+- optionally ``progress = True``: ``forward`` also takes the keyword ``progress``, the epochs
+  done by the end of this step (fractional: step i of n in 0-based epoch e is e + (i + 1) / n, a
+  0-dim tensor or None), which the distiller passes from its caller (DKD's warm-up); nothing
+  else of the training state reaches a loss.
 
-The compiler (``compiler.blockgraph``) chooses each loss node's entry: the head's is ``kd``
-with a teacher and ``ce`` without; a block end's is ``loss.feature``; TPP's is ``tpp``. It
+The compiler (``compiler.blockgraph``) chooses each loss node's entry: the head's is the
+``entry`` of ``loss.logit``'s ``kdgraph.registry.LOGIT_LOSSES`` record (``kd``, ``dkd``,
+``dist``) with a teacher and ``ce`` without; a block end's is ``loss.feature``; TPP's is ``tpp``. It
 writes the entry, its resolved params and its term names into the block graph; every loss op
 of a stage's program carries them, and the distiller builds the op's module from the program
-alone (``create_loss``), never from the spec. A new head recipe (DKD, DIST, logit
-standardisation) is a ``head`` entry here plus the spec field that names it (read where the
-head's entry is chosen); a new feature loss is a ``feature`` entry plus its name among
+alone (``create_loss``), never from the spec. A new logit recipe is a ``head`` entry here
+plus its torch-free ``LOGIT_LOSSES`` record (name, entry, own spec fields, summary), which the
+spec's ``loss.logit`` offers; a new feature loss is a ``feature`` entry plus its name among
 ``loss.feature``'s choices.
 """
 
@@ -48,10 +53,10 @@ from torch import nn
 
 from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
-from kdgraph.registry import Registry
+from kdgraph.registry import LOGIT_LOSSES, Registry
 
 __all__ = ["LOSSES", "CrossEntropy", "DualViewFeatureMimicking", "FeatureMSE", "HeadLoss", "KLDivergence",
-           "TeacherParameterPerception", "create_loss", "no_autocast", "resolve_params", "term_names",
+           "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params", "term_names",
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
@@ -155,47 +160,11 @@ class FeatureMSE(nn.Module):
             return F.mse_loss(student_feature.float(), teacher_feature.detach().float())
 
 
-@LOSSES.register("kd")
-class HeadLoss(nn.Module):
-    """Loss of the head block: cross-entropy with the labels plus weighted KD (Hinton et al.).
-
-    ``ce = CE(y, z_s)`` (with label smoothing), ``kl = λ T^2 KL(softmax(z_t/T) || softmax(z_s/T))``
-    for student logits z_s, teacher logits z_t, labels y, weight λ and temperature T.
-
-    Dense (B, C, H, W) logits with (B, H, W) targets (a per-pixel task) give the per-pixel
-    CE and KL, each averaged over every pixel of the batch.
-
-    Returns ``{"ce": CE(y, label_smoothing), "kl": kl_weight * KLDivergence(T)}``; the
-    ``"kl"`` entry is absent when ``teacher_logits`` is None (plain supervised training).
-    The entries are already weighted, so the step's loss is the sum of the values.
-    """
-
-    summary = "cross-entropy with the labels plus weighted KL to the teacher's logits"
-    role = "head"
-    terms = ("ce", "kl")
-    params = {"kl_weight": "kl_weight", "temperature": "temperature", "label_smoothing": "label_smoothing"}
-
-    def __init__(self, kl_weight: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0):
-        super().__init__()
-        self.kl_weight = float(kl_weight)
-        self.label_smoothing = float(label_smoothing)
-        self.kl = KLDivergence(temperature)
-
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        targets: torch.Tensor,
-        teacher_logits: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        with no_autocast(student_logits):
-            ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
-        out = {"ce": ce}
-        if teacher_logits is not None:
-            out["kl"] = self.kl_weight * self.kl(student_logits, teacher_logits)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"kl_weight={self.kl_weight}, label_smoothing={self.label_smoothing}"
+def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``CE(y, z_s)`` in float32: ``targets`` class indices, or per-class probabilities (mixed
+    by Mixup/CutMix; the smoothing ε then gives (1 - ε) y + ε / C, timm's mixed smoothed target)."""
+    with no_autocast(student_logits):
+        return F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
 
 
 @LOSSES.register("ce")
@@ -214,8 +183,54 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with no_autocast(student_logits):
-            return F.cross_entropy(student_logits.float(), targets, label_smoothing=self.label_smoothing)
+        return cross_entropy(student_logits, targets, self.label_smoothing)
+
+
+@LOSSES.register("kd")
+class HeadLoss(nn.Module):
+    """Loss of the head block: cross-entropy with the labels plus weighted KD (Hinton et al.).
+
+    ``ce = w_ce CE(y, z_s)`` (with label smoothing), ``kl = λ T^2 KL(softmax(z_t/T) || softmax(z_s/T))``
+    for student logits z_s, teacher logits z_t, labels y, CE weight w_ce, weight λ and
+    temperature T. With ``standardize`` both logits are first Z-scored per sample
+    (``LogitStandardization``, Sun et al. 2024): ``z -> (z - mean(z)) / std(z)``, T the base
+    temperature. ``w_ce = 0`` is function matching (Beyer et al.): the KL alone.
+
+    Dense (B, C, H, W) logits with (B, H, W) targets (a per-pixel task) give the per-pixel
+    CE and KL, each averaged over every pixel of the batch.
+
+    Returns ``{"ce": w_ce CE(y, label_smoothing), "kl": kl_weight * KLDivergence(T)}``; the
+    ``"kl"`` entry is absent when ``teacher_logits`` is None (plain supervised training).
+    The entries are already weighted, so the step's loss is the sum of the values.
+    """
+
+    summary = LOGIT_LOSSES.get("kl").summary
+    role = "head"
+    terms = (*CrossEntropy.terms, "kl")
+    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature",
+              "label_smoothing": "label_smoothing", "standardize": "standardize"}
+
+    def __init__(self, kl_weight: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0,
+                 ce_weight: float = 1.0, standardize: bool = False):
+        super().__init__()
+        self.kl_weight, self.ce_weight = float(kl_weight), float(ce_weight)
+        self.label_smoothing = float(label_smoothing)
+        kl = KLDivergence(temperature)
+        self.kl = LogitStandardization(kl) if standardize else kl
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        if teacher_logits is not None:
+            out["kl"] = self.kl_weight * self.kl(student_logits, teacher_logits)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, label_smoothing={self.label_smoothing}"
 
 
 @LOSSES.register("tpp")
@@ -342,6 +357,8 @@ class DKD(nn.Module):
     checked: that would read them on the host every step; an index outside gives inf or nan).
     """
 
+    TERMS = ("tckd", "nckd")
+
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
         super().__init__()
         if temperature <= 0:
@@ -365,12 +382,11 @@ class DKD(nn.Module):
             gt = torch.arange(s.shape[1], device=s.device) == targets[:, None]
             tckd = _binary_kl(s, te, gt)
             nckd = _kl_rows(_drop_target(s, gt), _drop_target(te, gt))
-            return {"tckd": self.alpha * t * t * tckd.mean(), "nckd": self.beta * t * t * nckd.mean()}
+            return dict(zip(self.TERMS, (self.alpha * t * t * tckd.mean(), self.beta * t * t * nckd.mean())))
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
-        terms = self.terms(student_logits, teacher_logits, targets)
-        return terms["tckd"] + terms["nckd"]
+        return sum(self.terms(student_logits, teacher_logits, targets).values())
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
@@ -443,6 +459,8 @@ class DIST(nn.Module):
     the batch.
     """
 
+    TERMS = ("inter", "intra")
+
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         super().__init__()
         if temperature <= 0:
@@ -460,11 +478,10 @@ class DIST(nn.Module):
             y_t = F.softmax(te.detach().float() / tau, dim=-1)
             inter = 1 - _pearson_rows(y_s, y_t).mean()
             intra = 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
-            return {"inter": self.beta * tau * tau * inter, "intra": self.gamma * tau * tau * intra}
+            return dict(zip(self.TERMS, (self.beta * tau * tau * inter, self.gamma * tau * tau * intra)))
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        terms = self.terms(student_logits, teacher_logits)
-        return terms["inter"] + terms["intra"]
+        return sum(self.terms(student_logits, teacher_logits).values())
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
@@ -511,3 +528,83 @@ class LogitStandardization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+
+# --- the head entries of DKD and DIST (``loss.logit``): cross-entropy plus the logit loss ------
+
+@LOSSES.register("dkd")
+class DecoupledKDHead(nn.Module):
+    """Head loss with DKD (Zhao et al. 2022): ``ce = w_ce CE(y, z_s)``, and ``tckd``, ``nckd`` =
+    ``w(e) T^2 alpha mean TCKD``, ``w(e) T^2 beta mean NCKD`` (``DKD``'s formulas), where
+    ``w(e) = min(e / E_w, 1)`` is the warm-up after e epochs of training (``progress``) over
+    E_w = ``warmup_epochs`` epochs (0: ``w = 1``), as ``dkd_warmup``. With ``standardize`` both
+    logits are Z-scored per sample first (``LogitStandardization``, T the base temperature).
+    Labels must be class indices (DKD splits on the target class)."""
+
+    summary = LOGIT_LOSSES.get("dkd").summary
+    role = "head"
+    terms = (*CrossEntropy.terms, *DKD.TERMS)
+    params = {"ce_weight": "ce_weight", "label_smoothing": "label_smoothing", "alpha": "dkd_alpha",
+              "beta": "dkd_beta", "temperature": "temperature", "warmup_epochs": "dkd_warmup_epochs",
+              "standardize": "standardize"}
+    progress = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
+                 label_smoothing: float = 0.0, warmup_epochs: float = 0.0, standardize: bool = False):
+        super().__init__()
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.ce_weight, self.label_smoothing, self.warmup_epochs = float(ce_weight), float(label_smoothing), \
+            float(warmup_epochs)
+        dkd = DKD(alpha, beta, temperature)
+        self.dkd = LogitStandardization(dkd) if standardize else dkd
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
+                progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+        if targets.is_floating_point():
+            raise ValueError("DKD splits on the target class: it needs class indices, not mixed soft targets")
+        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        warm = self._warmup(progress, student_logits.device)
+        return out | {k: warm * v for k, v in self.dkd.terms(student_logits, teacher_logits, targets).items()}
+
+    def _warmup(self, progress, device) -> torch.Tensor | float:
+        """``min(progress / warmup_epochs, 1)`` on the device (no host sync, one graph under compile)."""
+        if self.warmup_epochs == 0:
+            return 1.0
+        if progress is None:
+            raise ValueError(f"DKD's warm-up over {self.warmup_epochs} epochs needs the training progress: "
+                             "call the distiller with progress=")
+        return (torch.as_tensor(progress, dtype=torch.float32, device=device) / self.warmup_epochs).clamp(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"ce_weight={self.ce_weight}, label_smoothing={self.label_smoothing}, warmup_epochs={self.warmup_epochs}"
+
+
+@LOSSES.register("dist")
+class DISTHead(nn.Module):
+    """Head loss with DIST (Huang et al. 2022): ``ce = w_ce CE(y, z_s)``, ``inter = beta L_inter``,
+    ``intra = gamma L_intra`` (``DIST``'s Pearson-correlation relations at temperature tau). With
+    ``standardize`` both logits are Z-scored per sample first. The intra-class term relates the
+    samples of the batch: the batch is what one forward sees."""
+
+    summary = LOGIT_LOSSES.get("dist").summary
+    role = "head"
+    terms = (*CrossEntropy.terms, *DIST.TERMS)
+    params = {"ce_weight": "ce_weight", "label_smoothing": "label_smoothing", "beta": "dist_beta",
+              "gamma": "dist_gamma", "temperature": "temperature", "standardize": "standardize"}
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, ce_weight: float = 1.0,
+                 label_smoothing: float = 0.0, standardize: bool = False):
+        super().__init__()
+        self.ce_weight, self.label_smoothing = float(ce_weight), float(label_smoothing)
+        dist = DIST(beta, gamma, temperature)
+        self.dist = LogitStandardization(dist) if standardize else dist
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        return out | self.dist.terms(student_logits, teacher_logits)
+
+    def extra_repr(self) -> str:
+        return f"ce_weight={self.ce_weight}, label_smoothing={self.label_smoothing}"

@@ -2,27 +2,29 @@
 schedules, augmentations, methods). The spec's validation, the plan and the runtime all
 read these, so a name registered here is valid everywhere at once.
 
-This module does not import torch. Entries whose implementation needs it are registered
-where they are implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``);
-their registry imports that module the first time it is read, so that a torch-free caller
-such as the spec's validation sees the built-in entries without importing them itself.
-Methods and augmentations are plain descriptions, registered below.
+This module does not import torch, nor any module of kdgraph. Every built-in name is
+declared here, so that a torch-free caller such as the spec's validation sees them all;
+an entry whose implementation needs torch registers itself against its declared name where
+it is implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``), and only
+those modules read such entries. Methods, augmentations and logit losses are plain
+descriptions, registered here in full.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "LOGIT_LOSSES",
     "METHODS",
     "MODEL_SOURCES",
     "SCHEDULES",
     "Augmentation",
+    "LogitLoss",
     "Method",
     "Registry",
     "UnknownName",
@@ -40,21 +42,23 @@ class UnknownName(LookupError):
 
 
 class Registry(Generic[T]):
-    """Named entries of one ``kind``, in registration order.
+    """Named entries of one ``kind``, in declaration and then registration order.
 
-    ``home`` is the module that registers the built-in entries; it is imported the first
-    time the registry is read (not when it is written to, which is what that module does).
+    ``declared`` names are valid from the start (``names``, ``in``); their entries are
+    registered by ``home``, the module that implements them, when it is imported. Reading
+    a declared entry before that is an error that names ``home``.
     """
 
-    def __init__(self, kind: str, home: str | None = None):
+    def __init__(self, kind: str, declared: Iterable[str] = (), home: str | None = None):
         self.kind = kind
         self._home = home
-        self._entries: dict[str, T] = {}
+        self._entries: dict[str, T | None] = dict.fromkeys(declared)
 
     def register(self, name: str, entry: T | None = None, *, overwrite: bool = False) -> Any:
         """Add ``entry`` under ``name``; without ``entry``, a decorator that adds what it decorates.
 
-        A name already taken is an error unless ``overwrite``.
+        A name already registered is an error unless ``overwrite``; a declared name without
+        an entry yet takes ``entry`` in its place.
         """
         if entry is None:
             def decorate(fn: T) -> T:
@@ -62,29 +66,37 @@ class Registry(Generic[T]):
                 return fn
 
             return decorate
-        if name in self._entries and not overwrite:
+        if self._entries.get(name) is not None and not overwrite:
             raise ValueError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
         self._entries[name] = entry
         return entry
 
     def unregister(self, name: str) -> T:
         """Remove ``name`` and return its entry."""
-        self.get(name)
-        return self._entries.pop(name)
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
 
     def get(self, name: str) -> T:
         """The entry of ``name``; UnknownName, listing the registered names, if there is none."""
-        entries = self._loaded()
-        if name not in entries:
-            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {', '.join(entries)}")
-        return entries[name]
+        if name not in self._entries:
+            raise UnknownName(f"unknown {self.kind} {name!r}; registered: {', '.join(self._entries)}")
+        entry = self._entries[name]
+        if entry is None:
+            raise LookupError(f"{self.kind} {name!r} is declared but not registered yet: {self._home} "
+                              "registers it when imported")
+        return entry
 
     def names(self) -> list[str]:
-        """The registered names, in registration order."""
-        return list(self._loaded())
+        """The declared and registered names, in that order."""
+        return list(self._entries)
+
+    def unregistered(self) -> list[str]:
+        """Declared names whose entry is not registered (yet)."""
+        return [name for name, entry in self._entries.items() if entry is None]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._loaded()
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -92,20 +104,16 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
 
-    def _loaded(self) -> dict[str, T]:
-        if self._home is not None:
-            importlib.import_module(self._home)  # a no-op once imported, or while it is being imported
-        return self._entries
-
 
 # ------------------------------------------------------------------------- model sources
 
-MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry("model source", home="kdgraph.models")
+MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry(
+    "model source", declared=("timm", "torchvision", "module"), home="kdgraph.models")
 """``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
 
 
 PRETRAINED_SOURCES: Registry[tuple[Callable[[str], Any], Callable[..., Any]]] = Registry(
-    "pretrained model source", home="kdgraph.models")
+    "pretrained model source", declared=("timm", "torchvision"), home="kdgraph.models")
 """Sources whose models have pretrained weights -> (classes of the default weights, loader)."""
 
 
@@ -124,7 +132,9 @@ def model_source_choices() -> list[str]:
 
 # ------------------------------------------------------------------------------ datasets
 
-DATASETS: Registry[Callable[[Any, int], Any]] = Registry("dataset", home="kdgraph.data")
+DATASETS: Registry[Callable[[Any, int], Any]] = Registry(
+    "dataset", declared=("digits", "fashion-mnist", "imagefolder", "synthetic", "torchvision", "fashion-mnist-masks",
+                         "fashion-mnist-seg"), home="kdgraph.data")
 """The part of ``data.dataset`` before any colon -> ``loader(data_spec, seed) -> RawSplits``."""
 
 
@@ -140,7 +150,8 @@ def dataset_choices() -> list[str]:
 
 # ------------------------------------------------------------------------- LR schedules
 
-SCHEDULES: Registry[Callable[[Any, int], float]] = Registry("lr schedule", home="kdgraph.schedules")
+SCHEDULES: Registry[Callable[[Any, int], float]] = Registry(
+    "lr schedule", declared=("stage_cyclic", "onecycle", "cosine", "constant"), home="kdgraph.schedules")
 """``optim.lr_schedule`` -> ``lr(schedule: LRSchedule, step) -> float``."""
 
 
@@ -197,3 +208,38 @@ for _method in (
 ):
     METHODS.register(_method.name, _method)
 del _method
+
+
+# --------------------------------------------------------------------------- logit losses
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """A logit loss of the head block with a teacher (``loss.logit``), described without torch:
+    what the spec validates and the compiler chooses by. Its module is the ``head`` entry
+    ``entry`` of ``kdgraph.losses.LOSSES``, whose ``summary`` is this one and whose params read
+    ``own`` besides the fields every logit loss shares (``ce_weight``, ``label_smoothing``,
+    ``temperature``, ``standardize``); a test keeps the two equal."""
+
+    name: str
+    entry: str  # its kdgraph.losses.LOSSES entry (role head)
+    own: tuple[str, ...]  # loss.* fields only this logit loss reads (set with another: refused)
+    hard_labels: bool  # needs class indices, not mixed soft targets (refused with data.mixup)
+    batch_relations: bool  # relates the samples of a batch (refused with runtime.micro_batches > 1)
+    summary: str  # one line: the spec's description, the plan, errors
+
+
+LOGIT_LOSSES: Registry[LogitLoss] = Registry("logit loss")
+for _logit in (
+    LogitLoss("kl", entry="kd", own=("kl_weight",), hard_labels=False, batch_relations=False,
+              summary="cross-entropy with the labels plus weighted KL to the teacher's logits (Hinton et al.)"),
+    LogitLoss("dkd", entry="dkd", own=("dkd_alpha", "dkd_beta", "dkd_warmup_epochs"), hard_labels=True,
+              batch_relations=False,
+              summary="cross-entropy plus decoupled KD: target-class and non-target-class KL weighted apart "
+                      "(Zhao et al. 2022)"),
+    LogitLoss("dist", entry="dist", own=("dist_beta", "dist_gamma"), hard_labels=False, batch_relations=True,
+              summary="cross-entropy plus DIST: inter- and intra-class Pearson correlation of the "
+                      "probabilities (Huang et al. 2022)"),
+):
+    LOGIT_LOSSES.register(_logit.name, _logit)
+del _logit

@@ -36,20 +36,34 @@ def spec_table(c: Compiled) -> Table:
     t.add_column("value")
     t.add_row("teacher", _model_row(s.teacher) if s.teacher else "none (supervised)")
     t.add_row("student", _model_row(s.student))
+    m = s.data.mixup
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
-                      f"fraction {s.data.fraction}")
+                      f"fraction {s.data.fraction}" + (
+                          f"; mixup α {m.mixup_alpha} / cutmix α {m.cutmix_alpha} (p {m.prob}, switch {m.switch_prob}) "
+                          "on the batch teacher and student both see" if m else ""))
     t.add_row("loader", str(c.data) + (f", runtime.num_workers {s.runtime.num_workers}" if c.data.loader == "stream" else ""))
     t.add_row("method", f"{s.schedule.method}, {s.schedule.epochs} epochs, {s.decompose.blocks} blocks"
                         + (f", {s.schedule.recompositions} recompositions" if METHODS.get(s.schedule.method).decomposes else ""))
-    t.add_row("loss", f"kl_weight {s.loss.kl_weight}, T {s.loss.temperature}, feature {s.loss.feature}"
-                      + (f" (α {s.loss.dfm_alpha}, β {s.loss.dfm_beta})" if s.loss.feature == "dfm" else "")
-                      + (f", tpp weight {s.loss.tpp_weight}" if s.loss.tpp else ""))
+    for nodes, entry, params in loss_nodes(c.graph):
+        t.add_row("loss" if nodes == "head_loss" else "", f"{nodes}: {entry}" + (f" ({params})" if params else ""))
     t.add_row("optim", f"{s.optim.name} lr {s.optim.lr} wd {s.optim.weight_decay}, {s.optim.lr_schedule}")
     r = s.runtime
     t.add_row("runtime", f"device {r.device}, precision {r.precision}, compile {r.compile}, "
                          f"channels_last {r.channels_last}")
     t.add_row("output", str(s.output_dir))
     return t
+
+
+def loss_nodes(g: nx.DiGraph) -> list[tuple[str, str, str]]:
+    """(loss nodes, their LOSSES entry, its params) of the block graph, head first; the feature
+    losses of every block end with the same params on one row (``mse1..mse3``)."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for n, d in sorted(g.nodes(data=True), key=lambda nd: (nd[1].get("loss") != "head", nd[1].get("block", 0))):
+        if d["kind"] == "loss":
+            params = ", ".join(f"{k} {v}" for k, v in d["params"].items() if k != "fmt")
+            rows.setdefault((d["entry"], params), []).append(n)
+    return [(names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}", entry, params)
+            for (entry, params), names in rows.items()]
 
 
 def stages_table(art: ModelArtifacts) -> Table:
@@ -95,6 +109,11 @@ def blocks_table(c: Compiled) -> Table:
         shapes = f"{_cut_shape(b.teacher)} / {_cut_shape(b.student)}" if b.teacher else _cut_shape(b.student)
         t.add_row(str(b.index), b.teacher.description if b.teacher else "-", b.student.description, shapes, adapter,
                   f"{a.params:,}" if a else "", b.rule)
+    for p in c.pairing.pairs:  # loss.pairs: feature losses inside blocks, read by taps
+        a = p.adapter
+        t.add_row(f"{p.name} ({p.loss})", f"{p.teacher.label} (block {p.teacher_block})",
+                  f"{p.student.label} (block {p.student_block})", f"{_cut_shape(p.teacher)} / {_cut_shape(p.student)}",
+                  f"lift {a.kind} {a.lift[0]}→{a.lift[1]}" if a else "-", f"{a.lift_params:,}" if a else "", "explicit")
     return t
 
 
@@ -133,7 +152,7 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
-            "proxy": 2.8}
+            "proxy": 2.8, "tap": 1.4}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
@@ -144,10 +163,10 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2"}
     fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
-    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed"}
-    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy"):
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "tap": "dotted"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy", "tap"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)

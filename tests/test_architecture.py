@@ -6,7 +6,8 @@ Independent truth: the import statements themselves, read with ``ast`` from the 
 (not from ``sys.modules``). A floor is 1 + the highest floor a module imports at module level
 (imports under ``if TYPE_CHECKING:`` run for type checkers only and do not count there); a
 cycle and a layer counts imports anywhere, function-level ones and those under
-``TYPE_CHECKING`` included: a type imported for type checking is still an arrow.
+``TYPE_CHECKING`` included: a type imported for type checking is still an arrow. The climbs
+on the train path are read from Python's own import order, in a subprocess.
 """
 
 from __future__ import annotations
@@ -96,11 +97,78 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     assert up == []
 
 
+# What `kdgraph train` imports, in the order Python first imports it: a meta-path finder
+# that sees every import before any module is found logs each kdgraph name the first time.
+_FIRST_IMPORTS = r"""
+import sys
+
+order = []
+
+
+class FirstImports:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("kdgraph") and name not in order:
+            order.append(name)
+        return None
+
+
+sys.meta_path.insert(0, FirstImports())
+import kdgraph.cli.main  # `kdgraph train --help` stops here
+import kdgraph.runtime.loop  # the train command: imported first in cli.main.train,
+import kdgraph.spec  # then cli.main._load reads the spec
+print(" ".join(order))
+"""
+
+# Issue 23's goal is 3. Measured as below there are 11 (2026-12-01): cli.main's errors -> the
+# runtime; the compiler's first record (ir) -> its next pass; the spec package entered from
+# blockgraph below losses (registry -> spec, paths -> spec.loader -> compiler.boundaries); one
+# per compiler pass that brings a new library module (weights, imagefolder, scalekd); and the
+# runtime's returns after transforms, schedules, adapters. Each comes from a module importing
+# helpers of two layers, read in import-statement order; none is an import pointing up.
+# Lower this as the train path straightens; never raise it.
+MAX_CLIMBS_ON_THE_TRAIN_PATH = 11
+
+
+def _train_path() -> list[str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FIRST_IMPORTS], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return [m for m in out if m != "kdgraph"]
+
+
+def test_following_the_spec_through_train_returns_to_a_higher_layer_at_most_the_recorded_times():
+    """What is counted: the kdgraph modules that running `kdgraph train` imports (the CLI
+    module, then the train command's imports: kdgraph.runtime.loop and kdgraph.spec; the
+    function-level imports on that path add no module), in the order Python first imports
+    each (depth-first, in import-statement order; a package before its submodules), without
+    the namespace package ``kdgraph`` that Python imports before anything. A climb is one
+    module followed by one of a higher layer of LAYERS: the reader went down to a helper
+    and has to come back up. Issue 23's goal: at most 3 (MAX_CLIMBS_ON_THE_TRAIN_PATH)."""
+    path = _train_path()
+    climbs = [(a, b) for a, b in zip(path, path[1:]) if _layer(b) > _layer(a)]
+    assert path[0] == "kdgraph.cli" and "kdgraph.runtime.loop" in path
+    assert len(climbs) <= MAX_CLIMBS_ON_THE_TRAIN_PATH, "\n".join(
+        f"{a} ({LAYERS[_layer(a)][0].split(':')[0]}) -> {b} ({LAYERS[_layer(b)][0].split(':')[0]})" for a, b in climbs)
+
+
 def test_the_compiler_records_import_no_torch():
     """kdgraph.ir imports nothing of the passes (the layer test) and no torch, even lazily."""
     imported = _imports(ROOT / "kdgraph" / "ir.py", "kdgraph.ir", module_level=False, type_checking=True)
     assert not any(m == "torch" or m.startswith("torch.") for m in imported)
     assert {m for m in imported if m.startswith("kdgraph")} <= {"kdgraph.errors", "kdgraph.registry"}
+
+
+def test_the_registry_imports_nothing_behind_a_static_readers_back():
+    """kdgraph.registry declares the built-in names and imports no kdgraph module, no torch
+    and nothing by name at run time (importlib, ``__import__``): the modules that implement
+    the entries register them when they are imported, an arrow this test's graph sees."""
+    path = ROOT / "kdgraph" / "registry.py"
+    imported = _imports(path, "kdgraph.registry", module_level=False, type_checking=True)
+    assert not any(m.split(".")[0] in ("kdgraph", "torch", "importlib") for m in imported), imported
+    names = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+    assert not names & {"__import__", "import_module", "importlib"}
 
 
 MAX_FUNCTION_LINES = 80

@@ -1,6 +1,6 @@
 """bench/recipes.py's bookkeeping on fake results: best lr per recipe from the sweep (and the
 sweep's best cell counted as seed 0's), the best logit head for StableKD, the table and plot;
-and the grid's specs for the recipes today's schema knows are valid kdgraph specs."""
+and every recipe's spec of the grid is a valid kdgraph spec."""
 
 from __future__ import annotations
 
@@ -73,10 +73,11 @@ def test_grid_cells_and_specs(tmp_path):
 
     args = _args(tmp_path)
     assert recipes.grid_units(args) == 70  # 7 sweeps x 3 lrs (fm x2) + 8 x 2 x 3 main (fm x2) - the sweeps' best
-    for method in ("supervised", "kd", "stablekd-5/2"):
+    for method in recipes.ORDER:
         for fraction in (0.2, 1.0):
-            spec = load_spec(recipes.recipe_spec(args, method, fraction, 1, lr=0.1))
-            assert spec.schedule.epochs == recipes.BASE_EPOCHS[fraction]
+            head = recipes.LOGIT_RECIPES[0] if method == "stablekd-5/2+best" else None
+            spec = load_spec(recipes.recipe_spec(args, method, fraction, 1, lr=0.1, head=head))
+            assert spec.schedule.epochs == recipes.BASE_EPOCHS[fraction] * recipes.RECIPES[method].get("mult", 1)
             assert spec.data.augment == "crop+flip"
     fm = recipes.recipe_spec(args, "fm", 0.2, 0, lr=0.1)
     assert fm["schedule"]["epochs"] == 30 and fm["loss"]["ce_weight"] == 0.0 and "mixup" in fm["data"]

@@ -260,3 +260,77 @@ def test_bf16_under_autocast_gives_float32(name):
 def test_parameters_out_of_range_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+# -- the head entries of loss.logit: cross-entropy plus the logit loss, against the formulas --
+
+def hand_ce(s, y, smoothing=0.0):
+    """-sum_c q_c log softmax(s)_c, averaged over rows; q = (1 - eps) one-hot + eps / C, or the
+    given per-class probabilities y (mixed labels) smoothed the same way."""
+    q = y if y.is_floating_point() else torch.nn.functional.one_hot(y, s.shape[1]).to(s.dtype)
+    q = (1 - smoothing) * q + smoothing / s.shape[1]
+    return -(q * torch.log(softmax(s))).sum(1).mean()
+
+
+def test_kd_head_with_standardisation_and_ce_weight_matches_formula():
+    """Sun et al.'s KD+LS: ce = w_ce CE, kl = λ T^2 KL(softmax(Z(z_t)/T) || softmax(Z(z_s)/T))."""
+    from kdgraph.losses import HeadLoss
+
+    got = HeadLoss(kl_weight=9.0, temperature=2.0, label_smoothing=0.1, ce_weight=0.5, standardize=True)(
+        *f32(S), Y, *f32(T))
+    assert list(got) == ["ce", "kl"]
+    assert got["ce"].item() == pytest.approx(0.5 * hand_ce(S, Y, 0.1).item(), rel=1e-5)
+    want = 9.0 * 4.0 * kl(softmax(zscore(T) / 2.0), softmax(zscore(S) / 2.0)).mean()
+    assert got["kl"].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_kd_head_with_ce_weight_zero_is_function_matching_and_takes_mixed_labels():
+    from kdgraph.losses import HeadLoss
+
+    mixed = 0.7 * torch.nn.functional.one_hot(Y, 4).double() + 0.3 * torch.nn.functional.one_hot(Y.flip(0), 4)
+    got = HeadLoss(ce_weight=0.0, temperature=1.0)(*f32(S, mixed), *f32(T))
+    assert got["ce"].item() == 0.0
+    assert got["kl"].item() == pytest.approx(kl(softmax(T), softmax(S)).mean().item(), rel=1e-5)
+    ce = HeadLoss(label_smoothing=0.1)(*f32(S, mixed))["ce"]
+    assert ce.item() == pytest.approx(hand_ce(S, mixed, 0.1).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("progress, warm", [(0.5, 0.25), (1.0, 0.5), (3.0, 1.0)])
+def test_dkd_head_matches_formula_with_its_warmup(progress, warm):
+    """tckd and nckd are mdistiller's weighted terms (alpha 1, beta 0 gives TCKD alone, and the
+    other way round), times min(progress / warmup_epochs, 1); ce is w_ce CE."""
+    from kdgraph.losses import DecoupledKDHead
+
+    head = DecoupledKDHead(alpha=2.0, beta=8.0, temperature=4.0, ce_weight=0.5, warmup_epochs=2.0)
+    got = head(*f32(S), Y, *f32(T), progress=torch.tensor(progress))
+    assert list(got) == ["ce", "tckd", "nckd"]
+    assert got["ce"].item() == pytest.approx(0.5 * hand_ce(S, Y).item(), rel=1e-5)
+    assert got["tckd"].item() == pytest.approx(warm * hand_dkd(S, T, Y, 2.0, 0.0, 4.0).item(), rel=1e-4)
+    assert got["nckd"].item() == pytest.approx(warm * hand_dkd(S, T, Y, 0.0, 8.0, 4.0).item(), rel=1e-4)
+
+
+def test_dkd_head_standardized_matches_formula_and_needs_progress_only_with_a_warmup():
+    from kdgraph.losses import DecoupledKDHead
+
+    got = DecoupledKDHead(alpha=1.0, beta=8.0, temperature=2.0, standardize=True)(*f32(S), Y, *f32(T))
+    total = (got["tckd"] + got["nckd"]).item()
+    assert total == pytest.approx(hand_dkd(zscore(S), zscore(T), Y, 1.0, 8.0, 2.0).item(), rel=1e-4)
+    with pytest.raises(ValueError, match=r"^DKD's warm-up over 5.0 epochs needs the training progress"):
+        DecoupledKDHead(warmup_epochs=5.0)(*f32(S), Y, *f32(T))
+
+
+def test_dkd_head_refuses_mixed_labels():
+    from kdgraph.losses import DecoupledKDHead
+
+    with pytest.raises(ValueError, match="DKD splits on the target class: it needs class indices"):
+        DecoupledKDHead()(*f32(S), torch.full((3, 4), 0.25), *f32(T))
+
+
+def test_dist_head_matches_formula():
+    from kdgraph.losses import DISTHead
+
+    got = DISTHead(beta=2.0, gamma=0.5, temperature=3.0, ce_weight=0.25)(*f32(S), Y, *f32(T))
+    assert list(got) == ["ce", "inter", "intra"]
+    assert got["ce"].item() == pytest.approx(0.25 * hand_ce(S, Y).item(), rel=1e-5)
+    assert (got["inter"] + got["intra"]).item() == pytest.approx(hand_dist(S, T, 2.0, 0.5, 3.0).item(), rel=1e-4)
+    assert got["inter"].item() == pytest.approx(hand_dist(S, T, 2.0, 0.0, 3.0).item(), rel=1e-4)

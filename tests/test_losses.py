@@ -134,7 +134,7 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
-    assert LOSSES.names() == ["mse", "kd", "ce", "tpp", "dfm"]
+    assert LOSSES.names() == ["mse", "ce", "kd", "tpp", "dfm", "dkd", "dist"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
         cls = LOSSES.get(name)
@@ -154,7 +154,9 @@ def test_term_names_and_params_come_from_the_entries():
     assert term_names("mse", 3) == ("mse3",) and term_names("dfm", 2) == ("dfm2_direct", "dfm2_alt")
     assert term_names("kd") == ("ce", "kl") and term_names("ce") == ("ce",) and term_names("tpp") == ("tpp",)
     spec = {"kl_weight": 0.5, "temperature": 4.0, "label_smoothing": 0.1, "feature_weight": 2.0, "tpp_weight": 3.0}
-    assert resolve_params("kd", spec) == {"kl_weight": 0.5, "temperature": 4.0, "label_smoothing": 0.1}
+    spec |= {"ce_weight": 1.0, "standardize": False}
+    assert resolve_params("kd", spec) == {"ce_weight": 1.0, "kl_weight": 0.5, "temperature": 4.0,
+                                          "label_smoothing": 0.1, "standardize": False}
     assert resolve_params("mse", spec) == {"weight": 2.0}
     assert resolve_params("tpp", spec) == {"weight": 3.0, "temperature": 4.0}
 
@@ -187,5 +189,30 @@ def test_the_spec_offers_every_feature_loss_and_no_other():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
+    from kdgraph.spec.schema import LayerPair
+
     offered = typing.get_args(LossSpec.model_fields["feature"].annotation)
     assert sorted(offered) == sorted(n for n in LOSSES if LOSSES.get(n).role == "feature")
+    assert LayerPair.model_fields["loss"].annotation == LossSpec.model_fields["feature"].annotation
+
+
+def test_the_spec_offers_every_logit_loss_and_its_own_fields():
+    """``loss.logit``'s choices are LOGIT_LOSSES (torch-free, read by the spec); each names a
+    head entry of LOSSES with the same summary, whose params read exactly its own fields and
+    the shared ones, and no other logit loss's. The spec describes every choice."""
+    from kdgraph.losses import LOSSES
+    from kdgraph.registry import LOGIT_LOSSES
+    from kdgraph.spec import LossSpec
+
+    shared = {"ce_weight", "label_smoothing", "temperature", "standardize"}
+    heads_with_teacher = {n for n in LOSSES if LOSSES.get(n).role == "head"} - {"ce"}
+    assert {LOGIT_LOSSES.get(n).entry for n in LOGIT_LOSSES} == heads_with_teacher
+    description = LossSpec.model_fields["logit"].description
+    for name in LOGIT_LOSSES:
+        record = LOGIT_LOSSES.get(name)
+        cls = LOSSES.get(record.entry)
+        assert cls.role == "head" and cls.summary == record.summary
+        assert set(cls.params.values()) == shared | set(record.own), name
+        assert f"{name} ({record.summary})" in description
+        others = {f for n in LOGIT_LOSSES if n != name for f in LOGIT_LOSSES.get(n).own}
+        assert not others & set(record.own)

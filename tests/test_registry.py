@@ -15,6 +15,7 @@ from kdgraph.errors import SpecError
 from kdgraph.registry import (
     AUGMENTATIONS,
     DATASETS,
+    LOGIT_LOSSES,
     METHODS,
     MODEL_SOURCES,
     SCHEDULES,
@@ -62,6 +63,50 @@ def test_builtin_entries():
 def test_spec_and_registry_import_without_torch():
     code = "import kdgraph.spec, kdgraph.registry, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_spec_validation_sees_every_built_in_name_without_torch():
+    """The built-in names are declared in kdgraph.registry; validating a spec that uses
+    them imports neither torch nor the modules that implement them."""
+    code = """if True:
+        import sys
+        from kdgraph.spec import load_spec
+        from kdgraph.registry import DATASETS, METHODS, MODEL_SOURCES, SCHEDULES
+        kw = {"width": 8, "num_classes": 10}
+        for dataset in ("digits", "fashion-mnist-seg", "torchvision:CIFAR10"):
+            load_spec({"name": "t", "data": {"dataset": dataset},
+                       "teacher": {"model": "timm:resnet18", "pretrained": True},
+                       "student": {"model": "torchvision:resnet18"}})
+        for schedule in SCHEDULES.names():
+            load_spec({"name": "t", "student": {"model": "module:kdgraph.zoo:resnet_tiny_student", "kwargs": kw},
+                       "optim": {"lr_schedule": schedule}, "schedule": {"method": "supervised"}})
+        heavy = [m for m in ("torch", "kdgraph.models", "kdgraph.data", "kdgraph.schedules") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_every_declared_name_is_registered_by_its_home_module():
+    """A name declared in kdgraph.registry and never implemented fails here, not in a run."""
+    import kdgraph.data
+    import kdgraph.models
+    import kdgraph.schedules  # noqa: F401  (each registers its entries on import)
+    from kdgraph.registry import PRETRAINED_SOURCES
+
+    for registry in (MODEL_SOURCES, PRETRAINED_SOURCES, DATASETS, SCHEDULES, METHODS, AUGMENTATIONS):
+        assert registry.unregistered() == [], registry.kind
+
+
+def test_a_declared_name_is_valid_before_its_entry_is_registered():
+    colours = Registry[str]("colour", declared=("red",), home="a colour module")
+    assert colours.names() == ["red"] and "red" in colours
+    with pytest.raises(LookupError, match="colour 'red' is declared but not registered yet: a colour module"):
+        colours.get("red")
+    colours.register("green", "#0f0")
+    colours.register("red", "#f00")
+    assert colours.names() == ["red", "green"] and colours.get("red") == "#f00"
+    with pytest.raises(ValueError, match="colour 'red' is already registered"):
+        colours.register("red", "#e00")
 
 
 def _ramp(data_spec, seed):
@@ -157,16 +202,17 @@ def test_json_schema_lists_the_registry_names():
     assert defs["OptimSpec"]["properties"]["lr_schedule"]["enum"] == SCHEDULES.names()
     assert defs["DataSpec"]["properties"]["augment"]["enum"] == ["auto", *AUGMENTATIONS.names()]
     assert defs["DataSpec"]["properties"]["dataset"]["examples"] == dataset_choices()
+    assert defs["LossSpec"]["properties"]["logit"]["enum"] == LOGIT_LOSSES.names()
 
 
 def test_spec_field_descriptions_name_every_built_in_choice():
     """`kdgraph schema` and the JSON schema describe each choice field in prose; every built-in
     name of its registry must be there (a dataset added without its description fails here)."""
-    from kdgraph.spec.schema import DataSpec, ModelSpec, OptimSpec, ScheduleSpec
+    from kdgraph.spec.schema import DataSpec, LossSpec, ModelSpec, OptimSpec, ScheduleSpec
 
     fields = [(DataSpec, "dataset", DATASETS.names()), (DataSpec, "augment", AUGMENTATIONS.names()),
               (ScheduleSpec, "method", METHODS.names()), (OptimSpec, "lr_schedule", SCHEDULES.names()),
-              (ModelSpec, "model", MODEL_SOURCES.names())]
+              (ModelSpec, "model", MODEL_SOURCES.names()), (LossSpec, "logit", LOGIT_LOSSES.names())]
     for model, field, names in fields:
         description = model.model_fields[field].description
         assert names, field

@@ -141,6 +141,7 @@ class Compiled:
             "teacher": self.teacher.to_dict() if self.teacher else None,
             "student": self.student.to_dict(),
             "blocks": [b.to_dict() for b in self.pairing.blocks],
+            "pairs": [p.to_dict() for p in self.pairing.pairs],
             "adapters_in_use": self.plan.uses_adapters,
             "schedule": self.plan.to_dict(),
             "graph": graph_json(self.graph),

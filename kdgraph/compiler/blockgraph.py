@@ -2,7 +2,8 @@
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
 adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
-spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` and ScaleKD's ``tpp_loss``.
+spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` (``loss.logit``'s entry with a
+teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
 A loss node names its ``kdgraph.losses.LOSSES`` entry (``entry``), the entry's constructor
 arguments resolved from the spec (``params``) and the ``terms`` it adds (the names training
 logs), so that the runtime builds every loss from the graph alone. Every edge carries the
@@ -14,7 +15,11 @@ shape of the tensor on it and a ``kind``:
 - ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
 - ``loss``: the tensors that meet at a loss node;
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
-  blocks (nodes ``P_j``) to ``tpp_loss``.
+  blocks (nodes ``P_j``) to ``tpp_loss``;
+- ``tap``: S_i -> ``xs_p1`` and T_j -> ``xt_p1``, the value of an explicit layer pair's module
+  inside block i (j) of the student (teacher), read by a tap in that block's segment; the
+  pair's student side is lifted (``xlift_p1``) where the features differ and meets the
+  teacher's at the pair's feature loss (``mse_p1``). Pair nodes carry ``explicit=True``.
 
 At a multi-tensor cut (a U-Net's skips) an edge carries the list of its tensors' shapes,
 lift and lower act per tensor, a decompose edge feeds the next student block every teacher
@@ -34,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from kdgraph.errors import PlanError
-from kdgraph.ir import FeatureFormat, Pairing, graph_json
+from kdgraph.ir import ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
+from kdgraph.registry import LOGIT_LOSSES
 from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
@@ -55,12 +61,44 @@ def _key(shape) -> tuple:
 
 
 def _loss_node(g: nx.DiGraph, node: str, role: str, entry: str, block: int, loss_spec: Mapping[str, Any],
-               fmt: FeatureFormat | None = None) -> None:
-    """Add loss node ``node``: its LOSSES entry, that entry's params resolved from the spec, its terms."""
+               fmt: FeatureFormat | None = None, label: str | None = None, **attrs) -> None:
+    """Add loss node ``node``: its LOSSES entry, that entry's params resolved from the spec, its
+    terms (``{block}`` in their names is ``label``, by default the block index)."""
     if LOSSES.get(entry).role != role:
         raise PlanError(f"loss {entry!r} is a {LOSSES.get(entry).role} loss, not a {role} loss")
-    g.add_node(node, kind="loss", loss=role, block=block, entry=entry,
-               params=resolve_params(entry, loss_spec, fmt), terms=list(term_names(entry, block)))
+    g.add_node(node, kind="loss", loss=role, block=block, entry=entry, params=resolve_params(entry, loss_spec, fmt),
+               terms=list(term_names(entry, block if label is None else label)), **attrs)
+
+
+def _explicit_pair(g: nx.DiGraph, pair: ExplicitPair, loss_spec: Mapping[str, Any], input_hw: tuple[int, ...]) -> None:
+    """Pair ``pair``'s nodes: the student's tap ``xs_p1`` (after block S_i, the value inside it),
+    the teacher's ``xt_p1``, the student side's lift ``xlift_p1`` where the features differ, and
+    the loss node ``mse_p1`` (terms ``mse_p1``), all marked explicit."""
+    n = pair.name
+    s_shape, t_shape = list(pair.student.shape), list(pair.teacher.shape)
+    g.add_node(f"xs_{n}", kind="tap", role="student", block=pair.student_block, module=pair.student.label,
+               out_shape=s_shape, explicit=True)
+    g.add_node(f"xt_{n}", kind="tap", role="teacher", block=pair.teacher_block, module=pair.teacher.label,
+               out_shape=t_shape, explicit=True)
+    g.add_edge(f"S{pair.student_block}", f"xs_{n}", kind="tap", shape=g.nodes[f"S{pair.student_block}"]["out_shape"])
+    g.add_edge(f"T{pair.teacher_block}", f"xt_{n}", kind="tap", shape=g.nodes[f"T{pair.teacher_block}"]["out_shape"])
+    src = f"xs_{n}"
+    if pair.adapter is not None:
+        a = pair.adapter
+        g.add_node(f"xlift_{n}", kind="adapter", role="pair_lift", block=pair.student_block, channels=list(a.lift),
+                   out_shape=t_shape, params=a.lift_params, explicit=True)
+        g.add_edge(src, f"xlift_{n}", kind="adapted", shape=s_shape)
+        src = f"xlift_{n}"
+    fmt = FeatureFormat.of(pair.teacher, tuple(input_hw)) if "fmt" in LOSSES.get(pair.loss).params else None
+    _loss_node(g, f"{pair.loss}_{n}", "feature", pair.loss, pair.student_block,
+               {**loss_spec, "feature_weight": pair.weight}, fmt, label=f"_{n}", explicit=True)
+    g.add_edge(src, f"{pair.loss}_{n}", kind="loss", shape=t_shape)
+    g.add_edge(f"xt_{n}", f"{pair.loss}_{n}", kind="loss", shape=t_shape)
+
+
+def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool) -> str:
+    """The head loss's LOSSES entry: ``loss.logit``'s with a teacher, cross-entropy alone without."""
+    return LOGIT_LOSSES.get(loss_spec["logit"]).entry if has_teacher else "ce"
 
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
@@ -76,7 +114,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
-    _loss_node(g, "head_loss", "head", "kd" if has_teacher else "ce", k, loss_spec)
+    _loss_node(g, "head_loss", "head", head_entry(loss_spec, has_teacher), k, loss_spec)
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits
@@ -118,6 +156,8 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         fmt = FeatureFormat.of(block.teacher, tuple(input_shape[1:])) if "fmt" in LOSSES.get(feature).params else None
         _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
         g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
+    for pair in pairing.pairs:
+        _explicit_pair(g, pair, loss_spec, input_shape[1:])
     if has_teacher and tpp_block is not None:
         src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
         for j in range(tpp_block + 1, k + 1):
@@ -177,7 +217,7 @@ def node_label(n: str, d: dict) -> str:
 
 
 _DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted",
-              "proxy": "dashed"}
+              "proxy": "dashed", "tap": "dotted"}
 
 
 def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
@@ -214,6 +254,9 @@ def tpp_block_of(spec: Spec, pairing: Pairing) -> int | None:
 def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
                      input_size: tuple[int, int, int]) -> nx.DiGraph:
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
+    if spec.data.mixup is not None and models.student.dense:
+        raise PlanError("data.mixup: mixup mixes one class label per image; this student predicts a class per "
+                        "pixel (set data.mixup: null)")
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
                                        models.student.logits_shape, spec.loss.model_dump()))

@@ -38,6 +38,7 @@ MIN_BATCHNORM_PART = 4
 def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
     micro, batch = spec.runtime.micro_batches, spec.data.batch_size
     part = batch // micro
+    # One micro-batch is the batch the user chose: only a split makes the parts smaller.
     if micro > 1 and part < MIN_BATCHNORM_PART and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         raise SpecError("runtime.micro_batches",
                         f"{micro} micro-batches of a batch of {batch} leave parts of {part} sample(s), and the student "

@@ -26,10 +26,8 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     if data_spec.dataset != "imagefolder":
         return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
     if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):
-        mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
-                                                    "teacher" if teacher is not None else "student", input_size[0])
         return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
-                        input_size, None, None, None, mean, std, crop_pct, stats)
+                        input_size, None, None, None, **_normalisation(data_spec, teacher, student, input_size[0]))
     folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
     c, h, w = input_size
     if c not in (1, 3):
@@ -45,10 +43,8 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
         loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
     if folder.eval_split == "val" and (Path(folder.root) / "test").is_dir():
         reason += "; val/ is evaluated, test/ is not read"
-    mean, std, crop_pct, stats = _normalisation(data_spec, teacher if teacher is not None else student,
-                                                "teacher" if teacher is not None else "student", c)
     return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
-                    round(mb, 1), mean, std, crop_pct, stats, len(folder.classes))
+                    round(mb, 1), num_classes=len(folder.classes), **_normalisation(data_spec, teacher, student, c))
 
 
 def check_num_classes(data: DataPlan, predicted: int | None) -> None:
@@ -60,20 +56,42 @@ def check_num_classes(data: DataPlan, predicted: int | None) -> None:
                         "student.kwargs (and teacher.kwargs)")
 
 
-def _normalisation(data_spec: DataSpec, model: nn.Module, role: str, channels: int):
-    """(mean, std, crop_pct, where mean/std come from): the spec's, else the model's timm
-    pretrained_cfg (the teacher's: it sees the inputs the student is taught on; without a
-    teacher the student's, so that a teacher trained by kdgraph and the runs distilling
-    it agree), else None: the training split's statistics."""
+def _cfg(model: nn.Module | None) -> dict:
     cfg = getattr(model, "pretrained_cfg", None)  # timm models carry one; others do not
-    cfg = cfg if isinstance(cfg, dict) else {}
-    crop_pct = data_spec.crop_pct or cfg.get("crop_pct") or DEFAULT_CROP_PCT
-    if data_spec.mean is not None:
-        return tuple(data_spec.mean), tuple(data_spec.std), crop_pct, "the spec (data.mean/std)"
-    mean, std = cfg.get("mean"), cfg.get("std")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _cfg_norm(model: nn.Module | None, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The model's pretrained_cfg mean/std (0..1 pixel units) where it has them for ``channels``."""
+    mean, std = _cfg(model).get("mean"), _cfg(model).get("std")
     if mean is not None and std is not None and len(mean) == len(std) == channels:
-        return tuple(map(float, mean)), tuple(map(float, std)), crop_pct, f"the {role}'s pretrained_cfg"
-    return None, None, crop_pct, "the training split's statistics"
+        return tuple(map(float, mean)), tuple(map(float, std))
+    return None
+
+
+def _normalisation(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module, channels: int) -> dict:
+    """DataPlan's normalisation fields. The data's mean/std: the spec's, else the student's timm
+    pretrained_cfg where both models have one (each model is then fed its own, as timm's
+    distillation task does: ``teacher_mean``/``teacher_std`` where the teacher's differs), else
+    the teacher's (it sees the inputs the student is taught on) or, without a teacher, the
+    student's (so that a teacher trained by kdgraph and the runs distilling it agree), else
+    None: the training split's statistics, for both."""
+    model = teacher if teacher is not None else student
+    crop_pct = data_spec.crop_pct or _cfg(model).get("crop_pct") or DEFAULT_CROP_PCT
+    out: dict = {"crop_pct": crop_pct}
+    if data_spec.mean is not None:
+        return out | {"mean": tuple(data_spec.mean), "std": tuple(data_spec.std), "stats": "the spec (data.mean/std)"}
+    t_norm, s_norm = _cfg_norm(teacher, channels), _cfg_norm(student, channels)
+    if t_norm is not None and s_norm is not None:
+        out |= {"mean": s_norm[0], "std": s_norm[1], "stats": "the student's pretrained_cfg"}
+        if t_norm != s_norm:
+            out |= {"teacher_mean": t_norm[0], "teacher_std": t_norm[1]}
+        return out
+    norm = t_norm if teacher is not None else s_norm
+    if norm is not None:
+        return out | {"mean": norm[0], "std": norm[1],
+                      "stats": f"the {'teacher' if teacher is not None else 'student'}'s pretrained_cfg"}
+    return out | {"stats": "the training split's statistics"}
 
 
 def data_pass(spec: Spec, models: Models, input_size: tuple[int, int, int], mode: BuildMode) -> DataPlan:

@@ -14,16 +14,18 @@ where its widths differ (``TupleAdapterSpec``; a tensor of equal widths passes u
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kdgraph.errors import PlanError
-from kdgraph.ir import AdapterSpec, BlockPair, Boundary, Cut, FeatureFormat, Pairing, TupleAdapterSpec
+from kdgraph.compiler.cuts import find_cut_by_module
+from kdgraph.ir import AdapterSpec, BlockPair, Boundary, Cut, ExplicitPair, FeatureFormat, Pairing, TupleAdapterSpec
 from kdgraph.layouts import FormatAdapter
 from kdgraph.scalekd import CrossAttentionProjector
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.artifacts import ModelArtifacts, Models
     from kdgraph.spec import Spec
 
 
@@ -110,7 +112,44 @@ def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
     return Pairing(tuple(pairs) + (head,))
 
 
+def resolve_layer(art: ModelArtifacts, path: str, at: str) -> tuple[Cut, int]:
+    """The single-tensor cut that closes module ``path`` of ``art``'s model and the block it lies
+    in (a block's end belongs to that block). A path that is no module, or whose output is not a
+    cut, is a PlanError naming ``at`` (the spec's path) with the nearest names."""
+    cut = find_cut_by_module(list(art.cuts), path)
+    if cut is None or cut.multi:
+        modules = [name for name, _ in art.model.named_modules() if name]
+        if path not in modules:
+            near = difflib.get_close_matches(path, modules, n=3) or \
+                difflib.get_close_matches(path, [c.label for c in art.cuts], n=3)
+            hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+            raise PlanError(f"{at}: the {art.role} has no module {path!r}{hint}")
+        near = difflib.get_close_matches(path, [c.label for c in art.cuts if not c.multi], n=3)
+        hint = f"; cuts near it: {', '.join(near)}" if near else ""
+        raise PlanError(f"{at}: the output of the {art.role}'s {path!r} is not a single-tensor cut (other tensors "
+                        f"cross there){hint}; `kdgraph plan --format json` lists every cut")
+    ends = [b.cut.index for b in art.boundaries]
+    return cut, 1 + sum(1 for end in ends if end < cut.index)
+
+
+def explicit_pairs(spec: Spec, models: Models, input_hw: tuple[int, int]) -> tuple[ExplicitPair, ...]:
+    """The spec's ``loss.pairs`` resolved to cuts and blocks, each with the adapter that lifts the
+    student's feature to the teacher's (as a block end's; the conv1x1 kind, no CAP)."""
+    out = []
+    for j, pair in enumerate(spec.loss.pairs, start=1):
+        s, s_block = resolve_layer(models.student, pair.student, f"loss.pairs.{j - 1}.student")
+        t, t_block = resolve_layer(models.teacher, pair.teacher, f"loss.pairs.{j - 1}.teacher")
+        if not _same_grid(t, s) and ("vector" in (t.layout, s.layout) or "other" in (t.layout, s.layout)):
+            raise PlanError(f"loss.pairs.{j - 1}: the student's '{s.label}' ({s.layout} {list(s.shape)}) and the "
+                            f"teacher's '{t.label}' ({t.layout} {list(t.shape)}) cannot be converted into each other")
+        out.append(ExplicitPair(j, s, t, s_block, t_block, _adapter(j, t, s, input_hw, "conv1x1"), pair.loss,
+                                pair.weight))
+    return tuple(out)
+
+
 def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
-    """Pass 7: teacher and student blocks paired, adapters planned where they differ."""
+    """Pass 7: teacher and student blocks paired, adapters planned where they differ; the spec's
+    explicit layer pairs resolved."""
     teacher = list(models.teacher.boundaries) if models.teacher else None
-    return pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
+    pairing = pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
+    return replace(pairing, pairs=explicit_pairs(spec, models, input_size[1:])) if spec.loss.pairs else pairing

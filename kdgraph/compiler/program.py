@@ -2,8 +2,8 @@
 
 ``stage_program`` takes the edges one stage uses (``stage_edges``), keeps the
 nodes some loss depends on, and orders them: the frozen teacher's blocks first, then each
-student block followed by what reads it (its lift, TPP's proxy path, its feature loss, the
-lower feeding the next block). Every operation names the graph node it computes and the
+student block followed by what reads it (its lift, the taps of explicit layer pairs inside
+it, TPP's proxy path, its feature loss, the lower feeding the next block). Every operation names the graph node it computes and the
 nodes it reads, so the runtime executes exactly this list (``Distiller.forward``), and the
 loss terms a stage is trained with are those of its loss nodes.
 
@@ -58,6 +58,8 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
             edges += [(f"P{k}", "tpp_loss"), (f"T{k}", "tpp_loss")]
     if has_teacher:
         edges += [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "teacher"]
+    # explicit layer pairs: in every stage (each stage trains every block), read by taps
+    edges += [(u, v) for u, v in g.edges() if g.nodes[v].get("explicit")]
     return list(dict.fromkeys(edges))
 
 
@@ -72,7 +74,7 @@ def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
 
 # Among nodes ready at once: the teacher first, then per block: the block, its lift, TPP's
 # proxy path and loss, its feature loss, the lower that feeds the next block; the head loss last.
-_ORDER = {"student": 0, "lift": 1, "proxy": 2, "tpp": 3, "feature": 4, "lower": 5, "head": 6}
+_ORDER = {"student": 0, "tap": 1, "pair_lift": 1, "lift": 1, "proxy": 2, "tpp": 3, "feature": 4, "lower": 5, "head": 6}
 
 
 def _rank(g: nx.DiGraph, n: str) -> tuple[int, int, int, int]:
@@ -80,8 +82,10 @@ def _rank(g: nx.DiGraph, n: str) -> tuple[int, int, int, int]:
     kind = d["kind"]
     if kind in ("input", "labels"):
         return (0, 0, 0, 0)
-    if kind == "teacher":
-        return (1, d["block"], 0, 0)
+    if kind == "teacher" or (kind == "tap" and d["role"] == "teacher"):
+        return (1, d["block"], int(kind == "tap"), 0)
+    if kind == "tap":
+        return (2, d["block"], _ORDER["tap"], 0)
     if kind == "proxy":
         return (2, g.graph["tpp_block"], _ORDER["proxy"], d["block"])
     if kind == "adapter":

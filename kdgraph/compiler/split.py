@@ -7,6 +7,12 @@ after it takes one argument per tensor; single-tensor cuts stay plain tensors. S
 root, so they hold the very submodules and parameters of the model: training a segment
 trains the model. Nodes that do not depend on the input (get_attr, constant arithmetic)
 are copied into every segment that uses them.
+
+An explicit layer pair (``Pairing.pairs``) whose cut lies inside a block is read by a ``Tap``:
+an identity module inserted after the cut's node in that block's segment (a submodule of the
+segment, not of the model: the model's state is unchanged), which keeps the value passing
+through while armed. The tap of pair ``p1`` in the student is ``kdgraph_tap_xs_p1``, in the
+teacher ``kdgraph_tap_xt_p1`` (the block graph's node names); a pair at a block's end needs none.
 """
 
 from __future__ import annotations
@@ -19,9 +25,40 @@ import torch.fx as fx
 from torch import nn
 
 from kdgraph.errors import PlanError
+from kdgraph.ir import Pairing
 
 if TYPE_CHECKING:
     from kdgraph.compiler.artifacts import Models, TracedModel
+
+TAP_PREFIX = "kdgraph_tap_"
+
+
+class Tap(nn.Module):
+    """Identity that keeps the tensor passing through in ``value`` while ``armed`` (the
+    distiller arms the taps of a training step and takes their values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.value = None
+
+    def forward(self, x):
+        if self.armed:
+            self.value = x
+        return x
+
+
+def insert_tap(segment: fx.GraphModule, node_name: str, tap_name: str) -> None:
+    """A ``Tap`` named ``TAP_PREFIX + tap_name`` after node ``node_name`` of ``segment``, every
+    user of the node reading it through the tap."""
+    node = next((n for n in segment.graph.nodes if n.name == node_name), None)
+    if node is None:
+        raise PlanError(f"{segment.__class__.__name__}: no node {node_name!r} to tap")
+    segment.add_submodule(TAP_PREFIX + tap_name, Tap())
+    with segment.graph.inserting_after(node):
+        tapped = segment.graph.call_module(TAP_PREFIX + tap_name, (node,))
+    node.replace_all_uses_with(tapped, delete_user_cb=lambda user: user is not tapped)
+    segment.recompile()
 
 
 
@@ -103,8 +140,16 @@ def split_segments(traced: TracedModel, boundaries: Sequence[str | Sequence[str]
     return nn.ModuleList(segments)
 
 
-def split_pass(models: Models) -> Models:
-    """Pass 8: each model split at its block boundaries into segments (shared parameters)."""
-    return models.map(lambda art: replace(
-        art, segments=tuple(split_segments(art.traced, [b.cut.nodes if b.cut.multi else b.cut.node
-                                                         for b in art.boundaries]))))
+def split_pass(models: Models, pairing: Pairing) -> Models:
+    """Pass 8: each model split at its block boundaries into segments (shared parameters), with a
+    tap for each explicit layer pair inside a block."""
+    def one(art):
+        segments = split_segments(art.traced, [b.cut.nodes if b.cut.multi else b.cut.node for b in art.boundaries])
+        ends = {b.cut.node for b in art.boundaries}
+        for pair in pairing.pairs:
+            cut, block = (pair.student, pair.student_block) if art.role == "student" else \
+                (pair.teacher, pair.teacher_block)
+            if cut.node not in ends:
+                insert_tap(segments[block - 1], cut.node, f"x{art.role[0]}_{pair.name}")
+        return replace(art, segments=tuple(segments))
+    return models.map(one)

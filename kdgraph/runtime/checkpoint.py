@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime.runs import readable
+from kdgraph.runtime.runs import PREVIOUS_CHECKPOINT, readable
 from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
 
 
@@ -124,7 +124,8 @@ class CheckpointWriteError(KDGraphError):
 
 
 def previous_of(path: Path) -> Path:
-    return Path(path).with_name("prev.pt")
+    """Where ``save_atomic(..., keep_previous=True)`` keeps the file it replaces at ``path``."""
+    return Path(path).with_name(PREVIOUS_CHECKPOINT)
 
 
 def _keep_as_previous(path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from kdgraph.runtime.techniques import use_channels_last, use_cudnn_benchmark
+from kdgraph.transforms import MixupCutmix
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -38,6 +39,10 @@ class RuntimeConfig:
     bn_recalibrate_batches: int | None  # training batches the re-estimate reads; None: an epoch
     track_stability: bool
     tensorboard: bool
+    seed: int  # keys the per-batch draws of mixup
+    # consistent teaching: the one batch teacher and student see is mixed (None: off); the CE
+    # term's label smoothing applies to the mixed targets, so the mix itself adds none
+    mixup: MixupCutmix | None = None
 
     def __str__(self) -> str:
         return "\n".join(f"{f.name}: {getattr(self, f.name)}" for f in fields(self))
@@ -53,4 +58,5 @@ def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> 
         batch_size=spec.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
         eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate,
         bn_recalibrate_batches=rt.bn_recalibrate_batches, track_stability=rt.track_stability,
-        tensorboard=rt.log == "tensorboard")
+        tensorboard=rt.log == "tensorboard", seed=spec.seed,
+        mixup=None if spec.data.mixup is None else MixupCutmix(**spec.data.mixup.model_dump(), label_smoothing=0.0))

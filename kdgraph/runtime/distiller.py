@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kdgraph.adapters import build_adapters
+from kdgraph.adapters import build_adapters, build_pair_lifts
+from kdgraph.compiler.split import TAP_PREFIX, Tap
 from kdgraph.ir import Op, TrainingStage
 from kdgraph.losses import create_loss
 from kdgraph.registry import Registry
 from kdgraph.runtime.chain import StudentChain, run_program
 from kdgraph.runtime.teacher import FrozenTeacher
+from kdgraph.transforms import Renormalize
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled
@@ -39,6 +41,7 @@ class StepState:
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+    progress: torch.Tensor | float | None = None  # epochs done by the end of this step (losses with ``progress``)
 
 
 OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
@@ -46,6 +49,15 @@ OP_KINDS: Registry[OpFn] = Registry("program op kind")
 """An op's ``kind`` -> ``fn(distiller, op, inputs, state)``: the value of ``op.node`` (a loss
 op adds its terms to ``state.terms``). A new kind of op (a cached teacher, say) is one entry
 here and one kind of node in the block graph."""
+
+
+def teacher_normalize(compiled: Compiled) -> Renormalize | None:
+    """The map from the student's normalisation to the teacher's, where the plan gives the
+    teacher its own (``DataPlan.teacher_mean``); None where both see the same batch."""
+    data = compiled.data
+    if data is None or data.teacher_mean is None:
+        return None
+    return Renormalize(data.mean, data.std, data.teacher_mean, data.teacher_std)
 
 
 class Distiller(nn.Module):
@@ -59,10 +71,16 @@ class Distiller(nn.Module):
         self.chain = StudentChain(compiled.student.segments)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments)
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
+        # Explicit layer pairs: the student side's lifts (trained), and the taps inside the
+        # blocks of both models (in their segments, outside every module tree), by graph node.
+        self.pair_lifts = build_pair_lifts(compiled.pairing)
+        segments = list(self.chain.segments) + (list(self.teacher.segments) if self.teacher else [])
+        self.taps: dict[str, Tap] = {name.removeprefix(TAP_PREFIX): m for seg in segments
+                                     for name, m in seg.named_children() if isinstance(m, Tap)}
         self.losses: dict[str, nn.Module] = {
             op.node: create_loss(op.entry, dict(op.params))
             for st in plan.stages for op in st.program.ops if op.kind == "loss"}
@@ -88,6 +106,11 @@ class Distiller(nn.Module):
             self.teacher.freeze()  # whatever happened to it since (a user's .train()), eval again
 
     @property
+    def needs_progress(self) -> bool:
+        """Some loss of the plan declares ``progress`` (DKD's warm-up): the caller passes it."""
+        return any(getattr(loss, "progress", False) for loss in self.losses.values())
+
+    @property
     def adapters_in_inference(self) -> tuple[int, ...]:
         """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
         return self.inference_program.adapter_blocks
@@ -103,11 +126,20 @@ class Distiller(nn.Module):
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
                            whole=self.student)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor,
+                progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
-        each group starts from the input or from a (no-grad) teacher feature."""
-        state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {})
-        run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
+        each group starts from the input or from a (no-grad) teacher feature. ``progress``, the
+        epochs done by the end of this step (fractional; a 0-dim tensor keeps a compiled step
+        from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up)."""
+        for tap in self.taps.values():
+            tap.armed = True
+        try:
+            state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, progress=progress)
+            run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
+        finally:
+            for tap in self.taps.values():
+                tap.armed, tap.value = False, None
         return state.terms
 
     def run_op(self, op: Op, inputs: list[Any], state: StepState) -> Any:
@@ -139,6 +171,19 @@ def _lower(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.adapters[str(op.block)].lower(inputs[0])
 
 
+@OP_KINDS.register("tap")
+def _tap(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """An explicit layer pair's feature: what the tap inside block ``op.block`` kept when the
+    block ran, or the block's output itself where the pair's cut is the block's end."""
+    tap = d.taps.get(op.node)
+    return inputs[0] if tap is None else tap.value
+
+
+@OP_KINDS.register("pair_lift")
+def _pair_lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    return d.pair_lifts[op.node](inputs[0])
+
+
 @OP_KINDS.register("proxy")
 def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
@@ -150,5 +195,6 @@ def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 def _loss(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> None:
     """The op's loss module on its inputs; its values, in the order of its terms, are logged
     under the op's term names."""
-    out = d.losses[op.node](*inputs)
+    loss = d.losses[op.node]
+    out = loss(*inputs, progress=state.progress) if getattr(loss, "progress", False) else loss(*inputs)
     state.terms.update(zip(op.terms, out.values() if isinstance(out, Mapping) else (out,)))

@@ -168,6 +168,7 @@ class Trainer:
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
         self.stop: dict = {"signal": None}
+        self.progress: torch.Tensor | None = None  # of the current step, set by train_epoch
 
     @property
     def main(self) -> bool:
@@ -238,6 +239,8 @@ class Trainer:
         self.reporter.start_epoch(epoch, stage, start)
         meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
         for step, (xb, yb) in enumerate(meter.batches, start=start):
+            xb, yb = self.mix(xb, yb, epoch, step)
+            self.progress = self.progress_at(epoch, step)
             terms, loss = self.train_step(xb, yb)
             self.global_step += 1
             if self.tracker is not None:
@@ -248,6 +251,24 @@ class Trainer:
             self.reporter.advance()
             self.checkpoint_if_due(epoch, step + 1, terms, loss)
         self.end_epoch(meter, stage, epoch)
+
+    def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consistent teaching (``data.mixup``): the batch mixed once, before the step, so that
+        the teacher and the student read the same tensor; the labels become mixed soft targets.
+        The draw is a function of (seed, epoch, this rank's batch position): a resumed run
+        mixes exactly as the uninterrupted one."""
+        mixup = self.config.mixup
+        if mixup is None:
+            return xb, yb
+        position = step * self.info.world_size + self.info.rank
+        return mixup(xb, yb, self.config.seed, epoch, [position], self.compiled.num_classes or self.data.num_classes)
+
+    def progress_at(self, epoch: int, step: int) -> torch.Tensor | None:
+        """Epochs done by the end of ``step`` (e + (i + 1) / n), for the losses that read it
+        (DKD's warm-up); a device tensor, so a compiled step does not recompile per value."""
+        if not self.distiller.needs_progress:
+            return None
+        return torch.tensor(epoch + (step + 1) / len(self.data.train), device=self.device)
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
@@ -272,7 +293,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 with autocast(cfg.precision, cfg.device):
-                    part = self.step_module(xm, ym)
+                    part = self.step_module(xm, ym, progress=self.progress)
                     part_loss = sum(part.values())
                 self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
             if len(parts) == 1:

@@ -31,10 +31,14 @@ RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every
                      "runtime.prefetch_factor")
 
 
+PREVIOUS_CHECKPOINT = "prev.pt"
+"""The name the checkpoint writer gives the checkpoint it replaces, beside the new one
+(``checkpoint.previous_of`` reads it here)."""
+
+
 @dataclass(frozen=True)
 class RunFolder:
-    """Every path of a run's output folder, each spelled here only (``checkpoint.previous_of``
-    names prev.pt beside any file it rotates, as the checkpoint writer keeps it)."""
+    """Every path of a run's output folder, each spelled here only."""
 
     root: Path
 
@@ -51,7 +55,7 @@ class RunFolder:
 
     @property
     def previous_checkpoint(self) -> Path:
-        return self.checkpoints / "prev.pt"
+        return self.checkpoints / PREVIOUS_CHECKPOINT
 
     @property
     def corrupt_checkpoint(self) -> Path:

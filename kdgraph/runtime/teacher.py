@@ -6,7 +6,7 @@ reaches it: ``distiller.train()`` leaves its BatchNorm, dropout and drop-path in
 mode, BatchNorm re-estimation never resets its statistics, ``state_dict`` (and so every
 checkpoint) holds no teacher tensor, and DDP neither wraps it nor broadcasts its buffers.
 
-    teacher = FrozenTeacher(model, segments)
+    teacher = FrozenTeacher(model, segments, normalize)  # normalize: the student's input -> the teacher's
     teacher.apply_(fn)                  # a move or cast of its owner reaches it
     feats = teacher.features(x, {2, 4}) # block ends 2 and 4, computed without autograd
     z = teacher.block(4, h)             # block 4 with autograd on h (TPP's proxy path)
@@ -20,14 +20,19 @@ import torch
 from torch import nn
 
 from kdgraph.runtime.chain import call_segment
+from kdgraph.transforms import Renormalize
 
 
 class FrozenTeacher:
-    """A teacher model and its block segments (which share its submodules), frozen."""
+    """A teacher model and its block segments (which share its submodules), frozen.
 
-    def __init__(self, model: nn.Module, segments: Iterable[nn.Module]):
+    ``normalize`` (a ``kdgraph.transforms.Renormalize``, None: the identity) maps the batch the
+    student sees to the teacher's own normalisation, before its first block and its logits."""
+
+    def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None):
         self.model = model
         self.segments = list(segments)
+        self.normalize = normalize
         self.freeze()
 
     def freeze(self) -> FrozenTeacher:
@@ -43,6 +48,12 @@ class FrozenTeacher:
         self.model._apply(fn)
         for seg in self.segments:
             seg._apply(fn)
+        if self.normalize is not None:
+            self.normalize.scale, self.normalize.shift = fn(self.normalize.scale), fn(self.normalize.shift)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's batch as the teacher wants it (its own normalisation)."""
+        return x if self.normalize is None else self.normalize(x)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:
@@ -53,7 +64,7 @@ class FrozenTeacher:
         input, which inference tensors refuse.
         """
         feats: dict[int, torch.Tensor] = {}
-        h = x
+        h = self.input(x)
         for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
             h = call_segment(seg, h)
             if i in needed:
@@ -68,4 +79,4 @@ class FrozenTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits (for its top-1)."""
-        return self.model(x)
+        return self.model(self.input(x))

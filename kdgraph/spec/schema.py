@@ -39,6 +39,7 @@ from kdgraph.paths import NAME_MAX, PATH_MAX, path_problem
 from kdgraph.registry import (
     AUGMENTATIONS,
     DATASETS,
+    LOGIT_LOSSES,
     METHODS,
     MODEL_SOURCES,
     PRETRAINED_SOURCES,
@@ -50,6 +51,8 @@ from kdgraph.registry import (
 
 __all__ = [
     "CutPair",
+    "LayerPair",
+    "MixupSpec",
     "DataSpec",
     "DecomposeSpec",
     "LossSpec",
@@ -240,7 +243,7 @@ class ModelSpec(_Strict):
 
 
 def _pretrained_sources() -> list[str]:
-    """Sources whose models have pretrained weights (registered by kdgraph.models, loaded lazily: torch)."""
+    """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
     return PRETRAINED_SOURCES.names()
 
 
@@ -252,6 +255,24 @@ def _summaries(registry) -> str:
 def _is_registered_dataset(dataset: str) -> bool:
     """A dataset is named by its registered loader, before any colon (torchvision:CIFAR10)."""
     return dataset.partition(":")[0] in DATASETS
+
+
+class MixupSpec(_Strict):
+    """Mixup / CutMix of each training batch, timm's ``Mixup`` in batch mode (``kdgraph.transforms.MixupCutmix``):
+    the one mixed batch is what both the teacher and the student see (consistent teaching)."""
+
+    mixup_alpha: Float = Field(default=1.0, ge=0.0, le=100.0, description="Mixup's Beta(α, α) (0: no mixup).")
+    cutmix_alpha: Float = Field(default=0.0, ge=0.0, le=100.0, description="CutMix's Beta(α, α) (0: no cutmix).")
+    prob: Float = Field(default=1.0, ge=0.0, le=1.0, description="Probability that a batch is mixed.")
+    switch_prob: Float = Field(default=0.5, ge=0.0, le=1.0, description="With both alphas > 0: probability of "
+                               "cutmix rather than mixup for a batch.")
+
+    @model_validator(mode="after")
+    def _one_alpha_positive(self) -> MixupSpec:
+        if self.mixup_alpha + self.cutmix_alpha <= 0:
+            raise _invalid("mixup_alpha and cutmix_alpha are both 0: nothing would be mixed",
+                           allowed="mixup_alpha > 0 or cutmix_alpha > 0", at="mixup_alpha", got=self.mixup_alpha)
+        return self
 
 
 class DataSpec(_Strict):
@@ -314,6 +335,11 @@ class DataSpec(_Strict):
     )
     crop_scale: tuple[Annotated[Float, Field(gt=0.0, le=1.0)], Annotated[Float, Field(gt=0.0, le=1.0)]] = Field(
         default=(0.08, 1.0), description="Streamed training: area range of timm's random-resized crop.",
+    )
+    mixup: MixupSpec | None = Field(
+        default=None, description="Mixup/CutMix of each training batch after augment, drawn from (seed, epoch, "
+        "batch) so that a resumed run is exact; teacher and student see the same mixed batch and the "
+        "cross-entropy term gets the mixed labels (None: off). Classification labels only.",
     )
 
     @field_validator("input_size")
@@ -419,18 +445,49 @@ class ScheduleSpec(_Strict):
         "summing to epochs). None: equal split, remainder to the last stage.",
     )
 
-    @property
-    def num_stages(self) -> int:
-        """Training stages this schedule has: recompositions+1 for StableKD, one otherwise."""
-        return METHODS.get(self.method).stages(self.recompositions)
+
+# The feature entries of kdgraph.losses.LOSSES (which needs torch: a test keeps the two equal).
+FeatureLoss = Literal["mse", "dfm"]
+
+
+class LayerPair(_Strict):
+    """One explicit layer pair: a feature loss between a student module's output and a teacher
+    module's output (both single-tensor cuts: `kdgraph plan` lists them), an adapter lifting the
+    student's feature where widths or grids differ."""
+
+    student: str = Field(min_length=1, description="Student module path whose output is compared, e.g. 'layer2.1'.")
+    teacher: str = Field(min_length=1, description="Teacher module path whose output is its target, e.g. 'layer3.0'.")
+    loss: FeatureLoss = Field(default="mse", description="Feature loss of the pair: mse or dfm (as loss.feature).")
+    weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the pair's loss term.")
 
 
 class LossSpec(_Strict):
     """Weights and form of the loss terms."""
 
-    kl_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ of KL(teacher logits) in the head loss.")
-    temperature: Float = Field(default=1.0, gt=0.0, le=1000.0, description="Softmax temperature of the KL term.")
-    feature: Literal["mse", "dfm"] = Field(
+    logit: Annotated[str, OneOf("logit loss", LOGIT_LOSSES.names)] = Field(
+        default="kl", description="Head loss against the teacher's logits: " + _summaries(LOGIT_LOSSES)
+        + ". Without a teacher the head loss is cross-entropy alone.")
+    standardize: Flag = Field(default=False, description="Logit standardisation (Sun et al. 2024): Z-score "
+                              "the teacher's and the student's logits per sample before the tempered softmax "
+                              "of loss.logit (temperature is then the base temperature; their CIFAR recipe: "
+                              "temperature 2, kl_weight 9).")
+    ce_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the cross-entropy term with "
+                             "the labels; 0 is function matching (Beyer et al.: the teacher's logits alone), "
+                             "which needs a teacher.")
+    kl_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ of KL(teacher logits) in the head loss (loss.logit: kl).")
+    temperature: Float = Field(default=1.0, gt=0.0, le=1000.0, description="Softmax temperature of the logit "
+                               "loss (KL, DKD, DIST) and of TPP's KL.")
+    dkd_alpha: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DKD: weight α of the target-class "
+                             "term TCKD (mdistiller's CIFAR-100 setting: 1).")
+    dkd_beta: Float = Field(default=8.0, ge=0.0, le=1000.0, description="DKD: weight β of the non-target-class "
+                            "term NCKD (mdistiller's CIFAR-100 setting: 8).")
+    dkd_warmup_epochs: Float = Field(default=0.0, ge=0.0, le=MAX_EPOCHS, description="DKD: epochs over which "
+                                     "its terms ramp in linearly, per step (0: none; mdistiller: 20 of 240).")
+    dist_beta: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DIST: weight β of the inter-class "
+                             "relation (the authors' default: 1).")
+    dist_gamma: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DIST: weight γ of the intra-class "
+                              "relation (the authors' default: 1).")
+    feature: FeatureLoss = Field(
         default="mse", description="Loss between student and teacher block features: mse, or dfm "
         "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
         "component removed).")
@@ -444,6 +501,23 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    pairs: list[LayerPair] = Field(
+        default_factory=list, max_length=MAX_BLOCKS, description="Explicit layer pairs {student, teacher, loss, "
+        "weight}: feature losses at named module outputs, in every training stage, on top of the method's own "
+        "(with schedule.method kd: instead of automatic pairs, which kd has none of; with kd+mse: on top of its "
+        "block-end MSEs; with stablekd: on top of the decomposition's block losses). Terms mse_p1, mse_p2, ...")
+
+    @model_validator(mode="after")
+    def _own_params_of_the_chosen_logit_loss(self) -> LossSpec:
+        """A parameter only another logit loss reads would be silently ignored: refuse it where
+        it is set to other than its default (a spec that writes out the defaults stays valid
+        with any logit loss)."""
+        for name in LOGIT_LOSSES:
+            for key in LOGIT_LOSSES.get(name).own:
+                if name != self.logit and getattr(self, key) != type(self).model_fields[key].default:
+                    raise _invalid(f"{key} is a parameter of loss.logit {name}, and loss.logit is {self.logit}",
+                                   allowed=f"loss.logit: {name}, or no {key}", at=key, got=getattr(self, key))
+        return self
 
 
 class OptimSpec(_Strict):
@@ -686,9 +760,49 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _logit_loss_needs_teacher(self) -> Spec:
+        """Without a teacher the head loss is cross-entropy alone: a logit loss, standardisation
+        or another CE weight would be ignored (and CE weight 0 would train nothing)."""
+        if METHODS.get(self.schedule.method).teacher:
+            return self
+        for key, default in (("logit", "kl"), ("standardize", False), ("ce_weight", 1.0)):
+            if getattr(self.loss, key) != default:
+                raise _invalid(f"{key} shapes the loss against a teacher's logits; "
+                               f"{self.schedule.method} trains with cross-entropy alone",
+                               allowed=f"{default if not isinstance(default, bool) else 'false'} without a teacher",
+                               at=f"loss.{key}", got=getattr(self.loss, key))
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_need_teacher(self) -> Spec:
+        if self.loss.pairs and not METHODS.get(self.schedule.method).teacher:
+            raise _invalid(f"a layer pair compares with a teacher's features; {self.schedule.method} has no teacher",
+                           allowed="[] without a teacher", at="loss.pairs",
+                           got=[p.model_dump() for p in self.loss.pairs])
+        return self
+
+    @model_validator(mode="after")
+    def _hard_labels_without_mixup(self) -> Spec:
+        logit = LOGIT_LOSSES.get(self.loss.logit)
+        if self.data.mixup is not None and logit.hard_labels and self.teacher is not None:
+            raise _invalid(f"loss.logit {logit.name} needs each sample's class, and mixup gives mixed soft labels",
+                           allowed=f"null with loss.logit {logit.name}", at="data.mixup",
+                           got=self.data.mixup.model_dump())
+        return self
+
+    @model_validator(mode="after")
+    def _batch_relations_in_one_batch(self) -> Spec:
+        logit = LOGIT_LOSSES.get(self.loss.logit)
+        if logit.batch_relations and self.teacher is not None and self.runtime.micro_batches > 1:
+            raise _invalid(f"loss.logit {logit.name} relates the samples of a batch; micro-batches would each "
+                           "be a batch of their own", allowed=f"1 with loss.logit {logit.name}",
+                           at="runtime.micro_batches", got=self.runtime.micro_batches)
+        return self
+
+    @model_validator(mode="after")
     def _stage_epochs_one_per_stage(self) -> Spec:
         method = METHODS.get(self.schedule.method)
-        stage_epochs, stages = self.schedule.stage_epochs, self.schedule.num_stages
+        stage_epochs, stages = self.schedule.stage_epochs, method.stages(self.schedule.recompositions)
         if stage_epochs is not None and len(stage_epochs) != stages:
             why = (f"{method.name} with {self.schedule.recompositions} recompositions" if method.decomposes
                    else method.name)
