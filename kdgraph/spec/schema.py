@@ -593,8 +593,8 @@ class RuntimeSpec(_Strict):
         default=2, ge=1, le=1024, description="Streamed data: batches each worker prepares ahead of the training step."
     )
     bn_recalibrate: Flag | Literal["auto"] = Field(
-        default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
-        "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "
+        default="auto", description="Re-estimate BatchNorm statistics of the composed student on training "
+        "data (bn_recalibrate_batches of it) before evaluating (auto: in decomposed training stages, whose blocks gathered "
         "statistics on teacher-fed inputs).")
     bn_recalibrate_batches: Int | None = Field(
         default=100, ge=1, le=MAX_EVERY, description="Training batches the BatchNorm re-estimate reads (None: a whole "
