@@ -100,7 +100,7 @@ def blocks_table(c: Compiled) -> Table:
             t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "", "head")
             continue
         a = b.adapter
-        adapter = a.describe() if a else "-"
+        adapter = a.describe() if a else (f"frozen {b.projection.describe()}" if b.projection else "-")
         if a and a.student_format is not None:
             adapter += f" ({a.student_format.layout} {a.student_format.hw[0]}² ↔ " \
                        f"{a.teacher_format.layout} {a.teacher_format.hw[0]}²)"
@@ -124,6 +124,9 @@ def schedule_table(c: Compiled) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("stage", "epochs", "groups", "losses"):
         t.add_column(col)
+    if p.projection_fit is not None:  # a stage of its own: no epochs, teacher features of a few batches
+        t.add_row("fit", "-", f"PCA of the teacher at block ends {', '.join(map(str, p.projection_fit.blocks))} "
+                  f"({p.projection_fit.batches} batches), then frozen", "")
     for st in p.stages:
         groups = "  ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
         losses = "  ".join("+".join(terms) for terms in st.losses)

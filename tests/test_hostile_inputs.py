@@ -1229,3 +1229,27 @@ def test_a_background_write_copies_the_state_at_submit(tmp_path):
     writer.wait()
     saved = ckpt.load(tmp_path / "last.pt")
     assert torch.equal(saved["model"]["w"], torch.zeros(256, 256)) and saved["history"]["n"] == 1
+
+
+def test_the_eta_leaves_out_the_start_up_the_first_step_pays(monkeypatch):
+    """Epoch 1 of 3, 10 steps: the first step takes 60 s (workers, compilation), the other nine
+    1 s each, evaluation 1 s. Steady state is (9 + 1) s per 9 steps, so the 20 steps left take
+    20 * 10 / 9 = 22.2 s; counting the start-up would say 2 * 70 s = 2:20."""
+    import io
+
+    from rich.console import Console
+
+    from kdgraph.runtime import progress
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=10)
+    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
+    stage = type("Stage", (), {"groups": [[0]], "index": 0})()
+    reporter.start_epoch(0, stage, 0)
+    for t in [60.0 + s for s in range(10)]:
+        clock["t"] = t
+        reporter.advance()
+    clock["t"] = 70.0  # evaluation
+    reporter.end_epoch({"epoch": 0, "stage": 0, "student_top1": 50.0, "student_top5": 90.0, "images_per_s": 10.0})
+    assert reporter.console.file.getvalue().rstrip().endswith("elapsed 1:10, ETA 0:22")

@@ -159,8 +159,9 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     check_num_classes(data, built.student.num_classes)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
+    fallback = (f"decompose.adapters: projected: {env['pairing'].fallback}",) if env["pairing"].fallback else ()
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
-                    timings, built.notes, missing)
+                    timings, built.notes + fallback, missing)
 
 
 def pipeline_mermaid() -> str:

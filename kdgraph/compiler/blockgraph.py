@@ -1,9 +1,9 @@
 """Pass 9: the block graph, a networkx DiGraph of every way blocks can be wired.
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
-adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
-spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` (``loss.logit``'s entry with a
-teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
+adapters ``lift_i`` / ``lower_i`` (or frozen projections ``project_i``) and loss nodes: the feature
+loss of block i, named by the spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss``
+(``loss.logit``'s entry with a teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
 A loss node names its ``kdgraph.losses.LOSSES`` entry (``entry``), the entry's constructor
 arguments resolved from the spec (``params``) and the ``terms`` it adds (the names training
 logs), so that the runtime builds every loss from the graph alone. Every edge carries the
@@ -12,7 +12,8 @@ shape of the tensor on it and a ``kind``:
 - ``teacher``: T(i-1) -> T(i), the frozen teacher;
 - ``student``: S(i) -> S(i+1), the plain student chain (vanilla KD, supervised);
 - ``adapted``: S(i) -> lift_i -> lower_i -> S(i+1), the chain inside a merged StableKD group;
-- ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
+- ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ, or through the frozen
+  projection ``project_i`` with ``decompose.adapters: projected``), a decomposed input;
 - ``loss``: the tensors that meet at a loss node;
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
   blocks (nodes ``P_j``) to ``tpp_loss``;
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from kdgraph.errors import PlanError
-from kdgraph.ir import ExplicitPair, FeatureFormat, Pairing, graph_json
+from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
 from kdgraph.registry import LOGIT_LOSSES
 from kdgraph.spec.schema import LossSpec
@@ -137,25 +138,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         if feature == "dfm" and block.multi:
             raise PlanError(f"block {i} ends at a multi-tensor cut ({block.student.description}): loss.feature "
                             "dfm compares one feature map; use loss.feature: mse")
-        s_shape, t_shape = _shape(block.student), _shape(block.teacher)
-        loss = f"{feature}{i}"
-        a = block.adapter
-        if a is not None:
-            g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
-                       out_shape=t_shape, params=a.lift_params)
-            g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
-                       out_shape=s_shape, params=a.lower_params)
-            g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
-            g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
-            g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
-            g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
-            g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
-        else:
-            g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
-            g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
-        fmt = FeatureFormat.of(block.teacher, tuple(input_shape[1:])) if "fmt" in LOSSES.get(feature).params else None
-        _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
-        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
+        _wire_feature(g, block, feature, loss_spec, tuple(input_shape[1:]))
     for pair in pairing.pairs:
         _explicit_pair(g, pair, loss_spec, input_shape[1:])
     if has_teacher and tpp_block is not None:
@@ -174,6 +157,42 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
     validate_block_graph(g)
     return g
+
+
+def _wire_feature(g: nx.DiGraph, block: BlockPair, feature: str, loss_spec: Mapping[str, Any], input_hw: tuple) -> None:
+    """Block i's end: its adapters (or frozen projection), the decompose edge feeding S(i+1)
+    and the feature loss where student and teacher meet."""
+    i = block.index
+    s_shape, t_shape = _shape(block.student), _shape(block.teacher)
+    loss = f"{feature}{i}"
+    a = block.adapter
+    if a is not None:
+        g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
+                   out_shape=t_shape, params=a.lift_params)
+        g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
+                   out_shape=s_shape, params=a.lower_params)
+        g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
+        g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
+        g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
+        g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
+    elif block.projection is not None:
+        # The teacher's feature in the student's format: it feeds S(i+1) and is what S(i)
+        # is trained to produce; the student chain S(i) -> S(i+1) stays direct.
+        p = block.projection
+        g.add_node(f"project{i}", kind="projection", block=i, method=p.describe(), out_shape=s_shape)
+        g.add_edge(f"T{i}", f"project{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"project{i}", f"S{i + 1}", kind="decompose", shape=s_shape)
+        g.add_edge(f"project{i}", loss, kind="loss", shape=s_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    else:
+        g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    fmt_cut = block.student if block.projection is not None else block.teacher
+    fmt = FeatureFormat.of(fmt_cut, input_hw) if "fmt" in LOSSES.get(feature).params else None
+    _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
+    if block.projection is None:
+        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
 
 
 def validate_block_graph(g: nx.DiGraph) -> None:
@@ -210,7 +229,7 @@ def _channels(channels: list) -> str:
 
 
 def node_label(n: str, d: dict) -> str:
-    extra = d.get("module") or (_channels(d["channels"]) if "channels" in d else "")
+    extra = d.get("module") or d.get("method") or (_channels(d["channels"]) if "channels" in d else "")
     shape = d.get("out_shape")
     parts = [n] + ([extra] if extra else []) + ([str(shape)] if shape else [])
     return "\\n".join(parts)
@@ -223,7 +242,7 @@ _DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "deco
 def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
     lines = [f'digraph "{name}" {{', "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
     for n, d in g.nodes(data=True):
-        shape = {"loss": "ellipse", "adapter": "diamond"}.get(d["kind"], "box")
+        shape = {"loss": "ellipse", "adapter": "diamond", "projection": "diamond"}.get(d["kind"], "box")
         lines.append(f'  "{n}" [label="{node_label(n, d)}", shape={shape}];')
     for u, v, d in g.edges(data=True):
         lines.append(f'  "{u}" -> "{v}" [style={_DOT_STYLE[d["kind"]]}, label="{d["kind"]}"];')
@@ -235,7 +254,7 @@ def to_mermaid(g: nx.DiGraph) -> str:
     lines = ["flowchart LR"]
     for n, d in g.nodes(data=True):
         text = node_label(n, d).replace("\\n", "<br/>")
-        open_, close = {"loss": ("((", "))"), "adapter": ("{", "}")}.get(d["kind"], ("[", "]"))
+        open_, close = {"loss": ("((", "))"), "adapter": ("{", "}"), "projection": ("{", "}")}.get(d["kind"], ("[", "]"))
         lines.append(f'  {n}{open_}"{text}"{close}')
     arrows = {"adapted": "-.->", "loss": "-.-o", "decompose": "==>"}
     for u, v, d in g.edges(data=True):

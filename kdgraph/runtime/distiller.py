@@ -26,6 +26,7 @@ from kdgraph.adapters import build_adapters, build_pair_lifts
 from kdgraph.compiler.split import TAP_PREFIX, Tap
 from kdgraph.ir import Op, TrainingStage
 from kdgraph.losses import create_loss
+from kdgraph.projection import build_projections, fit_projections
 from kdgraph.registry import Registry
 from kdgraph.runtime.chain import StudentChain, run_program
 from kdgraph.runtime.teacher import FrozenTeacher
@@ -66,12 +67,18 @@ class Distiller(nn.Module):
         plan = compiled.plan
         self.student = compiled.student.model
         self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
+        # decompose.adapters: projected: the teacher's features in the student's format, frozen
+        # buffers fitted once before stage 0 (``fit_projections``), saved with the checkpoints.
+        self.projections = build_projections(compiled.pairing) if plan.projection_fit is not None else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
         # student's own names.
         self.chain = StudentChain(compiled.student.segments)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
+        # its own forward stands for its segments only where none holds a tap (explicit pairs)
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
+                                      whole=not any(isinstance(m, Tap) for seg in compiled.teacher.segments
+                                                    for m in seg.children()))
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
@@ -114,6 +121,16 @@ class Distiller(nn.Module):
     def adapters_in_inference(self) -> tuple[int, ...]:
         """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
         return self.inference_program.adapter_blocks
+
+    @property
+    def projections_fitted(self) -> bool:
+        """Every projection holds its fit (none to fit counts as fitted)."""
+        return all(bool(p.fitted) for p in self.projections.values())
+
+    def fit_projections(self, batches, limit: int) -> int:
+        """The plan's projection fit: the PCA of the teacher's features on the first ``limit``
+        training batches, frozen afterwards. Returns the batches used."""
+        return fit_projections(self.projections, self.teacher.features, batches, limit)
 
     def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
@@ -161,6 +178,13 @@ def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.chain.block(op.block, inputs[0])
 
 
+@OP_KINDS.register("whole")
+def _whole(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The whole student on the input: its last block's output, the student's own forward in
+    place of its blocks run in order (``kdgraph.compiler.program.whole_student``)."""
+    return d.student(inputs[0])
+
+
 @OP_KINDS.register("lift")
 def _lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.adapters[str(op.block)].lift(inputs[0])
@@ -169,6 +193,13 @@ def _lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 @OP_KINDS.register("lower")
 def _lower(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.adapters[str(op.block)].lower(inputs[0])
+
+
+@OP_KINDS.register("project")
+def _project(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The teacher's feature at block ``op.block``'s end in the student's format (frozen)."""
+    with torch.no_grad():
+        return d.projections[str(op.block)](inputs[0])
 
 
 @OP_KINDS.register("tap")

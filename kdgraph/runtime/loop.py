@@ -15,9 +15,11 @@ resolved ``RuntimeConfig``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
+import operator
 import random
 import signal
 import time
@@ -191,6 +193,7 @@ class Trainer:
         self.metrics = Metrics(self.folder, self.main, self.global_step if resume else None, self.config.tensorboard)
         self.reporter = Reporter(quiet, self.plan.epochs, len(self.data.train), silent=not self.main)
         self.start_notes(fallback)
+        self.fit_projections()
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
         try:
@@ -227,6 +230,15 @@ class Trainer:
             acc = self.teacher_acc
             reporter.note(f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
+
+    def fit_projections(self) -> None:
+        """The plan's projection fit (``decompose.adapters: projected``), before stage 0 and once
+        per run: a resumed run has its fit from the checkpoint (frozen buffers of the distiller)."""
+        fit = self.plan.projection_fit
+        if fit is None or self.distiller.projections_fitted:
+            return
+        used = self.distiller.fit_projections(self.data.train.epoch(0), fit.batches)
+        self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
 
     def stage_of(self, epoch: int) -> TrainingStage:
         return self.plan.stages[stage_at(self.stage_epochs, epoch)]
@@ -283,25 +295,10 @@ class Trainer:
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [(x, y) for x, y in zip(xb.tensor_split(cfg.micro_batches), yb.tensor_split(cfg.micro_batches))
-                 if len(y)]
-        terms: dict[str, torch.Tensor] = {}
-        loss = torch.zeros((), device=xb.device)
-        for j, (xm, ym) in enumerate(parts):
-            share = len(ym) / len(yb)
-            last = j == len(parts) - 1
-            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
-                with autocast(cfg.precision, cfg.device):
-                    part = self.step_module(xm, ym, progress=self.progress)
-                    part_loss = sum(part.values())
-                self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
-            if len(parts) == 1:
-                terms, loss = part, part_loss
-            else:
-                for name, value in part.items():
-                    terms[name] = terms.get(name, 0) + value.detach() * share
-                loss = loss + part_loss.detach() * share
+        if cfg.micro_batches == 1:  # the whole batch: no split, no accumulator, no share
+            terms, loss = self.forward_backward(xb, yb)
+        else:
+            terms, loss = self.accumulate(xb, yb)
         if cfg.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -309,6 +306,35 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        return terms, loss
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss terms of (x, y) and their sum; the sum's gradient, times ``share`` (a part's
+        share of the batch), is added to the parameters' gradients."""
+        cfg = self.config
+        with autocast(cfg.precision, cfg.device):
+            terms = self.step_module(x, y, progress=self.progress)
+            loss = functools.reduce(operator.add, terms.values())  # no 0 + first term: one op less
+        self.scaler.scale(loss if share == 1.0 else loss * share).backward()
+        return terms, loss
+
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``micro_batches`` parts of the batch, backpropagated one after the other (DDP
+        synchronises on the last only); returns the batch's terms and loss, each the parts'
+        values weighted by their share of the batch."""
+        k = self.config.micro_batches
+        parts = [(x, y) for x, y in zip(xb.tensor_split(k), yb.tensor_split(k)) if len(y)]
+        terms: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=xb.device)
+        for j, (xm, ym) in enumerate(parts):
+            share = len(ym) / len(yb)
+            last = j == len(parts) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                part, part_loss = self.forward_backward(xm, ym, share)
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0) + value.detach() * share
+            loss = loss + part_loss.detach() * share
         return terms, loss
 
     def log_step(self, meter: EpochMeter, stage: TrainingStage, epoch: int, step: int,

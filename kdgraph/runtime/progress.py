@@ -22,6 +22,10 @@ class Reporter:
         self.t0 = time.monotonic()
         self.first_epoch: int | None = None
         self.last_plain: float | None = None  # when the last plain step line was printed
+        # The ETA's clock starts when the run's first step ends: that step pays the start-up
+        # (workers spawning, compilation, allocator and autotuner warm-up), the others do not.
+        self.steps_done = 0
+        self.warm: tuple[float, int] | None = None  # (time, steps done) when the first step ended
         self.progress = None if self.quiet else Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
@@ -54,6 +58,9 @@ class Reporter:
             self.console.print(f"resuming epoch {epoch} at step {start_step}")
 
     def advance(self) -> None:
+        self.steps_done += 1
+        if self.warm is None:
+            self.warm = (time.monotonic(), self.steps_done)
         if self.progress is not None:
             self.progress.advance(self.step_task)
             # the epochs bar moves by steps too, so its time-remaining column has a speed before an epoch ends
@@ -81,15 +88,23 @@ class Reporter:
                 + f" | {record['images_per_s']:.0f} img/s"
                 + (f", {record['data_wait_share']:.0%} of it waiting for data"
                    if record.get("data_wait_share", 0) >= 0.05 else ""))
-        done = record["epoch"] + 1 - (self.first_epoch or 0)
         elapsed = time.monotonic() - self.t0
-        left = self.total_epochs - record["epoch"] - 1
-        line += f" | elapsed {_clock(elapsed)}, ETA {_clock(elapsed / max(done, 1) * left)}"
+        line += f" | elapsed {_clock(elapsed)}, ETA {_clock(self._eta(record['epoch']))}"
         if self.progress is not None:
             self.progress.update(self.run_task, completed=record["epoch"] + 1)
             self.progress.console.print(line)
         elif not self.silent:
             self.console.print(line)
+
+
+    def _eta(self, epoch: int) -> float:
+        """Seconds left after ``epoch``: the time per step since the first step ended (evaluation
+        and checkpoints included, start-up not) times the steps left; before a second step, the
+        time per epoch so far."""
+        now, left = time.monotonic(), self.total_epochs - epoch - 1
+        if self.warm is not None and self.steps_done > self.warm[1]:
+            return (now - self.warm[0]) / (self.steps_done - self.warm[1]) * left * self.steps
+        return (now - self.t0) / max(epoch + 1 - (self.first_epoch or 0), 1) * left
 
 
 def _clock(seconds: float) -> str:

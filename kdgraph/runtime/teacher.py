@@ -27,12 +27,16 @@ class FrozenTeacher:
     """A teacher model and its block segments (which share its submodules), frozen.
 
     ``normalize`` (a ``kdgraph.transforms.Renormalize``, None: the identity) maps the batch the
-    student sees to the teacher's own normalisation, before its first block and its logits."""
+    student sees to the teacher's own normalisation, before its first block and its logits.
+    ``whole``: the model's own forward may stand for its segments run in order (False where
+    the segments hold taps of explicit layer pairs, which only the segments run)."""
 
-    def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None):
+    def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None,
+                 whole: bool = True):
         self.model = model
         self.segments = list(segments)
         self.normalize = normalize
+        self.whole = whole
         self.freeze()
 
     def freeze(self) -> FrozenTeacher:
@@ -59,10 +63,15 @@ class FrozenTeacher:
     def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:
         """The teacher's outputs at the block ends in ``needed`` (block k: its logits).
 
-        The teacher runs no further than the last needed block. ``no_grad`` rather than
-        ``inference_mode``: the features feed student blocks whose backward saves its
-        input, which inference tensors refuse.
+        The teacher runs no further than the last needed block. Where its logits alone are
+        needed (kd) and ``whole`` (no tap inside the segments: the model's own forward does
+        not run them), the model's own forward runs: the same values, without
+        the segments' calls. ``no_grad`` rather than ``inference_mode``: the features feed
+        student blocks whose backward saves its input, which inference tensors refuse.
         """
+        last = len(self.segments)
+        if self.whole and needed == {last}:
+            return {last: self.model(self.input(x))}
         feats: dict[int, torch.Tensor] = {}
         h = self.input(x)
         for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):

@@ -415,6 +415,17 @@ class DecomposeSpec(_Strict):
         "token<->map conversion where layouts or resolutions differ) or cap (ScaleKD's cross-attention "
         "projector at every block end).",
     )
+    adapters: Literal["in_path", "projected"] = Field(
+        default="in_path",
+        description="Where widths or layouts differ at a block end: in_path (lift/lower adapters, lower∘lift "
+        "stays in the student's path and folds at export where exact) or projected (the teacher's feature is "
+        "projected into the student's format by a PCA fitted on projection_batches training batches before "
+        "decomposition, then frozen; the student is fed it and trained to produce it, so no adapter stays "
+        "in its path and export is always the plain model). Pairs the projection cannot carry (multi-tensor "
+        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why.",
+    )
+    projection_batches: Int = Field(default=20, ge=1, le=100_000,
+                                    description="Training batches the PCA of adapters: projected is fitted on.")
 
     @model_validator(mode="after")
     def _cuts_fit_blocks(self) -> DecomposeSpec:
@@ -734,6 +745,18 @@ class Spec(_Strict):
                 at="schedule.recompositions",
                 got=self.schedule.recompositions,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _projected_needs_linear_lift(self) -> Spec:
+        """Projected blocks meet in the student's space: nothing lifts a student feature into the
+        teacher's, which ScaleKD's CAP and TPP need."""
+        if self.decompose.adapters == "projected" and (self.loss.tpp or self.decompose.projector == "cap"):
+            at = "loss.tpp" if self.loss.tpp else "decompose.projector"
+            raise _invalid("decompose.adapters: projected has no lift into the teacher's width, which "
+                           f"{'TPP' if self.loss.tpp else 'the cap projector'} needs",
+                           allowed="decompose.adapters: in_path", at=at,
+                           got=True if self.loss.tpp else "cap")
         return self
 
     @model_validator(mode="after")
