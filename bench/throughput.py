@@ -47,6 +47,9 @@ PAIRS = {
     "swinS-swinT@224": ("swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224", (3, 224, 224), 128, 5),
     "vitS-r18@224": ("vit_small_patch16_224", "resnet18", (3, 224, 224), 256, 5),
     "r34-r18@32": ("resnet34", "resnet18", (3, 32, 32), 256, 5),
+    # specs/your-own-data.yaml's pair, at its size and at a CPU-sized one (README, "Your own images")
+    "r50-r18@224": ("resnet50", "resnet18", (3, 224, 224), 256, 5),
+    "r50-r18@128": ("resnet50", "resnet18", (3, 128, 128), 256, 5),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from NVIDIA's data sheets
 NUM_CLASSES = 100
