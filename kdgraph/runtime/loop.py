@@ -122,13 +122,14 @@ class Trainer:
         self.compiled = compile_spec(spec, fetch=("teacher", "student"))
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
-        # the train split sharded over ranks; the test split whole, for the main rank's evaluation
-        self.data = build_data(spec, self.compiled.data, device, self.info)
+        self.config = resolve_config(spec, device, self.compiled.student.model)
+        # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
+        # batches come normalised in the step's layout (no separate channels_last copy)
+        self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
-        self.config = resolve_config(spec, device, self.compiled.student.model)
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
