@@ -202,9 +202,9 @@ def create_dataset(data_spec: DataSpec, seed: int,
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """``(x - mean) / std`` per channel in float32 (mean, std: float32, C x 1 x 1), into ``out``
-    where given. For raw images of any integer type the subtraction reads them as float32
-    exactly (the type promotion happens inside the kernel, no float copy first), so this is,
-    bit for bit, float32 images minus mean, divided by std."""
+    where given. Raw images of any integer type are read as float32 exactly by the subtraction
+    (on CUDA inside its kernel; on the CPU through a float copy of the batch), so this is, bit
+    for bit, float32 images minus mean, divided by std: the float path's two operations."""
     return torch.sub(x, mean, out=out).div_(std)
 
 

@@ -74,9 +74,10 @@ def eval_transform(input_size: tuple[int, int, int], mean, std, crop_pct: float,
 
 
 class Normalizer:
-    """uint8 image batches to normalised float32 on their device, in one kernel: ``x * scale +
-    shift`` (``addcmul``, reading the uint8 input as float inside the kernel) with ``scale = 1 /
-    (255 std)`` and ``shift = -mean / std`` computed in float64, stored float32. That is
+    """uint8 image batches to normalised float32 on their device, in one op: ``x * scale + shift``
+    (``addcmul``; on CUDA one kernel that reads the uint8 input as float, on the CPU after a float
+    copy of the batch) with ``scale = 1 / (255 std)`` and ``shift = -mean / std`` computed in
+    float64, stored float32. That is
     torchvision's ToTensor and Normalize, ``(x / 255 - mean) / std``, to float32 rounding (two
     roundings instead of three, a few ulps apart), in one pass over the batch instead of four.
     The output is allocated in the step's layout (``channels_last``, else plain NCHW strides) and
