@@ -4,12 +4,13 @@ and builds a run's data from the path the compiler's data plan chose).
 
     stream_loaders(spec, plan, folder, keep, device, dist_info)   the train and test loaders
 
-An image folder whose decoded splits (float32 at input_size) exceed
+An image folder whose decoded splits (uint8 at input_size) exceed
 ``data.memory_budget_mb`` is streamed (``data.loader`` forces either way): workers
 decode the files of a batch and transform them (training: timm's random-resized crop and
 flip, for the whole batch at once, kdgraph.transforms; evaluation: timm's resize to
 input_size / crop_pct and centre crop), and send uint8 batches that the training process
-normalises on its device.
+copies to its device a batch ahead (``prefetched``: a side stream on CUDA) and normalises
+there in one op, in the step's layout (``Normalizer``).
 
 The streamed batches are as reproducible as the in-memory ones. The main process draws
 the epoch's order from (seed, epoch), like DeviceLoader, and shards it by stride like

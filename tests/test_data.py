@@ -422,3 +422,22 @@ def test_uint8_batches_equal_the_float_path_bit_for_bit(name, tmp_path):
     torch.testing.assert_close(got[0][0], old, rtol=0, atol=2 * torch.finfo(torch.float32).eps * old.abs().max().item())
     for (xb, _), want in zip(test.epoch(0), _float_path_batches(test_f32, test, ds.norm, 0, range(len(test)))):
         assert torch.equal(xb, want)
+
+
+def test_idx_header_that_disagrees_with_the_file(tmp_path):
+    """read_idx decodes into an array of the header's size: a header claiming more than the
+    file can hold is refused before allocating it; fewer or more values than it says are errors."""
+    header = struct.pack(">BBBB", 0, 0, 8, 2)
+    (tmp_path / "huge").write_bytes(header + struct.pack(">II", 60000, 60000) + bytes(10))
+    with pytest.raises(DataError, match="too small to hold it"):
+        data.read_idx(str(tmp_path / "huge"))
+    (tmp_path / "short").write_bytes(header + struct.pack(">II", 2, 3) + bytes(5))
+    with pytest.raises(DataError, match=r"header says \(2, 3\) \(6 values\), the file holds 5"):
+        data.read_idx(str(tmp_path / "short"))
+    (tmp_path / "long").write_bytes(header + struct.pack(">II", 2, 3) + bytes(7))
+    with pytest.raises(DataError, match="the file holds more"):
+        data.read_idx(str(tmp_path / "long"))
+    with gzip.open(tmp_path / "ok.gz", "wb") as f:
+        f.write(header + struct.pack(">II", 2, 3) + bytes(range(6)))
+    arr = data.read_idx(str(tmp_path / "ok.gz"))
+    assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr.flags.writeable and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
