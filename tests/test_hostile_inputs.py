@@ -1183,6 +1183,56 @@ def test_the_resume_command_repeats_an_output_override(tmp_path):
     assert resume_command(out) == f"kdgraph train '/specs/my spec.yaml' --set output={out} --resume"
 
 
+def test_sigkill_during_a_background_checkpoint_write_leaves_a_whole_checkpoint(tmp_path):
+    """The Trainer's saves are written by a thread (BackgroundWriter): a SIGKILL while that
+    thread writes leaves last.pt the previous whole, checksummed checkpoint and a stray temp
+    file at most (the next save's mkstemp never reuses its name)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "checkpoints"
+    script = f"""
+import time, torch
+from pathlib import Path
+from kdgraph.runtime import checkpoint as ckpt
+path = Path({str(folder / 'last.pt')!r})
+state = lambda w, e: {{"model": {{"w": w}}, "optimizer": {{}}, "scheduler": {{}}, "rng": ckpt.rng_state(),
+                      "position": {{"epoch": e, "step": 0, "global_step": e}}, "plan": {{}}}}
+ckpt.save_atomic(state(torch.zeros(4), 1), path, keep_previous=True)
+writer = ckpt.BackgroundWriter()
+writer.submit(state(torch.randn(64, 2**20), 2), path, keep_previous=True)  # 256 MB
+print("submitted", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "submitted"
+    deadline = time.monotonic() + 30
+    while not list(folder.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state, warning = ckpt.load_latest(folder / "last.pt")
+    assert warning is None and state["position"]["epoch"] in (1, 2)  # whole: its checksum holds
+    if state["position"]["epoch"] == 1:
+        assert torch.equal(state["model"]["w"], torch.zeros(4))
+
+
+def test_a_background_write_copies_the_state_at_submit(tmp_path):
+    """Training goes on while the thread writes: what is saved is the state at submit time."""
+    weights = torch.zeros(256, 256)
+    state = {"model": {"w": weights}, "optimizer": {}, "scheduler": {}, "rng": ckpt.rng_state(),
+             "position": {"epoch": 1, "step": 0, "global_step": 1}, "plan": {}, "history": {"n": 1}}
+    writer = ckpt.BackgroundWriter()
+    writer.submit(state, tmp_path / "last.pt")
+    weights.add_(1)  # an optimizer step, in place
+    state["history"]["n"] = 2
+    writer.wait()
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert torch.equal(saved["model"]["w"], torch.zeros(256, 256)) and saved["history"]["n"] == 1
+
+
 def test_the_eta_leaves_out_the_start_up_the_first_step_pays(monkeypatch):
     """Epoch 1 of 3, 10 steps: the first step takes 60 s (workers, compilation), the other nine
     1 s each, evaluation 1 s. Steady state is (9 + 1) s per 9 steps, so the 20 steps left take

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import operator
@@ -43,6 +44,8 @@ from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.stability import StabilityTracker
 from kdgraph.runtime.techniques import (
+    RecompileWatch,
+    apply_cudnn_benchmark,
     autocast,
     build_optimizer,
     decay_groups,
@@ -50,8 +53,10 @@ from kdgraph.runtime.techniques import (
     init_distributed,
     maybe_compile,
     no_weight_decay_names,
+    reset_compile_caches,
     resolve_device,
     to_channels_last,
+    use_deterministic_algorithms,
     wrap_ddp,
 )
 from kdgraph.schedules import build_lr_scheduler, stage_at
@@ -117,6 +122,7 @@ class Trainer:
         device = resolve_device(spec.runtime.device, self.info)
         if spec.runtime.num_threads:
             torch.set_num_threads(spec.runtime.num_threads)
+        use_deterministic_algorithms(spec.runtime.deterministic)  # before any kernel runs
         torch.manual_seed(spec.seed)  # model and adapter initialisation
         random.seed(spec.seed)
         self.compiled = compile_spec(spec, fetch=("teacher", "student"))
@@ -130,6 +136,7 @@ class Trainer:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
+        apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
@@ -138,7 +145,13 @@ class Trainer:
                                             spec.optim.min_lr_ratio)
         wrapped = wrap_ddp(self.distiller, self.info, device, find_unused=self.plan.feature_losses)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        if self.config.compile:
+            # graphs of an earlier Trainer in this process (a test, a benchmark runner) count
+            # against Dynamo's recompile limit for this one's step; see reset_compile_caches
+            reset_compile_caches()
         self.step_module = maybe_compile(wrapped, self.config.compile)  # the distiller, DDP-wrapped and/or compiled
+        self.writer = ckpt.BackgroundWriter()  # checkpoints hashed and written while training goes on
+        self.recompiles = RecompileWatch()  # attached while fit trains: limit hits, reported in the summary
         self.scaler = grad_scaler(self.config.precision, device)
         self.folder = RunFolder(spec.output_dir)
         self.name = spec.name
@@ -153,6 +166,7 @@ class Trainer:
         self.student_acc: dict | None = None  # the latest evaluation
         self.tracker: StabilityTracker | None = None
         self.data_warned = False
+        self.bn_recalibrated_at: int | None = None  # the global step of the last BatchNorm re-estimate
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
@@ -183,10 +197,23 @@ class Trainer:
         self.fit_projections()
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
-        with stop_signals() as self.stop, self.reporter:
-            for epoch in range(self.position["epoch"], self.plan.epochs):
-                self.train_epoch(epoch)
+        try:
+            with stop_signals() as self.stop, self.reporter, self.recompiles:
+                for epoch in range(self.position["epoch"], self.plan.epochs):
+                    self.train_epoch(epoch)
+        finally:
+            self.writer.join()  # a stop (signal, non-finite loss) leaves the last checkpoint whole
+        self.warn_if_recompiled()
         return self.finish()
+
+    def warn_if_recompiled(self) -> None:
+        """At the end of a compiled run whose step hit Dynamo's recompile limit: that function
+        ran eager from then on, so the run was slower than a compiled one should be."""
+        watch = self.recompiles
+        if self.main and watch.hits:
+            self.reporter.note(f"warning: torch.compile hit its recompile limit {watch.hits} time(s) "
+                               f"({', '.join(watch.functions)}); those functions ran eager from then on. "
+                               "summary.json counts them under compile")
 
     def start_notes(self, fallback: str | None) -> None:
         """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
@@ -336,6 +363,7 @@ class Trainer:
             self.check_finite(loss, terms, epoch, step)
             self.save(epoch, step)
         if signal_name:
+            self.checkpoint_written()
             raise TrainingInterrupted(
                 f"{signal_name}: stopped at epoch {epoch + 1}, step {step}; checkpoint saved to "
                 f"{self.folder.last_checkpoint}; continue with `{runs.resume_command(self.folder.root)}` "
@@ -400,11 +428,17 @@ class Trainer:
 
     @torch.no_grad()
     def recalibrate_bn(self) -> None:
-        """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
-        training data. In decomposed stages each block's statistics were gathered on inputs
-        derived from the teacher's features; the composed student feeds it its own, slightly
-        different ones. The pass runs in train mode without gradients, with a cumulative
-        average, and leaves the RNG untouched so that resumed runs stay exact."""
+        """Re-estimate the BatchNorm statistics of the student's inference path on the first
+        ``bn_recalibrate_batches`` batches of the training data (a whole pass without a bound).
+        In decomposed stages each block's statistics were gathered on inputs derived from the
+        teacher's features; the composed student feeds it its own, slightly different ones.
+        The pass runs in train mode without gradients, with a cumulative average, on epoch 0's
+        order (the same batches at every evaluation, in any process), and leaves the RNG
+        untouched so that resumed runs stay exact. A pass at the step of the last one finds
+        the statistics it would compute, and is skipped."""
+        if self.bn_recalibrated_at == self.global_step:
+            return
+        self.bn_recalibrated_at = self.global_step
         norms = [m for m in self.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not norms:
             return
@@ -415,7 +449,7 @@ class Trainer:
         was = self.distiller.training
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for xb, _ in self.data.train.epoch(0):
+            for xb, _ in itertools.islice(self.data.train.epoch(0), self.config.bn_recalibrate_batches):
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.precision, self.device):
@@ -444,15 +478,20 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if not self.main:
             return
+        self.checkpoint_written()  # the save before this one: its error, if any, stops the run here
+        self.save_checkpoint(epoch, step)
+
+    def checkpoint_written(self) -> None:
+        """Wait for the checkpoint being written in the background; a failed write stops the run."""
         try:
-            self.save_checkpoint(epoch, step)
+            self.writer.wait()
         except ckpt.CheckpointWriteError as exc:
             raise KDGraphError(f"{exc}; free space and continue from it with "
                                f"`{runs.resume_command(self.folder.root)}`") from None
 
     def save_checkpoint(self, epoch: int, step: int) -> None:
         acc = self.teacher_acc
-        ckpt.save_atomic({
+        self.writer.submit({
             "model": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -464,7 +503,7 @@ class Trainer:
             "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
             "teacher_top1": acc and acc["top1"],
             "teacher_top5": acc and acc["top5"],
-            "history": self.history,
+            "history": dict(self.history),
         }, self.folder.last_checkpoint, keep_previous=True)
 
     def restore(self) -> str | None:
@@ -506,6 +545,7 @@ class Trainer:
         """Evaluate and export the student as the final stage left it (also when a resume
         finds no epoch left: a stop between the last checkpoint and the export), write the
         summary and the curves."""
+        self.checkpoint_written()
         self.distiller.set_stage(self.plan.stages[-1])
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
@@ -537,6 +577,11 @@ class Trainer:
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
             "data": self.data.record(),
+            # recompile_limit_hits: functions of the step Dynamo gave up on (they ran eager), this process
+            "compile": {"enabled": self.config.compile, "recompile_limit_hits": self.recompiles.hits,
+                        "functions_gone_eager": self.recompiles.functions,
+                        "cudnn_benchmark": self.config.cudnn_benchmark,
+                        "deterministic": self.config.deterministic},
             "output": str(self.folder.root),
             "preprocessing": self.preprocessing,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -115,8 +115,22 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """torch's deterministic algorithms for a run that asks for them (an error names any op
+    without a deterministic kernel). cuBLAS needs its workspace fixed for that, before its
+    first call on the device."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def maybe_compile(module: nn.Module, enabled: bool):
-    return torch.compile(module) if enabled else module
+    """``torch.compile`` with static shapes: a batch of another size (an uneven micro-batch, a
+    partial last batch) gets a graph of its own, not a recompile of every graph with dynamic
+    shapes (slower kernels, and one more cache entry per stage). The training loader drops the
+    last partial batch wherever a full one exists, so a stage sees at most two sizes: the
+    micro-batches of ``tensor_split`` differ by at most one sample."""
+    return torch.compile(module, dynamic=False) if enabled else module
 
 
 def reset_compile_caches() -> None:
