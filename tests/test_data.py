@@ -441,3 +441,18 @@ def test_idx_header_that_disagrees_with_the_file(tmp_path):
         f.write(header + struct.pack(">II", 2, 3) + bytes(range(6)))
     arr = data.read_idx(str(tmp_path / "ok.gz"))
     assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr.flags.writeable and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_batches_come_in_the_steps_layout():
+    """channels_last: the normalisation writes the batch in that layout (the step's
+    ``contiguous(channels_last)`` is then no copy); the values are the NCHW batch's."""
+    x = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(12)
+    norm = ((100.0, 120.0, 140.0), (50.0, 60.0, 70.0))
+    plain, last = (DeviceLoader(x, y, 5, shuffle=True, augment="crop+flip", seed=2, norm=norm, channels_last=cl)
+                   for cl in (False, True))
+    for (xa, _), (xb, _) in zip(plain.epoch(1), last.epoch(1)):
+        assert xa.stride() == torch.empty(xa.shape).stride()
+        assert xb.is_contiguous(memory_format=torch.channels_last) and xb.contiguous(
+            memory_format=torch.channels_last).data_ptr() == xb.data_ptr()
+        assert torch.equal(xa, xb)
