@@ -379,7 +379,8 @@ def read_idx(path: str) -> np.ndarray:
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); fetch the file again") from None
     if got != want or extra:
-        raise DataError(f"{path}: header says {dims} ({want:,} values), the file holds {'more' if extra else f'{got:,}'}")
+        held = "more" if extra else f"{got:,}"
+        raise DataError(f"{path}: header says {dims} ({want:,} values), the file holds {held}")
     return arr.reshape(dims)
 
 

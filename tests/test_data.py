@@ -340,7 +340,7 @@ def _float_path_batches(raw_x, loader, norm, epoch, steps):
         yield xb
 
 
-def _the_old_devicelaoder_crop(xb, offsets, flips, pad, norm):
+def _the_old_deviceloader_crop(xb, offsets, flips, pad, norm):
     """The float path's DeviceLoader arithmetic: normalised batch shifted by the fill value
     (-mean/std, from float64), zero-padded, cut, shifted back: one more rounding per pixel."""
     fill = torch.tensor([-m / s for m, s in zip(*norm)])[None, :, None, None]
@@ -362,7 +362,8 @@ def _imagefolder(root: Path, side: int = 12) -> Path:
         for cls in ("a", "b", "c"):
             (root / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
     return root
 
 
@@ -417,7 +418,7 @@ def test_uint8_batches_equal_the_float_path_bit_for_bit(name, tmp_path):
         assert got[step][0].dtype == torch.float32 and torch.equal(got[step][0], want), step
     order, offsets, flips = train.epoch_plan(2)
     bs = train.batch_size
-    old = _the_old_devicelaoder_crop(_normalised_the_float_way(train_f32[order[:bs]], *ds.norm), offsets[:bs],
+    old = _the_old_deviceloader_crop(_normalised_the_float_way(train_f32[order[:bs]], *ds.norm), offsets[:bs],
                                      None if flips is None else flips[:bs], train.pad, ds.norm)
     torch.testing.assert_close(got[0][0], old, rtol=0, atol=2 * torch.finfo(torch.float32).eps * old.abs().max().item())
     for (xb, _), want in zip(test.epoch(0), _float_path_batches(test_f32, test, ds.norm, 0, range(len(test)))):
@@ -440,7 +441,8 @@ def test_idx_header_that_disagrees_with_the_file(tmp_path):
     with gzip.open(tmp_path / "ok.gz", "wb") as f:
         f.write(header + struct.pack(">II", 2, 3) + bytes(range(6)))
     arr = data.read_idx(str(tmp_path / "ok.gz"))
-    assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr.flags.writeable and arr.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr.flags.writeable
+    assert arr.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_batches_come_in_the_steps_layout():
