@@ -1149,7 +1149,8 @@ def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_pa
 
 def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
     """The in-memory path peaked at 3.4x what data.memory_budget_mb counts: a list of decoded
-    images, then a stacked copy. numpy reports its allocations to tracemalloc."""
+    images, then a stacked copy. Now one uint8 array, the bytes the budget counts. numpy
+    reports its allocations to tracemalloc."""
     import tracemalloc
 
     from test_stream_data import write_folder
@@ -1159,7 +1160,7 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
 
     root = write_folder(tmp_path / "images", channels=3, side=48, train=16, val=4)
     spec = DataSpec(dataset="imagefolder", root=root, input_size=(3, 48, 48))
-    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48 * 4
+    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48  # uint8
     tracemalloc.start()
     try:
         raw = _load_imagefolder(spec, 0)
@@ -1167,6 +1168,7 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
     finally:
         tracemalloc.stop()
     assert raw.train_x.shape == (48, 3, 48, 48) and raw.test_x.shape == (12, 3, 48, 48)
+    assert raw.train_x.dtype == torch.uint8
     assert peak < 1.3 * decoded, (peak, decoded)
 
 

@@ -45,7 +45,7 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         loader, samples = data.test, data.test_samples()
     elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
         loader = DeviceLoader(data.train.x, data.train.y, spec.data.test_batch_size or spec.data.batch_size,
-                              shuffle=False, device=device)
+                              shuffle=False, device=device, norm=data.train.norm)
         samples = len(data.train.y)
     else:
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "

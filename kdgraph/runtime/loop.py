@@ -129,8 +129,10 @@ class Trainer:
         self.compiled = self.compile(spec)
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
-        # the train split sharded over ranks; the test split whole, for the main rank's evaluation
-        self.data = build_data(spec, self.compiled.data, device, self.info)
+        self.config = resolve_config(spec, device, self.compiled.student.model)
+        # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
+        # batches come normalised in the step's layout (no separate channels_last copy)
+        self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
@@ -138,7 +140,6 @@ class Trainer:
         # the stages that replay the teacher's logits read them here, batch by batch
         self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
                                    device) if self.plan.cache_stages else None)
-        self.config = resolve_config(spec, device, self.compiled.student.model)
         apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)

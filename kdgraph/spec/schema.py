@@ -328,8 +328,9 @@ class DataSpec(_Strict):
         "when the decoded splits fit memory_budget_mb, else stream. `kdgraph plan` says which.",
     )
     memory_budget_mb: Int = Field(
-        default=2048, ge=1, le=1 << 30, description="auto loader: the most MB the decoded splits (float32 at input_size) may take "
-        "in memory before an image folder is streamed instead.",
+        default=2048, ge=1, le=1 << 30,
+        description="auto loader: the most MB the decoded splits (uint8 at input_size, one byte per pixel value) "
+        "may take in memory before an image folder is streamed instead; loading peaks at about that size.",
     )
     on_bad_image: Literal["skip", "error"] = Field(
         default="skip", description="An image file that cannot be decoded: skip it with a warning naming it "
