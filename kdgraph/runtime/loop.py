@@ -250,6 +250,10 @@ class Trainer:
             reporter.note(f"note: stage(s) {stages} replay the teacher's logits from {self.cache.root} "
                           f"({self.cache.mode})" + ("" if self.distiller.teacher else "; the teacher is not built"))
         teacher = self.distiller.teacher
+        if self.main and teacher is not None and (teacher.sharded or self.plan.teacher_dtype != "float32"):
+            where = f"sharded over {self.info.world_size} ranks (FSDP2)" if teacher.sharded else "whole on each rank"
+            reporter.note(f"note: the teacher runs in {self.plan.teacher_dtype}, {where}: "
+                          f"{teacher.parameter_bytes() / 2**20:.1f} MiB of its parameters on this rank")
         # a sharded teacher runs on every rank at once (each gathers the others' shards): every
         # rank evaluates it on the whole test split, the main rank reports
         if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
