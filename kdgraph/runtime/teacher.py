@@ -43,7 +43,9 @@ class FrozenTeacher:
     ``normalize`` (a ``kdgraph.transforms.Renormalize``, None: the identity) maps the batch the
     student sees to the teacher's own normalisation, before its first block and its logits.
     ``whole``: the model's own forward may stand for its segments run in order (False where
-    the segments hold taps of explicit layer pairs, which only the segments run)."""
+    the segments hold taps of explicit layer pairs, which only the segments run). ``dtype``:
+    what its floating-point weights and buffers are cast to and computed in (its outputs are
+    float32 all the same). ``sharded``: ``shard_`` spread its parameters over a device mesh."""
 
     def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None,
                  whole: bool = True, dtype: torch.dtype = torch.float32):
@@ -54,10 +56,9 @@ class FrozenTeacher:
         self.dtype = dtype
         self.sharded = False
         if dtype != torch.float32:  # in place (param.data), so the segments' shared parameters follow
-            cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-            self.model._apply(cast)
+            self.model._apply(lambda t: cast_feature(t, dtype))
             for seg in self.segments:
-                seg._apply(cast)
+                seg._apply(lambda t: cast_feature(t, dtype))
         self.freeze()
 
     def freeze(self) -> FrozenTeacher:
