@@ -565,6 +565,10 @@ class Plan:
     # ``Method.feature_losses``, read from its registry entry by ``build_plan``).
     feature_losses: bool = False
     projection_fit: ProjectionFit | None = None  # the projection fit before stage 0 (projected blocks)
+    # The frozen teacher's weights and computation: their dtype (teacher.dtype; its outputs
+    # reach the losses as float32), and whether FSDP2 shards them over torchrun's ranks.
+    teacher_dtype: str = "float32"
+    teacher_shard: bool = False
 
     @property
     def epochs(self) -> int:
@@ -604,7 +608,9 @@ class Plan:
     def to_dict(self) -> dict:
         d = {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
              "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages],
-             **({"cache_stages": list(self.cache_stages)} if self.cache_stages else {})}
+             **({"cache_stages": list(self.cache_stages)} if self.cache_stages else {}),
+             **({"teacher_dtype": self.teacher_dtype, "teacher_shard": self.teacher_shard}
+                if (self.teacher_dtype, self.teacher_shard) != ("float32", False) else {})}
         return {**d, "projection_fit": self.projection_fit.to_dict()} if self.projection_fit else d
 
 

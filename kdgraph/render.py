@@ -29,12 +29,17 @@ def _model_row(m) -> str:
     return f"{m.model} {m.kwargs or ''}{weights}"
 
 
+def _teacher_numerics(plan) -> str:
+    """What the teacher's weights are kept and computed in, and where."""
+    return f"; runs in {plan.teacher_dtype}" + (", sharded over torchrun's ranks (FSDP2)" if plan.teacher_shard else "")
+
+
 def spec_table(c: Compiled) -> Table:
     s = c.spec
     t = Table(title=f"spec: {s.name}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
-    t.add_row("teacher", _model_row(s.teacher) if s.teacher else "none (supervised)")
+    t.add_row("teacher", _model_row(s.teacher) + _teacher_numerics(c.plan) if s.teacher else "none (supervised)")
     t.add_row("student", _model_row(s.student))
     m = s.data.mixup
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "

@@ -25,7 +25,8 @@ leaves whole shards only and resumes at the first missing one. Under torchrun ev
 writes its own shards (``r{rank}``) from its own slice of the epoch; rank 0 writes the header.
 
 The key (``cache_key``) names what fixes the cached values: the teacher (model, kwargs,
-pretrained weights' name, the checkpoint file's SHA-256), the data spec (mixup included), the
+pretrained weights' name, the checkpoint file's SHA-256, the dtype it runs in; not whether it
+is sharded, which gathers the same weights), the data spec (mixup included), the
 augmentation, the resolved input normalisation (the batch's and the teacher's), the seed, the runtime settings the teacher's numerics depend on (precision, micro-batches,
 channels_last), the ranks, the mode (k and T for top-k). ``differences`` compares two keys
 field by field, for a refusal that names what differs.
@@ -91,7 +92,8 @@ def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int, data_pl
     (the batch's, and the teacher's own where they differ)."""
     t = spec.teacher
     teacher = {"model": t.model, "kwargs": t.kwargs, "pretrained": t.pretrained,
-               "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint is not None else None}
+               "checkpoint_sha256": file_sha256(t.checkpoint) if t.checkpoint is not None else None,
+               "dtype": t.dtype}  # a bfloat16 teacher's logits are not a float32 one's
     data = spec.data.model_dump(mode="json")
     augment = data.pop("augment")
     data.pop("test_batch_size", None)  # evaluation only

@@ -82,4 +82,6 @@ def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
     projected = sorted({op.block for st in plan.stages for op in st.program.ops if op.kind == "project"})
     if projected:  # the projections some stage reads are fitted once, before stage 0
         plan = replace(plan, projection_fit=ProjectionFit(tuple(projected), spec.decompose.projection_batches))
+    if spec.teacher is not None:
+        plan = replace(plan, teacher_dtype=spec.teacher.dtype, teacher_shard=spec.teacher.shard)
     return plan

@@ -40,7 +40,7 @@ from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
-from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device
+from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device, shard_teacher
 from kdgraph.schedules import stage_at
 from kdgraph.teacher_cache import (
     DEFAULT_TOP_K,
@@ -152,9 +152,12 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     data = build_data(base, compiled.data, device, info)
     config = resolve_config(base, device, compiled.student.model)
     teacher = frozen_teacher(compiled)
+    weights_sha256 = _weights_sha256(teacher.model)  # in the teacher's dtype, before any sharding
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
         teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
+        shard_teacher(teacher, info, device)
     shard = _ShardWriter(teacher, compiled.plan.k, config, mode, top_k, spec.loss.temperature,
                          tuple(compiled.teacher.logits_shape or ()), _rows(data.train),
                          (info.rank, info.world_size, compiled.num_classes or data.num_classes))
@@ -162,7 +165,7 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
         write_header(root, {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
                             "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
                             "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
-                            "teacher_weights_sha256": _weights_sha256(teacher.model)})
+                            "teacher_weights_sha256": weights_sha256})
     todo = [e for e in wanted if not shard_path(root, e, info.rank).exists()]
     t0 = time.perf_counter()
     progress = None if quiet or not info.is_main else Progress(

@@ -64,12 +64,14 @@ def teacher_normalize(compiled: Compiled) -> Renormalize | None:
 
 
 def frozen_teacher(compiled: Compiled) -> FrozenTeacher:
-    """The run's teacher as every step reads it: its own input normalisation, and its own
-    forward standing for its segments only where none holds a tap (explicit pairs). The
-    teacher-cache builder builds it here too, so a cache holds these very logits."""
+    """The run's teacher as every step reads it: its own input normalisation, its own
+    forward standing for its segments only where none holds a tap (explicit pairs), its
+    weights in the plan's teacher dtype. The teacher-cache builder builds it here too, so a
+    cache holds these very logits."""
     return FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
                          whole=not any(isinstance(m, Tap) for seg in compiled.teacher.segments
-                                       for m in seg.children()))
+                                       for m in seg.children()),
+                         dtype=getattr(torch, compiled.plan.teacher_dtype))
 
 
 class Distiller(nn.Module):

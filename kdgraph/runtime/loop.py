@@ -56,6 +56,7 @@ from kdgraph.runtime.techniques import (
     no_weight_decay_names,
     reset_compile_caches,
     resolve_device,
+    shard_teacher,
     to_channels_last,
     use_deterministic_algorithms,
     wrap_ddp,
@@ -143,6 +144,8 @@ class Trainer:
         apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
+        if self.plan.teacher_shard and self.distiller.teacher is not None:
+            shard_teacher(self.distiller.teacher, self.info, device)  # after its last move and cast
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
         self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
                                             self.stage_epochs, len(self.data.train),
@@ -235,7 +238,7 @@ class Trainer:
 
     def start_notes(self, fallback: str | None) -> None:
         """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
-        reporter = self.reporter
+        reporter, acc = self.reporter, None
         for note in self.compiled.notes if self.main else ():
             reporter.note(f"note: {note}")
         if fallback:
@@ -247,10 +250,17 @@ class Trainer:
             stages = ", ".join(map(str, self.plan.cache_stages))
             reporter.note(f"note: stage(s) {stages} replay the teacher's logits from {self.cache.root} "
                           f"({self.cache.mode})" + ("" if self.distiller.teacher else "; the teacher is not built"))
-        if self.main and self.distiller.teacher is not None and self.teacher_acc is None:
-            self.teacher_acc = accuracy(self.distiller.teacher, self.data.test, self.device, self.config.precision,
-                                        self.config.channels_last)
-            acc = self.teacher_acc
+        teacher = self.distiller.teacher
+        if self.main and teacher is not None and (teacher.sharded or self.plan.teacher_dtype != "float32"):
+            where = f"sharded over {self.info.world_size} ranks (FSDP2)" if teacher.sharded else "whole on each rank"
+            reporter.note(f"note: the teacher runs in {self.plan.teacher_dtype}, {where}: "
+                          f"{teacher.parameter_bytes() / 2**20:.1f} MiB of its parameters on this rank")
+        # a sharded teacher runs on every rank at once (each gathers the others' shards): every
+        # rank evaluates it on the whole test split, the main rank reports
+        if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
+            self.teacher_acc = acc = accuracy(teacher, self.data.test, self.device, self.config.precision,
+                                              self.config.channels_last)
+        if self.main and teacher is not None and acc is not None:
             reporter.note(f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
 

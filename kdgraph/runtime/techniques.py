@@ -1,6 +1,6 @@
 """Runtime techniques, each one small function, applied in one fixed order by the loop:
-device -> distributed -> cuDNN autotuning -> channels_last -> autocast (+ gradient scaler)
--> compile -> DDP wrap."""
+device -> distributed -> cuDNN autotuning -> channels_last -> teacher sharding (FSDP2) -> autocast
+(+ gradient scaler) -> compile -> DDP wrap."""
 
 from __future__ import annotations
 
@@ -180,6 +180,18 @@ class RecompileWatch(logging.Handler):
     def __exit__(self, *exc) -> None:
         self._patch.close()
         logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def shard_teacher(teacher, info: DistInfo, device: torch.device) -> None:
+    """teacher.shard: the frozen teacher's parameters sharded over the run's ranks with FSDP2
+    (``FrozenTeacher.shard_``), after every move and cast of it and outside DDP, which wraps
+    the student alone. A run of one process has nothing to shard over: refused."""
+    if not info.enabled:
+        raise SpecError("teacher.shard", "shards the teacher across torchrun's ranks, and this run is one "
+                        "process: launch it with torchrun --nproc_per_node N (N >= 2), or set teacher.shard: false")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    teacher.shard_(init_device_mesh(device.type, (info.world_size,)))
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, find_unused: bool) -> nn.Module:

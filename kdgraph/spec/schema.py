@@ -254,6 +254,19 @@ class TeacherSpec(ModelSpec):
         "stages. A cache built for another teacher, data, augmentation, seed or runtime is refused, and so "
         "is a plan that reads it past its epochs.",
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="The dtype the frozen teacher's weights are kept and computed in: bfloat16 or float16 halve "
+        "its memory (2 bytes per parameter, no optimizer state: it is never trained) and run it in that dtype, "
+        "outside the run's autocast; its outputs reach the losses as float32. float32 is exact. A teacher "
+        "cache is keyed on it.",
+    )
+    shard: Flag = Field(
+        default=False,
+        description="Under torchrun, shard the frozen teacher's parameters across the ranks with torch's FSDP2 "
+        "(fully_shard; outside the student's DDP): each rank keeps 1/N of them and gathers one module's at a "
+        "time as it runs. Needs torchrun with 2 or more ranks; not with runtime.compile or loss.tpp.",
+    )
 
 
 def _pretrained_sources() -> list[str]:
@@ -713,6 +726,22 @@ class Spec(_Strict):
                                "file, or pass --allow-code (allow_code=True) to let --set introduce it",
                                allowed="timm:NAME, torchvision:NAME, or the spec file's own module: reference",
                                at=f"{role}.model", got=model.model)
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_teacher_runs_forward_only(self) -> Spec:
+        """A sharded teacher gathers each module's parameters as it runs, outside any compiled
+        graph, and only forward: TPP's backward through teacher blocks would gather them again,
+        and torch.compile would trace FSDP's hooks."""
+        if self.teacher is None or not self.teacher.shard:
+            return self
+        for at, value, why in (("runtime.compile", self.runtime.compile, "torch.compile would trace FSDP's "
+                                "gathers of the teacher's parameters"),
+                               ("loss.tpp", self.loss.tpp, "TPP backpropagates through teacher blocks, whose "
+                                "sharded parameters run forward only")):
+            if value:
+                raise _invalid(f"teacher.shard: true cannot run with {at}: true: {why}",
+                               allowed="false with teacher.shard: true (or teacher.shard: false)", at=at, got=True)
         return self
 
     @model_validator(mode="after")
