@@ -45,7 +45,7 @@ def test_plan_json(runner):
     assert {"teacher", "student", "blocks", "schedule"} <= set(data)
     assert data["schedule"]["method"] == "stablekd" and data["schedule"]["k"] == 4
     assert len(data["blocks"]) == 4
-    assert [s["epochs"] for s in data["schedule"]["stages"]] == [4, 4, 4]
+    assert [s["epochs"] for s in data["schedule"]["stages"]] == [6, 6, 8]  # 20 epochs: the remainder to the last stage
 
 
 @pytest.mark.parametrize("fmt", ["dot", "mermaid"])
