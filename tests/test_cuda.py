@@ -247,3 +247,31 @@ def test_half_teacher_runs_in_its_dtype_inside_the_run(device, tmp_path):
         xb, yb = next(iter(run.data.train.epoch(stage.index)))
         run.train_step(xb, yb)
     assert all(p.dtype == torch.bfloat16 for p in run.distiller.teacher.model.parameters())
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
+def test_prefetched_batches_equal_the_batches_loaded_in_order(device):
+    """kdgraph.stream.prefetched: on CUDA the next batch is copied from pinned memory and
+    normalised on a side stream while the main stream is busy (a long ``_sleep`` stands for
+    the step); every batch the consumer reads still equals the one loaded in order, with no
+    side stream: the handover waits for the copy, and the allocator does not hand a batch's
+    memory to the next one while the step reads it."""
+    from kdgraph.stream import prefetched
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    host = [torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=gen) for _ in range(6)]
+    if dev.type == "cuda":
+        host = [x.pin_memory() for x in host]
+
+    def load(x):
+        return (x.to(dev, non_blocking=True).float().sub_(127.5).div_(64.0),)
+
+    want = [(x.float() - 127.5) / 64.0 for x in host]
+    got = []
+    for (batch,) in prefetched(iter(host), load, dev):
+        if dev.type == "cuda":
+            torch.cuda._sleep(50_000_000)  # the step, on the main stream, while the next batch loads
+        got.append((batch * 1).cpu())
+        del batch
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
