@@ -12,7 +12,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, Stage, graph_json
+from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, SideInput, Stage, graph_json
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -29,6 +29,8 @@ class TracedModel:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
     leaves: tuple[str, ...] = ()
+    # Inputs besides the image (a denoiser's timestep and class), graph placeholders 2.. in order.
+    side: tuple[SideInput, ...] = ()
     _containers: set[str] | None = field(default=None, repr=False)
 
     @property
@@ -54,6 +56,8 @@ class ModelArtifacts:
     boundaries: tuple[Boundary, ...] = ()
     # The model split at its block boundaries: GraphModules sharing the model's parameters.
     segments: tuple[nn.Module, ...] = ()
+    # Side inputs (timestep, class) -> the side tensors the blocks read; None without side inputs.
+    side_segment: nn.Module | None = None
 
     @property
     def output_shape(self) -> tuple[int, ...] | None:

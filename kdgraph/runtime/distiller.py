@@ -42,6 +42,10 @@ class StepState:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
     progress: torch.Tensor | float | None = None  # epochs done by the end of this step (losses with ``progress``)
+    # a denoiser's side tensors (its time embedding), by graph node: the student's (with autograd)
+    # and the teacher's; every block reads its share of them
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
@@ -68,10 +72,11 @@ class Distiller(nn.Module):
         self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
         # student's own names.
-        self.chain = StudentChain(compiled.student.segments)
+        self.chain = StudentChain(compiled.student.segments, compiled.student.side_segment)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled))
+        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
+                                      compiled.teacher.side_segment)
                         if compiled.teacher else None)
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
@@ -115,27 +120,32 @@ class Distiller(nn.Module):
         """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
         return self.inference_program.adapter_blocks
 
-    def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def teacher_features(self, x: torch.Tensor, side: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
-        its logits), computed without autograd."""
-        return self.teacher.features(x, self._teacher_blocks)
+        its logits), computed without autograd; ``side``: its side tensors (a denoiser's)."""
+        return self.teacher.features(x, self._teacher_blocks, side)
 
-    def inference(self, x: torch.Tensor) -> torch.Tensor:
-        """The student as it will be exported: the stage's inference program."""
-        state = StepState()
+    def inference(self, x: torch.Tensor, side: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """The student as it will be exported: the stage's inference program (``side``: a
+        denoiser's timestep and class)."""
+        state = StepState(side=self.chain.side(side) if side else {})
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
-                           whole=self.student)
+                           whole=self.student, side=side)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor,
-                progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, progress: torch.Tensor | float | None = None,
+                side: tuple[torch.Tensor, ...] = ()) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
         each group starts from the input or from a (no-grad) teacher feature. ``progress``, the
         epochs done by the end of this step (fractional; a 0-dim tensor keeps a compiled step
-        from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up)."""
+        from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up).
+        ``side``: a denoiser's side inputs (timestep, class): every student block is fed the
+        student's side tensors of them, every teacher block the teacher's."""
         for tap in self.taps.values():
             tap.armed = True
         try:
-            state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, progress=progress)
+            teacher_side = self.teacher.side(side) if side and self.teacher is not None else {}
+            state = StepState(teacher=self.teacher_features(x, teacher_side) if self._teacher_blocks else {},
+                              progress=progress, side=self.chain.side(side) if side else {}, teacher_side=teacher_side)
             run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
         finally:
             for tap in self.taps.values():
@@ -158,7 +168,7 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
-    return d.chain.block(op.block, inputs[0])
+    return d.chain.block(op.block, inputs[0], state.side)
 
 
 @OP_KINDS.register("lift")
@@ -188,7 +198,7 @@ def _pair_lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any
 def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
     parameters need no grad, gradients reach lift and the student."""
-    return d.teacher.block(op.block, inputs[0])
+    return d.teacher.block(op.block, inputs[0], state.teacher_side)
 
 
 @OP_KINDS.register("loss")

@@ -14,12 +14,12 @@ checkpoint) holds no teacher tensor, and DDP neither wraps it nor broadcasts its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from kdgraph.runtime.chain import call_segment
+from kdgraph.runtime.chain import call_segment, side_values
 from kdgraph.transforms import Renormalize
 
 
@@ -29,9 +29,11 @@ class FrozenTeacher:
     ``normalize`` (a ``kdgraph.transforms.Renormalize``, None: the identity) maps the batch the
     student sees to the teacher's own normalisation, before its first block and its logits."""
 
-    def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None):
+    def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None,
+                 side_segment: nn.Module | None = None):
         self.model = model
         self.segments = list(segments)
+        self.side_segment = side_segment  # a denoiser's: timestep and class -> the side tensors its blocks read
         self.normalize = normalize
         self.freeze()
 
@@ -39,14 +41,14 @@ class FrozenTeacher:
         """Eval mode and no parameter gradients, on the model and on every segment (segments
         carry constants of their own, copied by fx; their modules are the model's)."""
         self.model.eval().requires_grad_(False)
-        for seg in self.segments:
+        for seg in self.segments + ([self.side_segment] if self.side_segment is not None else []):
             seg.eval()
         return self
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a move or cast (``nn.Module._apply``'s ``fn``) to the teacher's tensors."""
         self.model._apply(fn)
-        for seg in self.segments:
+        for seg in self.segments + ([self.side_segment] if self.side_segment is not None else []):
             seg._apply(fn)
         if self.normalize is not None:
             self.normalize.scale, self.normalize.shift = fn(self.normalize.scale), fn(self.normalize.shift)
@@ -56,8 +58,15 @@ class FrozenTeacher:
         return x if self.normalize is None else self.normalize(x)
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:
-        """The teacher's outputs at the block ends in ``needed`` (block k: its logits).
+    def side(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The teacher's side tensors (its time embedding) of the side inputs ``inputs``."""
+        return side_values(self.side_segment, inputs)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, needed: set[int],
+                 side: Mapping[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """The teacher's outputs at the block ends in ``needed`` (block k: its logits); ``side``:
+        its side tensors (``side``), where it has side inputs.
 
         The teacher runs no further than the last needed block. ``no_grad`` rather than
         ``inference_mode``: the features feed student blocks whose backward saves its
@@ -66,17 +75,17 @@ class FrozenTeacher:
         feats: dict[int, torch.Tensor] = {}
         h = self.input(x)
         for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
-            h = call_segment(seg, h)
+            h = call_segment(seg, h, side)
             if i in needed:
                 feats[i] = h
         return feats
 
-    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def block(self, i: int, h: torch.Tensor, side: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Block ``i`` (1-based) applied to ``h`` with autograd on ``h`` (the teacher's own
         parameters need no grad): a step of TPP's proxy path from a student feature."""
-        return call_segment(self.segments[i - 1], h)
+        return call_segment(self.segments[i - 1], h, side)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits (for its top-1)."""
-        return self.model(self.input(x))
+    def __call__(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (for its top-1; a denoiser's noise prediction, given its side inputs)."""
+        return self.model(self.input(x), *side)
