@@ -55,7 +55,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.registry import LOGIT_LOSSES, Registry
 
-__all__ = ["LOSSES", "CrossEntropy", "DualViewFeatureMimicking", "FeatureMSE", "HeadLoss", "KLDivergence",
+__all__ = ["LOSSES", "CrossEntropy", "DenoiseHead", "DualViewFeatureMimicking", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params", "term_names",
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
 
@@ -608,3 +608,35 @@ class DISTHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ce_weight={self.ce_weight}, label_smoothing={self.label_smoothing}"
+
+
+# --- denoising (BK-SDM, Kim et al. 2023) --------------------------------------------------------
+
+@LOSSES.register("denoise")
+class DenoiseHead(nn.Module):
+    """BK-SDM's loss at the head of a noise predictor: ``task = w_task * mean (ε̂_s - ε)^2``, the
+    DDPM task loss against the true noise ε, and with a teacher ``out = w_out * mean (ε̂_s -
+    ε̂_t)^2``, the output-level distillation against the teacher's predicted noise ε̂_t (means
+    over every element). Its feature-level term is the ``mse`` entry at every block end,
+    weighted by ``loss.feature_weight``."""
+
+    summary = "MSE of the predicted noise to the true noise, and to the teacher's prediction (BK-SDM)"
+    role = "head"
+    terms = ("task", "out")
+    params = {"task_weight": "task_weight", "output_weight": "output_weight"}
+
+    def __init__(self, task_weight: float = 1.0, output_weight: float = 1.0):
+        super().__init__()
+        self.task_weight, self.output_weight = float(task_weight), float(output_weight)
+
+    def forward(self, student: torch.Tensor, noise: torch.Tensor,
+                teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        with no_autocast(student):
+            s = student.float()
+            out = {"task": self.task_weight * F.mse_loss(s, noise.float())}
+            if teacher is not None:
+                out["out"] = self.output_weight * F.mse_loss(s, teacher.detach().float())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"task_weight={self.task_weight}, output_weight={self.output_weight}"

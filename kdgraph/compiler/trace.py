@@ -476,18 +476,37 @@ def trace_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> 
     return replace(traced, notes=tuple(notes))
 
 
+def side_inputs(spec: Spec, model: nn.Module) -> tuple[SideInput, ...]:
+    """The side inputs of ``spec``'s task, named as ``model``'s forward names them: for a
+    denoiser, its second argument is the timestep and, class-conditional, its third the class."""
+    if spec.denoise is None:
+        return ()
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    wanted = 3 if spec.denoise.class_conditional else 2
+    if len(names) < wanted:
+        raise TraceError(f"{type(model).__name__}.forward({', '.join(names)}): a denoiser takes (x, t"
+                         + (", y)" if spec.denoise.class_conditional else ")")
+                         + " (denoise.class_conditional: " + str(spec.denoise.class_conditional).lower() + ")")
+    side = [SideInput(names[1], "timestep", spec.denoise.timesteps)]
+    if spec.denoise.class_conditional:
+        side.append(SideInput(names[2], "class", int(getattr(model, "num_classes", None) or 1)))
+    return tuple(side)
+
+
 def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], notes: list[str]) -> ModelArtifacts:
     """``trace``; a model on the meta device that cannot be traced or shape-propagated there
     (a constructor or forward that needs tensor values) is built from the spec with real
     weights and traced again, with a note. Its weights are only ever used for shapes here."""
+    side = side_inputs(spec, art.model)
     if not holds_meta(art.model):
-        return replace(art, traced=trace(art.model, input_size, role=art.role))
+        return replace(art, traced=trace(art.model, input_size, role=art.role, side=side))
     try:  # planning: graph modules that never run write no code
-        return replace(art, traced=trace(art.model, input_size, role=art.role, lazy=True))
+        return replace(art, traced=trace(art.model, input_size, role=art.role, lazy=True, side=side))
     except Exception as exc:  # the real build's own trace raises the error that matters, if any
         model_spec = getattr(spec, art.role)
         model = create_model(model_spec.model, model_spec.kwargs, search_path=spec.source_dir)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         notes.append(f"{art.role} {model_spec.model}: planned with real weights (on the meta device, "
                      f"tracing failed: {first})")
-        return replace(art, model=model, traced=trace(model, input_size, role=art.role))
+        return replace(art, model=model, traced=trace(model, input_size, role=art.role, side=side))
