@@ -583,7 +583,15 @@ class DeviceLoader:
         return pick(order), pick(offsets), pick(flips)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xb, yb, _ in self.epoch_indexed(epoch, start_step):
+            yield xb, yb
+
+    def epoch_indexed(self, epoch: int, start_step: int = 0
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``epoch``'s batches with the dataset index of each sample (on the host): what keys a
+        per-sample draw (a denoiser's timestep and noise)."""
         order, offsets, flips = self.epoch_plan(epoch)
+        host = order.cpu()
         bs = self.batch_size
         for step in range(start_step, self._num_batches):
             sl = slice(step * bs, min((step + 1) * bs, self.samples_per_rank))
@@ -591,7 +599,7 @@ class DeviceLoader:
             xb = self.x[idx]
             if offsets is not None:
                 xb = self.crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
-            yield xb, self.y[idx]
+            yield xb, self.y[idx], host[sl]
 
     def crop_flip(self, xb: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
         """Random crop from the padded batch by one gather: row/column indices per sample,

@@ -28,6 +28,7 @@ import torch
 
 from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
+from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, save_grid
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
@@ -122,7 +123,13 @@ class Trainer:
         self.stage_epochs = [st.epochs for st in self.plan.stages]
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation
         self.data = build_data(spec, self.compiled.data, device, self.info)
-        if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
+        # a denoiser (spec denoise): per-sample timestep and noise, keyed by the sample's index
+        self.task = DenoiseTask.of(spec.denoise, spec.seed) if spec.denoise is not None else None
+        self.denoise = spec.denoise
+        if self.task is not None and isinstance(self.data.train, StreamLoader):
+            raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
+        if self.task is None and self.compiled.num_classes is not None \
+                and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
@@ -195,10 +202,9 @@ class Trainer:
             reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
                           "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
         if self.main and self.distiller.teacher is not None and self.teacher_acc is None:
-            self.teacher_acc = accuracy(self.distiller.teacher, self.data.test, self.device, self.config.precision,
-                                        self.config.channels_last)
-            acc = self.teacher_acc
-            reporter.note(f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
+            self.teacher_acc = acc = self.score(self.distiller.teacher)
+            reporter.note(f"teacher denoising MSE {acc['mse']:.5f}" if "mse" in acc else
+                          f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
 
     def stage_of(self, epoch: int) -> TrainingStage:
@@ -210,11 +216,11 @@ class Trainer:
         self.distiller.train()
         start = self.position["step"] if epoch == self.position["epoch"] else 0
         self.reporter.start_epoch(epoch, stage, start)
-        meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
-        for step, (xb, yb) in enumerate(meter.batches, start=start):
-            xb, yb = self.mix(xb, yb, epoch, step)
+        meter = EpochMeter(WaitTimed(self.batches(epoch, start)), start)
+        for step, (xb, yb, idx) in enumerate(meter.batches, start=start):
+            xb, yb, side = self.prepare(xb, yb, idx, epoch, step)
             self.progress = self.progress_at(epoch, step)
-            terms, loss = self.train_step(xb, yb)
+            terms, loss = self.train_step(xb, yb, side)
             self.global_step += 1
             if self.tracker is not None:
                 self.tracker.update(self.global_step)
@@ -224,6 +230,22 @@ class Trainer:
             self.reporter.advance()
             self.checkpoint_if_due(epoch, step + 1, terms, loss)
         self.end_epoch(meter, stage, epoch)
+
+    def batches(self, epoch: int, start: int = 0):
+        """The training batches of ``epoch`` from step ``start``, each with its samples' dataset
+        indices where a denoiser's draws need them (else None)."""
+        if self.task is not None:
+            return self.data.train.epoch_indexed(epoch, start)
+        return ((xb, yb, None) for xb, yb in self.data.train.epoch(epoch, start))
+
+    def prepare(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None, epoch: int, step: int
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The step's (input, target, side inputs): a denoiser's noisy images, their true noise
+        and (t,) or (t, y), drawn per sample from (seed, epoch, index) so that a resumed run
+        draws exactly as the uninterrupted one; otherwise the batch (mixed: ``mix``), no side."""
+        if self.task is not None:
+            return self.task.draw(xb, yb, epoch, idx)
+        return (*self.mix(xb, yb, epoch, step), ())
 
     def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Consistent teaching (``data.mixup``): the batch mixed once, before the step, so that
@@ -243,7 +265,8 @@ class Trainer:
             return None
         return torch.tensor(epoch + (step + 1) / len(self.data.train), device=self.device)
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, side: tuple[torch.Tensor, ...] = ()
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
 
         With ``micro_batches`` k > 1 the batch is split into k parts whose losses, weighted
@@ -256,17 +279,18 @@ class Trainer:
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [(x, y) for x, y in zip(xb.tensor_split(cfg.micro_batches), yb.tensor_split(cfg.micro_batches))
-                 if len(y)]
+        parts = [(x, y, tuple(s)) for x, y, *s in zip(xb.tensor_split(cfg.micro_batches),
+                                                      yb.tensor_split(cfg.micro_batches),
+                                                      *(t.tensor_split(cfg.micro_batches) for t in side)) if len(y)]
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=xb.device)
-        for j, (xm, ym) in enumerate(parts):
+        for j, (xm, ym, sm) in enumerate(parts):
             share = len(ym) / len(yb)
             last = j == len(parts) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 with autocast(cfg.precision, cfg.device):
-                    part = self.step_module(xm, ym, progress=self.progress)
+                    part = self.step_module(xm, ym, progress=self.progress, **({"side": sm} if sm else {}))
                     part_loss = sum(part.values())
                 self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
             if len(parts) == 1:
@@ -341,8 +365,7 @@ class Trainer:
         acc = self.student_acc
         record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": self.global_step,
                   **{f"train_{k}": round(v.item() / max(meter.steps, 1), 6) for k, v in meter.sums.items()},
-                  "student_top1": acc and acc["top1"], "student_top5": acc and acc["top5"],
-                  **({"student_miou": acc["miou"]} if acc and "miou" in acc else {}),
+                  **_scores("student", acc),
                   "epoch_s": round(epoch_s, 3),
                   "images_per_s": round(images / max(epoch_s, 1e-9), 1),
                   "data_wait_share": round(meter.batches.waited / max(epoch_s, 1e-9), 3)}
@@ -352,10 +375,12 @@ class Trainer:
         self.save(epoch + 1, 0)
 
     def evaluate_epoch(self, epoch: int) -> None:
-        """Evaluate the student; a new best top-1 is exported as best.safetensors."""
-        self.student_acc = self.evaluate()
-        if self.student_acc["top1"] > self.history.get("best_top1", -1.0):  # ties keep the earlier epoch
-            self.history.update(best_top1=self.student_acc["top1"], best_epoch=epoch + 1)
+        """Evaluate the student; a new best top-1 (a denoiser: the lowest MSE) is exported as
+        best.safetensors."""
+        self.student_acc = acc = self.evaluate()
+        key, sign = ("best_mse", -1.0) if "mse" in acc else ("best_top1", 1.0)
+        if key not in self.history or sign * acc[key[5:]] > sign * self.history[key]:  # ties keep the earlier epoch
+            self.history.update({key: acc[key[5:]], "best_epoch": epoch + 1})
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
 
     def warn_if_starved(self, record: dict) -> None:
@@ -388,11 +413,12 @@ class Trainer:
         was = self.distiller.training
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for xb, _ in self.data.train.epoch(0):
+            for xb, yb, idx in self.batches(0):
+                xb, _, side = self.prepare(xb, yb, idx, 0, 0) if self.task is not None else (xb, yb, ())
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.precision, self.device):
-                    self.distiller.inference(xb)
+                    self.distiller.inference(xb, side)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         self.distiller.train(was)
@@ -406,10 +432,21 @@ class Trainer:
         was = self.distiller.training
         self.distiller.eval()
         try:
-            return accuracy(self.distiller.inference, self.data.test, self.device, self.config.precision,
-                            self.config.channels_last)
+            return self.score(lambda x, *side: self.distiller.inference(x, side))
         finally:
             self.distiller.train(was)
+
+    def score(self, forward) -> dict[str, float]:
+        """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
+        denoiser's MSE to the true noise at each test image's fixed (t, ε)."""
+        cfg = self.config
+        if self.task is None:
+            return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
+
+        def run(x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+            with autocast(cfg.precision, self.device):
+                return forward(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x, *side)
+        return denoise_mse(run, self.data.test, self.task)
 
     # --------------------------------------------------------------------- checkpoints
 
@@ -435,8 +472,9 @@ class Trainer:
             "data": self.data.state_dict(epoch, step),
             "plan": self.plan.to_dict(),
             "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
-            "teacher_top1": acc and acc["top1"],
-            "teacher_top5": acc and acc["top5"],
+            "teacher_top1": acc and acc.get("top1"),
+            "teacher_top5": acc and acc.get("top5"),
+            "teacher_mse": acc and acc.get("mse"),
             "history": self.history,
         }, self.folder.last_checkpoint, keep_previous=True)
 
@@ -471,6 +509,8 @@ class Trainer:
         self.global_step, self.wall_before = self.position["global_step"], self.history["wall_s"]
         if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
             self.teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
+        elif state.get("teacher_mse") is not None:
+            self.teacher_acc = {"mse": state["teacher_mse"]}
         return warning
 
     # ------------------------------------------------------------------------ finishing
@@ -486,26 +526,42 @@ class Trainer:
         summary = self.summary()
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
+            self.write_samples()
             self.folder.summary.write_text(json.dumps(summary, indent=2))
             self.metrics.close()
             plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,
-                        teacher_top1=self.teacher_acc and self.teacher_acc["top1"])
+                        teacher_top1=self.teacher_acc and self.teacher_acc.get("top1"))
         if self.info.enabled:
             torch.distributed.barrier()
         return summary
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        """A denoiser's DDIM sample grid (samples.png): fixed seed and step count, so the same
+        student draws the same images."""
+        if self.task is None or not self.denoise.sample_images:
+            return
+        was = self.distiller.training
+        self.distiller.eval()
+        try:
+            images = ddim_sample(lambda x, *side: self.distiller.inference(x, side), self.task.schedule,
+                                 tuple(self.compiled.input_size), self.denoise.sample_images, self.denoise.sample_steps,
+                                 self.task.seed, self.data.num_classes if self.task.class_conditional else None,
+                                 self.device)
+        finally:
+            self.distiller.train(was)
+        readable(save_grid(images, self.data.mean, self.data.std, self.folder.samples))
 
     def summary(self) -> dict:
         s, t, h = self.student_acc, self.teacher_acc, self.history
         return {
             "name": self.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
             "epochs": self.plan.epochs,
-            "student_top1": s and s["top1"], "student_top5": s and s["top5"],
+            **_scores("student", s),
             "best_top1": h.get("best_top1"),
+            **({"best_mse": h["best_mse"]} if "best_mse" in h else {}),
             "best_epoch": h.get("best_epoch"),
-            "teacher_top1": t and t["top1"], "teacher_top5": t and t["top5"],
-            # a per-pixel task: top-1 is the pixel accuracy, and the mean IoU is reported too
-            **({"student_miou": s["miou"]} if s and "miou" in s else {}),
-            **({"teacher_miou": t["miou"]} if t and "miou" in t else {}),
+            **_scores("teacher", t),
             "wall_time_s": round(h["wall_s"], 2),
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
@@ -514,6 +570,14 @@ class Trainer:
             "preprocessing": self.preprocessing,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def _scores(role: str, acc: dict | None) -> dict:
+    """``{role}_top1``/``_top5`` (None before an evaluation) and, where measured, ``_miou`` (a
+    per-pixel task: top-1 is the pixel accuracy) and ``_mse`` (a denoiser: no top-1)."""
+    acc = acc or {}
+    out = {f"{role}_top1": acc.get("top1"), f"{role}_top5": acc.get("top5")}
+    return out | {f"{role}_{k}": acc[k] for k in ("miou", "mse") if k in acc}
 
 
 @contextmanager
