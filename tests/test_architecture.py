@@ -76,7 +76,7 @@ LAYERS = (
     ("spec", ("kdgraph.spec",)),
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
-      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
+      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses", "kdgraph.diffusion",
       "kdgraph.adapters")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),

@@ -123,7 +123,9 @@ class Distiller(nn.Module):
     def teacher_features(self, x: torch.Tensor, side: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
         its logits), computed without autograd; ``side``: its side tensors (a denoiser's)."""
-        return self.teacher.features(x, self._teacher_blocks, side)
+        if side:
+            return self.teacher.features(x, self._teacher_blocks, side)
+        return self.teacher.features(x, self._teacher_blocks)  # a model without side inputs: called as it always was
 
     def inference(self, x: torch.Tensor, side: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """The student as it will be exported: the stage's inference program (``side``: a
@@ -168,7 +170,7 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
-    return d.chain.block(op.block, inputs[0], state.side)
+    return d.chain.block(op.block, inputs[0], state.side) if state.side else d.chain.block(op.block, inputs[0])
 
 
 @OP_KINDS.register("lift")
@@ -198,7 +200,9 @@ def _pair_lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any
 def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
     parameters need no grad, gradients reach lift and the student."""
-    return d.teacher.block(op.block, inputs[0], state.teacher_side)
+    if state.teacher_side:
+        return d.teacher.block(op.block, inputs[0], state.teacher_side)
+    return d.teacher.block(op.block, inputs[0])
 
 
 @OP_KINDS.register("loss")

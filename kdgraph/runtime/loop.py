@@ -220,7 +220,7 @@ class Trainer:
         for step, (xb, yb, idx) in enumerate(meter.batches, start=start):
             xb, yb, side = self.prepare(xb, yb, idx, epoch, step)
             self.progress = self.progress_at(epoch, step)
-            terms, loss = self.train_step(xb, yb, side)
+            terms, loss = self.train_step(xb, yb, side) if side else self.train_step(xb, yb)
             self.global_step += 1
             if self.tracker is not None:
                 self.tracker.update(self.global_step)
