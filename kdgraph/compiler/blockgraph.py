@@ -97,10 +97,10 @@ def _explicit_pair(g: nx.DiGraph, pair: ExplicitPair, loss_spec: Mapping[str, An
 
 
 def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, denoise: bool = False) -> str:
-    """The head loss's LOSSES entry: ``denoise`` for a denoising task (with a teacher or not),
-    else ``loss.logit``'s with a teacher, cross-entropy alone without."""
+    """The head loss's LOSSES entry: for a denoising task ``denoise`` with a teacher, ``ddpm``
+    without; else ``loss.logit``'s with a teacher, cross-entropy alone without."""
     if denoise:
-        return "denoise"
+        return "denoise" if has_teacher else "ddpm"
     return LOGIT_LOSSES.get(loss_spec["logit"]).entry if has_teacher else "ce"
 
 
