@@ -29,7 +29,7 @@ from kdgraph.transforms import _mix, sample_seeds, uniforms
 if TYPE_CHECKING:
     from kdgraph.spec.schema import DenoiseSpec
 
-__all__ = ["DenoiseTask", "NoiseSchedule", "ddim_sample", "denoise_mse", "gaussians", "save_grid"]
+__all__ = ["DenoiseTask", "NoiseSchedule", "ddim_sample", "denoise_mse", "gaussians", "pixel_range", "save_grid"]
 
 _TRAIN_STREAM = np.uint64(0x6464706D6E6F6973)  # "ddpmnois": apart from the crop and mixup draws
 _EVAL_STREAM = np.uint64(0x6576616C6E6F6973)  # "evalnois": the test split's fixed draws
@@ -127,13 +127,14 @@ def denoise_mse(forward: Callable[..., torch.Tensor], loader, task: DenoiseTask)
 
 @torch.no_grad()
 def ddim_sample(forward: Callable[..., torch.Tensor], schedule: NoiseSchedule, shape: tuple[int, ...], n: int,
-                steps: int, seed: int, num_classes: int | None = None, device: torch.device | str = "cpu"
-                ) -> torch.Tensor:
+                steps: int, seed: int, num_classes: int | None = None, device: torch.device | str = "cpu",
+                clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``n`` images of ``shape`` by DDIM with η = 0 (Song et al.): deterministic from its start
     noise (drawn from ``seed``) over ``steps`` timesteps evenly spaced from T-1 to 0:
     ``x_{t'} = sqrt(ᾱ_{t'}) x̂_0 + sqrt(1 - ᾱ_{t'}) ε̂``, ``x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``,
     ᾱ of the step after the last = 1. Class-conditional (``num_classes``): image i is of class
-    i mod num_classes."""
+    i mod num_classes. ``clip`` (low, high), per channel: x̂_0 is clamped to the data's range at
+    every step, as DDPM's sampler clips to [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g).to(device)
     side_y = (torch.arange(n, device=device) % num_classes,) if num_classes else ()
@@ -144,8 +145,17 @@ def ddim_sample(forward: Callable[..., torch.Tensor], schedule: NoiseSchedule, s
         a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
         eps = forward(x, torch.full((n,), int(t), device=device, dtype=torch.long), *side_y).float()
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        if clip is not None:
+            x0 = torch.maximum(torch.minimum(x0, clip[1].to(x0)), clip[0].to(x0))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
     return x
+
+
+def pixel_range(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high), (C, 1, 1) each: where pixels 0..1 lie once normalised with ``mean``/``std``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return -m / s, (1 - m) / s
 
 
 def save_grid(images: torch.Tensor, mean, std, path: Path, pad: int = 2) -> Path:

@@ -26,7 +26,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, save_grid
+from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid
 from kdgraph.ir import SideInput
 from kdgraph.losses import LOSSES, create_loss
 from kdgraph.runtime import loop
@@ -242,6 +242,10 @@ def test_ddim_with_an_oracle_returns_the_one_image(tmp_path):
     out = ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0)
     assert torch.allclose(out, target.expand(3, -1, -1, -1), atol=1e-4)
     assert torch.equal(out, ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0))
+    low, high = pixel_range([0.5], [0.25])  # pixels 0..1 normalised: -2..2
+    assert low.item() == -2.0 and high.item() == 2.0
+    clipped = ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0, clip=(low / 2, high / 2))
+    assert torch.allclose(clipped, target.expand(3, -1, -1, -1), atol=1e-4)  # x* lies inside [-1, 1]
     path = save_grid(out, [0.5], [0.5], tmp_path / "grid.png")
     from PIL import Image
     assert Image.open(path).size == (2 + 2 * 6, 2 + 2 * 6)
@@ -285,3 +289,59 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch):
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ra, rb))
     assert sa["student_mse"] == sb["student_mse"] and sa["teacher_mse"] == sb["teacher_mse"]
     assert (ra / "samples.png").read_bytes() == (rb / "samples.png").read_bytes()
+
+
+# -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
+
+def test_frechet_distance_written_out():
+    from kdgraph.runtime.frechet import frechet_distance
+
+    g = np.random.default_rng(0)
+    a = g.normal(size=(200, 1))
+    b = g.normal(loc=0.3, scale=2.0, size=(300, 1))
+    # one feature: (μ_a - μ_b)² + (σ_a - σ_b)²
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-9)
+    # b = c a + shift: Σ_b = c² Σ_a, so Tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^½) = (1 - c)² Tr Σ_a
+    a = g.normal(size=(500, 3)) @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    shift = np.array([1.0, -2.0, 0.5])
+    b = 3.0 * a + shift
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + 4.0 * np.trace(np.cov(a, rowvar=False))
+    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_judge_features_are_the_classifiers_pooled_features():
+    from kdgraph.runtime.frechet import Judge
+    from kdgraph.zoo import resnet_tiny
+
+    torch.manual_seed(0)
+    model = resnet_tiny(num_classes=4, in_chans=1).eval()
+    judge = Judge(model, (0.5,), (0.25,))
+    pixels = torch.rand(6, 1, 8, 8)
+    feats, pred = judge.features(pixels, batch_size=4)
+    with torch.no_grad():
+        x = (pixels - 0.5) / 0.25
+        pooled = model.flatten(model.global_pool(model.forward_features(x)))
+        assert np.allclose(feats, pooled.numpy(), atol=1e-6)
+        assert (pred == model(x).argmax(1).numpy()).all()
+    verdict = judge.judge(pixels, pixels, classes=torch.as_tensor(pred))
+    assert abs(verdict["fd"]) < 1e-6 and verdict["class_accuracy"] == 100.0
+
+
+def test_a_judged_run_reports_fd_and_class_accuracy(tmp_path):
+    classifier = {
+        "name": "judge", "seed": 0,
+        "student": {"model": "module:kdgraph.zoo:resnet_tiny", "kwargs": {"num_classes": 4, "in_chans": 1}},
+        "data": {"dataset": "synthetic", "input_size": list(SIZE), "num_classes": 4, "samples": 48, "batch_size": 8},
+        "decompose": {"blocks": 1}, "schedule": {"epochs": 1},
+        "runtime": {"device": "cpu", "num_threads": 1}, "output": str(tmp_path / "judge"),
+    }
+    loop.train(load_spec(write_spec(classifier, tmp_path / "judge.yaml")))
+    spec = _spec(tmp_path / "d", method="supervised", student="diffusion_unet_teacher", epochs=1)
+    spec["denoise"] |= {"judge": str(tmp_path / "judge"), "judge_samples": 12}
+    summary = loop.train(load_spec(write_spec(spec, tmp_path / "d.yaml")))
+    assert summary["judge"] == "judge" and summary["student_fd"] > 0
+    assert 0.0 <= summary["student_class_accuracy"] <= 100.0
+    assert "teacher_fd" not in summary  # no teacher
+    assert json.loads((tmp_path / "d" / "run" / "summary.json").read_text())["student_fd"] == summary["student_fd"]

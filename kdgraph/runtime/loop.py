@@ -28,7 +28,7 @@ import torch
 
 from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
-from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, save_grid
+from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, pixel_range, save_grid
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
@@ -37,6 +37,7 @@ from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
+from kdgraph.runtime.frechet import Judge
 from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.runs import RunFolder, readable
@@ -128,6 +129,8 @@ class Trainer:
         self.denoise = spec.denoise
         if self.task is not None and isinstance(self.data.train, StreamLoader):
             raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
+        if self.denoise is not None and self.denoise.judge is not None:
+            Judge.finished_run(self.denoise.judge)  # before training, not after it
         if self.task is None and self.compiled.num_classes is not None \
                 and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
@@ -523,10 +526,10 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        summary = self.summary()
+        samples = self.write_samples() if self.main else {}
+        summary = self.summary() | samples
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
-            self.write_samples()
             self.folder.summary.write_text(json.dumps(summary, indent=2))
             self.metrics.close()
             plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,
@@ -536,21 +539,46 @@ class Trainer:
         return summary
 
     @torch.no_grad()
-    def write_samples(self) -> None:
-        """A denoiser's DDIM sample grid (samples.png): fixed seed and step count, so the same
-        student draws the same images."""
-        if self.task is None or not self.denoise.sample_images:
-            return
+    def sample(self, forward, n: int) -> torch.Tensor:
+        """``n`` DDIM samples of ``forward`` (fixed seed and step count: the same model draws the
+        same images), in the data's normalisation."""
+        return ddim_sample(forward, self.task.schedule, tuple(self.compiled.input_size), n, self.denoise.sample_steps,
+                           self.task.seed, self.data.num_classes if self.task.class_conditional else None,
+                           self.device, pixel_range(self.data.mean, self.data.std))
+
+    def write_samples(self) -> dict:
+        """A denoiser's DDIM sample grid (samples.png) and, with a judge (``denoise.judge``), the
+        Fréchet distance of the student's and the teacher's samples to the test split in the
+        judge's feature space, and its accuracy on their classes: {student_fd, ...}."""
+        d = self.denoise
+        n = 0 if d is None else max(d.sample_images, d.judge_samples if d.judge is not None else 0)
+        if not n:
+            return {}
         was = self.distiller.training
         self.distiller.eval()
         try:
-            images = ddim_sample(lambda x, *side: self.distiller.inference(x, side), self.task.schedule,
-                                 tuple(self.compiled.input_size), self.denoise.sample_images, self.denoise.sample_steps,
-                                 self.task.seed, self.data.num_classes if self.task.class_conditional else None,
-                                 self.device)
+            images = self.sample(lambda x, *side: self.distiller.inference(x, side), n)
         finally:
             self.distiller.train(was)
-        readable(save_grid(images, self.data.mean, self.data.std, self.folder.samples))
+        if d.sample_images:
+            readable(save_grid(images[:d.sample_images], self.data.mean, self.data.std, self.folder.samples))
+        if d.judge is None:
+            return {}
+        return self.judged(images[:d.judge_samples])
+
+    def judged(self, images: torch.Tensor) -> dict:
+        """The judge's verdict on the student's samples ``images`` and on the teacher's."""
+        judge = Judge.from_run(self.denoise.judge, self.device)
+        m = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
+        to_pixels = lambda x: (x.to(self.device) * s + m).clamp(0, 1)  # noqa: E731
+        real = torch.cat([xb for xb, _ in self.data.test.epoch(0)])[:len(images)]
+        classes = torch.arange(len(images)) % self.data.num_classes if self.task.class_conditional else None
+        out = {f"student_{k}": v for k, v in judge.judge(to_pixels(images), to_pixels(real), classes).items()}
+        if self.distiller.teacher is not None:
+            teacher = self.sample(self.distiller.teacher, len(images))
+            out |= {f"teacher_{k}": v for k, v in judge.judge(to_pixels(teacher), to_pixels(real), classes).items()}
+        return {"judge": judge.name, **out}
 
     def summary(self) -> dict:
         s, t, h = self.student_acc, self.teacher_acc, self.history

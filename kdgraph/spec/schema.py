@@ -543,6 +543,12 @@ class DenoiseSpec(_Strict):
                               "written at the end of a run (deterministic, η = 0).")
     sample_images: Int = Field(default=64, ge=0, le=1024, description="Images in the sample grid (0: none); "
                                "class-conditional: classes in turn.")
+    judge: UserPath | None = Field(default=None, description="A finished kdgraph run of a classifier on the same "
+                                   "data (its folder): at the end, the Fréchet distance between its features of "
+                                   "DDIM samples and of real test images (student_fd, teacher_fd; not Inception's "
+                                   "FID) and, class-conditional, its accuracy on the samples' classes.")
+    judge_samples: Int = Field(default=500, ge=2, le=100_000, description="Generated and real images the judge "
+                               "compares (each).")
 
     @model_validator(mode="after")
     def _betas_ordered(self) -> DenoiseSpec:
