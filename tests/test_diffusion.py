@@ -345,3 +345,32 @@ def test_a_judged_run_reports_fd_and_class_accuracy(tmp_path):
     assert 0.0 <= summary["student_class_accuracy"] <= 100.0
     assert "teacher_fd" not in summary  # no teacher
     assert json.loads((tmp_path / "d" / "run" / "summary.json").read_text())["student_fd"] == summary["student_fd"]
+
+
+def test_a_blocks_removed_student_starts_from_the_teacher(tmp_path):
+    from kdgraph.compiler.build import init_from_teacher
+    from kdgraph.errors import SpecError
+    from kdgraph.zoo import diffusion_unet_half
+
+    torch.manual_seed(0)
+    teacher, small = diffusion_unet_teacher(num_classes=4), diffusion_unet_small(num_classes=4)
+    note = init_from_teacher(teacher, small)
+    t = teacher.state_dict()
+    assert all(torch.equal(v, t[k]) for k, v in small.state_dict().items())  # every tensor has its twin
+    assert "enc1.0.conv1" in note and "enc1.1" not in note  # the removed blocks have none
+    half = diffusion_unet_half(num_classes=4)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    note = init_from_teacher(teacher, half)  # other widths: only conv_out's bias (one output channel) fits
+    after = half.state_dict()
+    assert torch.equal(after["conv_out.bias"], t["conv_out.bias"])
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k != "conv_out.bias")
+    assert note.startswith(f"student.from_teacher: 1 of {len(after)} tensors copied")
+    spec = _spec(tmp_path)
+    spec["student"]["from_teacher"] = True
+    compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")))
+    assert any(n.startswith("student.from_teacher: ") for n in compiled.notes)
+    ts, ss = compiled.teacher.model.state_dict(), compiled.student.model.state_dict()
+    assert all(torch.equal(v, ts[k]) for k, v in ss.items())
+    spec["teacher"]["from_teacher"] = True
+    with pytest.raises(SpecError, match="teacher.from_teacher"):
+        load_spec(spec)

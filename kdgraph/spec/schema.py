@@ -192,6 +192,11 @@ class ModelSpec(_Strict):
         "student's classifier trained for another number of classes is re-initialised; a teacher's must fit. "
         "Relative paths are relative to the working directory.",
     )
+    from_teacher: Flag = Field(
+        default=False,
+        description="Student only: start from the teacher's weights, every tensor whose name and shape match "
+        "(BK-SDM's initialisation of a student with blocks removed); the plan's notes list what was copied.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -830,6 +835,21 @@ class Spec(_Strict):
             raise _invalid(f"loss.logit {logit.name} relates the samples of a batch; micro-batches would each "
                            "be a batch of their own", allowed=f"1 with loss.logit {logit.name}",
                            at="runtime.micro_batches", got=self.runtime.micro_batches)
+        return self
+
+    @model_validator(mode="after")
+    def _from_teacher_is_the_students(self) -> Spec:
+        if self.teacher is not None and self.teacher.from_teacher:
+            raise _invalid("the teacher starts from its own weights", allowed="false", at="teacher.from_teacher",
+                           got=True)
+        s = self.student
+        if s.from_teacher and self.teacher is None:
+            raise _invalid("there is no teacher to copy weights from", allowed="false without a teacher",
+                           at="student.from_teacher", got=True)
+        if s.from_teacher and (s.pretrained or s.checkpoint is not None):
+            raise _invalid("the student's weights would come from the teacher and from "
+                           + ("pretrained: true" if s.pretrained else "student.checkpoint"),
+                           allowed="false with pretrained or a checkpoint", at="student.from_teacher", got=True)
         return self
 
     @model_validator(mode="after")
