@@ -374,3 +374,19 @@ def test_a_blocks_removed_student_starts_from_the_teacher(tmp_path):
     spec["teacher"]["from_teacher"] = True
     with pytest.raises(SpecError, match="teacher.from_teacher"):
         load_spec(spec)
+
+
+def test_side_inputs_are_split_with_the_batch_into_micro_batches(tmp_path):
+    """GroupNorm normalises each sample alone: two micro-batches of a denoiser's batch (each with
+    its share of t and y) give the loss and the gradient of the whole batch."""
+    losses = {}
+    for micro in (1, 2):
+        spec = _spec(tmp_path / str(micro), method="supervised", student="diffusion_unet_teacher", epochs=1)
+        spec["runtime"] |= {"micro_batches": micro}
+        spec["denoise"] |= {"sample_images": 0}
+        loop.train(load_spec(write_spec(spec, tmp_path / f"{micro}.yaml")))
+        recs = [json.loads(line) for line in (tmp_path / str(micro) / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[micro] = [r["task"] for r in recs if r["kind"] == "step"]
+        assert not (tmp_path / str(micro) / "run" / "samples.png").exists()  # sample_images: 0
+    assert losses[1][0] == pytest.approx(losses[2][0], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[2], rel=1e-3)
