@@ -8,6 +8,12 @@ root, so they hold the very submodules and parameters of the model: training a s
 trains the model. Nodes that do not depend on the input (get_attr, constant arithmetic)
 are copied into every segment that uses them.
 
+Side values (computed from a denoiser's timestep and class alone: the time embedding) are no
+part of any cut. ``split_side`` makes one more GraphModule, the side segment, from the side
+inputs to every side value a block reads; each block takes those it reads after its cut
+tensors (``segment.side_inputs`` names them), so a decomposed student block can be fed the
+teacher's features and its own time embedding.
+
 An explicit layer pair (``Pairing.pairs``) whose cut lies inside a block is read by a ``Tap``:
 an identity module inserted after the cut's node in that block's segment (a submodule of the
 segment, not of the model: the model's state is unchanged), which keeps the value passing

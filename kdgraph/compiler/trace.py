@@ -5,6 +5,11 @@ pieces its own fx feature extraction cannot trace through), binds every forward
 argument but the first to its default through ``concrete_args`` and records, for
 each node, the stack of modules it was called from (``nn_module_stack``).
 
+A denoiser's task (spec ``denoise``) adds **side inputs**: the forward's timestep (and class)
+stay graph inputs after the image (``SideInput``). Each node is marked as depending on the
+image (``input_dependent``) or on the side inputs alone (``side_dependent``: the time
+embedding); the cut finder counts only the first, the split gives every block the second.
+
 Where fx still fails inside a submodule (data-dependent control flow, a Python call on a
 tensor's value), the module class it failed in becomes a leaf and tracing starts again,
 as timm's and torchvision's feature extractors do with their registered leaves: the graph
