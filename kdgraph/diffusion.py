@@ -60,7 +60,7 @@ class NoiseSchedule:
         return len(self.alphas_cumprod)
 
     def at(self, t: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t for integer timesteps ``t`` (float32, on t's device)."""
+        """ᾱ_t for integer timesteps ``t`` (float32, on t's device; from the host's table)."""
         table = torch.tensor(self.alphas_cumprod, dtype=torch.float64)
         return table[t.cpu().long()].to(t.device, torch.float32)
 
@@ -107,8 +107,9 @@ class DenoiseTask:
         """(x_t, ε, side inputs) for a batch of clean images ``x0`` with classes ``y``: the side
         inputs are (t,), or (t, y) for a class-conditional model."""
         t, eps = self.draws(epoch, indices, tuple(x0.shape[1:]), evaluation)
+        a = self.schedule.at(t)  # on the host, as drawn: no device sync
         t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
-        a = self.schedule.at(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        a = a.to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
         return x_t, eps, ((t, y) if self.class_conditional else (t,))
 
