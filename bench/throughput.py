@@ -11,7 +11,8 @@ on the logits, eager or ``torch.compile``d. For each pair it times, eager and co
   merged      kdgraph ``stablekd``, training stage 1 (neighbouring blocks merged)
 
 and prints images/s (median of interleaved rounds), the ratio to the loop in the same
-mode, model FLOPs utilisation (teacher forward + 3x student forward per image, counted by
+mode, the aten ops one eager step dispatches (forward, backward and optimizer; a
+``TorchDispatchMode`` count), model FLOPs utilisation (teacher forward + 3x student forward per image, counted by
 ``torch.utils.flop_counter`` at the pair's input size, over the GPU's dense bf16 peak) and
 peak GPU memory of each runner's step against the loop's. JSON lines go to ``--out``.
 
@@ -34,6 +35,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from kdgraph.runtime.loop import Trainer
 from kdgraph.runtime.techniques import RecompileWatch, reset_compile_caches
 from kdgraph.spec import load_spec
@@ -44,6 +47,9 @@ PAIRS = {
     "swinS-swinT@224": ("swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224", (3, 224, 224), 128, 5),
     "vitS-r18@224": ("vit_small_patch16_224", "resnet18", (3, 224, 224), 256, 5),
     "r34-r18@32": ("resnet34", "resnet18", (3, 32, 32), 256, 5),
+    # specs/your-own-data.yaml's pair, at its size and at a CPU-sized one (README, "Your own images")
+    "r50-r18@224": ("resnet50", "resnet18", (3, 224, 224), 256, 5),
+    "r50-r18@128": ("resnet50", "resnet18", (3, 128, 128), 256, 5),
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, from NVIDIA's data sheets
 NUM_CLASSES = 100
@@ -62,7 +68,10 @@ def make_spec(teacher, student, size, blocks, method, batch, device, compiled):
                  "samples": batch * 2, "batch_size": batch, "augment": "none"},
         "decompose": {"blocks": blocks},
         "schedule": {"method": method, "recompositions": 1 if method == "stablekd" else 0, "epochs": 2},
-        "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "constant"},
+        # decay_norms_and_biases: the loop's update (one group, every parameter decayed), not timm's
+        # two groups (1-d parameters undecayed): both time the same optimisation
+        "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "constant",
+                  "decay_norms_and_biases": True},
         "runtime": {"device": device, "compile": compiled, "precision": "auto", "channels_last": "auto"},
         "output": "runs/bench",
     })
@@ -127,6 +136,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (autograd's backward ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(step) -> int:
+    """The aten ops of one call of ``step`` (eager only: a compiled step runs its kernels
+    below the dispatcher)."""
+    with AtenOps() as ops:
+        step()
+    return ops.count
+
+
 def model_flops(teacher, student, size) -> float:
     """Teacher forward + 3x student forward (backward ~ 2 forwards), per image."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -180,7 +209,7 @@ def _bench_pair(label, mode, args) -> list[dict]:
         "decomposed": lambda: KDGraphStep(teacher, student, size, blocks, "stablekd", 0, batch, args.device, compiled),
         "merged": lambda: KDGraphStep(teacher, student, size, blocks, "stablekd", 1, batch, args.device, compiled),
     }
-    runners, memory = {}, {}
+    runners, memory, ops = {}, {}, {}
     for name, build in builders.items():  # build, warm up (compile) and measure memory one at a time
         sync(args.device)
         base = _allocated(args.device)
@@ -194,6 +223,8 @@ def _bench_pair(label, mode, args) -> list[dict]:
             runner.step()
             sync(args.device)
             memory[name] = (before - base) + (torch.cuda.max_memory_allocated() - before)
+        if not compiled:
+            ops[name] = aten_ops(runner.step)
         runners[name] = runner
     times = {k: [] for k in runners}
     graphs_before = compiled_graphs()
@@ -211,7 +242,7 @@ def _bench_pair(label, mode, args) -> list[dict]:
     rows = []
     for name, v in ips.items():
         rows.append({"pair": label, "mode": mode, "method": name, "batch": batch, "images_per_s": round(v, 1),
-                     "ratio_to_loop": round(v / ips["loop"], 3), "tflops": round(v * flops / 1e12, 2),
+                     "ratio_to_loop": round(v / ips["loop"], 3), "aten_ops": ops.get(name), "tflops": round(v * flops / 1e12, 2),
                      "peak_mem_gib": round(memory[name] / 2**30, 2) if name in memory else None,
                      "mem_ratio_to_loop": round(memory[name] / memory["loop"], 3) if name in memory else None,
                      "graphs_compiled_while_timed": graphs_in_timing})
@@ -260,7 +291,7 @@ def main():
     else:
         print(f"device: cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.steps} steps x {args.rounds} interleaved rounds, median per-step time\n")
-    head = (f"{'pair':<17}{'mode':<10}{'method':<12}{'batch':>6}{'img/s':>10}{'x loop':>8}{'TFLOP/s':>9}"
+    head = (f"{'pair':<17}{'mode':<10}{'method':<12}{'batch':>6}{'img/s':>10}{'x loop':>8}{'ops':>6}{'TFLOP/s':>9}"
             + ("  MFU %" if peak else "") + (f"{'mem GiB':>9}{'x loop':>8}" if cuda else ""))
     print(head)
     print("-" * len(head), flush=True)
@@ -268,7 +299,8 @@ def main():
         for mode in modes:
             for row in bench_pair(label, mode, args):
                 line = (f"{row['pair']:<17}{row['mode']:<10}{row['method']:<12}{row['batch']:>6}"
-                        f"{row['images_per_s']:>10.1f}{row['ratio_to_loop']:>8.2f}{row['tflops']:>9.2f}")
+                        f"{row['images_per_s']:>10.1f}{row['ratio_to_loop']:>8.2f}{row['aten_ops'] or '-':>6}"
+                        f"{row['tflops']:>9.2f}")
                 if peak:
                     row["mfu_pct"] = round(100 * row["tflops"] / peak, 1)
                     line += f"  {row['mfu_pct']:5.1f}"

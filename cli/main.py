@@ -184,6 +184,24 @@ def _student_score(summary: dict, teacher: bool = False) -> str:
         f", teacher top-1 {summary['teacher_top1']:.2f}%" if teacher and summary.get("teacher_top1") is not None else "")
 
 
+@app.command()
+def cache(spec: SpecArg, epochs: Annotated[int, typer.Option(help="Cache the run's first N epochs of training views.")],
+          set_: SetOpt = None, allow_code: CodeOpt = False,
+          full: Annotated[bool, typer.Option(help="Full fp32 logits (exact replay) instead of top-k fp16 probabilities.")] = False,
+          top_k: Annotated[int, typer.Option(help="Probabilities kept per view (top-k mode).")] = 10,
+          quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False):
+    """Write the teacher's outputs for the run's training views into teacher.cache, for training to replay.
+    Resumes a stopped build; under torchrun each rank writes its own shards."""
+    from kdgraph.runtime.cache import build_cache
+
+    try:
+        summary = build_cache(_load(spec, set_, allow_code), epochs, full=full, top_k=top_k,
+                              quiet=quiet or not sys.stderr.isatty())
+    except KDGraphError as exc:
+        _fail(exc)
+    out.print(str(summary), highlight=False, soft_wrap=True)
+
+
 @app.command("eval")
 def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(

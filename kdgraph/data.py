@@ -4,9 +4,11 @@ image folder streamed (``kdgraph.stream``), as the compiler's data plan chose.
     build_data(spec, plan, device, dist_info) -> Data   the train and test loaders
 
 kdgraph's datasets are small (digits, Fashion-MNIST, CIFAR-size, image folders of a
-few thousand files), so a whole split is one tensor: ``create_dataset`` loads it once,
-converts it to the spec's ``input_size`` and normalises it; ``DeviceLoader`` moves it to
-the device once and cuts batches there, with batched on-device augmentation. Every
+few thousand files), so a whole split is one tensor: ``create_dataset`` loads it once and
+converts it to the spec's ``input_size``, keeping integer pixels as integers (uint8: a
+quarter of float32's bytes); ``DeviceLoader`` moves it to the device once and cuts batches
+there, with batched on-device augmentation, normalising each batch after its crop and flip
+(the very operations of normalising the whole split first, so the same numbers). Every
 random choice (subset, order, crops, flips) is a pure function of the run seed and the
 epoch, so a resumed run sees exactly the batches an uninterrupted run would. An image
 folder too large for memory is streamed instead (the compiler's data pass decides, from
@@ -19,10 +21,11 @@ looked up by its prefix and the loader reads the rest.
 
 from __future__ import annotations
 
-import functools
 import gzip
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -48,8 +51,10 @@ __all__ = [
     "RawSplits",
     "build_data",
     "build_loaders",
+    "channel_stats",
     "class_balanced_subset",
     "create_dataset",
+    "normalize",
     "register_dataset",
 ]
 
@@ -66,7 +71,9 @@ _NO_FLIP_TORCHVISION = {"MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "
 
 class RawSplits(NamedTuple):
     """What a dataset loader returns: both splits at the dataset's own size, any value
-    scale (normalisation comes later), images float N x C x H x W, labels int64."""
+    scale (normalisation comes later), images N x C x H x W, labels int64. Images whose
+    source is integer pixels stay integers (uint8 where they fit): ``create_dataset`` keeps
+    them so; float images (synthetic) stay float."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -84,10 +91,12 @@ LoaderFn = Callable[[DataSpec, int], RawSplits]
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits in memory (CPU), converted to ``input_size`` (C, H, W) and normalised
-    per channel with the mean/std of the full training split (before ``fraction``, so
-    every run of a dataset sees the same test tensors). ``mean``/``std`` are those
-    statistics, in the dataset's raw value scale."""
+    """Both splits in memory (CPU), converted to ``input_size`` (C, H, W), in raw values:
+    the smallest exact integer type for integer pixels (uint8 for 0..255 and digits' 0..16),
+    float32 otherwise (float sources, or pixels resampled to another size). ``mean``/``std``
+    (raw value scale) normalise them per channel, a batch at a time (``normalize``): the
+    full training split's statistics (before ``fraction``, so every run of a dataset
+    normalises its test split the same way), or the ones given."""
 
     name: str
     train_x: torch.Tensor
@@ -101,6 +110,14 @@ class Dataset:
     std: tuple[float, ...]
     pixel_max: float = 255.0
     skipped: tuple[str, ...] = ()
+
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw images of this dataset (any N x C x H x W part of a split) as the model sees them."""
+        return normalize(x, *(torch.tensor(v, dtype=torch.float32, device=x.device) for v in self.norm))
 
     def __str__(self) -> str:
         c, h, w = self.input_size
@@ -130,15 +147,16 @@ def resolve_input_size(data_spec: DataSpec) -> tuple[int, int, int]:
 
 def create_dataset(data_spec: DataSpec, seed: int,
                    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Dataset:
-    """Load ``data_spec.dataset``, convert it to ``data_spec.input_size``, keep a class-balanced
-    ``data_spec.fraction`` of the training split (chosen by ``seed``) and normalise it, with
-    ``norm`` = (mean, std) per channel in the dataset's raw value scale where given."""
+    """Load ``data_spec.dataset``, convert it to ``data_spec.input_size`` and keep a class-balanced
+    ``data_spec.fraction`` of the training split (chosen by ``seed``). The images stay raw (see
+    Dataset), so the peak while loading is about the bytes held; ``norm`` = (mean, std) per
+    channel in the dataset's raw value scale where given, else the training split's."""
     name = data_spec.dataset
     key = name.split(":", 1)[0]
     if key not in DATASETS:
         raise DataError(f"data.dataset: unknown dataset {name!r}; valid: {', '.join(dataset_choices())}")
     raw = DATASETS.get(key)(data_spec, seed)
-    train_x, test_x = raw.train_x.float(), raw.test_x.float()
+    train_x, test_x = _compact(raw.train_x), _compact(raw.test_x)
     train_y, test_y = raw.train_y.long(), raw.test_y.long()
     num_classes = raw.num_classes
     want_classes = data_spec.num_classes
@@ -154,10 +172,9 @@ def create_dataset(data_spec: DataSpec, seed: int,
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
 
     if norm is None:
-        mean = train_x.mean(dim=(0, 2, 3))
-        std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        mean, std = channel_stats(train_x)
     else:
-        mean, std = (torch.tensor(v, dtype=torch.float32) for v in norm)
+        mean, std = (tuple(torch.tensor(v, dtype=torch.float32).tolist()) for v in norm)
         if len(mean) != size[0] or len(std) != size[0]:
             raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
     fraction = data_spec.fraction
@@ -166,23 +183,82 @@ def create_dataset(data_spec: DataSpec, seed: int,
                 else random_subset(len(train_y), fraction, seed))
         train_x, train_y = train_x[keep], train_y[keep]
 
-    def norm(x: torch.Tensor) -> torch.Tensor:  # one new tensor, divided in place (not two)
-        return (x - mean[:, None, None]).div_(std[:, None, None]).contiguous()
-
     return Dataset(
         name=name,
-        train_x=norm(train_x),
+        train_x=train_x.contiguous(),
         train_y=train_y,
-        test_x=norm(test_x),
+        test_x=test_x.contiguous(),
         test_y=test_y,
         num_classes=num_classes,
         input_size=(int(size[0]), int(size[1]), int(size[2])),
         default_augment=raw.default_augment,
-        mean=tuple(mean.tolist()),
-        std=tuple(std.tolist()),
+        mean=mean,
+        std=std,
         pixel_max=float(raw.pixel_max),
         skipped=raw.skipped,
     )
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - mean) / std`` per channel in float32 (mean, std: float32, C x 1 x 1), into ``out``
+    where given. Raw images of any integer type are read as float32 exactly by the subtraction
+    (on CUDA inside its kernel; on the CPU through a float copy of the batch), so this is, bit
+    for bit, float32 images minus mean, divided by std: the float path's two operations."""
+    return torch.sub(x, mean, out=out).div_(std)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (Bessel-corrected, at least 1e-6) of N x C x H x W images, as
+    float32 values. Integer images: exact sums (``_integer_sums``, no float copy of the split),
+    then the mean and variance in exact arithmetic, rounded once; float images: torch's float32
+    reductions over the whole split, as before integers were kept."""
+    if x.is_floating_point():
+        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        return tuple(mean.tolist()), tuple(std.tolist())
+    n = x.numel() // x.shape[1]
+    sums = _integer_sums(x)
+    means = [Fraction(a, n) for a, _ in sums]
+    stds = [max(math.sqrt(Fraction(n * b - a * a, n * max(n - 1, 1))), 1e-6) for a, b in sums]
+    as32 = lambda v: tuple(torch.tensor([float(f) for f in v], dtype=torch.float32).tolist())  # noqa: E731
+    return as32(means), as32(stds)
+
+
+def _integer_sums(x: torch.Tensor) -> list[tuple[int, int]]:
+    """(sum of values, sum of squared values) per channel of integer images, exact (Python ints:
+    the squares of a few million 8-bit images pass int64's range once multiplied by n)."""
+    if x.dtype == torch.uint8:  # a histogram per channel, a chunk at a time: a few MB besides x
+        values = torch.arange(256, dtype=torch.long)
+        hists = [sum(torch.bincount(part.flatten(), minlength=256) for part in _chunks(x[:, ch]))
+                 for ch in range(x.shape[1])]
+        return [(int((h * values).sum()), int((h * values * values).sum())) for h in hists]
+    s1 = s2 = torch.zeros(x.shape[1], dtype=torch.long)
+    for part in _chunks(x):
+        wide = part.long()
+        s1, s2 = s1 + wide.sum(dim=(0, 2, 3)), s2 + wide.square().sum(dim=(0, 2, 3))
+    return list(zip(s1.tolist(), s2.tolist()))
+
+
+CHUNK_ELEMENTS = 1 << 20  # values per chunk of a whole-split operation in a wider type (8 MB in int64)
+
+
+def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x`` split along its first dimension into parts of about CHUNK_ELEMENTS values."""
+    return x.split(max(1, CHUNK_ELEMENTS // max(1, x[0].numel())))
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """Integer images in the smallest integer type that holds their values (uint8 for 0..255),
+    float images as float32 (what the float path always used)."""
+    if x.is_floating_point() or x.dtype == torch.bool:
+        return x.float()
+    if x.dtype == torch.uint8 or not x.numel():
+        return x
+    lo, hi = int(x.min()), int(x.max())
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if torch.iinfo(dtype).min <= lo and hi <= torch.iinfo(dtype).max:
+            return x.to(dtype)
+    return x.float()
 
 
 def _check_labels(name: str, split: str, labels: torch.Tensor, num_classes: int) -> None:
@@ -234,14 +310,16 @@ def _masks_to_size(y: torch.Tensor, size: tuple[int, ...], name: str, mode: str)
 def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str, mode: str = "resample") -> torch.Tensor:
     """Convert N x C x H x W images to ``size`` = (C, H, W):
     1 -> 3 channels by repeat, 3 -> 1 by the channel mean, H x W by bilinear resampling
-    (antialiased) or, with ``mode`` pad, by centring on a black (raw value 0) canvas."""
+    (antialiased) or, with ``mode`` pad, by centring on a black (raw value 0) canvas. Integer
+    images stay integers where the conversion is exact (pad, repeat); the channel mean and
+    resampling give float32, computed a chunk at a time."""
     if len(size) != 3:
         raise DataError(f"data.input_size must be (C, H, W), got {size}")
     c, h, w = (int(v) for v in size)
     if x.shape[1] != c and (x.shape[1], c) not in ((1, 3), (3, 1)):
         raise DataError(f"data.input_size: cannot turn {name}'s {x.shape[1]} channels into {c}")
     if x.shape[1] == 3 and c == 1:
-        x = x.mean(dim=1, keepdim=True)
+        x = torch.cat([part.float().mean(dim=1, keepdim=True) for part in _chunks(x)])
     if tuple(x.shape[2:]) != (h, w) and mode == "pad":
         dh, dw = h - x.shape[2], w - x.shape[3]
         if dh < 0 or dw < 0:
@@ -250,9 +328,8 @@ def _to_size(x: torch.Tensor, size: tuple[int, ...], name: str, mode: str = "res
         x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
     elif tuple(x.shape[2:]) != (h, w):
         # chunks keep the peak memory of resizing 60k images small
-        x = torch.cat(
-            [F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False, antialias=True) for part in x.split(8192)]
-        )
+        x = torch.cat([F.interpolate(part.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+                       for part in _chunks(x)])
     if x.shape[1] == 1 and c == 3:  # after resizing: a third of the work
         x = x.repeat(1, 3, 1, 1)
     return x
@@ -268,7 +345,9 @@ def _load_digits(data_spec: DataSpec, seed: int) -> RawSplits:
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    images = d.images.astype(np.float32)[:, None]
+    images = d.images.astype(np.uint8)[:, None]  # integers 0..16 (stored as float64 by scikit-learn)
+    if not np.array_equal(images[:, 0], d.images):
+        raise DataError("digits: scikit-learn's images are no longer integers 0..16")
     tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
     return RawSplits(
         torch.from_numpy(tr_x), torch.from_numpy(tr_y).long(), torch.from_numpy(te_x), torch.from_numpy(te_y).long(), 10, "crop",
@@ -276,21 +355,32 @@ def _load_digits(data_spec: DataSpec, seed: int) -> RawSplits:
     )
 
 
-@functools.lru_cache(maxsize=8)
 def read_idx(path: str) -> np.ndarray:
+    """The uint8 array of an IDX file (gzipped or not), decoded straight into one new array that
+    the caller owns: the peak is the array's size, not that plus the file's bytes and a copy."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise DataError(f"{path} is not an IDX file of unsigned bytes")
+            sizes = f.read(4 * head[3])
+            dims = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(head[3]))
+            want = int(np.prod(dims))
+            # deflate shrinks at most ~1032:1: a header claiming more cannot be right (and must not
+            # allocate it)
+            if want > Path(path).stat().st_size * (1032 if path.endswith(".gz") else 1):
+                raise DataError(f"{path}: header says {dims}, the file is too small to hold it")
+            arr = np.empty(want, dtype=np.uint8)
+            view, got = memoryview(arr), 0
+            while got < want and (n := f.readinto(view[got:got + (1 << 20)])):  # gzip reads a copy: 1 MB at a time
+                got += n
+            extra = len(f.read(1))
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError
         raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); fetch the file again") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims}, file holds {arr.size} values")
+    if got != want or extra:
+        held = "more" if extra else f"{got:,}"
+        raise DataError(f"{path}: header says {dims} ({want:,} values), the file holds {held}")
     return arr.reshape(dims)
 
 
@@ -315,8 +405,8 @@ def _load_fashion_mnist(data_spec: DataSpec, seed: int) -> RawSplits:
     missing = [s for s, p in paths.items() if p is None]
     if missing:
         raise DataError(f"fashion-mnist: {', '.join(missing)} not found under {root}; {FASHION_MNIST_HELP}")
-    tr_x, tr_y, te_x, te_y = (torch.from_numpy(read_idx(str(paths[s])).copy()) for s in stems)
-    return RawSplits(tr_x[:, None].float(), tr_y.long(), te_x[:, None].float(), te_y.long(), 10, "crop+flip")
+    tr_x, tr_y, te_x, te_y = (torch.from_numpy(read_idx(str(paths[s]))) for s in stems)
+    return RawSplits(tr_x[:, None], tr_y.long(), te_x[:, None], te_y.long(), 10, "crop+flip")
 
 
 FOREGROUND_THRESHOLD = 25  # raw pixel value (of 255) above which a Fashion-MNIST pixel is the garment
@@ -366,10 +456,10 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
     skipped: list[str] = []
 
     def read(files: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        # Decoded straight into one array (no list of images then a stacked copy), so that the
-        # decoded size data.memory_budget_mb is compared with is the peak; unreadable files
+        # Decoded straight into one uint8 array (no list of images then a stacked copy), so that
+        # the decoded size data.memory_budget_mb is compared with is the peak; unreadable files
         # leave their rows unused at the end.
-        out = np.empty((len(files), c, h, w), dtype=np.float32)
+        out = np.empty((len(files), c, h, w), dtype=np.uint8)
         ys = []
         for f, label in zip(files.tolist(), labels.tolist()):
             try:
@@ -439,7 +529,7 @@ def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
         data = getattr(ds, "data", None)
         labels = getattr(ds, "targets", getattr(ds, "labels", None))
         if data is not None and labels is not None:
-            x = torch.as_tensor(np.asarray(data)).float()
+            x = torch.as_tensor(np.asarray(data))  # uint8 pixels mostly: kept so by create_dataset
             if x.ndim == 3:  # N x H x W grey
                 x = x[:, None]
             elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # N x H x W x C
@@ -447,7 +537,7 @@ def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
             y = torch.as_tensor(np.asarray(labels)).long()
         else:
             items = [ds[i] for i in range(len(ds))]
-            x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im, _ in items]))
+            x = torch.from_numpy(np.stack([np.asarray(im) for im, _ in items]))
             x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
             y = torch.tensor([int(t) for _, t in items], dtype=torch.long)
         splits.append((x.contiguous(), y))
@@ -502,10 +592,12 @@ class DeviceLoader:
     (or truncated when ``drop_last``) to a multiple of ``world_size``, so every rank runs
     the same number of batches. ``drop_last`` also drops a final incomplete batch.
 
-    Augmentation, batched on the device: ``crop`` pads by ``max(1, H // 8)`` with
-    ``pad_value`` per channel (default 0; pass the normalised value of a black pixel so
-    padding looks like the raw image's border) and takes a random H x W window;
-    ``crop+flip`` also mirrors half of the samples horizontally.
+    Augmentation, batched on the device: ``crop`` pads by ``max(1, H // 8)`` with raw 0 (a
+    black border) and takes a random H x W window; ``crop+flip`` also mirrors half of the
+    samples horizontally. Then each batch is normalised, ``(x - mean) / std`` per channel
+    with ``norm`` = (mean, std) in x's raw units (none: x as float32), into a float32 batch
+    laid out as the step wants it (``channels_last``): raw images (uint8 for most datasets)
+    are what the device holds, normalised batches what it yields.
     """
 
     def __init__(
@@ -521,7 +613,8 @@ class DeviceLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        pad_value: torch.Tensor | None = None,
+        norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+        channels_last: bool = False,
     ):
         if augment not in AUGMENTATIONS:
             raise DataError(f"data.augment: unknown augmentation {augment!r}; "
@@ -554,8 +647,12 @@ class DeviceLoader:
             )
         c, h, _ = x.shape[1:]
         self.pad = max(1, h // 8)
-        fill = torch.zeros(c) if pad_value is None else torch.as_tensor(pad_value, dtype=x.dtype).flatten()
-        self.fill = fill.to(self.device, x.dtype)[None, :, None, None]
+        self.norm = norm
+        if norm is not None and not len(norm[0]) == len(norm[1]) == c:
+            raise DataError(f"DeviceLoader: mean/std of {len(norm[0])} and {len(norm[1])} values for {c} channels")
+        self._mean, self._std = (None, None) if norm is None else (
+            torch.tensor(v, dtype=torch.float32, device=self.device).view(-1, 1, 1) for v in norm)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
         return self._num_batches
@@ -599,44 +696,49 @@ class DeviceLoader:
             xb = self.x[idx]
             if offsets is not None:
                 xb = self.crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
-            yield xb, self.y[idx], host[sl]
+            yield self.normalize(xb), self.y[idx], host[sl]
+
+    def normalize(self, xb: torch.Tensor) -> torch.Tensor:
+        """A raw batch as the model sees it: float32 in the loader's layout, ``(x - mean) / std``.
+        The output is allocated in that layout and written by the normalisation itself (no
+        separate float or layout copy)."""
+        out = torch.empty(xb.shape, dtype=torch.float32, device=xb.device, memory_format=self.memory_format)
+        return out.copy_(xb) if self._mean is None else normalize(xb, self._mean, self._std, out=out)
 
     def crop_flip(self, xb: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
-        """Random crop from the padded batch by one gather: row/column indices per sample,
-        the column indices reversed for flipped samples (no per-sample Python loop)."""
+        """Random crop from the zero-padded raw batch by one gather: row/column indices per
+        sample, the column indices reversed for flipped samples (no per-sample Python loop).
+        Padding before normalising: a raw 0 becomes the normalised value of black."""
         b, c, h, w = xb.shape
         p = self.pad
-        padded = F.pad(xb - self.fill, (p, p, p, p))  # pad with fill: shift so fill is 0
+        padded = F.pad(xb, (p, p, p, p))
         dev = xb.device
         rows = offsets[:, 0:1] + torch.arange(h, device=dev)  # B x H
         cols_fwd = torch.arange(w, device=dev)
         cols = offsets[:, 1:2] + cols_fwd  # B x W
         if flips is not None:
             cols = torch.where(flips[:, None], offsets[:, 1:2] + (w - 1 - cols_fwd), cols)
-        out = padded[
+        return padded[
             torch.arange(b, device=dev)[:, None, None, None],
             torch.arange(c, device=dev)[None, :, None, None],
             rows[:, None, :, None],
             cols[:, None, None, :],
         ]
-        return out + self.fill
 
 
 def build_loaders(
     data_spec: DataSpec, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
-    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None, channels_last: bool = False,
 ) -> tuple[DeviceLoader, DeviceLoader, Dataset]:
     """(train loader, test loader, dataset). Train: shuffled, augmented (``auto`` = the
     dataset's default), last incomplete batch dropped when a full batch exists (BatchNorm
-    dislikes tiny batches). Test: in order, no augmentation, every sample. ``norm``: see
-    create_dataset."""
+    dislikes tiny batches). Test: in order, no augmentation, every sample. Both normalise
+    with the dataset's mean/std. ``norm``: see create_dataset."""
     ds = create_dataset(data_spec, seed, norm)
     augment = data_spec.augment if data_spec.augment != "auto" else ds.default_augment
     if ds.train_y.dim() > 1 and augment != "none":
         raise DataError(f"data.augment: {augment} crops or flips images but not {ds.name}'s per-pixel labels; "
                         "use augment: none")
-    # padding should look like a black border of the raw image, in normalised units
-    black = torch.tensor([-m / s for m, s in zip(ds.mean, ds.std)])
     per_rank = len(ds.train_y) // world_size
     train = DeviceLoader(
         ds.train_x,
@@ -649,7 +751,8 @@ def build_loaders(
         drop_last=per_rank >= data_spec.batch_size,
         rank=rank,
         world_size=world_size,
-        pad_value=black,
+        norm=ds.norm,
+        channels_last=channels_last,
     )
     test = DeviceLoader(
         ds.test_x,
@@ -662,6 +765,8 @@ def build_loaders(
         drop_last=False,
         rank=rank,
         world_size=world_size,
+        norm=ds.norm,
+        channels_last=channels_last,
     )
     return train, test, ds
 
@@ -720,16 +825,19 @@ class Data:
         return out
 
 
-def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any) -> Data:
+def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any,
+               channels_last: bool = False) -> Data:
     """The train loader (sharded over ranks) and the test loader (the whole split, for the
-    main rank's evaluation) of ``plan``."""
+    main rank's evaluation) of ``plan``; both yield normalised float32 batches, channels_last
+    where ``channels_last`` (the layout the step uses, written by the normalisation)."""
     d = spec.data
     if plan.loader == "memory":
         # image folders are read in 0..255; the plan's mean/std are in 0..1
         norm = (tuple(255 * m for m in plan.mean), tuple(255 * s for s in plan.std)) if plan.mean else None
-        train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm)
+        train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm,
+                                     channels_last=channels_last)
         test = DeviceLoader(ds.test_x, ds.test_y, d.test_batch_size or d.batch_size, shuffle=False,
-                            device=device)
+                            device=device, norm=ds.norm, channels_last=channels_last)
         scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
         return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
                     tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
@@ -739,5 +847,6 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any)
     keep = None
     if d.fraction < 1.0:
         keep = class_balanced_subset(torch.from_numpy(folder.train_labels), d.fraction, spec.seed).numpy()
-    train, test, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info)
+    train, test, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info,
+                                                   channels_last)
     return Data(plan, train, test, len(folder.classes), mean, std, stats)

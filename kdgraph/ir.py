@@ -18,8 +18,9 @@ from typing import Any
 
 import networkx as nx
 
-__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "ExplicitPair", "FeatureFormat", "Groups",
-           "NodeInfo", "Op", "SideInput", "Pairing", "Plan", "Program", "Stage", "TrainingStage", "TupleAdapterSpec"]
+__all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "ExplicitPair", "FeatureFormat",
+           "Groups", "NodeInfo", "Op", "Pairing", "Plan", "Program", "ProjectionFit", "ProjectionSpec", "SideInput", "Stage",
+           "TrainingStage", "TupleAdapterSpec"]
 
 Groups = tuple[tuple[int, ...], ...]  # a training stage's groups of consecutive blocks (1-based)
 
@@ -311,6 +312,55 @@ class TupleAdapterSpec:
 
 
 @dataclass(frozen=True)
+class ProjectionSpec:
+    """The frozen projection of the teacher's feature at the end of block ``index`` into the
+    student's format (``decompose.adapters: projected``): to a map, resampled to the student's
+    grid, ``Cs`` principal components of the teacher's channels (a PCA fitted on training
+    batches before decomposition), then the student's layout. ``split``: the student's block
+    ends in a ReLU, so each of ``Cs/2`` components is carried as its positive and negative
+    part (both non-negative, which a ReLU output can match exactly). A token student's prefix
+    tokens are the teacher's (projected alike) where it has as many, else the projection of the
+    teacher's map pooled over the grid."""
+
+    index: int
+    student_format: FeatureFormat
+    teacher_format: FeatureFormat
+    split: bool = False
+
+    @property
+    def components(self) -> int:
+        """Principal components kept: Cs, or Cs/2 carried as sign-split pairs (at most Ct)."""
+        cs = self.student_format.channels
+        return min(cs // 2 if self.split else cs, self.teacher_format.channels)
+
+    def describe(self) -> str:
+        """``pca 256→64`` or ``pca± 256→32×2`` (the plan's adapter column)."""
+        t, s = self.teacher_format, self.student_format
+        body = f"{t.channels}→{self.components}×2" if self.split else f"{t.channels}→{self.components}"
+        move = "" if (t.layout, t.hw) == (s.layout, s.hw) else f", {t.layout} {list(t.hw)}→{s.layout} {list(s.hw)}"
+        prefix = "" if not s.prefix else (", prefix tokens: the teacher's" if t.prefix == s.prefix
+                                          else ", prefix tokens: the pooled map")
+        return f"pca{'±' if self.split else ''} {body}{move}{prefix}"
+
+    def to_dict(self) -> dict:
+        return {"kind": "pca", "split": self.split, "components": self.components,
+                "student_format": [self.student_format.layout, list(self.student_format.shape)],
+                "teacher_format": [self.teacher_format.layout, list(self.teacher_format.shape)]}
+
+
+@dataclass(frozen=True)
+class ProjectionFit:
+    """The plan's projection fit, a stage before decomposition: the PCA of the teacher's
+    features at ``blocks`` over ``batches`` training batches, frozen afterwards."""
+
+    blocks: tuple[int, ...]
+    batches: int
+
+    def to_dict(self) -> dict:
+        return {"method": "pca", "blocks": list(self.blocks), "batches": self.batches}
+
+
+@dataclass(frozen=True)
 class BlockPair:
     """Block ``index`` (1-based): where it ends in each model. The head ends at the output."""
 
@@ -319,6 +369,7 @@ class BlockPair:
     student: Cut | None
     adapter: AdapterSpec | TupleAdapterSpec | None
     rule: str  # how the boundary was chosen ("stage end", "depth split 2/4", "explicit", "head")
+    projection: ProjectionSpec | None = None  # decompose.adapters: projected, in place of an adapter
 
     @property
     def is_head(self) -> bool:
@@ -333,6 +384,7 @@ class BlockPair:
             "student_node": self.student.node if self.student else None,
             "adapter": self.adapter.to_dict() if self.adapter else None,
             "rule": self.rule,
+            **({"projection": self.projection.to_dict()} if self.projection else {}),
             **({"teacher_tensors": list(self.teacher.nodes) if self.teacher else None,
                 "student_tensors": list(self.student.nodes)} if self.multi else {}),
         }
@@ -377,6 +429,13 @@ class ExplicitPair:
 class Pairing:
     blocks: tuple[BlockPair, ...]
     pairs: tuple[ExplicitPair, ...] = ()  # the spec's explicit layer pairs (loss.pairs)
+    adapters_mode: str = "in_path"  # decompose.adapters as resolved: "in_path" or "projected"
+    # Why a spec asking for projected blocks got adapters in the path instead ("" otherwise).
+    fallback: str = ""
+
+    @property
+    def projections(self) -> list[ProjectionSpec]:
+        return [b.projection for b in self.blocks if b.projection]
 
     @property
     def k(self) -> int:
@@ -391,7 +450,13 @@ class Pairing:
 class Op:
     """Compute graph node ``node`` (of ``kind``) from the values of ``inputs``, in that order.
 
-    kinds: ``teacher`` (frozen teacher block, no autograd), ``student`` (student block),
+    kinds: ``teacher`` (frozen teacher block, no autograd), ``cache`` (the teacher's logits of
+    this batch's views replayed from a teacher cache, in place of the teacher's head block),
+    ``student`` (student block),
+    ``project`` (the frozen projection of teacher block ``block``'s feature into the student's
+    format: ``decompose.adapters: projected``),
+    ``whole`` (the student's own forward on the input, in place of blocks 1..``block`` run in
+    order where nothing else reads their inner outputs: ``compiler.program.whole_student``),
     ``lift`` / ``lower`` (the adapter pair after block ``block``), ``folded`` (that pair folded
     into one map, in an exported student), ``proxy`` (teacher block ``block`` on a student
     feature, with autograd: TPP), ``tap`` (an explicit layer pair's feature inside block
@@ -460,6 +525,21 @@ class Program:
         return tuple(sorted({teacher[n] for op in self.ops if op.kind != "teacher" for n in op.inputs
                              if n in teacher}))
 
+    @property
+    def replayable(self) -> bool:
+        """The teacher's logits are the only teacher output the program reads, by the head loss
+        alone (no feature, no TPP proxy): a teacher cache can stand in for the teacher."""
+        teacher = {op.node: op.block for op in self.ops if op.kind == "teacher"}
+        if not teacher or any(op.kind == "proxy" for op in self.ops):
+            return False
+        k = max(teacher.values())
+        reads = [(n, op) for op in self.ops if op.kind != "teacher" for n in op.inputs if n in teacher]
+        return all(teacher[n] == k and op.kind == "loss" and op.loss == "head" for n, op in reads)
+
+    @property
+    def reads_cache(self) -> bool:
+        return any(op.kind == "cache" for op in self.ops)
+
     def terms_of(self, group: tuple[int, ...]) -> tuple[str, ...]:
         """The loss terms of the loss nodes that the blocks of ``group`` reach."""
         return tuple(t for op in self.ops if op.kind == "loss" and op.block in group for t in op.terms)
@@ -502,6 +582,11 @@ class Plan:
     # KD + MSE: an MSE at every inner block end of the one end-to-end group (the method's
     # ``Method.feature_losses``, read from its registry entry by ``build_plan``).
     feature_losses: bool = False
+    projection_fit: ProjectionFit | None = None  # the projection fit before stage 0 (projected blocks)
+    # The frozen teacher's weights and computation: their dtype (teacher.dtype; its outputs
+    # reach the losses as float32), and whether FSDP2 shards them over torchrun's ranks.
+    teacher_dtype: str = "float32"
+    teacher_shard: bool = False
 
     @property
     def epochs(self) -> int:
@@ -518,13 +603,33 @@ class Plan:
         TPP); KD + MSE uses lift for its losses only and chains the blocks directly."""
         return self.uses_adapters and not self.feature_losses
 
+    @property
+    def cache_stages(self) -> tuple[int, ...]:
+        """The stages whose programs replay the teacher's logits from a cache."""
+        return tuple(st.index for st in self.stages if st.program is not None and st.program.reads_cache)
+
+    @property
+    def live_teacher(self) -> bool:
+        """Some stage runs the teacher itself (its blocks, or TPP's proxy path through them)."""
+        return any(op.kind in ("teacher", "proxy") for st in self.stages if st.program is not None
+                   for op in st.program.ops)
+
+    def stage_epochs(self, index: int) -> range:
+        """The epochs (0-based) stage ``index`` trains."""
+        start = sum(st.epochs for st in self.stages[:index])
+        return range(start, start + self.stages[index].epochs)
+
     def with_programs(self, programs: list[Program], inference: list[Program]) -> Plan:
         return replace(self, stages=tuple(replace(st, program=p, inference=i)
                                           for st, p, i in zip(self.stages, programs, inference)))
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
-                "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages]}
+        d = {"method": self.method, "k": self.k, "n": self.n, "epochs": self.epochs,
+             "tpp_block": self.tpp_block, "stages": [s.to_dict() for s in self.stages],
+             **({"cache_stages": list(self.cache_stages)} if self.cache_stages else {}),
+             **({"teacher_dtype": self.teacher_dtype, "teacher_shard": self.teacher_shard}
+                if (self.teacher_dtype, self.teacher_shard) != ("float32", False) else {})}
+        return {**d, "projection_fit": self.projection_fit.to_dict()} if self.projection_fit else d
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.registry import LOGIT_LOSSES, Registry
 
-__all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FeatureMSE", "HeadLoss", "KLDivergence",
-           "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params", "term_names",
+__all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
+           "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
+           "term_names",
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
@@ -93,6 +94,23 @@ def per_sample(logits: torch.Tensor) -> torch.Tensor:
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x * factor``, skipped at factor 1 (a weight or temperature left at its default): x * 1
+    is x exactly, so the values are the same and the step runs one op (and its backward) less."""
+    return x if factor == 1.0 else x * factor
+
+
+def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``z / T``, skipped at T = 1: z / 1 is z exactly (the same values, one op fewer)."""
+    return z if temperature == 1.0 else z / temperature
+
+
+def _frozen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without a gradient path: the teacher's features come from a no-grad pass already
+    (no detach op then); a proxy path's or a caller's tensor is detached."""
+    return t.detach() if t.requires_grad else t
+
+
 class KLDivergence(nn.Module):
     """Hinton's KD term: ``T^2 * mean_batch sum_c p_t (log p_t - log p_s)``.
 
@@ -112,10 +130,10 @@ class KLDivergence(nn.Module):
         t = self.temperature
         student_logits, teacher_logits = per_sample(student_logits), per_sample(teacher_logits)
         with no_autocast(student_logits):
-            log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-            log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+            log_p_s = F.log_softmax(_tempered(student_logits.float(), t), dim=-1)
+            log_p_t = F.log_softmax(_tempered(_frozen(teacher_logits).float(), t), dim=-1)
             kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-            return kl * (t * t)
+            return _scaled(kl, t * t)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -147,8 +165,8 @@ class FeatureMSE(nn.Module):
                     or len(student_feature) != len(teacher_feature):
                 raise ValueError("FeatureMSE: a multi-tensor feature must meet one of as many tensors")
             losses = [self._one(s, t) for s, t in zip(student_feature, teacher_feature)]
-            return self.weight * torch.stack(losses).mean()
-        return self.weight * self._one(student_feature, teacher_feature)
+            return _scaled(torch.stack(losses).mean(), self.weight)
+        return _scaled(self._one(student_feature, teacher_feature), self.weight)
 
     def _one(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
         if student_feature.shape != teacher_feature.shape:
@@ -157,7 +175,7 @@ class FeatureMSE(nn.Module):
                 f"{tuple(teacher_feature.shape)} differ in shape; an adapter is missing"
             )
         with no_autocast(student_feature):
-            return F.mse_loss(student_feature.float(), teacher_feature.detach().float())
+            return F.mse_loss(student_feature.float(), _frozen(teacher_feature).float())
 
 
 def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -224,13 +242,76 @@ class HeadLoss(nn.Module):
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        out = {"ce": _scaled(cross_entropy(student_logits, targets, self.label_smoothing), self.ce_weight)}
         if teacher_logits is not None:
-            out["kl"] = self.kl_weight * self.kl(student_logits, teacher_logits)
+            out["kl"] = _scaled(self.kl(student_logits, teacher_logits), self.kl_weight)
         return out
 
     def extra_repr(self) -> str:
         return f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, label_smoothing={self.label_smoothing}"
+
+
+@LOSSES.register("fkd")
+class FKDHeadLoss(nn.Module):
+    """The head loss on a top-k teacher cache: cross-entropy plus KL to FKD's soft label
+    (Shen & Xing, "A Fast Knowledge Distillation Framework", 2021, marginal smoothing).
+
+    The cache holds, per sample, the k largest teacher probabilities ``p_c = softmax(z_t/T)_c``
+    (c in K, the top-k classes) and their indices. The remainder ``r = 1 - sum_{c in K} p_c`` is
+    spread uniformly over the other C - k classes:
+
+        p~_c = p_c                    for c in K
+        p~_c = r / (C - k)            otherwise  (r clamped at 0: fp16 sums may pass 1)
+
+    ``kl = λ T^2 mean_batch sum_c p~_c (log p~_c - log softmax(z_s/T)_c)`` (0 log 0 = 0),
+    ``ce = w_ce CE(y, z_s)`` with label smoothing (``y`` class indices, or Mixup/CutMix's mixed
+    soft targets), for student logits z_s (B, C), labels y, CE weight w_ce, weight λ,
+    temperature T (the cache's, which the cache key fixes). With k = C it is ``kd`` on the
+    teacher's probabilities rounded to fp16. ``loss.standardize`` has no top-k form (it
+    rescales the logits before the softmax): the compiler refuses it with a top-k cache.
+
+    ``teacher`` is the cache's ``(probs (B, k), indices (B, k))`` pair. Returns
+    ``{"ce", "kl"}``, weighted, as ``kd`` does.
+    """
+
+    summary = "cross-entropy plus KL to the teacher's cached top-k probabilities, the rest spread uniformly (FKD)"
+    role = "head"
+    terms = ("ce", "kl")
+    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature",
+              "label_smoothing": "label_smoothing"}
+
+    def __init__(self, kl_weight: float = 1.0, temperature: float = 1.0, label_smoothing: float = 0.0,
+                 ce_weight: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.kl_weight, self.temperature, self.ce_weight = float(kl_weight), float(temperature), float(ce_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    @staticmethod
+    def soft_label(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
+        """p~ (B, C) from the top-k probabilities and indices (marginal smoothing)."""
+        probs = probs.float()
+        k = probs.shape[-1]
+        rest = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(classes - k, 1)
+        full = rest.expand(probs.shape[0], classes) if classes > k else probs.new_zeros(probs.shape[0], classes)
+        return full.scatter(1, indices.long(), probs)
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        probs, indices = teacher
+        t = self.temperature
+        ce = self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)
+        with no_autocast(student_logits):
+            z = student_logits.float()
+            p = self.soft_label(probs.detach(), indices, z.shape[-1])
+            log_q = F.log_softmax(z / t, dim=-1)
+            kl = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean() * (t * t)
+        return {"ce": ce, "kl": self.kl_weight * kl}
+
+    def extra_repr(self) -> str:
+        return (f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, temperature={self.temperature}, "
+                f"label_smoothing={self.label_smoothing}")
 
 
 @LOSSES.register("tpp")
@@ -251,7 +332,7 @@ class TeacherParameterPerception(nn.Module):
         self.kl = KLDivergence(temperature)
 
     def forward(self, proxy_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return self.weight * self.kl(proxy_logits, teacher_logits)
+        return _scaled(self.kl(proxy_logits, teacher_logits), self.weight)
 
 
 # ScaleKD's dual-view feature mimicking (Fan et al., "ScaleKD: Strong Vision Transformers
@@ -310,11 +391,12 @@ class DualViewFeatureMimicking(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
         with no_autocast(student):
             s, _ = to_map(student.float(), self.fmt)
-            t, _ = to_map(teacher.detach().float(), self.fmt)
+            t, _ = to_map(_frozen(teacher).float(), self.fmt)
             s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
             direct = F.mse_loss(s, t)
             alternative = F.mse_loss(remove_direct(s), remove_direct(t))
-        return {"dfm_direct": self.weight * (self.alpha * direct), "dfm_alt": self.weight * (self.beta * alternative)}
+        return {"dfm_direct": _scaled(self.alpha * direct, self.weight),
+                "dfm_alt": _scaled(self.beta * alternative, self.weight)}
 
 
 # --- logit losses of the recipes (issue 22) ----------------------------------------------------
@@ -377,12 +459,14 @@ class DKD(nn.Module):
             raise ValueError(f"DKD: {s.shape[0]} rows of {s.shape[1]} logits for {targets.shape[0]} targets "
                              "(one target per row, at least 2 classes)")
         with no_autocast(s):
-            s, te = s.float() / t, te.detach().float() / t
+            s, te = _tempered(s.float(), t), _tempered(_frozen(te).float(), t)
             # no one_hot / boolean indexing: both read the targets on the host (a sync per step)
             gt = torch.arange(s.shape[1], device=s.device) == targets[:, None]
             tckd = _binary_kl(s, te, gt)
             nckd = _kl_rows(_drop_target(s, gt), _drop_target(te, gt))
-            return dict(zip(self.TERMS, (self.alpha * t * t * tckd.mean(), self.beta * t * t * nckd.mean())))
+            # alpha T^2 and beta T^2 are one float each (as written before): skipped where 1
+            return dict(zip(self.TERMS, (_scaled(tckd.mean(), self.alpha * t * t),
+                                         _scaled(nckd.mean(), self.beta * t * t))))
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
@@ -397,7 +481,7 @@ def _drop_target(z: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     softmax weight is exactly 0 in float32 (exp(-200) underflows), so the softmax is the
     distribution over the non-target classes, finite everywhere and without a gradient to the
     target logit (mdistiller subtracts a fixed 1000 instead)."""
-    floor = z.detach().masked_fill(gt, float("inf")).amin(dim=-1, keepdim=True) - 200.0
+    floor = _frozen(z).masked_fill(gt, float("inf")).amin(dim=-1, keepdim=True) - 200.0
     return torch.where(gt, floor, z)
 
 
@@ -474,11 +558,11 @@ class DIST(nn.Module):
         tau = self.temperature
         s, te = per_sample(student_logits), per_sample(teacher_logits)
         with no_autocast(s):
-            y_s = F.softmax(s.float() / tau, dim=-1)
-            y_t = F.softmax(te.detach().float() / tau, dim=-1)
+            y_s = F.softmax(_tempered(s.float(), tau), dim=-1)
+            y_t = F.softmax(_tempered(_frozen(te).float(), tau), dim=-1)
             inter = 1 - _pearson_rows(y_s, y_t).mean()
             intra = 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
-            return dict(zip(self.TERMS, (self.beta * tau * tau * inter, self.gamma * tau * tau * intra)))
+            return dict(zip(self.TERMS, (_scaled(inter, self.beta * tau * tau), _scaled(intra, self.gamma * tau * tau))))
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return sum(self.terms(student_logits, teacher_logits).values())
@@ -512,7 +596,7 @@ class LogitStandardization(nn.Module):
     def _standardized(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor):
         s, te = per_sample(student_logits), per_sample(teacher_logits)
         with no_autocast(s):
-            return standardize_logits(s.float(), self.eps), standardize_logits(te.detach().float(), self.eps)
+            return standardize_logits(s.float(), self.eps), standardize_logits(_frozen(te).float(), self.eps)
 
     def terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *args) -> dict[str, torch.Tensor]:
         """The inner loss's terms on the standardised logits (a loss without ``terms`` gives one
@@ -564,9 +648,12 @@ class DecoupledKDHead(nn.Module):
                 progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         if targets.is_floating_point():
             raise ValueError("DKD splits on the target class: it needs class indices, not mixed soft targets")
-        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        out = {"ce": _scaled(cross_entropy(student_logits, targets, self.label_smoothing), self.ce_weight)}
+        terms = self.dkd.terms(student_logits, teacher_logits, targets)
+        if self.warmup_epochs == 0:  # no warm-up: the factor is 1, not multiplied in
+            return out | terms
         warm = self._warmup(progress, student_logits.device)
-        return out | {k: warm * v for k, v in self.dkd.terms(student_logits, teacher_logits, targets).items()}
+        return out | {k: warm * v for k, v in terms.items()}
 
     def _warmup(self, progress, device) -> torch.Tensor | float:
         """``min(progress / warmup_epochs, 1)`` on the device (no host sync, one graph under compile)."""
@@ -603,7 +690,7 @@ class DISTHead(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
                 teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"ce": self.ce_weight * cross_entropy(student_logits, targets, self.label_smoothing)}
+        out = {"ce": _scaled(cross_entropy(student_logits, targets, self.label_smoothing), self.ce_weight)}
         return out | self.dist.terms(student_logits, teacher_logits)
 
     def extra_repr(self) -> str:

@@ -29,12 +29,17 @@ def _model_row(m) -> str:
     return f"{m.model} {m.kwargs or ''}{weights}"
 
 
+def _teacher_numerics(plan) -> str:
+    """What the teacher's weights are kept and computed in, and where."""
+    return f"; runs in {plan.teacher_dtype}" + (", sharded over torchrun's ranks (FSDP2)" if plan.teacher_shard else "")
+
+
 def spec_table(c: Compiled) -> Table:
     s = c.spec
     t = Table(title=f"spec: {s.name}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
-    t.add_row("teacher", _model_row(s.teacher) if s.teacher else "none (supervised)")
+    t.add_row("teacher", _model_row(s.teacher) + _teacher_numerics(c.plan) if s.teacher else "none (supervised)")
     t.add_row("student", _model_row(s.student))
     m = s.data.mixup
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
@@ -101,7 +106,7 @@ def blocks_table(c: Compiled) -> Table:
             t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "", "head")
             continue
         a = b.adapter
-        adapter = a.describe() if a else "-"
+        adapter = a.describe() if a else (f"frozen {b.projection.describe()}" if b.projection else "-")
         if a and a.student_format is not None:
             adapter += f" ({a.student_format.layout} {a.student_format.hw[0]}² ↔ " \
                        f"{a.teacher_format.layout} {a.teacher_format.hw[0]}²)"
@@ -142,12 +147,17 @@ def schedule_table(c: Compiled) -> Table:
     title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if METHODS.get(p.method).decomposes else "") + (
         f", TPP proxy path from block {p.tpp_block}" if p.tpp_block else "")
     t = Table(title=title, title_justify="left")
-    for col in ("stage", "epochs", "groups", "losses"):
+    cache = c.spec.teacher is not None and c.spec.teacher.cache is not None
+    for col in ("stage", "epochs", "groups", "losses") + (("teacher",) if cache else ()):
         t.add_column(col)
+    if p.projection_fit is not None:  # a stage of its own: no epochs, teacher features of a few batches
+        t.add_row("fit", "-", f"PCA of the teacher at block ends {', '.join(map(str, p.projection_fit.blocks))} "
+                  f"({p.projection_fit.batches} batches), then frozen", "")
     for st in p.stages:
         groups = "  ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
         losses = "  ".join("+".join(terms) for terms in st.losses)
-        t.add_row(str(st.index), str(st.epochs), groups, losses)
+        teacher = ("cache" if st.program.reads_cache else "live") if cache else None
+        t.add_row(str(st.index), str(st.epochs), groups, losses, *((teacher,) if cache else ()))
     return t
 
 
@@ -173,7 +183,7 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
-            "proxy": 2.8, "tap": 1.4}
+            "proxy": 2.8, "tap": 1.4, "cache": 2.5}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
@@ -184,10 +194,11 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2", "cache": "#f4d3b0"}
     fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
-    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "tap": "dotted"}
-    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy", "tap"):
+    styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "tap": "dotted",
+              "cache": "dashed"}
+    for kind in ("teacher", "student", "adapted", "decompose", "loss", "proxy", "tap", "cache"):
         edges = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == kind]
         nx.draw_networkx_edges(g, pos, edgelist=edges, ax=ax, style=styles.get(kind, "solid"),
                                alpha=0.7, arrows=True, arrowsize=10)

@@ -76,8 +76,9 @@ LAYERS = (
     ("spec", ("kdgraph.spec",)),
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
+      "kdgraph.teacher_cache",
       "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses", "kdgraph.diffusion",
-      "kdgraph.adapters")),
+      "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),
@@ -122,7 +123,7 @@ print(" ".join(order))
 
 # Issue 23's goal is 3. Measured as below there are 11 (2026-12-01): cli.main's errors -> the
 # runtime; the compiler's first record (ir) -> its next pass; the spec package entered from
-# blockgraph below losses (registry -> spec, paths -> spec.loader -> compiler.boundaries); one
+# blockgraph below losses (registry -> teacher_cache, paths -> spec.loader -> compiler.boundaries); one
 # per compiler pass that brings a new library module (weights, imagefolder, scalekd); and the
 # runtime's returns after transforms, schedules, adapters. Each comes from a module importing
 # helpers of two layers, read in import-statement order; none is an import pointing up.

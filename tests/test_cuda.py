@@ -215,3 +215,35 @@ def test_resume_is_exact(device, tmp_path, monkeypatch):
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = benchmark
         torch.set_num_threads(threads)  # the spec's runtime.num_threads would leak into later tests
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=needs_cuda), "cpu"])
+def test_half_teacher_runs_in_its_dtype_inside_the_run(device, tmp_path):
+    """teacher.dtype: bfloat16 on the device, channels_last and the run's autocast on: the
+    teacher's logits are the teacher cast by hand (computed outside autocast), and training
+    steps run. (teacher.shard is tested on two gloo ranks of the CPU: tests/test_big_teacher.py.)"""
+    import copy
+
+    from kdgraph.compiler import compile_spec
+    from kdgraph.runtime.distiller import frozen_teacher
+
+    raw = tiny_spec(tmp_path, "stablekd", runtime={"device": device, "precision": "bf16", "channels_last": True})
+    raw["teacher"]["dtype"] = "bfloat16"
+    compiled = compile_spec(load_spec(raw))
+    ref = copy.deepcopy(compiled.teacher.model).eval().to(device, torch.bfloat16)
+    teacher = frozen_teacher(compiled)
+    teacher.apply_(lambda t: t.to(device))
+    x = torch.randn(8, 1, 8, 8, device=device)
+    with torch.no_grad():
+        want = ref(x.bfloat16()).float()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = teacher(x)
+    tol = 0 if device == "cpu" else 1e-2  # cuDNN may pick another algorithm per call
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    run = Trainer(load_spec(raw))
+    for stage in run.compiled.plan.stages:
+        run.distiller.set_stage(stage)
+        run.distiller.train()
+        xb, yb = next(iter(run.data.train.epoch(stage.index)))
+        run.train_step(xb, yb)
+    assert all(p.dtype == torch.bfloat16 for p in run.distiller.teacher.model.parameters())

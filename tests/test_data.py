@@ -36,9 +36,12 @@ def test_digits_default():
     ds = create_dataset(spec(), seed=0)
     assert ds.input_size == (1, 8, 8) and ds.num_classes == 10 and ds.default_augment == "crop"
     assert ds.train_x.shape == (1437, 1, 8, 8) and ds.test_x.shape == (360, 1, 8, 8)
-    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
-    assert ds.train_x.mean().item() == pytest.approx(0.0, abs=1e-4)
-    assert ds.train_x.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64  # raw 0..16, normalised per batch
+    assert int(ds.train_x.max()) == 16
+    normalised = ds.normalize(ds.train_x)
+    assert normalised.dtype == torch.float32
+    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert normalised.std().item() == pytest.approx(1.0, abs=1e-3)
     assert torch.bincount(ds.test_y).min() >= 35  # stratified: every class ~36 times
     assert "digits" in str(ds)
 
@@ -134,8 +137,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
     ds = create_dataset(spec(dataset="fashion-mnist", root=tmp_path), seed=0)
     assert ds.train_x.shape == (20, 1, 28, 28) and ds.test_x.shape == (10, 1, 28, 28)
     assert torch.equal(ds.test_y, torch.arange(10))
-    raw = ds.test_x[3, 0] * ds.std[0] + ds.mean[0]
-    torch.testing.assert_close(raw, torch.from_numpy(te[3]).float(), atol=1e-3, rtol=0)
+    assert ds.test_x.dtype == torch.uint8 and torch.equal(ds.test_x[3, 0], torch.from_numpy(te[3]).to(torch.uint8))
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path):
@@ -224,25 +226,36 @@ def test_sharding_equal_batches_and_disjoint():
 
 
 def _reference_crop(xb, offsets, flips, pad, fill):
+    """Crops of normalised images ``xb`` from a canvas of ``fill`` (C values: the normalised
+    black) at ``offsets``, flipped where ``flips``."""
     out = []
-    for i in range(len(xb)):  # per-sample loop: the obvious implementation, as the oracle
-        img = F.pad(xb[i] - fill[0], (pad, pad, pad, pad)) + fill[0]
+    n, c, h, w = xb.shape
+    for i in range(n):  # per-sample loop: the obvious implementation, as the oracle
+        canvas = fill.reshape(c, 1, 1).repeat(1, h + 2 * pad, w + 2 * pad)
+        canvas[:, pad : pad + h, pad : pad + w] = xb[i]
         oy, ox = offsets[i].tolist()
-        crop = img[:, oy : oy + xb.shape[2], ox : ox + xb.shape[3]]
+        crop = canvas[:, oy : oy + h, ox : ox + w]
         out.append(crop.flip(-1) if flips is not None and flips[i] else crop)
     return torch.stack(out)
+
+
+def _normalised_the_float_way(x, mean, std):
+    """The float path's normalisation: float32 images, minus mean, divided by std (float32)."""
+    m, s = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (mean, std))
+    return (x.float() - m) / s
 
 
 @pytest.mark.parametrize("augment", ["crop", "crop+flip"])
 def test_crop_flip_matches_per_sample_reference(augment):
     x, y = _xy(n=16, c=2, h=8, w=6)
-    fill = torch.tensor([-1.5, 2.0])
-    loader = DeviceLoader(x, y, 16, shuffle=True, augment=augment, seed=5, pad_value=fill)
+    norm = ((3.0, 40.0), (2.0, 0.5))
+    loader = DeviceLoader(x, y, 16, shuffle=True, augment=augment, seed=5, norm=norm)
     order, offsets, flips = loader.epoch_plan(0)
     (xb, yb), = list(loader.epoch(0))
     assert torch.equal(yb, order)
-    want = _reference_crop(x[order], offsets, flips, loader.pad, fill[None, :, None, None])
-    torch.testing.assert_close(xb, want)
+    black = _normalised_the_float_way(torch.zeros(1, 2, 1, 1), *norm).flatten()
+    want = _reference_crop(_normalised_the_float_way(x[order], *norm), offsets, flips, loader.pad, black)
+    assert torch.equal(xb, want)
     assert offsets.max() <= 2 and (offsets.max() > 0)  # pad = max(1, 8 // 8) = 1
     if augment == "crop+flip":
         assert 0 < flips.sum() < 16
@@ -268,6 +281,180 @@ def test_build_loaders_digits():
     xb, yb = next(train.epoch(0))
     assert xb.shape == (64, 1, 8, 8) and yb.dtype == torch.int64
     # padding is the normalised value of a black pixel (the digits' background)
-    assert train.fill.flatten().item() == pytest.approx(-ds.mean[0] / ds.std[0])
+    corner = train.normalize(train.crop_flip(ds.train_x[:1], torch.zeros(1, 2, dtype=torch.long), None))
+    assert corner[0, 0, 0, 0].item() == pytest.approx(-ds.mean[0] / ds.std[0])
     train2, _, _ = build_loaders(spec(augment="none", fraction=0.01, batch_size=64), seed=0, device="cpu")
     assert train2.augment == "none" and len(train2) == 1 and not train2.drop_last
+
+
+# ------------------------------------------------- integer pixels, normalised per batch
+
+
+def test_integer_pixels_kept_in_the_smallest_exact_type(tmp_path):
+    """uint8 where the pixels are integers (digits' 0..16 too); int16 for wider integers; float32
+    for float sources and for pixels resampled to another size (no longer integers)."""
+    assert create_dataset(spec(), seed=0).train_x.dtype == torch.uint8
+    assert create_dataset(spec(input_size=(3, 8, 8)), seed=0).train_x.dtype == torch.uint8  # repeated
+    assert create_dataset(spec(input_size=(1, 12, 12), resize="pad"), seed=0).train_x.dtype == torch.uint8
+    assert create_dataset(spec(input_size=(1, 12, 12), resize="resample"), seed=0).train_x.dtype == torch.float32
+    assert create_dataset(spec(dataset="synthetic", input_size=(3, 4, 4)), seed=0).train_x.dtype == torch.float32
+
+    def wide(s, seed):
+        x = torch.arange(4 * 16, dtype=torch.int64).reshape(4, 1, 4, 4) * 20 - 100  # -100..1160
+        return data.RawSplits(x, torch.tensor([0, 1, 0, 1]), x, torch.tensor([1, 0, 1, 0]), 2, "none")
+
+    data.register_dataset("wide-test", wide, overwrite=True)
+    try:
+        ds = create_dataset(spec(dataset="wide-test"), seed=0)
+    finally:
+        data.DATASETS.unregister("wide-test")
+    assert ds.train_x.dtype == torch.int16 and int(ds.train_x.min()) == -100 and int(ds.train_x.max()) == 1160
+    mean, std = _exact_stats(wide(None, 0)[0].numpy())
+    assert ds.mean == mean and ds.std == std
+
+
+def _exact_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and Bessel-corrected std of integer images, computed exactly, rounded to float32."""
+    from fractions import Fraction
+
+    means, stds = [], []
+    for ch in range(x.shape[1]):
+        v = x[:, ch].astype(np.int64).ravel()
+        n, s1, s2 = len(v), int(v.sum()), int((v * v).sum())
+        means.append(float(Fraction(s1, n)))
+        stds.append(float(np.sqrt(float(Fraction(n * s2 - s1 * s1, n * (n - 1))))))
+    return tuple(np.float32(means).tolist()), tuple(np.float32(stds).tolist())
+
+
+def _float_path_batches(raw_x, loader, norm, epoch, steps):
+    """The float path, computed independently: float32 images minus mean, divided by std, then
+    the loader's draws (order, crop offsets, flips) cut from a canvas of normalised black."""
+    order, offsets, flips = loader.epoch_plan(epoch)
+    black = _normalised_the_float_way(torch.zeros(1, raw_x.shape[1], 1, 1), *norm).flatten()
+    bs = loader.batch_size
+    for step in steps:
+        sl = slice(step * bs, min((step + 1) * bs, loader.samples_per_rank))
+        xb = _normalised_the_float_way(raw_x[order[sl]].float(), *norm)
+        if offsets is not None:
+            xb = _reference_crop(xb, offsets[sl], None if flips is None else flips[sl], loader.pad, black)
+        yield xb
+
+
+def _the_old_deviceloader_crop(xb, offsets, flips, pad, norm):
+    """The float path's DeviceLoader arithmetic: normalised batch shifted by the fill value
+    (-mean/std, from float64), zero-padded, cut, shifted back: one more rounding per pixel."""
+    fill = torch.tensor([-m / s for m, s in zip(*norm)])[None, :, None, None]
+    padded = F.pad(xb - fill, (pad, pad, pad, pad))
+    b, c, h, w = xb.shape
+    rows = offsets[:, 0:1] + torch.arange(h)
+    cols = offsets[:, 1:2] + torch.arange(w)
+    if flips is not None:
+        cols = torch.where(flips[:, None], offsets[:, 1:2] + (w - 1 - torch.arange(w)), cols)
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]] + fill
+
+
+def _imagefolder(root: Path, side: int = 12) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 14), ("val", 5)):
+        for cls in ("a", "b", "c"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _float_source(name: str, tmp_path: Path):
+    """(data spec, train images and test images as the float path read them, float32 N x C x H x W)."""
+    from PIL import Image
+
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        tr, te = train_test_split(d.images.astype(np.float32)[:, None], test_size=0.2, random_state=0,
+                                  stratify=d.target)
+        return spec(batch_size=64), torch.from_numpy(tr), torch.from_numpy(te)
+    if name == "fashion-mnist":
+        if not data.FASHION_MNIST_ROOT.is_dir():
+            pytest.skip("dataset-fashion-mnist not installed")
+        images = [data.read_idx(str(data.FASHION_MNIST_ROOT / f"{s}-images-idx3-ubyte.gz")) for s in ("train", "t10k")]
+        return (spec(dataset="fashion-mnist", batch_size=256),
+                *(torch.from_numpy(a.astype(np.float32))[:, None] for a in images))
+    root = _imagefolder(tmp_path / "folder")
+    splits = []
+    for split in ("train", "val"):
+        files = sorted((root / split).rglob("*.png"))
+        splits.append(torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+                                                 .transpose(2, 0, 1) for f in files])))
+    return spec(dataset="imagefolder", root=root, batch_size=8), *splits
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion-mnist", "imagefolder"])
+def test_uint8_batches_equal_the_float_path_bit_for_bit(name, tmp_path):
+    """Held as uint8, normalised after the crop and flip: every value of a batch is the one the
+    float path gives (float32 image - mean, / std, then cropped with normalised-black padding),
+    bit for bit: ``torch.sub`` reads uint8 as float32 exactly and the two operations are the
+    same, and a padded pixel is raw 0 normalised. The statistics are the exact ones, rounded
+    once (the float path's float32 reduction agrees to 1e-6); the old DeviceLoader's shift by
+    the fill value and back cost one more rounding, so it agrees to fp32 rounding only."""
+    data_spec, train_f32, test_f32 = _float_source(name, tmp_path)
+    train, test, ds = build_loaders(data_spec, seed=3, device="cpu")
+    assert ds.train_x.dtype == ds.test_x.dtype == torch.uint8
+    assert torch.equal(ds.train_x.float(), train_f32) and torch.equal(ds.test_x.float(), test_f32)
+    assert (ds.mean, ds.std) == _exact_stats(ds.train_x.numpy())
+    old_mean, old_std = train_f32.mean(dim=(0, 2, 3)), train_f32.std(dim=(0, 2, 3))
+    torch.testing.assert_close(torch.tensor(ds.mean), old_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(ds.std), old_std, rtol=1e-6, atol=0)
+
+    steps = range(len(train)) if len(train) < 50 else (0, 1, len(train) - 1)
+    got = list(train.epoch(2))
+    assert train.augment != "none"
+    for step, want in zip(steps, _float_path_batches(train_f32, train, ds.norm, 2, steps)):
+        assert got[step][0].dtype == torch.float32 and torch.equal(got[step][0], want), step
+    order, offsets, flips = train.epoch_plan(2)
+    bs = train.batch_size
+    old = _the_old_deviceloader_crop(_normalised_the_float_way(train_f32[order[:bs]], *ds.norm), offsets[:bs],
+                                     None if flips is None else flips[:bs], train.pad, ds.norm)
+    torch.testing.assert_close(got[0][0], old, rtol=0, atol=2 * torch.finfo(torch.float32).eps * old.abs().max().item())
+    for (xb, _), want in zip(test.epoch(0), _float_path_batches(test_f32, test, ds.norm, 0, range(len(test)))):
+        assert torch.equal(xb, want)
+
+
+def test_idx_header_that_disagrees_with_the_file(tmp_path):
+    """read_idx decodes into an array of the header's size: a header claiming more than the
+    file can hold is refused before allocating it; fewer or more values than it says are errors."""
+    header = struct.pack(">BBBB", 0, 0, 8, 2)
+    (tmp_path / "huge").write_bytes(header + struct.pack(">II", 60000, 60000) + bytes(10))
+    with pytest.raises(DataError, match="too small to hold it"):
+        data.read_idx(str(tmp_path / "huge"))
+    (tmp_path / "short").write_bytes(header + struct.pack(">II", 2, 3) + bytes(5))
+    with pytest.raises(DataError, match=r"header says \(2, 3\) \(6 values\), the file holds 5"):
+        data.read_idx(str(tmp_path / "short"))
+    (tmp_path / "long").write_bytes(header + struct.pack(">II", 2, 3) + bytes(7))
+    with pytest.raises(DataError, match="the file holds more"):
+        data.read_idx(str(tmp_path / "long"))
+    with gzip.open(tmp_path / "ok.gz", "wb") as f:
+        f.write(header + struct.pack(">II", 2, 3) + bytes(range(6)))
+    arr = data.read_idx(str(tmp_path / "ok.gz"))
+    assert arr.shape == (2, 3) and arr.dtype == np.uint8 and arr.flags.writeable
+    assert arr.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_batches_come_in_the_steps_layout():
+    """channels_last: the normalisation writes the batch in that layout (the step's
+    ``contiguous(channels_last)`` is then no copy); the values are the NCHW batch's."""
+    x = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(12)
+    norm = ((100.0, 120.0, 140.0), (50.0, 60.0, 70.0))
+    plain, last = (DeviceLoader(x, y, 5, shuffle=True, augment="crop+flip", seed=2, norm=norm, channels_last=cl)
+                   for cl in (False, True))
+    for (xa, _), (xb, _) in zip(plain.epoch(1), last.epoch(1)):
+        assert xa.stride() == torch.empty(xa.shape).stride()
+        assert xb.is_contiguous(memory_format=torch.channels_last) and xb.contiguous(
+            memory_format=torch.channels_last).data_ptr() == xb.data_ptr()
+        assert torch.equal(xa, xb)

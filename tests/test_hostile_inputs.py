@@ -1149,7 +1149,8 @@ def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_pa
 
 def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
     """The in-memory path peaked at 3.4x what data.memory_budget_mb counts: a list of decoded
-    images, then a stacked copy. numpy reports its allocations to tracemalloc."""
+    images, then a stacked copy. Now one uint8 array, the bytes the budget counts. numpy
+    reports its allocations to tracemalloc."""
     import tracemalloc
 
     from test_stream_data import write_folder
@@ -1159,7 +1160,7 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
 
     root = write_folder(tmp_path / "images", channels=3, side=48, train=16, val=4)
     spec = DataSpec(dataset="imagefolder", root=root, input_size=(3, 48, 48))
-    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48 * 4
+    decoded = (3 * 16 + 3 * 4) * 3 * 48 * 48  # uint8
     tracemalloc.start()
     try:
         raw = _load_imagefolder(spec, 0)
@@ -1167,6 +1168,7 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
     finally:
         tracemalloc.stop()
     assert raw.train_x.shape == (48, 3, 48, 48) and raw.test_x.shape == (12, 3, 48, 48)
+    assert raw.train_x.dtype == torch.uint8
     assert peak < 1.3 * decoded, (peak, decoded)
 
 
@@ -1179,6 +1181,56 @@ def test_the_resume_command_repeats_an_output_override(tmp_path):
     RunFolder(out).stored_spec.write_text(json.dumps({"spec": {}, "spec_file": "/specs/my spec.yaml",
                                             "overrides": ["optim.lr=0.1", f"output={out}"]}))
     assert resume_command(out) == f"kdgraph train '/specs/my spec.yaml' --set output={out} --resume"
+
+
+def test_sigkill_during_a_background_checkpoint_write_leaves_a_whole_checkpoint(tmp_path):
+    """The Trainer's saves are written by a thread (BackgroundWriter): a SIGKILL while that
+    thread writes leaves last.pt the previous whole, checksummed checkpoint and a stray temp
+    file at most (the next save's mkstemp never reuses its name)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "checkpoints"
+    script = f"""
+import time, torch
+from pathlib import Path
+from kdgraph.runtime import checkpoint as ckpt
+path = Path({str(folder / 'last.pt')!r})
+state = lambda w, e: {{"model": {{"w": w}}, "optimizer": {{}}, "scheduler": {{}}, "rng": ckpt.rng_state(),
+                      "position": {{"epoch": e, "step": 0, "global_step": e}}, "plan": {{}}}}
+ckpt.save_atomic(state(torch.zeros(4), 1), path, keep_previous=True)
+writer = ckpt.BackgroundWriter()
+writer.submit(state(torch.randn(64, 2**20), 2), path, keep_previous=True)  # 256 MB
+print("submitted", flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "submitted"
+    deadline = time.monotonic() + 30
+    while not list(folder.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state, warning = ckpt.load_latest(folder / "last.pt")
+    assert warning is None and state["position"]["epoch"] in (1, 2)  # whole: its checksum holds
+    if state["position"]["epoch"] == 1:
+        assert torch.equal(state["model"]["w"], torch.zeros(4))
+
+
+def test_a_background_write_copies_the_state_at_submit(tmp_path):
+    """Training goes on while the thread writes: what is saved is the state at submit time."""
+    weights = torch.zeros(256, 256)
+    state = {"model": {"w": weights}, "optimizer": {}, "scheduler": {}, "rng": ckpt.rng_state(),
+             "position": {"epoch": 1, "step": 0, "global_step": 1}, "plan": {}, "history": {"n": 1}}
+    writer = ckpt.BackgroundWriter()
+    writer.submit(state, tmp_path / "last.pt")
+    weights.add_(1)  # an optimizer step, in place
+    state["history"]["n"] = 2
+    writer.wait()
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert torch.equal(saved["model"]["w"], torch.zeros(256, 256)) and saved["history"]["n"] == 1
 
 
 def test_the_eta_leaves_out_the_start_up_the_first_step_pays(monkeypatch):

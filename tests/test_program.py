@@ -53,7 +53,10 @@ def test_single_group_methods(method, expected):
 def test_supervised_program_has_no_teacher():
     c = compile_spec(load_spec(tiny_spec(teacher=False, blocks=4, method="supervised", recompositions=0)))
     assert _terms(c.plan) == [[["ce"]]]
-    assert [op.node for op in c.plan.stages[0].program.ops] == ["S1", "S2", "S3", "S4", "head_loss"]
+    ops = c.plan.stages[0].program.ops
+    # blocks 1..4 in order, read at the last only: the student's own forward (issue 30)
+    assert [(op.node, op.kind, op.inputs) for op in ops] == [
+        ("S4", "whole", ("input",)), ("head_loss", "loss", ("S4", "labels"))]
 
 
 def test_program_order_and_inputs():

@@ -480,13 +480,15 @@ def test_hidden_files_are_not_data(tmp_path):
 
 
 def test_auto_choice_follows_the_memory_budget(tmp_path):
-    root = write_folder(tmp_path / "images")  # 36 images x 1x8x8 float32 = 9 KB decoded
+    root = write_folder(tmp_path / "images")  # 36 images x 1x8x8 uint8 = 2 KB decoded
     student = torch.nn.Identity()
     small = plan_data(data_spec(root), None, student, (1, 8, 8))
     assert small.loader == "memory" and "<= data.memory_budget_mb 2048" in small.reason
     assert (small.train_images, small.test_images) == (24, 12)
-    big = plan_data(data_spec(root, memory_budget_mb=100), None, student, (3, 512, 512))  # 36 x 3 MB
-    assert big.loader == "stream" and "auto: 36 images, 108.0 MB decoded > data.memory_budget_mb 100" in big.reason
+    big = plan_data(data_spec(root, memory_budget_mb=25), None, student, (3, 512, 512))  # 36 x 0.75 MB
+    assert big.loader == "stream" and "auto: 36 images, 27.0 MB decoded > data.memory_budget_mb 25" in big.reason
+    # uint8 in memory: four times the images of a float32 count fit the same budget
+    assert plan_data(data_spec(root, memory_budget_mb=27), None, student, (3, 512, 512)).loader == "memory"
     forced = plan_data(data_spec(root, loader="stream"), None, student, (1, 8, 8))
     assert forced.loader == "stream" and "data.loader: stream" in forced.reason
     assert plan_data(data_spec(root, memory_budget_mb=1, loader="memory"), None, student, (3, 512, 512)).loader \
@@ -504,7 +506,7 @@ def test_plan_shows_the_loader(tmp_path):
     root = write_folder(tmp_path / "images")
     path = write_spec(folder_spec(root, tmp_path / "out", loader="auto"), tmp_path / "spec.yaml")
     res = CliRunner().invoke(app, ["plan", str(path), "--set", "data.memory_budget_mb=1",
-                                   "--set", "data.input_size=[3,64,64]", "--set", "teacher.kwargs.in_chans=3",
+                                   "--set", "data.input_size=[3,128,128]", "--set", "teacher.kwargs.in_chans=3",
                                    "--set", "student.kwargs.in_chans=3"], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
     assert "stream (auto: 36 images, 1.7 MB decoded > data.memory_budget_mb 1)" in res.output
@@ -533,3 +535,57 @@ def test_mean_std_from_the_teachers_pretrained_cfg(tmp_path):
     own = plan_data(data_spec(root, input_size=(3, 8, 8), mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0),
                               crop_pct=1.0), teacher, torch.nn.Identity(), (3, 8, 8))
     assert own.mean == (0.1, 0.2, 0.3) and own.stats == "the spec (data.mean/std)" and own.crop_pct == 1.0
+
+
+# ------------------------------------------------------------- normalising, prefetching
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalizer_is_one_op_into_the_steps_layout(channels_last):
+    """uint8 -> normalised float32 by one addcmul written straight into the layout the step uses
+    (plain NCHW strides unless channels_last), equal to (x / 255 - mean) / std to fp32 rounding."""
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalizer = Normalizer(mean, std, torch.device("cpu"), channels_last)
+    with torch.profiler.profile() as prof:
+        out = normalizer(x)
+    assert [e.name for e in prof.events() if e.cpu_parent is None] == ["aten::empty", "aten::addcmul"]
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    else:
+        assert out.stride() == torch.empty(out.shape).stride()
+    m, s = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (mean, std))
+    want = ((x.double() / 255 - m) / s).float()
+    torch.testing.assert_close(out, want, rtol=0, atol=4 * torch.finfo(torch.float32).eps * want.abs().max().item())
+
+
+def test_prefetched_loads_one_batch_ahead():
+    from kdgraph.stream import prefetched
+
+    calls = []
+
+    def load(batch):
+        calls.append(batch)
+        return (torch.tensor([batch]),)
+
+    batches = prefetched(iter(range(4)), load, torch.device("cpu"))
+    assert next(batches)[0].item() == 0 and calls == [0, 1]  # batch 1 loaded before batch 0 is used
+    assert [b[0].item() for b in batches] == [1, 2, 3] and calls == [0, 1, 2, 3]
+    assert list(prefetched(iter([]), load, torch.device("cpu"))) == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetched_batches_equal_the_batches_without(tmp_path, workers):
+    """The prefetching path (on CUDA: copies and normalisation on a side stream) runs the same
+    loop on the CPU: its batches are the plain loop's, from the start and resumed mid-epoch."""
+    root = write_folder(tmp_path / "images", channels=3)
+    ahead, plain = _stream(root, workers, channels=3), _stream(root, workers, channels=3)
+    for loader in (ahead, plain):
+        loader.normalizer = Normalizer((0.4, 0.5, 0.6), (0.2, 0.25, 0.3), torch.device("cpu"))
+    plain.prefetch = False
+    assert ahead.prefetch
+    for epoch, start in ((0, 0), (1, 2)):
+        a, b = list(ahead.epoch(epoch, start)), list(plain.epoch(epoch, start))
+        assert len(a) == len(b) == len(ahead) - start
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert xa.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -94,3 +94,104 @@ def test_strict_recompile_watch_raises_at_the_limit():
                 f(x, "a" * n)
     assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # restored on the way out
     reset_compile_caches()
+
+
+# --- the Trainer applies them: determinism, autotuning, the recompile count in the summary --------
+
+
+def _spec(tmp_path, **runtime):
+    from kdgraph.spec import load_spec
+
+    from _runtime_helpers import tiny_spec
+
+    return load_spec(tiny_spec(tmp_path / "run", "kd", epochs=1, runtime={"log_every": 50, **runtime}))
+
+
+def test_a_deterministic_spec_turns_on_deterministic_algorithms_and_no_autotuning(tmp_path):
+    from kdgraph.runtime.loop import Trainer
+
+    try:
+        trainer = Trainer(_spec(tmp_path, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert trainer.config.deterministic and not trainer.config.cudnn_benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_run_counts_recompile_limit_hits_in_its_summary_and_warns_at_the_end(tmp_path, capfd, monkeypatch):
+    """A hit is what Dynamo logs (a real one is tested above with the eager backend): here the
+    step logs that record itself, so the run stays an eager CPU run of seconds."""
+    import logging
+
+    from kdgraph.runtime.loop import Trainer, train
+
+    step = Trainer.train_step
+
+    def step_that_hits_the_limit(self, xb, yb):
+        if self.global_step == 1:
+            logging.getLogger(RecompileWatch.LOGGER).warning(
+                "torch._dynamo hit config.%s (%s)\n   function: %s", "recompile_limit", 8, "'forward' (distiller.py:1)")
+        return step(self, xb, yb)
+
+    monkeypatch.setattr(Trainer, "train_step", step_that_hits_the_limit)
+    summary = train(_spec(tmp_path))
+    assert summary["compile"]["recompile_limit_hits"] == 1
+    assert summary["compile"]["functions_gone_eager"] == ["'forward' (distiller.py:1)"]
+    assert summary["compile"]["enabled"] is False and summary["compile"]["cudnn_benchmark"] is False
+    assert "recompile limit 1 time(s)" in capfd.readouterr().out
+
+
+def test_a_run_without_hits_says_zero_and_no_warning(tmp_path, capfd):
+    from kdgraph.runtime.loop import train
+
+    summary = train(_spec(tmp_path))
+    assert summary["compile"]["recompile_limit_hits"] == 0
+    assert "recompile limit" not in capfd.readouterr().out
+
+
+def _counting(trainer):
+    """Wrap the training loader's epoch() to count the batches it yields."""
+    read = []
+    epoch = trainer.data.train.epoch
+
+    def counted(e, start=0):
+        for batch in epoch(e, start):
+            read.append(e)
+            yield batch
+
+    trainer.data.train.epoch = counted
+    return read
+
+
+@pytest.mark.parametrize("bound, expected", [(3, 3), (None, "epoch"), (10**6, "epoch")])
+def test_bn_recalibration_reads_at_most_its_bound_of_batches_once_per_step(tmp_path, bound, expected):
+    from kdgraph.runtime.loop import Trainer
+
+    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=bound))
+    read = _counting(trainer)
+    trainer.evaluate()
+    assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
+    trainer.evaluate()  # nothing trained since: the statistics are those of the last pass
+    assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
+    trainer.global_step += 1
+    trainer.evaluate()
+    assert len(read) == 2 * (len(trainer.data.train) if expected == "epoch" else expected)
+
+
+def test_a_bounded_recalibration_estimates_what_its_batches_hold(tmp_path):
+    """Independent truth: one BatchNorm's statistics after a bound of 2 batches are the mean and
+    the (unbiased) variance of its input over exactly those two batches."""
+    from kdgraph.runtime.loop import Trainer
+
+    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=2))
+    bn = next(m for m in trainer.distiller.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    trainer.recalibrate_bn()
+    hook.remove()
+    x = torch.cat(seen).transpose(0, 1).flatten(1)
+    assert len(seen) == 2
+    torch.testing.assert_close(bn.running_mean, x.mean(1), rtol=1e-4, atol=1e-5)
+    # a cumulative average of per-batch unbiased variances, as torch's BatchNorm keeps with momentum None
+    per_batch = torch.stack([s.transpose(0, 1).flatten(1).var(1) for s in seen]).mean(0)
+    torch.testing.assert_close(bn.running_var, per_batch, rtol=1e-4, atol=1e-5)

@@ -39,8 +39,9 @@ from kdgraph.compiler.split import split_pass
 from kdgraph.compiler.stages import stages_pass
 from kdgraph.compiler.trace import trace_pass
 from kdgraph.data import resolve_input_size
-from kdgraph.errors import PlanError
-from kdgraph.ir import Pairing, Plan
+from kdgraph.errors import PlanError, SpecError
+from kdgraph.ir import DataPlan, Pairing, Plan
+from kdgraph.teacher_cache import cache_key, differences, read_header
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -133,7 +134,7 @@ def _collecting_new_objects_only() -> Iterator[bool]:
 
 def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
                  fetch: Collection[str] = (), allow_missing_weights: bool = False,
-                 materialize: bool = True) -> Compiled:
+                 materialize: bool = True, defer: Collection[str] = ()) -> Compiled:
     """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
 
     Planning needs shapes only, so pretrained weights are fetched for the roles in
@@ -144,10 +145,12 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
     ``materialize=False`` builds a plan only (`kdgraph plan`): the models' parameters stay
     on the meta device, so ``Compiled.*.model`` cannot run; checkpoints are checked from
     their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
-    output is the same as with real weights.
+    output is the same as with real weights. ``defer``: roles built as for planning alone
+    (the trainer defers a teacher that a cache may replay: ``Plan.live_teacher`` says
+    whether it must be built after all).
     """
     with _collecting_new_objects_only() as frozen:
-        return _compile(spec, models, BuildMode(frozenset(fetch), allow_missing_weights, materialize), frozen)
+        return _compile(spec, models, BuildMode(frozenset(fetch), allow_missing_weights, materialize, frozenset(defer)), frozen)
 
 
 def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode: BuildMode,
@@ -157,10 +160,37 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     timings = _run_passes(spec, env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
+    check_cache(spec, env["plan"], data)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
+    fallback = (f"decompose.adapters: projected: {env['pairing'].fallback}",) if env["pairing"].fallback else ()
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
-                    timings, built.notes, missing)
+                    timings, built.notes + fallback, missing)
+
+
+def check_cache(spec: Spec, plan: Plan, data: DataPlan) -> None:
+    """The teacher cache the spec names was built for this run (teacher, data, augmentation,
+    seed, runtime: one line naming what differs) and covers every epoch a stage replays from
+    it. Past the cached epochs the plan is refused, not patched with the live teacher: a
+    stage's program is one for all its epochs, and a run that silently falls back would pay
+    the teacher it meant to skip."""
+    if spec.teacher is None or spec.teacher.cache is None:
+        return
+    root = spec.teacher.cache
+    header = read_header(root)
+    mode = header["key"]["mode"]["value"]
+    diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
+                                                    data))
+    if diff:
+        raise SpecError("teacher.cache", f"{root} was built for another run (differs: {'; '.join(diff)}); "
+                        "rebuild it with `kdgraph cache SPEC --epochs N`")
+    have = int(header["epochs"])
+    for index in plan.cache_stages:
+        epochs = plan.stage_epochs(index)
+        if epochs.stop > have:
+            raise SpecError("teacher.cache", f"{root} holds the first {have} epoch(s); stage {index} replays "
+                            f"epochs {epochs.start + 1}-{epochs.stop} from it: build it with "
+                            f"`kdgraph cache SPEC --epochs {plan.epochs}`")
 
 
 def pipeline_mermaid() -> str:

@@ -155,7 +155,8 @@ class Compiled:
             "student": self.student.to_dict(),
             "blocks": [b.to_dict() for b in self.pairing.blocks],
             "pairs": [p.to_dict() for p in self.pairing.pairs],
-            "adapters_in_use": self.plan.uses_adapters,
+            "adapters_in_use": self.plan.uses_adapters and bool(self.pairing.adapters),
+            "adapters_mode": self.pairing.adapters_mode,
             "schedule": self.plan.to_dict(),
             "graph": graph_json(self.graph),
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -169,8 +170,10 @@ class BuildMode:
     (the others get random weights of the same shapes); ``allow_missing``: a checkpoint file
     or image folder that does not exist yet is listed, not an error (planning needs shapes
     only); ``materialize=False``: parameters on the meta device, checkpoints checked from
-    their headers, nothing fetched (`kdgraph plan`)."""
+    their headers, nothing fetched (`kdgraph plan`); ``defer``: roles built as for planning
+    whatever ``materialize`` says (a teacher whose logits a cache replays in every stage)."""
 
     fetch: frozenset[str] = frozenset()
     allow_missing: bool = False
     materialize: bool = True
+    defer: frozenset[str] = frozenset()

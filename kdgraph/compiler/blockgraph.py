@@ -1,9 +1,9 @@
 """Pass 9: the block graph, a networkx DiGraph of every way blocks can be wired.
 
 Nodes: ``input``, ``labels``, teacher blocks ``T1..Tk``, student blocks ``S1..Sk``,
-adapters ``lift_i`` / ``lower_i`` and loss nodes: the feature loss of block i, named by the
-spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss`` (``loss.logit``'s entry with a
-teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
+adapters ``lift_i`` / ``lower_i`` (or frozen projections ``project_i``) and loss nodes: the feature
+loss of block i, named by the spec's ``loss.feature`` (``mse_i`` or ``dfm_i``), ``head_loss``
+(``loss.logit``'s entry with a teacher, ``ce`` without) and ScaleKD's ``tpp_loss``.
 A loss node names its ``kdgraph.losses.LOSSES`` entry (``entry``), the entry's constructor
 arguments resolved from the spec (``params``) and the ``terms`` it adds (the names training
 logs), so that the runtime builds every loss from the graph alone. Every edge carries the
@@ -12,10 +12,16 @@ shape of the tensor on it and a ``kind``:
 - ``teacher``: T(i-1) -> T(i), the frozen teacher;
 - ``student``: S(i) -> S(i+1), the plain student chain (vanilla KD, supervised);
 - ``adapted``: S(i) -> lift_i -> lower_i -> S(i+1), the chain inside a merged StableKD group;
-- ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ), a decomposed input;
+- ``decompose``: T(i) -> S(i+1) (through lower_i where widths differ, or through the frozen
+  projection ``project_i`` with ``decompose.adapters: projected``), a decomposed input;
 - ``loss``: the tensors that meet at a loss node;
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
   blocks (nodes ``P_j``) to ``tpp_loss``;
+- ``cache``: input -> ``cache``, the teacher's logits of the input's view replayed from a
+  teacher cache (``teacher.cache``). A full cache feeds ``head_loss`` (its entry unchanged);
+  a top-k cache feeds ``fkd_loss`` (entry ``fkd``, FKD's soft label), the head loss of the
+  stages that replay it. ``program.stage_program`` reads the cache in a stage whose only
+  teacher read is the head's (``Program.replayable``).
 - ``tap``: S_i -> ``xs_p1`` and T_j -> ``xt_p1``, the value of an explicit layer pair's module
   inside block i (j) of the student (teacher), read by a tap in that block's segment; the
   pair's student side is lifted (``xlift_p1``) where the features differ and meets the
@@ -39,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from kdgraph.errors import PlanError
-from kdgraph.ir import ExplicitPair, FeatureFormat, Pairing, graph_json
+from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
+from kdgraph.teacher_cache import read_header  # beside losses, its layer: no extra climb on the train path
 from kdgraph.registry import LOGIT_LOSSES
 from kdgraph.spec.schema import LossSpec
 
@@ -107,12 +114,13 @@ def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, denoise: bool = 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
                       has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
                       logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None,
-                      denoise: bool = False) -> nx.DiGraph:
+                      cache: str | None = None, denoise: bool = False) -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
     with T_j) on the student's feature. ``loss_spec``: the spec's ``loss`` section, from which
-    each loss node's params are resolved (None: the spec's defaults). ``denoise``: the head
-    loss is the denoising one (its ``labels`` node is then the true noise)."""
+    each loss node's params are resolved (None: the spec's defaults). ``cache``: the mode of
+    the teacher cache the spec names (``full`` or ``topk``), None without one. ``denoise``: the
+    head loss is the denoising one (its ``labels`` node is then the true noise)."""
     loss_spec = LossSpec().model_dump() if loss_spec is None else loss_spec
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
@@ -142,25 +150,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         if feature == "dfm" and block.multi:
             raise PlanError(f"block {i} ends at a multi-tensor cut ({block.student.description}): loss.feature "
                             "dfm compares one feature map; use loss.feature: mse")
-        s_shape, t_shape = _shape(block.student), _shape(block.teacher)
-        loss = f"{feature}{i}"
-        a = block.adapter
-        if a is not None:
-            g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
-                       out_shape=t_shape, params=a.lift_params)
-            g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
-                       out_shape=s_shape, params=a.lower_params)
-            g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
-            g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
-            g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
-            g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
-            g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
-        else:
-            g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
-            g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
-        fmt = FeatureFormat.of(block.teacher, tuple(input_shape[1:])) if "fmt" in LOSSES.get(feature).params else None
-        _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
-        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
+        _wire_feature(g, block, feature, loss_spec, tuple(input_shape[1:]))
     for pair in pairing.pairs:
         _explicit_pair(g, pair, loss_spec, input_shape[1:])
     if has_teacher and tpp_block is not None:
@@ -177,8 +167,66 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     g.add_edge("labels", "head_loss", kind="loss", shape=[])
     if has_teacher:
         g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
+    if has_teacher and cache is not None:
+        _cache_nodes(g, k, logits, cache, loss_spec)
     validate_block_graph(g)
     return g
+
+
+def _cache_nodes(g: nx.DiGraph, k: int, logits: list | None, cache: str, loss_spec: Mapping[str, Any]) -> None:
+    """The cache node (the teacher's logits, replayed) and the head loss it feeds."""
+    g.add_node("cache", kind="cache", block=k, module=f"teacher cache ({cache})", out_shape=logits)
+    g.add_edge("input", "cache", kind="cache", shape=g.nodes["input"]["out_shape"])
+    head = "head_loss"
+    if cache == "topk":
+        if logits is None or len(logits) != 1:
+            raise PlanError(f"a top-k teacher cache holds class probabilities of (C,) logits; the logits are "
+                            f"{logits}: build the cache with --full")
+        if loss_spec["logit"] != "kl" or loss_spec.get("standardize"):
+            raise PlanError(f"a top-k teacher cache replays through FKD's soft label, a form of loss.logit kl "
+                            f"without loss.standardize (this spec: logit {loss_spec['logit']}, standardize "
+                            f"{bool(loss_spec.get('standardize'))}): build the cache with --full")
+        head = "fkd_loss"
+        _loss_node(g, head, "head", "fkd", k, loss_spec)
+        g.add_edge(f"S{k}", head, kind="loss", shape=logits)
+        g.add_edge("labels", head, kind="loss", shape=[])
+    g.add_edge("cache", head, kind="loss", shape=logits)
+
+
+def _wire_feature(g: nx.DiGraph, block: BlockPair, feature: str, loss_spec: Mapping[str, Any], input_hw: tuple) -> None:
+    """Block i's end: its adapters (or frozen projection), the decompose edge feeding S(i+1)
+    and the feature loss where student and teacher meet."""
+    i = block.index
+    s_shape, t_shape = _shape(block.student), _shape(block.teacher)
+    loss = f"{feature}{i}"
+    a = block.adapter
+    if a is not None:
+        g.add_node(f"lift{i}", kind="adapter", role="lift", block=i, channels=list(a.lift),
+                   out_shape=t_shape, params=a.lift_params)
+        g.add_node(f"lower{i}", kind="adapter", role="lower", block=i, channels=list(a.lower),
+                   out_shape=s_shape, params=a.lower_params)
+        g.add_edge(f"S{i}", f"lift{i}", kind="adapted", shape=s_shape)
+        g.add_edge(f"lift{i}", f"lower{i}", kind="adapted", shape=t_shape)
+        g.add_edge(f"lower{i}", f"S{i + 1}", kind="adapted", shape=s_shape)
+        g.add_edge(f"T{i}", f"lower{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"lift{i}", loss, kind="loss", shape=t_shape)
+    elif block.projection is not None:
+        # The teacher's feature in the student's format: it feeds S(i+1) and is what S(i)
+        # is trained to produce; the student chain S(i) -> S(i+1) stays direct.
+        p = block.projection
+        g.add_node(f"project{i}", kind="projection", block=i, method=p.describe(), out_shape=s_shape)
+        g.add_edge(f"T{i}", f"project{i}", kind="decompose", shape=t_shape)
+        g.add_edge(f"project{i}", f"S{i + 1}", kind="decompose", shape=s_shape)
+        g.add_edge(f"project{i}", loss, kind="loss", shape=s_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    else:
+        g.add_edge(f"T{i}", f"S{i + 1}", kind="decompose", shape=t_shape)
+        g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
+    fmt_cut = block.student if block.projection is not None else block.teacher
+    fmt = FeatureFormat.of(fmt_cut, input_hw) if "fmt" in LOSSES.get(feature).params else None
+    _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
+    if block.projection is None:
+        g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
 
 
 def validate_block_graph(g: nx.DiGraph) -> None:
@@ -215,20 +263,20 @@ def _channels(channels: list) -> str:
 
 
 def node_label(n: str, d: dict) -> str:
-    extra = d.get("module") or (_channels(d["channels"]) if "channels" in d else "")
+    extra = d.get("module") or d.get("method") or (_channels(d["channels"]) if "channels" in d else "")
     shape = d.get("out_shape")
     parts = [n] + ([extra] if extra else []) + ([str(shape)] if shape else [])
     return "\\n".join(parts)
 
 
 _DOT_STYLE = {"teacher": "solid", "student": "solid", "adapted": "dashed", "decompose": "bold", "loss": "dotted",
-              "proxy": "dashed", "tap": "dotted"}
+              "proxy": "dashed", "tap": "dotted", "cache": "dashed"}
 
 
 def to_dot(g: nx.DiGraph, name: str = "kdgraph") -> str:
     lines = [f'digraph "{name}" {{', "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
     for n, d in g.nodes(data=True):
-        shape = {"loss": "ellipse", "adapter": "diamond"}.get(d["kind"], "box")
+        shape = {"loss": "ellipse", "adapter": "diamond", "projection": "diamond"}.get(d["kind"], "box")
         lines.append(f'  "{n}" [label="{node_label(n, d)}", shape={shape}];')
     for u, v, d in g.edges(data=True):
         lines.append(f'  "{u}" -> "{v}" [style={_DOT_STYLE[d["kind"]]}, label="{d["kind"]}"];')
@@ -240,7 +288,7 @@ def to_mermaid(g: nx.DiGraph) -> str:
     lines = ["flowchart LR"]
     for n, d in g.nodes(data=True):
         text = node_label(n, d).replace("\\n", "<br/>")
-        open_, close = {"loss": ("((", "))"), "adapter": ("{", "}")}.get(d["kind"], ("[", "]"))
+        open_, close = {"loss": ("((", "))"), "adapter": ("{", "}"), "projection": ("{", "}")}.get(d["kind"], ("[", "]"))
         lines.append(f'  {n}{open_}"{text}"{close}')
     arrows = {"adapted": "-.->", "loss": "-.-o", "decompose": "==>"}
     for u, v, d in g.edges(data=True):
@@ -264,4 +312,12 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
                         "pixel (set data.mixup: null)")
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
-                                       models.student.logits_shape, spec.loss.model_dump(), spec.denoise is not None))
+                                       models.student.logits_shape, spec.loss.model_dump(), cache_mode(spec),
+                                       spec.denoise is not None))
+
+
+def cache_mode(spec: Spec) -> str | None:
+    """The mode (``full``, ``topk``) of the teacher cache the spec names, from its header."""
+    if spec.teacher is None or spec.teacher.cache is None:
+        return None
+    return read_header(spec.teacher.cache)["key"]["mode"]["value"]["mode"]

@@ -25,7 +25,7 @@ def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Mo
     else:
         notes, missing = [], []
         teacher, student = build_models(spec, mode.fetch, notes, missing if mode.allow_missing else None,
-                                        mode.materialize)
+                                        mode.materialize, mode.defer)
     _check_micro_batches(spec, student)
     if spec.student.from_teacher and teacher is not None:
         notes.append(init_from_teacher(teacher, student))
@@ -70,20 +70,29 @@ def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
 
 
 def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
-                 missing: list[str] | None = None, materialize: bool = True) -> tuple[nn.Module | None, nn.Module]:
+                 missing: list[str] | None = None, materialize: bool = True,
+                 defer: Collection[str] = ()) -> tuple[nn.Module | None, nn.Module]:
     """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are
     fetched only for the roles in ``fetch`` (the others get random weights of the same shapes).
     With ``missing`` (a list), a checkpoint file that does not exist is recorded there and the
     model keeps its initial weights (planning needs shapes only); without it, it is an error.
     ``materialize=False``: parameters on the meta device, checkpoints checked from their
-    headers, nothing fetched (``build_model``)."""
+    headers, nothing fetched (``build_model``); the roles in ``defer`` are built so whatever
+    ``materialize`` says.
+
+    The teacher is built on a fork of torch's RNG: the student's initialisation is a function
+    of the seed alone, the same whether the teacher is built, deferred (a cache replays it)
+    or absent."""
 
     def build(role: str, model_spec):
         if missing is not None and model_spec.checkpoint is not None and not Path(model_spec.checkpoint).exists():
             missing.append(f"{role}.checkpoint {model_spec.checkpoint}")
             model_spec = model_spec.model_copy(update={"checkpoint": None})
-        return build_model(model_spec, spec.source_dir, role=role, fetch=role in fetch, notes=notes,
-                           materialize=materialize)
+        return build_model(model_spec, spec.source_dir, role=role, fetch=role in fetch and role not in defer,
+                           notes=notes, materialize=materialize and role not in defer)
 
-    teacher = build("teacher", spec.teacher) if spec.teacher else None
+    teacher = None
+    if spec.teacher:
+        with torch.random.fork_rng(devices=[]):
+            teacher = build("teacher", spec.teacher)
     return teacher, build("student", spec.student)

@@ -32,7 +32,7 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     c, h, w = input_size
     if c not in (1, 3):
         raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
-    mb = folder.num_images * c * h * w * 4 / 2**20
+    mb = folder.num_images * c * h * w / 2**20  # held as uint8, one byte a pixel value (kdgraph.data)
     budget = data_spec.memory_budget_mb
     size = f"{folder.num_images:,} images, {mb:,.1f} MB decoded" if mb >= 0.1 else \
         f"{folder.num_images:,} images, {mb * 1024:,.0f} KB decoded"

@@ -7,6 +7,11 @@ Where the reductions or layouts differ (a ViT teacher and a CNN student), blocks
 paired by relative depth (the i-th boundary of each) and the pair gets a format adapter
 that converts layout and resamples the grid; the plan says which rule paired them.
 
+With ``decompose.adapters: projected`` every adapter is replaced by a ``ProjectionSpec``: the
+teacher's feature projected into the student's format by a frozen PCA (``kdgraph.projection``),
+sign-split where the student's block ends in a ReLU; where some pair cannot be projected the
+pairing keeps its adapters and says why (``Pairing.fallback``, a note of the plan).
+
 Multi-tensor cuts (a U-Net's skips) pair when both carry as many tensors; tensors pair
 position by position (graph order), each on one grid, and each gets its own lift/lower
 where its widths differ (``TupleAdapterSpec``; a tensor of equal widths passes unchanged).
@@ -18,9 +23,14 @@ import difflib
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from kdgraph.errors import PlanError
 from kdgraph.compiler.cuts import find_cut_by_module
-from kdgraph.ir import AdapterSpec, BlockPair, Boundary, Cut, ExplicitPair, FeatureFormat, Pairing, TupleAdapterSpec
+from kdgraph.ir import (AdapterSpec, BlockPair, Boundary, Cut, ExplicitPair, FeatureFormat, Pairing, ProjectionSpec,
+                        TupleAdapterSpec)
 from kdgraph.layouts import FormatAdapter
 from kdgraph.scalekd import CrossAttentionProjector
 
@@ -112,6 +122,59 @@ def pair_blocks(student: list[Boundary], teacher: list[Boundary] | None,
     return Pairing(tuple(pairs) + (head,))
 
 
+def _why_not_projected(block: BlockPair) -> str:
+    """Why the teacher's feature at ``block``'s end cannot be projected into the student's
+    format ("" where it can)."""
+    a = block.adapter
+    if hasattr(a, "parts"):
+        return "multi-tensor cuts are not projected (a PCA per tensor is not implemented)"
+    return ""
+
+
+def project_blocks(pairing: Pairing, input_hw: tuple[int, int], relu_ends: frozenset[int] = frozenset()) -> Pairing:
+    """``pairing`` with a frozen projection in place of each adapter (``decompose.adapters:
+    projected``), or unchanged with ``fallback`` saying why when some pair cannot be projected
+    (adapters stay in the path for every block: one student, one mode). ``relu_ends``: the
+    blocks whose student cut is a ReLU's output (their projection is sign-split)."""
+    problems: dict[str, list[int]] = {}
+    for b in pairing.blocks:
+        if b.adapter is not None and (why := _why_not_projected(b)):
+            problems.setdefault(why, []).append(b.index)
+    if problems:
+        said = "; ".join(f"block{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {why}"
+                         for why, ix in problems.items())
+        return replace(pairing, fallback=f"{said}; every block keeps its adapters in the path (in_path)")
+    blocks = []
+    for b in pairing.blocks:
+        if b.adapter is not None:
+            s = FeatureFormat.of(b.student, input_hw)
+            t = FeatureFormat.of(b.teacher, input_hw)
+            b = replace(b, adapter=None, projection=ProjectionSpec(b.index, s, t, b.index in relu_ends))
+        blocks.append(b)
+    return replace(pairing, blocks=tuple(blocks), adapters_mode="projected")
+
+
+def _relu_ends(models: Models, pairing: Pairing) -> frozenset[int]:
+    """Blocks whose student cut is the output of a ReLU (its values are never negative)."""
+    traced = models.student.traced
+    if traced is None:
+        return frozenset()
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    out = set()
+    for b in pairing.blocks:
+        node = nodes.get(b.student.node) if b.student is not None else None
+        if node is None:
+            continue
+        if node.op == "call_module":
+            is_relu = isinstance(traced.gm.get_submodule(node.target), nn.ReLU)
+        else:
+            is_relu = node.target in (torch.relu, F.relu, torch.relu_) or (node.op == "call_method"
+                                                                          and node.target in ("relu", "relu_"))
+        if is_relu:
+            out.add(b.index)
+    return frozenset(out)
+
+
 def resolve_layer(art: ModelArtifacts, path: str, at: str) -> tuple[Cut, int]:
     """The single-tensor cut that closes module ``path`` of ``art``'s model and the block it lies
     in (a block's end belongs to that block). A path that is no module, or whose output is not a
@@ -148,8 +211,11 @@ def explicit_pairs(spec: Spec, models: Models, input_hw: tuple[int, int]) -> tup
 
 
 def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
-    """Pass 7: teacher and student blocks paired, adapters planned where they differ; the spec's
-    explicit layer pairs resolved."""
+    """Pass 7: teacher and student blocks paired, adapters planned where they differ (or, with
+    ``decompose.adapters: projected``, frozen projections of the teacher's features); the spec's
+    explicit layer pairs resolved (their lifts are training-only with either mode)."""
     teacher = list(models.teacher.boundaries) if models.teacher else None
     pairing = pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
+    if spec.decompose.adapters == "projected":
+        pairing = project_blocks(pairing, input_size[1:], _relu_ends(models, pairing))
     return replace(pairing, pairs=explicit_pairs(spec, models, input_size[1:])) if spec.loss.pairs else pairing

@@ -10,18 +10,20 @@ one group with a feature MSE at every block end. Supervised is one group without
 gives every stage its training ``Program`` and its inference ``Program`` (``compiler.program``),
 read from the block graph: the loss terms each group is trained with are the training
 program's loss nodes, and evaluation, BatchNorm recalibration and export run the inference
-program.
+program. Where a stage reads a frozen projection (``decompose.adapters: projected``) the plan
+gets its fit (``Plan.projection_fit``), the stage before stage 0 that fits every projection once.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from kdgraph.compiler.program import inference_program, stage_program
 from kdgraph.errors import SpecError
-from kdgraph.ir import Groups, Pairing, Plan, TrainingStage
+from kdgraph.ir import Groups, Pairing, Plan, ProjectionFit, TrainingStage
 from kdgraph.registry import METHODS
 
 if TYPE_CHECKING:
@@ -73,7 +75,13 @@ def plan_pass(spec: Spec, pairing: Pairing, graph: nx.DiGraph) -> Plan:
     plan = build_plan(s.method, pairing.k, s.recompositions, s.epochs, s.stage_epochs,
                       graph.graph["tpp_block"])  # chosen once, by the block graph pass
     inference = inference_program(graph, plan.chains_adapters)
-    return plan.with_programs([
+    plan = plan.with_programs([
         stage_program(graph, st.groups, chain_adapters=plan.chains_adapters,
                       feature_losses=plan.feature_losses, tpp_block=plan.tpp_block)
         for st in plan.stages], [inference] * len(plan.stages))
+    projected = sorted({op.block for st in plan.stages for op in st.program.ops if op.kind == "project"})
+    if projected:  # the projections some stage reads are fitted once, before stage 0
+        plan = replace(plan, projection_fit=ProjectionFit(tuple(projected), spec.decompose.projection_batches))
+    if spec.teacher is not None:
+        plan = replace(plan, teacher_dtype=spec.teacher.dtype, teacher_shard=spec.teacher.shard)
+    return plan

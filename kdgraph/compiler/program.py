@@ -5,13 +5,17 @@ nodes some loss depends on, and orders them: the frozen teacher's blocks first, 
 student block followed by what reads it (its lift, the taps of explicit layer pairs inside
 it, TPP's proxy path, its feature loss, the lower feeding the next block). Every operation names the graph node it computes and the
 nodes it reads, so the runtime executes exactly this list (``Distiller.forward``), and the
-loss terms a stage is trained with are those of its loss nodes.
+loss terms a stage is trained with are those of its loss nodes. A program that runs every
+student block in order from the input and reads the last one only (kd, supervised) runs the
+student's own forward instead: one ``whole`` op (``whole_student``).
 
     program = stage_program(g, ((1, 2), (3, 4)), chain_adapters=True, feature_losses=False)
     [op.node for op in program.ops]   # ['T2', 'T4', 'S1', 'lift1', 'lower1', 'S2', ...]
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import networkx as nx
 
@@ -37,6 +41,8 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
             edges.append(("input", "S1"))
         elif f"lower{a - 1}" in g:
             edges += [(f"T{a - 1}", f"lower{a - 1}"), (f"lower{a - 1}", f"S{a}")]
+        elif f"project{a - 1}" in g:
+            edges += [(f"T{a - 1}", f"project{a - 1}"), (f"project{a - 1}", f"S{a}")]
         else:
             edges.append((f"T{a - 1}", f"S{a}"))
         for i in group[:-1]:
@@ -64,8 +70,10 @@ def stage_edges(g: nx.DiGraph, groups: list[list[int]], feature_losses: bool,
 
 
 def _mse_edges(g: nx.DiGraph, i: int) -> list[tuple[str, str]]:
-    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
     loss = f"{g.graph['feature']}{i}"
+    if f"project{i}" in g:  # met in the student's space: S(i) against the projected teacher
+        return [(f"T{i}", f"project{i}"), (f"project{i}", loss), (f"S{i}", loss)]
+    src = f"lift{i}" if f"lift{i}" in g else f"S{i}"
     out = [(f"T{i}", loss), (src, loss)]
     if src != f"S{i}":
         out.insert(0, (f"S{i}", src))
@@ -82,8 +90,10 @@ def _rank(g: nx.DiGraph, n: str) -> tuple[int, int, int, int]:
     kind = d["kind"]
     if kind in ("input", "labels"):
         return (0, 0, 0, 0)
-    if kind == "teacher" or (kind == "tap" and d["role"] == "teacher"):
+    if kind == "teacher" or kind == "cache" or (kind == "tap" and d["role"] == "teacher"):
         return (1, d["block"], int(kind == "tap"), 0)
+    if kind == "projection":  # reads T_i alone, after the taps inside it
+        return (1, d["block"], 2, 0)
     if kind == "tap":
         return (2, d["block"], _ORDER["tap"], 0)
     if kind == "proxy":
@@ -102,13 +112,13 @@ def _inputs(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> tuple[str, ..
     sources = [u for u, _ in g.in_edges(n) if (u, n) in edges]
     if g.nodes[n]["kind"] != "loss":
         return tuple(sources)
-    order = {"labels": 1, "teacher": 2}
+    order = {"labels": 1, "teacher": 2, "cache": 2, "projection": 2}
     return tuple(sorted(sources, key=lambda u: order.get(g.nodes[u]["kind"], 0)))
 
 
 def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
     d = g.nodes[n]
-    kind = d["role"] if d["kind"] == "adapter" else d["kind"]
+    kind = {"adapter": d.get("role"), "projection": "project"}.get(d["kind"], d["kind"])
     if kind == "loss":
         block = g.graph["tpp_block"] if d["loss"] == "tpp" else d["block"]
         return Op(n, "loss", _inputs(g, edges, n), block, d["loss"], tuple(d["terms"]), d["entry"],
@@ -118,15 +128,64 @@ def _op(g: nx.DiGraph, edges: set[tuple[str, str]], n: str) -> Op:
 
 def stage_program(g: nx.DiGraph, groups: tuple[tuple[int, ...], ...], *, chain_adapters: bool,
                   feature_losses: bool, tpp_block: int | None = None) -> Program:
-    """The program of one training stage of ``groups`` (see ``stage_edges``)."""
+    """The program of one training stage of ``groups`` (see ``stage_edges``). Where the graph
+    has a teacher cache and the stage reads the teacher's logits alone (``Program.replayable``),
+    the cache feeds the head loss in the teacher's place."""
     edges = stage_edges(g, [list(grp) for grp in groups], feature_losses, tpp_block, chain_adapters)
+    program = _program(g, edges)
+    if "cache" in g and program.replayable:
+        program = _program(g, _replay_edges(g, edges))
+    return program
+
+
+def _replay_edges(g: nx.DiGraph, edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``edges`` with the head loss fed by the cache: the cache's own head loss (a top-k
+    cache's ``fkd_loss``) replaces ``head_loss``; the teacher's blocks then reach no loss."""
+    head = next(v for _, v in g.out_edges("cache"))
+    k = g.nodes["cache"]["block"]
+    out = [("input", "cache")]
+    for u, v in edges:
+        if v == "head_loss":
+            out.append(("cache", head) if u == f"T{k}" else (u, head))
+        else:
+            out.append((u, v))
+    return list(dict.fromkeys(out))
+
+
+def _program(g: nx.DiGraph, edges: list[tuple[str, str]]) -> Program:
     stage = nx.DiGraph(edges)
     losses = [n for n in stage if g.nodes[n]["kind"] == "loss"]
     needed = set(losses).union(*(nx.ancestors(stage, n) for n in losses))
     order = nx.lexicographical_topological_sort(stage.subgraph(needed), key=lambda n: _rank(g, n))
     used = {e for e in edges if e[0] in needed and e[1] in needed}
     ops = tuple(_op(g, used, n) for n in order if g.nodes[n]["kind"] not in ("input", "labels"))
-    return Program(ops, tuple(e for e in edges if e in used))
+    k = sum(1 for _, d in g.nodes(data=True) if d["kind"] == "student")
+    return whole_student(Program(ops, tuple(e for e in edges if e in used)), k)
+
+
+def whole_student(program: Program, blocks: int) -> Program:
+    """``program`` with its student ops replaced by one ``whole`` op (the student's own
+    forward, node ``S{blocks}``) where they run blocks 1..``blocks`` in order from the input
+    and the rest of the program reads the last one only (kd, supervised): the same function
+    (the split pass guarantees it) and the same values, without the segments' calls and the
+    out-of-place residual adds of their fx graphs (issue 30). Not where an explicit layer
+    pair's tap reads a student block: the taps live in the segments, which the student's own
+    forward does not run. Any other program is returned as it is; its edges stay the block
+    graph's edges the ops realise."""
+    student = [op for op in program.ops if op.kind == "student"]
+    if not student:
+        return program
+    chained = [op.block for op in student] == list(range(1, blocks + 1)) and all(
+        op.inputs == ((student[i - 1].node,) if i else ("input",)) for i, op in enumerate(student))
+    inner = {op.node for op in student[:-1]}
+    last = student[-1]
+    read_inside = any(n in inner or (op.kind == "tap" and n == last.node)
+                      for op in program.ops if op.kind != "student" for n in op.inputs)
+    if not chained or read_inside or program.output in inner:
+        return program
+    ops = tuple(Op(last.node, "whole", ("input",), last.block) if op is last else op
+                for op in program.ops if op.kind != "student" or op is last)
+    return replace(program, ops=ops)
 
 
 def inference_edges(g: nx.DiGraph, chain_adapters: bool) -> list[tuple[str, str]]:

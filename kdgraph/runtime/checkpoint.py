@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,16 @@ def save_atomic(obj: dict[str, Any], path: Path, keep_previous: bool = False) ->
     The saved dict carries its checksum. ``keep_previous``: the file being replaced stays as
     ``prev.pt`` beside it (hard-linked, so that ``path`` exists at every moment).
     """
+    return write_snapshot(snapshot(obj), path, keep_previous)
+
+
+def write_snapshot(state: dict[str, Any], path: Path, keep_previous: bool = False) -> Path:
+    """``save_atomic`` of a ``snapshot``: hashed and written atomically (any thread)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = _to_cpu(obj)
+    state = dict(state)
+    if isinstance(state.get(_READY), torch.cuda.Event):
+        state.pop(_READY).synchronize()  # the device-to-host copies have landed
     state[CHECKSUM_KEY] = checksum(state)
     tmp = None
     try:
@@ -135,17 +143,74 @@ def _keep_as_previous(path: Path) -> None:
     staged.unlink(missing_ok=True)
 
 
-def _to_cpu(value: Any) -> Any:
-    """The state with every tensor on the CPU: hashed and saved from the same copy."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_cpu(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_cpu(v) for v in value)
-    return value
+_READY = "_copies_ready"  # a snapshot's CUDA event: its device-to-host copies are done
+
+
+def snapshot(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``obj`` that training can no longer change: every tensor copied to the CPU
+    (into pinned memory, without waiting, from CUDA; the event under ``_READY`` says when the
+    copies are done), every container rebuilt. Hashed and saved from this one copy."""
+    cuda = []
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.device.type == "cuda":
+                cuda.append(True)
+                return torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            return value.to("cpu", copy=True)  # a CPU tensor is the live one: clone it
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(copy(v) for v in value)
+        return value
+
+    state = copy(obj)
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+        state[_READY] = event
+    return state
+
+
+class BackgroundWriter:
+    """Checkpoints written without stalling training: ``submit`` takes a ``snapshot`` (the one
+    stall: copying the tensors) and returns; a thread hashes and writes it (``write_snapshot``:
+    temp file, fsync, rename). One write at a time: a submit waits for the one before. Errors
+    of a write are raised by the next ``submit`` or ``wait``. The thread is not a daemon: a
+    process that ends normally finishes its write first; a kill leaves the last whole file."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, obj: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+        state = snapshot(obj)  # before waiting: the copy is the part training must wait for
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(state, path, keep_previous),
+                                        name="kdgraph-checkpoint")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], path: Path, keep_previous: bool) -> None:
+        try:
+            write_snapshot(state, path, keep_previous)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the training thread
+            self._error = exc
+
+    def join(self) -> None:
+        """Wait for the write in flight; keep its error for ``wait``."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """Wait for the write in flight and raise its error, if any."""
+        self.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 REQUIRED_KEYS = TRAINING_CHECKPOINT_KEYS

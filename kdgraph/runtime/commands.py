@@ -46,7 +46,7 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         loader, samples = data.test, data.test_samples()
     elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
         loader = DeviceLoader(data.train.x, data.train.y, spec.data.test_batch_size or spec.data.batch_size,
-                              shuffle=False, device=device)
+                              shuffle=False, device=device, norm=data.train.norm)
         samples = len(data.train.y)
     else:
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
@@ -75,7 +75,10 @@ def _scores(role: str, acc: dict) -> dict:
 
 def _compile_for_eval(spec: Spec) -> Compiled:
     """The plan with the teacher's pretrained weights fetched where it has them; where they
-    cannot be had (offline), the plan without them: the student is scored either way."""
+    cannot be had (offline), the plan without them: the student is scored either way. A
+    teacher cache is not read (evaluation runs the student and the teacher themselves)."""
+    if spec.teacher is not None and spec.teacher.cache is not None:
+        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"cache": None})})
     if spec.teacher is not None and spec.teacher.pretrained:
         try:
             return compile_spec(spec, fetch=("teacher",), allow_missing_weights=True)
@@ -93,12 +96,12 @@ def _teacher_weights_at_hand(spec: Spec, compiled: Compiled) -> bool:
 
 
 def _without_teacher_weights(spec: Spec) -> Spec:
-    """``spec`` with a teacher of random weights: exporting the student needs the teacher's
-    shapes (the pairing), never its weights, so a teacher file that is gone or does not fit
-    cannot stop an export."""
+    """``spec`` with a teacher of random weights and no cache: exporting the student needs the
+    teacher's shapes (the pairing), never its weights or its cache, so a teacher file that is
+    gone or does not fit cannot stop an export."""
     if spec.teacher is None:
         return spec
-    teacher = spec.teacher.model_copy(update={"checkpoint": None, "pretrained": False})
+    teacher = spec.teacher.model_copy(update={"checkpoint": None, "pretrained": False, "cache": None})
     return spec.model_copy(update={"teacher": teacher})
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from kdgraph.runtime.techniques import use_channels_last
+from kdgraph.runtime.techniques import use_channels_last, use_cudnn_benchmark
 from kdgraph.transforms import MixupCutmix
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ class RuntimeConfig:
     precision: str  # autocast: see techniques.autocast_dtype
     channels_last: bool
     compile: bool
+    deterministic: bool  # torch's deterministic algorithms; no cuDNN autotuning
+    cudnn_benchmark: bool  # cuDNN autotuning: on CUDA unless deterministic
     micro_batches: int  # a batch is split into this many parts, one optimizer step
     clip_grad_norm: float | None
     batch_size: int  # per rank
@@ -34,6 +36,7 @@ class RuntimeConfig:
     checkpoint_every: int  # optimizer steps between mid-epoch checkpoints; 0: none (every epoch ends with one)
     eval_every: int  # epochs between evaluations (the last epoch always has one)
     bn_recalibrate: bool | Literal["auto"]  # auto: where the stage trained more than one group
+    bn_recalibrate_batches: int | None  # training batches the re-estimate reads; None: an epoch
     track_stability: bool
     tensorboard: bool
     seed: int  # keys the per-batch draws of mixup
@@ -44,14 +47,26 @@ class RuntimeConfig:
     def __str__(self) -> str:
         return "\n".join(f"{f.name}: {getattr(self, f.name)}" for f in fields(self))
 
+    def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, position: int,
+            num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at ``position`` (step * world size + rank) of ``epoch`` as the step sees it:
+        mixed by ``mixup`` (a function of seed, epoch and position), else as it came. The
+        trainer and the teacher-cache builder both call this, so a cache holds the teacher's
+        logits of the mixed batch the live teacher reads."""
+        if self.mixup is None:
+            return xb, yb
+        return self.mixup(xb, yb, self.seed, epoch, [position], num_classes)
+
 
 def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> RuntimeConfig:
     """The settings of ``spec`` on ``device`` for the student ``model``."""
     rt = spec.runtime
     return RuntimeConfig(
         device=device, precision=rt.precision, channels_last=use_channels_last(rt.channels_last, model, device),
-        compile=rt.compile, micro_batches=rt.micro_batches, clip_grad_norm=spec.optim.clip_grad_norm,
+        compile=rt.compile, deterministic=rt.deterministic,
+        cudnn_benchmark=use_cudnn_benchmark(device, rt.deterministic), micro_batches=rt.micro_batches, clip_grad_norm=spec.optim.clip_grad_norm,
         batch_size=spec.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
-        eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate, track_stability=rt.track_stability,
+        eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate,
+        bn_recalibrate_batches=rt.bn_recalibrate_batches, track_stability=rt.track_stability,
         tensorboard=rt.log == "tensorboard", seed=spec.seed,
         mixup=None if spec.data.mixup is None else MixupCutmix(**spec.data.mixup.model_dump(), label_smoothing=0.0))

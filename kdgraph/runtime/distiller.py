@@ -26,6 +26,7 @@ from kdgraph.adapters import build_adapters, build_pair_lifts
 from kdgraph.compiler.split import TAP_PREFIX, Tap
 from kdgraph.ir import Op, TrainingStage
 from kdgraph.losses import create_loss
+from kdgraph.projection import build_projections, fit_projections
 from kdgraph.registry import Registry
 from kdgraph.runtime.chain import StudentChain, run_program
 from kdgraph.runtime.teacher import FrozenTeacher
@@ -36,14 +37,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepState:
-    """What the ops of one program run share: the loss terms written so far, and the teacher's
-    block outputs of this batch (one no-grad pass, up to the last block the program reads)."""
+    """What the ops of one program run share: the loss terms written so far, the teacher's
+    block outputs of this batch (one no-grad pass, up to the last block the program reads),
+    and the teacher's logits of this batch replayed from a cache (where a stage reads one)."""
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+    cached: Any = None
     progress: torch.Tensor | float | None = None  # epochs done by the end of this step (losses with ``progress``)
-    # a denoiser's side tensors (its time embedding), by graph node: the student's (with autograd)
-    # and the teacher's; every block reads its share of them
+    # a denoiser's side inputs (timestep, class) and their side tensors (its time embedding), by
+    # graph node: the student's (with autograd) and the teacher's; every block reads its share
+    side_inputs: tuple[torch.Tensor, ...] = ()
     side: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_side: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -64,20 +68,33 @@ def teacher_normalize(compiled: Compiled) -> Renormalize | None:
     return Renormalize(data.mean, data.std, data.teacher_mean, data.teacher_std)
 
 
+def frozen_teacher(compiled: Compiled) -> FrozenTeacher:
+    """The run's teacher as every step reads it: its own input normalisation, its own
+    forward standing for its segments only where none holds a tap (explicit pairs), its
+    weights in the plan's teacher dtype. The teacher-cache builder builds it here too, so a
+    cache holds these very logits."""
+    return FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
+                         whole=not any(isinstance(m, Tap) for seg in compiled.teacher.segments
+                                       for m in seg.children()),
+                         dtype=getattr(torch, compiled.plan.teacher_dtype), side_segment=compiled.teacher.side_segment)
+
+
 class Distiller(nn.Module):
     def __init__(self, compiled: Compiled):
         super().__init__()
         plan = compiled.plan
         self.student = compiled.student.model
         self.adapters = build_adapters(compiled.pairing) if plan.uses_adapters else nn.ModuleDict()
+        # decompose.adapters: projected: the teacher's features in the student's format, frozen
+        # buffers fitted once before stage 0 (``fit_projections``), saved with the checkpoints.
+        self.projections = build_projections(compiled.pairing) if plan.projection_fit is not None else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
         # student's own names.
         self.chain = StudentChain(compiled.student.segments, compiled.student.side_segment)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
-        # out of train()/eval(), modules(), parameters(), state_dict() and DDP.
-        self.teacher = (FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
-                                      compiled.teacher.side_segment)
-                        if compiled.teacher else None)
+        # out of train()/eval(), modules(), parameters(), state_dict() and DDP. None where no
+        # stage runs it (a teacher cache replays its logits in every stage).
+        self.teacher = frozen_teacher(compiled) if compiled.teacher and plan.live_teacher else None
         # Every loss op of every stage, built from the op alone. A plain dict: losses hold no
         # state, and stay out of the module tree (checkpoints, DDP).
         # Explicit layer pairs: the student side's lifts (trained), and the taps inside the
@@ -120,6 +137,16 @@ class Distiller(nn.Module):
         """The blocks whose adapter pair stays in the student's inference path (export folds them)."""
         return self.inference_program.adapter_blocks
 
+    @property
+    def projections_fitted(self) -> bool:
+        """Every projection holds its fit (none to fit counts as fitted)."""
+        return all(bool(p.fitted) for p in self.projections.values())
+
+    def fit_projections(self, batches, limit: int) -> int:
+        """The plan's projection fit: the PCA of the teacher's features on the first ``limit``
+        training batches, frozen afterwards. Returns the batches used."""
+        return fit_projections(self.projections, self.teacher.features, batches, limit)
+
     def teacher_features(self, x: torch.Tensor, side: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
         its logits), computed without autograd; ``side``: its side tensors (a denoiser's)."""
@@ -130,24 +157,28 @@ class Distiller(nn.Module):
     def inference(self, x: torch.Tensor, side: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """The student as it will be exported: the stage's inference program (``side``: a
         denoiser's timestep and class)."""
-        state = StepState(side=self.chain.side(side) if side else {})
+        state = StepState(side_inputs=side, side=self.chain.side(side) if side else {})
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
                            whole=self.student, side=side)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, progress: torch.Tensor | float | None = None,
-                side: tuple[torch.Tensor, ...] = ()) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, cached: Any = None,
+                progress: torch.Tensor | float | None = None, side: tuple[torch.Tensor, ...] = ()
+                ) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
-        each group starts from the input or from a (no-grad) teacher feature. ``progress``, the
-        epochs done by the end of this step (fractional; a 0-dim tensor keeps a compiled step
-        from recompiling), reaches the losses that declare ``progress`` (DKD's warm-up).
-        ``side``: a denoiser's side inputs (timestep, class): every student block is fed the
-        student's side tensors of them, every teacher block the teacher's."""
+        each group starts from the input or from a (no-grad) teacher feature. ``cached``: the
+        teacher's logits of this batch from a teacher cache, for a stage whose program reads it
+        (``TeacherCache.batch``). ``progress``, the epochs done by the end of this step
+        (fractional; a 0-dim tensor keeps a compiled step from recompiling), reaches the losses
+        that declare ``progress`` (DKD's warm-up). ``side``: a denoiser's side inputs (timestep,
+        class): every student block is fed the student's side tensors of them, every teacher
+        block the teacher's."""
         for tap in self.taps.values():
             tap.armed = True
         try:
             teacher_side = self.teacher.side(side) if side and self.teacher is not None else {}
             state = StepState(teacher=self.teacher_features(x, teacher_side) if self._teacher_blocks else {},
-                              progress=progress, side=self.chain.side(side) if side else {}, teacher_side=teacher_side)
+                              cached=cached, progress=progress, side_inputs=side,
+                              side=self.chain.side(side) if side else {}, teacher_side=teacher_side)
             run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
         finally:
             for tap in self.taps.values():
@@ -168,9 +199,25 @@ def _teacher(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return state.teacher.get(op.block)
 
 
+@OP_KINDS.register("cache")
+def _cache(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The teacher's logits of this batch's views, replayed: float32 logits (a full cache) or
+    (probabilities, indices) of the top k (a top-k cache), as the trainer read them."""
+    if state.cached is None:
+        raise RuntimeError(f"{op.node}: the stage replays a teacher cache, but no cached logits came with the batch")
+    return state.cached
+
+
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.chain.block(op.block, inputs[0], state.side) if state.side else d.chain.block(op.block, inputs[0])
+
+
+@OP_KINDS.register("whole")
+def _whole(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The whole student on the input: its last block's output, the student's own forward in
+    place of its blocks run in order (``kdgraph.compiler.program.whole_student``)."""
+    return d.student(inputs[0], *state.side_inputs)
 
 
 @OP_KINDS.register("lift")
@@ -181,6 +228,13 @@ def _lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 @OP_KINDS.register("lower")
 def _lower(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     return d.adapters[str(op.block)].lower(inputs[0])
+
+
+@OP_KINDS.register("project")
+def _project(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
+    """The teacher's feature at block ``op.block``'s end in the student's format (frozen)."""
+    with torch.no_grad():
+        return d.projections[str(op.block)](inputs[0])
 
 
 @OP_KINDS.register("tap")

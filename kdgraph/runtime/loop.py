@@ -15,14 +15,17 @@ resolved ``RuntimeConfig``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import math
+import operator
 import random
 import signal
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,9 +43,12 @@ from kdgraph.runtime.export import export_student, preprocessing_of
 from kdgraph.runtime.frechet import Judge
 from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
+from kdgraph.runtime.replay import TeacherCache, split_cached
 from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.stability import StabilityTracker
 from kdgraph.runtime.techniques import (
+    RecompileWatch,
+    apply_cudnn_benchmark,
     autocast,
     build_optimizer,
     decay_groups,
@@ -50,8 +56,11 @@ from kdgraph.runtime.techniques import (
     init_distributed,
     maybe_compile,
     no_weight_decay_names,
+    reset_compile_caches,
     resolve_device,
+    shard_teacher,
     to_channels_last,
+    use_deterministic_algorithms,
     wrap_ddp,
 )
 from kdgraph.schedules import build_lr_scheduler, stage_at
@@ -117,13 +126,16 @@ class Trainer:
         device = resolve_device(spec.runtime.device, self.info)
         if spec.runtime.num_threads:
             torch.set_num_threads(spec.runtime.num_threads)
+        use_deterministic_algorithms(spec.runtime.deterministic)  # before any kernel runs
         torch.manual_seed(spec.seed)  # model and adapter initialisation
         random.seed(spec.seed)
-        self.compiled = compile_spec(spec, fetch=("teacher", "student"))
+        self.compiled = self.compile(spec)
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
-        # the train split sharded over ranks; the test split whole, for the main rank's evaluation
-        self.data = build_data(spec, self.compiled.data, device, self.info)
+        self.config = resolve_config(spec, device, self.compiled.student.model)
+        # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
+        # batches come normalised in the step's layout (no separate channels_last copy)
+        self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         # a denoiser (spec denoise): per-sample timestep and noise, keyed by the sample's index
         self.task = DenoiseTask.of(spec.denoise, spec.seed) if spec.denoise is not None else None
         self.denoise = spec.denoise
@@ -136,16 +148,27 @@ class Trainer:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
-        self.config = resolve_config(spec, device, self.compiled.student.model)
+        # the stages that replay the teacher's logits read them here, batch by batch
+        self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
+                                   device) if self.plan.cache_stages else None)
+        apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
+        if self.plan.teacher_shard and self.distiller.teacher is not None:
+            shard_teacher(self.distiller.teacher, self.info, device)  # after its last move and cast
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, self.distiller), device)
         self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
                                             self.stage_epochs, len(self.data.train),
                                             spec.optim.min_lr_ratio)
         wrapped = wrap_ddp(self.distiller, self.info, device, find_unused=self.plan.feature_losses)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        if self.config.compile:
+            # graphs of an earlier Trainer in this process (a test, a benchmark runner) count
+            # against Dynamo's recompile limit for this one's step; see reset_compile_caches
+            reset_compile_caches()
         self.step_module = maybe_compile(wrapped, self.config.compile)  # the distiller, DDP-wrapped and/or compiled
+        self.writer = ckpt.BackgroundWriter()  # checkpoints hashed and written while training goes on
+        self.recompiles = RecompileWatch()  # attached while fit trains: limit hits, reported in the summary
         self.scaler = grad_scaler(self.config.precision, device)
         self.folder = RunFolder(spec.output_dir)
         self.name = spec.name
@@ -160,11 +183,26 @@ class Trainer:
         self.student_acc: dict | None = None  # the latest evaluation
         self.tracker: StabilityTracker | None = None
         self.data_warned = False
+        self.bn_recalibrated_at: int | None = None  # the global step of the last BatchNorm re-estimate
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
         self.stop: dict = {"signal": None}
         self.progress: torch.Tensor | None = None  # of the current step, set by train_epoch
+
+    @staticmethod
+    def compile(spec: Spec):
+        """The compiled spec, models with their weights. A teacher that a cache may replay is
+        deferred (built on the meta device, nothing loaded) and built for real only where some
+        stage still runs it; the RNG is re-seeded for that second build, so the student starts
+        from the same weights either way."""
+        defer = ("teacher",) if spec.teacher is not None and spec.teacher.cache is not None else ()
+        compiled = compile_spec(spec, fetch=("teacher", "student"), defer=defer)
+        if defer and compiled.plan.live_teacher:
+            torch.manual_seed(spec.seed)
+            random.seed(spec.seed)
+            compiled = compile_spec(spec, fetch=("teacher", "student"))
+        return compiled
 
     @property
     def main(self) -> bool:
@@ -187,16 +225,30 @@ class Trainer:
         self.metrics = Metrics(self.folder, self.main, self.global_step if resume else None, self.config.tensorboard)
         self.reporter = Reporter(quiet, self.plan.epochs, len(self.data.train), silent=not self.main)
         self.start_notes(fallback)
+        self.fit_projections()
         if self.config.track_stability:
             self.tracker = StabilityTracker(self.distiller.chain.segments)
-        with stop_signals() as self.stop, self.reporter:
-            for epoch in range(self.position["epoch"], self.plan.epochs):
-                self.train_epoch(epoch)
+        try:
+            with stop_signals() as self.stop, self.reporter, self.recompiles:
+                for epoch in range(self.position["epoch"], self.plan.epochs):
+                    self.train_epoch(epoch)
+        finally:
+            self.writer.join()  # a stop (signal, non-finite loss) leaves the last checkpoint whole
+        self.warn_if_recompiled()
         return self.finish()
+
+    def warn_if_recompiled(self) -> None:
+        """At the end of a compiled run whose step hit Dynamo's recompile limit: that function
+        ran eager from then on, so the run was slower than a compiled one should be."""
+        watch = self.recompiles
+        if self.main and watch.hits:
+            self.reporter.note(f"warning: torch.compile hit its recompile limit {watch.hits} time(s) "
+                               f"({', '.join(watch.functions)}); those functions ran eager from then on. "
+                               "summary.json counts them under compile")
 
     def start_notes(self, fallback: str | None) -> None:
         """The compiler's notes, a checkpoint fallback, and the teacher's accuracy (once per run)."""
-        reporter = self.reporter
+        reporter, acc = self.reporter, None
         for note in self.compiled.notes if self.main else ():
             reporter.note(f"note: {note}")
         if fallback:
@@ -204,11 +256,32 @@ class Trainer:
         if self.main and self.untrained_teacher:
             reporter.note("warning: the teacher has no checkpoint, so it distils random weights; "
                           "train one with a supervised spec and set teacher.checkpoint (or teacher.pretrained: true)")
-        if self.main and self.distiller.teacher is not None and self.teacher_acc is None:
-            self.teacher_acc = acc = self.score(self.distiller.teacher)
+        if self.main and self.cache is not None:
+            stages = ", ".join(map(str, self.plan.cache_stages))
+            reporter.note(f"note: stage(s) {stages} replay the teacher's logits from {self.cache.root} "
+                          f"({self.cache.mode})" + ("" if self.distiller.teacher else "; the teacher is not built"))
+        teacher = self.distiller.teacher
+        if self.main and teacher is not None and (teacher.sharded or self.plan.teacher_dtype != "float32"):
+            where = f"sharded over {self.info.world_size} ranks (FSDP2)" if teacher.sharded else "whole on each rank"
+            reporter.note(f"note: the teacher runs in {self.plan.teacher_dtype}, {where}: "
+                          f"{teacher.parameter_bytes() / 2**20:.1f} MiB of its parameters on this rank")
+        # a sharded teacher runs on every rank at once (each gathers the others' shards): every
+        # rank evaluates it on the whole test split, the main rank reports
+        if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
+            self.teacher_acc = acc = self.score(teacher)
+        if self.main and teacher is not None and acc is not None:
             reporter.note(f"teacher denoising MSE {acc['mse']:.5f}" if "mse" in acc else
                           f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
+
+    def fit_projections(self) -> None:
+        """The plan's projection fit (``decompose.adapters: projected``), before stage 0 and once
+        per run: a resumed run has its fit from the checkpoint (frozen buffers of the distiller)."""
+        fit = self.plan.projection_fit
+        if fit is None or self.distiller.projections_fitted:
+            return
+        used = self.distiller.fit_projections(self.data.train.epoch(0), fit.batches)
+        self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
 
     def stage_of(self, epoch: int) -> TrainingStage:
         return self.plan.stages[stage_at(self.stage_epochs, epoch)]
@@ -220,10 +293,13 @@ class Trainer:
         start = self.position["step"] if epoch == self.position["epoch"] else 0
         self.reporter.start_epoch(epoch, stage, start)
         meter = EpochMeter(WaitTimed(self.batches(epoch, start)), start)
+        replay = self.cache is not None and stage.program.reads_cache
         for step, (xb, yb, idx) in enumerate(meter.batches, start=start):
             xb, yb, side = self.prepare(xb, yb, idx, epoch, step)
             self.progress = self.progress_at(epoch, step)
-            terms, loss = self.train_step(xb, yb, side) if side else self.train_step(xb, yb)
+            cached = self.cache.batch(epoch, step, len(yb)) if replay else None
+            terms, loss = self.train_step(xb, yb) if cached is None and not side else \
+                self.train_step(xb, yb, cached, side)
             self.global_step += 1
             if self.tracker is not None:
                 self.tracker.update(self.global_step)
@@ -255,11 +331,8 @@ class Trainer:
         the teacher and the student read the same tensor; the labels become mixed soft targets.
         The draw is a function of (seed, epoch, this rank's batch position): a resumed run
         mixes exactly as the uninterrupted one."""
-        mixup = self.config.mixup
-        if mixup is None:
-            return xb, yb
         position = step * self.info.world_size + self.info.rank
-        return mixup(xb, yb, self.config.seed, epoch, [position], self.compiled.num_classes or self.data.num_classes)
+        return self.config.mix(xb, yb, epoch, position, self.compiled.num_classes or self.data.num_classes)
 
     def progress_at(self, epoch: int, step: int) -> torch.Tensor | None:
         """Epochs done by the end of ``step`` (e + (i + 1) / n), for the losses that read it
@@ -268,9 +341,11 @@ class Trainer:
             return None
         return torch.tensor(epoch + (step + 1) / len(self.data.train), device=self.device)
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, side: tuple[torch.Tensor, ...] = ()
-                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, cached: Any = None,
+                   side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
+        ``cached``: the batch's teacher logits from the teacher cache, where the stage replays it;
+        ``side``: a denoiser's side inputs (timestep, class), split with the batch.
 
         With ``micro_batches`` k > 1 the batch is split into k parts whose losses, weighted
         by their share of the batch, are backpropagated one after the other (DDP
@@ -282,26 +357,10 @@ class Trainer:
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [(x, y, tuple(s)) for x, y, *s in zip(xb.tensor_split(cfg.micro_batches),
-                                                      yb.tensor_split(cfg.micro_batches),
-                                                      *(t.tensor_split(cfg.micro_batches) for t in side)) if len(y)]
-        terms: dict[str, torch.Tensor] = {}
-        loss = torch.zeros((), device=xb.device)
-        for j, (xm, ym, sm) in enumerate(parts):
-            share = len(ym) / len(yb)
-            last = j == len(parts) - 1
-            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
-            with sync:
-                with autocast(cfg.precision, cfg.device):
-                    part = self.step_module(xm, ym, progress=self.progress, **({"side": sm} if sm else {}))
-                    part_loss = sum(part.values())
-                self.scaler.scale(part_loss * share if len(parts) > 1 else part_loss).backward()
-            if len(parts) == 1:
-                terms, loss = part, part_loss
-            else:
-                for name, value in part.items():
-                    terms[name] = terms.get(name, 0) + value.detach() * share
-                loss = loss + part_loss.detach() * share
+        if cfg.micro_batches == 1:  # the whole batch: no split, no accumulator, no share
+            terms, loss = self.forward_backward(xb, yb, cached=cached, side=side)
+        else:
+            terms, loss = self.accumulate(xb, yb, cached, side)
         if cfg.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -309,6 +368,42 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        return terms, loss
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0, cached: Any = None,
+                         side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss terms of (x, y) and their sum; the sum's gradient, times ``share`` (a part's
+        share of the batch), is added to the parameters' gradients. ``cached``: the teacher's
+        logits of x from the teacher cache, where the stage replays it."""
+        cfg = self.config
+        with autocast(cfg.precision, cfg.device):
+            extra = {"side": side} if side else {}  # a denoiser's timestep and class
+            terms = (self.step_module(x, y, progress=self.progress, **extra) if cached is None
+                     else self.step_module(x, y, cached, progress=self.progress, **extra))
+            loss = functools.reduce(operator.add, terms.values())  # no 0 + first term: one op less
+        self.scaler.scale(loss if share == 1.0 else loss * share).backward()
+        return terms, loss
+
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, cached: Any = None,
+                   side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``micro_batches`` parts of the batch (and of its cached teacher logits), backpropagated
+        one after the other (DDP synchronises on the last only); returns the batch's terms and
+        loss, each the parts' values weighted by their share of the batch."""
+        k = self.config.micro_batches
+        cached_parts = split_cached(cached, k) if cached is not None else [None] * k
+        side_parts = list(zip(*(t.tensor_split(k) for t in side))) if side else [()] * k
+        parts = [(x, y, c, sd) for x, y, c, sd in zip(xb.tensor_split(k), yb.tensor_split(k), cached_parts, side_parts)
+                 if len(y)]
+        terms: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=xb.device)
+        for j, (xm, ym, cm, sm) in enumerate(parts):
+            share = len(ym) / len(yb)
+            last = j == len(parts) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                part, part_loss = self.forward_backward(xm, ym, share, cm, tuple(sm))
+            for name, value in part.items():
+                terms[name] = terms.get(name, 0) + value.detach() * share
+            loss = loss + part_loss.detach() * share
         return terms, loss
 
     def log_step(self, meter: EpochMeter, stage: TrainingStage, epoch: int, step: int,
@@ -336,6 +431,7 @@ class Trainer:
             self.check_finite(loss, terms, epoch, step)
             self.save(epoch, step)
         if signal_name:
+            self.checkpoint_written()
             raise TrainingInterrupted(
                 f"{signal_name}: stopped at epoch {epoch + 1}, step {step}; checkpoint saved to "
                 f"{self.folder.last_checkpoint}; continue with `{runs.resume_command(self.folder.root)}` "
@@ -401,11 +497,17 @@ class Trainer:
 
     @torch.no_grad()
     def recalibrate_bn(self) -> None:
-        """Re-estimate the BatchNorm statistics of the student's inference path on one pass of
-        training data. In decomposed stages each block's statistics were gathered on inputs
-        derived from the teacher's features; the composed student feeds it its own, slightly
-        different ones. The pass runs in train mode without gradients, with a cumulative
-        average, and leaves the RNG untouched so that resumed runs stay exact."""
+        """Re-estimate the BatchNorm statistics of the student's inference path on the first
+        ``bn_recalibrate_batches`` batches of the training data (a whole pass without a bound).
+        In decomposed stages each block's statistics were gathered on inputs derived from the
+        teacher's features; the composed student feeds it its own, slightly different ones.
+        The pass runs in train mode without gradients, with a cumulative average, on epoch 0's
+        order (the same batches at every evaluation, in any process), and leaves the RNG
+        untouched so that resumed runs stay exact. A pass at the step of the last one finds
+        the statistics it would compute, and is skipped."""
+        if self.bn_recalibrated_at == self.global_step:
+            return
+        self.bn_recalibrated_at = self.global_step
         norms = [m for m in self.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not norms:
             return
@@ -416,7 +518,7 @@ class Trainer:
         was = self.distiller.training
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for xb, yb, idx in self.batches(0):
+            for xb, yb, idx in itertools.islice(self.batches(0), self.config.bn_recalibrate_batches):
                 xb, _, side = self.prepare(xb, yb, idx, 0, 0) if self.task is not None else (xb, yb, ())
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
@@ -457,15 +559,20 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if not self.main:
             return
+        self.checkpoint_written()  # the save before this one: its error, if any, stops the run here
+        self.save_checkpoint(epoch, step)
+
+    def checkpoint_written(self) -> None:
+        """Wait for the checkpoint being written in the background; a failed write stops the run."""
         try:
-            self.save_checkpoint(epoch, step)
+            self.writer.wait()
         except ckpt.CheckpointWriteError as exc:
             raise KDGraphError(f"{exc}; free space and continue from it with "
                                f"`{runs.resume_command(self.folder.root)}`") from None
 
     def save_checkpoint(self, epoch: int, step: int) -> None:
         acc = self.teacher_acc
-        ckpt.save_atomic({
+        self.writer.submit({
             "model": self.distiller.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -478,7 +585,7 @@ class Trainer:
             "teacher_top1": acc and acc.get("top1"),
             "teacher_top5": acc and acc.get("top5"),
             "teacher_mse": acc and acc.get("mse"),
-            "history": self.history,
+            "history": dict(self.history),
         }, self.folder.last_checkpoint, keep_previous=True)
 
     def restore(self) -> str | None:
@@ -522,6 +629,7 @@ class Trainer:
         """Evaluate and export the student as the final stage left it (also when a resume
         finds no epoch left: a stop between the last checkpoint and the export), write the
         summary and the curves."""
+        self.checkpoint_written()
         self.distiller.set_stage(self.plan.stages[-1])
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
@@ -594,6 +702,11 @@ class Trainer:
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
             "data": self.data.record(),
+            # recompile_limit_hits: functions of the step Dynamo gave up on (they ran eager), this process
+            "compile": {"enabled": self.config.compile, "recompile_limit_hits": self.recompiles.hits,
+                        "functions_gone_eager": self.recompiles.functions,
+                        "cudnn_benchmark": self.config.cudnn_benchmark,
+                        "deterministic": self.config.deterministic},
             "output": str(self.folder.root),
             "preprocessing": self.preprocessing,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

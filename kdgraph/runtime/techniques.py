@@ -1,6 +1,6 @@
 """Runtime techniques, each one small function, applied in one fixed order by the loop:
-device -> distributed -> cuDNN autotuning -> channels_last -> autocast (+ gradient scaler)
--> compile -> DDP wrap."""
+device -> distributed -> cuDNN autotuning -> channels_last -> teacher sharding (FSDP2) -> autocast
+(+ gradient scaler) -> compile -> DDP wrap."""
 
 from __future__ import annotations
 
@@ -115,8 +115,22 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """torch's deterministic algorithms for a run that asks for them (an error names any op
+    without a deterministic kernel). cuBLAS needs its workspace fixed for that, before its
+    first call on the device."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def maybe_compile(module: nn.Module, enabled: bool):
-    return torch.compile(module) if enabled else module
+    """``torch.compile`` with static shapes: a batch of another size (an uneven micro-batch, a
+    partial last batch) gets a graph of its own, not a recompile of every graph with dynamic
+    shapes (slower kernels, and one more cache entry per stage). The training loader drops the
+    last partial batch wherever a full one exists, so a stage sees at most two sizes: the
+    micro-batches of ``tensor_split`` differ by at most one sample."""
+    return torch.compile(module, dynamic=False) if enabled else module
 
 
 def reset_compile_caches() -> None:
@@ -166,6 +180,18 @@ class RecompileWatch(logging.Handler):
     def __exit__(self, *exc) -> None:
         self._patch.close()
         logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def shard_teacher(teacher, info: DistInfo, device: torch.device) -> None:
+    """teacher.shard: the frozen teacher's parameters sharded over the run's ranks with FSDP2
+    (``FrozenTeacher.shard_``), after every move and cast of it and outside DDP, which wraps
+    the student alone. A run of one process has nothing to shard over: refused."""
+    if not info.enabled:
+        raise SpecError("teacher.shard", "shards the teacher across torchrun's ranks, and this run is one "
+                        "process: launch it with torchrun --nproc_per_node N (N >= 2), or set teacher.shard: false")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    teacher.shard_(init_device_mesh(device.type, (info.world_size,)))
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device, find_unused: bool) -> nn.Module:

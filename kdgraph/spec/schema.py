@@ -57,6 +57,7 @@ __all__ = [
     "DecomposeSpec",
     "LossSpec",
     "ModelSpec",
+    "TeacherSpec",
     "OneOf",
     "OptimSpec",
     "RuntimeSpec",
@@ -247,6 +248,32 @@ class ModelSpec(_Strict):
         return self
 
 
+class TeacherSpec(ModelSpec):
+    """The teacher: a network to build, and optionally its logits replayed from a cache."""
+
+    cache: UserPath | None = Field(
+        default=None,
+        description="A teacher cache written by `kdgraph cache SPEC --epochs N` (a folder): every training "
+        "stage whose only teacher read is the head replays the teacher's logits from it instead of running "
+        "the teacher (the teacher is not built when no stage needs it live); `kdgraph plan` names those "
+        "stages. A cache built for another teacher, data, augmentation, seed or runtime is refused, and so "
+        "is a plan that reads it past its epochs.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="The dtype the frozen teacher's weights are kept and computed in: bfloat16 or float16 halve "
+        "its memory (2 bytes per parameter, no optimizer state: it is never trained) and run it in that dtype, "
+        "outside the run's autocast; its outputs reach the losses as float32. float32 is exact. A teacher "
+        "cache is keyed on it.",
+    )
+    shard: Flag = Field(
+        default=False,
+        description="Under torchrun, shard the frozen teacher's parameters across the ranks with torch's FSDP2 "
+        "(fully_shard; outside the student's DDP): each rank keeps 1/N of them and gathers one module's at a "
+        "time as it runs. Needs torchrun with 2 or more ranks; not with runtime.compile or loss.tpp.",
+    )
+
+
 def _pretrained_sources() -> list[str]:
     """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
     return PRETRAINED_SOURCES.names()
@@ -319,8 +346,9 @@ class DataSpec(_Strict):
         "when the decoded splits fit memory_budget_mb, else stream. `kdgraph plan` says which.",
     )
     memory_budget_mb: Int = Field(
-        default=2048, ge=1, le=1 << 30, description="auto loader: the most MB the decoded splits (float32 at input_size) may take "
-        "in memory before an image folder is streamed instead.",
+        default=2048, ge=1, le=1 << 30,
+        description="auto loader: the most MB the decoded splits (uint8 at input_size, one byte per pixel value) "
+        "may take in memory before an image folder is streamed instead; loading peaks at about that size.",
     )
     on_bad_image: Literal["skip", "error"] = Field(
         default="skip", description="An image file that cannot be decoded: skip it with a warning naming it "
@@ -420,6 +448,17 @@ class DecomposeSpec(_Strict):
         "token<->map conversion where layouts or resolutions differ) or cap (ScaleKD's cross-attention "
         "projector at every block end).",
     )
+    adapters: Literal["in_path", "projected"] = Field(
+        default="in_path",
+        description="Where widths or layouts differ at a block end: in_path (lift/lower adapters, lower∘lift "
+        "stays in the student's path and folds at export where exact) or projected (the teacher's feature is "
+        "projected into the student's format by a PCA fitted on projection_batches training batches before "
+        "decomposition, then frozen; the student is fed it and trained to produce it, so no adapter stays "
+        "in its path and export is always the plain model). Pairs the projection cannot carry (multi-tensor "
+        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why.",
+    )
+    projection_batches: Int = Field(default=20, ge=1, le=100_000,
+                                    description="Training batches the PCA of adapters: projected is fitted on.")
 
     @model_validator(mode="after")
     def _cuts_fit_blocks(self) -> DecomposeSpec:
@@ -636,9 +675,16 @@ class RuntimeSpec(_Strict):
         default=2, ge=1, le=1024, description="Streamed data: batches each worker prepares ahead of the training step."
     )
     bn_recalibrate: Flag | Literal["auto"] = Field(
-        default="auto", description="Re-estimate BatchNorm statistics of the composed student on one pass of "
-        "training data before evaluating (auto: in decomposed training stages, whose blocks gathered "
+        default="auto", description="Re-estimate BatchNorm statistics of the composed student on training "
+        "data (bn_recalibrate_batches of it) before evaluating (auto: in decomposed training stages, whose blocks gathered "
         "statistics on teacher-fed inputs).")
+    bn_recalibrate_batches: Int | None = Field(
+        default=100, ge=1, le=MAX_EVERY, description="Training batches the BatchNorm re-estimate reads (None: a whole "
+        "epoch). 100 batches of 64-256 images give 6k-25k samples, where the estimate's error (it falls as one over "
+        "the square root of the samples) no longer moves accuracy: detectron2's PreciseBN reads 200 batches of 32.")
+    deterministic: Flag = Field(
+        default=False, description="Bit-reproducible on CUDA: torch's deterministic algorithms, cuDNN autotuning off "
+        "(on otherwise: it times convolution algorithms once per shape and keeps the fastest). Slower.")
 
     @field_validator("device")
     @classmethod
@@ -654,7 +700,7 @@ class Spec(_Strict):
     name: str = Field(min_length=1, description="Run name; outputs go to runs/<name> unless output is set.")
     seed: Int = Field(default=0, ge=0, le=MAX_SEED,
                       description="Random seed of data order, initialisation and augmentation.")
-    teacher: ModelSpec | None = Field(
+    teacher: TeacherSpec | None = Field(
         default=None, description="Teacher network (None: supervised training of the student alone)."
     )
     student: ModelSpec = Field(description="Student network.")
@@ -728,6 +774,22 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _sharded_teacher_runs_forward_only(self) -> Spec:
+        """A sharded teacher gathers each module's parameters as it runs, outside any compiled
+        graph, and only forward: TPP's backward through teacher blocks would gather them again,
+        and torch.compile would trace FSDP's hooks."""
+        if self.teacher is None or not self.teacher.shard:
+            return self
+        for at, value, why in (("runtime.compile", self.runtime.compile, "torch.compile would trace FSDP's "
+                                "gathers of the teacher's parameters"),
+                               ("loss.tpp", self.loss.tpp, "TPP backpropagates through teacher blocks, whose "
+                                "sharded parameters run forward only")):
+            if value:
+                raise _invalid(f"teacher.shard: true cannot run with {at}: true: {why}",
+                               allowed="false with teacher.shard: true (or teacher.shard: false)", at=at, got=True)
+        return self
+
+    @model_validator(mode="after")
     def _micro_batches_fit_the_batch(self) -> Spec:
         if self.runtime.micro_batches > self.data.batch_size:
             raise _invalid(f"{self.runtime.micro_batches} micro-batches of a batch of {self.data.batch_size} "
@@ -772,6 +834,18 @@ class Spec(_Strict):
                 at="schedule.recompositions",
                 got=self.schedule.recompositions,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _projected_needs_linear_lift(self) -> Spec:
+        """Projected blocks meet in the student's space: nothing lifts a student feature into the
+        teacher's, which ScaleKD's CAP and TPP need."""
+        if self.decompose.adapters == "projected" and (self.loss.tpp or self.decompose.projector == "cap"):
+            at = "loss.tpp" if self.loss.tpp else "decompose.projector"
+            raise _invalid("decompose.adapters: projected has no lift into the teacher's width, which "
+                           f"{'TPP' if self.loss.tpp else 'the cap projector'} needs",
+                           allowed="decompose.adapters: in_path", at=at,
+                           got=True if self.loss.tpp else "cap")
         return self
 
     @model_validator(mode="after")
