@@ -289,6 +289,11 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch):
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ra, rb))
     assert sa["student_mse"] == sb["student_mse"] and sa["teacher_mse"] == sb["teacher_mse"]
     assert (ra / "samples.png").read_bytes() == (rb / "samples.png").read_bytes()
+    # `kdgraph eval` scores the exported student at the same fixed draws as training's evaluation
+    from kdgraph.runtime.commands import evaluate_spec
+    scored = evaluate_spec(a)
+    assert scored["student_mse"] == pytest.approx(sa["student_mse"], rel=1e-5)
+    assert scored["teacher_mse"] == pytest.approx(sa["teacher_mse"], rel=1e-5)
 
 
 # -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
