@@ -395,3 +395,12 @@ def test_side_inputs_are_split_with_the_batch_into_micro_batches(tmp_path):
         assert not (tmp_path / str(micro) / "run" / "samples.png").exists()  # sample_images: 0
     assert losses[1][0] == pytest.approx(losses[2][0], rel=1e-5)
     assert losses[1] == pytest.approx(losses[2], rel=1e-3)
+
+
+def test_export_of_a_denoiser_says_it_is_not_built_yet(tmp_path):
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.commands import export_spec
+
+    with pytest.raises(KDGraphError, match="denoiser"):
+        export_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), tmp_path / "ship")
+    assert not (tmp_path / "ship").exists()

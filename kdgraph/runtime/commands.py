@@ -110,6 +110,10 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
+    if spec.denoise is not None:
+        raise KDGraphError("kdgraph export ships a classifier in timm's layout; exporting a denoiser (in diffusers' "
+                           "folder layout) is not built yet (issue 26): its trained weights are "
+                           f"{RunFolder(spec.output_dir).student}, loadable into the student model")
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     if checkpoint is not None:
         file_format(checkpoint, given=True)
