@@ -404,3 +404,13 @@ def test_export_of_a_denoiser_says_it_is_not_built_yet(tmp_path):
     with pytest.raises(KDGraphError, match="denoiser"):
         export_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), tmp_path / "ship")
     assert not (tmp_path / "ship").exists()
+
+
+def test_a_denoiser_refuses_mixup_and_a_teacher_cache(tmp_path):
+    from kdgraph.errors import SpecError
+
+    spec = _spec(tmp_path)
+    with pytest.raises(SpecError, match="data.mixup"):
+        load_spec({**spec, "data": {**spec["data"], "mixup": {"mixup_alpha": 0.8}}})
+    with pytest.raises(SpecError, match="teacher.cache"):
+        load_spec({**spec, "teacher": {**spec["teacher"], "cache": str(tmp_path / "cache")}})

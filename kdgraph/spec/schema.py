@@ -927,6 +927,14 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _denoise_without_teacher_cache(self) -> Spec:
+        if self.denoise is not None and self.teacher is not None and self.teacher.cache is not None:
+            raise _invalid("a teacher cache replays the teacher's outputs on the data's views; a denoiser's teacher "
+                           "sees noisy images drawn anew every step", allowed="null with denoise",
+                           at="teacher.cache", got=str(self.teacher.cache))
+        return self
+
+    @model_validator(mode="after")
     def _denoise_without_mixup(self) -> Spec:
         if self.denoise is not None and self.data.mixup is not None:
             raise _invalid("a denoiser is trained on noisy images of one sample each; mixup mixes class labels",
