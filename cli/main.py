@@ -164,15 +164,24 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         raise typer.Exit(130)
     except KDGraphError as exc:
         _fail(exc)
-    if summary["student_top1"] is None:  # a non-main rank of a distributed run: rank 0 reports
+    if summary["student_top1"] is None and summary.get("student_mse") is None:  # a non-main rank: rank 0 reports
         return
     if summary.get("already_finished"):
-        out.print(f"{summary['output']} already finished (student top-1 {summary['student_top1']:.2f}%); "
-                  "nothing was changed", soft_wrap=True)
+        out.print(f"{summary['output']} already finished ({_student_score(summary)}); nothing was changed",
+                  soft_wrap=True)
         return
-    out.print(f"student top-1 {summary['student_top1']:.2f}% (top-5 {summary['student_top5']:.2f}%)"
-              + (f", teacher top-1 {summary['teacher_top1']:.2f}%" if summary.get("teacher_top1") is not None else "")
+    out.print(_student_score(summary, teacher=True)
               + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})", soft_wrap=True)
+
+
+def _student_score(summary: dict, teacher: bool = False) -> str:
+    """The student's top-1 (and top-5), or a denoiser's MSE; with ``teacher`` the teacher's too."""
+    if summary.get("student_mse") is not None:
+        return f"student denoising MSE {summary['student_mse']:.5f}" + (
+            f", teacher {summary['teacher_mse']:.5f}" if teacher and summary.get("teacher_mse") is not None else "")
+    top5 = f" (top-5 {summary['student_top5']:.2f}%)" if teacher else ""
+    return f"student top-1 {summary['student_top1']:.2f}%{top5}" + (
+        f", teacher top-1 {summary['teacher_top1']:.2f}%" if teacher and summary.get("teacher_top1") is not None else "")
 
 
 @app.command()
@@ -212,7 +221,8 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         sys.stdout.write(json.dumps(result) + "\n")
     else:
         for key, value in result.items():
-            out.print(f"{key}: {value:.2f}%" if isinstance(value, float) else f"{key}: {value}")
+            out.print(f"{key}: {value:.5f}" if key.endswith("_mse") else
+                      f"{key}: {value:.2f}%" if isinstance(value, float) else f"{key}: {value}")
 
 
 @app.command()

@@ -680,7 +680,15 @@ class DeviceLoader:
         return pick(order), pick(offsets), pick(flips)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xb, yb, _ in self.epoch_indexed(epoch, start_step):
+            yield xb, yb
+
+    def epoch_indexed(self, epoch: int, start_step: int = 0
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``epoch``'s batches with the dataset index of each sample (on the host): what keys a
+        per-sample draw (a denoiser's timestep and noise)."""
         order, offsets, flips = self.epoch_plan(epoch)
+        host = order.cpu()
         bs = self.batch_size
         for step in range(start_step, self._num_batches):
             sl = slice(step * bs, min((step + 1) * bs, self.samples_per_rank))
@@ -688,7 +696,7 @@ class DeviceLoader:
             xb = self.x[idx]
             if offsets is not None:
                 xb = self.crop_flip(xb, offsets[sl], None if flips is None else flips[sl])
-            yield self.normalize(xb), self.y[idx]
+            yield self.normalize(xb), self.y[idx], host[sl]
 
     def normalize(self, xb: torch.Tensor) -> torch.Tensor:
         """A raw batch as the model sees it: float32 in the loader's layout, ``(x - mean) / std``.

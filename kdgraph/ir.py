@@ -19,7 +19,7 @@ from typing import Any
 import networkx as nx
 
 __all__ = ["LAYOUTS", "graph_json", "AdapterSpec", "BlockPair", "Boundary", "Cut", "DataPlan", "ExplicitPair", "FeatureFormat",
-           "Groups", "NodeInfo", "Op", "Pairing", "Plan", "Program", "ProjectionFit", "ProjectionSpec", "Stage",
+           "Groups", "NodeInfo", "Op", "Pairing", "Plan", "Program", "ProjectionFit", "ProjectionSpec", "SideInput", "Stage",
            "TrainingStage", "TupleAdapterSpec"]
 
 Groups = tuple[tuple[int, ...], ...]  # a training stage's groups of consecutive blocks (1-based)
@@ -38,10 +38,28 @@ class NodeInfo:
     shape: tuple[int, ...] | None  # full shape (batch included) when the value is one tensor
     dtype: str | None
     input_dependent: bool  # computed (transitively) from the primary input
+    # computed from side inputs (a timestep, a class) and not from the primary input: the
+    # time embedding; not part of any cut, every block that reads it receives it
+    side_dependent: bool = False
 
     @property
     def module(self) -> str:
         return self.modules[-1] if self.modules else ""
+
+
+@dataclass(frozen=True)
+class SideInput:
+    """A model input besides the image (a denoiser's timestep, its class label): a forward
+    argument traced as a graph input. It and every value computed from side inputs alone
+    (the time-embedding MLP) are no part of a cut: every block receives the side tensors it
+    reads. Per sample one integer in ``[0, high)``."""
+
+    name: str  # the forward parameter
+    kind: str  # "timestep" or "class"
+    high: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # ------------------------------------------------------------------------------ cuts and blocks

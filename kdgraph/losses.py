@@ -55,7 +55,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.registry import LOGIT_LOSSES, Registry
 
-__all__ = ["LOSSES", "CrossEntropy", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
+__all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
            "term_names",
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
@@ -695,3 +695,55 @@ class DISTHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ce_weight={self.ce_weight}, label_smoothing={self.label_smoothing}"
+
+
+# --- denoising (BK-SDM, Kim et al. 2023) --------------------------------------------------------
+
+@LOSSES.register("ddpm")
+class DDPMLoss(nn.Module):
+    """DDPM's task loss (Ho et al.'s L_simple): ``task = w_task * mean (ε̂ - ε)^2`` between the
+    predicted noise ε̂ and the true noise ε (mean over every element): the head loss of a
+    denoiser trained without a teacher."""
+
+    summary = "MSE of the predicted noise to the true noise (DDPM's L_simple)"
+    role = "head"
+    terms = ("task",)
+    params = {"task_weight": "task_weight"}
+
+    def __init__(self, task_weight: float = 1.0):
+        super().__init__()
+        self.task_weight = float(task_weight)
+
+    def forward(self, student: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        with no_autocast(student):
+            return self.task_weight * F.mse_loss(student.float(), noise.float())
+
+    def extra_repr(self) -> str:
+        return f"task_weight={self.task_weight}"
+
+
+@LOSSES.register("denoise")
+class DenoiseHead(nn.Module):
+    """BK-SDM's loss at the head of a noise predictor with a teacher: ``task = w_task * mean
+    (ε̂_s - ε)^2``, the DDPM task loss against the true noise ε, and ``out = w_out * mean (ε̂_s -
+    ε̂_t)^2``, the output-level distillation against the teacher's predicted noise ε̂_t (means
+    over every element). Its feature-level term is the ``mse`` entry at every block end,
+    weighted by ``loss.feature_weight``."""
+
+    summary = "MSE of the predicted noise to the true noise and to the teacher's prediction (BK-SDM)"
+    role = "head"
+    terms = ("task", "out")
+    params = {"task_weight": "task_weight", "output_weight": "output_weight"}
+
+    def __init__(self, task_weight: float = 1.0, output_weight: float = 1.0):
+        super().__init__()
+        self.task = DDPMLoss(task_weight)
+        self.output_weight = float(output_weight)
+
+    def forward(self, student: torch.Tensor, noise: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+        with no_autocast(student):
+            return {"task": self.task(student, noise),
+                    "out": self.output_weight * F.mse_loss(student.float(), teacher.detach().float())}
+
+    def extra_repr(self) -> str:
+        return f"task_weight={self.task.task_weight}, output_weight={self.output_weight}"

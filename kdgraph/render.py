@@ -101,7 +101,8 @@ def blocks_table(c: Compiled) -> Table:
     active = c.plan.uses_adapters
     for b in c.pairing.blocks:
         if b.is_head:
-            logits = f"{c.num_classes} logits" + (" per pixel" if c.student.dense else "")
+            logits = (f"{c.num_classes}-channel noise prediction" if c.spec.denoise is not None
+                      else f"{c.num_classes} logits" + (" per pixel" if c.student.dense else ""))
             t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "", "head")
             continue
         a = b.adapter
@@ -119,6 +120,25 @@ def blocks_table(c: Compiled) -> Table:
         t.add_row(f"{p.name} ({p.loss})", f"{p.teacher.label} (block {p.teacher_block})",
                   f"{p.student.label} (block {p.student_block})", f"{_cut_shape(p.teacher)} / {_cut_shape(p.student)}",
                   f"lift {a.kind} {a.lift[0]}→{a.lift[1]}" if a else "-", f"{a.lift_params:,}" if a else "", "explicit")
+    return t
+
+
+def side_table(c: Compiled) -> Table | None:
+    """The side inputs and, per block, the side tensors it reads (None without side inputs)."""
+    models = [a for a in (c.teacher, c.student) if a is not None and a.traced is not None and a.traced.side]
+    if not models:
+        return None
+    t = Table(title="side inputs (no cut carries them: every block receives the side tensors it reads)",
+              title_justify="left")
+    for col in ("model", "inputs", "block", "side tensors"):
+        t.add_column(col)
+    for art in models:
+        inputs = ", ".join(f"{s.name}: {s.kind} < {s.high}" for s in art.traced.side)
+        for i, tensors in enumerate(art.side_tensors(), start=1):
+            shapes = sorted({_fmt_shape(d["shape"]) for d in tensors})
+            modules = ", ".join(dict.fromkeys(d["module"] or d["node"] for d in tensors))
+            what = f"{len(tensors)} ({' / '.join(shapes)}): {modules}" if tensors else "-"
+            t.add_row(art.role if i == 1 else "", inputs if i == 1 else "", str(i), what)
     return t
 
 
@@ -145,7 +165,8 @@ def plan_view(c: Compiled) -> Group:
     parts = [spec_table(c)]
     if c.teacher:
         parts.append(stages_table(c.teacher))
-    parts += [stages_table(c.student), blocks_table(c), schedule_table(c)]
+    side = side_table(c)
+    parts += [stages_table(c.student), blocks_table(c), *([side] if side is not None else []), schedule_table(c)]
     parts += [Text(f"note: {note}") for note in c.notes]
     return Group(*parts)
 

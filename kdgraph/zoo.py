@@ -8,6 +8,7 @@ Everything is ``torch.fx.symbolic_trace``-able: no data-dependent Python control
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,11 @@ __all__ = [
     "unet_tiny",
     "unet_tiny_teacher",
     "unet_tiny_student",
+    "DiffusionUNet",
+    "diffusion_unet",
+    "diffusion_unet_teacher",
+    "diffusion_unet_half",
+    "diffusion_unet_small",
 ]
 
 
@@ -218,3 +224,131 @@ def unet_tiny_teacher(**kw) -> UNetTiny:
 def unet_tiny_student(**kw) -> UNetTiny:
     """Widths (8, 16, 32), the teacher's topology at half width: adapters at every cut."""
     return unet_tiny(**{"widths": (8, 16, 32), **kw})
+
+
+# --- a time-conditioned U-Net for denoising (DDPM's epsilon-prediction) ------------------------
+
+class TimestepEmbedding(nn.Module):
+    """DDPM's sinusoidal embedding of the timestep t (B,) followed by a two-layer MLP:
+    ``mlp([sin(t f_k), cos(t f_k)])`` with ``f_k = 10000^(-k / (dim/2 - 1))``. The frequencies
+    are a non-persistent buffer: the graph reads them, the state dict does not hold them."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(half) / max(half - 1, 1)),
+                             persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * half, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.freqs[None, :]
+        return self.mlp(torch.cat([args.sin(), args.cos()], dim=1))
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class TimeResBlock(nn.Module):
+    """DDPM's residual block: GroupNorm, SiLU, 3x3 conv; the time embedding projected to the
+    block's width and added per channel; GroupNorm, SiLU, 3x3 conv; a 1x1 conv on the shortcut
+    where the width changes."""
+
+    def __init__(self, in_chs: int, out_chs: int, temb_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_chs), in_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_chs)
+        self.norm2 = nn.GroupNorm(_groups(out_chs), out_chs)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1)
+        self.act = nn.SiLU()
+        self.skip: nn.Module = nn.Conv2d(in_chs, out_chs, 1) if in_chs != out_chs else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.temb_proj(self.act(temb))[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class DiffusionUNet(nn.Module):
+    """A small denoising U-Net, ``forward(x, t, y=None)``: the noise predicted in a noisy image
+    ``x`` (B, C, H, W) at timestep ``t`` (B,) and, with ``num_classes``, of class ``y`` (B,).
+
+    ``conv_in``; per encoder level i (``len(widths) - 1`` of them) ``depth`` residual blocks
+    ``enc{i}`` then a stride-2 conv ``down{i}``; the middle blocks ``mid`` at the deepest
+    width; per decoder level a 2x2 transposed conv ``up{i}``, the encoder's feature of the same
+    grid concatenated (a long skip) and ``depth`` blocks ``dec{i}``; GroupNorm, SiLU and
+    ``conv_out`` back to ``in_chans``. Every residual block adds the time embedding (and the
+    class embedding): computed from t and y alone, it reaches every level.
+
+    widths (16, 32, 64) on 16x16: enc1 16@16, enc2 32@8, mid 64@4, dec2 32@8, dec1 16@16.
+    """
+
+    def __init__(self, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64), depth: int = 2,
+                 num_classes: int | None = None, temb_dim: int | None = None):
+        super().__init__()
+        if len(widths) < 2 or depth < 1:
+            raise ValueError(f"a U-Net needs at least two widths and depth >= 1, got {tuple(widths)}, {depth}")
+        self.in_chans, self.num_classes, self.levels = in_chans, num_classes, len(widths) - 1
+        temb_dim = temb_dim or 4 * widths[0]
+        self.time_embed = TimestepEmbedding(widths[0], temb_dim)
+        self.class_embed = nn.Embedding(num_classes, temb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(in_chans, widths[0], 3, padding=1)
+        prev = widths[0]
+        for i, w in enumerate(widths[:-1]):
+            self.add_module(f"enc{i + 1}", nn.ModuleList(
+                [TimeResBlock(prev if j == 0 else w, w, temb_dim) for j in range(depth)]))
+            self.add_module(f"down{i + 1}", nn.Conv2d(w, w, 3, stride=2, padding=1))
+            prev = w
+        self.mid = nn.ModuleList([TimeResBlock(prev if j == 0 else widths[-1], widths[-1], temb_dim)
+                                  for j in range(depth)])
+        for i in reversed(range(self.levels)):
+            w, deeper = widths[i], widths[i + 1]
+            self.add_module(f"up{i + 1}", nn.ConvTranspose2d(deeper, w, 2, stride=2))
+            self.add_module(f"dec{i + 1}", nn.ModuleList(
+                [TimeResBlock(2 * w if j == 0 else w, w, temb_dim) for j in range(depth)]))
+        self.norm_out = nn.GroupNorm(_groups(widths[0]), widths[0])
+        self.act_out = nn.SiLU()
+        self.conv_out = nn.Conv2d(widths[0], in_chans, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.time_embed(t)
+        if self.class_embed is not None and y is not None:  # decided while tracing: y is an input or None
+            temb = temb + self.class_embed(y)
+        h = self.conv_in(x)
+        skips = []
+        for i in range(self.levels):  # fixed at construction: unrolled by fx
+            for block in getattr(self, f"enc{i + 1}"):
+                h = block(h, temb)
+            skips.append(h)
+            h = getattr(self, f"down{i + 1}")(h)
+        for block in self.mid:
+            h = block(h, temb)
+        for i in reversed(range(self.levels)):
+            h = torch.cat([skips[i], getattr(self, f"up{i + 1}")(h)], dim=1)
+            for block in getattr(self, f"dec{i + 1}"):
+                h = block(h, temb)
+        return self.conv_out(self.act_out(self.norm_out(h)))
+
+
+def diffusion_unet(in_chans: int = 1, widths: Sequence[int] = (16, 32, 64), depth: int = 2,
+                   num_classes: int | None = None, temb_dim: int | None = None) -> DiffusionUNet:
+    return DiffusionUNet(in_chans, widths, depth, num_classes, temb_dim)
+
+
+def diffusion_unet_teacher(**kw) -> DiffusionUNet:
+    """Widths (16, 32, 64), two residual blocks per level."""
+    return diffusion_unet(**{"widths": (16, 32, 64), "depth": 2, **kw})
+
+
+def diffusion_unet_half(**kw) -> DiffusionUNet:
+    """The teacher's topology at half width (8, 16, 32): adapters at every cut."""
+    return diffusion_unet(**{"widths": (8, 16, 32), "depth": 2, **kw})
+
+
+def diffusion_unet_small(**kw) -> DiffusionUNet:
+    """BK-SDM's block removal: the teacher's widths with one residual block per level where the
+    teacher has two. Its tensors are named as the teacher's first block of each level, so it
+    can start from the teacher's weights."""
+    return diffusion_unet(**{"widths": (16, 32, 64), "depth": 1, **kw})

@@ -77,7 +77,7 @@ LAYERS = (
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
       "kdgraph.teacher_cache",
-      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
+      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses", "kdgraph.diffusion",
       "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),

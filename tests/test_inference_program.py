@@ -16,7 +16,8 @@ from kdgraph.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
-QUICK = {"quickstart", "quickstart-teacher", "fashion-unet", "fashion-unet-teacher", "custom-module"}
+QUICK = {"quickstart", "quickstart-teacher", "fashion-unet", "fashion-unet-teacher", "custom-module", "fashion-ddpm",
+         "fashion-ddpm-teacher"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=() if p.stem in QUICK else pytest.mark.slow)
@@ -32,9 +33,10 @@ def test_inference_program_equals_the_exported_student(path, tmp_path):
                 m.running_var.uniform_(0.5, 2.0)
     d.eval()
     x = torch.randn(2, *c.input_size)
+    side = tuple(torch.randint(0, s.high, (2,)) for s in c.student.traced.side)  # a denoiser's t (and y)
     with torch.no_grad():
-        ref = d.inference(x)
+        ref = d.inference(x, side)
         exported = load_student(c, export_student(d, c, tmp_path / "student.safetensors")).eval()
-        got = exported(x)
+        got = exported(x, *side)
     assert d.inference_program is c.plan.stages[-1].inference
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

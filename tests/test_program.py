@@ -90,10 +90,14 @@ def test_plan_shows_what_train_runs(path, monkeypatch):
     x = torch.empty(2, *c.input_size, device="meta")
     # labels as the task has them: one per image, or one per pixel (a U-Net's masks)
     y = torch.zeros(2, *(c.student.logits_shape or [0])[1:], dtype=torch.long, device="meta")
+    # a denoiser: its side inputs (timestep, class) and, as its target, the true noise
+    side = tuple(torch.zeros(2, dtype=torch.long, device="meta") for _ in c.student.traced.side)
+    if c.spec.denoise is not None:
+        y = torch.empty(2, *c.input_size, device="meta")
     for stage, row in zip(c.plan.stages, shown, strict=True):
         ran.clear()
         d.set_stage(stage)
-        terms = d(x, y)
+        terms = d(x, y, side=side) if side else d(x, y)
         ops = row["program"]["ops"]
         assert ran == [op["node"] for op in ops]
         assert list(terms) == [t for op in ops if op["kind"] == "loss" for t in op["terms"]]
@@ -103,7 +107,7 @@ def test_plan_shows_what_train_runs(path, monkeypatch):
         # evaluation runs the stage's inference program: the student chain, with the adapters
         # the plan keeps in it (a program of student blocks alone is the student's own forward)
         ran.clear()
-        out = d.inference(x)
+        out = d.inference(x, side)
         inference = row["inference"]
         assert inference["output"] == f"S{c.plan.k}"
         shown_ops = [op["node"] for op in inference["ops"]]

@@ -12,7 +12,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, Stage, graph_json
+from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, SideInput, Stage, graph_json
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -29,6 +29,8 @@ class TracedModel:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     # Modules traced whole because fx failed inside them: "path (Class): why, file:line: code".
     leaves: tuple[str, ...] = ()
+    # Inputs besides the image (a denoiser's timestep and class), graph placeholders 2.. in order.
+    side: tuple[SideInput, ...] = ()
     _containers: set[str] | None = field(default=None, repr=False)
 
     @property
@@ -54,6 +56,8 @@ class ModelArtifacts:
     boundaries: tuple[Boundary, ...] = ()
     # The model split at its block boundaries: GraphModules sharing the model's parameters.
     segments: tuple[nn.Module, ...] = ()
+    # Side inputs (timestep, class) -> the side tensors the blocks read; None without side inputs.
+    side_segment: nn.Module | None = None
 
     @property
     def output_shape(self) -> tuple[int, ...] | None:
@@ -82,8 +86,17 @@ class ModelArtifacts:
             return None
         return list(self.output_shape[1:]) if self.dense else [self.num_classes]
 
+    def side_tensors(self) -> list[list[dict]]:
+        """Per block, the side tensors it reads (node, module, shape without the batch): values
+        of the side inputs alone, apart from the cut tensors it is fed."""
+        nodes = self.traced.nodes if self.traced else {}
+        return [[{"node": n, "module": nodes[n].module, "shape": list(nodes[n].shape[1:]) if nodes[n].shape else None}
+                 for n in getattr(seg, "side_inputs", ())] for seg in self.segments]
+
     def to_dict(self) -> dict:
-        return {"model": type(self.model).__name__, "cuts": [c.to_dict() for c in self.cuts],
+        side = {"side_inputs": [s.to_dict() for s in self.traced.side], "side_tensors": self.side_tensors()} \
+            if self.traced is not None and self.traced.side else {}
+        return {"model": type(self.model).__name__, **side, "cuts": [c.to_dict() for c in self.cuts],
                 "stages": [s.to_dict() for s in self.stages],
                 "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}
                                for b in self.boundaries],

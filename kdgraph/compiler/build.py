@@ -27,8 +27,29 @@ def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Mo
         teacher, student = build_models(spec, mode.fetch, notes, missing if mode.allow_missing else None,
                                         mode.materialize, mode.defer)
     _check_micro_batches(spec, student)
+    if spec.student.from_teacher and teacher is not None:
+        notes.append(init_from_teacher(teacher, student))
     return Models(ModelArtifacts("teacher", teacher) if teacher is not None else None,
                   ModelArtifacts("student", student), tuple(notes), tuple(missing))
+
+
+def init_from_teacher(teacher: nn.Module, student: nn.Module) -> str:
+    """Copy into ``student`` every tensor of ``teacher``'s state dict whose name and shape match
+    (BK-SDM's start for a student with blocks removed); returns the note naming what was copied
+    (by module) and what kept its initial weights."""
+    t, s = teacher.state_dict(), student.state_dict()
+    copied = [k for k, v in s.items() if k in t and tuple(t[k].shape) == tuple(v.shape)]
+    with torch.no_grad():
+        for k in copied:
+            s[k].copy_(t[k])  # a state dict's tensors are the module's own
+
+    def modules(keys: list[str]) -> str:
+        names = list(dict.fromkeys(k.rpartition(".")[0] or k for k in keys))
+        return ", ".join(names[:24]) + (f" and {len(names) - 24} more" if len(names) > 24 else "")
+
+    kept = [k for k in s if k not in set(copied)]
+    return (f"student.from_teacher: {len(copied)} of {len(s)} tensors copied from the teacher (name and shape "
+            f"match): {modules(copied) or 'none'}" + (f"; initial weights kept: {modules(kept)}" if kept else ""))
 
 
 # BatchNorm in training normalises each micro-batch by its own statistics: parts of one or

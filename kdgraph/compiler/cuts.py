@@ -5,7 +5,9 @@ depends on the input only through that node, so the network splits there into a 
 and a suffix and the suffix can be fed any tensor of the cut's shape. Values computed only
 from parameters, buffers and constants (``get_attr``, constant arithmetic) are not
 input-dependent and do not count; sizes read from an input-dependent tensor
-(``x.shape``) do, because a suffix fed another tensor could not recompute them.
+(``x.shape``) do, because a suffix fed another tensor could not recompute them. Values of a
+denoiser's side inputs alone (its time embedding) do not count either: every block receives
+them (``split.split_side``).
 
 Non-sequential networks (a U-Net's encoder features cross to the decoder over long skips)
 have no single-tensor cut at their deeper resolutions. Where the deepest feature-map

@@ -5,6 +5,11 @@ pieces its own fx feature extraction cannot trace through), binds every forward
 argument but the first to its default through ``concrete_args`` and records, for
 each node, the stack of modules it was called from (``nn_module_stack``).
 
+A denoiser's task (spec ``denoise``) adds **side inputs**: the forward's timestep (and class)
+stay graph inputs after the image (``SideInput``). Each node is marked as depending on the
+image (``input_dependent``) or on the side inputs alone (``side_dependent``: the time
+embedding); the cut finder counts only the first, the split gives every block the second.
+
 Where fx still fails inside a submodule (data-dependent control flow, a Python call on a
 tensor's value), the module class it failed in becomes a leaf and tracing starts again,
 as timm's and torchvision's feature extractors do with their registered leaves: the graph
@@ -35,7 +40,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
 from kdgraph.compiler.split import graph_module
 from kdgraph.errors import PlanError, TraceError
-from kdgraph.ir import NodeInfo
+from kdgraph.ir import NodeInfo, SideInput
 from kdgraph.models import create_model, holds_meta
 
 if TYPE_CHECKING:
@@ -143,18 +148,27 @@ class KDTracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
 
-def _concrete_args(model: nn.Module) -> dict:
-    """Bind every forward argument but the first to its default (it is a constant, not a tensor)."""
+def _concrete_args(model: nn.Module, side: tuple[SideInput, ...] = ()) -> dict:
+    """Bind every forward argument but the first and the side inputs to its default (it is a
+    constant, not a tensor)."""
     params = list(inspect.signature(model.forward).parameters.values())
     params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if not params:
         raise TraceError(f"{type(model).__name__}.forward takes no input argument")
+    names = [p.name for p in params]
+    missing = [s.name for s in side if s.name not in names[1:]]
+    if missing:
+        raise TraceError(f"{type(model).__name__}.forward({', '.join(names)}) takes no argument "
+                         f"{', '.join(map(repr, missing))}: a denoiser's forward is (x, t) or (x, t, y)")
     concrete = {}
     for p in params[1:]:
+        if p.name in {s.name for s in side}:
+            continue
         if p.default is inspect.Parameter.empty:
             raise TraceError(
                 f"{type(model).__name__}.forward needs argument '{p.name}' besides the input; "
-                "kdgraph feeds the image only. Give it a default or wrap the model."
+                "kdgraph feeds the image (and a denoiser's timestep and class) only. Give it a default or "
+                "wrap the model."
             )
         concrete[p.name] = p.default
     return concrete
@@ -191,14 +205,15 @@ def _why(exc: BaseException) -> str:
 _MAX_LEAF_RETRIES = 16
 
 
-def _trace_graph(model: nn.Module, role: str) -> tuple[KDTracer, fx.Graph, tuple[str, ...]]:
+def _trace_graph(model: nn.Module, role: str,
+                 side: tuple[SideInput, ...] = ()) -> tuple[KDTracer, fx.Graph, tuple[str, ...]]:
     """Trace ``model``, making the module class fx fails in a leaf and retrying.
 
     After: the graph, its tracer and the leaves added (one line each, naming the module, the
     reason and the source line). TraceError where the failure is in the top-level forward,
     outside any module, or persists after ``_MAX_LEAF_RETRIES`` leaves.
     """
-    concrete = _concrete_args(model) or None
+    concrete = _concrete_args(model, side) or None
     leaf_types: list[type] = []
     reasons: dict[type, str] = {}
     while True:
@@ -226,14 +241,17 @@ def _trace_graph(model: nn.Module, role: str) -> tuple[KDTracer, fx.Graph, tuple
     return tracer, graph, leaves
 
 
-def _inline_concrete_args(graph: fx.Graph) -> None:
-    """Replace the placeholders fx keeps for concrete args by their values.
+def _inline_concrete_args(graph: fx.Graph, keep: tuple[str, ...] = ()) -> None:
+    """Replace the placeholders fx keeps for concrete args by their values (all but the first
+    and those named in ``keep``, the side inputs).
 
     fx leaves ``attn_mask=None`` style arguments as placeholders guarded by asserts; left in,
     they would look like extra graph inputs that every segment needs.
     """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for ph in placeholders[1:]:
+        if ph.target in keep:
+            continue
         value = ph.args[0] if ph.args else None  # fx stores the concrete value as the default
         for user in list(ph.users):
             user.args = fx.node.map_arg(user.args, lambda n: value if n is ph else n)
@@ -312,22 +330,22 @@ def _swapped(gm: fx.GraphModule, convert: Callable[[torch.Tensor], torch.Tensor 
             store[name] = t
 
 
-def _propagate(gm: fx.GraphModule, sample: torch.Tensor, mode=None,
+def _propagate(gm: fx.GraphModule, sample: tuple[torch.Tensor, ...], mode=None,
                convert: Callable[[torch.Tensor], torch.Tensor | None] = lambda t: None) -> None:
-    """ShapeProp of ``sample`` (a fake tensor of ``mode`` where given), tensors ``convert``ed."""
+    """ShapeProp of the inputs ``sample`` (fake tensors of ``mode`` where given), tensors ``convert``ed."""
     prop = ShapeProp(gm)  # built outside the fake mode: ShapeProp then does not deep-copy the model
     try:
         # ShapeProp prints what it raises; inside a fake mode, real parameters are read as fake
         # ones (metadata only, never written).
         with contextlib.redirect_stderr(io.StringIO()), _swapped(gm, convert), mode or contextlib.nullcontext():
-            prop.propagate(mode.from_tensor(sample) if mode is not None else sample)
+            prop.propagate(*(mode.from_tensor(t) if mode is not None else t for t in sample))
     except Exception:
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
         raise
 
 
-def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
+def _propagate_shapes(gm: fx.GraphModule, sample: tuple[torch.Tensor, ...]) -> None:
     """Shapes and dtypes of every node, without arithmetic where possible.
 
     A model built for planning (parameters on the meta device) runs on meta tensors, its
@@ -344,12 +362,12 @@ def _propagate_shapes(gm: fx.GraphModule, sample: torch.Tensor) -> None:
     planning = any(t.is_meta for t in (*gm.parameters(), *gm.buffers()))
     if planning:
         with contextlib.suppress(Exception):
-            _propagate(gm, sample.to("meta"), convert=lambda t: None if t.is_meta else t.to("meta"))
+            _propagate(gm, tuple(t.to("meta") for t in sample), convert=lambda t: None if t.is_meta else t.to("meta"))
             return
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     to_fake = mode.fake_tensor_converter.from_meta_and_device
     try:
-        _propagate(gm, sample, mode, convert=lambda t: to_fake(mode, t, sample.device) if t.is_meta else None)
+        _propagate(gm, sample, mode, convert=lambda t: to_fake(mode, t, sample[0].device) if t.is_meta else None)
         return
     except Exception:
         if planning:
@@ -379,36 +397,50 @@ def _run_failure(role: str, shape: tuple[int, ...], exc: BaseException) -> str:
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "student",
-          batch_size: int = 2, lazy: bool = False) -> TracedModel:
-    """Trace ``model`` and propagate shapes with one random batch of ``input_size``.
+          batch_size: int = 2, lazy: bool = False, side: tuple[SideInput, ...] = ()) -> TracedModel:
+    """Trace ``model`` and propagate shapes with one random batch of ``input_size`` (and of
+    each side input: integers in ``[0, high)``).
 
     After: every node of the GraphModule has a NodeInfo; tensor nodes have shapes. The
-    GraphModule holds the very submodules of ``model`` (parameters shared, not copied).
+    GraphModule holds the very submodules of ``model`` (parameters shared, not copied); its
+    placeholders are the image, then the side inputs in the order of ``side``.
     ``lazy`` (planning): it writes its Python code only when first called (``graph_module``).
     """
-    tracer, graph, leaves = _trace_graph(model, role)
-    _inline_concrete_args(graph)
+    tracer, graph, leaves = _trace_graph(model, role, side)
+    _inline_concrete_args(graph, tuple(s.name for s in side))
     _modal_dropout(tracer.root, graph)
     gm = graph_module(tracer.root, graph, type(model).__name__, lazy)
 
-    primary = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    sample = torch.randn(batch_size, *input_size)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_name = {n.target: n for n in placeholders[1:]}
+    primary, side_nodes = placeholders[0], [by_name[s.name] for s in side]
+    sample = (torch.randn(batch_size, *input_size),
+              *(torch.randint(0, max(s.high, 1), (batch_size,)) for s in side))
     modes = {m: m.training for m in model.modules()}  # restored one by one: a mix stays a mix
     model.eval()  # BN statistics must not move; eval also avoids batch-size-1 BN errors
     try:
         with torch.no_grad():
             _propagate_shapes(gm, sample)
     except Exception as exc:
-        raise TraceError(_run_failure(role, tuple(sample.shape), exc)) from exc
+        raise TraceError(_run_failure(role, tuple(sample[0].shape), exc)) from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
+    return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size),
+                       nodes=_node_infos(gm, primary, side_nodes), leaves=leaves, side=tuple(side))
 
+
+def _node_infos(gm: fx.GraphModule, primary: fx.Node, side_nodes: list[fx.Node]) -> dict[str, NodeInfo]:
+    """Every node's NodeInfo: whether it depends on the image (``primary``), or on the side
+    inputs alone."""
     dependent: set[fx.Node] = {primary}
+    side: set[fx.Node] = set(side_nodes)
     infos: dict[str, NodeInfo] = {}
     for index, node in enumerate(gm.graph.nodes):
         if node is not primary and any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
+        elif any(a in side for a in node.all_input_nodes):
+            side.add(node)
         meta = node.meta.get("tensor_meta")
         is_tensor = meta is not None and hasattr(meta, "shape")
         stack = node.meta.get("nn_module_stack") or {}
@@ -420,8 +452,9 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
             shape=tuple(meta.shape) if is_tensor else None,
             dtype=str(meta.dtype).replace("torch.", "") if is_tensor else None,
             input_dependent=node in dependent,
+            side_dependent=node in side,
         )
-    return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size), nodes=infos, leaves=leaves)
+    return infos
 
 
 __all__ = ["KDTracer", "NodeInfo", "TracedModel", "trace"]
@@ -448,18 +481,37 @@ def trace_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> 
     return replace(traced, notes=tuple(notes))
 
 
+def side_inputs(spec: Spec, model: nn.Module) -> tuple[SideInput, ...]:
+    """The side inputs of ``spec``'s task, named as ``model``'s forward names them: for a
+    denoiser, its second argument is the timestep and, class-conditional, its third the class."""
+    if spec.denoise is None:
+        return ()
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    wanted = 3 if spec.denoise.class_conditional else 2
+    if len(names) < wanted:
+        raise TraceError(f"{type(model).__name__}.forward({', '.join(names)}): a denoiser takes (x, t"
+                         + (", y)" if spec.denoise.class_conditional else ")")
+                         + " (denoise.class_conditional: " + str(spec.denoise.class_conditional).lower() + ")")
+    side = [SideInput(names[1], "timestep", spec.denoise.timesteps)]
+    if spec.denoise.class_conditional:
+        side.append(SideInput(names[2], "class", int(getattr(model, "num_classes", None) or 1)))
+    return tuple(side)
+
+
 def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], notes: list[str]) -> ModelArtifacts:
     """``trace``; a model on the meta device that cannot be traced or shape-propagated there
     (a constructor or forward that needs tensor values) is built from the spec with real
     weights and traced again, with a note. Its weights are only ever used for shapes here."""
+    side = side_inputs(spec, art.model)
     if not holds_meta(art.model):
-        return replace(art, traced=trace(art.model, input_size, role=art.role))
+        return replace(art, traced=trace(art.model, input_size, role=art.role, side=side))
     try:  # planning: graph modules that never run write no code
-        return replace(art, traced=trace(art.model, input_size, role=art.role, lazy=True))
+        return replace(art, traced=trace(art.model, input_size, role=art.role, lazy=True, side=side))
     except Exception as exc:  # the real build's own trace raises the error that matters, if any
         model_spec = getattr(spec, art.role)
         model = create_model(model_spec.model, model_spec.kwargs, search_path=spec.source_dir)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         notes.append(f"{art.role} {model_spec.model}: planned with real weights (on the meta device, "
                      f"tracing failed: {first})")
-        return replace(art, model=model, traced=trace(model, input_size, role=art.role))
+        return replace(art, model=model, traced=trace(model, input_size, role=art.role, side=side))

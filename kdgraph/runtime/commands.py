@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
 from kdgraph.data import DeviceLoader, build_data
+from kdgraph.diffusion import DenoiseTask, denoise_mse
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
@@ -51,16 +52,25 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
                            "its image folder (data.loader: stream)")
     result: dict = {"split": split, "samples": samples}
-    result.update(_scores("student", accuracy(student, loader, device, spec.runtime.precision)))
+    result.update(_scores("student", _score(spec, student, loader, device)))
     if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
         teacher = compiled.teacher.model.to(device).eval()
-        result.update(_scores("teacher", accuracy(teacher, loader, device, spec.runtime.precision)))
+        result.update(_scores("teacher", _score(spec, teacher, loader, device)))
     return result
 
 
+def _score(spec: Spec, model: torch.nn.Module, loader, device: torch.device) -> dict:
+    """Top-1 and top-5 of ``model`` on ``loader``; a denoiser's MSE to the true noise at each
+    sample's fixed evaluation draw of (t, ε) (spec denoise)."""
+    if spec.denoise is None:
+        return accuracy(model, loader, device, spec.runtime.precision)
+    return denoise_mse(model, loader, DenoiseTask.of(spec.denoise, spec.seed))
+
+
 def _scores(role: str, acc: dict) -> dict:
-    """``role``'s top-1 and top-5 and, for a dense task, its mean IoU (top-1 is pixel accuracy)."""
-    return {f"{role}_{k}": acc[k] for k in ("top1", "top5", "miou") if k in acc}
+    """``role``'s top-1 and top-5 and, for a dense task, its mean IoU (top-1 is pixel accuracy);
+    a denoiser's MSE."""
+    return {f"{role}_{k}": acc[k] for k in ("top1", "top5", "miou", "mse") if k in acc}
 
 
 def _compile_for_eval(spec: Spec) -> Compiled:
@@ -100,6 +110,10 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
+    if spec.denoise is not None:
+        raise KDGraphError("kdgraph export ships a classifier in timm's layout; exporting a denoiser (in diffusers' "
+                           "folder layout) is not built yet (issue 26): its trained weights are "
+                           f"{RunFolder(spec.output_dir).student}, loadable into the student model")
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     if checkpoint is not None:
         file_format(checkpoint, given=True)

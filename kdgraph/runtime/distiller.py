@@ -45,6 +45,11 @@ class StepState:
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
     cached: Any = None
     progress: torch.Tensor | float | None = None  # epochs done by the end of this step (losses with ``progress``)
+    # a denoiser's side inputs (timestep, class) and their side tensors (its time embedding), by
+    # graph node: the student's (with autograd) and the teacher's; every block reads its share
+    side_inputs: tuple[torch.Tensor, ...] = ()
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 OpFn = Callable[["Distiller", Op, list[Any], StepState], Any]
@@ -71,7 +76,7 @@ def frozen_teacher(compiled: Compiled) -> FrozenTeacher:
     return FrozenTeacher(compiled.teacher.model, compiled.teacher.segments, teacher_normalize(compiled),
                          whole=not any(isinstance(m, Tap) for seg in compiled.teacher.segments
                                        for m in seg.children()),
-                         dtype=getattr(torch, compiled.plan.teacher_dtype))
+                         dtype=getattr(torch, compiled.plan.teacher_dtype), side_segment=compiled.teacher.side_segment)
 
 
 class Distiller(nn.Module):
@@ -85,7 +90,7 @@ class Distiller(nn.Module):
         self.projections = build_projections(compiled.pairing) if plan.projection_fit is not None else nn.ModuleDict()
         # Kept out of the module tree: state_dict and DDP see every parameter once, under the
         # student's own names.
-        self.chain = StudentChain(compiled.student.segments)
+        self.chain = StudentChain(compiled.student.segments, compiled.student.side_segment)
         # A plain object: nn.Module.__setattr__ registers modules only, so the teacher stays
         # out of train()/eval(), modules(), parameters(), state_dict() and DDP. None where no
         # stage runs it (a teacher cache replays its logits in every stage).
@@ -142,30 +147,38 @@ class Distiller(nn.Module):
         training batches, frozen afterwards. Returns the batches used."""
         return fit_projections(self.projections, self.teacher.features, batches, limit)
 
-    def teacher_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def teacher_features(self, x: torch.Tensor, side: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:
-        its logits), computed without autograd."""
-        return self.teacher.features(x, self._teacher_blocks)
+        its logits), computed without autograd; ``side``: its side tensors (a denoiser's)."""
+        if side:
+            return self.teacher.features(x, self._teacher_blocks, side)
+        return self.teacher.features(x, self._teacher_blocks)  # a model without side inputs: called as it always was
 
-    def inference(self, x: torch.Tensor) -> torch.Tensor:
-        """The student as it will be exported: the stage's inference program."""
-        state = StepState()
+    def inference(self, x: torch.Tensor, side: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """The student as it will be exported: the stage's inference program (``side``: a
+        denoiser's timestep and class)."""
+        state = StepState(side_inputs=side, side=self.chain.side(side) if side else {})
         return run_program(self.inference_program, x, lambda op, inputs: self.run_op(op, inputs, state),
-                           whole=self.student)
+                           whole=self.student, side=side)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, cached: Any = None,
-                progress: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+                progress: torch.Tensor | float | None = None, side: tuple[torch.Tensor, ...] = ()
+                ) -> dict[str, torch.Tensor]:
         """Loss terms of the current stage: its program, op by op. No gradient crosses groups:
         each group starts from the input or from a (no-grad) teacher feature. ``cached``: the
         teacher's logits of this batch from a teacher cache, for a stage whose program reads it
         (``TeacherCache.batch``). ``progress``, the epochs done by the end of this step
         (fractional; a 0-dim tensor keeps a compiled step from recompiling), reaches the losses
-        that declare ``progress`` (DKD's warm-up)."""
+        that declare ``progress`` (DKD's warm-up). ``side``: a denoiser's side inputs (timestep,
+        class): every student block is fed the student's side tensors of them, every teacher
+        block the teacher's."""
         for tap in self.taps.values():
             tap.armed = True
         try:
-            state = StepState(teacher=self.teacher_features(x) if self._teacher_blocks else {}, cached=cached,
-                              progress=progress)
+            teacher_side = self.teacher.side(side) if side and self.teacher is not None else {}
+            state = StepState(teacher=self.teacher_features(x, teacher_side) if self._teacher_blocks else {},
+                              cached=cached, progress=progress, side_inputs=side,
+                              side=self.chain.side(side) if side else {}, teacher_side=teacher_side)
             run_program(self.program, x, lambda op, inputs: self.run_op(op, inputs, state), labels=y)
         finally:
             for tap in self.taps.values():
@@ -197,14 +210,14 @@ def _cache(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
 
 @OP_KINDS.register("student")
 def _student(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
-    return d.chain.block(op.block, inputs[0])
+    return d.chain.block(op.block, inputs[0], state.side) if state.side else d.chain.block(op.block, inputs[0])
 
 
 @OP_KINDS.register("whole")
 def _whole(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """The whole student on the input: its last block's output, the student's own forward in
     place of its blocks run in order (``kdgraph.compiler.program.whole_student``)."""
-    return d.student(inputs[0])
+    return d.student(inputs[0], *state.side_inputs)
 
 
 @OP_KINDS.register("lift")
@@ -241,6 +254,8 @@ def _pair_lift(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any
 def _proxy(d: Distiller, op: Op, inputs: list[Any], state: StepState) -> Any:
     """TPP: teacher block ``op.block`` on the student's (lifted) feature; the teacher's
     parameters need no grad, gradients reach lift and the student."""
+    if state.teacher_side:
+        return d.teacher.block(op.block, inputs[0], state.teacher_side)
     return d.teacher.block(op.block, inputs[0])
 
 

@@ -31,6 +31,7 @@ import torch
 
 from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
+from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, pixel_range, save_grid
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
@@ -39,6 +40,7 @@ from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
+from kdgraph.runtime.frechet import Judge
 from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.replay import TeacherCache, split_cached
@@ -134,7 +136,15 @@ class Trainer:
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
         # batches come normalised in the step's layout (no separate channels_last copy)
         self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
-        if self.compiled.num_classes is not None and self.data.num_classes > self.compiled.num_classes:
+        # a denoiser (spec denoise): per-sample timestep and noise, keyed by the sample's index
+        self.task = DenoiseTask.of(spec.denoise, spec.seed) if spec.denoise is not None else None
+        self.denoise = spec.denoise
+        if self.task is not None and isinstance(self.data.train, StreamLoader):
+            raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
+        if self.denoise is not None and self.denoise.judge is not None:
+            Judge.finished_run(self.denoise.judge)  # before training, not after it
+        if self.task is None and self.compiled.num_classes is not None \
+                and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
                                f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
@@ -258,10 +268,10 @@ class Trainer:
         # a sharded teacher runs on every rank at once (each gathers the others' shards): every
         # rank evaluates it on the whole test split, the main rank reports
         if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
-            self.teacher_acc = acc = accuracy(teacher, self.data.test, self.device, self.config.precision,
-                                              self.config.channels_last)
+            self.teacher_acc = acc = self.score(teacher)
         if self.main and teacher is not None and acc is not None:
-            reporter.note(f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
+            reporter.note(f"teacher denoising MSE {acc['mse']:.5f}" if "mse" in acc else
+                          f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
                           + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
 
     def fit_projections(self) -> None:
@@ -282,13 +292,14 @@ class Trainer:
         self.distiller.train()
         start = self.position["step"] if epoch == self.position["epoch"] else 0
         self.reporter.start_epoch(epoch, stage, start)
-        meter = EpochMeter(WaitTimed(self.data.train.epoch(epoch, start)), start)
+        meter = EpochMeter(WaitTimed(self.batches(epoch, start)), start)
         replay = self.cache is not None and stage.program.reads_cache
-        for step, (xb, yb) in enumerate(meter.batches, start=start):
-            xb, yb = self.mix(xb, yb, epoch, step)
+        for step, (xb, yb, idx) in enumerate(meter.batches, start=start):
+            xb, yb, side = self.prepare(xb, yb, idx, epoch, step)
             self.progress = self.progress_at(epoch, step)
             cached = self.cache.batch(epoch, step, len(yb)) if replay else None
-            terms, loss = self.train_step(xb, yb) if cached is None else self.train_step(xb, yb, cached)
+            terms, loss = self.train_step(xb, yb) if cached is None and not side else \
+                self.train_step(xb, yb, cached, side)
             self.global_step += 1
             if self.tracker is not None:
                 self.tracker.update(self.global_step)
@@ -298,6 +309,22 @@ class Trainer:
             self.reporter.advance()
             self.checkpoint_if_due(epoch, step + 1, terms, loss)
         self.end_epoch(meter, stage, epoch)
+
+    def batches(self, epoch: int, start: int = 0):
+        """The training batches of ``epoch`` from step ``start``, each with its samples' dataset
+        indices where a denoiser's draws need them (else None)."""
+        if self.task is not None:
+            return self.data.train.epoch_indexed(epoch, start)
+        return ((xb, yb, None) for xb, yb in self.data.train.epoch(epoch, start))
+
+    def prepare(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None, epoch: int, step: int
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The step's (input, target, side inputs): a denoiser's noisy images, their true noise
+        and (t,) or (t, y), drawn per sample from (seed, epoch, index) so that a resumed run
+        draws exactly as the uninterrupted one; otherwise the batch (mixed: ``mix``), no side."""
+        if self.task is not None:
+            return self.task.draw(xb, yb, epoch, idx)
+        return (*self.mix(xb, yb, epoch, step), ())
 
     def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Consistent teaching (``data.mixup``): the batch mixed once, before the step, so that
@@ -314,10 +341,11 @@ class Trainer:
             return None
         return torch.tensor(epoch + (step + 1) / len(self.data.train), device=self.device)
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor,
-                   cached: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, cached: Any = None,
+                   side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimisation step of the current stage; returns device tensors (no host sync).
-        ``cached``: the batch's teacher logits from the teacher cache, where the stage replays it.
+        ``cached``: the batch's teacher logits from the teacher cache, where the stage replays it;
+        ``side``: a denoiser's side inputs (timestep, class), split with the batch.
 
         With ``micro_batches`` k > 1 the batch is split into k parts whose losses, weighted
         by their share of the batch, are backpropagated one after the other (DDP
@@ -330,9 +358,9 @@ class Trainer:
             xb = xb.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.micro_batches == 1:  # the whole batch: no split, no accumulator, no share
-            terms, loss = self.forward_backward(xb, yb, cached=cached)
+            terms, loss = self.forward_backward(xb, yb, cached=cached, side=side)
         else:
-            terms, loss = self.accumulate(xb, yb, cached)
+            terms, loss = self.accumulate(xb, yb, cached, side)
         if cfg.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -342,34 +370,37 @@ class Trainer:
         self.scheduler.step()
         return terms, loss
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0, cached: Any = None
-                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0, cached: Any = None,
+                         side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The loss terms of (x, y) and their sum; the sum's gradient, times ``share`` (a part's
         share of the batch), is added to the parameters' gradients. ``cached``: the teacher's
         logits of x from the teacher cache, where the stage replays it."""
         cfg = self.config
         with autocast(cfg.precision, cfg.device):
-            terms = (self.step_module(x, y, progress=self.progress) if cached is None
-                     else self.step_module(x, y, cached, progress=self.progress))
+            extra = {"side": side} if side else {}  # a denoiser's timestep and class
+            terms = (self.step_module(x, y, progress=self.progress, **extra) if cached is None
+                     else self.step_module(x, y, cached, progress=self.progress, **extra))
             loss = functools.reduce(operator.add, terms.values())  # no 0 + first term: one op less
         self.scaler.scale(loss if share == 1.0 else loss * share).backward()
         return terms, loss
 
-    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor,
-                   cached: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def accumulate(self, xb: torch.Tensor, yb: torch.Tensor, cached: Any = None,
+                   side: tuple[torch.Tensor, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``micro_batches`` parts of the batch (and of its cached teacher logits), backpropagated
         one after the other (DDP synchronises on the last only); returns the batch's terms and
         loss, each the parts' values weighted by their share of the batch."""
         k = self.config.micro_batches
         cached_parts = split_cached(cached, k) if cached is not None else [None] * k
-        parts = [(x, y, c) for x, y, c in zip(xb.tensor_split(k), yb.tensor_split(k), cached_parts) if len(y)]
+        side_parts = list(zip(*(t.tensor_split(k) for t in side))) if side else [()] * k
+        parts = [(x, y, c, sd) for x, y, c, sd in zip(xb.tensor_split(k), yb.tensor_split(k), cached_parts, side_parts)
+                 if len(y)]
         terms: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=xb.device)
-        for j, (xm, ym, cm) in enumerate(parts):
+        for j, (xm, ym, cm, sm) in enumerate(parts):
             share = len(ym) / len(yb)
             last = j == len(parts) - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                part, part_loss = self.forward_backward(xm, ym, share, cm)
+                part, part_loss = self.forward_backward(xm, ym, share, cm, tuple(sm))
             for name, value in part.items():
                 terms[name] = terms.get(name, 0) + value.detach() * share
             loss = loss + part_loss.detach() * share
@@ -433,8 +464,7 @@ class Trainer:
         acc = self.student_acc
         record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": self.global_step,
                   **{f"train_{k}": round(v.item() / max(meter.steps, 1), 6) for k, v in meter.sums.items()},
-                  "student_top1": acc and acc["top1"], "student_top5": acc and acc["top5"],
-                  **({"student_miou": acc["miou"]} if acc and "miou" in acc else {}),
+                  **_scores("student", acc),
                   "epoch_s": round(epoch_s, 3),
                   "images_per_s": round(images / max(epoch_s, 1e-9), 1),
                   "data_wait_share": round(meter.batches.waited / max(epoch_s, 1e-9), 3)}
@@ -444,10 +474,12 @@ class Trainer:
         self.save(epoch + 1, 0)
 
     def evaluate_epoch(self, epoch: int) -> None:
-        """Evaluate the student; a new best top-1 is exported as best.safetensors."""
-        self.student_acc = self.evaluate()
-        if self.student_acc["top1"] > self.history.get("best_top1", -1.0):  # ties keep the earlier epoch
-            self.history.update(best_top1=self.student_acc["top1"], best_epoch=epoch + 1)
+        """Evaluate the student; a new best top-1 (a denoiser: the lowest MSE) is exported as
+        best.safetensors."""
+        self.student_acc = acc = self.evaluate()
+        key, sign = ("best_mse", -1.0) if "mse" in acc else ("best_top1", 1.0)
+        if key not in self.history or sign * acc[key[5:]] > sign * self.history[key]:  # ties keep the earlier epoch
+            self.history.update({key: acc[key[5:]], "best_epoch": epoch + 1})
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
 
     def warn_if_starved(self, record: dict) -> None:
@@ -486,11 +518,12 @@ class Trainer:
         was = self.distiller.training
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            for xb, _ in itertools.islice(self.data.train.epoch(0), self.config.bn_recalibrate_batches):
+            for xb, yb, idx in itertools.islice(self.batches(0), self.config.bn_recalibrate_batches):
+                xb, _, side = self.prepare(xb, yb, idx, 0, 0) if self.task is not None else (xb, yb, ())
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.precision, self.device):
-                    self.distiller.inference(xb)
+                    self.distiller.inference(xb, side)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         self.distiller.train(was)
@@ -504,10 +537,21 @@ class Trainer:
         was = self.distiller.training
         self.distiller.eval()
         try:
-            return accuracy(self.distiller.inference, self.data.test, self.device, self.config.precision,
-                            self.config.channels_last)
+            return self.score(lambda x, *side: self.distiller.inference(x, side))
         finally:
             self.distiller.train(was)
+
+    def score(self, forward) -> dict[str, float]:
+        """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
+        denoiser's MSE to the true noise at each test image's fixed (t, ε)."""
+        cfg = self.config
+        if self.task is None:
+            return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
+
+        def run(x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+            with autocast(cfg.precision, self.device):
+                return forward(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x, *side)
+        return denoise_mse(run, self.data.test, self.task)
 
     # --------------------------------------------------------------------- checkpoints
 
@@ -538,8 +582,9 @@ class Trainer:
             "data": self.data.state_dict(epoch, step),
             "plan": self.plan.to_dict(),
             "spec": self.spec_record,  # what restore compares: a copied-in checkpoint of another run is refused
-            "teacher_top1": acc and acc["top1"],
-            "teacher_top5": acc and acc["top5"],
+            "teacher_top1": acc and acc.get("top1"),
+            "teacher_top5": acc and acc.get("top5"),
+            "teacher_mse": acc and acc.get("mse"),
             "history": dict(self.history),
         }, self.folder.last_checkpoint, keep_previous=True)
 
@@ -574,6 +619,8 @@ class Trainer:
         self.global_step, self.wall_before = self.position["global_step"], self.history["wall_s"]
         if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
             self.teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
+        elif state.get("teacher_mse") is not None:
+            self.teacher_acc = {"mse": state["teacher_mse"]}
         return warning
 
     # ------------------------------------------------------------------------ finishing
@@ -587,29 +634,70 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        summary = self.summary()
+        samples = self.write_samples() if self.main else {}
+        summary = self.summary() | samples
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
             self.folder.summary.write_text(json.dumps(summary, indent=2))
             self.metrics.close()
             plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,
-                        teacher_top1=self.teacher_acc and self.teacher_acc["top1"])
+                        teacher_top1=self.teacher_acc and self.teacher_acc.get("top1"))
         if self.info.enabled:
             torch.distributed.barrier()
         return summary
+
+    @torch.no_grad()
+    def sample(self, forward, n: int) -> torch.Tensor:
+        """``n`` DDIM samples of ``forward`` (fixed seed and step count: the same model draws the
+        same images), in the data's normalisation."""
+        return ddim_sample(forward, self.task.schedule, tuple(self.compiled.input_size), n, self.denoise.sample_steps,
+                           self.task.seed, self.data.num_classes if self.task.class_conditional else None,
+                           self.device, pixel_range(self.data.mean, self.data.std))
+
+    def write_samples(self) -> dict:
+        """A denoiser's DDIM sample grid (samples.png) and, with a judge (``denoise.judge``), the
+        Fréchet distance of the student's and the teacher's samples to the test split in the
+        judge's feature space, and its accuracy on their classes: {student_fd, ...}."""
+        d = self.denoise
+        n = 0 if d is None else max(d.sample_images, d.judge_samples if d.judge is not None else 0)
+        if not n:
+            return {}
+        was = self.distiller.training
+        self.distiller.eval()
+        try:
+            images = self.sample(lambda x, *side: self.distiller.inference(x, side), n)
+        finally:
+            self.distiller.train(was)
+        if d.sample_images:
+            readable(save_grid(images[:d.sample_images], self.data.mean, self.data.std, self.folder.samples))
+        if d.judge is None:
+            return {}
+        return self.judged(images[:d.judge_samples])
+
+    def judged(self, images: torch.Tensor) -> dict:
+        """The judge's verdict on the student's samples ``images`` and on the teacher's."""
+        judge = Judge.from_run(self.denoise.judge, self.device)
+        m = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
+        to_pixels = lambda x: (x.to(self.device) * s + m).clamp(0, 1)  # noqa: E731
+        real = torch.cat([xb for xb, _ in self.data.test.epoch(0)])[:len(images)]
+        classes = torch.arange(len(images)) % self.data.num_classes if self.task.class_conditional else None
+        out = {f"student_{k}": v for k, v in judge.judge(to_pixels(images), to_pixels(real), classes).items()}
+        if self.distiller.teacher is not None:
+            teacher = self.sample(self.distiller.teacher, len(images))
+            out |= {f"teacher_{k}": v for k, v in judge.judge(to_pixels(teacher), to_pixels(real), classes).items()}
+        return {"judge": judge.name, **out}
 
     def summary(self) -> dict:
         s, t, h = self.student_acc, self.teacher_acc, self.history
         return {
             "name": self.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
             "epochs": self.plan.epochs,
-            "student_top1": s and s["top1"], "student_top5": s and s["top5"],
+            **_scores("student", s),
             "best_top1": h.get("best_top1"),
+            **({"best_mse": h["best_mse"]} if "best_mse" in h else {}),
             "best_epoch": h.get("best_epoch"),
-            "teacher_top1": t and t["top1"], "teacher_top5": t and t["top5"],
-            # a per-pixel task: top-1 is the pixel accuracy, and the mean IoU is reported too
-            **({"student_miou": s["miou"]} if s and "miou" in s else {}),
-            **({"teacher_miou": t["miou"]} if t and "miou" in t else {}),
+            **_scores("teacher", t),
             "wall_time_s": round(h["wall_s"], 2),
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
@@ -623,6 +711,14 @@ class Trainer:
             "preprocessing": self.preprocessing,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def _scores(role: str, acc: dict | None) -> dict:
+    """``{role}_top1``/``_top5`` (None before an evaluation) and, where measured, ``_miou`` (a
+    per-pixel task: top-1 is the pixel accuracy) and ``_mse`` (a denoiser: no top-1)."""
+    acc = acc or {}
+    out = {f"{role}_top1": acc.get("top1"), f"{role}_top5": acc.get("top5")}
+    return out | {f"{role}_{k}": acc[k] for k in ("miou", "mse") if k in acc}
 
 
 @contextmanager

@@ -93,6 +93,11 @@ class RunFolder:
         return self.root / "curves.png"
 
     @property
+    def samples(self) -> Path:
+        """A denoiser's DDIM sample grid (spec denoise)."""
+        return self.root / "samples.png"
+
+    @property
     def stored_spec(self) -> Path:
         """The resolved spec and the spec file and ``--set`` overrides it came from."""
         return self.root / "run.json"
@@ -103,7 +108,8 @@ class RunFolder:
 
     def outputs(self) -> tuple[Path, ...]:
         """The files a run writes at the top of the folder; --force removes exactly these."""
-        return (self.metrics, self.summary, self.student, self.best, self.plan, self.curves, self.stored_spec)
+        return (self.metrics, self.summary, self.student, self.best, self.plan, self.curves, self.samples,
+                self.stored_spec)
 
     def written_in_folders(self) -> dict[Path, tuple[str, ...]]:
         """The run's two folders and the files (glob patterns) it writes there (the checkpoint

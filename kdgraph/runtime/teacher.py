@@ -21,12 +21,12 @@ module's at a time as the teacher runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from kdgraph.runtime.chain import Feature, call_segment
+from kdgraph.runtime.chain import Feature, call_segment, side_values
 from kdgraph.transforms import Renormalize
 
 
@@ -45,34 +45,41 @@ class FrozenTeacher:
     ``whole``: the model's own forward may stand for its segments run in order (False where
     the segments hold taps of explicit layer pairs, which only the segments run). ``dtype``:
     what its floating-point weights and buffers are cast to and computed in (its outputs are
-    float32 all the same). ``sharded``: ``shard_`` spread its parameters over a device mesh."""
+    float32 all the same). ``sharded``: ``shard_`` spread its parameters over a device mesh.
+    ``side_segment``: a denoiser's, from its side inputs (timestep, class) to the side tensors
+    its blocks read (``side``)."""
 
     def __init__(self, model: nn.Module, segments: Iterable[nn.Module], normalize: Renormalize | None = None,
-                 whole: bool = True, dtype: torch.dtype = torch.float32):
+                 whole: bool = True, dtype: torch.dtype = torch.float32, side_segment: nn.Module | None = None):
         self.model = model
         self.segments = list(segments)
+        self.side_segment = side_segment
         self.normalize = normalize  # stays float32: the batch is renormalised before the cast
         self.whole = whole
         self.dtype = dtype
         self.sharded = False
         if dtype != torch.float32:  # in place (param.data), so the segments' shared parameters follow
             self.model._apply(lambda t: cast_feature(t, dtype))
-            for seg in self.segments:
+            for seg in self._graphs():
                 seg._apply(lambda t: cast_feature(t, dtype))
         self.freeze()
+
+    def _graphs(self) -> list[nn.Module]:
+        """The segments and the side segment (where there is one)."""
+        return self.segments + ([self.side_segment] if self.side_segment is not None else [])
 
     def freeze(self) -> FrozenTeacher:
         """Eval mode and no parameter gradients, on the model and on every segment (segments
         carry constants of their own, copied by fx; their modules are the model's)."""
         self.model.eval().requires_grad_(False)
-        for seg in self.segments:
+        for seg in self._graphs():
             seg.eval()
         return self
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a move or cast (``nn.Module._apply``'s ``fn``) to the teacher's tensors."""
         self.model._apply(fn)
-        for seg in self.segments:
+        for seg in self._graphs():
             seg._apply(fn)
         if self.normalize is not None:
             self.normalize.scale, self.normalize.shift = fn(self.normalize.scale), fn(self.normalize.shift)
@@ -129,8 +136,19 @@ class FrozenTeacher:
         return x if self.normalize is None else self.normalize(x)
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor, needed: set[int]) -> dict[int, torch.Tensor]:
-        """The teacher's outputs at the block ends in ``needed`` (block k: its logits).
+    def side(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The teacher's side tensors (its time embedding) of the side inputs ``inputs``, in its
+        dtype (a half-precision teacher computes them under autocast in it)."""
+        if self.dtype == torch.float32 or not inputs:
+            return side_values(self.side_segment, inputs)
+        with torch.autocast(inputs[0].device.type, dtype=self.dtype):
+            return {k: cast_feature(v, self.dtype) for k, v in side_values(self.side_segment, inputs).items()}
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, needed: set[int],
+                 side: Mapping[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """The teacher's outputs at the block ends in ``needed`` (block k: its logits); ``side``:
+        its side tensors (``side``), where it has side inputs (the blocks then run).
 
         The teacher runs no further than the last needed block. Where its logits alone are
         needed (kd) and ``whole`` (no tap inside the segments: the model's own forward does
@@ -141,25 +159,27 @@ class FrozenTeacher:
         last = len(self.segments)
         h = self._in(self.input(x))
         with self._own_dtype(h):
-            if self.whole and needed == {last}:
+            if self.whole and needed == {last} and not side:
                 return {last: self._out(self.model(h))}
             feats: dict[int, torch.Tensor] = {}
             for i, seg in enumerate(self.segments[:max(needed, default=0)], start=1):
-                h = call_segment(seg, h)
+                h = call_segment(seg, h, side)
                 if i in needed:
                     feats[i] = self._out(h)
         return feats
 
-    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def block(self, i: int, h: torch.Tensor, side: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Block ``i`` (1-based) applied to ``h`` with autograd on ``h`` (the teacher's own
         parameters need no grad): a step of TPP's proxy path from a student feature."""
         with self._own_dtype(h):
-            return self._out(call_segment(self.segments[i - 1], self._in(h)))
+            return self._out(call_segment(self.segments[i - 1], self._in(h), side))
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits (for its top-1); a sharded teacher runs its segments, in order."""
+    def __call__(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (for its top-1; a denoiser's predicted noise, given its side
+        inputs); a sharded teacher runs its segments, in order."""
         if self.sharded:
-            return self.features(x, {len(self.segments)})[len(self.segments)]
+            last = len(self.segments)
+            return self.features(x, {last}, self.side(side) if side else None)[last]
         with self._own_dtype(x):
-            return self._out(self.model(self._in(self.input(x))))
+            return self._out(self.model(self._in(self.input(x)), *side))

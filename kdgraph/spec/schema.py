@@ -193,6 +193,11 @@ class ModelSpec(_Strict):
         "student's classifier trained for another number of classes is re-initialised; a teacher's must fit. "
         "Relative paths are relative to the working directory.",
     )
+    from_teacher: Flag = Field(
+        default=False,
+        description="Student only: start from the teacher's weights, every tensor whose name and shape match "
+        "(BK-SDM's initialisation of a student with blocks removed); the plan's notes list what was copied.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -540,6 +545,11 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    task_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising (spec denoise): weight of "
+                               "the task term, MSE between the predicted and the true noise (BK-SDM's L_task).")
+    output_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising with a teacher: weight "
+                                 "of the output term, MSE between the student's and the teacher's predicted "
+                                 "noise (BK-SDM's L_outKD); feature_weight weighs its L_featKD.")
     pairs: list[LayerPair] = Field(
         default_factory=list, max_length=MAX_BLOCKS, description="Explicit layer pairs {student, teacher, loss, "
         "weight}: feature losses at named module outputs, in every training stage, on top of the method's own "
@@ -556,6 +566,39 @@ class LossSpec(_Strict):
                 if name != self.logit and getattr(self, key) != type(self).model_fields[key].default:
                     raise _invalid(f"{key} is a parameter of loss.logit {name}, and loss.logit is {self.logit}",
                                    allowed=f"loss.logit: {name}, or no {key}", at=key, got=getattr(self, key))
+        return self
+
+
+class DenoiseSpec(_Strict):
+    """The denoising task (DDPM, Ho et al. 2020): the model predicts the noise ε in
+    ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` from ``(x_t, t)`` (and the class y where
+    class-conditional); per sample, t and ε are drawn from (seed, epoch, sample index).
+    Its presence makes a run a denoising one: the data's images are x_0, their labels the
+    classes y; the head loss is loss.task_weight·MSE(ε̂, ε) + loss.output_weight·MSE(ε̂, ε̂_teacher)."""
+
+    schedule: Literal["linear", "cosine"] = Field(default="linear", description="Noise schedule: linear betas "
+                                                  "(DDPM) or cosine ᾱ (Nichol & Dhariwal).")
+    timesteps: Int = Field(default=1000, ge=2, le=100_000, description="Diffusion steps T.")
+    beta_start: Float = Field(default=1e-4, gt=0.0, lt=1.0, description="Linear schedule: β_1.")
+    beta_end: Float = Field(default=0.02, gt=0.0, lt=1.0, description="Linear schedule: β_T.")
+    class_conditional: Flag = Field(default=False, description="The model's forward takes the class y as its "
+                                    "third argument: forward(x, t, y).")
+    sample_steps: Int = Field(default=50, ge=1, le=100_000, description="DDIM steps of the sample grid "
+                              "written at the end of a run (deterministic, η = 0).")
+    sample_images: Int = Field(default=64, ge=0, le=1024, description="Images in the sample grid (0: none); "
+                               "class-conditional: classes in turn.")
+    judge: UserPath | None = Field(default=None, description="A finished kdgraph run of a classifier on the same "
+                                   "data (its folder): at the end, the Fréchet distance between its features of "
+                                   "DDIM samples and of real test images (student_fd, teacher_fd; not Inception's "
+                                   "FID) and, class-conditional, its accuracy on the samples' classes.")
+    judge_samples: Int = Field(default=500, ge=2, le=100_000, description="Generated and real images the judge "
+                               "compares (each).")
+
+    @model_validator(mode="after")
+    def _betas_ordered(self) -> DenoiseSpec:
+        if self.beta_start > self.beta_end:
+            raise _invalid("β_1 must not exceed β_T", allowed=f"at most beta_end ({self.beta_end})",
+                           at="beta_start", got=self.beta_start)
         return self
 
 
@@ -667,6 +710,8 @@ class Spec(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec, description="Loss terms.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and LR schedule.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
+    denoise: DenoiseSpec | None = Field(default=None, description="The denoising task (DDPM ε-prediction; "
+                                        "None: classification or per-pixel classes, as the data say).")
     output: UserPath | None = Field(default=None, description="Output directory (None: runs/<name>).")
 
     _source_dir: Path | None = PrivateAttr(default=None)
@@ -864,6 +909,36 @@ class Spec(_Strict):
             raise _invalid(f"loss.logit {logit.name} relates the samples of a batch; micro-batches would each "
                            "be a batch of their own", allowed=f"1 with loss.logit {logit.name}",
                            at="runtime.micro_batches", got=self.runtime.micro_batches)
+        return self
+
+    @model_validator(mode="after")
+    def _from_teacher_is_the_students(self) -> Spec:
+        if self.teacher is not None and self.teacher.from_teacher:
+            raise _invalid("the teacher starts from its own weights", allowed="false", at="teacher.from_teacher",
+                           got=True)
+        s = self.student
+        if s.from_teacher and self.teacher is None:
+            raise _invalid("there is no teacher to copy weights from", allowed="false without a teacher",
+                           at="student.from_teacher", got=True)
+        if s.from_teacher and (s.pretrained or s.checkpoint is not None):
+            raise _invalid("the student's weights would come from the teacher and from "
+                           + ("pretrained: true" if s.pretrained else "student.checkpoint"),
+                           allowed="false with pretrained or a checkpoint", at="student.from_teacher", got=True)
+        return self
+
+    @model_validator(mode="after")
+    def _denoise_without_teacher_cache(self) -> Spec:
+        if self.denoise is not None and self.teacher is not None and self.teacher.cache is not None:
+            raise _invalid("a teacher cache replays the teacher's outputs on the data's views; a denoiser's teacher "
+                           "sees noisy images drawn anew every step", allowed="null with denoise",
+                           at="teacher.cache", got=str(self.teacher.cache))
+        return self
+
+    @model_validator(mode="after")
+    def _denoise_without_mixup(self) -> Spec:
+        if self.denoise is not None and self.data.mixup is not None:
+            raise _invalid("a denoiser is trained on noisy images of one sample each; mixup mixes class labels",
+                           allowed="null with denoise", at="data.mixup", got=self.data.mixup.model_dump())
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,416 @@
+"""Denoisers: side inputs in the trace, their cuts and blocks, the DDPM task, BK-SDM's losses
+and a StableKD run that resumes exactly.
+
+Independent truth: the zoo's DiffusionUNet's own eager forward (the blocks composed must give
+it bit for bit); the live set after each cut recomputed from the fx graph's users by brute
+force; the skips listed by hand from its forward; a student that is the teacher (every
+feature and output loss exactly 0); DDPM's and DDIM's formulas written out (an oracle noise
+predictor of a one-image data set brings DDIM back to that image); the losses written out
+with sums; and an uninterrupted run against an interrupted and resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _runtime_helpers import write_spec
+from kdgraph.compiler import compile_spec
+from kdgraph.compiler.boundaries import choose_boundaries
+from kdgraph.compiler.cuts import find_cuts
+from kdgraph.compiler.split import split_segments, split_side
+from kdgraph.compiler.stages import find_stages
+from kdgraph.compiler.trace import trace
+from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid
+from kdgraph.ir import SideInput
+from kdgraph.losses import LOSSES, create_loss
+from kdgraph.runtime import loop
+from kdgraph.runtime.chain import StudentChain
+from kdgraph.runtime.distiller import Distiller
+from kdgraph.spec import load_spec
+from kdgraph.zoo import diffusion_unet, diffusion_unet_small, diffusion_unet_teacher
+
+SIDE = (SideInput("t", "timestep", 1000), SideInput("y", "class", 10))
+SIZE = (1, 16, 16)
+WIDTHS = (8, 16, 32)
+
+# By hand, from DiffusionUNet.forward: the feature maps live after each level's last block
+# (fx names a residual block's output after its final add: the module label is the block).
+SKIPS = {
+    "enc1.1": ("enc1.1",),  # the first level's output alone
+    "enc2.1": ("enc1.1", "enc2.1"),  # enc1 waits for dec1
+    "mid.1": ("enc1.1", "enc2.1", "mid.1"),
+    "dec2.1": ("enc1.1", "dec2.1"),  # enc2 has been used
+}
+
+
+def _traced(model, side=SIDE):
+    return trace(model.eval(), SIZE, "student", side=side)
+
+
+def _bounds(traced, blocks):
+    found = choose_boundaries(find_stages(find_cuts(traced), traced), blocks, traced)
+    return [b.cut.nodes if b.cut.multi else b.cut.node for b in found]
+
+
+def _batch(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SIZE, generator=g), torch.randint(0, 1000, (n,), generator=g), \
+        torch.randint(0, 10, (n,), generator=g)
+
+
+def test_side_inputs_are_graph_inputs_and_stay_out_of_cuts():
+    traced = _traced(diffusion_unet_teacher(widths=WIDTHS, num_classes=10))
+    placeholders = [n.name for n in traced.gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["x", "t", "y"]
+    info = traced.nodes
+    # the time MLP and the class embedding depend on t and y alone: side values, not the image's
+    for name in ("time_embed_mlp_2", "class_embed"):
+        assert info[name].side_dependent and not info[name].input_dependent
+    side = {n for n, i in info.items() if i.side_dependent}
+    cuts = find_cuts(traced)
+    assert cuts and all(not set(c.nodes) & side for c in cuts)
+    labels = {c.label: tuple(m.label for m in c.members) for c in cuts}
+    for end, tensors in SKIPS.items():
+        assert labels[end] == tensors
+
+
+def test_cuts_are_the_live_sets_less_the_side_values():
+    """Brute force: after each cut's node, the values defined so far and read later. Without
+    side inputs no level's end would be a cut (the time embedding is live across them)."""
+    traced = _traced(diffusion_unet_teacher(widths=WIDTHS, num_classes=10))
+    nodes = list(traced.gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    info = traced.nodes
+    for cut in find_cuts(traced):
+        live = {n.name for n in nodes[:cut.index + 1]
+                if any(index[u] > cut.index for u in n.users)
+                and (info[n.name].input_dependent or info[n.name].side_dependent)}
+        side_live = {n for n in live if info[n].side_dependent}
+        assert set(cut.nodes) == live - side_live, cut.description
+        if cut.label in SKIPS:  # at every level's end the time embedding still has blocks to reach
+            assert side_live, f"nothing of the time embedding is live after {cut.description}"
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_blocks_recompose_the_eager_forward(class_conditional):
+    torch.manual_seed(0)
+    model = diffusion_unet_teacher(widths=WIDTHS, num_classes=10 if class_conditional else None).eval()
+    side = SIDE if class_conditional else SIDE[:1]
+    traced = _traced(model, side)
+    x, t, y = _batch()
+    inputs = (t, y) if class_conditional else (t,)
+    expected = model(x, *inputs)
+    for blocks in range(1, 6):
+        segments = split_segments(traced, _bounds(traced, blocks))
+        chain = StudentChain(segments, split_side(traced, segments))
+        values = chain.side(inputs)
+        h = x
+        for i in range(1, blocks + 1):
+            h = chain.block(i, h, values)
+        assert torch.equal(h, expected), blocks
+    # each block takes (cut tensors, its side tensors): the 4-block split, read from the graphs
+    segments = split_segments(traced, _bounds(traced, 4))
+    args = [[n.name for n in s.graph.nodes if n.op == "placeholder"] for s in segments]
+    assert [len([a for a in names if a.startswith("cut_")]) for names in args] == [0, 1, 2, 3]
+    assert [len(s.side_inputs) for s in segments] == [2, 2, 2, 4]  # one time projection per residual block
+    assert all(names[-len(s.side_inputs):] == [f"side_{n}" for n in s.side_inputs] for names, s in zip(args, segments))
+
+
+def _spec(tmp_path, method="stablekd", teacher_ckpt=None, student="diffusion_unet_small", epochs=2, **extra):
+    spec = {
+        "name": "tiny-ddpm", "seed": 0,
+        "student": {"model": f"module:kdgraph.zoo:{student}", "kwargs": {"in_chans": 1, "num_classes": 4,
+                                                                       "widths": list(WIDTHS)}},
+        "data": {"dataset": "synthetic", "input_size": list(SIZE), "num_classes": 4, "samples": 48,
+                 "batch_size": 8, "augment": "none"},
+        "denoise": {"timesteps": 100, "class_conditional": True, "sample_steps": 3, "sample_images": 4},
+        "decompose": {"blocks": 4 if method != "supervised" else 1},
+        "schedule": {"method": method, "epochs": epochs, **({"recompositions": 1} if method == "stablekd" else {})},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        "runtime": {"device": "cpu", "log_every": 1, "num_threads": 1, "checkpoint_every": 2},
+        "output": str(tmp_path / "run"),
+        **extra,
+    }
+    if method != "supervised":
+        spec["teacher"] = {"model": "module:kdgraph.zoo:diffusion_unet_teacher",
+                           "kwargs": {"in_chans": 1, "num_classes": 4, "widths": list(WIDTHS)}}
+        if teacher_ckpt is not None:
+            spec["teacher"]["checkpoint"] = str(teacher_ckpt)
+    return spec
+
+
+def test_plan_shows_side_inputs_apart_from_cuts(tmp_path):
+    compiled = compile_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), materialize=False)
+    d = json.loads(json.dumps(compiled.to_dict()))
+    for role in ("teacher", "student"):
+        assert d[role]["side_inputs"] == [{"name": "t", "kind": "timestep", "high": 100},
+                                          {"name": "y", "kind": "class", "high": 4}]
+        assert len(d[role]["side_tensors"]) == 4
+    assert [[t["module"] for t in b] for b in d["student"]["side_tensors"]] == \
+        [["enc1.0"], ["enc2.0"], ["mid.0"], ["dec2.0", "dec1.0"]]
+    assert d["graph"]["nodes"][[n["id"] for n in d["graph"]["nodes"]].index("head_loss")]["entry"] == "denoise"
+    cut_nodes = {m["node"] for c in d["student"]["cuts"] for m in c.get("tensors", [c])}
+    assert not cut_nodes & {t["node"] for b in d["student"]["side_tensors"] for t in b}
+
+
+def test_a_student_that_is_the_teacher_has_zero_distillation_loss(tmp_path):
+    """StableKD's decomposition on a denoiser: each student block is fed the teacher's
+    features and its own side tensors; with the teacher's own weights every feature loss and
+    the output loss vanish, and the task loss is the teacher's."""
+    spec = load_spec(write_spec(_spec(tmp_path, student="diffusion_unet_teacher"), tmp_path / "s.yaml"))
+    teacher = diffusion_unet_teacher(in_chans=1, num_classes=4, widths=WIDTHS)
+    student = diffusion_unet_teacher(in_chans=1, num_classes=4, widths=WIDTHS)
+    student.load_state_dict(teacher.state_dict())
+    distiller = Distiller(compile_spec(spec, models=(teacher, student))).eval()
+    x, t, y = _batch(4)
+    y = y % 4
+    eps = torch.randn_like(x)
+    terms = distiller(x, eps, side=(t, y))
+    assert set(terms) == {"mse1", "mse2", "mse3", "task", "out"}
+    for name in ("mse1", "mse2", "mse3", "out"):
+        assert terms[name].item() == 0.0, name
+    with torch.no_grad():
+        assert torch.allclose(terms["task"], ((teacher.eval()(x, t, y) - eps) ** 2).mean(), atol=1e-6)
+
+
+def test_denoise_loss_entry_against_its_formula():
+    g = torch.Generator().manual_seed(1)
+    s, e, te = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    loss = create_loss("denoise", {"task_weight": 0.5, "output_weight": 2.0})
+    out = loss(s, e, te)
+    n = s.numel()
+    assert math.isclose(out["task"].item(), 0.5 * sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), e.flatten().tolist())) / n, rel_tol=1e-6)
+    assert math.isclose(out["out"].item(), 2.0 * sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), te.flatten().tolist())) / n, rel_tol=1e-6)
+    alone = create_loss("ddpm", {"task_weight": 0.5})(s, e)  # no teacher: DDPM's task term alone
+    assert torch.equal(alone, out["task"])
+    assert LOSSES.get("denoise").role == LOSSES.get("ddpm").role == "head"
+
+
+def test_noise_schedules_written_out():
+    lin = NoiseSchedule.create("linear", 10, 1e-4, 0.02)
+    betas = [1e-4 + (0.02 - 1e-4) * i / 9 for i in range(10)]
+    assert np.allclose(lin.alphas_cumprod, np.cumprod([1 - b for b in betas]), rtol=1e-12)
+    cos = NoiseSchedule.create("cosine", 10)
+    f = lambda t: math.cos((t / 10 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert np.allclose(cos.alphas_cumprod[:9], [f(t + 1) / f(0) for t in range(9)], rtol=1e-9)
+    # the last step would reach ᾱ = 0 (f(T) = cos(π/2)²): its β is clipped at 0.999
+    assert math.isclose(cos.alphas_cumprod[9], cos.alphas_cumprod[8] * (1 - 0.999), rel_tol=1e-9)
+
+
+def test_draws_depend_on_the_sample_alone():
+    task = DenoiseTask(NoiseSchedule.create("linear", 1000), seed=3)
+    t_all, e_all = task.draws(2, [5, 9, 2, 7], (1, 4, 4))
+    t_one, e_one = task.draws(2, [2], (1, 4, 4))
+    assert t_one[0] == t_all[2] and torch.equal(e_one[0], e_all[2])  # any batch, any position
+    t_next, e_next = task.draws(3, [2], (1, 4, 4))
+    assert not torch.equal(e_next[0], e_one[0])  # a new epoch, new noise
+    t_ev, e_ev = task.draws(2, [2], (1, 4, 4), evaluation=True)
+    assert torch.equal(e_ev, task.draws(7, [2], (1, 4, 4), evaluation=True)[1])  # evaluation: fixed
+    assert not torch.equal(e_ev, e_one)
+    t_many, e_many = task.draws(0, np.arange(4000), (1, 4, 4))
+    assert 0 <= int(t_many.min()) and int(t_many.max()) < 1000
+    assert abs(float(e_many.mean())) < 0.01 and abs(float(e_many.std()) - 1.0) < 0.01
+    z = gaussians(np.arange(1, 20001, dtype=np.uint64), 1)
+    assert abs(float((np.abs(z) < 1).mean()) - 0.6827) < 0.01  # a normal's mass within one sigma
+
+
+def test_draw_is_ddpm_forward_process():
+    task = DenoiseTask(NoiseSchedule.create("cosine", 50), seed=0, class_conditional=True)
+    x0, y = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
+    x_t, eps, (t, y_side) = task.draw(x0, y, 1, [10, 11, 12])
+    ab = torch.tensor([task.schedule.alphas_cumprod[i] for i in t.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
+    assert torch.equal(y_side, y)
+
+
+def test_ddim_with_an_oracle_returns_the_one_image(tmp_path):
+    """A data set of one image x*: the best noise predictor is (x_t - sqrt(ᾱ_t) x*) / sqrt(1 - ᾱ_t),
+    and DDIM (η = 0) then lands on x* whatever its start noise."""
+    schedule = NoiseSchedule.create("linear", 200)
+    target = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
+
+    def oracle(x, t):
+        ab = torch.tensor([schedule.alphas_cumprod[i] for i in t.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * target) / (1 - ab).sqrt()
+
+    out = ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0)
+    assert torch.allclose(out, target.expand(3, -1, -1, -1), atol=1e-4)
+    assert torch.equal(out, ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0))
+    low, high = pixel_range([0.5], [0.25])  # pixels 0..1 normalised: -2..2
+    assert low.item() == -2.0 and high.item() == 2.0
+    clipped = ddim_sample(oracle, schedule, (1, 4, 4), 3, steps=10, seed=0, clip=(low / 2, high / 2))
+    assert torch.allclose(clipped, target.expand(3, -1, -1, -1), atol=1e-4)  # x* lies inside [-1, 1]
+    path = save_grid(out, [0.5], [0.5], tmp_path / "grid.png")
+    from PIL import Image
+    assert Image.open(path).size == (2 + 2 * 6, 2 + 2 * 6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch):
+    # the teacher: a short supervised denoising run
+    t_spec = load_spec(write_spec({**_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
+                                           epochs=1)}, tmp_path / "t.yaml"))
+    summary = loop.train(t_spec)
+    assert summary["student_mse"] > 0 and summary["student_top1"] is None
+    ckpt = tmp_path / "t" / "run" / "student.safetensors"
+    a = load_spec(write_spec(_spec(tmp_path / "a", teacher_ckpt=ckpt), tmp_path / "a.yaml"))
+    b = load_spec(write_spec(_spec(tmp_path / "b", teacher_ckpt=ckpt), tmp_path / "b.yaml"))
+    loop.train(a)
+    original = loop.Trainer.checkpoint_if_due
+
+    def stop_after_step_5(self, epoch, step, terms, loss):
+        original(self, epoch, step, terms, loss)
+        if self.global_step == 5:  # mid-epoch (6 steps an epoch), after a checkpoint at step 4
+            raise _Stop
+
+    monkeypatch.setattr(loop.Trainer, "checkpoint_if_due", stop_after_step_5)
+    with pytest.raises(_Stop):
+        loop.train(b)
+    monkeypatch.setattr(loop.Trainer, "checkpoint_if_due", original)
+    loop.train(b, resume=True)
+    ra, rb = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    ta, tb = load_file(str(ra / "student.safetensors")), load_file(str(rb / "student.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    def steps(run):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["global_step"]: {k: r[k] for k in ("mse1", "mse2", "mse3", "task", "out", "loss") if k in r}
+                for r in recs if r["kind"] == "step"}
+    assert steps(ra) == steps(rb) and len(steps(ra)) == 12
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (ra, rb))
+    assert sa["student_mse"] == sb["student_mse"] and sa["teacher_mse"] == sb["teacher_mse"]
+    assert (ra / "samples.png").read_bytes() == (rb / "samples.png").read_bytes()
+    # `kdgraph eval` scores the exported student at the same fixed draws as training's evaluation
+    from kdgraph.runtime.commands import evaluate_spec
+    scored = evaluate_spec(a)
+    assert scored["student_mse"] == pytest.approx(sa["student_mse"], rel=1e-5)
+    assert scored["teacher_mse"] == pytest.approx(sa["teacher_mse"], rel=1e-5)
+
+
+# -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
+
+def test_frechet_distance_written_out():
+    from kdgraph.runtime.frechet import frechet_distance
+
+    g = np.random.default_rng(0)
+    a = g.normal(size=(200, 1))
+    b = g.normal(loc=0.3, scale=2.0, size=(300, 1))
+    # one feature: (μ_a - μ_b)² + (σ_a - σ_b)²
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-9)
+    # b = c a + shift: Σ_b = c² Σ_a, so Tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^½) = (1 - c)² Tr Σ_a
+    a = g.normal(size=(500, 3)) @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    shift = np.array([1.0, -2.0, 0.5])
+    b = 3.0 * a + shift
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + 4.0 * np.trace(np.cov(a, rowvar=False))
+    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_judge_features_are_the_classifiers_pooled_features():
+    from kdgraph.runtime.frechet import Judge
+    from kdgraph.zoo import resnet_tiny
+
+    torch.manual_seed(0)
+    model = resnet_tiny(num_classes=4, in_chans=1).eval()
+    judge = Judge(model, (0.5,), (0.25,))
+    pixels = torch.rand(6, 1, 8, 8)
+    feats, pred = judge.features(pixels, batch_size=4)
+    with torch.no_grad():
+        x = (pixels - 0.5) / 0.25
+        pooled = model.flatten(model.global_pool(model.forward_features(x)))
+        assert np.allclose(feats, pooled.numpy(), atol=1e-6)
+        assert (pred == model(x).argmax(1).numpy()).all()
+    verdict = judge.judge(pixels, pixels, classes=torch.as_tensor(pred))
+    assert abs(verdict["fd"]) < 1e-6 and verdict["class_accuracy"] == 100.0
+
+
+def test_a_judged_run_reports_fd_and_class_accuracy(tmp_path):
+    classifier = {
+        "name": "judge", "seed": 0,
+        "student": {"model": "module:kdgraph.zoo:resnet_tiny", "kwargs": {"num_classes": 4, "in_chans": 1}},
+        "data": {"dataset": "synthetic", "input_size": list(SIZE), "num_classes": 4, "samples": 48, "batch_size": 8},
+        "decompose": {"blocks": 1}, "schedule": {"epochs": 1},
+        "runtime": {"device": "cpu", "num_threads": 1}, "output": str(tmp_path / "judge"),
+    }
+    loop.train(load_spec(write_spec(classifier, tmp_path / "judge.yaml")))
+    spec = _spec(tmp_path / "d", method="supervised", student="diffusion_unet_teacher", epochs=1)
+    spec["denoise"] |= {"judge": str(tmp_path / "judge"), "judge_samples": 12}
+    summary = loop.train(load_spec(write_spec(spec, tmp_path / "d.yaml")))
+    assert summary["judge"] == "judge" and summary["student_fd"] > 0
+    assert 0.0 <= summary["student_class_accuracy"] <= 100.0
+    assert "teacher_fd" not in summary  # no teacher
+    assert json.loads((tmp_path / "d" / "run" / "summary.json").read_text())["student_fd"] == summary["student_fd"]
+
+
+def test_a_blocks_removed_student_starts_from_the_teacher(tmp_path):
+    from kdgraph.compiler.build import init_from_teacher
+    from kdgraph.errors import SpecError
+    from kdgraph.zoo import diffusion_unet_half
+
+    torch.manual_seed(0)
+    teacher, small = diffusion_unet_teacher(num_classes=4), diffusion_unet_small(num_classes=4)
+    note = init_from_teacher(teacher, small)
+    t = teacher.state_dict()
+    assert all(torch.equal(v, t[k]) for k, v in small.state_dict().items())  # every tensor has its twin
+    assert "enc1.0.conv1" in note and "enc1.1" not in note  # the removed blocks have none
+    half = diffusion_unet_half(num_classes=4)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    note = init_from_teacher(teacher, half)  # other widths: only conv_out's bias (one output channel) fits
+    after = half.state_dict()
+    assert torch.equal(after["conv_out.bias"], t["conv_out.bias"])
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k != "conv_out.bias")
+    assert note.startswith(f"student.from_teacher: 1 of {len(after)} tensors copied")
+    spec = _spec(tmp_path)
+    spec["student"]["from_teacher"] = True
+    compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")))
+    assert any(n.startswith("student.from_teacher: ") for n in compiled.notes)
+    ts, ss = compiled.teacher.model.state_dict(), compiled.student.model.state_dict()
+    assert all(torch.equal(v, ts[k]) for k, v in ss.items())
+    spec["teacher"]["from_teacher"] = True
+    with pytest.raises(SpecError, match="teacher.from_teacher"):
+        load_spec(spec)
+
+
+def test_side_inputs_are_split_with_the_batch_into_micro_batches(tmp_path):
+    """GroupNorm normalises each sample alone: two micro-batches of a denoiser's batch (each with
+    its share of t and y) give the loss and the gradient of the whole batch."""
+    losses = {}
+    for micro in (1, 2):
+        spec = _spec(tmp_path / str(micro), method="supervised", student="diffusion_unet_teacher", epochs=1)
+        spec["runtime"] |= {"micro_batches": micro}
+        spec["denoise"] |= {"sample_images": 0}
+        loop.train(load_spec(write_spec(spec, tmp_path / f"{micro}.yaml")))
+        recs = [json.loads(line) for line in (tmp_path / str(micro) / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[micro] = [r["task"] for r in recs if r["kind"] == "step"]
+        assert not (tmp_path / str(micro) / "run" / "samples.png").exists()  # sample_images: 0
+    assert losses[1][0] == pytest.approx(losses[2][0], rel=1e-5)
+    assert losses[1] == pytest.approx(losses[2], rel=1e-3)
+
+
+def test_export_of_a_denoiser_says_it_is_not_built_yet(tmp_path):
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.commands import export_spec
+
+    with pytest.raises(KDGraphError, match="denoiser"):
+        export_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), tmp_path / "ship")
+    assert not (tmp_path / "ship").exists()
+
+
+def test_a_denoiser_refuses_mixup_and_a_teacher_cache(tmp_path):
+    from kdgraph.errors import SpecError
+
+    spec = _spec(tmp_path)
+    with pytest.raises(SpecError, match="data.mixup"):
+        load_spec({**spec, "data": {**spec["data"], "mixup": {"mixup_alpha": 0.8}}})
+    with pytest.raises(SpecError, match="teacher.cache"):
+        load_spec({**spec, "teacher": {**spec["teacher"], "cache": str(tmp_path / "cache")}})
