@@ -60,7 +60,8 @@ INDUCTOR_ON_CPU = ["quickstart"]
 def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str]:
     """The tier's --set overrides of one spec: synthetic data of the spec's input size (two
     batches), the device, bf16, the mode's compile and channels_last, and random weights in
-    place of weights files and pretrained weights (the tier never reads data or the network)."""
+    place of weights files and pretrained weights, no judging classifier for a denoiser (the
+    tier never reads data, weights or the network)."""
     spec = load_spec(path)
     compiled, channels_last = MODES[mode]
     c, h, w = resolve_input_size(spec.data)
@@ -78,19 +79,25 @@ def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str
             sets.append(f"{role}.checkpoint=")
         if model.pretrained:
             sets.append(f"{role}.pretrained=false")
+    if getattr(spec, "denoise", None) is not None and spec.denoise.judge is not None:
+        sets.append("denoise.judge=null")  # a finished classifier run: weights the tier does not read
     return sets
 
 
-def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's first training batch; per-pixel labels (B, H, W) on the logits' grid where
+def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The run's first training batch as its step reads it: (input, target, side inputs). A
+    denoiser's batch is prepared as the Trainer prepares it (noisy images, their noise, the
+    timestep and class drawn per sample); per-pixel labels (B, H, W) on the logits' grid where
     the student predicts per pixel (a U-Net), since synthetic data has one label per image."""
-    xb, yb = next(iter(run.data.train.epoch(0)))
+    xb, yb, idx = next(iter(run.batches(0)))
+    if run.task is not None:
+        return run.prepare(xb, yb, idx, 0, 0)
     student = run.compiled.student
     if student.dense:
         g = torch.Generator().manual_seed(0)
         grid = tuple(student.output_shape[2:])
         yb = torch.randint(0, student.num_classes, (len(yb), *grid), generator=g).to(yb.device)
-    return xb, yb
+    return xb, yb, ()
 
 
 def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int = 2, last_stage: bool = True) -> None:
@@ -100,12 +107,12 @@ def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int =
     with RecompileWatch(strict=True) as watch:
         run = Trainer(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
         stages = run.compiled.plan.stages
-        xb, yb = tier_batch(run)
+        xb, yb, side = tier_batch(run)
         for stage in [stages[0]] + ([stages[-1]] if last_stage and len(stages) > 1 else []):
             run.distiller.set_stage(stage)
             run.distiller.train()
             for _ in range(steps):
-                terms, loss = run.train_step(xb, yb)
+                terms, loss = run.train_step(xb, yb, side=side)
             assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
         if device == "cuda":
             torch.cuda.synchronize()
