@@ -33,7 +33,8 @@ from kdgraph.runtime import loop
 from kdgraph.runtime.chain import StudentChain
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.spec import load_spec
-from kdgraph.zoo import diffusion_unet, diffusion_unet_small, diffusion_unet_teacher
+from kdgraph.zoo import (diffusion_unet, diffusion_unet_manyskip, diffusion_unet_small,
+                         diffusion_unet_teacher)
 
 SIDE = (SideInput("t", "timestep", 1000), SideInput("y", "class", 10))
 SIZE = (1, 16, 16)
@@ -80,18 +81,23 @@ def test_side_inputs_are_graph_inputs_and_stay_out_of_cuts():
         assert labels[end] == tensors
 
 
+def _brute_live(traced, cut):
+    """(every value defined up to ``cut`` and read after it, those of the side inputs alone)."""
+    nodes = list(traced.gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    info = traced.nodes
+    live = {n.name for n in nodes[:cut.index + 1]
+            if any(index[u] > cut.index for u in n.users)
+            and (info[n.name].input_dependent or info[n.name].side_dependent)}
+    return live, {n for n in live if info[n].side_dependent}
+
+
 def test_cuts_are_the_live_sets_less_the_side_values():
     """Brute force: after each cut's node, the values defined so far and read later. Without
     side inputs no level's end would be a cut (the time embedding is live across them)."""
     traced = _traced(diffusion_unet_teacher(widths=WIDTHS, num_classes=10))
-    nodes = list(traced.gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    info = traced.nodes
     for cut in find_cuts(traced):
-        live = {n.name for n in nodes[:cut.index + 1]
-                if any(index[u] > cut.index for u in n.users)
-                and (info[n.name].input_dependent or info[n.name].side_dependent)}
-        side_live = {n for n in live if info[n].side_dependent}
+        live, side_live = _brute_live(traced, cut)
         assert set(cut.nodes) == live - side_live, cut.description
         if cut.label in SKIPS:  # at every level's end the time embedding still has blocks to reach
             assert side_live, f"nothing of the time embedding is live after {cut.description}"
@@ -414,3 +420,73 @@ def test_a_denoiser_refuses_mixup_and_a_teacher_cache(tmp_path):
         load_spec({**spec, "data": {**spec["data"], "mixup": {"mixup_alpha": 0.8}}})
     with pytest.raises(SpecError, match="teacher.cache"):
         load_spec({**spec, "teacher": {**spec["teacher"], "cache": str(tmp_path / "cache")}})
+
+
+# -- many-skip cuts: diffusers' skip layout, a skip per encoder block ------------------------------
+
+# By hand, from DiffusionUNet.forward with skips="block": every encoder block's output waits for
+# its decoder block, so each level's end carries the skips of every level so far.
+MANY_SKIPS = {
+    "enc1.1": ("enc1.0", "enc1.1"),
+    "enc2.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1"),
+    "enc3.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1", "enc3.0", "enc3.1"),
+    "mid.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1", "enc3.0", "enc3.1", "mid.1"),
+}
+
+
+def test_many_skip_cuts_are_the_live_sets():
+    """More than four tensors live at a cut (7 at the middle): still found, still exactly the live set."""
+    traced = _traced(diffusion_unet_manyskip(num_classes=10))
+    cuts = find_cuts(traced)
+    assert max(len(c.members) for c in cuts) > 4
+    for cut in cuts:
+        live, side_live = _brute_live(traced, cut)
+        assert set(cut.nodes) == live - side_live, cut.description
+    bounds = choose_boundaries(find_stages(cuts, traced), 5, traced)
+    assert {b.cut.label: tuple(m.label for m in b.cut.members) for b in bounds} == MANY_SKIPS
+
+
+def test_many_skip_blocks_recompose_the_eager_forward():
+    torch.manual_seed(0)
+    model = diffusion_unet_manyskip(num_classes=10).eval()
+    traced = _traced(model)
+    x, t, y = _batch()
+    expected = model(x, t, y)
+    for blocks in range(1, 7):
+        segments = split_segments(traced, _bounds(traced, blocks))
+        chain = StudentChain(segments, split_side(traced, segments))
+        values = chain.side((t, y))
+        h = x
+        for i in range(1, blocks + 1):
+            h = chain.block(i, h, values)
+        assert torch.equal(h, expected), blocks
+
+
+def test_many_skip_stablekd_step_has_a_feature_loss_per_tensor(tmp_path):
+    """Teacher and half-width student cut with as many tensors at each block end, shapes paired by
+    position; each block's feature loss is the mean over its tensors (0 for a student that is
+    the teacher), and one step's gradient reaches every per-tensor adapter."""
+    kw = {"in_chans": 1, "num_classes": 4}
+    spec = _spec(tmp_path, student="diffusion_unet_manyskip_half", decompose={"blocks": 5})
+    spec["teacher"]["model"] = "module:kdgraph.zoo:diffusion_unet_manyskip"
+    spec["teacher"]["kwargs"] = spec["student"]["kwargs"] = kw
+    compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")))
+    blocks = compiled.to_dict()["blocks"]
+    assert [len(b.get("student_tensors", [b["student"]])) for b in blocks[:4]] == [2, 4, 6, 7]
+    assert [t["lift"] for t in blocks[3]["adapter"]["tensors"]] == \
+        [[4, 8], [4, 8], [8, 16], [8, 16], [16, 32], [16, 32], [32, 64]]
+    distiller = Distiller(compiled).train()
+    x, t, y = _batch(4)
+    terms = distiller(x, torch.randn_like(x), side=(t, y % 4))
+    assert set(terms) == {"mse1", "mse2", "mse3", "mse4", "task", "out"}
+    sum(terms.values()).backward()
+    for i, adapter in distiller.adapters.items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in adapter.parameters() if p.requires_grad), i
+    spec["student"]["model"] = spec["teacher"]["model"]
+    teacher, student = diffusion_unet_manyskip(**kw), diffusion_unet_manyskip(**kw)
+    student.load_state_dict(teacher.state_dict())
+    same = Distiller(compile_spec(load_spec(write_spec(spec, tmp_path / "same.yaml")),
+                                  models=(teacher, student))).eval()
+    terms = same(x, torch.randn_like(x), side=(t, y % 4))
+    assert all(terms[f"mse{i}"].item() == 0.0 for i in range(1, 5))

@@ -17,6 +17,13 @@ live, every one a feature map, the node itself among them. Such a cut lists its 
 ``Cut.tensors`` (graph order; the last is the cut's own node, whose shape, layout, width and
 reduction the cut reports); a suffix is fed every one of them. Sequential models never get
 one, so their cuts are exactly the single-tensor ones.
+
+``MAX_CUT_TENSORS`` is 16. Nothing downstream depends on the count (splitting, pairing,
+adapters and feature losses all work per tensor, by position), so the bound only keeps
+positions whose live set is a tangle of many small values from counting as cuts. 16 holds a
+diffusers ``UNet2DModel`` at its middle with room to spare: at its default two resnets per
+level over four levels, the input conv, 8 resnet outputs and 3 downsamples stay live (12
+skips), 13 tensors with the middle block's own output.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ if TYPE_CHECKING:
 
 
 
-MAX_CUT_TENSORS = 4  # the most tensors a multi-tensor cut may carry
+MAX_CUT_TENSORS = 16  # the most tensors a multi-tensor cut may carry: see the module docstring
 
 
 def _pow2(r: int) -> bool:
