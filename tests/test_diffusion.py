@@ -490,3 +490,45 @@ def test_many_skip_stablekd_step_has_a_feature_loss_per_tensor(tmp_path):
                                   models=(teacher, student))).eval()
     terms = same(x, torch.randn_like(x), side=(t, y % 4))
     assert all(terms[f"mse{i}"].item() == 0.0 for i in range(1, 5))
+
+
+@pytest.mark.parametrize("pair, width", [("zoo", 80), ("manyskip", 120)])
+def test_plan_text_summarises_many_cuts_and_json_keeps_them(tmp_path, pair, width):
+    """The text plan of a U-Net pair lists the block ends (each named, with its tensor count and
+    shapes) and counts the other stages: its cut and block tables fit in 40 lines (the zoo pair's
+    99 teacher cuts in an 80-column terminal, the many-skip pair's 7-tensor cuts in 120);
+    `--format json` keeps every cut and every tensor."""
+    from typer.testing import CliRunner
+
+    from kdgraph.cli.main import app
+    spec = _spec(tmp_path)
+    if pair == "manyskip":
+        spec = _spec(tmp_path, student="diffusion_unet_manyskip_half", decompose={"blocks": 5})
+        spec["teacher"]["model"] = "module:kdgraph.zoo:diffusion_unet_manyskip"
+        spec["teacher"]["kwargs"] = spec["student"]["kwargs"] = {"in_chans": 1, "num_classes": 4}
+    path = write_spec(spec, tmp_path / "s.yaml")
+    compiled = compile_spec(load_spec(path), materialize=False)
+    res = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": str(width)})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("teacher block ends"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("side inputs"))
+    cut_tables = "\n".join(lines[start:end])
+    assert end - start <= 40, cut_tables
+    assert max(len(line) for line in lines) <= width
+    for art in (compiled.teacher, compiled.student):
+        assert f"{len(art.cuts)} cuts in {len(art.stages)} stages" in cut_tables
+        for b in art.boundaries:
+            assert f"│ {b.cut.label} " in cut_tables, b.cut.label  # in both tables
+            if b.cut.multi:
+                assert f"{len(b.cut.tensors)} tensors: " in cut_tables
+    data = json.loads(CliRunner().invoke(app, ["plan", str(path), "--format", "json"]).stdout)
+    for role, art in (("teacher", compiled.teacher), ("student", compiled.student)):
+        assert [c["node"] for c in data[role]["cuts"]] == [c.node for c in art.cuts]
+        assert [len(c.get("tensors", [c])) for c in data[role]["cuts"]] == [len(c.members) for c in art.cuts]
+    if pair == "manyskip":  # on one line each where the terminal is wide
+        wide = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "400"}).output
+        row = next(line for line in wide.splitlines() if "│ mid.1 (+ enc1.0, …, enc3.0, enc3.1) " in line)
+        assert "│ 7 tensors: 8×16² (2), 16×8² (2), 32×4² (2), 64×2² " in row
+        assert "│ 7 / 7 tensors (shapes above) " in wide
+        assert "conv1x1 per tensor: 4→8→4 (2), 8→16→8 (2), 16→32→16 (2), 32→64→32, 7,312 params" in wide
