@@ -151,6 +151,15 @@ def _spec(tmp_path, method="stablekd", teacher_ckpt=None, student="diffusion_une
     return spec
 
 
+def _manyskip(spec, student="diffusion_unet_manyskip_half"):
+    """``spec`` with the many-skip U-Nets (a skip per encoder block) as teacher and ``student``."""
+    kw = {"in_chans": 1, "num_classes": 4}
+    spec["student"] = {**spec["student"], "model": f"module:kdgraph.zoo:{student}", "kwargs": kw}
+    if "teacher" in spec:
+        spec["teacher"] = {**spec["teacher"], "model": "module:kdgraph.zoo:diffusion_unet_manyskip", "kwargs": kw}
+    return spec
+
+
 def test_plan_shows_side_inputs_apart_from_cuts(tmp_path):
     compiled = compile_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), materialize=False)
     d = json.loads(json.dumps(compiled.to_dict()))
@@ -261,15 +270,18 @@ class _Stop(Exception):
     pass
 
 
-def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pair", ["zoo", "manyskip"])
+def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pair):
+    """The zoo pair, and the many-skip pair whose block ends carry 4, 6 and 7 tensors."""
+    many = _manyskip if pair == "manyskip" else (lambda spec, **_: spec)
     # the teacher: a short supervised denoising run
-    t_spec = load_spec(write_spec({**_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
-                                           epochs=1)}, tmp_path / "t.yaml"))
+    t_spec = load_spec(write_spec(many(_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
+                                             epochs=1), student="diffusion_unet_manyskip"), tmp_path / "t.yaml"))
     summary = loop.train(t_spec)
     assert summary["student_mse"] > 0 and summary["student_top1"] is None
     ckpt = tmp_path / "t" / "run" / "student.safetensors"
-    a = load_spec(write_spec(_spec(tmp_path / "a", teacher_ckpt=ckpt), tmp_path / "a.yaml"))
-    b = load_spec(write_spec(_spec(tmp_path / "b", teacher_ckpt=ckpt), tmp_path / "b.yaml"))
+    a = load_spec(write_spec(many(_spec(tmp_path / "a", teacher_ckpt=ckpt)), tmp_path / "a.yaml"))
+    b = load_spec(write_spec(many(_spec(tmp_path / "b", teacher_ckpt=ckpt)), tmp_path / "b.yaml"))
     loop.train(a)
     original = loop.Trainer.checkpoint_if_due
 
@@ -467,9 +479,7 @@ def test_many_skip_stablekd_step_has_a_feature_loss_per_tensor(tmp_path):
     position; each block's feature loss is the mean over its tensors (0 for a student that is
     the teacher), and one step's gradient reaches every per-tensor adapter."""
     kw = {"in_chans": 1, "num_classes": 4}
-    spec = _spec(tmp_path, student="diffusion_unet_manyskip_half", decompose={"blocks": 5})
-    spec["teacher"]["model"] = "module:kdgraph.zoo:diffusion_unet_manyskip"
-    spec["teacher"]["kwargs"] = spec["student"]["kwargs"] = kw
+    spec = _manyskip(_spec(tmp_path, decompose={"blocks": 5}))
     compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")))
     blocks = compiled.to_dict()["blocks"]
     assert [len(b.get("student_tensors", [b["student"]])) for b in blocks[:4]] == [2, 4, 6, 7]
@@ -503,9 +513,7 @@ def test_plan_text_summarises_many_cuts_and_json_keeps_them(tmp_path, pair, widt
     from kdgraph.cli.main import app
     spec = _spec(tmp_path)
     if pair == "manyskip":
-        spec = _spec(tmp_path, student="diffusion_unet_manyskip_half", decompose={"blocks": 5})
-        spec["teacher"]["model"] = "module:kdgraph.zoo:diffusion_unet_manyskip"
-        spec["teacher"]["kwargs"] = spec["student"]["kwargs"] = {"in_chans": 1, "num_classes": 4}
+        spec = _manyskip(_spec(tmp_path, decompose={"blocks": 5}))
     path = write_spec(spec, tmp_path / "s.yaml")
     compiled = compile_spec(load_spec(path), materialize=False)
     res = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": str(width)})
