@@ -474,6 +474,27 @@ def test_many_skip_blocks_recompose_the_eager_forward():
         assert torch.equal(h, expected), blocks
 
 
+def test_more_skips_than_a_diffusers_default_unet_keeps():
+    """Five levels of four blocks: 20 skips, 21 tensors at the middle's end (diffusers' default
+    UNet2DModel keeps 12 skips, its six-level DDPM configs 18): cut, live sets exact, and the
+    seven blocks recompose the eager forward."""
+    torch.manual_seed(0)
+    model = diffusion_unet(widths=(4, 4, 4, 4, 4, 8), depth=4, skips="block").eval()
+    traced = trace(model, (1, 64, 64), "student", side=SIDE[:1])
+    bounds = choose_boundaries(find_stages(find_cuts(traced), traced), 7, traced)
+    assert [len(b.cut.members) for b in bounds] == [4, 8, 12, 16, 20, 21]
+    for b in bounds:
+        live, side_live = _brute_live(traced, b.cut)
+        assert set(b.cut.nodes) == live - side_live, b.cut.description
+    segments = split_segments(traced, [b.cut.nodes for b in bounds])
+    chain = StudentChain(segments, split_side(traced, segments))
+    x, t = torch.randn(2, 1, 64, 64), torch.tensor([3, 700])
+    values, h = chain.side((t,)), x
+    for i in range(1, 8):
+        h = chain.block(i, h, values)
+    assert torch.equal(h, model(x, t))
+
+
 def test_many_skip_stablekd_step_has_a_feature_loss_per_tensor(tmp_path):
     """Teacher and half-width student cut with as many tensors at each block end, shapes paired by
     position; each block's feature loss is the mean over its tensors (0 for a student that is

@@ -18,12 +18,13 @@ live, every one a feature map, the node itself among them. Such a cut lists its 
 reduction the cut reports); a suffix is fed every one of them. Sequential models never get
 one, so their cuts are exactly the single-tensor ones.
 
-``MAX_CUT_TENSORS`` is 16. Nothing downstream depends on the count (splitting, pairing,
+``MAX_CUT_TENSORS`` is 32. Nothing downstream depends on the count (splitting, pairing,
 adapters and feature losses all work per tensor, by position), so the bound only keeps
-positions whose live set is a tangle of many small values from counting as cuts. 16 holds a
-diffusers ``UNet2DModel`` at its middle with room to spare: at its default two resnets per
-level over four levels, the input conv, 8 resnet outputs and 3 downsamples stay live (12
-skips), 13 tensors with the middle block's own output.
+positions whose live set is a tangle of many small values from counting as cuts. A
+diffusers ``UNet2DModel`` keeps its input conv's output, every resnet's and every
+downsampler's live until the decoder reads them: 12 skips at its default four levels of two
+resnets, 18 at the six levels of the DDPM CelebA-HQ and LSUN configs, and at its middle one
+or two more (the middle block's own tensors). 32 holds six levels of three resnets (24 skips).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 
 
-MAX_CUT_TENSORS = 16  # the most tensors a multi-tensor cut may carry: see the module docstring
+MAX_CUT_TENSORS = 32  # the most tensors a multi-tensor cut may carry: see the module docstring
 
 
 def _pow2(r: int) -> bool:
