@@ -71,7 +71,15 @@ def loss_nodes(g: nx.DiGraph) -> list[tuple[str, str, str]]:
             for (entry, params), names in rows.items()]
 
 
+STAGE_ROWS = 12  # more stages than this and the stages table keeps only the block ends
+
+
 def stages_table(art: ModelArtifacts) -> Table:
+    """One row per stage; where there are more than ``STAGE_ROWS`` (a U-Net's cuts inside every
+    residual block), one per block end and a row that counts the rest: `kdgraph plan --format
+    json` lists every cut."""
+    if len(art.stages) > STAGE_ROWS:
+        return _block_ends_table(art)
     chosen = {b.cut.node: b.rule for b in art.boundaries}
     t = Table(title=f"{art.role} stages ({type(art.model).__name__}, {len(art.cuts)} cuts)",
               title_justify="left")
@@ -79,48 +87,134 @@ def stages_table(art: ModelArtifacts) -> Table:
         t.add_column(col)
     for st in art.stages:
         e = st.end
-        t.add_row(str(st.index), e.description, e.node, _cut_shape(e), e.layout, str(e.channels),
+        t.add_row(str(st.index), cut_name(e), e.node, cut_shape(e), e.layout, str(e.channels),
                   str(e.reduction or "-"), str(len(st.cuts)), chosen.get(e.node, ""))
     for b in art.boundaries:  # depth splits end inside a stage: list them too
         if b.cut.node not in {st.end.node for st in art.stages}:
             e = b.cut
-            t.add_row("", e.description, e.node, _cut_shape(e), e.layout, str(e.channels),
+            t.add_row("", cut_name(e), e.node, cut_shape(e), e.layout, str(e.channels),
                       str(e.reduction or "-"), "", b.rule)
     return t
 
 
-def _cut_shape(cut) -> str:
-    """A cut's shape; a multi-tensor cut's shapes joined by ' + '."""
-    return " + ".join(_fmt_shape(m.shape) for m in cut.members)
+def _block_ends_table(art: ModelArtifacts) -> Table:
+    """The stages table of a model with many: the block ends, then the other stages as a count."""
+    stage_of = {c.node: st for st in art.stages for c in st.cuts}
+    t = Table(title=f"{art.role} block ends ({type(art.model).__name__}: {len(art.cuts)} cuts in "
+                    f"{len(art.stages)} stages)", title_justify="left")
+    for col in ("#", "ends at", "tensors", "red.", "cuts", "block end"):
+        t.add_column(col)
+    for b in art.boundaries:
+        e, st = b.cut, stage_of.get(b.cut.node)
+        t.add_row(str(st.index) if st else "", cut_name(e), cut_shape(e) if e.multi else _square(e.shape),
+                  str(e.reduction or "-"), str(len(st.cuts)) if st else "", b.rule)
+    ends = {stage_of[b.cut.node].index for b in art.boundaries if b.cut.node in stage_of}
+    rest = [st for st in art.stages if st.index not in ends]
+    t.add_row("", f"{len(rest)} other stages", "(--format json)", "", str(sum(len(st.cuts) for st in rest)),
+              "")
+    return t
+
+
+def _square(shape) -> str:
+    """``16×28²`` for a square map, else ``16×28×14``."""
+    if len(shape) == 3 and shape[1] == shape[2]:
+        return f"{shape[0]}×{shape[1]}²"
+    return _fmt_shape(shape)
+
+
+def cut_shape(cut) -> str:
+    """A cut's shape; for a multi-tensor cut the count and its tensors' shapes in graph order,
+    a run of one shape written once with its count: ``7 tensors: 8×16² (2), 16×8² (2), 64×2²``."""
+    if not cut.multi:
+        return _fmt_shape(cut.shape)
+    return f"{len(cut.tensors)} tensors: {_shape_list(cut)}"
+
+
+def _shape_list(cut) -> str:
+    runs: list[list] = []
+    for m in cut.tensors:
+        if runs and runs[-1][0] == m.shape:
+            runs[-1][1] += 1
+        else:
+            runs.append([m.shape, 1])
+    return ", ".join(_square(shape) + (f" ({n})" if n > 1 else "") for shape, n in runs)
+
+
+MANY_TENSORS = 4  # a block end carrying more is summarised in the blocks table: the block-ends tables list it
+
+
+def pair_shapes(teacher, student) -> str:
+    """``T / S`` shapes of a block end, the tensor count said once; ``(both)`` when they agree;
+    only the counts where either carries more than ``MANY_TENSORS``."""
+    if teacher is None:
+        return cut_shape(student)
+    if max(len(teacher.members), len(student.members)) > MANY_TENSORS:
+        return f"{len(teacher.members)} / {len(student.members)} tensors (shapes above)"
+    t, s = cut_shape(teacher), cut_shape(student)
+    if t == s:
+        return f"{t} (both)"
+    if teacher.multi and student.multi and len(teacher.tensors) == len(student.tensors):
+        return f"{len(teacher.tensors)} tensors: {_shape_list(teacher)} / {_shape_list(student)}"
+    return f"{t} / {s}"
+
+
+def cut_name(cut) -> str:
+    """A cut's label; a multi-tensor cut's with its tensors' (``enc2 (+ enc1)``), the first and
+    last three where it carries more than four."""
+    if not cut.multi:
+        return cut.label
+    others = [m.label for m in cut.tensors[:-1]]
+    if len(others) > 4:
+        others = others[:1] + ["…"] + others[-2:]
+    return f"{cut.label} (+ {', '.join(others)})"
 
 
 def blocks_table(c: Compiled) -> Table:
     t = Table(title="blocks (teacher ↔ student)", title_justify="left")
-    for col in ("block", "teacher ends at", "student ends at", "shape T / S", "adapter", "params", "rule"):
+    for col in ("block", "teacher ends at", "student ends at", "shape T / S", "adapter", "rule"):
         t.add_column(col)
     active = c.plan.uses_adapters
     for b in c.pairing.blocks:
         if b.is_head:
             logits = (f"{c.num_classes}-channel noise prediction" if c.spec.denoise is not None
                       else f"{c.num_classes} logits" + (" per pixel" if c.student.dense else ""))
-            t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "", "head")
+            t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "head")
             continue
         a = b.adapter
-        adapter = a.describe() if a else (f"frozen {b.projection.describe()}" if b.projection else "-")
+        adapter = _adapter_text(a) if a else (f"frozen {b.projection.describe()}" if b.projection else "-")
         if a and a.student_format is not None:
             adapter += f" ({a.student_format.layout} {a.student_format.hw[0]}² ↔ " \
                        f"{a.teacher_format.layout} {a.teacher_format.hw[0]}²)"
-        if a and not active:
-            adapter += " (unused by this method)"
-        shapes = f"{_cut_shape(b.teacher)} / {_cut_shape(b.student)}" if b.teacher else _cut_shape(b.student)
-        t.add_row(str(b.index), b.teacher.description if b.teacher else "-", b.student.description, shapes, adapter,
-                  f"{a.params:,}" if a else "", b.rule)
+        if a:
+            adapter += f", {a.params:,} params" + (" (unused by this method)" if not active else "")
+        shapes = pair_shapes(b.teacher, b.student)
+        t.add_row(str(b.index), b.teacher.label if b.teacher else "-", b.student.label, shapes, adapter, b.rule)
     for p in c.pairing.pairs:  # loss.pairs: feature losses inside blocks, read by taps
         a = p.adapter
         t.add_row(f"{p.name} ({p.loss})", f"{p.teacher.label} (block {p.teacher_block})",
-                  f"{p.student.label} (block {p.student_block})", f"{_cut_shape(p.teacher)} / {_cut_shape(p.student)}",
-                  f"lift {a.kind} {a.lift[0]}→{a.lift[1]}" if a else "-", f"{a.lift_params:,}" if a else "", "explicit")
+                  f"{p.student.label} (block {p.student_block})", f"{cut_shape(p.teacher)} / {cut_shape(p.student)}",
+                  f"lift {a.kind} {a.lift[0]}→{a.lift[1]}, {a.lift_params:,} params" if a else "-", "explicit")
     return t
+
+
+def _adapter_text(a) -> str:
+    """The adapter's description; at a multi-tensor cut its parts in runs of one width, the kind
+    said once where they share it (``conv1x1 per tensor: 4→8→4 (2), 8→16→8 (2), …``; ``-`` for a
+    tensor with none)."""
+    parts = getattr(a, "parts", None)
+    if parts is None:
+        return a.describe()
+    kinds = {p.kind for p in parts if p}
+    shared = len(kinds) == 1
+    runs: list[list] = []
+    for part in parts:
+        text = "-" if not part else (f"{part.lift[0]}→{part.lift[1]}→{part.lower[1]}" if shared else part.describe())
+        if runs and runs[-1][0] == text:
+            runs[-1][1] += 1
+        else:
+            runs.append([text, 1])
+    return (f"{kinds.pop()} per tensor: " if shared else f"{a.kind}: ") + \
+        ", ".join(text + (f" ({n})" if n > 1 else "") for text, n in runs)
 
 
 def side_table(c: Compiled) -> Table | None:

@@ -30,6 +30,8 @@ __all__ = [
     "diffusion_unet_teacher",
     "diffusion_unet_half",
     "diffusion_unet_small",
+    "diffusion_unet_manyskip",
+    "diffusion_unet_manyskip_half",
 ]
 
 
@@ -282,15 +284,24 @@ class DiffusionUNet(nn.Module):
     ``conv_out`` back to ``in_chans``. Every residual block adds the time embedding (and the
     class embedding): computed from t and y alone, it reaches every level.
 
+    ``skips="block"`` keeps a skip per encoder block, as diffusers' ``UNet2DModel`` does (every
+    resnet's output): each decoder block concatenates one, deepest first, so at the middle
+    ``levels * depth`` skips are live (6 at widths (8, 16, 32, 64) and depth 2, more than a cut
+    of a per-level U-Net ever carries).
+
     widths (16, 32, 64) on 16x16: enc1 16@16, enc2 32@8, mid 64@4, dec2 32@8, dec1 16@16.
     """
 
     def __init__(self, in_chans: int = 1, widths: Sequence[int] = (16, 32, 64), depth: int = 2,
-                 num_classes: int | None = None, temb_dim: int | None = None):
+                 num_classes: int | None = None, temb_dim: int | None = None, skips: str = "level"):
         super().__init__()
         if len(widths) < 2 or depth < 1:
             raise ValueError(f"a U-Net needs at least two widths and depth >= 1, got {tuple(widths)}, {depth}")
+        if skips not in ("level", "block"):
+            raise ValueError(f"skips is 'level' (one per encoder level) or 'block' (one per encoder block), "
+                             f"got {skips!r}")
         self.in_chans, self.num_classes, self.levels = in_chans, num_classes, len(widths) - 1
+        self.skip_every_block = skips == "block"
         temb_dim = temb_dim or 4 * widths[0]
         self.time_embed = TimestepEmbedding(widths[0], temb_dim)
         self.class_embed = nn.Embedding(num_classes, temb_dim) if num_classes else None
@@ -307,7 +318,8 @@ class DiffusionUNet(nn.Module):
             w, deeper = widths[i], widths[i + 1]
             self.add_module(f"up{i + 1}", nn.ConvTranspose2d(deeper, w, 2, stride=2))
             self.add_module(f"dec{i + 1}", nn.ModuleList(
-                [TimeResBlock(2 * w if j == 0 else w, w, temb_dim) for j in range(depth)]))
+                [TimeResBlock(2 * w if j == 0 or self.skip_every_block else w, w, temb_dim)
+                 for j in range(depth)]))
         self.norm_out = nn.GroupNorm(_groups(widths[0]), widths[0])
         self.act_out = nn.SiLU()
         self.conv_out = nn.Conv2d(widths[0], in_chans, 3, padding=1)
@@ -321,25 +333,43 @@ class DiffusionUNet(nn.Module):
         for i in range(self.levels):  # fixed at construction: unrolled by fx
             for block in getattr(self, f"enc{i + 1}"):
                 h = block(h, temb)
-            skips.append(h)
+                if self.skip_every_block:
+                    skips.append(h)
+            if not self.skip_every_block:
+                skips.append(h)
             h = getattr(self, f"down{i + 1}")(h)
         for block in self.mid:
             h = block(h, temb)
         for i in reversed(range(self.levels)):
-            h = torch.cat([skips[i], getattr(self, f"up{i + 1}")(h)], dim=1)
+            h = getattr(self, f"up{i + 1}")(h)
+            if not self.skip_every_block:
+                h = torch.cat([skips.pop(), h], dim=1)
             for block in getattr(self, f"dec{i + 1}"):
+                if self.skip_every_block:
+                    h = torch.cat([skips.pop(), h], dim=1)
                 h = block(h, temb)
         return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 def diffusion_unet(in_chans: int = 1, widths: Sequence[int] = (16, 32, 64), depth: int = 2,
-                   num_classes: int | None = None, temb_dim: int | None = None) -> DiffusionUNet:
-    return DiffusionUNet(in_chans, widths, depth, num_classes, temb_dim)
+                   num_classes: int | None = None, temb_dim: int | None = None, skips: str = "level") -> DiffusionUNet:
+    return DiffusionUNet(in_chans, widths, depth, num_classes, temb_dim, skips)
 
 
 def diffusion_unet_teacher(**kw) -> DiffusionUNet:
     """Widths (16, 32, 64), two residual blocks per level."""
     return diffusion_unet(**{"widths": (16, 32, 64), "depth": 2, **kw})
+
+
+def diffusion_unet_manyskip(**kw) -> DiffusionUNet:
+    """diffusers' skip layout (a skip per encoder block) over three levels, widths (8, 16, 32, 64):
+    its middle keeps 6 skips live, so cuts there carry 7 tensors."""
+    return diffusion_unet(**{"widths": (8, 16, 32, 64), "depth": 2, "skips": "block", **kw})
+
+
+def diffusion_unet_manyskip_half(**kw) -> DiffusionUNet:
+    """The many-skip U-Net at half width (4, 8, 16, 32): an adapter per tensor at every cut."""
+    return diffusion_unet(**{"widths": (4, 8, 16, 32), "depth": 2, "skips": "block", **kw})
 
 
 def diffusion_unet_half(**kw) -> DiffusionUNet:

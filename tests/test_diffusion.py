@@ -33,7 +33,8 @@ from kdgraph.runtime import loop
 from kdgraph.runtime.chain import StudentChain
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.spec import load_spec
-from kdgraph.zoo import diffusion_unet, diffusion_unet_small, diffusion_unet_teacher
+from kdgraph.zoo import (diffusion_unet, diffusion_unet_manyskip, diffusion_unet_small,
+                         diffusion_unet_teacher)
 
 SIDE = (SideInput("t", "timestep", 1000), SideInput("y", "class", 10))
 SIZE = (1, 16, 16)
@@ -80,18 +81,23 @@ def test_side_inputs_are_graph_inputs_and_stay_out_of_cuts():
         assert labels[end] == tensors
 
 
+def _brute_live(traced, cut):
+    """(every value defined up to ``cut`` and read after it, those of the side inputs alone)."""
+    nodes = list(traced.gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    info = traced.nodes
+    live = {n.name for n in nodes[:cut.index + 1]
+            if any(index[u] > cut.index for u in n.users)
+            and (info[n.name].input_dependent or info[n.name].side_dependent)}
+    return live, {n for n in live if info[n].side_dependent}
+
+
 def test_cuts_are_the_live_sets_less_the_side_values():
     """Brute force: after each cut's node, the values defined so far and read later. Without
     side inputs no level's end would be a cut (the time embedding is live across them)."""
     traced = _traced(diffusion_unet_teacher(widths=WIDTHS, num_classes=10))
-    nodes = list(traced.gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    info = traced.nodes
     for cut in find_cuts(traced):
-        live = {n.name for n in nodes[:cut.index + 1]
-                if any(index[u] > cut.index for u in n.users)
-                and (info[n.name].input_dependent or info[n.name].side_dependent)}
-        side_live = {n for n in live if info[n].side_dependent}
+        live, side_live = _brute_live(traced, cut)
         assert set(cut.nodes) == live - side_live, cut.description
         if cut.label in SKIPS:  # at every level's end the time embedding still has blocks to reach
             assert side_live, f"nothing of the time embedding is live after {cut.description}"
@@ -142,6 +148,15 @@ def _spec(tmp_path, method="stablekd", teacher_ckpt=None, student="diffusion_une
                            "kwargs": {"in_chans": 1, "num_classes": 4, "widths": list(WIDTHS)}}
         if teacher_ckpt is not None:
             spec["teacher"]["checkpoint"] = str(teacher_ckpt)
+    return spec
+
+
+def _manyskip(spec, student="diffusion_unet_manyskip_half"):
+    """``spec`` with the many-skip U-Nets (a skip per encoder block) as teacher and ``student``."""
+    kw = {"in_chans": 1, "num_classes": 4}
+    spec["student"] = {**spec["student"], "model": f"module:kdgraph.zoo:{student}", "kwargs": kw}
+    if "teacher" in spec:
+        spec["teacher"] = {**spec["teacher"], "model": "module:kdgraph.zoo:diffusion_unet_manyskip", "kwargs": kw}
     return spec
 
 
@@ -255,15 +270,18 @@ class _Stop(Exception):
     pass
 
 
-def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pair", ["zoo", "manyskip"])
+def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pair):
+    """The zoo pair, and the many-skip pair whose block ends carry 4, 6 and 7 tensors."""
+    many = _manyskip if pair == "manyskip" else (lambda spec, **_: spec)
     # the teacher: a short supervised denoising run
-    t_spec = load_spec(write_spec({**_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
-                                           epochs=1)}, tmp_path / "t.yaml"))
+    t_spec = load_spec(write_spec(many(_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
+                                             epochs=1), student="diffusion_unet_manyskip"), tmp_path / "t.yaml"))
     summary = loop.train(t_spec)
     assert summary["student_mse"] > 0 and summary["student_top1"] is None
     ckpt = tmp_path / "t" / "run" / "student.safetensors"
-    a = load_spec(write_spec(_spec(tmp_path / "a", teacher_ckpt=ckpt), tmp_path / "a.yaml"))
-    b = load_spec(write_spec(_spec(tmp_path / "b", teacher_ckpt=ckpt), tmp_path / "b.yaml"))
+    a = load_spec(write_spec(many(_spec(tmp_path / "a", teacher_ckpt=ckpt)), tmp_path / "a.yaml"))
+    b = load_spec(write_spec(many(_spec(tmp_path / "b", teacher_ckpt=ckpt)), tmp_path / "b.yaml"))
     loop.train(a)
     original = loop.Trainer.checkpoint_if_due
 
@@ -414,3 +432,132 @@ def test_a_denoiser_refuses_mixup_and_a_teacher_cache(tmp_path):
         load_spec({**spec, "data": {**spec["data"], "mixup": {"mixup_alpha": 0.8}}})
     with pytest.raises(SpecError, match="teacher.cache"):
         load_spec({**spec, "teacher": {**spec["teacher"], "cache": str(tmp_path / "cache")}})
+
+
+# -- many-skip cuts: diffusers' skip layout, a skip per encoder block ------------------------------
+
+# By hand, from DiffusionUNet.forward with skips="block": every encoder block's output waits for
+# its decoder block, so each level's end carries the skips of every level so far.
+MANY_SKIPS = {
+    "enc1.1": ("enc1.0", "enc1.1"),
+    "enc2.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1"),
+    "enc3.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1", "enc3.0", "enc3.1"),
+    "mid.1": ("enc1.0", "enc1.1", "enc2.0", "enc2.1", "enc3.0", "enc3.1", "mid.1"),
+}
+
+
+def test_many_skip_cuts_are_the_live_sets():
+    """More than four tensors live at a cut (7 at the middle): still found, still exactly the live set."""
+    traced = _traced(diffusion_unet_manyskip(num_classes=10))
+    cuts = find_cuts(traced)
+    assert max(len(c.members) for c in cuts) > 4
+    for cut in cuts:
+        live, side_live = _brute_live(traced, cut)
+        assert set(cut.nodes) == live - side_live, cut.description
+    bounds = choose_boundaries(find_stages(cuts, traced), 5, traced)
+    assert {b.cut.label: tuple(m.label for m in b.cut.members) for b in bounds} == MANY_SKIPS
+
+
+def test_many_skip_blocks_recompose_the_eager_forward():
+    torch.manual_seed(0)
+    model = diffusion_unet_manyskip(num_classes=10).eval()
+    traced = _traced(model)
+    x, t, y = _batch()
+    expected = model(x, t, y)
+    for blocks in range(1, 7):
+        segments = split_segments(traced, _bounds(traced, blocks))
+        chain = StudentChain(segments, split_side(traced, segments))
+        values = chain.side((t, y))
+        h = x
+        for i in range(1, blocks + 1):
+            h = chain.block(i, h, values)
+        assert torch.equal(h, expected), blocks
+
+
+def test_more_skips_than_a_diffusers_default_unet_keeps():
+    """Five levels of four blocks: 20 skips, 21 tensors at the middle's end (diffusers' default
+    UNet2DModel keeps 12 skips, its six-level DDPM configs 18): cut, live sets exact, and the
+    seven blocks recompose the eager forward."""
+    torch.manual_seed(0)
+    model = diffusion_unet(widths=(4, 4, 4, 4, 4, 8), depth=4, skips="block").eval()
+    traced = trace(model, (1, 64, 64), "student", side=SIDE[:1])
+    bounds = choose_boundaries(find_stages(find_cuts(traced), traced), 7, traced)
+    assert [len(b.cut.members) for b in bounds] == [4, 8, 12, 16, 20, 21]
+    for b in bounds:
+        live, side_live = _brute_live(traced, b.cut)
+        assert set(b.cut.nodes) == live - side_live, b.cut.description
+    segments = split_segments(traced, [b.cut.nodes for b in bounds])
+    chain = StudentChain(segments, split_side(traced, segments))
+    x, t = torch.randn(2, 1, 64, 64), torch.tensor([3, 700])
+    values, h = chain.side((t,)), x
+    for i in range(1, 8):
+        h = chain.block(i, h, values)
+    assert torch.equal(h, model(x, t))
+
+
+def test_many_skip_stablekd_step_has_a_feature_loss_per_tensor(tmp_path):
+    """Teacher and half-width student cut with as many tensors at each block end, shapes paired by
+    position; each block's feature loss is the mean over its tensors (0 for a student that is
+    the teacher), and one step's gradient reaches every per-tensor adapter."""
+    kw = {"in_chans": 1, "num_classes": 4}
+    spec = _manyskip(_spec(tmp_path, decompose={"blocks": 5}))
+    compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")))
+    blocks = compiled.to_dict()["blocks"]
+    assert [len(b.get("student_tensors", [b["student"]])) for b in blocks[:4]] == [2, 4, 6, 7]
+    assert [t["lift"] for t in blocks[3]["adapter"]["tensors"]] == \
+        [[4, 8], [4, 8], [8, 16], [8, 16], [16, 32], [16, 32], [32, 64]]
+    distiller = Distiller(compiled).train()
+    x, t, y = _batch(4)
+    terms = distiller(x, torch.randn_like(x), side=(t, y % 4))
+    assert set(terms) == {"mse1", "mse2", "mse3", "mse4", "task", "out"}
+    sum(terms.values()).backward()
+    for i, adapter in distiller.adapters.items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in adapter.parameters() if p.requires_grad), i
+    spec["student"]["model"] = spec["teacher"]["model"]
+    teacher, student = diffusion_unet_manyskip(**kw), diffusion_unet_manyskip(**kw)
+    student.load_state_dict(teacher.state_dict())
+    same = Distiller(compile_spec(load_spec(write_spec(spec, tmp_path / "same.yaml")),
+                                  models=(teacher, student))).eval()
+    terms = same(x, torch.randn_like(x), side=(t, y % 4))
+    assert all(terms[f"mse{i}"].item() == 0.0 for i in range(1, 5))
+
+
+@pytest.mark.parametrize("pair, width", [("zoo", 80), ("manyskip", 120)])
+def test_plan_text_summarises_many_cuts_and_json_keeps_them(tmp_path, pair, width):
+    """The text plan of a U-Net pair lists the block ends (each named, with its tensor count and
+    shapes) and counts the other stages: its cut and block tables fit in 40 lines (the zoo pair's
+    99 teacher cuts in an 80-column terminal, the many-skip pair's 7-tensor cuts in 120);
+    `--format json` keeps every cut and every tensor."""
+    from typer.testing import CliRunner
+
+    from kdgraph.cli.main import app
+    spec = _spec(tmp_path)
+    if pair == "manyskip":
+        spec = _manyskip(_spec(tmp_path, decompose={"blocks": 5}))
+    path = write_spec(spec, tmp_path / "s.yaml")
+    compiled = compile_spec(load_spec(path), materialize=False)
+    res = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": str(width)})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("teacher block ends"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("side inputs"))
+    cut_tables = "\n".join(lines[start:end])
+    assert end - start <= 40, cut_tables
+    assert max(len(line) for line in lines) <= width
+    for art in (compiled.teacher, compiled.student):
+        assert f"{len(art.cuts)} cuts in {len(art.stages)} stages" in cut_tables
+        for b in art.boundaries:
+            assert f"│ {b.cut.label} " in cut_tables, b.cut.label  # in both tables
+            if b.cut.multi:
+                assert f"{len(b.cut.tensors)} tensors: " in cut_tables
+    data = json.loads(CliRunner().invoke(app, ["plan", str(path), "--format", "json"]).stdout)
+    for role, art in (("teacher", compiled.teacher), ("student", compiled.student)):
+        assert [c["node"] for c in data[role]["cuts"]] == [c.node for c in art.cuts]
+        assert [len(c.get("tensors", [c])) for c in data[role]["cuts"]] == [len(c.members) for c in art.cuts]
+    if pair == "manyskip":  # on one line each where the terminal is wide
+        wide = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "400"}).output
+        row = next(line for line in wide.splitlines() if "│ mid.1 (+ enc1.0, …, enc3.0, enc3.1) " in line)
+        assert "│ 7 tensors: 8×16² (2), 16×8² (2), 32×4² (2), 64×2² " in row
+        assert "│ 7 / 7 tensors (shapes above) " in wide
+        assert "conv1x1 per tensor: 4→8→4 (2), 8→16→8 (2), 16→32→16 (2), 32→64→32, 7,312 params" in wide

@@ -17,6 +17,14 @@ live, every one a feature map, the node itself among them. Such a cut lists its 
 ``Cut.tensors`` (graph order; the last is the cut's own node, whose shape, layout, width and
 reduction the cut reports); a suffix is fed every one of them. Sequential models never get
 one, so their cuts are exactly the single-tensor ones.
+
+``MAX_CUT_TENSORS`` is 32. Nothing downstream depends on the count (splitting, pairing,
+adapters and feature losses all work per tensor, by position), so the bound only keeps
+positions whose live set is a tangle of many small values from counting as cuts. A
+diffusers ``UNet2DModel`` keeps its input conv's output, every resnet's and every
+downsampler's live until the decoder reads them: 12 skips at its default four levels of two
+resnets, 18 at the six levels of the DDPM CelebA-HQ and LSUN configs, and at its middle one
+or two more (the middle block's own tensors). 32 holds six levels of three resnets (24 skips).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
 
 
 
-MAX_CUT_TENSORS = 4  # the most tensors a multi-tensor cut may carry
+MAX_CUT_TENSORS = 32  # the most tensors a multi-tensor cut may carry: see the module docstring
 
 
 def _pow2(r: int) -> bool:
