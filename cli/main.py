@@ -242,7 +242,11 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
         result = export_spec(loaded, to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
-    if result["format"] == "state_dict":
+    if result["format"] == "diffusers":
+        out.print(f"student written to {result['folder']} in diffusers' layout (config.json, "
+                  "diffusion_pytorch_model.safetensors): load it with UNet2DModel.from_pretrained",
+                  highlight=False, soft_wrap=True)
+    elif result["format"] == "state_dict":
         out.print(f"student written to {result['folder']} (model.safetensors, config.json, README.md)",
                   highlight=False, soft_wrap=True)
     else:
