@@ -117,8 +117,10 @@ print(json.dumps({"kdgraph": "kdgraph" in sys.modules, "out": out.flatten().toli
 """
 
 
-@pytest.mark.slow
 def test_a_diffusers_student_distils_exports_and_loads_without_kdgraph(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdgraph.cli.main import app
     from kdgraph.compiler import compile_spec
     from kdgraph.runtime import loop
     from kdgraph.runtime.commands import export_spec
@@ -133,6 +135,10 @@ def test_a_diffusers_student_distils_exports_and_loads_without_kdgraph(tmp_path)
     assert result["format"] == "diffusers"
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in (tmp_path / "ship").iterdir()}
     assert json.loads((tmp_path / "ship" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    cli = CliRunner().invoke(app, ["export", str(tmp_path / "s.yaml"), "--to", str(tmp_path / "cli")],
+                             terminal_width=400)
+    assert cli.exit_code == 0 and "diffusers' layout" in cli.output, cli.output
+    assert (tmp_path / "cli" / "diffusion_pytorch_model.safetensors").is_file()
     done = subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / "ship")], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
