@@ -152,3 +152,17 @@ def test_a_diffusers_student_distils_exports_and_loads_without_kdgraph(tmp_path)
     with torch.no_grad():
         expected = student(x, torch.tensor([3, 50, 99]), torch.tensor([0, 1, 3]))
     assert torch.allclose(torch.tensor(loaded["out"]).view_as(expected), expected, atol=1e-5)
+
+
+def test_a_diffusers_pair_plans_on_the_meta_device(tmp_path):
+    """Planning builds both U-Nets without weights and finds the blocks of the denoise task."""
+    from kdgraph.compiler import compile_spec
+
+    spec = _spec(tmp_path, "stablekd", teacher_ckpt=None)
+    spec["teacher"].pop("checkpoint")
+    compiled = compile_spec(load_spec(write_spec(spec, tmp_path / "s.yaml")), materialize=False)
+    d = json.loads(json.dumps(compiled.to_dict()))
+    for role in ("teacher", "student"):
+        assert d[role]["side_inputs"] == [{"name": "t", "kind": "timestep", "high": 100},
+                                          {"name": "y", "kind": "class", "high": 4}]
+        assert len(d[role]["side_tensors"]) == 3  # one list per block
