@@ -21,7 +21,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.errors import ModelError
+from kdgraph.errors import KDGraphError, ModelError
 from kdgraph.ir import SideInput
 from kdgraph.models import create_model
 from kdgraph.runtime.chain import StudentChain
@@ -152,6 +152,13 @@ def test_a_diffusers_student_distils_exports_and_loads_without_kdgraph(tmp_path)
     with torch.no_grad():
         expected = student(x, torch.tensor([3, 50, 99]), torch.tensor([0, 1, 3]))
     assert torch.allclose(torch.tensor(loaded["out"]).view_as(expected), expected, atol=1e-5)
+    # a half-width student keeps adapters at its cuts: diffusers' layout has no place for them
+    half = _spec(tmp_path / "h", "stablekd", student_widths=(8, 16), teacher_ckpt=spec.teacher.checkpoint)
+    half = load_spec(write_spec(half, tmp_path / "h.yaml"))
+    loop.train(half)
+    with pytest.raises(KDGraphError, match="adapters after blocks"):
+        export_spec(half, tmp_path / "half")
+    assert not (tmp_path / "half").exists()
 
 
 def test_a_diffusers_pair_plans_on_the_meta_device(tmp_path):
