@@ -232,7 +232,8 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
            checkpoint: Annotated[Optional[Path], typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
-    """Write the student as a folder timm loads: weights, config.json with preprocessing, model card.
+    """Write the student as a folder timm loads: weights, config.json with preprocessing, model card;
+    a diffusers: denoiser as diffusers' save_pretrained folder.
     The run's stored --set overrides apply first; the teacher's weights are not needed."""
     from kdgraph.runtime.commands import export_spec
 
@@ -242,7 +243,11 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
         result = export_spec(loaded, to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
-    if result["format"] == "state_dict":
+    if result["format"] == "diffusers":
+        out.print(f"student written to {result['folder']} in diffusers' layout (config.json, "
+                  "diffusion_pytorch_model.safetensors): load it with UNet2DModel.from_pretrained",
+                  highlight=False, soft_wrap=True)
+    elif result["format"] == "state_dict":
         out.print(f"student written to {result['folder']} (model.safetensors, config.json, README.md)",
                   highlight=False, soft_wrap=True)
     else:

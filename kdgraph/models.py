@@ -1,8 +1,8 @@
 """Model sources: build a network from a reference string, load its weights.
 
 A reference is ``SOURCE:REST``; ``MODEL_SOURCES.get(SOURCE)(REST, kwargs)`` builds it
-(``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME`` and
-``module:pkg.mod:factory``.
+(``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME``,
+``module:pkg.mod:factory`` and ``diffusers:UNet2DModel`` (``kdgraph.diffusers_source``).
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kdgraph.diffusers_source import create_diffusers
 from kdgraph.errors import ModelError
 from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
 from kdgraph.weights import fit_state, load_state, read_state_dict
@@ -108,6 +109,7 @@ def _create_from_module(ref: str, kwargs: dict[str, Any]) -> nn.Module:
 MODEL_SOURCES.register("timm", _create_timm)
 MODEL_SOURCES.register("torchvision", _create_torchvision)
 MODEL_SOURCES.register("module", _create_from_module)
+MODEL_SOURCES.register("diffusers", create_diffusers)  # diffusers itself is imported on first use
 
 
 @contextmanager

@@ -108,7 +108,7 @@ class Registry(Generic[T]):
 # ------------------------------------------------------------------------- model sources
 
 MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry(
-    "model source", declared=("timm", "torchvision", "module"), home="kdgraph.models")
+    "model source", declared=("timm", "torchvision", "module", "diffusers"), home="kdgraph.models")
 """``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
 
 

@@ -415,11 +415,13 @@ def test_side_inputs_are_split_with_the_batch_into_micro_batches(tmp_path):
     assert losses[1] == pytest.approx(losses[2], rel=1e-3)
 
 
-def test_export_of_a_denoiser_says_it_is_not_built_yet(tmp_path):
+def test_export_of_a_zoo_denoiser_says_what_export_ships(tmp_path):
+    """Only diffusers: denoisers have a layout to ship (tests/test_diffusers.py); the zoo's
+    U-Net is told where its trained state_dict is."""
     from kdgraph.errors import KDGraphError
     from kdgraph.runtime.commands import export_spec
 
-    with pytest.raises(KDGraphError, match="denoiser"):
+    with pytest.raises(KDGraphError, match="diffusers: denoiser.*student.safetensors"):
         export_spec(load_spec(write_spec(_spec(tmp_path), tmp_path / "s.yaml")), tmp_path / "ship")
     assert not (tmp_path / "ship").exists()
 

@@ -105,15 +105,32 @@ def _without_teacher_weights(spec: Spec) -> Spec:
     return spec.model_copy(update={"teacher": teacher})
 
 
+def _export_diffusers(compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
+    """The trained diffusers student in diffusers' folder layout (``ship.ship_diffusers``)."""
+    if maps:
+        raise KDGraphError(f"{compiled.spec.student.model}: the trained student keeps adapters after blocks "
+                           f"{', '.join(map(str, sorted(maps)))}, which diffusers' layout cannot hold; distil into a student of the teacher's "
+                           "widths (no adapter stays in its inference path)")
+    compiled.student.model.eval()
+    card = {"method": compiled.plan.method, "weights_from": str(path), "command": command}
+    try:
+        return ship.ship_diffusers(compiled.student.model, to, card)
+    except (OSError, SafetensorError) as exc:
+        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
+
+
 def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
-    """Write the shippable student (timm layout, see ``ship``) of a run to the folder ``to``.
+    """Write the shippable student (timm layout, see ``ship``; a diffusers: denoiser in
+    diffusers' layout) of a run to the folder ``to``.
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
-    if spec.denoise is not None:
-        raise KDGraphError("kdgraph export ships a classifier in timm's layout; exporting a denoiser (in diffusers' "
-                           "folder layout) is not built yet (issue 26): its trained weights are "
-                           f"{RunFolder(spec.output_dir).student}, loadable into the student model")
+    diffusers = spec.student.model.startswith("diffusers:")
+    if spec.denoise is not None and not diffusers:
+        raise KDGraphError("kdgraph export ships a classifier in timm's layout, or a diffusers: denoiser in "
+                           f"diffusers' layout; {spec.student.model} is neither: its trained weights are "
+                           f"{RunFolder(spec.output_dir).student}, its state_dict, loadable into the student model")
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     if checkpoint is not None:
         file_format(checkpoint, given=True)
@@ -129,6 +146,8 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
         if checkpoint is not None or path != folder.last_checkpoint or not prev.is_file():
             raise
         raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
+    if diffusers:
+        return _export_diffusers(compiled, maps, path, Path(to), command or f"kdgraph train {spec.name}")
     summary_file = folder.summary
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     preprocessing = summary.get("preprocessing")

@@ -16,6 +16,11 @@ pooling and flattening; the folded student has exactly its architecture's keys, 
 identity shortcuts, norms first) no exact fold exists and the student is exported as a
 ``torch.export`` program, with the reason in the card. Either way the written file is
 loaded back and checked against the distiller's inference path before the export succeeds.
+
+A ``diffusers:`` student (a denoiser) is written in diffusers' own layout instead, by the
+U-Net's ``save_pretrained``: ``config.json`` (its config, with a ``_kdgraph`` block that
+diffusers ignores) and ``diffusion_pytorch_model.safetensors``; ``UNet2DModel.from_pretrained(OUT)``
+loads it without kdgraph (``ship_diffusers``).
 """
 
 from __future__ import annotations
@@ -273,7 +278,39 @@ def _is_export(folder: Path) -> bool:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(config, dict) and isinstance(config.get("kdgraph"), dict)
+    return isinstance(config, dict) and (isinstance(config.get("kdgraph"), dict)
+                                         or isinstance(config.get("_kdgraph"), dict))
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@torch.no_grad()
+def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol: float = 1e-5) -> dict[str, Any]:
+    """Write ``model.unet`` (a trained ``DiffusersUNet``) with diffusers' ``save_pretrained`` to
+    ``folder``, read it back with ``from_pretrained`` and check its prediction against
+    ``model``'s on a fixed batch. Returns {"folder", "format": "diffusers", "reason"}."""
+    folder = check_destination(folder)
+    unet = model.unet
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    config_file = folder / CONFIG
+    config = json.loads(config_file.read_text())
+    config["_kdgraph"] = {k: v for k, v in card.items() if v is not None}  # keys with "_" diffusers skips
+    _write_text(config_file, json.dumps(config, indent=2) + "\n")
+    back = type(unet).from_pretrained(str(folder)).eval()
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    x = torch.randn(2, unet.config.in_channels, *size, generator=g)
+    t = torch.tensor([1, 500])
+    y = torch.tensor([0, 1]) if unet.config.num_class_embeds else None
+    dtype = next(unet.parameters()).dtype
+    expected = model(x.to(dtype), t, y).float()
+    got = back(x.to(dtype), t, class_labels=y).sample.float()
+    if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
+        raise ExportError(f"the diffusers export in {folder} does not reproduce the student "
+                          f"(max |diff| {float((got - expected).abs().max()):.3g})")
+    return {"folder": str(folder), "format": "diffusers", "reason": f"{type(unet).__name__}.save_pretrained"}
 
 
 @torch.no_grad()

@@ -172,8 +172,9 @@ class ModelSpec(_Strict):
     """A network to build: a source reference, its constructor arguments, optional weights."""
 
     model: Annotated[str, Strict()] = Field(  # strict: no bytes (YAML's !!binary) coerced to a reference
-        description="Model reference: 'timm:NAME', 'torchvision:NAME' or 'module:pkg.mod:factory' "
-        "(a factory function in an importable module; the spec's directory is searched first)."
+        description="Model reference: 'timm:NAME', 'torchvision:NAME', 'module:pkg.mod:factory' "
+        "(a factory function in an importable module; the spec's directory is searched first) or "
+        "'diffusers:UNet2DModel' (kwargs: its config; pip install 'kdgraph[diffusion]')."
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
