@@ -177,8 +177,8 @@ def test_perturbing_a_group_input_leaves_other_groups_gradients(stablekd, monkey
     def grads(shift: float):
         original = Distiller.teacher_features
 
-        def shifted(self, inp):
-            feats = original(self, inp)
+        def shifted(self, inp, *side):  # side: a denoiser's side tensors (none here)
+            feats = original(self, inp, *side)
             feats[2] = feats[2] + shift * torch.randn(feats[2].shape, generator=torch.Generator().manual_seed(5))
             return feats
 
