@@ -99,3 +99,22 @@ def train_here(spec):
         return train(spec)
     finally:
         torch.set_num_threads(threads)
+
+
+def plain_timm_outputs(folder: Path, x, work: Path, timeout: int = 300):
+    """The logits of the exported student in ``folder`` on ``x``, computed by plain timm
+    (``local-dir:``) in a fresh process that never imports kdgraph (asserted there)."""
+    import torch
+
+    torch.save(x, work / "x.pt")
+    code = f"""
+import sys, warnings, torch, timm
+warnings.simplefilter("ignore")
+model = timm.create_model("local-dir:{folder}", pretrained=True).eval()
+with torch.no_grad():
+    torch.save(model(torch.load("{work / 'x.pt'}")), "{work / 'y.pt'}")
+assert not any(k.startswith("kdgraph") for k in sys.modules)
+"""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=work, env=env, timeout=timeout)
+    return torch.load(work / "y.pt")
