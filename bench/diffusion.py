@@ -314,12 +314,13 @@ def _ms(v: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(v):.{digits}f} ± {sd:.{digits}f}"
 
 
-def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(student, method) -> {metric: values over seeds} of the cells."""
-    groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def aggregate(rows: list[dict]) -> dict[tuple[str, str, int], dict[str, list[float]]]:
+    """(student, method, training images) -> {metric: values over seeds} of the cells: cells of
+    another budget (``--student-images``) are groups of their own, never averaged in."""
+    groups: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["method"] in METHODS:
-            g = groups[(r["student"], r["method"])]
+            g = groups[(r["student"], r["method"], r["images"])]
             for k in ("fd", "class_acc", "mse", "images"):
                 if r.get(k) is not None:
                     g[k].append(r[k])
@@ -335,23 +336,30 @@ def table(groups: dict, teacher: dict) -> str:
     out.append(f"| teacher (16/32/64, 2 blocks/level) | plain | {teacher['fd']:.3f} (1) | 1.00 | | "
                f"{teacher['class_acc']:.1f} | {teacher['mse']:.4f} | {teacher['images']} | "
                f"{teacher['wall_s'] / 60:.1f} |")
-    for s in STUDENTS:
-        for m in METHODS:
-            g = groups.get((s, m))
-            if not g or not g["fd"]:
-                continue
+    for s, n, m in ((s, n, m) for s in STUDENTS for n in budgets(groups) for m in METHODS):
+        g = groups.get((s, m, n))
+        if g and g["fd"]:
             ratio = statistics.fmean(g["fd"]) / teacher["fd"]
             out.append(f"| {STUDENT_TITLES[s]} | {m} | {_ms(g['fd'], 3)} ({len(g['fd'])}) | {ratio:.2f} | "
                        f"{_ms(g['paired'])} | {_ms(g['class_acc'], 1)} | {_ms(g['mse'], 4)} | "
-                       f"{int(statistics.fmean(g['images']))} | {statistics.fmean(g['wall_s']) / 60:.1f} |")
+                       f"{n} | {statistics.fmean(g['wall_s']) / 60:.1f} |")
     return "\n".join(out)
 
 
+def budgets(groups: dict) -> list[int]:
+    """The student budgets (training images per cell) with results, smallest first."""
+    return sorted({k[2] for k in groups})
+
+
 def verdict(groups: dict, teacher: dict) -> str:
-    """The issue's goal: the best distilled block-removed student's FD within 1.5x the teacher's
-    and below the same student from scratch at equal steps."""
-    runs = {m: groups[("small", m)]["fd"] for m in DISTILLED + ("scratch",)
-            if groups.get(("small", m)) and groups[("small", m)]["fd"]}
+    """The issue's goal, at every student budget: the best distilled block-removed student's FD
+    within 1.5x the teacher's and below the same student from scratch at equal steps."""
+    return "\n".join(f"{n} images: {budget_verdict(groups, teacher, n)}" for n in budgets(groups))
+
+
+def budget_verdict(groups: dict, teacher: dict, n: int) -> str:
+    runs = {m: groups[("small", m, n)]["fd"] for m in DISTILLED + ("scratch",)
+            if groups.get(("small", m, n)) and groups[("small", m, n)]["fd"]}
     fd = {m: statistics.fmean(v) for m, v in runs.items()}
     best = min((m for m in fd if m in DISTILLED), key=fd.get, default=None)
     if best is None or "scratch" not in fd:
@@ -369,6 +377,8 @@ def plot(groups: dict, teacher: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    n = budgets(groups)[0]  # the grid's budget; other budgets are in the table
+    groups = {k[:2]: v for k, v in groups.items() if k[2] == n}
     students = [s for s in STUDENTS if any(k[0] == s for k in groups)]
     fig, axes = plt.subplots(1, len(students), figsize=(4.8 * len(students), 3.6), squeeze=False)
     for ax, s in zip(axes[0], students):
