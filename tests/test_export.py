@@ -40,7 +40,7 @@ def test_plain_export_loads_into_timm(tmp_path):
 
 
 def test_folded_export_reloads_to_the_inference_path(tmp_path):
-    spec = load_spec(tiny_spec(tmp_path, "stablekd"))
+    spec = load_spec(tiny_spec(tmp_path, "stablekd", decompose={"adapters": "in_path"}))
     compiled = compile_spec(spec)
     d = Distiller(compiled)
     assert d.adapters_in_inference and len(d.adapters) == 3

@@ -449,14 +449,16 @@ class DecomposeSpec(_Strict):
         "token<->map conversion where layouts or resolutions differ) or cap (ScaleKD's cross-attention "
         "projector at every block end).",
     )
-    adapters: Literal["in_path", "projected"] = Field(
-        default="in_path",
+    adapters: Literal["auto", "in_path", "projected"] = Field(
+        default="auto",
         description="Where widths or layouts differ at a block end: in_path (lift/lower adapters, lower∘lift "
         "stays in the student's path and folds at export where exact) or projected (the teacher's feature is "
         "projected into the student's format by a PCA fitted on projection_batches training batches before "
         "decomposition, then frozen; the student is fed it and trained to produce it, so no adapter stays "
         "in its path and export is always the plain model). Pairs the projection cannot carry (multi-tensor "
-        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why.",
+        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why. auto (the default): "
+        "projected where the method decomposes (stablekd) with the conv1x1 projector and no TPP, in_path "
+        "otherwise (KD's feature lifts are training-only and never reach the student's path).",
     )
     projection_batches: Int = Field(default=20, ge=1, le=100_000,
                                     description="Training batches the PCA of adapters: projected is fitted on.")
