@@ -280,7 +280,10 @@ class Trainer:
         fit = self.plan.projection_fit
         if fit is None or self.distiller.projections_fitted:
             return
-        used = self.distiller.fit_projections(self.data.train.epoch(0), fit.batches)
+        batches = self.data.train.epoch(0)
+        if self.task is not None:  # a denoiser's teacher sees epoch 0's noisy images and their side inputs
+            batches = (self.prepare(xb, yb, idx, 0, 0) for xb, yb, idx in self.batches(0))
+        used = self.distiller.fit_projections(batches, fit.batches)
         self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
 
     def stage_of(self, epoch: int) -> TrainingStage:
@@ -634,7 +637,7 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        samples = self.write_samples() if self.main else {}
+        samples = self.write_samples() if self.main else self.sample_sharded_teacher()
         summary = self.summary() | samples
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
@@ -673,6 +676,15 @@ class Trainer:
         if d.judge is None:
             return {}
         return self.judged(images[:d.judge_samples])
+
+    def sample_sharded_teacher(self) -> dict:
+        """A rank other than the main one: where the main rank's judge samples the teacher and
+        the teacher is sharded, this rank runs the same samples (every rank gathers the others'
+        shards at each module) and drops them; {}."""
+        d, teacher = self.denoise, self.distiller.teacher
+        if d is not None and d.judge is not None and teacher is not None and teacher.sharded:
+            self.sample(teacher, d.judge_samples)
+        return {}
 
     def judged(self, images: torch.Tensor) -> dict:
         """The judge's verdict on the student's samples ``images`` and on the teacher's."""
