@@ -323,8 +323,9 @@ class Trainer:
     def prepare(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None, epoch: int, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """The step's (input, target, side inputs): a denoiser's noisy images, their true noise
-        and (t,) or (t, y), drawn per sample from (seed, epoch, index) so that a resumed run
-        draws exactly as the uninterrupted one; otherwise the batch (mixed: ``mix``), no side."""
+        (velocity, with denoise.prediction: v) and (t,) or (t, y), drawn per sample from (seed,
+        epoch, index) so that a resumed run draws exactly as the uninterrupted one; otherwise the
+        batch (mixed: ``mix``), no side."""
         if self.task is not None:
             return self.task.draw(xb, yb, epoch, idx)
         return (*self.mix(xb, yb, epoch, step), ())
@@ -546,7 +547,8 @@ class Trainer:
 
     def score(self, forward) -> dict[str, float]:
         """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
-        denoiser's MSE to the true noise at each test image's fixed (t, ε)."""
+        denoiser's MSE to the true noise (the velocity, with denoise.prediction: v) at each test
+        image's fixed (t, ε)."""
         cfg = self.config
         if self.task is None:
             return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
@@ -652,10 +654,11 @@ class Trainer:
     @torch.no_grad()
     def sample(self, forward, n: int) -> torch.Tensor:
         """``n`` DDIM samples of ``forward`` (fixed seed and step count: the same model draws the
-        same images), in the data's normalisation."""
+        same images), in the data's normalisation; ``forward`` predicts what ``denoise.prediction``
+        says (the teacher as the student)."""
         return ddim_sample(forward, self.task.schedule, tuple(self.compiled.input_size), n, self.denoise.sample_steps,
                            self.task.seed, self.data.num_classes if self.task.class_conditional else None,
-                           self.device, pixel_range(self.data.mean, self.data.std))
+                           self.device, pixel_range(self.data.mean, self.data.std), self.task.prediction)
 
     def write_samples(self) -> dict:
         """A denoiser's DDIM sample grid (samples.png) and, with a judge (``denoise.judge``), the
