@@ -131,10 +131,14 @@ def test_swin_stages():
 
 
 @pytest.mark.slow
-def test_convnext_adapters():
+def test_convnext_projections():
+    """ConvNeXt-T -> Atto: every block end projected (the default for StableKD), NHWC stages;
+    its block ends are not ReLU outputs, so a plain PCA keeps Cs components."""
     c = _compiled("convnext_tiny-to-convnext_atto")
-    assert [(a.student_channels, a.teacher_channels) for a in c.pairing.adapters] == [
-        (40, 96), (80, 192), (160, 384), (320, 768)]
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters
+    assert [(p.student_format.channels, p.teacher_format.channels, p.components, p.split)
+            for p in c.pairing.projections] == [
+        (40, 96, 40, False), (80, 192, 80, False), (160, 384, 160, False), (320, 768, 320, False)]
 
 
 def test_json_contract():
