@@ -167,7 +167,8 @@ def test_json_contract():
         assert {"index", "epochs", "groups", "losses"} <= set(st)
     assert [st["epochs"] for st in sched["stages"]] == [20, 20, 20]
     assert d["input_size"] == [3, 32, 32] and d["num_classes"] == 100
-    assert {n["id"] for n in d["graph"]["nodes"]} >= {"T1", "S5", "lift4", "lower4", "head_loss"}
+    assert {n["id"] for n in d["graph"]["nodes"]} >= {"T1", "S5", "project4", "head_loss"}
+    assert not {n["id"] for n in d["graph"]["nodes"]} & {"lift4", "lower4"}
 
 
 def _pair(teacher: str, student: str, size: int, t_kw=None, s_kw=None, **extra) -> dict:
