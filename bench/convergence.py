@@ -60,7 +60,7 @@ def _base_spec(args, name: str, output: Path) -> dict:
     if args.root:
         data["root"] = args.root
     return {"name": name, "data": data, "output": str(output),
-            "decompose": {"blocks": 4},
+            "decompose": {"blocks": 4, "adapters": "in_path"},  # as the committed results were run
             "optim": {"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                       "decay_norms_and_biases": True},  # as the committed results were run
             "runtime": {"device": args.device, "log_every": 1000, "num_threads": args.threads}}

@@ -123,6 +123,9 @@ class StrongLoop:
 class KDGraphStep:
     def __init__(self, teacher, student, size, blocks, method, stage, batch, device, compiled):
         self.run = Trainer(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
+        fit = self.run.plan.projection_fit  # projected StableKD (widths differ): its fit stage first
+        if fit is not None:
+            self.run.distiller.fit_projections(self.run.data.train.epoch(0), fit.batches)
         self.run.distiller.set_stage(self.run.compiled.plan.stages[stage])
         self.run.distiller.train()
         self.xb, self.yb = next(iter(self.run.data.train.epoch(0)))

@@ -205,8 +205,9 @@ def cache(spec: SpecArg, epochs: Annotated[int, typer.Option(help="Cache the run
 @app.command("eval")
 def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           checkpoint: Annotated[Optional[Path], typer.Option(
-              help="The student to score: an export folder, student.safetensors / best.safetensors or a training "
-                   "checkpoint, told apart by content (default: OUTPUT/student.safetensors).")] = None,
+              help="The student to score: an export folder (kdgraph's, or a diffusers: student's in diffusers' "
+                   "layout), student.safetensors / best.safetensors or a training checkpoint, told apart by content "
+                   "(default: OUTPUT/student.safetensors).")] = None,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
     """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split;

@@ -1,9 +1,13 @@
-"""The denoising task (DDPM's ε-prediction): the noise schedule, the per-sample draws of timestep
-and noise, the evaluation at fixed draws and a deterministic DDIM sampler.
+"""The denoising task (DDPM's ε-prediction, or v-prediction): the noise schedule, the per-sample
+draws of timestep and noise, the evaluation at fixed draws and a deterministic DDIM sampler.
 
     task = DenoiseTask.of(spec.denoise, spec.seed)
-    x_t, eps, side = task.draw(x0, y, epoch, indices)    # side: (t,) or (t, y)
-    loss = mse(model(x_t, *side), eps)
+    x_t, target, side = task.draw(x0, y, epoch, indices)    # side: (t,) or (t, y)
+    loss = mse(model(x_t, *side), target)                   # target: ε, or v (denoise.prediction)
+
+The model predicts the noise ε (``prediction="epsilon"``, DDPM) or the velocity
+``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (``prediction="v"``; Salimans & Ho 2022, diffusers'
+``prediction_type="v_prediction"``); ``x0_and_eps`` turns either prediction into (x̂_0, ε̂).
 
 Every random number is a counter-based hash of (seed, epoch, sample index, draw number), as
 the crops and mixup of ``kdgraph.transforms`` are: a sample gets the same timestep and the same
@@ -29,10 +33,50 @@ from kdgraph.transforms import _mix, sample_seeds, uniforms
 if TYPE_CHECKING:
     from kdgraph.spec.schema import DenoiseSpec
 
-__all__ = ["DenoiseTask", "NoiseSchedule", "ddim_sample", "denoise_mse", "gaussians", "pixel_range", "save_grid"]
+__all__ = ["DIFFUSERS_PREDICTION", "PREDICTIONS", "DenoiseTask", "NoiseSchedule", "ddim_sample", "denoise_mse",
+           "gaussians", "pixel_range", "save_grid", "target_of", "x0_and_eps"]
 
 _TRAIN_STREAM = np.uint64(0x6464706D6E6F6973)  # "ddpmnois": apart from the crop and mixup draws
 _EVAL_STREAM = np.uint64(0x6576616C6E6F6973)  # "evalnois": the test split's fixed draws
+
+PREDICTIONS = ("epsilon", "v")  # what the model predicts: the noise ε, or the velocity v
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}  # diffusers' schedulers' prediction_type
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+def _roots(alpha_bar) -> tuple:
+    """(sqrt(ᾱ), sqrt(1 - ᾱ)) of a float (math.sqrt) or a tensor (torch.sqrt)."""
+    if isinstance(alpha_bar, torch.Tensor):
+        return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+    return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+
+
+def target_of(x0: torch.Tensor, eps: torch.Tensor, alpha_bar, prediction: str = "epsilon") -> torch.Tensor:
+    """What the model is trained to predict for the clean ``x0`` noised with ``eps`` at ᾱ_t =
+    ``alpha_bar`` (a float, or a tensor broadcasting with x0): ε, or ``v = sqrt(ᾱ_t) ε -
+    sqrt(1 - ᾱ_t) x_0`` (``prediction="v"``)."""
+    _check_prediction(prediction)
+    if prediction == "epsilon":
+        return eps
+    a, s = _roots(alpha_bar)
+    return a * eps - s * x0
+
+
+def x0_and_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction: str = "epsilon"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) from the model's prediction ``pred`` at ``x_t`` and ᾱ_t = ``alpha_bar``: ε̂ =
+    pred and ``x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``; with ``prediction="v"``,
+    ``x̂_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂`` and ``ε̂ = sqrt(1 - ᾱ_t) x_t + sqrt(ᾱ_t) v̂``.
+    Either way ``sqrt(ᾱ_t) x̂_0 + sqrt(1 - ᾱ_t) ε̂ = x_t``."""
+    _check_prediction(prediction)
+    a, s = _roots(alpha_bar)
+    if prediction == "epsilon":
+        return (x_t - s * pred) / a, pred
+    return a * x_t - s * pred, s * x_t + a * pred
 
 
 @dataclass(frozen=True)
@@ -81,16 +125,21 @@ def _keys(seed: int, epoch: int, indices, stream: np.uint64) -> np.ndarray:
 @dataclass(frozen=True)
 class DenoiseTask:
     """DDPM's training pairs: ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` with t uniform on
-    0..T-1 and ε ~ N(0, I) per sample, both functions of (seed, epoch, sample index)."""
+    0..T-1 and ε ~ N(0, I) per sample, both functions of (seed, epoch, sample index); the
+    target is ε, or v where ``prediction`` is "v" (``target_of``)."""
 
     schedule: NoiseSchedule
     seed: int
     class_conditional: bool = False
+    prediction: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        _check_prediction(self.prediction)
 
     @classmethod
     def of(cls, spec: DenoiseSpec, seed: int) -> DenoiseTask:
         return cls(NoiseSchedule.create(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end), seed,
-                   spec.class_conditional)
+                   spec.class_conditional, spec.prediction)
 
     def draws(self, epoch: int, indices, shape: tuple[int, ...], evaluation: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,23 +153,25 @@ class DenoiseTask:
 
     def draw(self, x0: torch.Tensor, y: torch.Tensor, epoch: int, indices, evaluation: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """(x_t, ε, side inputs) for a batch of clean images ``x0`` with classes ``y``: the side
-        inputs are (t,), or (t, y) for a class-conditional model."""
+        """(x_t, target, side inputs) for a batch of clean images ``x0`` with classes ``y``: the
+        target is ε, or v (``prediction="v"``); the side inputs are (t,), or (t, y) for a
+        class-conditional model."""
         t, eps = self.draws(epoch, indices, tuple(x0.shape[1:]), evaluation)
         a = self.schedule.at(t)  # on the host, as drawn: no device sync
         t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
         a = a.to(x0.device, x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-        return x_t, eps, ((t, y) if self.class_conditional else (t,))
+        return x_t, target_of(x0, eps, a, self.prediction), ((t, y) if self.class_conditional else (t,))
 
 
 @torch.no_grad()
 def denoise_mse(forward: Callable[..., torch.Tensor], loader, task: DenoiseTask) -> dict[str, float]:
-    """{'mse': mean over the test split of MSE(ε̂, ε)} at each test sample's fixed (t, ε)."""
+    """{'mse': mean over the test split of MSE(prediction, target)} at each test sample's fixed
+    (t, ε): the target of the task's parameterisation, ε (MSE(ε̂, ε)) or v (MSE(v̂, v))."""
     total, count = 0.0, 0
     for xb, yb, idx in loader.epoch_indexed(0):
-        x_t, eps, side = task.draw(xb, yb, 0, idx, evaluation=True)
-        err = (forward(x_t, *side).float() - eps.float()).pow(2).flatten(1).mean(1)
+        x_t, target, side = task.draw(xb, yb, 0, idx, evaluation=True)
+        err = (forward(x_t, *side).float() - target.float()).pow(2).flatten(1).mean(1)
         total += float(err.sum())
         count += len(err)
     return {"mse": total / max(count, 1)}
@@ -129,13 +180,15 @@ def denoise_mse(forward: Callable[..., torch.Tensor], loader, task: DenoiseTask)
 @torch.no_grad()
 def ddim_sample(forward: Callable[..., torch.Tensor], schedule: NoiseSchedule, shape: tuple[int, ...], n: int,
                 steps: int, seed: int, num_classes: int | None = None, device: torch.device | str = "cpu",
-                clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                clip: tuple[torch.Tensor, torch.Tensor] | None = None, prediction: str = "epsilon") -> torch.Tensor:
     """``n`` images of ``shape`` by DDIM with η = 0 (Song et al.): deterministic from its start
     noise (drawn from ``seed``) over ``steps`` timesteps evenly spaced from T-1 to 0:
     ``x_{t'} = sqrt(ᾱ_{t'}) x̂_0 + sqrt(1 - ᾱ_{t'}) ε̂``, ``x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)``,
-    ᾱ of the step after the last = 1. Class-conditional (``num_classes``): image i is of class
+    ᾱ of the step after the last = 1; a v-predicting ``forward`` (``prediction="v"``) gives
+    (x̂_0, ε̂) by ``x0_and_eps``. Class-conditional (``num_classes``): image i is of class
     i mod num_classes. ``clip`` (low, high), per channel: x̂_0 is clamped to the data's range at
     every step, as DDPM's sampler clips to [-1, 1]."""
+    _check_prediction(prediction)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g).to(device)
     side_y = (torch.arange(n, device=device) % num_classes,) if num_classes else ()
@@ -144,8 +197,8 @@ def ddim_sample(forward: Callable[..., torch.Tensor], schedule: NoiseSchedule, s
     for i, t in enumerate(ts):
         a_t = ab[t]
         a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        eps = forward(x, torch.full((n,), int(t), device=device, dtype=torch.long), *side_y).float()
-        x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
+        pred = forward(x, torch.full((n,), int(t), device=device, dtype=torch.long), *side_y).float()
+        x0, eps = x0_and_eps(pred, x, a_t, prediction)
         if clip is not None:
             x0 = torch.maximum(torch.minimum(x0, clip[1].to(x0)), clip[0].to(x0))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps

@@ -703,9 +703,11 @@ class DISTHead(nn.Module):
 class DDPMLoss(nn.Module):
     """DDPM's task loss (Ho et al.'s L_simple): ``task = w_task * mean (ε̂ - ε)^2`` between the
     predicted noise ε̂ and the true noise ε (mean over every element): the head loss of a
-    denoiser trained without a teacher."""
+    denoiser trained without a teacher. With ``denoise.prediction: v`` the prediction is the
+    velocity and the target ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (``kdgraph.diffusion``
+    draws it): ``task = w_task * mean (v̂ - v)^2``."""
 
-    summary = "MSE of the predicted noise to the true noise (DDPM's L_simple)"
+    summary = "MSE of the predicted noise (or velocity, v-prediction) to the true one (DDPM's L_simple)"
     role = "head"
     terms = ("task",)
     params = {"task_weight": "task_weight"}
@@ -728,9 +730,10 @@ class DenoiseHead(nn.Module):
     (ε̂_s - ε)^2``, the DDPM task loss against the true noise ε, and ``out = w_out * mean (ε̂_s -
     ε̂_t)^2``, the output-level distillation against the teacher's predicted noise ε̂_t (means
     over every element). Its feature-level term is the ``mse`` entry at every block end,
-    weighted by ``loss.feature_weight``."""
+    weighted by ``loss.feature_weight``. With ``denoise.prediction: v`` both predict the
+    velocity: ``task`` is against the true v, ``out`` against the teacher's v̂_t, unchanged."""
 
-    summary = "MSE of the predicted noise to the true noise and to the teacher's prediction (BK-SDM)"
+    summary = "MSE of the predicted noise (or velocity) to the true one and to the teacher's prediction (BK-SDM)"
     role = "head"
     terms = ("task", "out")
     params = {"task_weight": "task_weight", "output_weight": "output_weight"}

@@ -122,16 +122,17 @@ def principal_components(count: int, total: torch.Tensor, outer: torch.Tensor, k
 def fit_projections(projections: Mapping[str, Projection], features, batches: Iterable, limit: int) -> int:
     """Fit every projection on the teacher's features of the first ``limit`` of ``batches``.
 
-    ``features(x, blocks)``: the frozen teacher's outputs at those block ends (``FrozenTeacher.
-    features``). Sums are kept in float64 and, in a distributed run, added over ranks, so every
-    rank holds the same projection. Returns the batches used."""
+    ``batches``: (x, y), or a denoiser's (x_t, ε, side inputs). ``features(x, blocks)``, a
+    denoiser's ``features(x_t, blocks, side inputs)``: the frozen teacher's outputs at those block
+    ends (``FrozenTeacher.features``). Sums are kept in float64 and, in a distributed run, added
+    over ranks, so every rank holds the same projection. Returns the batches used."""
     blocks = {int(i) for i in projections}
     sums: dict[str, list] = {}
     used = 0
-    for x, _ in batches:
+    for x, _, *side in batches:
         if used == limit:
             break
-        feats = features(x, blocks)
+        feats = features(x, blocks, *side)
         for key, proj in projections.items():
             m = proj.to_student_grid(feats[int(key)])
             rows = m.transpose(0, 1).flatten(1).T.double()  # (B*h*w, Ct)

@@ -277,18 +277,19 @@ def draw_block_graph(g: nx.DiGraph, path: Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = {"teacher": 2.0, "adapter": 1.0, "loss": 0.5, "student": 0.0, "input": 1.0, "labels": -0.6,
-            "proxy": 2.8, "tap": 1.4, "cache": 2.5}
+            "proxy": 2.8, "tap": 1.4, "cache": 2.5, "projection": 1.0}
     pos = {}
     for n, d in g.nodes(data=True):
         digits = "".join(ch for ch in n if ch.isdigit())
         x = float(digits) if digits else (0.0 if n == "input" else len(g) / 2)
         if n in ("head_loss", "labels", "tpp_loss"):
             x = max((float("".join(c for c in m if c.isdigit()) or 0) for m in g.nodes), default=1) + 0.6
-        offset = {"lift": -0.15, "lower": 0.25, "mse": 0.45, "tpp": 0.6}
+        offset = {"lift": -0.15, "lower": 0.25, "project": 0.25, "mse": 0.45, "tpp": 0.6}
         x += next((v for k, v in offset.items() if n.startswith(k)), 0.0)
         pos[n] = (x, rows.get(d["kind"], 1.0) + (0.35 if n.startswith("lower") else 0))
     colors = {"teacher": "#f4a261", "student": "#2a9d8f", "adapter": "#e9c46a", "loss": "#e76f51",
-              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2", "cache": "#f4d3b0"}
+              "input": "#cccccc", "labels": "#cccccc", "proxy": "#f4d3b0", "tap": "#b8e0d2", "cache": "#f4d3b0",
+              "projection": "#e9c46a"}
     fig, ax = plt.subplots(figsize=(max(8, len(g) * 1.1), 6))
     styles = {"adapted": "dashed", "decompose": "solid", "loss": "dotted", "proxy": "dashed", "tap": "dotted",
               "cache": "dashed"}

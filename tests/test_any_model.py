@@ -79,7 +79,8 @@ def test_flat_sequential_stages_come_from_feature_shapes():
 
 
 def test_flat_teacher_and_student_plan_with_adapters():
-    spec = load_spec(tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]}))
+    spec = load_spec(tiny_spec(blocks=4, data={"dataset": "synthetic", "input_size": [1, 16, 16]},
+                                decompose={"adapters": "in_path"}))
     c = compile_spec(spec, models=(flat_cnn(16), flat_cnn(8)))
     assert [b.to_dict()["teacher"] for b in c.pairing.blocks] == ["7", "10", "11", "output"]
     assert [a.lift for a in c.pairing.adapters] == [(16, 32), (32, 64), (32, 64)]

@@ -18,7 +18,9 @@ from _runtime_helpers import tiny_spec
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_spec(load_spec(tiny_spec()))
+    """The in_path adapter graph (lift/lower nodes): this file's subject; test_projection.py has
+    the projected one, the default for StableKD."""
+    return compile_spec(load_spec(tiny_spec(decompose={"adapters": "in_path"})))
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,12 @@ def test_plan_table(runner):
     res = runner.invoke(app, ["plan", QS, *NO_CKPT])
     assert res.exit_code == 0, _all(res)
     text = res.output
-    for word in ("quickstart", "stablekd", "teacher stages", "student stages", "blocks", "conv1x1", "layer3"):
+    # the quickstart's widths differ: StableKD projects the teacher's block ends (the fit stage)
+    for word in ("quickstart", "stablekd", "teacher stages", "student stages", "blocks", "frozen pca±",
+                 "PCA of the teacher at block ends", "layer3"):
         assert word in text, word
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--set", "decompose.adapters=in_path"])
+    assert res.exit_code == 0 and "conv1x1" in res.output and "pca" not in res.output, _all(res)
 
 
 def test_plan_json(runner):
@@ -56,9 +60,11 @@ def test_plan_graph_formats(runner, fmt):
     assert ("digraph" in res.stdout) if fmt == "dot" else ("graph" in res.stdout or "flowchart" in res.stdout)
 
 
-def test_plan_png(runner, tmp_path):
+@pytest.mark.parametrize("adapters", ["projected", "in_path"])
+def test_plan_png(runner, tmp_path, adapters):
+    """Every node kind of the block graph is drawn (projection nodes, lift/lower adapters)."""
     png = tmp_path / "graph.png"
-    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--png", str(png)])
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--png", str(png), "--set", f"decompose.adapters={adapters}"])
     assert res.exit_code == 0, _all(res)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -84,9 +84,17 @@ def test_resnet34_to_resnet18():
     assert [b.cut.shape for b in c.student.boundaries] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
 
 
-def test_resnet50_to_resnet18_adapters():
+def test_resnet50_to_resnet18_projects_by_default_and_keeps_adapters_in_path_when_asked():
+    """The flagship pair: decompose.adapters: auto projects each teacher block end (ResNet-18's
+    block ends are ReLU outputs: sign-split PCA, Cs/2 components); in_path plans 1x1 adapters."""
     c = _compiled("resnet50-to-resnet18")
     assert _labels(c.teacher.boundaries) == ["layer1", "layer2", "layer3", "layer4"]
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters
+    assert [(b.projection.student_format.channels, b.projection.teacher_format.channels, b.projection.components,
+             b.projection.split) for b in c.pairing.blocks[:4]] == [
+        (64, 256, 32, True), (128, 512, 64, True), (256, 1024, 128, True), (512, 2048, 256, True)]
+    spec = load_spec(ROOT / "specs" / "resnet50-to-resnet18.yaml", ["teacher.checkpoint=null", "decompose.adapters=in_path"])
+    c = compile_spec(spec, allow_missing_weights=True)
     assert [(a.index, a.student_channels, a.teacher_channels, a.kind) for a in c.pairing.adapters] == [
         (1, 64, 256, "conv1x1"), (2, 128, 512, "conv1x1"), (3, 256, 1024, "conv1x1"), (4, 512, 2048, "conv1x1")]
     assert [a.lift for a in c.pairing.adapters] == [(64, 256), (128, 512), (256, 1024), (512, 2048)]
@@ -123,10 +131,14 @@ def test_swin_stages():
 
 
 @pytest.mark.slow
-def test_convnext_adapters():
+def test_convnext_projections():
+    """ConvNeXt-T -> Atto: every block end projected (the default for StableKD), NHWC stages;
+    its block ends are not ReLU outputs, so a plain PCA keeps Cs components."""
     c = _compiled("convnext_tiny-to-convnext_atto")
-    assert [(a.student_channels, a.teacher_channels) for a in c.pairing.adapters] == [
-        (40, 96), (80, 192), (160, 384), (320, 768)]
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters
+    assert [(p.student_format.channels, p.teacher_format.channels, p.components, p.split)
+            for p in c.pairing.projections] == [
+        (40, 96, 40, False), (80, 192, 80, False), (160, 384, 160, False), (320, 768, 320, False)]
 
 
 def test_json_contract():
@@ -143,7 +155,10 @@ def test_json_contract():
     assert [b["index"] for b in d["blocks"]] == [1, 2, 3, 4, 5]
     for b in d["blocks"]:
         assert {"index", "teacher", "student", "adapter"} <= set(b)
-    assert d["blocks"][0]["adapter"]["lift"] == [64, 256] and d["blocks"][-1]["adapter"] is None
+    assert d["adapters_mode"] == "projected" and all(b["adapter"] is None for b in d["blocks"])
+    assert d["blocks"][0]["projection"] == {"kind": "pca", "split": True, "components": 32,
+                                            "student_format": ["NCHW", [64, 8, 8]],
+                                            "teacher_format": ["NCHW", [256, 8, 8]]}
     assert d["blocks"][-1]["teacher"] == d["blocks"][-1]["student"] == "output"
     sched = d["schedule"]
     assert {"method", "k", "n", "stages"} <= set(sched)
@@ -152,7 +167,8 @@ def test_json_contract():
         assert {"index", "epochs", "groups", "losses"} <= set(st)
     assert [st["epochs"] for st in sched["stages"]] == [20, 20, 20]
     assert d["input_size"] == [3, 32, 32] and d["num_classes"] == 100
-    assert {n["id"] for n in d["graph"]["nodes"]} >= {"T1", "S5", "lift4", "lower4", "head_loss"}
+    assert {n["id"] for n in d["graph"]["nodes"]} >= {"T1", "S5", "project4", "head_loss"}
+    assert not {n["id"] for n in d["graph"]["nodes"]} & {"lift4", "lower4"}
 
 
 def _pair(teacher: str, student: str, size: int, t_kw=None, s_kw=None, **extra) -> dict:

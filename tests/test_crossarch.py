@@ -127,7 +127,7 @@ def _vit_to_resnet(**extra) -> dict:
                                                                       "patch_size": 8, "depth": 4}},
         "student": {"model": "timm:resnet18", "kwargs": {"num_classes": 10}},
         "data": {"dataset": "synthetic", "input_size": [3, 64, 64], "num_classes": 10},
-        "decompose": {"blocks": 5},
+        "decompose": {"blocks": 5, "adapters": "in_path"},  # the format adapters are the subject
         "schedule": {"method": "stablekd", "recompositions": 2, "epochs": 3},
     }
     for key, value in extra.items():

@@ -42,9 +42,11 @@ def _spec_dict(out, method):
     kw = {"recompositions": 1} if method == "stablekd" else {}
     # bn_recalibrate off: rank 0 re-estimates BN statistics before evaluating, outside the
     # DDP step; the emulation models the step only
+    # adapters in_path: the emulation writes out the adapters' DDP math (the projected mode's
+    # fit under DDP is test_projection.py's test_two_gloo_ranks_fit_the_projection_...)
     return tiny_spec(out, method, epochs=2, fraction=0.1, batch_size=16,
                      optim={"lr_schedule": "stage_cyclic" if method == "stablekd" else "cosine"},
-                     runtime={"bn_recalibrate": False}, **kw)
+                     runtime={"bn_recalibrate": False}, decompose={"adapters": "in_path"}, **kw)
 
 
 def _emulate(spec_dict, out: Path):

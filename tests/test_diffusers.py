@@ -2,8 +2,9 @@
 recomposed, distilled, and exported in diffusers' own layout.
 
 Independent truth: diffusers' own ``UNet2DModel.forward`` (the wrapper and the recomposed
-blocks must give what ``unet(x, t, class_labels=y).sample`` gives) and diffusers' own
-``from_pretrained`` in a process that never imports kdgraph.
+blocks must give what ``unet(x, t, class_labels=y).sample`` gives), diffusers' own
+``from_pretrained`` in a process that never imports kdgraph, and diffusers' own DDIMScheduler
+step (ε- and v-prediction).
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def test_unknown_and_untraceable_diffusers_models_say_why():
         create_model("diffusers:UNet3D", {})
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_a_ddim_step_is_diffusers_own_for_either_prediction(prediction):
+    """kdgraph's (x̂₀, ε̂) of a prediction, and the DDIM step made from them, are what diffusers'
+    DDIMScheduler computes with the prediction_type kdgraph records for the export."""
+    from diffusers import DDIMScheduler
+
+    from kdgraph.diffusion import DIFFUSERS_PREDICTION, x0_and_eps
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                              prediction_type=DIFFUSERS_PREDICTION[prediction])
+    scheduler.set_timesteps(10)
+    t = int(scheduler.timesteps[3])
+    g = torch.Generator().manual_seed(0)
+    x_t, pred = torch.randn(2, *SIZE, generator=g), torch.randn(2, *SIZE, generator=g)
+    out = scheduler.step(pred, t, x_t, eta=0.0)
+    ab, ab_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t - 1000 // 10]
+    x0, eps = x0_and_eps(pred, x_t, ab, prediction)
+    assert torch.allclose(out.pred_original_sample, x0, atol=1e-5)
+    assert torch.allclose(out.prev_sample, ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps, atol=1e-5)
+
+
 def test_a_missing_diffusers_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
     with pytest.raises(ModelError, match=r"pip install 'kdgraph\[diffusion\]'"):
@@ -134,7 +156,9 @@ def test_a_diffusers_student_distils_exports_and_loads_without_kdgraph(tmp_path)
     result = export_spec(spec, tmp_path / "ship")
     assert result["format"] == "diffusers"
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in (tmp_path / "ship").iterdir()}
-    assert json.loads((tmp_path / "ship" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    shipped = json.loads((tmp_path / "ship" / "config.json").read_text())
+    assert shipped["_class_name"] == "UNet2DModel"
+    assert shipped["_kdgraph"]["prediction_type"] == "epsilon"  # diffusers' name: the user's scheduler's setting
     cli = CliRunner().invoke(app, ["export", str(tmp_path / "s.yaml"), "--to", str(tmp_path / "cli")],
                              terminal_width=400)
     assert cli.exit_code == 0 and "diffusers' layout" in cli.output, cli.output

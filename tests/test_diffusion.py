@@ -5,8 +5,10 @@ Independent truth: the zoo's DiffusionUNet's own eager forward (the blocks compo
 it bit for bit); the live set after each cut recomputed from the fx graph's users by brute
 force; the skips listed by hand from its forward; a student that is the teacher (every
 feature and output loss exactly 0); DDPM's and DDIM's formulas written out (an oracle noise
-predictor of a one-image data set brings DDIM back to that image); the losses written out
-with sums; and an uninterrupted run against an interrupted and resumed one.
+predictor of a one-image data set brings DDIM back to that image, and so does an oracle
+velocity predictor); v-prediction's target and its conversion back to (x̂₀, ε̂) written out
+(Salimans & Ho 2022); the losses written out with sums; and an uninterrupted run against an
+interrupted and resumed one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid
+from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid, x0_and_eps
 from kdgraph.ir import SideInput
 from kdgraph.losses import LOSSES, create_loss
 from kdgraph.runtime import loop
@@ -266,14 +268,91 @@ def test_ddim_with_an_oracle_returns_the_one_image(tmp_path):
     assert Image.open(path).size == (2 + 2 * 6, 2 + 2 * 6)
 
 
+# -- v-prediction (Salimans & Ho 2022): v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x₀ --------------------------
+
+def test_v_target_is_the_velocity_of_the_drawn_pair():
+    """The v task's target at the draws of (t, ε) the ε task makes for the same samples: both
+    written out from ᾱ_t of the schedule's table."""
+    v_task = DenoiseTask(NoiseSchedule.create("cosine", 50), seed=4, class_conditional=True, prediction="v")
+    eps_task = DenoiseTask(NoiseSchedule.create("cosine", 50), seed=4, class_conditional=True)
+    x0, y, idx = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(2)), torch.arange(5), [3, 8, 1, 40, 7]
+    x_t, v, (t, _) = v_task.draw(x0, y, 2, idx)
+    t_drawn, eps = eps_task.draws(2, idx, (1, 4, 4))
+    assert torch.equal(t, t_drawn)
+    assert torch.equal(eps_task.draw(x0, y, 2, idx)[1], eps)  # ε-prediction's target: the noise itself
+    ab = torch.tensor([v_task.schedule.alphas_cumprod[i] for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+    x0d, epsd = x0.double(), eps.double()
+    assert torch.allclose(x_t.double(), ab.sqrt() * x0d + (1 - ab).sqrt() * epsd, atol=1e-6)  # the same x_t
+    assert torch.allclose(v.double(), ab.sqrt() * epsd - (1 - ab).sqrt() * x0d, atol=1e-6)
+    with pytest.raises(ValueError, match="epsilon, v"):
+        DenoiseTask(NoiseSchedule.create("linear", 10), seed=0, prediction="x0")
+
+
+@pytest.mark.parametrize("alpha_bar", [0.9999, 0.5, 0.01, 4e-5])
+def test_x0_and_eps_from_v_reconstruct_the_pair(alpha_bar):
+    """From v and x_t, x̂₀ and ε̂ are the x₀ and ε that made them, and sqrt(ᾱ) x̂₀ + sqrt(1-ᾱ) ε̂
+    is x_t again; ε-prediction's conversion likewise (float64, written out)."""
+    g = torch.Generator().manual_seed(7)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g,
+                                                                                       dtype=torch.float64)
+    a, s = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    x_t, v = a * x0 + s * eps, a * eps - s * x0
+    x0_hat, eps_hat = x0_and_eps(v, x_t, alpha_bar, "v")
+    assert torch.allclose(x0_hat, x0, atol=1e-12) and torch.allclose(eps_hat, eps, atol=1e-12)
+    assert torch.allclose(a * x0_hat + s * eps_hat, x_t, atol=1e-12)
+    as_tensor = x0_and_eps(v.float(), x_t.float(), torch.tensor(alpha_bar), "v")  # ᾱ as a tensor, float32
+    assert torch.allclose(as_tensor[0].double(), x0, atol=1e-5)
+    assert torch.allclose(as_tensor[1].double(), eps, atol=1e-5)
+    x0_e, eps_e = x0_and_eps(eps, x_t, alpha_bar)  # ε-prediction: ε̂ is the prediction
+    assert torch.equal(eps_e, eps) and torch.allclose(a * x0_e + s * eps_e, x_t, atol=1e-12)
+
+
+def test_ddim_with_an_oracle_velocity_returns_the_one_image():
+    """A data set of one image x*: the oracle's ε is (x_t - sqrt(ᾱ) x*) / sqrt(1-ᾱ) and its v
+    is sqrt(ᾱ) ε - sqrt(1-ᾱ) x* (written out); DDIM told it predicts v lands on x*."""
+    schedule = NoiseSchedule.create("linear", 200)
+    target = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
+
+    def oracle_v(x, t):
+        ab = torch.tensor([schedule.alphas_cumprod[i] for i in t.tolist()], dtype=torch.float32).view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * target) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * target
+
+    out = ddim_sample(oracle_v, schedule, (1, 4, 4), 3, steps=10, seed=0, prediction="v")
+    assert torch.allclose(out, target.expand(3, -1, -1, -1), atol=1e-4)
+    assert torch.equal(out, ddim_sample(oracle_v, schedule, (1, 4, 4), 3, steps=10, seed=0, prediction="v"))
+    low, high = pixel_range([0.5], [0.5])  # -1..1: x* lies inside
+    clipped = ddim_sample(oracle_v, schedule, (1, 4, 4), 3, steps=10, seed=0, clip=(low, high), prediction="v")
+    assert torch.allclose(clipped, target.expand(3, -1, -1, -1), atol=1e-4)
+
+
+def test_denoise_prediction_field_and_its_allowed_values(tmp_path):
+    from kdgraph.errors import SpecError
+
+    spec = _spec(tmp_path)
+    assert load_spec(spec).denoise.prediction == "epsilon"  # the default: DDPM's
+    v = load_spec({**spec, "denoise": {**spec["denoise"], "prediction": "v"}})
+    assert DenoiseTask.of(v.denoise, v.seed).prediction == "v"
+    with pytest.raises(SpecError) as info:
+        load_spec({**spec, "denoise": {**spec["denoise"], "prediction": "v_prediction"}})
+    assert info.value.path == "denoise.prediction"
+    assert "allowed: epsilon, v" in info.value.message and "'v_prediction'" in info.value.message
+
+
 class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("pair", ["zoo", "manyskip"])
+def _v_prediction(spec, **_):
+    spec["denoise"] = {**spec["denoise"], "prediction": "v"}
+    return spec
+
+
+@pytest.mark.parametrize("pair", ["zoo", "manyskip", "v"])
 def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pair):
-    """The zoo pair, and the many-skip pair whose block ends carry 4, 6 and 7 tensors."""
-    many = _manyskip if pair == "manyskip" else (lambda spec, **_: spec)
+    """The zoo pair, the many-skip pair whose block ends carry 4, 6 and 7 tensors, and the zoo
+    pair predicting v (teacher and student: the one spec field)."""
+    many = {"manyskip": _manyskip, "v": _v_prediction}.get(pair, lambda spec, **_: spec)
     # the teacher: a short supervised denoising run
     t_spec = load_spec(write_spec(many(_spec(tmp_path / "t", method="supervised", student="diffusion_unet_teacher",
                                              epochs=1), student="diffusion_unet_manyskip"), tmp_path / "t.yaml"))
@@ -312,6 +391,9 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pai
     scored = evaluate_spec(a)
     assert scored["student_mse"] == pytest.approx(sa["student_mse"], rel=1e-5)
     assert scored["teacher_mse"] == pytest.approx(sa["teacher_mse"], rel=1e-5)
+    if pair == "v":  # the same weights scored against ε instead of v: the field reaches evaluation
+        as_eps = evaluate_spec(a.model_copy(update={"denoise": a.denoise.model_copy(update={"prediction": "epsilon"})}))
+        assert as_eps["student_mse"] != pytest.approx(scored["student_mse"], rel=1e-3)
 
 
 # -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------

@@ -40,7 +40,7 @@ def test_plain_export_loads_into_timm(tmp_path):
 
 
 def test_folded_export_reloads_to_the_inference_path(tmp_path):
-    spec = load_spec(tiny_spec(tmp_path, "stablekd"))
+    spec = load_spec(tiny_spec(tmp_path, "stablekd", decompose={"adapters": "in_path"}))
     compiled = compile_spec(spec)
     d = Distiller(compiled)
     assert d.adapters_in_inference and len(d.adapters) == 3
@@ -65,7 +65,8 @@ def test_folded_export_reloads_to_the_inference_path(tmp_path):
 def test_cli_export_writes_the_trained_student(tmp_path):
     from kdgraph.cli.main import app
 
-    spec_dict = tiny_spec(tmp_path / "run", "stablekd", recompositions=1, epochs=2, fraction=0.1)
+    spec_dict = tiny_spec(tmp_path / "run", "stablekd", recompositions=1, epochs=2, fraction=0.1,
+                          decompose={"adapters": "in_path"})  # adapters in the path: the program export
     spec_path = write_spec(spec_dict, tmp_path / "spec.yaml")
     summary = train_here(load_spec(spec_path))
     res = CliRunner().invoke(app, ["export", str(spec_path), "--to", str(tmp_path / "exported")])

@@ -97,7 +97,9 @@ def test_teacher_is_outside_the_module_tree(tmp_path, teacher_file):
     assert all(m is not teacher for m in d.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     own = {k for k in d.state_dict()}
-    assert own and all(k.startswith(("student.", "adapters.")) for k in own), sorted(own)[:5]
+    # the student, and what StableKD trains or fits beside it: adapters (in_path) or the frozen
+    # projections of the teacher's features (projected, the default), never the teacher
+    assert own and all(k.startswith(("student.", "adapters.", "projections.")) for k in own), sorted(own)[:5]
 
 
 def test_training_and_bn_recalibration_leave_the_teacher_bit_identical(tmp_path, teacher_file):
@@ -155,8 +157,8 @@ def test_checkpoints_hold_no_teacher_tensors(tmp_path, teacher_file):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     keys = set(state["model"])
     student = {f"student.{k}" for k in zoo.resnet_tiny_student(**KW).state_dict()}
-    adapters = {k for k in keys if k.startswith("adapters.")}
-    assert adapters and keys == student | adapters
+    beside = {k for k in keys if k.startswith(("adapters.", "projections."))}  # in_path or projected
+    assert beside and keys == student | beside
     # no teacher tensor under any name: the teacher's 128-wide 3x3 convs (the student is
     # at most 64 wide) are nowhere
     teacher_convs = {tuple(v.shape) for v in load_file(str(teacher_file)).values() if v.dim() == 4

@@ -59,8 +59,22 @@ def test_supervised_program_has_no_teacher():
         ("S4", "whole", ("input",)), ("head_loss", "loss", ("S4", "labels"))]
 
 
-def test_program_order_and_inputs():
+def test_stablekd_default_program_projects_the_teacher_and_chains_the_students_own_blocks():
+    """decompose.adapters: auto (the default) is projected for StableKD: the merged stage's
+    group (3, 4) is fed the projection of the teacher's block 2, group (1, 2) chains S1 -> S2
+    with nothing between, and S2 is trained against that same projection."""
     c = compile_spec(load_spec(tiny_spec(blocks=4, recompositions=2)))
+    assert c.pairing.adapters_mode == "projected" and not c.pairing.adapters
+    merged = c.plan.stages[1].program
+    ops = {op.node: op.inputs for op in merged.ops}
+    assert [op.node for op in merged.ops] == [
+        "T1", "T2", "project2", "T3", "T4", "S1", "S2", "mse2", "S3", "S4", "head_loss"]
+    assert ops["S2"] == ("S1",) and ops["S3"] == ("project2",) and ops["project2"] == ("T2",)
+    assert ops["mse2"] == ("S2", "project2") and merged.teacher_reads == (2, 4)
+
+
+def test_program_order_and_inputs():
+    c = compile_spec(load_spec(tiny_spec(blocks=4, recompositions=2, decompose={"adapters": "in_path"})))
     merged = c.plan.stages[1].program  # groups (1, 2), (3, 4)
     ops = {op.node: op for op in merged.ops}
     assert [op.node for op in merged.ops] == [

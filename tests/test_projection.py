@@ -218,6 +218,33 @@ def test_projected_mode_refuses_tpp_and_cap(tmp_path):
         load_spec({**spec, "decompose": {**spec["decompose"], "projector": "cap"}})
 
 
+@pytest.mark.parametrize("change, mode", [
+    ({}, "projected"),  # StableKD: lower∘lift would stay in the student's path
+    ({"schedule": {"method": "kd", "recompositions": 0}}, "in_path"),  # no decomposition: nothing in the path
+    ({"schedule": {"method": "kd+mse", "recompositions": 0}}, "in_path"),  # lifts for its MSEs, training-only
+    ({"loss": {"tpp": True}}, "in_path"),  # TPP lifts the student into the teacher's width
+    ({"decompose": {"projector": "cap"}}, "in_path"),  # ScaleKD's CAP projects into the teacher's space
+], ids=["stablekd", "kd", "kd+mse", "tpp", "cap"])
+def test_auto_projects_exactly_where_adapters_would_stay_in_the_students_path(tmp_path, change, mode):
+    """decompose.adapters: auto (the default) resolves by the method and the lifts it needs."""
+    raw = wide_pair_spec(tmp_path / "run", adapters="auto")
+    for key, value in change.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    raw["decompose"].pop("adapters")  # the default
+    c = compile_spec(load_spec(raw))
+    assert c.spec.decompose.adapters == "auto" and c.pairing.adapters_mode == mode
+    assert bool(c.pairing.adapters) == (mode == "in_path") and not c.pairing.fallback
+    assert (c.plan.projection_fit is not None) == (mode == "projected")
+    if mode == "in_path" and c.plan.chains_adapters:  # only tpp/cap keep adapters in the path
+        assert change.get("loss") or change.get("decompose")
+
+
+def test_auto_falls_back_where_the_projection_cannot_carry_and_says_why():
+    c = _shipped("fashion-unet")  # StableKD on a U-Net: multi-tensor cuts
+    assert c.spec.decompose.adapters == "auto" and c.pairing.adapters_mode == "in_path"
+    assert any(n.startswith("decompose.adapters: auto: ") and "multi-tensor" in n for n in c.notes)
+
+
 def _shipped(stem: str, *sets: str):
     spec = load_spec(ROOT / "specs" / f"{stem}.yaml", ["teacher.checkpoint=null", *sets])
     with warnings.catch_warnings():

@@ -23,7 +23,8 @@ KL_W, TEMP, FW = 0.5, 2.0, 1.5
 def _build(tmp_path, method="stablekd", **kw):
     torch.manual_seed(0)
     spec = load_spec(tiny_spec(tmp_path / method, method,
-                               loss={"kl_weight": KL_W, "temperature": TEMP, "feature_weight": FW}, **kw))
+                               loss={"kl_weight": KL_W, "temperature": TEMP, "feature_weight": FW},
+                               decompose={"adapters": "in_path"}, **kw))
     compiled = compile_spec(spec)
     distiller = Distiller(compiled)
     # non-trivial BN affine parameters and running stats in the adapters

@@ -35,6 +35,7 @@ def _tiny_resnet(widths):
 def bottleneck_spec(out, method="stablekd", **kw):
     """timm resnet26 (bottleneck blocks, a 1x1 projection shortcut opening every stage) at
     half the teacher's widths: every cut needs an adapter, and every one can fold."""
+    kw.setdefault("decompose", {"adapters": "in_path"})  # the adapters and their fold are the subject
     spec = tiny_spec(out, method, blocks=5, student="timm:resnet26", data={"input_size": [1, 32, 32]}, **kw)
     spec["student"]["kwargs"] = _tiny_resnet([8, 16, 32, 64])
     spec["teacher"] = {"model": "timm:resnet26", "kwargs": _tiny_resnet([16, 32, 64, 128])}
@@ -64,7 +65,7 @@ def test_adapters_fold_into_the_bottleneck_students_own_layers(tmp_path):
 
 
 def test_an_adapter_before_a_padded_conv_does_not_fold_and_says_why(tmp_path):
-    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd")))
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd", decompose={"adapters": "in_path"})))
     d = Distiller(compiled).eval()
     folded = fold_into_student(compiled, folded_maps(d))
     assert folded.model is None
@@ -72,7 +73,7 @@ def test_an_adapter_before_a_padded_conv_does_not_fold_and_says_why(tmp_path):
 
 
 def test_unfoldable_student_ships_as_a_torch_export_program(tmp_path):
-    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd")))
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "stablekd", decompose={"adapters": "in_path"})))
     d = Distiller(compiled)
     randomise_bn(d, 1)
     d.eval()

@@ -9,7 +9,8 @@ and DIST terms with their ``alpha T^2``, ``beta tau^2``... factors, logit standa
 before them), the terms summed into a zeros accumulator, then backward, the optimizer and the
 schedule. It and ``Trainer.train_step`` start from the same seed and see the same batches;
 loss terms and every parameter and buffer must be *equal* (``torch.equal``), not close, in
-every training stage of ``specs/quickstart.yaml`` (StableKD) and of its plain-KD variant, at
+every training stage of ``specs/quickstart.yaml`` (StableKD, projected as shipped and with
+adapters in_path) and of its plain-KD variant, at
 the shipped T = 1, weight 1 and at T = 3, kl_weight 0.3, feature_weight 2, and for the
 recipes (loss.logit dkd and dist at their defaults, kl standardised with ce_weight 0.5).
 """
@@ -58,6 +59,8 @@ def _reference_step(run, stage, xb, yb):
             values[op.node] = h
         elif op.kind in ("lift", "lower"):
             values[op.node] = getattr(d.adapters[str(op.block)], op.kind)(inputs[0])
+        elif op.kind == "project":  # the frozen projection of the teacher's feature (no gradient)
+            values[op.node] = d.projections[str(op.block)](inputs[0])
         elif op.entry in ("kd", "dkd", "dist"):
             s, y, t = inputs
             p = dict(op.params)
@@ -108,7 +111,7 @@ RECIPES = {"dkd": {"logit": "dkd"}, "dist": {"logit": "dist"},
            "kl-standardized": {"standardize": True, "temperature": 2.0, "kl_weight": 9.0, "ce_weight": 0.5}}
 
 
-@pytest.mark.parametrize("method", ["stablekd", "kd"])
+@pytest.mark.parametrize("method", ["stablekd", "stablekd-in_path", "kd"])
 @pytest.mark.parametrize("loss", [{}, {"temperature": 3.0, "kl_weight": 0.3, "feature_weight": 2.0}],
                          ids=["defaults", "weighted"])
 def test_train_step_equals_the_general_step_bit_for_bit(tmp_path, method, loss):
@@ -122,11 +125,15 @@ def test_recipe_train_step_equals_the_general_step_bit_for_bit(tmp_path, recipe)
 
 
 def _check_bit_for_bit(tmp_path, method, loss):
-    overrides = [f"schedule.method={method}", "schedule.epochs=3"]
+    method, _, adapters = method.partition("-")  # stablekd: the default (projected); stablekd-in_path
+    overrides = [f"schedule.method={method}", "schedule.epochs=3"] + ([f"decompose.adapters={adapters}"] * bool(adapters))
     if method == "kd":
         overrides.append("schedule.recompositions=0")
     overrides += [f"loss.{k}={v}" for k, v in loss.items()]
     lean, reference = _trainer(tmp_path, "lean", overrides), _trainer(tmp_path, "reference", overrides)
+    if lean.plan.projection_fit is not None:  # the plan's fit stage (projected StableKD), as train() runs it first
+        for run in (lean, reference):
+            run.distiller.fit_projections(run.data.train.epoch(0), run.plan.projection_fit.batches)
     start = {k: v.clone() for k, v in _state(reference).items()}
     assert all(torch.equal(v, start[k]) for k, v in _state(lean).items())
     batches = iter(lean.data.train.epoch(0))
@@ -146,6 +153,10 @@ def _check_bit_for_bit(tmp_path, method, loss):
             assert torch.equal(total, want_total), stage.index
     if method == "kd":
         assert "whole" in kinds  # the whole-student path was the one checked
+    elif adapters:
+        assert {"lift", "lower"} <= kinds
+    else:
+        assert "project" in kinds and not {"lift", "lower"} & kinds
     got, want = _state(lean), _state(reference)
     assert got.keys() == want.keys()
     for name in want:

@@ -163,7 +163,8 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     check_cache(spec, env["plan"], data)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
-    fallback = (f"decompose.adapters: projected: {env['pairing'].fallback}",) if env["pairing"].fallback else ()
+    fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
+                if env["pairing"].fallback else ())
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
                     timings, built.notes + fallback, missing)
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdgraph.errors import PlanError
+from kdgraph.registry import METHODS
 from kdgraph.compiler.cuts import find_cut_by_module
 from kdgraph.ir import (AdapterSpec, BlockPair, Boundary, Cut, ExplicitPair, FeatureFormat, Pairing, ProjectionSpec,
                         TupleAdapterSpec)
@@ -210,12 +211,25 @@ def explicit_pairs(spec: Spec, models: Models, input_hw: tuple[int, int]) -> tup
     return tuple(out)
 
 
+def adapters_mode(spec: Spec) -> str:
+    """``decompose.adapters`` resolved: ``auto`` projects the teacher's features where the
+    adapters would otherwise stay in the student's inference path (a decomposing method chains
+    its blocks through lower∘lift) and nothing needs a lift into the teacher's width (TPP, the
+    cap projector); elsewhere adapters are training-only lifts and stay in_path."""
+    mode = spec.decompose.adapters
+    if mode != "auto":
+        return mode
+    method = METHODS.get(spec.schedule.method)
+    lifts = spec.loss.tpp or spec.decompose.projector != "conv1x1"
+    return "projected" if method.decomposes and not lifts else "in_path"
+
+
 def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:
     """Pass 7: teacher and student blocks paired, adapters planned where they differ (or, with
     ``decompose.adapters: projected``, frozen projections of the teacher's features); the spec's
     explicit layer pairs resolved (their lifts are training-only with either mode)."""
     teacher = list(models.teacher.boundaries) if models.teacher else None
     pairing = pair_blocks(list(models.student.boundaries), teacher, input_size[1:], spec.decompose.projector)
-    if spec.decompose.adapters == "projected":
+    if adapters_mode(spec) == "projected":
         pairing = project_blocks(pairing, input_size[1:], _relu_ends(models, pairing))
     return replace(pairing, pairs=explicit_pairs(spec, models, input_size[1:])) if spec.loss.pairs else pairing

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
 from kdgraph.data import DeviceLoader, build_data
-from kdgraph.diffusion import DenoiseTask, denoise_mse
+from kdgraph.diffusion import DIFFUSERS_PREDICTION, DenoiseTask, denoise_mse
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
@@ -60,8 +60,8 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
 
 
 def _score(spec: Spec, model: torch.nn.Module, loader, device: torch.device) -> dict:
-    """Top-1 and top-5 of ``model`` on ``loader``; a denoiser's MSE to the true noise at each
-    sample's fixed evaluation draw of (t, ε) (spec denoise)."""
+    """Top-1 and top-5 of ``model`` on ``loader``; a denoiser's MSE to the true noise (the true
+    velocity with denoise.prediction: v) at each sample's fixed evaluation draw of (t, ε)."""
     if spec.denoise is None:
         return accuracy(model, loader, device, spec.runtime.precision)
     return denoise_mse(model, loader, DenoiseTask.of(spec.denoise, spec.seed))
@@ -113,6 +113,8 @@ def _export_diffusers(compiled: Compiled, maps: dict, path: Path, to: Path, comm
                            "widths (no adapter stays in its inference path)")
     compiled.student.model.eval()
     card = {"method": compiled.plan.method, "weights_from": str(path), "command": command}
+    if compiled.spec.denoise is not None:  # a scheduler's setting: on record, for the user's scheduler
+        card["prediction_type"] = DIFFUSERS_PREDICTION[compiled.spec.denoise.prediction]
     try:
         return ship.ship_diffusers(compiled.student.model, to, card)
     except (OSError, SafetensorError) as exc:

@@ -144,8 +144,11 @@ class Distiller(nn.Module):
 
     def fit_projections(self, batches, limit: int) -> int:
         """The plan's projection fit: the PCA of the teacher's features on the first ``limit``
-        training batches, frozen afterwards. Returns the batches used."""
-        return fit_projections(self.projections, self.teacher.features, batches, limit)
+        training batches (a denoiser's: (x_t, ε, side inputs), its teacher fed its side tensors),
+        frozen afterwards. Returns the batches used."""
+        def features(x: torch.Tensor, blocks: set[int], side: tuple[torch.Tensor, ...] = ()) -> dict:
+            return self.teacher.features(x, blocks, self.teacher.side(side) if side else None)
+        return fit_projections(self.projections, features, batches, limit)
 
     def teacher_features(self, x: torch.Tensor, side: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """The frozen teacher's outputs at the block ends this stage's program reads (block k:

@@ -280,7 +280,10 @@ class Trainer:
         fit = self.plan.projection_fit
         if fit is None or self.distiller.projections_fitted:
             return
-        used = self.distiller.fit_projections(self.data.train.epoch(0), fit.batches)
+        batches = self.data.train.epoch(0)
+        if self.task is not None:  # a denoiser's teacher sees epoch 0's noisy images and their side inputs
+            batches = (self.prepare(xb, yb, idx, 0, 0) for xb, yb, idx in self.batches(0))
+        used = self.distiller.fit_projections(batches, fit.batches)
         self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
 
     def stage_of(self, epoch: int) -> TrainingStage:
@@ -320,8 +323,9 @@ class Trainer:
     def prepare(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None, epoch: int, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """The step's (input, target, side inputs): a denoiser's noisy images, their true noise
-        and (t,) or (t, y), drawn per sample from (seed, epoch, index) so that a resumed run
-        draws exactly as the uninterrupted one; otherwise the batch (mixed: ``mix``), no side."""
+        (velocity, with denoise.prediction: v) and (t,) or (t, y), drawn per sample from (seed,
+        epoch, index) so that a resumed run draws exactly as the uninterrupted one; otherwise the
+        batch (mixed: ``mix``), no side."""
         if self.task is not None:
             return self.task.draw(xb, yb, epoch, idx)
         return (*self.mix(xb, yb, epoch, step), ())
@@ -543,7 +547,8 @@ class Trainer:
 
     def score(self, forward) -> dict[str, float]:
         """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
-        denoiser's MSE to the true noise at each test image's fixed (t, ε)."""
+        denoiser's MSE to the true noise (the velocity, with denoise.prediction: v) at each test
+        image's fixed (t, ε)."""
         cfg = self.config
         if self.task is None:
             return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
@@ -634,7 +639,7 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        samples = self.write_samples() if self.main else {}
+        samples = self.write_samples() if self.main else self.sample_sharded_teacher()
         summary = self.summary() | samples
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
@@ -649,10 +654,11 @@ class Trainer:
     @torch.no_grad()
     def sample(self, forward, n: int) -> torch.Tensor:
         """``n`` DDIM samples of ``forward`` (fixed seed and step count: the same model draws the
-        same images), in the data's normalisation."""
+        same images), in the data's normalisation; ``forward`` predicts what ``denoise.prediction``
+        says (the teacher as the student)."""
         return ddim_sample(forward, self.task.schedule, tuple(self.compiled.input_size), n, self.denoise.sample_steps,
                            self.task.seed, self.data.num_classes if self.task.class_conditional else None,
-                           self.device, pixel_range(self.data.mean, self.data.std))
+                           self.device, pixel_range(self.data.mean, self.data.std), self.task.prediction)
 
     def write_samples(self) -> dict:
         """A denoiser's DDIM sample grid (samples.png) and, with a judge (``denoise.judge``), the
@@ -673,6 +679,15 @@ class Trainer:
         if d.judge is None:
             return {}
         return self.judged(images[:d.judge_samples])
+
+    def sample_sharded_teacher(self) -> dict:
+        """A rank other than the main one: where the main rank's judge samples the teacher and
+        the teacher is sharded, this rank runs the same samples (every rank gathers the others'
+        shards at each module) and drops them; {}."""
+        d, teacher = self.denoise, self.distiller.teacher
+        if d is not None and d.judge is not None and teacher is not None and teacher.sharded:
+            self.sample(teacher, d.judge_samples)
+        return {}
 
     def judged(self, images: torch.Tensor) -> dict:
         """The judge's verdict on the student's samples ``images`` and on the teacher's."""

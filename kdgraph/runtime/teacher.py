@@ -60,8 +60,11 @@ class FrozenTeacher:
         self.sharded = False
         if dtype != torch.float32:  # in place (param.data), so the segments' shared parameters follow
             self.model._apply(lambda t: cast_feature(t, dtype))
-            for seg in self._graphs():
+            for seg in self.segments:  # and their own constants, which meet the cast activations
                 seg._apply(lambda t: cast_feature(t, dtype))
+            # the side segment's own constants (what tracing folded: a sinusoid's frequencies) stay
+            # float32: it runs under autocast (``side``), and t * f_k with f_k rounded to bfloat16's
+            # 8 bits would be off by up to 0.7 rad at t = 1000 (f_1 = 0.26827 -> 0.26758)
         self.freeze()
 
     def _graphs(self) -> list[nn.Module]:
@@ -88,15 +91,16 @@ class FrozenTeacher:
         """Shard the teacher's parameters over ``mesh`` (FSDP2's ``fully_shard``; every rank
         must then run the teacher on as many batches, in the same order).
 
-        The units are the block segments, which every pass runs (the model's own forward is not
-        used from now on: its modules would find their parameters sharded), and inside each,
+        The units are the block segments (and a denoiser's side segment, its time embedding),
+        which every pass runs (the model's own forward is not used from now on: its modules
+        would find their parameters sharded), and inside each,
         every module the segment calls that holds parameters: a unit's parameters are gathered
         just before it runs and freed just after, so a rank holds 1/N of the teacher and one
         module whole. The segment's own unit holds the parameters it reads as attributes
         (class tokens, position embeddings)."""
         from torch.distributed.fsdp import fully_shard
 
-        for seg in self.segments:
+        for seg in self._graphs():  # a denoiser's side segment too: its time embedding's parameters
             graph = getattr(seg, "graph", None)  # a GraphModule (the compiler's segments)
             called = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
             for name in sorted(called):
@@ -109,7 +113,7 @@ class FrozenTeacher:
     def parameter_bytes(self) -> int:
         """Bytes of the teacher's parameters held on this rank (its shards, where sharded)."""
         seen: dict[int, torch.Tensor] = {}
-        for module in (self.model, *self.segments):
+        for module in (self.model, *self._graphs()):
             for p in module.parameters():
                 seen.setdefault(id(p), p)
         local = (p.to_local() if hasattr(p, "to_local") else p for p in seen.values())
@@ -177,8 +181,11 @@ class FrozenTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
         """The teacher's logits (for its top-1; a denoiser's predicted noise, given its side
-        inputs); a sharded teacher runs its segments, in order."""
-        if self.sharded:
+        inputs); a sharded teacher runs its segments, in order, and so does a half-precision
+        denoiser: its side tensors come from ``side`` (the model's own forward would feed its
+        float32 time features to half-precision weights), so it predicts what its blocks compute
+        in training."""
+        if self.sharded or (side and self.dtype != torch.float32):
             last = len(self.segments)
             return self.features(x, {last}, self.side(side) if side else None)[last]
         with self._own_dtype(x):

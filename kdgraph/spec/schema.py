@@ -449,14 +449,16 @@ class DecomposeSpec(_Strict):
         "token<->map conversion where layouts or resolutions differ) or cap (ScaleKD's cross-attention "
         "projector at every block end).",
     )
-    adapters: Literal["in_path", "projected"] = Field(
-        default="in_path",
+    adapters: Literal["auto", "in_path", "projected"] = Field(
+        default="auto",
         description="Where widths or layouts differ at a block end: in_path (lift/lower adapters, lower∘lift "
         "stays in the student's path and folds at export where exact) or projected (the teacher's feature is "
         "projected into the student's format by a PCA fitted on projection_batches training batches before "
         "decomposition, then frozen; the student is fed it and trained to produce it, so no adapter stays "
         "in its path and export is always the plain model). Pairs the projection cannot carry (multi-tensor "
-        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why.",
+        "cuts, prefix tokens the teacher lacks) fall back to in_path; the plan says why. auto (the default): "
+        "projected where the method decomposes (stablekd) with the conv1x1 projector and no TPP, in_path "
+        "otherwise (KD's feature lifts are training-only and never reach the student's path).",
     )
     projection_batches: Int = Field(default=20, ge=1, le=100_000,
                                     description="Training batches the PCA of adapters: projected is fitted on.")
@@ -547,10 +549,11 @@ class LossSpec(_Strict):
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
     task_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising (spec denoise): weight of "
-                               "the task term, MSE between the predicted and the true noise (BK-SDM's L_task).")
+                               "the task term, MSE between the predicted and the true noise (velocity, with "
+                               "denoise.prediction: v; BK-SDM's L_task).")
     output_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising with a teacher: weight "
                                  "of the output term, MSE between the student's and the teacher's predicted "
-                                 "noise (BK-SDM's L_outKD); feature_weight weighs its L_featKD.")
+                                 "noise or velocity (BK-SDM's L_outKD); feature_weight weighs its L_featKD.")
     pairs: list[LayerPair] = Field(
         default_factory=list, max_length=MAX_BLOCKS, description="Explicit layer pairs {student, teacher, loss, "
         "weight}: feature losses at named module outputs, in every training stage, on top of the method's own "
@@ -573,9 +576,11 @@ class LossSpec(_Strict):
 class DenoiseSpec(_Strict):
     """The denoising task (DDPM, Ho et al. 2020): the model predicts the noise ε in
     ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`` from ``(x_t, t)`` (and the class y where
-    class-conditional); per sample, t and ε are drawn from (seed, epoch, sample index).
+    class-conditional), or with ``prediction: v`` the velocity ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0``;
+    per sample, t and ε are drawn from (seed, epoch, sample index).
     Its presence makes a run a denoising one: the data's images are x_0, their labels the
-    classes y; the head loss is loss.task_weight·MSE(ε̂, ε) + loss.output_weight·MSE(ε̂, ε̂_teacher)."""
+    classes y; the head loss is loss.task_weight·MSE(ε̂, ε) + loss.output_weight·MSE(ε̂, ε̂_teacher)
+    (v̂ and v with prediction: v)."""
 
     schedule: Literal["linear", "cosine"] = Field(default="linear", description="Noise schedule: linear betas "
                                                   "(DDPM) or cosine ᾱ (Nichol & Dhariwal).")
@@ -584,6 +589,11 @@ class DenoiseSpec(_Strict):
     beta_end: Float = Field(default=0.02, gt=0.0, lt=1.0, description="Linear schedule: β_T.")
     class_conditional: Flag = Field(default=False, description="The model's forward takes the class y as its "
                                     "third argument: forward(x, t, y).")
+    prediction: Literal["epsilon", "v"] = Field(
+        default="epsilon", description="What the model predicts, teacher and student alike (one parameterisation "
+        "for both: output KD compares their outputs): epsilon, the noise ε (DDPM); v, the velocity "
+        "v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022; diffusers' prediction_type: v_prediction). "
+        "The task loss, the denoising MSE and the DDIM sampler follow it.")
     sample_steps: Int = Field(default=50, ge=1, le=100_000, description="DDIM steps of the sample grid "
                               "written at the end of a run (deterministic, η = 0).")
     sample_images: Int = Field(default=64, ge=0, le=1024, description="Images in the sample grid (0: none); "
@@ -711,7 +721,7 @@ class Spec(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec, description="Loss terms.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and LR schedule.")
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
-    denoise: DenoiseSpec | None = Field(default=None, description="The denoising task (DDPM ε-prediction; "
+    denoise: DenoiseSpec | None = Field(default=None, description="The denoising task (DDPM: ε- or v-prediction; "
                                         "None: classification or per-pixel classes, as the data say).")
     output: UserPath | None = Field(default=None, description="Output directory (None: runs/<name>).")
 
