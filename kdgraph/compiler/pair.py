@@ -219,9 +219,8 @@ def adapters_mode(spec: Spec) -> str:
     mode = spec.decompose.adapters
     if mode != "auto":
         return mode
-    method = METHODS.get(spec.schedule.method)
-    lifts = spec.loss.tpp or spec.decompose.projector != "conv1x1"
-    return "projected" if method.decomposes and not lifts else "in_path"
+    decomposes = METHODS.get(spec.schedule.method).decomposes
+    return "projected" if decomposes and not spec.lifts_into_teacher_width else "in_path"
 
 
 def pair_pass(spec: Spec, models: Models, input_size: tuple[int, int, int]) -> Pairing:

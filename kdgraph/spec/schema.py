@@ -847,11 +847,17 @@ class Spec(_Strict):
             )
         return self
 
+    @property
+    def lifts_into_teacher_width(self) -> bool:
+        """TPP or ScaleKD's CAP projector: a student feature must be lifted into the teacher's
+        width, which projected blocks (meeting in the student's space) do not have."""
+        return self.loss.tpp or self.decompose.projector == "cap"
+
     @model_validator(mode="after")
     def _projected_needs_linear_lift(self) -> Spec:
         """Projected blocks meet in the student's space: nothing lifts a student feature into the
         teacher's, which ScaleKD's CAP and TPP need."""
-        if self.decompose.adapters == "projected" and (self.loss.tpp or self.decompose.projector == "cap"):
+        if self.decompose.adapters == "projected" and self.lifts_into_teacher_width:
             at = "loss.tpp" if self.loss.tpp else "decompose.projector"
             raise _invalid("decompose.adapters: projected has no lift into the teacher's width, which "
                            f"{'TPP' if self.loss.tpp else 'the cap projector'} needs",
