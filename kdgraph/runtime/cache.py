@@ -123,7 +123,9 @@ def _check_folder(root: Path) -> None:
     files and no cache header, is refused before anything is written."""
     if root.exists() and not root.is_dir():
         raise KDGraphError(f"teacher.cache: {root} is a file; name a folder for the cache")
-    if root.is_dir() and not (root / HEADER).exists():
+    if (root / HEADER).exists():
+        read_header(root)  # a damaged or foreign header is refused before the lock is made there
+    elif root.is_dir():
         foreign = sorted(p.name for p in root.iterdir() if not _OURS.match(p.name))
         if foreign:
             raise KDGraphError(f"teacher.cache: {root} holds files that are not a teacher cache's "
