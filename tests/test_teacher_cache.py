@@ -525,3 +525,16 @@ def test_a_damaged_or_foreign_header_is_one_line_in_plan_train_and_cache(tmp_pat
             assert result.exit_code == 2, (name, command, result.output)
             assert want in result.output and "Traceback" not in result.output, (name, command, result.output)
     assert header.read_text() == cases["bad shard sums"][0]  # the builder wrote nothing over it
+
+
+def test_a_cache_that_is_a_file_is_one_line_in_plan_and_train(tmp_path):
+    from cli.main import app
+
+    (tmp_path / "afile").write_text("mine")
+    d = tiny_spec(tmp_path / "p", method="kd", epochs=1)
+    d["teacher"]["cache"] = str(tmp_path / "afile")
+    path = write_spec(d, tmp_path / "p.yaml")
+    for command in (["plan", str(path)], ["train", str(path)]):
+        result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and "is a file; a teacher cache is a folder" in result.output, result.output
+    assert (tmp_path / "afile").read_text() == "mine"
