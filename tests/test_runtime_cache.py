@@ -32,7 +32,8 @@ _CHILD = textwrap.dedent('''
     from kdgraph.runtime import cache as C
     from kdgraph.spec import load_spec
 
-    spec, marker, stop_at, epochs = load_spec(sys.argv[1]), pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    spec, marker = load_spec(sys.argv[1]), pathlib.Path(sys.argv[2])
+    stop_at, epochs = int(sys.argv[3]), int(sys.argv[4])
     calls = [0]
     logits = C._ShardWriter.logits
 

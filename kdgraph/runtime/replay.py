@@ -17,6 +17,7 @@ any row of it is used:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,30 +55,40 @@ def _describe(dtype: np.dtype, shape: tuple[int, ...]) -> str:
     return f"{np.lib.format.dtype_to_descr(dtype)} {tuple(shape)}"
 
 
+def _check_npy_header(f, where: str, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """The shard's .npy header is the cache header's dtype and shape (parsed, never unpickled),
+    and its rows fill the file exactly; returns the bytes of rows."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f".npy format version {version}")
+        got_shape, fortran, got_dtype = read[version](f)
+    except (ValueError, SyntaxError, OSError, EOFError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise KDGraphError(f"{where}: not a .npy array ({first}); it was replaced after the build: rebuild the "
+                           "cache") from None
+    if got_dtype != dtype or tuple(got_shape) != tuple(shape) or fortran:
+        order = " (Fortran order)" if fortran else ""
+        raise KDGraphError(f"{where}: holds {_describe(got_dtype, got_shape)}{order}, the cache header says "
+                           f"{_describe(dtype, shape)}: rebuild the cache")
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    have = os.fstat(f.fileno()).st_size - f.tell()
+    if have != nbytes:
+        raise KDGraphError(f"{where}: {have:,} bytes of rows, {nbytes:,} expected "
+                           f"({'truncated' if have < nbytes else 'bytes appended'}): rebuild the cache")
+    return nbytes
+
+
 def read_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str | None) -> np.ndarray:
-    """The rows of one shard, checked (dtype, shape, size, checksum) before they are returned."""
+    """The rows of one shard, checked (dtype, shape, size, checksum) before they are returned:
+    read once into memory while hashed, or, above ``READ_WHOLE_BYTES``, hashed streaming and
+    then memory-mapped."""
     where = f"{path} (teacher cache shard)"
     if sha256 is None:
         raise KDGraphError(f"{where}: the cache header holds no checksum for it; rebuild the cache")
-    f = open(path, "rb")
-    try:
-        try:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read:
-                raise ValueError(f".npy format version {version}")
-            got_shape, fortran, got_dtype = read[version](f)
-        except (ValueError, SyntaxError, OSError, EOFError) as exc:
-            raise KDGraphError(f"{where}: not a .npy array ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                               "it was replaced after the build: rebuild the cache") from None
-        if got_dtype != dtype or tuple(got_shape) != tuple(shape) or fortran:
-            raise KDGraphError(f"{where}: holds {_describe(got_dtype, got_shape)}{' (Fortran order)' if fortran else ''}"
-                               f", the cache header says {_describe(dtype, shape)}: rebuild the cache")
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        have = path.stat().st_size - f.tell()
-        if have != nbytes:
-            raise KDGraphError(f"{where}: {have:,} bytes of rows, {nbytes:,} expected ({'truncated' if have < nbytes else 'bytes appended'}): "
-                               "rebuild the cache")
+    with open(path, "rb") as f:
+        nbytes = _check_npy_header(f, where, dtype, shape)
         offset, h = f.tell(), hashlib.sha256()
         whole = nbytes <= READ_WHOLE_BYTES
         rows = np.empty(shape, dtype=dtype) if whole else None
@@ -88,12 +99,10 @@ def read_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
             block = view[at:at + n] if whole else bytearray(n)
             got = f.readinto(block)
             if got != n:
-                raise KDGraphError(f"{where}: ended after {at + (got or 0):,} of {nbytes:,} bytes of rows (changed "
-                                   "while read): rebuild the cache")
+                raise KDGraphError(f"{where}: ended after {at + (got or 0):,} of {nbytes:,} bytes of rows "
+                                   "(changed while read): rebuild the cache")
             h.update(block)
             at += n
-    finally:
-        f.close()
     if h.hexdigest() != sha256:
         raise KDGraphError(f"{where}: its rows' SHA-256 is {h.hexdigest()}, the build wrote {sha256}: the shard "
                            "changed after it was built; rebuild the cache")
@@ -114,9 +123,11 @@ class TeacherCache:
             raise KDGraphError(f"{self.root} was built on {built_for} rank(s); this run has {world_size}: rebuild it "
                                f"under the same torchrun")
         if not header["complete"]:
-            raise KDGraphError(f"{self.root} is incomplete (its build stopped): run `kdgraph cache` again to finish it")
+            raise KDGraphError(f"{self.root} is incomplete (its build stopped): run `kdgraph cache` again to finish "
+                               "it")
         if header["batch_size"] != batch_size:
-            raise KDGraphError(f"{self.root} was built with batch size {header['batch_size']}, this run has {batch_size}")
+            raise KDGraphError(f"{self.root} was built with batch size {header['batch_size']}, this run has "
+                               f"{batch_size}")
         self.mode = header["key"]["mode"]["value"]["mode"]
         self.stored = set(header["stored_epochs"])
         self.dtype, self.shape = shard_dtype(header), shard_shape(header)
