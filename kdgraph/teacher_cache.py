@@ -136,10 +136,12 @@ def teacher_code(model: Any, traced: Any = None) -> str:
 
 def data_files(data_spec: Any) -> dict[str, Any] | None:
     """What the training split is read from, as a key: an image folder's training files by
-    (path under data.root, size, mtime_ns) (a stat each, no read: a swapped or duplicated class
-    folder, an added, removed, resized or rewritten image changes it), Fashion-MNIST's training
-    IDX files by the SHA-256 of their bytes (read whole in any case), a torchvision root's
-    files by (path, size, mtime_ns). None where the data is made in code (digits, synthetic)."""
+    (path under data.root, size, mtime_ns, inode) (a stat each, no read: a swapped or duplicated
+    class folder, an added, removed, resized or rewritten image changes it; a copied folder too),
+    Fashion-MNIST's training IDX files by the SHA-256 of their bytes (read whole in any case), a
+    torchvision root's files by the same stat. None where the data is made in code (digits,
+    synthetic). What the stat cannot see (bytes rewritten with their size, mtime and inode put
+    back) the replay sees: the decoded training split's SHA-256 (``train_data_sha256``)."""
     from kdgraph.data import FASHION_MNIST_ROOT, _find_file
     from kdgraph.imagefolder import scan_imagefolder
 
@@ -164,7 +166,7 @@ def _stat_key(root: Path, files: list[str]) -> dict[str, Any]:
     for f in files:
         st = os.stat(f)
         total += st.st_size
-        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     return {"files": len(files), "bytes": total, "sha256": h.hexdigest()}
 
 
@@ -312,6 +314,8 @@ def _header_problem(h: dict[str, Any]) -> str | None:
         return f"logits_shape is {_shown(shape)}"
     if not isinstance(h.get("complete"), bool) or not isinstance(h.get("teacher_weights_sha256"), str):
         return "complete or teacher_weights_sha256 is missing"
+    if not isinstance(h.get("train_data_sha256"), (str, type(None))):
+        return "train_data_sha256 is not a SHA-256"
     shards = h.get("shards", {})
     if not isinstance(shards, dict) or not all(isinstance(v, str) and len(v) == 64 for v in shards.values()):
         return "shards is not a map of shard names to SHA-256 checksums"

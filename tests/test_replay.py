@@ -181,3 +181,43 @@ def test_the_header_is_read_once_for_planning_training_and_replay(built, monkeyp
     header.write_text(header.read_text() + " ")  # changed on disk: read again
     read_header(built / "topk")
     assert len(parsed) == 2
+
+
+def test_training_data_rewritten_behind_the_stat_is_refused_at_replay(tmp_path):
+    """Two same-size images of two classes swapped byte for byte in place, their mtimes put
+    back: the files' stat (the key) is unchanged, so planning accepts; the decoded training
+    split's SHA-256 differs, so training refuses before its first step."""
+    import os
+
+    from PIL import Image
+
+    from kdgraph.compiler import compile_spec
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, cls in enumerate(("ant", "bee")):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = (rng.random((8, 8)) * 255 * (0.3 + 0.7 * c)).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp_path / "images" / split / cls / f"{i}.bmp")
+    d = tiny_spec(tmp_path / "b", method="kd", epochs=1, fraction=1.0, batch_size=4,
+                  data={"dataset": "imagefolder", "root": str(tmp_path / "images"), "input_size": [1, 8, 8]})
+    d["student"]["kwargs"]["num_classes"] = d["teacher"]["kwargs"]["num_classes"] = 2
+    d["teacher"]["cache"] = str(tmp_path / "cache")
+    build_cache(load_spec(d), 1, full=True, quiet=True)
+    a, b = tmp_path / "images" / "train" / "ant" / "0.bmp", tmp_path / "images" / "train" / "bee" / "0.bmp"
+    times = {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (a, b)}
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    assert len(data_a) == len(data_b) and data_a != data_b
+    with open(a, "r+b") as f:  # in place: the same inode
+        f.write(data_b)
+    with open(b, "r+b") as f:
+        f.write(data_a)
+    for p, (at, mt) in times.items():
+        os.utime(p, ns=(at, mt))
+    compile_spec(load_spec(d), materialize=False)  # the stat key cannot see it
+    from kdgraph.runtime.loop import Trainer
+
+    with pytest.raises(KDGraphError, match=r"was built from other training data \(the decoded training split's "
+                                           r"SHA-256 [0-9a-f]{64} then, [0-9a-f]{64} now\)"):
+        Trainer(load_spec(d))

@@ -47,7 +47,7 @@ from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
-from kdgraph.runtime.replay import teacher_weights_sha256
+from kdgraph.runtime.replay import teacher_weights_sha256, train_data_sha256
 from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
 from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device, shard_teacher
@@ -250,7 +250,7 @@ def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None
     header = {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
               "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
               "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
-              "teacher_weights_sha256": weights}
+              "teacher_weights_sha256": weights, "train_data_sha256": train_data_sha256(data.train)}
     if info.is_main:
         write_header(root, header)
     todo = [e for e in wanted if not shard.is_whole(shard_path(root, e, info.rank))]

@@ -27,7 +27,8 @@ import torch
 from kdgraph.errors import KDGraphError
 from kdgraph.teacher_cache import read_header, shard_dtype, shard_path, shard_shape
 
-__all__ = ["READ_WHOLE_BYTES", "TeacherCache", "read_shard", "split_cached", "teacher_weights_sha256"]
+__all__ = ["READ_WHOLE_BYTES", "TeacherCache", "read_shard", "split_cached", "teacher_weights_sha256",
+           "train_data_sha256"]
 
 READ_WHOLE_BYTES = 1 << 30
 _BLOCK = 1 << 22
@@ -48,6 +49,22 @@ def teacher_weights_sha256(model: torch.nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def train_data_sha256(loader: Any) -> str | None:
+    """SHA-256 of the training split as decoded and held in memory (images, labels, their
+    shapes and dtypes): the bytes the teacher's views are cut from. None for a streamed split
+    (its files are keyed by their stat, ``teacher_cache.data_files``). Hashed in chunks from the
+    loader's device."""
+    x, y = getattr(loader, "x", None), getattr(loader, "y", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return None
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}{y.dtype}{tuple(y.shape)}".encode())
+    for t in (x, y):
+        flat, step = t.detach().reshape(-1), (64 << 20) // t.element_size()
+        for at in range(0, flat.numel(), step):
+            h.update(flat[at:at + step].cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -112,10 +129,11 @@ def read_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
 class TeacherCache:
     """A built cache, read batch by batch: rows ``step * batch_size ..`` of the epoch's shard
     of this rank, checked (``read_shard``) when the epoch's shard is first read. ``spec``: the
-    run's, to check the teacher's weights against the header's (once, here)."""
+    run's, to check the teacher's weights against the header's (once, here); ``data``: the
+    run's training loader, whose decoded split must be the one the cache was built from."""
 
     def __init__(self, root: Path | str, rank: int, world_size: int, batch_size: int, device: torch.device,
-                 spec: Any = None):
+                 spec: Any = None, data: Any = None):
         self.root = Path(root)
         header = read_header(self.root)
         built_for = header["key"]["ranks"]["value"]
@@ -136,6 +154,10 @@ class TeacherCache:
         self._shards: dict[int, np.ndarray] = {}
         if spec is not None:
             self.check_teacher(spec, header["teacher_weights_sha256"])
+        built_from, now = header.get("train_data_sha256"), train_data_sha256(data) if data is not None else None
+        if built_from is not None and now is not None and built_from != now:
+            raise KDGraphError(f"{self.root} was built from other training data (the decoded training split's SHA-256 "
+                               f"{built_from} then, {now} now): rebuild it with `kdgraph cache SPEC --epochs N`")
 
     def check_teacher(self, spec: Any, want: str) -> None:
         """The teacher's weights, built as the cache's builder built them, are those it cached."""
