@@ -355,6 +355,8 @@ class _ShardWriter:
         first where the run mixes (``RuntimeConfig.mix``), as the trainer mixes the batch its
         teacher reads."""
         tmp, h, at = final.with_name(final.name + ".tmp"), hashlib.sha256(), 0
+        sha = checksum_path(final)
+        sha_tmp = sha.with_name(sha.name + ".tmp")
         try:
             with open(tmp, "wb") as f:
                 np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
@@ -371,10 +373,10 @@ class _ShardWriter:
                     advance()
             if at != self.rows:
                 raise KDGraphError(f"{final.name}: the epoch gave {at} training views, expected {self.rows}")
+            sha_tmp.write_text(h.hexdigest() + "\n")
+            os.replace(sha_tmp, sha)
         except BaseException:
             tmp.unlink(missing_ok=True)  # ours; a full disk gets its space back
+            sha_tmp.unlink(missing_ok=True)
             raise
-        sha = checksum_path(final)
-        sha.with_name(sha.name + ".tmp").write_text(h.hexdigest() + "\n")
-        os.replace(sha.with_name(sha.name + ".tmp"), sha)
         os.replace(tmp, final)  # the shard is whole, or absent
