@@ -135,23 +135,38 @@ def test_a_header_written_while_shards_are_missing_is_never_complete(tmp_path, m
         ".lock-r0", "e0000-r0.npy", "e0000-r0.npy.sha256", "header.json"]
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
-    rows_of = cache_module._ShardWriter.rows_of
+@pytest.mark.parametrize("where", ["rows", "checksum"])
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, where):
+    """No space left while epoch 2's rows (or its checksum) are written: one line, the
+    temporary files removed, epoch 1 kept; the rerun writes epoch 2 alone."""
+    from pathlib import Path
+
+    tmp = tmp_path / "cache" / "e0001-r0.npy.tmp"
+    rows_of, write_text = cache_module._ShardWriter.rows_of, Path.write_text
     calls = [0]
 
-    def full(self, logits, where):
+    def full(self, logits, where_):
         calls[0] += 1
         if calls[0] == 35:
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "e0001-r0.npy.tmp"))
-        return rows_of(self, logits, where)
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        return rows_of(self, logits, where_)
 
-    monkeypatch.setattr(cache_module._ShardWriter, "rows_of", full)
+    def full_checksum(self, text, *a, **kw):
+        if self.name == "e0001-r0.npy.sha256.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *a, **kw)
+
+    if where == "rows":
+        monkeypatch.setattr(cache_module._ShardWriter, "rows_of", full)
+    else:
+        monkeypatch.setattr(Path, "write_text", full_checksum)
     with pytest.raises(KDGraphError) as err:
         build_cache(load_spec(_spec_dict(tmp_path)), 2, full=True, quiet=True)
+    named = tmp if where == "rows" else tmp_path / "cache" / "e0001-r0.npy.sha256.tmp"
     assert str(err.value) == (f"{tmp_path / 'cache'}: cannot write the teacher cache (No space left on device: "
-                              f"{tmp_path / 'cache' / 'e0001-r0.npy.tmp'}); free space or fix the folder and run the "
-                              "same command again: it resumes")
-    assert not (tmp_path / "cache" / "e0001-r0.npy.tmp").exists()  # its space given back
+                              f"{named}); free space or fix the folder and run the same command again: it resumes")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        ".lock-r0", "e0000-r0.npy", "e0000-r0.npy.sha256", "header.json"]  # the temporary files removed
     monkeypatch.undo()
     assert build_cache(load_spec(_spec_dict(tmp_path)), 2, full=True, quiet=True).built == [1]
 
