@@ -257,3 +257,26 @@ def test_the_lock_of_a_live_build_is_not_taken_over(tmp_path):
     with cache_module.BuildLock(root, 0) as lock:
         assert lock.note is None
     assert json.dumps((root / ".lock-r0").read_text()) == '""'
+
+
+@pytest.mark.slow
+def test_two_ranks_write_their_own_shards_under_their_own_locks_and_train_from_them(tmp_path):
+    """`torchrun --nproc-per-node 2 -m kdgraph cache`: each rank writes its shards and its
+    checksums under its own lock; rank 0's header, written last, holds all four checksums
+    (hashed here from the files); training under the same torchrun replays them."""
+    from _runtime_helpers import ROOT
+
+    path = write_spec(_spec_dict(tmp_path, "run"), tmp_path / "s.yaml")
+    for command in (["cache", str(path), "--epochs", "2", "--full", "--quiet"], ["train", str(path), "--quiet"]):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "kdgraph", *command],
+                             cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    root = tmp_path / "cache"
+    header = read_header(root)
+    assert header["complete"] and header["key"]["ranks"]["value"] == 2
+    assert sorted(header["shards"]) == ["e0000-r0.npy", "e0000-r1.npy", "e0001-r0.npy", "e0001-r1.npy"]
+    for name, sha in header["shards"].items():
+        assert sha == hashlib.sha256(np.load(root / name).tobytes()).hexdigest()
+    assert [(root / f".lock-r{r}").read_text() for r in range(2)] == ["", ""]
+    assert (tmp_path / "run" / "student.safetensors").exists()
