@@ -539,3 +539,15 @@ def test_a_cache_that_is_a_file_is_one_line_in_plan_and_train(tmp_path):
         result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
         assert result.exit_code == 2 and "is a file; a teacher cache is a folder" in result.output, result.output
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_header_larger_than_any_kdgraph_writes_is_refused_unread(tmp_path, monkeypatch):
+    import kdgraph.teacher_cache as tc
+
+    build_cache(_spec(tmp_path, "b", epochs=1), 1, full=True, quiet=True)
+    size = (tmp_path / "cache" / "header.json").stat().st_size
+    monkeypatch.setattr(tc, "MAX_HEADER_BYTES", size - 1)
+    monkeypatch.setattr(tc, "_READ", {})
+    monkeypatch.setattr(type(tmp_path), "read_bytes", lambda self: pytest.fail("read"))
+    with pytest.raises(SpecError, match=rf"header.json: {size:,} bytes, not a header kdgraph wrote"):
+        read_header(tmp_path / "cache")
