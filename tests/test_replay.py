@@ -221,3 +221,5 @@ def test_training_data_rewritten_behind_the_stat_is_refused_at_replay(tmp_path):
     with pytest.raises(KDGraphError, match=r"was built from other training data \(the decoded training split's "
                                            r"SHA-256 [0-9a-f]{64} then, [0-9a-f]{64} now\)"):
         Trainer(load_spec(d))
+    with pytest.raises(KDGraphError, match="holds a cache built from other training data"):
+        build_cache(load_spec(d), 2, full=True, quiet=True)  # nor extended with shards of the new data

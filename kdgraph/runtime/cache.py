@@ -245,12 +245,16 @@ def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None
         raise KDGraphError(f"{root} holds a cache built from other teacher weights (SHA-256 "
                            f"{old['teacher_weights_sha256']} then, {weights} now); choose another teacher.cache")
     data = build_data(base, compiled.data, device, info)
+    data_sha256 = train_data_sha256(data.train)
+    if old is not None and old.get("train_data_sha256") not in (None, data_sha256):
+        raise KDGraphError(f"{root} holds a cache built from other training data (the decoded training split's "
+                           f"SHA-256 {old['train_data_sha256']} then, {data_sha256} now); choose another teacher.cache")
     shard = _writer(compiled, resolve_config(base, device, compiled.student.model), mode_k, spec.loss.temperature,
                     data, info, device)
     header = {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
               "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
               "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
-              "teacher_weights_sha256": weights, "train_data_sha256": train_data_sha256(data.train)}
+              "teacher_weights_sha256": weights, "train_data_sha256": data_sha256}
     if info.is_main:
         write_header(root, header)
     todo = [e for e in wanted if not shard.is_whole(shard_path(root, e, info.rank))]
