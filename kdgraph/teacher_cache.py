@@ -275,7 +275,7 @@ def _parse_header(root: Path, path: Path, size: int) -> dict[str, Any]:
                         "`kdgraph cache`; name another folder")
     if header.get("format") != FORMAT:
         raise SpecError("teacher.cache", f"{root}: cache format {header.get('format')!r}, this kdgraph reads "
-                        f"{FORMAT}; rebuild it with `kdgraph cache SPEC --epochs N`")
+                        f"{FORMAT}; delete it and build it again with `kdgraph cache SPEC --epochs N`")
     problem = _header_problem(header)
     if problem:
         raise SpecError("teacher.cache", f"{path} is damaged ({problem}); rebuild the cache with "
