@@ -270,7 +270,8 @@ def _parse_header(root: Path, path: Path, size: int) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SpecError("teacher.cache", f"{path} is damaged ({type(exc).__name__}: {exc}); rebuild the cache with "
                         "`kdgraph cache SPEC --epochs N` into a new folder") from None
-    if not isinstance(header, dict) or header.get("kind") != KIND:
+    earlier = isinstance(header, dict) and header.get("format") == 1 and "key" in header  # before "kind"
+    if not earlier and (not isinstance(header, dict) or header.get("kind") != KIND):
         raise SpecError("teacher.cache", f"{root} is not a kdgraph teacher cache: its {HEADER} was not written by "
                         "`kdgraph cache`; name another folder")
     if header.get("format") != FORMAT:
