@@ -393,3 +393,22 @@ def test_two_gloo_ranks_fit_the_projection_of_the_batches_they_share_out(tmp_pat
     assert keys
     for k in keys:
         assert torch.allclose(d.state_dict()[k].double(), ddp[k].double(), atol=1e-4), k
+
+
+def test_the_distillers_fit_is_the_pca_of_the_teachers_features_not_the_students(tmp_path):
+    """Distiller.fit_projections: each projection's mean is the mean of the teacher's features
+    at its block end (on the student's grid) over the fitted batches; the student's features
+    would give another mean."""
+    c = compile_spec(load_spec(wide_pair_spec(tmp_path / "run")))
+    d = Distiller(c)
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 1, 32, 32), torch.arange(8) % 10) for _ in range(2)]
+    d.fit_projections(batches, 2)
+    assert d.projections
+    for key, proj in d.projections.items():
+        with torch.no_grad():
+            feats = [d.teacher.features(x, {int(key)})[int(key)] for x, _ in batches]
+        grid = torch.cat([proj.to_student_grid(f) for f in feats])
+        want = grid.transpose(0, 1).flatten(1).double().mean(1)
+        assert proj.mean.shape == (feats[0].shape[1],)  # the teacher's width
+        torch.testing.assert_close(proj.mean.double(), want, rtol=1e-5, atol=1e-6)

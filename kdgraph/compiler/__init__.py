@@ -160,7 +160,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     timings = _run_passes(spec, env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
-    check_cache(spec, env["plan"], data)
+    check_cache(spec, env["plan"], data, built.teacher)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
@@ -169,7 +169,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
                     timings, built.notes + fallback, missing)
 
 
-def check_cache(spec: Spec, plan: Plan, data: DataPlan) -> None:
+def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts | None = None) -> None:
     """The teacher cache the spec names was built for this run (teacher, data, augmentation,
     seed, runtime: one line naming what differs) and covers every epoch a stage replays from
     it. Past the cached epochs the plan is refused, not patched with the live teacher: a
@@ -181,7 +181,7 @@ def check_cache(spec: Spec, plan: Plan, data: DataPlan) -> None:
     header = read_header(root)
     mode = header["key"]["mode"]["value"]
     diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
-                                                    data))
+                                                    data, teacher))
     if diff:
         raise SpecError("teacher.cache", f"{root} was built for another run (differs: {'; '.join(diff)}); "
                         "rebuild it with `kdgraph cache SPEC --epochs N`")

@@ -13,8 +13,13 @@ under the run's autocast and memory format), so a full cache holds the live teac
 bit for bit. Epochs whose training stage needs the teacher live
 (decomposed StableKD stages, feature losses, TPP) are not written: no stage would read them.
 
-One shard per (epoch, rank), written under a temporary name and renamed when whole: a killed
-build resumes at the first missing shard. Under torchrun (``torchrun -m kdgraph cache ...``)
+One shard per (epoch, rank), streamed to a temporary name, its SHA-256 taken from the rows as
+they are written (no second read), the checksum written beside it, then the shard renamed
+whole: a killed build resumes at the first missing shard. A build holds ``CACHE/.lock-r{rank}``
+(``fcntl.flock``: the kernel drops it with a killed build, whose pid left there is reported as
+taken over); a second build into the same folder is refused. The header is written first as
+incomplete (it names the key, so a resumed build or another run's build is told apart) and
+last, atomically, complete with every shard's checksum. Under torchrun (``torchrun -m kdgraph cache ...``)
 each rank writes its own shards and rank 0 the header; training must use as many ranks.
 Replay is ``kdgraph.runtime.replay``.
 """
@@ -22,9 +27,13 @@ Replay is ``kdgraph.runtime.replay``.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import random
+import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +47,18 @@ from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
+from kdgraph.runtime.replay import teacher_weights_sha256, train_data_sha256
 from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
 from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device, shard_teacher
 from kdgraph.schedules import stage_at
 from kdgraph.teacher_cache import (
     DEFAULT_TOP_K,
+    HEADER,
+    MAX_CACHE_EPOCHS,
     MAX_CLASSES_TOPK,
     cache_key,
+    checksum_path,
     differences,
     read_header,
     shard_path,
@@ -53,7 +66,7 @@ from kdgraph.teacher_cache import (
     write_header,
 )
 
-__all__ = ["CacheSummary", "build_cache"]
+__all__ = ["BuildLock", "CacheSummary", "build_cache"]
 
 
 @dataclass(frozen=True)
@@ -67,12 +80,14 @@ class CacheSummary:
     bytes_per_image: float  # per epoch
     seconds: float  # spent computing (this call)
     teacher_forward_s: float  # of which in the teacher's forward
+    notes: tuple[str, ...] = ()  # what the user should know (a stale lock taken over)
 
     def __str__(self) -> str:
         kind = "full fp32 logits" if self.mode == "full" else f"top-{self.k} fp16 probabilities"
-        return (f"teacher cache {self.root}: {kind}, epochs {_ranges(self.epochs)} ({len(self.built)} built now, "
-                f"{self.seconds:.1f} s), {self.rows_per_epoch} views per epoch, "
-                f"{self.bytes_per_image:.0f} bytes per image per epoch")
+        return "".join(f"note: {n}\n" for n in self.notes) + (
+            f"teacher cache {self.root}: {kind}, epochs {_ranges(self.epochs)} ({len(self.built)} built now, "
+            f"{self.seconds:.1f} s), {self.rows_per_epoch} views per epoch, "
+            f"{self.bytes_per_image:.0f} bytes per image per epoch")
 
 
 def _ranges(epochs: list[int]) -> str:
@@ -82,16 +97,6 @@ def _ranges(epochs: list[int]) -> str:
 def _without_cache(spec):
     """The spec whose run the cache is built for, compiled as if it named no cache (it may not exist yet)."""
     return spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"cache": None})})
-
-
-def _weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of the teacher's state_dict (names, dtypes, shapes, bytes): which weights made the cache."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _rows(loader) -> int:
@@ -110,10 +115,66 @@ def _checked_mode(compiled, full: bool, top_k: int) -> tuple[str, int | None]:
     return "topk", min(top_k, compiled.teacher.num_classes)
 
 
-def _epochs_to_build(root: Path, key: dict, epochs: int, plan) -> tuple[int, list[int]]:
-    """(epochs the cache covers, those written: the stages that read the cache). A folder
-    built for another run is refused; one built for more epochs keeps them."""
-    if (root / "header.json").exists():
+_OURS = re.compile(r"^(e\d{4,}-r\d+\.npy(\.tmp|\.sha256|\.sha256\.tmp)?|header\.json(\.tmp)?|\.lock-r\d+)$")
+
+
+def _check_folder(root: Path) -> None:
+    """A cache folder is kdgraph's alone: a file there, or a folder holding someone else's
+    files and no cache header, is refused before anything is written."""
+    if root.exists() and not root.is_dir():
+        raise KDGraphError(f"teacher.cache: {root} is a file; name a folder for the cache")
+    if (root / HEADER).exists():
+        read_header(root)  # a damaged or foreign header is refused before the lock is made there
+    elif root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if not _OURS.match(p.name))
+        if foreign:
+            raise KDGraphError(f"teacher.cache: {root} holds files that are not a teacher cache's "
+                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); name an empty "
+                               "or new folder")
+
+
+class BuildLock:
+    """``root/.lock-r{rank}``, held with ``flock`` for the build: a second build of the same
+    rank into the folder is refused naming the holder; the kernel releases the lock of a killed
+    build, and the pid it left in the file is reported as taken over. Never deleted (deleting a
+    lock file races with a build opening it); emptied on release."""
+
+    def __init__(self, root: Path, rank: int):
+        self.path = root / f".lock-r{rank}"
+        self.note: str | None = None
+        self._fd: int | None = None
+
+    def __enter__(self) -> BuildLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise KDGraphError(f"{self.path.parent}: another `kdgraph cache` ({holder}) is building into this "
+                                   "folder; wait for it to finish or choose another teacher.cache") from None
+            raise KDGraphError(f"{self.path}: cannot lock it ({exc.strerror})") from None
+        left = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if left:  # its writer died holding it: the kernel released the flock
+            self.note = f"took over the lock {self.path} left by a build that is no longer running ({left})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def _epochs_to_build(root: Path, key: dict, epochs: int, plan) -> tuple[int, list[int], dict | None]:
+    """(epochs the cache covers, those written: the stages that read the cache, the header
+    found). A folder built for another run is refused; one built for more epochs keeps them."""
+    old = None
+    if (root / HEADER).exists():
         old = read_header(root)
         diff = differences(old["key"], key)
         if diff:
@@ -123,7 +184,7 @@ def _epochs_to_build(root: Path, key: dict, epochs: int, plan) -> tuple[int, lis
     # Stages that need the teacher live never read the cache: their epochs are not written.
     stage_epochs = [st.epochs for st in plan.stages]
     return epochs, [e for e in range(epochs)
-                    if e >= plan.epochs or plan.stages[stage_at(stage_epochs, e)].program.replayable]
+                    if e >= plan.epochs or plan.stages[stage_at(stage_epochs, e)].program.replayable], old
 
 
 def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_TOP_K,
@@ -131,42 +192,72 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     """Write the teacher's outputs for the first ``epochs`` epochs of ``spec``'s run into
     ``spec.teacher.cache``: float32 logits with ``full``, else the ``top_k`` largest
     probabilities at the spec's loss temperature (fp16) and their indices. Resumes a stopped
-    build; refuses a folder built for another run (one line naming what differs)."""
+    build; refuses a folder built for another run (one line naming what differs), one another
+    build is writing, and one holding someone else's files."""
     if spec.teacher is None or spec.teacher.cache is None:
         raise KDGraphError("kdgraph cache writes to teacher.cache: set it in the spec (or --set teacher.cache=DIR)")
-    if epochs < 1:
-        raise KDGraphError(f"--epochs must be at least 1, got {epochs}")
+    if not 1 <= epochs <= MAX_CACHE_EPOCHS:
+        raise KDGraphError(f"--epochs must be in 1..{MAX_CACHE_EPOCHS} (a cache covers a run's epochs), got {epochs}")
     root = Path(spec.teacher.cache)
+    _check_folder(root)
     info = init_distributed()
     device = resolve_device(spec.runtime.device, info)
     if spec.runtime.num_threads:
         torch.set_num_threads(spec.runtime.num_threads)
     torch.manual_seed(spec.seed)  # as the Trainer: an untrained teacher's weights are the run's
     random.seed(spec.seed)
-    base = _without_cache(spec)
-    compiled = compile_spec(base, fetch=("teacher",))
+    compiled = compile_spec(_without_cache(spec), fetch=("teacher",))
     mode, top_k = _checked_mode(compiled, full, top_k)
-    key = cache_key(spec, mode, top_k, info.world_size, compiled.data)
-    root.mkdir(parents=True, exist_ok=True)
-    epochs, wanted = _epochs_to_build(root, key, epochs, compiled.plan)
+    key = cache_key(spec, mode, top_k, info.world_size, compiled.data, compiled.teacher)
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with BuildLock(root, info.rank) as lock:
+            summary = _build(spec, compiled, key, epochs, (mode, top_k), info, device, quiet)
+        return CacheSummary(**{**summary.__dict__, "notes": (lock.note,) if lock.note else ()})
+    except OSError as exc:  # a full disk, a read-only folder: the shards written so far are kept
+        raise KDGraphError(f"{root}: cannot write the teacher cache ({exc.strerror or exc}"
+                           f"{': ' + exc.filename if exc.filename else ''}); free space or fix the folder and run "
+                           "the same command again: it resumes") from None
+    finally:
+        if created:
+            _remove_if_unused(root, info.rank)
+
+
+def _remove_if_unused(root: Path, rank: int) -> None:
+    """A folder this build created and left holding nothing but its empty lock: removed (a
+    refused build leaves no empty cache folder behind)."""
+    lock = root / f".lock-r{rank}"
+    with contextlib.suppress(OSError):
+        if [p.name for p in root.iterdir()] == [lock.name] and lock.stat().st_size == 0:
+            lock.unlink()
+            root.rmdir()
+
+
+def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None], info, device,
+           quiet: bool) -> CacheSummary:
+    """The build, under the folder's lock: the header first (incomplete), every missing shard,
+    then the header again, complete with every shard's checksum."""
+    root, base = Path(spec.teacher.cache), _without_cache(spec)
+    epochs, wanted, old = _epochs_to_build(root, key, epochs, compiled.plan)
+    weights = teacher_weights_sha256(compiled.teacher.model)  # as built, before teacher.dtype casts them
+    if old is not None and old["teacher_weights_sha256"] != weights:
+        raise KDGraphError(f"{root} holds a cache built from other teacher weights (SHA-256 "
+                           f"{old['teacher_weights_sha256']} then, {weights} now); choose another teacher.cache")
     data = build_data(base, compiled.data, device, info)
-    config = resolve_config(base, device, compiled.student.model)
-    teacher = frozen_teacher(compiled)
-    weights_sha256 = _weights_sha256(teacher.model)  # in the teacher's dtype, before any sharding
-    teacher.apply_(lambda t: t.to(device))
-    if config.channels_last:
-        teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
-    if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
-        shard_teacher(teacher, info, device)
-    shard = _ShardWriter(teacher, compiled.plan.k, config, mode, top_k, spec.loss.temperature,
-                         tuple(compiled.teacher.logits_shape or ()), _rows(data.train),
-                         (info.rank, info.world_size, compiled.num_classes or data.num_classes))
+    data_sha256 = train_data_sha256(data.train)
+    if old is not None and old.get("train_data_sha256") not in (None, data_sha256):
+        raise KDGraphError(f"{root} holds a cache built from other training data (the decoded training split's "
+                           f"SHA-256 {old['train_data_sha256']} then, {data_sha256} now); choose another teacher.cache")
+    shard = _writer(compiled, resolve_config(base, device, compiled.student.model), mode_k, spec.loss.temperature,
+                    data, info, device)
+    header = {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
+              "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
+              "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
+              "teacher_weights_sha256": weights, "train_data_sha256": data_sha256}
     if info.is_main:
-        write_header(root, {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
-                            "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
-                            "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
-                            "teacher_weights_sha256": weights_sha256})
-    todo = [e for e in wanted if not shard_path(root, e, info.rank).exists()]
+        write_header(root, header)
+    todo = [e for e in wanted if not shard.is_whole(shard_path(root, e, info.rank))]
     t0 = time.perf_counter()
     progress = None if quiet or not info.is_main else Progress(
         TextColumn("cache {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -178,12 +269,40 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
                         lambda: progress.advance(task) if progress else None)
     if info.enabled:
         torch.distributed.barrier()
-    if info.is_main:
-        header = read_header(root)
-        header.pop("format")
-        write_header(root, {**header, "complete": True})
-    return CacheSummary(str(root), mode, top_k, wanted, todo, shard.rows, shard.row_bytes,
+    if info.is_main:  # written last: complete, with the checksum of every shard of every rank
+        write_header(root, {**header, "complete": True,
+                            "shards": _checksums(root, wanted, info.world_size, shard)})
+    return CacheSummary(str(root), mode_k[0], mode_k[1], wanted, todo, shard.rows, shard.row_bytes,
                         time.perf_counter() - t0, shard.forward_s)
+
+
+def _writer(compiled, config, mode_k, temperature: float, data, info, device) -> _ShardWriter:
+    """The teacher as the distiller runs it (its dtype, device, memory format, shards), in a writer."""
+    teacher = frozen_teacher(compiled)
+    teacher.apply_(lambda t: t.to(device))
+    if config.channels_last:
+        teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
+        shard_teacher(teacher, info, device)
+    return _ShardWriter(teacher, compiled.plan.k, config, mode_k[0], mode_k[1], temperature,
+                        tuple(compiled.teacher.logits_shape or ()), _rows(data.train),
+                        (info.rank, info.world_size, compiled.num_classes or data.num_classes))
+
+
+def _checksums(root: Path, epochs: list[int], world_size: int, shard: _ShardWriter) -> dict[str, str]:
+    """Every shard's checksum, from the file its writer left beside it."""
+    out = {}
+    for e in epochs:
+        for r in range(world_size):
+            path = shard_path(root, e, r)
+            if not shard.is_whole(path):
+                raise KDGraphError(f"{path}: missing or not whole after the build (rank {r}); run the same "
+                                   "command again")
+            out[path.name] = checksum_path(path).read_text().strip()
+    return out
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _ShardWriter:
@@ -196,8 +315,18 @@ class _ShardWriter:
         self.mode, self.top_k, self.temperature = mode, top_k, temperature
         self.shape, self.rows = shape, rows
         self.dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k)
+        self.array_shape = (rows, *shape) if mode == "full" else (rows,)
         self.row_bytes = self.dtype.itemsize * (int(np.prod(shape)) if mode == "full" else 1)
         self.forward_s = 0.0
+
+    def is_whole(self, path: Path) -> bool:
+        """Renamed in place with its checksum beside it, and of the size its rows take (a shard
+        damaged since is told by its checksum at replay)."""
+        try:
+            sha = checksum_path(path).read_text().strip()
+            return bool(_HEX64.match(sha)) and path.stat().st_size >= self.rows * self.row_bytes
+        except OSError:
+            return False
 
     def logits(self, xb: torch.Tensor) -> torch.Tensor:
         """As Trainer.train_step feeds the distiller: micro-batch by micro-batch, under autocast."""
@@ -211,30 +340,47 @@ class _ShardWriter:
                     parts.append(self.teacher.features(xm, {self.head})[self.head])
         return torch.cat(parts).float()
 
+    def rows_of(self, logits: torch.Tensor, where: str) -> np.ndarray:
+        """One batch's rows: float32 logits, or the top-k probabilities at T and their indices.
+        A teacher whose output is not finite is refused here, not replayed as NaN losses."""
+        if not bool(torch.isfinite(logits).all()):
+            raise KDGraphError(f"the teacher's output is not finite at {where}: its weights or its dtype "
+                               "(teacher.dtype) overflow; nothing cached from it")
+        if self.mode == "full":
+            return np.ascontiguousarray(logits.cpu().numpy(), dtype=self.dtype)
+        p, i = torch.softmax(logits / self.temperature, dim=-1).topk(self.top_k, dim=-1)
+        out = np.empty(len(logits), dtype=self.dtype)
+        out["p"], out["i"] = p.half().cpu().numpy(), i.cpu().numpy().astype(np.uint16)
+        return out
+
     def write(self, final: Path, epoch: int, batches, advance) -> None:
-        """Every batch of ``batches`` (``epoch``'s) into ``final``, under a temporary name until
-        it is whole; each batch mixed first where the run mixes (``RuntimeConfig.mix``), as the
-        trainer mixes the batch its teacher reads."""
-        tmp = final.with_name(final.name + ".tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
-                                        shape=(self.rows, *self.shape) if self.mode == "full" else (self.rows,))
-        at = 0
-        for step, (xb, yb) in enumerate(batches):
-            xb, _ = self.config.mix(xb, yb, epoch, step * self.world_size + self.rank, self.num_classes)
-            f0 = time.perf_counter()
-            logits = self.logits(xb)
-            self.forward_s += time.perf_counter() - f0
-            n = len(logits)
-            if self.mode == "full":
-                out[at:at + n] = logits.cpu().numpy()
-            else:
-                p, i = torch.softmax(logits / self.temperature, dim=-1).topk(self.top_k, dim=-1)
-                out["p"][at:at + n] = p.half().cpu().numpy()
-                out["i"][at:at + n] = i.cpu().numpy().astype(np.uint16)
-            at += n
-            advance()
-        if at != self.rows:
-            raise KDGraphError(f"{final.name}: the epoch gave {at} training views, expected {self.rows}")
-        out.flush()
-        del out
+        """Every batch of ``batches`` (``epoch``'s) into ``final``: streamed to a temporary
+        name, hashed as written, the checksum beside it, then renamed whole. Each batch mixed
+        first where the run mixes (``RuntimeConfig.mix``), as the trainer mixes the batch its
+        teacher reads."""
+        tmp, h, at = final.with_name(final.name + ".tmp"), hashlib.sha256(), 0
+        sha = checksum_path(final)
+        sha_tmp = sha.with_name(sha.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": self.array_shape})
+                for step, (xb, yb) in enumerate(batches):
+                    xb, _ = self.config.mix(xb, yb, epoch, step * self.world_size + self.rank, self.num_classes)
+                    f0 = time.perf_counter()
+                    logits = self.logits(xb)
+                    self.forward_s += time.perf_counter() - f0
+                    rows = self.rows_of(logits, f"epoch {epoch + 1}, batch {step}").tobytes()
+                    f.write(rows)
+                    h.update(rows)
+                    at += len(logits)
+                    advance()
+            if at != self.rows:
+                raise KDGraphError(f"{final.name}: the epoch gave {at} training views, expected {self.rows}")
+            sha_tmp.write_text(h.hexdigest() + "\n")
+            os.replace(sha_tmp, sha)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # ours; a full disk gets its space back
+            sha_tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, final)  # the shard is whole, or absent

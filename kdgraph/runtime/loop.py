@@ -150,7 +150,7 @@ class Trainer:
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
         # the stages that replay the teacher's logits read them here, batch by batch
         self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
-                                   device) if self.plan.cache_stages else None)
+                                   device, spec=spec, data=self.data.train) if self.plan.cache_stages else None)
         apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
         if self.config.channels_last:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
