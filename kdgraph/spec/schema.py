@@ -174,7 +174,8 @@ class ModelSpec(_Strict):
     model: Annotated[str, Strict()] = Field(  # strict: no bytes (YAML's !!binary) coerced to a reference
         description="Model reference: 'timm:NAME', 'torchvision:NAME', 'module:pkg.mod:factory' "
         "(a factory function in an importable module; the spec's directory is searched first) or "
-        "'diffusers:UNet2DModel' (kwargs: its config; pip install 'kdgraph[diffusion]')."
+        "'diffusers:UNet2DModel' (kwargs: its config; pip install 'kdgraph[diffusion]') or "
+        "'transformers:TYPE|CONFIG.json|FOLDER|org/name' (a causal LM; pip install 'kdgraph[lm]')."
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -321,6 +322,8 @@ class DataSpec(_Strict):
         default=None, description=f"Input shape C,H,W fed to the models (None: the dataset's own size); each "
         f"side at most {MAX_SIDE}, C*H*W at most {MAX_INPUT_ELEMENTS}."
     )
+    seq_len: Int | None = Field(default=None, ge=2, le=1 << 16, description="text: tokens per window fed to a "
+                                "causal LM (required there; input_size is then [1, 1, seq_len]).")
     batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
     test_batch_size: Int | None = Field(
         default=None, ge=1, le=MAX_BATCH_SIZE, description="Evaluation batch size (None: the training batch size)."
