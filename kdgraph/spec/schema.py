@@ -558,7 +558,7 @@ class LossSpec(_Strict):
                             "mixture m = β p + (1−β) q in β KL(p || m) + (1−β) KL(q || m) (GKD: 0.5).")
     ignore_index: Int = Field(default=-100, ge=-(1 << 31), le=(1 << 31) - 1, description="Causal LM: the target "
                               "id of padding tokens, left out of every token loss.")
-    token_chunk: Int = Field(default=1024, ge=1, le=1 << 24, description="Causal LM: tokens per chunk of the token "
+    token_chunk: Int = Field(default=128, ge=1, le=1 << 24, description="Causal LM: tokens per chunk of the token "
                              "losses (batch × sequence × vocabulary is never held whole in float32).")
     task_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising (spec denoise): weight of "
                                "the task term, MSE between the predicted and the true noise (velocity, with "
