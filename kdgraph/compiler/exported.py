@@ -13,7 +13,8 @@ tensor, T = ``input_size[-1]`` (a sequence is a 1×T grid of tokens: its hidden 
 (B, T, D) are ``tokens`` features of reduction 1). With the sequence length fixed, the
 rotary tables, positions and masks a decoder computes are functions of constants, not of
 the tokens: no cut counts them, and every block segment recomputes the ones it reads.
-The model is exported in eval mode (dropout frozen off; LM configs use none by default).
+The model is exported in eval mode: dropout is frozen off in the graph (Llama-style configs
+have none; GPT-2's default of 0.1 is not applied).
 """
 
 from __future__ import annotations
