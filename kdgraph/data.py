@@ -138,6 +138,10 @@ NATIVE_INPUT_SIZES: dict[str, tuple[int, int, int]] = {
 
 def resolve_input_size(data_spec: DataSpec) -> tuple[int, int, int]:
     """data.input_size, or the dataset's own size where it is known without loading it."""
+    if data_spec.dataset == "text":  # a window of seq_len tokens: a 1 x seq_len grid (kdgraph.compiler.exported)
+        if data_spec.seq_len is None:
+            raise DataError("data.seq_len: text needs the tokens per window; set data.seq_len: N")
+        return (1, 1, int(data_spec.seq_len))
     if data_spec.input_size is not None:
         return tuple(int(v) for v in data_spec.input_size)
     if data_spec.dataset in NATIVE_INPUT_SIZES:
@@ -569,6 +573,16 @@ register_dataset("torchvision", _load_torchvision)
 # Per-pixel labels (dense tasks), after the image-classification datasets.
 register_dataset("fashion-mnist-masks", _load_fashion_masks)
 register_dataset("fashion-mnist-seg", _load_fashion_seg)
+
+
+def _refuse_text_images(data_spec: DataSpec, seed: int) -> RawSplits:
+    """``text`` is read as token windows, never as image splits (``kdgraph.lm``): a caller that
+    asks for images of it is refused in one line."""
+    raise DataError("data.dataset: text holds token windows for a causal LM, not images; `kdgraph plan` plans "
+                    "such a pair, and training it comes with the causal-LM task (issue 36)")
+
+
+register_dataset("text", _refuse_text_images)
 
 
 # ------------------------------------------------------------------------ device loader

@@ -16,7 +16,8 @@ entry and, where users choose it, one spec field):
 - class attributes: ``summary`` (one line, for help and the plan); ``role``, what it reads
   (``head``: student logits, labels, teacher logits, the last absent without a teacher;
   ``feature``: a student feature, lifted where widths differ, and the teacher's at one
-  block end; ``tpp``: TPP's proxy logits and the teacher's logits); ``terms``, the names
+  block end; ``tpp``: TPP's proxy logits and the teacher's logits; ``token``: a causal LM's
+  (B, T, V) logits, its (B, T) next-token targets and the teacher's logits); ``terms``, the names
   it writes (the training log's columns), where ``{block}`` stands for the block index of a
   feature loss (``term_names``); ``params``, constructor argument -> the ``loss.*`` spec
   field the compiler resolves it from (``resolve_params``; ``fmt`` is special: the teacher's
@@ -53,12 +54,14 @@ from torch import nn
 
 from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
+from kdgraph.lm.token_losses import chunked_token_loss
 from kdgraph.registry import LOGIT_LOSSES, Registry
 
 __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
            "term_names",
-           "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits"]
+           "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits",
+           "ForwardKLTokens", "ReverseKLTokens", "SkewKLTokens", "GeneralisedJSDTokens"]
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 """Loss name (a loss op's ``entry``) -> its module class (see the contract above)."""
@@ -750,3 +753,81 @@ class DenoiseHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"task_weight={self.task.task_weight}, output_weight={self.output_weight}"
+
+
+# -- a causal LM's head: token-level divergences (kdgraph.lm.token_losses), role "token" --
+
+
+class _TokenHead(nn.Module):
+    """``{"ce": w_ce CE(y, z_s), TERM: λ D}`` over the tokens whose target y is not the ignore
+    index, D the entry's per-token divergence (``kdgraph.lm.token_losses``) of the student's
+    (B, T, V) logits z_s and the teacher's (B, T, V′ ≥ V; trimmed to the student's ids), T²
+    times, averaged over those tokens; computed ``chunk`` tokens at a time."""
+
+    role = "token"  # reads (B, T, V) student logits, (B, T) next-token targets, the teacher's logits
+    divergence = ""
+    coefficient_field: str | None = None
+    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature",
+              "ignore_index": "ignore_index", "chunk": "token_chunk"}
+
+    def __init__(self, ce_weight: float = 0.0, kl_weight: float = 1.0, temperature: float = 1.0,
+                 ignore_index: int = -100, chunk: int = 128, coefficient: float = 0.5):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.ce_weight, self.kl_weight, self.temperature = float(ce_weight), float(kl_weight), float(temperature)
+        self.ignore_index, self.chunk, self.coefficient = int(ignore_index), max(int(chunk), 1), float(coefficient)
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        with no_autocast(student_logits):
+            kd, ce = chunked_token_loss(self.divergence, student_logits, teacher_logits, targets,
+                                        coefficient=self.coefficient, temperature=self.temperature,
+                                        ce_weight=self.ce_weight, ignore_index=self.ignore_index, chunk=self.chunk)
+        return {"ce": ce, self.terms[1]: _scaled(kd, self.kl_weight)}
+
+    def extra_repr(self) -> str:
+        return (f"ce_weight={self.ce_weight}, kl_weight={self.kl_weight}, temperature={self.temperature}, "
+                f"ignore_index={self.ignore_index}, chunk={self.chunk}, coefficient={self.coefficient}")
+
+
+@LOSSES.register("forward_kl")
+class ForwardKLTokens(_TokenHead):
+    """Forward KL per token: ``fkl = λ T² mean_tokens Σ_v p_v (log p_v − log q_v)``, p = softmax(z_t/T),
+    q = softmax(z_s/T) (Hinton et al.; torchtune's KD recipes), plus ``ce = w_ce CE(y, z_s)``."""
+
+    summary = "per-token forward KL(teacher || student) plus weighted cross-entropy, in chunks"
+    terms = ("ce", "fkl")
+    divergence = "forward_kl"
+
+
+@LOSSES.register("reverse_kl")
+class ReverseKLTokens(_TokenHead):
+    """Reverse KL per token: ``rkl = λ T² mean_tokens Σ_v q_v (log q_v − log p_v)`` (MiniLLM, Gu et al.
+    2024), plus ``ce = w_ce CE(y, z_s)``."""
+
+    summary = "per-token reverse KL(student || teacher) plus weighted cross-entropy, in chunks"
+    terms = ("ce", "rkl")
+    divergence = "reverse_kl"
+
+
+@LOSSES.register("skew_kl")
+class SkewKLTokens(_TokenHead):
+    """α-skew KL per token (DistiLLM, Ko et al. 2024): ``skl = λ T² mean_tokens KL(p || α p + (1−α) q)``,
+    plus ``ce = w_ce CE(y, z_s)``; α = ``loss.skew_alpha`` in (0, 1)."""
+
+    summary = "per-token skew KL(teacher || α teacher + (1−α) student) (DistiLLM) plus cross-entropy, in chunks"
+    terms = ("ce", "skl")
+    divergence = "skew_kl"
+    params = {**_TokenHead.params, "coefficient": "skew_alpha"}
+
+
+@LOSSES.register("jsd")
+class GeneralisedJSDTokens(_TokenHead):
+    """Generalised JSD per token (GKD, Agarwal et al. 2024): ``jsd = λ T² mean_tokens [β KL(p || m) +
+    (1−β) KL(q || m)]``, m = β p + (1−β) q, plus ``ce = w_ce CE(y, z_s)``; β = ``loss.jsd_beta`` in (0, 1)."""
+
+    summary = "per-token generalised JSD(β) of teacher and student (GKD) plus cross-entropy, in chunks"
+    terms = ("ce", "jsd")
+    divergence = "jsd"
+    params = {**_TokenHead.params, "coefficient": "jsd_beta"}

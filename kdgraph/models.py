@@ -2,7 +2,8 @@
 
 A reference is ``SOURCE:REST``; ``MODEL_SOURCES.get(SOURCE)(REST, kwargs)`` builds it
 (``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME``,
-``module:pkg.mod:factory`` and ``diffusers:UNet2DModel`` (``kdgraph.diffusers_source``).
+``module:pkg.mod:factory``, ``diffusers:UNet2DModel`` (``kdgraph.diffusers_source``) and
+``transformers:NAME`` (a causal LM, ``kdgraph.lm.source``).
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
 
@@ -30,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdgraph.diffusers_source import create_diffusers
 from kdgraph.errors import ModelError
+from kdgraph.lm.source import create_causal_lm, pretrained_causal_lm
 from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
 from kdgraph.weights import fit_state, load_state, read_state_dict
 
@@ -110,6 +112,7 @@ MODEL_SOURCES.register("timm", _create_timm)
 MODEL_SOURCES.register("torchvision", _create_torchvision)
 MODEL_SOURCES.register("module", _create_from_module)
 MODEL_SOURCES.register("diffusers", create_diffusers)  # diffusers itself is imported on first use
+MODEL_SOURCES.register("transformers", create_causal_lm)  # so is transformers
 
 
 @contextmanager
@@ -325,6 +328,7 @@ def _pretrained_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
 # (classes of the default pretrained weights, loader) of the sources that have pretrained weights.
 PRETRAINED_SOURCES.register("timm", (_timm_classes, _pretrained_timm))
 PRETRAINED_SOURCES.register("torchvision", (_torchvision_classes, _pretrained_torchvision))
+PRETRAINED_SOURCES.register("transformers", (lambda name: None, pretrained_causal_lm))  # logits, no classes
 
 
 def _build_for_planning(ref: str, kwargs: dict[str, Any], search_path: Path | None, role: str,

@@ -108,12 +108,12 @@ class Registry(Generic[T]):
 # ------------------------------------------------------------------------- model sources
 
 MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry(
-    "model source", declared=("timm", "torchvision", "module", "diffusers"), home="kdgraph.models")
+    "model source", declared=("timm", "torchvision", "module", "diffusers", "transformers"), home="kdgraph.models")
 """``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
 
 
 PRETRAINED_SOURCES: Registry[tuple[Callable[[str], Any], Callable[..., Any]]] = Registry(
-    "pretrained model source", declared=("timm", "torchvision"), home="kdgraph.models")
+    "pretrained model source", declared=("timm", "torchvision", "transformers"), home="kdgraph.models")
 """Sources whose models have pretrained weights -> (classes of the default weights, loader)."""
 
 
@@ -134,7 +134,7 @@ def model_source_choices() -> list[str]:
 
 DATASETS: Registry[Callable[[Any, int], Any]] = Registry(
     "dataset", declared=("digits", "fashion-mnist", "imagefolder", "synthetic", "torchvision", "fashion-mnist-masks",
-                         "fashion-mnist-seg"), home="kdgraph.data")
+                         "fashion-mnist-seg", "text"), home="kdgraph.data")
 """The part of ``data.dataset`` before any colon -> ``loader(data_spec, seed) -> RawSplits``."""
 
 

@@ -169,6 +169,12 @@ def cut_name(cut) -> str:
     return f"{cut.label} (+ {', '.join(others)})"
 
 
+def _token_logits(c: Compiled) -> str:
+    """A causal LM's head: its vocabulary per token (the teacher's where it differs, a padded one)."""
+    vocab = [a.output_shape[-1] for a in (c.teacher, c.student) if a is not None]
+    return f"{' / '.join(map(str, dict.fromkeys(vocab)))} logits per token"
+
+
 def blocks_table(c: Compiled) -> Table:
     t = Table(title="blocks (teacher ↔ student)", title_justify="left")
     for col in ("block", "teacher ends at", "student ends at", "shape T / S", "adapter", "rule"):
@@ -177,6 +183,7 @@ def blocks_table(c: Compiled) -> Table:
     for b in c.pairing.blocks:
         if b.is_head:
             logits = (f"{c.num_classes}-channel noise prediction" if c.spec.denoise is not None
+                      else _token_logits(c) if c.num_classes is None and c.student.output_shape
                       else f"{c.num_classes} logits" + (" per pixel" if c.student.dense else ""))
             t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "head")
             continue

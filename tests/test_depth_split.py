@@ -13,7 +13,7 @@ import pytest
 from torch import nn
 
 from kdgraph.compiler import compile_spec
-from kdgraph.compiler.boundaries import _split, choose_boundaries
+from kdgraph.compiler.boundaries import _depth_sizes, _split, choose_boundaries, depth_ends
 from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
@@ -28,6 +28,20 @@ from _runtime_helpers import tiny_spec
 ])
 def test_split_puts_the_larger_chunks_first(n, parts, sizes):
     assert _split(n, parts) == sizes
+
+
+@pytest.mark.parametrize("lt,ls,teacher_layers", [
+    # Minitron's rule written out: student layer i <-> teacher layer round((i + 1)·Lt / Ls) − 1
+    (6, 3, [1, 3, 5]), (5, 3, [1, 2, 4]), (32, 16, [2 * i + 1 for i in range(16)]), (4, 4, [0, 1, 2, 3]),
+    (7, 2, [3, 6]),  # 3.5 rounds up: layer 4 - 1 = 3
+    (28, 12, [1, 4, 6, 8, 11, 13, 15, 18, 20, 22, 25, 27]),
+])
+def test_decoder_stacks_pair_by_minitrons_rule(lt, ls, teacher_layers):
+    assert depth_ends(lt, ls) == teacher_layers
+    assert depth_ends(ls, ls) == list(range(ls))  # each student layer ends its own part
+    sizes = _depth_sizes(lt, ls, tokens=True)
+    assert sum(sizes) == lt and [sum(sizes[:i + 1]) - 1 for i in range(ls)] == teacher_layers
+    assert _depth_sizes(lt, ls, tokens=False) == _split(lt, ls)  # other models keep the larger chunks first
 
 
 class _Residual(nn.Module):

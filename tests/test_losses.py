@@ -134,17 +134,18 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
-    assert LOSSES.names() == ["mse", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise"]
+    assert LOSSES.names() == ["mse", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise",
+                              "forward_kl", "reverse_kl", "skew_kl", "jsd"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
         cls = LOSSES.get(name)
         assert cls.__doc__ and "=" in cls.__doc__, f"{name}: the docstring gives the formula"
         assert cls.summary and "\n" not in cls.summary
-        assert cls.role in ("head", "feature", "tpp") and cls.terms
+        assert cls.role in ("head", "feature", "tpp", "token") and cls.terms
         assert all(("{block}" in t) == (cls.role == "feature") for t in cls.terms), name
         assert set(cls.params.values()) <= fields, f"{name}: params read loss.* fields"
         assert set(cls.params) <= set(inspect.signature(cls).parameters), name
-        assert not list(cls(**{a: {"layout": "NCHW", "channels": 2, "hw": (2, 2)} if f == "fmt" else 1.0
+        assert not list(cls(**{a: {"layout": "NCHW", "channels": 2, "hw": (2, 2)} if f == "fmt" else 0.5
                                for a, f in cls.params.items()}).state_dict()), f"{name} holds no state"
 
 
@@ -218,3 +219,31 @@ def test_the_spec_offers_every_logit_loss_and_its_own_fields():
         assert f"{name} ({record.summary})" in description
         others = {f for n in LOGIT_LOSSES if n != name for f in LOGIT_LOSSES.get(n).own}
         assert not others & set(record.own)
+
+
+# -- the causal-LM token entries: the divergences are checked against their papers' formulas in
+# tests/test_token_losses.py; here, what each entry adds (weights, terms, spec fields) --
+
+@pytest.mark.parametrize("name,term,field", [("forward_kl", "fkl", None), ("reverse_kl", "rkl", None),
+                                             ("skew_kl", "skl", "skew_alpha"), ("jsd", "jsd", "jsd_beta")])
+def test_token_entries_weight_their_divergence_and_cross_entropy(name, term, field):
+    from kdgraph.lm.token_losses import chunked_token_loss
+    from kdgraph.losses import LOSSES, create_loss, resolve_params, term_names
+    from kdgraph.spec import LossSpec
+
+    assert term_names(name) == ("ce", term) and LOSSES.get(name).role == "token"
+    spec = LossSpec(ce_weight=0.25, kl_weight=3.0, temperature=2.0, ignore_index=-1, token_chunk=5,
+                    skew_alpha=0.2, jsd_beta=0.3).model_dump()
+    params = resolve_params(name, spec)
+    assert params["chunk"] == 5 and params["ignore_index"] == -1
+    assert params.get("coefficient") == (spec[field] if field else None)
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 6, 9, generator=g), torch.randn(2, 6, 12, generator=g)
+    y = torch.randint(0, 9, (2, 6), generator=g)
+    y[1, :3] = -1
+    got = create_loss(name, params)(s, y, t)
+    kd, ce = chunked_token_loss(name, s, t, y, coefficient=params.get("coefficient", 0.5), temperature=2.0,
+                                ce_weight=1.0, ignore_index=-1, chunk=10**6)
+    assert list(got) == ["ce", term]
+    assert got[term].item() == pytest.approx(3.0 * kd.item(), rel=1e-6)
+    assert got["ce"].item() == pytest.approx(0.25 * ce.item(), rel=1e-6)

@@ -191,7 +191,7 @@ def test_model_source_error_lists_the_registered_sources():
             load_spec({"name": "t", "student": {"model": "hub:x"}})
     finally:
         MODEL_SOURCES.unregister("regtest")
-    assert "allowed: timm:NAME, torchvision:NAME, module:pkg.mod:factory, diffusers:NAME, regtest:NAME" in info.value.message
+    assert "allowed: timm:NAME, torchvision:NAME, module:pkg.mod:factory, diffusers:NAME, transformers:NAME, regtest:NAME" in info.value.message
 
 
 def test_json_schema_lists_the_registry_names():

@@ -14,11 +14,15 @@ there are more than needed; where more blocks are asked for, the decoder's level
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
 from kdgraph.compiler.cuts import find_cut_by_module
+from kdgraph.compiler.exported import takes_tokens
 from kdgraph.compiler.stages import feature_taps, preferred, tapped
 from kdgraph.errors import PlanError
 from kdgraph.ir import Boundary, Cut, Stage
@@ -27,24 +31,48 @@ if TYPE_CHECKING:
     from kdgraph.spec import Spec
 
 
-def _units(stage: Stage) -> list[Cut]:
-    """Cuts inside the stage that close a direct child of the stage end's module (blocks.3)."""
+def _units(stage: Stage, model: nn.Module) -> list[Cut]:
+    """Cuts inside the stage that close a direct child of the stage end's module (blocks.3),
+    or, where that module holds its repeated units in a ModuleList or Sequential that the
+    forward iterates without calling it (a decoder's ``model.layers``), an item of it
+    (model.layers.3)."""
     parent = stage.end.module
     if not parent:
         return []
     depth = parent.count(".") + 2
-    units = []
+    units, stacked = [], []
     for cut in stage.cuts:
         child = next((p for p in cut.closes if p.startswith(parent + ".") and p.count(".") + 1 == depth), None)
         if child is not None:
             units.append(cut)
-    return units
+        item = next((p for p in cut.closes if p.startswith(parent + ".") and p.count(".") + 1 == depth + 1
+                     and isinstance(model.get_submodule(p.rpartition(".")[0]), (nn.ModuleList, nn.Sequential))),
+                    None)
+        if item is not None:
+            stacked.append(cut)
+    return stacked if len(stacked) > 1 else units
 
 
 def _split(n: int, parts: int) -> list[int]:
     """Sizes of ``parts`` near-equal chunks of n, the larger chunks first (10/4 -> 3,3,2,2)."""
     base, extra = divmod(n, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def depth_ends(n: int, parts: int) -> list[int]:
+    """Minitron's depth pairing as chunk ends: part j of ``parts`` ends at unit
+    round((j + 1)·n / parts) − 1 (rounding halves up), so student layer i of L_s pairs with
+    teacher layer round((i + 1)·L_t / L_s) − 1 when the student's L_s layers are each a part."""
+    return [math.floor((j + 1) * n / parts + 0.5) - 1 for j in range(parts)]
+
+
+def _depth_sizes(n: int, parts: int, tokens: bool) -> list[int]:
+    """Unit counts of the ``parts`` chunks of a stage of ``n`` units: Minitron's rule for a
+    decoder stack (a model fed tokens), else ``_split``."""
+    if not tokens:
+        return _split(n, parts)
+    ends = depth_ends(n, parts)
+    return [e - s for s, e in zip([-1, *ends[:-1]], ends)]
 
 
 def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> list[Boundary]:
@@ -85,7 +113,7 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
 
     # Too few resolutions: split the stages with the most repeated units by depth.
     parts = {s.index: 1 for s in chosen}
-    units = {s.index: _units(s) for s in chosen}
+    units = {s.index: _units(s, traced.model) for s in chosen}
     while sum(parts.values()) < need:
         splittable = [s for s in chosen if len(units[s.index]) > parts[s.index]]
         if not splittable:
@@ -101,7 +129,7 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
         if p == 1:
             out.append(Boundary(stage.end, stage.rule))
             continue
-        sizes = _split(len(u), p)
+        sizes = _depth_sizes(len(u), p, takes_tokens(traced.model))
         at = 0
         for j, size in enumerate(sizes[:-1]):
             at += size

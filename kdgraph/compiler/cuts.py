@@ -231,6 +231,8 @@ def _sweep(traced: TracedModel, multi: bool) -> list[Cut]:
                 if all(m is not None for m in members):
                     cuts.append(replace(members[-1], tensors=tuple(members)))
             continue
+        if info.dtype is not None and not info.dtype.startswith(("float", "bfloat", "half")):
+            continue  # integers (token ids, positions) are no feature to compare or feed
         closes = tuple(p for p in info.modules if last_in_module[p] == i)
         # A cut inside layer3.0 leaves layer3.0 open: level 1. Sequence containers (layer3,
         # blocks, stages) do not count, so every stage of a ModuleList sits at level 0.

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 from torch import nn
 
+from kdgraph.compiler.exported import is_batch_read
 from kdgraph.errors import PlanError
 from kdgraph.ir import Pairing
 
@@ -147,9 +148,13 @@ def _copy_range(traced: TracedModel, graph: fx.Graph, env: dict[fx.Node, fx.Node
     """Copy ``nodes`` (one block's part of the traced graph) into ``graph``; the constants they
     read are copied in too, the side values are the block's placeholders already in ``env``."""
     info = traced.nodes
+    first = next(iter(env.values()))  # the block's first input: the cut's tensor (the batch first)
 
     def copy(node: fx.Node) -> fx.Node:
         if node in env:
+            return env[node]
+        if is_batch_read(node):  # the batch size, read from this block's own input
+            env[node] = graph.call_function(node.target, (first, 0))
             return env[node]
         if info[node.name].input_dependent or info[node.name].side_dependent:
             raise PlanError(f"segment {seg + 1} of the {traced.role} needs '{node.name}', "
@@ -165,6 +170,9 @@ def _copy_range(traced: TracedModel, graph: fx.Graph, env: dict[fx.Node, fx.Node
             return
         if info[node.name].side_dependent or (not info[node.name].input_dependent and not node.users):
             continue  # side values come from split_side; asserts on constants are dead leftovers
+        if is_batch_read(node):
+            copy(node)
+            continue
         for dep in node.all_input_nodes:
             copy(dep)
         env[node] = graph.node_copy(node, lambda n: env[n])

@@ -38,6 +38,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from kdgraph.compiler.artifacts import ModelArtifacts, Models, TracedModel
+from kdgraph.compiler.exported import node_infos, takes_tokens, trace_exported
 from kdgraph.compiler.split import graph_module
 from kdgraph.errors import PlanError, TraceError
 from kdgraph.ir import NodeInfo, SideInput
@@ -405,7 +406,10 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
     GraphModule holds the very submodules of ``model`` (parameters shared, not copied); its
     placeholders are the image, then the side inputs in the order of ``side``.
     ``lazy`` (planning): it writes its Python code only when first called (``graph_module``).
+    A model fed token ids (a causal LM) is traced with torch.export instead (``exported``).
     """
+    if takes_tokens(model):
+        return trace_exported(model, input_size, role=role, batch_size=batch_size)
     tracer, graph, leaves = _trace_graph(model, role, side)
     _inline_concrete_args(graph, tuple(s.name for s in side))
     _modal_dropout(tracer.root, graph)
@@ -427,34 +431,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
         for m, mode in modes.items():
             m.training = mode
     return TracedModel(role=role, model=model, gm=gm, input_size=tuple(input_size),
-                       nodes=_node_infos(gm, primary, side_nodes), leaves=leaves, side=tuple(side))
-
-
-def _node_infos(gm: fx.GraphModule, primary: fx.Node, side_nodes: list[fx.Node]) -> dict[str, NodeInfo]:
-    """Every node's NodeInfo: whether it depends on the image (``primary``), or on the side
-    inputs alone."""
-    dependent: set[fx.Node] = {primary}
-    side: set[fx.Node] = set(side_nodes)
-    infos: dict[str, NodeInfo] = {}
-    for index, node in enumerate(gm.graph.nodes):
-        if node is not primary and any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-        elif any(a in side for a in node.all_input_nodes):
-            side.add(node)
-        meta = node.meta.get("tensor_meta")
-        is_tensor = meta is not None and hasattr(meta, "shape")
-        stack = node.meta.get("nn_module_stack") or {}
-        infos[node.name] = NodeInfo(
-            name=node.name,
-            op=node.op,
-            index=index,
-            modules=tuple(path for path, _ in stack.values()),
-            shape=tuple(meta.shape) if is_tensor else None,
-            dtype=str(meta.dtype).replace("torch.", "") if is_tensor else None,
-            input_dependent=node in dependent,
-            side_dependent=node in side,
-        )
-    return infos
+                       nodes=node_infos(gm, primary, side_nodes), leaves=leaves, side=tuple(side))
 
 
 __all__ = ["KDTracer", "NodeInfo", "TracedModel", "trace"]

@@ -174,7 +174,8 @@ class ModelSpec(_Strict):
     model: Annotated[str, Strict()] = Field(  # strict: no bytes (YAML's !!binary) coerced to a reference
         description="Model reference: 'timm:NAME', 'torchvision:NAME', 'module:pkg.mod:factory' "
         "(a factory function in an importable module; the spec's directory is searched first) or "
-        "'diffusers:UNet2DModel' (kwargs: its config; pip install 'kdgraph[diffusion]')."
+        "'diffusers:UNet2DModel' (kwargs: its config; pip install 'kdgraph[diffusion]') or "
+        "'transformers:TYPE|CONFIG.json|FOLDER|org/name' (a causal LM; pip install 'kdgraph[lm]')."
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -182,8 +183,8 @@ class ModelSpec(_Strict):
     )
     pretrained: Flag = Field(
         default=False,
-        description="Load the source's own pretrained weights (timm: and torchvision: models; timm's hub or "
-        "local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
+        description="Load the source's own pretrained weights (timm:, torchvision: and transformers: models; "
+        "timm's or Hugging Face's hub or local cache, torchvision's DEFAULT weights). Another kwargs.num_classes gives a student a fresh "
         "classifier, as timm does; a teacher's must match. `kdgraph plan` does not fetch them.",
     )
     checkpoint: UserPath | None = Field(
@@ -314,13 +315,16 @@ class DataSpec(_Strict):
     dataset: Annotated[str, OneOf("dataset", dataset_choices, accepts=_is_registered_dataset)] = Field(
         default="digits",
         description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
-        "or 'torchvision:NAME' (a torchvision dataset class whose files are present under root).",
+        "'torchvision:NAME' (a torchvision dataset class whose files are present under root), or text (token "
+        "windows of seq_len for a causal LM: planned, not yet trained).",
     )
     root: UserPath | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
         default=None, description=f"Input shape C,H,W fed to the models (None: the dataset's own size); each "
         f"side at most {MAX_SIDE}, C*H*W at most {MAX_INPUT_ELEMENTS}."
     )
+    seq_len: Int | None = Field(default=None, ge=2, le=1 << 16, description="text: tokens per window fed to a "
+                                "causal LM (required there; input_size is then [1, 1, seq_len]).")
     batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
     test_batch_size: Int | None = Field(
         default=None, ge=1, le=MAX_BATCH_SIZE, description="Evaluation batch size (None: the training batch size)."
@@ -548,6 +552,14 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    skew_alpha: Float = Field(default=0.1, gt=0.0, lt=1.0, description="Causal LM, skew_kl: the teacher's share α "
+                              "of the mixture KL(p || α p + (1−α) q) (DistiLLM: 0.1).")
+    jsd_beta: Float = Field(default=0.5, gt=0.0, lt=1.0, description="Causal LM, jsd: the teacher's share β of the "
+                            "mixture m = β p + (1−β) q in β KL(p || m) + (1−β) KL(q || m) (GKD: 0.5).")
+    ignore_index: Int = Field(default=-100, ge=-(1 << 31), le=(1 << 31) - 1, description="Causal LM: the target "
+                              "id of padding tokens, left out of every token loss.")
+    token_chunk: Int = Field(default=128, ge=1, le=1 << 24, description="Causal LM: tokens per chunk of the token "
+                             "losses (batch × sequence × vocabulary is never held whole in float32).")
     task_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising (spec denoise): weight of "
                                "the task term, MSE between the predicted and the true noise (velocity, with "
                                "denoise.prediction: v; BK-SDM's L_task).")

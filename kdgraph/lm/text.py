@@ -1,0 +1,165 @@
+"""Text for a causal LM: read once, tokenised once into a memory-mapped token file, cut into
+packed windows drawn from (seed, epoch, index).
+
+- **Sources**: a folder of UTF-8 ``*.txt`` files (every one below it, in path order), or a
+  JSONL file whose lines are objects with a text field. Each document is followed by the
+  tokenizer's end-of-text id where it has one.
+- **Tokenizers**: ``ByteTokenizer`` (ids 0..255, the UTF-8 bytes: for models without a
+  tokenizer) or any object with ``encode(str) -> list[int]`` and ``get_vocab()`` (a
+  transformers tokenizer). ``tokenizer_key`` fingerprints it from its class, vocabulary and
+  end-of-text id.
+- **Token file** (``token_file``): ``CACHE/<source>-<tokenizer>.tokens``, little-endian
+  uint16 where every id fits, else uint32, written once (to a temporary name, then renamed) and
+  read memory-mapped after; its name is keyed by the tokenizer and by every source file's
+  path, size and modification time, so another tokenizer or changed text makes a new file.
+- **Windows** (``Windows``): the last ``holdout`` fraction of the tokens is the held-out split,
+  the rest the training split. A split of n tokens holds (n − 1) // seq_len windows of
+  seq_len + 1 tokens (inputs and next-token targets, overlapping by one); training window
+  ``index`` of ``epoch`` is the permutation of (seed, epoch) at ``index``, so the same
+  (seed, epoch, index) is the same window on any machine, in any batch, after any resume.
+  Held-out windows come in order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdgraph.errors import DataError
+
+__all__ = ["ByteTokenizer", "Windows", "read_documents", "token_file", "tokenizer_key"]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255; no end-of-text id."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"<0x{i:02X}>": i for i in range(256)}
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """16 hex digits of its class, vocabulary (token -> id) and end-of-text id."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    text = json.dumps([type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _sources(root: Path) -> list[Path]:
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*.txt") if p.is_file())
+        if not files:
+            raise DataError(f"data.root: {root} holds no .txt file")
+        return files
+    if root.is_file() and root.suffix == ".jsonl":
+        return [root]
+    raise DataError(f"data.root: {root} is neither a folder of .txt files nor a .jsonl file")
+
+
+def _jsonl(path: Path, field: str) -> list[str]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}:{number}: no text field {field!r} (a string) in this line")
+            out.append(record[field])
+    return out
+
+
+def read_documents(root: Path | str, field: str = "text") -> list[str]:
+    """The documents of ``root``: each .txt file of a folder, or each line's ``field`` of a JSONL file."""
+    docs = []
+    for path in _sources(Path(root)):
+        try:
+            docs += _jsonl(path, field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return docs
+
+
+def _source_key(root: Path, field: str) -> str:
+    listing = [(str(p.relative_to(root) if root.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in _sources(root)]
+    return hashlib.sha256(json.dumps([listing, field]).encode("utf-8")).hexdigest()[:16]
+
+
+def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str = "text") -> np.memmap:
+    """The tokens of ``root`` under ``tokenizer``, memory-mapped from the token file in ``cache``
+    (written by the first call, read by later ones)."""
+    root, cache = Path(root), Path(cache)
+    path = cache / f"{_source_key(root, field)}-{tokenizer_key(tokenizer)}.tokens"
+    if not path.exists():
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids: list[int] = []
+        for doc in read_documents(root, field):
+            ids += tokenizer.encode(doc) + ([eos] if eos is not None else [])
+        if not ids:
+            raise DataError(f"data.root: {root} holds no text")
+        dtype = np.uint16 if max(ids) < 2**16 else np.uint32
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tokens-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(np.dtype(dtype).str.encode("ascii").ljust(8))  # the header: dtype, 8 bytes
+            f.write(np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+        os.replace(tmp, path)
+    dtype = np.dtype(path.read_bytes()[:8].decode("ascii").strip()).newbyteorder("<")
+    return np.memmap(path, dtype=dtype, mode="r", offset=8)
+
+
+@functools.lru_cache(maxsize=4)
+def _order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training windows' order in ``epoch``: a permutation drawn from (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Windows of ``seq_len`` + 1 tokens of a token array: training ones shuffled per
+    (seed, epoch), held-out ones (the last ``holdout`` fraction) in order."""
+
+    tokens: np.ndarray
+    seq_len: int
+    holdout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise DataError(f"holdout must lie in (0, 1), got {self.holdout}")
+        if min(self.count("train"), self.count("heldout")) < 1:
+            raise DataError(f"{len(self.tokens):,} tokens give no window of {self.seq_len} tokens in both the "
+                            f"training and the held-out split ({self.holdout:.0%}); lower data.seq_len or add text")
+
+    def _split(self, split: str) -> np.ndarray:
+        cut = len(self.tokens) - int(len(self.tokens) * self.holdout)
+        return self.tokens[:cut] if split == "train" else self.tokens[cut:]
+
+    def count(self, split: str) -> int:
+        """Windows in ``split`` ("train" or "heldout")."""
+        return max((len(self._split(split)) - 1) // self.seq_len, 0)
+
+    def window(self, split: str, index: int, seed: int = 0, epoch: int = 0) -> np.ndarray:
+        """Window ``index`` of ``split``: int64 (seq_len + 1,), inputs [:-1], targets [1:]."""
+        n = self.count(split)
+        if not 0 <= index < n:
+            raise IndexError(f"window {index} of {n} in the {split} split")
+        if split == "train":
+            index = int(_order(n, seed, epoch)[index])
+        start = index * self.seq_len
+        return np.asarray(self._split(split)[start:start + self.seq_len + 1], dtype=np.int64)

@@ -1,0 +1,117 @@
+"""Text for a causal LM (kdgraph/lm/text.py): UTF-8 folders and JSONL read, tokenised once into
+a memory-mapped token file keyed by the tokenizer and the text, packed windows drawn from
+(seed, epoch, index), a held-out split.
+
+Independent truth: the bytes of the files written here (Python's own UTF-8 encoding), and
+every window checked against the token array sliced by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kdgraph.errors import DataError
+from kdgraph.lm.text import ByteTokenizer, Windows, read_documents, token_file, tokenizer_key
+
+
+class _Words:
+    """A word-level tokenizer written here: one id per distinct whitespace word, in first-seen order."""
+
+    eos_token_id = 0
+
+    def __init__(self, words: list[str]):
+        self.vocab = {"<eos>": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab[w] for w in text.split()]
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def _folder(tmp_path):
+    root = tmp_path / "texts"
+    (root / "b").mkdir(parents=True)
+    (root / "a.txt").write_text("Shall I compare thee ", encoding="utf-8")
+    (root / "b" / "c.txt").write_text("to a summer’s day?", encoding="utf-8")
+    (root / "notes.md").write_text("not read")
+    return root
+
+
+def test_a_folder_is_its_txt_files_in_path_order_and_bytes_are_utf8(tmp_path):
+    root = _folder(tmp_path)
+    assert read_documents(root) == ["Shall I compare thee ", "to a summer’s day?"]
+    tokens = token_file(root, ByteTokenizer(), tmp_path / "cache")
+    assert bytes(tokens.astype(np.uint8)) == "Shall I compare thee to a summer’s day?".encode("utf-8")
+    assert tokens.dtype == np.dtype("<u2") and isinstance(tokens, np.memmap)
+
+
+def test_jsonl_reads_the_text_field_and_each_document_ends_with_eos(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"text": "a b a", "id": 1}, {"text": "c"}]) + "\n\n")
+    tok = _Words("a b c".split())
+    assert list(token_file(path, tok, tmp_path / "cache")) == [1, 2, 1, 0, 3, 0]
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match=r"docs.jsonl:1: no text field 'text'"):
+        read_documents(path)
+    assert read_documents(path, field="body") == ["x"]
+
+
+def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(DataError, match=r"x.txt: not UTF-8 text \(byte 3"):
+        read_documents(tmp_path / "bad")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no .txt file"):
+        read_documents(tmp_path / "empty")
+    (tmp_path / "j.jsonl").write_text("{oops\n")
+    with pytest.raises(DataError, match=r"j.jsonl:1: not JSON"):
+        read_documents(tmp_path / "j.jsonl")
+
+
+def test_the_token_file_is_written_once_and_keyed_by_tokenizer_and_text(tmp_path):
+    root, cache = _folder(tmp_path), tmp_path / "cache"
+    token_file(root, ByteTokenizer(), cache)
+    first = sorted(cache.iterdir())
+    stamp = first[0].stat().st_mtime_ns
+    token_file(root, ByteTokenizer(), cache)
+    assert sorted(cache.iterdir()) == first and first[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    words = _Words("Shall I compare thee to a summer’s day?".split())
+    assert list(token_file(root, words, cache)) == [1, 2, 3, 4, 0, 5, 6, 7, 8, 0]
+    assert len(list(cache.iterdir())) == 2 and tokenizer_key(words) != tokenizer_key(ByteTokenizer())
+    (root / "a.txt").write_text("Shall I compare thee to ", encoding="utf-8")
+    os.utime(root / "a.txt", ns=(stamp + 10**9, stamp + 10**9))
+    assert bytes(token_file(root, ByteTokenizer(), cache).astype(np.uint8)).startswith(b"Shall I compare thee to to")
+    assert len(list(cache.iterdir())) == 3 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_windows_are_a_function_of_seed_epoch_index_and_the_held_out_tail_is_apart():
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = Windows(tokens, seq_len=16, holdout=0.1)
+    cut = 1000 - 100
+    assert w.count("train") == (cut - 1) // 16 and w.count("heldout") == (100 - 1) // 16
+    starts = set()
+    for i in range(w.count("train")):
+        win = w.window("train", i, seed=3, epoch=1)
+        assert len(win) == 17 and np.array_equal(win, np.arange(win[0], win[0] + 17)) and win[-1] < cut
+        assert win[0] % 16 == 0
+        starts.add(int(win[0]))
+    assert len(starts) == w.count("train")  # every window once per epoch
+    again = Windows(np.arange(1000, dtype=np.uint16), seq_len=16, holdout=0.1)
+    assert np.array_equal(again.window("train", 7, seed=3, epoch=1), w.window("train", 7, seed=3, epoch=1))
+    order = [int(w.window("train", i, seed=3, epoch=1)[0]) for i in range(5)]
+    assert order != [int(w.window("train", i, seed=3, epoch=2)[0]) for i in range(5)]
+    assert order != [int(w.window("train", i, seed=4, epoch=1)[0]) for i in range(5)]
+    assert [int(w.window("heldout", i)[0]) for i in range(3)] == [cut, cut + 16, cut + 32]
+
+
+def test_too_little_text_for_a_window_is_refused():
+    with pytest.raises(DataError, match="no window of 64 tokens"):
+        Windows(np.arange(100, dtype=np.uint16), seq_len=64, holdout=0.1)
+    with pytest.raises(IndexError):
+        Windows(np.arange(1000, dtype=np.uint16), seq_len=16).window("train", 10**6)
