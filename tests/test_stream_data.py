@@ -122,6 +122,30 @@ def test_resume_refuses_changed_data(tmp_path):
         data.check_resume({**state, "num_samples": 30}, "last.pt")
 
 
+def test_validation_split_streamed_as_in_memory(tmp_path):
+    """data.val_fraction on a streamed folder holds out the training files the in-memory path
+    holds out (the same indices of train/), read as the test split is: in order, not augmented."""
+    from kdgraph.compiler import compile_spec
+
+    root = write_folder(tmp_path / "images", train=8)
+    one = SimpleNamespace(rank=0, world_size=1)
+    built = {}
+    for loader in ("stream", "memory"):
+        spec = load_spec(folder_spec(root, tmp_path / loader, workers=0, loader=loader, val_fraction=0.25, fraction=0.5))
+        built[loader] = build_data(spec, compile_spec(spec).data, torch.device("cpu"), one)
+    streamed, held = built["stream"], built["memory"]
+    folder = scan_imagefolder(root)
+    assert streamed.eval_split == "val" and streamed.eval_loader is streamed.val
+    files = [str(f) for f in streamed.val.dataset.files]
+    assert all("/train/" in f for f in files) and not set(files) & {str(f) for f in streamed.train.dataset.files}
+    assert [sum(f"/{c}/" in f for f in files) for c in CLASSES] == [2, 2, 2]  # round(0.25 * 8) a class
+    assert [sum(f"/{c}/" in str(f) for f in streamed.train.dataset.files) for c in CLASSES] == [3, 3, 3]  # half of 6
+    assert len(streamed.test.dataset.files) == len(folder.test_files)
+    labels = torch.cat([y for _, y in streamed.val.epoch(0)])
+    assert torch.equal(labels.cpu(), held.val.y.cpu())  # the same images, in the same order, as in memory
+    assert not streamed.val.shuffle
+
+
 # ---------------------------------------------------------------------- batches
 
 
