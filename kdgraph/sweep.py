@@ -479,6 +479,32 @@ def run_job(job_path: Path) -> int:
     return 0
 
 
+def parse_seeds(text: str, what: str) -> tuple[int, ...]:
+    """``"1,2,3"`` -> (1, 2, 3); "" -> ()."""
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise KDGraphError(f"{what} {text!r}: write comma-separated integers, e.g. 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise KDGraphError(f"{what} {text!r}: a seed is listed twice")
+    return seeds
+
+
+def from_cli(spec: Path, grid: list[str], seeds: str, report_seeds: str, baseline: str | None = None,
+             overrides: list[str] | None = None, allow_code: bool = False, work: Path | None = None,
+             results: Path | None = None, jobs: int = 1, extend: int = 0) -> Sweep:
+    """The Sweep of `kdgraph sweep`'s options; WORK defaults to the spec's output folder + ``-sweep``
+    and the results file to WORK/results.jsonl."""
+    from kdgraph.spec import load_spec
+
+    arms, base = arms_from_cli(grid, baseline)
+    if work is None:
+        work = Path(str(load_spec(spec, overrides or [], allow_code=allow_code).output_dir) + "-sweep")
+    return Sweep(spec, arms, parse_seeds(seeds, "--seeds"), parse_seeds(report_seeds, "--report-seeds"),
+                 results or Path(work) / "results.jsonl", work, base, tuple(overrides or ()), allow_code, extend,
+                 jobs=jobs)
+
+
 # --------------------------------------------------------------------- the report
 
 
