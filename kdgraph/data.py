@@ -84,6 +84,8 @@ class RawSplits(NamedTuple):
     default_augment: str
     pixel_max: float = 255.0  # the raw value of a white pixel (digits: 16)
     skipped: tuple[str, ...] = ()  # files that could not be decoded (data.on_bad_image: skip)
+    val_x: torch.Tensor | None = None  # a validation split of the dataset's own (an image folder's val/)
+    val_y: torch.Tensor | None = None
 
 
 LoaderFn = Callable[[DataSpec, int], RawSplits]
@@ -167,12 +169,18 @@ def create_dataset(data_spec: DataSpec, seed: int,
         raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
     _check_labels(name, "train", train_y, num_classes)
     _check_labels(name, "test", test_y, num_classes)
+    own_val = None
+    if raw.val_x is not None:
+        _check_labels(name, "val", raw.val_y.long(), num_classes)
+        own_val = (_compact(raw.val_x), raw.val_y.long())
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
     mode = data_spec.resize
     if train_y.dim() == 3:  # per-pixel labels (masks) follow their images to the new grid
         train_y, test_y = (_masks_to_size(y, size, name, mode) for y in (train_y, test_y))
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
+    if own_val is not None:
+        own_val = (_to_size(own_val[0], size, name, mode), own_val[1])
 
     if norm is None:
         mean, std = channel_stats(train_x)
@@ -180,7 +188,7 @@ def create_dataset(data_spec: DataSpec, seed: int,
         mean, std = (tuple(torch.tensor(v, dtype=torch.float32).tolist()) for v in norm)
         if len(mean) != size[0] or len(std) != size[0]:
             raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
-    train_x, train_y, val_x, val_y = _hold_out(data_spec, train_x, train_y, seed)
+    train_x, train_y, val_x, val_y = _hold_out(data_spec, train_x, train_y, seed, own_val)
 
     return Dataset(
         name=name,
@@ -200,11 +208,13 @@ def create_dataset(data_spec: DataSpec, seed: int,
     )
 
 
-def _hold_out(data_spec: DataSpec, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple:
+def _hold_out(data_spec: DataSpec, x: torch.Tensor, y: torch.Tensor, seed: int, own_val: tuple | None = None
+              ) -> tuple:
     """(train x, train y, val x, val y): the validation split (``data.val_fraction``; None, None
-    without one) held out of the training split first, then ``data.fraction`` of the rest."""
-    val_x = val_y = None
-    if data_spec.val_fraction > 0:
+    without one) held out of the training split first, then ``data.fraction`` of the rest; a
+    dataset's own validation split (``own_val``: an image folder's val/) is taken as it is."""
+    val_x, val_y = own_val if own_val is not None else (None, None)
+    if data_spec.val_fraction > 0 and own_val is None:
         rest, held = validation_split(y, data_spec.val_fraction, seed)
         val_x, val_y, x, y = x[held].contiguous(), y[held], x[rest], y[rest]
     if data_spec.fraction < 1.0:
@@ -486,7 +496,7 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
     (data.on_bad_image)."""
     from PIL import Image
 
-    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes, validation=data_spec.val_fraction > 0)
     if data_spec.input_size is not None:
         c, h, w = data_spec.input_size
     else:
@@ -521,7 +531,8 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
         lost = sorted(set(labels.tolist()) - set(ys))  # a class with no readable image cannot be learned or scored
         if lost:
             cls = folder.classes[lost[0]]
-            split = folder.eval_split if files is folder.test_files else "train"
+            split = folder.eval_split if files is folder.test_files else ("val" if files is folder.val_files
+                                                                           else "train")
             named = [f for f, label in zip(files.tolist(), labels.tolist()) if label == lost[0]]
             more = f" (and {len(lost) - 1} more classes)" if len(lost) > 1 else ""
             raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable{more} ({len(named)} "
@@ -531,7 +542,9 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
 
     tr_x, tr_y = read(folder.train_files, folder.train_labels)
     te_x, te_y = read(folder.test_files, folder.test_labels)
-    return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped))
+    va_x, va_y = (None, None) if folder.val_files is None else read(folder.val_files, folder.val_labels)
+    return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped),
+                     val_x=va_x, val_y=va_y)
 
 
 def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
@@ -896,19 +909,23 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any,
         return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
                     tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped}, val)
     num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
-    folder = scan_imagefolder(d.root, d.num_classes)
+    folder = scan_imagefolder(d.root, d.num_classes, validation=d.val_fraction > 0)
     check_classes_readable(folder)
-    keep, held = _streamed_hold_out(d, torch.from_numpy(folder.train_labels), spec.seed)
+    own = folder.val_files is not None  # val/ is the validation split: nothing is held out of train/
+    keep, held = _streamed_hold_out(d, torch.from_numpy(folder.train_labels), spec.seed, own)
+    val = (folder.val_files, folder.val_labels) if own else \
+        None if held is None else (folder.train_files[held], folder.train_labels[held])
     train, test, val, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info,
-                                                        channels_last, held)
+                                                        channels_last, val)
     return Data(plan, train, test, len(folder.classes), mean, std, stats, val=val)
 
 
-def _streamed_hold_out(d: DataSpec, labels: torch.Tensor, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _streamed_hold_out(d: DataSpec, labels: torch.Tensor, seed: int, own_val: bool
+                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(training files kept, validation files) of an image folder as indices into train/, as
-    ``_hold_out`` chooses them in memory (None: all of train/; no validation split)."""
+    ``_hold_out`` chooses them in memory (None: all of train/; none held out)."""
     rest = held = None
-    if d.val_fraction > 0:
+    if d.val_fraction > 0 and not own_val:
         rest, held = validation_split(labels, d.val_fraction, seed)
     keep = rest
     if d.fraction < 1.0:

@@ -372,11 +372,12 @@ class StreamLoader:
 
 
 def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, num_workers: int,
-                   device: torch.device, dist_info: Any, channels_last: bool = False, held: np.ndarray | None = None
+                   device: torch.device, dist_info: Any, channels_last: bool = False,
+                   val: tuple[np.ndarray, np.ndarray] | None = None
                    ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None, tuple[float, ...], tuple[float, ...], str]:
     """The streamed train loader (the training files ``keep`` selects, all without it;
-    sharded over ranks), test loader (the whole split) and validation loader (the training
-    files ``held`` selects, read as the test split is; None without ``held``) of ``folder``,
+    sharded over ranks), test loader (the whole split) and validation loader (``val``'s
+    (files, labels), read as the test split is; None without ``val``) of ``folder``,
     with the mean, std (0..1 units) and where they came from. ``num_workers``: see
     ``resolve_workers``; ``channels_last``: the layout of the normalised batches (Normalizer)."""
     d = spec.data
@@ -397,8 +398,8 @@ def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.nda
                              train_transform(plan.input_size, augment, plan.crop_pct, d.crop_scale), seed=spec.seed)
     test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
                             eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False), seed=spec.seed)
-    val_ds = None if held is None else StreamDataset(
-        folder.train_files[held], folder.train_labels[held], n_classes, c,
+    val_ds = None if val is None else StreamDataset(
+        val[0], val[1], n_classes, c,
         eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False), seed=spec.seed)
     normalizer = Normalizer(mean, std, device, channels_last)
     per_rank = len(files) // dist_info.world_size

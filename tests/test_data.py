@@ -232,6 +232,33 @@ def test_imagefolder(tmp_path):
         create_dataset(spec(dataset="imagefolder", root=tmp_path / "nope"), seed=0)
 
 
+def test_imagefolder_val_and_test_folders(tmp_path):
+    """A root holding val/ and test/: with a validation split asked for, val/ is it (nothing is
+    held out of train/) and test/ is the test split; without, val/ is evaluated as before."""
+    from PIL import Image
+
+    for split, n, value in (("train", 4, 10), ("val", 2, 100), ("test", 3, 200)):
+        for k, cls in enumerate(("cat", "dog")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((6, 6), value + 10 * k + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    kw = dict(dataset="imagefolder", root=tmp_path, input_size=(1, 6, 6))
+    plain = create_dataset(spec(**kw), seed=0)
+    assert plain.val_x is None and sorted(plain.test_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111]
+    ds = create_dataset(spec(**kw, val_fraction=0.25), seed=0)
+    assert sorted(ds.val_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111] and ds.val_y.tolist() == [0, 0, 1, 1]
+    assert sorted(ds.test_x[:, 0, 0, 0].tolist()) == [200, 201, 202, 210, 211, 212]
+    assert len(ds.train_y) == 8  # all of train/
+    only_val = tmp_path / "two"
+    only_val.mkdir()
+    for split in ("train", "val"):
+        (tmp_path / split).rename(only_val / split)
+    held = create_dataset(spec(dataset="imagefolder", root=only_val, input_size=(1, 6, 6), val_fraction=0.25), seed=0)
+    assert len(held.val_y) == 2 and len(held.train_y) == 6  # held out of train/: val/ is the test split
+    assert sorted(held.test_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111]
+
+
 def test_torchvision_missing(tmp_path):
     with pytest.raises(DataError, match="CIFAR10"):
         create_dataset(spec(dataset="torchvision:CIFAR10", root=tmp_path), seed=0)
