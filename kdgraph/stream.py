@@ -374,7 +374,8 @@ class StreamLoader:
 def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, num_workers: int,
                    device: torch.device, dist_info: Any, channels_last: bool = False,
                    val: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None, tuple[float, ...], tuple[float, ...], str]:
+                   ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None, tuple[float, ...],
+                              tuple[float, ...], str]:
     """The streamed train loader (the training files ``keep`` selects, all without it;
     sharded over ranks), test loader (the whole split) and validation loader (``val``'s
     (files, labels), read as the test split is; None without ``val``) of ``folder``,

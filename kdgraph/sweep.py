@@ -55,8 +55,8 @@ from pathlib import Path
 
 from kdgraph.errors import KDGraphError
 
-__all__ = ["Arm", "Cell", "Sweep", "arms_from_cli", "format_report", "from_cli", "load_rows", "sweep_report", "t_quantile",
-           "t_sf2", "welch"]
+__all__ = ["Arm", "Cell", "Sweep", "arms_from_cli", "format_report", "from_cli", "load_rows", "sweep_report",
+           "t_quantile", "t_sf2", "train_resumable", "welch"]
 
 
 # --------------------------------------------------------------------- the statistics

@@ -264,3 +264,15 @@ def test_a_failing_cell_stops_the_sweep_and_records_nothing(tmp_path):
                   "--set", f"data.root={tmp_path / 'missing'}", "--set", "data.input_size=[1,8,8]")
     assert res.returncode == 2 and "failed (exit 2)" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "w" / "results.jsonl").exists()
+
+
+def test_one_sweep_at_a_time_per_work_folder(tmp_path):
+    import fcntl
+
+    s = _sweep(tmp_path, common=("data.val_fraction=0.1",))
+    (tmp_path / "w").mkdir()
+    with open(tmp_path / "w" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sweep, or a cell it left running
+        with pytest.raises(KDGraphError, match="another sweep .* is running"):
+            s.run()
+    assert not (tmp_path / "r.jsonl").exists()

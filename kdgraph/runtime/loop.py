@@ -181,7 +181,6 @@ class Trainer:
         self.wall_before = 0.0  # wall time of earlier processes of this run (resumes add up)
         self.teacher_acc: dict | None = None
         self.student_acc: dict | None = None  # the latest evaluation
-        self.test_acc: dict | None = None  # with a validation split: the test split's, once at the end
         self.tracker: StabilityTracker | None = None
         self.data_warned = False
         self.bn_recalibrated_at: int | None = None  # the global step of the last BatchNorm re-estimate
@@ -534,8 +533,8 @@ class Trainer:
         self.distiller.train(was)
 
     def evaluate(self, loader=None) -> dict[str, float]:
-        """{'top1', 'top5'} of the composed student on the test split (BatchNorm re-estimated
-        first where ``bn_recalibrate`` says so)."""
+        """{'top1', 'top5'} of the composed student on ``loader`` (default: the validation split where
+        there is one, else the test split; BatchNorm re-estimated first where ``bn_recalibrate`` says so)."""
         setting = self.config.bn_recalibrate
         if setting is True or (setting == "auto" and len(self.distiller.groups) > 1):
             self.recalibrate_bn()
@@ -547,7 +546,7 @@ class Trainer:
             self.distiller.train(was)
 
     def score(self, forward, loader=None) -> dict[str, float]:
-        """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
+        """``forward`` on ``loader`` (as ``evaluate``): top-1 and top-5 (and mIoU for a per-pixel task); a
         denoiser's MSE to the true noise (the velocity, with denoise.prediction: v) at each test
         image's fixed (t, ε)."""
         cfg, loader = self.config, self.data.eval_loader if loader is None else loader  # validation, else test
@@ -640,8 +639,8 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        if self.main and self.data.val is not None:  # the test split, once
-            self.test_acc = self.evaluate(self.data.test)
+        # with a validation split, the test split is evaluated here, once
+        self.test_acc = self.evaluate(self.data.test) if self.main and self.data.val is not None else None
         samples = self.write_samples() if self.main else self.sample_sharded_teacher()
         summary = self.summary() | samples
         if self.main:
