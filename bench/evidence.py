@@ -27,13 +27,12 @@ controls, then the other recipes. One cell at a time, one torch thread.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from kdgraph.errors import KDGraphError
-from kdgraph.sweep import Arm, Sweep, format_report, load_rows, sweep_report, train_resumable
+from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "evidence-w8.yaml"
@@ -83,8 +82,7 @@ def teacher(args, results: Path) -> None:
     row = {"key": "teacher", "arm": "teacher", "test_top1": s["student_top1"], "val_top1": s.get("student_val_top1"),
            "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1), "output": s["output"]}
     results.parent.mkdir(parents=True, exist_ok=True)
-    with results.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(results, row)
     log(f"teacher: test top-1 {row['test_top1']:.2f} %")
 
 

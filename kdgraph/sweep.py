@@ -43,6 +43,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import statistics
@@ -55,7 +56,7 @@ from pathlib import Path
 
 from kdgraph.errors import KDGraphError
 
-__all__ = ["Arm", "Cell", "Sweep", "arms_from_cli", "format_report", "from_cli", "load_rows", "sweep_report",
+__all__ = ["Arm", "Cell", "Sweep", "arms_from_cli", "append_row", "format_report", "from_cli", "load_rows", "sweep_report",
            "t_quantile", "t_sf2", "train_resumable", "welch"]
 
 
@@ -232,14 +233,31 @@ class ArmState:
 
 
 def load_rows(path: Path) -> dict[str, dict]:
-    """The results file's rows by cell key (the first row of a key counts); {} before any."""
+    """The results file's rows by cell key (the first row of a key counts; a line that is not a JSON
+    object is passed over); {} before any."""
     rows: dict[str, dict] = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.setdefault(row.get("key"), row)
+    lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+    for line in lines:
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line a kill cut short: its cell is not done (and trains again)
+            continue
+        if isinstance(row, dict):
+            rows.setdefault(row.get("key"), row)
     return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line appended to ``path``, on a line of its own (after a line a kill cut short)."""
+    with open(path, "a+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(f.tell() - 1)
+            cut = f.read(1) != "\n"
+            f.seek(0, os.SEEK_END)
+            if cut:
+                f.write("\n")
+        f.write(json.dumps(row) + "\n")
 
 
 @dataclass
@@ -425,8 +443,7 @@ class Sweep:
         row = {"key": cell.key, "arm": cell.arm, "point": dict(cell.point), "seed": cell.seed,
                "overrides": list(cell.overrides), "spec": str(self.spec), "spec_sha256": self.spec_sha,
                "output": str(out), "wall_s": round(time.time() - t0, 1), **_scores_of(got)}
-        with open(self.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.results, row)
         shown = "diverged" if row.get("diverged") else f"val {row['val_top1']:.2f} test {row['test_top1']:.2f}"
         self.log(f"{cell.slug}: {shown} ({row['wall_s']:.0f} s)")
 

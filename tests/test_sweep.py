@@ -276,3 +276,15 @@ def test_one_sweep_at_a_time_per_work_folder(tmp_path):
         with pytest.raises(KDGraphError, match="another sweep .* is running"):
             s.run()
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_results_file_survives_a_line_cut_short(tmp_path):
+    path = tmp_path / "r.jsonl"
+    sw.append_row(path, {"key": "a", "val_top1": 1.0})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "val_')  # a kill while writing
+    assert set(sw.load_rows(path)) == {"a"}  # b is not done
+    sw.append_row(path, {"key": "b", "val_top1": 2.0})
+    assert sw.load_rows(path)["b"]["val_top1"] == 2.0 and path.read_text().endswith("2.0}\n")
+    assert path.read_text().splitlines()[1] == '{"key": "b", "val_'  # kept: the sweep deletes nothing
+    assert set(sw.load_rows(path)) == {"a", "b"}
