@@ -105,6 +105,9 @@ def main() -> None:
             sweep.run()
     except KDGraphError as exc:
         sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kdgraph.sweep): the running cell has checkpointed
+        log("stopped; the same command resumes the grid")
+        sys.exit(130)
     rows = load_rows(Path(args.results))
     if "teacher" in rows:
         print(f"teacher ResNet-34/8: test top-1 {rows['teacher']['test_top1']:.2f} %")
