@@ -256,6 +256,35 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
                   f"{result['reason']}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def sweep(spec: SpecArg, grid: Annotated[list[str], typer.Option(
+              "--grid", help="An axis: dotted.path=value1,value2,... (YAML values). Repeatable.")],
+          seeds: Annotated[str, typer.Option(help="Selection seeds (the validation split chooses).")] = "0",
+          report_seeds: Annotated[str, typer.Option(help="Fresh seeds the test split is reported on.")] = "1,2,3",
+          baseline: Annotated[Optional[str], typer.Option(
+              help="axis=value: that axis's values are the arms compared (Welch's t test against this one); "
+                   "the other axes are tuned within each arm.")] = None,
+          set_: SetOpt = None, allow_code: CodeOpt = False,
+          work: Annotated[Optional[Path], typer.Option(help="Cells' folders (default: OUTPUT-sweep).")] = None,
+          results: Annotated[Optional[Path], typer.Option(help="The JSONL (default: WORK/results.jsonl).")] = None,
+          jobs: Annotated[int, typer.Option(help="Cells trained at once (local processes).")] = 1,
+          extend: Annotated[int, typer.Option(help="Values a numeric axis may grow by per side while the "
+                                                   "choice sits at its edge.")] = 0,
+          report: Annotated[bool, typer.Option(help="Print the report of what has finished; train nothing.")] = False):
+    """Train a grid x seeds, each cell its own resumable process (a rerun skips finished cells);
+    choose on the validation split with --seeds, report the test split on --report-seeds."""
+    from kdgraph import sweep as sweeps
+
+    try:
+        s = sweeps.from_cli(spec, grid, seeds, report_seeds, baseline, set_, allow_code, work, results, jobs, extend)
+        if not report:
+            s.log = lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)
+            s.run()
+    except KDGraphError as exc:
+        _fail(exc)
+    out.print(sweeps.format_report(sweeps.sweep_report(s)), markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of the `kdgraph` script and `python -m kdgraph`."""
     app(prog_name="kdgraph")

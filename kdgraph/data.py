@@ -53,6 +53,7 @@ __all__ = [
     "build_loaders",
     "channel_stats",
     "class_balanced_subset",
+    "validation_split",
     "create_dataset",
     "normalize",
     "register_dataset",
@@ -83,6 +84,8 @@ class RawSplits(NamedTuple):
     default_augment: str
     pixel_max: float = 255.0  # the raw value of a white pixel (digits: 16)
     skipped: tuple[str, ...] = ()  # files that could not be decoded (data.on_bad_image: skip)
+    val_x: torch.Tensor | None = None  # a validation split of the dataset's own (an image folder's val/)
+    val_y: torch.Tensor | None = None
 
 
 LoaderFn = Callable[[DataSpec, int], RawSplits]
@@ -110,6 +113,8 @@ class Dataset:
     std: tuple[float, ...]
     pixel_max: float = 255.0
     skipped: tuple[str, ...] = ()
+    val_x: torch.Tensor | None = None  # the validation split held out of train (data.val_fraction), or None
+    val_y: torch.Tensor | None = None
 
     @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -168,12 +173,18 @@ def create_dataset(data_spec: DataSpec, seed: int,
         raise DataError(f"data.num_classes: {name} has {num_classes} classes, the spec says {want_classes}")
     _check_labels(name, "train", train_y, num_classes)
     _check_labels(name, "test", test_y, num_classes)
+    own_val = None
+    if raw.val_x is not None:
+        _check_labels(name, "val", raw.val_y.long(), num_classes)
+        own_val = (_compact(raw.val_x), raw.val_y.long())
 
     size = tuple(data_spec.input_size) if data_spec.input_size is not None else tuple(train_x.shape[1:])
     mode = data_spec.resize
     if train_y.dim() == 3:  # per-pixel labels (masks) follow their images to the new grid
         train_y, test_y = (_masks_to_size(y, size, name, mode) for y in (train_y, test_y))
     train_x, test_x = _to_size(train_x, size, name, mode), _to_size(test_x, size, name, mode)
+    if own_val is not None:
+        own_val = (_to_size(own_val[0], size, name, mode), own_val[1])
 
     if norm is None:
         mean, std = channel_stats(train_x)
@@ -181,11 +192,7 @@ def create_dataset(data_spec: DataSpec, seed: int,
         mean, std = (tuple(torch.tensor(v, dtype=torch.float32).tolist()) for v in norm)
         if len(mean) != size[0] or len(std) != size[0]:
             raise DataError(f"data.mean/std: {len(mean)} and {len(std)} values for {size[0]} channels")
-    fraction = data_spec.fraction
-    if fraction < 1.0:
-        keep = (class_balanced_subset(train_y, fraction, seed) if train_y.dim() == 1
-                else random_subset(len(train_y), fraction, seed))
-        train_x, train_y = train_x[keep], train_y[keep]
+    train_x, train_y, val_x, val_y = _hold_out(data_spec, train_x, train_y, seed, own_val)
 
     return Dataset(
         name=name,
@@ -200,7 +207,25 @@ def create_dataset(data_spec: DataSpec, seed: int,
         std=std,
         pixel_max=float(raw.pixel_max),
         skipped=raw.skipped,
+        val_x=val_x,
+        val_y=val_y,
     )
+
+
+def _hold_out(data_spec: DataSpec, x: torch.Tensor, y: torch.Tensor, seed: int, own_val: tuple | None = None
+              ) -> tuple:
+    """(train x, train y, val x, val y): the validation split (``data.val_fraction``; None, None
+    without one) held out of the training split first, then ``data.fraction`` of the rest; a
+    dataset's own validation split (``own_val``: an image folder's val/) is taken as it is."""
+    val_x, val_y = own_val if own_val is not None else (None, None)
+    if data_spec.val_fraction > 0 and own_val is None:
+        rest, held = validation_split(y, data_spec.val_fraction, seed)
+        val_x, val_y, x, y = x[held].contiguous(), y[held], x[rest], y[rest]
+    if data_spec.fraction < 1.0:
+        keep = (class_balanced_subset(y, data_spec.fraction, seed) if y.dim() == 1
+                else random_subset(len(y), data_spec.fraction, seed))
+        x, y = x[keep], y[keep]
+    return x, y, val_x, val_y
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -286,6 +311,33 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
         k = max(1, round(fraction * len(idx)))
         keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(keep).sort().values
+
+
+VAL_SEED_OFFSET = 7_919  # the validation split's draw is not the one data.fraction's subset makes
+
+
+def validation_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices), both sorted, disjoint, covering every sample:
+    ``round(val_fraction * n_c)`` samples of every class c (at least 1, and at least 1 left for
+    training) go to validation, drawn from ``seed``; per-pixel labels (no class per sample):
+    ``round(val_fraction * n)`` of all samples."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed + VAL_SEED_OFFSET)
+    groups = ([torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist()]
+              if labels.dim() == 1 else [torch.arange(len(labels))])
+    held = []
+    for idx in groups:
+        if len(idx) < 2:
+            cls = f"class {int(labels[idx[0]])}" if labels.dim() == 1 else "the training split"
+            raise DataError(f"data.val_fraction: {cls} has {len(idx)} training sample, none to hold out for "
+                            "validation; set data.val_fraction: 0")
+        k = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    val = torch.cat(held).sort().values
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[val] = False
+    return torch.nonzero(rest).flatten(), val
 
 
 def random_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
@@ -448,7 +500,7 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
     (data.on_bad_image)."""
     from PIL import Image
 
-    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes, validation=data_spec.val_fraction > 0)
     if data_spec.input_size is not None:
         c, h, w = data_spec.input_size
     else:
@@ -483,7 +535,8 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
         lost = sorted(set(labels.tolist()) - set(ys))  # a class with no readable image cannot be learned or scored
         if lost:
             cls = folder.classes[lost[0]]
-            split = folder.eval_split if files is folder.test_files else "train"
+            split = folder.eval_split if files is folder.test_files else ("val" if files is folder.val_files
+                                                                           else "train")
             named = [f for f, label in zip(files.tolist(), labels.tolist()) if label == lost[0]]
             more = f" (and {len(lost) - 1} more classes)" if len(lost) > 1 else ""
             raise DataError(f"data.root: every image of class {cls!r} in {split}/ is unreadable{more} ({len(named)} "
@@ -493,7 +546,9 @@ def _load_imagefolder(data_spec: DataSpec, seed: int) -> RawSplits:
 
     tr_x, tr_y = read(folder.train_files, folder.train_labels)
     te_x, te_y = read(folder.test_files, folder.test_labels)
-    return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped))
+    va_x, va_y = (None, None) if folder.val_files is None else read(folder.val_files, folder.val_labels)
+    return RawSplits(tr_x, tr_y, te_x, te_y, len(folder.classes), "crop+flip", skipped=tuple(skipped),
+                     val_x=va_x, val_y=va_y)
 
 
 def _load_torchvision(data_spec: DataSpec, seed: int) -> RawSplits:
@@ -800,10 +855,21 @@ class Data:
     std: tuple[float, ...]
     stats: str
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable files seen by the in-memory path
+    val: DeviceLoader | StreamLoader | None = None  # held out of train (data.val_fraction), or None
+
+    @property
+    def eval_split(self) -> str:
+        """What evaluation during training (and the best checkpoint) reads: "val" or "test"."""
+        return "test" if self.val is None else "val"
+
+    @property
+    def eval_loader(self) -> DeviceLoader | StreamLoader:
+        """The validation split where there is one, else the test split."""
+        return self.test if self.val is None else self.val
 
     def bad_images(self) -> dict[str, str]:
         bad = dict(self.skipped)
-        for loader in (self.train, self.test):
+        for loader in (self.train, self.test, self.val):
             if isinstance(loader, StreamLoader):
                 bad.update(loader.bad)
         return bad
@@ -850,17 +916,33 @@ def build_data(spec: Spec, plan: DataPlan, device: torch.device, dist_info: Any,
         norm = (tuple(255 * m for m in plan.mean), tuple(255 * s for s in plan.std)) if plan.mean else None
         train, _, ds = build_loaders(d, spec.seed, device, dist_info.rank, dist_info.world_size, norm=norm,
                                      channels_last=channels_last)
-        test = DeviceLoader(ds.test_x, ds.test_y, d.test_batch_size or d.batch_size, shuffle=False,
-                            device=device, norm=ds.norm, channels_last=channels_last)
+        test, val = (None if x is None else DeviceLoader(x, y, d.test_batch_size or d.batch_size, shuffle=False,
+                                                         device=device, norm=ds.norm, channels_last=channels_last)
+                     for x, y in ((ds.test_x, ds.test_y), (ds.val_x, ds.val_y)))
         scale = ds.pixel_max  # 0..1 pixel units for every dataset (digits: 0..16, others 0..255)
         return Data(plan, train, test, ds.num_classes, tuple(m / scale for m in ds.mean),
-                    tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped})
+                    tuple(s / scale for s in ds.std), plan.stats, {f: "unreadable" for f in ds.skipped}, val)
     num_workers = resolve_workers(spec.runtime.num_workers, device)  # checked before any image is decoded
-    folder = scan_imagefolder(d.root, d.num_classes)
+    folder = scan_imagefolder(d.root, d.num_classes, validation=d.val_fraction > 0)
     check_classes_readable(folder)
-    keep = None
+    own = folder.val_files is not None  # val/ is the validation split: nothing is held out of train/
+    keep, held = _streamed_hold_out(d, torch.from_numpy(folder.train_labels), spec.seed, own)
+    val = (folder.val_files, folder.val_labels) if own else \
+        None if held is None else (folder.train_files[held], folder.train_labels[held])
+    train, test, val, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info,
+                                                        channels_last, val)
+    return Data(plan, train, test, len(folder.classes), mean, std, stats, val=val)
+
+
+def _streamed_hold_out(d: DataSpec, labels: torch.Tensor, seed: int, own_val: bool
+                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(training files kept, validation files) of an image folder as indices into train/, as
+    ``_hold_out`` chooses them in memory (None: all of train/; none held out)."""
+    rest = held = None
+    if d.val_fraction > 0 and not own_val:
+        rest, held = validation_split(labels, d.val_fraction, seed)
+    keep = rest
     if d.fraction < 1.0:
-        keep = class_balanced_subset(torch.from_numpy(folder.train_labels), d.fraction, spec.seed).numpy()
-    train, test, mean, std, stats = stream_loaders(spec, plan, folder, keep, num_workers, device, dist_info,
-                                                   channels_last)
-    return Data(plan, train, test, len(folder.classes), mean, std, stats)
+        sub = class_balanced_subset(labels if rest is None else labels[rest], d.fraction, seed)
+        keep = sub if rest is None else rest[sub]
+    return (None if keep is None else keep.numpy()), (None if held is None else held.numpy())

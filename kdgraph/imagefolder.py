@@ -51,10 +51,12 @@ class ImageFolder:
     train_labels: np.ndarray  # int64
     test_files: np.ndarray
     test_labels: np.ndarray
+    val_files: np.ndarray | None = None  # val/, where a validation split is asked for and test/ is there too
+    val_labels: np.ndarray | None = None
 
     @property
     def num_images(self) -> int:
-        return len(self.train_files) + len(self.test_files)
+        return len(self.train_files) + len(self.test_files) + (0 if self.val_files is None else len(self.val_files))
 
     def first_image_size(self) -> tuple[int, int]:
         """(H, W) of the first training image, read from its header only."""
@@ -73,8 +75,11 @@ class ImageFolder:
                 f"{len(self.test_files):,} {self.eval_split} images")
 
 
-def scan_imagefolder(root: Path | str | None, num_classes: int | None = None) -> ImageFolder:
-    """List and check ``root``; raises DataError naming both sides of any disagreement."""
+def scan_imagefolder(root: Path | str | None, num_classes: int | None = None, validation: bool = False) -> ImageFolder:
+    """List and check ``root``; raises DataError naming both sides of any disagreement. With
+    ``validation`` (data.val_fraction > 0) a root holding both val/ and test/ gives val/ as the
+    validation split and test/ as the test split; otherwise val/ (else test/) is the one split
+    evaluated."""
     if root is None:
         raise DataError("data.root: imagefolder needs a root holding train/<class>/ and val/<class>/ (or test/)")
     root = Path(root)
@@ -85,20 +90,26 @@ def scan_imagefolder(root: Path | str | None, num_classes: int | None = None) ->
     eval_dir = next((root / d for d in EVAL_SPLITS if (root / d).is_dir()), None)
     if not train_dir.is_dir() or eval_dir is None:
         raise DataError(f"data.root: {root} must hold train/<class>/ and val/<class>/ (or test/<class>/)")
-    train_classes, eval_classes = _class_folders(train_dir), _class_folders(eval_dir)
+    val_dir = None
+    if validation and all((root / d).is_dir() for d in EVAL_SPLITS):
+        val_dir, eval_dir = root / "val", root / "test"
+    train_classes = _class_folders(train_dir)
     if not train_classes:
         raise DataError(f"data.root: {train_dir} has no class sub-folders")
-    if train_classes != eval_classes:
-        only_train = sorted(set(train_classes) - set(eval_classes))
-        only_eval = sorted(set(eval_classes) - set(train_classes))
-        raise DataError(f"data.root: train/ and {eval_dir.name}/ hold different classes: only in train/: "
-                        f"{only_train or 'none'}; only in {eval_dir.name}/: {only_eval or 'none'}")
+    for other in (d for d in (eval_dir, val_dir) if d is not None):
+        eval_classes = _class_folders(other)
+        if train_classes != eval_classes:
+            only_train = sorted(set(train_classes) - set(eval_classes))
+            only_eval = sorted(set(eval_classes) - set(train_classes))
+            raise DataError(f"data.root: train/ and {other.name}/ hold different classes: only in train/: "
+                            f"{only_train or 'none'}; only in {other.name}/: {only_eval or 'none'}")
     if num_classes is not None and num_classes != len(train_classes):
         shown = ", ".join(train_classes[:6]) + (", ..." if len(train_classes) > 6 else "")
         raise DataError(f"data.num_classes: the spec says {num_classes}, {train_dir} has {len(train_classes)} "
                         f"class folders ({shown})")
     splits = {}
-    for split_dir, other_dir in ((train_dir, eval_dir), (eval_dir, train_dir)):
+    pairs = ((train_dir, eval_dir), (eval_dir, train_dir)) + (() if val_dir is None else ((val_dir, train_dir),))
+    for split_dir, other_dir in pairs:
         files, labels = [], []
         for label, cls in enumerate(train_classes):
             images = _images(split_dir / cls)
@@ -109,7 +120,9 @@ def scan_imagefolder(root: Path | str | None, num_classes: int | None = None) ->
             labels += [label] * len(images)
         splits[split_dir.name] = (np.array(files), np.array(labels, dtype=np.int64))
     (train_files, train_labels), (test_files, test_labels) = splits["train"], splits[eval_dir.name]
-    return ImageFolder(root, eval_dir.name, tuple(train_classes), train_files, train_labels, test_files, test_labels)
+    val = splits.get("val") if val_dir is not None else (None, None)
+    return ImageFolder(root, eval_dir.name, tuple(train_classes), train_files, train_labels, test_files, test_labels,
+                       *val)
 
 
 def _visible(folder: Path) -> list[os.DirEntry]:
@@ -150,8 +163,11 @@ def check_classes_readable(folder: ImageFolder) -> None:
     it is decoded, as before."""
     from PIL import Image
 
-    for split, files, labels in (("train", folder.train_files, folder.train_labels),
-                                 (folder.eval_split, folder.test_files, folder.test_labels)):
+    splits = [("train", folder.train_files, folder.train_labels),
+              (folder.eval_split, folder.test_files, folder.test_labels)]
+    if folder.val_files is not None:
+        splits.append(("val", folder.val_files, folder.val_labels))
+    for split, files, labels in splits:
         for label, cls in enumerate(folder.classes):
             named = files[labels == label].tolist()
             for path in named:

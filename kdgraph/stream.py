@@ -2,7 +2,7 @@
 (StreamLoader), for folders too large to hold in memory (``kdgraph.data`` holds the others,
 and builds a run's data from the path the compiler's data plan chose).
 
-    stream_loaders(spec, plan, folder, keep, device, dist_info)   the train and test loaders
+    stream_loaders(spec, plan, folder, keep, ...)   the train, test (and validation) loaders
 
 An image folder whose decoded splits (uint8 at input_size) exceed
 ``data.memory_budget_mb`` is streamed (``data.loader`` forces either way): workers
@@ -372,12 +372,15 @@ class StreamLoader:
 
 
 def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.ndarray | None, num_workers: int,
-                   device: torch.device, dist_info: Any, channels_last: bool = False
-                   ) -> tuple[StreamLoader, StreamLoader, tuple[float, ...], tuple[float, ...], str]:
+                   device: torch.device, dist_info: Any, channels_last: bool = False,
+                   val: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[StreamLoader, StreamLoader, StreamLoader | None, tuple[float, ...],
+                              tuple[float, ...], str]:
     """The streamed train loader (the training files ``keep`` selects, all without it;
-    sharded over ranks) and test loader (the whole split) of ``folder``, with the mean, std
-    (0..1 units) and where they came from. ``num_workers``: see ``resolve_workers``;
-    ``channels_last``: the layout of the normalised batches (Normalizer)."""
+    sharded over ranks), test loader (the whole split) and validation loader (``val``'s
+    (files, labels), read as the test split is; None without ``val``) of ``folder``,
+    with the mean, std (0..1 units) and where they came from. ``num_workers``: see
+    ``resolve_workers``; ``channels_last``: the layout of the normalised batches (Normalizer)."""
     d = spec.data
     c = plan.input_size[0]
     mean, std, stats = plan.mean, plan.std, plan.stats
@@ -396,15 +399,20 @@ def stream_loaders(spec: Spec, plan: DataPlan, folder: ImageFolder, keep: np.nda
                              train_transform(plan.input_size, augment, plan.crop_pct, d.crop_scale), seed=spec.seed)
     test_ds = StreamDataset(folder.test_files, folder.test_labels, n_classes, c,
                             eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False), seed=spec.seed)
+    val_ds = None if val is None else StreamDataset(
+        val[0], val[1], n_classes, c,
+        eval_transform(plan.input_size, mean, std, plan.crop_pct, normalize=False), seed=spec.seed)
     normalizer = Normalizer(mean, std, device, channels_last)
     per_rank = len(files) // dist_info.world_size
     train = StreamLoader(train_ds, d.batch_size, shuffle=True, seed=spec.seed, device=device,
                          drop_last=per_rank >= d.batch_size, rank=dist_info.rank,
                          world_size=dist_info.world_size, workers=workers, on_bad_image=d.on_bad_image,
                          normalizer=normalizer)
-    test = StreamLoader(test_ds, d.test_batch_size or d.batch_size, shuffle=False, seed=spec.seed, device=device,
-                        workers=workers, on_bad_image=d.on_bad_image, normalizer=normalizer)
-    return train, test, tuple(mean), tuple(std), stats
+    test, val = (None if ds is None else
+                 StreamLoader(ds, d.test_batch_size or d.batch_size, shuffle=False, seed=spec.seed, device=device,
+                              workers=workers, on_bad_image=d.on_bad_image, normalizer=normalizer)
+                 for ds in (test_ds, val_ds))
+    return train, test, val, tuple(mean), tuple(std), stats
 
 
 def _estimate_stats(folder: ImageFolder, plan: DataPlan, on_bad_image: str):

@@ -71,6 +71,67 @@ def test_fraction_class_balanced_and_seeded():
     assert torch.equal(torch.bincount(full.train_y[tiny]), torch.ones(10, dtype=torch.long))
 
 
+def test_validation_split_class_balanced_disjoint_and_seeded():
+    full = create_dataset(spec(), seed=0)
+    a = create_dataset(spec(val_fraction=0.1), seed=1)
+    b = create_dataset(spec(val_fraction=0.1), seed=1)
+    c = create_dataset(spec(val_fraction=0.1), seed=2)
+    counts = torch.bincount(full.train_y)
+    # independent truth: every class c gives round(0.1 * n_c) samples, the rest stay for training
+    assert torch.equal(torch.bincount(a.val_y), torch.round(counts * 0.1).long())
+    assert torch.equal(torch.bincount(a.train_y), counts - torch.round(counts * 0.1).long())
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x)  # deterministic in the seed
+    assert not torch.equal(a.val_x, c.val_x)
+    assert torch.equal(a.test_x, full.test_x)  # the test split is untouched
+    # disjoint and covering: the two splits are the full training split, each image once
+    rows = lambda x: sorted(map(bytes, x.flatten(1).numpy()))  # noqa: E731
+    assert rows(torch.cat([a.train_x, a.val_x])) == rows(full.train_x)
+    rest, held = data.validation_split(full.train_y, 0.1, seed=1)
+    assert not set(rest.tolist()) & set(held.tolist()) and len(rest) + len(held) == len(full.train_y)
+    assert torch.equal(full.train_x[held], a.val_x)
+    assert a.mean == full.mean and a.std == full.std  # normalised as every run of the dataset is
+    assert full.val_x is None and full.val_y is None  # val_fraction 0: no validation split
+
+
+def test_validation_split_before_fraction():
+    full = create_dataset(spec(), seed=0)
+    both = create_dataset(spec(val_fraction=0.2, fraction=0.5), seed=3)
+    held = torch.round(torch.bincount(full.train_y) * 0.2).long()
+    assert torch.equal(torch.bincount(both.val_y), held)
+    assert torch.equal(torch.bincount(both.train_y), torch.round((torch.bincount(full.train_y) - held) * 0.5).long())
+    assert torch.equal(both.val_x, create_dataset(spec(val_fraction=0.2), seed=3).val_x)  # fraction does not move it
+
+
+def test_validation_split_edges():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    rest, held = data.validation_split(labels, 0.01, seed=0)  # at least one of every class, one left to train
+    assert torch.equal(torch.bincount(labels[held]), torch.ones(3, dtype=torch.long))
+    rest, held = data.validation_split(labels, 0.5, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [2, 1, 2] and torch.bincount(labels[rest]).min() >= 1
+    with pytest.raises(DataError, match="class 1 has 1 training sample"):
+        data.validation_split(torch.tensor([0, 0, 1]), 0.3, seed=0)
+    masks = torch.zeros(20, 4, 4, dtype=torch.long)  # per-pixel labels: a share of all samples
+    rest, held = data.validation_split(masks, 0.25, seed=0)
+    assert len(held) == 5 and len(rest) == 15
+
+
+def test_build_loaders_digits_validation_loader():
+    from types import SimpleNamespace
+
+    from kdgraph.ir import DataPlan
+
+    s = SimpleNamespace(data=spec(val_fraction=0.1, batch_size=64), seed=4)
+    plan = DataPlan("digits", "memory", "digits is held in memory", (1, 8, 8))
+    d = data.build_data(s, plan, torch.device("cpu"), SimpleNamespace(rank=0, world_size=1))
+    ds = create_dataset(spec(val_fraction=0.1), seed=4)
+    assert d.eval_split == "val" and d.eval_loader is d.val and not d.val.shuffle and d.val.augment == "none"
+    assert torch.equal(torch.cat([y for _, y in d.val.epoch(0)]), ds.val_y)
+    assert len(d.test.y) == 360 and len(d.train.y) == len(ds.train_y)
+    plain = data.build_data(SimpleNamespace(data=spec(batch_size=64), seed=4), plan, torch.device("cpu"),
+                            SimpleNamespace(rank=0, world_size=1))
+    assert plain.val is None and plain.eval_split == "test" and plain.eval_loader is plain.test
+
+
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(DataError, match=r"digits.*fashion-mnist.*imagefolder.*synthetic.*torchvision:NAME"):
         create_dataset(spec(dataset="cifar-1000"), seed=0)
@@ -169,6 +230,33 @@ def test_imagefolder(tmp_path):
     assert small.train_x.shape == (6, 1, 5, 6)
     with pytest.raises(DataError, match="train"):
         create_dataset(spec(dataset="imagefolder", root=tmp_path / "nope"), seed=0)
+
+
+def test_imagefolder_val_and_test_folders(tmp_path):
+    """A root holding val/ and test/: with a validation split asked for, val/ is it (nothing is
+    held out of train/) and test/ is the test split; without, val/ is evaluated as before."""
+    from PIL import Image
+
+    for split, n, value in (("train", 4, 10), ("val", 2, 100), ("test", 3, 200)):
+        for k, cls in enumerate(("cat", "dog")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((6, 6), value + 10 * k + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    kw = dict(dataset="imagefolder", root=tmp_path, input_size=(1, 6, 6))
+    plain = create_dataset(spec(**kw), seed=0)
+    assert plain.val_x is None and sorted(plain.test_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111]
+    ds = create_dataset(spec(**kw, val_fraction=0.25), seed=0)
+    assert sorted(ds.val_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111] and ds.val_y.tolist() == [0, 0, 1, 1]
+    assert sorted(ds.test_x[:, 0, 0, 0].tolist()) == [200, 201, 202, 210, 211, 212]
+    assert len(ds.train_y) == 8  # all of train/
+    only_val = tmp_path / "two"
+    only_val.mkdir()
+    for split in ("train", "val"):
+        (tmp_path / split).rename(only_val / split)
+    held = create_dataset(spec(dataset="imagefolder", root=only_val, input_size=(1, 6, 6), val_fraction=0.25), seed=0)
+    assert len(held.val_y) == 2 and len(held.train_y) == 6  # held out of train/: val/ is the test split
+    assert sorted(held.test_x[:, 0, 0, 0].tolist()) == [100, 101, 110, 111]
 
 
 def test_torchvision_missing(tmp_path):

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 EPOCHS = 3
 
 
-def _spec(tmp_path, name):
+def _spec(tmp_path, name, **data):
     spec = tiny_spec(tmp_path / name, "stablekd", recompositions=1, epochs=EPOCHS,
-                     runtime={"checkpoint_every": 3, "log_every": 1})
+                     runtime={"checkpoint_every": 3, "log_every": 1}, data=data)
     return write_spec(spec, tmp_path / f"{name}.yaml")
 
 
@@ -131,3 +131,28 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert res.returncode == 2
     assert "checkpoint" in res.stderr and "Traceback" not in res.stderr + res.stdout
     assert str(tmp_path / "d") in res.stderr.replace("\n", "")
+
+
+def test_validation_split_resumes_exactly_and_guards_its_fraction(tmp_path):
+    """A run with a validation split, killed and resumed, ends as the uninterrupted one (student,
+    losses, validation and test scores); resuming it with another val_fraction is refused."""
+    spec_a, spec_b = _spec(tmp_path, "va", val_fraction=0.2), _spec(tmp_path, "vb", val_fraction=0.2)
+    run = popen_cli("train", str(spec_a), "--quiet")
+    proc = popen_cli("train", str(spec_b), "--quiet")
+    _wait_for_step(proc, tmp_path / "vb", 20)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = write_spec(tiny_spec(tmp_path / "vb", "stablekd", recompositions=1, epochs=EPOCHS,
+                                 runtime={"checkpoint_every": 3, "log_every": 1}, data={"val_fraction": 0.3}),
+                       tmp_path / "vb-other.yaml")  # the same run folder, another validation split
+    refused = run_cli("train", str(other), "--quiet", "--resume")
+    assert refused.returncode == 2 and "val_fraction" in refused.stderr, refused.stderr
+    res = run_cli("train", str(spec_b), "--quiet", "--resume")
+    assert res.returncode == 0, res.stderr
+    out_a = _finish((run, tmp_path / "va"))
+    _assert_same_student(out_a, tmp_path / "vb")
+    assert _losses(out_a) == _losses(tmp_path / "vb")
+    sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("va", "vb"))
+    assert sa["eval_split"] == sb["eval_split"] == "val"
+    assert {k: sa[k] for k in ("student_top1", "student_val_top1", "best_top1", "best_epoch")} == \
+        {k: sb[k] for k in ("student_top1", "student_val_top1", "best_top1", "best_epoch")}

@@ -8,6 +8,7 @@ Every test writes its own tiny folder of PNGs (3 classes x 8 train / 4 val image
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +121,49 @@ def test_resume_refuses_changed_data(tmp_path):
     data.check_resume(state, "last.pt")  # the same data: fine
     with pytest.raises(DataError, match="num_samples 30 then, 24 now"):
         data.check_resume({**state, "num_samples": 30}, "last.pt")
+
+
+def test_validation_split_streamed_as_in_memory(tmp_path):
+    """data.val_fraction on a streamed folder holds out the training files the in-memory path
+    holds out (the same indices of train/), read as the test split is: in order, not augmented."""
+    from kdgraph.compiler import compile_spec
+
+    root = write_folder(tmp_path / "images", train=8)
+    one = SimpleNamespace(rank=0, world_size=1)
+    built = {}
+    for loader in ("stream", "memory"):
+        spec = load_spec(folder_spec(root, tmp_path / loader, workers=0, loader=loader, val_fraction=0.25, fraction=0.5))
+        built[loader] = build_data(spec, compile_spec(spec).data, torch.device("cpu"), one)
+    streamed, held = built["stream"], built["memory"]
+    folder = scan_imagefolder(root)
+    assert streamed.eval_split == "val" and streamed.eval_loader is streamed.val
+    files = [str(f) for f in streamed.val.dataset.files]
+    assert all("/train/" in f for f in files) and not set(files) & {str(f) for f in streamed.train.dataset.files}
+    assert [sum(f"/{c}/" in f for f in files) for c in CLASSES] == [2, 2, 2]  # round(0.25 * 8) a class
+    assert [sum(f"/{c}/" in str(f) for f in streamed.train.dataset.files) for c in CLASSES] == [3, 3, 3]  # half of 6
+    assert len(streamed.test.dataset.files) == len(folder.test_files)
+    labels = torch.cat([y for _, y in streamed.val.epoch(0)])
+    assert torch.equal(labels.cpu(), held.val.y.cpu())  # the same images, in the same order, as in memory
+    assert not streamed.val.shuffle
+
+
+def test_validation_folder_streamed(tmp_path):
+    """A root with val/ and test/ and a validation split asked for: val/ validates, test/ tests,
+    all of train/ trains; `kdgraph plan` says so."""
+    from kdgraph.compiler import compile_spec
+
+    root = write_folder(tmp_path / "images", train=6, val=2)
+    for cls in CLASSES:
+        shutil.copytree(root / "val" / cls, root / "test" / cls)
+    spec = load_spec(folder_spec(root, tmp_path / "out", workers=0, val_fraction=0.1))
+    plan = compile_spec(spec).data
+    assert "val/ is the validation split, test/ is read once at the end" in plan.reason
+    data = build_data(spec, plan, torch.device("cpu"), SimpleNamespace(rank=0, world_size=1))
+    assert data.eval_split == "val" and len(data.train.dataset.files) == 18
+    assert all("/val/" in str(f) for f in data.val.dataset.files) and len(data.val.dataset.files) == 6
+    assert all("/test/" in str(f) for f in data.test.dataset.files) and len(data.test.dataset.files) == 6
+    plain = load_spec(folder_spec(root, tmp_path / "plain", workers=0))
+    assert "val/ is evaluated, test/ is not read" in compile_spec(plain).data.reason
 
 
 # ---------------------------------------------------------------------- batches

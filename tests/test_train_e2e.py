@@ -21,7 +21,7 @@ EPOCH_KEYS = {"time", "kind", "stage", "epoch", "global_step", "student_top1", "
               "images_per_s", "data_wait_share"}
 SUMMARY_KEYS = {"name", "method", "k", "n", "epochs", "student_top1", "student_top5", "best_top1", "best_epoch",
                 "teacher_top1", "teacher_top5", "wall_time_s", "mean_images_per_s", "data_wait_share", "output", "preprocessing",
-                "data", "compile", "finished"}
+                "data", "compile", "finished", "eval_split"}
 RUNTIME = {"device": "cpu", "log_every": 5, "num_threads": None}
 
 
@@ -58,8 +58,9 @@ def _check_outputs(spec, summary, out, terms):
     assert sorted({r["stage"] for r in epochs}) == list(range(len(compile_spec(spec).plan.stages)))
     assert [r["global_step"] for r in steps] == sorted(r["global_step"] for r in steps)
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk) == SUMMARY_KEYS and on_disk["student_top1"] == summary["student_top1"]
-    assert epochs[-1]["student_top1"] == summary["student_top1"]
+    assert set(on_disk) == SUMMARY_KEYS | ({"student_val_top1", "student_val_top5"} if spec.data.val_fraction else set()) \
+        and on_disk["student_top1"] == summary["student_top1"]
+    assert epochs[-1]["student_top1"] == summary.get("student_val_top1", summary["student_top1"])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert load_file(str(out / "student.safetensors"))
 
@@ -84,3 +85,46 @@ def test_method_learns_digits(teacher, tmp_path, method, terms):
     if method != "supervised":
         assert summary["teacher_top1"] > 85.0
     _check_outputs(spec, summary, tmp_path / method, terms)
+
+
+def _accuracy_of(path, spec, x, y):
+    """Top-1 % of the exported student ``path`` on raw images ``x`` (labels ``y``), normalised
+    and run here, apart from the loop's evaluation."""
+    import torch
+
+    from kdgraph.data import create_dataset
+    from kdgraph.runtime.export import load_student
+
+    student = load_student(compile_spec(spec), path).eval()
+    ds = create_dataset(spec.data, spec.seed)
+    with torch.no_grad():
+        pred = torch.cat([student(ds.normalize(xb)).argmax(1) for xb in x.split(128)])
+    return 100.0 * (pred == y).float().mean().item()
+
+
+def test_validation_split_chooses_the_best_and_the_test_split_is_read_once(teacher, tmp_path):
+    import torch
+
+    from kdgraph.data import create_dataset
+
+    spec = load_spec(tiny_spec(tmp_path / "val", "kd", teacher_checkpoint=teacher, epochs=3, fraction=1.0,
+                               batch_size=64, data={"val_fraction": 0.2}, runtime=RUNTIME))
+    summary = train_here(spec)
+    ds = create_dataset(spec.data, spec.seed)
+    counts = torch.bincount(create_dataset(spec.data.model_copy(update={"val_fraction": 0.0}), spec.seed).train_y)
+    assert summary["eval_split"] == "val" and torch.equal(torch.bincount(ds.val_y), torch.round(counts * 0.2).long())
+    out = tmp_path / "val"
+    # independent truth: the exported students scored here on each split
+    assert summary["student_val_top1"] == pytest.approx(_accuracy_of(out / "student.safetensors", spec, ds.val_x,
+                                                                     ds.val_y), abs=1e-3)
+    assert summary["student_top1"] == pytest.approx(_accuracy_of(out / "student.safetensors", spec, ds.test_x,
+                                                                 ds.test_y), abs=1e-3)
+    assert summary["best_top1"] == pytest.approx(_accuracy_of(out / "best.safetensors", spec, ds.val_x, ds.val_y),
+                                                 abs=1e-3)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert max(r["student_top1"] for r in epochs) == summary["best_top1"]  # chosen on validation
+    assert epochs[-1]["student_top1"] == summary["student_val_top1"]
+    # the teacher on the test split, as the run that trained it scored it there
+    assert summary["teacher_top1"] == json.loads((teacher.parent / "summary.json").read_text())["student_top1"]
+    _check_outputs(spec, summary, out, [{"ce", "kl"}])

@@ -28,7 +28,7 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
     if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):
         return DataPlan("imagefolder", data_spec.loader, f"{data_spec.root} does not exist yet: chosen when it does",
                         input_size, None, None, None, **_normalisation(data_spec, teacher, student, input_size[0]))
-    folder = scan_imagefolder(data_spec.root, data_spec.num_classes)
+    folder = scan_imagefolder(data_spec.root, data_spec.num_classes, validation=data_spec.val_fraction > 0)
     c, h, w = input_size
     if c not in (1, 3):
         raise DataError(f"data.input_size: imagefolder reads 1 (grey) or 3 (RGB) channels, got {c}")
@@ -43,6 +43,8 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
         loader, reason = data_spec.loader, f"data.loader: {data_spec.loader}, {size}"
     if folder.eval_split == "val" and (Path(folder.root) / "test").is_dir():
         reason += "; val/ is evaluated, test/ is not read"
+    elif folder.val_files is not None:
+        reason += "; val/ is the validation split, test/ is read once at the end"
     return DataPlan("imagefolder", loader, reason, input_size, len(folder.train_files), len(folder.test_files),
                     round(mb, 1), num_classes=len(folder.classes), **_normalisation(data_spec, teacher, student, c))
 

@@ -268,7 +268,7 @@ class Trainer:
         # a sharded teacher runs on every rank at once (each gathers the others' shards): every
         # rank evaluates it on the whole test split, the main rank reports
         if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
-            self.teacher_acc = acc = self.score(teacher)
+            self.teacher_acc = acc = self.score(teacher, self.data.test)
         if self.main and teacher is not None and acc is not None:
             reporter.note(f"teacher denoising MSE {acc['mse']:.5f}" if "mse" in acc else
                           f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
@@ -532,31 +532,31 @@ class Trainer:
             m.momentum = momentum
         self.distiller.train(was)
 
-    def evaluate(self) -> dict[str, float]:
-        """{'top1', 'top5'} of the composed student on the test split (BatchNorm re-estimated
-        first where ``bn_recalibrate`` says so)."""
+    def evaluate(self, loader=None) -> dict[str, float]:
+        """{'top1', 'top5'} of the composed student on ``loader`` (default: the validation split where
+        there is one, else the test split; BatchNorm re-estimated first where ``bn_recalibrate`` says so)."""
         setting = self.config.bn_recalibrate
         if setting is True or (setting == "auto" and len(self.distiller.groups) > 1):
             self.recalibrate_bn()
         was = self.distiller.training
         self.distiller.eval()
         try:
-            return self.score(lambda x, *side: self.distiller.inference(x, side))
+            return self.score(lambda x, *side: self.distiller.inference(x, side), loader)
         finally:
             self.distiller.train(was)
 
-    def score(self, forward) -> dict[str, float]:
-        """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
+    def score(self, forward, loader=None) -> dict[str, float]:
+        """``forward`` on ``loader`` (as ``evaluate``): top-1 and top-5 (and mIoU for a per-pixel task); a
         denoiser's MSE to the true noise (the velocity, with denoise.prediction: v) at each test
         image's fixed (t, ε)."""
-        cfg = self.config
+        cfg, loader = self.config, self.data.eval_loader if loader is None else loader  # validation, else test
         if self.task is None:
-            return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
+            return accuracy(forward, loader, self.device, cfg.precision, cfg.channels_last)
 
         def run(x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
             with autocast(cfg.precision, self.device):
                 return forward(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x, *side)
-        return denoise_mse(run, self.data.test, self.task)
+        return denoise_mse(run, loader, self.task)
 
     # --------------------------------------------------------------------- checkpoints
 
@@ -639,6 +639,8 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
+        # with a validation split, the test split is evaluated here, once
+        self.test_acc = self.evaluate(self.data.test) if self.main and self.data.val is not None else None
         samples = self.write_samples() if self.main else self.sample_sharded_teacher()
         summary = self.summary() | samples
         if self.main:
@@ -707,8 +709,9 @@ class Trainer:
         s, t, h = self.student_acc, self.teacher_acc, self.history
         return {
             "name": self.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
-            "epochs": self.plan.epochs,
-            **_scores("student", s),
+            "epochs": self.plan.epochs, "eval_split": self.data.eval_split,
+            **(_scores("student", s) if self.test_acc is None else  # student_*: the test split's
+               _scores("student", self.test_acc) | _scores("student_val", s)),
             "best_top1": h.get("best_top1"),
             **({"best_mse": h["best_mse"]} if "best_mse" in h else {}),
             "best_epoch": h.get("best_epoch"),

@@ -329,7 +329,14 @@ class DataSpec(_Strict):
     test_batch_size: Int | None = Field(
         default=None, ge=1, le=MAX_BATCH_SIZE, description="Evaluation batch size (None: the training batch size)."
     )
-    fraction: Float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of the training set used, in (0, 1].")
+    fraction: Float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of the training set used, in (0, 1] "
+                            "(of what val_fraction leaves).")
+    val_fraction: Float = Field(
+        default=0.0, ge=0.0, le=0.5,
+        description="Share of each class of the training split held out (chosen by seed, before fraction) as a "
+        "validation split: evaluation during training and the best checkpoint read it, the test split is "
+        "evaluated once at the end (0: no validation split; evaluation reads the test split).",
+    )
     samples: Int = Field(default=2048, ge=1, le=MAX_SAMPLES, description="Number of samples of the synthetic dataset.")
     num_classes: Int | None = Field(
         default=None, ge=2, le=MAX_CLASSES, description="Number of classes (None: from the dataset; required for synthetic data of a custom size)."

@@ -1,0 +1,118 @@
+"""The recipe evidence of issue 38, run with `kdgraph sweep`'s library (kdgraph.sweep): every
+learning rate chosen on the validation split with seed 0, every number reported on the test
+split with fresh seeds 1-3, and controls that separate StableKD's parts.
+
+Pair and data: bench/evidence-w8.yaml (ResNet-34 -> ResNet-18 at width/8, Fashion-MNIST 32 px,
+20 % of what a 10 % validation split leaves, crop+flip, 15 epochs); the teacher:
+bench/evidence-w8-teacher.yaml, trained first (it never sees seed 0's validation split).
+
+Arms (overrides of the base spec; lr grids of 3 points, extended by up to 2 points a side
+while the choice sits at an edge: every grid ends bracketed or flagged):
+  kd                 CE + KL at T 4, OneCycle
+  stablekd-5/2       StableKD, 2 recompositions, kd's KL (T 4) as head loss, stage_cyclic
+  kd+mse             control: kd + block-end feature MSE, at kd's chosen lr
+  kd-cyclic          control: kd on stage_cyclic at stablekd-5/2's chosen lr
+  dist               CE + DIST (beta 1, gamma 1, tau 1), OneCycle
+  stablekd-5/2+dist  StableKD-5/2 with DIST as head loss, stage_cyclic (swept, unlike before)
+  dkd                CE + DKD (alpha 1, beta 8, T 4, warm-up 1/12 of the epochs), OneCycle
+  kd+ls              CE + 9 KL of Z-scored logits at T 2, OneCycle
+Waves (most informative first): kd and stablekd-5/2 (selection, then seeds 1-3), the two
+controls, then the other recipes. One cell at a time, one torch thread.
+
+    python bench/evidence.py --dry-run      # the arms' specs validated, the cell count; trains nothing
+    nohup python bench/evidence.py > /work/grid/evidence-w8.log 2>&1 &   # run / resume the grid
+    python bench/evidence.py --report       # the report of what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kdgraph.errors import KDGraphError
+from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable
+
+HERE = Path(__file__).resolve().parent
+SPEC = HERE / "evidence-w8.yaml"
+TEACHER_SPEC = HERE / "evidence-w8-teacher.yaml"
+ONECYCLE = ("0.05", "0.1", "0.2")
+CYCLIC = ("0.5", "1", "2")  # stage_cyclic peaks halve each stage; StableKD's best was 1.0, the top of 0.25-1
+LR = "optim.lr"
+
+KD = ("schedule.method=kd", "optim.lr_schedule=onecycle", "loss.temperature=4")
+STABLEKD = ("schedule.method=stablekd", "schedule.recompositions=2", "optim.lr_schedule=stage_cyclic")
+DIST = ("loss.logit=dist", "loss.temperature=1", "loss.dist_beta=1", "loss.dist_gamma=1")
+ARMS = [
+    Arm("kd", KD, ((LR, ONECYCLE),)),
+    Arm("stablekd-5/2", (*STABLEKD, "loss.temperature=4"), ((LR, CYCLIC),)),
+    Arm("kd+mse", ("schedule.method=kd+mse", "optim.lr_schedule=onecycle", "loss.temperature=4"), follow="kd"),
+    Arm("kd-cyclic", ("schedule.method=kd", "optim.lr_schedule=stage_cyclic", "loss.temperature=4"),
+        follow="stablekd-5/2"),
+    Arm("dist", ("schedule.method=kd", "optim.lr_schedule=onecycle", *DIST), ((LR, ("0.1", "0.2", "0.4")),)),
+    Arm("stablekd-5/2+dist", (*STABLEKD, *DIST), ((LR, CYCLIC),)),
+    Arm("dkd", ("schedule.method=kd", "optim.lr_schedule=onecycle", "loss.logit=dkd", "loss.temperature=4",
+                "loss.dkd_alpha=1", "loss.dkd_beta=8", "loss.dkd_warmup_epochs=1.25"), ((LR, ONECYCLE),)),
+    Arm("kd+ls", ("schedule.method=kd", "optim.lr_schedule=onecycle", "loss.logit=kl", "loss.standardize=true",
+                  "loss.temperature=2", "loss.kl_weight=9"), ((LR, ONECYCLE),)),
+]
+WAVES = [["kd", "stablekd-5/2"], ["kd+mse", "kd-cyclic"], ["dist", "stablekd-5/2+dist", "dkd", "kd+ls"]]
+
+
+def log(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+
+def build(args) -> Sweep:
+    work = Path(args.work)
+    common = (f"teacher.checkpoint={work / 'teacher' / 'student.safetensors'}",)
+    return Sweep(SPEC, ARMS, (0,), (1, 2, 3), Path(args.results), work, baseline="kd", common=common,
+                 extend=2, waves=WAVES, jobs=1, log=log)
+
+
+def teacher(args, results: Path) -> None:
+    """Train the teacher (resumable), once; its row ("key": "teacher") in the results file."""
+    if "teacher" in load_rows(results):
+        return
+    log("training the teacher")
+    t0 = time.perf_counter()
+    got = train_resumable(TEACHER_SPEC, [f"output={Path(args.work) / 'teacher'}"])
+    s = got["summary"]
+    row = {"key": "teacher", "arm": "teacher", "test_top1": s["student_top1"], "val_top1": s.get("student_val_top1"),
+           "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1), "output": s["output"]}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    append_row(results, row)
+    log(f"teacher: test top-1 {row['test_top1']:.2f} %")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/work/grid/evidence-w8", help="cells' folders (outside any worktree)")
+    p.add_argument("--results", default="/work/grid/evidence-w8.jsonl")
+    p.add_argument("--report", action="store_true", help="print the report of what has finished")
+    p.add_argument("--dry-run", action="store_true", help="validate every arm's spec and count the cells")
+    args = p.parse_args()
+    sweep = build(args)
+    try:
+        if args.dry_run:
+            sweep.check()
+            print(f"{len(ARMS)} arms, {sweep.count()} cells as given (+ up to 4 per swept arm where a grid "
+                  "grows) + the teacher; specs valid")
+            return
+        if not args.report:
+            teacher(args, Path(args.results))
+            sweep.run()
+    except KDGraphError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kdgraph.sweep): the running cell has checkpointed
+        log("stopped; the same command resumes the grid")
+        sys.exit(130)
+    rows = load_rows(Path(args.results))
+    if "teacher" in rows:
+        print(f"teacher ResNet-34/8: test top-1 {rows['teacher']['test_top1']:.2f} %")
+    print(format_report(sweep_report(sweep, rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench/evidence.py, the issue-38 grid, without training: every arm's spec is valid and has a
+validation split, the waves put KD and StableKD-5/2 first and the controls next, the controls
+train at the arms they name, and the selection/report seeds are 0 and 1-3."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+evidence = pytest.importorskip("evidence")
+
+
+def test_grid_definition(tmp_path):
+    from kdgraph.spec import load_spec
+
+    sweep = evidence.build(argparse.Namespace(work=str(tmp_path / "w"), results=str(tmp_path / "r.jsonl")))
+    sweep.check()  # every arm loads, with data.val_fraction > 0
+    assert sweep.seeds == (0,) and sweep.report_seeds == (1, 2, 3) and sweep.baseline == "kd" and sweep.jobs == 1
+    assert sweep.waves[0] == ["kd", "stablekd-5/2"] and sweep.waves[1] == ["kd+mse", "kd-cyclic"]
+    arms = {a.name: a for a in sweep.arms}
+    assert arms["kd+mse"].follow == "kd" and arms["kd-cyclic"].follow == "stablekd-5/2"
+    assert sweep.count() == 6 * 3 + 8 * 3  # 6 swept arms x 3 lrs on seed 0, 8 arms x seeds 1-3
+    teacher = f"teacher.checkpoint={tmp_path / 'w' / 'teacher' / 'student.safetensors'}"
+    specs = {}
+    for name, arm in arms.items():
+        target = arms[arm.follow] if arm.follow else arm
+        cell = sweep.cell(arm, ((evidence.LR, target.grid[0][1][1]),), 1)
+        assert cell.overrides[0] == teacher
+        specs[name] = load_spec(evidence.SPEC, [*cell.overrides, "seed=1"])
+    assert {n: s.schedule.method for n, s in specs.items()} == {
+        "kd": "kd", "stablekd-5/2": "stablekd", "kd+mse": "kd+mse", "kd-cyclic": "kd", "dist": "kd",
+        "stablekd-5/2+dist": "stablekd", "dkd": "kd", "kd+ls": "kd"}
+    assert specs["kd-cyclic"].optim.lr_schedule == specs["stablekd-5/2"].optim.lr_schedule == "stage_cyclic"
+    assert specs["kd-cyclic"].loss.temperature == specs["kd"].loss.temperature == 4.0
+    assert specs["stablekd-5/2+dist"].loss.logit == "dist" and specs["stablekd-5/2+dist"].schedule.recompositions == 2
+    for s in specs.values():
+        assert s.data.val_fraction == 0.1 and s.data.fraction == 0.2 and s.data.augment == "crop+flip"
+        assert s.runtime.num_threads == 1 and s.schedule.epochs == 15
+    t = load_spec(evidence.TEACHER_SPEC)
+    assert t.data.val_fraction == 0.1 and t.seed == 0 and t.teacher is None  # never trains on seed 0's val split
