@@ -236,7 +236,7 @@ def reference_markdown(specs_dir: Path | None = None) -> str:
              f"Every field of a kdgraph spec ({count} fields in {len(sections)} sections), generated from "
              "the pydantic models in `kdgraph/spec/schema.py`. Examples are taken from the specs shipped in "
              "`specs/` where one sets the field. Editors read the same schema as JSON: `kdgraph schema` writes "
-             "it, and [`spec.schema.json`](spec.schema.json) is the committed copy that the shipped specs name "
+             "it, and [`spec.schema.json`](../spec.schema.json) is the committed copy that the shipped specs name "
              "on their first line.", ""]
     for prefix, group in sections.items():
         model = group[0][1]
