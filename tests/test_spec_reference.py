@@ -182,7 +182,7 @@ def test_reference_lists_every_field_once():
 
 def _row(page: str, path: str, key: str) -> str:
     block = page.split(f"### `{path}`\n", 1)[1].split("\n### ", 1)[0]
-    return re.search(rf"^\| {key} \| (.*) \|$", block, flags=re.M).group(1)
+    return re.search(rf"^- {key}: (.*)$", block, flags=re.M).group(1)
 
 
 def test_reference_rows_say_what_pydantic_says():
@@ -197,6 +197,8 @@ def test_reference_rows_say_what_pydantic_says():
     for path in ("name", "data.batch_size", "optim.lr", "runtime.device", "teacher.model"):
         assert _row(page, path, "type") and _row(page, path, "example").startswith("`")
     assert Spec.model_fields["seed"].description in page
+    # '<' outside code is escaped, so that runs/<name> is shown, not read as an HTML tag
+    assert "outputs go to runs/&lt;name&gt;" not in page and "outputs go to runs/&lt;name>" in page
 
 
 def test_reference_examples_come_from_shipped_specs():

@@ -11,6 +11,7 @@ JSON Schema cannot express (``validator_rules()``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,11 @@ def _example(path: str, prop: dict[str, Any], shipped: list[tuple[str, Any]]) ->
     return f"`{leaf}: {json.dumps(prop.get('default'), ensure_ascii=False)}` (the default)"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _text(text: str) -> str:
+    """Markdown that shows ``text`` as written: a tag-like '<' outside code spans escaped (``runs/<name>``
+    would otherwise be read as an HTML tag and vanish), one line."""
+    parts = text.replace("\n", " ").split("`")
+    return "`".join(part if i % 2 else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", part) for i, part in enumerate(parts))
 
 
 def _field_block(path: str, prop: dict[str, Any], required: bool, shipped: list[tuple[str, Any]]) -> list[str]:
@@ -191,9 +195,8 @@ def _field_block(path: str, prop: dict[str, Any], required: bool, shipped: list[
         "a section of defaults (below)" if "default" not in prop else f"`{json.dumps(prop['default'], ensure_ascii=False)}`")
     rows = [("type", _type(prop)), ("default", default), ("bounds", _bounds(prop) or "none"),
             ("example", _example(path, prop, shipped))]
-    return [f"### `{path}`", "", "| | |", "|---|---|",
-            *(f"| {key} | {_cell(value)} |" for key, value in rows), "",
-            prop.get("description", "(no description)"), ""]
+    return [f"### `{path}`", "", _text(prop.get("description", "(no description)")), "",
+            *(f"- {key}: {_text(value)}" for key, value in rows), ""]
 
 
 def validator_rules() -> list[tuple[str, str, str]]:
@@ -242,13 +245,13 @@ def reference_markdown(specs_dir: Path | None = None) -> str:
         model = group[0][1]
         title = f"`{prefix}` ({model})" if prefix else "Top level (Spec)"
         description = (schema if not prefix else schema["$defs"][model]).get("description", "")
-        lines += [f"## {title}", "", description, ""]
+        lines += [f"## {title}", "", _text(description), ""]
         for path, _, prop, required in group:
             lines += _field_block(path, prop, required, shipped)
     lines += ["## Rules across fields", "",
               "kdgraph checks these when it loads a spec (`kdgraph plan` shows their errors); the JSON Schema "
               "cannot express them, so an editor does not flag them:", ""]
-    lines += [f"- **{model}** `{name}`: {_cell(doc)}" for model, name, doc in validator_rules()]
+    lines += [f"- **{model}** `{name}`: {_text(doc)}" for model, name, doc in validator_rules()]
     return "\n".join(lines).rstrip() + "\n"
 
 
