@@ -197,6 +197,12 @@ def test_reference_rows_say_what_pydantic_says():
     for path in ("name", "data.batch_size", "optim.lr", "runtime.device", "teacher.model"):
         assert _row(page, path, "type") and _row(page, path, "example").startswith("`")
     assert Spec.model_fields["seed"].description in page
+    # default_factory fields: pydantic's schema leaves their default out; the emitted one has it
+    assert _row(page, "runtime.report_to", "default") == "`[]`"
+    assert _row(page, "student.kwargs", "default") == "`{}`"
+    sections = [p for p in _headings(page) if _row(page, p, "default") == "a section of defaults (below)"]
+    assert sections == [name for name, f in Spec.model_fields.items()
+                        if f.default_factory is not None], "only a section may lack a written default"
     # '<' outside code is escaped, so that runs/<name> is shown, not read as an HTML tag
     assert "outputs go to runs/&lt;name&gt;" not in page and "outputs go to runs/&lt;name>" in page
 

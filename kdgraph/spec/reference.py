@@ -49,9 +49,26 @@ def _standard_bounds(node: Any) -> Any:
     return fixed
 
 
+def _factory_defaults(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with the defaults pydantic leaves out, those of ``default_factory`` fields
+    (``runtime.report_to: []``), written in; a section's (a model's) stays out."""
+    from pydantic import BaseModel
+
+    from kdgraph.spec import schema as models
+
+    for name in ["Spec", *schema.get("$defs", {})]:
+        node = schema if name == "Spec" else schema["$defs"][name]
+        for field, info in getattr(models, name).model_fields.items():
+            if info.default_factory is not None and field in node.get("properties", {}):
+                value = info.default_factory()
+                if not isinstance(value, BaseModel):
+                    node["properties"][field].setdefault("default", value)
+    return schema
+
+
 def json_schema() -> dict[str, Any]:
     """The spec's JSON Schema, with the registries' choices as they are now."""
-    schema = _standard_bounds(Spec.model_json_schema())
+    schema = _factory_defaults(_standard_bounds(Spec.model_json_schema()))
     return {"$schema": DIALECT, "$comment": MARK, **schema, "title": "kdgraph spec"}
 
 
@@ -177,6 +194,8 @@ def _example(path: str, prop: dict[str, Any], shipped: list[tuple[str, Any]]) ->
         if value is not None:
             return f"`{leaf}: {json.dumps(value, ensure_ascii=False)}` (specs/{name})"
     choices = [v for branch in _branches(prop) for v in branch.get("examples", branch.get("enum", []))]
+    choices += [[v] for branch in _branches(prop) if isinstance(branch.get("items"), dict)
+                for v in branch["items"].get("enum", [])]  # a list of choices: one of them
     others = [v for v in choices if v != prop.get("default")]
     if others:
         return f"`{leaf}: {json.dumps(others[0], ensure_ascii=False)}`"
