@@ -176,3 +176,21 @@ def test_report_to_is_validated():
     with pytest.raises(SpecError, match="report_to"):
         load_spec(tiny_spec(runtime={"report_to": ["comet"]}))
     assert load_spec(tiny_spec(runtime={"report_to": ["mlflow", "wandb"]})).runtime.report_to == ["mlflow", "wandb"]
+
+
+def test_report_to_tensorboard_writes_the_scalars_as_log_tensorboard_does(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'kdgraph[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdgraph.runtime.metrics import Metrics
+
+    folder = RunFolder(tmp_path)
+    folder.stored_spec.write_text(json.dumps({"spec": {"name": "x", "runtime": {"report_to": ["tensorboard"]}}}))
+    metrics = Metrics(folder, enabled=True, keep_until_step=None, tensorboard=False)
+    records = [{"kind": "epoch", "global_step": 4, "loss": 0.75}, {"kind": "epoch", "global_step": 8, "loss": 0.5}]
+    for record in records:
+        metrics.write(record)
+    metrics.close()
+    board = EventAccumulator(str(folder.tensorboard))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("epoch/loss")] == [(4, 0.75), (8, 0.5)]
