@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # local disk there); pyproject.toml keeps honest ranges for everyone else.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo bench gpu-wheels gpu-dry clean shakespeare
+.PHONY: install test test-fast docs demo bench gpu-wheels gpu-dry clean shakespeare
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The docs site, built as the suite builds it (warnings are errors) into site/; `mkdocs serve` to browse.
+docs: install
+	$(BIN)/python -m mkdocs build --strict
 
 demo: install
 	test -f runs/quickstart-teacher/student.safetensors || $(BIN)/kdgraph train specs/quickstart-teacher.yaml --quiet --force

@@ -284,6 +284,21 @@ def sweep(spec: SpecArg, grid: Annotated[list[str], typer.Option(
         _fail(exc)
     out.print(sweeps.format_report(sweeps.sweep_report(s)), markup=False, highlight=False, soft_wrap=True)
 
+def schema(out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write the schema to this file (one `kdgraph schema` wrote, or a new one) instead of stdout.")] = None):
+    """Print the spec's JSON Schema, for editors (a spec's first line: # yaml-language-server: $schema=PATH)
+    and validators. Cross-field rules are checked by `kdgraph plan`, not by the schema."""
+    from kdgraph.spec.reference import schema_text, write_json_schema
+
+    if out_file is None:
+        sys.stdout.write(schema_text())
+        return
+    try:
+        written = write_json_schema(out_file)
+    except KDGraphError as exc:
+        _fail(exc)
+    err.print(f"JSON Schema written to {written}", highlight=False, soft_wrap=True)
+
 
 def main() -> None:
     """Entry point of the `kdgraph` script and `python -m kdgraph`."""

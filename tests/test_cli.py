@@ -93,3 +93,41 @@ def test_help(runner, command, word):
     res = runner.invoke(app, [command, "--help"])
     assert res.exit_code == 0, _all(res)
     assert word in res.output
+
+
+# --- kdgraph schema -----------------------------------------------------------------------------
+
+def test_schema_to_stdout_is_the_specs_json_schema(runner):
+    from kdgraph.spec.schema import Spec
+
+    res = runner.invoke(app, ["schema"])
+    assert res.exit_code == 0, _all(res)
+    emitted = json.loads(res.stdout)
+    assert emitted["$schema"].startswith("https://json-schema.org/draft/2020-12")
+    assert set(emitted["properties"]) == set(Spec.model_fields)
+    assert emitted["required"] == ["name", "student"]
+
+
+def test_schema_out_writes_and_rewrites_its_own_file(runner, tmp_path):
+    target = tmp_path / "spec.schema.json"
+    for _ in range(2):  # the second run replaces the file the first one wrote
+        res = runner.invoke(app, ["schema", "--out", str(target)])
+        assert res.exit_code == 0, _all(res)
+        assert json.loads(target.read_text())["title"] == "kdgraph spec"
+    assert json.loads(target.read_text()) == json.loads(runner.invoke(app, ["schema"]).stdout)
+
+
+@pytest.mark.parametrize("content", ['{"title": "my own schema"}', "not json", "[1, 2]"])
+def test_schema_out_leaves_a_file_it_did_not_write(runner, tmp_path, content):
+    target = tmp_path / "schema.json"
+    target.write_text(content)
+    res = runner.invoke(app, ["schema", "--out", str(target)])
+    text = _all(res)
+    assert res.exit_code == 2 and "not written by `kdgraph schema`" in text and "Traceback" not in text, text
+    assert target.read_text() == content
+
+
+def test_schema_out_to_a_folder_is_refused(runner, tmp_path):
+    res = runner.invoke(app, ["schema", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder" in _all(res), _all(res)
+    assert list(tmp_path.iterdir()) == []

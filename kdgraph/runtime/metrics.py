@@ -1,5 +1,5 @@
-"""What a run records as it goes: metrics.jsonl (and TensorBoard scalars), and the time its
-loop waits for data."""
+"""What a run records as it goes: metrics.jsonl (and TensorBoard scalars, and the trackers of
+``runtime.report_to``), and the time its loop waits for data."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ from kdgraph.runtime.runs import RunFolder
 
 class Metrics:
     """metrics.jsonl, appended line by line (main rank only); with ``tensorboard``, every
-    numeric field also as a TensorBoard scalar ``KIND/FIELD`` at the record's global step."""
+    numeric field also as a TensorBoard scalar ``KIND/FIELD`` at the record's global step, and
+    to each tracker of the stored spec's ``runtime.report_to`` (kdgraph.runtime.trackers)."""
 
     def __init__(self, folder: RunFolder, enabled: bool, keep_until_step: int | None, tensorboard: bool = False):
         self.path, self.enabled = folder.metrics, enabled
-        self.board = None
+        self.board, self.trackers = None, []
         if not enabled:
             return
+        from kdgraph.runtime.trackers import open_trackers, reported_to
+
+        tensorboard = tensorboard or "tensorboard" in reported_to(folder)
         lines = []
         if keep_until_step is not None and self.path.exists():  # resume: drop what the checkpoint lost
             lines = [ln for ln in self.path.read_text().splitlines()
@@ -35,6 +39,7 @@ class Metrics:
             # purge_step: a resumed run drops the events the checkpoint did not keep, as metrics.jsonl does
             self.board = SummaryWriter(str(folder.tensorboard),
                                        purge_step=None if keep_until_step is None else keep_until_step + 1)
+        self.trackers = open_trackers(folder, resumed=keep_until_step is not None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -47,10 +52,14 @@ class Metrics:
                         self.board.add_scalar(f"{record['kind']}/{key}", value, record["global_step"])
                 if record["kind"] == "epoch":
                     self.board.flush()
+            for tracker in self.trackers:
+                tracker.log(record)
 
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+        for tracker in self.trackers:
+            tracker.close()
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]

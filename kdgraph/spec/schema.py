@@ -689,6 +689,14 @@ class RuntimeSpec(_Strict):
         default="jsonl", description="metrics.jsonl always; tensorboard: also TensorBoard event files in "
         "OUTPUT/tensorboard (needs the tensorboard package: pip install 'kdgraph[tensorboard]').",
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, max_length=3,
+        description="Trackers that also get the run (as HF Trainer's report_to): the resolved spec and plan "
+        "as parameters and every metrics.jsonl number at its global step. tensorboard (as log: tensorboard); "
+        "mlflow (MLFLOW_TRACKING_URI, else a file store in OUTPUT/mlruns; experiment: the run's name; "
+        "pip install 'kdgraph[mlflow]'); wandb (WANDB_MODE=offline works without an account; files in "
+        "OUTPUT/wandb; pip install 'kdgraph[wandb]').",
+    )
     num_threads: Int | None = Field(default=None, ge=1, le=4096, description="CPU threads for torch (None: torch's default).")
     num_workers: Annotated[Int, Field(ge=0, le=1024)] | Literal["auto"] = Field(
         default="auto", description="Streamed data: DataLoader worker processes that decode and augment "
