@@ -28,7 +28,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid, x0_and_eps
+from kdgraph.tasks.denoise.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid, x0_and_eps
 from kdgraph.ir import SideInput
 from kdgraph.losses import LOSSES, create_loss
 from kdgraph.runtime import loop
@@ -399,7 +399,7 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pai
 # -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
 
 def test_frechet_distance_written_out():
-    from kdgraph.runtime.frechet import frechet_distance
+    from kdgraph.tasks.denoise.frechet import frechet_distance
 
     g = np.random.default_rng(0)
     a = g.normal(size=(200, 1))
@@ -417,7 +417,7 @@ def test_frechet_distance_written_out():
 
 
 def test_judge_features_are_the_classifiers_pooled_features():
-    from kdgraph.runtime.frechet import Judge
+    from kdgraph.tasks.denoise.frechet import Judge
     from kdgraph.zoo import resnet_tiny
 
     torch.manual_seed(0)

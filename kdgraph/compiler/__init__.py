@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from kdgraph.compiler.artifacts import BuildMode, Compiled, ModelArtifacts, Models
-from kdgraph.compiler.blockgraph import block_graph_pass
+from kdgraph.compiler.blockgraph import block_graph_pass, task_of
 from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
@@ -166,7 +166,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
                 if env["pairing"].fallback else ())
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
-                    timings, built.notes + fallback, missing)
+                    timings, built.notes + fallback, missing, task_of(spec, built.student))
 
 
 def check_cache(spec: Spec, plan: Plan, data: DataPlan) -> None:

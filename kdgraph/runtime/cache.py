@@ -40,7 +40,8 @@ from kdgraph.errors import KDGraphError
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
-from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device, shard_teacher
+from kdgraph.runtime.techniques import (autocast, channels_last_tensor, init_distributed, resolve_device,
+                                        shard_teacher)
 from kdgraph.schedules import stage_at
 from kdgraph.teacher_cache import (
     DEFAULT_TOP_K,
@@ -155,7 +156,7 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     weights_sha256 = _weights_sha256(teacher.model)  # in the teacher's dtype, before any sharding
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
-        teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+        teacher.apply_(channels_last_tensor)
     if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
         shard_teacher(teacher, info, device)
     shard = _ShardWriter(teacher, compiled.plan.k, config, mode, top_k, spec.loss.temperature,

@@ -1,6 +1,7 @@
 """Top-1 and top-5 accuracy on a split (one host sync per evaluation).
 
-A per-pixel task ((B, C, H, W) logits, (B, H, W) labels) counts every pixel as a sample:
+A per-pixel task (``per_pixel``: (B, C, H, W) logits, (B, H, W) labels; the dense task says
+so, ``kdgraph.tasks.classify.Dense``) counts every pixel as a sample:
 its top-1 is the pixel accuracy; it also reports ``pixel_acc`` (the same number) and ``miou``
 (the mean over classes present in labels or predictions of intersection / union).
 """
@@ -26,8 +27,9 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def accuracy(forward, loader, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False) -> dict[str, float]:
-    """{'top1': %, 'top5': %} of ``forward`` over every batch of ``loader``."""
+             channels_last: bool = False, per_pixel: bool = False) -> dict[str, float]:
+    """{'top1': %, 'top5': %} of ``forward`` over every batch of ``loader`` (``per_pixel``: also
+    'pixel_acc' and 'miou')."""
     correct = torch.zeros(len(TOPK), dtype=torch.long, device=device)
     total = 0
     confusion = None
@@ -38,7 +40,7 @@ def accuracy(forward, loader, device: torch.device, precision: str = "fp32",
             logits = forward(xb)
         correct += topk_correct(logits, yb)
         total += yb.numel()
-        if logits.dim() == 4:
+        if per_pixel:
             c = logits.shape[1]
             pairs = yb.flatten() * c + logits.argmax(dim=1).flatten()
             counts = torch.bincount(pairs, minlength=c * c).reshape(c, c)

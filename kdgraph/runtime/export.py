@@ -155,7 +155,7 @@ def _diffusers_state(compiled: Compiled, path: Path) -> dict[str, torch.Tensor]:
     spec's ``diffusers:`` student (the U-Net's under ``unet.``), once its config.json is found
     to describe that U-Net: a U-Net of other shapes fails to load, one of other settings
     (activation, norm eps, ...) would load and compute something else."""
-    from kdgraph.diffusers_source import DiffusersUNet
+    from kdgraph.tasks.denoise.diffusers_source import DiffusersUNet
 
     model = compiled.student.model
     if not isinstance(model, DiffusersUNet):

@@ -31,16 +31,13 @@ import torch
 
 from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
-from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, pixel_range, save_grid
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import runs
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
-from kdgraph.runtime.evaluate import accuracy
 from kdgraph.runtime.export import export_student, preprocessing_of
-from kdgraph.runtime.frechet import Judge
 from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.replay import TeacherCache, split_cached
@@ -65,6 +62,7 @@ from kdgraph.runtime.techniques import (
 )
 from kdgraph.schedules import build_lr_scheduler, stage_at
 from kdgraph.stream import StreamLoader, available_cpus
+from kdgraph.tasks.create import create_task, spec_task
 
 if TYPE_CHECKING:
     from kdgraph.ir import TrainingStage
@@ -136,17 +134,9 @@ class Trainer:
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
         # batches come normalised in the step's layout (no separate channels_last copy)
         self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
-        # a denoiser (spec denoise): per-sample timestep and noise, keyed by the sample's index
-        self.task = DenoiseTask.of(spec.denoise, spec.seed) if spec.denoise is not None else None
-        self.denoise = spec.denoise
-        if self.task is not None and isinstance(self.data.train, StreamLoader):
-            raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
-        if self.denoise is not None and self.denoise.judge is not None:
-            Judge.finished_run(self.denoise.judge)  # before training, not after it
-        if self.task is None and self.compiled.num_classes is not None \
-                and self.data.num_classes > self.compiled.num_classes:
-            raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
-                               f"{self.compiled.num_classes}: set student.kwargs.num_classes: {self.data.num_classes}")
+        # what a batch is, the scores and which way "best" points, the reports (kdgraph.tasks)
+        self.task = create_task(spec, self.compiled)
+        self.task.check_data(self.data, spec.data.dataset)
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
         # the stages that replay the teacher's logits read them here, batch by batch
         self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
@@ -270,9 +260,7 @@ class Trainer:
         if teacher is not None and self.teacher_acc is None and (self.main or teacher.sharded):
             self.teacher_acc = acc = self.score(teacher)
         if self.main and teacher is not None and acc is not None:
-            reporter.note(f"teacher denoising MSE {acc['mse']:.5f}" if "mse" in acc else
-                          f"teacher top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
-                          + (f", mIoU {acc['miou']:.2f}%" if "miou" in acc else ""))
+            reporter.note(f"teacher {self.task.describe(acc)}")
 
     def fit_projections(self) -> None:
         """The plan's projection fit (``decompose.adapters: projected``), before stage 0 and once
@@ -280,10 +268,7 @@ class Trainer:
         fit = self.plan.projection_fit
         if fit is None or self.distiller.projections_fitted:
             return
-        batches = self.data.train.epoch(0)
-        if self.task is not None:  # a denoiser's teacher sees epoch 0's noisy images and their side inputs
-            batches = (self.prepare(xb, yb, idx, 0, 0) for xb, yb, idx in self.batches(0))
-        used = self.distiller.fit_projections(batches, fit.batches)
+        used = self.distiller.fit_projections(self.task.fit_batches(self.data.train), fit.batches)
         self.reporter.note(f"projections fitted: PCA of the teacher at block ends {list(fit.blocks)}, {used} batches")
 
     def stage_of(self, epoch: int) -> TrainingStage:
@@ -314,21 +299,13 @@ class Trainer:
         self.end_epoch(meter, stage, epoch)
 
     def batches(self, epoch: int, start: int = 0):
-        """The training batches of ``epoch`` from step ``start``, each with its samples' dataset
-        indices where a denoiser's draws need them (else None)."""
-        if self.task is not None:
-            return self.data.train.epoch_indexed(epoch, start)
-        return ((xb, yb, None) for xb, yb in self.data.train.epoch(epoch, start))
+        """The training batches of ``epoch`` from step ``start``: (x, y, sample indices or None)."""
+        return self.task.batches(self.data.train, epoch, start)
 
     def prepare(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None, epoch: int, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The step's (input, target, side inputs): a denoiser's noisy images, their true noise
-        (velocity, with denoise.prediction: v) and (t,) or (t, y), drawn per sample from (seed,
-        epoch, index) so that a resumed run draws exactly as the uninterrupted one; otherwise the
-        batch (mixed: ``mix``), no side."""
-        if self.task is not None:
-            return self.task.draw(xb, yb, epoch, idx)
-        return (*self.mix(xb, yb, epoch, step), ())
+        """The step's (input, target, side inputs), as the task makes them of the batch."""
+        return self.task.prepare(xb, yb, idx, epoch, step, self.mix)
 
     def mix(self, xb: torch.Tensor, yb: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Consistent teaching (``data.mixup``): the batch mixed once, before the step, so that
@@ -468,7 +445,7 @@ class Trainer:
         acc = self.student_acc
         record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": self.global_step,
                   **{f"train_{k}": round(v.item() / max(meter.steps, 1), 6) for k, v in meter.sums.items()},
-                  **_scores("student", acc),
+                  **_scores("student", acc, self.task.metrics),
                   "epoch_s": round(epoch_s, 3),
                   "images_per_s": round(images / max(epoch_s, 1e-9), 1),
                   "data_wait_share": round(meter.batches.waited / max(epoch_s, 1e-9), 3)}
@@ -478,12 +455,12 @@ class Trainer:
         self.save(epoch + 1, 0)
 
     def evaluate_epoch(self, epoch: int) -> None:
-        """Evaluate the student; a new best top-1 (a denoiser: the lowest MSE) is exported as
+        """Evaluate the student; a new best (the task's ``best_metric``, its way) is exported as
         best.safetensors."""
         self.student_acc = acc = self.evaluate()
-        key, sign = ("best_mse", -1.0) if "mse" in acc else ("best_top1", 1.0)
-        if key not in self.history or sign * acc[key[5:]] > sign * self.history[key]:  # ties keep the earlier epoch
-            self.history.update({key: acc[key[5:]], "best_epoch": epoch + 1})
+        metric = self.task.best_metric
+        if self.task.better(acc, self.history.get(f"best_{metric}")):  # ties keep the earlier epoch
+            self.history.update({f"best_{metric}": acc[metric], "best_epoch": epoch + 1})
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
 
     def warn_if_starved(self, record: dict) -> None:
@@ -523,7 +500,7 @@ class Trainer:
         self.distiller.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for xb, yb, idx in itertools.islice(self.batches(0), self.config.bn_recalibrate_batches):
-                xb, _, side = self.prepare(xb, yb, idx, 0, 0) if self.task is not None else (xb, yb, ())
+                xb, side = self.task.inputs(xb, yb, idx)
                 if self.config.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.precision, self.device):
@@ -546,17 +523,9 @@ class Trainer:
             self.distiller.train(was)
 
     def score(self, forward) -> dict[str, float]:
-        """``forward`` on the test split: top-1 and top-5 (and mIoU for a per-pixel task); a
-        denoiser's MSE to the true noise (the velocity, with denoise.prediction: v) at each test
-        image's fixed (t, ε)."""
+        """``forward`` on the test split, scored by the task."""
         cfg = self.config
-        if self.task is None:
-            return accuracy(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
-
-        def run(x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
-            with autocast(cfg.precision, self.device):
-                return forward(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x, *side)
-        return denoise_mse(run, self.data.test, self.task)
+        return self.task.score(forward, self.data.test, self.device, cfg.precision, cfg.channels_last)
 
     # --------------------------------------------------------------------- checkpoints
 
@@ -590,6 +559,7 @@ class Trainer:
             "teacher_top1": acc and acc.get("top1"),
             "teacher_top5": acc and acc.get("top5"),
             "teacher_mse": acc and acc.get("mse"),
+            "teacher_scores": acc,  # every score of the task's; the three above for older readers
             "history": dict(self.history),
         }, self.folder.last_checkpoint, keep_previous=True)
 
@@ -622,7 +592,9 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.position, self.history = state["position"], state["history"]
         self.global_step, self.wall_before = self.position["global_step"], self.history["wall_s"]
-        if state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
+        if state.get("teacher_scores") is not None:
+            self.teacher_acc = dict(state["teacher_scores"])
+        elif state["teacher_top1"] is not None:  # checkpoints before top-5 have no teacher_top5
             self.teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
         elif state.get("teacher_mse") is not None:
             self.teacher_acc = {"mse": state["teacher_mse"]}
@@ -639,7 +611,7 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluate()
-        samples = self.write_samples() if self.main else self.sample_sharded_teacher()
+        samples = self.task.reports(self) if self.main else self.task.reports_elsewhere(self)
         summary = self.summary() | samples
         if self.main:
             readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
@@ -651,68 +623,16 @@ class Trainer:
             torch.distributed.barrier()
         return summary
 
-    @torch.no_grad()
-    def sample(self, forward, n: int) -> torch.Tensor:
-        """``n`` DDIM samples of ``forward`` (fixed seed and step count: the same model draws the
-        same images), in the data's normalisation; ``forward`` predicts what ``denoise.prediction``
-        says (the teacher as the student)."""
-        return ddim_sample(forward, self.task.schedule, tuple(self.compiled.input_size), n, self.denoise.sample_steps,
-                           self.task.seed, self.data.num_classes if self.task.class_conditional else None,
-                           self.device, pixel_range(self.data.mean, self.data.std), self.task.prediction)
-
-    def write_samples(self) -> dict:
-        """A denoiser's DDIM sample grid (samples.png) and, with a judge (``denoise.judge``), the
-        Fréchet distance of the student's and the teacher's samples to the test split in the
-        judge's feature space, and its accuracy on their classes: {student_fd, ...}."""
-        d = self.denoise
-        n = 0 if d is None else max(d.sample_images, d.judge_samples if d.judge is not None else 0)
-        if not n:
-            return {}
-        was = self.distiller.training
-        self.distiller.eval()
-        try:
-            images = self.sample(lambda x, *side: self.distiller.inference(x, side), n)
-        finally:
-            self.distiller.train(was)
-        if d.sample_images:
-            readable(save_grid(images[:d.sample_images], self.data.mean, self.data.std, self.folder.samples))
-        if d.judge is None:
-            return {}
-        return self.judged(images[:d.judge_samples])
-
-    def sample_sharded_teacher(self) -> dict:
-        """A rank other than the main one: where the main rank's judge samples the teacher and
-        the teacher is sharded, this rank runs the same samples (every rank gathers the others'
-        shards at each module) and drops them; {}."""
-        d, teacher = self.denoise, self.distiller.teacher
-        if d is not None and d.judge is not None and teacher is not None and teacher.sharded:
-            self.sample(teacher, d.judge_samples)
-        return {}
-
-    def judged(self, images: torch.Tensor) -> dict:
-        """The judge's verdict on the student's samples ``images`` and on the teacher's."""
-        judge = Judge.from_run(self.denoise.judge, self.device)
-        m = torch.tensor(self.data.mean, device=self.device).view(1, -1, 1, 1)
-        s = torch.tensor(self.data.std, device=self.device).view(1, -1, 1, 1)
-        to_pixels = lambda x: (x.to(self.device) * s + m).clamp(0, 1)  # noqa: E731
-        real = torch.cat([xb for xb, _ in self.data.test.epoch(0)])[:len(images)]
-        classes = torch.arange(len(images)) % self.data.num_classes if self.task.class_conditional else None
-        out = {f"student_{k}": v for k, v in judge.judge(to_pixels(images), to_pixels(real), classes).items()}
-        if self.distiller.teacher is not None:
-            teacher = self.sample(self.distiller.teacher, len(images))
-            out |= {f"teacher_{k}": v for k, v in judge.judge(to_pixels(teacher), to_pixels(real), classes).items()}
-        return {"judge": judge.name, **out}
-
     def summary(self) -> dict:
         s, t, h = self.student_acc, self.teacher_acc, self.history
         return {
-            "name": self.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
+            "name": self.name, "task": self.task.name, "method": self.plan.method, "k": self.plan.k, "n": self.plan.n,
             "epochs": self.plan.epochs,
-            **_scores("student", s),
+            **_scores("student", s, self.task.metrics),
             "best_top1": h.get("best_top1"),
-            **({"best_mse": h["best_mse"]} if "best_mse" in h else {}),
+            **{key: h[key] for key in (f"best_{self.task.best_metric}",) if key in h and key != "best_top1"},
             "best_epoch": h.get("best_epoch"),
-            **_scores("teacher", t),
+            **_scores("teacher", t, self.task.metrics),
             "wall_time_s": round(h["wall_s"], 2),
             "mean_images_per_s": round(h["images"] / max(h["train_s"], 1e-9), 1),
             "data_wait_share": round(h.get("data_s", 0.0) / max(h["train_s"], 1e-9), 3),
@@ -728,12 +648,12 @@ class Trainer:
         }
 
 
-def _scores(role: str, acc: dict | None) -> dict:
-    """``{role}_top1``/``_top5`` (None before an evaluation) and, where measured, ``_miou`` (a
-    per-pixel task: top-1 is the pixel accuracy) and ``_mse`` (a denoiser: no top-1)."""
+def _scores(role: str, acc: dict | None, metrics: tuple[str, ...]) -> dict:
+    """``{role}_top1``/``_top5`` (None before an evaluation, or for a task without them) and,
+    where measured, the task's other ``metrics``."""
     acc = acc or {}
     out = {f"{role}_top1": acc.get("top1"), f"{role}_top5": acc.get("top5")}
-    return out | {f"{role}_{k}": acc[k] for k in ("miou", "mse") if k in acc}
+    return out | {f"{role}_{k}": acc[k] for k in metrics if k in acc and k not in out}
 
 
 @contextmanager
@@ -792,5 +712,6 @@ def _finished(spec: Spec, resume: bool) -> dict | None:
     if stored is not None and (diff := runs.spec_differences(stored["spec"], spec.to_dict())):
         raise runs.OutputError(f"{spec.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
     summary = json.loads(path.read_text())
+    summary.setdefault("task", spec_task(spec).name)  # summaries before tasks: the spec's (dense reads as classification)
     summary["already_finished"] = True
     return summary
