@@ -85,7 +85,7 @@ LAYERS = (
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render", "kdgraph.tasks.base", "kdgraph.tasks.create",
                                "kdgraph.tasks.classify", "kdgraph.tasks.denoise.task",
-                               "kdgraph.tasks.denoise.frechet")),
+                               "kdgraph.tasks.denoise.frechet", "kdgraph.tasks.denoise.layout")),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),
 )
 
@@ -284,7 +284,7 @@ def test_the_train_flow_returns_to_a_higher_layer_at_most_three_times(tmp_path):
 _ASKS_THE_TASK = [*(f"kdgraph/runtime/{m}.py" for m in ("loop", "commands", "export", "ship", "cache")), "cli"]
 _ONE_TASK = re.compile(r"denois|diffus|ddim|frechet|fréchet|judge", re.I)
 _NAMES_A_TASK = re.compile(r"denois|diffus|ddim|frechet|judge|classif|dense|segment|^mse$|^miou$|^top1$", re.I)
-MAX_TASK_SPECIAL_CASES = 14  # lower it as they go; never raise it
+MAX_TASK_SPECIAL_CASES = 1  # export.py: the class count of a loaded program (its dim 1, where it has one)
 
 
 def _identifiers(node: ast.AST) -> list[str]:

@@ -90,7 +90,7 @@ def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...
     timestep and class drawn per sample); per-pixel labels (B, H, W) on the logits' grid where
     the student predicts per pixel (a U-Net), since synthetic data has one label per image."""
     xb, yb, idx = next(iter(run.batches(0)))
-    if run.task is not None:
+    if run.task.indexed:  # a denoiser: its own batch
         return run.prepare(xb, yb, idx, 0, 0)
     student = run.compiled.student
     if student.dense:

@@ -33,11 +33,12 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
 
     if split not in SPLITS:
         raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    layouts = spec_task(spec).layouts()  # the task's own export layouts, read back as its students
     if checkpoint is not None:
-        file_format(checkpoint, given=True)  # a --checkpoint that is not there: said before anything is built
+        file_format(checkpoint, given=True, layouts=layouts)  # a --checkpoint that is not there: said before anything is built
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
-    student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student).to(device).eval()
+    student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student, layouts).to(device).eval()
     data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
     if split == "test":
         loader, samples = data.test, data.test_samples()
@@ -101,17 +102,18 @@ def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: s
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
-    spec_task(spec).check_export(spec)  # a student its task cannot ship: said before anything is built
+    task_class = spec_task(spec)
+    task_class.check_export(spec)  # a student its task cannot ship: said before anything is built
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     if checkpoint is not None:
-        file_format(checkpoint, given=True)
+        file_format(checkpoint, given=True, layouts=task_class.layouts())
     compiled = compile_spec(_without_teacher_weights(spec), allow_missing_weights=True)
     folder = RunFolder(spec.output_dir)
     path = checkpoint
     if path is None:
         path = folder.student if folder.student.exists() else folder.last_checkpoint
     try:
-        maps = load_trained(compiled, path)
+        maps = load_trained(compiled, path, task_class.layouts())
     except KDGraphError as exc:
         prev = ckpt.previous_of(folder.last_checkpoint)
         if checkpoint is not None or path != folder.last_checkpoint or not prev.is_file():

@@ -108,6 +108,12 @@ class Task:
         return {}
 
     @classmethod
+    def layouts(cls) -> tuple:
+        """The export folders of other libraries' layouts its students ship in
+        (``kdgraph.runtime.ship.FolderLayout``), which eval and export read back."""
+        return ()
+
+    @classmethod
     def check_export(cls, spec: Spec) -> None:
         """Refuse, before anything is built, a student this task cannot ship."""
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime import ship
 from kdgraph.runtime.runs import RunFolder, readable
 from kdgraph.runtime.techniques import autocast
 from kdgraph.stream import StreamLoader
@@ -150,6 +149,12 @@ class Denoise(Task):
     # ------------------------------------------------------------------ export
 
     @classmethod
+    def layouts(cls) -> tuple:
+        from kdgraph.tasks.denoise.layout import DIFFUSERS  # diffusers' layout: read where a run is read back
+
+        return (DIFFUSERS,)
+
+    @classmethod
     def check_export(cls, spec: Spec) -> None:
         if not spec.student.model.startswith("diffusers:"):
             raise KDGraphError("kdgraph export ships a classifier in timm's layout, or a diffusers: denoiser in "
@@ -157,7 +162,9 @@ class Denoise(Task):
                                f"{RunFolder(spec.output_dir).student}, its state_dict, loadable into the student model")
 
     def ship(self, spec: Spec, compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
-        """The trained diffusers student in diffusers' folder layout (``ship.ship_diffusers``)."""
+        """The trained diffusers student in diffusers' folder layout (``layout.ship_diffusers``)."""
+        from kdgraph.tasks.denoise.layout import ship_diffusers
+
         if maps:
             raise KDGraphError(f"{spec.student.model}: the trained student keeps adapters after blocks "
                                f"{', '.join(map(str, sorted(maps)))}, which diffusers' layout cannot hold; distil "
@@ -166,4 +173,4 @@ class Denoise(Task):
         card = {"method": compiled.plan.method, "weights_from": str(path), "command": command,
                 # a scheduler's setting: on record, for the user's scheduler
                 "prediction_type": DIFFUSERS_PREDICTION[self.spec.prediction]}
-        return ship.ship_diffusers(compiled.student.model, to, card)
+        return ship_diffusers(compiled.student.model, to, card)
