@@ -207,9 +207,9 @@ def test_at_most_six_floors_of_imports():
 def test_one_pass_per_compiler_module_in_run_order():
     from kdgraph.compiler import PASSES
 
-    files = [Path(fn.__code__.co_filename) for fn in PASSES]  # PASSES alone holds the order
+    files = [Path(p.fn.__code__.co_filename) for p in PASSES]  # PASSES alone holds the order
     assert len(set(files)) == len(files) and all(f.parent.name == "compiler" for f in files)
-    for number, fn in enumerate(PASSES, start=1):
+    for number, fn in enumerate((p.fn for p in PASSES), start=1):
         module_doc = ast.get_docstring(ast.parse(Path(fn.__code__.co_filename).read_text())) or ""
         assert module_doc.startswith(f"Pass {number}: "), (fn.__module__, module_doc[:40])
 

@@ -149,7 +149,7 @@ def test_channels_last_changes_no_value_on_swin(tmp_path, method):
 def test_weight_decay_spares_norms_biases_and_tokens_as_timm_does(tmp_path, opt_out):
     """One SGD step on a zero loss: decayed parameters shrink by lr*wd*p exactly; norms,
     biases and the ViT student's no_weight_decay() tokens stay put (unless opted out)."""
-    from kdgraph.runtime.loop import optimizer_params
+    from kdgraph.runtime.steps import optimizer_params
     from kdgraph.runtime.techniques import build_optimizer
 
     spec = load_spec(tiny_spec(tmp_path / "run", "supervised", blocks=1, student="timm:vit_tiny_patch16_224",

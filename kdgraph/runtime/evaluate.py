@@ -1,4 +1,4 @@
-"""Top-1 and top-5 accuracy on a split (one host sync per evaluation).
+"""Top-1 and top-5 accuracy on a split (one host sync per evaluation), and a run's ``Evaluator``.
 
 A per-pixel task (``per_pixel``: (B, C, H, W) logits, (B, H, W) labels; the dense task says
 so, ``kdgraph.tasks.classify.Dense``) counts every pixel as a sample:
@@ -7,6 +7,8 @@ its top-1 is the pixel accuracy; it also reports ``pixel_acc`` (the same number)
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -59,3 +61,65 @@ def mean_iou(confusion: torch.Tensor) -> float:
     union = confusion.sum(0) + confusion.sum(1) - inter
     seen = union > 0
     return 100.0 * float((inter[seen] / union[seen]).mean()) if bool(seen.any()) else 0.0
+
+
+class Evaluator:
+    """A run's evaluation of the composed student on the test split, scored by its task, with
+    the BatchNorm statistics of its inference path re-estimated first where ``bn_recalibrate``
+    says so (``recalibrate_bn``)."""
+
+    def __init__(self, distiller, task, data, config):
+        self.distiller, self.task, self.data, self.config = distiller, task, data, config
+        self.bn_recalibrated_at: int | None = None  # the global step of the last BatchNorm re-estimate
+
+    def evaluate(self, global_step: int) -> dict[str, float]:
+        """The task's scores of the composed student (BatchNorm re-estimated first where due)."""
+        setting = self.config.bn_recalibrate
+        if setting is True or (setting == "auto" and len(self.distiller.groups) > 1):
+            self.recalibrate_bn(global_step)
+        was = self.distiller.training
+        self.distiller.eval()
+        try:
+            return self.score(lambda x, *side: self.distiller.inference(x, side))
+        finally:
+            self.distiller.train(was)
+
+    def score(self, forward) -> dict[str, float]:
+        """``forward`` on the test split, scored by the task."""
+        cfg = self.config
+        return self.task.score(forward, self.data.test, cfg.device, cfg.precision, cfg.channels_last)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, global_step: int) -> None:
+        """Re-estimate the BatchNorm statistics of the student's inference path on the first
+        ``bn_recalibrate_batches`` batches of the training data (a whole pass without a bound).
+        In decomposed stages each block's statistics were gathered on inputs derived from the
+        teacher's features; the composed student feeds it its own, slightly different ones.
+        The pass runs in train mode without gradients, with a cumulative average, on epoch 0's
+        order (the same batches at every evaluation, in any process), and leaves the RNG
+        untouched so that resumed runs stay exact. A pass at the step of the last one finds
+        the statistics it would compute, and is skipped."""
+        if self.bn_recalibrated_at == global_step:
+            return
+        self.bn_recalibrated_at = global_step
+        norms = [m for m in self.distiller.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        was = self.distiller.training
+        self.distiller.train()
+        device = self.config.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for xb, yb, idx in itertools.islice(self.task.batches(self.data.train, 0),
+                                                self.config.bn_recalibrate_batches):
+                xb, side = self.task.inputs(xb, yb, idx)
+                if self.config.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with autocast(self.config.precision, device):
+                    self.distiller.inference(xb, side)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        self.distiller.train(was)

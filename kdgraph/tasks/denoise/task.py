@@ -99,7 +99,7 @@ class Denoise(Task):
         says (the teacher as the student)."""
         d, data = self.draws, run.data
         return ddim_sample(forward, d.schedule, self.input_size, n, self.spec.sample_steps, d.seed,
-                           data.num_classes if d.class_conditional else None, run.device,
+                           data.num_classes if d.class_conditional else None, run.config.device,
                            pixel_range(data.mean, data.std), d.prediction)
 
     def reports(self, run) -> dict:
@@ -134,10 +134,10 @@ class Denoise(Task):
         """The judge's verdict on the student's samples ``images`` and on the teacher's."""
         from kdgraph.tasks.denoise.frechet import Judge
 
-        judge = Judge.from_run(self.spec.judge, run.device)
-        m = torch.tensor(run.data.mean, device=run.device).view(1, -1, 1, 1)
-        s = torch.tensor(run.data.std, device=run.device).view(1, -1, 1, 1)
-        to_pixels = lambda x: (x.to(run.device) * s + m).clamp(0, 1)  # noqa: E731
+        judge = Judge.from_run(self.spec.judge, run.config.device)
+        m = torch.tensor(run.data.mean, device=run.config.device).view(1, -1, 1, 1)
+        s = torch.tensor(run.data.std, device=run.config.device).view(1, -1, 1, 1)
+        to_pixels = lambda x: (x.to(run.config.device) * s + m).clamp(0, 1)  # noqa: E731
         real = torch.cat([xb for xb, _ in run.data.test.epoch(0)])[:len(images)]
         classes = torch.arange(len(images)) % run.data.num_classes if self.draws.class_conditional else None
         out = {f"student_{k}": v for k, v in judge.judge(to_pixels(images), to_pixels(real), classes).items()}
