@@ -192,7 +192,7 @@ def test_mixup_cache_holds_the_teacher_on_the_mixed_batch(tmp_path):
     build_cache(_spec(tmp_path, "b", **mix), 1, full=True, quiet=True)
     trainer = Trainer(_spec(tmp_path, "t", cache=None, **mix))
     xb, yb = next(iter(trainer.data.train.epoch(0, 2)))
-    mixed, _ = trainer.mix(xb, yb, 0, 2)
+    mixed, _, _ = trainer.prepare(xb, yb, None, 0, 2)  # the classification task: the batch mixed
     assert not torch.equal(mixed, xb)
     rows = torch.from_numpy(np.load(shard_path(tmp_path / "cache", 0, 0))[2 * 16: 3 * 16])
     assert torch.equal(rows, trainer.distiller.teacher.features(mixed, {trainer.plan.k})[trainer.plan.k])
