@@ -236,7 +236,8 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
         result = export_spec(loaded, to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
-    out.print(f"student written to {result['folder']}" + _EXPORTED[result["format"]].format(**result),
+    layout = _EXPORTED.get(result["format"], " in its task's layout ({format})")  # a registered task's own
+    out.print(f"student written to {result['folder']}" + layout.format(**result),
               highlight=False, soft_wrap=True)
 
 
