@@ -52,9 +52,9 @@ def main() -> None:
     per_batch = []
     for _ in range(3):
         object.__setattr__(trainer.config, "bn_recalibrate_batches", BATCHES)
-        trainer.bn_recalibrated_at = None
+        trainer.evaluator.bn_recalibrated_at = None
         t = time.perf_counter()
-        trainer.recalibrate_bn()
+        trainer.evaluator.recalibrate_bn(trainer.global_step)
         per_batch.append((time.perf_counter() - t) / BATCHES)
     per_recal_batch = statistics.median(per_batch)
     n = len(trainer.data.train)

@@ -108,7 +108,7 @@ def measure(root: Path, loader: str, args) -> dict:
             images += len(yb)
             waited += time.perf_counter() - t_wait
         run.train_step(xb, yb)
-    if run.device.type == "cuda":
+    if run.config.device.type == "cuda":
         torch.cuda.synchronize()  # the steps are queued, not done
     elapsed = time.perf_counter() - t_start
     train_ips = images / elapsed

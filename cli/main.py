@@ -149,6 +149,7 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     """Compile the plan and run it: train, evaluate, checkpoint, export the student."""
     from kdgraph.runtime.loop import TrainingInterrupted
     from kdgraph.runtime.loop import train as run_training
+    from kdgraph.tasks.create import task_class
 
     overrides = list(set_ or [])
     try:
@@ -164,24 +165,15 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
         raise typer.Exit(130)
     except KDGraphError as exc:
         _fail(exc)
-    if summary["student_top1"] is None and summary.get("student_mse") is None:  # a non-main rank: rank 0 reports
+    headline = task_class(summary["task"]).headline
+    if headline(summary) is None:  # a non-main rank: rank 0 reports
         return
     if summary.get("already_finished"):
-        out.print(f"{summary['output']} already finished ({_student_score(summary)}); nothing was changed",
+        out.print(f"{summary['output']} already finished ({headline(summary)}); nothing was changed",
                   soft_wrap=True)
         return
-    out.print(_student_score(summary, teacher=True)
+    out.print(headline(summary, teacher=True)
               + f"  ({summary['wall_time_s']:.0f} s, outputs in {summary['output']})", soft_wrap=True)
-
-
-def _student_score(summary: dict, teacher: bool = False) -> str:
-    """The student's top-1 (and top-5), or a denoiser's MSE; with ``teacher`` the teacher's too."""
-    if summary.get("student_mse") is not None:
-        return f"student denoising MSE {summary['student_mse']:.5f}" + (
-            f", teacher {summary['teacher_mse']:.5f}" if teacher and summary.get("teacher_mse") is not None else "")
-    top5 = f" (top-5 {summary['student_top5']:.2f}%)" if teacher else ""
-    return f"student top-1 {summary['student_top1']:.2f}%{top5}" + (
-        f", teacher top-1 {summary['teacher_top1']:.2f}%" if teacher and summary.get("teacher_top1") is not None else "")
 
 
 @app.command()
@@ -244,16 +236,18 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
         result = export_spec(loaded, to, checkpoint, command=command)
     except KDGraphError as exc:
         _fail(exc)
-    if result["format"] == "diffusers":
-        out.print(f"student written to {result['folder']} in diffusers' layout (config.json, "
-                  "diffusion_pytorch_model.safetensors): load it with UNet2DModel.from_pretrained",
-                  highlight=False, soft_wrap=True)
-    elif result["format"] == "state_dict":
-        out.print(f"student written to {result['folder']} (model.safetensors, config.json, README.md)",
-                  highlight=False, soft_wrap=True)
-    else:
-        out.print(f"student written to {result['folder']} as a torch.export program (model.pt2): "
-                  f"{result['reason']}", highlight=False, soft_wrap=True)
+    layout = _EXPORTED.get(result["format"], " in its task's layout ({format})")  # a registered task's own
+    out.print(f"student written to {result['folder']}" + layout.format(**result),
+              highlight=False, soft_wrap=True)
+
+
+# What each export layout holds (``result["format"]`` of ``export_spec``), after its folder.
+_EXPORTED = {
+    "diffusers": " in diffusers' layout (config.json, diffusion_pytorch_model.safetensors): load it with "
+                 "UNet2DModel.from_pretrained",
+    "state_dict": " (model.safetensors, config.json, README.md)",
+    "torch.export": " as a torch.export program (model.pt2): {reason}",
+}
 
 
 @app.command()

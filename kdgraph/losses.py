@@ -707,7 +707,7 @@ class DDPMLoss(nn.Module):
     """DDPM's task loss (Ho et al.'s L_simple): ``task = w_task * mean (ε̂ - ε)^2`` between the
     predicted noise ε̂ and the true noise ε (mean over every element): the head loss of a
     denoiser trained without a teacher. With ``denoise.prediction: v`` the prediction is the
-    velocity and the target ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (``kdgraph.diffusion``
+    velocity and the target ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0`` (``kdgraph.tasks.denoise.diffusion``
     draws it): ``task = w_task * mean (v̂ - v)^2``."""
 
     summary = "MSE of the predicted noise (or velocity, v-prediction) to the true one (DDPM's L_simple)"

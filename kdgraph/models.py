@@ -2,7 +2,7 @@
 
 A reference is ``SOURCE:REST``; ``MODEL_SOURCES.get(SOURCE)(REST, kwargs)`` builds it
 (``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME``,
-``module:pkg.mod:factory``, ``diffusers:UNet2DModel`` (``kdgraph.diffusers_source``) and
+``module:pkg.mod:factory``, ``diffusers:UNet2DModel`` (``kdgraph.tasks.denoise.diffusers_source``) and
 ``transformers:NAME`` (a causal LM, ``kdgraph.lm.source``).
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdgraph.diffusers_source import create_diffusers
+from kdgraph.tasks.denoise.diffusers_source import create_diffusers
 from kdgraph.errors import ModelError
 from kdgraph.lm.source import create_causal_lm, pretrained_causal_lm
 from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source

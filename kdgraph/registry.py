@@ -23,6 +23,8 @@ __all__ = [
     "METHODS",
     "MODEL_SOURCES",
     "SCHEDULES",
+    "TASKS",
+    "TASK_HEAD_LOSSES",
     "Augmentation",
     "LogitLoss",
     "Method",
@@ -128,6 +130,21 @@ def register_model_source(name: str, factory: Callable[[str, dict[str, Any]], An
 def model_source_choices() -> list[str]:
     """The model references a spec may give, one form per source."""
     return ["module:pkg.mod:factory" if name == "module" else f"{name}:NAME" for name in MODEL_SOURCES]
+
+
+# --------------------------------------------------------------------------------- tasks
+
+TASKS: Registry[Any] = Registry("task", declared=("classification", "dense", "denoise"), home="kdgraph.tasks")
+"""``spec.task`` -> the task class (``kdgraph.tasks.Task``): what a batch is, the head's loss
+entry, the metrics and which way "best" points, the evaluation, reports and export layout.
+Inferred where the spec leaves it out: ``denoise`` with a denoise block, else ``dense`` where
+the student predicts per-pixel logits, else ``classification``."""
+
+TASK_HEAD_LOSSES: Registry[tuple[str, str]] = Registry("task head loss")
+"""A task whose head loss is its own -> its ``kdgraph.losses.LOSSES`` head entries (with a
+teacher, without one); a task not here has the spec's ``loss.logit`` (cross-entropy alone
+without a teacher). ``kdgraph.tasks.register_task`` fills it from the task's ``head_loss``."""
+TASK_HEAD_LOSSES.register("denoise", ("denoise", "ddpm"))
 
 
 # ------------------------------------------------------------------------------ datasets

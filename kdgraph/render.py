@@ -41,6 +41,7 @@ def spec_table(c: Compiled) -> Table:
     t.add_column("value")
     t.add_row("teacher", _model_row(s.teacher) + _teacher_numerics(c.plan) if s.teacher else "none (supervised)")
     t.add_row("student", _model_row(s.student))
+    t.add_row("task", c.task + ("" if s.task else " (inferred)"))
     m = s.data.mixup
     t.add_row("data", f"{s.data.dataset}, input {_fmt_shape(c.input_size)}, batch {s.data.batch_size}, "
                       f"fraction {s.data.fraction}" + (

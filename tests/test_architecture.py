@@ -13,6 +13,7 @@ on the train path are read from Python's own import order, in a subprocess.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -77,11 +78,14 @@ LAYERS = (
     ("library: models, data, layouts, adapters, losses",
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
       "kdgraph.teacher_cache",
-      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses", "kdgraph.diffusion",
-      "kdgraph.diffusers_source", "kdgraph.lm",
+      "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
+      "kdgraph.tasks", "kdgraph.tasks.denoise",  # a task's torch-free registration; its models below the runtime
+      "kdgraph.tasks.denoise.diffusion", "kdgraph.tasks.denoise.diffusers_source", "kdgraph.lm",
       "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
-    ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),
+    ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render", "kdgraph.tasks.base", "kdgraph.tasks.create",
+                               "kdgraph.tasks.classify", "kdgraph.tasks.denoise.task",
+                               "kdgraph.tasks.denoise.frechet", "kdgraph.tasks.denoise.layout")),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),
 )
 
@@ -203,9 +207,9 @@ def test_at_most_six_floors_of_imports():
 def test_one_pass_per_compiler_module_in_run_order():
     from kdgraph.compiler import PASSES
 
-    files = [Path(fn.__code__.co_filename) for fn in PASSES]  # PASSES alone holds the order
+    files = [Path(p.fn.__code__.co_filename) for p in PASSES]  # PASSES alone holds the order
     assert len(set(files)) == len(files) and all(f.parent.name == "compiler" for f in files)
-    for number, fn in enumerate(PASSES, start=1):
+    for number, fn in enumerate((p.fn for p in PASSES), start=1):
         module_doc = ast.get_docstring(ast.parse(Path(fn.__code__.co_filename).read_text())) or ""
         assert module_doc.startswith(f"Pass {number}: "), (fn.__module__, module_doc[:40])
 
@@ -271,3 +275,86 @@ def test_the_train_flow_returns_to_a_higher_layer_at_most_three_times(tmp_path):
     # kdgraph's tracer (the compiler) for every submodule and attribute: tracing is a callback.
     assert ("kdgraph.zoo", "kdgraph.compiler.trace") in up
     assert len(up) <= MAX_RETURNS_TO_A_HIGHER_LAYER, sorted(up.items())
+
+
+# Issue 35: the runtime and the CLI ask the task (kdgraph.tasks) and never branch on which task
+# runs. Counted from the AST of these modules (comments, docstrings and help text are not code):
+# identifiers naming one task, comparisons of a tensor's rank, comparisons (==, in, startswith)
+# of a string that names a task or one task's metric. 76 at ef3a39c; the goal is 0.
+_ASKS_THE_TASK = [*(f"kdgraph/runtime/{m}.py" for m in ("loop", "commands", "export", "ship", "cache")), "cli"]
+_ONE_TASK = re.compile(r"denois|diffus|ddim|frechet|fréchet|judge", re.I)
+_NAMES_A_TASK = re.compile(r"denois|diffus|ddim|frechet|judge|classif|dense|segment|^mse$|^miou$|^top1$", re.I)
+MAX_TASK_SPECIAL_CASES = 1  # export.py: the class count of a loaded program (its dim 1, where it has one)
+
+
+def _identifiers(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        return [node.attr]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.arg):
+        return [node.arg]
+    if isinstance(node, ast.keyword):
+        return [node.arg] if node.arg else []
+    if isinstance(node, ast.alias):
+        return (node.asname or node.name).split(".")
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")
+    return []
+
+
+def _is_rank(e: ast.AST) -> bool:
+    return (isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and e.func.attr in ("dim", "ndimension")) \
+        or (isinstance(e, ast.Attribute) and e.attr == "ndim")
+
+
+def _is_task_string(e: ast.AST) -> bool:
+    return isinstance(e, ast.Constant) and isinstance(e.value, str) and bool(_NAMES_A_TASK.search(e.value))
+
+
+def task_special_cases(source: str) -> list[tuple[int, str]]:
+    """(line, what) for each identifier naming one task, each comparison of a tensor's rank,
+    and each comparison of a string naming a task, in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        found += [(getattr(node, "lineno", 0), f"name {name}") for name in _identifiers(node) if _ONE_TASK.search(name)]
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(_is_rank, sides)):
+                found.append((node.lineno, f"rank {ast.unparse(node)}"))
+            elif any(map(_is_task_string, sides)):
+                found.append((node.lineno, f"string {ast.unparse(node)}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("startswith", "endswith") and any(map(_is_task_string, node.args)):
+            found.append((node.lineno, f"string {ast.unparse(node)}"))
+    return found
+
+
+def test_the_task_special_cases_counter_counts_code_only():
+    """Independent truth: hand-written sources with a known number of each kind."""
+    source = '''
+"""Docstring naming denoise, ddim and the Frechet judge: not code."""
+from kdgraph.tasks.denoise.diffusion import ddim_sample  # a comment about diffusers
+def f(x, judge=None):
+    """denoise."""
+    if x.dim() == 4 or x.ndim == 2:
+        return "denoise"
+    if spec.task == "dense" or "mse" in acc or name.startswith("diffusers:"):
+        return ddim_sample(x)
+    help_text = "the denoiser's judge"  # a string, not compared: help text
+    return x.dim()
+'''
+    kinds = [what.split()[0] for _, what in task_special_cases(source)]
+    # names: tasks/denoise/diffusion of the import (denoise, diffusion), ddim_sample (alias and
+    # call), judge (arg); ranks: 2; strings: spec.task == "dense", "mse" in acc, startswith
+    assert kinds.count("name") == 5 and kinds.count("rank") == 2 and kinds.count("string") == 3, kinds
+
+
+def test_the_runtime_and_the_cli_ask_the_task():
+    found = []
+    for entry in _ASKS_THE_TASK:
+        for path in sorted((ROOT / entry).rglob("*.py")) if (ROOT / entry).is_dir() else [ROOT / entry]:
+            found += [f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in task_special_cases(path.read_text())]
+    assert len(found) <= MAX_TASK_SPECIAL_CASES, "\n".join(found)

@@ -245,12 +245,41 @@ def test_passes_run_in_order_numbered_and_return_frozen_artifacts():
     from kdgraph.compiler import PASSES
 
     c = _compiled("quickstart")
-    assert list(c.timings) == [fn.__name__.removesuffix("_pass") for fn in PASSES]
-    for number, fn in enumerate(PASSES, start=1):
-        assert fn.__doc__.startswith(f"Pass {number}: "), fn.__name__
+    assert list(c.timings) == [p.fn.__name__.removesuffix("_pass") for p in PASSES]
+    for number, p in enumerate(PASSES, start=1):
+        assert p.fn.__doc__.startswith(f"Pass {number}: "), p.name
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.plan = None
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.student.boundaries = ()
     with pytest.raises(nx.NetworkXError):
         c.graph.add_node("extra")
+
+
+def test_a_pass_is_called_by_name_with_what_it_requires_and_checks_what_it_ensures():
+    """Each pass reads the artifacts its Pass names, in the order its function takes them; a
+    missing one, or a result that breaks the pass's invariant, is an error naming the pass."""
+    import inspect
+
+    from kdgraph.compiler import PASSES, Pass
+    from kdgraph.errors import PlanError
+
+    for p in PASSES:
+        assert p.reads == tuple(inspect.signature(p.fn).parameters), p.name
+    written = {"spec", "mode", "given", "input_size"}
+    for p in PASSES:  # every artifact a pass reads was written before it
+        assert set(p.reads) <= written, p.name
+        written.add(p.writes)
+
+    def double_pass(models):
+        return models * 2
+
+    doubled = Pass(double_pass, ("models",), "models", lambda spec, size, out: ["odd"] if out % 2 else [])
+    env = {"spec": None, "input_size": (1, 8, 8), "models": 3}
+    assert doubled(env) == 6 and env["models"] == 6
+    with pytest.raises(PlanError, match="compiler pass 'double' reads models"):
+        doubled({"spec": None, "input_size": (1, 8, 8)})
+    with pytest.raises(PlanError, match="compiler pass 'half' broke an invariant: odd"):
+        def half_pass(models):
+            return models // 2
+        Pass(half_pass, ("models",), "models", doubled.ensures)({"spec": None, "input_size": (1,), "models": 6})

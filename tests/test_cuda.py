@@ -90,7 +90,7 @@ def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...
     timestep and class drawn per sample); per-pixel labels (B, H, W) on the logits' grid where
     the student predicts per pixel (a U-Net), since synthetic data has one label per image."""
     xb, yb, idx = next(iter(run.batches(0)))
-    if run.task is not None:
+    if run.task.indexed:  # a denoiser: its own batch
         return run.prepare(xb, yb, idx, 0, 0)
     student = run.compiled.student
     if student.dense:
@@ -102,18 +102,28 @@ def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...
 
 def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int = 2, last_stage: bool = True) -> None:
     """``steps`` steps of the first and (``last_stage``) the last training stage; every loss
-    finite, no recompile-limit hit (a fresh compile cache first: earlier cases' entries would count)."""
+    finite and equal to the sum of its terms, each stage's steps moving the parameters it trains
+    and leaving the frozen teacher as it was, no recompile-limit hit (a fresh compile cache
+    first: earlier cases' entries would count)."""
     reset_compile_caches()
     with RecompileWatch(strict=True) as watch:
         run = Trainer(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
         stages = run.compiled.plan.stages
         xb, yb, side = tier_batch(run)
+        teacher = run.distiller.teacher
+        frozen = {k: v.clone() for k, v in teacher.model.state_dict().items()} if teacher is not None else {}
         for stage in [stages[0]] + ([stages[-1]] if last_stage and len(stages) > 1 else []):
             run.distiller.set_stage(stage)
             run.distiller.train()
+            trained = [p for p in run.distiller.parameters() if p.requires_grad]
+            before = [p.detach().clone() for p in trained]
             for _ in range(steps):
                 terms, loss = run.train_step(xb, yb, side=side)
             assert math.isfinite(loss.item()), (stage.index, {k: v.item() for k, v in terms.items()})
+            torch.testing.assert_close(loss.float(), sum(t.float() for t in terms.values()), rtol=1e-3, atol=1e-4)
+            assert any(not torch.equal(p.detach(), b) for p, b in zip(trained, before)), stage.index
+        if teacher is not None:
+            assert all(torch.equal(v, frozen[k]) for k, v in teacher.model.state_dict().items())
         if device == "cuda":
             torch.cuda.synchronize()
     assert watch.hits == 0, f"recompile limit hit (ran eager from there): {watch.functions}"

@@ -67,7 +67,7 @@ def _emulate_steps(spec, out: Path):
     from kdgraph.data import build_loaders
     from kdgraph.runtime.distiller import Distiller
     from kdgraph.runtime.export import export_student
-    from kdgraph.runtime.loop import optimizer_params
+    from kdgraph.runtime.steps import optimizer_params
     from kdgraph.runtime.techniques import DistInfo, build_optimizer
     from kdgraph.schedules import build_lr_scheduler, stage_at
     from kdgraph.data import build_data

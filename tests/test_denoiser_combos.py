@@ -25,7 +25,7 @@ from _shard_worker import UNET, denoiser_spec
 from kdgraph import zoo
 from kdgraph.compiler import compile_spec
 from kdgraph.data import build_data
-from kdgraph.diffusion import DenoiseTask, denoise_mse
+from kdgraph.tasks.denoise.diffusion import DenoiseTask, denoise_mse
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import loop
 from kdgraph.runtime.distiller import Distiller

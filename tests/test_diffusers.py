@@ -87,7 +87,7 @@ def test_a_ddim_step_is_diffusers_own_for_either_prediction(prediction):
     DDIMScheduler computes with the prediction_type kdgraph records for the export."""
     from diffusers import DDIMScheduler
 
-    from kdgraph.diffusion import DIFFUSERS_PREDICTION, x0_and_eps
+    from kdgraph.tasks.denoise.diffusion import DIFFUSERS_PREDICTION, x0_and_eps
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                               prediction_type=DIFFUSERS_PREDICTION[prediction])

@@ -28,7 +28,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid, x0_and_eps
+from kdgraph.tasks.denoise.diffusion import DenoiseTask, NoiseSchedule, ddim_sample, gaussians, pixel_range, save_grid, x0_and_eps
 from kdgraph.ir import SideInput
 from kdgraph.losses import LOSSES, create_loss
 from kdgraph.runtime import loop
@@ -399,7 +399,7 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pai
 # -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
 
 def test_frechet_distance_written_out():
-    from kdgraph.runtime.frechet import frechet_distance
+    from kdgraph.tasks.denoise.frechet import frechet_distance
 
     g = np.random.default_rng(0)
     a = g.normal(size=(200, 1))
@@ -417,7 +417,7 @@ def test_frechet_distance_written_out():
 
 
 def test_judge_features_are_the_classifiers_pooled_features():
-    from kdgraph.runtime.frechet import Judge
+    from kdgraph.tasks.denoise.frechet import Judge
     from kdgraph.zoo import resnet_tiny
 
     torch.manual_seed(0)
@@ -645,3 +645,29 @@ def test_plan_text_summarises_many_cuts_and_json_keeps_them(tmp_path, pair, widt
         assert "│ 7 tensors: 8×16² (2), 16×8² (2), 32×4² (2), 64×2² " in row
         assert "│ 7 / 7 tensors (shapes above) " in wide
         assert "conv1x1 per tensor: 4→8→4 (2), 8→16→8 (2), 16→32→16 (2), 32→64→32, 7,312 params" in wide
+
+
+def test_each_ddim_step_is_the_update_written_out():
+    """Every DDIM step (η = 0, Song et al. eq. 12) against the update written out by hand:
+    x_{t'} = sqrt(ᾱ_{t'}) x̂_0 + sqrt(1 - ᾱ_{t'}) ε̂ with x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t),
+    ᾱ after the last step = 1. The predictor ε̂ = 0.3 x_t + 0.1 depends on x_t (so x̂_0 does),
+    so a sign flipped on either term, or a wrong ᾱ, moves the path. With as many steps as
+    timesteps the path visits T-1, ..., 0."""
+    schedule = NoiseSchedule((0.9, 0.7, 0.5, 0.3))
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def forward(x, t):
+        seen.append((int(t[0]), x.clone()))
+        return 0.3 * x + 0.1
+
+    out = ddim_sample(forward, schedule, (1, 2, 2), 3, steps=4, seed=0)
+    assert [t for t, _ in seen] == [3, 2, 1, 0]
+    ab = schedule.alphas_cumprod
+    x = seen[0][1].double()
+    for i, (t, received) in enumerate(seen):
+        assert torch.allclose(received.double(), x, atol=1e-6), t
+        eps = 0.3 * x + 0.1
+        x0 = (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        a_next = ab[seen[i + 1][0]] if i + 1 < len(seen) else 1.0
+        x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+    assert torch.allclose(out.double(), x, atol=1e-6)

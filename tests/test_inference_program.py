@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kdgraph.compiler import compile_spec
+from kdgraph.compiler.program import inference_program
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.runtime.export import export_student, load_student
 from kdgraph.spec import load_spec
@@ -38,5 +39,9 @@ def test_inference_program_equals_the_exported_student(path, tmp_path):
         ref = d.inference(x, side)
         exported = load_student(c, export_student(d, c, tmp_path / "student.safetensors")).eval()
         got = exported(x, *side)
-    assert d.inference_program is c.plan.stages[-1].inference
+    # the program evaluation ran: the plan's, rebuilt here from the block graph (equal, not the
+    # same object), running every student block once, in order, up to its output
+    rebuilt = inference_program(c.graph, c.plan.chains_adapters)
+    assert d.inference_program == rebuilt and d.inference_program is not rebuilt
+    assert [op.block for op in rebuilt.ops if op.kind == "student"] == list(range(1, c.plan.k + 1))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -15,7 +15,9 @@ from kdgraph.compiler import compile_spec
 from kdgraph.errors import PlanError, SpecError
 from kdgraph.losses import DIST, DKD, KLDivergence, LogitStandardization
 from kdgraph.runtime.distiller import Distiller
+from kdgraph.registry import LOGIT_LOSSES
 from kdgraph.spec import load_spec
+from kdgraph.spec.schema import LossSpec
 
 
 def _head(spec: dict) -> dict:
@@ -94,8 +96,19 @@ def test_teacher_losses_without_a_teacher_are_refused(loss, key):
         load_spec(tiny_spec(method="supervised", loss=loss))
 
 
-def test_a_spec_writing_out_the_defaults_stays_valid_with_any_logit_loss():
-    load_spec(tiny_spec(method="kd", loss={"kl_weight": 1.0, "logit": "dist", "dkd_beta": 8.0}))
+@pytest.mark.parametrize("logit", LOGIT_LOSSES.names())
+def test_a_spec_writing_out_the_defaults_stays_valid_with_any_logit_loss(logit):
+    """Every logit loss's own fields written out at their defaults, beside any logit loss: the
+    same spec as without them; one of another loss's fields off its default is refused."""
+    defaults = LossSpec().model_dump()
+    own = {name: LOGIT_LOSSES.get(name).own for name in LOGIT_LOSSES.names()}
+    written = {field: defaults[field] for fields in own.values() for field in fields}
+    plain = load_spec(tiny_spec(method="kd", loss={"logit": logit}))
+    assert load_spec(tiny_spec(method="kd", loss={**written, "logit": logit})).loss == plain.loss
+    others = [field for name, fields in own.items() if name != logit for field in fields]
+    field = others[0]
+    with pytest.raises(SpecError, match=field):
+        load_spec(tiny_spec(method="kd", loss={"logit": logit, field: defaults[field] + 1}))
 
 
 def test_mixup_with_per_pixel_labels_is_refused_by_the_plan():

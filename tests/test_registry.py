@@ -71,8 +71,21 @@ def test_spec_validation_sees_every_built_in_name_without_torch():
     code = """if True:
         import sys
         from kdgraph.spec import load_spec
-        from kdgraph.registry import DATASETS, METHODS, MODEL_SOURCES, SCHEDULES
+        from kdgraph.registry import DATASETS, LOGIT_LOSSES, METHODS, MODEL_SOURCES, SCHEDULES, TASKS
         kw = {"width": 8, "num_classes": 10}
+        tiny = {"model": "module:kdgraph.zoo:resnet_tiny_student", "kwargs": kw}
+        for method in METHODS.names():
+            spec = load_spec({"name": "t", "student": tiny, "schedule": {"method": method},
+                              **({"teacher": tiny} if METHODS.get(method).teacher else {})})
+            assert spec.schedule.method == method
+        for logit in LOGIT_LOSSES.names():
+            spec = load_spec({"name": "t", "student": tiny, "teacher": tiny, "schedule": {"method": "kd"},
+                              "loss": {"logit": logit}})
+            assert spec.loss.logit == logit
+        for task in ("classification", "dense"):
+            assert load_spec({"name": "t", "student": tiny, "task": task}).task == task
+        assert load_spec({"name": "t", "student": tiny, "task": "denoise", "denoise": {}}).task == "denoise"
+        assert TASKS.names() == ["classification", "dense", "denoise"]
         for dataset in ("digits", "fashion-mnist-seg", "torchvision:CIFAR10"):
             load_spec({"name": "t", "data": {"dataset": dataset},
                        "teacher": {"model": "timm:resnet18", "pretrained": True},
@@ -80,7 +93,8 @@ def test_spec_validation_sees_every_built_in_name_without_torch():
         for schedule in SCHEDULES.names():
             load_spec({"name": "t", "student": {"model": "module:kdgraph.zoo:resnet_tiny_student", "kwargs": kw},
                        "optim": {"lr_schedule": schedule}, "schedule": {"method": "supervised"}})
-        heavy = [m for m in ("torch", "kdgraph.models", "kdgraph.data", "kdgraph.schedules") if m in sys.modules]
+        heavy = [m for m in ("torch", "kdgraph.models", "kdgraph.data", "kdgraph.schedules", "kdgraph.tasks.create")
+                 if m in sys.modules]
         assert not heavy, heavy
         """
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -91,9 +105,10 @@ def test_every_declared_name_is_registered_by_its_home_module():
     import kdgraph.data
     import kdgraph.models
     import kdgraph.schedules  # noqa: F401  (each registers its entries on import)
-    from kdgraph.registry import PRETRAINED_SOURCES
+    import kdgraph.tasks.create  # noqa: F401
+    from kdgraph.registry import PRETRAINED_SOURCES, TASKS
 
-    for registry in (MODEL_SOURCES, PRETRAINED_SOURCES, DATASETS, SCHEDULES, METHODS, AUGMENTATIONS):
+    for registry in (MODEL_SOURCES, PRETRAINED_SOURCES, DATASETS, SCHEDULES, METHODS, AUGMENTATIONS, TASKS):
         assert registry.unregistered() == [], registry.kind
 
 

@@ -79,7 +79,7 @@ def test_clip_grad_norm_scales_the_update_by_c_over_the_norm(tmp_path):
 def test_fp16_with_gradient_scaler_tracks_fp32_and_skips_overflow(tmp_path):
     fp32 = _run(tmp_path, "fp32", runtime={"precision": "fp32"})
     fp16 = _run(tmp_path, "fp16", runtime={"precision": "fp16"})
-    assert fp16.scaler.is_enabled() and not fp32.scaler.is_enabled()
+    assert fp16.stepper.scaler.is_enabled() and not fp32.stepper.scaler.is_enabled()
     xb, yb = _batch(fp32)
     before = _params(fp16)
     t32, l32 = fp32.train_step(xb, yb)
@@ -89,14 +89,14 @@ def test_fp16_with_gradient_scaler_tracks_fp32_and_skips_overflow(tmp_path):
     d16 = torch.cat([(v - before[k]).flatten() for k, v in _params(fp16).items()])
     assert torch.cosine_similarity(d16, d32, dim=0) > 0.99  # the same update, to fp16's precision
     # an overflowing gradient: the scaler skips the step and halves its scale
-    scale = fp16.scaler.get_scale()
+    scale = fp16.stepper.scaler.get_scale()
     now = _params(fp16)
     p = next(p for p in fp16.distiller.parameters() if p.requires_grad)
     hook = p.register_hook(lambda g: g * float("inf"))
     fp16.train_step(xb, yb)
     hook.remove()
     assert all(torch.equal(now[k], v) for k, v in _params(fp16).items())
-    assert fp16.scaler.get_scale() == scale / 2
+    assert fp16.stepper.scaler.get_scale() == scale / 2
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
@@ -149,7 +149,7 @@ def test_channels_last_changes_no_value_on_swin(tmp_path, method):
 def test_weight_decay_spares_norms_biases_and_tokens_as_timm_does(tmp_path, opt_out):
     """One SGD step on a zero loss: decayed parameters shrink by lr*wd*p exactly; norms,
     biases and the ViT student's no_weight_decay() tokens stay put (unless opted out)."""
-    from kdgraph.runtime.loop import optimizer_params
+    from kdgraph.runtime.steps import optimizer_params
     from kdgraph.runtime.techniques import build_optimizer
 
     spec = load_spec(tiny_spec(tmp_path / "run", "supervised", blocks=1, student="timm:vit_tiny_patch16_224",

@@ -19,7 +19,7 @@ from kdgraph.compiler import compile_spec
 from kdgraph.errors import KDGraphError, SpecError
 from kdgraph.losses import FKDHeadLoss
 from kdgraph.runtime.cache import build_cache
-from kdgraph.runtime.loop import Trainer
+from kdgraph.runtime.loop import Trainer, compile_for_training
 from kdgraph.spec import load_spec
 from kdgraph.teacher_cache import read_header, shard_path
 
@@ -193,7 +193,7 @@ def test_mixup_cache_holds_the_teacher_on_the_mixed_batch(tmp_path):
     build_cache(_spec(tmp_path, "b", **mix), 1, full=True, quiet=True)
     trainer = Trainer(_spec(tmp_path, "t", cache=None, **mix))
     xb, yb = next(iter(trainer.data.train.epoch(0, 2)))
-    mixed, _ = trainer.mix(xb, yb, 0, 2)
+    mixed, _, _ = trainer.prepare(xb, yb, None, 0, 2)  # the classification task: the batch mixed
     assert not torch.equal(mixed, xb)
     rows = torch.from_numpy(np.load(shard_path(tmp_path / "cache", 0, 0))[2 * 16: 3 * 16])
     assert torch.equal(rows, trainer.distiller.teacher.features(mixed, {trainer.plan.k})[trainer.plan.k])
@@ -213,7 +213,7 @@ def test_the_students_init_does_not_depend_on_the_teacher(tmp_path):
     for spec in (_spec(tmp_path, "live", cache=None, epochs=1), _spec(tmp_path, "cached", epochs=1),
                  load_spec(tiny_spec(tmp_path / "sup", method="supervised", epochs=1))):
         torch.manual_seed(spec.seed)
-        inits.append(Trainer.compile(spec).student.model.state_dict())
+        inits.append(compile_for_training(spec).student.model.state_dict())
     for other in inits[1:]:
         assert all(torch.equal(inits[0][k], other[k]) for k in inits[0])
 

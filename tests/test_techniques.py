@@ -169,12 +169,12 @@ def test_bn_recalibration_reads_at_most_its_bound_of_batches_once_per_step(tmp_p
 
     trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=bound))
     read = _counting(trainer)
-    trainer.evaluate()
+    trainer.evaluator.evaluate(trainer.global_step)
     assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
-    trainer.evaluate()  # nothing trained since: the statistics are those of the last pass
+    trainer.evaluator.evaluate(trainer.global_step)  # nothing trained since: the statistics are those of the last pass
     assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
     trainer.global_step += 1
-    trainer.evaluate()
+    trainer.evaluator.evaluate(trainer.global_step)
     assert len(read) == 2 * (len(trainer.data.train) if expected == "epoch" else expected)
 
 
@@ -187,7 +187,7 @@ def test_a_bounded_recalibration_estimates_what_its_batches_hold(tmp_path):
     bn = next(m for m in trainer.distiller.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
     seen = []
     hook = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    trainer.recalibrate_bn()
+    trainer.evaluator.recalibrate_bn(trainer.global_step)
     hook.remove()
     x = torch.cat(seen).transpose(0, 1).flatten(1)
     assert len(seen) == 2

@@ -151,11 +151,23 @@ def test_boundaries_other_families(name, expected):
     assert [b.cut.module for b in choose_boundaries(stages, 5, traced)] == expected
 
 
-def test_every_cut_of_a_module_closes_its_last_child():
-    # A cut that closes a container (blocks) also closes its last child (blocks.11).
-    _, _, cuts, _ = traced_timm("vit_tiny_patch16_224")
-    cut = next(c for c in cuts if "blocks" in c.closes)
-    assert cut.closes[:2] == ("blocks", "blocks.11")
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientnet_b0", "convnext_atto"])
+def test_every_cut_of_a_module_closes_its_last_child(name):
+    """Every cut that closes a sequence (nn.Sequential: its children run in definition order)
+    also closes that sequence's last child, the model's own structure being the truth; and the
+    ViT's ``blocks`` is closed, with ``blocks.11``, by one cut."""
+    model, _, cuts, _ = traced_timm(name)
+    modules = dict(model.named_modules())
+    checked = 0
+    for cut in cuts:
+        for path in cut.closes:
+            if isinstance(modules.get(path), nn.Sequential) and len(modules[path]):
+                last = f"{path}.{list(modules[path].named_children())[-1][0]}"
+                assert last in cut.closes, (cut.node, path, last)
+                checked += 1
+    assert checked >= 1
+    if name.startswith("vit"):
+        assert [c.closes[:2] for c in cuts if "blocks" in c.closes] == [("blocks", "blocks.11")]
 
 
 def test_wrong_input_size_raises_trace_error():

@@ -241,7 +241,7 @@ def test_pixel_accuracy_and_mean_iou():
             yield torch.zeros(1), torch.tensor([[[0, 0], [1, 1]]])
 
     logits = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]]]])  # predicts [[0,1],[0,0]]
-    acc = accuracy(lambda x: logits, Loader(), torch.device("cpu"))
+    acc = accuracy(lambda x: logits, Loader(), torch.device("cpu"), per_pixel=True)
     assert acc["pixel_acc"] == acc["top1"] == 25.0  # only the top-left pixel is right
     # class 0: 2 true, 3 predicted, 1 both: IoU 1/4; class 1: none right: 0
     assert acc["miou"] == pytest.approx(100 * (1 / 4 + 0) / 2)
@@ -291,7 +291,7 @@ def test_short_distillation_beats_the_untrained_student(tmp_path):
     summary = train(student)
     _, test, _ = build_loaders(student.data, 0, "cpu")
     torch.manual_seed(0)
-    untrained = accuracy(unet_tiny(widths=(8, 16, 32)).eval(), test, torch.device("cpu"))
+    untrained = accuracy(unet_tiny(widths=(8, 16, 32)).eval(), test, torch.device("cpu"), per_pixel=True)
     assert summary["student_top1"] > untrained["top1"] + 5
     assert summary["student_miou"] > untrained["miou"]
     # `kdgraph eval` scores the same student on the same split as training's last evaluation

@@ -6,10 +6,10 @@
 One pass per module of this package; ``PASSES`` is their order, kept there alone (the
 README's pipeline picture is drawn from it, and each pass module's docstring gives its
 number). Each pass is a function of the artifacts before it that returns a new, frozen
-artifact (records in ``kdgraph.ir``, built objects in ``artifacts``): its parameters name the
-artifacts it reads, its return annotation the one it writes (``_WRITES``). ``compile_spec``
-runs them in ``PASSES`` order, each call timed and followed by the invariant check, and a
-failed check names the pass that broke it. Everything here runs on
+artifact (records in ``kdgraph.ir``, built objects in ``artifacts``), called by name through
+its ``Pass`` (as torch.fx's ``PassBase``: ``requires`` the artifacts it reads, named in the
+order it takes them; ``call``; ``ensures`` its result's invariants). ``compile_spec`` runs
+them in ``PASSES`` order, each call timed, and a broken invariant names the pass. Everything here runs on
 the CPU in seconds, decodes no data (an image folder is listed and checked, to choose its
 loader) and touches no network: pretrained weights are fetched only where a caller asks
 (training, evaluation). Planning alone (``materialize=False``, as `kdgraph plan` does) builds
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from kdgraph.compiler.artifacts import BuildMode, Compiled, ModelArtifacts, Models
-from kdgraph.compiler.blockgraph import block_graph_pass
+from kdgraph.compiler.blockgraph import block_graph_pass, task_of
 from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
 from kdgraph.compiler.cuts import cuts_pass
@@ -46,27 +46,54 @@ from kdgraph.teacher_cache import cache_key, differences, read_header
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
 
-__all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "build_models", "check", "compile_spec"]
+__all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "Pass", "build_models", "compile_spec"]
 
 
-PASSES: tuple[Callable, ...] = (build_pass, data_pass, trace_pass, cuts_pass, stages_pass, boundaries_pass,
-                                pair_pass, split_pass, block_graph_pass, plan_pass)
-
-# A pass's return annotation -> the name its artifact goes under; a pass reads the artifacts
-# its parameters name (``spec``, ``mode``, ``given`` models and ``input_size`` to start with).
-_WRITES = {"Models": "models", "DataPlan": "data", "Pairing": "pairing", "nx.DiGraph": "graph", "Plan": "plan"}
+def _no_invariant(spec: Spec, input_size: tuple[int, int, int], artifact: Any) -> list[str]:
+    return []
 
 
-def check(spec: Spec, input_size: tuple[int, int, int], artifact) -> list[str]:
-    """Invariants of the artifact a pass just returned."""
-    if isinstance(artifact, Models):
-        return _check_models(spec, input_size, artifact)
-    if isinstance(artifact, Pairing) and artifact.k != spec.decompose.blocks:
-        return [f"pairing has {artifact.k} blocks, spec asks for {spec.decompose.blocks}"]
-    if isinstance(artifact, Plan):
-        covered = [sorted(i for g in st.groups for i in g) for st in artifact.stages]
-        if any(cov != list(range(1, artifact.k + 1)) for cov in covered):
-            return ["a training stage does not train every student block exactly once"]
+@dataclass(frozen=True)
+class Pass:
+    """One compiler pass, called by name: ``fn`` takes the artifacts that ``reads`` names, in
+    that order (``spec``, ``mode``, ``given`` models and ``input_size`` to start with), and
+    returns the one it writes under ``writes``; ``ensures(spec, input_size, artifact)`` lists
+    the invariants that artifact breaks."""
+
+    fn: Callable
+    reads: tuple[str, ...]
+    writes: str
+    ensures: Callable[[Spec, tuple[int, int, int], Any], list[str]] = _no_invariant
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__.removesuffix("_pass")
+
+    def requires(self, env: dict) -> None:
+        missing = [r for r in self.reads if r not in env]
+        if missing:
+            raise PlanError(f"compiler pass '{self.name}' reads {', '.join(missing)}, which no pass before it wrote")
+
+    def __call__(self, env: dict) -> Any:
+        """requires, call, ensures; the artifact goes into ``env`` under ``writes``."""
+        self.requires(env)
+        out = self.fn(*(env[r] for r in self.reads))
+        problems = self.ensures(env["spec"], env["input_size"], out)
+        if problems:
+            raise PlanError(f"compiler pass '{self.name}' broke an invariant: " + "; ".join(problems))
+        env[self.writes] = out
+        return out
+
+
+def _check_pairing(spec: Spec, input_size: tuple[int, int, int], pairing: Pairing) -> list[str]:
+    return [f"pairing has {pairing.k} blocks, spec asks for {spec.decompose.blocks}"] \
+        if pairing.k != spec.decompose.blocks else []
+
+
+def _check_plan(spec: Spec, input_size: tuple[int, int, int], plan: Plan) -> list[str]:
+    covered = [sorted(i for g in st.groups for i in g) for st in plan.stages]
+    if any(cov != list(range(1, plan.k + 1)) for cov in covered):
+        return ["a training stage does not train every student block exactly once"]
     return []
 
 
@@ -95,23 +122,31 @@ def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) 
     return problems
 
 
-def _run_passes(spec: Spec, env: dict, freeze: bool) -> dict[str, float]:
+_SIZE = ("spec", "models", "input_size")
+PASSES: tuple[Pass, ...] = (
+    Pass(build_pass, ("spec", "mode", "given"), "models", _check_models),
+    Pass(data_pass, ("spec", "models", "input_size", "mode"), "data"),
+    Pass(trace_pass, _SIZE, "models", _check_models),
+    Pass(cuts_pass, ("models",), "models", _check_models),
+    Pass(stages_pass, ("models",), "models", _check_models),
+    Pass(boundaries_pass, ("spec", "models"), "models", _check_models),
+    Pass(pair_pass, _SIZE, "pairing", _check_pairing),
+    Pass(split_pass, ("models", "pairing"), "models", _check_models),
+    Pass(block_graph_pass, ("spec", "models", "pairing", "input_size"), "graph"),
+    Pass(plan_pass, ("spec", "pairing", "graph"), "plan", _check_plan),
+)
+
+
+def _run_passes(env: dict, freeze: bool) -> dict[str, float]:
     """Run every pass of ``PASSES`` in order over ``env`` (artifacts by name, updated in
-    place): each reads what its parameters name and writes its result under ``_WRITES``; each
-    is timed and its result checked. Returns the timings, by pass name."""
+    place), each timed. Returns the timings, by pass name."""
     timings: dict[str, float] = {}
-    for fn in PASSES:
+    for p in PASSES:
         if freeze:  # what earlier passes built, and imported (timm, by the build), is frozen too
             gc.freeze()
-        args = [env[name] for name in inspect.signature(fn).parameters]
         t0 = time.perf_counter()
-        out = fn(*args)
-        name = fn.__name__.removesuffix("_pass")
-        timings[name] = time.perf_counter() - t0
-        problems = check(spec, env["input_size"], out)
-        if problems:
-            raise PlanError(f"compiler pass '{name}' broke an invariant: " + "; ".join(problems))
-        env[_WRITES[fn.__annotations__["return"]]] = out
+        p(env)
+        timings[p.name] = time.perf_counter() - t0
     return timings
 
 
@@ -157,7 +192,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
              freeze: bool) -> Compiled:
     input_size = resolve_input_size(spec.data)
     env = {"spec": spec, "mode": mode, "given": models, "input_size": input_size}
-    timings = _run_passes(spec, env, freeze)
+    timings = _run_passes(env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
     check_cache(spec, env["plan"], data, built.teacher)
@@ -166,7 +201,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
                 if env["pairing"].fallback else ())
     return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
-                    timings, built.notes + fallback, missing)
+                    timings, built.notes + fallback, missing, task_of(spec, built.student))
 
 
 def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts | None = None) -> None:
@@ -198,9 +233,9 @@ def pipeline_mermaid() -> str:
     """The pipeline as a Mermaid flowchart, drawn from ``PASSES`` (the README shows it)."""
     lines = ["flowchart LR", '  spec(["Spec<br/>kdgraph/spec/"])']
     prev = "spec"
-    for number, fn in enumerate(PASSES, start=1):
-        name = fn.__name__.removesuffix("_pass")
-        artifact = str(fn.__annotations__.get("return", "")).split("[")[0]
+    for number, p in enumerate(PASSES, start=1):
+        name, fn = p.name, p.fn
+        artifact = str(fn.__annotations__.get("return", "")).split("[")[0]  # the picture's label only
         lines.append(f'  p{number}["{number} {name}<br/>compiler/{fn.__module__.rpartition(".")[2]}.py<br/>→ {artifact}"]')
         lines.append(f"  {prev} --> p{number}")
         prev = f"p{number}"

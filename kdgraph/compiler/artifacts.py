@@ -138,6 +138,7 @@ class Compiled:
     notes: tuple[str, ...] = ()  # what building the models wants the user to know
     # Weights files (or data) that were named but not found, when the caller allowed that (plan, eval).
     missing_weights: tuple[str, ...] = ()
+    task: str = "classification"  # its kdgraph.registry.TASKS entry, the spec's or inferred (task_of)
 
     @property
     def num_classes(self) -> int | None:
@@ -147,6 +148,7 @@ class Compiled:
         """The JSON contract of `kdgraph plan --format json` (keys are kept stable)."""
         return {
             "name": self.spec.name,
+            "task": self.task,
             "spec": self.spec.to_dict(),
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,

@@ -48,11 +48,11 @@ from kdgraph.errors import PlanError
 from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
 from kdgraph.teacher_cache import read_header  # beside losses, its layer: no extra climb on the train path
-from kdgraph.registry import LOGIT_LOSSES
+from kdgraph.registry import LOGIT_LOSSES, TASK_HEAD_LOSSES
 from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
-    from kdgraph.compiler.artifacts import Models
+    from kdgraph.compiler.artifacts import ModelArtifacts, Models
     from kdgraph.spec import Spec
 
 
@@ -103,31 +103,45 @@ def _explicit_pair(g: nx.DiGraph, pair: ExplicitPair, loss_spec: Mapping[str, An
     g.add_edge(f"xt_{n}", f"{pair.loss}_{n}", kind="loss", shape=t_shape)
 
 
-def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, denoise: bool = False) -> str:
-    """The head loss's LOSSES entry: for a denoising task ``denoise`` with a teacher, ``ddpm``
-    without; else ``loss.logit``'s with a teacher, cross-entropy alone without."""
-    if denoise:
-        return "denoise" if has_teacher else "ddpm"
+def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, task: str = "classification") -> str:
+    """The head loss's LOSSES entry: a task's own (``TASK_HEAD_LOSSES``: the denoiser's
+    ``denoise`` with a teacher, ``ddpm`` without); else ``loss.logit``'s with a teacher,
+    cross-entropy alone without."""
+    if task in TASK_HEAD_LOSSES:
+        return TASK_HEAD_LOSSES.get(task)[0 if has_teacher else 1]
     return LOGIT_LOSSES.get(loss_spec["logit"]).entry if has_teacher else "ce"
+
+
+def task_of(spec: Spec, student: ModelArtifacts) -> str:
+    """The run's task (a ``TASKS`` name): the spec's, else inferred where unambiguous: a denoise
+    block makes it ``denoise``, per-pixel logits ``dense``, anything else ``classification``.
+    A spec that names classification or dense for a student predicting the other is refused."""
+    if spec.denoise is not None:
+        return "denoise"
+    inferred = "dense" if student.traced is not None and student.dense else "classification"
+    if spec.task in ("classification", "dense") and spec.task != inferred and student.traced is not None:
+        raise PlanError(f"task: {spec.task}, but the student's output {list(student.output_shape or ())} is "
+                        f"{'per-pixel logits' if inferred == 'dense' else 'not per-pixel logits on the input grid'}")
+    return spec.task or inferred
 
 
 def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classes: int | None,
                       has_teacher: bool, tpp_block: int | None = None, feature: str = "mse",
                       logits_shape: list[int] | None = None, loss_spec: Mapping[str, Any] | None = None,
-                      cache: str | None = None, denoise: bool = False) -> nx.DiGraph:
+                      cache: str | None = None, task: str = "classification") -> nx.DiGraph:
     """All blocks, adapters and losses; with ``tpp_block`` also ScaleKD's proxy path
     S_i -> lift_i -> P_(i+1) .. P_k -> tpp_loss, where P_j is teacher block j (frozen, shared
     with T_j) on the student's feature. ``loss_spec``: the spec's ``loss`` section, from which
     each loss node's params are resolved (None: the spec's defaults). ``cache``: the mode of
-    the teacher cache the spec names (``full`` or ``topk``), None without one. ``denoise``: the
-    head loss is the denoising one (its ``labels`` node is then the true noise)."""
+    the teacher cache the spec names (``full`` or ``topk``), None without one. ``task``: its head
+    loss where the task has its own (a denoiser's ``labels`` node is then the true noise)."""
     loss_spec = LossSpec().model_dump() if loss_spec is None else loss_spec
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
     g.add_node("input", kind="input", out_shape=list(input_shape))
     g.add_node("labels", kind="labels", out_shape=[])
-    _loss_node(g, "head_loss", "head", head_entry(loss_spec, has_teacher, denoise), k, loss_spec)
+    _loss_node(g, "head_loss", "head", head_entry(loss_spec, has_teacher, task), k, loss_spec)
     for block in pairing.blocks:
         i = block.index
         s_out = _shape(block.student) if not block.is_head else logits
@@ -313,7 +327,7 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
                                        models.student.logits_shape, spec.loss.model_dump(), cache_mode(spec),
-                                       spec.denoise is not None))
+                                       task_of(spec, models.student)))
 
 
 def cache_mode(spec: Spec) -> str | None:

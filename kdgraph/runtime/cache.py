@@ -50,7 +50,8 @@ from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.replay import teacher_weights_sha256, train_data_sha256
 from kdgraph.runtime.distiller import frozen_teacher
 from kdgraph.runtime.teacher import FrozenTeacher
-from kdgraph.runtime.techniques import autocast, init_distributed, resolve_device, shard_teacher
+from kdgraph.runtime.techniques import (autocast, channels_last_tensor, init_distributed, resolve_device,
+                                        shard_teacher)
 from kdgraph.schedules import stage_at
 from kdgraph.teacher_cache import (
     DEFAULT_TOP_K,
@@ -281,7 +282,7 @@ def _writer(compiled, config, mode_k, temperature: float, data, info, device) ->
     teacher = frozen_teacher(compiled)
     teacher.apply_(lambda t: t.to(device))
     if config.channels_last:
-        teacher.apply_(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+        teacher.apply_(channels_last_tensor)
     if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
         shard_teacher(teacher, info, device)
     return _ShardWriter(teacher, compiled.plan.k, config, mode_k[0], mode_k[1], temperature,

@@ -20,6 +20,7 @@ import random
 import tempfile
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -257,3 +258,65 @@ def load(path: Path) -> dict[str, Any]:
     # Checkpoints of kdgraph before the frozen-teacher fix also held the teacher's tensors.
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("_teacher.")}
     return state
+
+
+class RNG:
+    """The process's random generators (Python, NumPy, torch CPU and CUDA) as a checkpoint owner."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+class Value:
+    """A value of the run's own (its position, its history, a record a resume checks) as a
+    checkpoint owner: ``get()`` packs it, ``put(state)`` unpacks or checks it."""
+
+    def __init__(self, get: Callable[[], Any], put: Callable[[Any], None]):
+        self.get, self.put = get, put
+
+    def state_dict(self) -> Any:
+        return self.get()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.put(state)
+
+
+class CheckpointManager:
+    """A run's checkpoint, as torchtitan's ``CheckpointManager(states={...})``: ``states`` lists
+    what it holds, key by key, in the order a resume restores them (the records it checks
+    first); each owner packs and unpacks its own part through ``state_dict()`` and
+    ``load_state_dict()``. Saves are written in the background (``BackgroundWriter``),
+    keeping the one before as prev.pt; a resume loads the last good one."""
+
+    def __init__(self, folder, states: dict[str, Any], resume_command: Callable[[], str]):
+        self.folder, self.states, self.resume_command = folder, states, resume_command
+        self.writer = BackgroundWriter()  # checkpoints hashed and written while training goes on
+
+    def save(self) -> None:
+        """Write the owners' states as the run's last checkpoint (the save before must be whole)."""
+        self.written()  # the save before this one: its error, if any, stops the run here
+        self.writer.submit({key: owner.state_dict() for key, owner in self.states.items()},
+                           self.folder.last_checkpoint, keep_previous=True)
+
+    def written(self) -> None:
+        """Wait for the checkpoint being written in the background; a failed write stops the run."""
+        try:
+            self.writer.wait()
+        except CheckpointWriteError as exc:
+            raise KDGraphError(f"{exc}; free space and continue from it with `{self.resume_command()}`") from None
+
+    def restore(self, main: bool) -> tuple[dict[str, Any], str | None]:
+        """Load the last good checkpoint (last.pt, else prev.pt) into the owners, in order; a
+        key the checkpoint lacks or holds None (older kdgraph) is left as it is. Returns the checkpoint and a warning where it had to fall back."""
+        last = self.folder.last_checkpoint
+        state, warning = load_latest(last)
+        if warning and main and last.exists():
+            last.replace(self.folder.corrupt_checkpoint)
+            warning += f" (the damaged file is kept as {self.folder.corrupt_checkpoint})"
+        for key, owner in self.states.items():
+            if state.get(key) is not None:
+                owner.load_state_dict(state[key])
+        return state, warning

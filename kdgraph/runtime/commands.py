@@ -3,23 +3,20 @@ student (any file kdgraph writes, told apart by content), then score it or ship 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
 from kdgraph.data import DeviceLoader, build_data
-from kdgraph.diffusion import DIFFUSERS_PREDICTION, DenoiseTask, denoise_mse
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
-from kdgraph.runtime.evaluate import accuracy
-from kdgraph.runtime.export import file_format, load_student, load_trained, preprocessing_of
+from kdgraph.runtime.export import file_format, load_student, load_trained
 from kdgraph.runtime.runs import RunFolder
+from kdgraph.tasks.create import create_task, spec_task
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -36,11 +33,12 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
 
     if split not in SPLITS:
         raise KDGraphError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    layouts = spec_task(spec).layouts()  # the task's own export layouts, read back as its students
     if checkpoint is not None:
-        file_format(checkpoint, given=True)  # a --checkpoint that is not there: said before anything is built
+        file_format(checkpoint, given=True, layouts=layouts)  # a --checkpoint that is not there: said before anything is built
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
-    student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student).to(device).eval()
+    student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student, layouts).to(device).eval()
     data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
     if split == "test":
         loader, samples = data.test, data.test_samples()
@@ -52,25 +50,18 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
                            "its image folder (data.loader: stream)")
     result: dict = {"split": split, "samples": samples}
-    result.update(_scores("student", _score(spec, student, loader, device)))
+    task = create_task(spec, compiled)
+    result.update(_scores("student", task.score_trained(student, loader, device, spec.runtime.precision), task.metrics))
     if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
         teacher = compiled.teacher.model.to(device).eval()
-        result.update(_scores("teacher", _score(spec, teacher, loader, device)))
+        result.update(_scores("teacher", task.score_trained(teacher, loader, device, spec.runtime.precision),
+                              task.metrics))
     return result
 
 
-def _score(spec: Spec, model: torch.nn.Module, loader, device: torch.device) -> dict:
-    """Top-1 and top-5 of ``model`` on ``loader``; a denoiser's MSE to the true noise (the true
-    velocity with denoise.prediction: v) at each sample's fixed evaluation draw of (t, ε)."""
-    if spec.denoise is None:
-        return accuracy(model, loader, device, spec.runtime.precision)
-    return denoise_mse(model, loader, DenoiseTask.of(spec.denoise, spec.seed))
-
-
-def _scores(role: str, acc: dict) -> dict:
-    """``role``'s top-1 and top-5 and, for a dense task, its mean IoU (top-1 is pixel accuracy);
-    a denoiser's MSE."""
-    return {f"{role}_{k}": acc[k] for k in ("top1", "top5", "miou", "mse") if k in acc}
+def _scores(role: str, acc: dict, metrics: tuple[str, ...]) -> dict:
+    """``role``'s scores of the task's ``metrics``."""
+    return {f"{role}_{k}": acc[k] for k in metrics if k in acc}
 
 
 def _compile_for_eval(spec: Spec) -> Compiled:
@@ -105,65 +96,32 @@ def _without_teacher_weights(spec: Spec) -> Spec:
     return spec.model_copy(update={"teacher": teacher})
 
 
-def _export_diffusers(compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
-    """The trained diffusers student in diffusers' folder layout (``ship.ship_diffusers``)."""
-    if maps:
-        raise KDGraphError(f"{compiled.spec.student.model}: the trained student keeps adapters after blocks "
-                           f"{', '.join(map(str, sorted(maps)))}, which diffusers' layout cannot hold; distil into a student of the teacher's "
-                           "widths (no adapter stays in its inference path)")
-    compiled.student.model.eval()
-    card = {"method": compiled.plan.method, "weights_from": str(path), "command": command}
-    if compiled.spec.denoise is not None:  # a scheduler's setting: on record, for the user's scheduler
-        card["prediction_type"] = DIFFUSERS_PREDICTION[compiled.spec.denoise.prediction]
-    try:
-        return ship.ship_diffusers(compiled.student.model, to, card)
-    except (OSError, SafetensorError) as exc:
-        detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise KDGraphError(f"cannot write --to {to}: {detail}") from None
-
-
 def export_spec(spec: Spec, to: Path, checkpoint: Path | None = None, command: str | None = None) -> dict:
     """Write the shippable student (timm layout, see ``ship``; a diffusers: denoiser in
     diffusers' layout) of a run to the folder ``to``.
 
     ``checkpoint``: default OUTPUT/student.safetensors (the run's final student), else
     OUTPUT/checkpoints/last.pt. The teacher's weights are not needed."""
-    diffusers = spec.student.model.startswith("diffusers:")
-    if spec.denoise is not None and not diffusers:
-        raise KDGraphError("kdgraph export ships a classifier in timm's layout, or a diffusers: denoiser in "
-                           f"diffusers' layout; {spec.student.model} is neither: its trained weights are "
-                           f"{RunFolder(spec.output_dir).student}, its state_dict, loadable into the student model")
+    task_class = spec_task(spec)
+    task_class.check_export(spec)  # a student its task cannot ship: said before anything is built
     ship.check_destination(Path(to))  # before anything is built: a folder export may not overwrite
     if checkpoint is not None:
-        file_format(checkpoint, given=True)
+        file_format(checkpoint, given=True, layouts=task_class.layouts())
     compiled = compile_spec(_without_teacher_weights(spec), allow_missing_weights=True)
     folder = RunFolder(spec.output_dir)
     path = checkpoint
     if path is None:
         path = folder.student if folder.student.exists() else folder.last_checkpoint
     try:
-        maps = load_trained(compiled, path)
+        maps = load_trained(compiled, path, task_class.layouts())
     except KDGraphError as exc:
         prev = ckpt.previous_of(folder.last_checkpoint)
         if checkpoint is not None or path != folder.last_checkpoint or not prev.is_file():
             raise
         raise KDGraphError(f"{exc}; the run's previous checkpoint may be good: --checkpoint {prev}") from None
-    if diffusers:
-        return _export_diffusers(compiled, maps, path, Path(to), command or f"kdgraph train {spec.name}")
-    summary_file = folder.summary
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    preprocessing = summary.get("preprocessing")
-    if preprocessing is None:  # a run stopped before its summary: read the data as training did
-        from kdgraph.runtime.techniques import DistInfo
-
-        preprocessing = preprocessing_of(spec, build_data(spec, compiled.data, torch.device("cpu"), DistInfo()))
-    card = {"top1": summary.get("student_top1"), "top5": summary.get("student_top5"),
-            "teacher_top1": summary.get("teacher_top1"), "method": compiled.plan.method,
-            "resize": preprocessing.get("resize"), "weights_from": str(path),
-            "command": command or f"kdgraph train {spec.name}"}
-    compiled.student.model.eval()
+    task = create_task(spec, compiled)
     try:
-        return ship.ship_student(compiled, maps, Path(to), preprocessing, card)
+        return task.ship(spec, compiled, maps, path, Path(to), command or f"kdgraph train {spec.name}")
     except (OSError, SafetensorError) as exc:
         detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise KDGraphError(f"cannot write --to {to}: {detail}") from None

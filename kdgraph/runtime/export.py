@@ -71,10 +71,10 @@ def _width(m: nn.Module) -> int | None:
     return m.in_channels if isinstance(m, nn.Conv2d) else None
 
 
-def file_format(path: Path, given: bool = False) -> str:
+def file_format(path: Path, given: bool = False, layouts: tuple[ship.FolderLayout, ...] = ()) -> str:
     """What ``path`` holds, read from its content (never its suffix): 'export' (a folder
-    written by `kdgraph export` in timm's layout), 'diffusers' (one in diffusers' layout: a
-    ``diffusers:`` denoiser's), 'safetensors', 'torch' (a torch.save zip or pickle).
+    written by `kdgraph export` in timm's layout), the name of one of the task's other folder
+    ``layouts`` (``Task.layouts()``), 'safetensors', 'torch' (a torch.save zip or pickle).
     ``given``: the user named ``path`` (--checkpoint), so the error suggests nothing else."""
     path = Path(path)
     if (problem := path_problem(path)) is not None:
@@ -85,10 +85,11 @@ def file_format(path: Path, given: bool = False) -> str:
     if path.is_dir():
         if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
             return "export"
-        if (path / ship.DIFFUSERS_WEIGHTS).is_file() and (path / ship.CONFIG).is_file():
-            return "diffusers"
-        raise KDGraphError(f"{path} is a folder without {ship.WEIGHTS} or {ship.PROGRAM}: not a kdgraph export "
-                           f"(nor a diffusers export: {ship.CONFIG} and {ship.DIFFUSERS_WEIGHTS})")
+        for layout in layouts:
+            if layout.holds(path):
+                return layout.name
+        raise KDGraphError(f"{path} is a folder without {ship.WEIGHTS} or {ship.PROGRAM}: not a kdgraph export"
+                           + "".join(f" (nor {layout.description})" for layout in layouts))
     return "torch" if sniff(path).startswith("torch") else "safetensors"
 
 
@@ -112,7 +113,8 @@ def _folded_from_meta(compiled: Compiled, meta: dict) -> dict[int, nn.Module]:
     return folded
 
 
-def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
+def load_trained(compiled: Compiled, path: Path, layouts: tuple[ship.FolderLayout, ...] = ()
+                 ) -> dict[int, nn.Module]:
     """Load the trained student of ``path`` into ``compiled.student.model``; returns the
     folded adapter map after each block that keeps one (empty for a plain student).
 
@@ -120,7 +122,8 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
     export folder holding model.safetensors or, for a ``diffusers:`` student, a diffusers export
     folder; the format is read from the content."""
     path = Path(path)
-    kind = file_format(path)
+    kind = file_format(path, layouts=layouts)
+    other = {layout.name: layout for layout in layouts}.get(kind)  # a folder of the task's own layout
     if kind == "torch":
         from kdgraph.runtime.distiller import Distiller
 
@@ -137,8 +140,8 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
                                "re-export; evaluate it with `kdgraph eval --checkpoint` or load it with torch.export.load")
         state, meta = _read_safetensors(path / ship.WEIGHTS)
         maps, module = {}, compiled.student.model
-    elif kind == "diffusers":
-        state, maps, module = _diffusers_state(compiled, path), {}, compiled.student.model
+    elif other is not None:
+        state, maps, module = other.read(compiled, path), {}, compiled.student.model
     else:
         state, meta = _read_safetensors(path)
         maps = _folded_from_meta(compiled, meta) if meta.get("format") == "folded" else {}
@@ -150,35 +153,6 @@ def load_trained(compiled: Compiled, path: Path) -> dict[int, nn.Module]:
     return maps
 
 
-def _diffusers_state(compiled: Compiled, path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a diffusers export folder (``save_pretrained``'s) as the state_dict of the
-    spec's ``diffusers:`` student (the U-Net's under ``unet.``), once its config.json is found
-    to describe that U-Net: a U-Net of other shapes fails to load, one of other settings
-    (activation, norm eps, ...) would load and compute something else."""
-    from kdgraph.diffusers_source import DiffusersUNet
-
-    model = compiled.student.model
-    if not isinstance(model, DiffusersUNet):
-        raise KDGraphError(f"{path} is a diffusers export (config.json, {ship.DIFFUSERS_WEIGHTS}); this spec's "
-                           f"student is {compiled.spec.student.model}: a diffusers export is evaluated with the "
-                           "spec of the diffusers: student it was exported from")
-    try:
-        config = json.loads((path / ship.CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KDGraphError(f"cannot read {path / ship.CONFIG}: {str(exc).splitlines()[0]}") from None
-    mine = json.loads(model.unet.to_json_string())  # as save_pretrained writes it
-    if not isinstance(config, dict) or config.get("_class_name") != mine["_class_name"]:
-        got = config.get("_class_name") if isinstance(config, dict) else None
-        raise KDGraphError(f"{path} holds a diffusers {got or 'model of no _class_name'}; this spec's student is a "
-                           f"{mine['_class_name']}")
-    differ = [f"{k}: {config[k]!r}, the spec's {mine[k]!r}" for k in sorted(config.keys() & mine.keys())
-              if not k.startswith("_") and config[k] != mine[k]]
-    if differ:
-        raise KDGraphError(f"{path} does not fit the student of this spec: its {ship.CONFIG} differs in "
-                           f"{'; '.join(differ)}; give the spec it was exported from")
-    return {f"unet.{k}": v for k, v in read_weights_file(path / ship.DIFFUSERS_WEIGHTS).items()}
-
-
 def _exported(compiled: Compiled, folded: dict[int, nn.Module]) -> ExportedStudent:
     return ExportedStudent.of(compiled, folded)
 
@@ -188,10 +162,10 @@ def folded_maps(distiller) -> dict[int, nn.Module]:
     return {i: fold(distiller.adapters[str(i)].eval()) for i in distiller.adapters_in_inference}
 
 
-def load_student(compiled: Compiled, path: Path) -> nn.Module:
+def load_student(compiled: Compiled, path: Path, layouts: tuple[ship.FolderLayout, ...] = ()) -> nn.Module:
     """The trained student of ``path`` as one inference module (any format kdgraph writes)."""
     path = Path(path)
-    if file_format(path) == "export" and not (path / ship.WEIGHTS).is_file():
+    if file_format(path, layouts=layouts) == "export" and not (path / ship.WEIGHTS).is_file():
         check_program(path / ship.PROGRAM)  # torch.export.load runs what a crafted archive holds
         try:
             program = _ExportedProgram(torch.export.load(str(path / ship.PROGRAM)).module())
@@ -199,7 +173,7 @@ def load_student(compiled: Compiled, path: Path) -> nn.Module:
             raise KDGraphError(f"cannot load {path / ship.PROGRAM}: {str(exc).splitlines()[0]}") from None
         _check_program_fits(compiled, program, path / ship.PROGRAM)
         return program
-    maps = load_trained(compiled, path)
+    maps = load_trained(compiled, path, layouts)
     return _exported(compiled, maps) if maps else compiled.student.model
 
 

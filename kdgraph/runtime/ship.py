@@ -17,10 +17,8 @@ identity shortcuts, norms first) no exact fold exists and the student is exporte
 ``torch.export`` program, with the reason in the card. Either way the written file is
 loaded back and checked against the distiller's inference path before the export succeeds.
 
-A ``diffusers:`` student (a denoiser) is written in diffusers' own layout instead, by the
-U-Net's ``save_pretrained``: ``config.json`` (its config, with a ``_kdgraph`` block that
-diffusers ignores) and ``diffusion_pytorch_model.safetensors``; ``UNet2DModel.from_pretrained(OUT)``
-loads it without kdgraph (``ship_diffusers``).
+A task whose students ship in another library's layout writes it itself (``Task.ship``) and
+names it as a ``FolderLayout`` (the denoise task's: diffusers', ``kdgraph.tasks.denoise.layout``).
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,21 @@ from torch import nn
 from kdgraph.errors import KDGraphError
 from kdgraph.paths import path_problem
 from kdgraph.runtime.chain import ExportedStudent
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """An export folder of another library's layout that a task's students ship in (the task's
+    ``layouts()``): the files that mark it, what it is called in errors, and ``read(compiled,
+    folder)``, its weights as the spec's student's state_dict (refusing a folder of another model)."""
+
+    name: str
+    files: tuple[str, ...]
+    description: str
+    read: Callable[[Any, Path], dict]
+
+    def holds(self, folder: Path) -> bool:
+        return all((folder / f).is_file() for f in self.files)
+
 
 WEIGHTS = "model.safetensors"
 PROGRAM = "model.pt2"
@@ -280,37 +294,6 @@ def _is_export(folder: Path) -> bool:
         return False
     return isinstance(config, dict) and (isinstance(config.get("kdgraph"), dict)
                                          or isinstance(config.get("_kdgraph"), dict))
-
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-@torch.no_grad()
-def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol: float = 1e-5) -> dict[str, Any]:
-    """Write ``model.unet`` (a trained ``DiffusersUNet``) with diffusers' ``save_pretrained`` to
-    ``folder``, read it back with ``from_pretrained`` and check its prediction against
-    ``model``'s on a fixed batch. Returns {"folder", "format": "diffusers", "reason"}."""
-    folder = check_destination(folder)
-    unet = model.unet
-    unet.save_pretrained(str(folder), safe_serialization=True)
-    config_file = folder / CONFIG
-    config = json.loads(config_file.read_text())
-    config["_kdgraph"] = {k: v for k, v in card.items() if v is not None}  # keys with "_" diffusers skips
-    _write_text(config_file, json.dumps(config, indent=2) + "\n")
-    back = type(unet).from_pretrained(str(folder)).eval()
-    g = torch.Generator().manual_seed(0)
-    size = unet.config.sample_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    x = torch.randn(2, unet.config.in_channels, *size, generator=g)
-    t = torch.tensor([1, 500])
-    y = torch.tensor([0, 1]) if unet.config.num_class_embeds else None
-    dtype = next(unet.parameters()).dtype
-    expected = model(x.to(dtype), t, y).float()
-    got = back(x.to(dtype), t, class_labels=y).sample.float()
-    if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
-        raise ExportError(f"the diffusers export in {folder} does not reproduce the student "
-                          f"(max |diff| {float((got - expected).abs().max()):.3g})")
-    return {"folder": str(folder), "format": "diffusers", "reason": f"{type(unet).__name__}.save_pretrained"}
 
 
 @torch.no_grad()

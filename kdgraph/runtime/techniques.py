@@ -89,7 +89,12 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     fails ("required rank 4 tensor to use channels_last format"): Swin keeps rank-5
     buffers. Values are unchanged; only the strides of conv-shaped tensors change.
     """
-    return module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    return module._apply(channels_last_tensor)
+
+
+def channels_last_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in channels_last where it is rank 4 (conv-shaped), else ``t`` itself."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

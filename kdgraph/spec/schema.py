@@ -44,6 +44,7 @@ from kdgraph.registry import (
     MODEL_SOURCES,
     PRETRAINED_SOURCES,
     SCHEDULES,
+    TASKS,
     Method,
     dataset_choices,
     model_source_choices,
@@ -750,6 +751,10 @@ class Spec(_Strict):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Device, precision, logging.")
     denoise: DenoiseSpec | None = Field(default=None, description="The denoising task (DDPM: ε- or v-prediction; "
                                         "None: classification or per-pixel classes, as the data say).")
+    task: str | None = Field(default=None, description="The task (kdgraph.registry.TASKS: classification, dense, "
+                             "denoise, or one registered): what a batch is, the head's loss, the metrics, the "
+                             "evaluation and the export layout. None: denoise with a denoise block, else dense where "
+                             "the student predicts per-pixel logits, else classification (`kdgraph plan` shows it).")
     output: UserPath | None = Field(default=None, description="Output directory (None: runs/<name>).")
 
     _source_dir: Path | None = PrivateAttr(default=None)
@@ -976,6 +981,15 @@ class Spec(_Strict):
             raise _invalid("a teacher cache replays the teacher's outputs on the data's views; a denoiser's teacher "
                            "sees noisy images drawn anew every step", allowed="null with denoise",
                            at="teacher.cache", got=str(self.teacher.cache))
+        return self
+
+    @model_validator(mode="after")
+    def _task_registered_and_consistent(self) -> Spec:
+        if self.task is not None and self.task not in TASKS:
+            raise _invalid("no task of that name is registered", allowed=", ".join(TASKS), at="task", got=self.task)
+        if (self.task == "denoise") != (self.denoise is not None) and (self.task is not None or self.denoise is None):
+            raise _invalid("the denoise task and the denoise block go together", allowed="denoise with a denoise "
+                           "block, another task without one", at="task", got=self.task)
         return self
 
     @model_validator(mode="after")

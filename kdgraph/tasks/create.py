@@ -1,0 +1,33 @@
+"""The task of a run: its class by name (``TASKS``, the built-in tasks registered) and its
+object, built from the spec and the compiled plan."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kdgraph.registry import TASKS
+from kdgraph.tasks import classify  # noqa: F401  (registers classification, dense)
+from kdgraph.tasks.base import Task
+from kdgraph.tasks.denoise import task  # noqa: F401  (registers denoise)
+
+if TYPE_CHECKING:
+    from kdgraph.compiler import Compiled
+    from kdgraph.spec import Spec
+
+__all__ = ["create_task", "spec_task", "task_class"]
+
+
+def task_class(name: str) -> type[Task]:
+    """The task class registered as ``name``."""
+    return TASKS.get(name)
+
+
+def spec_task(spec: Spec) -> type[Task]:
+    """The task class of ``spec`` before it is compiled: its ``task``, its denoise block's, or
+    classification (dense differs from it in evaluation only)."""
+    return task_class(spec.task or ("denoise" if spec.denoise is not None else "classification"))
+
+
+def create_task(spec: Spec, compiled: Compiled) -> Task:
+    """The task object of a compiled run (``Compiled.task``)."""
+    return task_class(compiled.task)(spec, compiled)
