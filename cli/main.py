@@ -278,6 +278,8 @@ def sweep(spec: SpecArg, grid: Annotated[list[str], typer.Option(
         _fail(exc)
     out.print(sweeps.format_report(sweeps.sweep_report(s)), markup=False, highlight=False, soft_wrap=True)
 
+
+@app.command()
 def schema(out_file: Annotated[Optional[Path], typer.Option(
         "--out", help="Write the schema to this file (one `kdgraph schema` wrote, or a new one) instead of stdout.")] = None):
     """Print the spec's JSON Schema, for editors (a spec's first line: # yaml-language-server: $schema=PATH)
