@@ -86,6 +86,7 @@ LAYERS = (
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render", "kdgraph.tasks.base", "kdgraph.tasks.create",
                                "kdgraph.tasks.classify", "kdgraph.tasks.denoise.task",
                                "kdgraph.tasks.denoise.frechet", "kdgraph.tasks.denoise.layout")),
+    ("orchestration: runs of runs", ("kdgraph.sweep",)),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),
 )
 
