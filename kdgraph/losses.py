@@ -831,3 +831,6 @@ class GeneralisedJSDTokens(_TokenHead):
     terms = ("ce", "jsd")
     divergence = "jsd"
     params = {**_TokenHead.params, "coefficient": "jsd_beta"}
+
+
+from kdgraph.segmentation import losses as _dense_losses  # noqa: E402,F401  (registers pixel_kl, cwd, pkd)
