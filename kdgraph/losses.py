@@ -56,6 +56,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.lm.token_losses import chunked_token_loss
 from kdgraph.registry import LOGIT_LOSSES, Registry
+from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelKL
 
 __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
@@ -833,4 +834,7 @@ class GeneralisedJSDTokens(_TokenHead):
     params = {**_TokenHead.params, "coefficient": "jsd_beta"}
 
 
-from kdgraph.segmentation import losses as _dense_losses  # noqa: E402,F401  (registers pixel_kl, cwd, pkd)
+# The dense task's losses (kdgraph.segmentation.losses, issue 41)
+LOSSES.register("pixel_kl", PixelKL)
+LOSSES.register("cwd", ChannelWiseDistillation)
+LOSSES.register("pkd", PearsonFeatureLoss)

@@ -78,7 +78,7 @@ LAYERS = (
      ("kdgraph.weights", "kdgraph.models", "kdgraph.zoo", "kdgraph.imagefolder", "kdgraph.transforms", "kdgraph.data",
       "kdgraph.teacher_cache",
       "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses", "kdgraph.diffusion",
-      "kdgraph.diffusers_source", "kdgraph.lm",
+      "kdgraph.diffusers_source", "kdgraph.lm", "kdgraph.segmentation",
       "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render")),

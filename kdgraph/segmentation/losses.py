@@ -1,4 +1,6 @@
-"""Dense distillation losses, registered in ``kdgraph.losses.LOSSES`` where defined.
+"""Dense distillation losses; ``kdgraph.losses`` registers them in ``LOSSES`` (``pixel_kl``, ``cwd``,
+``pkd``), so this module imports nothing of it (no import cycle). Like every entry, each computes
+in float32 whatever the caller's autocast, and teacher tensors get no gradient.
 
 ``pixel_kl`` and ``cwd`` are head losses (student logits (B, C, H, W), targets (B, H', W'),
 teacher logits (B, C, H'', W'')); ``pkd`` is a feature loss (one tensor, or one per level).
@@ -12,15 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdgraph.losses import LOSSES, _frozen, no_autocast
 from kdgraph.segmentation import IGNORE_INDEX
 
 __all__ = ["ChannelWiseDistillation", "PearsonFeatureLoss", "PixelKL", "channel_wise_divergence",
            "pearson_normalise", "resize_to"]
+
+
+def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device (meta tensors, shapes only, have none)."""
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _frozen(t: torch.Tensor) -> torch.Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -50,7 +64,6 @@ def _check_dense(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Te
                          f"{tuple(student.shape)} differ in batch or classes")
 
 
-@LOSSES.register("pixel_kl")
 class PixelKL(nn.Module):
     """Pixel-wise KD: ``kl = λ T² (1/|V|) Σ_{i∈V} Σ_c p^t_{i,c} (log p^t_{i,c} − log p^s_{i,c})``,
     ``p_i = softmax_c(z_i / T)`` per pixel i, V the pixels whose label is not ``ignore_index``;
@@ -106,7 +119,6 @@ def channel_wise_divergence(student: torch.Tensor, teacher: torch.Tensor, temper
     return temperature * temperature * terms.sum() / (n * c)
 
 
-@LOSSES.register("cwd")
 class ChannelWiseDistillation(nn.Module):
     """Channel-wise distillation of dense logits (Shu et al. 2021): ``cwd = λ · CWD_T(z_s, z_t)``
     with ``CWD_T = T² / (N C) Σ_n Σ_c KL(φ(z^t_{n,c}) || φ(z^s_{n,c}))``, ``φ = softmax over the H·W
@@ -152,7 +164,6 @@ def pearson_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / (std + eps)
 
 
-@LOSSES.register("pkd")
 class PearsonFeatureLoss(nn.Module):
     """PKD's feature loss (Cao et al. 2022, eq. 5): ``pkd = w Σ_l a_l · ½ mean (ŝ_l − t̂_l)²`` over the
     levels l (one tensor, or a tuple of FPN levels paired by position), ``ŝ, t̂`` the student's and
