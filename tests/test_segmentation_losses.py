@@ -125,9 +125,10 @@ def test_cwd_with_ignored_pixels_is_the_formula_over_the_labelled_locations():
     assert out["cwd"].item() == pytest.approx(_cwd_numpy(s, t, 2.0, valid=y != 255), rel=1e-5)
 
 
-def test_logits_of_another_stride_are_resized_bilinearly_to_the_labels():
-    """A student at 1/2 and a teacher at 1/4 of the label grid: both are resized (bilinear,
-    align_corners=False, as torch's and mmseg's resize) before the per-pixel formula."""
+def test_logits_of_another_stride_are_resized_bilinearly():
+    """A student at 1/2 and a teacher at 1/4 of the label grid: for the per-pixel terms both are
+    resized to the labels (bilinear, align_corners=False, as torch's and mmseg's resize); CWD
+    compares them on the teacher's grid."""
     g = np.random.default_rng(6)
     y = g.integers(0, 3, size=(2, 8, 8))
     y[0, :2] = 255
@@ -137,8 +138,15 @@ def test_logits_of_another_stride_are_resized_bilinearly_to_the_labels():
     ce, kl = _pixel_kl_numpy(s_up, t_up, y, 2.0, 255)
     out = LOSSES.get("pixel_kl")(temperature=2.0)(*_torch(s_small, y, t_small))
     assert out["ce"].item() == pytest.approx(ce, rel=1e-5) and out["kl"].item() == pytest.approx(kl, rel=1e-5)
+    # CWD on the teacher's logit grid: the student resized to it, the labels taken to it by
+    # nearest neighbour at pixel centres (8 -> 2: rows and columns 2 and 6)
+    s_grid = F.interpolate(torch.tensor(s_small), size=(2, 2), mode="bilinear", align_corners=False).numpy()
+    valid = (y != 255)[:, 2::4, 2::4]
     cwd = LOSSES.get("cwd")(weight=1.0)(*_torch(s_small, y, t_small))["cwd"].item()
-    assert cwd == pytest.approx(_cwd_numpy(s_up, t_up, 1.0, valid=y != 255), rel=1e-5)
+    assert cwd == pytest.approx(_cwd_numpy(s_grid, t_small, 1.0, valid=valid), rel=1e-5)
+    y[0, :4] = 255  # the first teacher row of sample 0 is then ignored
+    cwd = LOSSES.get("cwd")(weight=1.0)(*_torch(s_small, y, t_small))["cwd"].item()
+    assert cwd == pytest.approx(_cwd_numpy(s_grid, t_small, 1.0, valid=(y != 255)[:, 2::4, 2::4]), rel=1e-5)
     # align_corners=False by hand at one point: output x=0 of 4 -> 8 samples input x = -0.25, clamped to 0
     assert resize_to(torch.arange(4.0).view(1, 1, 1, 4), (1, 8))[0, 0, 0].tolist() == \
         pytest.approx([0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])

@@ -123,8 +123,11 @@ class ChannelWiseDistillation(nn.Module):
     """Channel-wise distillation of dense logits (Shu et al. 2021): ``cwd = λ · CWD_T(z_s, z_t)``
     with ``CWD_T = T² / (N C) Σ_n Σ_c KL(φ(z^t_{n,c}) || φ(z^s_{n,c}))``, ``φ = softmax over the H·W
     locations of one channel at temperature T`` (mmrazor's PSPNet Cityscapes setting: T = 1, λ = 5);
-    plus ``ce = w_ce`` times the per-pixel cross-entropy with the labels. Both logits are resized to
-    the targets' size; pixels labelled ``ignore_index`` are left out of the spatial softmax.
+    plus ``ce = w_ce`` times the per-pixel cross-entropy with the labels (the student's logits resized
+    to the labels' grid). CWD is taken on the teacher's logit grid, as the paper and mmrazor take it
+    on the logit maps (the student's logits resized to it where the output strides differ); a
+    location whose label (the labels taken to that grid by nearest neighbour) is ``ignore_index``
+    is left out of the spatial softmax.
     """
 
     summary = "per-pixel cross-entropy plus channel-wise distillation: KL of per-channel spatial softmaxes (Shu et al. 2021)"
@@ -149,15 +152,20 @@ class ChannelWiseDistillation(nn.Module):
             out = {"ce": self.ce_weight * _ce(s, targets, self.ignore_index)}
             if teacher_logits is None:
                 return out
-            t = resize_to(_frozen(teacher_logits).float(), size)
+            grid = teacher_logits.shape[-2:]
             valid = _valid(targets, self.ignore_index)
-            out["cwd"] = self.weight * channel_wise_divergence(s, t, self.temperature, valid)
+            if tuple(grid) != tuple(size):
+                valid = F.interpolate(valid[:, None], size=tuple(grid), mode="nearest-exact")[:, 0]
+            t = _frozen(teacher_logits).float()
+            s_grid = resize_to(student_logits.float(), grid)
+            out["cwd"] = self.weight * channel_wise_divergence(s_grid, t, self.temperature, valid)
             return out
 
 
 def pearson_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``(x − μ_c) / (σ_c + eps)`` with μ_c, σ_c the mean and (population) standard deviation of
-    channel c over the batch and every location (Cao et al. 2022, PKD)."""
+    channel c over the batch and every location (Cao et al. 2022, PKD; mmrazor divides by the
+    unbiased estimate, larger by a factor sqrt(n / (n − 1)) over n values)."""
     dims = [d for d in range(x.dim()) if d != 1]
     mean = x.mean(dim=dims, keepdim=True)
     std = x.var(dim=dims, keepdim=True, unbiased=False).sqrt()
