@@ -56,6 +56,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.lm.token_losses import chunked_token_loss
 from kdgraph.registry import LOGIT_LOSSES, Registry
+from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelKL
 
 __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
@@ -831,3 +832,9 @@ class GeneralisedJSDTokens(_TokenHead):
     terms = ("ce", "jsd")
     divergence = "jsd"
     params = {**_TokenHead.params, "coefficient": "jsd_beta"}
+
+
+# The dense task's losses (kdgraph.segmentation.losses, issue 41)
+LOSSES.register("pixel_kl", PixelKL)
+LOSSES.register("cwd", ChannelWiseDistillation)
+LOSSES.register("pkd", PearsonFeatureLoss)

@@ -33,6 +33,7 @@ from kdgraph.tasks.denoise.diffusers_source import create_diffusers
 from kdgraph.errors import ModelError
 from kdgraph.lm.source import create_causal_lm, pretrained_causal_lm
 from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
+from kdgraph.segmentation.models import create_segmentation_model, is_segmentation_model
 from kdgraph.weights import fit_state, load_state, read_state_dict
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
     _check_torchvision_name(name)
+    if is_segmentation_model(name):  # its dict output wrapped, no backbone download (kdgraph.segmentation)
+        return create_segmentation_model(name, kwargs)
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
 

@@ -80,7 +80,7 @@ LAYERS = (
       "kdgraph.teacher_cache",
       "kdgraph.stream", "kdgraph.schedules", "kdgraph.layouts", "kdgraph.scalekd", "kdgraph.losses",
       "kdgraph.tasks", "kdgraph.tasks.denoise",  # a task's torch-free registration; its models below the runtime
-      "kdgraph.tasks.denoise.diffusion", "kdgraph.tasks.denoise.diffusers_source", "kdgraph.lm",
+      "kdgraph.tasks.denoise.diffusion", "kdgraph.tasks.denoise.diffusers_source", "kdgraph.lm", "kdgraph.segmentation",
       "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render", "kdgraph.tasks.base", "kdgraph.tasks.create",

@@ -506,7 +506,7 @@ class ScheduleSpec(_Strict):
 
 
 # The feature entries of kdgraph.losses.LOSSES (which needs torch: a test keeps the two equal).
-FeatureLoss = Literal["mse", "dfm"]
+FeatureLoss = Literal["mse", "dfm", "pkd"]
 
 
 class LayerPair(_Strict):
@@ -547,7 +547,8 @@ class LossSpec(_Strict):
     dist_gamma: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DIST: weight γ of the intra-class "
                               "relation (the authors' default: 1).")
     feature: FeatureLoss = Field(
-        default="mse", description="Loss between student and teacher block features: mse, or dfm "
+        default="mse", description="Loss between student and teacher block features: mse, pkd (Cao et al. 2022: "
+        "MSE of per-channel Pearson-normalised features), or dfm "
         "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
         "component removed).")
     feature_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of each feature loss term.")

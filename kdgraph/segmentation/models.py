@@ -1,0 +1,85 @@
+"""torchvision's segmentation models (FCN, DeepLabv3, LRASPP) as models the compiler traces.
+
+torchvision's ``forward`` returns an ``OrderedDict``: ``out``, the logits upsampled to the input's
+size, and with ``aux_loss=True`` (FCN, DeepLabv3) ``aux``, an auxiliary head's. kdgraph's head is
+one tensor, so ``SegmentationModel.forward`` returns ``out`` alone by default, ``(out, aux)`` with
+``heads=("out", "aux")`` (library use only: the plan takes one head); both at the head's own output stride (8 for the ResNets, 16 for
+MobileNetV3's DeepLabv3, 8 for LRASPP's ``out``): the last bilinear upsampling to the input's size
+is left to the losses and metrics (``kdgraph.segmentation.losses.resize_to``, bilinear,
+``align_corners=False``, as torchvision's own forward does it). torchvision's forward reads the
+input's size at its very end, so no feature map would be the only live tensor anywhere between
+(no cut); without it the backbone's stages are cuts. The wrapped model is ``net`` (its state dict is
+torchvision's under ``net.``), built with random weights: ``weights=None`` and
+``weights_backbone=None`` (torchvision's own default downloads an ImageNet backbone).
+
+``torchvision:NAME`` builds one of ``SEGMENTATION_MODELS`` as a ``SegmentationModel``; the
+``constructor`` it records (name and kwargs) is what ``kdgraph.segmentation.export`` writes beside
+the student's own state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdgraph.errors import ModelError
+
+__all__ = ["SEGMENTATION_MODELS", "SegmentationModel", "create_segmentation_model", "is_segmentation_model"]
+
+SEGMENTATION_MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                       "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+HEADS_KWARG = "heads"
+
+
+def is_segmentation_model(name: str) -> bool:
+    """True for a torchvision model name whose forward returns the segmentation dict."""
+    return name in SEGMENTATION_MODELS
+
+
+class SegmentationModel(nn.Module):
+    """``forward(x) -> out`` (B, C, H, W), or ``(out, aux)`` with ``heads=("out", "aux")``.
+    ``net`` is the torchvision model; ``constructor`` its ``(name, kwargs)``."""
+
+    def __init__(self, net: nn.Module, name: str, kwargs: dict[str, Any], heads: tuple[str, ...] = ("out",)):
+        super().__init__()
+        has_aux = getattr(net, "aux_classifier", None) is not None
+        if heads not in (("out",), ("out", "aux")):
+            raise ModelError(f"torchvision:{name}: heads must be [out] or [out, aux], got {list(heads)}")
+        if "aux" in heads and not has_aux:
+            raise ModelError(f"torchvision:{name}: heads [out, aux] needs aux_loss: true (an auxiliary head)")
+        self.net = net
+        self.heads = heads
+        self.constructor = (name, dict(kwargs))
+
+    @property
+    def num_classes(self) -> int:
+        """Channels of ``out`` (the logits' width)."""
+        return int(next(m for m in reversed(list(self.net.modules())) if isinstance(m, nn.Conv2d)).out_channels)
+
+    def forward(self, x: torch.Tensor):
+        features = self.net.backbone(x)
+        if self.net.__class__.__name__ == "LRASPP":  # its head reads the "low" and "high" features
+            return self.net.classifier(features)
+        out = self.net.classifier(features["out"])
+        if self.heads == ("out",):
+            return out
+        return out, self.net.aux_classifier(features["aux"])
+
+
+def create_segmentation_model(name: str, kwargs: dict[str, Any], heads: tuple[str, ...] = ("out",)) -> SegmentationModel:
+    """``torchvision.models.get_model(name, weights=None, weights_backbone=None, **kwargs)`` wrapped,
+    returning ``heads``. The ``torchvision:`` source builds ``out`` alone: a plan has one head
+    tensor until the dense task names several (issue 41), and a ``heads`` kwarg is refused."""
+    import torchvision
+
+    if not is_segmentation_model(name):
+        raise ModelError(f"torchvision:{name} is not a segmentation model; these are: {', '.join(SEGMENTATION_MODELS)}")
+    if HEADS_KWARG in kwargs:
+        raise ModelError(f"torchvision:{name}: kwargs.heads is not a torchvision argument; the plan takes the "
+                         "'out' logits as its one head (the auxiliary head is not planned yet)")
+    kwargs = dict(kwargs)
+    kwargs.setdefault("weights_backbone", None)
+    net = torchvision.models.get_model(name, weights=None, **kwargs)
+    return SegmentationModel(net, name, kwargs, heads)
