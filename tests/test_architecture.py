@@ -226,10 +226,10 @@ def test_the_cli_installs_inside_the_kdgraph_namespace(tmp_path):
     assert out.stdout.strip() == "True"
 
 
-def test_readme_pipeline_picture_is_drawn_from_the_code():
+def test_the_docs_pipeline_picture_is_drawn_from_the_code():
     from kdgraph.compiler import pipeline_mermaid
 
-    assert "```mermaid\n" + pipeline_mermaid() + "```" in (ROOT / "README.md").read_text()
+    assert "```mermaid\n" + pipeline_mermaid() + "```" in (ROOT / "docs" / "concepts.md").read_text()
 
 
 # Issue 23's goal read as the flow of execution: while `kdgraph train` runs a spec, how often
