@@ -4,7 +4,7 @@
          -> segments -> BlockGraph -> Plan (a Program per training stage)
 
 One pass per module of this package; ``PASSES`` is their order, kept there alone (the
-README's pipeline picture is drawn from it, and each pass module's docstring gives its
+the docs' pipeline picture (docs/concepts.md) is drawn from it, and each pass module's docstring gives its
 number). Each pass is a function of the artifacts before it that returns a new, frozen
 artifact (records in ``kdgraph.ir``, built objects in ``artifacts``), called by name through
 its ``Pass`` (as torch.fx's ``PassBase``: ``requires`` the artifacts it reads, named in the
@@ -230,7 +230,7 @@ def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts 
 
 
 def pipeline_mermaid() -> str:
-    """The pipeline as a Mermaid flowchart, drawn from ``PASSES`` (the README shows it)."""
+    """The pipeline as a Mermaid flowchart, drawn from ``PASSES`` (docs/concepts.md shows it)."""
     lines = ["flowchart LR", '  spec(["Spec<br/>kdgraph/spec/"])']
     prev = "spec"
     for number, p in enumerate(PASSES, start=1):
