@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kdgraph.archive import open_archive
 from kdgraph.errors import ModelError
 from kdgraph.registry import METHODS
 
@@ -120,6 +121,8 @@ def _read_safetensors(path: Path, data: DataMode) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path, mmap: bool) -> Any:
+    if sniff(path) == "torch":
+        open_archive(path, ModelError, "checkpoint").close()  # what torch's reader sees is what zipfile sees
     try:
         if mmap:  # only a path maps; a zip file named *.safetensors would go to safetensors by its suffix
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

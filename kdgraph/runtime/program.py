@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kdgraph.archive import open_archive
 from kdgraph.errors import KDGraphError
 
 __all__ = ["UnsafeProgramError", "check_program"]
@@ -73,11 +74,7 @@ def check_program(path: Path) -> None:
     Reads the zip's directory, its JSON and its sample inputs (``weights_only=True``); no
     tensor data is read. Raises UnsafeProgramError naming the first entry refused."""
     path = Path(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise UnsafeProgramError(f"cannot read {path}: not a torch.export archive ({exc})") from None
-    with archive:
+    with open_archive(path, UnsafeProgramError, "torch.export program") as archive:  # one entry per name, for torch's reader too
         names = archive.namelist()
         roots = {name.split("/", 1)[0] for name in names}
         if len(roots) != 1 or any("/" not in name for name in names):
