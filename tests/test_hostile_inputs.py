@@ -49,7 +49,8 @@ def test_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path, entry):
     spec = write_spec(tiny_spec(out, "kd+mse"), tmp_path / "spec.yaml")
     marker = tmp_path / "PWNED"
     evil = _evil_checkpoint(out / "checkpoints" / "last.pt", marker)
-    if entry == "train --resume":
+    if entry == "train --resume":  # a run folder handed over: kdgraph's record beside the payload
+        (out / "run.json").write_text(json.dumps({"spec": load_spec(str(spec)).to_dict()}))
         proc = run_cli("train", str(spec), "--resume", "--quiet")
     elif entry == "eval --checkpoint":
         proc = run_cli("eval", str(spec), "--checkpoint", str(evil))
@@ -323,6 +324,7 @@ def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
     for name in ours + theirs:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
+    (out / "run.json").write_text(json.dumps({"spec": {"seed": 0}}))  # kdgraph's record: the folder is a run's
     claim(out, {"seed": 0}, resume=False, force=True)
     assert [n for n in ours if n != "run.json" and (out / n).exists()] == []
     assert all((out / n).read_text() == n for n in theirs)
@@ -808,14 +810,18 @@ def _tiny_program(path, channels=1, classes=10):
 
 
 def _rewrite_archive(src, dst, edit):
+    import warnings
     import zipfile
 
     with zipfile.ZipFile(src) as z:
         files = {name: z.read(name) for name in z.namelist()}
     edit(files)
-    with zipfile.ZipFile(dst, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+    entries = files.pop("__entries__", None) or list(files.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a name written twice, and writes it
+        with zipfile.ZipFile(dst, "w") as z:
+            for name, data in entries:
+                z.writestr(name, data)
     return dst
 
 
@@ -894,9 +900,24 @@ def _custom_object(marker):
     return edit
 
 
+def _pickled_copies_then_a_clean_one(marker, copies=30, rename=lambda name: name):
+    """The weights config ``copies`` times marked ``use_pickle`` (its weight a code payload), then
+    once clean: zipfile returns the last copy, torch's reader a pickled one."""
+    def edit(files):
+        clean = dict(files)
+        _pickled_weight(marker)(files)
+        name = next(n for n in files if n.endswith("model_weights_config.json"))
+        evil = files.pop(name)
+        files["__entries__"] = list(files.items()) + [(rename(name), evil)] * copies + [(name, clean[name])]
+    return edit
+
+
 _CRAFTED = {"pickled weight": _pickled_weight, "pickled sample inputs": _pickled_sample_inputs,
             "target torch.os.system": _target_os_system, "guards_code": _guards_code,
-            "expression": _sympy_expr, "custom object": _custom_object}
+            "expression": _sympy_expr, "custom object": _custom_object,
+            "pickled config given 31 times, the last clean": _pickled_copies_then_a_clean_one,
+            "pickled config under a name differing in case": lambda marker: _pickled_copies_then_a_clean_one(
+                marker, copies=1, rename=lambda name: name.replace("model_weights", "Model_weights"))}
 
 
 def test_kdgraphs_own_kind_of_program_passes_the_check(tmp_path):
@@ -916,6 +937,15 @@ def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
     evil = _rewrite_archive(good, folder / "model.pt2", _CRAFTED[craft](marker))
     with pytest.raises(UnsafeProgramError, match="refusing to load"):
         check_program(evil)
+    if craft.startswith("pickled config"):  # the payload is live: torch's own reader runs it
+        proc = run_cli("eval", str(write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")),
+                       "--checkpoint", str(folder))
+        _one_line_error(proc, "refusing to load", str(evil), "weights_config.json", "readers could disagree")
+        assert not marker.exists()
+        with pytest.raises(Exception):
+            torch.export.load(str(evil))
+        assert marker.exists()
+        return
     if craft == "pickled weight":  # through the CLI: one line, exit 2, nothing run
         spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
         proc = run_cli("eval", str(spec), "--checkpoint", str(folder))
