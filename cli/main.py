@@ -10,13 +10,15 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from kdgraph.errors import KDGraphError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it.")
-out = Console()
-err = Console(stderr=True)
+# markup off: user text (paths, --set values, `kdgraph[diffusion]`) prints as it is; no terminal: no wrapping
+out = Console(markup=False, width=None if sys.stdout.isatty() else 10_000)
+err = Console(stderr=True, markup=False)
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML spec file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -85,7 +87,7 @@ def _plain_warnings() -> None:
 
 
 def _fail(exc: KDGraphError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -93,3 +93,35 @@ def test_help(runner, command, word):
     res = runner.invoke(app, [command, "--help"])
     assert res.exit_code == 0, _all(res)
     assert word in res.output
+
+
+@pytest.mark.parametrize("text", ["runs/[/]x", "pip install 'kdgraph[diffusion]'", "a [bold]b[/bold] [red]", "[/"])
+def test_errors_print_user_text_as_it_is(runner, monkeypatch, text):
+    """rich markup in a message (a path or --set value holding `[/]`, an extra's name) crashed
+    the printer with MarkupError or was eaten; it prints verbatim, exit 2."""
+    import kdgraph.cli.main as cli
+    from kdgraph.errors import KDGraphError
+
+    def refuse(*args, **kwargs):
+        raise KDGraphError(f"cannot use {text}: because")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    res = runner.invoke(app, ["plan", QS])
+    assert res.exit_code == 2, _all(res)
+    assert f"error: cannot use {text}: because" in _all(res)
+
+
+def test_an_output_path_with_brackets_is_printed_intact_through_the_cli(runner, tmp_path):
+    out = tmp_path / "runs" / "[/]" / "[b]x"
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--set", f"output={out}", "--set", "data.root=/nonexistent[/]"])
+    assert res.exit_code in (0, 2), _all(res)
+    assert "MarkupError" not in _all(res) and "Traceback" not in _all(res)
+
+
+def test_plan_tables_do_not_wrap_without_a_terminal(runner):
+    """Piped (no terminal, no COLUMNS), a table row is one line however wide."""
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT], env={"COLUMNS": ""})
+    assert res.exit_code == 0, _all(res)
+    assert max(len(line) for line in res.output.splitlines()) > 80
+    rows = [line for line in res.output.splitlines() if "PCA of the teacher at block ends" in line]
+    assert rows and all(line.rstrip().endswith(("│", "┃")) for line in rows), rows
