@@ -645,3 +645,31 @@ def test_plan_text_summarises_many_cuts_and_json_keeps_them(tmp_path, pair, widt
         assert "│ 7 tensors: 8×16² (2), 16×8² (2), 32×4² (2), 64×2² " in row
         assert "│ 7 / 7 tensors (shapes above) " in wide
         assert "conv1x1 per tensor: 4→8→4 (2), 8→16→8 (2), 16→32→16 (2), 32→64→32, 7,312 params" in wide
+
+
+# -- a class-conditional denoiser must embed the data's classes --------------------------------------
+
+def test_class_conditional_with_a_model_built_without_classes_is_refused_at_plan(tmp_path):
+    """num_classes: null built a U-Net without a class embedding: it ignored y and trained unconditional
+    while the plan listed the class input."""
+    from kdgraph.compiler import compile_spec
+    from kdgraph.errors import KDGraphError
+
+    spec = _spec(tmp_path)
+    spec["student"]["kwargs"]["num_classes"] = None
+    with pytest.raises(KDGraphError, match=r"class_conditional: true, but DiffusionUNet was built without classes "
+                                           r"\(num_classes: None\)"):
+        compile_spec(load_spec(spec), allow_missing_weights=True, materialize=False)
+
+
+def test_a_denoiser_with_fewer_classes_than_the_data_is_one_line(tmp_path):
+    """3 class embeddings on 4-class data: IndexError in the embedding, now exit 2 before training."""
+    from _runtime_helpers import run_cli, write_spec
+
+    spec = _spec(tmp_path)
+    for role in ("student", "teacher"):
+        spec[role]["kwargs"]["num_classes"] = 3
+    proc = run_cli("train", str(write_spec(spec, tmp_path / "s.yaml")), "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher.kwargs.num_classes: the teacher embeds 3 classes, the data has 4" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -795,16 +795,16 @@ def test_export_refuses_a_folder_that_is_not_a_kdgraph_export(tmp_path):
 
 # --- a torch.export program (model.pt2) from anyone: read without running what it holds ----
 
-def _tiny_program(path, channels=1, classes=10):
+def _tiny_program(path, channels=1, classes=10, dynamic=True):
     """A real torch.export archive of a tiny CxHxW=channelsx8x8 classifier with a dynamic batch, as kdgraph
-    writes them."""
+    writes them (``dynamic=False``: a fixed batch of 2)."""
     from torch import nn
 
     model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, classes))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),), dynamic_shapes=({0: batch},),
-                                  strict=False)
+    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),),
+                                  dynamic_shapes=({0: batch},) if dynamic else None, strict=False)
     torch.export.save(program, str(path))
     return path
 
@@ -1067,14 +1067,17 @@ def test_a_path_component_over_255_bytes_is_one_line(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["spec.yaml"] if where != "spec" else [])
 
 
-@pytest.mark.parametrize("other", [{"classes": 5}, {"channels": 3}])
+@pytest.mark.parametrize("other", [{"classes": 5}, {"channels": 3}, {"dynamic": False}])
 def test_eval_of_a_program_exported_from_another_pair_is_one_line(tmp_path, other):
     folder = tmp_path / "export"
     folder.mkdir()
     _tiny_program(folder / "model.pt2", **other)
     spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
-    what = "predicts 5 classes, this spec's student 10" if "classes" in other else "does not take this spec's input"
-    _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), "does not fit the student", what)
+    what = {"classes": "predicts 5 classes, this spec's student 10", "channels": "does not take this spec's input",
+            "dynamic": "takes a fixed batch size"}[next(iter(other))]
+    fits = "dynamic" not in other  # a fixed batch fits the pair, not evaluation's batches
+    _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), str(folder / "model.pt2"), what,
+                    *(["does not fit the student"] if fits else []))
 
 
 @pytest.mark.parametrize("name,instead", [("ImageFolder", "imagefolder"), ("FakeData", "synthetic")])

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdgraph.compiler import compile_spec
+from kdgraph.compiler.trace import check_class_inputs
 from kdgraph.data import build_data
 from kdgraph.diffusion import DenoiseTask, ddim_sample, denoise_mse, pixel_range, save_grid
 from kdgraph.errors import KDGraphError
@@ -143,6 +144,8 @@ class Trainer:
             raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
         if self.denoise is not None and self.denoise.judge is not None:
             Judge.finished_run(self.denoise.judge)  # before training, not after it
+        if self.task is not None and self.task.class_conditional:
+            check_class_inputs(self.compiled, self.data.num_classes)
         if self.task is None and self.compiled.num_classes is not None \
                 and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
