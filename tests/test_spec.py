@@ -206,3 +206,18 @@ def test_missing_file_named(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "nope.yaml")
     assert info.value.path == "" and "nope.yaml" in info.value.message
+
+
+@pytest.mark.parametrize("command", ["plan", "cache", "train"])
+def test_a_teacher_cache_that_is_a_file_is_a_spec_error(tmp_path, command):
+    """`kdgraph cache` with teacher.cache naming a file died with FileExistsError."""
+    from _runtime_helpers import run_cli, tiny_spec, write_spec
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    args = [command, str(spec), "--set", f"teacher.cache={afile}", *(["--epochs", "1"] if command == "cache" else [])]
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher.cache: a teacher cache is a folder, and this is a file" in " ".join(proc.stderr.split())
+    assert afile.read_text() == "mine" and not (tmp_path / "run").exists()

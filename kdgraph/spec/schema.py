@@ -274,6 +274,14 @@ class TeacherSpec(ModelSpec):
         "time as it runs. Needs torchrun with 2 or more ranks; not with runtime.compile or loss.tpp.",
     )
 
+    @field_validator("cache")
+    @classmethod
+    def _cache_is_a_folder(cls, v: Path | None) -> Path | None:
+        if v is not None and (v.is_file() or (v.exists() and not v.is_dir())):
+            raise _invalid("a teacher cache is a folder, and this is a file",
+                           allowed="a folder kdgraph cache wrote, or a path that does not exist yet")
+        return v
+
 
 def _pretrained_sources() -> list[str]:
     """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
