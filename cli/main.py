@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from kdgraph.errors import KDGraphError
+from kdgraph.errors import KDGraphError, disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it.")
@@ -260,7 +260,13 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
 
 def main() -> None:
     """Entry point of the `kdgraph` script and `python -m kdgraph`."""
-    app(prog_name="kdgraph")
+    try:
+        app(prog_name="kdgraph")
+    except Exception as exc:  # noqa: BLE001 - a full disk under any writer is the user's to fix: one line
+        if (known := disk_full(exc)) is None:
+            raise
+        err.print(Text.assemble(("error:", "bold red"), f" {known}"), highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,47 @@ def test_plan_tables_do_not_wrap_without_a_terminal(runner):
     assert max(len(line) for line in res.output.splitlines()) > 80
     rows = [line for line in res.output.splitlines() if "PCA of the teacher at block ends" in line]
     assert rows and all(line.rstrip().endswith(("│", "┃")) for line in rows), rows
+
+
+def test_a_full_disk_under_any_writer_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """safetensors' SafetensorError ("os error 28") from the student's export at an epoch's end was a
+    traceback; every writer's way of saying ENOSPC is one line, exit 2."""
+    import sys
+
+    import torch
+
+    import kdgraph.cli.main as cli
+    from kdgraph.runtime import export
+
+    from _runtime_helpers import tiny_spec, write_spec
+
+    class SafetensorError(Exception):  # safetensors' own error type shares no base with OSError
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_file", full)
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd", epochs=1, fraction=0.1), tmp_path / "spec.yaml")
+    monkeypatch.setattr(sys, "argv", ["kdgraph", "train", str(spec), "--quiet"])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and "the disk is full or over quota (Error while serializing" in err
+    assert "--resume" in err
+
+
+@pytest.mark.parametrize("exc,full", [(OSError(28, "No space left on device"), True),
+                                      (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                                                    "failed writing file data/0: file write failed"), True),
+                                      (RuntimeError("unexpected pos 64 vs 0"), True),
+                                      (OSError(13, "Permission denied"), False), (ValueError("x"), False)])
+def test_disk_full_recognises_each_writers_words(exc, full):
+    from kdgraph.errors import disk_full
+
+    assert (disk_full(exc) is not None) == full
