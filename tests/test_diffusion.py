@@ -673,3 +673,22 @@ def test_a_denoiser_with_fewer_classes_than_the_data_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "teacher.kwargs.num_classes: the teacher embeds 3 classes, the data has 4" in " ".join(proc.stderr.split())
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("other", [{"dataset": "digits"}, {"num_classes": 10}, {"input_size": [1, 8, 8]}])
+def test_a_judge_trained_on_other_data_is_refused_before_training(tmp_path, other):
+    """An 8x8 digits classifier judged a Fashion-MNIST DDPM and a Fréchet distance was reported anyway."""
+    from kdgraph.errors import KDGraphError
+
+    spec = load_spec(_spec(tmp_path / "d", method="supervised", student="diffusion_unet_teacher", epochs=1))
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    data = {**spec.to_dict()["data"], **other}
+    (judge / "run.json").write_text(json.dumps({"spec": {"data": data}}))
+    (judge / "student.safetensors").write_bytes(b"x")
+    (judge / "summary.json").write_text("{}")
+    spec = load_spec({**spec.to_dict(), "denoise": {**spec.to_dict()["denoise"], "judge": str(judge)}})
+    key = next(iter(other))
+    with pytest.raises(KDGraphError, match=f"denoise.judge: .*judge classifies other data \\(data.{key} "):
+        loop.Trainer(spec)
+    assert not (tmp_path / "d" / "run" / "checkpoints").exists()

@@ -144,6 +144,7 @@ class Trainer:
             raise KDGraphError("denoise: a denoiser is trained from data held in memory (data.loader: memory)")
         if self.denoise is not None and self.denoise.judge is not None:
             Judge.finished_run(self.denoise.judge)  # before training, not after it
+            runs.check_judge_data(self.denoise.judge, spec.to_dict()["data"])
         if self.task is not None and self.task.class_conditional:
             check_class_inputs(self.compiled, self.data.num_classes)
         if self.task is None and self.compiled.num_classes is not None \

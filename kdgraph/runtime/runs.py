@@ -318,6 +318,24 @@ def resume_command(out: Path) -> str:
                      *(f"--set {shlex.quote(o)}" for o in where[-1:]), "--resume"])
 
 
+# What a classifier judging a denoiser's samples must share with the denoiser's data.
+JUDGE_DATA_KEYS = ("dataset", "root", "num_classes", "input_size")
+
+
+def check_judge_data(judge: Path, data: dict) -> None:
+    """The run in ``judge`` (denoise.judge) was trained on ``data`` (a resolved spec's data
+    section): a classifier of other images measures nothing about these samples."""
+    stored = stored_run(judge) or {}
+    theirs = (stored.get("spec") or {}).get("data") if isinstance(stored.get("spec"), dict) else None
+    if not isinstance(theirs, dict):
+        raise OutputError(f"denoise.judge: {judge}/{RunFolder(judge).stored_spec.name} holds no data section")
+    diff = [f"data.{k} {theirs.get(k)!r} there, {data.get(k)!r} here" for k in JUDGE_DATA_KEYS
+            if theirs.get(k) != data.get(k) and not (k == "input_size" and None in (theirs.get(k), data.get(k)))]
+    if diff:
+        raise OutputError(f"denoise.judge: {judge} classifies other data ({'; '.join(diff)}), so its features "
+                          "would not measure these samples; give a classifier run of this dataset")
+
+
 def earlier_run(out: Path) -> list[str]:
     """``RunFolder(out).earlier_run()``."""
     return RunFolder(out).earlier_run()
