@@ -285,12 +285,27 @@ def _is_export(folder: Path) -> bool:
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+def clear_earlier_export(folder: Path) -> None:
+    """Remove what an earlier kdgraph export in ``folder`` wrote, by its config's block (timm's
+    layout: weights or program and card; diffusers': its weights), so that an export of the
+    other layout leaves none of it beside its own files; nothing else there is touched."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    ours = (WEIGHTS, PROGRAM, CARD) if isinstance(config, dict) and isinstance(config.get("kdgraph"), dict) else \
+        (DIFFUSERS_WEIGHTS,) if isinstance(config, dict) and isinstance(config.get("_kdgraph"), dict) else ()
+    for name in ours:
+        (folder / name).unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol: float = 1e-5) -> dict[str, Any]:
     """Write ``model.unet`` (a trained ``DiffusersUNet``) with diffusers' ``save_pretrained`` to
     ``folder``, read it back with ``from_pretrained`` and check its prediction against
     ``model``'s on a fixed batch. Returns {"folder", "format": "diffusers", "reason"}."""
     folder = check_destination(folder)
+    clear_earlier_export(folder)
     unet = model.unet
     unet.save_pretrained(str(folder), safe_serialization=True)
     config_file = folder / CONFIG
@@ -335,6 +350,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     trained = (ExportedStudent.of(compiled, maps) if maps else compiled.student.model).eval()
     reference = trained(probe).float()
     folded = fold_into_student(compiled, maps)
+    clear_earlier_export(folder)  # a diffusers export's weights too
     for stale in (WEIGHTS, PROGRAM):
         (folder / stale).unlink(missing_ok=True)
     if folded.model is not None:
