@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,12 +93,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _refused_global(exc: Exception) -> str:
-    """The global the unpickler refused (torch names it in its message), for the error."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if "global" in line.lower():
-            return line.rstrip(".")
-    return "see torch.load(weights_only=True)"
+    """The global the unpickler refused (torch names it in its message), for the error; not
+    torch's advice around it (allowlist the global, retry with weights_only=False)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it asks for {found.group(1)}" if found else "a global torch.load(weights_only=True) refuses"
 
 
 def _read_safetensors(path: Path, data: DataMode) -> dict[str, torch.Tensor]:
