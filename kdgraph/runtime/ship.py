@@ -312,7 +312,7 @@ def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol
     config = json.loads(config_file.read_text())
     config["_kdgraph"] = {k: v for k, v in card.items() if v is not None}  # keys with "_" diffusers skips
     _write_text(config_file, json.dumps(config, indent=2) + "\n")
-    back = type(unet).from_pretrained(str(folder)).eval()
+    back = type(unet).from_pretrained(str(folder), low_cpu_mem_usage=False).eval()  # no "accelerate not found"
     g = torch.Generator().manual_seed(0)
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
