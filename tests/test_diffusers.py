@@ -199,7 +199,7 @@ def test_a_diffusers_pair_plans_on_the_meta_device(tmp_path):
         assert len(d[role]["side_tensors"]) == 3  # one list per block
 
 
-def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_its_files(tmp_path, capfd):
+def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_its_files(tmp_path, capfd, caplog):
     """The old README.md and model.safetensors stayed beside the new config.json: a folder that
     looked like both layouts. Another tool's file there stays. And the check's read-back says
     nothing ("accelerate was not found" on every export)."""
@@ -220,4 +220,4 @@ def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_it
                                                         "notes.txt"]
     assert (folder / "notes.txt").read_text() == "mine"
     assert json.loads((folder / "config.json").read_text())["_kdgraph"] == {"prediction_type": "epsilon"}
-    assert "accelerate" not in capfd.readouterr().err
+    assert "accelerate" not in capfd.readouterr().err + caplog.text
