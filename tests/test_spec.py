@@ -274,3 +274,10 @@ def test_projected_adapters_with_a_method_that_compares_no_features_are_refused(
     with pytest.raises(SpecError, match=f"decompose.adapters: schedule.method {method} compares no block features"):
         load_spec(raw)
     load_spec(_tiny(tmp_path, "stablekd", decompose={"blocks": 4, "adapters": "projected"}))
+
+
+def test_a_temperature_that_overflows_the_logits_is_refused(tmp_path):
+    """temperature 1e-300 divided the logits into inf: a NaN loss whose advice was to lower the lr."""
+    with pytest.raises(SpecError, match=r"loss.temperature: .*greater than or equal to 0.001"):
+        load_spec(_tiny(tmp_path, loss={"temperature": 1e-300}))
+    load_spec(_tiny(tmp_path, loss={"temperature": 1e-3}))

@@ -46,7 +46,7 @@ from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.replay import TeacherCache, split_cached
 from kdgraph.runtime.runs import RunFolder, readable
-from kdgraph.runtime.stability import StabilityTracker
+from kdgraph.runtime.stability import StabilityTracker, nonfinite_advice
 from kdgraph.runtime.techniques import (
     RecompileWatch,
     apply_cudnn_benchmark,
@@ -454,7 +454,7 @@ class Trainer:
         last = self.folder.last_checkpoint
         kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
-                            "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
+                            + nonfinite_advice(self.global_step - 1))
 
     def end_epoch(self, meter: EpochMeter, stage: TrainingStage, epoch: int) -> None:
         """Account the epoch, evaluate where due, record it, and checkpoint at its end."""

@@ -530,7 +530,7 @@ class LossSpec(_Strict):
                              "the labels; 0 is function matching (Beyer et al.: the teacher's logits alone), "
                              "which needs a teacher.")
     kl_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ of KL(teacher logits) in the head loss (loss.logit: kl).")
-    temperature: Float = Field(default=1.0, gt=0.0, le=1000.0, description="Softmax temperature of the logit "
+    temperature: Float = Field(default=1.0, ge=1e-3, le=1000.0, description="Softmax temperature of the logit "
                                "loss (KL, DKD, DIST) and of TPP's KL.")
     dkd_alpha: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DKD: weight α of the target-class "
                              "term TCKD (mdistiller's CIFAR-100 setting: 1).")
