@@ -273,7 +273,18 @@ def check_destination(folder: Path) -> Path:
                       "replacing files of those names: name a new or empty folder")
 
 
+INCOMPLETE = ".kdgraph-export-incomplete"  # while an export writes (left by a killed one: a rerun writes over it)
+
+
+def _begin_export(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")
+    return folder
+
+
 def _is_export(folder: Path) -> bool:
+    if (folder / INCOMPLETE).is_file():
+        return True
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -304,7 +315,7 @@ def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol
     """Write ``model.unet`` (a trained ``DiffusersUNet``) with diffusers' ``save_pretrained`` to
     ``folder``, read it back with ``from_pretrained`` and check its prediction against
     ``model``'s on a fixed batch. Returns {"folder", "format": "diffusers", "reason"}."""
-    folder = check_destination(folder)
+    folder = _begin_export(check_destination(folder))
     clear_earlier_export(folder)
     unet = model.unet
     unet.save_pretrained(str(folder), safe_serialization=True)
@@ -325,6 +336,7 @@ def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol
     if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
         raise ExportError(f"the diffusers export in {folder} does not reproduce the student "
                           f"(max |diff| {float((got - expected).abs().max()):.3g})")
+    (folder / INCOMPLETE).unlink()
     return {"folder": str(folder), "format": "diffusers", "reason": f"{type(unet).__name__}.save_pretrained"}
 
 
@@ -339,8 +351,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     """
     from safetensors.torch import save_file
 
-    folder = check_destination(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _begin_export(check_destination(folder))
 
     card = dict(card or {})
     c, h, w = compiled.input_size
@@ -382,4 +393,5 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     config = timm_config(compiled, preprocessing, card)
     _write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     _write_text(folder / CARD, model_card(config, compiled, card))
+    (folder / INCOMPLETE).unlink()
     return {"folder": str(folder), "format": card["format"], "reason": card["reason"], "max_abs_diff": err}
