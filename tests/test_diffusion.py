@@ -673,6 +673,7 @@ def test_a_denoiser_with_fewer_classes_than_the_data_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "teacher.kwargs.num_classes: the teacher embeds 3 classes, the data has 4" in " ".join(proc.stderr.split())
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "run.json").exists()  # a refused run leaves no record of a run
 
 
 @pytest.mark.parametrize("other", [{"dataset": "digits"}, {"num_classes": 10}, {"input_size": [1, 8, 8]}])

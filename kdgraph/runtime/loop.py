@@ -782,7 +782,9 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = Fa
             runs.claim(spec.output_dir, spec.to_dict(), resume, force, source)
         if info.enabled:
             torch.distributed.barrier()
-        return Trainer(spec).fit(resume, quiet)
+        with runs.unclaimed_on_refusal(spec.output_dir, info.is_main and not resume):
+            trainer = Trainer(spec)
+        return trainer.fit(resume, quiet)
     finally:
         lock.release()
 

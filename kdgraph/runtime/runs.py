@@ -443,3 +443,17 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
         _remove_run_files(folder, kept)  # a forced start, or what a run killed before its first checkpoint left
     record = {"spec": resolved, **(source or {}), "kept": [p.relative_to(folder.root).as_posix() for p in kept]}
     folder.stored_spec.write_text(json.dumps(record, indent=2))
+
+
+@contextlib.contextmanager
+def unclaimed_on_refusal(out: Path, fresh: bool):
+    """Around building a run that ``claim`` just recorded (``fresh``: not a resume): where the
+    build is refused (a KDGraphError: bad data, a judge of other data), the run.json it wrote
+    goes too, when it is the only file of a run in the folder; a refused run leaves nothing."""
+    try:
+        yield
+    except KDGraphError:
+        folder = RunFolder(out)
+        if fresh and _written_by_runs(folder) == [folder.stored_spec]:
+            folder.stored_spec.unlink()
+        raise
