@@ -12,6 +12,7 @@ per name, with the bytes ``zipfile`` reads.
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 from pathlib import Path
@@ -28,26 +29,31 @@ _END64 = b"PK\x06\x06"
 _STORED_OR_DEFLATED = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 
-def open_archive(path: Path, error: type[KDGraphError] = KDGraphError, what: str = "archive") -> zipfile.ZipFile:
-    """``path`` opened with ``zipfile`` after checking that no reader can see other entries
-    than it does; raises ``error`` (one line naming ``what`` and the file, and what is wrong)
-    otherwise. Reads the directory and each local header, no entry's data."""
-    path = Path(path)
+def open_archive(path: Path | bytes, error: type[KDGraphError] = KDGraphError, what: str = "archive",
+                 name: str = "") -> zipfile.ZipFile:
+    """``path`` (a file, or an archive's bytes called ``name``: a zip inside a zip) opened with
+    ``zipfile`` after checking that no reader can see other entries than it does; raises
+    ``error`` (one line naming ``what`` and the file, and what is wrong) otherwise. Reads the
+    directory and each local header, no entry's data."""
+    label = name or str(path)
+    def source():
+        return io.BytesIO(path) if isinstance(path, bytes) else Path(path).open("rb")
+
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(io.BytesIO(path) if isinstance(path, bytes) else Path(path))
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
-        raise error(f"cannot read {what} {path} (truncated or corrupt, or not a zip archive): {exc}") from None
+        raise error(f"cannot read {what} {label} (truncated or corrupt, or not a zip archive): {exc}") from None
     try:
-        with path.open("rb") as f:
+        with source() as f:
             _check_names(archive.infolist())
-            _check_layout(f, archive, path.stat().st_size)
+            _check_layout(f, archive, f.seek(0, io.SEEK_END))
     except _Ambiguous as exc:
         archive.close()
-        raise error(f"refusing to load {path}: {exc}; readers could disagree on what it holds "
+        raise error(f"refusing to load {label}: {exc}; readers could disagree on what it holds "
                     "(torch writes no such archive)") from None
     except OSError as exc:
         archive.close()
-        raise error(f"cannot read {what} {path}: {exc}") from None
+        raise error(f"cannot read {what} {label}: {exc}") from None
     return archive
 
 

@@ -930,10 +930,36 @@ def _pickled_copies_then_a_clean_one(marker, copies=30, rename=lambda name: name
     return edit
 
 
+def _sample_inputs_with_a_pickled_copy(marker):
+    """The sample inputs (a torch zip inside the zip) holding data.pkl twice: a code payload, then the
+    clean one."""
+    def edit(files):
+        import io
+        import warnings
+        import zipfile
+
+        name = next(n for n in files if "/sample_inputs/" in n)
+        with zipfile.ZipFile(io.BytesIO(files[name])) as inner:
+            entries = [(i.filename, inner.read(i)) for i in inner.infolist()]
+        with zipfile.ZipFile(io.BytesIO(_pickled(marker))) as evil:
+            payload = evil.read(next(n for n in evil.namelist() if n.endswith("data.pkl")))
+        pkl = next(n for n, _ in entries if n.endswith("data.pkl"))
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with zipfile.ZipFile(buffer, "w") as out:
+                out.writestr(pkl, payload)
+                for n, d in entries:
+                    out.writestr(n, d)
+        files[name] = buffer.getvalue()
+    return edit
+
+
 _CRAFTED = {"pickled weight": _pickled_weight, "pickled sample inputs": _pickled_sample_inputs,
             "target torch.os.system": _target_os_system, "guards_code": _guards_code,
             "expression": _sympy_expr, "custom object": _custom_object,
             "pickled config given 31 times, the last clean": _pickled_copies_then_a_clean_one,
+            "sample inputs holding data.pkl twice": _sample_inputs_with_a_pickled_copy,
             "pickled config under a name differing in case": lambda marker: _pickled_copies_then_a_clean_one(
                 marker, copies=1, rename=lambda name: name.replace("model_weights", "Model_weights"))}
 

@@ -127,6 +127,8 @@ def _check_sample_inputs(path: Path, entry: str, data: bytes) -> None:
     """torch.export.load tries ``weights_only=True`` and falls back to False: only the first may succeed."""
     if not data:
         return
+    # a zip inside the zip: torch reads it with its own reader, so it must read alike too
+    open_archive(data, UnsafeProgramError, "sample inputs", name=f"{path}: {entry}").close()
     try:
         torch.load(io.BytesIO(data), weights_only=True)
     except Exception:  # noqa: BLE001 - any failure here and torch retries with weights_only=False
