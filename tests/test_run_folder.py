@@ -151,3 +151,22 @@ def test_force_on_a_kdgraph_run_deletes_its_files_and_keeps_another_tools_files(
     assert _unchanged(out, theirs)
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert left == ["notes.md", "run.json", "tensorboard/events.out.tfevents.1.other-tool"]
+
+
+@pytest.mark.parametrize("name", ["student.safetensors", "checkpoints/last.pt"])
+def test_a_link_at_a_name_a_run_writes_is_refused_even_in_a_run_folder(tmp_path, name):
+    """Training writes student.safetensors (and checkpoints) in place: through a link it would
+    replace the user's file the link points to."""
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.runs import claim
+
+    precious = tmp_path / "precious.safetensors"
+    precious.write_text("the user's model")
+    out = tmp_path / "qt"
+    _kdgraph_run(out, files=("metrics.jsonl",))
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).symlink_to(precious)
+    for resume, force in ((True, False), (False, True)):
+        with pytest.raises(KDGraphError, match=f"holds links at names a run writes \\({name}\\)"):
+            claim(out, {"seed": 0}, resume=resume, force=force)
+    assert precious.read_text() == "the user's model" and (out / name).is_symlink()

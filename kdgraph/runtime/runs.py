@@ -365,6 +365,11 @@ def _refuse_what_kdgraph_did_not_write(folder: RunFolder, record: dict | None) -
     """Files a run may not touch (returned: another tool's files in checkpoints/ or tensorboard/,
     as recorded when the folder was first claimed). Without kdgraph's run record the folder is
     not a run's, and a file at a name a run writes is refused, --force included."""
+    links = [p for p in _written_by_runs(folder) if p.is_symlink() and p.parent in (folder.root, folder.checkpoints)]
+    if links:  # kdgraph writes none: writing there would replace the file a link points to
+        names = ", ".join(p.relative_to(folder.root).as_posix() for p in links)
+        raise OutputError(f"{folder.root} holds links at names a run writes ({names}); a run would write through "
+                          "them into the files they point to; remove the links, or choose another output")
     if record is not None:
         kept = [folder.root / name for name in record.get("kept") or [] if isinstance(name, str)]
         return [p for p in kept if p.exists() and folder.root in p.parents]
