@@ -170,3 +170,19 @@ def test_a_link_at_a_name_a_run_writes_is_refused_even_in_a_run_folder(tmp_path,
         with pytest.raises(KDGraphError, match=f"holds links at names a run writes \\({name}\\)"):
             claim(out, {"seed": 0}, resume=resume, force=force)
     assert precious.read_text() == "the user's model" and (out / name).is_symlink()
+
+
+def test_the_cli_refuses_a_teacher_checkpoint_inside_the_output_before_deleting_it(tmp_path):
+    """`train --force --set output=runs/qt --set teacher.checkpoint=runs/qt/student.safetensors` deleted
+    the teacher's weights, then failed with "checkpoint not found"."""
+    from _runtime_helpers import run_cli, tiny_spec, write_spec
+
+    out = tmp_path / "qt"
+    _kdgraph_run(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    spec = write_spec(tiny_spec(out, "kd", epochs=1, teacher_checkpoint=out / "student.safetensors"),
+                      tmp_path / "spec.yaml")
+    proc = run_cli("train", str(spec), "--force", "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher.checkpoint is" in proc.stderr and "would delete or overwrite it" in " ".join(proc.stderr.split())
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
