@@ -679,7 +679,7 @@ def test_a_num_classes_mismatch_names_num_classes_not_an_invariant(tmp_path):
     ("optim.lr=true", "optim.lr", ["true/false is not a number", "a number > 0 and <= 10"]),
     ("optim.lr=1.0e+23", "optim.lr", ["a number > 0 and <= 10"]),
     ("data.batch_size=10000000", "data.batch_size", ["an integer from 1 to 65536"]),
-    ("loss.temperature=-1", "loss.temperature", ["a number > 0 and <= 1000"]),
+    ("loss.temperature=-1", "loss.temperature", ["a number >= 0.001 and <= 1000"]),
     ("runtime.compile=1", "runtime.compile", ["must be a valid boolean", "true/false"]),
     ("seed=18446744073709551616", "seed", ["an integer from 0 to 4294967295"]),
     ("seed=-1", "seed", ["an integer from 0 to 4294967295"]),
