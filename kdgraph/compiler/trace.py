@@ -504,9 +504,12 @@ def side_inputs(spec: Spec, model: nn.Module) -> tuple[SideInput, ...]:
     return tuple(side)
 
 
-def check_class_inputs(compiled: Any, data_classes: int) -> None:
-    """A class-conditional denoiser embeds every class of the data: a model (``compiled``'s
-    teacher or student) built for fewer (its ``num_classes``) would index past its class embedding."""
+def check_class_inputs(compiled: Any, data_classes: int, denoise: Any) -> None:
+    """A class-conditional denoiser (``denoise``: the spec's, or None) embeds every class of the
+    data: a model (``compiled``'s teacher or student) built for fewer (its ``num_classes``) would
+    index past its class embedding."""
+    if denoise is None or not denoise.class_conditional:
+        return
     for role in ("teacher", "student"):
         art = getattr(compiled, role)
         classes = getattr(art.model, "num_classes", None) if art is not None else None

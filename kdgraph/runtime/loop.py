@@ -145,8 +145,7 @@ class Trainer:
         if self.denoise is not None and self.denoise.judge is not None:
             Judge.finished_run(self.denoise.judge)  # before training, not after it
             runs.check_judge_data(self.denoise.judge, spec.to_dict()["data"])
-        if self.task is not None and self.task.class_conditional:
-            check_class_inputs(self.compiled, self.data.num_classes)
+        check_class_inputs(self.compiled, self.data.num_classes, spec.denoise)
         if self.task is None and self.compiled.num_classes is not None \
                 and self.data.num_classes > self.compiled.num_classes:
             raise KDGraphError(f"{spec.data.dataset} has {self.data.num_classes} classes but the student predicts "
