@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,9 +17,14 @@ from kdgraph.errors import KDGraphError, disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it.")
-# markup off: user text (paths, --set values, `kdgraph[diffusion]`) prints as it is; no terminal: no wrapping
-out = Console(markup=False, width=None if sys.stdout.isatty() else 10_000)
+# markup off: user text (paths, --set values, `kdgraph[diffusion]`) prints as it is
+out = Console(markup=False)
 err = Console(stderr=True, markup=False)
+
+
+def _table_width() -> int | None:
+    """Tables' width: the terminal's (or COLUMNS); piped without COLUMNS, unwrapped (not rich's 80)."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 10_000
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML spec file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -133,7 +139,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     elif format is PlanFormat.mermaid:
         sys.stdout.write(blockgraph.to_mermaid(compiled.graph))
     else:
-        out.print(plan_view(compiled))
+        Console(markup=False, width=_table_width()).print(plan_view(compiled))
     if png is not None:
         try:
             drawn = draw_block_graph(compiled.graph, png, compiled.spec.name)
