@@ -91,7 +91,8 @@ def _check_layout(f, archive: zipfile.ZipFile, size: int) -> None:
     position = 0
     for info in infos:
         if info.header_offset != position:
-            raise _Ambiguous(f"{info.header_offset - position:+d} bytes outside any entry before {info.filename[:200]!r}")
+            raise _Ambiguous(f"{info.header_offset - position:+d} bytes outside any entry before "
+                             f"{info.filename[:200]!r}")
         position = _check_entry(f, info)
     if archive.start_dir != position:
         raise _Ambiguous("bytes outside any entry before the central directory")

@@ -127,7 +127,8 @@ def _end_record_counts_fewer(path):
 _LAYOUT_CRAFTS = {"a local header naming another file": (_local_name_differs, "disagrees with the central"),
                   "bytes before the archive": (_bytes_before_the_archive, "outside any entry"),
                   "a hidden entry between two listed ones": (_hidden_bytes_between_entries, "outside any entry"),
-                  "a comment holding an end record": (_comment_with_an_end_record, "(comment|end record|outside any entry)"),
+                  "a comment holding an end record": (_comment_with_an_end_record,
+                                                      "(comment|end record|outside any entry)"),
                   "an end record counting fewer entries": (_end_record_counts_fewer, "counts")}
 
 

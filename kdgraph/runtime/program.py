@@ -74,7 +74,8 @@ def check_program(path: Path) -> None:
     Reads the zip's directory, its JSON and its sample inputs (``weights_only=True``); no
     tensor data is read. Raises UnsafeProgramError naming the first entry refused."""
     path = Path(path)
-    with open_archive(path, UnsafeProgramError, "torch.export program") as archive:  # one entry per name, for torch's reader too
+    # one entry per name, the same for torch's reader
+    with open_archive(path, UnsafeProgramError, "torch.export program") as archive:
         names = archive.namelist()
         roots = {name.split("/", 1)[0] for name in names}
         if len(roots) != 1 or any("/" not in name for name in names):

@@ -969,7 +969,8 @@ class Spec(_Strict):
         method = METHODS.get(self.schedule.method)
         if self.decompose.adapters == "projected" and not (method.decomposes or method.feature_losses or self.loss.tpp):
             raise _invalid(f"schedule.method {method.name} compares no block features, so no loss would use the "
-                           "projections (their PCA would still be fitted)", allowed=f"auto or in_path with {method.name}",
+                           "projections (their PCA would still be fitted)",
+                           allowed=f"auto or in_path with {method.name}",
                            at="decompose.adapters", got="projected")
         return self
 
