@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -10,13 +11,20 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from kdgraph.errors import KDGraphError
+from kdgraph.errors import KDGraphError, disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="kdgraph: compile a teacher-student YAML spec into a staged distillation plan and run it.")
-out = Console()
-err = Console(stderr=True)
+# markup off: user text (paths, --set values, `kdgraph[diffusion]`) prints as it is
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+
+def _table_width() -> int | None:
+    """Tables' width: the terminal's (or COLUMNS); piped without COLUMNS, unwrapped (not rich's 80)."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 10_000
 
 SpecArg = Annotated[Path, typer.Argument(help="YAML spec file.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -85,7 +93,7 @@ def _plain_warnings() -> None:
 
 
 def _fail(exc: KDGraphError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -131,7 +139,7 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     elif format is PlanFormat.mermaid:
         sys.stdout.write(blockgraph.to_mermaid(compiled.graph))
     else:
-        out.print(plan_view(compiled))
+        Console(markup=False, width=_table_width()).print(plan_view(compiled))
     if png is not None:
         try:
             drawn = draw_block_graph(compiled.graph, png, compiled.spec.name)
@@ -298,7 +306,13 @@ def schema(out_file: Annotated[Optional[Path], typer.Option(
 
 def main() -> None:
     """Entry point of the `kdgraph` script and `python -m kdgraph`."""
-    app(prog_name="kdgraph")
+    try:
+        app(prog_name="kdgraph")
+    except Exception as exc:  # noqa: BLE001 - a full disk under any writer is the user's to fix: one line
+        if (known := disk_full(exc)) is None:
+            raise
+        err.print(Text.assemble(("error:", "bold red"), f" {known}"), highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

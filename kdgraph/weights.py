@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kdgraph.archive import open_archive
 from kdgraph.errors import ModelError
 from kdgraph.registry import METHODS
 
@@ -91,12 +93,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _refused_global(exc: Exception) -> str:
-    """The global the unpickler refused (torch names it in its message), for the error."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if "global" in line.lower():
-            return line.rstrip(".")
-    return "see torch.load(weights_only=True)"
+    """The global the unpickler refused (torch names it in its message), for the error; not
+    torch's advice around it (allowlist the global, retry with weights_only=False)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"it asks for {found.group(1)}" if found else "a global torch.load(weights_only=True) refuses"
 
 
 def _read_safetensors(path: Path, data: DataMode) -> dict[str, torch.Tensor]:
@@ -120,6 +120,8 @@ def _read_safetensors(path: Path, data: DataMode) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path, mmap: bool) -> Any:
+    if sniff(path) == "torch":
+        open_archive(path, ModelError, "checkpoint").close()  # what torch's reader sees is what zipfile sees
     try:
         if mmap:  # only a path maps; a zip file named *.safetensors would go to safetensors by its suffix
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -131,3 +131,79 @@ def test_schema_out_to_a_folder_is_refused(runner, tmp_path):
     res = runner.invoke(app, ["schema", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "is a folder" in _all(res), _all(res)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["runs/[/]x", "pip install 'kdgraph[diffusion]'", "a [bold]b[/bold] [red]", "[/"])
+def test_errors_print_user_text_as_it_is(runner, monkeypatch, text):
+    """rich markup in a message (a path or --set value holding `[/]`, an extra's name) crashed
+    the printer with MarkupError or was eaten; it prints verbatim, exit 2."""
+    import kdgraph.cli.main as cli
+    from kdgraph.errors import KDGraphError
+
+    def refuse(*args, **kwargs):
+        raise KDGraphError(f"cannot use {text}: because")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    res = runner.invoke(app, ["plan", QS])
+    assert res.exit_code == 2, _all(res)
+    assert f"error: cannot use {text}: because" in _all(res)
+
+
+def test_an_output_path_with_brackets_is_printed_intact_through_the_cli(runner, tmp_path):
+    out = tmp_path / "runs" / "[/]" / "[b]x"
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT, "--set", f"output={out}", "--set", "data.root=/nonexistent[/]"])
+    assert res.exit_code in (0, 2), _all(res)
+    assert "MarkupError" not in _all(res) and "Traceback" not in _all(res)
+
+
+def test_plan_tables_do_not_wrap_without_a_terminal(runner):
+    """Piped (no terminal, no COLUMNS), a table row is one line however wide."""
+    res = runner.invoke(app, ["plan", QS, *NO_CKPT], env={"COLUMNS": ""})
+    assert res.exit_code == 0, _all(res)
+    assert max(len(line) for line in res.output.splitlines()) > 80
+    rows = [line for line in res.output.splitlines() if "PCA of the teacher at block ends" in line]
+    assert rows and all(line.rstrip().endswith(("│", "┃")) for line in rows), rows
+
+
+def test_a_full_disk_under_any_writer_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """safetensors' SafetensorError ("os error 28") from the student's export at an epoch's end was a
+    traceback; every writer's way of saying ENOSPC is one line, exit 2."""
+    import sys
+
+    import torch
+
+    import kdgraph.cli.main as cli
+    from kdgraph.runtime import export
+
+    from _runtime_helpers import tiny_spec, write_spec
+
+    class SafetensorError(Exception):  # safetensors' own error type shares no base with OSError
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_file", full)
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd", epochs=1, fraction=0.1), tmp_path / "spec.yaml")
+    monkeypatch.setattr(sys, "argv", ["kdgraph", "train", str(spec), "--quiet"])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and "the disk is full or over quota (Error while serializing" in err
+    assert "--resume" in err
+
+
+@pytest.mark.parametrize("exc,full", [(OSError(28, "No space left on device"), True),
+                                      (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
+                                                    "failed writing file data/0: file write failed"), True),
+                                      (RuntimeError("unexpected pos 64 vs 0"), True),
+                                      (OSError(13, "Permission denied"), False), (ValueError("x"), False)])
+def test_disk_full_recognises_each_writers_words(exc, full):
+    from kdgraph.errors import disk_full
+
+    assert (disk_full(exc) is not None) == full

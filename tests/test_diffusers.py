@@ -197,3 +197,27 @@ def test_a_diffusers_pair_plans_on_the_meta_device(tmp_path):
         assert d[role]["side_inputs"] == [{"name": "t", "kind": "timestep", "high": 100},
                                           {"name": "y", "kind": "class", "high": 4}]
         assert len(d[role]["side_tensors"]) == 3  # one list per block
+
+
+def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_its_files(tmp_path, capfd, caplog):
+    """The old README.md and model.safetensors stayed beside the new config.json: a folder that
+    looked like both layouts. Another tool's file there stays. And the check's read-back says
+    nothing ("accelerate was not found" on every export)."""
+    from diffusers import UNet2DModel
+
+    from kdgraph.diffusers_source import DiffusersUNet
+    from kdgraph.runtime.ship import ship_diffusers
+
+    folder = tmp_path / "ship"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet_tiny", "kdgraph": {"spec": "x"}}))
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    (folder / "README.md").write_text("old card")
+    (folder / "notes.txt").write_text("mine")
+    torch.manual_seed(0)
+    ship_diffusers(DiffusersUNet(UNet2DModel(**CONFIG)).eval(), folder, {"prediction_type": "epsilon"})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                        "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert json.loads((folder / "config.json").read_text())["_kdgraph"] == {"prediction_type": "epsilon"}
+    assert "accelerate" not in capfd.readouterr().err + caplog.text

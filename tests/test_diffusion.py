@@ -671,3 +671,51 @@ def test_each_ddim_step_is_the_update_written_out():
         a_next = ab[seen[i + 1][0]] if i + 1 < len(seen) else 1.0
         x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
     assert torch.allclose(out.double(), x, atol=1e-6)
+
+
+# -- a class-conditional denoiser must embed the data's classes --------------------------------------
+
+def test_class_conditional_with_a_model_built_without_classes_is_refused_at_plan(tmp_path):
+    """num_classes: null built a U-Net without a class embedding: it ignored y and trained unconditional
+    while the plan listed the class input."""
+    from kdgraph.compiler import compile_spec
+    from kdgraph.errors import KDGraphError
+
+    spec = _spec(tmp_path)
+    spec["student"]["kwargs"]["num_classes"] = None
+    with pytest.raises(KDGraphError, match=r"class_conditional: true, but DiffusionUNet was built without classes "
+                                           r"\(num_classes: None\)"):
+        compile_spec(load_spec(spec), allow_missing_weights=True, materialize=False)
+
+
+def test_a_denoiser_with_fewer_classes_than_the_data_is_one_line(tmp_path):
+    """3 class embeddings on 4-class data: IndexError in the embedding, now exit 2 before training."""
+    from _runtime_helpers import run_cli, write_spec
+
+    spec = _spec(tmp_path)
+    for role in ("student", "teacher"):
+        spec[role]["kwargs"]["num_classes"] = 3
+    proc = run_cli("train", str(write_spec(spec, tmp_path / "s.yaml")), "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher.kwargs.num_classes: the teacher embeds 3 classes, the data has 4" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "run" / "run.json").exists()  # a refused run leaves no record of a run
+
+
+@pytest.mark.parametrize("other", [{"dataset": "digits"}, {"num_classes": 10}, {"input_size": [1, 8, 8]}])
+def test_a_judge_trained_on_other_data_is_refused_before_training(tmp_path, other):
+    """An 8x8 digits classifier judged a Fashion-MNIST DDPM and a Fréchet distance was reported anyway."""
+    from kdgraph.errors import KDGraphError
+
+    spec = load_spec(_spec(tmp_path / "d", method="supervised", student="diffusion_unet_teacher", epochs=1))
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    data = {**spec.to_dict()["data"], **other}
+    (judge / "run.json").write_text(json.dumps({"spec": {"data": data}}))
+    (judge / "student.safetensors").write_bytes(b"x")
+    (judge / "summary.json").write_text("{}")
+    spec = load_spec({**spec.to_dict(), "denoise": {**spec.to_dict()["denoise"], "judge": str(judge)}})
+    key = next(iter(other))
+    with pytest.raises(KDGraphError, match=f"denoise.judge: .*judge classifies other data \\(data.{key} "):
+        loop.Trainer(spec)
+    assert not (tmp_path / "d" / "run" / "checkpoints").exists()

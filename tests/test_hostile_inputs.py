@@ -49,7 +49,8 @@ def test_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path, entry):
     spec = write_spec(tiny_spec(out, "kd+mse"), tmp_path / "spec.yaml")
     marker = tmp_path / "PWNED"
     evil = _evil_checkpoint(out / "checkpoints" / "last.pt", marker)
-    if entry == "train --resume":
+    if entry == "train --resume":  # a run folder handed over: kdgraph's record beside the payload
+        (out / "run.json").write_text(json.dumps({"spec": load_spec(str(spec)).to_dict()}))
         proc = run_cli("train", str(spec), "--resume", "--quiet")
     elif entry == "eval --checkpoint":
         proc = run_cli("eval", str(spec), "--checkpoint", str(evil))
@@ -58,6 +59,24 @@ def test_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path, entry):
     _one_line_error(proc, "refusing to load", str(evil), "posix.system")
     assert not marker.exists()
     assert evil.exists()  # the file is left for the user to inspect
+
+
+class _Opaque:
+    """A plain class: torch's refusal advises allowlisting it or weights_only=False."""
+
+
+@pytest.mark.parametrize("payload", ["os.system", "a class"])
+def test_a_refused_pickled_checkpoint_names_the_global_without_torchs_advice(tmp_path, payload):
+    evil = tmp_path / "teacher.pt"
+    torch.save({"conv1.weight": _Payload(tmp_path / "PWNED") if payload == "os.system" else _Opaque()}, evil)
+    with pytest.raises(KDGraphError) as info:
+        from kdgraph.weights import read_state_dict
+        read_state_dict(evil)
+    message = str(info.value)
+    assert ("posix.system" if payload == "os.system" else "test_hostile_inputs._Opaque") in message
+    for advice in ("weights_only=False", "weights_only` set to `False", "add_safe_globals", "if you trust"):
+        assert advice not in message, message
+    assert "\n" not in message and not (tmp_path / "PWNED").exists()
 
 
 def test_teacher_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path):
@@ -323,6 +342,7 @@ def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
     for name in ours + theirs:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
+    (out / "run.json").write_text(json.dumps({"spec": {"seed": 0}}))  # kdgraph's record: the folder is a run's
     claim(out, {"seed": 0}, resume=False, force=True)
     assert [n for n in ours if n != "run.json" and (out / n).exists()] == []
     assert all((out / n).read_text() == n for n in theirs)
@@ -659,7 +679,7 @@ def test_a_num_classes_mismatch_names_num_classes_not_an_invariant(tmp_path):
     ("optim.lr=true", "optim.lr", ["true/false is not a number", "a number > 0 and <= 10"]),
     ("optim.lr=1.0e+23", "optim.lr", ["a number > 0 and <= 10"]),
     ("data.batch_size=10000000", "data.batch_size", ["an integer from 1 to 65536"]),
-    ("loss.temperature=-1", "loss.temperature", ["a number > 0 and <= 1000"]),
+    ("loss.temperature=-1", "loss.temperature", ["a number >= 0.001 and <= 1000"]),
     ("runtime.compile=1", "runtime.compile", ["must be a valid boolean", "true/false"]),
     ("seed=18446744073709551616", "seed", ["an integer from 0 to 4294967295"]),
     ("seed=-1", "seed", ["an integer from 0 to 4294967295"]),
@@ -793,29 +813,33 @@ def test_export_refuses_a_folder_that_is_not_a_kdgraph_export(tmp_path):
 
 # --- a torch.export program (model.pt2) from anyone: read without running what it holds ----
 
-def _tiny_program(path, channels=1, classes=10):
+def _tiny_program(path, channels=1, classes=10, dynamic=True):
     """A real torch.export archive of a tiny CxHxW=channelsx8x8 classifier with a dynamic batch, as kdgraph
-    writes them."""
+    writes them (``dynamic=False``: a fixed batch of 2)."""
     from torch import nn
 
     model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, classes))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),), dynamic_shapes=({0: batch},),
-                                  strict=False)
+    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),),
+                                  dynamic_shapes=({0: batch},) if dynamic else None, strict=False)
     torch.export.save(program, str(path))
     return path
 
 
 def _rewrite_archive(src, dst, edit):
+    import warnings
     import zipfile
 
     with zipfile.ZipFile(src) as z:
         files = {name: z.read(name) for name in z.namelist()}
     edit(files)
-    with zipfile.ZipFile(dst, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+    entries = files.pop("__entries__", None) or list(files.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about a name written twice, and writes it
+        with zipfile.ZipFile(dst, "w") as z:
+            for name, data in entries:
+                z.writestr(name, data)
     return dst
 
 
@@ -894,9 +918,50 @@ def _custom_object(marker):
     return edit
 
 
+def _pickled_copies_then_a_clean_one(marker, copies=30, rename=lambda name: name):
+    """The weights config ``copies`` times marked ``use_pickle`` (its weight a code payload), then
+    once clean: zipfile returns the last copy, torch's reader a pickled one."""
+    def edit(files):
+        clean = dict(files)
+        _pickled_weight(marker)(files)
+        name = next(n for n in files if n.endswith("model_weights_config.json"))
+        evil = files.pop(name)
+        files["__entries__"] = list(files.items()) + [(rename(name), evil)] * copies + [(name, clean[name])]
+    return edit
+
+
+def _sample_inputs_with_a_pickled_copy(marker):
+    """The sample inputs (a torch zip inside the zip) holding data.pkl twice: a code payload, then the
+    clean one."""
+    def edit(files):
+        import io
+        import warnings
+        import zipfile
+
+        name = next(n for n in files if "/sample_inputs/" in n)
+        with zipfile.ZipFile(io.BytesIO(files[name])) as inner:
+            entries = [(i.filename, inner.read(i)) for i in inner.infolist()]
+        with zipfile.ZipFile(io.BytesIO(_pickled(marker))) as evil:
+            payload = evil.read(next(n for n in evil.namelist() if n.endswith("data.pkl")))
+        pkl = next(n for n, _ in entries if n.endswith("data.pkl"))
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with zipfile.ZipFile(buffer, "w") as out:
+                out.writestr(pkl, payload)
+                for n, d in entries:
+                    out.writestr(n, d)
+        files[name] = buffer.getvalue()
+    return edit
+
+
 _CRAFTED = {"pickled weight": _pickled_weight, "pickled sample inputs": _pickled_sample_inputs,
             "target torch.os.system": _target_os_system, "guards_code": _guards_code,
-            "expression": _sympy_expr, "custom object": _custom_object}
+            "expression": _sympy_expr, "custom object": _custom_object,
+            "pickled config given 31 times, the last clean": _pickled_copies_then_a_clean_one,
+            "sample inputs holding data.pkl twice": _sample_inputs_with_a_pickled_copy,
+            "pickled config under a name differing in case": lambda marker: _pickled_copies_then_a_clean_one(
+                marker, copies=1, rename=lambda name: name.replace("model_weights", "Model_weights"))}
 
 
 def test_kdgraphs_own_kind_of_program_passes_the_check(tmp_path):
@@ -916,6 +981,15 @@ def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
     evil = _rewrite_archive(good, folder / "model.pt2", _CRAFTED[craft](marker))
     with pytest.raises(UnsafeProgramError, match="refusing to load"):
         check_program(evil)
+    if craft.startswith("pickled config"):  # the payload is live: torch's own reader runs it
+        proc = run_cli("eval", str(write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")),
+                       "--checkpoint", str(folder))
+        _one_line_error(proc, "refusing to load", str(evil), "weights_config.json", "readers could disagree")
+        assert not marker.exists()
+        with pytest.raises(Exception):
+            torch.export.load(str(evil))
+        assert marker.exists()
+        return
     if craft == "pickled weight":  # through the CLI: one line, exit 2, nothing run
         spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
         proc = run_cli("eval", str(spec), "--checkpoint", str(folder))
@@ -1037,14 +1111,17 @@ def test_a_path_component_over_255_bytes_is_one_line(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["spec.yaml"] if where != "spec" else [])
 
 
-@pytest.mark.parametrize("other", [{"classes": 5}, {"channels": 3}])
+@pytest.mark.parametrize("other", [{"classes": 5}, {"channels": 3}, {"dynamic": False}])
 def test_eval_of_a_program_exported_from_another_pair_is_one_line(tmp_path, other):
     folder = tmp_path / "export"
     folder.mkdir()
     _tiny_program(folder / "model.pt2", **other)
     spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
-    what = "predicts 5 classes, this spec's student 10" if "classes" in other else "does not take this spec's input"
-    _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), "does not fit the student", what)
+    what = {"classes": "predicts 5 classes, this spec's student 10", "channels": "does not take this spec's input",
+            "dynamic": "takes a fixed batch size"}[next(iter(other))]
+    fits = "dynamic" not in other  # a fixed batch fits the pair, not evaluation's batches
+    _one_line_error(run_cli("eval", str(spec), "--checkpoint", str(folder)), str(folder / "model.pt2"), what,
+                    *(["does not fit the student"] if fits else []))
 
 
 @pytest.mark.parametrize("name,instead", [("ImageFolder", "imagefolder"), ("FakeData", "synthetic")])

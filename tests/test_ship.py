@@ -253,3 +253,51 @@ def test_unreadable_students_give_one_clear_error(tmp_path, case):
     with pytest.raises(KDGraphError, match=expected[case]) as info:
         load_student(compiled, path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+_PREPROCESSING = {"input_size": [1, 8, 8], "mean": [0.3], "std": [0.4]}
+
+
+def test_an_export_over_an_earlier_diffusers_export_leaves_none_of_its_files(tmp_path):
+    """The reverse of tests/test_diffusers.py's case: timm's layout over diffusers' drops the old
+    diffusion_pytorch_model.safetensors, and keeps another tool's file."""
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "kd")))
+    folder = tmp_path / "ship"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "_kdgraph": {"x": 1}}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"old weights")
+    (folder / "notes.txt").write_text("mine")
+    result = ship_student(compiled, {}, folder, _PREPROCESSING, {"top1": 12.5})
+    assert result["format"] == "state_dict"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_killed_midway_leaves_a_folder_the_rerun_writes_over(tmp_path, monkeypatch):
+    """A kill while the weights were written left model.safetensors without config.json, and the
+    rerun refused the folder as "not a kdgraph export"."""
+    import safetensors.torch
+
+    from kdgraph.runtime.ship import check_destination
+
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path / "run", "kd")))
+    folder = tmp_path / "ship"
+    real = safetensors.torch.save_file
+
+    def killed(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # the signal arrives mid-write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ship_student(compiled, {}, folder, _PREPROCESSING, {"top1": 12.5})
+    assert (folder / "model.safetensors").read_bytes() == b"half a file" and not (folder / "config.json").exists()
+    assert check_destination(folder) == folder
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert ship_student(compiled, {}, folder, _PREPROCESSING, {"top1": 12.5})["format"] == "state_dict"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (folder / "config.json").unlink()  # a user's folder of that shape is still refused
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not a kdgraph export"):
+        check_destination(folder)

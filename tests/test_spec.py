@@ -206,3 +206,78 @@ def test_missing_file_named(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "nope.yaml")
     assert info.value.path == "" and "nope.yaml" in info.value.message
+
+
+@pytest.mark.parametrize("command", ["plan", "cache", "train"])
+def test_a_teacher_cache_that_is_a_file_is_a_spec_error(tmp_path, command):
+    """`kdgraph cache` with teacher.cache naming a file died with FileExistsError."""
+    from _runtime_helpers import run_cli, tiny_spec, write_spec
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
+    args = [command, str(spec), "--set", f"teacher.cache={afile}", *(["--epochs", "1"] if command == "cache" else [])]
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "teacher.cache: a teacher cache is a folder, and this is a file" in " ".join(proc.stderr.split())
+    assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def _tiny(tmp_path, method="kd", **sections):
+    from _runtime_helpers import tiny_spec
+
+    return tiny_spec(tmp_path / "run", method, **sections)
+
+
+@pytest.mark.parametrize("method,loss,named", [
+    ("kd", {"ce_weight": 0, "kl_weight": 0}, "loss.ce_weight, loss.kl_weight"),
+    ("kd", {"logit": "dkd", "ce_weight": 0, "dkd_alpha": 0, "dkd_beta": 0}, "loss.dkd_alpha, loss.dkd_beta"),
+    ("kd", {"logit": "dist", "ce_weight": 0, "dist_beta": 0, "dist_gamma": 0}, "loss.dist_beta, loss.dist_gamma"),
+    ("kd+mse", {"ce_weight": 0, "kl_weight": 0, "feature_weight": 0}, "loss.feature_weight"),
+    ("stablekd", {"ce_weight": 0, "kl_weight": 0}, "loss.kl_weight"),
+])
+def test_every_loss_weight_at_zero_is_refused(tmp_path, method, loss, named):
+    """ce_weight=0 kl_weight=0 trained on a zero loss to 10 % and exited 0."""
+    with pytest.raises(SpecError, match=f"weight 0, so it would train on a zero loss.*{named}"):
+        load_spec(_tiny(tmp_path, method, loss=loss))
+
+
+@pytest.mark.parametrize("method,loss", [
+    ("kd", {"ce_weight": 0}), ("kd", {"kl_weight": 0}), ("kd+mse", {"ce_weight": 0, "kl_weight": 0}),
+    ("kd", {"ce_weight": 0, "kl_weight": 0, "pairs": [{"student": "layer1", "teacher": "layer1"}]}),
+])
+def test_one_weighed_term_is_enough(tmp_path, method, loss):
+    load_spec(_tiny(tmp_path, method, loss=loss))
+
+
+def test_the_same_layer_pair_twice_is_refused(tmp_path):
+    pair = {"student": "layer2", "teacher": "layer2"}
+    with pytest.raises(SpecError, match=r"loss.pairs.1: the same pair as pairs.0 .*would count twice"):
+        load_spec(_tiny(tmp_path, loss={"pairs": [pair, {**pair, "weight": 2.0}]}))
+    load_spec(_tiny(tmp_path, loss={"pairs": [pair, {**pair, "loss": "dfm"}]}))  # another loss: another term
+
+
+@pytest.mark.parametrize("method,loss,reader", [("kd", {"pairs": [{"student": "layer2", "teacher": "layer2"}]},
+                                                 "loss.pairs"),
+                                                ("kd+mse", {}, "schedule.method kd\\+mse")])
+def test_a_teacher_cache_no_stage_would_replay_is_refused(tmp_path, method, loss, reader):
+    raw = _tiny(tmp_path, method, loss=loss)
+    raw["teacher"]["cache"] = str(tmp_path / "cache")
+    with pytest.raises(SpecError, match=f"teacher.cache: {reader} reads the teacher's features in every stage"):
+        load_spec(raw)
+
+
+@pytest.mark.parametrize("method", ["kd", "supervised"])
+def test_projected_adapters_with_a_method_that_compares_no_features_are_refused(tmp_path, method):
+    """kd listed PCA adapters (and fitted them) that no loss used."""
+    raw = _tiny(tmp_path, method, decompose={"blocks": 4, "adapters": "projected"})
+    with pytest.raises(SpecError, match=f"decompose.adapters: schedule.method {method} compares no block features"):
+        load_spec(raw)
+    load_spec(_tiny(tmp_path, "stablekd", decompose={"blocks": 4, "adapters": "projected"}))
+
+
+def test_a_temperature_that_overflows_the_logits_is_refused(tmp_path):
+    """temperature 1e-300 divided the logits into inf: a NaN loss whose advice was to lower the lr."""
+    with pytest.raises(SpecError, match=r"loss.temperature: .*greater than or equal to 0.001"):
+        load_spec(_tiny(tmp_path, loss={"temperature": 1e-300}))
+    load_spec(_tiny(tmp_path, loss={"temperature": 1e-3}))

@@ -108,6 +108,24 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_p
     assert "NaN" not in metrics and "Infinity" not in metrics
 
 
+def test_a_loss_not_finite_before_any_update_does_not_blame_the_learning_rate(tmp_path):
+    """A teacher whose weights hold NaN (a corrupt checkpoint, a corrupt cache) gives a NaN loss at the
+    first step: the advice was to lower the lr."""
+    from safetensors.torch import save_file
+
+    from kdgraph.zoo import resnet_tiny_teacher
+
+    teacher = resnet_tiny_teacher(num_classes=10, in_chans=1)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    state["fc.weight"][:] = float("nan")
+    save_file(state, str(tmp_path / "teacher.safetensors"))
+    spec = load_spec(tiny_spec(tmp_path / "nan", "kd", epochs=1, teacher_checkpoint=tmp_path / "teacher.safetensors"))
+    with pytest.raises(NonFiniteLoss, match=r"not finite before any update, so the learning rate is not the "
+                                            r"cause: check the data, the teacher's weights") as info:
+        train(spec)
+    assert "Lower optim.lr" not in str(info.value)
+
+
 def test_non_finite_numbers_are_refused_in_the_spec(tmp_path):
     from kdgraph.errors import SpecError
 

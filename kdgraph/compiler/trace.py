@@ -29,7 +29,7 @@ import traceback
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -472,8 +472,27 @@ def side_inputs(spec: Spec, model: nn.Module) -> tuple[SideInput, ...]:
                          + " (denoise.class_conditional: " + str(spec.denoise.class_conditional).lower() + ")")
     side = [SideInput(names[1], "timestep", spec.denoise.timesteps)]
     if spec.denoise.class_conditional:
-        side.append(SideInput(names[2], "class", int(getattr(model, "num_classes", None) or 1)))
+        classes = getattr(model, "num_classes", None)
+        if hasattr(model, "num_classes") and not classes:  # it would ignore y and train unconditional
+            raise TraceError(f"denoise.class_conditional: true, but {type(model).__name__} was built without classes "
+                             f"(num_classes: {classes}); set num_classes in the model's kwargs to the dataset's "
+                             "number of classes, or class_conditional: false")
+        side.append(SideInput(names[2], "class", int(classes or 1)))
     return tuple(side)
+
+
+def check_class_inputs(compiled: Any, data_classes: int, denoise: Any) -> None:
+    """A class-conditional denoiser (``denoise``: the spec's, or None) embeds every class of the
+    data: a model (``compiled``'s teacher or student) built for fewer (its ``num_classes``) would
+    index past its class embedding."""
+    if denoise is None or not denoise.class_conditional:
+        return
+    for role in ("teacher", "student"):
+        art = getattr(compiled, role)
+        classes = getattr(art.model, "num_classes", None) if art is not None else None
+        if isinstance(classes, int) and 0 < classes < data_classes:
+            raise TraceError(f"{role}.kwargs.num_classes: the {role} embeds {classes} classes, the data has "
+                             f"{data_classes}; set num_classes: {data_classes} (denoise.class_conditional: true)")
 
 
 def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], notes: list[str]) -> ModelArtifacts:

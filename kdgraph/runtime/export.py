@@ -181,13 +181,20 @@ def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> N
     """A program exported from another pair takes another input or predicts another number
     of classes: found on a probe batch of this spec's input size, before any data is read."""
     expected = compiled.num_classes
-    probe = torch.zeros(2, *compiled.input_size)
     try:
         with torch.no_grad():
-            out = program(probe)
+            out = program(torch.zeros(2, *compiled.input_size))
+            try:  # evaluation's batches come in any size (the last one is short): the batch must be dynamic
+                program(torch.zeros(3, *compiled.input_size))
+            except Exception:  # noqa: BLE001 - a guard on the batch size; torch's errors share no base class
+                raise KDGraphError(f"{path} takes a fixed batch size (a batch of 3 fails where 2 works); export "
+                                   "it with a dynamic batch dimension (torch.export.Dim on dim 0), as kdgraph "
+                                   "export does") from None
         got = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
         problem = None if got is not None and (expected is None or got == expected) else \
             f"it predicts {got if got is not None else 'no'} classes, this spec's student {expected}"
+    except KDGraphError:
+        raise
     except Exception as exc:  # a guard on the input shape, a shape error inside: no common base class
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problem = f"it does not take this spec's input {list(compiled.input_size)} ({first[:200]})"

@@ -42,7 +42,7 @@ from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.replay import TeacherCache
 from kdgraph.runtime.runs import RunFolder, readable
-from kdgraph.runtime.stability import StabilityTracker
+from kdgraph.runtime.stability import StabilityTracker, nonfinite_advice
 from kdgraph.runtime.steps import Stepper
 from kdgraph.runtime.techniques import (
     RecompileWatch,
@@ -242,7 +242,7 @@ class Trainer:
 
     def log_step(self, meter: EpochMeter, stage: TrainingStage, epoch: int, step: int,
                  terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        check_finite(loss, terms, epoch, step, self.folder.last_checkpoint)
+        check_finite(loss, terms, epoch, step, self.folder.last_checkpoint, self.global_step - 1)
         images_per_s, wait_share = meter.window()
         record = {"kind": "step", "stage": stage.index, "epoch": epoch, "step": step,
                   "global_step": self.global_step, "lr": self.stepper.lr(),
@@ -262,7 +262,7 @@ class Trainer:
         """Save every ``checkpoint_every`` steps, and on a stop signal (then stop)."""
         every, signal_name = self.config.checkpoint_every, self.stop["signal"]
         if signal_name or (every and self.global_step % every == 0):
-            check_finite(loss, terms, epoch, step, self.folder.last_checkpoint)
+            check_finite(loss, terms, epoch, step, self.folder.last_checkpoint, self.global_step - 1)
             self.save(epoch, step)
         if signal_name:
             self.checkpoints.written()
@@ -276,7 +276,7 @@ class Trainer:
         self.flush_stability()
         if meter.steps:
             check_finite(sum(meter.sums.values()), {k: v / meter.steps for k, v in meter.sums.items()}, epoch,
-                         meter.start + meter.steps, self.folder.last_checkpoint)
+                         meter.start + meter.steps, self.folder.last_checkpoint, self.global_step - 1)
         epoch_s = time.perf_counter() - meter.t0
         self.history["train_s"] += epoch_s
         self.history["data_s"] = self.history.get("data_s", 0.0) + meter.batches.waited
@@ -401,16 +401,17 @@ def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:
             "teacher_scores": Value(lambda: run.teacher_acc, lambda s: setattr(run, "teacher_acc", dict(s)))}
 
 
-def check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int, last: Path) -> None:
+def check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int, step: int, last: Path,
+                 updates_before: int) -> None:
     """One host sync; called where the loop syncs anyway (logging, checkpoints, epoch ends).
-    ``last``: the run's last checkpoint, kept."""
+    ``last``: the run's last checkpoint, kept; ``updates_before``: optimizer steps before this one."""
     value = float(loss.detach())
     if math.isfinite(value):
         return
     bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
     kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
     raise NonFiniteLoss(f"the loss became {value} at epoch {epoch}, step {step} ({bad}); stopped, {kept}. "
-                        "Lower optim.lr, set optim.clip_grad_norm, or use precision fp32")
+                        + nonfinite_advice(updates_before))
 
 
 @contextmanager
@@ -455,7 +456,9 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = Fa
             runs.claim(spec.output_dir, spec.to_dict(), resume, force, source)
         if info.enabled:
             torch.distributed.barrier()
-        return Trainer(spec).fit(resume, quiet)
+        with runs.unclaimed_on_refusal(spec.output_dir, info.is_main and not resume):
+            trainer = Trainer(spec)
+        return trainer.fit(resume, quiet)
     finally:
         lock.release()
 

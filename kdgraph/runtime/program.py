@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kdgraph.archive import open_archive
 from kdgraph.errors import KDGraphError
 
 __all__ = ["UnsafeProgramError", "check_program"]
@@ -73,11 +74,8 @@ def check_program(path: Path) -> None:
     Reads the zip's directory, its JSON and its sample inputs (``weights_only=True``); no
     tensor data is read. Raises UnsafeProgramError naming the first entry refused."""
     path = Path(path)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise UnsafeProgramError(f"cannot read {path}: not a torch.export archive ({exc})") from None
-    with archive:
+    # one entry per name, the same for torch's reader
+    with open_archive(path, UnsafeProgramError, "torch.export program") as archive:
         names = archive.namelist()
         roots = {name.split("/", 1)[0] for name in names}
         if len(roots) != 1 or any("/" not in name for name in names):
@@ -130,6 +128,8 @@ def _check_sample_inputs(path: Path, entry: str, data: bytes) -> None:
     """torch.export.load tries ``weights_only=True`` and falls back to False: only the first may succeed."""
     if not data:
         return
+    # a zip inside the zip: torch reads it with its own reader, so it must read alike too
+    open_archive(data, UnsafeProgramError, "sample inputs", name=f"{path}: {entry}").close()
     try:
         torch.load(io.BytesIO(data), weights_only=True)
     except Exception:  # noqa: BLE001 - any failure here and torch retries with weights_only=False

@@ -17,7 +17,7 @@ class Reporter:
         self.quiet = quiet or silent
         self.silent = silent
         # soft_wrap: one unwrapped line per record without a terminal (CI, nohup, Slurm logs)
-        self.console = Console(highlight=False, soft_wrap=True)
+        self.console = Console(highlight=False, soft_wrap=True, markup=False)  # notes hold user paths
         self.total_epochs, self.steps = total_epochs, steps_per_epoch
         self.t0 = time.monotonic()
         self.first_epoch: int | None = None

@@ -318,35 +318,121 @@ def resume_command(out: Path) -> str:
                      *(f"--set {shlex.quote(o)}" for o in where[-1:]), "--resume"])
 
 
+# What a classifier judging a denoiser's samples must share with the denoiser's data.
+JUDGE_DATA_KEYS = ("dataset", "root", "num_classes", "input_size")
+
+
+def check_judge_data(judge: Path, data: dict) -> None:
+    """The run in ``judge`` (denoise.judge) was trained on ``data`` (a resolved spec's data
+    section): a classifier of other images measures nothing about these samples."""
+    stored = stored_run(judge) or {}
+    theirs = (stored.get("spec") or {}).get("data") if isinstance(stored.get("spec"), dict) else None
+    if not isinstance(theirs, dict):
+        raise OutputError(f"denoise.judge: {judge}/{RunFolder(judge).stored_spec.name} holds no data section")
+    diff = [f"data.{k} {theirs.get(k)!r} there, {data.get(k)!r} here" for k in JUDGE_DATA_KEYS
+            if theirs.get(k) != data.get(k) and not (k == "input_size" and None in (theirs.get(k), data.get(k)))]
+    if diff:
+        raise OutputError(f"denoise.judge: {judge} classifies other data ({'; '.join(diff)}), so its features "
+                          "would not measure these samples; give a classifier run of this dataset")
+
+
 def earlier_run(out: Path) -> list[str]:
     """``RunFolder(out).earlier_run()``."""
     return RunFolder(out).earlier_run()
 
 
-def _remove_run_files(folder: RunFolder) -> None:
-    """Delete what a run wrote in ``folder`` (outputs, written_in_folders) and nothing else."""
-    for target in folder.outputs():
-        if target.is_file() or target.is_symlink():
-            target.unlink()
+def _run_record(folder: RunFolder) -> dict | None:
+    """The folder's run.json where it is kdgraph's own record (a resolved spec), else None."""
+    try:
+        data = json.loads(folder.stored_spec.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("spec"), dict) else None
+
+
+def _written_by_runs(folder: RunFolder) -> list[Path]:
+    """The files in ``folder`` at the names a run writes (outputs, checkpoints, written_in_folders)."""
+    fixed = [*folder.outputs(), folder.last_checkpoint, folder.previous_checkpoint, folder.corrupt_checkpoint]
+    found = [p for p in fixed if p.is_file() or p.is_symlink()]
     for sub, patterns in folder.written_in_folders().items():
-        if not sub.is_dir() or sub.is_symlink():
+        if sub.is_dir() and not sub.is_symlink():
+            found += [t for pattern in patterns for t in sorted(sub.glob(pattern))
+                      if (t.is_file() or t.is_symlink()) and t not in found]
+    return found
+
+
+def _refuse_what_kdgraph_did_not_write(folder: RunFolder, record: dict | None) -> list[Path]:
+    """Files a run may not touch (returned: another tool's files in checkpoints/ or tensorboard/,
+    as recorded when the folder was first claimed). Without kdgraph's run record the folder is
+    not a run's, and a file at a name a run writes is refused, --force included."""
+    links = [p for p in _written_by_runs(folder) if p.is_symlink() and p.parent in (folder.root, folder.checkpoints)]
+    if links:  # kdgraph writes none: writing there would replace the file a link points to
+        names = ", ".join(p.relative_to(folder.root).as_posix() for p in links)
+        raise OutputError(f"{folder.root} holds links at names a run writes ({names}); a run would write through "
+                          "them into the files they point to; remove the links, or choose another output")
+    if record is not None:
+        kept = [folder.root / name for name in record.get("kept") or [] if isinstance(name, str)]
+        return [p for p in kept if p.exists() and folder.root in p.parents]
+    theirs = _written_by_runs(folder)
+    sub_folders = tuple(folder.written_in_folders())
+    clash = [p for p in theirs if p.parent not in sub_folders or p.name in (folder.last_checkpoint.name,
+                                                                            folder.previous_checkpoint.name)]
+    if clash:
+        names = ", ".join(p.relative_to(folder.root).as_posix() for p in clash)
+        raise OutputError(f"{folder.root} holds files kdgraph did not write ({names}): it has no kdgraph run record "
+                          f"({folder.stored_spec.name}), and kdgraph never overwrites or deletes a file it cannot show "
+                          "it wrote, --force included; move them, or choose another output")
+    return theirs
+
+
+def _spec_paths(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in a resolved spec."""
+    if isinstance(d, dict):
+        return [kv for k, v in d.items() for kv in _spec_paths(v, f"{prefix}{k}.")]
+    if isinstance(d, (list, tuple)):
+        return [kv for i, v in enumerate(d) for kv in _spec_paths(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], d)] if isinstance(d, str) and 0 < len(d) < 4096 and "\0" not in d else []
+
+
+def _refuse_inputs_among(folder: RunFolder, resolved: dict, files: list[Path]) -> None:
+    """A file the spec reads (teacher.checkpoint, say) that the run would delete or overwrite."""
+    for key, value in _spec_paths(resolved):
+        path = Path(value).expanduser()
+        try:
+            if not path.is_file():
+                continue
+            same = next((f for f in files if f.exists() and os.path.samefile(path, f)), None)
+        except OSError:
             continue
-        for pattern in patterns:
-            for target in sub.glob(pattern):
-                if target.is_file() or target.is_symlink():
-                    target.unlink()
-        if not any(sub.iterdir()):
+        if same is not None:
+            raise OutputError(f"{key} is {value}, which is {same.relative_to(folder.root).as_posix()} of the output "
+                              f"{folder.root}: this run would delete or overwrite it; copy it out of the output "
+                              "folder first, or choose another output")
+
+
+def _remove_run_files(folder: RunFolder, kept: list[Path]) -> None:
+    """Delete what a run wrote in ``folder`` (outputs, written_in_folders, not ``kept``) and nothing else."""
+    for target in _written_by_runs(folder):
+        if target not in kept:
+            target.unlink()
+    for sub in folder.written_in_folders():
+        if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
             sub.rmdir()
 
 
 def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
     """Decide what a run may do with ``out`` and record the spec it runs; raises before
-    writing anything when the answer is no."""
+    writing anything when the answer is no. Only files at a run's names in a folder holding
+    kdgraph's run record are ever deleted or overwritten, and never a file the spec reads."""
     folder = RunFolder(out)
-    left = folder.earlier_run()
     if resume and force:
         raise OutputError("--resume and --force contradict each other: --resume continues the run in "
                           f"{out}, --force deletes it")
+    record = _run_record(folder)
+    kept = _refuse_what_kdgraph_did_not_write(folder, record)
+    _refuse_inputs_among(folder, resolved, [f for f in _written_by_runs(folder) if f not in kept]
+                         + [*folder.outputs(), folder.last_checkpoint, folder.previous_checkpoint])
+    left = folder.earlier_run()
     if resume:
         stored = stored_run(out)
         if stored is not None:
@@ -359,5 +445,20 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
         if left and not force:
             raise OutputError(f"{out} already holds a run ({', '.join(left)}); continue it with --resume, "
                               "or start over with --force (deletes those files), or choose another output")
-        _remove_run_files(folder)  # a forced start, or what a run killed before its first checkpoint left
-    folder.stored_spec.write_text(json.dumps({"spec": resolved, **(source or {})}, indent=2))
+        _remove_run_files(folder, kept)  # a forced start, or what a run killed before its first checkpoint left
+    record = {"spec": resolved, **(source or {}), "kept": [p.relative_to(folder.root).as_posix() for p in kept]}
+    folder.stored_spec.write_text(json.dumps(record, indent=2))
+
+
+@contextlib.contextmanager
+def unclaimed_on_refusal(out: Path, fresh: bool):
+    """Around building a run that ``claim`` just recorded (``fresh``: not a resume): where the
+    build is refused (a KDGraphError: bad data, a judge of other data), the run.json it wrote
+    goes too, when it is the only file of a run in the folder; a refused run leaves nothing."""
+    try:
+        yield
+    except KDGraphError:
+        folder = RunFolder(out)
+        if fresh and _written_by_runs(folder) == [folder.stored_spec]:
+            folder.stored_spec.unlink()
+        raise

@@ -50,6 +50,9 @@ class FolderLayout:
     description: str
     read: Callable[[Any, Path], dict]
 
+    def __post_init__(self) -> None:  # an export of another layout over this one removes these files
+        LAYOUT_FILES[self.name] = tuple(f for f in self.files if f != CONFIG)
+
     def holds(self, folder: Path) -> bool:
         return all((folder / f).is_file() for f in self.files)
 
@@ -287,13 +290,44 @@ def check_destination(folder: Path) -> Path:
                       "replacing files of those names: name a new or empty folder")
 
 
+INCOMPLETE = ".kdgraph-export-incomplete"  # while an export writes (left by a killed one: a rerun writes over it)
+
+
+def _begin_export(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")
+    return folder
+
+
 def _is_export(folder: Path) -> bool:
+    if (folder / INCOMPLETE).is_file():
+        return True
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(config, dict) and (isinstance(config.get("kdgraph"), dict)
                                          or isinstance(config.get("_kdgraph"), dict))
+
+
+LAYOUT_FILES: dict[str, tuple[str, ...]] = {}  # every FolderLayout's files but config.json, by layout name
+
+
+def clear_earlier_export(folder: Path) -> None:
+    """Remove what an earlier kdgraph export in ``folder`` wrote, by its config's block (timm's
+    layout, a ``kdgraph`` block: weights or program and card; another library's layout, a
+    ``_kdgraph`` block: the files of the registered ``FolderLayout``s), so that an export of the
+    other layout leaves none of it beside its own files; nothing else there is touched."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    block = config.get("kdgraph") if isinstance(config, dict) else None
+    theirs = config.get("_kdgraph") if isinstance(config, dict) else None
+    ours = (WEIGHTS, PROGRAM, CARD) if isinstance(block, dict) else \
+        tuple(f for files in LAYOUT_FILES.values() for f in files) if isinstance(theirs, dict) else ()
+    for name in ours:
+        (folder / name).unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -307,8 +341,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     """
     from safetensors.torch import save_file
 
-    folder = check_destination(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _begin_export(check_destination(folder))
 
     card = dict(card or {})
     c, h, w = compiled.input_size
@@ -318,6 +351,7 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     trained = (ExportedStudent.of(compiled, maps) if maps else compiled.student.model).eval()
     reference = trained(probe).float()
     folded = fold_into_student(compiled, maps)
+    clear_earlier_export(folder)  # a diffusers export's weights too
     for stale in (WEIGHTS, PROGRAM):
         (folder / stale).unlink(missing_ok=True)
     if folded.model is not None:
@@ -349,4 +383,5 @@ def ship_student(compiled, maps: dict[int, nn.Module], folder: Path, preprocessi
     config = timm_config(compiled, preprocessing, card)
     _write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     _write_text(folder / CARD, model_card(config, compiled, card))
+    (folder / INCOMPLETE).unlink()
     return {"folder": str(folder), "format": card["format"], "reason": card["reason"], "max_abs_diff": err}

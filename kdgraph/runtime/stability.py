@@ -41,3 +41,13 @@ class StabilityTracker:
         return [{"kind": "stability", "global_step": s,
                  **{f"dtheta_block{i + 1}": round(v, 8) for i, v in enumerate(row)}}
                 for s, row in zip(steps, values)]
+
+
+def nonfinite_advice(updates_before: int) -> str:
+    """What to change when the loss became inf or NaN, given how many optimizer updates came
+    before the forward that produced it: with none, the learning rate cannot be the cause."""
+    inputs = "the data, the teacher's weights or its cache, and loss parameters such as loss.temperature"
+    if updates_before == 0:
+        return f"It was not finite before any update, so the learning rate is not the cause: check {inputs}"
+    return ("Lower optim.lr, set optim.clip_grad_norm, or use precision fp32; if the loss was not finite from the "
+            f"first steps on (metrics.jsonl), the learning rate is not the cause: check {inputs}")

@@ -276,6 +276,14 @@ class TeacherSpec(ModelSpec):
         "time as it runs. Needs torchrun with 2 or more ranks; not with runtime.compile or loss.tpp.",
     )
 
+    @field_validator("cache")
+    @classmethod
+    def _cache_is_a_folder(cls, v: Path | None) -> Path | None:
+        if v is not None and (v.is_file() or (v.exists() and not v.is_dir())):
+            raise _invalid("a teacher cache is a folder, and this is a file",
+                           allowed="a folder kdgraph cache wrote, or a path that does not exist yet")
+        return v
+
 
 def _pretrained_sources() -> list[str]:
     """Sources whose models have pretrained weights (declared in kdgraph.registry, implemented in kdgraph.models)."""
@@ -534,7 +542,7 @@ class LossSpec(_Strict):
                              "the labels; 0 is function matching (Beyer et al.: the teacher's logits alone), "
                              "which needs a teacher.")
     kl_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight λ of KL(teacher logits) in the head loss (loss.logit: kl).")
-    temperature: Float = Field(default=1.0, gt=0.0, le=1000.0, description="Softmax temperature of the logit "
+    temperature: Float = Field(default=1.0, ge=1e-3, le=1000.0, description="Softmax temperature of the logit "
                                "loss (KL, DKD, DIST) and of TPP's KL.")
     dkd_alpha: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DKD: weight α of the target-class "
                              "term TCKD (mdistiller's CIFAR-100 setting: 1).")
@@ -580,6 +588,19 @@ class LossSpec(_Strict):
         "weight}: feature losses at named module outputs, in every training stage, on top of the method's own "
         "(with schedule.method kd: instead of automatic pairs, which kd has none of; with kd+mse: on top of its "
         "block-end MSEs; with stablekd: on top of the decomposition's block losses). Terms mse_p1, mse_p2, ...")
+
+    @model_validator(mode="after")
+    def _each_pair_once(self) -> LossSpec:
+        """The same pair twice would count its loss twice: a weight doubled without saying so."""
+        seen: dict[tuple[str, str, str], int] = {}
+        for i, p in enumerate(self.pairs):
+            key = (p.student, p.teacher, p.loss)
+            if key in seen:
+                raise _invalid(f"the same pair as pairs.{seen[key]} ({p.student} -> {p.teacher}, {p.loss}); "
+                               "its loss would count twice", allowed="each pair once (set its weight instead)",
+                               at=f"pairs.{i}", got=p.model_dump())
+            seen[key] = i
+        return self
 
     @model_validator(mode="after")
     def _own_params_of_the_chosen_logit_loss(self) -> LossSpec:
@@ -941,6 +962,49 @@ class Spec(_Strict):
             raise _invalid(f"a layer pair compares with a teacher's features; {self.schedule.method} has no teacher",
                            allowed="[] without a teacher", at="loss.pairs",
                            got=[p.model_dump() for p in self.loss.pairs])
+        return self
+
+    @model_validator(mode="after")
+    def _some_loss_term_weighs(self) -> Spec:
+        """Every weight of the terms the method trains with at 0: a zero loss, trained to chance, exit 0."""
+        method, loss = METHODS.get(self.schedule.method), self.loss
+        if self.denoise is not None:
+            head = ("task_weight",) + (("output_weight",) if method.teacher else ())
+        else:
+            own = LOGIT_LOSSES.get(loss.logit).own if method.teacher else ()
+            head = ("ce_weight", *(k for k in own if not k.endswith("_epochs")))
+        others = ((["feature_weight"] if method.feature_losses else []) + (["tpp_weight"] if loss.tpp else [])
+                  + [f"pairs.{i}.weight" for i in range(len(loss.pairs))])
+        weights = [getattr(loss, k) for k in head] + [loss.feature_weight] * method.feature_losses \
+            + [loss.tpp_weight] * loss.tpp + [p.weight for p in loss.pairs]
+        if any(w > 0 for w in weights):
+            return self
+        raise _invalid("every loss term of this run has weight 0, so it would train on a zero loss",
+                       allowed="a positive weight for one of " + ", ".join(f"loss.{k}" for k in (*head, *others)),
+                       at=f"loss.{head[0]}", got=0.0)
+
+    @model_validator(mode="after")
+    def _cache_where_a_stage_replays_it(self) -> Spec:
+        """Layer pairs and kd+mse's feature losses read the teacher's features in every stage; a
+        cache holds its logits only, so no stage would replay it and the teacher would run live."""
+        if self.teacher is None or self.teacher.cache is None:
+            return self
+        reader = "loss.pairs" if self.loss.pairs else \
+            f"schedule.method {self.schedule.method}" if METHODS.get(self.schedule.method).feature_losses else None
+        if reader is not None:
+            raise _invalid(f"{reader} reads the teacher's features in every stage, and a teacher cache holds its "
+                           "logits only: no stage would replay it, the teacher would run live",
+                           allowed=f"null with {reader}", at="teacher.cache", got=str(self.teacher.cache))
+        return self
+
+    @model_validator(mode="after")
+    def _projected_where_features_are_compared(self) -> Spec:
+        method = METHODS.get(self.schedule.method)
+        if self.decompose.adapters == "projected" and not (method.decomposes or method.feature_losses or self.loss.tpp):
+            raise _invalid(f"schedule.method {method.name} compares no block features, so no loss would use the "
+                           "projections (their PCA would still be fitted)",
+                           allowed=f"auto or in_path with {method.name}",
+                           at="decompose.adapters", got="projected")
         return self
 
     @model_validator(mode="after")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime.ship import CONFIG, ExportError, FolderLayout, _write_text, check_destination
+from kdgraph.runtime.ship import (CONFIG, INCOMPLETE, ExportError, FolderLayout, _begin_export, _write_text,
+                                  check_destination, clear_earlier_export)
 from kdgraph.tasks.denoise.diffusers_source import DiffusersUNet
 from kdgraph.weights import read_weights_file
 
@@ -29,14 +30,15 @@ def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol
     """Write ``model.unet`` (a trained ``DiffusersUNet``) with diffusers' ``save_pretrained`` to
     ``folder``, read it back with ``from_pretrained`` and check its prediction against
     ``model``'s on a fixed batch. Returns {"folder", "format": "diffusers", "reason"}."""
-    folder = check_destination(folder)
+    folder = _begin_export(check_destination(folder))
+    clear_earlier_export(folder)
     unet = model.unet
     unet.save_pretrained(str(folder), safe_serialization=True)
     config_file = folder / CONFIG
     config = json.loads(config_file.read_text())
     config["_kdgraph"] = {k: v for k, v in card.items() if v is not None}  # keys with "_" diffusers skips
     _write_text(config_file, json.dumps(config, indent=2) + "\n")
-    back = type(unet).from_pretrained(str(folder)).eval()
+    back = type(unet).from_pretrained(str(folder), low_cpu_mem_usage=False).eval()  # no "accelerate not found"
     g = torch.Generator().manual_seed(0)
     size = unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
@@ -49,6 +51,7 @@ def ship_diffusers(model: nn.Module, folder: Path, card: dict[str, Any], *, atol
     if not torch.allclose(got, expected, atol=atol, rtol=1e-4):
         raise ExportError(f"the diffusers export in {folder} does not reproduce the student "
                           f"(max |diff| {float((got - expected).abs().max()):.3g})")
+    (folder / INCOMPLETE).unlink()
     return {"folder": str(folder), "format": "diffusers", "reason": f"{type(unet).__name__}.save_pretrained"}
 
 

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kdgraph.compiler.trace import check_class_inputs
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime.runs import RunFolder, readable
+from kdgraph.runtime.runs import RunFolder, check_judge_data, readable
 from kdgraph.runtime.techniques import autocast
 from kdgraph.stream import StreamLoader
 from kdgraph.tasks import register_task
@@ -44,6 +45,7 @@ class Denoise(Task):
     def __init__(self, spec: Spec, compiled: Compiled):
         super().__init__(spec, compiled)
         self.spec = spec.denoise
+        self.compiled, self.data_spec = compiled, spec.to_dict()["data"]  # the models' class embeddings, the judge's data
         self.draws = DenoiseTask.of(spec.denoise, spec.seed)
         self.input_size = tuple(compiled.input_size)
 
@@ -54,6 +56,8 @@ class Denoise(Task):
             from kdgraph.tasks.denoise.frechet import Judge  # a judged run's only: numpy's linalg, the judge's run
 
             Judge.finished_run(self.spec.judge)  # before training, not after it
+            check_judge_data(self.spec.judge, self.data_spec)
+        check_class_inputs(self.compiled, data.num_classes, self.spec)
 
     def prepare(self, xb, yb, idx, epoch: int, step: int, mix) -> Batch:
         """Noisy images, their true noise (velocity, with denoise.prediction: v) and (t,) or (t, y),
