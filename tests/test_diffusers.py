@@ -205,8 +205,8 @@ def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_it
     nothing ("accelerate was not found" on every export)."""
     from diffusers import UNet2DModel
 
-    from kdgraph.diffusers_source import DiffusersUNet
-    from kdgraph.runtime.ship import ship_diffusers
+    from kdgraph.tasks.denoise.diffusers_source import DiffusersUNet
+    from kdgraph.tasks.denoise.layout import ship_diffusers
 
     folder = tmp_path / "ship"
     folder.mkdir()

@@ -481,20 +481,6 @@ def side_inputs(spec: Spec, model: nn.Module) -> tuple[SideInput, ...]:
     return tuple(side)
 
 
-def check_class_inputs(compiled: Any, data_classes: int, denoise: Any) -> None:
-    """A class-conditional denoiser (``denoise``: the spec's, or None) embeds every class of the
-    data: a model (``compiled``'s teacher or student) built for fewer (its ``num_classes``) would
-    index past its class embedding."""
-    if denoise is None or not denoise.class_conditional:
-        return
-    for role in ("teacher", "student"):
-        art = getattr(compiled, role)
-        classes = getattr(art.model, "num_classes", None) if art is not None else None
-        if isinstance(classes, int) and 0 < classes < data_classes:
-            raise TraceError(f"{role}.kwargs.num_classes: the {role} embeds {classes} classes, the data has "
-                             f"{data_classes}; set num_classes: {data_classes} (denoise.class_conditional: true)")
-
-
 def _trace(spec: Spec, art: ModelArtifacts, input_size: tuple[int, int, int], notes: list[str]) -> ModelArtifacts:
     """``trace``; a model on the meta device that cannot be traced or shape-propagated there
     (a constructor or forward that needs tensor values) is built from the spec with real

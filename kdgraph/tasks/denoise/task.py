@@ -6,11 +6,10 @@ student's and the teacher's samples; a ``diffusers:`` student ships in diffusers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdgraph.compiler.trace import check_class_inputs
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.runs import RunFolder, check_judge_data, readable
 from kdgraph.runtime.techniques import autocast
@@ -178,3 +177,17 @@ class Denoise(Task):
                 # a scheduler's setting: on record, for the user's scheduler
                 "prediction_type": DIFFUSERS_PREDICTION[self.spec.prediction]}
         return ship_diffusers(compiled.student.model, to, card)
+
+
+def check_class_inputs(compiled: Any, data_classes: int, denoise: Any) -> None:
+    """A class-conditional denoiser (``denoise``: the spec's, or None) embeds every class of the
+    data: a model (``compiled``'s teacher or student) built for fewer (its ``num_classes``) would
+    index past its class embedding."""
+    if denoise is None or not denoise.class_conditional:
+        return
+    for role in ("teacher", "student"):
+        art = getattr(compiled, role)
+        classes = getattr(art.model, "num_classes", None) if art is not None else None
+        if isinstance(classes, int) and 0 < classes < data_classes:
+            raise KDGraphError(f"{role}.kwargs.num_classes: the {role} embeds {classes} classes, the data has "
+                               f"{data_classes}; set num_classes: {data_classes} (denoise.class_conditional: true)")
