@@ -359,3 +359,12 @@ def test_the_runtime_and_the_cli_ask_the_task():
         for path in sorted((ROOT / entry).rglob("*.py")) if (ROOT / entry).is_dir() else [ROOT / entry]:
             found += [f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in task_special_cases(path.read_text())]
     assert len(found) <= MAX_TASK_SPECIAL_CASES, "\n".join(found)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists its packages by hand: a package folder left out of it imports from a
+    checkout (and an editable install) but is missing from a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdgraph").rglob("__init__.py")}
+    assert folders | {"kdgraph.cli"} == listed
