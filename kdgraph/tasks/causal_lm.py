@@ -43,14 +43,15 @@ BYTES_PER_ID = 1  # the byte tokenizer's: each id is one UTF-8 byte
 
 class WindowLoader:
     """Batches (x, y) of one split's windows: (B, T) int64 inputs and next-token targets.
-    Training: ``len`` full batches per epoch (the last partial one dropped), rank ``rank`` of
-    ``world_size`` reading its share of each step's windows. Held-out: every window, in order."""
+    Training: the first ``fraction`` of each epoch's drawn order (``data.fraction``) in full
+    batches (the last partial one dropped), rank ``rank`` of ``world_size`` reading its share of
+    each step's windows. Held-out: every window, in order."""
 
     def __init__(self, windows: Windows, split: str, batch_size: int, seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, fraction: float = 1.0):
         self.windows, self.split, self.batch_size, self.seed = windows, split, int(batch_size), int(seed)
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.count = windows.count(split)
+        self.count = windows.count(split) if split != "train" else int(windows.count(split) * fraction)
         if split == "train" and self.count < self.batch_size * world_size:
             raise DataError(f"data.batch_size {self.batch_size} × {world_size} rank(s) is more than the "
                             f"{self.count} training windows of {windows.seq_len} tokens; lower data.batch_size")
@@ -153,7 +154,8 @@ class CausalLMTask(Task):
         tokenizer = ByteTokenizer()
         tokens = token_file(d.root, tokenizer, self.output_dir / "tokens")
         windows = Windows(tokens, int(d.seq_len), HOLDOUT)
-        train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size)
+        train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
+                             d.fraction)
         test = WindowLoader(windows, "heldout", d.test_batch_size or d.batch_size, spec.seed, device)
         return TextData(plan, train, test, tokens=Path(tokens.filename).name)
 
@@ -195,7 +197,8 @@ class CausalLMTask(Task):
     def reports(self, run) -> dict:
         """Greedy continuations by the student (and teacher) of held-out openings: samples.txt."""
         loader = run.data.test
-        prompts = [loader.windows.window("heldout", i)[:PROMPT_TOKENS] for i in range(min(SAMPLES, loader.count))]
+        opening = min(PROMPT_TOKENS, loader.windows.seq_len // 2)
+        prompts = [loader.windows.window("heldout", i)[:opening] for i in range(min(SAMPLES, loader.count))]
         was = run.distiller.training
         run.distiller.eval()
         try:
