@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from kdgraph.errors import DataError, KDGraphError
-from kdgraph.lm.text import ByteTokenizer, Windows, token_file
 from kdgraph.registry import causal_lm_head
 from kdgraph.tasks import register_task
 from kdgraph.tasks.base import Task
@@ -47,7 +46,7 @@ class WindowLoader:
     batches (the last partial one dropped), rank ``rank`` of ``world_size`` reading its share of
     each step's windows. Held-out: every window, in order."""
 
-    def __init__(self, windows: Windows, split: str, batch_size: int, seed: int, device: torch.device,
+    def __init__(self, windows, split: str, batch_size: int, seed: int, device: torch.device,
                  rank: int = 0, world_size: int = 1, fraction: float = 1.0):
         self.windows, self.split, self.batch_size, self.seed = windows, split, int(batch_size), int(seed)
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -145,6 +144,8 @@ class CausalLMTask(Task):
         self.samples: dict[str, list[str]] = {}
 
     def build_data(self, spec, plan, device, dist_info, channels_last: bool = False) -> TextData:
+        from kdgraph.lm.text import ByteTokenizer, Windows, token_file  # at call time: the train path's import order
+
         d = spec.data
         if d.root is None:
             raise DataError("data.root: text needs a folder of UTF-8 .txt files or a .jsonl file")
