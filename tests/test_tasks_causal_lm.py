@@ -115,6 +115,11 @@ def test_heldout_metrics_equal_the_student_scored_by_hand(trained):
     assert summary["student_ppl"] == pytest.approx(math.exp(nats / tokens), rel=1e-5)
     assert summary["student_bpb"] == pytest.approx(nats / math.log(2) / tokens, rel=1e-5)
     assert summary["teacher_bpb"] is not None and summary["teacher_bpb"] > 0
+    from kdgraph.runtime.commands import evaluate_spec
+
+    evaluated = evaluate_spec(spec)  # `kdgraph eval`: the held-out split, the run's student and teacher
+    assert evaluated["student_bpb"] == pytest.approx(nats / math.log(2) / tokens, rel=1e-5)
+    assert evaluated["samples"] == len(windows) and "teacher_bpb" not in evaluated  # an untrained teacher
     samples = (tmp / "run" / "samples.txt").read_text(encoding="utf-8")
     assert "student continues" in samples and "teacher continues" in samples
     assert TEXT.encode()[len(TEXT.encode()) - int(len(TEXT.encode()) * 0.05):][:SEQ // 2].decode() in samples
