@@ -144,8 +144,9 @@ Inferred where the spec leaves it out: ``denoise`` with a denoise block, ``causa
 
 TASK_HEAD_LOSSES: Registry[Any] = Registry("task head loss")
 """A task whose head loss is its own -> its ``kdgraph.losses.LOSSES`` head entries (with a
-teacher, without one), or a function of the spec's ``loss`` block giving them; a task not here has the spec's ``loss.logit`` (cross-entropy alone
-without a teacher). ``kdgraph.tasks.register_task`` fills it from the task's ``head_loss``."""
+teacher, without one), or a function of the spec's ``loss`` block giving them; a task not here
+has the spec's ``loss.logit`` (cross-entropy alone without a teacher). ``kdgraph.tasks.register_task``
+fills it from the task's ``head_loss``."""
 TASK_HEAD_LOSSES.register("denoise", ("denoise", "ddpm"))
 
 

@@ -59,7 +59,8 @@ INDUCTOR_ON_CPU = ["quickstart"]
 
 def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str]:
     """The tier's --set overrides of one spec: synthetic data of the spec's input size (two
-    batches; a causal LM: random text the tier writes), the device, bf16, the mode's compile and channels_last, and random weights in
+    batches; a causal LM: random text the tier writes), the device, bf16, the mode's compile and
+    channels_last, and random weights in
     place of weights files and pretrained weights, no judging classifier for a denoiser (the
     tier never reads data, weights or the network)."""
     spec = load_spec(path)

@@ -224,7 +224,7 @@ def test_a_run_killed_mid_epoch_resumes_exactly(tmp_path):
     assert pos["epoch"] == 0 and 0 < pos["step"] < per_epoch  # mid-epoch
     res = run_cli("train", str(spec_b), "--quiet", "--resume")
     assert res.returncode == 0, res.stderr
-    a, b = load_file(str(tmp_path / "a" / "student.safetensors")), load_file(str(tmp_path / "b" / "student.safetensors"))
+    a, b = (load_file(str(tmp_path / n / "student.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     sa, sb = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("a", "b"))
@@ -238,7 +238,8 @@ def test_export_loads_in_plain_transformers_with_the_students_logits(trained, tm
     spec, _, tmp = trained
     shipped = export_spec(spec, tmp_path / "hf")
     assert shipped["format"] == "transformers"
-    assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= files
     student = compile_spec(spec).student.model.eval()
     student.load_state_dict(load_file(str(tmp / "run" / "student.safetensors")))
     ids = torch.from_numpy(_heldout_by_hand(TEXT)[:2, :-1])

@@ -25,8 +25,9 @@ def task_class(name: str) -> type[Task]:
 def spec_task(spec: Spec) -> type[Task]:
     """The task class of ``spec`` before it is compiled: its ``task``, its denoise block's, text's
     causal_lm, or classification (dense differs from it in evaluation only)."""
-    inferred = "denoise" if spec.denoise is not None else "causal_lm" if spec.data.dataset == "text" else "classification"
-    return task_class(spec.task or inferred)
+    if spec.task or spec.denoise is not None:
+        return task_class(spec.task or "denoise")
+    return task_class("causal_lm" if spec.data.dataset == "text" else "classification")
 
 
 def create_task(spec: Spec, compiled: Compiled) -> Task:
