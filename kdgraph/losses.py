@@ -834,6 +834,27 @@ class GeneralisedJSDTokens(_TokenHead):
     params = {**_TokenHead.params, "coefficient": "jsd_beta"}
 
 
+@LOSSES.register("token_ce")
+class TokenCrossEntropy(nn.Module):
+    """Next-token cross-entropy: ``ce = mean_tokens −log softmax(z_s)_y`` over the tokens whose
+    target y is not the ignore index, of (B, T, V) student logits z_s and (B, T) targets y; a
+    causal LM's head loss without a teacher."""
+
+    summary = "next-token cross-entropy of a causal LM (no teacher)"
+    role = "token"
+    terms = ("ce",)
+    params = {"ignore_index": "ignore_index"}
+
+    def __init__(self, ignore_index: int = -100):
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with no_autocast(student_logits):
+            return F.cross_entropy(student_logits.float().flatten(0, -2), targets.reshape(-1),
+                                   ignore_index=self.ignore_index)
+
+
 # The dense task's losses (kdgraph.segmentation.losses, issue 41)
 LOSSES.register("pixel_kl", PixelKL)
 LOSSES.register("cwd", ChannelWiseDistillation)

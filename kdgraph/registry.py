@@ -134,17 +134,28 @@ def model_source_choices() -> list[str]:
 
 # --------------------------------------------------------------------------------- tasks
 
-TASKS: Registry[Any] = Registry("task", declared=("classification", "dense", "denoise"), home="kdgraph.tasks")
+TASKS: Registry[Any] = Registry("task", declared=("classification", "dense", "denoise", "causal_lm"),
+                               home="kdgraph.tasks")
 """``spec.task`` -> the task class (``kdgraph.tasks.Task``): what a batch is, the head's loss
 entry, the metrics and which way "best" points, the evaluation, reports and export layout.
-Inferred where the spec leaves it out: ``denoise`` with a denoise block, else ``dense`` where
-the student predicts per-pixel logits, else ``classification``."""
+Inferred where the spec leaves it out: ``denoise`` with a denoise block, ``causal_lm`` with
+``data.dataset: text``, else ``dense`` where the student predicts per-pixel logits, else
+``classification``."""
 
-TASK_HEAD_LOSSES: Registry[tuple[str, str]] = Registry("task head loss")
+TASK_HEAD_LOSSES: Registry[Any] = Registry("task head loss")
 """A task whose head loss is its own -> its ``kdgraph.losses.LOSSES`` head entries (with a
-teacher, without one); a task not here has the spec's ``loss.logit`` (cross-entropy alone
-without a teacher). ``kdgraph.tasks.register_task`` fills it from the task's ``head_loss``."""
+teacher, without one), or a function of the spec's ``loss`` block giving them; a task not here
+has the spec's ``loss.logit`` (cross-entropy alone without a teacher). ``kdgraph.tasks.register_task``
+fills it from the task's ``head_loss``."""
 TASK_HEAD_LOSSES.register("denoise", ("denoise", "ddpm"))
+
+
+def causal_lm_head(loss: Any) -> tuple[str, str]:
+    """A causal LM's head entries: ``loss.token``'s divergence with a teacher, token CE without."""
+    return (loss["token"], "token_ce")
+
+
+TASK_HEAD_LOSSES.register("causal_lm", causal_lm_head)
 
 
 # ------------------------------------------------------------------------------ datasets

@@ -59,7 +59,8 @@ INDUCTOR_ON_CPU = ["quickstart"]
 
 def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str]:
     """The tier's --set overrides of one spec: synthetic data of the spec's input size (two
-    batches), the device, bf16, the mode's compile and channels_last, and random weights in
+    batches; a causal LM: random text the tier writes), the device, bf16, the mode's compile and
+    channels_last, and random weights in
     place of weights files and pretrained weights, no judging classifier for a denoiser (the
     tier never reads data, weights or the network)."""
     spec = load_spec(path)
@@ -67,8 +68,15 @@ def tier_overrides(path: Path, mode: str, device: str, output: Path) -> list[str
     c, h, w = resolve_input_size(spec.data)
     classes = spec.student.kwargs.get("num_classes") or spec.data.num_classes or 1000
     batch = BATCH[device]
-    sets = [f"data={{dataset: synthetic, input_size: [{c}, {h}, {w}], num_classes: {classes}, "
-            f"samples: {2 * batch}, batch_size: {batch}, augment: none}}",
+    data = (f"data={{dataset: synthetic, input_size: [{c}, {h}, {w}], num_classes: {classes}, "
+            f"samples: {2 * batch}, batch_size: {batch}, augment: none}}")
+    if spec.data.dataset == "text":  # a causal LM: random bytes of text written here, windows of 16 tokens
+        root = Path(output).parent / "tier-text"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "t.txt").write_bytes(bytes(torch.randint(32, 127, (4096,), generator=torch.Generator().manual_seed(0))
+                                           .tolist()))
+        data = f"data={{dataset: text, root: {root}, seq_len: 16, batch_size: {batch}}}"
+    sets = [data,
             f"runtime.device={device}", "runtime.precision=bf16", f"runtime.compile={str(compiled).lower()}",
             f"runtime.channels_last={str(channels_last).lower()}", f"output={output}"]
     for role in ("teacher", "student"):
@@ -136,7 +144,8 @@ def test_tier_overrides_read_no_weights_no_data_and_no_network(path, tmp_path):
         spec = load_spec(path, tier_overrides(path, "compiled", device, tmp_path), allow_code=True)
         models = [m for m in (spec.teacher, spec.student) if m is not None]
         assert [(m.checkpoint, m.pretrained) for m in models] == [(None, False)] * len(models)
-        assert (spec.data.dataset, spec.data.batch_size, spec.runtime.device) == ("synthetic", BATCH[device], device)
+        stand_in = "text" if load_spec(path).data.dataset == "text" else "synthetic"  # text: written by the tier
+        assert (spec.data.dataset, spec.data.batch_size, spec.runtime.device) == (stand_in, BATCH[device], device)
 
 
 def _cpu_cases():

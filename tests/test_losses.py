@@ -135,7 +135,7 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.spec import LossSpec
 
     assert LOSSES.names() == ["mse", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise",
-                              "forward_kl", "reverse_kl", "skew_kl", "jsd", "pixel_kl", "cwd", "pkd"]
+                              "forward_kl", "reverse_kl", "skew_kl", "jsd", "token_ce", "pixel_kl", "cwd", "pkd"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
         cls = LOSSES.get(name)

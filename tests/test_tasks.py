@@ -181,7 +181,7 @@ def test_the_spec_names_its_task_and_refuses_one_not_registered(tmp_path):
 
 
 @pytest.mark.parametrize("name, best, higher", [("classification", "top1", True), ("dense", "top1", True),
-                                                ("denoise", "mse", False)])
+                                                ("denoise", "mse", False), ("causal_lm", "bpb", False)])
 def test_the_builtin_tasks_say_which_way_best_points(name, best, higher):
     cls = task_class(name)
     assert cls.name == name and cls.best_metric == best and cls.higher_is_better is higher

@@ -71,7 +71,7 @@ def _loss_node(g: nx.DiGraph, node: str, role: str, entry: str, block: int, loss
                fmt: FeatureFormat | None = None, label: str | None = None, **attrs) -> None:
     """Add loss node ``node``: its LOSSES entry, that entry's params resolved from the spec, its
     terms (``{block}`` in their names is ``label``, by default the block index)."""
-    if LOSSES.get(entry).role != role:
+    if LOSSES.get(entry).role != role and not (role == "head" and LOSSES.get(entry).role == "token"):
         raise PlanError(f"loss {entry!r} is a {LOSSES.get(entry).role} loss, not a {role} loss")
     g.add_node(node, kind="loss", loss=role, block=block, entry=entry, params=resolve_params(entry, loss_spec, fmt),
                terms=list(term_names(entry, block if label is None else label)), **attrs)
@@ -108,16 +108,19 @@ def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, task: str = "cla
     ``denoise`` with a teacher, ``ddpm`` without); else ``loss.logit``'s with a teacher,
     cross-entropy alone without."""
     if task in TASK_HEAD_LOSSES:
-        return TASK_HEAD_LOSSES.get(task)[0 if has_teacher else 1]
+        entries = TASK_HEAD_LOSSES.get(task)
+        return (entries(loss_spec) if callable(entries) else entries)[0 if has_teacher else 1]
     return LOGIT_LOSSES.get(loss_spec["logit"]).entry if has_teacher else "ce"
 
 
 def task_of(spec: Spec, student: ModelArtifacts) -> str:
     """The run's task (a ``TASKS`` name): the spec's, else inferred where unambiguous: a denoise
-    block makes it ``denoise``, per-pixel logits ``dense``, anything else ``classification``.
+    block makes it ``denoise``, text ``causal_lm``, per-pixel logits ``dense``, anything else ``classification``.
     A spec that names classification or dense for a student predicting the other is refused."""
     if spec.denoise is not None:
         return "denoise"
+    if spec.data.dataset == "text":
+        return "causal_lm"
     inferred = "dense" if student.traced is not None and student.dense else "classification"
     if spec.task in ("classification", "dense") and spec.task != inferred and student.traced is not None:
         raise PlanError(f"task: {spec.task}, but the student's output {list(student.output_shape or ())} is "

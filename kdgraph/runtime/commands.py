@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError
 
 from kdgraph.compiler import Compiled, compile_spec
-from kdgraph.data import DeviceLoader, build_data
+from kdgraph.data import DeviceLoader
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import checkpoint as ckpt
 from kdgraph.runtime import ship
@@ -39,7 +39,8 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
     device = resolve_device(spec.runtime.device, DistInfo())
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student, layouts).to(device).eval()
-    data = build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
+    task = create_task(spec, compiled)
+    data = task.build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
     if split == "test":
         loader, samples = data.test, data.test_samples()
     elif isinstance(data.train, DeviceLoader):  # the training split, unaugmented and in order
@@ -50,7 +51,6 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
         raise KDGraphError("--split train is available where the data is held in memory; this spec streams "
                            "its image folder (data.loader: stream)")
     result: dict = {"split": split, "samples": samples}
-    task = create_task(spec, compiled)
     result.update(_scores("student", task.score_trained(student, loader, device, spec.runtime.precision), task.metrics))
     if compiled.teacher is not None and _teacher_weights_at_hand(spec, compiled):
         teacher = compiled.teacher.model.to(device).eval()

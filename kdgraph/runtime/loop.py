@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdgraph.compiler import compile_spec
-from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import report, runs
 from kdgraph.runtime.checkpoint import RNG, CheckpointManager, Value
@@ -114,9 +113,9 @@ class Trainer:
         self.config = resolve_config(spec, device, self.compiled.student.model)
         # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
         # batches come normalised in the step's layout (no separate channels_last copy)
-        self.data = build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         # what a batch is, the scores and which way "best" points, the reports (kdgraph.tasks)
         self.task = create_task(spec, self.compiled)
+        self.data = self.task.build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         self.task.check_data(self.data, spec.data.dataset)
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
         # the stages that replay the teacher's logits read them here, batch by batch

@@ -76,7 +76,10 @@ def apply_cudnn_benchmark(device: torch.device, deterministic: bool) -> bool:
 
 
 def use_channels_last(setting, model: nn.Module, device: torch.device) -> bool:
-    """auto: on CUDA for conv nets (tensor cores want NHWC); never on CPU, where it is slower."""
+    """auto: on CUDA for conv nets (tensor cores want NHWC); never on CPU, where it is slower.
+    Never for a model fed token ids (a causal LM): they have no channels to lay out."""
+    if getattr(model, "takes_tokens", False):
+        return False
     if setting == "auto":
         return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return bool(setting)

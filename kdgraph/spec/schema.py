@@ -325,7 +325,7 @@ class DataSpec(_Strict):
         default="digits",
         description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
         "'torchvision:NAME' (a torchvision dataset class whose files are present under root), or text (token "
-        "windows of seq_len for a causal LM: planned, not yet trained).",
+        "windows of seq_len for a causal LM, task causal_lm; root a folder of UTF-8 .txt files or a .jsonl file).",
     )
     root: UserPath | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
@@ -569,6 +569,10 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    token: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
+        default="forward_kl", description="Causal LM (task causal_lm) with a teacher: the per-token divergence of "
+        "the head loss, weighted by kl_weight, plus ce_weight times cross-entropy (without a teacher: "
+        "cross-entropy alone).")
     skew_alpha: Float = Field(default=0.1, gt=0.0, lt=1.0, description="Causal LM, skew_kl: the teacher's share α "
                               "of the mixture KL(p || α p + (1−α) q) (DistiLLM: 0.1).")
     jsd_beta: Float = Field(default=0.5, gt=0.0, lt=1.0, description="Causal LM, jsd: the teacher's share β of the "

@@ -39,6 +39,12 @@ class Task:
 
     # ------------------------------------------------------------------ batches
 
+    def build_data(self, spec: Spec, plan, device: torch.device, dist_info, channels_last: bool = False):
+        """The run's data (``kdgraph.data.Data``: its train, validation and test loaders)."""
+        from kdgraph.data import build_data
+
+        return build_data(spec, plan, device, dist_info, channels_last)
+
     def check_data(self, data, dataset: str) -> None:
         """Refuse data the run cannot learn from, before training."""
         if self.num_classes is not None and data.num_classes > self.num_classes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kdgraph.registry import TASKS
-from kdgraph.tasks import classify  # noqa: F401  (registers classification, dense)
+from kdgraph.tasks import causal_lm, classify  # noqa: F401  (registers causal_lm, classification, dense)
 from kdgraph.tasks.base import Task
 from kdgraph.tasks.denoise import task  # noqa: F401  (registers denoise)
 
@@ -23,9 +23,11 @@ def task_class(name: str) -> type[Task]:
 
 
 def spec_task(spec: Spec) -> type[Task]:
-    """The task class of ``spec`` before it is compiled: its ``task``, its denoise block's, or
-    classification (dense differs from it in evaluation only)."""
-    return task_class(spec.task or ("denoise" if spec.denoise is not None else "classification"))
+    """The task class of ``spec`` before it is compiled: its ``task``, its denoise block's, text's
+    causal_lm, or classification (dense differs from it in evaluation only)."""
+    if spec.task or spec.denoise is not None:
+        return task_class(spec.task or "denoise")
+    return task_class("causal_lm" if spec.data.dataset == "text" else "classification")
 
 
 def create_task(spec: Spec, compiled: Compiled) -> Task:
