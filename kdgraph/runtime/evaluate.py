@@ -85,6 +85,11 @@ class Evaluator:
         finally:
             self.distiller.train(was)
 
+    def evaluate_test(self, global_step: int) -> dict[str, float] | None:
+        """With a validation split (which chose the best epoch), the test split's scores, taken
+        once at the end of the run; None without one (every evaluation was the test split's)."""
+        return None if self.data.val is None else self.evaluate(global_step, self.data.test)
+
     def score(self, forward, loader=None) -> dict[str, float]:
         """``forward`` on ``loader`` (default: the validation split where there is one, else the
         test split), scored by the task."""

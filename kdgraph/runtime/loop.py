@@ -111,9 +111,8 @@ class Trainer:
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
         self.config = resolve_config(spec, device, self.compiled.student.model)
-        # the train split sharded over ranks; the test split whole, for the main rank's evaluation;
-        # batches come normalised in the step's layout (no separate channels_last copy)
-        # what a batch is, the scores and which way "best" points, the reports (kdgraph.tasks)
+        # the task: what a batch is, its data (train sharded over ranks, normalised in the step's
+        # layout; the evaluation splits whole, for the main rank), its scores and reports
         self.task = create_task(spec, self.compiled)
         self.data = self.task.build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
         self.task.check_data(self.data, spec.data.dataset)
@@ -140,7 +139,7 @@ class Trainer:
         self.global_step = 0
         self.history = {"wall_s": 0.0, "images": 0, "train_s": 0.0}
         self.wall_before = 0.0  # wall time of earlier processes of this run (resumes add up)
-        self.teacher_acc = self.student_acc = self.test_acc = None  # scores: the teacher's, the latest evaluation's, the test's
+        self.teacher_acc = self.student_acc = self.test_acc = None  # the teacher's, the last evaluation's, the test's
         self.tracker: StabilityTracker | None = None
         self.data_warned = False  # report.warn_if_starved: once per run
         self.checkpoints = CheckpointManager(self.folder, checkpoint_states(self, spec.to_dict()),
@@ -333,8 +332,7 @@ class Trainer:
         self.history["wall_s"] = self.wall_s()
         if self.student_acc is None and self.main:
             self.student_acc = self.evaluator.evaluate(self.global_step)
-        # with a validation split, the test split is evaluated here, once
-        self.test_acc = self.evaluator.evaluate(self.global_step, self.data.test) if self.main and self.data.val is not None else None
+        self.test_acc = self.evaluator.evaluate_test(self.global_step) if self.main else None
         reports = self.task.reports(self) if self.main else self.task.reports_elsewhere(self)
         summary = report.summary(self) | reports
         if self.main:
