@@ -21,7 +21,7 @@ EPOCH_KEYS = {"time", "kind", "stage", "epoch", "global_step", "student_top1", "
               "images_per_s", "data_wait_share"}
 SUMMARY_KEYS = {"name", "method", "k", "n", "epochs", "student_top1", "student_top5", "best_top1", "best_epoch",
                 "teacher_top1", "teacher_top5", "wall_time_s", "mean_images_per_s", "data_wait_share", "output", "preprocessing",
-                "data", "compile", "finished", "eval_split"}
+                "data", "compile", "finished", "eval_split", "task"}
 RUNTIME = {"device": "cpu", "log_every": 5, "num_threads": None}
 
 
