@@ -125,6 +125,21 @@ def test_heldout_metrics_equal_the_student_scored_by_hand(trained):
     assert TEXT.encode()[len(TEXT.encode()) - int(len(TEXT.encode()) * 0.05):][:SEQ // 2].decode() in samples
 
 
+def test_eval_writes_nothing_under_the_output_and_reads_the_runs_token_file(trained, tmp_path):
+    from kdgraph.runtime.commands import evaluate_spec
+
+    spec, summary, tmp = trained
+    elsewhere = spec.model_copy(update={"output": str(tmp_path / "never-made")})
+    assert str(elsewhere.output_dir) == str(tmp_path / "never-made")
+    got = evaluate_spec(elsewhere, checkpoint=tmp / "run" / "student.safetensors")
+    assert got["student_bpb"] == pytest.approx(summary["student_bpb"], rel=1e-5)
+    assert not (tmp_path / "never-made").exists()
+    tokens = {p: p.stat().st_mtime_ns for p in (tmp / "run" / "tokens").iterdir()}
+    assert len(tokens) == 1
+    assert evaluate_spec(spec)["student_bpb"] == pytest.approx(summary["student_bpb"], rel=1e-5)
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "run" / "tokens").iterdir()} == tokens  # read, not written
+
+
 def test_training_windows_are_drawn_from_seed_and_epoch(trained, tmp_path):
     from kdgraph.compiler import compile_spec
     from kdgraph.runtime.techniques import DistInfo

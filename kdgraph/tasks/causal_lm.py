@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from kdgraph.errors import DataError, KDGraphError
 from kdgraph.registry import causal_lm_head
+from kdgraph.runtime.runs import RunFolder
 from kdgraph.tasks import register_task
 from kdgraph.tasks.base import Task
 
@@ -153,7 +154,7 @@ class CausalLMTask(Task):
             raise DataError(f"data.root: {d.root} does not exist" + (
                 " (run `make shakespeare` to fetch it)" if "shakespeare" in str(d.root) else ""))
         tokenizer = ByteTokenizer()
-        tokens = token_file(d.root, tokenizer, self.output_dir / "tokens")
+        tokens = token_file(d.root, tokenizer, RunFolder(self.output_dir).tokens, write=self.writes_output)
         windows = Windows(tokens, int(d.seq_len), HOLDOUT)
         train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
                              d.fraction)
@@ -210,7 +211,7 @@ class CausalLMTask(Task):
                             for who, f in models.items()}
         finally:
             run.distiller.train(was)
-        path = self.output_dir / "samples.txt"
+        path = RunFolder(self.output_dir).text_samples
         path.write_text(_samples_text(prompts, self.samples), encoding="utf-8")
         return {"samples": str(path)}
 
