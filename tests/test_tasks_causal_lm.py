@@ -275,3 +275,42 @@ def test_export_loads_in_plain_transformers_with_the_students_logits(trained, tm
     assert out.stdout.strip() == "False"
     theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
     assert torch.equal(theirs, ours)
+
+
+def test_export_writes_into_an_empty_folder_its_own_earlier_export_or_a_killed_one_and_nothing_else(trained,
+                                                                                                 tmp_path):
+    import transformers
+
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.commands import export_spec
+    from kdgraph.runtime.ship import INCOMPLETE
+
+    spec, _, tmp = trained
+    state = load_file(str(tmp / "run" / "student.safetensors"))
+
+    def shipped_is_the_student(folder):
+        assert not (folder / INCOMPLETE).exists()
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        return all(torch.equal(v, state[f"lm.{k}"]) for k, v in lm.state_dict().items() if f"lm.{k}" in state)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_spec(spec, empty)
+    assert shipped_is_the_student(empty)
+    export_spec(spec, empty)  # again, over its own earlier export
+    assert shipped_is_the_student(empty)
+    killed = tmp_path / "killed"  # an export killed while it wrote the weights
+    killed.mkdir()
+    (killed / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")
+    (killed / "model.safetensors").write_bytes(b"half a file")
+    export_spec(spec, killed)
+    assert shipped_is_the_student(killed)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')
+    (mine / "kdgraph.json").write_text('{"not": "an export record"}')
+    with pytest.raises(KDGraphError, match="not a kdgraph export"):
+        export_spec(spec, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "kdgraph.json"]
+    assert (mine / "config.json").read_text() == '{"model_type": "llama"}'
+

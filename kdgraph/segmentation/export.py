@@ -48,7 +48,7 @@ def torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _check_writable(folder: Path) -> None:
-    from kdgraph.runtime.ship import INCOMPLETE
+    from kdgraph.paths import INCOMPLETE
 
     existing = [p for p in (folder / WEIGHTS, folder / CONSTRUCTOR) if p.exists()]
     if not existing or (folder / INCOMPLETE).is_file():  # none, or an export killed before it finished
@@ -79,7 +79,7 @@ def export_torchvision(model: SegmentationModel, folder: Path | str) -> Path:
     state = torchvision_state_dict(model.state_dict())
     record = {"library": "torchvision", "name": name, "kwargs": kwargs, "written_by": "kdgraph",
               "torchvision": torchvision.__version__}
-    from kdgraph.runtime.ship import INCOMPLETE
+    from kdgraph.paths import INCOMPLETE
 
     (folder / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")  # first
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})

@@ -223,8 +223,13 @@ class CausalLMTask(Task):
 
     def ship(self, spec, compiled, maps, path, to, command) -> dict:
         from kdgraph.lm.hf_export import ship_causal_lm
+        from kdgraph.runtime.ship import INCOMPLETE, _begin_export, check_destination, clear_earlier_export
 
-        return ship_causal_lm(compiled, maps, path, to, command)
+        to = _begin_export(check_destination(Path(to)))  # new, empty, or an earlier (or killed) kdgraph export
+        clear_earlier_export(to)  # an earlier timm-layout export's weights, program and card
+        shipped = ship_causal_lm(compiled, maps, path, to, command)
+        (to / INCOMPLETE).unlink()  # last: until here a rerun writes over the folder
+        return shipped
 
 
 @torch.no_grad()
