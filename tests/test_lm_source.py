@@ -98,3 +98,34 @@ def test_the_spec_accepts_the_source_and_pretrained_for_it():
     assert "transformers" in MODEL_SOURCES and "transformers" in PRETRAINED_SOURCES
     spec = ModelSpec(model="transformers:Qwen/Qwen2.5-0.5B", pretrained=True)
     assert spec.pretrained
+
+
+def _folder_with_remote_code(tmp_path):
+    """A saved GPT-2 folder whose config.json maps AutoModelForCausalLM to a modeling file of its
+    own that, once imported, writes a marker file (what trust_remote_code would run)."""
+    import json
+
+    folder = tmp_path / "model"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4)).save_pretrained(folder)
+    marker = tmp_path / "ran.txt"
+    (folder / "modeling_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import GPT2LMHeadModel as EvilModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+@pytest.mark.parametrize("value", [True, 1, "yes"])
+def test_trust_remote_code_is_refused_and_a_folders_modeling_code_never_runs(tmp_path, value):
+    folder, marker = _folder_with_remote_code(tmp_path)
+    fetch = PRETRAINED_SOURCES.get("transformers")[1]
+    for load in (lambda: fetch(str(folder), {"trust_remote_code": value}),
+                 lambda: create_model(f"transformers:{folder}", {"trust_remote_code": value})):
+        with pytest.raises(ModelError, match="trust_remote_code") as info:
+            load()
+        assert "\n" not in str(info.value)
+    assert not marker.exists()
+    loaded = fetch(str(folder), {})          # without it: transformers' own GPT-2, the file unrun
+    assert type(loaded.lm).__name__ == "GPT2LMHeadModel" and not marker.exists()

@@ -90,6 +90,33 @@ def test_the_token_file_is_written_once_and_keyed_by_tokenizer_and_text(tmp_path
     assert len(list(cache.iterdir())) == 3 and not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00garbage", b"<f8     ", b"", b"<u2", b"<u2     \x01"],
+                         ids=["not-ascii", "not-a-token-dtype", "empty", "short-header", "odd-length"])
+def test_a_damaged_token_file_is_a_one_line_data_error(tmp_path, damage):
+    root, cache = _folder(tmp_path), tmp_path / "cache"
+    token_file(root, ByteTokenizer(), cache)
+    (path,) = cache.iterdir()
+    path.write_bytes(damage)
+    with pytest.raises(DataError, match="is damaged .* not a kdgraph token file") as info:
+        token_file(root, ByteTokenizer(), cache)
+    assert "\n" not in str(info.value) and path.read_bytes() == damage  # said, and left as it was
+
+
+def test_without_write_nothing_is_written_and_an_existing_token_file_is_read(tmp_path):
+    root, cache = _folder(tmp_path), tmp_path / "out" / "tokens"
+    fresh = token_file(root, ByteTokenizer(), cache, write=False)
+    assert not (tmp_path / "out").exists()
+    written = token_file(root, ByteTokenizer(), tmp_path / "elsewhere")
+    assert np.array_equal(fresh, written)
+    cache.mkdir(parents=True)
+    (path,) = (tmp_path / "elsewhere").iterdir()
+    reused = cache / path.name
+    reused.write_bytes(path.read_bytes()[:8] + np.array([7, 8, 9], "<u2").tobytes())  # a file told apart from the text
+    stamp = reused.stat().st_mtime_ns
+    assert list(token_file(root, ByteTokenizer(), cache, write=False)) == [7, 8, 9]
+    assert [p.name for p in cache.iterdir()] == [reused.name] and reused.stat().st_mtime_ns == stamp
+
+
 def test_windows_are_a_function_of_seed_epoch_index_and_the_held_out_tail_is_apart():
     tokens = np.arange(1000, dtype=np.uint16)
     w = Windows(tokens, seq_len=16, holdout=0.1)

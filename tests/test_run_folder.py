@@ -77,8 +77,9 @@ def _unchanged(folder, before):
 @pytest.mark.parametrize("names", [["plan.json", "curves.png", "metrics.jsonl", "run.json"],
                                    ["samples.png", "best.safetensors"],
                                    ["student.safetensors", "best.safetensors"],
-                                   ["checkpoints/last.pt"]], ids=["plan-curves-metrics-run", "samples-best",
-                                                                  "student-best", "last.pt"])
+                                   ["checkpoints/last.pt"], ["samples.txt"], ["tokens/0123-bytes.tokens"]],
+                         ids=["plan-curves-metrics-run", "samples-best", "student-best", "last.pt", "samples.txt",
+                              "tokens"])
 def test_a_users_files_at_a_runs_names_are_never_replaced(tmp_path, names, force):
     """A folder without kdgraph's run record: its files at the names a run writes are the user's."""
     from kdgraph.errors import KDGraphError
@@ -153,7 +154,8 @@ def test_force_on_a_kdgraph_run_deletes_its_files_and_keeps_another_tools_files(
     assert left == ["notes.md", "run.json", "tensorboard/events.out.tfevents.1.other-tool"]
 
 
-@pytest.mark.parametrize("name", ["student.safetensors", "checkpoints/last.pt"])
+@pytest.mark.parametrize("name", ["student.safetensors", "checkpoints/last.pt", "samples.txt",
+                                  "tokens/0123-bytes.tokens", "tokens"])
 def test_a_link_at_a_name_a_run_writes_is_refused_even_in_a_run_folder(tmp_path, name):
     """Training writes student.safetensors (and checkpoints) in place: through a link it would
     replace the user's file the link points to."""

@@ -73,3 +73,25 @@ def test_export_refuses_foreign_files_adapters_and_meta_weights(tmp_path):
                            tmp_path / "meta")
     with pytest.raises(KDGraphError, match="needs a SegmentationModel"):
         export_torchvision(torch.nn.Linear(1, 1), tmp_path / "linear")
+
+
+def test_an_export_killed_between_its_weights_and_its_constructor_is_written_over_by_the_rerun(tmp_path):
+    from safetensors.torch import load_file
+
+    from kdgraph.runtime.ship import INCOMPLETE
+    from kdgraph.segmentation.export import CONSTRUCTOR
+
+    student = create_model("torchvision:lraspp_mobilenet_v3_large", {"num_classes": 2})
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")
+    (folder / WEIGHTS).write_bytes(b"half of the weights")  # killed here: no constructor.json yet
+    export_torchvision(student, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [CONSTRUCTOR, WEIGHTS]
+    written = load_file(str(folder / WEIGHTS))
+    assert all(torch.equal(written[k], v) for k, v in torchvision_state_dict(student.state_dict()).items())
+    assert json.loads((folder / CONSTRUCTOR).read_text())["written_by"] == "kdgraph"
+    (folder / INCOMPLETE).unlink(missing_ok=True)
+    (folder / CONSTRUCTOR).unlink()  # weights alone, no marker: not shown to be kdgraph's, refused
+    with pytest.raises(KDGraphError, match="kdgraph did not write it"):
+        export_torchvision(student, folder)

@@ -125,6 +125,21 @@ def test_heldout_metrics_equal_the_student_scored_by_hand(trained):
     assert TEXT.encode()[len(TEXT.encode()) - int(len(TEXT.encode()) * 0.05):][:SEQ // 2].decode() in samples
 
 
+def test_eval_writes_nothing_under_the_output_and_reads_the_runs_token_file(trained, tmp_path):
+    from kdgraph.runtime.commands import evaluate_spec
+
+    spec, summary, tmp = trained
+    elsewhere = spec.model_copy(update={"output": str(tmp_path / "never-made")})
+    assert str(elsewhere.output_dir) == str(tmp_path / "never-made")
+    got = evaluate_spec(elsewhere, checkpoint=tmp / "run" / "student.safetensors")
+    assert got["student_bpb"] == pytest.approx(summary["student_bpb"], rel=1e-5)
+    assert not (tmp_path / "never-made").exists()
+    tokens = {p: p.stat().st_mtime_ns for p in (tmp / "run" / "tokens").iterdir()}
+    assert len(tokens) == 1
+    assert evaluate_spec(spec)["student_bpb"] == pytest.approx(summary["student_bpb"], rel=1e-5)
+    assert {p: p.stat().st_mtime_ns for p in (tmp / "run" / "tokens").iterdir()} == tokens  # read, not written
+
+
 def test_training_windows_are_drawn_from_seed_and_epoch(trained, tmp_path):
     from kdgraph.compiler import compile_spec
     from kdgraph.runtime.techniques import DistInfo
@@ -260,3 +275,42 @@ def test_export_loads_in_plain_transformers_with_the_students_logits(trained, tm
     assert out.stdout.strip() == "False"
     theirs = torch.from_numpy(np.load(tmp_path / "logits.npy"))
     assert torch.equal(theirs, ours)
+
+
+def test_export_writes_into_an_empty_folder_its_own_earlier_export_or_a_killed_one_and_nothing_else(trained,
+                                                                                                 tmp_path):
+    import transformers
+
+    from kdgraph.errors import KDGraphError
+    from kdgraph.runtime.commands import export_spec
+    from kdgraph.runtime.ship import INCOMPLETE
+
+    spec, _, tmp = trained
+    state = load_file(str(tmp / "run" / "student.safetensors"))
+
+    def shipped_is_the_student(folder):
+        assert not (folder / INCOMPLETE).exists()
+        lm = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        return all(torch.equal(v, state[f"lm.{k}"]) for k, v in lm.state_dict().items() if f"lm.{k}" in state)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_spec(spec, empty)
+    assert shipped_is_the_student(empty)
+    export_spec(spec, empty)  # again, over its own earlier export
+    assert shipped_is_the_student(empty)
+    killed = tmp_path / "killed"  # an export killed while it wrote the weights
+    killed.mkdir()
+    (killed / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")
+    (killed / "model.safetensors").write_bytes(b"half a file")
+    export_spec(spec, killed)
+    assert shipped_is_the_student(killed)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')
+    (mine / "kdgraph.json").write_text('{"not": "an export record"}')
+    with pytest.raises(KDGraphError, match="not a kdgraph export"):
+        export_spec(spec, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "kdgraph.json"]
+    assert (mine / "config.json").read_text() == '{"model_type": "llama"}'
+

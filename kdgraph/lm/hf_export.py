@@ -6,11 +6,14 @@ plain transformers, ``AutoModelForCausalLM.from_pretrained(folder)``, without kd
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from kdgraph.errors import KDGraphError
 
-__all__ = ["check_exportable", "ship_causal_lm"]
+__all__ = ["RECORD", "check_exportable", "ship_causal_lm"]
+
+RECORD = "kdgraph.json"  # where the weights came from; marks the folder as kdgraph's export
 
 
 def check_exportable(spec) -> None:
@@ -21,17 +24,19 @@ def check_exportable(spec) -> None:
 
 
 def ship_causal_lm(compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
-    """Write the trained student (loaded into ``compiled.student.model``) to the new folder ``to``."""
+    """Write the trained student (loaded into ``compiled.student.model``) to the folder ``to``
+    (the caller, ``CausalLMTask.ship``, checks it and marks the export incomplete until this returns)."""
     if maps:
         raise KDGraphError("export: this student carries adapter maps that are not part of a transformers model")
     lm = compiled.student.model.lm.eval()
     to = Path(to)
-    to.mkdir(parents=True)
     lm.config.use_cache = True  # generation in plain transformers uses its KV cache
     try:
         lm.save_pretrained(str(to), safe_serialization=True)
     finally:
         lm.config.use_cache = False
-    (to / "kdgraph.json").write_text(json.dumps({"weights_from": str(path), "command": command,
-                                                  "tokenizer": "utf-8 bytes (ids 0..255)"}, indent=2) + "\n")
+    tmp = to / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps({"weights_from": str(path), "command": command,
+                               "tokenizer": "utf-8 bytes (ids 0..255)"}, indent=2) + "\n")
+    os.replace(tmp, to / RECORD)
     return {"folder": str(to), "format": "transformers", "reason": None}

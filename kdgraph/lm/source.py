@@ -136,8 +136,16 @@ def _hub_config(transformers, repo: str):
         raise _offline(repo, "config", " ".join(str(exc).split())[:200]) from None
 
 
+def _no_remote_code(rest: str, kwargs: dict[str, Any]) -> None:
+    """A spec's kwargs may not ask transformers to run a folder's or the hub's modeling code."""
+    if kwargs.get("trust_remote_code"):
+        raise ModelError(f"transformers:{rest}: trust_remote_code would run the model's own Python code, "
+                         "which kdgraph never does for an input; use a model type transformers implements")
+
+
 def create_causal_lm(rest: str, kwargs: dict[str, Any]) -> CausalLM:
     """``transformers:REST`` with random weights (its config from REST and ``kwargs``)."""
+    _no_remote_code(rest, kwargs)
     transformers = import_transformers()
     config = _config(rest, kwargs)
     try:
@@ -148,7 +156,9 @@ def create_causal_lm(rest: str, kwargs: dict[str, Any]) -> CausalLM:
 
 
 def pretrained_causal_lm(rest: str, kwargs: dict[str, Any]) -> CausalLM:
-    """``transformers:REST`` with its saved weights (a local folder, or the hub / its cache)."""
+    """``transformers:REST`` with its saved weights (a local folder, or the hub / its cache);
+    never with the folder's or the hub's own modeling code (trust_remote_code is refused)."""
+    _no_remote_code(rest, kwargs)
     transformers = import_transformers()
     local = Path(rest).expanduser().is_dir()
     if not local:
@@ -158,7 +168,8 @@ def pretrained_causal_lm(rest: str, kwargs: dict[str, Any]) -> CausalLM:
             raise _offline(rest, "pretrained weights", problem)
     try:
         lm = transformers.AutoModelForCausalLM.from_pretrained(rest, local_files_only=local,
-                                                           **{"dtype": torch.float32, **kwargs})
+                                                           **{"dtype": torch.float32, **kwargs},
+                                                           trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise _offline(rest, "pretrained weights", " ".join(str(exc).split())[:200]) from None
     return CausalLM(lm)

@@ -101,11 +101,17 @@ def _source_key(root: Path, field: str) -> str:
     return hashlib.sha256(json.dumps([listing, field]).encode("utf-8")).hexdigest()[:16]
 
 
-def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str = "text") -> np.memmap:
+def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str = "text",
+               write: bool = True) -> np.memmap:
     """The tokens of ``root`` under ``tokenizer``, memory-mapped from the token file in ``cache``
-    (written by the first call, read by later ones)."""
+    (written by the first call, read by later ones). With ``write=False`` nothing is written in
+    ``cache``: its token file is read where it is there, else one in a temporary folder (the map
+    outlives the folder)."""
     root, cache = Path(root), Path(cache)
     path = cache / f"{_source_key(root, field)}-{tokenizer_key(tokenizer)}.tokens"
+    if not write and not (path.is_file() and not path.is_symlink()):
+        with tempfile.TemporaryDirectory(prefix="kdgraph-tokens-") as tmp:
+            return token_file(root, tokenizer, tmp, field)
     if not path.exists():
         eos = getattr(tokenizer, "eos_token_id", None)
         ids: list[int] = []
@@ -120,7 +126,24 @@ def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str =
             f.write(np.dtype(dtype).str.encode("ascii").ljust(8))  # the header: dtype, 8 bytes
             f.write(np.asarray(ids, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
         os.replace(tmp, path)
-    dtype = np.dtype(path.read_bytes()[:8].decode("ascii").strip()).newbyteorder("<")
+    return _read_token_file(path)
+
+
+_TOKEN_DTYPES = {np.dtype(t).newbyteorder("<").str: np.dtype(t).newbyteorder("<") for t in (np.uint16, np.uint32)}
+
+
+def _read_token_file(path: Path) -> np.memmap:
+    """The ids of a token file (an 8-byte header naming the dtype, then the ids), memory-mapped."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(8)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read the token file {path}: {exc}") from None
+    dtype = _TOKEN_DTYPES.get(header.decode("ascii", errors="replace").strip())
+    if len(header) < 8 or dtype is None or size == 8 or (size - 8) % dtype.itemsize:
+        raise DataError(f"{path} is damaged (header {header!r}, {size} bytes) and is not a kdgraph token file; "
+                        "delete it and the next run writes it anew")
     return np.memmap(path, dtype=dtype, mode="r", offset=8)
 
 

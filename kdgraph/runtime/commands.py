@@ -40,6 +40,7 @@ def evaluate_spec(spec: Spec, checkpoint: Path | None = None, split: str = "test
     compiled = _compile_for_eval(spec)  # the student's weights come from the checkpoint
     student = load_student(compiled, checkpoint or RunFolder(spec.output_dir).student, layouts).to(device).eval()
     task = create_task(spec, compiled)
+    task.writes_output = False  # eval reads the run folder, never creates or writes it
     data = task.build_data(spec, compiled.data, device, DistInfo())  # the loader and normalisation training used
     if split == "test":
         loader, samples = data.test, data.test_samples()

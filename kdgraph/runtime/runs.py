@@ -98,6 +98,16 @@ class RunFolder:
         return self.root / "samples.png"
 
     @property
+    def text_samples(self) -> Path:
+        """A causal LM's greedy continuations of held-out openings (task causal_lm)."""
+        return self.root / "samples.txt"
+
+    @property
+    def tokens(self) -> Path:
+        """A text task's token files (written by the first run, read by resumes)."""
+        return self.root / "tokens"
+
+    @property
     def stored_spec(self) -> Path:
         """The resolved spec and the spec file and ``--set`` overrides it came from."""
         return self.root / "run.json"
@@ -109,7 +119,7 @@ class RunFolder:
     def outputs(self) -> tuple[Path, ...]:
         """The files a run writes at the top of the folder; --force removes exactly these."""
         return (self.metrics, self.summary, self.student, self.best, self.plan, self.curves, self.samples,
-                self.stored_spec)
+                self.text_samples, self.stored_spec)
 
     def written_in_folders(self) -> dict[Path, tuple[str, ...]]:
         """The run's two folders and the files (glob patterns) it writes there (the checkpoint
@@ -117,7 +127,7 @@ class RunFolder:
         stay, and so does a folder holding them."""
         last, prev = self.last_checkpoint.name, self.previous_checkpoint.name
         return {self.checkpoints: (last, prev, f".{last}.*.tmp", f".{prev}.tmp"),
-                self.tensorboard: ("events.out.tfevents.*",)}
+                self.tensorboard: ("events.out.tfevents.*",), self.tokens: ("*.tokens", ".tokens-*")}
 
     def earlier_run(self) -> list[str]:
         """What an earlier run left here that a new run would lose (empty: nothing), relative to
@@ -365,7 +375,9 @@ def _refuse_what_kdgraph_did_not_write(folder: RunFolder, record: dict | None) -
     """Files a run may not touch (returned: another tool's files in checkpoints/ or tensorboard/,
     as recorded when the folder was first claimed). Without kdgraph's run record the folder is
     not a run's, and a file at a name a run writes is refused, --force included."""
-    links = [p for p in _written_by_runs(folder) if p.is_symlink() and p.parent in (folder.root, folder.checkpoints)]
+    links = [p for p in _written_by_runs(folder)
+             if p.is_symlink() and p.parent in (folder.root, folder.checkpoints, folder.tokens)]
+    links += [folder.tokens] if folder.tokens.is_symlink() else []
     if links:  # kdgraph writes none: writing there would replace the file a link points to
         names = ", ".join(p.relative_to(folder.root).as_posix() for p in links)
         raise OutputError(f"{folder.root} holds links at names a run writes ({names}); a run would write through "
@@ -374,9 +386,8 @@ def _refuse_what_kdgraph_did_not_write(folder: RunFolder, record: dict | None) -
         kept = [folder.root / name for name in record.get("kept") or [] if isinstance(name, str)]
         return [p for p in kept if p.exists() and folder.root in p.parents]
     theirs = _written_by_runs(folder)
-    sub_folders = tuple(folder.written_in_folders())
-    clash = [p for p in theirs if p.parent not in sub_folders or p.name in (folder.last_checkpoint.name,
-                                                                            folder.previous_checkpoint.name)]
+    clash = [p for p in theirs if p.parent in (folder.root, folder.tokens)
+             or p.name in (folder.last_checkpoint.name, folder.previous_checkpoint.name)]
     if clash:
         names = ", ".join(p.relative_to(folder.root).as_posix() for p in clash)
         raise OutputError(f"{folder.root} holds files kdgraph did not write ({names}): it has no kdgraph run record "

@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from kdgraph.errors import KDGraphError
-from kdgraph.paths import path_problem
+from kdgraph.paths import INCOMPLETE, path_problem
 from kdgraph.runtime.chain import ExportedStudent
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def check_destination(folder: Path) -> Path:
                       "replacing files of those names: name a new or empty folder")
 
 
-INCOMPLETE = ".kdgraph-export-incomplete"  # while an export writes (left by a killed one: a rerun writes over it)
+# INCOMPLETE (kdgraph.paths): while an export writes (left by a killed one: a rerun writes over it)
 
 
 def _begin_export(folder: Path) -> Path:
@@ -300,7 +300,15 @@ def _begin_export(folder: Path) -> Path:
 
 
 def _is_export(folder: Path) -> bool:
+    from kdgraph.lm.hf_export import RECORD as HF_RECORD
+
     if (folder / INCOMPLETE).is_file():
+        return True
+    try:
+        record = json.loads((folder / HF_RECORD).read_text())  # a causal LM's Hugging Face folder
+    except (OSError, ValueError, UnicodeDecodeError):
+        record = None
+    if isinstance(record, dict) and "weights_from" in record:
         return True
     try:
         config = json.loads((folder / CONFIG).read_text())

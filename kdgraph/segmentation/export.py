@@ -16,7 +16,8 @@ Loading it needs torch, torchvision and safetensors only::
 
 The model's forward then returns torchvision's dict (``out`` upsampled to the input's size).
 Files already in the folder are never overwritten unless kdgraph wrote them (a constructor.json
-that says so).
+that says so, or the marker ``.kdgraph-export-incomplete`` an export writes first and removes last,
+so that a killed export's folder is written over by the rerun).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _check_writable(folder: Path) -> None:
+    from kdgraph.paths import INCOMPLETE
+
     existing = [p for p in (folder / WEIGHTS, folder / CONSTRUCTOR) if p.exists()]
-    if not existing:
+    if not existing or (folder / INCOMPLETE).is_file():  # none, or an export killed before it finished
         return
     try:
         ours = json.loads((folder / CONSTRUCTOR).read_text()).get("written_by") == "kdgraph"
@@ -76,6 +79,10 @@ def export_torchvision(model: SegmentationModel, folder: Path | str) -> Path:
     state = torchvision_state_dict(model.state_dict())
     record = {"library": "torchvision", "name": name, "kwargs": kwargs, "written_by": "kdgraph",
               "torchvision": torchvision.__version__}
+    from kdgraph.paths import INCOMPLETE
+
+    (folder / INCOMPLETE).write_text("kdgraph export was writing this folder; run it again\n")  # first
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / CONSTRUCTOR).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / INCOMPLETE).unlink()  # last: until here a rerun writes over the folder
     return folder

@@ -32,6 +32,8 @@ class Task:
     best_metric: ClassVar[str] = "top1"  # the score a new best is chosen by
     higher_is_better: ClassVar[bool] = True
     indexed: ClassVar[bool] = False  # its batches carry their samples' dataset indices
+    # False for `kdgraph eval`: build_data writes nothing under the spec's output folder
+    writes_output: bool = True
 
     def __init__(self, spec: Spec, compiled: Compiled):
         self.seed = spec.seed

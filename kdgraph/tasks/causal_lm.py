@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from kdgraph.errors import DataError, KDGraphError
 from kdgraph.registry import causal_lm_head
+from kdgraph.runtime.runs import RunFolder
 from kdgraph.tasks import register_task
 from kdgraph.tasks.base import Task
 
@@ -153,7 +154,7 @@ class CausalLMTask(Task):
             raise DataError(f"data.root: {d.root} does not exist" + (
                 " (run `make shakespeare` to fetch it)" if "shakespeare" in str(d.root) else ""))
         tokenizer = ByteTokenizer()
-        tokens = token_file(d.root, tokenizer, self.output_dir / "tokens")
+        tokens = token_file(d.root, tokenizer, RunFolder(self.output_dir).tokens, write=self.writes_output)
         windows = Windows(tokens, int(d.seq_len), HOLDOUT)
         train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
                              d.fraction)
@@ -210,7 +211,7 @@ class CausalLMTask(Task):
                             for who, f in models.items()}
         finally:
             run.distiller.train(was)
-        path = self.output_dir / "samples.txt"
+        path = RunFolder(self.output_dir).text_samples
         path.write_text(_samples_text(prompts, self.samples), encoding="utf-8")
         return {"samples": str(path)}
 
@@ -222,8 +223,13 @@ class CausalLMTask(Task):
 
     def ship(self, spec, compiled, maps, path, to, command) -> dict:
         from kdgraph.lm.hf_export import ship_causal_lm
+        from kdgraph.runtime.ship import INCOMPLETE, _begin_export, check_destination, clear_earlier_export
 
-        return ship_causal_lm(compiled, maps, path, to, command)
+        to = _begin_export(check_destination(Path(to)))  # new, empty, or an earlier (or killed) kdgraph export
+        clear_earlier_export(to)  # an earlier timm-layout export's weights, program and card
+        shipped = ship_causal_lm(compiled, maps, path, to, command)
+        (to / INCOMPLETE).unlink()  # last: until here a rerun writes over the folder
+        return shipped
 
 
 @torch.no_grad()
