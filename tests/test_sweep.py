@@ -14,15 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats as stats
 
 from kdgraph import sweep as sw
 from kdgraph.errors import KDGraphError
 
 from _runtime_helpers import ROOT, cli_cmd, cli_env, run_cli
-
-stats = pytest.importorskip("scipy.stats")
-np = pytest.importorskip("numpy")
 
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
 
