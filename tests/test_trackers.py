@@ -170,6 +170,23 @@ def test_a_missing_tracker_package_is_a_clear_error(tmp_path, monkeypatch):
         open_trackers(folder, resumed=False)
 
 
+def test_a_wandb_init_error_is_one_line(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'kdgraph[wandb]')")
+    from kdgraph.runtime.trackers import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")  # wandb.init refuses it with a multi-line ValidationError
+    wandb.teardown()  # W&B reads the environment once per process, at its first setup
+    try:
+        with pytest.raises(KDGraphError) as info:
+            WandbTracker(RunFolder(tmp_path), {"name": "x"}, {}, resumed=False)
+    finally:
+        monkeypatch.delenv("WANDB_MODE")
+        wandb.teardown()
+    message = str(info.value)
+    assert message.startswith("runtime.report_to: wandb.init failed: ValidationError") and "\n" not in message
+    assert "'bogus'" in message
+
+
 def test_report_to_is_validated():
     from kdgraph.errors import SpecError
 

@@ -103,8 +103,9 @@ class MLflowTracker:
 
 
 class WandbTracker:
-    """A W&B run with its files in OUTPUT/wandb (WANDB_MODE=offline: no account, no network);
-    project WANDB_PROJECT, else "kdgraph". A resumed run continues the latest W&B run there."""
+    """A W&B run with its files in OUTPUT/wandb; project WANDB_PROJECT, else "kdgraph". The mode is
+    W&B's own (kdgraph sets no WANDB_MODE): online needs an account and the network, the user's
+    WANDB_MODE=offline neither. A resumed run continues the latest W&B run there."""
 
     def __init__(self, folder: RunFolder, spec: dict, plan: dict, resumed: bool):
         try:
@@ -114,9 +115,13 @@ class WandbTracker:
         latest = folder.root / "wandb" / "latest-run"
         run_id = latest.resolve().name.rsplit("-", 1)[-1] if resumed and latest.exists() else None
         (folder.root / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=spec.get("name"),
-                              dir=str(folder.root), config={"spec": spec, "plan": plan}, id=run_id,
-                              resume="allow" if run_id else None, reinit="create_new")
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=spec.get("name"),
+                                  dir=str(folder.root), config={"spec": spec, "plan": plan}, id=run_id,
+                                  resume="allow" if run_id else None, reinit="create_new")
+        except Exception as exc:  # W&B's errors (login, network, a bad WANDB_* setting) as one line
+            raise KDGraphError(f"runtime.report_to: wandb.init failed: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:400]} (WANDB_MODE=offline needs no account)") from None
 
     def log(self, record: dict) -> None:
         values = numbers(record)
