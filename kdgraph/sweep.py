@@ -14,7 +14,7 @@ instead ``follow`` another: it has no grid and trains at the other arm's chosen 
 control "at StableKD's lr").
 
 Protocol. 1. Selection: every grid point of an arm on each selection seed; the point with the
-highest mean validation top-1 (``student_val_top1``: the spec needs ``data.val_fraction``) is
+highest mean validation top-1 (``student_val_top1``: a classification or dense spec with ``data.val_fraction``) is
 the arm's choice (ties: the first in grid order; a diverged cell scores below any other).
 With ``extend`` > 0, a choice at the edge of a numeric axis whose values are all positive adds
 the next value of its geometric progression there (at most ``extend`` per side), and
@@ -296,6 +296,8 @@ class Sweep:
             raise KDGraphError(f"--baseline {self.baseline!r} is not one of the arms ({', '.join(names)})")
         if not self.seeds:
             raise KDGraphError("kdgraph sweep: --seeds needs at least one selection seed")
+        if shared := sorted(set(self.seeds) & set(self.report_seeds)):
+            raise KDGraphError(f"kdgraph sweep: --report-seeds must be fresh, not selection seeds; both have {shared}")
         self.waves = self.waves or [names]
         if sorted(n for w in self.waves for n in w) != sorted(names):
             raise KDGraphError(f"kdgraph sweep: the waves {self.waves} must list every arm once ({names})")
@@ -369,12 +371,16 @@ class Sweep:
         """Every arm's overrides load (one line per problem, before anything trains), and the
         spec evaluates on a validation split (selection reads it)."""
         from kdgraph.spec import load_spec
+        from kdgraph.tasks.create import spec_task
 
         for arm in self.arms:
             target = self.by_name[arm.follow] if arm.follow else arm
             point = tuple((a, v[0]) for a, v in target.grid)
             spec = load_spec(self.spec, list(self.cell(arm, point, self.seeds[0]).overrides),
                              allow_code=self.allow_code)
+            if "top1" not in (task := spec_task(spec)).metrics:
+                raise KDGraphError(f"kdgraph sweep chooses on validation top-1 (classification, dense); {self.spec} "
+                                   f"is a {task.name} spec")
             if spec.data.val_fraction <= 0:
                 raise KDGraphError(f"kdgraph sweep chooses on a validation split and {self.spec} has none: set "
                                    "data.val_fraction (e.g. --set data.val_fraction=0.1)")

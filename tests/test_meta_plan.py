@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,16 +59,35 @@ def _outputs(c) -> dict:
 
 
 # torch.export of a transformers decoder names some nodes differently on meta and real weights
-# (the attention output's .contiguous() is traced only on meta), so the plan's node names differ
-TEXT_NODE_NAMES = pytest.mark.xfail(strict=True, reason="torch.export names nodes apart on meta and real weights")
+# (the attention output's .contiguous() is traced only on meta, one extra node per layer), so for
+# causal-LM specs the node names lose their numeric suffix and the cuts their graph index; every
+# cut's order, module, shape, layout, level, the stages, pairs and blocks are still compared
+FX_SUFFIX = re.compile(r"\b([A-Za-z]\w*?)_\d+\b")
+
+
+def _without_node_numbers(value):
+    if isinstance(value, str):
+        return FX_SUFFIX.sub(r"\1_N", value)
+    if isinstance(value, dict):
+        return {k: _without_node_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_node_numbers(v) for v in value]
+    return value
+
+
+def _comparable(outputs: dict, task: str) -> dict:
+    if task != "causal_lm":
+        return outputs
+    out = _without_node_numbers(outputs)
+    for role in ("teacher", "student"):
+        for cut in (out["json"].get(role) or {}).get("cuts", []):
+            cut.pop("index")
+    return out
 
 
 def _spec_params():
     for p in SPECS:
-        marks = [pytest.mark.slow] if _heavy(p) else []
-        if p.stem.startswith("shakespeare-lm"):
-            marks.append(TEXT_NODE_NAMES)
-        yield pytest.param(p, marks=marks, id=p.stem)
+        yield pytest.param(p, marks=[pytest.mark.slow] if _heavy(p) else [], id=p.stem)
 
 
 @pytest.mark.parametrize("path", list(_spec_params()))
@@ -79,7 +99,7 @@ def test_meta_plan_matches_real_weights(path):
         if art is not None:
             assert all(p.is_meta for p in art.model.parameters()), f"{art.role} holds real weights"
     assert not holds_meta(real.student.model)
-    assert _outputs(meta) == _outputs(real)
+    assert _comparable(_outputs(meta), spec.task) == _comparable(_outputs(real), spec.task)
 
 
 def _mini_spec(tmp_path: Path, teacher_ckpt: Path | None = None, student_ckpt: Path | None = None,

@@ -14,15 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.stats as stats
 
 from kdgraph import sweep as sw
 from kdgraph.errors import KDGraphError
 
 from _runtime_helpers import ROOT, cli_cmd, cli_env, run_cli
-
-stats = pytest.importorskip("scipy.stats")
-np = pytest.importorskip("numpy")
 
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
 
@@ -146,7 +145,7 @@ def test_selection_brackets_its_choice(tmp_path):
 
 
 def test_selection_skips_diverged_and_ties_keep_the_first(tmp_path):
-    s = _sweep(tmp_path, seeds=(0, 1))
+    s = _sweep(tmp_path, seeds=(0, 1), report_seeds=(2, 3))
     div = lambda c: None if _lr(c) == 0.4 and c.seed == 1 else _lr(c)  # noqa: E731
     st = s.arm_state(s.arms[0], _simulate(s, div))
     assert dict(st.chosen) == {"optim.lr": "0.2"} and st.means[(("optim.lr", "0.4"),)] is None
@@ -177,6 +176,22 @@ def test_follow_arm_and_waves_and_report(tmp_path):
         _sweep(tmp_path, arms=arms, waves=[["kd"]])
     with pytest.raises(KDGraphError, match="not one of the arms"):
         _sweep(tmp_path, arms=arms, baseline="nope")
+
+
+def test_report_seeds_overlapping_the_selection_seeds_are_refused(tmp_path):
+    with pytest.raises(KDGraphError, match=r"fresh, not selection seeds; both have \[0, 2\]"):
+        _sweep(tmp_path, seeds=(0, 2), report_seeds=(2, 1, 0))
+    res = run_cli("sweep", str(QUICKSTART), "--grid", "optim.lr=0.1,0.2", "--seeds", "0", "--report-seeds", "0,1,2",
+                  "--results", str(tmp_path / "r.jsonl"), "--work", str(tmp_path / "w"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "fresh" in res.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_spec_of_another_task_is_refused(tmp_path):
+    arms = [sw.Arm("a", (), (("optim.lr", ("0.01", "0.02")),))]
+    lm = ROOT / "specs" / "shakespeare-lm.yaml"
+    with pytest.raises(KDGraphError, match=r"validation top-1 \(classification, dense\); .* is a causal_lm spec"):
+        _sweep(tmp_path, arms=arms, spec=lm).check()
 
 
 def test_a_spec_without_validation_split_is_refused(tmp_path):

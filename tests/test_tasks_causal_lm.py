@@ -223,6 +223,10 @@ def _losses(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_exactly(tmp_path):
+    # ~8x the shared text: an epoch of ~120 steps, so the kill at step >= 7 lands far from its end
+    # even when a loaded machine lets the run go on for many steps between two polls
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "dickens.txt").write_text(TEXT * 8, encoding="utf-8")
     runtime = {"checkpoint_every": 2, "log_every": 1}
     spec_a = write_spec(_raw(tmp_path, "a", runtime=runtime), tmp_path / "a.yaml")
     spec_b = write_spec(_raw(tmp_path, "b", runtime=runtime), tmp_path / "b.yaml")
@@ -236,6 +240,7 @@ def test_a_run_killed_mid_epoch_resumes_exactly(tmp_path):
     proc.wait()
     pos = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)["position"]
     per_epoch = max(r["step"] for r in _steps(tmp_path / "a") if r["epoch"] == 0) + 1
+    assert per_epoch >= 100
     assert pos["epoch"] == 0 and 0 < pos["step"] < per_epoch  # mid-epoch
     res = run_cli("train", str(spec_b), "--quiet", "--resume")
     assert res.returncode == 0, res.stderr

@@ -98,6 +98,53 @@ def test_mlflow_resumed_run_continues_the_same_mlflow_run(tmp_path, monkeypatch)
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
 
 
+def test_mlflow_history_of_a_killed_and_resumed_run_is_metrics_jsonl(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'kdgraph[mlflow]')")
+    from kdgraph.runtime.metrics import Metrics
+
+    class Killed(BaseException):
+        pass
+
+    write = Metrics.write
+
+    def killed_at_step_5(self, record):  # the process dies after logging step 5; its checkpoint is step 3's
+        write(self, record)
+        if record["kind"] == "step" and record["global_step"] == 5:
+            raise Killed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(tiny_spec(tmp_path / "run", "supervised", epochs=2, fraction=0.1,
+                               runtime={"report_to": ["mlflow"], "log_every": 1, "checkpoint_every": 3}))
+    monkeypatch.setattr(Metrics, "write", killed_at_step_5)
+    with pytest.raises(Killed):
+        train_here(spec)
+    monkeypatch.setattr(Metrics, "write", write)
+    folder = RunFolder(tmp_path / "run")
+    tracker = MLflowTracker(folder, {"name": spec.name}, {}, resumed=True)
+    before = tracker.client.get_metric_history(tracker.run_id, "step/loss")
+    assert max(m.step for m in before) == 5 > max(r["global_step"] for r in _steps_kept(folder))
+    from kdgraph.runtime.loop import train
+
+    train(spec, resume=True)
+    expected = _expected_series(folder)
+    assert any(step <= 5 for step, _ in expected["step/loss"]) and max(s for s, _ in expected["step/loss"]) > 5
+    for key, series in expected.items():  # one value per step; the same values, measured speeds aside
+        got = sorted((m.step, m.value) for m in tracker.client.get_metric_history(tracker.run_id, key))
+        if key in ("step/images_per_s", "step/data_wait_share"):  # the killed process's measurements
+            got, series = [s for s, _ in got], [s for s, _ in series]
+        assert got == sorted(series), key
+
+
+def _steps_kept(folder: RunFolder) -> list[dict]:
+    """The step records of metrics.jsonl that a resume from the last checkpoint keeps."""
+    import torch
+
+    pos = torch.load(folder.root / "checkpoints" / "last.pt", weights_only=False)["position"]
+    return [r for r in map(json.loads, folder.metrics.read_text().splitlines())
+            if r["kind"] == "step" and r["global_step"] <= pos["global_step"]]
+
+
 def _wandb_records(path) -> list[bytes]:
     """The records of a W&B run file (run-ID.wandb). wandb 0.31 has no Python reader of its own
     (its core is Go; wandb.Api needs a server), so the file is read here: a 7-byte header
@@ -168,6 +215,23 @@ def test_a_missing_tracker_package_is_a_clear_error(tmp_path, monkeypatch):
     folder.stored_spec.write_text(json.dumps({"spec": {"name": "x", "runtime": {"report_to": ["mlflow"]}}}))
     with pytest.raises(KDGraphError, match=r"report_to: mlflow needs the mlflow package.*kdgraph\[mlflow\]"):
         open_trackers(folder, resumed=False)
+
+
+def test_a_wandb_init_error_is_one_line(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'kdgraph[wandb]')")
+    from kdgraph.runtime.trackers import WandbTracker
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")  # wandb.init refuses it with a multi-line ValidationError
+    wandb.teardown()  # W&B reads the environment once per process, at its first setup
+    try:
+        with pytest.raises(KDGraphError) as info:
+            WandbTracker(RunFolder(tmp_path), {"name": "x"}, {}, resumed=False)
+    finally:
+        monkeypatch.delenv("WANDB_MODE")
+        wandb.teardown()
+    message = str(info.value)
+    assert message.startswith("runtime.report_to: wandb.init failed: ValidationError") and "\n" not in message
+    assert "'bogus'" in message
 
 
 def test_report_to_is_validated():

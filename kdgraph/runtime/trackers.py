@@ -64,7 +64,8 @@ def reported_to(folder: RunFolder) -> list[str]:
 
 class MLflowTracker:
     """A run in MLflow: MLFLOW_TRACKING_URI, else a file store in OUTPUT/mlruns (experiment: the
-    spec's name). A resumed run continues the MLflow run tagged with its output folder."""
+    spec's name). A resumed run continues the MLflow run tagged with its output folder and logs
+    only the steps past those it holds per metric (the killed process's measured speeds stay)."""
 
     def __init__(self, folder: RunFolder, spec: dict, plan: dict, resumed: bool):
         try:
@@ -77,13 +78,14 @@ class MLflowTracker:
         if uri.startswith("file:"):  # MLflow 3 refuses its file store unless this is set
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = client = MlflowClient(tracking_uri=uri)
+        self.held: dict[str, int] | None = None  # a resumed run's last step per metric (None: a new run)
         name = spec.get("name", "kdgraph")
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         earlier = [r for r in client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
                    if r.data.tags.get("kdgraph.output") == where] if resumed else []
         if earlier:
-            self.run_id = earlier[0].info.run_id
+            self.run_id, self.held = earlier[0].info.run_id, {}
             client.update_run(self.run_id, status="RUNNING")
             return
         self.run_id = client.create_run(experiment_id, run_name=name, tags={"kdgraph.output": where}).info.run_id
@@ -92,9 +94,19 @@ class MLflowTracker:
         for start in range(0, len(params), MLFLOW_BATCH):
             client.log_batch(self.run_id, params=params[start:start + MLFLOW_BATCH])
 
+    def _new(self, key: str, step: int) -> bool:
+        """Whether the run lacks ``key`` at ``step``: a resumed run re-runs the steps after its
+        checkpoint, which the killed process may have logged already (metrics.jsonl drops them)."""
+        if self.held is None:
+            return True
+        if key not in self.held:
+            self.held[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+        return step > self.held[key]
+
     def log(self, record: dict) -> None:
-        stamp = int(time.time() * 1000)
-        metrics = [self._metric(key, value, stamp, record["global_step"]) for key, value in numbers(record).items()]
+        stamp, step = int(time.time() * 1000), record["global_step"]
+        metrics = [self._metric(key, value, stamp, step) for key, value in numbers(record).items()
+                   if self._new(key, step)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -103,8 +115,9 @@ class MLflowTracker:
 
 
 class WandbTracker:
-    """A W&B run with its files in OUTPUT/wandb (WANDB_MODE=offline: no account, no network);
-    project WANDB_PROJECT, else "kdgraph". A resumed run continues the latest W&B run there."""
+    """A W&B run with its files in OUTPUT/wandb; project WANDB_PROJECT, else "kdgraph". The mode is
+    W&B's own (kdgraph sets no WANDB_MODE): online needs an account and the network, the user's
+    WANDB_MODE=offline neither. A resumed run continues the latest W&B run there."""
 
     def __init__(self, folder: RunFolder, spec: dict, plan: dict, resumed: bool):
         try:
@@ -114,9 +127,13 @@ class WandbTracker:
         latest = folder.root / "wandb" / "latest-run"
         run_id = latest.resolve().name.rsplit("-", 1)[-1] if resumed and latest.exists() else None
         (folder.root / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=spec.get("name"),
-                              dir=str(folder.root), config={"spec": spec, "plan": plan}, id=run_id,
-                              resume="allow" if run_id else None, reinit="create_new")
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=spec.get("name"),
+                                  dir=str(folder.root), config={"spec": spec, "plan": plan}, id=run_id,
+                                  resume="allow" if run_id else None, reinit="create_new")
+        except Exception as exc:  # W&B's errors (login, network, a bad WANDB_* setting) as one line
+            raise KDGraphError(f"runtime.report_to: wandb.init failed: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:400]} (WANDB_MODE=offline needs no account)") from None
 
     def log(self, record: dict) -> None:
         values = numbers(record)

@@ -414,6 +414,13 @@ class DataSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _text_has_no_validation_split(self) -> DataSpec:
+        if self.dataset == "text" and self.val_fraction > 0:
+            raise _invalid("text evaluates on the held-out end of its tokens; it has no validation split",
+                           allowed="0", at="val_fraction", got=self.val_fraction)
+        return self
+
+    @model_validator(mode="after")
     def _normalisation_set_for_image_folders(self) -> DataSpec:
         for key in ("mean", "std"):
             if getattr(self, key) is not None and self.dataset != "imagefolder":
