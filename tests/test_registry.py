@@ -85,7 +85,7 @@ def test_spec_validation_sees_every_built_in_name_without_torch():
         for task in ("classification", "dense"):
             assert load_spec({"name": "t", "student": tiny, "task": task}).task == task
         assert load_spec({"name": "t", "student": tiny, "task": "denoise", "denoise": {}}).task == "denoise"
-        assert TASKS.names() == ["classification", "dense", "denoise"]
+        assert TASKS.names() == ["classification", "dense", "denoise", "causal_lm"]
         for dataset in ("digits", "fashion-mnist-seg", "torchvision:CIFAR10"):
             load_spec({"name": "t", "data": {"dataset": dataset},
                        "teacher": {"model": "timm:resnet18", "pretrained": True},

@@ -190,7 +190,7 @@ def test_a_folder_of_someone_elses_files_or_a_file_is_refused_untouched(tmp_path
     (mine / "notes.txt").write_text("mine")
     (tmp_path / "afile").write_text("mine too")
     for target, want in ((mine, "holds files that are not a teacher cache's (notes.txt)"),
-                         (tmp_path / "afile", "is a file; name a folder for the cache")):
+                         (tmp_path / "afile", "a teacher cache is a folder, and this is a file")):
         d = _spec_dict(tmp_path, cache=target.name)
         result = CliRunner().invoke(app, ["cache", str(write_spec(d, tmp_path / "s.yaml")), "--epochs", "1",
                                           "--quiet"], env={"COLUMNS": "200"})
