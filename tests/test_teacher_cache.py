@@ -262,7 +262,8 @@ def _data_changes() -> dict[str, object]:
     return {"dataset": "synthetic", "root": "/elsewhere", "input_size": [1, 12, 12], "batch_size": 8,
             "fraction": 0.5, "samples": 100, "num_classes": 11, "resize": "crop", "loader": "stream",
             "memory_budget_mb": 1, "on_bad_image": "error", "mean": [0.5], "std": [0.25], "crop_pct": 0.9,
-            "crop_scale": (0.5, 1.0), "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 0.0}}
+            "crop_scale": (0.5, 1.0), "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 0.0},
+            "val_fraction": 0.1, "seq_len": 64}
 
 
 def _leaf_paths(value, prefix: str) -> set[str]:
@@ -537,7 +538,7 @@ def test_a_cache_that_is_a_file_is_one_line_in_plan_and_train(tmp_path):
     path = write_spec(d, tmp_path / "p.yaml")
     for command in (["plan", str(path)], ["train", str(path)]):
         result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
-        assert result.exit_code == 2 and "is a file; a teacher cache is a folder" in result.output, result.output
+        assert result.exit_code == 2 and "a teacher cache is a folder, and this is a file" in result.output, result.output
     assert (tmp_path / "afile").read_text() == "mine"
 
 
