@@ -64,13 +64,37 @@ def _check_dense(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Te
                          f"{tuple(student.shape)} differ in batch or classes")
 
 
-class PixelKL(nn.Module):
+class _DenseHead(nn.Module):
+    """What the dense head losses share: the per-pixel cross-entropy on the student's logits
+    resized to the targets, and, with a teacher, the loss's own distillation term (``distil``)."""
+
+    label = ""  # in errors
+
+    def __init__(self, ce_weight: float, temperature: float, ignore_index: int):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.ce_weight, self.temperature, self.ignore_index = float(ce_weight), float(temperature), int(ignore_index)
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        _check_dense(student_logits, targets, teacher_logits, self.label)
+        with no_autocast(student_logits):
+            s = resize_to(student_logits.float(), targets.shape[-2:])
+            out = {"ce": self.ce_weight * _ce(s, targets, self.ignore_index)}
+            if teacher_logits is not None:
+                out.update(self.distil(s, student_logits, _frozen(teacher_logits).float(), targets))
+            return out
+
+
+class PixelKL(_DenseHead):
     """Pixel-wise KD: ``kl = λ T² (1/|V|) Σ_{i∈V} Σ_c p^t_{i,c} (log p^t_{i,c} − log p^s_{i,c})``,
     ``p_i = softmax_c(z_i / T)`` per pixel i, V the pixels whose label is not ``ignore_index``;
     plus ``ce = w_ce (1/|V|) Σ_{i∈V} −log softmax_c(z^s_i)_{y_i}``. Logits of another spatial size
     than the targets are first resized to it (bilinear, align_corners=False).
     """
 
+    label = "pixel_kl"
     summary = "per-pixel cross-entropy plus weighted KL to the teacher's per-pixel distribution (ignore_index honoured)"
     role = "head"
     terms = ("ce", "kl")
@@ -78,28 +102,17 @@ class PixelKL(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 1.0,
                  ignore_index: int = IGNORE_INDEX):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.ce_weight, self.kl_weight = float(ce_weight), float(kl_weight)
-        self.temperature, self.ignore_index = float(temperature), int(ignore_index)
+        super().__init__(ce_weight, temperature, ignore_index)
+        self.kl_weight = float(kl_weight)
 
-    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        _check_dense(student_logits, targets, teacher_logits, "pixel_kl")
-        size = targets.shape[-2:]
-        with no_autocast(student_logits):
-            s = resize_to(student_logits.float(), size)
-            out = {"ce": self.ce_weight * _ce(s, targets, self.ignore_index)}
-            if teacher_logits is None:
-                return out
-            t, valid = self.temperature, _valid(targets, self.ignore_index)
-            log_q = F.log_softmax(s / t, dim=1)
-            log_p = F.log_softmax(resize_to(_frozen(teacher_logits).float(), size) / t, dim=1)
-            per_pixel = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-            kl = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
-            out["kl"] = self.kl_weight * t * t * kl
-            return out
+    def distil(self, s: torch.Tensor, student_logits: torch.Tensor, teacher: torch.Tensor,
+               targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, valid = self.temperature, _valid(targets, self.ignore_index)
+        log_q = F.log_softmax(s / t, dim=1)
+        log_p = F.log_softmax(resize_to(teacher, targets.shape[-2:]) / t, dim=1)
+        per_pixel = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+        kl = (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+        return {"kl": self.kl_weight * t * t * kl}
 
 
 def channel_wise_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -119,7 +132,7 @@ def channel_wise_divergence(student: torch.Tensor, teacher: torch.Tensor, temper
     return temperature * temperature * terms.sum() / (n * c)
 
 
-class ChannelWiseDistillation(nn.Module):
+class ChannelWiseDistillation(_DenseHead):
     """Channel-wise distillation of dense logits (Shu et al. 2021): ``cwd = λ · CWD_T(z_s, z_t)``
     with ``CWD_T = T² / (N C) Σ_n Σ_c KL(φ(z^t_{n,c}) || φ(z^s_{n,c}))``, ``φ = softmax over the H·W
     locations of one channel at temperature T`` (mmrazor's PSPNet Cityscapes setting: T = 1, λ = 5);
@@ -130,6 +143,7 @@ class ChannelWiseDistillation(nn.Module):
     is left out of the spatial softmax.
     """
 
+    label = "cwd"
     summary = "per-pixel cross-entropy plus channel-wise distillation: KL of per-channel spatial softmaxes (Shu et al. 2021)"
     role = "head"
     terms = ("ce", "cwd")
@@ -137,29 +151,17 @@ class ChannelWiseDistillation(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, weight: float = 5.0, temperature: float = 1.0,
                  ignore_index: int = IGNORE_INDEX):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.ce_weight, self.weight = float(ce_weight), float(weight)
-        self.temperature, self.ignore_index = float(temperature), int(ignore_index)
+        super().__init__(ce_weight, temperature, ignore_index)
+        self.weight = float(weight)
 
-    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        _check_dense(student_logits, targets, teacher_logits, "cwd")
-        size = targets.shape[-2:]
-        with no_autocast(student_logits):
-            s = resize_to(student_logits.float(), size)
-            out = {"ce": self.ce_weight * _ce(s, targets, self.ignore_index)}
-            if teacher_logits is None:
-                return out
-            grid = teacher_logits.shape[-2:]
-            valid = _valid(targets, self.ignore_index)
-            if tuple(grid) != tuple(size):
-                valid = F.interpolate(valid[:, None], size=tuple(grid), mode="nearest-exact")[:, 0]
-            t = _frozen(teacher_logits).float()
-            s_grid = resize_to(student_logits.float(), grid)
-            out["cwd"] = self.weight * channel_wise_divergence(s_grid, t, self.temperature, valid)
-            return out
+    def distil(self, s: torch.Tensor, student_logits: torch.Tensor, teacher: torch.Tensor,
+               targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid = teacher.shape[-2:]
+        valid = _valid(targets, self.ignore_index)
+        if tuple(grid) != tuple(targets.shape[-2:]):
+            valid = F.interpolate(valid[:, None], size=tuple(grid), mode="nearest-exact")[:, 0]
+        s_grid = resize_to(student_logits.float(), grid)
+        return {"cwd": self.weight * channel_wise_divergence(s_grid, teacher, self.temperature, valid)}
 
 
 def pearson_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
