@@ -22,6 +22,11 @@ controls, then the other recipes. One cell at a time, one torch thread.
     python bench/evidence.py --dry-run      # the arms' specs validated, the cell count; trains nothing
     nohup python bench/evidence.py > /work/grid/evidence-w8.log 2>&1 &   # run / resume the grid
     python bench/evidence.py --report       # the report of what has finished
+    python bench/evidence.py --markdown     # bench/results/evidence-w8-report.md from the committed rows
+
+The committed report is regenerated from the committed rows, in one command (the lead's refresh):
+    cp /work/grid/evidence-w8.jsonl bench/results/ && python bench/evidence.py --markdown > bench/results/evidence-w8-report.md
+(tests/test_bench_evidence.py checks that the committed report equals the regenerated one).
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import time
 from pathlib import Path
 
 from kdgraph.errors import KDGraphError
-from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable
+from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable, welch
 
 HERE = Path(__file__).resolve().parent
+COMMITTED = HERE / "results" / "evidence-w8.jsonl"
 SPEC = HERE / "evidence-w8.yaml"
 TEACHER_SPEC = HERE / "evidence-w8-teacher.yaml"
 ONECYCLE = ("0.05", "0.1", "0.2")
@@ -86,13 +92,57 @@ def teacher(args, results: Path) -> None:
     log(f"teacher: test top-1 {row['test_top1']:.2f} %")
 
 
+# (arm a, arm b, what a - b isolates): the controls' reading in the markdown report
+CONTRASTS = [
+    ("kd+mse", "kd", "block-end feature MSE added to KD, nothing else changed"),
+    ("stablekd-5/2", "kd+mse", "decomposition + recomposition, stage_cyclic and StableKD's lr, over KD + the same MSE"),
+    ("kd-cyclic", "kd", "KD moved to stage_cyclic at StableKD's lr, without decomposition"),
+    ("stablekd-5/2", "kd-cyclic", "decomposition + recomposition (+ its MSE), at the same schedule and lr"),
+]
+
+
+def contrasts(report: dict) -> list[str]:
+    """The controls' reading: Welch's t test of each pair of CONTRASTS from the report's test values."""
+    vals = {a["arm"]: a for a in report["arms"]}
+    out = ["| contrast | what it isolates | Δ (top-1 points) | t (df) | p |", "|---|---|---|---|---|"]
+    for a, b, what in CONTRASTS:
+        w = welch(vals[a]["test"]["values"], vals[b]["test"]["values"])
+        div = "".join(f" ({vals[x]['diverged']} of {x}'s seeds diverged, left out)" for x in (a, b)
+                      if vals[x]["diverged"])
+        cells = ["–", "–", "–"] if w is None else [f"{w['diff']:+.2f}", f"{w['t']:.2f} ({w['df']:.1f})", f"{w['p']:.3g}"]
+        out.append(f"| {a} − {b} | {what}{div} | " + " | ".join(cells) + " |")
+    return out
+
+
+def markdown(sweep: Sweep, rows: dict) -> str:
+    """The committed report (bench/results/evidence-w8-report.md): the teacher, the sweep's report,
+    the controls' contrasts; a function of the rows alone."""
+    report = sweep_report(sweep, rows)
+    head = ["# Evidence grid (issue 38): ResNet-34 → ResNet-18 at width / 8, Fashion-MNIST 20 %", "",
+            "Generated from `bench/results/evidence-w8.jsonl` by `python bench/evidence.py --markdown`; "
+            "protocol in `bench/evidence.py`'s docstring.", ""]
+    if "teacher" in rows:
+        t = rows["teacher"]
+        head += [f"Teacher ResNet-34/8: test top-1 {t['test_top1']:.2f} %, validation {t['val_top1']:.2f} %.", ""]
+    tail = ["", "**Controls** (test split, seeds 1–3; Welch's t test, two-sided; a diverged seed has no "
+            "top-1 and is left out of its arm's values)", "", *contrasts(report)]
+    return "\n".join([*head, format_report(report), *tail]) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/work/grid/evidence-w8", help="cells' folders (outside any worktree)")
     p.add_argument("--results", default="/work/grid/evidence-w8.jsonl")
     p.add_argument("--report", action="store_true", help="print the report of what has finished")
     p.add_argument("--dry-run", action="store_true", help="validate every arm's spec and count the cells")
+    p.add_argument("--markdown", action="store_true",
+                   help=f"print the committed report (rows: --results, default {COMMITTED.relative_to(HERE.parent)})")
     args = p.parse_args()
+    if args.markdown:
+        if args.results == p.get_default("results"):
+            args.results = str(COMMITTED)
+        print(markdown(build(args), load_rows(Path(args.results))), end="")
+        return
     sweep = build(args)
     try:
         if args.dry_run:

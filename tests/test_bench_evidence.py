@@ -41,3 +41,38 @@ def test_grid_definition(tmp_path):
         assert s.runtime.num_threads == 1 and s.schedule.epochs == 15
     t = load_spec(evidence.TEACHER_SPEC)
     assert t.data.val_fraction == 0.1 and t.seed == 0 and t.teacher is None  # never trains on seed 0's val split
+
+
+def _committed_sweep():
+    # the committed rows' cell keys name the grid's work folder (the teacher's checkpoint path)
+    return evidence.build(argparse.Namespace(work="/work/grid/evidence-w8", results=str(evidence.COMMITTED)))
+
+
+def test_committed_report_is_the_one_regenerated_from_the_committed_rows():
+    """bench/results/evidence-w8-report.md == `python bench/evidence.py --markdown` on the committed JSONL
+    (refresh both together: see bench/evidence.py's docstring)."""
+    from kdgraph.sweep import load_rows
+
+    committed = (evidence.HERE / "results" / "evidence-w8-report.md").read_text()
+    assert committed == evidence.markdown(_committed_sweep(), load_rows(evidence.COMMITTED))
+
+
+def test_controls_contrast_recomputed_by_hand():
+    """The controls' Welch rows from the raw rows by hand: kd+mse - kd on seeds 1-3."""
+    import json
+    import math
+    import statistics
+
+    rows = [json.loads(ln) for ln in evidence.COMMITTED.read_text().splitlines() if ln.strip()]
+
+    def test_values(arm):
+        return [r["test_top1"] for r in rows if r.get("arm") == arm and r.get("seed") in (1, 2, 3)
+                and r.get("test_top1") is not None]
+
+    a, b = test_values("kd+mse"), test_values("kd")
+    assert len(a) == len(b) == 3
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
+    t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
+    text = evidence.markdown(_committed_sweep(), {r["key"]: r for r in rows})
+    line = next(ln for ln in text.splitlines() if ln.startswith("| kd+mse − kd |"))
+    assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f}" in line and f"{t:.2f} (" in line
