@@ -1,0 +1,98 @@
+"""bench/evidence_more.py without training: the 100 % sweep and the adapter-free pair's sweep load
+and plan as the docstring says (fraction, steps, teacher, adapter modes), both on bench/evidence.py's
+protocol (selection seed 0, report seeds 1-3, baseline kd), and the wait for the running grid
+returns only once a process whose command line names bench/evidence.py has exited."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import evidence_more  # noqa: E402  (bench/ is not a package)
+
+
+def _sweeps(tmp_path):
+    return evidence_more.build(argparse.Namespace(work=str(tmp_path / "w"), w8_work=str(tmp_path / "w8"),
+                                                  results=str(tmp_path / "r.jsonl")))
+
+
+def _spec(sweep, name, lr_index=1):
+    from kdgraph.spec import load_spec
+
+    arms = {a.name: a for a in sweep.arms}
+    arm = arms[name]
+    target = arms[arm.follow] if arm.follow else arm
+    cell = sweep.cell(arm, ((evidence_more.LR, target.grid[0][1][lr_index]),), 1)
+    return load_spec(sweep.spec, [*cell.overrides, "seed=1"])
+
+
+def test_sweeps_definition(tmp_path):
+    sweeps = _sweeps(tmp_path)
+    assert list(sweeps) == ["full", "r50"]
+    for s in sweeps.values():
+        s.check()
+        assert s.seeds == (0,) and s.report_seeds == (1, 2, 3) and s.baseline == "kd" and s.extend == 2
+        assert s.waves[0] == ["kd", "stablekd-5/2"] and s.results == tmp_path / "r.jsonl"
+    full, r50 = sweeps["full"], sweeps["r50"]
+    assert full.work != r50.work  # one lock and one set of cells each
+    w8_teacher = tmp_path / "w8" / "teacher" / "student.safetensors"
+    for name in ("kd", "stablekd-5/2", "kd+mse"):
+        s = _spec(full, name)
+        assert s.data.fraction == 1.0 and s.schedule.epochs == 3 and s.data.val_fraction == 0.1
+        assert s.data.augment == "crop+flip" and s.loss.temperature == 4.0
+        assert Path(s.teacher.checkpoint) == w8_teacher and s.teacher.model == "timm:resnet34"
+    assert _spec(full, "kd+mse").schedule.method == "kd+mse" and _spec(full, "kd+mse").optim.lr == 0.1
+    r50_teacher = tmp_path / "w" / "r50" / "teacher" / "student.safetensors"
+    for name in ("kd", "stablekd-5/2", "stablekd-5/2-inpath"):
+        s = _spec(r50, name)
+        assert s.teacher.model == "timm:resnet50" and Path(s.teacher.checkpoint) == r50_teacher
+        assert s.data.fraction == 0.2 and s.schedule.epochs == 15 and s.data.augment == "crop+flip"
+    assert _spec(r50, "stablekd-5/2").decompose.adapters == "auto"
+    assert _spec(r50, "stablekd-5/2-inpath").decompose.adapters == "in_path"
+    assert _spec(r50, "stablekd-5/2").optim.lr_schedule == "stage_cyclic" == _spec(r50, "stablekd-5/2-inpath").optim.lr_schedule
+    assert full.count() == 2 * 3 + 3 * 3 and r50.count() == 3 * 3 + 3 * 3
+
+
+def test_adapter_free_pair_plans_projected_and_in_path(tmp_path):
+    from kdgraph.compiler import compile_spec
+
+    r50 = _sweeps(tmp_path)["r50"]
+    modes = {n: compile_spec(_spec(r50, n), allow_missing_weights=True).pairing for n in
+             ("stablekd-5/2", "stablekd-5/2-inpath")}
+    assert modes["stablekd-5/2"].adapters_mode == "projected" and not modes["stablekd-5/2"].adapters
+    assert [(a.student_channels, a.teacher_channels) for a in modes["stablekd-5/2-inpath"].adapters] == [
+        (8, 32), (16, 64), (32, 128), (64, 256)]
+    from kdgraph.spec import load_spec
+    t = load_spec(evidence_more.R50_TEACHER_SPEC)
+    assert t.teacher is None and t.seed == 0 and t.data.val_fraction == 0.1 and t.schedule.epochs == 8
+
+
+def test_waits_until_the_grid_has_exited():
+    pattern = "bench/evidence\\.py --kdgraph-test-marker"
+    assert evidence_more.grid_running(pattern) == []
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "bench/evidence.py",
+                             "--kdgraph-test-marker"])
+    try:
+        deadline = time.time() + 10
+        while proc.pid not in evidence_more.grid_running(pattern) and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.pid in evidence_more.grid_running(pattern)
+        killer = threading.Timer(1.0, proc.kill)
+        killer.start()
+        t0 = time.time()
+        evidence_more.wait_for_grid(poll_s=0.1, pattern=pattern)
+        assert time.time() - t0 >= 0.9 and proc.poll() is not None  # returned only after it exited
+    finally:
+        proc.kill()
+        proc.wait()
+    assert evidence_more.grid_running(pattern) == []
+    import re
+    assert re.search(evidence_more.GRID_PATTERN, "/work/main/.venv/bin/python bench/evidence.py")
+    assert re.search(evidence_more.GRID_PATTERN, "python -m kdgraph.sweep /work/grid/evidence-w8/jobs/kd-s1.json")
+    assert not re.search(evidence_more.GRID_PATTERN, "python bench/evidence_more.py")
