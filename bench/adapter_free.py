@@ -105,7 +105,20 @@ def report(results: Path) -> str:
         ships = "torch.export program" if METHODS[method][2] == "in_path" and METHODS[method][0] == "stablekd" \
             else "plain timm state_dict"
         out.append(f"| {method} | {fraction} | {epochs} | {statistics.fmean(v):.2f} ± {std:.2f} | {len(v)} | {ships} |")
-    return "\n".join(out)
+    return "\n".join(out + ["", *contrasts(groups)])
+
+
+def contrasts(groups: dict[tuple, list[float]]) -> list[str]:
+    """Welch's t test (two-sided; kdgraph.sweep.welch) of each pair of methods, per fraction and budget."""
+    from kdgraph.sweep import welch
+
+    out = ["| fraction | epochs | a − b | Δ | p (Welch) |", "|---|---|---|---|---|"]
+    for fraction, epochs in sorted({k[:2] for k in groups}):
+        for a, b in (("kd", "stablekd-5/2"), ("kd", "stablekd-5/2-proj"), ("stablekd-5/2-proj", "stablekd-5/2")):
+            w = welch(groups.get((fraction, epochs, a), []), groups.get((fraction, epochs, b), []))
+            if w is not None:
+                out.append(f"| {fraction} | {epochs} | {a} − {b} | {w['diff']:+.2f} | {w['p']:.2g} |")
+    return out
 
 
 def main() -> None:
