@@ -1,10 +1,11 @@
 """The quickstart's figures as a committed raw file: `make demo`'s two trainings (the teacher
 from specs/quickstart-teacher.yaml, then the StableKD student from specs/quickstart.yaml) for
 each seed, both specs as shipped but for the seed, the output folders and the teacher's
-checkpoint; one JSON line per seed appended to --results with both test top-1 figures and the
-torch thread count (another count sums in another order and can move a run by a test image).
+checkpoint; one JSON line per (seed, torch thread count) appended to --results with both test
+top-1 figures (another thread count sums in another order and can move a run by a test image;
+`make demo` runs at torch's default, the machine's core count).
 
-    python bench/quickstart.py                        # seed 0, as make demo (resumable)
+    OMP_NUM_THREADS=1 python bench/quickstart.py      # seed 0 at one torch thread (resumable)
     python bench/quickstart.py --seeds 0 1 2          # more seeds
     python bench/quickstart.py --report               # the rows
 """
@@ -26,13 +27,14 @@ def run_seed(seed: int, work: Path, results: Path) -> dict:
     """Teacher then student for ``seed`` (each resumable), their row appended; a done seed is skipped."""
     import torch
 
-    key = f"quickstart-s{seed}"
+    tag = f"s{seed}-t{torch.get_num_threads()}"  # another thread count is another result
+    key = f"quickstart-{tag}"
     if key in (done := load_rows(results)):
         return done[key]
-    teacher_out = work / f"teacher-s{seed}"
+    teacher_out = work / f"teacher-{tag}"
     t = train_resumable(ROOT / "specs" / "quickstart-teacher.yaml", [f"seed={seed}", f"output={teacher_out}"])
     s = train_resumable(ROOT / "specs" / "quickstart.yaml",
-                        [f"seed={seed}", f"output={work / f'student-s{seed}'}",
+                        [f"seed={seed}", f"output={work / f'student-{tag}'}",
                          f"teacher.checkpoint={teacher_out / 'student.safetensors'}"])
     if "diverged" in t or "diverged" in s:
         sys.exit(f"seed {seed}: the loss stopped being finite ({t.get('diverged') or s.get('diverged')})")

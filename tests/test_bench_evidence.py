@@ -76,3 +76,4 @@ def test_controls_contrast_recomputed_by_hand():
     text = evidence.markdown(_committed_sweep(), {r["key"]: r for r in rows})
     line = next(ln for ln in text.splitlines() if ln.startswith("| kd+mse − kd |"))
     assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f}" in line and f"{t:.2f} (" in line
+

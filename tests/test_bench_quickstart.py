@@ -1,0 +1,23 @@
+"""bench/quickstart.py's committed rows against the docs that quote them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_figures_in_the_docs_are_the_committed_rows():
+    """docs/getting-started.md and BENCHMARKS.md quote bench/results/quickstart.jsonl (one thread)."""
+    import json
+
+    root = ROOT
+    rows = {r["seed"]: r for r in map(json.loads, (root / "bench/results/quickstart.jsonl").read_text().splitlines())
+            if r["torch_threads"] == 1}
+    students = "/".join(f"{rows[s]['student_top1']:.2f}" for s in (0, 1, 2))
+    teachers = "/".join(f"{rows[s]['teacher_top1']:.2f}" for s in (0, 1, 2))
+    started = " ".join((root / "docs/getting-started.md").read_text().split())
+    bench = " ".join((root / "BENCHMARKS.md").read_text().split())
+    assert f"teacher {rows[0]['teacher_top1']:.2f} % and student {rows[0]['student_top1']:.2f} %" in started
+    assert f"students {students} % against teachers {teachers} %" in started
+    assert f"seeds 0/1/2 {students} %" in bench and f"student {rows[0]['student_top1']:.2f} %" in bench
