@@ -21,6 +21,10 @@ machine's 2 cores hold one grid at a time), then trains what is missing: rows ap
     python bench/evidence_more.py --dry-run   # every arm's spec validated, the cell count; trains nothing
     setsid nohup python bench/evidence_more.py > /work/grid/evidence-more.log 2>&1 < /dev/null &
     python bench/evidence_more.py --report    # the reports of what has finished
+    python bench/evidence_more.py --markdown  # the same from the committed rows (bench/results/evidence-more.jsonl)
+
+To commit the rows and their report (one command):
+    cp /work/grid/evidence-more.jsonl bench/results/ && python bench/evidence_more.py --markdown > bench/results/evidence-more-report.md
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from kdgraph.errors import KDGraphError  # noqa: E402
 from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+COMMITTED = HERE / "results" / "evidence-more.jsonl"
 R50_SPEC = HERE / "evidence-more-r50.yaml"
 R50_TEACHER_SPEC = HERE / "evidence-more-r50-teacher.yaml"
 # a process of the running grid: its driver, or a cell it started (python -m kdgraph.sweep .../evidence-w8/jobs/...)
@@ -113,7 +118,9 @@ def r50_teacher(args) -> None:
 def report(sweeps: dict[str, Sweep], rows: dict) -> str:
     titles = {"full": "ResNet-34 -> ResNet-18 /8, 100 % of the training split, 3 epochs (equal steps to 20 % x 15)",
               "r50": "ResNet-50-shaped -> ResNet-18 /8 (the adapter-free pair), 20 %, 15 epochs"}
-    out = []
+    out = ["# Evidence grid, continued (issue 38): the 100 % fraction and the adapter-free pair", "",
+           "Generated from `bench/results/evidence-more.jsonl` by `python bench/evidence_more.py --markdown`; "
+           "protocol in `bench/evidence_more.py`'s docstring.", ""]
     for name, sweep in sweeps.items():
         out += [f"## {titles[name]}", ""]
         if name == "r50" and "teacher-r50" in rows:
@@ -130,7 +137,13 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print the reports of what has finished")
     p.add_argument("--dry-run", action="store_true", help="validate every arm's spec and count the cells")
     p.add_argument("--poll", type=float, default=60.0, help="seconds between checks for the running grid")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the report of the committed rows (--results, default bench/results/evidence-more.jsonl)")
     args = p.parse_args()
+    if args.markdown:
+        rows = load_rows(COMMITTED if args.results == p.get_default("results") else Path(args.results))
+        print(report(build(args), rows), end="")
+        return
     sweeps = build(args)
     try:
         if args.dry_run:

@@ -96,3 +96,18 @@ def test_waits_until_the_grid_has_exited():
     assert re.search(evidence_more.GRID_PATTERN, "/work/main/.venv/bin/python bench/evidence.py")
     assert re.search(evidence_more.GRID_PATTERN, "python -m kdgraph.sweep /work/grid/evidence-w8/jobs/kd-s1.json")
     assert not re.search(evidence_more.GRID_PATTERN, "python bench/evidence_more.py")
+
+
+def test_report_lists_both_sweeps_and_reads_their_rows(tmp_path):
+    """The report names every arm of both sweeps; a selection row of one cell is read as that
+    cell's validation score (and only in its own sweep)."""
+    sweeps = _sweeps(tmp_path)
+    text = evidence_more.report(sweeps, {})
+    assert text.count("3 cell(s) pending") == 5 and "stablekd-5/2-inpath" in text and "kd+mse: at kd's choice" in text
+    full = sweeps["full"]
+    kd = full.by_name["kd"]
+    cell = full.cell(kd, ((evidence_more.LR, "0.1"),), 0)
+    rows = {cell.key: {"key": cell.key, "val_top1": 77.25, "test_top1": 76.0}}
+    text = evidence_more.report(sweeps, rows)
+    assert "optim.lr=0.1 → 77.25" not in text  # the arm is not chosen until its 3 points are in
+    assert text.count("3 cell(s) pending") == 4 and "- kd: not chosen yet; 2 cell(s) pending" in text
