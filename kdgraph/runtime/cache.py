@@ -95,7 +95,7 @@ class CacheSummary:
         return "".join(f"note: {n}\n" for n in self.notes) + (
             f"teacher cache {self.root}: {kind}, epochs {_ranges(self.epochs)} ({len(self.built)} built now, "
             f"{self.seconds:.1f} s), {self.rows_per_epoch} {views} per epoch, "
-            f"{self.bytes_per_image:.1f} bytes per {self.per} per epoch{kl}")
+            f"{self.bytes_per_image:.6g} bytes per {self.per} per epoch{kl}")
 
 
 def _ranges(epochs: list[int]) -> str:
