@@ -22,6 +22,12 @@ Two modes (``header["key"]["mode"]``):
   with FKD's loss (``kdgraph.losses.FKDHeadLoss``). T is the spec's ``loss.temperature``, part
   of the key.
 
+A causal LM's cache (``data.dataset: text``) holds a row per packed window and a record per
+token position: full (rows, T, V) float32 logits, or top-k (rows, T) records whose ids are
+uint16 up to 65,536 ids and uint32 past (``topk_dtype``): 4k or 6k bytes per token. The logits
+are cut to the student's V ids first (``token_width``, the key's ``mode.vocab``), as the token
+loss cuts them (``kdgraph.lm.token_losses``, which reads a top-k row as FKD's spread-the-rest).
+
 Shards are ``.npy`` files: no pickle, readable anywhere. A shard is written under a temporary
 name and renamed when complete, so a killed build leaves whole shards only and resumes at the
 first missing one. Its checksum is the SHA-256 of its rows' bytes (after the ``.npy`` header),
@@ -34,7 +40,8 @@ traced graph, the modules and their classes' source; not whether it is sharded, 
 the same weights), the data spec (mixup included), the files the data is read from
 (``data_files``), the augmentation, the resolved input normalisation (the batch's and the
 teacher's), the seed, the runtime settings the teacher's numerics depend on (precision,
-micro-batches, channels_last), the ranks, the mode (k and T for top-k). ``differences``
+micro-batches, channels_last), the ranks, the mode (k and T for top-k; the width V for text;
+a text's files are its sources' stat and the tokenizer's fingerprint). ``differences``
 compares two keys leaf by leaf, for a refusal that names what differs.
 """
 

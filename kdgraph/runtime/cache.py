@@ -4,8 +4,9 @@ computed once (``kdgraph.teacher_cache`` describes the folder and its key).
     build_cache(spec, epochs=N)      `kdgraph cache SPEC --epochs N`: writes spec.teacher.cache
     TeacherCache(root, rank, ...)    what the Trainer reads, one batch at a time
 
-The builder draws exactly the batches the Trainer will: it builds the run's own data
-(``build_data``: same sampler order, same crops and flips per (seed, epoch, index), the same
+The builder draws exactly the batches the Trainer will: it builds the run's own data (its
+task's ``build_data``; a causal LM's windows from (seed, epoch, index), its token file made
+outside the run's folder; images: same sampler order, same crops and flips per (seed, epoch, index), the same
 rank's slice under torchrun), mixes each batch as the trainer does where ``data.mixup`` is on
 (``RuntimeConfig.mix``: the same draw from seed, epoch and position), and runs the teacher as
 the distiller does (its own input normalisation, its block segments, each micro-batch alone,
