@@ -288,3 +288,10 @@ def test_text_rewritten_with_its_size_and_mtime_put_back_is_refused_at_replay(tm
 
     with pytest.raises(KDGraphError, match="other training data"):
         Trainer(_spec(tmp_path, "fresh", "c", data={"fraction": 0.25}, schedule={"epochs": 1}))
+
+
+def test_a_teacher_narrower_than_the_student_is_refused_before_anything_is_written(tmp_path):
+    spec = _spec(tmp_path, "b", "c", student={"model": "transformers:llama", "kwargs": _kwargs(32, 1, 300)})
+    with pytest.raises(KDGraphError, match="the teacher's logits have 256 ids, the student's 300"):
+        build_cache(spec, 1, top_k=4, quiet=True)
+    assert not (tmp_path / "c").exists()
