@@ -188,7 +188,7 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
 def cache(spec: SpecArg, epochs: Annotated[int, typer.Option(help="Cache the run's first N epochs of training views.")],
           set_: SetOpt = None, allow_code: CodeOpt = False,
           full: Annotated[bool, typer.Option(help="Full fp32 logits (exact replay) instead of top-k fp16 probabilities.")] = False,
-          top_k: Annotated[int, typer.Option(help="Probabilities kept per view (top-k mode).")] = 10,
+          top_k: Annotated[int, typer.Option(help="Probabilities kept per view, per token of a causal LM (top-k mode).")] = 10,
           quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False):
     """Write the teacher's outputs for the run's training views into teacher.cache, for training to replay.
     Resumes a stopped build; under torchrun each rank writes its own shards."""

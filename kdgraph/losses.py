@@ -54,7 +54,7 @@ from torch import nn
 
 from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
-from kdgraph.lm.token_losses import chunked_token_loss
+from kdgraph.lm.token_losses import chunked_token_loss, spread_topk
 from kdgraph.registry import LOGIT_LOSSES, Registry
 from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelKL
 
@@ -292,14 +292,7 @@ class FKDHeadLoss(nn.Module):
         self.kl_weight, self.temperature, self.ce_weight = float(kl_weight), float(temperature), float(ce_weight)
         self.label_smoothing = float(label_smoothing)
 
-    @staticmethod
-    def soft_label(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
-        """p~ (B, C) from the top-k probabilities and indices (marginal smoothing)."""
-        probs = probs.float()
-        k = probs.shape[-1]
-        rest = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(classes - k, 1)
-        full = rest.expand(probs.shape[0], classes) if classes > k else probs.new_zeros(probs.shape[0], classes)
-        return full.scatter(1, indices.long(), probs)
+    soft_label = staticmethod(spread_topk)  # p~ (B, C) of the top-k probabilities and indices; a token cache's too
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
                 teacher: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,12 @@ Two modes (``header["key"]["mode"]``):
   with FKD's loss (``kdgraph.losses.FKDHeadLoss``). T is the spec's ``loss.temperature``, part
   of the key.
 
+A causal LM's cache (``data.dataset: text``) holds a row per packed window and a record per
+token position: full (rows, T, V) float32 logits, or top-k (rows, T) records whose ids are
+uint16 up to 65,536 ids and uint32 past (``topk_dtype``): 4k or 6k bytes per token. The logits
+are cut to the student's V ids first (``token_width``, the key's ``mode.vocab``), as the token
+loss cuts them (``kdgraph.lm.token_losses``, which reads a top-k row as FKD's spread-the-rest).
+
 Shards are ``.npy`` files: no pickle, readable anywhere. A shard is written under a temporary
 name and renamed when complete, so a killed build leaves whole shards only and resumes at the
 first missing one. Its checksum is the SHA-256 of its rows' bytes (after the ``.npy`` header),
@@ -34,7 +40,8 @@ traced graph, the modules and their classes' source; not whether it is sharded, 
 the same weights), the data spec (mixup included), the files the data is read from
 (``data_files``), the augmentation, the resolved input normalisation (the batch's and the
 teacher's), the seed, the runtime settings the teacher's numerics depend on (precision,
-micro-batches, channels_last), the ranks, the mode (k and T for top-k). ``differences``
+micro-batches, channels_last), the ranks, the mode (k and T for top-k; the width V for text;
+a text's files are its sources' stat and the tokenizer's fingerprint). ``differences``
 compares two keys leaf by leaf, for a refusal that names what differs.
 """
 
@@ -45,6 +52,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_TOP_K", "HEADER", "KEY_FIELDS", "MAX_CACHE_EPOCHS", "TOPK_DTYPE", "cache_key", "cached_epochs",
            "checksum_path", "data_files", "differences", "file_sha256", "read_header", "shard_dtype", "shard_path",
-           "shard_shape", "teacher_code", "topk_dtype", "write_header"]
+           "shard_shape", "teacher_code", "token_width", "topk_dtype", "write_header"]
 
 HEADER = "header.json"
 KIND = "kdgraph teacher cache"  # a header.json without it is someone else's
@@ -71,13 +79,14 @@ MAX_CACHE_EPOCHS = 100_000
 # few per cent past the tenth class (the benchmark prints it). Full fp32 logits of 1000
 # classes would be 4000 bytes: 100 times more.
 DEFAULT_TOP_K = 10
-MAX_CLASSES_TOPK = 65535  # uint16 indices
+MAX_CLASSES_TOPK = 65535  # the largest k
 KEY_FIELDS = ("teacher", "data", "data_files", "augmentation", "normalisation", "seed", "runtime", "ranks", "mode")
 
 
-def topk_dtype(k: int) -> np.dtype:
-    """One top-k row: k float16 probabilities ``p``, k uint16 class indices ``i``."""
-    return np.dtype([("p", "<f2", (k,)), ("i", "<u2", (k,))])
+def topk_dtype(k: int, classes: int = MAX_CLASSES_TOPK) -> np.dtype:
+    """One top-k record: k float16 probabilities ``p``, k class (token) ids ``i``: uint16 where
+    ``classes`` ids fit (65,536 or fewer), else uint32."""
+    return np.dtype([("p", "<f2", (k,)), ("i", "<u2" if classes <= 1 << 16 else "<u4", (k,))])
 
 
 TOPK_DTYPE = topk_dtype(DEFAULT_TOP_K)
@@ -92,16 +101,17 @@ def checksum_path(shard: Path) -> Path:
 
 
 def shard_dtype(header: dict[str, Any]) -> np.dtype:
-    """The dtype every shard of the cache holds: float32 logits, or the top-k record."""
+    """The dtype every shard of the cache holds: float32 logits, or the top-k record (its ids
+    sized by the logits' last dimension: the classes, or a token cache's vocabulary)."""
     mode = header["key"]["mode"]["value"]
-    return np.dtype("<f4") if mode["mode"] == "full" else topk_dtype(int(mode["k"]))
+    return np.dtype("<f4") if mode["mode"] == "full" else topk_dtype(int(mode["k"]), int(header["logits_shape"][-1]))
 
 
 def shard_shape(header: dict[str, Any]) -> tuple[int, ...]:
-    """One rank's shard: (rows, *logits_shape) of full logits, (rows,) of top-k records."""
-    rows = int(header["rows_per_epoch"])
-    full = header["key"]["mode"]["value"]["mode"] == "full"
-    return (rows, *map(int, header["logits_shape"])) if full else (rows,)
+    """One rank's shard: (rows, *logits_shape) of full logits; of top-k records, one per
+    position: (rows,) of (C,) logits, (rows, T) of a causal LM's (T, V) ones."""
+    rows, shape = int(header["rows_per_epoch"]), tuple(map(int, header["logits_shape"]))
+    return (rows, *shape) if header["key"]["mode"]["value"]["mode"] == "full" else (rows, *shape[:-1])
 
 
 def file_sha256(path: Path | str) -> str:
@@ -121,7 +131,9 @@ def teacher_code(model: Any, traced: Any = None) -> str:
     ReLU swapped for a Sigmoid shows), the traced graph's code (a functional call changed in
     a forward fx traces through) and the source of the classes of its modules outside torch
     itself (a forward fx keeps whole). The same for the meta-device model ``kdgraph plan``
-    builds and the real one."""
+    builds and the real one. A model fed token ids is traced by torch.export, whose graph is
+    not the same on the meta device (it names the device, and traces one more node per layer):
+    its library's version stands in for the graph (its functions besides the classes)."""
     sources = {}
     for m in model.modules():
         cls = type(m)
@@ -131,6 +143,9 @@ def teacher_code(model: Any, traced: Any = None) -> str:
             except (OSError, TypeError):  # defined where no source is kept
                 sources[f"{cls.__module__}.{cls.__qualname__}"] = None
     code = traced.gm.code if traced is not None else None
+    if getattr(model, "takes_tokens", False):
+        package = sys.modules.get(type(getattr(model, "lm", model)).__module__.split(".")[0])
+        code = f"{package.__name__} {getattr(package, '__version__', None)}" if package is not None else None
     return hashlib.sha256(json.dumps([repr(model), code, sources], sort_keys=True).encode()).hexdigest()
 
 
@@ -139,13 +154,18 @@ def data_files(data_spec: Any) -> dict[str, Any] | None:
     (path under data.root, size, mtime_ns, inode) (a stat each, no read: a swapped or duplicated
     class folder, an added, removed, resized or rewritten image changes it; a copied folder too),
     Fashion-MNIST's training IDX files by the SHA-256 of their bytes (read whole in any case), a
-    torchvision root's files by the same stat. None where the data is made in code (digits,
+    torchvision root's files by the same stat, text by its source files' stat and the tokenizer
+    (``kdgraph.lm.text.text_key``). None where the data is made in code (digits,
     synthetic). What the stat cannot see (bytes rewritten with their size, mtime and inode put
     back) the replay sees: the decoded training split's SHA-256 (``train_data_sha256``)."""
     from kdgraph.data import FASHION_MNIST_ROOT, _find_file
     from kdgraph.imagefolder import scan_imagefolder
 
     name = data_spec.dataset
+    if name == "text":
+        from kdgraph.lm.text import text_key
+
+        return text_key(data_spec)
     root = Path(data_spec.root) if data_spec.root is not None else None
     if name == "imagefolder":
         if root is None or not (root / "train").is_dir():
@@ -171,12 +191,13 @@ def _stat_key(root: Path, files: list[str]) -> dict[str, Any]:
 
 
 def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int, data_plan: Any = None,
-              teacher: Any = None) -> dict[str, Any]:
+              teacher: Any = None, vocab: int | None = None) -> dict[str, Any]:
     """What the cached values are a function of, field by field (each a short hash, the
     readable values beside it in the header). ``mode``: full or topk. ``data_plan`` (the
     compiled ``DataPlan``): its resolved normalisation, which the student's model can choose
     (the batch's, and the teacher's own where they differ). ``teacher``: the compiled
-    teacher's artifacts (``ModelArtifacts``), for its code."""
+    teacher's artifacts (``ModelArtifacts``), for its code. ``vocab``: a token cache's width,
+    the student's ids the teacher's logits are cut to (``token_width``); None for images."""
     t = spec.teacher
     code = teacher_code(teacher.model, teacher.traced) if teacher is not None else None
     teacher_value = {"model": t.model, "kwargs": t.kwargs, "pretrained": t.pretrained,
@@ -197,9 +218,21 @@ def cache_key(spec: Spec, mode: str, top_k: int | None, world_size: int, data_pl
         "runtime": {"precision": rt.precision, "micro_batches": rt.micro_batches,
                     "channels_last": str(rt.channels_last)},
         "ranks": world_size,
-        "mode": {"mode": mode, **({"k": top_k, "temperature": spec.loss.temperature} if mode == "topk" else {})},
+        "mode": {"mode": mode, **({"k": top_k, "temperature": spec.loss.temperature} if mode == "topk" else {}),
+                 **({"vocab": vocab} if vocab is not None else {})},
     }
     return {name: {"sha256": _digest(value), "value": value} for name, value in fields.items()}
+
+
+def token_width(spec: Spec, student: Any) -> int | None:
+    """A causal LM's token cache holds the teacher's logits over the student's ids (a teacher
+    padded past them is cut, as the token loss cuts it): the width V of the student's traced
+    (B, T, V) output (``student``: its ``ModelArtifacts``). None for images (their logits are
+    cached whole)."""
+    if spec.data.dataset != "text" or student is None or student.traced is None:
+        return None
+    shape = student.output_shape
+    return int(shape[-1]) if shape is not None else None
 
 
 def differences(built: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:

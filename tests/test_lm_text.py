@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kdgraph.errors import DataError
-from kdgraph.lm.text import ByteTokenizer, Windows, read_documents, token_file, tokenizer_key
+from kdgraph.lm.text import ByteTokenizer, Windows, read_documents, text_key, token_file, tokenizer_key
 
 
 class _Words:
@@ -142,3 +142,39 @@ def test_too_little_text_for_a_window_is_refused():
         Windows(np.arange(100, dtype=np.uint16), seq_len=64, holdout=0.1)
     with pytest.raises(IndexError):
         Windows(np.arange(1000, dtype=np.uint16), seq_len=16).window("train", 10**6)
+
+
+def test_the_text_key_changes_with_the_sources_and_the_tokenizer(tmp_path, monkeypatch):
+    """A teacher cache's key of the text (kdgraph.teacher_cache.data_files): the sources' stat and
+    the tokenizer's fingerprint; None where data.root is not there."""
+    from types import SimpleNamespace
+
+    root = _folder(tmp_path)
+    data = SimpleNamespace(root=str(root))
+    first = text_key(data)
+    assert first == {"sources": first["sources"], "tokenizer": tokenizer_key(ByteTokenizer())}
+    assert text_key(SimpleNamespace(root=str(tmp_path / "absent"))) is None
+    (root / "notes.md").write_text("still not read, longer now")
+    assert text_key(data) == first
+    (root / "a.txt").write_text("Shall I compare thee, ", encoding="utf-8")
+    second = text_key(data)
+    assert second["sources"] != first["sources"] and second["tokenizer"] == first["tokenizer"]
+    monkeypatch.setattr("kdgraph.lm.text.tokenizer_of", lambda d: _Words(["a"]))
+    assert text_key(data)["tokenizer"] == tokenizer_key(_Words(["a"])) != first["tokenizer"]
+
+
+def test_a_splits_sha256_is_its_tokens_and_the_window_length():
+    import hashlib
+
+    tokens = np.arange(400, dtype=np.uint16)
+    w = Windows(tokens, 8, holdout=0.1)
+    train = tokens[:400 - 40]
+    want = hashlib.sha256(f"<u2:{len(train)}:8".encode() + train.tobytes()).hexdigest()
+    assert w.sha256("train") == want
+    changed = tokens.copy()
+    changed[5] += 1
+    assert Windows(changed, 8, holdout=0.1).sha256("train") != want
+    assert Windows(tokens, 8, holdout=0.1).sha256("heldout") != want
+    held = tokens.copy()
+    held[-1] += 1  # a held-out token: the training split is the same
+    assert Windows(held, 8, holdout=0.1).sha256("train") == want

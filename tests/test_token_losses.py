@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdgraph.lm.token_losses import DIVERGENCES, chunked_token_loss, token_divergence, trim_vocabulary
+from kdgraph.lm.token_losses import DIVERGENCES, chunked_token_loss, token_divergence, topk_kl, trim_vocabulary
 
 IGNORE = -100
 
@@ -29,10 +29,13 @@ def _kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * (np.log(a) - np.log(b))).sum(-1)
 
 
-def _hand(name, s, t, y, coefficient, temperature, ce_weight):
-    """(mean divergence · T², mean w_ce · CE) over the tokens whose target is not IGNORE."""
-    s, t, y = s.reshape(-1, s.shape[-1]), t[..., :s.shape[-1]].reshape(-1, s.shape[-1]), y.reshape(-1)
-    q, p = _softmax(s / temperature), _softmax(t / temperature)
+def _hand(name, s, t, y, coefficient, temperature, ce_weight, p=None):
+    """(mean divergence · T², mean w_ce · CE) over the tokens whose target is not IGNORE; ``p``:
+    the teacher's distribution given whole (N, V) in place of softmax(t / T)."""
+    s, y = s.reshape(-1, s.shape[-1]), y.reshape(-1)
+    q = _softmax(s / temperature)
+    if p is None:
+        p = _softmax(t[..., :s.shape[-1]].reshape(-1, s.shape[-1]) / temperature)
     if name == "forward_kl":
         d = _kl(p, q)
     elif name == "reverse_kl":
@@ -161,3 +164,84 @@ def test_chunks_hold_a_fraction_of_the_whole_losses_peak():
     full = s.numel() * 4
     assert _peak_bytes(chunked) <= _peak_bytes(whole) / 4
     assert _peak_bytes(chunked) < 1.5 * full  # the gradient itself, one chunk's work beside it
+
+
+# -- a top-k token cache's rows as the teacher -----------------------------------------------------
+
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def _spread_by_hand(probs: np.ndarray, ids: np.ndarray, vocab: int) -> np.ndarray:
+    """FKD's marginal smoothing written out per row: the cached probabilities at their ids, the
+    rest 1 − Σ (at least 0) shared evenly by the other V − k ids; floored at float32's tiny."""
+    out = np.empty((len(probs), vocab))
+    for n, (pr, ix) in enumerate(zip(probs.astype(np.float64), ids)):
+        rest = max(1.0 - pr.sum(), 0.0) / (vocab - len(ix)) if vocab > len(ix) else 0.0
+        out[n] = rest
+        out[n, ix] = pr
+    return np.maximum(out, TINY)
+
+
+def _topk_rows(t: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, k) fp16 probabilities at T and int64 ids, as the cache's builder stores them."""
+    p, i = torch.softmax(t.float() / temperature, -1).topk(k, -1)
+    return p.half(), i
+
+
+@pytest.mark.parametrize("name,coefficient", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("skew_kl", 0.3),
+                                              ("jsd", 0.6)])
+@pytest.mark.parametrize("k,temperature", [(1, 1.0), (4, 2.0), (17, 1.0)])
+def test_a_topk_teacher_is_the_formula_on_the_spread_distribution(name, coefficient, k, temperature):
+    s, t, y = _batch(seed=3)
+    probs, ids = _topk_rows(t, k, temperature)
+    kd, ce = chunked_token_loss(name, s, (probs, ids), y, coefficient=coefficient, temperature=temperature,
+                                ce_weight=0.5, ignore_index=IGNORE, chunk=5)
+    p = _spread_by_hand(probs.reshape(-1, k).numpy(), ids.reshape(-1, k).numpy(), s.shape[-1])
+    want_kd, want_ce = _hand(name, s.numpy(), None, y.numpy(), coefficient, temperature, 0.5, p=p)
+    assert kd.item() == pytest.approx(want_kd, rel=1e-6, abs=1e-9)
+    assert ce.item() == pytest.approx(want_ce, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_a_topk_teachers_chunked_gradient_is_the_whole_formulas(chunk):
+    s, t, y = _batch(seed=4)
+    probs, ids = _topk_rows(t, 5, 1.5)
+    s = s.requires_grad_(True)
+    kd, ce = chunked_token_loss("reverse_kl", s, (probs, ids), y, temperature=1.5, ce_weight=0.7,
+                                ignore_index=IGNORE, chunk=chunk)
+    g, = torch.autograd.grad(2.0 * kd + 3.0 * ce, s)
+    log_p = torch.from_numpy(np.log(_spread_by_hand(probs.reshape(-1, 5).numpy(), ids.reshape(-1, 5).numpy(), 17)))
+    log_q = torch.log_softmax(s.reshape(-1, 17) / 1.5, -1)
+    keep = (y.reshape(-1) != IGNORE).double()
+    want_kd = ((log_q.exp() * (log_q - log_p)).sum(-1) * 1.5 ** 2 * keep).sum() / keep.sum()
+    want_ce = 0.7 * (torch.nn.functional.cross_entropy(s.reshape(-1, 17), y.reshape(-1), ignore_index=IGNORE,
+                                                       reduction="sum")) / keep.sum()
+    g_whole, = torch.autograd.grad(2.0 * want_kd + 3.0 * want_ce, s)
+    # p~ is built in float32 (fp16 probabilities, cast up): float32's precision, not float64's
+    assert torch.allclose(kd, want_kd, rtol=1e-6) and torch.allclose(g, g_whole, rtol=1e-5, atol=1e-9)
+
+
+def test_a_topk_teacher_holding_all_the_mass_gives_finite_reverse_kl():
+    """fp16 probabilities summing to 1 or more leave no rest: the other ids get float32's tiny, not 0."""
+    s, _, y = _batch(seed=5)
+    probs = torch.zeros(3, 9, 2, dtype=torch.float16)
+    probs[..., 0], probs[..., 1] = 0.75, 0.2505  # sums past 1 in fp16
+    ids = torch.tensor([3, 8]).expand(3, 9, 2)
+    kd, _ = chunked_token_loss("reverse_kl", s, (probs, ids), y, ignore_index=IGNORE)
+    p = _spread_by_hand(probs.reshape(-1, 2).numpy(), ids.reshape(-1, 2).numpy(), 17)
+    assert np.isfinite(kd.item()) and kd.item() == pytest.approx(_hand("reverse_kl", s.numpy(), None, y.numpy(),
+                                                                       0.5, 1.0, 0.0, p=p)[0], rel=1e-6)
+
+
+def test_topk_kl_is_kl_to_the_spread_reconstruction_and_falls_with_k():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(40, 50, generator=g) * 3
+    p = _softmax(z.double().numpy() / 2.0)
+    kls = []
+    for k in (1, 5, 20, 50):
+        kl, probs, ids = topk_kl(z, k, temperature=2.0)
+        assert probs.dtype == torch.float16 and ids.shape == (40, k)
+        want = (p * (np.log(p) - np.log(_spread_by_hand(probs.numpy(), ids.numpy(), 50)))).sum(-1)
+        assert np.allclose(kl.numpy(), want, rtol=1e-4, atol=1e-6)
+        kls.append(float(kl.mean()))
+    assert kls == sorted(kls, reverse=True) and kls[-1] < 1e-3  # k = V: fp16 rounding alone

@@ -41,7 +41,7 @@ from kdgraph.compiler.trace import trace_pass
 from kdgraph.data import resolve_input_size
 from kdgraph.errors import PlanError, SpecError
 from kdgraph.ir import DataPlan, Pairing, Plan
-from kdgraph.teacher_cache import cache_key, differences, read_header
+from kdgraph.teacher_cache import cache_key, differences, read_header, token_width
 
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
@@ -195,7 +195,7 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
     timings = _run_passes(env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
-    check_cache(spec, env["plan"], data, built.teacher)
+    check_cache(spec, env["plan"], data, built.teacher, built.student)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
@@ -204,7 +204,8 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
                     timings, built.notes + fallback, missing, task_of(spec, built.student))
 
 
-def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts | None = None) -> None:
+def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts | None = None,
+                student: ModelArtifacts | None = None) -> None:
     """The teacher cache the spec names was built for this run (teacher, data, augmentation,
     seed, runtime: one line naming what differs) and covers every epoch a stage replays from
     it. Past the cached epochs the plan is refused, not patched with the live teacher: a
@@ -216,7 +217,7 @@ def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts 
     header = read_header(root)
     mode = header["key"]["mode"]["value"]
     diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
-                                                    data, teacher))
+                                                    data, teacher, token_width(spec, student)))
     if diff:
         raise SpecError("teacher.cache", f"{root} was built for another run (differs: {'; '.join(diff)}); "
                         "rebuild it with `kdgraph cache SPEC --epochs N`")

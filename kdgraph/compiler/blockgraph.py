@@ -18,8 +18,9 @@ shape of the tensor on it and a ``kind``:
 - ``proxy``: ScaleKD's TPP path, the student's feature through the frozen teacher's later
   blocks (nodes ``P_j``) to ``tpp_loss``;
 - ``cache``: input -> ``cache``, the teacher's logits of the input's view replayed from a
-  teacher cache (``teacher.cache``). A full cache feeds ``head_loss`` (its entry unchanged);
-  a top-k cache feeds ``fkd_loss`` (entry ``fkd``, FKD's soft label), the head loss of the
+  teacher cache (``teacher.cache``). A full cache feeds ``head_loss`` (its entry unchanged), a
+  top-k one too where the head loss is a causal LM's token loss; any other
+  top-k cache feeds ``fkd_loss`` (entry ``fkd``, FKD's soft label), the head loss of the
   stages that replay it. ``program.stage_program`` reads the cache in a stage whose only
   teacher read is the head's (``Program.replayable``).
 - ``tap``: S_i -> ``xs_p1`` and T_j -> ``xt_p1``, the value of an explicit layer pair's module
@@ -185,17 +186,19 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     if has_teacher:
         g.add_edge(f"T{k}", "head_loss", kind="loss", shape=logits)
     if has_teacher and cache is not None:
-        _cache_nodes(g, k, logits, cache, loss_spec)
+        _cache_nodes(g, k, logits, cache, loss_spec, task)
     validate_block_graph(g)
     return g
 
 
-def _cache_nodes(g: nx.DiGraph, k: int, logits: list | None, cache: str, loss_spec: Mapping[str, Any]) -> None:
-    """The cache node (the teacher's logits, replayed) and the head loss it feeds."""
+def _cache_nodes(g: nx.DiGraph, k: int, logits: list | None, cache: str, loss_spec: Mapping[str, Any],
+                 task: str) -> None:
+    """The cache node (the teacher's logits, replayed) and the head loss it feeds: a causal
+    LM's token loss reads a top-k cache's rows itself (``kdgraph.lm.token_losses``)."""
     g.add_node("cache", kind="cache", block=k, module=f"teacher cache ({cache})", out_shape=logits)
     g.add_edge("input", "cache", kind="cache", shape=g.nodes["input"]["out_shape"])
     head = "head_loss"
-    if cache == "topk":
+    if cache == "topk" and task != "causal_lm":
         if logits is None or len(logits) != 1:
             raise PlanError(f"a top-k teacher cache holds class probabilities of (C,) logits; the logits are "
                             f"{logits}: build the cache with --full")

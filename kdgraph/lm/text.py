@@ -35,7 +35,7 @@ import numpy as np
 
 from kdgraph.errors import DataError
 
-__all__ = ["ByteTokenizer", "Windows", "read_documents", "token_file", "tokenizer_key"]
+__all__ = ["ByteTokenizer", "Windows", "read_documents", "text_key", "token_file", "tokenizer_key", "tokenizer_of"]
 
 
 class ByteTokenizer:
@@ -55,6 +55,26 @@ def tokenizer_key(tokenizer: Any) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     text = json.dumps([type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_of(data_spec: Any) -> Any:
+    """The tokenizer a text run reads ``data_spec``'s text with: UTF-8 bytes (the one kdgraph
+    has; the causal-LM task and the teacher cache's key both ask here)."""
+    return ByteTokenizer()
+
+
+def text_key(data_spec: Any) -> dict[str, str] | None:
+    """What a text run's tokens are a function of, as a key: the source files (path, size,
+    mtime) and the tokenizer (``tokenizer_key``); None where data.root is not there yet (the
+    run names it)."""
+    root = Path(data_spec.root) if data_spec.root is not None else None
+    if root is None or not root.exists():
+        return None
+    try:
+        sources = _source_key(root, "text")
+    except DataError:
+        return None
+    return {"sources": sources, "tokenizer": tokenizer_key(tokenizer_of(data_spec))}
 
 
 def _sources(root: Path) -> list[Path]:
@@ -186,3 +206,10 @@ class Windows:
             index = int(_order(n, seed, epoch)[index])
         start = index * self.seq_len
         return np.asarray(self._split(split)[start:start + self.seq_len + 1], dtype=np.int64)
+
+    def sha256(self, split: str) -> str:
+        """SHA-256 of ``split``'s tokens (their dtype, count and bytes): what its windows are cut from."""
+        tokens = np.ascontiguousarray(self._split(split))
+        h = hashlib.sha256(f"{tokens.dtype.str}:{len(tokens)}:{self.seq_len}".encode())
+        h.update(memoryview(tokens).cast("B"))
+        return h.hexdigest()

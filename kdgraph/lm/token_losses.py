@@ -17,6 +17,17 @@ again, recomputing each chunk with autograd and writing its gradient into the on
 size of the student logits that autograd returns anyway. The gradient is autograd's of the
 same per-token formula.
 
+The teacher is its (B, T, V′) logits, or a top-k token cache's (probabilities at T, ids) of
+its k likeliest ids per token (``kdgraph.teacher_cache``): p is then FKD's marginal smoothing,
+
+    p~_v = p_v                 for the k cached ids
+    p~_v = r / (V − k)         otherwise,  r = max(1 − Σ cached p, 0)
+
+floored at the smallest normal float32 (so that log p~ is finite where r is 0), and each
+divergence reads log p~ in place of log softmax(z_t / T) (``topk_log_probs``; built a chunk at a
+time, like the rest). ``topk_kl`` is KL(p || p~): what top-k replay loses against the full
+distribution, per token.
+
 A teacher whose vocabulary is padded past the student's (Qwen2.5-7B's 152064 rows against
 0.5B's 151936) is trimmed to the student's ids (the tokenizers must agree on them:
 ``kdgraph.lm.vocab.shared_vocabulary``).
@@ -30,7 +41,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERGENCES", "chunked_token_loss", "token_divergence", "trim_vocabulary"]
+__all__ = ["DIVERGENCES", "chunked_token_loss", "spread_topk", "token_divergence", "topk_kl", "topk_log_probs",
+           "trim_vocabulary"]
 
 
 def _forward_kl(log_q: torch.Tensor, log_p: torch.Tensor, _: float) -> torch.Tensor:
@@ -57,6 +69,35 @@ DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tenso
 """Name -> per-token divergence(log q, log p, coefficient) of (N, V) log-probabilities -> (N,)."""
 
 
+def spread_topk(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
+    """FKD's soft label p~ (N, C) of top-k probabilities and ids (N, k): the cached
+    probabilities at their ids, the rest of the mass (clamped at 0: fp16 sums may pass 1)
+    spread evenly over the other C − k ids."""
+    probs = probs.float()
+    k = probs.shape[-1]
+    rest = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(classes - k, 1)
+    full = rest.expand(probs.shape[0], classes) if classes > k else probs.new_zeros(probs.shape[0], classes)
+    return full.scatter(1, indices.long(), probs)
+
+
+def topk_log_probs(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
+    """log p~ (N, C) of a top-k cache's rows (``spread_topk``), p~ floored at the smallest
+    normal float32: finite where the rest is 0 (a reverse KL then pushes q off those ids)."""
+    return spread_topk(probs, indices, classes).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def topk_kl(logits: torch.Tensor, k: int,
+            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL(p || p~) per row, the rows' top-k probabilities as fp16 and their ids): p =
+    softmax(z / T) of (N, V) logits, p~ its top-k reconstruction from what a top-k cache stores
+    (the probabilities rounded to fp16). In nats."""
+    z = _wide(logits) / temperature
+    p = torch.softmax(z, dim=-1)
+    top, ids = p.topk(k, dim=-1)
+    top = top.half()
+    return (p * (F.log_softmax(z, dim=-1) - topk_log_probs(top, ids, z.shape[-1]))).sum(-1), top, ids
+
+
 def trim_vocabulary(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """The teacher's logits over the student's ids: its padding rows past them dropped. A
     teacher with fewer ids than the student is an error (no target for the rest)."""
@@ -73,13 +114,18 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_divergence(*, name: str, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, coefficient: float,
-                     temperature: float, ce_weight: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float, ce_weight: float, ignore_index: int,
+                     ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid tokens of T²·divergence, sum over valid tokens of w_ce·CE) of flattened
-    (N, V) student and teacher logits and (N,) targets; in float32 (float64 inputs: float64)."""
+    (N, V) student and teacher logits and (N,) targets; in float32 (float64 inputs: float64).
+    With ``ids`` (N, k), ``t`` is the (N, k) top-k probabilities at T of a token cache."""
     valid = y != ignore_index
-    s, t = _wide(s), _wide(t)
+    s = _wide(s)
     log_q = F.log_softmax(s / temperature, dim=-1)
-    log_p = F.log_softmax(t / temperature, dim=-1)
+    if ids is None:
+        log_p = F.log_softmax(_wide(t) / temperature, dim=-1)
+    else:
+        log_p = topk_log_probs(t, ids, s.shape[-1]).to(s.dtype)
     div = DIVERGENCES[name](log_q, log_p, coefficient) * (temperature ** 2)
     kd = torch.where(valid, div, 0.0).sum()
     if ce_weight == 0.0:
@@ -94,51 +140,66 @@ class _Chunked(torch.autograd.Function):
     checkpointing does, a chunk at a time)."""
 
     @staticmethod
-    def forward(ctx, s, t, y, settings, chunk, scale):
+    def forward(ctx, s, t, ids, y, settings, chunk, scale):
         kd_total = _wide(s.new_zeros(()))
         ce_total = _wide(s.new_zeros(()))
         for start in range(0, s.shape[0], chunk):
             part = slice(start, start + chunk)
-            kd, ce = token_divergence(s=s[part], t=t[part], y=y[part], **settings)
+            kd, ce = token_divergence(s=s[part], t=t[part], y=y[part], ids=None if ids is None else ids[part],
+                                      **settings)
             kd_total += kd
             ce_total += ce
-        ctx.save_for_backward(s, t, y)
+        ctx.save_for_backward(s, t, ids, y)
         ctx.settings, ctx.chunk, ctx.scale = settings, chunk, scale
         return kd_total * scale, ce_total * scale
 
     @staticmethod
     def backward(ctx, d_kd, d_ce):
-        s, t, y = ctx.saved_tensors
+        s, t, ids, y = ctx.saved_tensors
         grad = torch.empty_like(s)
         for start in range(0, s.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
             with torch.enable_grad():
                 sc = s[part].detach().requires_grad_(True)
-                kd, ce = token_divergence(s=sc, t=t[part], y=y[part], **ctx.settings)
+                kd, ce = token_divergence(s=sc, t=t[part], y=y[part], ids=None if ids is None else ids[part],
+                                          **ctx.settings)
                 g, = torch.autograd.grad(kd * (d_kd * ctx.scale) + ce * (d_ce * ctx.scale), sc)
             grad[part] = g.to(grad.dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-def chunked_token_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def _teacher_rows(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher flattened to rows: (N, V) logits cut to the student's ids and None, or a
+    top-k cache's (N, k) probabilities and ids."""
+    vocab = student_logits.shape[-1]
+    if isinstance(teacher, tuple):
+        probs, ids = teacher
+        return probs.detach().reshape(-1, probs.shape[-1]), ids.reshape(-1, ids.shape[-1])
+    return trim_vocabulary(student_logits, teacher.detach()).reshape(-1, vocab), None
+
+
+def chunked_token_loss(name: str, student_logits: torch.Tensor,
+                       teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
                        targets: torch.Tensor, *, coefficient: float = 0.5, temperature: float = 1.0,
                        ce_weight: float = 0.0, ignore_index: int = -100,
                        chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(divergence term, CE term) of (B, T, V) student logits, (B, T, V′ ≥ V) teacher logits and
-    (B, T) targets: each the mean over the tokens whose target is not ``ignore_index`` (0 where
-    none is), ``chunk`` tokens at a time (``chunk`` ≥ B·T: the whole at once)."""
+    """(divergence term, CE term) of (B, T, V) student logits, (B, T, V′ ≥ V) teacher logits (or
+    a top-k token cache's (B, T, k) probabilities at T and ids < V) and (B, T) targets: each the
+    mean over the tokens whose target is not ``ignore_index`` (0 where none is), ``chunk``
+    tokens at a time (``chunk`` ≥ B·T: the whole at once)."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown token divergence {name!r}; known: {', '.join(DIVERGENCES)}")
     if name in ("skew_kl", "jsd") and not 0.0 < coefficient < 1.0:
         raise ValueError(f"{name}: the coefficient must lie in (0, 1), got {coefficient}")
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
-    t = trim_vocabulary(student_logits, teacher_logits.detach()).reshape(-1, vocab)
+    t, ids = _teacher_rows(student_logits, teacher_logits)
     y = targets.reshape(-1)
     if not s.shape[0] == t.shape[0] == y.shape[0]:
-        raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher logits "
-                         f"{tuple(teacher_logits.shape)} and targets {tuple(targets.shape)} differ in tokens")
+        raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher "
+                         f"{tuple(t.shape)} and targets {tuple(targets.shape)} differ in tokens")
     scale = 1.0 / max(int((y != ignore_index).sum()), 1)
     settings = {"name": name, "coefficient": float(coefficient), "temperature": float(temperature),
                 "ce_weight": float(ce_weight), "ignore_index": int(ignore_index)}
-    return _Chunked.apply(s, t, y, settings, max(int(chunk), 1), scale)
+    return _Chunked.apply(s, t, ids, y, settings, max(int(chunk), 1), scale)

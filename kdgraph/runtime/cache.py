@@ -4,8 +4,9 @@ computed once (``kdgraph.teacher_cache`` describes the folder and its key).
     build_cache(spec, epochs=N)      `kdgraph cache SPEC --epochs N`: writes spec.teacher.cache
     TeacherCache(root, rank, ...)    what the Trainer reads, one batch at a time
 
-The builder draws exactly the batches the Trainer will: it builds the run's own data
-(``build_data``: same sampler order, same crops and flips per (seed, epoch, index), the same
+The builder draws exactly the batches the Trainer will: it builds the run's own data (its
+task's ``build_data``; a causal LM's windows from (seed, epoch, index), its token file made
+outside the run's folder; images: same sampler order, same crops and flips per (seed, epoch, index), the same
 rank's slice under torchrun), mixes each batch as the trainer does where ``data.mixup`` is on
 (``RuntimeConfig.mix``: the same draw from seed, epoch and position), and runs the teacher as
 the distiller does (its own input normalisation, its block segments, each micro-batch alone,
@@ -44,8 +45,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kdgraph.compiler import compile_spec
-from kdgraph.data import build_data
 from kdgraph.errors import KDGraphError
+from kdgraph.lm.token_losses import topk_kl
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.replay import teacher_weights_sha256, train_data_sha256
 from kdgraph.runtime.distiller import frozen_teacher
@@ -53,6 +54,7 @@ from kdgraph.runtime.teacher import FrozenTeacher
 from kdgraph.runtime.techniques import (autocast, channels_last_tensor, init_distributed, resolve_device,
                                         shard_teacher)
 from kdgraph.schedules import stage_at
+from kdgraph.tasks.create import create_task
 from kdgraph.teacher_cache import (
     DEFAULT_TOP_K,
     HEADER,
@@ -63,6 +65,7 @@ from kdgraph.teacher_cache import (
     differences,
     read_header,
     shard_path,
+    token_width,
     topk_dtype,
     write_header,
 )
@@ -78,17 +81,22 @@ class CacheSummary:
     epochs: list[int]  # epochs written or found (0-based)
     built: list[int]  # epochs this call wrote
     rows_per_epoch: int  # this rank's
-    bytes_per_image: float  # per epoch
+    bytes_per_image: float  # per epoch; a causal LM's: per token position
     seconds: float  # spent computing (this call)
     teacher_forward_s: float  # of which in the teacher's forward
     notes: tuple[str, ...] = ()  # what the user should know (a stale lock taken over)
+    per: str = "image"  # what bytes_per_image counts: an image (a view), or a token of a causal LM's windows
+    topk_kl: float | None = None  # top-k: mean KL(p || p~) over the positions this call wrote, nats
 
     def __str__(self) -> str:
         kind = "full fp32 logits" if self.mode == "full" else f"top-{self.k} fp16 probabilities"
+        views = "windows" if self.per == "token" else "views"
+        kl = "" if self.topk_kl is None else (f"; top-{self.k} replay's mean KL to the full distribution "
+                                              f"{self.topk_kl:.4g} nats per {self.per} (built now)")
         return "".join(f"note: {n}\n" for n in self.notes) + (
             f"teacher cache {self.root}: {kind}, epochs {_ranges(self.epochs)} ({len(self.built)} built now, "
-            f"{self.seconds:.1f} s), {self.rows_per_epoch} views per epoch, "
-            f"{self.bytes_per_image:.0f} bytes per image per epoch")
+            f"{self.seconds:.1f} s), {self.rows_per_epoch} {views} per epoch, "
+            f"{self.bytes_per_image:.6g} bytes per {self.per} per epoch{kl}")
 
 
 def _ranges(epochs: list[int]) -> str:
@@ -105,15 +113,27 @@ def _rows(loader) -> int:
     return min(loader.samples_per_rank, len(loader) * loader.batch_size)
 
 
-def _checked_mode(compiled, full: bool, top_k: int) -> tuple[str, int | None]:
+def _logits_shape(compiled, width: int | None) -> tuple[int, ...]:
+    """The teacher's logits per row: [C] (or [C, H, W]), a causal LM's (T, V) cut to the
+    student's ``width`` (``token_width``). A teacher narrower than the student is refused."""
+    if width is None:
+        return tuple(compiled.teacher.logits_shape or ())
+    seq, vocab = compiled.teacher.output_shape[1:]
+    if vocab < width:
+        raise KDGraphError(f"the teacher's logits have {vocab} ids, the student's {width}: the teacher gives no "
+                           "target for the rest")
+    return int(seq), width
+
+
+def _checked_mode(compiled, shape: tuple[int, ...], full: bool, top_k: int) -> tuple[str, int | None]:
     if full:
         return "full", None
-    if compiled.teacher.dense or compiled.teacher.num_classes is None:
-        raise KDGraphError("a top-k cache holds class probabilities of (C,) logits; this teacher's output is "
-                           "not: build it with --full")
+    if compiled.task != "causal_lm" and (compiled.teacher.dense or compiled.teacher.num_classes is None):
+        raise KDGraphError("a top-k cache holds class probabilities of (C,) logits or a causal LM's (T, V) ones; "
+                           "this teacher's output is neither: build it with --full")
     if not 1 <= top_k <= MAX_CLASSES_TOPK:
         raise KDGraphError(f"--top-k must be in 1..{MAX_CLASSES_TOPK}, got {top_k}")
-    return "topk", min(top_k, compiled.teacher.num_classes)
+    return "topk", min(top_k, shape[-1])
 
 
 _OURS = re.compile(r"^(e\d{4,}-r\d+\.npy(\.tmp|\.sha256|\.sha256\.tmp)?|header\.json(\.tmp)?|\.lock-r\d+)$")
@@ -208,8 +228,9 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     torch.manual_seed(spec.seed)  # as the Trainer: an untrained teacher's weights are the run's
     random.seed(spec.seed)
     compiled = compile_spec(_without_cache(spec), fetch=("teacher",))
-    mode, top_k = _checked_mode(compiled, full, top_k)
-    key = cache_key(spec, mode, top_k, info.world_size, compiled.data, compiled.teacher)
+    width = token_width(spec, compiled.student)
+    mode, top_k = _checked_mode(compiled, _logits_shape(compiled, width), full, top_k)
+    key = cache_key(spec, mode, top_k, info.world_size, compiled.data, compiled.teacher, width)
     created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -245,13 +266,15 @@ def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None
     if old is not None and old["teacher_weights_sha256"] != weights:
         raise KDGraphError(f"{root} holds a cache built from other teacher weights (SHA-256 "
                            f"{old['teacher_weights_sha256']} then, {weights} now); choose another teacher.cache")
-    data = build_data(base, compiled.data, device, info)
+    task = create_task(base, compiled)
+    task.writes_output = False  # the run's folder is the run's: a text's token file is made elsewhere
+    data = task.build_data(base, compiled.data, device, info)
     data_sha256 = train_data_sha256(data.train)
     if old is not None and old.get("train_data_sha256") not in (None, data_sha256):
         raise KDGraphError(f"{root} holds a cache built from other training data (the decoded training split's "
                            f"SHA-256 {old['train_data_sha256']} then, {data_sha256} now); choose another teacher.cache")
     shard = _writer(compiled, resolve_config(base, device, compiled.student.model), mode_k, spec.loss.temperature,
-                    data, info, device)
+                    data, info, device, token_width(spec, compiled.student))
     header = {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
               "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
               "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,
@@ -273,11 +296,12 @@ def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None
     if info.is_main:  # written last: complete, with the checksum of every shard of every rank
         write_header(root, {**header, "complete": True,
                             "shards": _checksums(root, wanted, info.world_size, shard)})
-    return CacheSummary(str(root), mode_k[0], mode_k[1], wanted, todo, shard.rows, shard.row_bytes,
-                        time.perf_counter() - t0, shard.forward_s)
+    return CacheSummary(str(root), mode_k[0], mode_k[1], wanted, todo, shard.rows, shard.row_bytes / shard.positions,
+                        time.perf_counter() - t0, shard.forward_s, per="token" if shard.tokens else "image",
+                        topk_kl=shard.kl[0] / shard.kl[1] if shard.kl[1] else None)
 
 
-def _writer(compiled, config, mode_k, temperature: float, data, info, device) -> _ShardWriter:
+def _writer(compiled, config, mode_k, temperature: float, data, info, device, width: int | None) -> _ShardWriter:
     """The teacher as the distiller runs it (its dtype, device, memory format, shards), in a writer."""
     teacher = frozen_teacher(compiled)
     teacher.apply_(lambda t: t.to(device))
@@ -286,8 +310,8 @@ def _writer(compiled, config, mode_k, temperature: float, data, info, device) ->
     if compiled.plan.teacher_shard:  # every rank runs as many batches: the gathers pair up
         shard_teacher(teacher, info, device)
     return _ShardWriter(teacher, compiled.plan.k, config, mode_k[0], mode_k[1], temperature,
-                        tuple(compiled.teacher.logits_shape or ()), _rows(data.train),
-                        (info.rank, info.world_size, compiled.num_classes or data.num_classes))
+                        _logits_shape(compiled, width), _rows(data.train),
+                        (info.rank, info.world_size, compiled.num_classes or data.num_classes), tokens=width is not None)
 
 
 def _checksums(root: Path, epochs: list[int], world_size: int, shard: _ShardWriter) -> dict[str, str]:
@@ -304,20 +328,25 @@ def _checksums(root: Path, epochs: list[int], world_size: int, shard: _ShardWrit
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TOPK_CHUNK = 2048  # positions whose top k are taken at once (a few float32 copies of their logits)
 
 
 class _ShardWriter:
     """Writes one epoch's shard: the teacher run as the distiller runs it, on every batch."""
 
     def __init__(self, teacher: FrozenTeacher, head: int, config, mode: str, top_k: int | None,
-                 temperature: float, shape: tuple[int, ...], rows: int, where: tuple[int, int, int | None]):
+                 temperature: float, shape: tuple[int, ...], rows: int, where: tuple[int, int, int | None],
+                 tokens: bool = False):
         self.teacher, self.head, self.config = teacher, head, config
         self.rank, self.world_size, self.num_classes = where  # for the mix's batch positions
         self.mode, self.top_k, self.temperature = mode, top_k, temperature
-        self.shape, self.rows = shape, rows
-        self.dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k)
-        self.array_shape = (rows, *shape) if mode == "full" else (rows,)
-        self.row_bytes = self.dtype.itemsize * (int(np.prod(shape)) if mode == "full" else 1)
+        self.shape, self.rows, self.tokens = shape, rows, tokens
+        per_row = shape if mode == "full" else shape[:-1]  # top-k: one record per position
+        self.dtype = np.dtype("<f4") if mode == "full" else topk_dtype(top_k, shape[-1])
+        self.array_shape = (rows, *per_row)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(per_row))
+        self.positions = int(np.prod(shape[:-1])) if tokens else 1  # a causal LM's row: a window of T tokens
+        self.kl = [0.0, 0]  # top-k: KL(p || p~) summed over the positions written, and their count
         self.forward_s = 0.0
 
     def is_whole(self, path: Path) -> bool:
@@ -342,17 +371,25 @@ class _ShardWriter:
         return torch.cat(parts).float()
 
     def rows_of(self, logits: torch.Tensor, where: str) -> np.ndarray:
-        """One batch's rows: float32 logits, or the top-k probabilities at T and their indices.
-        A teacher whose output is not finite is refused here, not replayed as NaN losses."""
+        """One batch's rows: float32 logits, or the top-k probabilities at T and their indices
+        (per position: per token of a causal LM's windows, whose logits are cut to the student's
+        ids first), ``TOPK_CHUNK`` positions at a time, the reconstruction's KL to the full
+        distribution summed on the way. A teacher whose output is not finite is refused here,
+        not replayed as NaN losses."""
         if not bool(torch.isfinite(logits).all()):
             raise KDGraphError(f"the teacher's output is not finite at {where}: its weights or its dtype "
                                "(teacher.dtype) overflow; nothing cached from it")
+        logits = logits[..., :self.shape[-1]] if self.tokens else logits
         if self.mode == "full":
             return np.ascontiguousarray(logits.cpu().numpy(), dtype=self.dtype)
-        p, i = torch.softmax(logits / self.temperature, dim=-1).topk(self.top_k, dim=-1)
-        out = np.empty(len(logits), dtype=self.dtype)
-        out["p"], out["i"] = p.half().cpu().numpy(), i.cpu().numpy().astype(np.uint16)
-        return out
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = np.empty(len(flat), dtype=self.dtype)
+        for at in range(0, len(flat), TOPK_CHUNK):
+            kl, p, i = topk_kl(flat[at:at + TOPK_CHUNK], self.top_k, self.temperature)
+            self.kl[0] += float(kl.double().sum())
+            self.kl[1] += len(kl)
+            out["p"][at:at + len(p)], out["i"][at:at + len(p)] = p.cpu().numpy(), i.cpu().numpy()
+        return out.reshape(logits.shape[:-1])
 
     def write(self, final: Path, epoch: int, batches, advance) -> None:
         """Every batch of ``batches`` (``epoch``'s) into ``final``: streamed to a temporary

@@ -54,9 +54,12 @@ def teacher_weights_sha256(model: torch.nn.Module) -> str:
 
 def train_data_sha256(loader: Any) -> str | None:
     """SHA-256 of the training split as decoded and held in memory (images, labels, their
-    shapes and dtypes): the bytes the teacher's views are cut from. None for a streamed split
-    (its files are keyed by their stat, ``teacher_cache.data_files``). Hashed in chunks from the
-    loader's device."""
+    shapes and dtypes): the bytes the teacher's views are cut from; a loader's own
+    ``data_sha256()`` where it has one (a causal LM's: its split's tokens). None for a streamed
+    split (its files are keyed by their stat, ``teacher_cache.data_files``). Hashed in chunks
+    from the loader's device."""
+    if callable(getattr(loader, "data_sha256", None)):
+        return loader.data_sha256()
     x, y = getattr(loader, "x", None), getattr(loader, "y", None)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return None

@@ -61,6 +61,15 @@ class WindowLoader:
             return self.count // (self.batch_size * self.world_size)
         return math.ceil(self.count / self.batch_size)
 
+    @property
+    def samples_per_rank(self) -> int:
+        """Training windows this rank reads per epoch (full batches)."""
+        return len(self) * self.batch_size
+
+    def data_sha256(self) -> str:
+        """SHA-256 of the split's tokens: what the teacher cache's replay checks against its build."""
+        return self.windows.sha256(self.split)
+
     def indices(self, step: int) -> range:
         """The window indices of ``step`` read by this rank."""
         if self.split == "train":
@@ -145,7 +154,7 @@ class CausalLMTask(Task):
         self.samples: dict[str, list[str]] = {}
 
     def build_data(self, spec, plan, device, dist_info, channels_last: bool = False) -> TextData:
-        from kdgraph.lm.text import ByteTokenizer, Windows, token_file  # at call time: the train path's import order
+        from kdgraph.lm.text import Windows, token_file, tokenizer_of  # at call time: the train path's import order
 
         d = spec.data
         if d.root is None:
@@ -153,7 +162,7 @@ class CausalLMTask(Task):
         if not Path(d.root).exists():
             raise DataError(f"data.root: {d.root} does not exist" + (
                 " (run `make shakespeare` to fetch it)" if "shakespeare" in str(d.root) else ""))
-        tokenizer = ByteTokenizer()
+        tokenizer = tokenizer_of(d)
         tokens = token_file(d.root, tokenizer, RunFolder(self.output_dir).tokens, write=self.writes_output)
         windows = Windows(tokens, int(d.seq_len), HOLDOUT)
         train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
