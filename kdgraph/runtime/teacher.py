@@ -100,6 +100,9 @@ class FrozenTeacher:
         (class tokens, position embeddings)."""
         from torch.distributed.fsdp import fully_shard
 
+        from kdgraph.runtime.sharding import follow_shards, parameter_slots
+
+        slots = parameter_slots(*self._graphs(), self.model)
         for seg in self._graphs():  # a denoiser's side segment too: its time embedding's parameters
             graph = getattr(seg, "graph", None)  # a GraphModule (the compiler's segments)
             called = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
@@ -108,6 +111,7 @@ class FrozenTeacher:
                 if any(True for _ in module.parameters()):
                     fully_shard(module, mesh=mesh, reshard_after_forward=True)
             fully_shard(seg, mesh=mesh, reshard_after_forward=True)  # explicit: a root reshards too
+        follow_shards(slots)  # the model's own modules (not run from now on) held the whole parameters
         self.whole, self.sharded = False, True
 
     def parameter_bytes(self) -> int:
