@@ -349,6 +349,8 @@ class Trainer:
         if self.student_acc is None and self.evaluates:
             self.student_acc = self.evaluator.evaluate(self.global_step)
         self.test_acc = self.evaluator.evaluate_test(self.global_step) if self.evaluates else None
+        if not self.main:  # a sharded student's other ranks evaluated too; rank 0 alone reports the scores
+            self.student_acc = self.test_acc = None
         reports = self.task.reports(self) if self.main else self.task.reports_elsewhere(self)
         summary = report.summary(self) | reports
         self.export(self.folder.student)

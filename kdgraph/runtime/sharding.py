@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from fnmatch import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,14 +204,16 @@ def tensor_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 
 def remove_folder(folder: Path) -> None:
     """Delete a checkpoint folder kdgraph wrote: the files at the names it writes there, then the
-    folder; a file of anyone else's in it stops the removal (an error naming the folder)."""
-    for pattern in (*SHARDED_CHECKPOINT_FILES, ".state.pt.*.tmp"):
-        for path in folder.glob(pattern):
-            path.unlink()
-    try:
-        folder.rmdir()
-    except OSError:
-        raise KDGraphError(f"{folder} holds files kdgraph did not write; move them out of it") from None
+    folder; anything else in it stops the removal before a file goes (an error naming them)."""
+    patterns = (*SHARDED_CHECKPOINT_FILES, ".state.pt.*.tmp")
+    entries = sorted(folder.iterdir())
+    foreign = [p.name for p in entries if p.is_dir() or p.is_symlink() or not any(fnmatch(p.name, pat) for pat in patterns)]
+    if foreign:
+        raise KDGraphError(f"{folder} holds files kdgraph did not write ({', '.join(foreign)}); a new checkpoint "
+                           "would remove the folder: move them out of it")
+    for path in entries:
+        path.unlink()
+    folder.rmdir()
 
 
 def write_folder(tensors: dict[str, Any], rest: dict[str, Any], tmp: Path, main: bool, enabled: bool) -> None:
