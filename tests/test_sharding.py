@@ -246,3 +246,50 @@ def test_two_gloo_ranks_sharded_student_equals_ddp_resumes_exactly_and_loads_at_
     assert one["from"] == 10
     mean = [x[1] for x in ranks[0]["sharded"]["losses"]][10:]
     torch.testing.assert_close(torch.tensor([x[0] for x in one["losses"]]), torch.tensor(mean), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_train_with_a_sharded_student_exports_the_ddp_students_weights(tmp_path):
+    """The real loop (`torchrun -m kdgraph train`): evaluation, samples and export on every rank
+    of a sharded student; the student file (gathered on rank 0) equals the DDP run's, and
+    `kdgraph export` ships it as a transformers folder whose logits are that student's."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import write_spec
+    from kdgraph.runtime.commands import export_spec
+
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    students, logs = {}, {}
+    for shard in (False, True):
+        raw = _lm(tmp_path, shard_student=shard)
+        raw["output"] = str(tmp_path / f"shard-{shard}")
+        raw["schedule"]["epochs"] = 1
+        raw["teacher"]["shard"] = shard
+        spec_file = write_spec(raw, tmp_path / f"spec-{shard}.yaml")
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "kdgraph", "train", str(spec_file)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        logs[shard] = res.stdout + res.stderr
+        students[shard] = load_file(str(tmp_path / f"shard-{shard}" / "student.safetensors"))
+    assert "the student is sharded over 2 ranks (FSDP2" in logs[True]
+    assert logs[True].count("bits per byte, teacher") == 1  # rank 0 alone prints the headline
+    folder = RunFolder(tmp_path / "shard-True")
+    assert (folder.sharded_checkpoint / "state.pt").is_file() and not folder.last_checkpoint.exists()
+    assert folder.text_samples.is_file() and folder.best.is_file()
+    assert students[True].keys() == students[False].keys()
+    for k, v in students[False].items():
+        torch.testing.assert_close(students[True][k], v, rtol=1e-5, atol=1e-6)
+    raw = _lm(tmp_path, shard_student=True)
+    raw["schedule"]["epochs"], raw["teacher"]["shard"], raw["output"] = 1, True, str(folder.root)
+    spec = load_spec(raw)
+    assert export_spec(spec, tmp_path / "hf")["format"] == "transformers"
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    student = compile_spec(spec).student.model.eval()
+    student.load_state_dict(students[True])
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, student(ids))
