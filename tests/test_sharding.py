@@ -180,6 +180,20 @@ def test_a_checkpoint_of_another_spec_is_refused_before_any_weight_loads(tmp_pat
     assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
 
 
+def test_a_checkpoint_of_other_training_data_is_refused_before_any_weight_loads(tmp_path):
+    """The same spec over a text file that changed: the data record (token file, windows) differs."""
+    trainer, manager = _trainer(tmp_path)
+    _step(trainer, 0)
+    manager.save()
+    text = tmp_path / "text" / "dickens.txt"
+    text.write_text(text.read_text() + " It was the spring of hope.")
+    other, other_manager = _trainer(tmp_path)
+    before = [p.clone() for p in other.distiller.parameters()]
+    with pytest.raises(KDGraphError, match="other training data"):
+        other_manager.restore(True)
+    assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
+
+
 def test_the_run_folder_knows_the_dcp_folders(tmp_path):
     resolved = load_spec(_lm(tmp_path)).to_dict()
     runs.claim(runs.prepare_output(Path(resolved["output"])), resolved, resume=False, force=False)

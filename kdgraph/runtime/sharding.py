@@ -341,9 +341,10 @@ class ShardedCheckpoints:
     def restore(self, main: bool) -> tuple[dict[str, Any], str | None]:
         """Check the records, load the shards (resharded to this run), then every other owner."""
         folder, state, warning = self.latest()
-        checks = [k for k in ("spec", "plan") if k in self.states]
+        checks = [k for k in ("spec", "plan", "data") if k in self.states]  # refusals before any weight moves
         for key in checks:
-            self.states[key].load_state_dict(state[key])
+            if state.get(key) is not None:
+                self.states[key].load_state_dict(state[key])
         load_tensors(self.states["model"], self.states["optimizer"], folder)
         for key, owner in self.states.items():
             if key not in TENSOR_KEYS and key not in checks and state.get(key) is not None:
