@@ -43,6 +43,9 @@ class RuntimeConfig:
     # consistent teaching: the one batch teacher and student see is mixed (None: off); the CE
     # term's label smoothing applies to the mixed targets, so the mix itself adds none
     mixup: MixupCutmix | None = None
+    shard_student: bool = False  # FSDP2 over the ranks instead of DDP; DCP checkpoints
+    shard_dtype: str = "float32"  # FSDP2's mixed-precision policy: the gathered parameters' dtype
+    activation_checkpointing: bool = False  # the student's repeated layers recompute their activations
 
     def __str__(self) -> str:
         return "\n".join(f"{f.name}: {getattr(self, f.name)}" for f in fields(self))
@@ -69,4 +72,5 @@ def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> 
         eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate,
         bn_recalibrate_batches=rt.bn_recalibrate_batches, track_stability=rt.track_stability,
         tensorboard=rt.log == "tensorboard", seed=spec.seed,
-        mixup=None if spec.data.mixup is None else MixupCutmix(**spec.data.mixup.model_dump(), label_smoothing=0.0))
+        mixup=None if spec.data.mixup is None else MixupCutmix(**spec.data.mixup.model_dump(), label_smoothing=0.0),
+        shard_student=rt.shard_student, shard_dtype=rt.shard_dtype, activation_checkpointing=rt.activation_checkpointing)

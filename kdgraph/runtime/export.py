@@ -37,13 +37,15 @@ def _contiguous(state: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def export_student(distiller, compiled: Compiled, path: Path) -> Path:
-    """Write the inference student to ``path`` (.safetensors)."""
+def export_student(distiller, compiled: Compiled, path: Path, state: dict | None = None) -> Path:
+    """Write the inference student to ``path`` (.safetensors); ``state``: the student's whole
+    state_dict where the module holds shards of it (a sharded student's, gathered)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kdgraph": "1", "spec_name": compiled.spec.name, "student": compiled.spec.student.model}
     if not distiller.adapters_in_inference:
-        save_file(_contiguous(compiled.student.model.state_dict()), str(path), metadata={**meta, "format": "plain"})
+        state = compiled.student.model.state_dict() if state is None else state
+        save_file(_contiguous(state), str(path), metadata={**meta, "format": "plain"})
         return path
     folded = folded_maps(distiller)
     module = _exported(compiled, folded)

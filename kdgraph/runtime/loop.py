@@ -41,6 +41,7 @@ from kdgraph.runtime.metrics import Metrics, WaitTimed
 from kdgraph.runtime.progress import Reporter
 from kdgraph.runtime.replay import TeacherCache
 from kdgraph.runtime.runs import RunFolder, readable
+from kdgraph.runtime.sharding import ShardedCheckpoints, apply_student_options, full_state
 from kdgraph.runtime.stability import StabilityTracker, nonfinite_advice
 from kdgraph.runtime.steps import Stepper
 from kdgraph.runtime.techniques import (
@@ -125,6 +126,7 @@ class Trainer:
             to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
         if self.plan.teacher_shard and self.distiller.teacher is not None:
             shard_teacher(self.distiller.teacher, self.info, device)  # after its last move and cast
+        apply_student_options(self.distiller, self.plan, self.config, self.info)  # FSDP2, activation checkpoints
         self.stepper = Stepper(spec, self.distiller, self.config, self.info, self.stage_epochs,
                                len(self.data.train), find_unused=self.plan.feature_losses)
         self.optimizer, self.scheduler = self.stepper.optimizer, self.stepper.scheduler
@@ -142,8 +144,9 @@ class Trainer:
         self.teacher_acc = self.student_acc = self.test_acc = None  # the teacher's, the last evaluation's, the test's
         self.tracker: StabilityTracker | None = None
         self.data_warned = False  # report.warn_if_starved: once per run
-        self.checkpoints = CheckpointManager(self.folder, checkpoint_states(self, spec.to_dict()),
-                                             lambda: runs.resume_command(self.folder.root))
+        states, resume = checkpoint_states(self, spec.to_dict()), lambda: runs.resume_command(self.folder.root)
+        self.checkpoints = (ShardedCheckpoints(self.folder, states, resume, self.info)  # DCP: each rank its shards
+                            if self.config.shard_student else CheckpointManager(self.folder, states, resume))
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
@@ -153,6 +156,19 @@ class Trainer:
     @property
     def main(self) -> bool:
         return self.info.is_main
+
+    @property
+    def evaluates(self) -> bool:
+        """This rank evaluates: the main one, or every rank where the student is sharded (its
+        forward gathers each layer from all of them)."""
+        return self.info.is_main or self.config.shard_student
+
+    def export(self, path: Path) -> None:
+        """The student's file at ``path``, written by the main rank (a sharded student's state
+        gathered first, on the main rank's CPU, by every rank)."""
+        state = full_state(self.distiller.student) if self.config.shard_student else None
+        if self.main:
+            readable(export_student(self.distiller.eval(), self.compiled, path, state))
 
     def wall_s(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
@@ -280,7 +296,7 @@ class Trainer:
         self.history["data_s"] = self.history.get("data_s", 0.0) + meter.batches.waited
         images = meter.steps * self.config.batch_size * self.info.world_size
         self.history["images"] += images
-        if self.main and ((epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.plan.epochs):
+        if self.evaluates and ((epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.plan.epochs):
             self.evaluate_epoch(epoch)
         record = {"kind": "epoch", "stage": stage.index, "epoch": epoch, "global_step": self.global_step,
                   **{f"train_{k}": round(v.item() / max(meter.steps, 1), 6) for k, v in meter.sums.items()},
@@ -300,13 +316,13 @@ class Trainer:
         metric = self.task.best_metric
         if self.task.better(acc, self.history.get(f"best_{metric}")):  # ties keep the earlier epoch
             self.history.update({f"best_{metric}": acc[metric], "best_epoch": epoch + 1})
-            readable(export_student(self.distiller.eval(), self.compiled, self.folder.best))
+            self.export(self.folder.best)
 
     # --------------------------------------------------------------------- checkpoints
 
     def save(self, epoch: int, step: int) -> None:
         self.history["wall_s"] = self.wall_s()
-        if self.main:
+        if self.main or self.config.shard_student:  # a sharded student: every rank writes its shards
             self.saving_at = (epoch, step)
             self.checkpoints.save()
 
@@ -330,13 +346,15 @@ class Trainer:
         self.checkpoints.written()
         self.distiller.set_stage(self.plan.stages[-1])
         self.history["wall_s"] = self.wall_s()
-        if self.student_acc is None and self.main:
+        if self.student_acc is None and self.evaluates:
             self.student_acc = self.evaluator.evaluate(self.global_step)
-        self.test_acc = self.evaluator.evaluate_test(self.global_step) if self.main else None
+        self.test_acc = self.evaluator.evaluate_test(self.global_step) if self.evaluates else None
+        if not self.main:  # a sharded student's other ranks evaluated too; rank 0 alone reports the scores
+            self.student_acc = self.test_acc = None
         reports = self.task.reports(self) if self.main else self.task.reports_elsewhere(self)
         summary = report.summary(self) | reports
+        self.export(self.folder.student)
         if self.main:
-            readable(export_student(self.distiller.eval(), self.compiled, self.folder.student))
             self.folder.summary.write_text(json.dumps(summary, indent=2))
             self.metrics.close()
             plot_curves(self.metrics.read(), self.plan, self.folder.curves, title=self.name,

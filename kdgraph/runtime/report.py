@@ -34,6 +34,12 @@ def start_notes(run: Trainer, fallback: str | None) -> None:
         where = f"sharded over {run.info.world_size} ranks (FSDP2)" if teacher.sharded else "whole on each rank"
         reporter.note(f"note: the teacher runs in {run.plan.teacher_dtype}, {where}: "
                       f"{teacher.parameter_bytes() / 2**20:.1f} MiB of its parameters on this rank")
+    if main and run.config.shard_student:
+        from kdgraph.runtime.sharding import local_bytes
+
+        reporter.note(f"note: the student is sharded over {run.info.world_size} ranks (FSDP2, computed in "
+                      f"{run.config.shard_dtype}): {local_bytes(run.distiller.student) / 2**20:.1f} MiB of its "
+                      "parameters on this rank")
     # a sharded teacher runs on every rank at once (each gathers the others' shards): every
     # rank evaluates it on the whole test split, the main rank reports
     if teacher is not None and run.teacher_acc is None and (main or teacher.sharded):

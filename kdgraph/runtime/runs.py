@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every
 
 
 PREVIOUS_CHECKPOINT = "prev.pt"
+SHARDED_CHECKPOINT_FILES = ("__*_*.distcp", ".metadata", "state.pt")  # what a DCP checkpoint folder holds
 """The name the checkpoint writer gives the checkpoint it replaces, beside the new one
 (``checkpoint.previous_of`` reads it here)."""
 
@@ -56,6 +57,20 @@ class RunFolder:
     @property
     def previous_checkpoint(self) -> Path:
         return self.checkpoints / PREVIOUS_CHECKPOINT
+
+    @property
+    def sharded_checkpoint(self) -> Path:
+        """A sharded student's checkpoint (runtime.shard_student): a folder of DCP shard files."""
+        return self.checkpoints / "last.dcp"
+
+    @property
+    def previous_sharded_checkpoint(self) -> Path:
+        return self.checkpoints / "prev.dcp"
+
+    @property
+    def sharded_checkpoint_temp(self) -> Path:
+        """Where a sharded checkpoint is written before its rename to ``sharded_checkpoint``."""
+        return self.checkpoints / ".last.dcp.tmp"
 
     @property
     def corrupt_checkpoint(self) -> Path:
@@ -126,7 +141,9 @@ class RunFolder:
         writer's temp files included): --force removes those only, so that a user's own files
         stay, and so does a folder holding them."""
         last, prev = self.last_checkpoint.name, self.previous_checkpoint.name
-        return {self.checkpoints: (last, prev, f".{last}.*.tmp", f".{prev}.tmp"),
+        dcp = (*SHARDED_CHECKPOINT_FILES, ".state.pt.*.tmp")  # before checkpoints/: emptied, then removed
+        return {self.sharded_checkpoint: dcp, self.previous_sharded_checkpoint: dcp, self.sharded_checkpoint_temp: dcp,
+                self.checkpoints: (last, prev, f".{last}.*.tmp", f".{prev}.tmp"),
                 self.tensorboard: ("events.out.tfevents.*",), self.tokens: ("*.tokens", ".tokens-*")}
 
     def earlier_run(self) -> list[str]:
@@ -134,7 +151,8 @@ class RunFolder:
         the folder. A run killed before its first checkpoint leaves only metrics.jsonl and
         run.json: nothing to continue (--resume has no checkpoint), so a plain run may start
         over it."""
-        kept = [p for p in (self.last_checkpoint, self.previous_checkpoint, self.summary, self.student) if p.exists()]
+        kept = [p for p in (self.last_checkpoint, self.previous_checkpoint, self.sharded_checkpoint,
+                            self.previous_sharded_checkpoint, self.summary, self.student) if p.exists()]
         if kept and self.metrics.exists():
             kept.append(self.metrics)
         return [p.relative_to(self.root).as_posix() for p in kept]

@@ -57,7 +57,8 @@ class Stepper:
         self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, distiller), device)
         self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
                                             stage_epochs, steps_per_epoch, spec.optim.min_lr_ratio)
-        wrapped = wrap_ddp(distiller, info, device, find_unused=find_unused)
+        # a sharded student (runtime.shard_student) is FSDP2's, which reduces its gradients itself
+        wrapped = distiller if config.shard_student else wrap_ddp(distiller, info, device, find_unused=find_unused)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
         if config.compile:
             # graphs of an earlier Trainer in this process (a test, a benchmark runner) count

@@ -97,9 +97,23 @@ class FrozenTeacher:
         every module the segment calls that holds parameters: a unit's parameters are gathered
         just before it runs and freed just after, so a rank holds 1/N of the teacher and one
         module whole. The segment's own unit holds the parameters it reads as attributes
-        (class tokens, position embeddings)."""
+        (class tokens, position embeddings). A teacher whose one segment its own forward stands
+        for (a causal LM: one block, its segment a traced graph that calls no module) runs that
+        forward instead, each of its repeated layers a unit and the model the root: one decoder
+        layer gathered at a time, not the whole model."""
         from torch.distributed.fsdp import fully_shard
 
+        from kdgraph.runtime.sharding import follow_shards, parameter_slots, repeated_layers
+
+        slots = parameter_slots(*self._graphs(), self.model)
+        layers = repeated_layers(self.model)
+        if self.whole and len(self.segments) == 1 and self.side_segment is None and layers is not None:
+            for layer in layers:
+                fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+            fully_shard(self.model, mesh=mesh, reshard_after_forward=True)
+            follow_shards(slots)  # the segment (not run from now on) held the whole parameters
+            self.sharded = True
+            return
         for seg in self._graphs():  # a denoiser's side segment too: its time embedding's parameters
             graph = getattr(seg, "graph", None)  # a GraphModule (the compiler's segments)
             called = {n.target for n in graph.nodes if n.op == "call_module"} if graph is not None else set()
@@ -108,6 +122,7 @@ class FrozenTeacher:
                 if any(True for _ in module.parameters()):
                     fully_shard(module, mesh=mesh, reshard_after_forward=True)
             fully_shard(seg, mesh=mesh, reshard_after_forward=True)  # explicit: a root reshards too
+        follow_shards(slots)  # the model's own modules (not run from now on) held the whole parameters
         self.whole, self.sharded = False, True
 
     def parameter_bytes(self) -> int:

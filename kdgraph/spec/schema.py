@@ -707,6 +707,17 @@ class RuntimeSpec(_Strict):
         "whole batch for models without BatchNorm)."
     )
     compile: Flag = Field(default=False, description="torch.compile the training step.")
+    shard_student: Flag = Field(
+        default=False, description="Under torchrun, shard the student with torch's FSDP2 (fully_shard) instead of "
+        "DDP: each of its repeated layers (a transformer's decoder layers) is one unit, the rest the root; each rank "
+        "keeps 1/N of the student's parameters, gradients and optimizer state, and checkpoints are written in "
+        "torch.distributed.checkpoint's format, each rank its own shards (checkpoints/last.dcp).")
+    shard_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="With shard_student: FSDP2's mixed-precision policy, the dtype the "
+        "student's gathered parameters are computed in (gradients are reduced, and the weights kept, in float32).")
+    activation_checkpointing: Flag = Field(
+        default=False, description="Recompute each of the student's repeated layers' activations in the backward "
+        "instead of keeping them (less activation memory, about one more forward of compute).")
     channels_last: Flag | Literal["auto"] = Field(
         default="auto", description="channels_last memory format (auto: for conv nets on GPU)."
     )
@@ -863,6 +874,21 @@ class Spec(_Strict):
             if value:
                 raise _invalid(f"teacher.shard: true cannot run with {at}: true: {why}",
                                allowed="false with teacher.shard: true (or teacher.shard: false)", at=at, got=True)
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_student_runs_eager(self) -> Spec:
+        """A sharded student gathers each layer's parameters in its forward hooks, which
+        torch.compile would trace; its traced block segments (decompose.blocks > 1) call none."""
+        rt = self.runtime
+        if not rt.shard_student:
+            if rt.shard_dtype != "float32":
+                raise _invalid("runtime.shard_dtype is FSDP2's policy of a sharded student: set runtime.shard_student: "
+                               "true, or leave it float32", allowed="float32", at="runtime.shard_dtype", got=rt.shard_dtype)
+            return self
+        if rt.compile:
+            raise _invalid("runtime.shard_student: true cannot run with runtime.compile: true: torch.compile would "
+                           "trace FSDP's gathers of the student's layers", allowed="false", at="runtime.compile", got=True)
         return self
 
     @model_validator(mode="after")

@@ -207,6 +207,21 @@ class CausalLMTask(Task):
 
     def reports(self, run) -> dict:
         """Greedy continuations by the student (and teacher) of held-out openings: samples.txt."""
+        prompts = self._generate(run)
+        path = RunFolder(self.output_dir).text_samples
+        path.write_text(_samples_text(prompts, self.samples), encoding="utf-8")
+        return {"samples": str(path)}
+
+    def reports_elsewhere(self, run) -> dict:
+        """Another rank's share of the main one's reports: where the student or the teacher is
+        sharded, its forward gathers from every rank, so every rank generates the same samples."""
+        teacher = run.distiller.teacher
+        if run.config.shard_student or (teacher is not None and teacher.sharded):
+            self._generate(run)
+        return {}
+
+    def _generate(self, run) -> list:
+        """``self.samples``: the greedy continuations of the held-out openings (returned)."""
         loader = run.data.test
         opening = min(PROMPT_TOKENS, loader.windows.seq_len // 2)
         prompts = [loader.windows.window("heldout", i)[:opening] for i in range(min(SAMPLES, loader.count))]
@@ -220,9 +235,7 @@ class CausalLMTask(Task):
                             for who, f in models.items()}
         finally:
             run.distiller.train(was)
-        path = RunFolder(self.output_dir).text_samples
-        path.write_text(_samples_text(prompts, self.samples), encoding="utf-8")
-        return {"samples": str(path)}
+        return prompts
 
     @classmethod
     def check_export(cls, spec) -> None:

@@ -1,0 +1,309 @@
+"""kdgraph.runtime.sharding: runtime.shard_student (FSDP2 on the student) and its DCP checkpoints.
+
+Independent truths: the same pair trained through the real ``Trainer`` with the student under
+DDP (the unsharded reference) on two gloo ranks; the same sharded run uninterrupted for its
+resume; one process reading both ranks' windows per step (mean of equal-sized batch means is
+the mean of the union) for the resume at one rank; parameter bytes counted from the model's own
+tensors, halved by hand; sha256 files edited on disk by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _runtime_helpers import ROOT, cli_env
+from kdgraph.compiler import compile_spec
+from kdgraph.errors import KDGraphError, SpecError
+from kdgraph.runtime import runs
+from kdgraph.runtime.distiller import Distiller
+from kdgraph.runtime.loop import Trainer, checkpoint_states
+from kdgraph.runtime.runs import RunFolder
+from kdgraph.runtime.sharding import (
+    ShardedCheckpoints,
+    apply_student_options,
+    check_shardable,
+    repeated_layers,
+)
+from kdgraph.runtime.techniques import DistInfo
+from kdgraph.spec import load_spec
+from test_tasks_causal_lm import _kwargs, _raw
+
+TWO = DistInfo(rank=0, world_size=2)  # what torchrun's two ranks look like, for the checks made before any gather
+
+
+def _lm(tmp_path: Path, student_layers: int = 2, **runtime) -> dict:
+    raw = _raw(tmp_path)
+    raw["student"]["kwargs"] = _kwargs(32, student_layers)
+    raw["teacher"]["kwargs"] = _kwargs(32, 2)
+    raw["data"].update({"seq_len": 8, "batch_size": 4})
+    raw["runtime"].update(runtime)
+    return raw
+
+
+# -- the spec and the checks ---------------------------------------------------------------------
+
+def test_spec_fields_default_off_and_refuse_what_cannot_run(tmp_path):
+    rt = load_spec(_lm(tmp_path)).runtime
+    assert (rt.shard_student, rt.shard_dtype, rt.activation_checkpointing) == (False, "float32", False)
+    for runtime, at in (({"shard_dtype": "bfloat16"}, "runtime.shard_dtype"),
+                        ({"shard_student": True, "compile": True}, "runtime.compile")):
+        with pytest.raises(SpecError) as info:
+            load_spec(_lm(tmp_path, **runtime))
+        assert info.value.path == at
+    assert load_spec(_lm(tmp_path, shard_student=True, shard_dtype="bfloat16")).runtime.shard_dtype == "bfloat16"
+
+
+def test_repeated_layers_are_the_decoder_layers(tmp_path):
+    d = Distiller(compile_spec(load_spec(_lm(tmp_path, student_layers=3))))
+    assert repeated_layers(d.student) is d.student.lm.model.layers
+    assert repeated_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())) is None
+
+
+def test_one_process_and_a_student_without_repeated_layers_are_refused(tmp_path):
+    d = Distiller(compile_spec(load_spec(_lm(tmp_path))))
+    with pytest.raises(SpecError) as info:
+        check_shardable(d, DistInfo())
+    assert info.value.path == "runtime.shard_student" and "torchrun" in info.value.message
+    one = Distiller(compile_spec(load_spec(_lm(tmp_path, student_layers=1))))
+    with pytest.raises(SpecError) as info:
+        check_shardable(one, TWO)
+    assert "no repeated layers" in info.value.message
+    assert check_shardable(d, TWO) is d.student.lm.model.layers
+
+
+@pytest.mark.parametrize("option", ["shard_student", "activation_checkpointing"])
+def test_a_student_run_as_traced_blocks_is_refused(tmp_path, option):
+    """kd+mse on two blocks runs the student's traced segments (its block-1 feature)."""
+    raw = _lm(tmp_path, **{option: True})
+    raw["decompose"] = {"blocks": 2}
+    raw["schedule"]["method"] = "kd+mse"
+    trainer_spec = load_spec(raw)
+    compiled = compile_spec(trainer_spec)
+    d = Distiller(compiled)
+    from kdgraph.runtime.config import resolve_config
+
+    config = resolve_config(trainer_spec, torch.device("cpu"), d.student)
+    with pytest.raises(SpecError) as info:
+        apply_student_options(d, compiled.plan, config, DistInfo())
+    assert info.value.path == f"runtime.{option}" and "decompose.blocks: 1" in info.value.message
+
+
+def test_activation_checkpointing_alone_keeps_the_gradient(tmp_path):
+    """Unsharded: the layers recompute their activations; the loss's gradient is the same."""
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        spec = load_spec(_lm(tmp_path, activation_checkpointing=on))
+        compiled = compile_spec(spec)
+        d = Distiller(compiled)
+        from kdgraph.runtime.config import resolve_config
+
+        apply_student_options(d, compiled.plan, resolve_config(spec, torch.device("cpu"), d.student), DistInfo())
+        x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+        sum(d(x, x).values()).backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=0, atol=0)
+
+
+# -- DCP checkpoints in one process --------------------------------------------------------------
+
+def _trainer(tmp_path: Path, **optim) -> tuple[Trainer, ShardedCheckpoints]:
+    raw = _lm(tmp_path)
+    raw["optim"].update(optim)
+    spec = load_spec(raw)
+    trainer = Trainer(spec)
+    manager = ShardedCheckpoints(trainer.folder, checkpoint_states(trainer, spec.to_dict()), lambda: "resume", DistInfo())
+    return trainer, manager
+
+
+def _step(trainer: Trainer, g: int) -> float:
+    xb, yb, _ = next(iter(trainer.batches(0, g)))
+    trainer.distiller.train()
+    return float(trainer.train_step(xb, yb)[1])
+
+
+def test_a_dcp_checkpoint_resumes_exactly_in_one_process(tmp_path):
+    trainer, manager = _trainer(tmp_path)
+    for g in range(3):
+        _step(trainer, g)
+    trainer.global_step, trainer.saving_at = 3, (0, 3)
+    manager.save()
+    assert sorted(p.name for p in trainer.folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp",
+                                                                                   "state.pt"]
+    want = [_step(trainer, g) for g in range(3, 6)]
+    again, again_manager = _trainer(tmp_path)
+    again_manager.restore(True)
+    assert (again.global_step, again.position["step"]) == (3, 3)
+    assert [_step(again, g) for g in range(3, 6)] == want
+    for (n, p), q in zip(trainer.distiller.named_parameters(), again.distiller.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_damaged_shard_falls_back_to_the_previous_and_both_damaged_is_an_error(tmp_path):
+    trainer, manager = _trainer(tmp_path)
+    manager.save()
+    _step(trainer, 0)
+    manager.save()
+    folder = trainer.folder
+    assert folder.previous_sharded_checkpoint.is_dir() and not folder.sharded_checkpoint_temp.exists()
+    shard = folder.sharded_checkpoint / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh, fresh_manager = _trainer(tmp_path)
+    before = [p.clone() for p in fresh.distiller.parameters()]
+    _, warning = fresh_manager.restore(True)
+    assert "__0_0.distcp" in warning and "prev.dcp" in warning
+    # the previous checkpoint is the state before the step: the initial weights
+    assert all(torch.equal(p, q) for p, q in zip(before, fresh.distiller.parameters()))
+    (folder.previous_sharded_checkpoint / ".metadata").unlink()
+    with pytest.raises(KDGraphError, match="previous checkpoint is no good either"):
+        _trainer(tmp_path)[1].restore(True)
+
+
+def test_a_checkpoint_of_another_spec_is_refused_before_any_weight_loads(tmp_path):
+    trainer, manager = _trainer(tmp_path)
+    _step(trainer, 0)
+    manager.save()
+    other, other_manager = _trainer(tmp_path, lr=0.02)
+    before = [p.clone() for p in other.distiller.parameters()]
+    with pytest.raises(KDGraphError, match="another spec.*optim.lr"):
+        other_manager.restore(True)
+    assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
+
+
+def test_a_checkpoint_of_other_training_data_is_refused_before_any_weight_loads(tmp_path):
+    """The same spec over a text file that changed: the data record (token file, windows) differs."""
+    trainer, manager = _trainer(tmp_path)
+    _step(trainer, 0)
+    manager.save()
+    text = tmp_path / "text" / "dickens.txt"
+    text.write_text(text.read_text() + " It was the spring of hope.")
+    other, other_manager = _trainer(tmp_path)
+    before = [p.clone() for p in other.distiller.parameters()]
+    with pytest.raises(KDGraphError, match="other training data"):
+        other_manager.restore(True)
+    assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
+
+
+def test_the_run_folder_knows_the_dcp_folders(tmp_path):
+    resolved = load_spec(_lm(tmp_path)).to_dict()
+    runs.claim(runs.prepare_output(Path(resolved["output"])), resolved, resume=False, force=False)
+    trainer, manager = _trainer(tmp_path)
+    manager.save()
+    manager.save()
+    folder = RunFolder(trainer.folder.root)
+    folder.metrics.write_text("")
+    assert {"checkpoints/last.dcp", "checkpoints/prev.dcp"} <= set(folder.earlier_run())
+    runs.claim(folder.root, resolved, resume=False, force=True)
+    assert not folder.checkpoints.exists()  # --force removed the shard folders kdgraph wrote, then checkpoints/
+
+
+def test_a_foreign_file_in_a_dcp_folder_is_never_deleted(tmp_path):
+    trainer, manager = _trainer(tmp_path)
+    manager.save()
+    mine = trainer.folder.sharded_checkpoint / "notes.txt"
+    mine.write_text("mine")
+    manager.save()  # last.dcp (with notes.txt) becomes prev.dcp
+    with pytest.raises(KDGraphError, match="holds files kdgraph did not write"):
+        manager.save()  # prev.dcp would be removed: refused
+    prev = trainer.folder.previous_sharded_checkpoint
+    assert (prev / "notes.txt").read_text() == "mine" and (prev / "state.pt").is_file()  # nothing of it went
+
+
+# -- two gloo ranks ------------------------------------------------------------------------------
+
+def _worker(out: Path, raw: dict, *extra: str, torchrun: bool = True) -> None:
+    env = cli_env()
+    env["PYTHONPATH"] = str(ROOT / "tests") + ":" + env["PYTHONPATH"]
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
+    res = subprocess.run([*launch, str(ROOT / "tests" / "_lm_shard_worker.py"), str(out), json.dumps(raw), *extra],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_sharded_student_equals_ddp_resumes_exactly_and_loads_at_one_rank(tmp_path):
+    raw = _lm(tmp_path)
+    _worker(tmp_path, raw)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    whole = ranks[0]["ddp"]["bytes"]
+    for run in ranks:
+        assert run["world_size"] == 2
+        ddp, sharded = [x[0] for x in run["ddp"]["losses"]], [x[0] for x in run["sharded"]["losses"]]
+        assert len(sharded) == 20 and sharded[-1] < sharded[0]
+        torch.testing.assert_close(torch.tensor(sharded), torch.tensor(ddp), rtol=1e-5, atol=1e-6)
+        # resumed from the step-10 DCP checkpoint by a new Trainer: the same steps 11..20, bit for bit
+        assert [x[0] for x in run["resumed"]["losses"]] == sharded[10:]
+        # activation checkpointing recomputes the same activations
+        torch.testing.assert_close(torch.tensor([x[0] for x in run["ckpt"]["losses"]]), torch.tensor(sharded),
+                                   rtol=1e-6, atol=1e-7)
+        # each rank holds about half of the student's and the teacher's parameter bytes
+        for who in ("student", "teacher"):
+            assert run["ddp"]["bytes"][who] == whole[who]
+            assert 0.45 < run["sharded"]["bytes"][who] / whole[who] < 0.55
+    for who in ("student", "teacher"):
+        assert sum(r["sharded"]["bytes"][who] for r in ranks) == whole[who]
+    # one process, the student whole, batches of both ranks' windows, from the two-rank checkpoint
+    _worker(tmp_path, raw, "one", torchrun=False)
+    one = torch.load(tmp_path / "one.pt")
+    assert one["from"] == 10
+    mean = [x[1] for x in ranks[0]["sharded"]["losses"]][10:]
+    torch.testing.assert_close(torch.tensor([x[0] for x in one["losses"]]), torch.tensor(mean), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_train_with_a_sharded_student_exports_the_ddp_students_weights(tmp_path):
+    """The real loop (`torchrun -m kdgraph train`): evaluation, samples and export on every rank
+    of a sharded student; the student file (gathered on rank 0) equals the DDP run's, and
+    `kdgraph export` ships it as a transformers folder whose logits are that student's."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import write_spec
+    from kdgraph.runtime.commands import export_spec
+
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    students, logs = {}, {}
+    for shard in (False, True):
+        raw = _lm(tmp_path, shard_student=shard)
+        raw["output"] = str(tmp_path / f"shard-{shard}")
+        raw["schedule"]["epochs"] = 1
+        raw["teacher"]["shard"] = shard
+        spec_file = write_spec(raw, tmp_path / f"spec-{shard}.yaml")
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "kdgraph", "train", str(spec_file)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        logs[shard] = res.stdout + res.stderr
+        students[shard] = load_file(str(tmp_path / f"shard-{shard}" / "student.safetensors"))
+    assert "the student is sharded over 2 ranks (FSDP2" in logs[True]
+    assert logs[True].count("bits per byte, teacher") == 1  # rank 0 alone prints the headline
+    folder = RunFolder(tmp_path / "shard-True")
+    assert (folder.sharded_checkpoint / "state.pt").is_file() and not folder.last_checkpoint.exists()
+    assert folder.text_samples.is_file() and folder.best.is_file()
+    assert students[True].keys() == students[False].keys()
+    for k, v in students[False].items():
+        torch.testing.assert_close(students[True][k], v, rtol=1e-5, atol=1e-6)
+    raw = _lm(tmp_path, shard_student=True)
+    raw["schedule"]["epochs"], raw["teacher"]["shard"], raw["output"] = 1, True, str(folder.root)
+    spec = load_spec(raw)
+    assert export_spec(spec, tmp_path / "hf")["format"] == "transformers"
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    student = compile_spec(spec).student.model.eval()
+    student.load_state_dict(students[True])
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, student(ids))
