@@ -98,7 +98,7 @@ class PixelKL(_DenseHead):
     summary = "per-pixel cross-entropy plus weighted KL to the teacher's per-pixel distribution (ignore_index honoured)"
     role = "head"
     terms = ("ce", "kl")
-    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature"}
+    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature", "ignore_index": "ignore_index"}
 
     def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 1.0,
                  ignore_index: int = IGNORE_INDEX):
@@ -147,7 +147,7 @@ class ChannelWiseDistillation(_DenseHead):
     summary = "per-pixel cross-entropy plus channel-wise distillation: KL of per-channel spatial softmaxes (Shu et al. 2021)"
     role = "head"
     terms = ("ce", "cwd")
-    params = {"ce_weight": "ce_weight", "weight": "kl_weight", "temperature": "temperature"}
+    params = {"ce_weight": "ce_weight", "weight": "kl_weight", "temperature": "temperature", "ignore_index": "ignore_index"}
 
     def __init__(self, ce_weight: float = 1.0, weight: float = 5.0, temperature: float = 1.0,
                  ignore_index: int = IGNORE_INDEX):
