@@ -1,7 +1,7 @@
 """Segmentation distillation evidence (issue 41): does a dense KD loss raise a small U-Net's mIoU
 on Fashion-MNIST semantic segmentation (background + 10 garment classes, 28 px)?
 
-Pair and data: bench/seg-evidence.yaml (U-Net 16/32/64 -> U-Net 8/16/32, 5 epochs on 5 % of
+Pair and data: bench/seg-evidence.yaml (U-Net 16/32/64 -> U-Net 8/16/32, 3 epochs on 5 % of
 Fashion-MNIST's training images (3,000), 5 % of its test split (500) scored); the teacher,
 bench/seg-evidence-teacher.yaml (8 epochs, seed 0), is trained first. Every arm trains the same epochs, batch size, learning rate and OneCycle
 schedule (equal steps); fixed hyperparameters, no selection; seeds 1-3, seed-major (a stopped

@@ -191,9 +191,10 @@ def test_pkd_refuses_mismatched_levels_and_weights():
 def test_teacher_gets_no_gradient_and_params_resolve_from_the_spec():
     from kdgraph.spec import LossSpec
 
-    spec = LossSpec(ce_weight=0.5, kl_weight=3.0, temperature=2.0, feature_weight=4.0).model_dump()
-    assert resolve_params("cwd", spec) == {"ce_weight": 0.5, "weight": 3.0, "temperature": 2.0}
-    assert resolve_params("pixel_kl", spec) == {"ce_weight": 0.5, "kl_weight": 3.0, "temperature": 2.0}
+    spec = LossSpec(ce_weight=0.5, kl_weight=3.0, temperature=2.0, feature_weight=4.0, ignore_index=255).model_dump()
+    assert resolve_params("cwd", spec) == {"ce_weight": 0.5, "weight": 3.0, "temperature": 2.0, "ignore_index": 255}
+    assert resolve_params("pixel_kl", spec) == {"ce_weight": 0.5, "kl_weight": 3.0, "temperature": 2.0,
+                                                "ignore_index": 255}
     assert resolve_params("pkd", spec) == {"weight": 4.0}
     s, t, y = _torch(*_case(9))
     t.requires_grad_(True)
