@@ -1,9 +1,10 @@
 """torchvision's segmentation models (FCN, DeepLabv3, LRASPP) as models the compiler traces.
 
 torchvision's ``forward`` returns an ``OrderedDict``: ``out``, the logits upsampled to the input's
-size, and with ``aux_loss=True`` (FCN, DeepLabv3) ``aux``, an auxiliary head's. kdgraph's head is
-one tensor, so ``SegmentationModel.forward`` returns ``out`` alone by default, ``(out, aux)`` with
-``heads=("out", "aux")`` (library use only: the plan takes one head); both at the head's own output stride (8 for the ResNets, 16 for
+size, and with ``aux_loss=True`` (FCN, DeepLabv3) ``aux``, an auxiliary head's. A forward of the
+compiler returns tensors, so ``SegmentationModel.forward`` returns ``out`` alone, or the tuple
+``(out, aux)`` where the model has an auxiliary head (``aux_loss: true``): its ``heads`` attribute
+names them, and the plan shows each as a head; both at the head's own output stride (8 for the ResNets, 16 for
 MobileNetV3's DeepLabv3, 8 for LRASPP's ``out``): the last bilinear upsampling to the input's size
 is left to the losses and metrics (``kdgraph.segmentation.losses.resize_to``, bilinear,
 ``align_corners=False``, as torchvision's own forward does it). torchvision's forward reads the
@@ -68,18 +69,20 @@ class SegmentationModel(nn.Module):
         return out, self.net.aux_classifier(features["aux"])
 
 
-def create_segmentation_model(name: str, kwargs: dict[str, Any], heads: tuple[str, ...] = ("out",)) -> SegmentationModel:
+def create_segmentation_model(name: str, kwargs: dict[str, Any], heads: tuple[str, ...] | None = None) -> SegmentationModel:
     """``torchvision.models.get_model(name, weights=None, weights_backbone=None, **kwargs)`` wrapped,
-    returning ``heads``. The ``torchvision:`` source builds ``out`` alone: a plan has one head
-    tensor until the dense task names several (issue 41), and a ``heads`` kwarg is refused."""
+    returning ``heads`` (None: ``out`` and, where the model has one (``aux_loss: true``), ``aux``).
+    torchvision's own switch, ``aux_loss``, says it: a ``heads`` kwarg is refused."""
     import torchvision
 
     if not is_segmentation_model(name):
         raise ModelError(f"torchvision:{name} is not a segmentation model; these are: {', '.join(SEGMENTATION_MODELS)}")
     if HEADS_KWARG in kwargs:
-        raise ModelError(f"torchvision:{name}: kwargs.heads is not a torchvision argument; the plan takes the "
-                         "'out' logits as its one head (the auxiliary head is not planned yet)")
+        raise ModelError(f"torchvision:{name}: kwargs.heads is not a torchvision argument; the heads are 'out' "
+                         "and, with aux_loss: true, 'aux'")
     kwargs = dict(kwargs)
     kwargs.setdefault("weights_backbone", None)
     net = torchvision.models.get_model(name, weights=None, **kwargs)
+    if heads is None:
+        heads = ("out", "aux") if getattr(net, "aux_classifier", None) is not None else ("out",)
     return SegmentationModel(net, name, kwargs, heads)

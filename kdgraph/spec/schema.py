@@ -593,6 +593,9 @@ class LossSpec(_Strict):
         "ce_weight times the per-pixel cross-entropy: pixel_kl (KL of the per-pixel class distributions, weight "
         "kl_weight) or cwd (Shu et al. 2021: KL of per-channel spatial softmaxes, weight kl_weight; their "
         "Cityscapes setting: temperature 1, kl_weight 5). Without a teacher: the cross-entropy alone.")
+    aux_weight: Float = Field(default=0.5, ge=0.0, le=1000.0, description="Dense task, a model with an auxiliary "
+                              "head (torchvision's aux_loss: true; the plan's head 'aux'): the weight of its per-pixel "
+                              "cross-entropy, added inside the ce term (torchvision's reference recipe: 0.5).")
     feature_weights: list[Annotated[Float, Field(ge=0.0, le=1000.0)]] | None = Field(
         default=None, max_length=MAX_BLOCKS, description="Per-level weights of the block-end feature losses (one "
         "per inner block end, in order; kd+mse's levels, StableKD's block losses): a multi-level loss such as "
