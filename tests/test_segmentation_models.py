@@ -241,3 +241,46 @@ def test_two_heads_train_through_the_distiller_and_score(tmp_path):
     got = dense_scores(lambda xb: d.inference(xb), Loader(), torch.device("cpu"))
     want = dense_scores(lambda xb: heads[0], Loader(), torch.device("cpu"))
     assert got == want
+
+
+def test_a_timm_backbone_with_lraspps_head_is_its_formula_and_traces():
+    """TimmSegmentation's out against the head written out on the backbone's own stride-8 and
+    deepest features; the fx trace equals the eager forward."""
+    from kdgraph.compiler.trace import trace
+    from kdgraph.segmentation.models import timm_segmentation
+
+    torch.manual_seed(3)
+    model = timm_segmentation("resnet18", num_classes=5, channels=16).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        low, high = model.backbone(x)
+        assert low.shape[-1] == 8 and high.shape[-1] == 2  # strides 8 and 32
+        gate = torch.sigmoid(torch.nn.functional.conv2d(high.mean(dim=(2, 3), keepdim=True), model.scale[1].weight))
+        bn = model.cbr[1]
+        h = torch.nn.functional.conv2d(high, model.cbr[0].weight)
+        h = torch.relu((h - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+                       * bn.weight[:, None, None] + bn.bias[:, None, None])
+        up = torch.nn.functional.interpolate(h * gate, size=(8, 8), mode="bilinear", align_corners=False)
+        want = (torch.nn.functional.conv2d(low, model.low_classifier.weight, model.low_classifier.bias)
+                + torch.nn.functional.conv2d(up, model.high_classifier.weight, model.high_classifier.bias))
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+        traced = trace(model, (3, 64, 64), "student")
+        torch.testing.assert_close(traced.gm(x), model(x))
+    with pytest.raises(ModelError, match="no feature map at stride 4"):
+        timm_segmentation("vit_tiny_patch16_224", num_classes=3, low_stride=4)
+
+
+def test_a_timm_segmentation_student_plans_against_a_torchvision_teacher(tmp_path):
+    from kdgraph.compiler import compile_spec
+    from kdgraph.spec import load_spec
+
+    path = Path(tmp_path, "seg.yaml")
+    path.write_text(AUTO.format(teacher="deeplabv3_resnet50", student="x", aux="", out=tmp_path / "out").replace(
+        '"torchvision:x", kwargs: {num_classes: 21}',
+        '"module:kdgraph.segmentation.models:timm_segmentation", kwargs: {backbone: mobilenetv3_large_100, '
+        'num_classes: 21}'))
+    c = compile_spec(load_spec(path), materialize=False)
+    assert c.task == "dense" and c.student.output_stride == 8 and c.teacher.output_stride == 8
+    inner = c.pairing.blocks[:-1]
+    assert [b.student.module for b in inner] == ["backbone.blocks.0", "backbone.blocks.1", "backbone.blocks.2"]
+    assert all(not b.teacher.multi for b in inner)
