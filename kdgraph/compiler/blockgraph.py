@@ -114,6 +114,14 @@ def resolved_loss(loss_spec: Mapping[str, Any], task: str) -> dict[str, Any]:
     return out
 
 
+def _check_levels(loss_spec: Mapping[str, Any], k: int, has_teacher: bool) -> None:
+    """``loss.feature_weights``: one weight per inner block end (a level), where there is a teacher."""
+    levels = loss_spec.get("feature_weights")
+    if levels is not None and has_teacher and len(levels) != k - 1:
+        raise PlanError(f"loss.feature_weights has {len(levels)} weights for {k - 1} inner block ends "
+                        f"(decompose.blocks {k}): one weight per level")
+
+
 def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, task: str = "classification") -> str:
     """The head loss's LOSSES entry: a task's own (``TASK_HEAD_LOSSES``: the denoiser's
     ``denoise`` with a teacher, ``ddpm`` without); else ``loss.logit``'s with a teacher,
@@ -150,10 +158,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     the teacher cache the spec names (``full`` or ``topk``), None without one. ``task``: its head
     loss where the task has its own (a denoiser's ``labels`` node is then the true noise)."""
     loss_spec = resolved_loss(LossSpec().model_dump() if loss_spec is None else loss_spec, task)
-    levels = loss_spec.get("feature_weights")
-    if levels is not None and has_teacher and len(levels) != pairing.k - 1:
-        raise PlanError(f"loss.feature_weights has {len(levels)} weights for {pairing.k - 1} inner block ends "
-                        f"(decompose.blocks {pairing.k}): one weight per level")
+    _check_levels(loss_spec, pairing.k, has_teacher)
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
