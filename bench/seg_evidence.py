@@ -2,8 +2,8 @@
 on Fashion-MNIST semantic segmentation (background + 10 garment classes, 28 px)?
 
 Pair and data: bench/seg-evidence.yaml (U-Net 16/32/64 -> U-Net 8/16/32, 3 epochs on 5 % of
-Fashion-MNIST's training images (3,000), 5 % of its test split (500) scored); the teacher,
-bench/seg-evidence-teacher.yaml (8 epochs, seed 0), is trained first. Every arm trains the same epochs, batch size, learning rate and OneCycle
+Fashion-MNIST's training images (3,000, drawn by each run's seed), its whole test split (10,000)
+scored); the teacher, bench/seg-evidence-teacher.yaml (8 epochs, seed 0), is trained first. Every arm trains the same epochs, batch size, learning rate and OneCycle
 schedule (equal steps); fixed hyperparameters, no selection; seeds 1-3, seed-major (a stopped
 grid holds whole seeds). Scores: the test split's at the end of the run (not the best epoch).
 
