@@ -158,6 +158,15 @@ def causal_lm_head(loss: Any) -> tuple[str, str]:
 TASK_HEAD_LOSSES.register("causal_lm", causal_lm_head)
 
 
+def dense_head(loss: Any) -> tuple[str, str]:
+    """A dense task's head entries: ``loss.dense`` (pixel_kl, cwd) with a teacher; without one
+    pixel_kl, whose teacher-free form is the per-pixel cross-entropy (ignore_index honoured)."""
+    return (loss["dense"], "pixel_kl")
+
+
+TASK_HEAD_LOSSES.register("dense", dense_head)
+
+
 # ------------------------------------------------------------------------------ datasets
 
 DATASETS: Registry[Callable[[Any, int], Any]] = Registry(

@@ -84,7 +84,7 @@ LAYERS = (
       "kdgraph.adapters", "kdgraph.projection")),
     ("compiler", ("kdgraph.compiler",)),
     ("runtime and rendering", ("kdgraph.runtime", "kdgraph.render", "kdgraph.tasks.base", "kdgraph.tasks.create",
-                               "kdgraph.tasks.classify", "kdgraph.tasks.causal_lm", "kdgraph.tasks.denoise.task",
+                               "kdgraph.tasks.classify", "kdgraph.tasks.dense", "kdgraph.tasks.causal_lm", "kdgraph.tasks.denoise.task",
                                "kdgraph.tasks.denoise.frechet", "kdgraph.tasks.denoise.layout")),
     ("orchestration: runs of runs", ("kdgraph.sweep",)),
     ("cli", ("kdgraph.cli", "kdgraph.__main__")),

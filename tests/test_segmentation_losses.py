@@ -191,9 +191,11 @@ def test_pkd_refuses_mismatched_levels_and_weights():
 def test_teacher_gets_no_gradient_and_params_resolve_from_the_spec():
     from kdgraph.spec import LossSpec
 
-    spec = LossSpec(ce_weight=0.5, kl_weight=3.0, temperature=2.0, feature_weight=4.0).model_dump()
-    assert resolve_params("cwd", spec) == {"ce_weight": 0.5, "weight": 3.0, "temperature": 2.0}
-    assert resolve_params("pixel_kl", spec) == {"ce_weight": 0.5, "kl_weight": 3.0, "temperature": 2.0}
+    spec = LossSpec(ce_weight=0.5, kl_weight=3.0, temperature=2.0, feature_weight=4.0, ignore_index=255).model_dump()
+    assert resolve_params("cwd", spec) == {"ce_weight": 0.5, "weight": 3.0, "temperature": 2.0, "ignore_index": 255,
+                                           "aux_weight": 0.5}
+    assert resolve_params("pixel_kl", spec) == {"ce_weight": 0.5, "kl_weight": 3.0, "temperature": 2.0,
+                                                "ignore_index": 255, "aux_weight": 0.5}
     assert resolve_params("pkd", spec) == {"weight": 4.0}
     s, t, y = _torch(*_case(9))
     t.requires_grad_(True)
@@ -201,3 +203,23 @@ def test_teacher_gets_no_gradient_and_params_resolve_from_the_spec():
     for name in ("pixel_kl", "cwd"):
         sum(create_loss(name, resolve_params(name, spec))(s, y, t).values()).backward()
     assert t.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("name", ["pixel_kl", "cwd"])
+def test_an_aux_head_adds_its_weighted_cross_entropy_and_is_not_distilled(name):
+    """Heads (out, aux): ce = w_ce (CE(out) + a · CE(aux resized)) over the labelled pixels; the
+    distillation term is out's alone (the teacher's aux changes nothing)."""
+    s, t, y = _case(11)
+    aux = np.random.default_rng(12).normal(size=(s.shape[0], s.shape[1], s.shape[2] // 2, s.shape[3] // 2))
+    aux_up = F.interpolate(torch.tensor(aux), size=y.shape[-2:], mode="bilinear", align_corners=False).numpy()
+    loss = LOSSES.get(name)(ce_weight=0.5, aux_weight=0.4)
+    s_t, y_t, t_t = _torch(s, y, t)
+    a_t = torch.tensor(aux, dtype=torch.float32)
+    both = loss((s_t, a_t), y_t, (t_t, torch.randn_like(a_t)))
+    alone = loss(s_t, y_t, t_t)
+    want = 0.5 * (_pixel_kl_numpy(s, t, y, 1.0, 255)[0] + 0.4 * _pixel_kl_numpy(aux_up, t, y, 1.0, 255)[0])
+    assert both["ce"].item() == pytest.approx(want, rel=1e-5)
+    other = [k for k in both if k != "ce"]
+    assert other and all(both[k].item() == pytest.approx(alone[k].item(), rel=1e-6) for k in other)
+    with pytest.raises(ValueError, match="one tensor or"):
+        loss((s_t, a_t, a_t), y_t)

@@ -180,7 +180,7 @@ def test_the_spec_names_its_task_and_refuses_one_not_registered(tmp_path):
         load_spec(tiny_spec(tmp_path, task="denoise"))  # no denoise block
 
 
-@pytest.mark.parametrize("name, best, higher", [("classification", "top1", True), ("dense", "top1", True),
+@pytest.mark.parametrize("name, best, higher", [("classification", "top1", True), ("dense", "miou", True),
                                                 ("denoise", "mse", False), ("causal_lm", "bpb", False)])
 def test_the_builtin_tasks_say_which_way_best_points(name, best, higher):
     cls = task_class(name)

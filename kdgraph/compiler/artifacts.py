@@ -60,17 +60,42 @@ class ModelArtifacts:
     side_segment: nn.Module | None = None
 
     @property
-    def output_shape(self) -> tuple[int, ...] | None:
-        """The traced output's shape (batch included), where the output is one tensor."""
+    def heads(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of each output head: the one tensor a forward returns ("out"), or the
+        tuple of tensors a model that names them in its ``heads`` attribute returns (a
+        segmentation model's ``("out", "aux")``); () for any other output."""
         out = next(n for n in reversed(self.traced.gm.graph.nodes) if n.op == "output")
         arg = out.args[0]
-        return self.traced.nodes[arg.name].shape if hasattr(arg, "name") else None
+        if hasattr(arg, "name"):
+            return (("out", self.traced.nodes[arg.name].shape),)
+        names = getattr(self.model, "heads", None)
+        if not isinstance(arg, (tuple, list)) or not isinstance(names, tuple) or len(names) != len(arg) \
+                or not all(hasattr(a, "name") for a in arg):
+            return ()
+        return tuple((name, self.traced.nodes[a.name].shape) for name, a in zip(names, arg))
+
+    @property
+    def output_shape(self) -> tuple[int, ...] | None:
+        """The traced output's shape (batch included), where the output is one tensor; the first
+        (``out``) head's where the model names several."""
+        heads = self.heads
+        return heads[0][1] if heads else None
+
+    @property
+    def output_stride(self) -> int | None:
+        """Of (B, C, h, w) logits: how many input pixels one logit spans per side (1 on the
+        input's grid; 8 for torchvision's ResNet heads), None where it is not an integer."""
+        shape, size = self.output_shape, tuple(self.traced.input_size[1:])
+        if not shape or len(shape) != 4 or len(size) != 2 or not shape[2] or size[0] % shape[2]:
+            return None
+        stride = size[0] // shape[2]
+        return stride if stride * shape[3] == size[1] else None
 
     @property
     def dense(self) -> bool:
-        """A per-pixel task: (B, C, H, W) logits on the input's own grid (a U-Net's masks)."""
-        shape = self.output_shape
-        return bool(shape and len(shape) == 4 and tuple(shape[2:]) == tuple(self.traced.input_size[1:]))
+        """A per-pixel task: (B, C, h, w) logits on the input's grid (a U-Net's masks) or on a
+        coarser one at an integer output stride (torchvision's segmentation heads)."""
+        return self.output_stride is not None
 
     @property
     def num_classes(self) -> int | None:
@@ -96,7 +121,9 @@ class ModelArtifacts:
     def to_dict(self) -> dict:
         side = {"side_inputs": [s.to_dict() for s in self.traced.side], "side_tensors": self.side_tensors()} \
             if self.traced is not None and self.traced.side else {}
-        return {"model": type(self.model).__name__, **side, "cuts": [c.to_dict() for c in self.cuts],
+        heads = {"heads": [{"name": n, "shape": list(shape[1:])} for n, shape in self.heads]} \
+            if self.traced is not None and self.dense else {}
+        return {"model": type(self.model).__name__, **side, **heads, "cuts": [c.to_dict() for c in self.cuts],
                 "stages": [s.to_dict() for s in self.stages],
                 "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}
                                for b in self.boundaries],

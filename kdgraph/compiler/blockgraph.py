@@ -104,6 +104,25 @@ def _explicit_pair(g: nx.DiGraph, pair: ExplicitPair, loss_spec: Mapping[str, An
     g.add_edge(f"xt_{n}", f"{pair.loss}_{n}", kind="loss", shape=t_shape)
 
 
+def resolved_loss(loss_spec: Mapping[str, Any], task: str) -> dict[str, Any]:
+    """The spec's ``loss`` section with its task defaults filled in: ``ignore_index`` None is
+    255 for the dense task (``kdgraph.segmentation.IGNORE_INDEX``), -100 for any other."""
+    from kdgraph.segmentation import IGNORE_INDEX
+
+    out = dict(loss_spec)
+    if out.get("ignore_index") is None:
+        out["ignore_index"] = IGNORE_INDEX if task == "dense" else -100
+    return out
+
+
+def _check_levels(loss_spec: Mapping[str, Any], k: int, has_teacher: bool) -> None:
+    """``loss.feature_weights``: one weight per inner block end (a level), where there is a teacher."""
+    levels = loss_spec.get("feature_weights")
+    if levels is not None and has_teacher and len(levels) != k - 1:
+        raise PlanError(f"loss.feature_weights has {len(levels)} weights for {k - 1} inner block ends "
+                        f"(decompose.blocks {k}): one weight per level")
+
+
 def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, task: str = "classification") -> str:
     """The head loss's LOSSES entry: a task's own (``TASK_HEAD_LOSSES``: the denoiser's
     ``denoise`` with a teacher, ``ddpm`` without); else ``loss.logit``'s with a teacher,
@@ -139,7 +158,8 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     each loss node's params are resolved (None: the spec's defaults). ``cache``: the mode of
     the teacher cache the spec names (``full`` or ``topk``), None without one. ``task``: its head
     loss where the task has its own (a denoiser's ``labels`` node is then the true noise)."""
-    loss_spec = LossSpec().model_dump() if loss_spec is None else loss_spec
+    loss_spec = resolved_loss(LossSpec().model_dump() if loss_spec is None else loss_spec, task)
+    _check_levels(loss_spec, pairing.k, has_teacher)
     g = nx.DiGraph(feature=feature, tpp_block=tpp_block if has_teacher else None)
     k = pairing.k
     logits = list(logits_shape) if logits_shape else ([num_classes] if num_classes else None)
@@ -244,7 +264,9 @@ def _wire_feature(g: nx.DiGraph, block: BlockPair, feature: str, loss_spec: Mapp
         g.add_edge(f"S{i}", loss, kind="loss", shape=s_shape)
     fmt_cut = block.student if block.projection is not None else block.teacher
     fmt = FeatureFormat.of(fmt_cut, input_hw) if "fmt" in LOSSES.get(feature).params else None
-    _loss_node(g, loss, "feature", feature, i, loss_spec, fmt)
+    levels = loss_spec.get("feature_weights")
+    _loss_node(g, loss, "feature", feature, i, loss_spec if levels is None else
+               {**loss_spec, "feature_weight": levels[i - 1]}, fmt)
     if block.projection is None:
         g.add_edge(f"T{i}", loss, kind="loss", shape=t_shape)
 

@@ -195,13 +195,33 @@ def boundaries_for(traced: TracedModel, cuts: list[Cut], stages: list[Stage], bl
     return choose_boundaries(stages, blocks, traced)
 
 
+def _has_multi(art: ModelArtifacts | None) -> bool:
+    return art is not None and any(s.end.multi for s in art.stages)
+
+
+def pairable_stages(art: ModelArtifacts, partner: ModelArtifacts | None) -> list[Stage]:
+    """The stages of ``art`` whose ends may end a block when cuts are chosen automatically: all,
+    unless ``art`` has multi-tensor stage ends and its partner has none. Then only its
+    single-tensor ends: a cut carrying a skip tensor (a U-Net's encoder feature, LRASPP's or
+    DeepLabv3-MobileNetV3's stride-8 feature kept for the head) could pair with no tensor of a
+    partner whose every cut carries one, nor be fed from it. Where ``art`` has no
+    single-tensor stage end, all its stages (the pairing then names the mismatch)."""
+    stages = list(art.stages)
+    if partner is None or not _has_multi(art) or _has_multi(partner):
+        return stages
+    single = [s for s in stages if not s.end.multi]
+    return single if any(s.end.layout != "vector" for s in single) else stages
+
+
 def boundaries_pass(spec: Spec, models: Models) -> Models:
-    """Pass 6: the cuts that end each block (explicit in the spec, else chosen)."""
+    """Pass 6: the cuts that end each block (explicit in the spec, else chosen from the stages
+    ``pairable_stages`` leaves)."""
     d = spec.decompose
 
     def one(art: ModelArtifacts) -> ModelArtifacts:
         explicit = None if d.cuts == "auto" else [getattr(p, art.role) for p in d.cuts]
-        return replace(art, boundaries=tuple(boundaries_for(art.traced, list(art.cuts), list(art.stages),
+        partner = models.student if art.role == "teacher" else models.teacher
+        return replace(art, boundaries=tuple(boundaries_for(art.traced, list(art.cuts), pairable_stages(art, partner),
                                                              d.blocks, explicit)))
 
     return models.map(one)

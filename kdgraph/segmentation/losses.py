@@ -64,24 +64,41 @@ def _check_dense(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Te
                          f"{tuple(student.shape)} differ in batch or classes")
 
 
+def _heads(logits) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, aux) of a forward's heads: one tensor (no aux), or a tuple (out, aux)."""
+    if isinstance(logits, (tuple, list)):
+        if len(logits) != 2:
+            raise ValueError(f"dense heads: one tensor or (out, aux), got {len(logits)} tensors")
+        return logits[0], logits[1]
+    return logits, None
+
+
 class _DenseHead(nn.Module):
     """What the dense head losses share: the per-pixel cross-entropy on the student's logits
     resized to the targets, and, with a teacher, the loss's own distillation term (``distil``)."""
 
     label = ""  # in errors
 
-    def __init__(self, ce_weight: float, temperature: float, ignore_index: int):
+    def __init__(self, ce_weight: float, temperature: float, ignore_index: int, aux_weight: float = 0.5):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.ce_weight, self.temperature, self.ignore_index = float(ce_weight), float(temperature), int(ignore_index)
+        self.aux_weight = float(aux_weight)
 
-    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, student_logits, targets: torch.Tensor, teacher_logits=None) -> dict[str, torch.Tensor]:
+        """``student_logits`` and ``teacher_logits``: the ``out`` logits, or a model's heads
+        ``(out, aux)``: the aux head adds ``aux_weight`` times its cross-entropy to ``ce``, and
+        only ``out`` is distilled."""
+        student_logits, aux = _heads(student_logits)
+        teacher_logits = _heads(teacher_logits)[0] if teacher_logits is not None else None
         _check_dense(student_logits, targets, teacher_logits, self.label)
         with no_autocast(student_logits):
             s = resize_to(student_logits.float(), targets.shape[-2:])
-            out = {"ce": self.ce_weight * _ce(s, targets, self.ignore_index)}
+            ce = _ce(s, targets, self.ignore_index)
+            if aux is not None:
+                ce = ce + self.aux_weight * _ce(resize_to(aux.float(), targets.shape[-2:]), targets, self.ignore_index)
+            out = {"ce": self.ce_weight * ce}
             if teacher_logits is not None:
                 out.update(self.distil(s, student_logits, _frozen(teacher_logits).float(), targets))
             return out
@@ -98,11 +115,12 @@ class PixelKL(_DenseHead):
     summary = "per-pixel cross-entropy plus weighted KL to the teacher's per-pixel distribution (ignore_index honoured)"
     role = "head"
     terms = ("ce", "kl")
-    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature"}
+    params = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "temperature": "temperature",
+              "ignore_index": "ignore_index", "aux_weight": "aux_weight"}
 
     def __init__(self, ce_weight: float = 1.0, kl_weight: float = 1.0, temperature: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX):
-        super().__init__(ce_weight, temperature, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.5):
+        super().__init__(ce_weight, temperature, ignore_index, aux_weight)
         self.kl_weight = float(kl_weight)
 
     def distil(self, s: torch.Tensor, student_logits: torch.Tensor, teacher: torch.Tensor,
@@ -147,11 +165,12 @@ class ChannelWiseDistillation(_DenseHead):
     summary = "per-pixel cross-entropy plus channel-wise distillation: KL of per-channel spatial softmaxes (Shu et al. 2021)"
     role = "head"
     terms = ("ce", "cwd")
-    params = {"ce_weight": "ce_weight", "weight": "kl_weight", "temperature": "temperature"}
+    params = {"ce_weight": "ce_weight", "weight": "kl_weight", "temperature": "temperature",
+              "ignore_index": "ignore_index", "aux_weight": "aux_weight"}
 
     def __init__(self, ce_weight: float = 1.0, weight: float = 5.0, temperature: float = 1.0,
-                 ignore_index: int = IGNORE_INDEX):
-        super().__init__(ce_weight, temperature, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.5):
+        super().__init__(ce_weight, temperature, ignore_index, aux_weight)
         self.weight = float(weight)
 
     def distil(self, s: torch.Tensor, student_logits: torch.Tensor, teacher: torch.Tensor,

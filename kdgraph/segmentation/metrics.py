@@ -2,7 +2,8 @@
 
 ``M[i, j]`` counts the pixels of true class i predicted as class j, over every labelled pixel
 (a label equal to ``ignore_index`` is not counted; any other label outside 0..C-1 is an error).
-From it: IoU_c = M[c, c] / (Σ_j M[c, j] + Σ_i M[i, c] − M[c, c]), mIoU the mean over the classes
+From it: IoU_c = M[c, c] / (Σ_j M[c, j] + Σ_i M[i, c] − M[c, c]), the class's pixel accuracy
+M[c, c] / Σ_j M[c, j], mIoU the mean over the classes
 that occur in the labels or the predictions (a class in neither has no IoU: NaN, left out of the
 mean, as mmseg's and torchvision's reference scripts do), pixel accuracy Σ_c M[c, c] / Σ M.
 """
@@ -27,6 +28,7 @@ class SegmentationScores:
     pixel_accuracy: float
     per_class_iou: tuple[float, ...]
     pixels: int
+    per_class_accuracy: tuple[float, ...] = ()  # M[c, c] / Σ_j M[c, j]: NaN where class c has no pixel
 
     def as_dict(self, class_names: list[str] | None = None) -> dict[str, float]:
         """Flat metric names: ``miou``, ``pixel_acc``, ``iou/NAME`` (NAME the class index without names)."""
@@ -70,11 +72,13 @@ class ConfusionMatrix:
         union = m.sum(dim=1) + m.sum(dim=0) - tp
         iou = [float(tp[c] / union[c]) if union[c] > 0 else math.nan for c in range(self.num_classes)]
         present = [v for v in iou if not math.isnan(v)]
+        rows = m.sum(dim=1)
+        accuracy = [float(tp[c] / rows[c]) if rows[c] > 0 else math.nan for c in range(self.num_classes)]
         total = float(m.sum())
         return SegmentationScores(
             miou=sum(present) / len(present) if present else math.nan,
             pixel_accuracy=float(tp.sum()) / total if total else math.nan,
-            per_class_iou=tuple(iou), pixels=int(total))
+            per_class_iou=tuple(iou), pixels=int(total), per_class_accuracy=tuple(accuracy))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"matrix": self.matrix.clone()}

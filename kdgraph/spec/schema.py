@@ -584,8 +584,22 @@ class LossSpec(_Strict):
                               "of the mixture KL(p || α p + (1−α) q) (DistiLLM: 0.1).")
     jsd_beta: Float = Field(default=0.5, gt=0.0, lt=1.0, description="Causal LM, jsd: the teacher's share β of the "
                             "mixture m = β p + (1−β) q in β KL(p || m) + (1−β) KL(q || m) (GKD: 0.5).")
-    ignore_index: Int = Field(default=-100, ge=-(1 << 31), le=(1 << 31) - 1, description="Causal LM: the target "
-                              "id of padding tokens, left out of every token loss.")
+    ignore_index: Int | None = Field(default=None, ge=-(1 << 31), le=(1 << 31) - 1, description="The target "
+                                     "left out of every loss and metric: a causal LM's padding token id, a dense "
+                                     "task's unlabelled pixel (VOC's borders, Cityscapes' void). None: -100 for a "
+                                     "causal LM, 255 for the dense task.")
+    dense: Literal["pixel_kl", "cwd"] = Field(
+        default="pixel_kl", description="Dense task (per-pixel logits) with a teacher: the head loss besides "
+        "ce_weight times the per-pixel cross-entropy: pixel_kl (KL of the per-pixel class distributions, weight "
+        "kl_weight) or cwd (Shu et al. 2021: KL of per-channel spatial softmaxes, weight kl_weight; their "
+        "Cityscapes setting: temperature 1, kl_weight 5). Without a teacher: the cross-entropy alone.")
+    aux_weight: Float = Field(default=0.5, ge=0.0, le=1000.0, description="Dense task, a model with an auxiliary "
+                              "head (torchvision's aux_loss: true; the plan's head 'aux'): the weight of its per-pixel "
+                              "cross-entropy, added inside the ce term (torchvision's reference recipe: 0.5).")
+    feature_weights: list[Annotated[Float, Field(ge=0.0, le=1000.0)]] | None = Field(
+        default=None, max_length=MAX_BLOCKS, description="Per-level weights of the block-end feature losses (one "
+        "per inner block end, in order; kd+mse's levels, StableKD's block losses): a multi-level loss such as "
+        "PKD's over FPN levels. None: feature_weight each.")
     token_chunk: Int = Field(default=128, ge=1, le=1 << 24, description="Causal LM: tokens per chunk of the token "
                              "losses (batch × sequence × vocabulary is never held whole in float32).")
     task_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Denoising (spec denoise): weight of "
@@ -1012,7 +1026,8 @@ class Spec(_Strict):
             head = ("ce_weight", *(k for k in own if not k.endswith("_epochs")))
         others = ((["feature_weight"] if method.feature_losses else []) + (["tpp_weight"] if loss.tpp else [])
                   + [f"pairs.{i}.weight" for i in range(len(loss.pairs))])
-        weights = [getattr(loss, k) for k in head] + [loss.feature_weight] * method.feature_losses \
+        level_weights = list(loss.feature_weights) if loss.feature_weights is not None else [loss.feature_weight]
+        weights = [getattr(loss, k) for k in head] + level_weights * method.feature_losses \
             + [loss.tpp_weight] * loss.tpp + [p.weight for p in loss.pairs]
         if any(w > 0 for w in weights):
             return self

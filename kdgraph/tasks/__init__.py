@@ -5,7 +5,7 @@ A task owns what a batch is (inputs, side inputs, targets), its head loss entry
 and its export layout; the runtime and the CLI ask the task and never test its name.
 
     classification   images -> class logits (``classify.Classification``)
-    dense            images -> per-pixel class logits (``classify.Dense``)
+    dense            images -> per-pixel class logits, segmentation (``dense.Dense``)
     denoise          DDPM/DDIM denoisers, their sampler and Fréchet judge (``denoise/``)
 
 A new task is a ``Task`` subclass (``base``) passed to ``register_task``; ``spec.task`` names

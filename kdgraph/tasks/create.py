@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kdgraph.registry import TASKS
-from kdgraph.tasks import causal_lm, classify  # noqa: F401  (registers causal_lm, classification, dense)
+from kdgraph.tasks import causal_lm, classify, dense  # noqa: F401  (registers causal_lm, classification, dense)
 from kdgraph.tasks.base import Task
 from kdgraph.tasks.denoise import task  # noqa: F401  (registers denoise)
 

@@ -1,0 +1,198 @@
+"""kdgraph.tasks.dense: the dense task's scores, head loss and summary.
+
+Independent truths: confusion matrices and IoUs counted by hand with numpy over the labelled
+pixels; the head loss's terms against kdgraph.segmentation.losses called directly; pixels
+labelled ignore_index changed arbitrarily in logits (scores) and in both models' logits (the
+plan's head loss) while every number stays the same.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdgraph.compiler import compile_spec
+from kdgraph.compiler.blockgraph import resolved_loss
+from kdgraph.errors import KDGraphError
+from kdgraph.losses import create_loss
+from kdgraph.segmentation.losses import ChannelWiseDistillation
+from kdgraph.spec import load_spec
+from kdgraph.tasks.create import task_class
+from kdgraph.tasks.dense import Dense, dense_scores
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CPU = torch.device("cpu")
+
+
+class _Loader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self, e, start=0):
+        return iter(self.batches)
+
+
+def _case(seed: int, c: int = 4, h: int = 6, w: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, c, h, w, generator=g)
+    y = torch.randint(0, c, (3, h, w), generator=g)
+    y[torch.rand(3, h, w, generator=g) < 0.3] = 255
+    return logits, y
+
+
+def _numpy_scores(logits: np.ndarray, y: np.ndarray, c: int) -> dict:
+    pred = logits.argmax(1)
+    keep = y != 255
+    m = np.zeros((c, c))
+    for t, p in zip(y[keep], pred[keep]):
+        m[t, p] += 1
+    inter, union = np.diag(m), m.sum(0) + m.sum(1) - np.diag(m)
+    iou = [inter[k] / union[k] for k in range(c) if union[k] > 0]
+    order = np.argsort(-logits, axis=1)[:, :5]  # (B, 5, H, W)
+    top5 = (order == y[:, None]).any(1)[keep].mean()
+    return {"miou": 100 * np.mean(iou), "pixel_acc": 100 * inter.sum() / m.sum(), "top5": 100 * top5,
+            "iou": [100 * inter[k] / union[k] if union[k] > 0 else None for k in range(c)],
+            "class_acc": [100 * inter[k] / m[k].sum() if m[k].sum() > 0 else None for k in range(c)]}
+
+
+def test_scores_are_counted_over_the_labelled_pixels():
+    logits, y = _case(0, c=7)
+    got = dense_scores(lambda x: logits, _Loader([(torch.zeros(3), y)]), CPU)
+    want = _numpy_scores(logits.numpy(), y.numpy(), 7)
+    for key in ("miou", "pixel_acc", "top5"):
+        assert got[key] == pytest.approx(want[key]), key
+    assert got["top1"] == got["pixel_acc"]
+    assert got["iou"] == pytest.approx(want["iou"]) and got["class_acc"] == pytest.approx(want["class_acc"])
+
+
+def test_logits_at_ignored_pixels_change_no_score():
+    logits, y = _case(1)
+    other = logits.clone()
+    ignored = (y == 255).unsqueeze(1).expand_as(other)
+    other[ignored] = 1e3 * torch.randn(int(ignored.sum()))
+    a = dense_scores(lambda x: logits, _Loader([(torch.zeros(3), y)]), CPU)
+    b = dense_scores(lambda x: other, _Loader([(torch.zeros(3), y)]), CPU)
+    assert a == b
+    # another ignore_index: 255 is then a label out of range, the pixels labelled 0 are skipped
+    y0 = torch.where(y == 255, 0, y)
+    c = dense_scores(lambda x: logits, _Loader([(torch.zeros(3), y0)]), CPU, ignore_index=0)
+    keep = y0 != 0
+    assert c["pixel_acc"] == pytest.approx(100 * float((logits.argmax(1) == y0)[keep].float().mean()))
+
+
+def test_logits_of_another_stride_and_several_heads_are_scored_on_the_label_grid():
+    logits, y = _case(2, h=12, w=16)
+    small = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(5))
+    up = F.interpolate(small, size=(12, 16), mode="bilinear", align_corners=False)
+    a = dense_scores(lambda x: (small, logits), _Loader([(torch.zeros(3), y)]), CPU)  # out first, aux second
+    b = dense_scores(lambda x: up, _Loader([(torch.zeros(3), y)]), CPU)
+    assert a == b
+
+
+def test_batches_accumulate_as_one_confusion_matrix():
+    (l1, y1), (l2, y2) = _case(3), _case(4)
+    it = iter([l1, l2])
+    got = dense_scores(lambda x: next(it), _Loader([(torch.zeros(3), y1), (torch.zeros(3), y2)]), CPU)
+    want = _numpy_scores(torch.cat([l1, l2]).numpy(), torch.cat([y1, y2]).numpy(), 4)
+    assert got["miou"] == pytest.approx(want["miou"]) and got["pixel_acc"] == pytest.approx(want["pixel_acc"])
+
+
+def test_the_task_is_best_by_miou_and_reports_each_class():
+    cls = task_class("dense")
+    assert cls is Dense and cls.best_metric == "miou" and {"miou", "pixel_acc"} <= set(cls.metrics)
+
+    class Run:
+        test_acc = None
+        student_acc = {"miou": 50.0, "iou": [10.0, None], "class_acc": [20.0, None]}
+        teacher_acc = {"miou": 60.0, "iou": [30.0, 40.0], "class_acc": [50.0, 60.0]}
+
+    got = object.__new__(cls).reports(Run())
+    assert got == {"per_class": {"student": {"iou": [10.0, None], "pixel_acc": [20.0, None]},
+                                 "teacher": {"iou": [30.0, 40.0], "pixel_acc": [50.0, 60.0]}}}
+    assert "50.00" in cls.headline({"student_miou": 50.0, "student_pixel_acc": 70.0})
+
+
+# ------------------------------------------------------------------ the plan: head loss, levels
+
+def _unet_spec(tmp_path, *overrides):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        "name: dense\ntask: dense\n"
+        "teacher: {model: 'module:kdgraph.zoo:unet_tiny_teacher', kwargs: {num_classes: 5, in_chans: 1}}\n"
+        "student: {model: 'module:kdgraph.zoo:unet_tiny_student', kwargs: {num_classes: 5, in_chans: 1}}\n"
+        f"data: {{dataset: synthetic, input_size: [1, 16, 16]}}\noutput: {tmp_path / 'out'}\n")
+    return load_spec(spec_file, list(overrides))
+
+
+def _head(compiled):
+    return compiled.graph.nodes["head_loss"]
+
+
+def test_the_spec_chooses_the_head_loss_and_ignore_index_defaults_to_255(tmp_path):
+    compiled = compile_spec(_unet_spec(tmp_path, "schedule.method=kd", "loss.dense=cwd", "loss.kl_weight=5"),
+                            allow_missing_weights=True)
+    head = _head(compiled)
+    assert head["entry"] == "cwd" and head["params"]["ignore_index"] == 255 and head["params"]["weight"] == 5.0
+    compiled = compile_spec(_unet_spec(tmp_path, "schedule.method=kd", "loss.ignore_index=7"),
+                            allow_missing_weights=True)
+    head = _head(compiled)
+    assert head["entry"] == "pixel_kl" and head["params"]["ignore_index"] == 7
+    assert resolved_loss({"ignore_index": None}, "causal_lm")["ignore_index"] == -100
+
+
+def test_the_plans_head_loss_ignores_pixels_labelled_ignore_index(tmp_path):
+    """The plan's own head loss (entry and params as compiled): both models' logits changed at the
+    ignored pixels, every term and the student's gradient elsewhere are the same."""
+    compiled = compile_spec(_unet_spec(tmp_path, "schedule.method=kd", "loss.dense=cwd"), allow_missing_weights=True)
+    head = _head(compiled)
+    loss = create_loss(head["entry"], head["params"])
+    assert isinstance(loss, ChannelWiseDistillation)
+    s, y = _case(6, c=5)
+    t = torch.randn_like(s)
+    s2, t2 = s.clone(), t.clone()
+    ignored = (y == 255).unsqueeze(1).expand_as(s)
+    s2[ignored], t2[ignored] = 40 * torch.randn(int(ignored.sum())), -30.0
+    s.requires_grad_(True)
+    s2.requires_grad_(True)
+    a, b = loss(s, y, t), loss(s2, y, t2)
+    assert set(a) == {"ce", "cwd"}
+    for k in a:
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-6, abs=1e-7)
+    sum(a.values()).backward()
+    sum(b.values()).backward()
+    torch.testing.assert_close(s.grad[~ignored], s2.grad[~ignored])
+
+
+def test_feature_weights_weigh_each_level_and_a_wrong_count_is_refused(tmp_path):
+    compiled = compile_spec(_unet_spec(tmp_path, "schedule.method=kd+mse", "loss.feature=pkd", "decompose.blocks=3",
+                                       "loss.feature_weights=[0.5, 2]"), allow_missing_weights=True)
+    g = compiled.graph
+    assert g.nodes["pkd1"]["params"] == {"weight": 0.5} and g.nodes["pkd2"]["params"] == {"weight": 2.0}
+    with pytest.raises(KDGraphError, match="feature_weights has 1 weights for 2 inner block ends"):
+        compile_spec(_unet_spec(tmp_path, "schedule.method=kd+mse", "loss.feature=pkd", "decompose.blocks=3",
+                                "loss.feature_weights=[1]"), allow_missing_weights=True)
+
+
+# ------------------------------------------------------------------ a run end to end
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed")
+def test_a_dense_run_summarises_miou_per_class_and_best_by_miou(tmp_path):
+    from kdgraph.runtime.loop import train
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "bench" / "seg-evidence-teacher.yaml",
+                     ["data.fraction=0.01",
+                      "schedule.epochs=1", f"output={tmp_path / 'run'}", "runtime.log_every=1000"])
+    summary = train(spec, quiet=True)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["task"] == "dense" and saved["best_miou"] == summary["student_miou"]
+    per_class = saved["per_class"]["student"]
+    assert len(per_class["iou"]) == len(per_class["pixel_acc"]) == 11
+    seen = [v for v in per_class["iou"] if v is not None]
+    assert saved["student_miou"] == pytest.approx(sum(seen) / len(seen))
+    assert saved["student_pixel_acc"] == saved["student_top1"]
