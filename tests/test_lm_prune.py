@@ -121,6 +121,9 @@ def test_spec_fields_are_validated_in_one_line():
     on_teacher = _spec([0, 1])
     on_teacher["teacher"]["from_teacher_layers"] = [0]
     _refused(on_teacher, "^teacher.from_teacher_layers: the teacher starts from its own weights")
+    cached = _spec([0, 1])
+    cached["teacher"]["cache"] = "teacher-cache"
+    _refused(cached, "^student.from_teacher_layers: the student copies the teacher's layers when it is built")
     timm = _spec([0, 1])
     timm["student"]["model"] = "timm:resnet18"
     _refused(timm, "^student.from_teacher_layers: copying decoder layers needs transformers: models")

@@ -92,10 +92,9 @@ def init_from_teacher_layers(teacher: nn.Module, student: nn.Module, keep) -> st
     for i, j in enumerate(kept):
         _check(_state(s_layers[i]), _state(t_layers[j]), f"student layer {i} from teacher layer {j}",
                f"{s_path}.{i}.")
-    params = [p for p in teacher.parameters()] + [p for p in student.parameters()]
-    if len({p.is_meta for p in params}) > 1:
-        raise SpecError(AT, "the teacher is not built with weights here (its outputs are replayed from "
-                            "teacher.cache), so its layers cannot be copied; drop teacher.cache for this run")
+    if len({p.is_meta for p in [*teacher.parameters(), *student.parameters()]}) > 1:
+        raise SpecError(AT, "the teacher is built without weights here (on the meta device), so its layers "
+                            "cannot be copied into a student with weights")
     with torch.no_grad():
         for name, tensor in s_rest.items():
             tensor.copy_(t_rest[name])

@@ -1104,6 +1104,10 @@ class Spec(_Strict):
             raise _invalid(f"the student's weights would come from the teacher's layers and from {other}",
                            allowed="null with from_teacher, pretrained or a checkpoint", at=at,
                            got=_shown(s.from_teacher_layers))
+        if self.teacher.cache is not None:
+            raise _invalid("the student copies the teacher's layers when it is built, and a teacher cache replays "
+                           "the teacher without building its weights", allowed="null with teacher.cache", at=at,
+                           got=_shown(s.from_teacher_layers))
         models = (self.teacher.model, s.model)
         if not all(m.startswith("transformers:") for m in models):
             raise _invalid(f"copying decoder layers needs transformers: models (teacher {models[0]}, student "
