@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from kdgraph.compiler.repeat import shallow_export
 from kdgraph.errors import TraceError
 from kdgraph.ir import NodeInfo
 
@@ -145,12 +146,15 @@ def trace_exported(model: nn.Module, input_size: tuple[int, ...], role: str = "s
     After: as ``trace.trace``: every node has a NodeInfo, tensor nodes their shapes, the
     GraphModule shares ``model``'s parameters; its one placeholder is the token ids. A model
     on the meta device is exported on meta tensors (no arithmetic). ``lazy`` (planning: the
-    graph never runs): the batch is the static ``batch_size``, not symbolic (``_export``)."""
+    graph never runs): the batch is the static ``batch_size``, not symbolic (``_export``), and a
+    decoder deeper than its layers' period is exported from a shallow copy (``repeat``)."""
     from kdgraph.compiler.artifacts import TracedModel  # here: split imports this module, keep it low
 
     meta = any(p.is_meta for p in model.parameters())
     sample = torch.zeros(batch_size, int(input_size[-1]), dtype=torch.long, device="meta" if meta else "cpu")
-    gm = _export(model, sample, role, symbolic_batch=not lazy)
+    # a plan's deep decoder: its shallow copy exported, the layers repeated (kdgraph.compiler.repeat)
+    gm = (shallow_export(model, sample, role, _export) if lazy else None) \
+        or _export(model, sample, role, symbolic_batch=not lazy)
     _plain(gm)
     _module_stacks(gm, model, batch_size)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
