@@ -60,7 +60,7 @@ def test_gemma2s_alternating_layers_repeat_with_their_period():
 
 def test_it_declines_where_the_shallow_copy_would_not_be_shallower_or_the_layers_do_not_repeat():
     sample = torch.zeros(2, 12, dtype=torch.long, device="meta")
-    assert shallow_export(_meta("llama", 3), sample, "student", _export) is None
+    assert shallow_export(_meta("llama", 2), sample, "student", _export) is None
     # layer types with no period shorter than the depth: nothing to repeat
     odd = _meta("qwen3", 5, layer_types=["full_attention", "sliding_attention", "sliding_attention",
                                          "full_attention", "full_attention"], sliding_window=4, use_sliding_window=True)
@@ -79,7 +79,7 @@ def test_a_plan_on_meta_exports_the_shallow_copy_and_keeps_every_layer(monkeypat
 
     monkeypatch.setattr(exported, "_export", recording)
     traced = trace_exported(_meta("llama", 6), (1, 1, 12), role="teacher", lazy=True)
-    assert depths == [3]  # 2p + 1 layers, p = 1
+    assert depths == [2]  # 2p layers, p = 1
     modules = {m for info in traced.nodes.values() for m in info.modules}
     assert {f"lm.model.layers.{i}" for i in range(6)} <= modules
     assert "lm.model.layers.6" not in modules

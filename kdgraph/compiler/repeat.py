@@ -3,7 +3,7 @@
 ``torch.export`` traces a decoder op by op, so its time grows with the layers; but a decoder's
 layers trace to the same ops (the layer types of ``config.layer_types`` repeating with some
 period p: Gemma-2's sliding / full attention alternate, p = 2; most families have p = 1).
-For a plan on the meta device (its graphs never run), a copy of the model with m = 2p + 1
+For a plan on the meta device (its graphs never run), a copy of the model with m = 2p
 layers is exported and the graph of an L-layer model written from it: layers m..L−1 are
 copies of the last traced period's layers (layer i of the one with i's residue mod p), their
 parameters and module paths renamed to layer i's, their inputs the previous layer's output
@@ -12,7 +12,7 @@ then read layer L−1. Node names are given afresh in graph order, as export nam
 
 The shortcut declines (``None``: the caller exports the whole model) unless the model is a
 ``CausalLM`` whose decoder stack is one ``nn.ModuleList`` of ``num_hidden_layers`` layers of
-one class, L > m, the traced layers of one residue have the same ops, each layer's nodes are
+one class, L > m, the two traced layers of each residue have the same ops (layer 0's included), each layer's nodes are
 contiguous, and a layer reads only itself, the layer before and nodes outside the stack.
 ``tests/test_exported.py`` compares the result with the whole model's export, node by node.
 """
@@ -190,7 +190,7 @@ def _write(gm, path: str, m: int, n: int, p: int, reads, ops) -> torch.fx.Graph 
 
 def shallow_export(model: nn.Module, sample: torch.Tensor, role: str,
                    export: Callable[..., torch.fx.GraphModule]) -> torch.fx.GraphModule | None:
-    """The static-batch export of ``model`` written from that of its ``2p + 1``-layer copy
+    """The static-batch export of ``model`` written from that of its ``2p``-layer copy
     (``export(model, sample, role, symbolic_batch=False)``), or None where the shortcut declines."""
     from kdgraph.lm.source import CausalLM
 
@@ -199,12 +199,12 @@ def shallow_export(model: nn.Module, sample: torch.Tensor, role: str,
         return None
     path, n = found
     p = _period(model.config, n)
-    m = 2 * p + 1
+    m = 2 * p
     if n <= m:
         return None
     gm = export(_shallow(model, m), sample, role, symbolic_batch=False)
     parts = _layers(gm, path, m)
-    if parts is None or not all(_same(parts[1][k], parts[1][k - p]) for k in range(p + 1, m)):
+    if parts is None or not all(_same(parts[1][k], parts[1][k - p]) for k in range(p, m)):
         return None
     graph = _write(gm, path, m, n, p, *parts)
     if graph is None:
