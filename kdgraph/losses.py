@@ -182,6 +182,34 @@ class FeatureMSE(nn.Module):
             return F.mse_loss(student_feature.float(), _frozen(teacher_feature).float())
 
 
+@LOSSES.register("cosine")
+class FeatureCosine(nn.Module):
+    """``cos = w * mean_positions (1 - <s, t> / (|s| |t|))``: one minus the cosine similarity of the
+    (projected) student feature s and the teacher feature t along the channel axis, averaged over
+    every other position (a causal LM's hidden states: each token's D-vector; a map: each pixel's
+    C-vector), times the weight w (the cosine hidden-state loss of DistilBERT / Minitron). Norms
+    are floored at 1e-8. Scale-free: s and c·s (c > 0) have the same loss."""
+
+    summary = "one minus the cosine similarity of student and teacher features along channels"
+    role = "feature"
+    terms = ("cos{block}",)
+    params = {"fmt": "fmt", "weight": "feature_weight"}
+
+    def __init__(self, fmt: FeatureFormat | Mapping[str, Any], weight: float = 1.0):
+        super().__init__()
+        self.fmt = fmt if isinstance(fmt, FeatureFormat) else FeatureFormat(**fmt)
+        self.weight = float(weight)
+
+    def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        if student_feature.shape != teacher_feature.shape:
+            raise ValueError(f"FeatureCosine: student feature {tuple(student_feature.shape)} and teacher feature "
+                             f"{tuple(teacher_feature.shape)} differ in shape; an adapter is missing")
+        axis = 1 if self.fmt.layout == "NCHW" else -1
+        with no_autocast(student_feature):
+            sim = F.cosine_similarity(student_feature.float(), _frozen(teacher_feature).float(), dim=axis, eps=1e-8)
+            return _scaled((1 - sim).mean(), self.weight)
+
+
 def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """``CE(y, z_s)`` in float32: ``targets`` class indices, or per-class probabilities (mixed
     by Mixup/CutMix; the smoothing ε then gives (1 - ε) y + ε / C, timm's mixed smoothed target)."""

@@ -134,7 +134,7 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.losses import LOSSES
     from kdgraph.spec import LossSpec
 
-    assert LOSSES.names() == ["mse", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise",
+    assert LOSSES.names() == ["mse", "cosine", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise",
                               "forward_kl", "reverse_kl", "skew_kl", "jsd", "token_ce", "pixel_kl", "cwd", "pkd"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
@@ -249,3 +249,49 @@ def test_token_entries_weight_their_divergence_and_cross_entropy(name, term, fie
     assert list(got) == ["ce", term]
     assert got[term].item() == pytest.approx(3.0 * kd.item(), rel=1e-6)
     assert got["ce"].item() == pytest.approx(0.25 * ce.item(), rel=1e-6)
+
+
+# -- cosine hidden-state loss: 1 - cos(s, t) along the channel axis, written out with sums --
+
+def _hand_cosine(s, t, axis: int, w: float) -> float:
+    dot = (s * t).sum(axis)
+    norms = (s * s).sum(axis).sqrt() * (t * t).sum(axis).sqrt()
+    return w * (1 - dot / norms).mean().item()
+
+
+def test_feature_cosine_matches_the_formula_on_tokens_and_maps():
+    from kdgraph.losses import LOSSES
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 7, 5, generator=g, dtype=torch.float64), torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    tokens = LOSSES.get("cosine")(fmt={"layout": "tokens", "channels": 5, "hw": (1, 7)}, weight=0.7)
+    assert tokens(s.float(), t.float()).item() == pytest.approx(_hand_cosine(s, t, -1, 0.7), rel=1e-5)
+    m_s, m_t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    maps = LOSSES.get("cosine")(fmt={"layout": "NCHW", "channels": 3, "hw": (4, 4)})
+    assert maps(m_s, m_t).item() == pytest.approx(_hand_cosine(m_s.double(), m_t.double(), 1, 1.0), rel=1e-5)
+    nhwc = LOSSES.get("cosine")(fmt={"layout": "NHWC", "channels": 4, "hw": (4, 3)})
+    assert nhwc(m_s, m_t).item() == pytest.approx(_hand_cosine(m_s.double(), m_t.double(), -1, 1.0), rel=1e-5)
+    # scale-free along channels, 0 on the teacher itself, 2 on its negative; no gradient into the teacher
+    assert tokens(3 * t.float(), t.float()).item() == pytest.approx(0.0, abs=1e-6)
+    assert tokens(-t.float(), t.float()).item() == pytest.approx(2 * 0.7, rel=1e-6)
+    student, teacher = s.float().requires_grad_(), t.float().requires_grad_()
+    tokens(student, teacher).backward()
+    assert student.grad is not None and teacher.grad is None
+    with pytest.raises(ValueError, match="differ in shape; an adapter is missing"):
+        tokens(torch.zeros(2, 7, 4), torch.zeros(2, 7, 5))
+
+
+def test_loss_feature_cosine_reaches_the_plan_of_a_causal_lm_pair():
+    pytest.importorskip("transformers")
+    from kdgraph.compiler import compile_spec
+    from kdgraph.spec import load_spec
+
+    kw = {"vocab_size": 260, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    spec = load_spec({"name": "c", "data": {"dataset": "text", "seq_len": 8},
+                      "teacher": {"model": "transformers:llama", "kwargs": {**kw, "hidden_size": 32, "num_hidden_layers": 4}},
+                      "student": {"model": "transformers:llama", "kwargs": {**kw, "hidden_size": 16, "num_hidden_layers": 2}},
+                      "schedule": {"method": "kd+mse"}, "decompose": {"blocks": 3}, "loss": {"feature": "cosine"}})
+    compiled = compile_spec(spec, materialize=False)
+    entries = [d for _, d in compiled.graph.nodes(data=True) if d.get("kind") == "loss" and d.get("loss") == "feature"]
+    assert len(entries) == 2 and all(d["entry"] == "cosine" for d in entries)
+    assert all(d["params"]["fmt"]["layout"] == "tokens" and d["params"]["fmt"]["channels"] == 32 for d in entries)

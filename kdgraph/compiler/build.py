@@ -11,6 +11,7 @@ from torch import nn
 
 from kdgraph.compiler.artifacts import BuildMode, ModelArtifacts, Models
 from kdgraph.errors import SpecError
+from kdgraph.lm.prune import init_from_teacher_layers
 from kdgraph.models import build_model
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Mo
     _check_micro_batches(spec, student)
     if spec.student.from_teacher and teacher is not None:
         notes.append(init_from_teacher(teacher, student))
+    if spec.student.from_teacher_layers is not None and teacher is not None:
+        notes.append(init_from_teacher_layers(teacher, student, spec.student.from_teacher_layers))
     return Models(ModelArtifacts("teacher", teacher) if teacher is not None else None,
                   ModelArtifacts("student", student), tuple(notes), tuple(missing))
 

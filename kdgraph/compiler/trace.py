@@ -409,7 +409,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], role: str = "stude
     A model fed token ids (a causal LM) is traced with torch.export instead (``exported``).
     """
     if takes_tokens(model):
-        return trace_exported(model, input_size, role=role, batch_size=batch_size)
+        return trace_exported(model, input_size, role=role, batch_size=batch_size, lazy=lazy)
     tracer, graph, leaves = _trace_graph(model, role, side)
     _inline_concrete_args(graph, tuple(s.name for s in side))
     _modal_dropout(tracer.root, graph)

@@ -52,6 +52,7 @@ from kdgraph.registry import (
 
 __all__ = [
     "CutPair",
+    "EveryLayer",
     "LayerPair",
     "MixupSpec",
     "DataSpec",
@@ -169,6 +170,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class EveryLayer(_Strict):
+    """Every k-th of the teacher's layers: indices k-1, 2k-1, ... (counting from 1, the k-th, 2k-th, ...)."""
+
+    every: Int = Field(description="k >= 1: keep teacher layers k-1, 2k-1, 3k-1, ... (0-based).")
+
+
+def _increasing_layers(keep: list[int] | EveryLayer | None) -> list[int] | EveryLayer | None:
+    if isinstance(keep, EveryLayer) and not 1 <= keep.every <= 10**6:
+        raise _invalid("every k-th layer needs k >= 1", allowed="{every: k}, k from 1 to 10^6", got=keep.every)
+    if isinstance(keep, list):
+        if any(not 0 <= i <= 10**6 for i in keep):
+            raise _invalid("teacher layer indices count from 0", allowed="indices from 0 to 10^6", got=keep)
+        if not keep:
+            raise _invalid("no layer kept", allowed="a non-empty list of teacher layer indices, or {every: k}")
+        if any(b <= a for a, b in zip(keep, keep[1:])):
+            raise _invalid("the kept teacher layers must be strictly increasing (each once, in the teacher's "
+                           "order)", allowed="e.g. [0, 2, 5]", got=keep)
+    return keep
+
+
 class ModelSpec(_Strict):
     """A network to build: a source reference, its constructor arguments, optional weights."""
 
@@ -200,6 +221,16 @@ class ModelSpec(_Strict):
         default=False,
         description="Student only: start from the teacher's weights, every tensor whose name and shape match "
         "(BK-SDM's initialisation of a student with blocks removed); the plan's notes list what was copied.",
+    )
+    from_teacher_layers: Annotated[
+        list[Int] | EveryLayer | None, AfterValidator(_increasing_layers)
+    ] = Field(
+        default=None,
+        description="Student only, transformers: pairs: a depth-pruned copy of the teacher. Student decoder layer "
+        "i starts as teacher layer keep[i] (a list of teacher layer indices, 0-based, increasing; or {every: k}: "
+        "layers k-1, 2k-1, ..., the ones Minitron's pairing then pairs them with), and every other tensor "
+        "(embedding, final norm, head) is the teacher's. The student's config must have as many layers as are "
+        "kept and the teacher's shapes (width, heads, vocabulary); the plan's notes list the copy.",
     )
 
     @field_validator("model")
@@ -283,6 +314,10 @@ class TeacherSpec(ModelSpec):
             raise _invalid("a teacher cache is a folder, and this is a file",
                            allowed="a folder kdgraph cache wrote, or a path that does not exist yet")
         return v
+
+
+def _shown(keep: list[int] | EveryLayer) -> Any:
+    return {"every": keep.every} if isinstance(keep, EveryLayer) else keep
 
 
 def _pretrained_sources() -> list[str]:
@@ -521,7 +556,7 @@ class ScheduleSpec(_Strict):
 
 
 # The feature entries of kdgraph.losses.LOSSES (which needs torch: a test keeps the two equal).
-FeatureLoss = Literal["mse", "dfm", "pkd"]
+FeatureLoss = Literal["mse", "dfm", "pkd", "cosine"]
 
 
 class LayerPair(_Strict):
@@ -531,7 +566,7 @@ class LayerPair(_Strict):
 
     student: str = Field(min_length=1, description="Student module path whose output is compared, e.g. 'layer2.1'.")
     teacher: str = Field(min_length=1, description="Teacher module path whose output is its target, e.g. 'layer3.0'.")
-    loss: FeatureLoss = Field(default="mse", description="Feature loss of the pair: mse or dfm (as loss.feature).")
+    loss: FeatureLoss = Field(default="mse", description="Feature loss of the pair: mse, cosine, pkd or dfm (as loss.feature).")
     weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the pair's loss term.")
 
 
@@ -562,7 +597,8 @@ class LossSpec(_Strict):
     dist_gamma: Float = Field(default=1.0, ge=0.0, le=1000.0, description="DIST: weight γ of the intra-class "
                               "relation (the authors' default: 1).")
     feature: FeatureLoss = Field(
-        default="mse", description="Loss between student and teacher block features: mse, pkd (Cao et al. 2022: "
+        default="mse", description="Loss between student and teacher block features: mse, cosine (1 - the cosine "
+        "similarity along channels, averaged over tokens or pixels: a causal LM's hidden states), pkd (Cao et al. 2022: "
         "MSE of per-channel Pearson-normalised features), or dfm "
         "(ScaleKD's dual-view feature mimicking: channel-normalised MSE + MSE with the DCT's direct "
         "component removed).")
@@ -1090,6 +1126,34 @@ class Spec(_Strict):
             raise _invalid("the student's weights would come from the teacher and from "
                            + ("pretrained: true" if s.pretrained else "student.checkpoint"),
                            allowed="false with pretrained or a checkpoint", at="student.from_teacher", got=True)
+        return self
+
+    @model_validator(mode="after")
+    def _from_teacher_layers_is_the_students(self) -> Spec:
+        at, s = "student.from_teacher_layers", self.student
+        if self.teacher is not None and self.teacher.from_teacher_layers is not None:
+            raise _invalid("the teacher starts from its own weights", allowed="null",
+                           at="teacher.from_teacher_layers", got=_shown(self.teacher.from_teacher_layers))
+        if s.from_teacher_layers is None:
+            return self
+        if self.teacher is None:
+            raise _invalid("there is no teacher to copy layers from", allowed="null without a teacher", at=at,
+                           got=_shown(s.from_teacher_layers))
+        if s.from_teacher or s.pretrained or s.checkpoint is not None:
+            other = ("from_teacher: true" if s.from_teacher else "pretrained: true" if s.pretrained
+                     else "student.checkpoint")
+            raise _invalid(f"the student's weights would come from the teacher's layers and from {other}",
+                           allowed="null with from_teacher, pretrained or a checkpoint", at=at,
+                           got=_shown(s.from_teacher_layers))
+        if self.teacher.cache is not None:
+            raise _invalid("the student copies the teacher's layers when it is built, and a teacher cache replays "
+                           "the teacher without building its weights", allowed="null with teacher.cache", at=at,
+                           got=_shown(s.from_teacher_layers))
+        models = (self.teacher.model, s.model)
+        if not all(m.startswith("transformers:") for m in models):
+            raise _invalid(f"copying decoder layers needs transformers: models (teacher {models[0]}, student "
+                           f"{models[1]}); student.from_teacher: true copies tensors by name and shape",
+                           allowed="null for other sources", at=at, got=_shown(s.from_teacher_layers))
         return self
 
     @model_validator(mode="after")
