@@ -58,7 +58,7 @@ def _params():
 @pytest.mark.parametrize("stem", list(_params()))
 def test_every_spec_compiles(stem):
     c = _compiled(stem)
-    spec = c.spec
+    spec = c.run
     assert c.pairing.k == spec.decompose.blocks
     assert c.plan.k == spec.decompose.blocks
     assert len(c.student.boundaries) == spec.decompose.blocks - 1

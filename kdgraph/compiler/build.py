@@ -14,11 +14,13 @@ from kdgraph.errors import SpecError
 from kdgraph.models import build_model
 
 if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import RunRecord
     from kdgraph.spec import Spec
 
 
-def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
-    """Pass 1: the teacher and the student with their weights (or ``given``)."""
+def build_pass(spec: RunRecord, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
+    """Pass 1: the teacher and the student with their weights (or ``given``), from the run's
+    records (``spec``: its ``RunRecord``, whose teacher source is the one the command uses)."""
     if given is not None:
         teacher, student = given
         notes, missing = [], []
@@ -69,7 +71,7 @@ def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
                         "raise data.batch_size")
 
 
-def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
+def build_models(spec: Spec | RunRecord, fetch: Collection[str] = (), notes: list[str] | None = None,
                  missing: list[str] | None = None, materialize: bool = True,
                  defer: Collection[str] = ()) -> tuple[nn.Module | None, nn.Module]:
     """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are
