@@ -144,8 +144,10 @@ class Trainer:
 
     @classmethod
     def from_spec(cls, spec: Spec) -> Trainer:
-        """The Trainer of ``spec`` as the run builder compiles it for training (its wall time counted)."""
+        """The Trainer of ``spec`` as the run builder compiles it for training (its wall time
+        counted; a device that is not there is said before anything is built)."""
         t_start = time.perf_counter()
+        resolve_device(plan_records(spec, TRAIN).runtime.device, init_distributed())
         trainer = cls(build_run(spec, TRAIN))
         trainer.t_start = t_start
         return trainer
