@@ -57,7 +57,8 @@ def _no_invariant(spec: Spec, input_size: tuple[int, int, int], artifact: Any) -
 @dataclass(frozen=True)
 class Pass:
     """One compiler pass, called by name: ``fn`` takes the artifacts that ``reads`` names, in
-    that order (``spec``, ``mode``, ``given`` models and ``input_size`` to start with), and
+    that order (``spec``, its ``run`` records, ``mode``, ``given`` models, ``input_size`` and the
+    ``cache_header`` the run replays to start with), and
     returns the one it writes under ``writes``; ``ensures(spec, input_size, artifact)`` lists
     the invariants that artifact breaks."""
 

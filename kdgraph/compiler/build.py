@@ -18,18 +18,18 @@ if TYPE_CHECKING:
     from kdgraph.spec import Spec
 
 
-def build_pass(spec: RunRecord, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
+def build_pass(run: RunRecord, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
     """Pass 1: the teacher and the student with their weights (or ``given``), from the run's
-    records (``spec``: its ``RunRecord``, whose teacher source is the one the command uses)."""
+    records (``run``: its ``RunRecord``, whose teacher source is the one the command uses)."""
     if given is not None:
         teacher, student = given
         notes, missing = [], []
     else:
         notes, missing = [], []
-        teacher, student = build_models(spec, mode.fetch, notes, missing if mode.allow_missing else None,
+        teacher, student = build_models(run, mode.fetch, notes, missing if mode.allow_missing else None,
                                         mode.materialize, mode.defer)
-    _check_micro_batches(spec, student)
-    if spec.student.from_teacher and teacher is not None:
+    _check_micro_batches(run, student)
+    if run.student.from_teacher and teacher is not None:
         notes.append(init_from_teacher(teacher, student))
     return Models(ModelArtifacts("teacher", teacher) if teacher is not None else None,
                   ModelArtifacts("student", student), tuple(notes), tuple(missing))
@@ -59,7 +59,7 @@ def init_from_teacher(teacher: nn.Module, student: nn.Module) -> str:
 MIN_BATCHNORM_PART = 4
 
 
-def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
+def _check_micro_batches(spec: Spec | RunRecord, student: nn.Module) -> None:
     micro, batch = spec.runtime.micro_batches, spec.data.batch_size
     part = batch // micro
     # One micro-batch is the batch the user chose: only a split makes the parts smaller.
