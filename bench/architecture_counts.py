@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_architecture import task_special_cases  # noqa: E402
+from test_architecture import spec_reads, task_special_cases  # noqa: E402
 
 SEAM = [f"kdgraph/runtime/{m}.py" for m in ("loop", "commands", "export", "ship", "cache")] + ["cli/main.py"]
 
@@ -34,22 +34,11 @@ def runtime_files(rev: str | None) -> list[str]:
     return [line for line in out.split() if line.endswith(".py")]
 
 
-def spec_reads(text: str) -> int:
-    """``spec.x`` and ``self.spec.x`` (any object's ``.spec`` attribute, then an attribute of it)."""
-    n = 0
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.Attribute):
-            v = node.value
-            if (isinstance(v, ast.Name) and v.id == "spec") or (isinstance(v, ast.Attribute) and v.attr == "spec"):
-                n += 1
-    return n
-
-
 def main(rev: str | None) -> None:
     special = sum(len(task_special_cases(source(f, rev))) for f in SEAM)
     loop = ast.parse(source("kdgraph/runtime/loop.py", rev))
     trainer = [n.end_lineno - n.lineno + 1 for n in loop.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
-    reads = sum(spec_reads(source(f, rev)) for f in runtime_files(rev))
+    reads = sum(len(spec_reads(source(f, rev))) for f in runtime_files(rev))
     print(f"{rev or 'working tree'}: task special cases {special}, Trainer lines {trainer[0]}, "
           f"spec attribute reads in kdgraph/runtime/ {reads}")
 

@@ -40,7 +40,7 @@ def main() -> None:
                       "schedule": {"method": "stablekd", "recompositions": 2, "epochs": 3},
                       "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
                       "runtime": {"device": "cpu", "num_threads": args.threads, "bn_recalibrate": True}})
-    trainer = Trainer(spec)
+    trainer = Trainer.from_spec(spec)
     batches = trainer.data.train.epoch(0)
     step_s = []
     for _ in range(STEPS):

@@ -85,7 +85,7 @@ def measure(root: Path, loader: str, args) -> dict:
 
     spec = load_spec(spec_dict(root, loader, args))
     t0 = time.perf_counter()
-    run = Trainer(spec)
+    run = Trainer.from_spec(spec)
     build_s = time.perf_counter() - t0
     run.distiller.set_stage(run.compiled.plan.stages[0])
     run.distiller.train()

@@ -122,7 +122,7 @@ class StrongLoop:
 
 class KDGraphStep:
     def __init__(self, teacher, student, size, blocks, method, stage, batch, device, compiled):
-        self.run = Trainer(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
+        self.run = Trainer.from_spec(make_spec(teacher, student, size, blocks, method, batch, device, compiled))
         fit = self.run.plan.projection_fit  # projected StableKD (widths differ): its fit stage first
         if fit is not None:
             self.run.distiller.fit_projections(self.run.data.train.epoch(0), fit.batches)

@@ -135,14 +135,14 @@ def plan(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
     if format is PlanFormat.json:
         sys.stdout.write(json.dumps(compiled.to_dict(), indent=2) + "\n")
     elif format is PlanFormat.dot:
-        sys.stdout.write(blockgraph.to_dot(compiled.graph, compiled.spec.name))
+        sys.stdout.write(blockgraph.to_dot(compiled.graph, compiled.run.name))
     elif format is PlanFormat.mermaid:
         sys.stdout.write(blockgraph.to_mermaid(compiled.graph))
     else:
         Console(markup=False, width=_table_width()).print(plan_view(compiled))
     if png is not None:
         try:
-            drawn = draw_block_graph(compiled.graph, png, compiled.spec.name)
+            drawn = draw_block_graph(compiled.graph, png, compiled.run.name)
         except KDGraphError as exc:
             _fail(exc)
         err.print(f"block graph drawn to {drawn}")

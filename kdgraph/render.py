@@ -35,7 +35,7 @@ def _teacher_numerics(plan) -> str:
 
 
 def spec_table(c: Compiled) -> Table:
-    s = c.spec
+    s = c.run
     t = Table(title=f"spec: {s.name}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
@@ -205,14 +205,14 @@ def blocks_table(c: Compiled) -> Table:
         t.add_column(col)
     active = c.plan.uses_adapters
     for b in c.pairing.blocks:
-        if b.is_head and c.student.dense and c.spec.denoise is None:
+        if b.is_head and c.student.dense and c.run.denoise is None:
             for name, text in _dense_heads(c):
                 only_teacher = text.endswith("(teacher only)")
                 t.add_row(str(b.index), f"head {name}" if c.teacher and not text.endswith("(student only)") else "-",
                           "-" if only_teacher else f"head {name}", text, "", "head")
             continue
         if b.is_head:
-            logits = (f"{c.num_classes}-channel noise prediction" if c.spec.denoise is not None
+            logits = (f"{c.num_classes}-channel noise prediction" if c.run.denoise is not None
                       else _token_logits(c) if c.num_classes is None and c.student.output_shape
                       else f"{c.num_classes} logits")
             t.add_row(str(b.index), "head" if c.teacher else "-", "head", logits, "", "head")
@@ -278,7 +278,7 @@ def schedule_table(c: Compiled) -> Table:
     title = f"schedule: {p.method}" + (f"-{p.k}/{p.n}" if METHODS.get(p.method).decomposes else "") + (
         f", TPP proxy path from block {p.tpp_block}" if p.tpp_block else "")
     t = Table(title=title, title_justify="left")
-    cache = c.spec.teacher is not None and c.spec.teacher.cache is not None
+    cache = c.run.teacher is not None and c.run.teacher.cache is not None
     for col in ("stage", "epochs", "groups", "losses") + (("teacher",) if cache else ()):
         t.add_column(col)
     if p.projection_fit is not None:  # a stage of its own: no epochs, teacher features of a few batches

@@ -53,7 +53,7 @@ def trainer_of(raw: dict, out: Path, name: str, **runtime) -> Trainer:
     raw["output"] = str(out / name)
     raw["runtime"].update(runtime)
     raw["teacher"]["shard"] = bool(runtime.get("shard_student"))
-    return Trainer(load_spec(raw))
+    return Trainer.from_spec(load_spec(raw))
 
 
 def bytes_of(trainer: Trainer) -> dict:

@@ -115,7 +115,7 @@ def run_tier_case(path: Path, mode: str, device: str, output: Path, steps: int =
     first: earlier cases' entries would count)."""
     reset_compile_caches()
     with RecompileWatch(strict=True) as watch:
-        run = Trainer(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
+        run = Trainer.from_spec(load_spec(path, tier_overrides(path, mode, device, output), allow_code=True))
         stages = run.compiled.plan.stages
         xb, yb, side = tier_batch(run)
         teacher = run.distiller.teacher
@@ -190,7 +190,7 @@ def test_bf16_terms_match_fp32_in_decomposed_and_merged_stages(device, tmp_path)
         "runtime": {"device": device, "precision": "bf16", "channels_last": True},
         "output": str(tmp_path),
     }
-    run = Trainer(load_spec(raw))
+    run = Trainer.from_spec(load_spec(raw))
     xb, yb = next(iter(run.data.train.epoch(0)))
     xb = xb.contiguous(memory_format=torch.channels_last)
     for stage in run.compiled.plan.stages[:2]:  # stage 0: five single blocks; stage 1: merged pairs
@@ -266,7 +266,7 @@ def test_half_teacher_runs_in_its_dtype_inside_the_run(device, tmp_path):
         got = teacher(x)
     tol = 0 if device == "cpu" else 1e-2  # cuDNN may pick another algorithm per call
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    run = Trainer(load_spec(raw))
+    run = Trainer.from_spec(load_spec(raw))
     for stage in run.compiled.plan.stages:
         run.distiller.set_stage(stage)
         run.distiller.train()

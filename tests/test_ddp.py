@@ -82,7 +82,7 @@ def _emulate_steps(spec, out: Path):
         loaders = [build_loaders(spec.data, spec.seed, cpu, r, 2)[0] for r in (0, 1)]
     d = Distiller(compiled)
     params = [p for p in d.parameters() if p.requires_grad]
-    opt = build_optimizer(spec.optim, optimizer_params(spec, d), cpu)
+    opt = build_optimizer(spec.optim, optimizer_params(spec.optim, d), cpu)
     sched = build_lr_scheduler(opt, spec.optim.lr_schedule, spec.optim.lr,
                                [st.epochs for st in compiled.plan.stages], len(loaders[0]), spec.optim.min_lr_ratio)
     rank0_losses = []

@@ -230,7 +230,7 @@ def test_a_denoiser_projected_at_a_single_tensor_cut_fits_on_its_noisy_images(tm
     raw["decompose"] = {"blocks": 2, "adapters": "projected", "projection_batches": 2,
                         "cuts": [{"teacher": "enc1.1", "student": "enc1.1"}]}
     spec = load_spec(write_spec(raw, tmp_path / "s.yaml"))
-    trainer = loop.Trainer(spec)
+    trainer = loop.Trainer.from_spec(spec)
     assert trainer.plan.projection_fit is not None and trainer.compiled.pairing.adapters_mode == "projected"
     notes = []
     trainer.reporter = SimpleNamespace(note=notes.append)  # what train() would have set up

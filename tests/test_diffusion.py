@@ -717,5 +717,5 @@ def test_a_judge_trained_on_other_data_is_refused_before_training(tmp_path, othe
     spec = load_spec({**spec.to_dict(), "denoise": {**spec.to_dict()["denoise"], "judge": str(judge)}})
     key = next(iter(other))
     with pytest.raises(KDGraphError, match=f"denoise.judge: .*judge classifies other data \\(data.{key} "):
-        loop.Trainer(spec)
+        loop.Trainer.from_spec(spec)
     assert not (tmp_path / "d" / "run" / "checkpoints").exists()

@@ -105,7 +105,7 @@ def test_teacher_is_outside_the_module_tree(tmp_path, teacher_file):
 def test_training_and_bn_recalibration_leave_the_teacher_bit_identical(tmp_path, teacher_file):
     spec = load_spec(tiny_spec(tmp_path, "stablekd", teacher_checkpoint=teacher_file,
                                runtime={"bn_recalibrate": True}))
-    run = Trainer(spec)
+    run = Trainer.from_spec(spec)
     before = {k: v.clone() for k, v in run.distiller.teacher.model.state_dict().items()}
     assert any(k.endswith("running_mean") for k in before)
     for stage in run.compiled.plan.stages:

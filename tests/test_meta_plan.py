@@ -54,7 +54,7 @@ def _outputs(c) -> dict:
     d.pop("timings_s")
     console = Console(file=io.StringIO(), width=160, color_system=None)
     console.print(plan_view(c))
-    return {"json": d, "table": console.file.getvalue(), "dot": blockgraph.to_dot(c.graph, c.spec.name),
+    return {"json": d, "table": console.file.getvalue(), "dot": blockgraph.to_dot(c.graph, c.run.name),
             "mermaid": blockgraph.to_mermaid(c.graph)}
 
 

@@ -109,7 +109,7 @@ def test_plan_shows_what_train_runs(path, monkeypatch):
     y = torch.zeros(2, *(c.student.logits_shape or [0])[1:], dtype=torch.long, device=device)
     # a denoiser: its side inputs (timestep, class) and, as its target, the true noise
     side = tuple(torch.zeros(2, dtype=torch.long, device=device) for _ in c.student.traced.side)
-    if c.spec.denoise is not None:
+    if c.run.denoise is not None:
         y = torch.empty(2, *c.input_size, device=device)
     if c.task == "causal_lm":  # token ids in, next-token ids as targets: (B, T) each
         x = y = torch.zeros(2, c.input_size[-1], dtype=torch.long, device=device)

@@ -232,7 +232,7 @@ def test_auto_projects_exactly_where_adapters_would_stay_in_the_students_path(tm
         raw[key] = {**raw.get(key, {}), **value}
     raw["decompose"].pop("adapters")  # the default
     c = compile_spec(load_spec(raw))
-    assert c.spec.decompose.adapters == "auto" and c.pairing.adapters_mode == mode
+    assert c.run.decompose.adapters == "auto" and c.pairing.adapters_mode == mode
     assert bool(c.pairing.adapters) == (mode == "in_path") and not c.pairing.fallback
     assert (c.plan.projection_fit is not None) == (mode == "projected")
     if mode == "in_path" and c.plan.chains_adapters:  # only tpp/cap keep adapters in the path
@@ -241,7 +241,7 @@ def test_auto_projects_exactly_where_adapters_would_stay_in_the_students_path(tm
 
 def test_auto_falls_back_where_the_projection_cannot_carry_and_says_why():
     c = _shipped("fashion-unet")  # StableKD on a U-Net: multi-tensor cuts
-    assert c.spec.decompose.adapters == "auto" and c.pairing.adapters_mode == "in_path"
+    assert c.run.decompose.adapters == "auto" and c.pairing.adapters_mode == "in_path"
     assert any(n.startswith("decompose.adapters: auto: ") and "multi-tensor" in n for n in c.notes)
 
 

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from _runtime_helpers import tiny_spec, write_spec
+from kdgraph.compiler import resolve_run
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import replay
 from kdgraph.runtime.cache import build_cache
@@ -150,7 +151,7 @@ def test_the_teachers_weights_are_checked_at_replay(built, monkeypatch):
     import kdgraph.models
 
     spec = load_spec(_spec_dict(built, "t", built / "full"))
-    TeacherCache(built / "full", 0, 1, 16, torch.device("cpu"), spec=spec)
+    TeacherCache(built / "full", 0, 1, 16, torch.device("cpu"), run=resolve_run(spec))
     build_model = kdgraph.models.build_model
 
     def perturbed(*args, **kw):
@@ -162,7 +163,7 @@ def test_the_teachers_weights_are_checked_at_replay(built, monkeypatch):
     monkeypatch.setattr(kdgraph.models, "build_model", perturbed)
     with pytest.raises(KDGraphError, match=r"built from other teacher weights \(SHA-256 [0-9a-f]{64} then, "
                                            r"[0-9a-f]{64} now\)"):
-        TeacherCache(built / "full", 0, 1, 16, torch.device("cpu"), spec=spec)
+        TeacherCache(built / "full", 0, 1, 16, torch.device("cpu"), run=resolve_run(spec))
 
 
 def test_the_header_is_read_once_for_planning_training_and_replay(built, monkeypatch):
@@ -175,7 +176,7 @@ def test_the_header_is_read_once_for_planning_training_and_replay(built, monkeyp
     parsed = []
     parse = tc._parse_header
     monkeypatch.setattr(tc, "_parse_header", lambda *a: parsed.append(a[1]) or parse(*a))
-    trainer = Trainer(load_spec(_spec_dict(built, "t", built / "topk")))
+    trainer = Trainer.from_spec(load_spec(_spec_dict(built, "t", built / "topk")))
     assert trainer.cache is not None and parsed == [built / "topk" / "header.json"]
     header = built / "topk" / "header.json"
     header.write_text(header.read_text() + " ")  # changed on disk: read again
@@ -220,6 +221,6 @@ def test_training_data_rewritten_behind_the_stat_is_refused_at_replay(tmp_path):
 
     with pytest.raises(KDGraphError, match=r"was built from other training data \(the decoded training split's "
                                            r"SHA-256 [0-9a-f]{64} then, [0-9a-f]{64} now\)"):
-        Trainer(load_spec(d))
+        Trainer.from_spec(load_spec(d))
     with pytest.raises(KDGraphError, match="holds a cache built from other training data"):
         build_cache(load_spec(d), 2, full=True, quiet=True)  # nor extended with shards of the new data

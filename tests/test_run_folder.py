@@ -53,7 +53,7 @@ def test_the_trainer_keeps_no_spec(tmp_path, method):
 
     from _runtime_helpers import tiny_spec
 
-    trainer = Trainer(load_spec(tiny_spec(tmp_path / "run", method, runtime={"micro_batches": 2})))
+    trainer = Trainer.from_spec(load_spec(tiny_spec(tmp_path / "run", method, runtime={"micro_batches": 2})))
     assert not any(isinstance(v, Spec) for v in vars(trainer).values())
     assert trainer.config.micro_batches == 2 and trainer.config.device.type == "cpu"
     assert "micro_batches: 2" in str(trainer.config).splitlines()

@@ -220,15 +220,15 @@ def test_a_build_from_other_teacher_weights_is_refused(tmp_path, monkeypatch):
     """The builder compares the weights it builds with the header's (a pretrained download
     that changed under the same name: simulated by perturbing the built teacher)."""
     build_cache(load_spec(_spec_dict(tmp_path)), 1, full=True, quiet=True)
-    compile_spec = cache_module.compile_spec
+    build_run = cache_module.build_run
 
     def perturbed(*args, **kw):
-        c = compile_spec(*args, **kw)
+        c = build_run(*args, **kw)
         with torch.no_grad():
             c.teacher.model.fc.bias.add_(1e-3)
         return c
 
-    monkeypatch.setattr(cache_module, "compile_spec", perturbed)
+    monkeypatch.setattr(cache_module, "build_run", perturbed)
     with pytest.raises(KDGraphError, match="built from other teacher weights"):
         build_cache(load_spec(_spec_dict(tmp_path)), 2, full=True, quiet=True)
     assert read_header(tmp_path / "cache")["epochs"] == 1

@@ -119,7 +119,7 @@ def _trainer(tmp_path: Path, **optim) -> tuple[Trainer, ShardedCheckpoints]:
     raw = _lm(tmp_path)
     raw["optim"].update(optim)
     spec = load_spec(raw)
-    trainer = Trainer(spec)
+    trainer = Trainer.from_spec(spec)
     manager = ShardedCheckpoints(trainer.folder, checkpoint_states(trainer, spec.to_dict()), lambda: "resume", DistInfo())
     return trainer, manager
 

@@ -32,7 +32,7 @@ STEPS = 2  # per training stage
 
 
 def _trainer(tmp_path, name, overrides):
-    return Trainer(load_spec(QUICKSTART, [f"output={tmp_path / name}", "teacher.checkpoint=null",
+    return Trainer.from_spec(load_spec(QUICKSTART, [f"output={tmp_path / name}", "teacher.checkpoint=null",
                                           "runtime.device=cpu", "runtime.num_threads=1", *overrides]))
 
 

@@ -17,7 +17,7 @@ def _run(tmp_path, name, method="stablekd", **sections):
     torch.manual_seed(0)
     optim = {"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "constant",
              **sections.pop("optim", {})}
-    return Trainer(load_spec(tiny_spec(tmp_path / name, method, batch_size=24, optim=optim, **sections)))
+    return Trainer.from_spec(load_spec(tiny_spec(tmp_path / name, method, batch_size=24, optim=optim, **sections)))
 
 
 def _batch(run):
@@ -151,7 +151,7 @@ def test_channels_last_changes_no_value_on_swin(tmp_path, method):
         raw["data"] = {"dataset": "synthetic", "input_size": [3, 32, 32], "num_classes": 10, "samples": 8,
                        "batch_size": 4}
         torch.manual_seed(0)
-        runs[cl] = Trainer(load_spec(raw))
+        runs[cl] = Trainer.from_spec(load_spec(raw))
     assert runs[True].config.channels_last and not runs[False].config.channels_last
     xb, yb = _batch(runs[False])
     out = {}
@@ -177,11 +177,11 @@ def test_weight_decay_spares_norms_biases_and_tokens_as_timm_does(tmp_path, opt_
                      | {"student": {"model": "timm:vit_tiny_patch16_224",
                                     "kwargs": {"num_classes": 10, "in_chans": 1, "img_size": 16, "patch_size": 4,
                                                "depth": 2}}})
-    run = Trainer(spec)
+    run = Trainer.from_spec(spec)
     tokens = run.distiller.student.no_weight_decay()
     assert {"pos_embed", "cls_token"} <= tokens
     before = _params(run)
-    opt = build_optimizer(spec.optim, optimizer_params(spec, run.distiller), torch.device("cpu"))
+    opt = build_optimizer(spec.optim, optimizer_params(spec.optim, run.distiller), torch.device("cpu"))
     for p in run.distiller.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()

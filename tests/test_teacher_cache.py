@@ -19,7 +19,8 @@ from kdgraph.compiler import compile_spec
 from kdgraph.errors import KDGraphError, SpecError
 from kdgraph.losses import FKDHeadLoss
 from kdgraph.runtime.cache import build_cache
-from kdgraph.runtime.loop import Trainer, compile_for_training
+from kdgraph.runtime.builder import TRAIN, build_run
+from kdgraph.runtime.loop import Trainer
 from kdgraph.spec import load_spec
 from kdgraph.teacher_cache import read_header, shard_path
 
@@ -150,7 +151,7 @@ def test_a_stopped_build_resumes_at_the_missing_shard(tmp_path):
 def test_the_cache_holds_the_trainers_views(tmp_path):
     """Row i of epoch e is the teacher on the Trainer's i-th view of epoch e (crops drawn per (seed, epoch))."""
     build_cache(_spec(tmp_path, "b"), 2, full=True, quiet=True)
-    trainer = Trainer(_spec(tmp_path, "t", cache=None))
+    trainer = Trainer.from_spec(_spec(tmp_path, "t", cache=None))
     teacher = trainer.distiller.teacher
     for epoch in range(2):
         rows = np.load(shard_path(tmp_path / "cache", epoch, 0))
@@ -163,7 +164,7 @@ def test_the_cache_holds_the_trainers_views(tmp_path):
 
 def test_full_cache_replays_bit_for_bit_and_the_teacher_is_not_built(tmp_path):
     build_cache(_spec(tmp_path, "b"), 2, full=True, quiet=True)
-    trainer = Trainer(_spec(tmp_path, "c"))
+    trainer = Trainer.from_spec(_spec(tmp_path, "c"))
     assert trainer.distiller.teacher is None and trainer.plan.cache_stages == (0,)
     assert all(p.is_meta for p in trainer.compiled.teacher.model.parameters())  # built for its shapes only
     live = train_here(_spec(tmp_path, "live", cache=None))
@@ -191,7 +192,7 @@ def test_full_cache_replays_a_recipe_bit_for_bit(tmp_path, recipe):
 def test_mixup_cache_holds_the_teacher_on_the_mixed_batch(tmp_path):
     mix = {"data": {"mixup": {"mixup_alpha": 0.0, "cutmix_alpha": 1.0}}}
     build_cache(_spec(tmp_path, "b", **mix), 1, full=True, quiet=True)
-    trainer = Trainer(_spec(tmp_path, "t", cache=None, **mix))
+    trainer = Trainer.from_spec(_spec(tmp_path, "t", cache=None, **mix))
     xb, yb = next(iter(trainer.data.train.epoch(0, 2)))
     mixed, _, _ = trainer.prepare(xb, yb, None, 0, 2)  # the classification task: the batch mixed
     assert not torch.equal(mixed, xb)
@@ -213,7 +214,7 @@ def test_the_students_init_does_not_depend_on_the_teacher(tmp_path):
     for spec in (_spec(tmp_path, "live", cache=None, epochs=1), _spec(tmp_path, "cached", epochs=1),
                  load_spec(tiny_spec(tmp_path / "sup", method="supervised", epochs=1))):
         torch.manual_seed(spec.seed)
-        inits.append(compile_for_training(spec).student.model.state_dict())
+        inits.append(build_run(spec, TRAIN).student.model.state_dict())
     for other in inits[1:]:
         assert all(torch.equal(inits[0][k], other[k]) for k in inits[0])
 

@@ -111,7 +111,7 @@ def test_a_deterministic_spec_turns_on_deterministic_algorithms_and_no_autotunin
     from kdgraph.runtime.loop import Trainer
 
     try:
-        trainer = Trainer(_spec(tmp_path, deterministic=True))
+        trainer = Trainer.from_spec(_spec(tmp_path, deterministic=True))
         assert torch.are_deterministic_algorithms_enabled()
         assert trainer.config.deterministic and not trainer.config.cudnn_benchmark
     finally:
@@ -167,7 +167,7 @@ def _counting(trainer):
 def test_bn_recalibration_reads_at_most_its_bound_of_batches_once_per_step(tmp_path, bound, expected):
     from kdgraph.runtime.loop import Trainer
 
-    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=bound))
+    trainer = Trainer.from_spec(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=bound))
     read = _counting(trainer)
     trainer.evaluator.evaluate(trainer.global_step)
     assert len(read) == (len(trainer.data.train) if expected == "epoch" else expected)
@@ -183,7 +183,7 @@ def test_a_bounded_recalibration_estimates_what_its_batches_hold(tmp_path):
     the (unbiased) variance of its input over exactly those two batches."""
     from kdgraph.runtime.loop import Trainer
 
-    trainer = Trainer(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=2))
+    trainer = Trainer.from_spec(_spec(tmp_path, bn_recalibrate=True, bn_recalibrate_batches=2))
     bn = next(m for m in trainer.distiller.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
     seen = []
     hook = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))

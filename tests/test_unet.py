@@ -215,7 +215,7 @@ def test_decomposed_block_receives_every_teacher_tensor(compiled, distiller):
         torch.testing.assert_close(got, pairs2[str(j)].lower(t[2][j]))
     s3 = d.chain.segments[2](*seen[3])
     mse3 = torch.stack([F.mse_loss(pairs[str(j)].lift(s3[j]), t[3][j]) for j in range(3)]).mean()
-    torch.testing.assert_close(terms["mse3"], compiled.spec.loss.feature_weight * mse3)
+    torch.testing.assert_close(terms["mse3"], compiled.run.loss.feature_weight * mse3)
     # the head loss: per-pixel CE and KL of S4's logits against the teacher's
     logits = d.chain.segments[3](*seen[4])
     torch.testing.assert_close(terms["ce"], F.cross_entropy(logits, y))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from kdgraph.compiler.artifacts import BuildMode, Compiled, ModelArtifacts, Models
+from kdgraph.compiler.artifacts import BuildMode, Compiled, ModelArtifacts, Models, RunRecord
 from kdgraph.compiler.blockgraph import block_graph_pass, task_of
 from kdgraph.compiler.boundaries import boundaries_pass
 from kdgraph.compiler.build import build_models, build_pass
@@ -46,7 +46,8 @@ from kdgraph.teacher_cache import cache_key, differences, read_header, token_wid
 if TYPE_CHECKING:
     from kdgraph.spec import Spec
 
-__all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "Pass", "build_models", "compile_spec"]
+__all__ = ["PASSES", "BuildMode", "Compiled", "ModelArtifacts", "Models", "Pass", "RunRecord", "build_models",
+           "compile_spec", "resolve_run"]
 
 
 def _no_invariant(spec: Spec, input_size: tuple[int, int, int], artifact: Any) -> list[str]:
@@ -56,7 +57,8 @@ def _no_invariant(spec: Spec, input_size: tuple[int, int, int], artifact: Any) -
 @dataclass(frozen=True)
 class Pass:
     """One compiler pass, called by name: ``fn`` takes the artifacts that ``reads`` names, in
-    that order (``spec``, ``mode``, ``given`` models and ``input_size`` to start with), and
+    that order (``spec``, its ``run`` records, ``mode``, ``given`` models, ``input_size`` and the
+    ``cache_header`` the run replays to start with), and
     returns the one it writes under ``writes``; ``ensures(spec, input_size, artifact)`` lists
     the invariants that artifact breaks."""
 
@@ -124,7 +126,7 @@ def _check_models(spec: Spec, input_size: tuple[int, int, int], models: Models) 
 
 _SIZE = ("spec", "models", "input_size")
 PASSES: tuple[Pass, ...] = (
-    Pass(build_pass, ("spec", "mode", "given"), "models", _check_models),
+    Pass(build_pass, ("run", "mode", "given"), "models", _check_models),
     Pass(data_pass, ("spec", "models", "input_size", "mode"), "data"),
     Pass(trace_pass, _SIZE, "models", _check_models),
     Pass(cuts_pass, ("models",), "models", _check_models),
@@ -132,7 +134,7 @@ PASSES: tuple[Pass, ...] = (
     Pass(boundaries_pass, ("spec", "models"), "models", _check_models),
     Pass(pair_pass, _SIZE, "pairing", _check_pairing),
     Pass(split_pass, ("models", "pairing"), "models", _check_models),
-    Pass(block_graph_pass, ("spec", "models", "pairing", "input_size"), "graph"),
+    Pass(block_graph_pass, ("spec", "models", "pairing", "input_size", "cache_header"), "graph"),
     Pass(plan_pass, ("spec", "pairing", "graph"), "plan", _check_plan),
 )
 
@@ -167,9 +169,26 @@ def _collecting_new_objects_only() -> Iterator[bool]:
         gc.unfreeze()
 
 
+def resolve_run(spec: Spec, read_cache: bool = True, teacher_weights: bool = True) -> RunRecord:
+    """The run's records of ``spec`` (torch-free; nothing built, nothing read from disk): its
+    sections, and its teacher source as a command uses it: ``read_cache=False`` leaves the
+    teacher cache out (the teacher runs live), ``teacher_weights=False`` its checkpoint,
+    pretrained weights and cache (a teacher of its shapes alone). The spec itself is unchanged."""
+    teacher = spec.teacher
+    if teacher is not None and not teacher_weights:
+        teacher = teacher.model_copy(update={"checkpoint": None, "pretrained": False, "cache": None})
+    elif teacher is not None and not read_cache and teacher.cache is not None:
+        teacher = teacher.model_copy(update={"cache": None})
+    return RunRecord(name=spec.name, seed=spec.seed, output_dir=spec.output_dir, source_dir=spec.source_dir,
+                     task=spec.task, teacher=teacher, student=spec.student, data=spec.data, decompose=spec.decompose,
+                     schedule=spec.schedule, loss=spec.loss, optim=spec.optim, runtime=spec.runtime,
+                     denoise=spec.denoise, canonical=spec.to_dict())
+
+
 def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None = None,
                  fetch: Collection[str] = (), allow_missing_weights: bool = False,
-                 materialize: bool = True, defer: Collection[str] = ()) -> Compiled:
+                 materialize: bool = True, defer: Collection[str] = (), read_cache: bool = True,
+                 teacher_weights: bool = True) -> Compiled:
     """Run every pass on ``spec``. ``models`` (teacher, student) skips building them.
 
     Planning needs shapes only, so pretrained weights are fetched for the roles in
@@ -182,42 +201,46 @@ def compile_spec(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None =
     their headers and nothing is fetched. Every artifact, table, JSON, DOT and Mermaid
     output is the same as with real weights. ``defer``: roles built as for planning alone
     (the trainer defers a teacher that a cache may replay: ``Plan.live_teacher`` says
-    whether it must be built after all).
+    whether it must be built after all). ``read_cache``, ``teacher_weights``: the teacher source
+    as the command uses it (``resolve_run``); ``Compiled.run`` holds it.
     """
+    mode = BuildMode(frozenset(fetch), allow_missing_weights, materialize, frozenset(defer), read_cache, teacher_weights)
     with _collecting_new_objects_only() as frozen:
-        return _compile(spec, models, BuildMode(frozenset(fetch), allow_missing_weights, materialize, frozenset(defer)), frozen)
+        return _compile(spec, models, mode, frozen)
 
 
 def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode: BuildMode,
              freeze: bool) -> Compiled:
     input_size = resolve_input_size(spec.data)
-    env = {"spec": spec, "mode": mode, "given": models, "input_size": input_size}
+    run = resolve_run(spec, mode.read_cache, mode.teacher_weights)
+    cache = run.teacher.cache if run.teacher is not None else None
+    header = read_header(cache) if cache is not None else None  # read once: the plan's cache mode, its check
+    env = {"spec": spec, "run": run, "mode": mode, "given": models, "input_size": input_size, "cache_header": header}
     timings = _run_passes(env, freeze)
     built, data = env["models"], env["data"]
     check_num_classes(data, built.student.num_classes)
-    check_cache(spec, env["plan"], data, built.teacher, built.student)
+    check_cache(run, header, env["plan"], data, built.teacher, built.student)
     missing = built.missing + ((f"data.root {spec.data.root}",)
                                if data.train_images is None and spec.data.dataset == "imagefolder" else ())
     fallback = ((f"decompose.adapters: {spec.decompose.adapters}: {env['pairing'].fallback}",)
                 if env["pairing"].fallback else ())
-    return Compiled(spec, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
+    return Compiled(run, input_size, built.student, built.teacher, data, env["pairing"], env["graph"], env["plan"],
                     timings, built.notes + fallback, missing, task_of(spec, built.student))
 
 
-def check_cache(spec: Spec, plan: Plan, data: DataPlan, teacher: ModelArtifacts | None = None,
-                student: ModelArtifacts | None = None) -> None:
-    """The teacher cache the spec names was built for this run (teacher, data, augmentation,
-    seed, runtime: one line naming what differs) and covers every epoch a stage replays from
-    it. Past the cached epochs the plan is refused, not patched with the live teacher: a
+def check_cache(run: RunRecord, header: dict | None, plan: Plan, data: DataPlan,
+                teacher: ModelArtifacts | None = None) -> None:
+    """The teacher cache the run reads (``header``: its header, read once; None: no cache) was
+    built for this run (teacher, data, augmentation, seed, runtime: one line naming what
+    differs) and covers every epoch a stage replays from it. Past the cached epochs the plan is refused, not patched with the live teacher: a
     stage's program is one for all its epochs, and a run that silently falls back would pay
     the teacher it meant to skip."""
-    if spec.teacher is None or spec.teacher.cache is None:
+    if header is None:
         return
-    root = spec.teacher.cache
-    header = read_header(root)
+    root = run.teacher.cache
     mode = header["key"]["mode"]["value"]
-    diff = differences(header["key"], cache_key(spec, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
-                                                    data, teacher, token_width(spec, student)))
+    diff = differences(header["key"], cache_key(run, mode["mode"], mode.get("k"), header["key"]["ranks"]["value"],
+                                                    data, teacher, token_width(run, student)))
     if diff:
         raise SpecError("teacher.cache", f"{root} was built for another run (differs: {'; '.join(diff)}); "
                         "rebuild it with `kdgraph cache SPEC --epochs N`")

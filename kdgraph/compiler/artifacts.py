@@ -4,9 +4,11 @@ segments, the compiled whole. The records they carry (cuts, stages, pairing, pla
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch.fx as fx
@@ -15,7 +17,17 @@ from torch import nn
 from kdgraph.ir import Boundary, Cut, DataPlan, NodeInfo, Pairing, Plan, SideInput, Stage, graph_json
 
 if TYPE_CHECKING:
-    from kdgraph.spec import Spec
+    from kdgraph.spec.schema import (
+        DataSpec,
+        DecomposeSpec,
+        DenoiseSpec,
+        LossSpec,
+        ModelSpec,
+        OptimSpec,
+        RuntimeSpec,
+        ScheduleSpec,
+        TeacherSpec,
+    )
 
 
 @dataclass
@@ -150,10 +162,41 @@ class Models:
 
 
 @dataclass(frozen=True)
-class Compiled:
-    """The compiler's output: every artifact of every pass."""
+class RunRecord:
+    """What a run needs of its spec, resolved once by the compiler (``resolve_run``); the
+    runtime reads this, never the spec. Torch-free. The sections are the spec's own validated
+    sub-models (every default filled in; they are not rewritten); ``teacher`` is the teacher
+    source as the command uses it: its ``cache`` only where the command replays it, its
+    checkpoint and pretrained weights only where it loads them (an export builds the teacher's
+    shapes alone). ``canonical``: the spec as loaded (``Spec.to_dict``), what run.json,
+    checkpoints and the resume checks compare."""
 
-    spec: Spec
+    name: str
+    seed: int
+    output_dir: Path  # where the run writes: the spec's ``output``, else runs/<name>
+    source_dir: Path | None  # the spec file's folder, searched first for ``module:`` models
+    task: str | None  # the task the spec names (None: inferred; ``Compiled.task`` is the resolved one)
+    teacher: TeacherSpec | None
+    student: ModelSpec
+    data: DataSpec
+    decompose: DecomposeSpec
+    schedule: ScheduleSpec
+    loss: LossSpec
+    optim: OptimSpec
+    runtime: RuntimeSpec
+    denoise: DenoiseSpec | None
+    canonical: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as loaded, every default filled in (JSON-compatible; a copy)."""
+        return copy.deepcopy(self.canonical)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The compiler's output: every artifact of every pass, and the run's resolved records."""
+
+    run: RunRecord
     input_size: tuple[int, int, int]
     student: ModelArtifacts
     teacher: ModelArtifacts | None
@@ -174,9 +217,9 @@ class Compiled:
     def to_dict(self) -> dict:
         """The JSON contract of `kdgraph plan --format json` (keys are kept stable)."""
         return {
-            "name": self.spec.name,
+            "name": self.run.name,
             "task": self.task,
-            "spec": self.spec.to_dict(),
+            "spec": self.run.to_dict(),
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
             "data": self.data.to_dict(),
@@ -200,9 +243,15 @@ class BuildMode:
     or image folder that does not exist yet is listed, not an error (planning needs shapes
     only); ``materialize=False``: parameters on the meta device, checkpoints checked from
     their headers, nothing fetched (`kdgraph plan`); ``defer``: roles built as for planning
-    whatever ``materialize`` says (a teacher whose logits a cache replays in every stage)."""
+    whatever ``materialize`` says (a teacher whose logits a cache replays in every stage);
+    ``read_cache``: the teacher cache the spec names is checked and replayed (False: the plan
+    runs the teacher live, as `eval`, `export` and `cache` compile it); ``teacher_weights``:
+    the teacher's checkpoint and pretrained weights are loaded (False: random weights of its
+    shapes, all that pairing needs; `export`)."""
 
     fetch: frozenset[str] = frozenset()
     allow_missing: bool = False
     materialize: bool = True
     defer: frozenset[str] = frozenset()
+    read_cache: bool = True
+    teacher_weights: bool = True

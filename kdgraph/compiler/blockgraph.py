@@ -48,7 +48,6 @@ import networkx as nx
 from kdgraph.errors import PlanError
 from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
-from kdgraph.teacher_cache import read_header  # beside losses, its layer: no extra climb on the train path
 from kdgraph.registry import LOGIT_LOSSES, TASK_HEAD_LOSSES
 from kdgraph.spec.schema import LossSpec
 
@@ -347,19 +346,18 @@ def tpp_block_of(spec: Spec, pairing: Pairing) -> int | None:
 
 
 def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
-                     input_size: tuple[int, int, int]) -> nx.DiGraph:
-    """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen)."""
+                     input_size: tuple[int, int, int], cache_header: dict | None = None) -> nx.DiGraph:
+    """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen);
+    ``cache_header``: the header of the teacher cache the run replays (None: none)."""
     if spec.data.mixup is not None and models.student.dense:
         raise PlanError("data.mixup: mixup mixes one class label per image; this student predicts a class per "
                         "pixel (set data.mixup: null)")
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,
                                        tpp_block_of(spec, pairing), spec.loss.feature,
-                                       models.student.logits_shape, spec.loss.model_dump(), cache_mode(spec),
+                                       models.student.logits_shape, spec.loss.model_dump(), cache_mode(cache_header),
                                        task_of(spec, models.student)))
 
 
-def cache_mode(spec: Spec) -> str | None:
-    """The mode (``full``, ``topk``) of the teacher cache the spec names, from its header."""
-    if spec.teacher is None or spec.teacher.cache is None:
-        return None
-    return read_header(spec.teacher.cache)["key"]["mode"]["value"]["mode"]
+def cache_mode(header: dict | None) -> str | None:
+    """The mode (``full``, ``topk``) of the teacher cache whose header is ``header`` (None: no cache)."""
+    return None if header is None else header["key"]["mode"]["value"]["mode"]

@@ -110,8 +110,12 @@ def choose_boundaries(stages: list[Stage], blocks: int, traced: TracedModel) -> 
     chosen.sort(key=lambda s: s.end.index)
     if len(chosen) >= need:
         return [Boundary(s.end, s.rule) for s in chosen[len(chosen) - need:]]
+    return _split_by_depth(chosen, blocks, traced)
 
-    # Too few resolutions: split the stages with the most repeated units by depth.
+
+def _split_by_depth(chosen: list[Stage], blocks: int, traced: TracedModel) -> list[Boundary]:
+    """Too few resolutions for ``blocks``: the stages with the most repeated units split by depth."""
+    role, need = traced.role, blocks - 1
     parts = {s.index: 1 for s in chosen}
     units = {s.index: _units(s, traced.model) for s in chosen}
     while sum(parts.values()) < need:

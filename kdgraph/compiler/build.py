@@ -15,20 +15,22 @@ from kdgraph.lm.prune import init_from_teacher_layers
 from kdgraph.models import build_model
 
 if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import RunRecord
     from kdgraph.spec import Spec
 
 
-def build_pass(spec: Spec, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
-    """Pass 1: the teacher and the student with their weights (or ``given``)."""
+def build_pass(run: RunRecord, mode: BuildMode, given: tuple[nn.Module | None, nn.Module] | None) -> Models:
+    """Pass 1: the teacher and the student with their weights (or ``given``), from the run's
+    records (``run``: its ``RunRecord``, whose teacher source is the one the command uses)."""
     if given is not None:
         teacher, student = given
         notes, missing = [], []
     else:
         notes, missing = [], []
-        teacher, student = build_models(spec, mode.fetch, notes, missing if mode.allow_missing else None,
+        teacher, student = build_models(run, mode.fetch, notes, missing if mode.allow_missing else None,
                                         mode.materialize, mode.defer)
-    _check_micro_batches(spec, student)
-    if spec.student.from_teacher and teacher is not None:
+    _check_micro_batches(run, student)
+    if run.student.from_teacher and teacher is not None:
         notes.append(init_from_teacher(teacher, student))
     if spec.student.from_teacher_layers is not None and teacher is not None:
         notes.append(init_from_teacher_layers(teacher, student, spec.student.from_teacher_layers))
@@ -60,7 +62,7 @@ def init_from_teacher(teacher: nn.Module, student: nn.Module) -> str:
 MIN_BATCHNORM_PART = 4
 
 
-def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
+def _check_micro_batches(spec: Spec | RunRecord, student: nn.Module) -> None:
     micro, batch = spec.runtime.micro_batches, spec.data.batch_size
     part = batch // micro
     # One micro-batch is the batch the user chose: only a split makes the parts smaller.
@@ -72,7 +74,7 @@ def _check_micro_batches(spec: Spec, student: nn.Module) -> None:
                         "raise data.batch_size")
 
 
-def build_models(spec: Spec, fetch: Collection[str] = (), notes: list[str] | None = None,
+def build_models(spec: Spec | RunRecord, fetch: Collection[str] = (), notes: list[str] | None = None,
                  missing: list[str] | None = None, materialize: bool = True,
                  defer: Collection[str] = ()) -> tuple[nn.Module | None, nn.Module]:
     """(teacher, student) of ``spec`` with their weights; ``pretrained: true`` weights are

@@ -198,7 +198,9 @@ def find_cuts(traced: TracedModel, multi: bool | None = None) -> list[Cut]:
     return _sweep(traced, multi)
 
 
-def _sweep(traced: TracedModel, multi: bool) -> list[Cut]:
+def _positions(traced: TracedModel) -> tuple[list, dict, dict, dict[str, int]]:
+    """(graph nodes in order, each one's position, the position of its last use, the position
+    of the last node inside each module)."""
     nodes = list(traced.gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
@@ -206,7 +208,11 @@ def _sweep(traced: TracedModel, multi: bool) -> list[Cut]:
     for n in nodes:
         for path in traced.nodes[n.name].modules:
             last_in_module[path] = index[n]
+    return nodes, index, last_use, last_in_module
 
+
+def _sweep(traced: TracedModel, multi: bool) -> list[Cut]:
+    nodes, index, last_use, last_in_module = _positions(traced)
     input_hw = traced.input_size[1:]
     live: set = set()
     expiring: dict[int, list] = {}

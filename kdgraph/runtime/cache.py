@@ -1,7 +1,7 @@
 """Build a teacher cache, and replay it: the teacher's logits for a run's training views,
 computed once (``kdgraph.teacher_cache`` describes the folder and its key).
 
-    build_cache(spec, epochs=N)      `kdgraph cache SPEC --epochs N`: writes spec.teacher.cache
+    build_cache(spec, epochs=N)      `kdgraph cache SPEC --epochs N`: writes the spec's teacher.cache
     TeacherCache(root, rank, ...)    what the Trainer reads, one batch at a time
 
 The builder draws exactly the batches the Trainer will: it builds the run's own data (its
@@ -32,7 +32,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import random
 import re
 import socket
 import time
@@ -44,9 +43,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kdgraph.compiler import compile_spec
 from kdgraph.errors import KDGraphError
 from kdgraph.lm.token_losses import topk_kl
+from kdgraph.runtime.builder import CACHE, TRAIN, build_run, plan_records
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.replay import teacher_weights_sha256, train_data_sha256
 from kdgraph.runtime.distiller import frozen_teacher
@@ -101,11 +100,6 @@ class CacheSummary:
 
 def _ranges(epochs: list[int]) -> str:
     return ", ".join(str(e + 1) for e in epochs) or "none"
-
-
-def _without_cache(spec):
-    """The spec whose run the cache is built for, compiled as if it named no cache (it may not exist yet)."""
-    return spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"cache": None})})
 
 
 def _rows(loader) -> int:
@@ -214,28 +208,28 @@ def build_cache(spec, epochs: int, *, full: bool = False, top_k: int = DEFAULT_T
     ``spec.teacher.cache``: float32 logits with ``full``, else the ``top_k`` largest
     probabilities at the spec's loss temperature (fp16) and their indices. Resumes a stopped
     build; refuses a folder built for another run (one line naming what differs), one another
-    build is writing, and one holding someone else's files."""
-    if spec.teacher is None or spec.teacher.cache is None:
+    build is writing, and one holding someone else's files. The run is compiled as ``CACHE``
+    needs it: the teacher live (the cache may not exist yet), seeded as the Trainer seeds it
+    (an untrained teacher's weights are the run's)."""
+    trained = plan_records(spec, TRAIN)  # the training run that will replay the cache built here
+    named = trained.teacher
+    if named is None or named.cache is None:
         raise KDGraphError("kdgraph cache writes to teacher.cache: set it in the spec (or --set teacher.cache=DIR)")
     if not 1 <= epochs <= MAX_CACHE_EPOCHS:
         raise KDGraphError(f"--epochs must be in 1..{MAX_CACHE_EPOCHS} (a cache covers a run's epochs), got {epochs}")
-    root = Path(spec.teacher.cache)
+    root = Path(named.cache)
     _check_folder(root)
     info = init_distributed()
-    device = resolve_device(spec.runtime.device, info)
-    if spec.runtime.num_threads:
-        torch.set_num_threads(spec.runtime.num_threads)
-    torch.manual_seed(spec.seed)  # as the Trainer: an untrained teacher's weights are the run's
-    random.seed(spec.seed)
-    compiled = compile_spec(_without_cache(spec), fetch=("teacher",))
-    width = token_width(spec, compiled.student)
+    device = resolve_device(trained.runtime.device, info)
+    compiled = build_run(spec, CACHE)
+    width = token_width(compiled.run, compiled.student)
     mode, top_k = _checked_mode(compiled, _logits_shape(compiled, width), full, top_k)
-    key = cache_key(spec, mode, top_k, info.world_size, compiled.data, compiled.teacher, width)
+    key = cache_key(compiled.run, mode, top_k, info.world_size, compiled.data, compiled.teacher, width)
     created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         with BuildLock(root, info.rank) as lock:
-            summary = _build(spec, compiled, key, epochs, (mode, top_k), info, device, quiet)
+            summary = _build(root, compiled, key, epochs, (mode, top_k), info, device, quiet)
         return CacheSummary(**{**summary.__dict__, "notes": (lock.note,) if lock.note else ()})
     except OSError as exc:  # a full disk, a read-only folder: the shards written so far are kept
         raise KDGraphError(f"{root}: cannot write the teacher cache ({exc.strerror or exc}"
@@ -256,25 +250,25 @@ def _remove_if_unused(root: Path, rank: int) -> None:
             root.rmdir()
 
 
-def _build(spec, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None], info, device,
+def _build(root: Path, compiled, key: dict, epochs: int, mode_k: tuple[str, int | None], info, device,
            quiet: bool) -> CacheSummary:
     """The build, under the folder's lock: the header first (incomplete), every missing shard,
     then the header again, complete with every shard's checksum."""
-    root, base = Path(spec.teacher.cache), _without_cache(spec)
+    run = compiled.run
     epochs, wanted, old = _epochs_to_build(root, key, epochs, compiled.plan)
     weights = teacher_weights_sha256(compiled.teacher.model)  # as built, before teacher.dtype casts them
     if old is not None and old["teacher_weights_sha256"] != weights:
         raise KDGraphError(f"{root} holds a cache built from other teacher weights (SHA-256 "
                            f"{old['teacher_weights_sha256']} then, {weights} now); choose another teacher.cache")
-    task = create_task(base, compiled)
+    task = create_task(run, compiled)
     task.writes_output = False  # the run's folder is the run's: a text's token file is made elsewhere
-    data = task.build_data(base, compiled.data, device, info)
+    data = task.build_data(run, compiled.data, device, info)
     data_sha256 = train_data_sha256(data.train)
     if old is not None and old.get("train_data_sha256") not in (None, data_sha256):
         raise KDGraphError(f"{root} holds a cache built from other training data (the decoded training split's "
                            f"SHA-256 {old['train_data_sha256']} then, {data_sha256} now); choose another teacher.cache")
-    shard = _writer(compiled, resolve_config(base, device, compiled.student.model), mode_k, spec.loss.temperature,
-                    data, info, device, token_width(spec, compiled.student))
+    shard = _writer(compiled, resolve_config(run, device, compiled.student.model), mode_k, run.loss.temperature,
+                    data, info, device, token_width(run, compiled.student))
     header = {"key": key, "epochs": epochs, "stored_epochs": wanted, "complete": False,
               "logits_shape": list(shard.shape), "rows_per_epoch": shard.rows,
               "batch_size": data.train.batch_size, "bytes_per_row": shard.row_bytes,

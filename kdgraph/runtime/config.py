@@ -1,7 +1,7 @@
-"""The runtime's settings, resolved once from the spec: what the training step and the loop
-read, so that neither looks at the spec again.
+"""The runtime's settings, resolved once from the run's records: what the training step and
+the loop read.
 
-    resolve_config(spec, device, model) -> RuntimeConfig
+    resolve_config(run, device, model) -> RuntimeConfig
 
 ``auto`` values that depend on the machine or the model (channels_last) are decided here;
 ``bn_recalibrate: auto`` stays ``auto`` because it depends on the training stage.
@@ -18,7 +18,7 @@ from kdgraph.runtime.techniques import use_channels_last, use_cudnn_benchmark
 from kdgraph.transforms import MixupCutmix
 
 if TYPE_CHECKING:
-    from kdgraph.spec import Spec
+    from kdgraph.compiler import RunRecord
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,16 @@ class RuntimeConfig:
         return self.mixup(xb, yb, self.seed, epoch, [position], num_classes)
 
 
-def resolve_config(spec: Spec, device: torch.device, model: torch.nn.Module) -> RuntimeConfig:
-    """The settings of ``spec`` on ``device`` for the student ``model``."""
-    rt = spec.runtime
+def resolve_config(run: RunRecord, device: torch.device, model: torch.nn.Module) -> RuntimeConfig:
+    """The settings of the run ``run`` on ``device`` for the student ``model``."""
+    rt = run.runtime
     return RuntimeConfig(
         device=device, precision=rt.precision, channels_last=use_channels_last(rt.channels_last, model, device),
         compile=rt.compile, deterministic=rt.deterministic,
-        cudnn_benchmark=use_cudnn_benchmark(device, rt.deterministic), micro_batches=rt.micro_batches, clip_grad_norm=spec.optim.clip_grad_norm,
-        batch_size=spec.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
+        cudnn_benchmark=use_cudnn_benchmark(device, rt.deterministic), micro_batches=rt.micro_batches, clip_grad_norm=run.optim.clip_grad_norm,
+        batch_size=run.data.batch_size, log_every=rt.log_every, checkpoint_every=rt.checkpoint_every,
         eval_every=rt.eval_every, bn_recalibrate=rt.bn_recalibrate,
         bn_recalibrate_batches=rt.bn_recalibrate_batches, track_stability=rt.track_stability,
-        tensorboard=rt.log == "tensorboard", seed=spec.seed,
-        mixup=None if spec.data.mixup is None else MixupCutmix(**spec.data.mixup.model_dump(), label_smoothing=0.0),
+        tensorboard=rt.log == "tensorboard", seed=run.seed,
+        mixup=None if run.data.mixup is None else MixupCutmix(**run.data.mixup.model_dump(), label_smoothing=0.0),
         shard_student=rt.shard_student, shard_dtype=rt.shard_dtype, activation_checkpointing=rt.activation_checkpointing)

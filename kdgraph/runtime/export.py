@@ -29,8 +29,7 @@ from kdgraph.runtime.program import check_program
 from kdgraph.weights import read_weights_file, sniff
 
 if TYPE_CHECKING:
-    from kdgraph.compiler import Compiled
-    from kdgraph.spec import Spec
+    from kdgraph.compiler import Compiled, RunRecord
 
 
 def _contiguous(state: dict) -> dict:
@@ -42,7 +41,7 @@ def export_student(distiller, compiled: Compiled, path: Path, state: dict | None
     state_dict where the module holds shards of it (a sharded student's, gathered)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"kdgraph": "1", "spec_name": compiled.spec.name, "student": compiled.spec.student.model}
+    meta = {"kdgraph": "1", "spec_name": compiled.run.name, "student": compiled.run.student.model}
     if not distiller.adapters_in_inference:
         state = compiled.student.model.state_dict() if state is None else state
         save_file(_contiguous(state), str(path), metadata={**meta, "format": "plain"})
@@ -205,13 +204,13 @@ def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> N
                            "exported from")
 
 
-def preprocessing_of(spec: Spec, data) -> dict:
+def preprocessing_of(run: RunRecord, data) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
     pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.data.Data``)."""
     streamed = data.plan.loader == "stream"
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
             "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
-            "resize": "resize + centre crop" if streamed else spec.data.resize}
+            "resize": "resize + centre crop" if streamed else run.data.resize}
 
 
 class _ExportedProgram(nn.Module):

@@ -1,15 +1,15 @@
-"""The training loop: a Trainer built once from the spec, then epochs of steps, evaluation
-and checkpoints, then the exported student and the summary.
+"""The training loop: a Trainer built once from the compiled plan, then epochs of steps,
+evaluation and checkpoints, then the exported student and the summary.
 
-    train(spec) = claim the run folder -> Trainer(spec) -> [restore] -> fit: for each epoch,
+    train(spec) = claim the run folder -> Trainer(build_run(spec, TRAIN)) -> [restore] -> fit: for each epoch,
                   train_epoch (train_step, log_step, checkpoint) and end_epoch (evaluate,
                   record, save) -> finish (export, summary, curves)
 
 Positions are (epoch, step-in-epoch); the data order, augmentation and learning rate
 are pure functions of the position and the seed, and the checkpoint carries model,
 optimizer, scheduler and RNG states, so a resumed run continues bit for bit.
-The spec is read while the Trainer is built; the loop reads the compiled plan and the
-resolved ``RuntimeConfig``. Its parts have their owners: the task (``kdgraph.tasks``: what a
+The spec goes in at the compiler (``runtime.builder``) and stops there: the Trainer reads
+the compiled plan, its ``RunRecord`` and the resolved ``RuntimeConfig``. Its parts have their owners: the task (``kdgraph.tasks``: what a
 batch is, scores, reports), the ``Stepper`` (one optimisation step), the ``Evaluator``
 (BatchNorm re-estimation, scores), the ``CheckpointManager`` (what a checkpoint holds, each
 owner packing its own state) and ``report`` (notes, warnings, the summary).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from contextlib import contextmanager
@@ -28,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdgraph.compiler import compile_spec
+from kdgraph.compiler import RunRecord  # module level: the compiler first, in the train path's reading order
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime import report, runs
 from kdgraph.runtime.checkpoint import RNG, CheckpointManager, Value
+from kdgraph.runtime.builder import TRAIN, build_run, plan_records
 from kdgraph.runtime.config import resolve_config
 from kdgraph.runtime.curves import plot_curves
 from kdgraph.runtime.distiller import Distiller
@@ -51,13 +51,15 @@ from kdgraph.runtime.techniques import (
     resolve_device,
     shard_teacher,
     to_channels_last,
-    use_deterministic_algorithms,
 )
 from kdgraph.schedules import stage_at
 from kdgraph.tasks.create import create_task, spec_task
 
 if TYPE_CHECKING:
-    from kdgraph.ir import TrainingStage
+    from kdgraph.compiler import Compiled
+    from kdgraph.ir import Plan, TrainingStage
+    from kdgraph.runtime.config import RuntimeConfig
+    from kdgraph.runtime.techniques import DistInfo
     from kdgraph.spec import Spec
 
 
@@ -96,46 +98,36 @@ class EpochMeter:
 
 
 class Trainer:
-    """A run of the compiled plan: built once from the spec (device, plan, data, task,
+    """A run of the compiled plan: built once from it (device, plan, data, task,
     distiller, stepper, evaluator, checkpoints), then ``fit`` trains it to the end."""
 
-    def __init__(self, spec: Spec):
-        self.t_start = time.perf_counter()  # the run's wall time counts the build
+    def __init__(self, compiled: Compiled):
+        self.t_start = time.perf_counter()  # the run's wall time counts the build (build_run's too, where from_spec)
         self.info = init_distributed()
-        device = resolve_device(spec.runtime.device, self.info)
-        if spec.runtime.num_threads:
-            torch.set_num_threads(spec.runtime.num_threads)
-        use_deterministic_algorithms(spec.runtime.deterministic)  # before any kernel runs
-        torch.manual_seed(spec.seed)  # model and adapter initialisation
-        random.seed(spec.seed)
-        self.compiled = compile_for_training(spec)
+        self.compiled, run = compiled, compiled.run
+        device = resolve_device(run.runtime.device, self.info)
         self.plan = self.compiled.plan
         self.stage_epochs = [st.epochs for st in self.plan.stages]
-        self.config = resolve_config(spec, device, self.compiled.student.model)
+        self.config = resolve_config(run, device, self.compiled.student.model)
+        self.evaluates = self.info.is_main or self.config.shard_student  # a sharded student's forward needs all ranks
         # the task: what a batch is, its data (train sharded over ranks, normalised in the step's
         # layout; the evaluation splits whole, for the main rank), its scores and reports
-        self.task = create_task(spec, self.compiled)
-        self.data = self.task.build_data(spec, self.compiled.data, device, self.info, self.config.channels_last)
-        self.task.check_data(self.data, spec.data.dataset)
+        self.task = create_task(run, self.compiled)
+        self.data = self.task.build_data(run, self.compiled.data, device, self.info, self.config.channels_last)
+        self.task.check_data(self.data, run.data.dataset)
         self.distiller = Distiller(self.compiled).to(device)  # the teacher and segments move with it
         # the stages that replay the teacher's logits read them here, batch by batch
-        self.cache = (TeacherCache(spec.teacher.cache, self.info.rank, self.info.world_size, spec.data.batch_size,
-                                   device, spec=spec, data=self.data.train) if self.plan.cache_stages else None)
-        apply_cudnn_benchmark(device, self.config.deterministic)  # what the benchmark measures is what users get
-        if self.config.channels_last:
-            to_channels_last(self.distiller)  # segments and the teacher too (Distiller._apply)
-        if self.plan.teacher_shard and self.distiller.teacher is not None:
-            shard_teacher(self.distiller.teacher, self.info, device)  # after its last move and cast
-        apply_student_options(self.distiller, self.plan, self.config, self.info)  # FSDP2, activation checkpoints
-        self.stepper = Stepper(spec, self.distiller, self.config, self.info, self.stage_epochs,
+        self.cache = (TeacherCache(run.teacher.cache, self.info.rank, self.info.world_size, run.data.batch_size,
+                                   device, run=run, data=self.data.train) if self.plan.cache_stages else None)
+        place_models(self.distiller, self.config, self.plan, self.info)
+        self.stepper = Stepper(run.optim, self.distiller, self.config, self.info, self.stage_epochs,
                                len(self.data.train), find_unused=self.plan.feature_losses)
         self.optimizer, self.scheduler = self.stepper.optimizer, self.stepper.scheduler
         self.evaluator = Evaluator(self.distiller, self.task, self.data, self.config)
         self.recompiles = RecompileWatch()  # attached while fit trains: limit hits, reported in the summary
-        self.folder = RunFolder(spec.output_dir)
-        self.name = spec.name
-        self.preprocessing = preprocessing_of(spec, self.data)  # what export's config.json records
-        self.untrained_teacher = bool(spec.teacher and spec.teacher.checkpoint is None and not spec.teacher.pretrained)
+        self.folder, self.name = RunFolder(run.output_dir), run.name
+        self.preprocessing = preprocessing_of(run, self.data)  # what export's config.json records
+        self.untrained_teacher = bool(run.teacher and run.teacher.checkpoint is None and not run.teacher.pretrained)
         self.position = {"epoch": 0, "step": 0, "global_step": 0}  # where fit starts (a resume's)
         self.saving_at = (0, 0)  # (epoch, step) of the checkpoint being saved
         self.global_step = 0
@@ -144,7 +136,7 @@ class Trainer:
         self.teacher_acc = self.student_acc = self.test_acc = None  # the teacher's, the last evaluation's, the test's
         self.tracker: StabilityTracker | None = None
         self.data_warned = False  # report.warn_if_starved: once per run
-        states, resume = checkpoint_states(self, spec.to_dict()), lambda: runs.resume_command(self.folder.root)
+        states, resume = checkpoint_states(self, run.to_dict()), lambda: runs.resume_command(self.folder.root)
         self.checkpoints = (ShardedCheckpoints(self.folder, states, resume, self.info)  # DCP: each rank its shards
                             if self.config.shard_student else CheckpointManager(self.folder, states, resume))
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
@@ -153,22 +145,19 @@ class Trainer:
         self.stop: dict = {"signal": None}
         self.progress: torch.Tensor | None = None  # of the current step, set by train_epoch
 
+    @classmethod
+    def from_spec(cls, spec: Spec) -> Trainer:
+        """The Trainer of ``spec`` as the run builder compiles it for training (its wall time
+        counted; a device that is not there is said before anything is built)."""
+        t_start = time.perf_counter()
+        resolve_device(plan_records(spec, TRAIN).runtime.device, init_distributed())
+        trainer = cls(build_run(spec, TRAIN))
+        trainer.t_start = t_start
+        return trainer
+
     @property
     def main(self) -> bool:
         return self.info.is_main
-
-    @property
-    def evaluates(self) -> bool:
-        """This rank evaluates: the main one, or every rank where the student is sharded (its
-        forward gathers each layer from all of them)."""
-        return self.info.is_main or self.config.shard_student
-
-    def export(self, path: Path) -> None:
-        """The student's file at ``path``, written by the main rank (a sharded student's state
-        gathered first, on the main rank's CPU, by every rank)."""
-        state = full_state(self.distiller.student) if self.config.shard_student else None
-        if self.main:
-            readable(export_student(self.distiller.eval(), self.compiled, path, state))
 
     def wall_s(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
@@ -316,7 +305,7 @@ class Trainer:
         metric = self.task.best_metric
         if self.task.better(acc, self.history.get(f"best_{metric}")):  # ties keep the earlier epoch
             self.history.update({f"best_{metric}": acc[metric], "best_epoch": epoch + 1})
-            self.export(self.folder.best)
+            export_run(self, self.folder.best)
 
     # --------------------------------------------------------------------- checkpoints
 
@@ -327,14 +316,9 @@ class Trainer:
             self.checkpoints.save()
 
     def restore(self) -> str | None:
-        """Load the last good checkpoint (last.pt, else prev.pt); returns a warning when it
-        had to fall back. Checkpoints before ``teacher_scores`` held the teacher's top-1 and
-        top-5, or a denoiser's MSE, apart."""
+        """Load the last good checkpoint (last.pt, else prev.pt); a warning where it fell back."""
         state, warning = self.checkpoints.restore(self.main)
-        if self.teacher_acc is None and state.get("teacher_top1") is not None:
-            self.teacher_acc = {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
-        elif self.teacher_acc is None and state.get("teacher_mse") is not None:
-            self.teacher_acc = {"mse": state["teacher_mse"]}
+        self.teacher_acc = self.teacher_acc or legacy_teacher_scores(state)
         return warning
 
     # ------------------------------------------------------------------------ finishing
@@ -353,7 +337,7 @@ class Trainer:
             self.student_acc = self.test_acc = None
         reports = self.task.reports(self) if self.main else self.task.reports_elsewhere(self)
         summary = report.summary(self) | reports
-        self.export(self.folder.student)
+        export_run(self, self.folder.student)
         if self.main:
             self.folder.summary.write_text(json.dumps(summary, indent=2))
             self.metrics.close()
@@ -364,18 +348,33 @@ class Trainer:
         return summary
 
 
-def compile_for_training(spec: Spec):
-    """The compiled spec, models with their weights. A teacher that a cache may replay is
-    deferred (built on the meta device, nothing loaded) and built for real only where some
-    stage still runs it; the RNG is re-seeded for that second build, so the student starts
-    from the same weights either way."""
-    defer = ("teacher",) if spec.teacher is not None and spec.teacher.cache is not None else ()
-    compiled = compile_spec(spec, fetch=("teacher", "student"), defer=defer)
-    if defer and compiled.plan.live_teacher:
-        torch.manual_seed(spec.seed)
-        random.seed(spec.seed)
-        compiled = compile_spec(spec, fetch=("teacher", "student"))
-    return compiled
+def export_run(trainer: Trainer, path: Path) -> None:
+    """The student's file at ``path``, written by the main rank (a sharded student's state
+    gathered first, on the main rank's CPU, by every rank)."""
+    state = full_state(trainer.distiller.student) if trainer.config.shard_student else None
+    if trainer.main:
+        readable(export_student(trainer.distiller.eval(), trainer.compiled, path, state))
+
+
+def legacy_teacher_scores(state: dict) -> dict | None:
+    """The teacher's scores of a checkpoint written before ``teacher_scores``: top-1 and top-5,
+    or a denoiser's MSE, apart (None where it has neither)."""
+    if state.get("teacher_top1") is not None:
+        return {"top1": state["teacher_top1"], "top5": state.get("teacher_top5")}
+    if state.get("teacher_mse") is not None:
+        return {"mse": state["teacher_mse"]}
+    return None
+
+
+def place_models(distiller: Distiller, config: RuntimeConfig, plan: Plan, info: DistInfo) -> None:
+    """cuDNN autotuning as configured, the step's memory format, a sharded teacher, the student's
+    sharding and activation checkpoints."""
+    apply_cudnn_benchmark(config.device, config.deterministic)  # what the benchmark measures is what users get
+    if config.channels_last:
+        to_channels_last(distiller)  # segments and the teacher too (Distiller._apply)
+    if plan.teacher_shard and distiller.teacher is not None:
+        shard_teacher(distiller.teacher, info, config.device)  # after its last move and cast
+    apply_student_options(distiller, plan, config, info)  # FSDP2, activation checkpoints
 
 
 def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:
@@ -459,34 +458,35 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = Fa
     ``source`` (the spec file and its overrides) is stored in the run folder.
     """
     info = init_distributed()
-    lock = runs.RunLock(spec.output_dir)
+    run = plan_records(spec, TRAIN)  # the output folder is claimed before anything is built
+    lock = runs.RunLock(run.output_dir)
     if info.is_main:
-        runs.prepare_output(spec.output_dir)
+        runs.prepare_output(run.output_dir)
         lock.acquire()
     try:
         if info.is_main:
-            finished = _finished(spec, resume)
+            finished = _finished(run, resume)
             if finished is not None:
                 return finished
-            runs.claim(spec.output_dir, spec.to_dict(), resume, force, source)
+            runs.claim(run.output_dir, run.to_dict(), resume, force, source)
         if info.enabled:
             torch.distributed.barrier()
-        with runs.unclaimed_on_refusal(spec.output_dir, info.is_main and not resume):
-            trainer = Trainer(spec)
+        with runs.unclaimed_on_refusal(run.output_dir, info.is_main and not resume):
+            trainer = Trainer.from_spec(spec)
         return trainer.fit(resume, quiet)
     finally:
         lock.release()
 
 
-def _finished(spec: Spec, resume: bool) -> dict | None:
+def _finished(run: RunRecord, resume: bool) -> dict | None:
     """Resuming a run that already ended changes nothing: its summary, marked as such."""
-    path = RunFolder(spec.output_dir).summary
+    path = RunFolder(run.output_dir).summary
     if not (resume and path.exists()):
         return None
-    stored = runs.stored_run(spec.output_dir)
-    if stored is not None and (diff := runs.spec_differences(stored["spec"], spec.to_dict())):
-        raise runs.OutputError(f"{spec.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
+    stored = runs.stored_run(run.output_dir)
+    if stored is not None and (diff := runs.spec_differences(stored["spec"], run.to_dict())):
+        raise runs.OutputError(f"{run.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
     summary = json.loads(path.read_text())
-    summary.setdefault("task", spec_task(spec).name)  # summaries before tasks: the spec's (dense reads as classification)
+    summary.setdefault("task", spec_task(run).name)  # summaries before tasks: the spec's (dense reads as classification)
     summary["already_finished"] = True
     return summary

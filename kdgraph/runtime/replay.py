@@ -131,12 +131,12 @@ def read_shard(path: Path, dtype: np.dtype, shape: tuple[int, ...], sha256: str 
 
 class TeacherCache:
     """A built cache, read batch by batch: rows ``step * batch_size ..`` of the epoch's shard
-    of this rank, checked (``read_shard``) when the epoch's shard is first read. ``spec``: the
-    run's, to check the teacher's weights against the header's (once, here); ``data``: the
+    of this rank, checked (``read_shard``) when the epoch's shard is first read. ``run``: the
+    run's ``RunRecord``, to check the teacher's weights against the header's (once, here); ``data``: the
     run's training loader, whose decoded split must be the one the cache was built from."""
 
     def __init__(self, root: Path | str, rank: int, world_size: int, batch_size: int, device: torch.device,
-                 spec: Any = None, data: Any = None):
+                 run: Any = None, data: Any = None):
         self.root = Path(root)
         header = read_header(self.root)
         built_for = header["key"]["ranks"]["value"]
@@ -155,20 +155,21 @@ class TeacherCache:
         self.checksums: dict[str, str] = header.get("shards", {})
         self.rank, self.batch_size, self.device = rank, batch_size, device
         self._shards: dict[int, np.ndarray] = {}
-        if spec is not None:
-            self.check_teacher(spec, header["teacher_weights_sha256"])
+        if run is not None:
+            self.check_teacher(run, header["teacher_weights_sha256"])
         built_from, now = header.get("train_data_sha256"), train_data_sha256(data) if data is not None else None
         if built_from is not None and now is not None and built_from != now:
             raise KDGraphError(f"{self.root} was built from other training data (the decoded training split's SHA-256 "
                                f"{built_from} then, {now} now): rebuild it with `kdgraph cache SPEC --epochs N`")
 
-    def check_teacher(self, spec: Any, want: str) -> None:
-        """The teacher's weights, built as the cache's builder built them, are those it cached."""
+    def check_teacher(self, run: Any, want: str) -> None:
+        """The teacher's weights, built as the cache's builder built them, are those it cached
+        (``run``: the run's ``RunRecord``, its teacher source and seed)."""
         from kdgraph.models import build_model
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)  # an untrained teacher's weights: the builder's draw
-            model = build_model(spec.teacher, spec.source_dir, role="teacher", fetch=True)
+            torch.manual_seed(run.seed)  # an untrained teacher's weights: the builder's draw
+            model = build_model(run.teacher, run.source_dir, role="teacher", fetch=True)
         got = teacher_weights_sha256(model)
         if got != want:
             raise KDGraphError(f"{self.root} was built from other teacher weights (SHA-256 {want} then, {got} now): "

@@ -176,16 +176,16 @@ def fold_into_student(compiled, maps: dict[int, nn.Module]) -> Folded:
     return Folded(model, None)
 
 
-def _student_ref(spec) -> tuple[str, str]:
-    source, _, name = spec.student.model.partition(":")
+def _student_ref(run) -> tuple[str, str]:
+    source, _, name = run.student.model.partition(":")
     return source, name
 
 
 def timm_config(compiled, preprocessing: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
     """config.json in timm's hub layout (``timm.create_model('local-dir:OUT')`` reads it)."""
-    spec = compiled.spec
-    source, name = _student_ref(spec)
-    kwargs = dict(spec.student.kwargs)
+    run = compiled.run
+    source, name = _student_ref(run)
+    kwargs = dict(run.student.kwargs)
     num_classes = kwargs.pop("num_classes", compiled.num_classes)
     model = compiled.student.model
     pretrained_cfg = {
@@ -204,34 +204,34 @@ def timm_config(compiled, preprocessing: dict[str, Any], card: dict[str, Any]) -
     if preprocessing.get("label_names"):
         pretrained_cfg["label_names"] = list(preprocessing["label_names"])
     config = {
-        "architecture": name if source == "timm" else spec.student.model,
+        "architecture": name if source == "timm" else run.student.model,
         "num_classes": num_classes,
         "num_features": getattr(model, "num_features", None),
         "model_args": kwargs,
         "pretrained_cfg": pretrained_cfg,
-        "kdgraph": {"source": spec.student.model, **card},
+        "kdgraph": {"source": run.student.model, **card},
     }
     return config
 
 
 def model_card(config: dict[str, Any], compiled, card: dict[str, Any]) -> str:
-    spec, plan = compiled.spec, compiled.plan
+    run, plan = compiled.run, compiled.plan
     pre = config["pretrained_cfg"]
     fmt = card["format"]
-    teacher = spec.teacher.model if spec.teacher else "none"
+    teacher = run.teacher.model if run.teacher else "none"
     lines = [
-        f"# {spec.name}: {spec.student.model}",
+        f"# {run.name}: {run.student.model}",
         "",
         f"Distilled by kdgraph from `{teacher}` with {plan.method} "
         f"(k = {plan.k} blocks, {plan.n} recompositions, {plan.epochs} epochs).",
         "",
         "| | |", "|---|---|",
-        f"| student | `{spec.student.model}` {json.dumps(spec.student.kwargs)} |",
+        f"| student | `{run.student.model}` {json.dumps(run.student.kwargs)} |",
         f"| teacher | `{teacher}` |",
         f"| top-1 | {_pct(card.get('top1'))} |",
         f"| top-5 | {_pct(card.get('top5'))} |",
         f"| teacher top-1 | {_pct(card.get('teacher_top1'))} |",
-        f"| data | {spec.data.dataset} (fraction {spec.data.fraction}) |",
+        f"| data | {run.data.dataset} (fraction {run.data.fraction}) |",
         f"| input | {pre['input_size']}, mean {_floats(pre['mean'])}, std {_floats(pre['std'])} (on pixels in [0, 1]), "
         f"{card.get('resize', 'resample')} |",
         f"| command | `{card.get('command', 'kdgraph train')}` |",
@@ -242,13 +242,13 @@ def model_card(config: dict[str, Any], compiled, card: dict[str, Any]) -> str:
         groups = " ".join("[" + ",".join(map(str, g)) + "]" for g in st.groups)
         lines.append(f"- stage {st.index}: {st.epochs} epochs, blocks {groups}")
     lines += ["", "## Load it", ""]
-    if fmt == "state_dict" and config["architecture"] == _student_ref(spec)[1] and spec.student.model.startswith("timm:"):
+    if fmt == "state_dict" and config["architecture"] == _student_ref(run)[1] and run.student.model.startswith("timm:"):
         lines += ["```python", "import timm",
                   "model = timm.create_model('local-dir:PATH/TO/THIS/FOLDER', pretrained=True).eval()",
                   "cfg = timm.data.resolve_data_config(model=model)",
                   "transform = timm.data.create_transform(**cfg)", "```"]
     elif fmt == "state_dict":
-        lines += [f"`{WEIGHTS}` is the state_dict of `{spec.student.model}` built with the kwargs above "
+        lines += [f"`{WEIGHTS}` is the state_dict of `{run.student.model}` built with the kwargs above "
                   "(`load_state_dict(safetensors.torch.load_file(...))`)."]
     else:
         lines += [f"The student keeps adapters its architecture cannot absorb ({card['reason']}), so it is "

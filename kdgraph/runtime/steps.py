@@ -34,29 +34,30 @@ from kdgraph.schedules import build_lr_scheduler
 if TYPE_CHECKING:
     from kdgraph.runtime.config import RuntimeConfig
     from kdgraph.runtime.distiller import Distiller
-    from kdgraph.spec import Spec
+    from kdgraph.spec.schema import OptimSpec
 
 Terms = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
-def optimizer_params(spec: Spec, distiller: Distiller) -> list:
-    """Every trainable parameter; with timm's weight-decay rule unless the spec opts out."""
-    if spec.optim.decay_norms_and_biases:
+def optimizer_params(optim: OptimSpec, distiller: Distiller) -> list:
+    """Every trainable parameter; with timm's weight-decay rule unless ``optim`` opts out."""
+    if optim.decay_norms_and_biases:
         return [p for p in distiller.parameters() if p.requires_grad]
-    return decay_groups(distiller.named_parameters(), spec.optim.weight_decay,
+    return decay_groups(distiller.named_parameters(), optim.weight_decay,
                         no_weight_decay_names(distiller.student))
 
 
 class Stepper:
     """The step's optimizer, scheduler, scaler and module, built once for a run."""
 
-    def __init__(self, spec: Spec, distiller: Distiller, config: RuntimeConfig, info, stage_epochs: list[int],
+    def __init__(self, optim: OptimSpec, distiller: Distiller, config: RuntimeConfig, info, stage_epochs: list[int],
                  steps_per_epoch: int, find_unused: bool):
+        """``optim``: the run's optimizer record (``RunRecord.optim``)."""
         device = config.device
         self.config = config
-        self.optimizer = build_optimizer(spec.optim, optimizer_params(spec, distiller), device)
-        self.scheduler = build_lr_scheduler(self.optimizer, spec.optim.lr_schedule, spec.optim.lr,
-                                            stage_epochs, steps_per_epoch, spec.optim.min_lr_ratio)
+        self.optimizer = build_optimizer(optim, optimizer_params(optim, distiller), device)
+        self.scheduler = build_lr_scheduler(self.optimizer, optim.lr_schedule, optim.lr,
+                                            stage_epochs, steps_per_epoch, optim.min_lr_ratio)
         # a sharded student (runtime.shard_student) is FSDP2's, which reduces its gradients itself
         wrapped = distiller if config.shard_student else wrap_ddp(distiller, info, device, find_unused=find_unused)
         self.ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None

@@ -58,8 +58,8 @@ def _run_files(folder: RunFolder) -> tuple[dict, dict]:
 
 def reported_to(folder: RunFolder) -> list[str]:
     """The spec's ``runtime.report_to`` as the run stored it, each tracker once."""
-    spec, _ = _run_files(folder)
-    return list(dict.fromkeys(spec.get("runtime", {}).get("report_to", [])))
+    stored, _ = _run_files(folder)
+    return list(dict.fromkeys(stored.get("runtime", {}).get("report_to", [])))
 
 
 class MLflowTracker:
@@ -67,7 +67,7 @@ class MLflowTracker:
     spec's name). A resumed run continues the MLflow run tagged with its output folder and logs
     only the steps past those it holds per metric (the killed process's measured speeds stay)."""
 
-    def __init__(self, folder: RunFolder, spec: dict, plan: dict, resumed: bool):
+    def __init__(self, folder: RunFolder, stored_spec: dict, plan: dict, resumed: bool):
         try:
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
@@ -79,7 +79,7 @@ class MLflowTracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = client = MlflowClient(tracking_uri=uri)
         self.held: dict[str, int] | None = None  # a resumed run's last step per metric (None: a new run)
-        name = spec.get("name", "kdgraph")
+        name = stored_spec.get("name", "kdgraph")
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         earlier = [r for r in client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
@@ -90,7 +90,7 @@ class MLflowTracker:
             return
         self.run_id = client.create_run(experiment_id, run_name=name, tags={"kdgraph.output": where}).info.run_id
         params = [Param(key[:250], text[:MLFLOW_VALUE_MAX]) for key, text in
-                  {**flat_params(spec, "spec."), **flat_params(plan, "plan.")}.items()]
+                  {**flat_params(stored_spec, "spec."), **flat_params(plan, "plan.")}.items()]
         for start in range(0, len(params), MLFLOW_BATCH):
             client.log_batch(self.run_id, params=params[start:start + MLFLOW_BATCH])
 
@@ -119,7 +119,7 @@ class WandbTracker:
     W&B's own (kdgraph sets no WANDB_MODE): online needs an account and the network, the user's
     WANDB_MODE=offline neither. A resumed run continues the latest W&B run there."""
 
-    def __init__(self, folder: RunFolder, spec: dict, plan: dict, resumed: bool):
+    def __init__(self, folder: RunFolder, stored_spec: dict, plan: dict, resumed: bool):
         try:
             import wandb
         except ImportError:
@@ -128,8 +128,8 @@ class WandbTracker:
         run_id = latest.resolve().name.rsplit("-", 1)[-1] if resumed and latest.exists() else None
         (folder.root / "wandb").mkdir(parents=True, exist_ok=True)
         try:
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=spec.get("name"),
-                                  dir=str(folder.root), config={"spec": spec, "plan": plan}, id=run_id,
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "kdgraph"), name=stored_spec.get("name"),
+                                  dir=str(folder.root), config={"spec": stored_spec, "plan": plan}, id=run_id,
                                   resume="allow" if run_id else None, reinit="create_new")
         except Exception as exc:  # W&B's errors (login, network, a bad WANDB_* setting) as one line
             raise KDGraphError(f"runtime.report_to: wandb.init failed: {type(exc).__name__}: "
@@ -152,5 +152,5 @@ def open_trackers(folder: RunFolder, resumed: bool) -> list:
     names = [name for name in reported_to(folder) if name in TRACKERS]
     if not names:
         return []
-    spec, plan = _run_files(folder)
-    return [TRACKERS[name](folder, spec, plan, resumed) for name in names]
+    stored_spec, plan = _run_files(folder)
+    return [TRACKERS[name](folder, stored_spec, plan, resumed) for name in names]

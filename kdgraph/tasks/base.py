@@ -1,7 +1,9 @@
 """``Task``: what a run of one task asks of its task (see ``kdgraph.tasks``). Its defaults are
 an image classifier's: a batch is (images, labels) with no side inputs, the head loss is the
 spec's logit loss, the score is top-1/top-5 and a higher top-1 is better, nothing is reported
-beyond the scores, and the student ships in timm's layout."""
+beyond the scores, and the student ships in timm's layout. Where a method takes ``spec``, the
+runtime hands it the run's ``RunRecord`` (``Compiled.run``: the spec's sections, resolved by
+the compiler); a loaded ``Spec`` reads the same."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from kdgraph.errors import KDGraphError
 
 if TYPE_CHECKING:
-    from kdgraph.compiler import Compiled
+    from kdgraph.compiler import Compiled, RunRecord
     from kdgraph.spec import Spec
 
 Batch = tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]  # (input, target, side inputs)
@@ -35,13 +37,13 @@ class Task:
     # False for `kdgraph eval`: build_data writes nothing under the spec's output folder
     writes_output: bool = True
 
-    def __init__(self, spec: Spec, compiled: Compiled):
+    def __init__(self, spec: Spec | RunRecord, compiled: Compiled):
         self.seed = spec.seed
         self.num_classes = compiled.num_classes
 
     # ------------------------------------------------------------------ batches
 
-    def build_data(self, spec: Spec, plan, device: torch.device, dist_info, channels_last: bool = False):
+    def build_data(self, spec: Spec | RunRecord, plan, device: torch.device, dist_info, channels_last: bool = False):
         """The run's data (``kdgraph.data.Data``: its train, validation and test loaders)."""
         from kdgraph.data import build_data
 
@@ -122,10 +124,10 @@ class Task:
         return ()
 
     @classmethod
-    def check_export(cls, spec: Spec) -> None:
+    def check_export(cls, spec: Spec | RunRecord) -> None:
         """Refuse, before anything is built, a student this task cannot ship."""
 
-    def ship(self, spec: Spec, compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
+    def ship(self, spec: Spec | RunRecord, compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
         """The trained student (loaded into ``compiled.student.model``, its folded adapter maps
         ``maps``, read from ``path``) as a folder timm loads, with preprocessing and card."""
         from kdgraph.data import build_data

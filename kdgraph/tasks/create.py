@@ -11,7 +11,7 @@ from kdgraph.tasks.base import Task
 from kdgraph.tasks.denoise import task  # noqa: F401  (registers denoise)
 
 if TYPE_CHECKING:
-    from kdgraph.compiler import Compiled
+    from kdgraph.compiler import Compiled, RunRecord
     from kdgraph.spec import Spec
 
 __all__ = ["create_task", "spec_task", "task_class"]
@@ -22,7 +22,7 @@ def task_class(name: str) -> type[Task]:
     return TASKS.get(name)
 
 
-def spec_task(spec: Spec) -> type[Task]:
+def spec_task(spec: Spec | RunRecord) -> type[Task]:
     """The task class of ``spec`` before it is compiled: its ``task``, its denoise block's, text's
     causal_lm, or classification (dense differs from it in evaluation only)."""
     if spec.task or spec.denoise is not None:
@@ -30,6 +30,6 @@ def spec_task(spec: Spec) -> type[Task]:
     return task_class("causal_lm" if spec.data.dataset == "text" else "classification")
 
 
-def create_task(spec: Spec, compiled: Compiled) -> Task:
+def create_task(spec: Spec | RunRecord, compiled: Compiled) -> Task:
     """The task object of a compiled run (``Compiled.task``)."""
     return task_class(compiled.task)(spec, compiled)

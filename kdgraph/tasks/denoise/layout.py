@@ -63,7 +63,7 @@ def diffusers_state(compiled: Compiled, path: Path) -> dict[str, torch.Tensor]:
     model = compiled.student.model
     if not isinstance(model, DiffusersUNet):
         raise KDGraphError(f"{path} is a diffusers export (config.json, {DIFFUSERS_WEIGHTS}); this spec's "
-                           f"student is {compiled.spec.student.model}: a diffusers export is evaluated with the "
+                           f"student is {compiled.run.student.model}: a diffusers export is evaluated with the "
                            "spec of the diffusers: student it was exported from")
     try:
         config = json.loads((path / CONFIG).read_text())

@@ -26,7 +26,7 @@ from kdgraph.tasks.denoise.diffusion import (
 )
 
 if TYPE_CHECKING:
-    from kdgraph.compiler import Compiled
+    from kdgraph.compiler import Compiled, RunRecord
     from kdgraph.spec import Spec
 
 
@@ -41,7 +41,7 @@ class Denoise(Task):
     higher_is_better = False
     indexed = True  # the draws are keyed by the sample's index
 
-    def __init__(self, spec: Spec, compiled: Compiled):
+    def __init__(self, spec: Spec | RunRecord, compiled: Compiled):
         super().__init__(spec, compiled)
         self.spec = spec.denoise
         self.compiled, self.data_spec = compiled, spec.to_dict()["data"]  # the models' class embeddings, the judge's data
@@ -158,13 +158,13 @@ class Denoise(Task):
         return (DIFFUSERS,)
 
     @classmethod
-    def check_export(cls, spec: Spec) -> None:
+    def check_export(cls, spec: Spec | RunRecord) -> None:
         if not spec.student.model.startswith("diffusers:"):
             raise KDGraphError("kdgraph export ships a classifier in timm's layout, or a diffusers: denoiser in "
                                f"diffusers' layout; {spec.student.model} is neither: its trained weights are "
                                f"{RunFolder(spec.output_dir).student}, its state_dict, loadable into the student model")
 
-    def ship(self, spec: Spec, compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
+    def ship(self, spec: Spec | RunRecord, compiled: Compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
         """The trained diffusers student in diffusers' folder layout (``layout.ship_diffusers``)."""
         from kdgraph.tasks.denoise.layout import ship_diffusers
 
