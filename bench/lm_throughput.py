@@ -129,7 +129,7 @@ def main() -> None:
         root.mkdir()
         words = np.random.default_rng(0).integers(97, 123, size=max(args.batch * (args.seq + 1) * 4, (args.seq + 1) * 50))
         (root / "random.txt").write_bytes(bytes(words.astype(np.uint8)))
-        run = Trainer(make_spec(args, root, Path(tmp) / "run"))
+        run = Trainer.from_spec(make_spec(args, root, Path(tmp) / "run"))
         run.distiller.set_stage(run.compiled.plan.stages[0])
         run.distiller.train()
         x, y = next(iter(run.data.train.epoch(0)))

@@ -287,7 +287,7 @@ def test_text_rewritten_with_its_size_and_mtime_put_back_is_refused_at_replay(tm
     from kdgraph.runtime.loop import Trainer
 
     with pytest.raises(KDGraphError, match="other training data"):
-        Trainer(_spec(tmp_path, "fresh", "c", data={"fraction": 0.25}, schedule={"epochs": 1}))
+        Trainer.from_spec(_spec(tmp_path, "fresh", "c", data={"fraction": 0.25}, schedule={"epochs": 1}))
 
 
 def test_a_teacher_narrower_than_the_student_is_refused_before_anything_is_written(tmp_path):

@@ -229,11 +229,12 @@ def _compile(spec: Spec, models: tuple[nn.Module | None, nn.Module] | None, mode
 
 
 def check_cache(run: RunRecord, header: dict | None, plan: Plan, data: DataPlan,
-                teacher: ModelArtifacts | None = None) -> None:
+                teacher: ModelArtifacts | None = None, student: ModelArtifacts | None = None) -> None:
     """The teacher cache the run reads (``header``: its header, read once; None: no cache) was
     built for this run (teacher, data, augmentation, seed, runtime: one line naming what
-    differs) and covers every epoch a stage replays from it. Past the cached epochs the plan is refused, not patched with the live teacher: a
-    stage's program is one for all its epochs, and a run that silently falls back would pay
+    differs) and covers every epoch a stage replays from it (``student``: its width bounds a
+    token cache's). Past the cached epochs the plan is refused, not patched with the live
+    teacher: a stage's program is one for all its epochs, and a run that silently falls back would pay
     the teacher it meant to skip."""
     if header is None:
         return

@@ -191,15 +191,7 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
     for pair in pairing.pairs:
         _explicit_pair(g, pair, loss_spec, input_shape[1:])
     if has_teacher and tpp_block is not None:
-        src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
-        for j in range(tpp_block + 1, k + 1):
-            g.add_node(f"P{j}", kind="proxy", block=j, module=g.nodes[f"T{j}"]["module"],
-                       out_shape=g.nodes[f"T{j}"]["out_shape"])
-            g.add_edge(src, f"P{j}", kind="proxy", shape=g.nodes[src]["out_shape"])
-            src = f"P{j}"
-        _loss_node(g, "tpp_loss", "tpp", "tpp", tpp_block, loss_spec)
-        g.add_edge(f"P{k}", "tpp_loss", kind="loss", shape=logits)
-        g.add_edge(f"T{k}", "tpp_loss", kind="loss", shape=logits)
+        _proxy_path(g, tpp_block, k, logits, loss_spec)
     g.add_edge(f"S{k}", "head_loss", kind="loss", shape=logits)
     g.add_edge("labels", "head_loss", kind="loss", shape=[])
     if has_teacher:
@@ -208,6 +200,20 @@ def build_block_graph(pairing: Pairing, input_shape: tuple[int, ...], num_classe
         _cache_nodes(g, k, logits, cache, loss_spec, task)
     validate_block_graph(g)
     return g
+
+
+def _proxy_path(g: nx.DiGraph, tpp_block: int, k: int, logits: list | None, loss_spec: Mapping[str, Any]) -> None:
+    """ScaleKD's proxy path: the student's feature at ``tpp_block`` (through its lift) into the
+    frozen teacher's later blocks P_(i+1) .. P_k, and the tpp loss on its output."""
+    src = f"lift{tpp_block}" if f"lift{tpp_block}" in g else f"S{tpp_block}"
+    for j in range(tpp_block + 1, k + 1):
+        g.add_node(f"P{j}", kind="proxy", block=j, module=g.nodes[f"T{j}"]["module"],
+                   out_shape=g.nodes[f"T{j}"]["out_shape"])
+        g.add_edge(src, f"P{j}", kind="proxy", shape=g.nodes[src]["out_shape"])
+        src = f"P{j}"
+    _loss_node(g, "tpp_loss", "tpp", "tpp", tpp_block, loss_spec)
+    g.add_edge(f"P{k}", "tpp_loss", kind="loss", shape=logits)
+    g.add_edge(f"T{k}", "tpp_loss", kind="loss", shape=logits)
 
 
 def _cache_nodes(g: nx.DiGraph, k: int, logits: list | None, cache: str, loss_spec: Mapping[str, Any],

@@ -32,8 +32,8 @@ def build_pass(run: RunRecord, mode: BuildMode, given: tuple[nn.Module | None, n
     _check_micro_batches(run, student)
     if run.student.from_teacher and teacher is not None:
         notes.append(init_from_teacher(teacher, student))
-    if spec.student.from_teacher_layers is not None and teacher is not None:
-        notes.append(init_from_teacher_layers(teacher, student, spec.student.from_teacher_layers))
+    if run.student.from_teacher_layers is not None and teacher is not None:
+        notes.append(init_from_teacher_layers(teacher, student, run.student.from_teacher_layers))
     return Models(ModelArtifacts("teacher", teacher) if teacher is not None else None,
                   ModelArtifacts("student", student), tuple(notes), tuple(missing))
 

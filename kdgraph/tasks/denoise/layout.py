@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from kdgraph.runtime.ship import (CONFIG, INCOMPLETE, ExportError, FolderLayout,
                                   check_destination, clear_earlier_export)
 from kdgraph.tasks.denoise.diffusers_source import DiffusersUNet
 from kdgraph.weights import read_weights_file
+
+if TYPE_CHECKING:
+    from kdgraph.compiler.artifacts import Compiled
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
