@@ -20,7 +20,8 @@ Arms (overrides of the base spec):
             states (frozen PCA), then recomposed; fkl as head loss, stage_cyclic, at fkl's lr
 Only ce and fkl are tuned (the CPU budget of one shared core); the others follow fkl's choice, a
 grid grows by at most one point a side where its choice sits at an edge. Waves: ce and fkl
-(selection, then seeds 1-3), then the five others. One cell at a time, one torch thread.
+(selection, then seeds 1-3), then the five others, report cells seed by seed (all arms' seed 1
+first). One cell at a time, one torch thread.
 
     python bench/lm_evidence.py --dry-run      # the arms' specs validated, the cell count; trains nothing
     OMP_NUM_THREADS=1 setsid nohup python bench/lm_evidence.py > /work/grid/lm-evidence.log 2>&1 &   # run / resume
@@ -58,6 +59,14 @@ WAVES = [["ce", "fkl"], ["rkl", "skl", "jsd", "fkl+mse", "stablekd"]]
 COMMAND = "OMP_NUM_THREADS=1 python bench/lm_evidence.py   # then: python bench/lm_evidence.py --report"
 
 
+class SeedMajorSweep(Sweep):
+    """Report cells seed by seed (every arm's seed 1, then every arm's seed 2, ...): a grid cut
+    short by its deadline leaves every arm with as many seeds as it could, not some arms with none."""
+
+    def pending(self, wave, done):
+        return sorted(super().pending(wave, done), key=lambda c: c.seed)  # stable: arm order within a seed
+
+
 def log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
@@ -65,7 +74,7 @@ def log(line: str) -> None:
 def build(args) -> Sweep:
     work = Path(args.work)
     common = (f"teacher.checkpoint={work / 'teacher' / 'student.safetensors'}",)
-    return Sweep(SPEC, ARMS, (0,), (1, 2, 3), Path(args.results), work, baseline="ce", common=common,
+    return SeedMajorSweep(SPEC, ARMS, (0,), (1, 2, 3), Path(args.results), work, baseline="ce", common=common,
                  extend=1, waves=WAVES, jobs=1, log=log, metric="bpb", higher_is_better=False)
 
 

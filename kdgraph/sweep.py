@@ -528,15 +528,20 @@ def from_cli(spec: Path, grid: list[str], seeds: str, report_seeds: str, baselin
              overrides: list[str] | None = None, allow_code: bool = False, work: Path | None = None,
              results: Path | None = None, jobs: int = 1, extend: int = 0) -> Sweep:
     """The Sweep of `kdgraph sweep`'s options; WORK defaults to the spec's output folder + ``-sweep``
-    and the results file to WORK/results.jsonl."""
+    and the results file to WORK/results.jsonl. The metric is top-1 where the spec's task measures
+    it, else the task's own best metric and direction (a causal LM's bits per byte, lower is better)."""
     from kdgraph.spec import load_spec
+    from kdgraph.tasks.create import spec_task
 
     arms, base = arms_from_cli(grid, baseline)
+    loaded = load_spec(spec, overrides or [], allow_code=allow_code)
+    task = spec_task(loaded)
+    metric, higher = ("top1", True) if "top1" in task.metrics else (task.best_metric, task.higher_is_better)
     if work is None:
-        work = Path(str(load_spec(spec, overrides or [], allow_code=allow_code).output_dir) + "-sweep")
+        work = Path(str(loaded.output_dir) + "-sweep")
     return Sweep(spec, arms, parse_seeds(seeds, "--seeds"), parse_seeds(report_seeds, "--report-seeds"),
                  results or Path(work) / "results.jsonl", work, base, tuple(overrides or ()), allow_code, extend,
-                 jobs=jobs)
+                 jobs=jobs, metric=metric, higher_is_better=higher)
 
 
 # --------------------------------------------------------------------- the report

@@ -76,6 +76,10 @@ def test_report_writer_on_rows(tmp_path):
     assert "| -0.1000 |" in text  # fkl - ce
     assert "12 cell(s) finished; not finished: rkl (3 cell(s) pending)" in text
     assert "stablekd (3 cell(s) pending)" in text
+    nxt = sweep.pending(sweep.waves[1], rows)  # seed by seed: every arm's seed 1 first
+    assert [(c.arm, c.seed) for c in nxt[:6]] == [("rkl", 1), ("skl", 1), ("jsd", 1), ("fkl+mse", 1),
+                                                  ("stablekd", 1), ("rkl", 2)]
+    assert all(dict(c.point) == {lm_evidence.LR: "0.005"} for c in nxt) and len(nxt) == 15
 
 
 @pytest.mark.parametrize("flag", ["--dry-run"])

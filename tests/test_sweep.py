@@ -198,6 +198,11 @@ def test_a_spec_of_another_task_is_refused(tmp_path):
     with pytest.raises(KDGraphError, match="set data.val_fraction"):
         _sweep(tmp_path, arms=arms, spec=lm, metric="bpb", higher_is_better=False).check()
     _sweep(tmp_path, arms=arms, spec=lm, common=val, metric="bpb", higher_is_better=False).check()
+    cli = sw.from_cli(lm, ["optim.lr=0.01,0.02"], "0", "1", overrides=list(val), work=tmp_path / "w")
+    assert (cli.metric, cli.higher_is_better) == ("bpb", False)  # `kdgraph sweep` takes the task's metric
+    cli.check()
+    quick = sw.from_cli(QUICKSTART, ["optim.lr=0.1,0.2"], "0", "1", work=tmp_path / "w")
+    assert (quick.metric, quick.higher_is_better) == ("top1", True)
 
 
 def test_a_lower_is_better_metric_chooses_the_lowest_and_reports_it(tmp_path):
