@@ -474,7 +474,8 @@ def _scores_of(got: dict, metric: str = "top1") -> dict:
                 f"test_{metric}": None}
     s = got["summary"]
     return {f"val_{metric}": s.get(f"student_val_{metric}"), f"test_{metric}": s.get(f"student_{metric}"),
-            f"teacher_{metric}": s.get(f"teacher_{metric}"), "val_top1": s.get("student_val_top1"), "val_top5": s.get("student_val_top5"),
+            f"teacher_{metric}": s.get(f"teacher_{metric}"), "val_top1": s.get("student_val_top1"),
+            "val_top5": s.get("student_val_top5"),
             "test_top1": s.get("student_top1"), "test_top5": s.get("student_top5"),
             "best_top1": s.get("best_top1"), "best_epoch": s.get("best_epoch"),
             "teacher_top1": s.get("teacher_top1"), "epochs": s.get("epochs"), "eval_split": s.get("eval_split"),
@@ -605,7 +606,8 @@ def format_report(report: dict) -> str:
         flag = " (edge)" if a["edge"] else ""
         div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
         cmp = ["base", "", ""] if a["arm"] == base else (
-            ["–", "–", "–"] if w is None else [f"{w['diff']:+{f}}", f"{w['t']:.2f} ({w['df']:.1f})", f"{w['p']:.3g}"])
+            ["–", "–", "–"] if w is None else
+            [f"{w['diff']:+{f}}", f"{w['t']:.2f} ({w['df']:.1f})", f"{w['p']:.3g}"])
         out.append(f"| {a['arm']} | {_point(a['chosen'])}{flag} | {t['n']}{div} | {_num(t['mean'], f)} ± "
                    f"{_num(t['std'], f)} | {ci} | " + " | ".join(cmp) + " |")
     return "\n".join(out)

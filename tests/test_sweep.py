@@ -234,7 +234,8 @@ def test_a_lower_is_better_metric_chooses_the_lowest_and_reports_it(tmp_path):
         for c in cells:
             done[c.key] = {"key": c.key, "val_bpb": low.get(_lr(c), 1.95), "test_bpb": 2.0}
     grown = s.arm_state(arms[0], done)
-    assert grown.grid == [("optim.lr", ["0.0008", "0.002", "0.005", "0.01"])] and dict(grown.chosen) == {"optim.lr": "0.002"}
+    assert grown.grid == [("optim.lr", ["0.0008", "0.002", "0.005", "0.01"])]
+    assert dict(grown.chosen) == {"optim.lr": "0.002"}
 
 
 def test_a_spec_without_validation_split_is_refused(tmp_path):

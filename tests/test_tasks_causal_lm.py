@@ -129,7 +129,8 @@ def _bpb_by_hand(lm, windows: np.ndarray) -> float:
     w = torch.from_numpy(windows)
     with torch.no_grad():
         logits = lm(input_ids=w[:, :-1]).logits
-    return F.cross_entropy(logits.flatten(0, 1), w[:, 1:].reshape(-1), reduction="sum").item() / math.log(2) / w[:, 1:].numel()
+    nats = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].reshape(-1), reduction="sum").item()
+    return nats / math.log(2) / w[:, 1:].numel()
 
 
 def test_a_validation_split_is_evaluated_during_training_and_the_held_out_text_once(tmp_path):

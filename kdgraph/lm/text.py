@@ -14,10 +14,11 @@ packed windows drawn from (seed, epoch, index).
   path, size and modification time, so another tokenizer or changed text makes a new file.
 - **Windows** (``Windows``): the last ``holdout`` fraction of the tokens is the held-out split;
   of the rest, the last ``val`` fraction is the validation split (none at 0), the rest the
-  training split: three disjoint stretches of the text, in that order. A split of n tokens holds (n − 1) // seq_len windows of
-  seq_len + 1 tokens (inputs and next-token targets, overlapping by one); training window
-  ``index`` of ``epoch`` is the permutation of (seed, epoch) at ``index``, so the same
-  (seed, epoch, index) is the same window on any machine, in any batch, after any resume.
+  training split: three disjoint stretches of the text, in that order. A split of n tokens
+  holds (n − 1) // seq_len windows of seq_len + 1 tokens (inputs and next-token targets,
+  overlapping by one); training window ``index`` of ``epoch`` is the permutation of
+  (seed, epoch) at ``index``, so the same (seed, epoch, index) is the same window on any
+  machine, in any batch, after any resume.
   Validation and held-out windows come in order.
 """
 
