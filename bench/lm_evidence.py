@@ -56,7 +56,7 @@ ARMS = [
                      "optim.lr_schedule=stage_cyclic", "loss.token=forward_kl"), follow="fkl"),
 ]
 WAVES = [["ce", "fkl"], ["rkl", "skl", "jsd", "fkl+mse", "stablekd"]]
-COMMAND = "OMP_NUM_THREADS=1 python bench/lm_evidence.py   # then: python bench/lm_evidence.py --report"
+COMMAND = "make shakespeare && OMP_NUM_THREADS=1 python bench/lm_evidence.py"
 
 
 class SeedMajorSweep(Sweep):
@@ -94,22 +94,47 @@ def teacher(args, results: Path) -> None:
     log(f"teacher: held-out {row['test_bpb']:.4f} bits per byte")
 
 
+SETUP = """# Causal-LM evidence (issue 36): held-out bits per byte at equal tokens
+
+Reproduce: `{command}` (resumable; raw rows appended per cell to /work/grid/lm-evidence.jsonl,
+copied to bench/results/lm-evidence.jsonl), then
+`python bench/lm_evidence.py --results bench/results/lm-evidence.jsonl --report`.
+
+Setup (bench/lm-evidence.yaml, bench/lm-evidence-teacher.yaml): byte-level Llama models, text =
+11 plays of `make shakespeare` (modern-spelling editions only, 1,433,455 bytes, copied to
+/work/grid/lm/small); the last 5 % of the bytes is the held-out (test) text, the last 5 % of the
+rest the validation text (both inside The Winter's Tale, disjoint stretches), the rest trains.
+Student: 2 layers, width 128; every arm trains on the same windows: 2 epochs of 3 % of the
+training windows, batch 8 x 128 bytes (74 steps, 75,776 training tokens), AdamW, weight decay
+0.1, cosine schedule (StableKD: stage_cyclic over its 2 stages). Distillation arms: next-token
+CE weight 0.5 + divergence weight 1 at T 1. Learning rates chosen on validation bits per byte
+with seed 0 (ce and fkl swept; the other arms at fkl's choice), reported on the held-out text
+with seeds 1-3. CPU, one torch thread, on a shared 2-core machine.
+"""
+
+
 def report_text(sweep: Sweep, rows: dict[str, dict]) -> str:
-    """The markdown report of the rows: the teacher's line, the selection and the test table, and
-    what has not finished."""
+    """The markdown report of the rows: the setup, the teacher's line, the selection and the
+    test table, and what has not finished."""
     report = sweep_report(sweep, rows)
-    lines = []
+    lines = [SETUP.format(command=COMMAND)]
     if "teacher" in rows:
         t = rows["teacher"]
         lines.append(f"Teacher (4 layers, width 192): held-out {t['test_bpb']:.4f} bits per byte "
                      f"(validation {t['val_bpb']:.4f}), one run, seed 0.")
     else:
         lines.append("Teacher: not trained yet.")
-    lines += ["", format_report(report), ""]
-    pending = {a["arm"]: a["pending"] for a in report["arms"] if a["pending"] or a["chosen"] is None}
+    lines += ["", format_report(report), "", "Held-out bits per byte of each report seed (seed: bpb):", ""]
+    for a in report["arms"]:
+        got = sorted((r["seed"], r["test_bpb"]) for r in rows.values() if r.get("arm") == a["arm"]
+                     and r.get("seed") in sweep.report_seeds and r.get("test_bpb") is not None)
+        lines.append(f"- {a['arm']}: " + (", ".join(f"{seed}: {v:.4f}" for seed, v in got) or "none yet"))
     done = sum(1 for k in rows if k != "teacher")
-    lines.append(f"{done} cell(s) finished; " + ("every arm complete." if not pending else
-                 "not finished: " + ", ".join(f"{k} ({v or 'selection'} cell(s) pending)" for k, v in pending.items())))
+    short = [f"{a['arm']} (not chosen yet)" if a["chosen"] is None else
+             f"{a['arm']} ({a['pending']} of {len(sweep.report_seeds)} report cells pending)"
+             for a in report["arms"] if a["pending"] or a["chosen"] is None]
+    lines += ["", f"{done} cell(s) finished; " + ("every arm complete." if not short else
+                                                  "not finished: " + ", ".join(short))]
     return "\n".join(lines)
 
 

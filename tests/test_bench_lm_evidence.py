@@ -66,7 +66,8 @@ def test_report_writer_on_rows(tmp_path):
         while cells := sweep.pending(wave, rows):
             for c in cells:
                 lr = dict(c.point)[lm_evidence.LR]
-                rows[c.key] = {"key": c.key, "val_bpb": val[lr] - (0.1 if c.arm == "fkl" else 0.0),
+                rows[c.key] = {"key": c.key, "arm": c.arm, "seed": c.seed,
+                               "val_bpb": val[lr] - (0.1 if c.arm == "fkl" else 0.0),
                                "test_bpb": 2.5 + 0.01 * c.seed - (0.1 if c.arm == "fkl" else 0.0)}
     text = lm_evidence.report_text(sweep, rows)
     assert "Teacher (4 layers, width 192): held-out 2.0000 bits per byte (validation 2.1000)" in text
@@ -74,8 +75,13 @@ def test_report_writer_on_rows(tmp_path):
     mean, std = statistics.fmean([2.41, 2.42, 2.43]), statistics.stdev([2.41, 2.42, 2.43])
     assert f"| fkl | optim.lr=0.005 | 3 | {mean:.4f} ± {std:.4f} |" in text
     assert "| -0.1000 |" in text  # fkl - ce
-    assert "12 cell(s) finished; not finished: rkl (3 cell(s) pending)" in text
-    assert "stablekd (3 cell(s) pending)" in text
+    assert "12 cell(s) finished; not finished: rkl (3 of 3 report cells pending)" in text
+    assert "stablekd (3 of 3 report cells pending)" in text
+    assert "- fkl: 1: 2.4100, 2: 2.4200, 3: 2.4300" in text and "- rkl: none yet" in text
+    for c in sweep.pending(["ce", "fkl"], {}):  # before any row: nothing chosen
+        assert c.seed == 0
+    assert "not finished: ce (not chosen yet), fkl (not chosen yet), rkl (not chosen yet)" in \
+        lm_evidence.report_text(sweep, {})
     nxt = sweep.pending(sweep.waves[1], rows)  # seed by seed: every arm's seed 1 first
     assert [(c.arm, c.seed) for c in nxt[:6]] == [("rkl", 1), ("skl", 1), ("jsd", 1), ("fkl+mse", 1),
                                                   ("stablekd", 1), ("rkl", 2)]
