@@ -32,12 +32,14 @@ first). One cell at a time, one torch thread.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
 from kdgraph.errors import KDGraphError
-from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable
+from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, t_sf2, train_resumable
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "lm-evidence.yaml"
@@ -113,6 +115,23 @@ with seeds 1-3. CPU, one torch thread, on a shared 2-core machine.
 """
 
 
+def seed_values(sweep: Sweep, rows: dict[str, dict], arm: str) -> dict[int, float]:
+    """{report seed: held-out bpb} of ``arm``'s finished report cells."""
+    return {r["seed"]: r["test_bpb"] for r in rows.values() if r.get("arm") == arm
+            and r.get("seed") in sweep.report_seeds and r.get("test_bpb") is not None}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """The paired t test of a - b over their common seeds (a seed gives every arm the same student
+    initialisation and the same training windows): {n, diff, sd, t, p} (two-sided), None where
+    undefined (fewer than 2 common seeds, or differences without spread)."""
+    d = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if len(d) < 2 or statistics.stdev(d) == 0.0:
+        return None
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+    return {"n": len(d), "diff": statistics.fmean(d), "sd": statistics.stdev(d), "t": t, "p": t_sf2(t, len(d) - 1)}
+
+
 def report_text(sweep: Sweep, rows: dict[str, dict]) -> str:
     """The markdown report of the rows: the setup, the teacher's line, the selection and the
     test table, and what has not finished."""
@@ -124,11 +143,18 @@ def report_text(sweep: Sweep, rows: dict[str, dict]) -> str:
                      f"(validation {t['val_bpb']:.4f}), one run, seed 0.")
     else:
         lines.append("Teacher: not trained yet.")
-    lines += ["", format_report(report), "", "Held-out bits per byte of each report seed (seed: bpb):", ""]
+    lines += ["", format_report(report), "", "Held-out bits per byte of each report seed (seed: bpb), and the paired "
+              "t test against the baseline (a seed is the same student initialisation and training windows in "
+              "every arm):", ""]
+    base = seed_values(sweep, rows, sweep.baseline)
     for a in report["arms"]:
-        got = sorted((r["seed"], r["test_bpb"]) for r in rows.values() if r.get("arm") == a["arm"]
-                     and r.get("seed") in sweep.report_seeds and r.get("test_bpb") is not None)
-        lines.append(f"- {a['arm']}: " + (", ".join(f"{seed}: {v:.4f}" for seed, v in got) or "none yet"))
+        got = seed_values(sweep, rows, a["arm"])
+        pair = None if a["arm"] == sweep.baseline else paired(got, base)
+        extra = "" if pair is None else (
+            f"; paired with {sweep.baseline} on {pair['n']} seeds: Δ {pair['diff']:+.4f} ± {pair['sd']:.4f}, "
+            f"t {pair['t']:.2f} (df {pair['n'] - 1}), p {pair['p']:.3g}")
+        lines.append(f"- {a['arm']}: " + (", ".join(f"{k}: {v:.4f}" for k, v in sorted(got.items())) or "none yet")
+                     + extra)
     done = sum(1 for k in rows if k != "teacher")
     short = [f"{a['arm']} (not chosen yet)" if a["chosen"] is None else
              f"{a['arm']} ({a['pending']} of {len(sweep.report_seeds)} report cells pending)"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import scipy.stats as stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -78,6 +79,13 @@ def test_report_writer_on_rows(tmp_path):
     assert "12 cell(s) finished; not finished: rkl (3 of 3 report cells pending)" in text
     assert "stablekd (3 of 3 report cells pending)" in text
     assert "- fkl: 1: 2.4100, 2: 2.4200, 3: 2.4300" in text and "- rkl: none yet" in text
+    assert "- ce: 1: 2.5100, 2: 2.5200, 3: 2.5300\n" in text  # the baseline: no test against itself
+    assert "- fkl: 1: 2.4100, 2: 2.4200, 3: 2.4300\n" in text  # differences without spread: no paired test
+    a, b = {1: 4.17, 2: 3.87, 3: 3.97, 4: 4.5}, {1: 4.23, 2: 3.94, 3: 4.03}
+    ref = stats.ttest_rel([4.17, 3.87, 3.97], [4.23, 3.94, 4.03])
+    got = lm_evidence.paired(a, b)
+    assert got["n"] == 3 and got["t"] == pytest.approx(ref.statistic) and got["p"] == pytest.approx(ref.pvalue)
+    assert got["diff"] == pytest.approx(-0.0633333) and lm_evidence.paired({1: 1.0}, {1: 2.0}) is None
     for c in sweep.pending(["ce", "fkl"], {}):  # before any row: nothing chosen
         assert c.seed == 0
     assert "not finished: ce (not chosen yet), fkl (not chosen yet), rkl (not chosen yet)" in \
