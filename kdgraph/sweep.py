@@ -14,12 +14,13 @@ instead ``follow`` another: it has no grid and trains at the other arm's chosen 
 control "at StableKD's lr").
 
 Protocol. 1. Selection: every grid point of an arm on each selection seed; the point with the
-highest mean validation top-1 (``student_val_top1``: a classification or dense spec with ``data.val_fraction``) is
-the arm's choice (ties: the first in grid order; a diverged cell scores below any other).
+best mean validation score (``metric``, top-1 by default: ``student_val_top1`` of a classification
+or dense spec with ``data.val_fraction``; ``bpb``, lower is better, for a causal LM) is the
+arm's choice (ties: the first in grid order; a diverged cell scores below any other).
 With ``extend`` > 0, a choice at the edge of a numeric axis whose values are all positive adds
 the next value of its geometric progression there (at most ``extend`` per side), and
 selection goes on: grids end bracketed where the budget allows. 2. Report: each arm's choice
-on each report seed: the test split's top-1 (``student_top1``), mean, sample std, 95 %
+on each report seed: the test split's score (``student_top1``, or ``student_<metric>``), mean, sample std, 95 %
 Student-t interval, and Welch's t test against the baseline arm (two-sided p). A choice still
 at the edge of its grid is flagged.
 
@@ -279,6 +280,8 @@ class Sweep:
     waves: list[list[str]] | None = None
     jobs: int = 1
     log: object = print
+    metric: str = "top1"  # the task's metric chosen on (val_<metric>) and reported (test_<metric>)
+    higher_is_better: bool = True
 
     def __post_init__(self) -> None:
         self.spec, self.results, self.work = Path(self.spec), Path(self.results), Path(self.work)
@@ -321,8 +324,9 @@ class Sweep:
             missing = [c for p in points for s in self.seeds if (c := self.cell(arm, p, s)).key not in done]
             if missing:
                 return ArmState(arm, grid, pending=missing)
-            means = {p: self._mean(arm, p, self.seeds, done, "val_top1") for p in points}
-            chosen = max(points, key=lambda p: -math.inf if means[p] is None else means[p])  # the first best
+            means = {p: self._mean(arm, p, self.seeds, done, f"val_{self.metric}") for p in points}
+            sign = 1.0 if self.higher_is_better else -1.0
+            chosen = max(points, key=lambda p: -math.inf if means[p] is None else sign * means[p])  # the first best
             edges, grew = [], False
             for i, (axis, values) in enumerate(grid):
                 nums = _numeric(values)
@@ -378,9 +382,13 @@ class Sweep:
             point = tuple((a, v[0]) for a, v in target.grid)
             spec = load_spec(self.spec, list(self.cell(arm, point, self.seeds[0]).overrides),
                              allow_code=self.allow_code)
-            if "top1" not in (task := spec_task(spec)).metrics:
-                raise KDGraphError(f"kdgraph sweep chooses on validation top-1 (classification, dense); {self.spec} "
-                                   f"is a {task.name} spec")
+            task = spec_task(spec)
+            if self.metric not in task.metrics:
+                raise KDGraphError(f"kdgraph sweep chooses on validation {self.metric}; {self.spec} is a {task.name} "
+                                   f"spec, which measures {', '.join(task.metrics)}")
+            if self.metric == task.best_metric and self.higher_is_better != task.higher_is_better:
+                raise KDGraphError(f"kdgraph sweep: {task.name}'s {self.metric} is better "
+                                   f"{'higher' if task.higher_is_better else 'lower'}; the sweep was told otherwise")
             if spec.data.val_fraction <= 0:
                 raise KDGraphError(f"kdgraph sweep chooses on a validation split and {self.spec} has none: set "
                                    "data.val_fraction (e.g. --set data.val_fraction=0.1)")
@@ -448,9 +456,10 @@ class Sweep:
         got = json.loads(result.read_text())
         row = {"key": cell.key, "arm": cell.arm, "point": dict(cell.point), "seed": cell.seed,
                "overrides": list(cell.overrides), "spec": str(self.spec), "spec_sha256": self.spec_sha,
-               "output": str(out), "wall_s": round(time.time() - t0, 1), **_scores_of(got)}
+               "output": str(out), "wall_s": round(time.time() - t0, 1), **_scores_of(got, self.metric)}
         append_row(self.results, row)
-        shown = "diverged" if row.get("diverged") else f"val {row['val_top1']:.2f} test {row['test_top1']:.2f}"
+        m = self.metric
+        shown = "diverged" if row.get("diverged") else f"val {row[f'val_{m}']:.4g} test {row[f'test_{m}']:.4g}"
         self.log(f"{cell.slug}: {shown} ({row['wall_s']:.0f} s)")
 
 
@@ -458,12 +467,15 @@ def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _scores_of(got: dict) -> dict:
-    """A row's scores from a cell's result: a diverged cell has none."""
+def _scores_of(got: dict, metric: str = "top1") -> dict:
+    """A row's scores from a cell's result (top-1 and ``metric``): a diverged cell has none."""
     if "diverged" in got:
-        return {"diverged": got["diverged"], "val_top1": None, "test_top1": None}
+        return {"diverged": got["diverged"], "val_top1": None, "test_top1": None, f"val_{metric}": None,
+                f"test_{metric}": None}
     s = got["summary"]
-    return {"val_top1": s.get("student_val_top1"), "val_top5": s.get("student_val_top5"),
+    return {f"val_{metric}": s.get(f"student_val_{metric}"), f"test_{metric}": s.get(f"student_{metric}"),
+            f"teacher_{metric}": s.get(f"teacher_{metric}"), "val_top1": s.get("student_val_top1"),
+            "val_top5": s.get("student_val_top5"),
             "test_top1": s.get("student_top1"), "test_top5": s.get("student_top5"),
             "best_top1": s.get("best_top1"), "best_epoch": s.get("best_epoch"),
             "teacher_top1": s.get("teacher_top1"), "epochs": s.get("epochs"), "eval_split": s.get("eval_split"),
@@ -517,15 +529,20 @@ def from_cli(spec: Path, grid: list[str], seeds: str, report_seeds: str, baselin
              overrides: list[str] | None = None, allow_code: bool = False, work: Path | None = None,
              results: Path | None = None, jobs: int = 1, extend: int = 0) -> Sweep:
     """The Sweep of `kdgraph sweep`'s options; WORK defaults to the spec's output folder + ``-sweep``
-    and the results file to WORK/results.jsonl."""
+    and the results file to WORK/results.jsonl. The metric is top-1 where the spec's task measures
+    it, else the task's own best metric and direction (a causal LM's bits per byte, lower is better)."""
     from kdgraph.spec import load_spec
+    from kdgraph.tasks.create import spec_task
 
     arms, base = arms_from_cli(grid, baseline)
+    loaded = load_spec(spec, overrides or [], allow_code=allow_code)
+    task = spec_task(loaded)
+    metric, higher = ("top1", True) if "top1" in task.metrics else (task.best_metric, task.higher_is_better)
     if work is None:
-        work = Path(str(load_spec(spec, overrides or [], allow_code=allow_code).output_dir) + "-sweep")
+        work = Path(str(loaded.output_dir) + "-sweep")
     return Sweep(spec, arms, parse_seeds(seeds, "--seeds"), parse_seeds(report_seeds, "--report-seeds"),
                  results or Path(work) / "results.jsonl", work, base, tuple(overrides or ()), allow_code, extend,
-                 jobs=jobs)
+                 jobs=jobs, metric=metric, higher_is_better=higher)
 
 
 # --------------------------------------------------------------------- the report
@@ -534,10 +551,10 @@ def from_cli(spec: Path, grid: list[str], seeds: str, report_seeds: str, baselin
 def sweep_report(sweep: Sweep, done: dict[str, dict] | None = None) -> dict:
     """The sweep's numbers from its rows (default: its results file): per arm, the validation
     mean of each grid point on the selection seeds, the choice and its edge axes; the test
-    top-1 of the choice on the report seeds (n, mean, std, 95 % CI) and Welch's test against
+    score (``sweep.metric``) of the choice on the report seeds (n, mean, std, 95 % CI) and Welch's test against
     the baseline arm. Cells not trained yet are left out (``pending`` counts them)."""
     done = load_rows(sweep.results) if done is None else done
-    arms = []
+    arms, test = [], f"test_{sweep.metric}"
     for arm in sweep.arms:
         st = sweep.arm_state(arm, done)
         cells = sweep.report_cells(st)
@@ -547,14 +564,15 @@ def sweep_report(sweep: Sweep, done: dict[str, dict] | None = None) -> dict:
                  "chosen": None if st.chosen is None else dict(st.chosen), "edge": st.edges,
                  "pending": len(st.pending) + len(cells) - len(rows),
                  "diverged": sum(1 for r in rows if r.get("diverged")),
-                 "test": describe([r["test_top1"] for r in rows if r.get("test_top1") is not None])}
+                 "test": describe([r[test] for r in rows if r.get(test) is not None])}
         arms.append(entry)
     base = next((a for a in arms if a["arm"] == sweep.baseline), None)
     for a in arms:
         a["vs_baseline"] = (None if base is None or a is base else
                             welch(a["test"]["values"], base["test"]["values"]))
     return {"spec": str(sweep.spec), "seeds": list(sweep.seeds), "report_seeds": list(sweep.report_seeds),
-            "baseline": sweep.baseline, "arms": arms}
+            "baseline": sweep.baseline, "metric": sweep.metric, "higher_is_better": sweep.higher_is_better,
+            "arms": arms}
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:
@@ -562,31 +580,36 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 
 def format_report(report: dict) -> str:
-    """The report as markdown: the selection per arm, then the test table."""
+    """The report as markdown: the selection per arm, then the test table (top-1 in % to 2
+    decimals; another metric, e.g. bits per byte, to 4)."""
     seeds = ",".join(map(str, report["seeds"]))
-    out = [f"**Selection** on the validation split, seeds {seeds} (mean top-1 %; chosen in brackets)", ""]
+    metric = report.get("metric", "top1")
+    unit, f = ("top-1 %", ".2f") if metric == "top1" else (
+        f"{metric}, {'higher' if report.get('higher_is_better', True) else 'lower'} is better", ".4f")
+    out = [f"**Selection** on the validation split, seeds {seeds} (mean {unit}; chosen in brackets)", ""]
     for a in report["arms"]:
         if a["follow"]:
             out.append(f"- {a['arm']}: at {a['follow']}'s choice {_point(a['chosen'])}")
             continue
         pts = ", ".join(("[{}]" if p["point"] == a["chosen"] else "{}").format(
-            f"{_point(p['point'])} → {_num(p['val_mean'])}") for p in a["selection"])
+            f"{_point(p['point'])} → {_num(p['val_mean'], f)}") for p in a["selection"])
         edge = f"; EDGE: the choice sits at the edge of {', '.join(a['edge'])}" if a["edge"] else ""
         more = f"; {a['pending']} cell(s) pending" if a["pending"] else ""
         out.append(f"- {a['arm']}: {pts or 'not chosen yet'}{edge}{more}")
     rs = ",".join(map(str, report["report_seeds"]))
     base = report["baseline"]
-    out += ["", f"**Test split**, fresh seeds {rs} (top-1 %)" + (f"; Welch's t test against {base}" if base else ""),
+    out += ["", f"**Test split**, fresh seeds {rs} ({unit})" + (f"; Welch's t test against {base}" if base else ""),
             "", "| arm | chosen | n | mean ± std | 95 % CI | Δ | t (df) | p |", "|---|---|---|---|---|---|---|---|"]
     for a in report["arms"]:
         t, w = a["test"], a["vs_baseline"]
-        ci = "–" if t["ci95"] is None else f"{t['ci95'][0]:.2f} … {t['ci95'][1]:.2f}"
+        ci = "–" if t["ci95"] is None else f"{t['ci95'][0]:{f}} … {t['ci95'][1]:{f}}"
         flag = " (edge)" if a["edge"] else ""
         div = f" ({a['diverged']} diverged)" if a["diverged"] else ""
         cmp = ["base", "", ""] if a["arm"] == base else (
-            ["–", "–", "–"] if w is None else [f"{w['diff']:+.2f}", f"{w['t']:.2f} ({w['df']:.1f})", f"{w['p']:.3g}"])
-        out.append(f"| {a['arm']} | {_point(a['chosen'])}{flag} | {t['n']}{div} | {_num(t['mean'])} ± "
-                   f"{_num(t['std'])} | {ci} | " + " | ".join(cmp) + " |")
+            ["–", "–", "–"] if w is None else
+            [f"{w['diff']:+{f}}", f"{w['t']:.2f} ({w['df']:.1f})", f"{w['p']:.3g}"])
+        out.append(f"| {a['arm']} | {_point(a['chosen'])}{flag} | {t['n']}{div} | {_num(t['mean'], f)} ± "
+                   f"{_num(t['std'], f)} | {ci} | " + " | ".join(cmp) + " |")
     return "\n".join(out)
 
 

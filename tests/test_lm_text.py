@@ -137,6 +137,26 @@ def test_windows_are_a_function_of_seed_epoch_index_and_the_held_out_tail_is_apa
     assert [int(w.window("heldout", i)[0]) for i in range(3)] == [cut, cut + 16, cut + 32]
 
 
+def test_the_validation_split_is_the_stretch_before_the_held_out_end():
+    """[train | val | heldout]: the held-out end as without a validation split, the validation
+    stretch the last ``val`` of the rest, in order; training windows never reach into it."""
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = Windows(tokens, seq_len=16, holdout=0.1, val=0.2)
+    cut, vcut = 900, 900 - int(900 * 0.2)  # 720
+    assert (w.count("train"), w.count("val"), w.count("heldout")) == ((vcut - 1) // 16, (cut - vcut - 1) // 16,
+                                                                    (100 - 1) // 16)
+    assert [int(w.window("val", i)[0]) for i in range(w.count("val"))] == list(range(vcut, cut - 16, 16))
+    assert all(w.window("val", i)[-1] < cut for i in range(w.count("val")))
+    assert max(int(w.window("train", i, seed=1)[-1]) for i in range(w.count("train"))) < vcut
+    plain = Windows(tokens, seq_len=16, holdout=0.1)
+    assert np.array_equal(plain.window("heldout", 2), w.window("heldout", 2))  # the test text is unchanged
+    assert plain.count("val") == 0
+    with pytest.raises(DataError, match="validation share must lie in"):
+        Windows(tokens, seq_len=16, val=1.0)
+    with pytest.raises(DataError, match="no window of 16 tokens in each of the train, heldout, val splits"):
+        Windows(tokens, seq_len=16, holdout=0.1, val=0.01)  # 9 tokens of validation
+
+
 def test_too_little_text_for_a_window_is_refused():
     with pytest.raises(DataError, match="no window of 64 tokens"):
         Windows(np.arange(100, dtype=np.uint16), seq_len=64, holdout=0.1)

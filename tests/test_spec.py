@@ -157,9 +157,6 @@ BROKEN = [
     ("input-size-short", MINIMAL + "data: {input_size: [3, 32]}\n", [], "data.input_size.2", ["item 2 is missing"]),
     ("unknown-dataset", MINIMAL + "data: {dataset: cifar100}\n", [], "data.dataset",
      ["'cifar100'", "digits, fashion-mnist, imagefolder, synthetic, torchvision:NAME"]),
-    # text evaluates on the held-out end of its tokens: a validation share would be silently ignored
-    ("text-val-fraction", MINIMAL + "data: {dataset: text, seq_len: 16, val_fraction: 0.1}\n", [],
-     "data.val_fraction", ["no validation split", "0.1"]),
     ("bad-device", MINIMAL + "runtime: {device: gpu}\n", [], "runtime.device", ["auto, cpu, cuda, cuda:N"]),
     ("channels-last-word", MINIMAL + "runtime: {channels_last: maybe}\n", [], "runtime.channels_last",
      ["true/false or auto"]),

@@ -190,8 +190,52 @@ def test_report_seeds_overlapping_the_selection_seeds_are_refused(tmp_path):
 def test_a_spec_of_another_task_is_refused(tmp_path):
     arms = [sw.Arm("a", (), (("optim.lr", ("0.01", "0.02")),))]
     lm = ROOT / "specs" / "shakespeare-lm.yaml"
-    with pytest.raises(KDGraphError, match=r"validation top-1 \(classification, dense\); .* is a causal_lm spec"):
+    with pytest.raises(KDGraphError, match=r"validation top1; .* is a causal_lm spec, which measures loss, ppl, bpb"):
         _sweep(tmp_path, arms=arms, spec=lm).check()
+    val = ("data.val_fraction=0.05",)
+    with pytest.raises(KDGraphError, match="causal_lm's bpb is better lower; the sweep was told otherwise"):
+        _sweep(tmp_path, arms=arms, spec=lm, common=val, metric="bpb").check()
+    with pytest.raises(KDGraphError, match="set data.val_fraction"):
+        _sweep(tmp_path, arms=arms, spec=lm, metric="bpb", higher_is_better=False).check()
+    _sweep(tmp_path, arms=arms, spec=lm, common=val, metric="bpb", higher_is_better=False).check()
+    cli = sw.from_cli(lm, ["optim.lr=0.01,0.02"], "0", "1", overrides=list(val), work=tmp_path / "w")
+    assert (cli.metric, cli.higher_is_better) == ("bpb", False)  # `kdgraph sweep` takes the task's metric
+    cli.check()
+    quick = sw.from_cli(QUICKSTART, ["optim.lr=0.1,0.2"], "0", "1", work=tmp_path / "w")
+    assert (quick.metric, quick.higher_is_better) == ("top1", True)
+
+
+def test_a_lower_is_better_metric_chooses_the_lowest_and_reports_it(tmp_path):
+    """bits per byte: the lowest validation mean is chosen (a diverged cell still loses), grids
+    grow at the low end where it sits there, and the report reads test_bpb."""
+    arms = [sw.Arm("ce", (), (("optim.lr", ("0.002", "0.005", "0.01")),)),
+            sw.Arm("kd", ("schedule.method=kd",), follow="ce")]
+    s = _sweep(tmp_path, arms=arms, baseline="ce", metric="bpb", higher_is_better=False, extend=1,
+               waves=[["ce"], ["kd"]])
+    bpb = {0.001: 2.3, 0.002: 2.1, 0.005: 2.0, 0.01: 2.2}
+    done = {}
+    for wave in s.waves:
+        while cells := s.pending(wave, done):
+            for c in cells:
+                lr = _lr(c)
+                test = bpb[lr] + 0.01 * c.seed - (0.05 if c.arm == "kd" else 0.0)
+                done[c.key] = {"key": c.key, "val_bpb": None if lr == 0.01 else bpb[lr], "test_bpb": test}
+    ce = s.arm_state(arms[0], done)
+    assert dict(ce.chosen) == {"optim.lr": "0.005"} and ce.edges == [] and ce.means[(("optim.lr", "0.01"),)] is None
+    rep = sw.sweep_report(s, done)
+    assert rep["arms"][0]["test"]["values"] == pytest.approx([2.01, 2.02])
+    assert rep["arms"][1]["vs_baseline"]["diff"] == pytest.approx(-0.05)
+    text = sw.format_report(rep)
+    assert "(mean bpb, lower is better; chosen in brackets)" in text and "[optim.lr=0.005 → 2.0000]" in text
+    assert "| kd | optim.lr=0.005 | 2 | 1.9650 ± 0.0071 |" in text
+    low = {**bpb, 0.002: 1.9}  # the best at the low edge: the grid grows down once (0.002² / 0.005)
+    done = {}
+    while cells := s.pending(["ce"], done):
+        for c in cells:
+            done[c.key] = {"key": c.key, "val_bpb": low.get(_lr(c), 1.95), "test_bpb": 2.0}
+    grown = s.arm_state(arms[0], done)
+    assert grown.grid == [("optim.lr", ["0.0008", "0.002", "0.005", "0.01"])]
+    assert dict(grown.chosen) == {"optim.lr": "0.002"}
 
 
 def test_a_spec_without_validation_split_is_refused(tmp_path):

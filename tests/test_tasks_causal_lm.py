@@ -125,6 +125,40 @@ def test_heldout_metrics_equal_the_student_scored_by_hand(trained):
     assert TEXT.encode()[len(TEXT.encode()) - int(len(TEXT.encode()) * 0.05):][:SEQ // 2].decode() in samples
 
 
+def _bpb_by_hand(lm, windows: np.ndarray) -> float:
+    w = torch.from_numpy(windows)
+    with torch.no_grad():
+        logits = lm(input_ids=w[:, :-1]).logits
+    nats = F.cross_entropy(logits.flatten(0, 1), w[:, 1:].reshape(-1), reduction="sum").item()
+    return nats / math.log(2) / w[:, 1:].numel()
+
+
+def test_a_validation_split_is_evaluated_during_training_and_the_held_out_text_once(tmp_path):
+    """data.val_fraction: the validation windows (the stretch before the held-out end, cut here
+    by hand) choose the best epoch; the held-out ones are scored once, at the end."""
+    import transformers
+
+    spec = load_spec(_raw(tmp_path, teacher=False, data={"val_fraction": 0.2}))
+    summary = train_here(spec)
+    assert summary["eval_split"] == "val" and summary["data"]["val_fraction"] == 0.2
+    data = np.frombuffer(TEXT.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    cut = len(data) - int(len(data) * 0.05)
+    vcut = cut - int(cut * 0.2)
+    val = data[vcut:cut]
+    val_windows = np.stack([val[i * SEQ:i * SEQ + SEQ + 1] for i in range((len(val) - 1) // SEQ)])
+    assert summary["data"]["val_windows"] == len(val_windows)
+    assert summary["data"]["train_windows"] == (vcut - 1) // SEQ
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_kwargs(32, 1))).eval()
+    state = load_file(str(tmp_path / "run" / "student.safetensors"))
+    lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+    assert summary["student_val_bpb"] == pytest.approx(_bpb_by_hand(lm, val_windows), rel=1e-5)
+    assert summary["student_bpb"] == pytest.approx(_bpb_by_hand(lm, _heldout_by_hand(TEXT)), rel=1e-5)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs[-1]["student_bpb"] == pytest.approx(summary["student_val_bpb"])  # epochs read validation
+    assert summary["best_bpb"] == min(r["student_bpb"] for r in epochs)
+
+
 def test_eval_writes_nothing_under_the_output_and_reads_the_runs_token_file(trained, tmp_path):
     from kdgraph.runtime.commands import evaluate_spec
 

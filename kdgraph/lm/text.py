@@ -12,12 +12,14 @@ packed windows drawn from (seed, epoch, index).
   uint16 where every id fits, else uint32, written once (to a temporary name, then renamed) and
   read memory-mapped after; its name is keyed by the tokenizer and by every source file's
   path, size and modification time, so another tokenizer or changed text makes a new file.
-- **Windows** (``Windows``): the last ``holdout`` fraction of the tokens is the held-out split,
-  the rest the training split. A split of n tokens holds (n − 1) // seq_len windows of
-  seq_len + 1 tokens (inputs and next-token targets, overlapping by one); training window
-  ``index`` of ``epoch`` is the permutation of (seed, epoch) at ``index``, so the same
-  (seed, epoch, index) is the same window on any machine, in any batch, after any resume.
-  Held-out windows come in order.
+- **Windows** (``Windows``): the last ``holdout`` fraction of the tokens is the held-out split;
+  of the rest, the last ``val`` fraction is the validation split (none at 0), the rest the
+  training split: three disjoint stretches of the text, in that order. A split of n tokens
+  holds (n − 1) // seq_len windows of seq_len + 1 tokens (inputs and next-token targets,
+  overlapping by one); training window ``index`` of ``epoch`` is the permutation of
+  (seed, epoch) at ``index``, so the same (seed, epoch, index) is the same window on any
+  machine, in any batch, after any resume.
+  Validation and held-out windows come in order.
 """
 
 from __future__ import annotations
@@ -176,25 +178,34 @@ def _order(n: int, seed: int, epoch: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Windows:
     """Windows of ``seq_len`` + 1 tokens of a token array: training ones shuffled per
-    (seed, epoch), held-out ones (the last ``holdout`` fraction) in order."""
+    (seed, epoch); validation ones (the last ``val`` fraction of what the held-out split
+    leaves; none at 0) and held-out ones (the last ``holdout`` fraction) in order."""
 
     tokens: np.ndarray
     seq_len: int
     holdout: float = 0.05
+    val: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout < 1.0:
             raise DataError(f"holdout must lie in (0, 1), got {self.holdout}")
-        if min(self.count("train"), self.count("heldout")) < 1:
-            raise DataError(f"{len(self.tokens):,} tokens give no window of {self.seq_len} tokens in both the "
-                            f"training and the held-out split ({self.holdout:.0%}); lower data.seq_len or add text")
+        if not 0.0 <= self.val < 1.0:
+            raise DataError(f"the validation share must lie in [0, 1), got {self.val}")
+        splits = ("train", "heldout", "val") if self.val > 0 else ("train", "heldout")
+        if min(self.count(s) for s in splits) < 1:
+            raise DataError(f"{len(self.tokens):,} tokens give no window of {self.seq_len} tokens in each of the "
+                            f"{', '.join(splits)} splits (held out {self.holdout:.0%}, validation {self.val:.0%} "
+                            "of the rest); lower data.seq_len or add text")
 
     def _split(self, split: str) -> np.ndarray:
         cut = len(self.tokens) - int(len(self.tokens) * self.holdout)
-        return self.tokens[:cut] if split == "train" else self.tokens[cut:]
+        val = cut - int(cut * self.val)
+        if split not in ("train", "val", "heldout"):
+            raise ValueError(f"split {split!r}: train, val or heldout")
+        return {"train": self.tokens[:val], "val": self.tokens[val:cut], "heldout": self.tokens[cut:]}[split]
 
     def count(self, split: str) -> int:
-        """Windows in ``split`` ("train" or "heldout")."""
+        """Windows in ``split`` ("train", "val" or "heldout")."""
         return max((len(self._split(split)) - 1) // self.seq_len, 0)
 
     def window(self, split: str, index: int, seed: int = 0, epoch: int = 0) -> np.ndarray:

@@ -379,7 +379,8 @@ class DataSpec(_Strict):
         default=0.0, ge=0.0, le=0.5,
         description="Share of each class of the training split held out (chosen by seed, before fraction) as a "
         "validation split: evaluation during training and the best checkpoint read it, the test split is "
-        "evaluated once at the end (0: no validation split; evaluation reads the test split).",
+        "evaluated once at the end (0: no validation split; evaluation reads the test split). text: the last "
+        "share of the tokens before the held-out end.",
     )
     samples: Int = Field(default=2048, ge=1, le=MAX_SAMPLES, description="Number of samples of the synthetic dataset.")
     num_classes: Int | None = Field(
@@ -446,13 +447,6 @@ class DataSpec(_Strict):
         if self.loader == "stream" and self.dataset != "imagefolder":
             raise _invalid(f"the streaming loader reads image folders; {self.dataset} is held in memory",
                            allowed="auto, memory", at="loader", got=self.loader)
-        return self
-
-    @model_validator(mode="after")
-    def _text_has_no_validation_split(self) -> DataSpec:
-        if self.dataset == "text" and self.val_fraction > 0:
-            raise _invalid("text evaluates on the held-out end of its tokens; it has no validation split",
-                           allowed="0", at="val_fraction", got=self.val_fraction)
         return self
 
     @model_validator(mode="after")

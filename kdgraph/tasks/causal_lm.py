@@ -3,7 +3,10 @@
 - **Batches**: packed windows of ``data.seq_len`` + 1 tokens (``kdgraph.lm.text.Windows``),
   inputs (B, T) and next-token targets (B, T); training window ``index`` of ``epoch`` is drawn
   from (seed, epoch, index) alone, so a resumed run reads the same batches. The last
-  ``HOLDOUT`` of the tokens is the held-out split every evaluation reads, in order.
+  ``HOLDOUT`` of the tokens is the held-out (test) split, read in order. With
+  ``data.val_fraction`` > 0 the last share of the rest is a validation split: evaluation during
+  training and the best epoch read it, the held-out split is scored once, at the end (as the
+  image tasks' test split); without one every evaluation reads the held-out split.
 - **Tokens**: UTF-8 bytes (``ByteTokenizer``, ids 0..255: the models need 256 ids or more),
   tokenised once into ``OUTPUT/tokens/`` (``kdgraph.lm.text.token_file``).
 - **Head loss**: ``loss.token``'s per-token divergence (forward_kl by default; reverse_kl,
@@ -91,23 +94,28 @@ class WindowLoader:
 
 @dataclass
 class TextData:
-    """A causal LM run's data, read as ``kdgraph.data.Data`` is: ``train`` and ``test`` (the
-    held-out windows) loaders; ``tokens`` names the token file (tokenizer and text keyed)."""
+    """A causal LM run's data, read as ``kdgraph.data.Data`` is: ``train``, ``test`` (the
+    held-out windows) and ``val`` (the validation windows, or None) loaders; ``tokens`` names
+    the token file (tokenizer and text keyed)."""
 
     plan: Any
     train: WindowLoader
     test: WindowLoader
     tokens: str
     num_classes: int = 256  # the tokenizer's ids
-    val: None = None
+    val: WindowLoader | None = None
     mean: tuple = ()
     std: tuple = ()
     stats: str = "token ids (no normalisation)"
-    eval_split = "heldout"
+
+    @property
+    def eval_split(self) -> str:
+        """What evaluation during training (and the best epoch) reads: "val" or "heldout"."""
+        return "heldout" if self.val is None else "val"
 
     @property
     def eval_loader(self) -> WindowLoader:
-        return self.test
+        return self.test if self.val is None else self.val
 
     def bad_images(self) -> dict[str, str]:
         return {}
@@ -130,7 +138,8 @@ class TextData:
     def record(self) -> dict[str, Any]:
         w = self.train.windows
         return {"loader": "text", "tokens": len(w.tokens), "token_file": self.tokens, "seq_len": w.seq_len,
-                "train_windows": self.train.count, "heldout_windows": self.test.count, "holdout": w.holdout}
+                "train_windows": self.train.count, "val_windows": 0 if self.val is None else self.val.count,
+                "heldout_windows": self.test.count, "holdout": w.holdout, "val_fraction": w.val}
 
 
 def _vocab_size(model) -> int | None:
@@ -164,11 +173,12 @@ class CausalLMTask(Task):
                 " (run `make shakespeare` to fetch it)" if "shakespeare" in str(d.root) else ""))
         tokenizer = tokenizer_of(d)
         tokens = token_file(d.root, tokenizer, RunFolder(self.output_dir).tokens, write=self.writes_output)
-        windows = Windows(tokens, int(d.seq_len), HOLDOUT)
+        windows = Windows(tokens, int(d.seq_len), HOLDOUT, float(d.val_fraction))
         train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
                              d.fraction)
-        test = WindowLoader(windows, "heldout", d.test_batch_size or d.batch_size, spec.seed, device)
-        return TextData(plan, train, test, tokens=Path(tokens.filename).name)
+        test, val = (WindowLoader(windows, split, d.test_batch_size or d.batch_size, spec.seed, device)
+                     for split in ("heldout", "val"))
+        return TextData(plan, train, test, tokens=Path(tokens.filename).name, val=val if d.val_fraction > 0 else None)
 
     def check_data(self, data, dataset: str) -> None:
         if self.vocab is not None and self.vocab < data.num_classes:
