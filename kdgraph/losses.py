@@ -56,7 +56,7 @@ from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.lm.token_losses import chunked_token_loss, spread_topk
 from kdgraph.registry import LOGIT_LOSSES, Registry
-from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelKL
+from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelCE, PixelKL
 
 __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
@@ -878,5 +878,6 @@ class TokenCrossEntropy(nn.Module):
 
 # The dense task's losses (kdgraph.segmentation.losses, issue 41)
 LOSSES.register("pixel_kl", PixelKL)
+LOSSES.register("pixel_ce", PixelCE)
 LOSSES.register("cwd", ChannelWiseDistillation)
 LOSSES.register("pkd", PearsonFeatureLoss)

@@ -159,9 +159,13 @@ TASK_HEAD_LOSSES.register("causal_lm", causal_lm_head)
 
 
 def dense_head(loss: Any) -> tuple[str, str]:
-    """A dense task's head entries: ``loss.dense`` (pixel_kl, cwd) with a teacher; without one
-    pixel_kl, whose teacher-free form is the per-pixel cross-entropy (ignore_index honoured)."""
-    return (loss["dense"], "pixel_kl")
+    """A dense task's head entries: with a teacher ``loss.dense`` (pixel_kl, cwd), except that
+    pixel_kl under a ``loss.logit`` other than kl (dkd, dist, ...) is that recipe's head with
+    every pixel a sample; without a teacher ``pixel_ce``, the per-pixel cross-entropy
+    (ignore_index honoured)."""
+    if loss["dense"] == "pixel_kl" and loss["logit"] != "kl":
+        return (LOGIT_LOSSES.get(loss["logit"]).entry, "pixel_ce")
+    return (loss["dense"], "pixel_ce")
 
 
 TASK_HEAD_LOSSES.register("dense", dense_head)

@@ -135,7 +135,7 @@ def test_every_loss_entry_describes_itself():
     from kdgraph.spec import LossSpec
 
     assert LOSSES.names() == ["mse", "cosine", "ce", "kd", "fkd", "tpp", "dfm", "dkd", "dist", "ddpm", "denoise",
-                              "forward_kl", "reverse_kl", "skew_kl", "jsd", "token_ce", "pixel_kl", "cwd", "pkd"]
+                              "forward_kl", "reverse_kl", "skew_kl", "jsd", "token_ce", "pixel_kl", "pixel_ce", "cwd", "pkd"]
     fields = set(LossSpec.model_fields) | {"fmt"}
     for name in LOSSES:
         cls = LOSSES.get(name)
@@ -210,7 +210,7 @@ def test_the_spec_offers_every_logit_loss_and_its_own_fields():
     # ddpm, denoise: the heads of the denoising task (spec denoise); pixel_kl, cwd: the heads of the
     # dense task (issue 41), chosen by that task, not by loss.logit
     heads_with_teacher = {n for n in LOSSES if LOSSES.get(n).role == "head"} - {"ce", "fkd", "ddpm", "denoise",
-                                                                                  "pixel_kl", "cwd"}
+                                                                                  "pixel_kl", "pixel_ce", "cwd"}
     assert {LOGIT_LOSSES.get(n).entry for n in LOGIT_LOSSES} == heads_with_teacher
     description = LossSpec.model_fields["logit"].description
     for name in LOGIT_LOSSES:

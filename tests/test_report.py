@@ -43,7 +43,7 @@ def _run(**over):
         task=_task(), recompiles=SimpleNamespace(hits=0, functions=[]), student_acc=None, test_acc=None,
         plan=SimpleNamespace(method="stablekd", k=4, n=2, epochs=3, cache_stages=(), teacher_dtype="float32"),
         history={"wall_s": 12.345, "images": 3000, "train_s": 6.0, "data_s": 1.5},
-        config=SimpleNamespace(compile=False, cudnn_benchmark=False, deterministic=True),
+        config=SimpleNamespace(compile=False, cudnn_benchmark=False, deterministic=True, shard_student=False),
         folder=SimpleNamespace(root="runs/r"), preprocessing={"input_size": [1, 8, 8]}, info=SimpleNamespace(world_size=1))
     for key, value in over.items():
         setattr(run, key, value)

@@ -76,6 +76,30 @@ def test_pixel_kl_equals_its_formula_over_labelled_pixels(temp):
     assert out["kl"].item() == pytest.approx(2.0 * kl, rel=1e-5)
 
 
+def test_pixel_ce_is_the_cross_entropy_over_labelled_pixels():
+    """The supervised dense head: the mean over non-ignored pixels of -log softmax at the label
+    (written out in numpy), one term only, whatever the ignored pixels' logits."""
+    s, t, y = _case(2)
+    out = LOSSES.get("pixel_ce")()(*_torch(s, y))
+    assert list(out) == ["ce"] == list(LOSSES.get("pixel_ce").terms)
+    assert out["ce"].item() == pytest.approx(_pixel_kl_numpy(s, t, y, 1.0, 255)[0], rel=1e-5)
+    s2 = s.copy()
+    s2[0, :, 0, :] = 50.0  # row 0 of image 0 is ignore_index throughout
+    assert LOSSES.get("pixel_ce")()(*_torch(s2, y))["ce"].item() == pytest.approx(out["ce"].item(), rel=1e-6)
+
+
+def test_dense_head_entries_follow_loss_dense_and_loss_logit():
+    from kdgraph.registry import dense_head
+    from kdgraph.spec import LossSpec
+
+    def entries(**kw):
+        return dense_head(LossSpec(**kw).model_dump())
+    assert entries() == ("pixel_kl", "pixel_ce")
+    assert entries(dense="cwd") == ("cwd", "pixel_ce")
+    assert entries(logit="dkd") == ("dkd", "pixel_ce") and entries(logit="dist") == ("dist", "pixel_ce")
+    assert entries(logit="dkd", dense="cwd") == ("cwd", "pixel_ce")
+
+
 def test_pixel_kl_without_teacher_is_the_cross_entropy_alone():
     s, t, y = _case(1)
     out = LOSSES.get("pixel_kl")()(*_torch(s, y))

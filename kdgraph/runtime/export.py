@@ -191,7 +191,8 @@ def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> N
                 raise KDGraphError(f"{path} takes a fixed batch size (a batch of 3 fails where 2 works); export "
                                    "it with a dynamic batch dimension (torch.export.Dim on dim 0), as kdgraph "
                                    "export does") from None
-        got = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
+        classes = tuple(out.shape[1:2]) if isinstance(out, torch.Tensor) else ()  # (N,) or (N, C, ...): C
+        got = classes[0] if classes else None
         problem = None if got is not None and (expected is None or got == expected) else \
             f"it predicts {got if got is not None else 'no'} classes, this spec's student {expected}"
     except KDGraphError:

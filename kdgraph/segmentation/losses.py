@@ -22,7 +22,7 @@ from torch import nn
 
 from kdgraph.segmentation import IGNORE_INDEX
 
-__all__ = ["ChannelWiseDistillation", "PearsonFeatureLoss", "PixelKL", "channel_wise_divergence",
+__all__ = ["ChannelWiseDistillation", "PearsonFeatureLoss", "PixelCE", "PixelKL", "channel_wise_divergence",
            "pearson_normalise", "resize_to"]
 
 
@@ -102,6 +102,25 @@ class _DenseHead(nn.Module):
             if teacher_logits is not None:
                 out.update(self.distil(s, student_logits, _frozen(teacher_logits).float(), targets))
             return out
+
+
+class PixelCE(_DenseHead):
+    """The dense task's head loss without a teacher: ``ce = (1/|V|) Σ_{i∈V} −log softmax_c(z^s_i)_{y_i}``,
+    V the pixels whose label is not ``ignore_index``, logits resized to the targets, plus
+    ``aux_weight`` times the aux head's where the model has one. Its one term is ``ce``, so the
+    plan shows what a supervised dense step computes."""
+
+    label = "pixel_ce"
+    summary = "per-pixel cross-entropy with the labels, no teacher (ignore_index honoured)"
+    role = "head"
+    terms = ("ce",)
+    params = {"ignore_index": "ignore_index", "aux_weight": "aux_weight"}
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.5):
+        super().__init__(1.0, 1.0, ignore_index, aux_weight)
+
+    def forward(self, student_logits, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return super().forward(student_logits, targets)
 
 
 class PixelKL(_DenseHead):

@@ -622,7 +622,8 @@ class LossSpec(_Strict):
         default="pixel_kl", description="Dense task (per-pixel logits) with a teacher: the head loss besides "
         "ce_weight times the per-pixel cross-entropy: pixel_kl (KL of the per-pixel class distributions, weight "
         "kl_weight) or cwd (Shu et al. 2021: KL of per-channel spatial softmaxes, weight kl_weight; their "
-        "Cityscapes setting: temperature 1, kl_weight 5). Without a teacher: the cross-entropy alone.")
+        "Cityscapes setting: temperature 1, kl_weight 5). pixel_kl under a loss.logit other than kl (dkd, dist, "
+        "...) is that recipe's head with every pixel a sample. Without a teacher: the cross-entropy alone.")
     aux_weight: Float = Field(default=0.5, ge=0.0, le=1000.0, description="Dense task, a model with an auxiliary "
                               "head (torchvision's aux_loss: true; the plan's head 'aux'): the weight of its per-pixel "
                               "cross-entropy, added inside the ce term (torchvision's reference recipe: 0.5).")
