@@ -105,9 +105,5 @@ def _normalisation(data_spec: DataSpec, teacher: nn.Module | None, student: nn.M
 
 def data_pass(spec: Spec, models: Models, input_size: tuple[int, int, int], mode: BuildMode) -> DataPlan:
     """Pass 2: how the data will be read (loader, normalisation), without decoding it."""
-    student = models.student
-    if spec.data.dataset in SEGMENTATION_LAYOUTS and student.traced is not None and not student.dense:
-        raise DataError(f"data.dataset: {spec.data.dataset} labels every pixel, but the student's output "
-                        f"{list(student.output_shape or ())} is not per-pixel logits (task: dense)")
     return plan_data(spec.data, models.teacher.model if models.teacher else None, models.student.model,
                      input_size, missing_ok=mode.allow_missing)
