@@ -197,10 +197,10 @@ def test_the_classes_of_a_folder():
     assert segmentation_augment("auto", (8, 8)) == JointAugment((8, 8), flip=0.5)
 
 
-def _data_spec(root, **kw):
+def _data_spec(where, **kw):
     from kdgraph.spec.schema import DataSpec
 
-    return DataSpec(**{"dataset": "voc", "root": str(root), "input_size": (3, 24, 32), "batch_size": 2, **kw})
+    return DataSpec(**{"dataset": "voc", "root": str(where), "input_size": (3, 24, 32), "batch_size": 2, **kw})
 
 
 def test_the_plan_lists_both_splits_and_refuses_what_it_cannot_read(tmp_path):
