@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import BadImage, bad_image, check_classes_readable, read_image, scan_imagefolder
 from kdgraph.registry import AUGMENTATIONS, DATASETS, dataset_choices, register_dataset
+from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
 from kdgraph.spec.schema import DataSpec
 from kdgraph.stream import StreamLoader, resolve_workers, stream_loaders
 
@@ -638,6 +639,17 @@ def _refuse_text_images(data_spec: DataSpec, seed: int) -> RawSplits:
 
 
 register_dataset("text", _refuse_text_images)
+
+
+def _refuse_mask_folders(data_spec: DataSpec, seed: int) -> RawSplits:
+    """An image + mask folder (``voc``, ``cityscapes``) is streamed by the dense task
+    (``kdgraph.segmentation.data.segmentation_data``), never loaded whole as image splits."""
+    raise DataError(f"data.dataset: {data_spec.dataset} labels every pixel; it is read by the dense task, whose "
+                    "student predicts per-pixel logits (task: dense)")
+
+
+for _layout in SEGMENTATION_LAYOUTS:
+    register_dataset(_layout, _refuse_mask_folders)
 
 
 # ------------------------------------------------------------------------ device loader

@@ -175,7 +175,7 @@ TASK_HEAD_LOSSES.register("dense", dense_head)
 
 DATASETS: Registry[Callable[[Any, int], Any]] = Registry(
     "dataset", declared=("digits", "fashion-mnist", "imagefolder", "synthetic", "torchvision", "fashion-mnist-masks",
-                         "fashion-mnist-seg", "text"), home="kdgraph.data")
+                         "fashion-mnist-seg", "text", "voc", "cityscapes"), home="kdgraph.data")
 """The part of ``data.dataset`` before any colon -> ``loader(data_spec, seed) -> RawSplits``."""
 
 

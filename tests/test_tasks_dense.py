@@ -196,3 +196,131 @@ def test_a_dense_run_summarises_miou_per_class_and_best_by_miou(tmp_path):
     seen = [v for v in per_class["iou"] if v is not None]
     assert saved["student_miou"] == pytest.approx(sum(seen) / len(seen))
     assert saved["student_pixel_acc"] == saved["student_top1"]
+
+
+# ------------------------------------------------------------------ an image + mask folder end to end
+
+def _write_voc_folder(root: Path, n_train: int = 4, n_val: int = 2, h: int = 40, w: int = 48) -> None:
+    """A VOC-layout folder of 3 classes: blocks of class 0..2 whose colour is the class, a 4-px
+    ignored (255) border on the left of every mask."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    names = [f"img_{i}" for i in range(n_train + n_val)]
+    for name in names:
+        mask = np.kron(g.integers(0, 3, size=(h // 8, w // 8)), np.ones((8, 8), np.int64)).astype(np.uint8)
+        colour = np.array([[30, 30, 200], [200, 40, 40], [40, 200, 60]], np.uint8)[mask]
+        noisy = np.clip(colour + g.integers(-20, 21, size=colour.shape), 0, 255).astype(np.uint8)
+        mask[:, :4] = 255
+        Image.fromarray(noisy).save(root / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray(mask, "L").save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(names[n_train:]) + "\n")
+
+
+def _voc_spec(tmp_path: Path) -> Path:
+    path = tmp_path / "voc.yaml"
+    path.write_text(
+        "name: voc-tiny\nseed: 0\ntask: dense\n"
+        "teacher: {model: 'torchvision:lraspp_mobilenet_v3_large', kwargs: {num_classes: 3}}\n"
+        "student: {model: 'torchvision:lraspp_mobilenet_v3_large', kwargs: {num_classes: 3}}\n"
+        f"data: {{dataset: voc, root: {tmp_path / 'voc'}, input_size: [3, 64, 64], batch_size: 2}}\n"
+        "decompose: {blocks: 1}\nschedule: {method: kd, epochs: 1}\nloss: {dense: cwd, kl_weight: 5}\n"
+        "optim: {name: sgd, lr: 0.01, momentum: 0.9}\n"
+        "runtime: {device: cpu, num_threads: 1, num_workers: 0, log_every: 1000}\n"
+        f"output: {tmp_path / 'run'}\n")
+    return path
+
+
+def _numpy_miou(pred: np.ndarray, y: np.ndarray, c: int) -> float:
+    keep = y != 255
+    m = np.zeros((c, c))
+    np.add.at(m, (y[keep], pred[keep]), 1)
+    inter, union = np.diag(m), m.sum(0) + m.sum(1) - np.diag(m)
+    return 100 * float(np.mean([inter[k] / union[k] for k in range(c) if union[k] > 0]))
+
+
+def test_a_voc_folder_plans_trains_scores_and_ships_in_torchvisions_layout(tmp_path):
+    """`kdgraph plan` lists the folder's splits; `kdgraph train` runs an LRASPP pair one epoch on it;
+    the summary's mIoU is the plain-torchvision export's, counted with numpy over the labelled
+    pixels of the val images (read, resized and normalised here); the export's logits are the
+    trained student's, bit for bit; `kdgraph eval` reads the export folder back."""
+    import torchvision
+    from PIL import Image
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from kdgraph.cli.main import app
+    from kdgraph.runtime.commands import evaluate_spec, export_spec
+    from kdgraph.runtime.loop import train
+    from kdgraph.segmentation.losses import resize_to
+    from kdgraph.segmentation.models import create_segmentation_model
+
+    _write_voc_folder(tmp_path / "voc")
+    path = _voc_spec(tmp_path)
+    res = CliRunner().invoke(app, ["plan", str(path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)["data"]
+    assert (plan["dataset"], plan["loader"], plan["train_images"], plan["test_images"]) == ("voc", "stream", 4, 2)
+    assert plan["reason"].startswith("voc: 4 train / 2 val image + mask pairs")
+    torch.manual_seed(0)
+    summary = train(load_spec(path), quiet=True)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["task"] == "dense" and len(saved["per_class"]["student"]["iou"]) == 3
+    assert summary["student_miou"] == saved["student_miou"] is not None
+
+    out = tmp_path / "export"
+    shipped = export_spec(load_spec(path), out)
+    assert shipped["format"] == "torchvision" and sorted(p.name for p in out.iterdir()) == \
+        ["config.json", "constructor.json", "model.safetensors"]
+    ctor = json.loads((out / "constructor.json").read_text())
+    net = torchvision.models.get_model(ctor["name"], weights=None, **ctor["kwargs"]).eval()
+    net.load_state_dict(load_file(str(out / "model.safetensors")))
+    student = create_segmentation_model("lraspp_mobilenet_v3_large", {"num_classes": 3}).eval()
+    student.load_state_dict(load_file(str(tmp_path / "run" / "student.safetensors")))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(net(x)["out"], resize_to(student(x), (64, 64)))
+
+    mean, std = (np.array(saved["preprocessing"][k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+    images, masks = [], []
+    for name in ("img_4", "img_5"):
+        pixels = np.asarray(Image.open(tmp_path / "voc" / "JPEGImages" / f"{name}.jpg").convert("RGB"), np.float32)
+        images.append(F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=(64, 64), mode="bilinear",
+                                    align_corners=False, antialias=True)[0].numpy())
+        masks.append(np.asarray(Image.open(tmp_path / "voc" / "SegmentationClass" / f"{name}.png"), np.int64))
+    y = F.interpolate(torch.from_numpy(np.stack(masks))[:, None].float(), size=(64, 64), mode="nearest-exact")
+    y = y[:, 0].long().numpy()
+    with torch.no_grad():
+        pred = net(torch.from_numpy((np.stack(images) / 255.0 - mean) / std))["out"].argmax(1).numpy()
+    assert saved["student_miou"] == pytest.approx(_numpy_miou(pred, y, 3), abs=1e-6)
+    border = y.copy()
+    border[border == 255] = 0  # counting the ignored border as class 0 gives another number
+    assert _numpy_miou(pred, border, 3) != pytest.approx(saved["student_miou"], abs=1e-6)
+
+    again = evaluate_spec(load_spec(path), checkpoint=out)
+    assert again["student_miou"] == pytest.approx(saved["student_miou"], abs=1e-9)
+    assert export_spec(load_spec(path), out)["format"] == "torchvision"  # a rerun writes over its own export
+
+
+def test_a_folder_the_dense_task_cannot_read_is_refused_in_one_line(tmp_path):
+    _write_voc_folder(tmp_path / "voc")
+    path = _voc_spec(tmp_path)
+    bad = np.full((40, 48), 7, np.uint8)
+    from PIL import Image
+
+    Image.fromarray(bad, "L").save(tmp_path / "voc" / "SegmentationClass" / "img_1.png")
+    from kdgraph.runtime.loop import train
+
+    with pytest.raises(KDGraphError, match=r"img_1.png: the mask holds class id 7, but the data has 3 classes"):
+        train(load_spec(path), quiet=True)
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+    with pytest.raises(KDGraphError, match="labels every pixel, but the student's output"):
+        compile_spec(load_spec(path, ["teacher=null", "schedule.method=supervised", "task=null",
+                                      "student.model=timm:resnet18",
+                                      "student.kwargs={num_classes: 3}"]), allow_missing_weights=True)
+    (tmp_path / "voc" / "SegmentationClass" / "img_1.png").unlink()
+    with pytest.raises(KDGraphError, match=r"img_1.png is missing \(train.txt lists 'img_1'\)"):
+        compile_spec(load_spec(path), allow_missing_weights=True)

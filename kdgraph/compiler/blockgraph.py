@@ -49,6 +49,7 @@ from kdgraph.errors import PlanError
 from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
 from kdgraph.registry import LOGIT_LOSSES, TASK_HEAD_LOSSES
+from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
 from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
@@ -135,12 +136,16 @@ def head_entry(loss_spec: Mapping[str, Any], has_teacher: bool, task: str = "cla
 def task_of(spec: Spec, student: ModelArtifacts) -> str:
     """The run's task (a ``TASKS`` name): the spec's, else inferred where unambiguous: a denoise
     block makes it ``denoise``, text ``causal_lm``, per-pixel logits ``dense``, anything else ``classification``.
-    A spec that names classification or dense for a student predicting the other is refused."""
+    A spec that names classification or dense for a student predicting the other is refused, and so is
+    an image + mask folder (``voc``, ``cityscapes``) for a student without per-pixel logits."""
     if spec.denoise is not None:
         return "denoise"
     if spec.data.dataset == "text":
         return "causal_lm"
     inferred = "dense" if student.traced is not None and student.dense else "classification"
+    if spec.data.dataset in SEGMENTATION_LAYOUTS and inferred != "dense" and student.traced is not None:
+        raise PlanError(f"data.dataset: {spec.data.dataset} labels every pixel, but the student's output "
+                        f"{list(student.output_shape or ())} is not per-pixel logits (task: dense)")
     if spec.task in ("classification", "dense") and spec.task != inferred and student.traced is not None:
         raise PlanError(f"task: {spec.task}, but the student's output {list(student.output_shape or ())} is "
                         f"{'per-pixel logits' if inferred == 'dense' else 'not per-pixel logits on the input grid'}")

@@ -10,6 +10,7 @@ from torch import nn
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import scan_imagefolder
 from kdgraph.ir import DataPlan
+from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
 from kdgraph.spec.schema import DEFAULT_CROP_PCT
 
 if TYPE_CHECKING:
@@ -20,9 +21,15 @@ if TYPE_CHECKING:
 def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,
               input_size: tuple[int, int, int], missing_ok: bool = False) -> DataPlan:
     """Choose the loader of ``data_spec`` and its normalisation. Image folders are listed and
-    checked (scan_imagefolder's errors surface here, in `kdgraph plan`); other datasets are
+    checked (scan_imagefolder's errors surface here, in `kdgraph plan`), and so are image + mask
+    folders (``voc``, ``cityscapes``: ``plan_segmentation``, always streamed); other datasets are
     always held in memory and normalised with their training statistics. With ``missing_ok``
     (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
+    if data_spec.dataset in SEGMENTATION_LAYOUTS:  # image + mask folders: listed and checked here, streamed
+        from kdgraph.segmentation.data import plan_segmentation
+
+        return plan_segmentation(data_spec, input_size, _normalisation(data_spec, teacher, student, input_size[0]),
+                                 missing_ok)
     if data_spec.dataset != "imagefolder":
         return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
     if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):

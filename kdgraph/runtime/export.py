@@ -84,11 +84,11 @@ def file_format(path: Path, given: bool = False, layouts: tuple[ship.FolderLayou
         raise KDGraphError(f"no trained student at {path}" + ("" if given else "; run `kdgraph train` first or "
                                                                 "pass --checkpoint"))
     if path.is_dir():
-        if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
-            return "export"
-        for layout in layouts:
+        for layout in layouts:  # first: a layout's files may include a model.safetensors of its own keys
             if layout.holds(path):
                 return layout.name
+        if (path / ship.WEIGHTS).is_file() or (path / ship.PROGRAM).is_file():
+            return "export"
         raise KDGraphError(f"{path} is a folder without {ship.WEIGHTS} or {ship.PROGRAM}: not a kdgraph export"
                            + "".join(f" (nor {layout.description})" for layout in layouts))
     return "torch" if sniff(path).startswith("torch") else "safetensors"

@@ -359,8 +359,12 @@ class DataSpec(_Strict):
     dataset: Annotated[str, OneOf("dataset", dataset_choices, accepts=_is_registered_dataset)] = Field(
         default="digits",
         description="Dataset: digits, fashion-mnist, fashion-mnist-masks, fashion-mnist-seg, imagefolder, synthetic, "
-        "'torchvision:NAME' (a torchvision dataset class whose files are present under root), or text (token "
-        "windows of seq_len for a causal LM, task causal_lm; root a folder of UTF-8 .txt files or a .jsonl file).",
+        "'torchvision:NAME' (a torchvision dataset class whose files are present under root), text (token "
+        "windows of seq_len for a causal LM, task causal_lm; root a folder of UTF-8 .txt files or a .jsonl file), "
+        "or an image + mask folder under root for the dense task, its train split trained on and its val split "
+        "evaluated, streamed at input_size: voc (JPEGImages/, SegmentationClass/ PNG masks, "
+        "ImageSets/Segmentation/{train,val}.txt; num_classes: None = the student's) or cityscapes "
+        "(leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/*_labelIds.png, mapped to its 19 train ids).",
     )
     root: UserPath | None = Field(default=None, description="Directory of the dataset files (None: the dataset's default).")
     input_size: tuple[_Side, _Side, _Side] | None = Field(
@@ -389,7 +393,9 @@ class DataSpec(_Strict):
     augment: Annotated[str, OneOf("augmentation", lambda: ["auto", *AUGMENTATIONS.names()])] = Field(
         default="auto",
         description="Training augmentation: auto (the dataset's usual one); " + _summaries(AUGMENTATIONS) + ". A crop "
-        "is padded by H // 8 in memory, timm's random-resized crop (crop_scale) when streamed.",
+        "is padded by H // 8 in memory, timm's random-resized crop (crop_scale) when streamed; for voc and "
+        "cityscapes a random scale in 0.5..2 and an input_size crop applied to image and mask alike (auto: with "
+        "the flip).",
     )
     resize: Literal["resample", "pad"] = Field(
         default="resample",
