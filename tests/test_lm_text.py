@@ -269,3 +269,12 @@ def test_a_bad_tokenizer_folder_is_a_one_line_error(tmp_path):
         load_tokenizer(tmp_path / "broken")
     for exc in (missing, hub, empty, broken):
         assert "\n" not in str(exc.value)
+
+
+def test_the_byte_tokenizers_key_is_its_class_vocabulary_and_eos_as_before(tmp_path):
+    """Bytes keep the key they had before data.tokenizer (earlier token files and teacher caches stay valid)."""
+    import hashlib
+
+    vocab = [[f"<0x{i:02X}>", i] for i in range(256)]
+    want = hashlib.sha256(json.dumps(["ByteTokenizer", vocab, None]).encode("utf-8")).hexdigest()[:16]
+    assert tokenizer_key(ByteTokenizer()) == want

@@ -61,9 +61,10 @@ def tokenizer_key(tokenizer: Any) -> str:
     pre-tokeniser, model with its merges, post-processor, added tokens)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = json.loads(backend.to_str()) if backend is not None else None
-    text = json.dumps([type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None), pipeline],
-                      sort_keys=True)
+    fields = [type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None)]
+    if backend is not None:  # (bytes and plain objects keep the key they had before)
+        fields.append(json.loads(backend.to_str()))
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
