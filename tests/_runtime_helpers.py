@@ -118,3 +118,22 @@ assert not any(k.startswith("kdgraph") for k in sys.modules)
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=work, env=env, timeout=timeout)
     return torch.load(work / "y.pt")
+
+
+def tiny_tokenizer(folder, sentences, vocab_size: int = 300, lowercase: bool = False):
+    """A BPE tokenizer trained here on ``sentences`` with the ``tokenizers`` library (byte-level
+    pre-tokeniser, an <eos> token; optionally a lowercasing normaliser), wrapped in transformers'
+    PreTrainedTokenizerFast and saved to ``folder``: no download. Returns the wrapped tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(str(folder))
+    return fast

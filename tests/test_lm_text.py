@@ -198,3 +198,83 @@ def test_a_splits_sha256_is_its_tokens_and_the_window_length():
     held = tokens.copy()
     held[-1] += 1  # a held-out token: the training split is the same
     assert Windows(held, 8, holdout=0.1).sha256("train") == want
+
+
+_SENTENCES = ["Shall I compare thee to a summer's day?", "Thou art more lovely and more temperate.",
+              "Rough winds do shake the darling buds of May."]
+
+
+def test_a_tokenizer_folder_tokenises_as_transformers_does_and_keys_the_token_file(tmp_path):
+    """data.tokenizer: a BPE tokenizer trained and saved here; the token file holds exactly what
+    the tokenizer object itself gives each document (no BOS), each followed by its <eos> id."""
+    from types import SimpleNamespace
+
+    from _runtime_helpers import tiny_tokenizer
+    from kdgraph.lm.text import load_tokenizer, tokenizer_of, vocabulary_size
+
+    made = tiny_tokenizer(tmp_path / "tok", _SENTENCES * 4)
+    root = tmp_path / "sonnet"
+    root.mkdir()
+    for i, line in enumerate(_SENTENCES):
+        (root / f"{i}.txt").write_text(line + "\n", encoding="utf-8")
+    tok = tokenizer_of(SimpleNamespace(root=str(root), tokenizer=str(tmp_path / "tok")))
+    assert tokenizer_key(tok) == tokenizer_key(made) != tokenizer_key(ByteTokenizer())
+    assert vocabulary_size(tok) == len(made.get_vocab()) == max(made.get_vocab().values()) + 1
+    eos = made.convert_tokens_to_ids("<eos>")
+    want = []
+    for doc in read_documents(root):
+        want += made(doc, add_special_tokens=False)["input_ids"] + [eos]
+    tokens = token_file(root, tok, tmp_path / "cache")
+    assert tokens.tolist() == want and len(want) < sum(len(d.encode()) for d in read_documents(root))
+    assert made.decode(want[:-1]).startswith(read_documents(root)[0].rstrip())
+    # a changed tokenizer (its normaliser alone, same training text) is another key, another token file
+    other = tiny_tokenizer(tmp_path / "tok2", _SENTENCES * 4, lowercase=True)
+    assert tokenizer_key(load_tokenizer(tmp_path / "tok2")) == tokenizer_key(other) != tokenizer_key(tok)
+    token_file(root, load_tokenizer(tmp_path / "tok2"), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.tokens"))) == 2
+    # its vocabulary alone (more merges) also changes the key
+    assert tokenizer_key(tiny_tokenizer(tmp_path / "tok3", _SENTENCES * 4, vocab_size=320)) != tokenizer_key(tok)
+
+
+def test_the_text_key_follows_the_tokenizer_folder(tmp_path):
+    """The teacher cache's key of the text changes when data.tokenizer's folder holds another tokenizer."""
+    from types import SimpleNamespace
+
+    from _runtime_helpers import tiny_tokenizer
+
+    root = _folder(tmp_path)
+    data = SimpleNamespace(root=str(root), tokenizer=str(tmp_path / "tok"))
+    tiny_tokenizer(tmp_path / "tok", _SENTENCES)
+    first = text_key(data)
+    assert first["tokenizer"] != text_key(SimpleNamespace(root=str(root), tokenizer=None))["tokenizer"]
+    tiny_tokenizer(tmp_path / "tok", _SENTENCES, lowercase=True)  # the folder rewritten with another normaliser
+    second = text_key(data)
+    assert second["sources"] == first["sources"] and second["tokenizer"] != first["tokenizer"]
+
+
+def test_a_bad_tokenizer_folder_is_a_one_line_error(tmp_path):
+    from kdgraph.lm.text import load_tokenizer
+
+    with pytest.raises(DataError, match=r"not a local folder$") as missing:
+        load_tokenizer(tmp_path / "absent")
+    with pytest.raises(DataError, match=r"hub id\? .*downloads nothing.*huggingface-cli download "
+                                        r"meta-llama/Llama-3\.2-1B") as hub:
+        load_tokenizer("meta-llama/Llama-3.2-1B")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a tokenizer folder") as empty:
+        load_tokenizer(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a tokenizer transformers can read") as broken:
+        load_tokenizer(tmp_path / "broken")
+    for exc in (missing, hub, empty, broken):
+        assert "\n" not in str(exc.value)
+
+
+def test_the_byte_tokenizers_key_is_its_class_vocabulary_and_eos_as_before(tmp_path):
+    """Bytes keep the key they had before data.tokenizer (earlier token files and teacher caches stay valid)."""
+    import hashlib
+
+    vocab = [[f"<0x{i:02X}>", i] for i in range(256)]
+    want = hashlib.sha256(json.dumps(["ByteTokenizer", vocab, None]).encode("utf-8")).hexdigest()[:16]
+    assert tokenizer_key(ByteTokenizer()) == want

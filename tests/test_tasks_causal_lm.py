@@ -353,3 +353,76 @@ def test_export_writes_into_an_empty_folder_its_own_earlier_export_or_a_killed_o
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "kdgraph.json"]
     assert (mine / "config.json").read_text() == '{"model_type": "llama"}'
 
+
+
+def _tokenizer_raw(tmp_path: Path, vocab: int = 300, teacher_vocab: int = 300) -> dict:
+    from _runtime_helpers import tiny_tokenizer
+
+    if not (tmp_path / "tok").exists():
+        tiny_tokenizer(tmp_path / "tok", TEXT.split(", "), vocab_size=300)
+    raw = _raw(tmp_path, data={"tokenizer": str(tmp_path / "tok"), "seq_len": 8, "batch_size": 4},
+               schedule={"epochs": 1})
+    raw["student"]["kwargs"]["vocab_size"] = vocab
+    raw["teacher"]["kwargs"]["vocab_size"] = teacher_vocab
+    return raw
+
+
+def test_a_tokenizer_folder_trains_scores_bits_per_decoded_byte_and_ships_beside_the_model(tmp_path):
+    """data.tokenizer: the token file is the tokenizer's ids of the text (then <eos>); bits per
+    byte divide by each held-out target row's decoded UTF-8 bytes (recomputed here from the
+    student's weights); export writes the tokenizer files AutoTokenizer loads, ids unchanged."""
+    import transformers
+
+    from kdgraph.runtime.commands import export_spec
+
+    spec = load_spec(_tokenizer_raw(tmp_path))
+    summary = train_here(spec)
+    made = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ids = np.asarray(made(TEXT, add_special_tokens=False)["input_ids"] + [made.eos_token_id], dtype=np.int64)
+    held = ids[len(ids) - int(len(ids) * 0.05):]
+    windows = np.stack([held[i * 8:i * 8 + 9] for i in range((len(held) - 1) // 8)])
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**_kwargs(32, 1), "vocab_size": 300})).eval()
+    lm.load_state_dict({k.removeprefix("lm."): v for k, v in load_file(str(tmp_path / "run" /
+                                                                            "student.safetensors")).items()})
+    w = torch.from_numpy(windows)
+    with torch.no_grad():
+        nats = F.cross_entropy(lm(input_ids=w[:, :-1]).logits.flatten(0, 1), w[:, 1:].reshape(-1),
+                               reduction="sum").item()
+    nbytes = sum(len(made.decode(row[1:].tolist()).encode("utf-8")) for row in windows)
+    assert nbytes > w[:, 1:].numel()  # BPE ids hold more than a byte each
+    assert summary["student_loss"] == pytest.approx(nats / w[:, 1:].numel(), rel=1e-5)
+    assert summary["student_bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+    export_spec(spec, tmp_path / "hf")
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    shipped = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert shipped(TEXT, add_special_tokens=False)["input_ids"] == ids[:-1].tolist()
+    assert shipped.eos_token_id == made.eos_token_id
+    assert str(tmp_path / "tok") in json.loads((tmp_path / "hf" / "kdgraph.json").read_text())["tokenizer"]
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+def test_a_tokenizer_larger_than_a_models_vocabulary_is_refused(who, tmp_path):
+    raw = _tokenizer_raw(tmp_path, **({"vocab": 256} if who == "student" else {"teacher_vocab": 256}))
+    res = run_cli("train", str(write_spec(raw, tmp_path / "lm.yaml")), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"data.tokenizer has 300 ids but the {who}'s vocabulary holds 256" in res.stderr
+
+
+def test_another_tokenizer_is_another_token_file_and_a_resume_is_refused(tmp_path):
+    from _runtime_helpers import tiny_tokenizer
+    from kdgraph.compiler import compile_spec
+    from kdgraph.runtime.techniques import DistInfo
+    from kdgraph.tasks.create import create_task
+
+    def data():
+        spec = load_spec(_tokenizer_raw(tmp_path))
+        return create_task(spec, compile_spec(spec)).build_data(spec, None, torch.device("cpu"), DistInfo())
+
+    first = data()
+    state = first.state_dict(0, 1)
+    tiny_tokenizer(tmp_path / "tok", TEXT.split(", "), vocab_size=300, lowercase=True)  # its normaliser changed
+    second = data()
+    assert second.tokens != first.tokens
+    assert len(list((tmp_path / "run" / "tokens").glob("*.tokens"))) == 2
+    with pytest.raises(DataError, match="other training data.*tokens"):
+        second.check_resume(state, "last.pt")

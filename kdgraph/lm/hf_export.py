@@ -1,6 +1,7 @@
 """A trained causal-LM student as a Hugging Face folder: ``config.json``,
 ``model.safetensors`` and ``generation_config.json`` (``save_pretrained`` of the wrapped
-transformers model), plus ``kdgraph.json`` (where the weights came from). The folder loads in
+transformers model), the run's tokenizer files where ``data.tokenizer`` named one (its
+``save_pretrained``), plus ``kdgraph.json`` (where the weights came from). The folder loads in
 plain transformers, ``AutoModelForCausalLM.from_pretrained(folder)``, without kdgraph."""
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ def check_exportable(spec) -> None:
                            f"transformers: model (got {spec.student.model})")
 
 
-def ship_causal_lm(compiled, maps: dict, path: Path, to: Path, command: str) -> dict:
+def ship_causal_lm(compiled, maps: dict, path: Path, to: Path, command: str, tokenizer=None) -> dict:
     """Write the trained student (loaded into ``compiled.student.model``) to the folder ``to``
-    (the caller, ``CausalLMTask.ship``, checks it and marks the export incomplete until this returns)."""
+    (the caller, ``CausalLMTask.ship``, checks it and marks the export incomplete until this returns),
+    and the run's tokenizer folder (``data.tokenizer``; None: bytes) beside it (``save_pretrained``)."""
     if maps:
         raise KDGraphError("export: this student carries adapter maps that are not part of a transformers model")
     lm = compiled.student.model.lm.eval()
@@ -35,8 +37,16 @@ def ship_causal_lm(compiled, maps: dict, path: Path, to: Path, command: str) -> 
         lm.save_pretrained(str(to), safe_serialization=True)
     finally:
         lm.config.use_cache = False
+    if tokenizer is not None:
+        from kdgraph.lm.text import load_tokenizer, tokenizer_key
+
+        tok = load_tokenizer(tokenizer)
+        tok.save_pretrained(str(to))
+        described = f"{tokenizer} (key {tokenizer_key(tok)})"
+    else:
+        described = "utf-8 bytes (ids 0..255)"
     tmp = to / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps({"weights_from": str(path), "command": command,
-                               "tokenizer": "utf-8 bytes (ids 0..255)"}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"weights_from": str(path), "command": command, "tokenizer": described},
+                              indent=2) + "\n")
     os.replace(tmp, to / RECORD)
     return {"folder": str(to), "format": "transformers", "reason": None}

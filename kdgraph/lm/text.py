@@ -5,9 +5,11 @@ packed windows drawn from (seed, epoch, index).
   JSONL file whose lines are objects with a text field. Each document is followed by the
   tokenizer's end-of-text id where it has one.
 - **Tokenizers**: ``ByteTokenizer`` (ids 0..255, the UTF-8 bytes: for models without a
-  tokenizer) or any object with ``encode(str) -> list[int]`` and ``get_vocab()`` (a
-  transformers tokenizer). ``tokenizer_key`` fingerprints it from its class, vocabulary and
-  end-of-text id.
+  tokenizer) or any object with ``encode(str) -> list[int]`` and ``get_vocab()``: a Hugging
+  Face fast tokenizer saved in a local folder (``data.tokenizer``, ``load_tokenizer``: local
+  files only, no remote code). ``tokenizer_key`` fingerprints it from its class, vocabulary,
+  end-of-text id and (a fast tokenizer) its whole ``tokenizer.json`` pipeline: normaliser,
+  pre-tokeniser, merges, post-processor.
 - **Token file** (``token_file``): ``CACHE/<source>-<tokenizer>.tokens``, little-endian
   uint16 where every id fits, else uint32, written once (to a temporary name, then renamed) and
   read memory-mapped after; its name is keyed by the tokenizer and by every source file's
@@ -37,7 +39,8 @@ import numpy as np
 
 from kdgraph.errors import DataError
 
-__all__ = ["ByteTokenizer", "Windows", "read_documents", "text_key", "token_file", "tokenizer_key", "tokenizer_of"]
+__all__ = ["ByteTokenizer", "TOKENIZER_FILES", "Windows", "load_tokenizer", "read_documents", "text_key", "token_file",
+           "tokenizer_key", "tokenizer_of", "vocabulary_size"]
 
 
 class ByteTokenizer:
@@ -53,16 +56,58 @@ class ByteTokenizer:
 
 
 def tokenizer_key(tokenizer: Any) -> str:
-    """16 hex digits of its class, vocabulary (token -> id) and end-of-text id."""
+    """16 hex digits of its class, vocabulary (token -> id), end-of-text id and, for a
+    transformers fast tokenizer, its whole pipeline (``tokenizer.json``: normaliser,
+    pre-tokeniser, model with its merges, post-processor, added tokens)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    text = json.dumps([type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None)])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fields = [type(tokenizer).__name__, vocab, getattr(tokenizer, "eos_token_id", None)]
+    if backend is not None:  # (bytes and plain objects keep the key they had before)
+        fields.append(json.loads(backend.to_str()))
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: Path | str) -> Any:
+    """The Hugging Face fast tokenizer saved in the local ``folder`` (its ``tokenizer.json``),
+    read with local files only and no remote code; a one-line DataError otherwise."""
+    path = Path(folder)
+    if not path.exists():
+        hub = "/" in str(folder) and not str(folder).startswith((".", "/", "~")) and len(path.parts) == 2
+        raise DataError(f"data.tokenizer: {folder} is not a local folder" + (
+            " (a hub id? kdgraph reads tokenizers from a local folder only and downloads nothing: fetch it with "
+            f"`huggingface-cli download {folder} --local-dir DIR` and name DIR)" if hub else ""))
+    if not path.is_dir() or not (path / "tokenizer.json").is_file():
+        raise DataError(f"data.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json in it; "
+                        "save one with tokenizer.save_pretrained(folder))")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, use_fast=True)
+    except ImportError:
+        raise DataError("data.tokenizer needs transformers: pip install 'kdgraph[transformers]'") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read the folder is bad input
+        raise DataError(f"data.tokenizer: {folder} is not a tokenizer transformers can read "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise DataError(f"data.tokenizer: {folder} did not load as a fast tokenizer (tokenizer.json)")
+    return tok
+
+
 def tokenizer_of(data_spec: Any) -> Any:
-    """The tokenizer a text run reads ``data_spec``'s text with: UTF-8 bytes (the one kdgraph
-    has; the causal-LM task and the teacher cache's key both ask here)."""
-    return ByteTokenizer()
+    """The tokenizer a text run reads ``data_spec``'s text with: ``data.tokenizer``'s folder
+    (``load_tokenizer``), else UTF-8 bytes (the causal-LM task and the teacher cache's key both
+    ask here)."""
+    folder = getattr(data_spec, "tokenizer", None)
+    return ByteTokenizer() if folder is None else load_tokenizer(folder)
+
+
+def vocabulary_size(tokenizer: Any) -> int:
+    """How many embedding rows its ids need: 1 + its largest id (added tokens included)."""
+    return 1 + max(tokenizer.get_vocab().values())
 
 
 def text_key(data_spec: Any) -> dict[str, str] | None:
@@ -123,6 +168,14 @@ def _source_key(root: Path, field: str) -> str:
     return hashlib.sha256(json.dumps([listing, field]).encode("utf-8")).hexdigest()[:16]
 
 
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` alone: a transformers tokenizer adds no BOS/EOS (each document's end
+    gets the end-of-text id once, by the caller)."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
 def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str = "text",
                write: bool = True) -> np.memmap:
     """The tokens of ``root`` under ``tokenizer``, memory-mapped from the token file in ``cache``
@@ -138,7 +191,7 @@ def token_file(root: Path | str, tokenizer: Any, cache: Path | str, field: str =
         eos = getattr(tokenizer, "eos_token_id", None)
         ids: list[int] = []
         for doc in read_documents(root, field):
-            ids += tokenizer.encode(doc) + ([eos] if eos is not None else [])
+            ids += _encode(tokenizer, doc) + ([eos] if eos is not None else [])
         if not ids:
             raise DataError(f"data.root: {root} holds no text")
         dtype = np.uint16 if max(ids) < 2**16 else np.uint32

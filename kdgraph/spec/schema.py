@@ -373,6 +373,12 @@ class DataSpec(_Strict):
     )
     seq_len: Int | None = Field(default=None, ge=2, le=1 << 16, description="text: tokens per window fed to a "
                                 "causal LM (required there; input_size is then [1, 1, seq_len]).")
+    tokenizer: UserPath | None = Field(
+        default=None, description="text: a local folder holding a Hugging Face fast tokenizer (tokenizer.json, "
+        "tokenizer_config.json; read with local files only, no remote code; hub ids are not fetched) the text is "
+        "tokenised with; its ids must fit the student's and the teacher's vocab_size; export writes it beside "
+        "the model (None: UTF-8 bytes, ids 0..255).",
+    )
     batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
     test_batch_size: Int | None = Field(
         default=None, ge=1, le=MAX_BATCH_SIZE, description="Evaluation batch size (None: the training batch size)."

@@ -8,7 +8,9 @@
   training and the best epoch read it, the held-out split is scored once, at the end (as the
   image tasks' test split); without one every evaluation reads the held-out split.
 - **Tokens**: UTF-8 bytes (``ByteTokenizer``, ids 0..255: the models need 256 ids or more),
-  tokenised once into ``OUTPUT/tokens/`` (``kdgraph.lm.text.token_file``).
+  or ``data.tokenizer``'s Hugging Face tokenizer (its ids must fit the student's and the
+  teacher's ``vocab_size``), tokenised once into ``OUTPUT/tokens/``
+  (``kdgraph.lm.text.token_file``). Bits per byte count each target row's decoded UTF-8 bytes.
 - **Head loss**: ``loss.token``'s per-token divergence (forward_kl by default; reverse_kl,
   skew_kl, jsd) plus ``ce_weight`` · CE with a teacher; next-token CE (``token_ce``) without.
 - **Metrics** of the held-out split: ``loss`` (mean next-token CE, nats), ``ppl`` = e^loss and
@@ -159,11 +161,13 @@ class CausalLMTask(Task):
     def __init__(self, spec, compiled):
         super().__init__(spec, compiled)
         self.vocab = _vocab_size(compiled.student.model)
+        self.teacher_vocab = _vocab_size(compiled.teacher.model) if compiled.teacher is not None else None
+        self.tokenizer = None  # build_data's: the ids' byte counts (bpb) and the samples' text
         self.output_dir = Path(spec.output_dir)
         self.samples: dict[str, list[str]] = {}
 
     def build_data(self, spec, plan, device, dist_info, channels_last: bool = False) -> TextData:
-        from kdgraph.lm.text import Windows, token_file, tokenizer_of  # at call time: the train path's import order
+        from kdgraph.lm.text import Windows, token_file, tokenizer_of, vocabulary_size  # at call time: import order
 
         d = spec.data
         if d.root is None:
@@ -171,19 +175,24 @@ class CausalLMTask(Task):
         if not Path(d.root).exists():
             raise DataError(f"data.root: {d.root} does not exist" + (
                 " (run `make shakespeare` to fetch it)" if "shakespeare" in str(d.root) else ""))
-        tokenizer = tokenizer_of(d)
+        tokenizer = self.tokenizer = tokenizer_of(d)
         tokens = token_file(d.root, tokenizer, RunFolder(self.output_dir).tokens, write=self.writes_output)
         windows = Windows(tokens, int(d.seq_len), HOLDOUT, float(d.val_fraction))
         train = WindowLoader(windows, "train", d.batch_size, spec.seed, device, dist_info.rank, dist_info.world_size,
                              d.fraction)
         test, val = (WindowLoader(windows, split, d.test_batch_size or d.batch_size, spec.seed, device)
                      for split in ("heldout", "val"))
-        return TextData(plan, train, test, tokens=Path(tokens.filename).name, val=val if d.val_fraction > 0 else None)
+        return TextData(plan, train, test, tokens=Path(tokens.filename).name, val=val if d.val_fraction > 0 else None,
+                        num_classes=vocabulary_size(tokenizer))
 
     def check_data(self, data, dataset: str) -> None:
-        if self.vocab is not None and self.vocab < data.num_classes:
-            raise KDGraphError(f"{dataset}: the byte tokenizer has {data.num_classes} ids but the student's "
-                               f"vocabulary holds {self.vocab}: set student.kwargs.vocab_size: {data.num_classes}")
+        which = "the byte tokenizer" if self.tokenizer is None or not hasattr(self.tokenizer, "backend_tokenizer") \
+            else "data.tokenizer"
+        for who, vocab in (("student", self.vocab), ("teacher", self.teacher_vocab)):
+            if vocab is not None and vocab < data.num_classes:
+                raise KDGraphError(f"{dataset}: {which} has {data.num_classes} ids but the {who}'s vocabulary holds "
+                                   f"{vocab}: set {who}.kwargs.vocab_size: {data.num_classes} (or use a tokenizer "
+                                   "that fits it)")
 
     def batches(self, loader, epoch: int, start: int = 0):
         return ((x, y, None) for x, y in loader.epoch(epoch, start))
@@ -199,9 +208,15 @@ class CausalLMTask(Task):
                 logits = forward(x).float()
                 nats += float(F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="sum"))
                 tokens += y.numel()
-                nbytes += y.numel() * BYTES_PER_ID
+                nbytes += self._bytes(y)
         loss = nats / max(tokens, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": nats / math.log(2) / max(nbytes, 1)}
+
+    def _bytes(self, y: torch.Tensor) -> int:
+        """UTF-8 bytes of the target rows: one per id (bytes), else each row decoded by the tokenizer."""
+        if self.tokenizer is None or not hasattr(self.tokenizer, "backend_tokenizer"):
+            return y.numel() * BYTES_PER_ID
+        return sum(len(self.tokenizer.decode(row.tolist()).encode("utf-8")) for row in y.cpu())
 
     def describe(self, score: dict[str, float]) -> str:
         return (f"held-out loss {score['loss']:.4f} nats/token, perplexity {score['ppl']:.2f}, "
@@ -219,7 +234,7 @@ class CausalLMTask(Task):
         """Greedy continuations by the student (and teacher) of held-out openings: samples.txt."""
         prompts = self._generate(run)
         path = RunFolder(self.output_dir).text_samples
-        path.write_text(_samples_text(prompts, self.samples), encoding="utf-8")
+        path.write_text(_samples_text(prompts, self.samples, self.tokenizer), encoding="utf-8")
         return {"samples": str(path)}
 
     def reports_elsewhere(self, run) -> dict:
@@ -259,7 +274,7 @@ class CausalLMTask(Task):
 
         to = _begin_export(check_destination(Path(to)))  # new, empty, or an earlier (or killed) kdgraph export
         clear_earlier_export(to)  # an earlier timm-layout export's weights, program and card
-        shipped = ship_causal_lm(compiled, maps, path, to, command)
+        shipped = ship_causal_lm(compiled, maps, path, to, command, getattr(spec.data, "tokenizer", None))
         (to / INCOMPLETE).unlink()  # last: until here a rerun writes over the folder
         return shipped
 
@@ -277,15 +292,17 @@ def greedy(forward, prompt: np.ndarray, seq_len: int, device) -> list[int]:
     return ids
 
 
-def _decode(ids) -> str:
+def _decode(ids, tokenizer=None) -> str:
+    if tokenizer is not None and hasattr(tokenizer, "backend_tokenizer"):
+        return tokenizer.decode([int(i) for i in ids])
     return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
-def _samples_text(prompts, samples: dict[str, list[list[int]]]) -> str:
+def _samples_text(prompts, samples: dict[str, list[list[int]]], tokenizer=None) -> str:
     parts = []
     for i, prompt in enumerate(prompts):
-        parts.append(f"=== sample {i + 1}: prompt ===\n{_decode(prompt)}\n")
+        parts.append(f"=== sample {i + 1}: prompt ===\n{_decode(prompt, tokenizer)}\n")
         for who, runs in samples.items():
-            parts.append(f"--- {who} continues ---\n{_decode(runs[i][len(prompt):])}\n")
+            parts.append(f"--- {who} continues ---\n{_decode(runs[i][len(prompt):], tokenizer)}\n")
     return "\n".join(parts)
 
