@@ -321,6 +321,16 @@ def _is_export(folder: Path) -> bool:
 LAYOUT_FILES: dict[str, tuple[str, ...]] = {}  # every FolderLayout's files but config.json, by layout name
 
 
+def _register_every_layout() -> None:
+    """Ask every registered task for its layouts: a ``FolderLayout`` registers its files when
+    it is made, and a task's layout module may not be imported yet in this process (an export
+    of one layout over another's, the first thing a process does)."""
+    from kdgraph.registry import TASKS
+
+    for name in TASKS:
+        TASKS.get(name).layouts()
+
+
 def clear_earlier_export(folder: Path) -> None:
     """Remove what an earlier kdgraph export in ``folder`` wrote, by its config's block (timm's
     layout, a ``kdgraph`` block: weights or program and card; another library's layout, a
@@ -332,6 +342,8 @@ def clear_earlier_export(folder: Path) -> None:
         return
     block = config.get("kdgraph") if isinstance(config, dict) else None
     theirs = config.get("_kdgraph") if isinstance(config, dict) else None
+    if isinstance(theirs, dict):
+        _register_every_layout()
     ours = (WEIGHTS, PROGRAM, CARD) if isinstance(block, dict) else \
         tuple(f for files in LAYOUT_FILES.values() for f in files) if isinstance(theirs, dict) else ()
     for name in ours:
