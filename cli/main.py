@@ -153,6 +153,10 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
           resume: Annotated[bool, typer.Option(
               help="Continue from OUTPUT/checkpoints/last.pt, with the spec and --set overrides stored in the run.")] = False,
           force: Annotated[bool, typer.Option(help="Start over: delete an earlier run's files in OUTPUT first.")] = False,
+          reshard: Annotated[bool, typer.Option(
+              help="With --resume: continue a checkpoint written at another number of ranks; the spec may change "
+                   "runtime.shard_student, runtime.shard_dtype, teacher.shard, and data.batch_size where "
+                   "batch_size x ranks stays the same (each step reads the same data).")] = False,
           quiet: Annotated[bool, typer.Option(help="Plain log lines instead of progress bars.")] = False):
     """Compile the plan and run it: train, evaluate, checkpoint, export the student."""
     from kdgraph.runtime.loop import TrainingInterrupted
@@ -167,7 +171,7 @@ def train(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
             loaded = _load(spec, overrides, allow_code)
         source = {"spec_file": str(spec.resolve()), "overrides": overrides}
         summary = run_training(loaded, resume=resume, quiet=quiet or not sys.stdout.isatty(), force=force,
-                               source=source)
+                               source=source, reshard=reshard)
     except TrainingInterrupted as exc:
         err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130)

@@ -115,8 +115,9 @@ def test_activation_checkpointing_alone_keeps_the_gradient(tmp_path):
 
 # -- DCP checkpoints in one process --------------------------------------------------------------
 
-def _trainer(tmp_path: Path, **optim) -> tuple[Trainer, ShardedCheckpoints]:
+def _trainer(tmp_path: Path, batch_size: int = 4, **optim) -> tuple[Trainer, ShardedCheckpoints]:
     raw = _lm(tmp_path)
+    raw["data"]["batch_size"] = batch_size
     raw["optim"].update(optim)
     spec = load_spec(raw)
     trainer = Trainer.from_spec(spec)
@@ -307,3 +308,121 @@ def test_torchrun_train_with_a_sharded_student_exports_the_ddp_students_weights(
     student.load_state_dict(students[True])
     with torch.no_grad():
         assert torch.equal(lm(input_ids=ids).logits, student(ids))
+
+
+# -- --reshard: a checkpoint of another world size ---------------------------------------------------
+
+def test_resharded_data_keeps_the_windows_of_each_step_and_names_the_batch_size_that_does():
+    stored = {"loader": "text", "epoch": 1, "step": 0, "seed": 0, "num_samples": 200, "batch_size": 4,
+              "world_size": 2, "tokens": "t"}
+    now = {**stored, "world_size": 1, "batch_size": 8}
+    assert runs.resharded_data(stored, now) == now  # 4 x 2 = 8 x 1 windows per step: accepted as this run's
+    with pytest.raises(KDGraphError, match=r"read 8 per step .*this run reads 4 .*set data.batch_size=8"):
+        runs.resharded_data(stored, {**now, "batch_size": 4})
+    with pytest.raises(KDGraphError, match="number of ranks that divides 8"):
+        runs.resharded_data(stored, {**now, "batch_size": 3, "world_size": 3})
+
+
+def test_laid_out_plans_differ_only_in_whether_the_teacher_is_sharded():
+    from kdgraph.runtime.loop import laid_out
+
+    whole, sharded = {"method": "kd"}, {"method": "kd", "teacher_dtype": "float32", "teacher_shard": True}
+    assert laid_out(whole, True) == laid_out(sharded, True) and laid_out(whole, False) != laid_out(sharded, False)
+    half = {"method": "kd", "teacher_dtype": "bfloat16", "teacher_shard": True}
+    assert laid_out(half, True) != laid_out(sharded, True)  # the teacher's dtype is what it computes in: kept
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "pt"])
+def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path, fmt):
+    """A one-process checkpoint (DCP folder, or a whole student's last.pt) whose data record
+    says 2 ranks of 4 windows, as a two-rank run's does: resumed with --reshard at 1 rank of 8
+    windows, refused without it, and refused with it where the windows per step, or anything
+    trained, differ. A new trainer finds the run's checkpoint format on disk."""
+    trainer, manager = _trainer(tmp_path)
+    manager = manager if fmt == "dcp" else trainer.checkpoints
+    _step(trainer, 0)
+    trainer.data.train.world_size = 2  # the data record of a two-rank run of data.batch_size 4
+    trainer.saving_at, trainer.global_step = (0, 1), 1
+    manager.save()
+    manager.written()
+
+    def resumed(reshard: bool, **optim):
+        other = _trainer(tmp_path, batch_size=8, **optim)[0]
+        assert isinstance(other.checkpoints, ShardedCheckpoints) == (fmt == "dcp")
+        other.reshard = reshard
+        before = [p.clone() for p in other.distiller.parameters()]
+        try:
+            other.checkpoints.restore(True)
+        except KDGraphError as exc:
+            if fmt == "dcp" or "another spec" in str(exc):  # last.pt reads its data record after the weights
+                assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
+            raise
+        return other
+
+    with pytest.raises(KDGraphError, match=r"another spec \(differs: .*data.batch_size: 4 -> 8"):
+        resumed(False)
+    again = resumed(True)
+    assert again.global_step == 1 and "the checkpoint of 2 rank(s) continues on 1" in again.reshard_note
+    for p, q in zip(trainer.distiller.parameters(), again.distiller.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(KDGraphError, match="another spec.*optim.lr"):
+        resumed(True, lr=0.02)
+    trainer.data.train.batch_size = 2  # 2 x 2 windows per step then, 8 x 1 now
+    manager.save()
+    manager.written()
+    with pytest.raises(KDGraphError, match="set data.batch_size=4"):
+        resumed(True)
+
+
+def test_reshard_needs_resume(tmp_path):
+    from kdgraph.runtime.loop import train
+
+    with pytest.raises(KDGraphError, match="--reshard .* use it with --resume"):
+        train(load_spec(_lm(tmp_path)), reshard=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_sharded_run_resumes_at_one_rank_with_reshard(tmp_path):
+    """`torchrun --nproc_per_node 2 -m kdgraph train` (student and teacher sharded, 2 epochs),
+    its last checkpoint damaged and its summary gone (a run killed in its second epoch), then
+    `kdgraph train --resume --reshard` in one process from the end-of-epoch-1 DCP checkpoint,
+    the student whole and data.batch_size doubled: it trains epoch 2 on the same windows and
+    ends with the two-rank run's student (within float tolerance)."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import run_cli, write_spec
+    from kdgraph.runtime.sharding import read_folder
+
+    raw = _lm(tmp_path, shard_student=True)
+    raw["teacher"]["shard"] = True
+    spec_file = write_spec(raw, tmp_path / "spec.yaml")
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(spec_file)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = RunFolder(Path(raw["output"]))
+    want = load_file(str(folder.student))
+    position = read_folder(folder.previous_sharded_checkpoint)["position"]
+    assert (position["epoch"], position["step"]) == (1, 0) and position["global_step"] > 0  # the end of epoch 1
+    shard = folder.sharded_checkpoint / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    folder.summary.unlink()
+    one = ["--set", "runtime.shard_student=false", "--set", "teacher.shard=false", "--set", "data.batch_size=8"]
+    refused = run_cli("train", str(spec_file), "--resume", *one)  # without --reshard: another spec
+    assert refused.returncode == 2 and "runtime.shard_student" in refused.stderr
+    res = run_cli("train", str(spec_file), "--resume", "--reshard", "--quiet", *one, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    assert "continuing from the previous checkpoint" in text
+    assert "--reshard: the checkpoint of 2 rank(s) continues on 1, data.batch_size 4 -> 8" in text.replace("\n", " ")
+    got = load_file(str(folder.student))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    # it keeps writing DCP checkpoints, now of one rank
+    assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "state.pt"]

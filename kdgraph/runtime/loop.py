@@ -136,9 +136,10 @@ class Trainer:
         self.teacher_acc = self.student_acc = self.test_acc = None  # the teacher's, the last evaluation's, the test's
         self.tracker: StabilityTracker | None = None
         self.data_warned = False  # report.warn_if_starved: once per run
+        self.reshard, self.reshard_note = False, None  # set by train: a resume at another world size (--reshard)
         states, resume = checkpoint_states(self, run.to_dict()), lambda: runs.resume_command(self.folder.root)
         self.checkpoints = (ShardedCheckpoints(self.folder, states, resume, self.info)  # DCP: each rank its shards
-                            if self.config.shard_student else CheckpointManager(self.folder, states, resume))
+                            if dcp_format(self) else CheckpointManager(self.folder, states, resume))
         # set by fit: where records go, what the user sees, whether SIGINT/SIGTERM asked to stop
         self.metrics: Metrics | None = None
         self.reporter: Reporter | None = None
@@ -319,7 +320,7 @@ class Trainer:
         """Load the last good checkpoint (last.pt, else prev.pt); a warning where it fell back."""
         state, warning = self.checkpoints.restore(self.main)
         self.teacher_acc = self.teacher_acc or legacy_teacher_scores(state)
-        return warning
+        return "\n".join(filter(None, (warning, self.reshard_note))) or None
 
     # ------------------------------------------------------------------------ finishing
 
@@ -377,13 +378,45 @@ def place_models(distiller: Distiller, config: RuntimeConfig, plan: Plan, info: 
     apply_student_options(distiller, plan, config, info)  # FSDP2, activation checkpoints
 
 
+def dcp_format(run: Trainer) -> bool:
+    """Checkpoints in DCP's format (``ShardedCheckpoints``): a sharded student's, and a run's
+    whose checkpoints already are (a sharded run resumed whole in one process, --reshard)."""
+    folder = run.folder
+    return run.config.shard_student or any(f.is_dir() for f in (folder.sharded_checkpoint,
+                                                                 folder.previous_sharded_checkpoint))
+
+
+def laid_out(plan: dict, reshard: bool) -> dict:
+    """A plan's record as a resume compares it: with --reshard, whether the teacher is sharded
+    is how the run is laid over its ranks, not what it trains (its dtype is kept)."""
+    if not reshard:
+        return plan
+    kept = {k: v for k, v in plan.items() if k != "teacher_shard"}
+    return {**kept, "teacher_dtype": plan.get("teacher_dtype", "float32")}
+
+
+def check_data_record(run: Trainer, stored: dict | None) -> None:
+    """The checkpoint's data record against this run's; with --reshard, one of another world
+    size is accepted where each optimizer step reads the same windows (``runs.resharded_data``)."""
+    if run.reshard and stored and "world_size" in stored:
+        now = run.data.state_dict(stored["epoch"], stored["step"])
+        then = (stored["batch_size"], stored["world_size"])
+        if then != (now["batch_size"], now["world_size"]):
+            stored = runs.resharded_data(stored, now)
+            run.reshard_note = (f"note: --reshard: the checkpoint of {then[1]} rank(s) continues on "
+                                f"{now['world_size']}, data.batch_size {then[0]} -> {now['batch_size']}: each "
+                                f"optimizer step reads the same {then[0] * then[1]} windows as before, in the same order")
+    run.data.check_resume(stored, str(run.folder.last_checkpoint))
+
+
 def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:
     """The checkpoint layout, written once: what a checkpoint of the run ``run`` holds, by key,
     in the order a resume restores it: the records it checks first (the spec: a copied-in
     checkpoint of another run is refused; the plan), then each owner's state, then the run's
     own (position, history, the teacher's scores)."""
     def check_spec(stored: dict) -> None:
-        diff = [d for d in runs.spec_differences(stored, spec_record)
+        also = runs.RESHARD_CHANGES if run.reshard else ()
+        diff = [d for d in runs.spec_differences(stored, spec_record, also)
                 if not d.startswith(("name:", "output:"))]  # a moved or renamed run trains the same
         if diff:
             raise KDGraphError(f"{run.folder.last_checkpoint} was written by a run with another spec (differs: "
@@ -391,7 +424,7 @@ def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:
                                "was trained with, or start over with --force")
 
     def check_plan(stored: dict) -> None:
-        if stored != run.plan.to_dict():
+        if laid_out(stored, run.reshard) != laid_out(run.plan.to_dict(), run.reshard):
             raise KDGraphError(f"{run.folder.last_checkpoint} was written for another plan ({stored['method']}, "
                                f"{stored['epochs']} epochs); resume with the spec it was trained with, "
                                "or choose another output")
@@ -406,8 +439,7 @@ def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:
     return {"spec": Value(lambda: spec_record, check_spec), "plan": Value(run.plan.to_dict, check_plan),
             "model": run.distiller, "optimizer": run.optimizer, "scheduler": run.scheduler,
             "scaler": Value(scaler.state_dict, lambda s: scaler.load_state_dict(s) if s else None),
-            "data": Value(lambda: run.data.state_dict(*run.saving_at),
-                          lambda s: run.data.check_resume(s, str(run.folder.last_checkpoint))),
+            "data": Value(lambda: run.data.state_dict(*run.saving_at), lambda s: check_data_record(run, s)),
             "rng": RNG(),
             "position": Value(lambda: {"epoch": run.saving_at[0], "step": run.saving_at[1],
                                        "global_step": run.global_step}, put_position),
@@ -450,13 +482,16 @@ def stop_signals():
 
 
 def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = False,
-          source: dict | None = None) -> dict:
+          source: dict | None = None, reshard: bool = False) -> dict:
     """Run ``spec`` to the end (or from its last checkpoint); returns the summary.
 
     The output folder is checked, locked and claimed before models and data are built:
     an earlier run there needs ``resume`` (with the same spec) or ``force`` (start over).
-    ``source`` (the spec file and its overrides) is stored in the run folder.
+    ``source`` (the spec file and its overrides) is stored in the run folder. ``reshard``
+    (with ``resume``): the checkpoint may be of another world size (runs.RESHARD_CHANGES).
     """
+    if reshard and not resume:
+        raise runs.OutputError("--reshard continues a run at another number of ranks: use it with --resume")
     info = init_distributed()
     run = plan_records(spec, TRAIN)  # the output folder is claimed before anything is built
     lock = runs.RunLock(run.output_dir)
@@ -465,26 +500,28 @@ def train(spec: Spec, resume: bool = False, quiet: bool = True, force: bool = Fa
         lock.acquire()
     try:
         if info.is_main:
-            finished = _finished(run, resume)
+            finished = _finished(run, resume, reshard)
             if finished is not None:
                 return finished
-            runs.claim(run.output_dir, run.to_dict(), resume, force, source)
+            runs.claim(run.output_dir, run.to_dict(), resume, force, source, reshard)
         if info.enabled:
             torch.distributed.barrier()
         with runs.unclaimed_on_refusal(run.output_dir, info.is_main and not resume):
             trainer = Trainer.from_spec(spec)
+        trainer.reshard = reshard
         return trainer.fit(resume, quiet)
     finally:
         lock.release()
 
 
-def _finished(run: RunRecord, resume: bool) -> dict | None:
+def _finished(run: RunRecord, resume: bool, reshard: bool = False) -> dict | None:
     """Resuming a run that already ended changes nothing: its summary, marked as such."""
     path = RunFolder(run.output_dir).summary
     if not (resume and path.exists()):
         return None
     stored = runs.stored_run(run.output_dir)
-    if stored is not None and (diff := runs.spec_differences(stored["spec"], run.to_dict())):
+    also = runs.RESHARD_CHANGES if reshard else ()
+    if stored is not None and (diff := runs.spec_differences(stored["spec"], run.to_dict(), also)):
         raise runs.OutputError(f"{run.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
     summary = json.loads(path.read_text())
     summary.setdefault("task", spec_task(run).name)  # summaries before tasks: the spec's (dense reads as classification)

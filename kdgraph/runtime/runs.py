@@ -29,6 +29,9 @@ from kdgraph.errors import KDGraphError
 RESUMABLE_CHANGES = ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log", "runtime.compile",
                      "runtime.num_workers", "runtime.pin_memory", "runtime.persistent_workers",
                      "runtime.prefetch_factor")
+# Spec keys a resume with --reshard may change too: how the run is laid over torchrun's ranks
+# (data.batch_size only where batch_size x ranks stays the checkpoint's: ``resharded_data``).
+RESHARD_CHANGES = ("runtime.shard_student", "runtime.shard_dtype", "teacher.shard", "data.batch_size")
 
 
 PREVIOUS_CHECKPOINT = "prev.pt"
@@ -314,13 +317,27 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def spec_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose resolved values differ, outside RESUMABLE_CHANGES."""
+def spec_differences(old: dict, new: dict, also: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose resolved values differ, outside RESUMABLE_CHANGES and ``also``."""
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
     # a key the stored spec lacks is a field newer than the run: it ran with that field's default
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys
-            if k in a and a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+            if k in a and a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES + also)]
+
+
+def resharded_data(stored: dict, now: dict) -> dict:
+    """The data record of a checkpoint written at another world size, as this run's would be
+    (``--reshard``): accepted where each optimizer step reads as many windows (samples) as
+    then, data.batch_size x ranks, so that every step reads the same ones in the same order."""
+    then, here = stored["batch_size"] * stored["world_size"], now["batch_size"] * now["world_size"]
+    if then != here:
+        fix = (f"set data.batch_size={then // now['world_size']}" if then % now["world_size"] == 0 else
+               f"run it on a number of ranks that divides {then}")
+        raise KDGraphError(f"--reshard keeps the data of each optimizer step: the checkpoint read {then} per step "
+                           f"(data.batch_size {stored['batch_size']} x {stored['world_size']} rank(s)), this run "
+                           f"reads {here} ({now['batch_size']} x {now['world_size']}); {fix}")
+    return {**stored, "batch_size": now["batch_size"], "world_size": now["world_size"]}
 
 
 def stored_run(out: Path) -> dict | None:
@@ -449,10 +466,12 @@ def _remove_run_files(folder: RunFolder, kept: list[Path]) -> None:
             sub.rmdir()
 
 
-def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None) -> None:
+def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | None = None,
+          reshard: bool = False) -> None:
     """Decide what a run may do with ``out`` and record the spec it runs; raises before
     writing anything when the answer is no. Only files at a run's names in a folder holding
-    kdgraph's run record are ever deleted or overwritten, and never a file the spec reads."""
+    kdgraph's run record are ever deleted or overwritten, and never a file the spec reads.
+    ``reshard`` (a resume only): the spec may also change the keys of RESHARD_CHANGES."""
     folder = RunFolder(out)
     if resume and force:
         raise OutputError("--resume and --force contradict each other: --resume continues the run in "
@@ -465,7 +484,7 @@ def claim(out: Path, resolved: dict, resume: bool, force: bool, source: dict | N
     if resume:
         stored = stored_run(out)
         if stored is not None:
-            diff = spec_differences(stored["spec"], resolved)
+            diff = spec_differences(stored["spec"], resolved, RESHARD_CHANGES if reshard else ())
             if diff:
                 raise OutputError(f"{out} was trained with another spec; --resume needs the same one "
                                   f"(differs: {'; '.join(diff)}). Drop the conflicting --set or edit, "
