@@ -264,7 +264,7 @@ def _data_changes() -> dict[str, object]:
             "fraction": 0.5, "samples": 100, "num_classes": 11, "resize": "crop", "loader": "stream",
             "memory_budget_mb": 1, "on_bad_image": "error", "mean": [0.5], "std": [0.25], "crop_pct": 0.9,
             "crop_scale": (0.5, 1.0), "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 0.0},
-            "val_fraction": 0.1, "seq_len": 64}
+            "val_fraction": 0.1, "seq_len": 64, "tokenizer": "/elsewhere/tokenizer"}
 
 
 def _leaf_paths(value, prefix: str) -> set[str]:
