@@ -3,7 +3,9 @@ from specs/quickstart-teacher.yaml, then the StableKD student from specs/quickst
 each seed, both specs as shipped but for the seed, the output folders and the teacher's
 checkpoint; one JSON line per (seed, torch thread count) appended to --results with both test
 top-1 figures (another thread count sums in another order and can move a run by a test image;
-`make demo` runs at torch's default, the machine's core count).
+`make demo` runs at torch's default, the machine's core count). Each training's wall seconds
+(model build, training, evaluation) go into the row where it ran whole in this invocation:
+benchmark alone, as every timing here.
 
     OMP_NUM_THREADS=1 python bench/quickstart.py      # seed 0 at one torch thread (resumable)
     python bench/quickstart.py --seeds 0 1 2          # more seeds
@@ -15,12 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from kdgraph.sweep import append_row, load_rows, train_resumable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "quickstart.jsonl"
+
+
+def timed(spec_file: Path, overrides: list[str]) -> tuple[dict, float | None]:
+    """``train_resumable``'s result and its wall seconds (build, training, evaluation), None where
+    the run resumed from an earlier invocation (its time would be a part of the run)."""
+    out = Path(next(o for o in overrides if o.startswith("output=")).split("=", 1)[1])
+    fresh = not any(out.glob("*"))
+    start = time.perf_counter()
+    got = train_resumable(spec_file, overrides)
+    return got, (round(time.perf_counter() - start, 1) if fresh else None)
 
 
 def run_seed(seed: int, work: Path, results: Path) -> dict:
@@ -31,16 +44,17 @@ def run_seed(seed: int, work: Path, results: Path) -> dict:
     key = f"quickstart-{tag}"
     if key in (done := load_rows(results)):
         return done[key]
-    teacher_out = work / f"teacher-{tag}"
-    t = train_resumable(ROOT / "specs" / "quickstart-teacher.yaml", [f"seed={seed}", f"output={teacher_out}"])
-    s = train_resumable(ROOT / "specs" / "quickstart.yaml",
-                        [f"seed={seed}", f"output={work / f'student-{tag}'}",
-                         f"teacher.checkpoint={teacher_out / 'student.safetensors'}"])
+    teacher_out, student_out = work / f"teacher-{tag}", work / f"student-{tag}"
+    t, teacher_s = timed(ROOT / "specs" / "quickstart-teacher.yaml", [f"seed={seed}", f"output={teacher_out}"])
+    s, student_s = timed(ROOT / "specs" / "quickstart.yaml",
+                         [f"seed={seed}", f"output={student_out}",
+                          f"teacher.checkpoint={teacher_out / 'student.safetensors'}"])
     if "diverged" in t or "diverged" in s:
         sys.exit(f"seed {seed}: the loss stopped being finite ({t.get('diverged') or s.get('diverged')})")
     row = {"key": key, "seed": seed, "teacher_top1": t["summary"]["student_top1"],
            "student_top1": s["summary"]["student_top1"], "student_epochs": s["summary"]["epochs"],
-           "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "teacher_wall_s": teacher_s, "student_wall_s": student_s}
     results.parent.mkdir(parents=True, exist_ok=True)
     append_row(results, row)
     return row

@@ -21,3 +21,21 @@ def test_quickstart_figures_in_the_docs_are_the_committed_rows():
     assert f"teacher {rows[0]['teacher_top1']:.2f} % and student {rows[0]['student_top1']:.2f} %" in started
     assert f"students {students} % against teachers {teachers} %" in started
     assert f"seeds 0/1/2 {students} %" in bench and f"student {rows[0]['student_top1']:.2f} %" in bench
+
+
+def test_timed_records_wall_seconds_only_for_a_run_that_ran_whole_here(tmp_path, monkeypatch):
+    """A run resumed from an earlier invocation has no wall time (it would be a part of the run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quickstart", ROOT / "bench" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    monkeypatch.setattr(mod, "train_resumable", lambda f, o: calls.append(o) or {"summary": {}})
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.pt").write_bytes(b"x")
+    got, secs = mod.timed(Path("spec.yaml"), ["seed=0", f"output={fresh}"])
+    assert got == {"summary": {}} and isinstance(secs, float) and secs >= 0.0
+    assert mod.timed(Path("spec.yaml"), ["seed=0", f"output={resumed}"])[1] is None
+    assert calls == [["seed=0", f"output={fresh}"], ["seed=0", f"output={resumed}"]]
