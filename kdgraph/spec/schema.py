@@ -377,7 +377,7 @@ class DataSpec(_Strict):
         default=None, description="text: a local folder holding a Hugging Face fast tokenizer (tokenizer.json, "
         "tokenizer_config.json; read with local files only, no remote code; hub ids are not fetched) the text is "
         "tokenised with; its ids must fit the student's and the teacher's vocab_size; export writes it beside "
-        "the model (None: UTF-8 bytes, ids 0..255).",
+        "the model (None: UTF-8 bytes, ids 0..255). Refused on any other dataset.",
     )
     batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
     test_batch_size: Int | None = Field(
@@ -459,6 +459,13 @@ class DataSpec(_Strict):
         if self.loader == "stream" and self.dataset != "imagefolder":
             raise _invalid(f"the streaming loader reads image folders; {self.dataset} is held in memory",
                            allowed="auto, memory", at="loader", got=self.loader)
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizer_for_text(self) -> DataSpec:
+        if self.tokenizer is not None and self.dataset != "text":
+            raise _invalid(f"tokenises the text dataset; {self.dataset} is not text, and it would be ignored",
+                           allowed="null", at="tokenizer", got=str(self.tokenizer))
         return self
 
     @model_validator(mode="after")
