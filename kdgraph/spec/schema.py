@@ -45,6 +45,7 @@ from kdgraph.registry import (
     PRETRAINED_SOURCES,
     SCHEDULES,
     TASKS,
+    TOKEN_DIVERGENCES,
     Method,
     dataset_choices,
     model_source_choices,
@@ -625,7 +626,7 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
-    token: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
+    token: Annotated[str, OneOf("token divergence", TOKEN_DIVERGENCES.names)] = Field(
         default="forward_kl", description="Causal LM (task causal_lm) with a teacher: the per-token divergence of "
         "the head loss, weighted by kl_weight, plus ce_weight times cross-entropy (without a teacher: "
         "cross-entropy alone).")
