@@ -1157,26 +1157,6 @@ def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_tea
         "kdgraph"]["command"]
 
 
-def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(monkeypatch):
-    import io
-
-    from rich.console import Console
-
-    from kdgraph.runtime import progress
-
-    clock = {"t": 100.0}
-    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500)
-    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
-    record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
-    for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
-        clock["t"] = t
-        reporter.log({**record, "step": step})
-    lines = reporter.console.file.getvalue().splitlines()
-    assert lines == ["epoch 1/3 step 10/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:00",
-                     "epoch 1/3 step 30/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:31"]
-
-
 def test_small_messages_a_newcomer_reads(tmp_path):
     from test_stream_data import write_folder
 
@@ -1308,27 +1288,3 @@ def test_a_background_write_copies_the_state_at_submit(tmp_path):
     writer.wait()
     saved = ckpt.load(tmp_path / "last.pt")
     assert torch.equal(saved["model"]["w"], torch.zeros(256, 256)) and saved["history"]["n"] == 1
-
-
-def test_the_eta_leaves_out_the_start_up_the_first_step_pays(monkeypatch):
-    """Epoch 1 of 3, 10 steps: the first step takes 60 s (workers, compilation), the other nine
-    1 s each, evaluation 1 s. Steady state is (9 + 1) s per 9 steps, so the 20 steps left take
-    20 * 10 / 9 = 22.2 s; counting the start-up would say 2 * 70 s = 2:20."""
-    import io
-
-    from rich.console import Console
-
-    from kdgraph.runtime import progress
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=10)
-    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
-    stage = type("Stage", (), {"groups": [[0]], "index": 0})()
-    reporter.start_epoch(0, stage, 0)
-    for t in [60.0 + s for s in range(10)]:
-        clock["t"] = t
-        reporter.advance()
-    clock["t"] = 70.0  # evaluation
-    reporter.end_epoch({"epoch": 0, "stage": 0, "student_top1": 50.0, "student_top5": 90.0, "images_per_s": 10.0})
-    assert reporter.console.file.getvalue().rstrip().endswith("elapsed 1:10, ETA 0:22")
