@@ -137,8 +137,13 @@ def main() -> None:
     if args.dry_run:
         run_script(lambda: print(dry_run([sweep], "the teacher")), log)
         return
+
+    def train() -> None:
+        teacher(args, Path(args.results))
+        sweep.run()
+
     if not args.report:
-        run_script(lambda: (teacher(args, Path(args.results)), sweep.run()), log)
+        run_script(train, log)
     rows = load_rows(Path(args.results))
     if "teacher" in rows:
         print(f"teacher ResNet-34/8: test top-1 {rows['teacher']['test_top1']:.2f} %")

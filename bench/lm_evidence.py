@@ -170,8 +170,13 @@ def main() -> None:
     if args.dry_run:
         run_script(lambda: print(dry_run([sweep], "the teacher")), log)
         return
+
+    def train() -> None:
+        teacher(args, Path(args.results))
+        sweep.run()
+
     if not args.report:
-        run_script(lambda: (teacher(args, Path(args.results)), sweep.run()), log)
+        run_script(train, log)
     text = report_text(sweep, load_rows(Path(args.results)))
     print(text)
     if args.write:

@@ -99,3 +99,22 @@ def test_teacher_row_already_there_trains_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(kdgraph.sweep, "train_resumable", lambda *a: pytest.fail("trained the teacher again"))
     evidence.teacher(argparse.Namespace(work=str(tmp_path / "w")), results)
     assert results.read_text() == '{"key": "teacher", "arm": "teacher", "test_top1": 90.0}\n'
+
+
+def test_a_stopped_grid_exits_130_saying_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """SIGINT (or SIGTERM inside Sweep.run) while a cell trains: exit status 130 and one line;
+    the teacher, already in the rows, is not trained again."""
+    import kdgraph.sweep
+
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"key": "teacher", "arm": "teacher", "test_top1": 90.0}\n')
+    monkeypatch.setattr(kdgraph.sweep, "train_resumable", lambda *a: pytest.fail("trained the teacher again"))
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdgraph.sweep.Sweep, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", ["evidence.py", "--work", str(tmp_path / "w"), "--results", str(results)])
+    with pytest.raises(SystemExit) as got:
+        evidence.main()
+    assert got.value.code == 130 and capsys.readouterr().out.endswith("stopped; the same command resumes the grid\n")
