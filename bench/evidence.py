@@ -32,12 +32,11 @@ The committed report is regenerated from the committed rows, in one command (the
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from kdgraph.errors import KDGraphError
-from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable, welch
+from kdgraph.sweep import (Arm, Sweep, dry_run, format_report, load_rows, run_script, sweep_report, train_teacher_once,
+                           welch)
 
 HERE = Path(__file__).resolve().parent
 COMMITTED = HERE / "results" / "evidence-w8.jsonl"
@@ -79,17 +78,8 @@ def build(args) -> Sweep:
 
 def teacher(args, results: Path) -> None:
     """Train the teacher (resumable), once; its row ("key": "teacher") in the results file."""
-    if "teacher" in load_rows(results):
-        return
-    log("training the teacher")
-    t0 = time.perf_counter()
-    got = train_resumable(TEACHER_SPEC, [f"output={Path(args.work) / 'teacher'}"])
-    s = got["summary"]
-    row = {"key": "teacher", "arm": "teacher", "test_top1": s["student_top1"], "val_top1": s.get("student_val_top1"),
-           "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1), "output": s["output"]}
-    results.parent.mkdir(parents=True, exist_ok=True)
-    append_row(results, row)
-    log(f"teacher: test top-1 {row['test_top1']:.2f} %")
+    if row := train_teacher_once(results, "teacher", TEACHER_SPEC, Path(args.work) / "teacher", log=log):
+        log(f"teacher: test top-1 {row['test_top1']:.2f} %")
 
 
 # (arm a, arm b, what a - b isolates): the controls' reading in the markdown report
@@ -144,20 +134,16 @@ def main() -> None:
         print(markdown(build(args), load_rows(Path(args.results))), end="")
         return
     sweep = build(args)
-    try:
-        if args.dry_run:
-            sweep.check()
-            print(f"{len(ARMS)} arms, {sweep.count()} cells as given (+ up to 4 per swept arm where a grid "
-                  "grows) + the teacher; specs valid")
-            return
-        if not args.report:
-            teacher(args, Path(args.results))
-            sweep.run()
-    except KDGraphError as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kdgraph.sweep): the running cell has checkpointed
-        log("stopped; the same command resumes the grid")
-        sys.exit(130)
+    if args.dry_run:
+        run_script(lambda: print(dry_run([sweep], "the teacher")), log)
+        return
+
+    def train() -> None:
+        teacher(args, Path(args.results))
+        sweep.run()
+
+    if not args.report:
+        run_script(train, log)
     rows = load_rows(Path(args.results))
     if "teacher" in rows:
         print(f"teacher ResNet-34/8: test top-1 {rows['teacher']['test_top1']:.2f} %")

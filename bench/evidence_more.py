@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evidence  # noqa: E402  (bench/evidence.py: the arms' overrides, the grids)
 
-from kdgraph.errors import KDGraphError  # noqa: E402
-from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, train_resumable  # noqa: E402
+from kdgraph.sweep import (Arm, Sweep, dry_run, format_report, load_rows, run_script,  # noqa: E402
+                           sweep_report, train_teacher_once)
 
 HERE = Path(__file__).resolve().parent
 COMMITTED = HERE / "results" / "evidence-more.jsonl"
@@ -101,18 +101,9 @@ def wait_for_grid(poll_s: float = 60.0, pattern: str = GRID_PATTERN) -> None:
 
 def r50_teacher(args) -> None:
     """Train the adapter-free pair's teacher (resumable), once; its row ("key": "teacher-r50")."""
-    results = Path(args.results)
-    if "teacher-r50" in load_rows(results):
-        return
-    log("training the ResNet-50/8 teacher")
-    t0 = time.perf_counter()
-    got = train_resumable(R50_TEACHER_SPEC, [f"output={Path(args.work) / 'r50' / 'teacher'}"])
-    s = got["summary"]
-    row = {"key": "teacher-r50", "arm": "teacher", "test_top1": s["student_top1"], "val_top1": s.get("student_val_top1"),
-           "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1), "output": s["output"]}
-    results.parent.mkdir(parents=True, exist_ok=True)
-    append_row(results, row)
-    log(f"ResNet-50/8 teacher: test top-1 {row['test_top1']:.2f} %")
+    if row := train_teacher_once(Path(args.results), "teacher-r50", R50_TEACHER_SPEC, Path(args.work) / "r50" / "teacher",
+                                 what="the ResNet-50/8 teacher", log=log):
+        log(f"ResNet-50/8 teacher: test top-1 {row['test_top1']:.2f} %")
 
 
 def report(sweeps: dict[str, Sweep], rows: dict) -> str:
@@ -145,25 +136,19 @@ def main() -> None:
         print(report(build(args), rows), end="")
         return
     sweeps = build(args)
-    try:
-        if args.dry_run:
-            for s in sweeps.values():
-                s.check()
-            n = sum(s.count() for s in sweeps.values())
-            print(f"{sum(len(s.arms) for s in sweeps.values())} arms in 2 sweeps, {n} cells as given (+ up to 4 "
-                  "per swept arm where a grid grows) + the ResNet-50 teacher; specs valid")
-            return
-        if not args.report:
-            wait_for_grid(args.poll)
-            for name, sweep in sweeps.items():
-                if name == "r50":
-                    r50_teacher(args)
-                sweep.run()
-    except KDGraphError as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kdgraph.sweep): the running cell has checkpointed
-        log("stopped; the same command resumes")
-        sys.exit(130)
+    if args.dry_run:
+        run_script(lambda: print(dry_run(list(sweeps.values()), "the ResNet-50 teacher")), log)
+        return
+
+    def train() -> None:
+        wait_for_grid(args.poll)
+        for name, sweep in sweeps.items():
+            if name == "r50":
+                r50_teacher(args)
+            sweep.run()
+
+    if not args.report:
+        run_script(train, log, stopped="stopped; the same command resumes")
     print(report(sweeps, load_rows(Path(args.results))))
 
 

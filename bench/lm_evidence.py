@@ -34,12 +34,11 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from kdgraph.errors import KDGraphError
-from kdgraph.sweep import Arm, Sweep, append_row, format_report, load_rows, sweep_report, t_sf2, train_resumable
+from kdgraph.sweep import (Arm, Sweep, dry_run, format_report, load_rows, run_script, sweep_report, t_sf2,
+                           train_teacher_once)
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "lm-evidence.yaml"
@@ -85,18 +84,9 @@ def build(args) -> Sweep:
 
 def teacher(args, results: Path) -> None:
     """Train the teacher (resumable), once; its row ("key": "teacher") in the results file."""
-    if "teacher" in load_rows(results):
-        return
-    log("training the teacher")
-    t0 = time.perf_counter()
-    got = train_resumable(TEACHER_SPEC, [f"output={Path(args.work) / 'teacher'}"])
-    s = got["summary"]
-    row = {"key": "teacher", "arm": "teacher", "test_bpb": s["student_bpb"], "val_bpb": s.get("student_val_bpb"),
-           "test_loss": s["student_loss"], "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1),
-           "output": s["output"]}
-    results.parent.mkdir(parents=True, exist_ok=True)
-    append_row(results, row)
-    log(f"teacher: held-out {row['test_bpb']:.4f} bits per byte")
+    if row := train_teacher_once(results, "teacher", TEACHER_SPEC, Path(args.work) / "teacher", metric="bpb",
+                                 extra={"test_loss": "student_loss"}, log=log):
+        log(f"teacher: held-out {row['test_bpb']:.4f} bits per byte")
 
 
 SETUP = """# Causal-LM evidence (issue 36): held-out bits per byte at equal tokens
@@ -177,20 +167,16 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="validate every arm's spec and count the cells")
     args = p.parse_args()
     sweep = build(args)
-    try:
-        if args.dry_run:
-            sweep.check()
-            print(f"{len(ARMS)} arms, {sweep.count()} cells as given (+ up to 2 per swept arm where a grid "
-                  "grows) + the teacher; specs valid")
-            return
-        if not args.report:
-            teacher(args, Path(args.results))
-            sweep.run()
-    except KDGraphError as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM (kdgraph.sweep): the running cell has checkpointed
-        log("stopped; the same command resumes the grid")
-        sys.exit(130)
+    if args.dry_run:
+        run_script(lambda: print(dry_run([sweep], "the teacher")), log)
+        return
+
+    def train() -> None:
+        teacher(args, Path(args.results))
+        sweep.run()
+
+    if not args.report:
+        run_script(train, log)
     text = report_text(sweep, load_rows(Path(args.results)))
     print(text)
     if args.write:

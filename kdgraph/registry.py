@@ -25,6 +25,7 @@ __all__ = [
     "SCHEDULES",
     "TASKS",
     "TASK_HEAD_LOSSES",
+    "TOKEN_DIVERGENCES",
     "Augmentation",
     "LogitLoss",
     "Method",
@@ -156,6 +157,11 @@ def causal_lm_head(loss: Any) -> tuple[str, str]:
 
 
 TASK_HEAD_LOSSES.register("causal_lm", causal_lm_head)
+
+TOKEN_DIVERGENCES: Registry[Callable[..., Any]] = Registry(
+    "token divergence", declared=("forward_kl", "reverse_kl", "skew_kl", "jsd"), home="kdgraph.lm.token_losses")
+"""``loss.token`` -> per-token divergence(log q, log p, coefficient) of (N, V) log-probabilities ->
+(N,); each is also the name of its ``kdgraph.losses.LOSSES`` head entry (a test keeps them equal)."""
 
 
 def dense_head(loss: Any) -> tuple[str, str]:

@@ -5,6 +5,7 @@ with the selection seeds and reports the test split on fresh seeds.
     Sweep(spec, arms, seeds, report_seeds, baseline, results, work).run()   train what is missing
     sweep_report(sweep, rows)                                                the numbers
     format_report(report)                                                    the markdown
+    train_teacher_once, dry_run, run_script                                  a grid script's teacher, check, main
 
 Arms and grids. An ``Arm`` is a named set of overrides (a recipe) with a grid of overrides
 tuned within it (``optim.lr=0.5,1,2``). On the command line the axes named by ``--baseline``
@@ -499,6 +500,51 @@ def train_resumable(spec_file: Path | str, overrides: list[str], allow_code: boo
         return {"summary": train(spec, resume=resume, quiet=True, force=not resume, source=source)}
     except NonFiniteLoss as exc:
         return {"diverged": str(exc)}
+
+
+def train_teacher_once(results: Path, key: str, spec_file: Path | str, output: Path, metric: str = "top1",
+                       extra: dict[str, str] | None = None, what: str = "the teacher", log=print) -> dict | None:
+    """Train a grid's teacher (``spec_file``, resumable, into ``output``) unless ``results`` has a
+    row of ``key``; its row appended there: {key, "arm": "teacher", test_<metric>, val_<metric>,
+    each ``extra`` row field from its summary field, epochs, wall_s, output}. The new row, None
+    where it was there already."""
+    results = Path(results)
+    if key in load_rows(results):
+        return None
+    log(f"training {what}")
+    t0 = time.perf_counter()
+    s = train_resumable(spec_file, [f"output={output}"])["summary"]
+    row = {"key": key, "arm": "teacher", f"test_{metric}": s[f"student_{metric}"],
+           f"val_{metric}": s.get(f"student_val_{metric}"), **{k: s[v] for k, v in (extra or {}).items()},
+           "epochs": s["epochs"], "wall_s": round(time.perf_counter() - t0, 1), "output": s["output"]}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    append_row(results, row)
+    return row
+
+
+def dry_run(sweeps: list[Sweep], also: str) -> str:
+    """Check every sweep's arms (``Sweep.check``: each spec loads, with a validation split) and
+    say what a run would train: arms, cells as given, the most a grown grid adds, and ``also``."""
+    for s in sweeps:
+        s.check()
+    arms = sum(len(s.arms) for s in sweeps)
+    where = f" in {len(sweeps)} sweeps" if len(sweeps) > 1 else ""
+    grow = 2 * max(s.extend for s in sweeps)
+    return (f"{arms} arms{where}, {sum(s.count() for s in sweeps)} cells as given (+ up to {grow} per swept arm "
+            f"where a grid grows) + {also}; specs valid")
+
+
+def run_script(body, log=print, stopped: str = "stopped; the same command resumes the grid") -> None:
+    """Run ``body()``, a grid script's training, as its command: a KDGraphError exits with its
+    one-line error; an interrupt (SIGINT, or SIGTERM inside ``Sweep.run``: the running cell has
+    checkpointed) logs ``stopped`` and exits 130."""
+    try:
+        body()
+    except KDGraphError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        log(stopped)
+        sys.exit(130)
 
 
 def run_job(job_path: Path) -> int:

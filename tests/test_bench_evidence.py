@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import evidence  # noqa: E402  (bench/ is not a package)
@@ -77,3 +79,42 @@ def test_controls_contrast_recomputed_by_hand():
     line = next(ln for ln in text.splitlines() if ln.startswith("| kd+mse − kd |"))
     assert f"{statistics.fmean(a) - statistics.fmean(b):+.2f}" in line and f"{t:.2f} (" in line
 
+
+
+def test_dry_run_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evidence.py", "--dry-run", "--work", str(tmp_path / "w"),
+                                      "--results", str(tmp_path / "r.jsonl")])
+    evidence.main()
+    assert capsys.readouterr().out == ("8 arms, 42 cells as given (+ up to 4 per swept arm where a grid grows) "
+                                       "+ the teacher; specs valid\n")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r.jsonl").exists()
+
+
+def test_teacher_row_already_there_trains_nothing(tmp_path, monkeypatch):
+    """A resumed grid finds its teacher's row (key "teacher") and trains no teacher again."""
+    import kdgraph.sweep
+
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"key": "teacher", "arm": "teacher", "test_top1": 90.0}\n')
+    monkeypatch.setattr(kdgraph.sweep, "train_resumable", lambda *a: pytest.fail("trained the teacher again"))
+    evidence.teacher(argparse.Namespace(work=str(tmp_path / "w")), results)
+    assert results.read_text() == '{"key": "teacher", "arm": "teacher", "test_top1": 90.0}\n'
+
+
+def test_a_stopped_grid_exits_130_saying_the_same_command_resumes(tmp_path, monkeypatch, capsys):
+    """SIGINT (or SIGTERM inside Sweep.run) while a cell trains: exit status 130 and one line;
+    the teacher, already in the rows, is not trained again."""
+    import kdgraph.sweep
+
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"key": "teacher", "arm": "teacher", "test_top1": 90.0}\n')
+    monkeypatch.setattr(kdgraph.sweep, "train_resumable", lambda *a: pytest.fail("trained the teacher again"))
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdgraph.sweep.Sweep, "run", interrupted)
+    monkeypatch.setattr(sys, "argv", ["evidence.py", "--work", str(tmp_path / "w"), "--results", str(results)])
+    with pytest.raises(SystemExit) as got:
+        evidence.main()
+    assert got.value.code == 130 and capsys.readouterr().out.endswith("stopped; the same command resumes the grid\n")

@@ -111,3 +111,12 @@ def test_report_lists_both_sweeps_and_reads_their_rows(tmp_path):
     text = evidence_more.report(sweeps, rows)
     assert "optim.lr=0.1 → 77.25" not in text  # the arm is not chosen until its 3 points are in
     assert text.count("3 cell(s) pending") == 4 and "- kd: not chosen yet; 2 cell(s) pending" in text
+
+
+def test_dry_run_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evidence_more.py", "--dry-run", "--work", str(tmp_path / "w"),
+                                      "--w8-work", str(tmp_path / "w8"), "--results", str(tmp_path / "r.jsonl")])
+    evidence_more.main()
+    assert capsys.readouterr().out == ("6 arms in 2 sweeps, 33 cells as given (+ up to 4 per swept arm where a grid "
+                                       "grows) + the ResNet-50 teacher; specs valid\n")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r.jsonl").exists()

@@ -811,193 +811,6 @@ def test_export_refuses_a_folder_that_is_not_a_kdgraph_export(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# --- a torch.export program (model.pt2) from anyone: read without running what it holds ----
-
-def _tiny_program(path, channels=1, classes=10, dynamic=True):
-    """A real torch.export archive of a tiny CxHxW=channelsx8x8 classifier with a dynamic batch, as kdgraph
-    writes them (``dynamic=False``: a fixed batch of 2)."""
-    from torch import nn
-
-    model = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, classes))
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model.eval(), (torch.randn(2, channels, 8, 8),),
-                                  dynamic_shapes=({0: batch},) if dynamic else None, strict=False)
-    torch.export.save(program, str(path))
-    return path
-
-
-def _rewrite_archive(src, dst, edit):
-    import warnings
-    import zipfile
-
-    with zipfile.ZipFile(src) as z:
-        files = {name: z.read(name) for name in z.namelist()}
-    edit(files)
-    entries = files.pop("__entries__", None) or list(files.items())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile warns about a name written twice, and writes it
-        with zipfile.ZipFile(dst, "w") as z:
-            for name, data in entries:
-                z.writestr(name, data)
-    return dst
-
-
-def _pickled(marker) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(_Payload(marker), buffer)
-    return buffer.getvalue()
-
-
-def _edit_json(files, suffix, edit):
-    import json
-
-    name = next(n for n in files if n.endswith(suffix))
-    data = json.loads(files[name])
-    edit(data)
-    files[name] = json.dumps(data).encode()
-    return name
-
-
-def _pickled_weight(marker):
-    def edit(files):
-        holder = {}
-
-        def mark(cfg):
-            fqn = next(iter(cfg["config"]))
-            cfg["config"][fqn]["use_pickle"] = True
-            holder["file"] = cfg["config"][fqn]["path_name"]
-        name = _edit_json(files, "model_weights_config.json", mark)
-        files[name.rsplit("/", 1)[0] + "/" + holder["file"]] = _pickled(marker)
-    return edit
-
-
-def _pickled_sample_inputs(marker):
-    def edit(files):
-        files[next(n for n in files if "/sample_inputs/" in n)] = _pickled(marker)
-    return edit
-
-
-def _graph_edit(change):
-    def edit(files):
-        _edit_json(files, "models/model.json", change)
-    return edit
-
-
-def _target_os_system(marker):
-    def change(program):
-        node = next(n for n in program["graph_module"]["graph"]["nodes"] if "relu" in n["target"])
-        node["target"] = "torch.os.system"
-    return _graph_edit(change)
-
-
-def _guards_code(marker):
-    return _graph_edit(lambda program: program.__setitem__("guards_code", [f"__import__('os').system('touch {marker}')"]))
-
-
-def _sympy_expr(marker):
-    def change(program):
-        stack = [program]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, dict):
-                if "expr_str" in node:
-                    node["expr_str"] = f"__import__('os').system('touch {marker}')"
-                stack.extend(node.values())
-            elif isinstance(node, list):
-                stack.extend(node)
-    return _graph_edit(change)
-
-
-def _custom_object(marker):
-    def edit(files):
-        root = next(iter(files)).split("/", 1)[0]
-        files[f"{root}/data/constants/custom_obj_0"] = _pickled(marker)
-    return edit
-
-
-def _pickled_copies_then_a_clean_one(marker, copies=30, rename=lambda name: name):
-    """The weights config ``copies`` times marked ``use_pickle`` (its weight a code payload), then
-    once clean: zipfile returns the last copy, torch's reader a pickled one."""
-    def edit(files):
-        clean = dict(files)
-        _pickled_weight(marker)(files)
-        name = next(n for n in files if n.endswith("model_weights_config.json"))
-        evil = files.pop(name)
-        files["__entries__"] = list(files.items()) + [(rename(name), evil)] * copies + [(name, clean[name])]
-    return edit
-
-
-def _sample_inputs_with_a_pickled_copy(marker):
-    """The sample inputs (a torch zip inside the zip) holding data.pkl twice: a code payload, then the
-    clean one."""
-    def edit(files):
-        import io
-        import warnings
-        import zipfile
-
-        name = next(n for n in files if "/sample_inputs/" in n)
-        with zipfile.ZipFile(io.BytesIO(files[name])) as inner:
-            entries = [(i.filename, inner.read(i)) for i in inner.infolist()]
-        with zipfile.ZipFile(io.BytesIO(_pickled(marker))) as evil:
-            payload = evil.read(next(n for n in evil.namelist() if n.endswith("data.pkl")))
-        pkl = next(n for n, _ in entries if n.endswith("data.pkl"))
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with zipfile.ZipFile(buffer, "w") as out:
-                out.writestr(pkl, payload)
-                for n, d in entries:
-                    out.writestr(n, d)
-        files[name] = buffer.getvalue()
-    return edit
-
-
-_CRAFTED = {"pickled weight": _pickled_weight, "pickled sample inputs": _pickled_sample_inputs,
-            "target torch.os.system": _target_os_system, "guards_code": _guards_code,
-            "expression": _sympy_expr, "custom object": _custom_object,
-            "pickled config given 31 times, the last clean": _pickled_copies_then_a_clean_one,
-            "sample inputs holding data.pkl twice": _sample_inputs_with_a_pickled_copy,
-            "pickled config under a name differing in case": lambda marker: _pickled_copies_then_a_clean_one(
-                marker, copies=1, rename=lambda name: name.replace("model_weights", "Model_weights"))}
-
-
-def test_kdgraphs_own_kind_of_program_passes_the_check(tmp_path):
-    from kdgraph.runtime.program import check_program
-
-    check_program(_tiny_program(tmp_path / "model.pt2"))
-
-
-@pytest.mark.parametrize("craft", list(_CRAFTED))
-def test_a_crafted_program_is_refused_unloaded(tmp_path, craft):
-    from kdgraph.runtime.program import UnsafeProgramError, check_program
-
-    marker = tmp_path / "PWNED"
-    folder = tmp_path / "export"
-    folder.mkdir()
-    good = _tiny_program(tmp_path / "model.pt2")
-    evil = _rewrite_archive(good, folder / "model.pt2", _CRAFTED[craft](marker))
-    with pytest.raises(UnsafeProgramError, match="refusing to load"):
-        check_program(evil)
-    if craft.startswith("pickled config"):  # the payload is live: torch's own reader runs it
-        proc = run_cli("eval", str(write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")),
-                       "--checkpoint", str(folder))
-        _one_line_error(proc, "refusing to load", str(evil), "weights_config.json", "readers could disagree")
-        assert not marker.exists()
-        with pytest.raises(Exception):
-            torch.export.load(str(evil))
-        assert marker.exists()
-        return
-    if craft == "pickled weight":  # through the CLI: one line, exit 2, nothing run
-        spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
-        proc = run_cli("eval", str(spec), "--checkpoint", str(folder))
-        _one_line_error(proc, "refusing to load", str(evil), "stored pickled")
-        assert evil.exists()
-    assert not marker.exists()
-
-
 # --- runtime values the machine or the model cannot use ---------------------------------------
 
 def test_micro_batches_that_leave_batchnorm_tiny_parts_are_refused(tmp_path):
@@ -1115,6 +928,8 @@ def test_a_path_component_over_255_bytes_is_one_line(tmp_path, where):
 def test_eval_of_a_program_exported_from_another_pair_is_one_line(tmp_path, other):
     folder = tmp_path / "export"
     folder.mkdir()
+    from test_runtime_program import _tiny_program
+
     _tiny_program(folder / "model.pt2", **other)
     spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
     what = {"classes": "predicts 5 classes, this spec's student 10", "channels": "does not take this spec's input",
@@ -1155,26 +970,6 @@ def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_tea
     card = (tmp_path / "ship" / "README.md").read_text()
     assert "widths=[16, 32, 48]" in card or "widths" in json.loads((tmp_path / "ship" / "config.json").read_text())[
         "kdgraph"]["command"]
-
-
-def test_without_a_terminal_progress_prints_step_lines_before_the_epoch_ends(monkeypatch):
-    import io
-
-    from rich.console import Console
-
-    from kdgraph.runtime import progress
-
-    clock = {"t": 100.0}
-    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=500)
-    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
-    record = {"epoch": 0, "step": 10, "loss": 1.25, "lr": 0.1, "images_per_s": 300.0}
-    for step, t in ((10, 100.0), (20, 110.0), (30, 131.0), (40, 140.0)):
-        clock["t"] = t
-        reporter.log({**record, "step": step})
-    lines = reporter.console.file.getvalue().splitlines()
-    assert lines == ["epoch 1/3 step 10/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:00",
-                     "epoch 1/3 step 30/500: loss 1.2500 lr 0.1 300 img/s | elapsed 0:31"]
 
 
 def test_small_messages_a_newcomer_reads(tmp_path):
@@ -1308,27 +1103,3 @@ def test_a_background_write_copies_the_state_at_submit(tmp_path):
     writer.wait()
     saved = ckpt.load(tmp_path / "last.pt")
     assert torch.equal(saved["model"]["w"], torch.zeros(256, 256)) and saved["history"]["n"] == 1
-
-
-def test_the_eta_leaves_out_the_start_up_the_first_step_pays(monkeypatch):
-    """Epoch 1 of 3, 10 steps: the first step takes 60 s (workers, compilation), the other nine
-    1 s each, evaluation 1 s. Steady state is (9 + 1) s per 9 steps, so the 20 steps left take
-    20 * 10 / 9 = 22.2 s; counting the start-up would say 2 * 70 s = 2:20."""
-    import io
-
-    from rich.console import Console
-
-    from kdgraph.runtime import progress
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
-    reporter = progress.Reporter(quiet=True, total_epochs=3, steps_per_epoch=10)
-    reporter.console = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
-    stage = type("Stage", (), {"groups": [[0]], "index": 0})()
-    reporter.start_epoch(0, stage, 0)
-    for t in [60.0 + s for s in range(10)]:
-        clock["t"] = t
-        reporter.advance()
-    clock["t"] = 70.0  # evaluation
-    reporter.end_epoch({"epoch": 0, "stage": 0, "student_top1": 50.0, "student_top5": 90.0, "images_per_s": 10.0})
-    assert reporter.console.file.getvalue().rstrip().endswith("elapsed 1:10, ETA 0:22")

@@ -281,3 +281,21 @@ def test_a_temperature_that_overflows_the_logits_is_refused(tmp_path):
     with pytest.raises(SpecError, match=r"loss.temperature: .*greater than or equal to 0.001"):
         load_spec(_tiny(tmp_path, loss={"temperature": 1e-300}))
     load_spec(_tiny(tmp_path, loss={"temperature": 1e-3}))
+
+
+def test_a_tokenizer_on_a_dataset_that_is_not_text_is_refused(tmp_path):
+    """data.tokenizer only tokenises the text dataset: elsewhere it was silently ignored."""
+    from _runtime_helpers import run_cli, tiny_spec, write_spec
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, MINIMAL), [f"data.tokenizer={tok}"])
+    assert info.value.path == "data.tokenizer" and "digits is not text" in info.value.message
+    assert load_spec(write(tmp_path, MINIMAL), ["data.dataset=text", "data.seq_len=8",
+                                                f"data.tokenizer={tok}"]).data.tokenizer == tok
+    spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "kd.yaml")
+    proc = run_cli("plan", str(spec), "--set", f"data.tokenizer={tok}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "data.tokenizer: tokenises the text dataset" in proc.stderr and not (tmp_path / "run").exists()

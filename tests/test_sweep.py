@@ -347,3 +347,66 @@ def test_results_file_survives_a_line_cut_short(tmp_path):
     assert sw.load_rows(path)["b"]["val_top1"] == 2.0 and path.read_text().endswith("2.0}\n")
     assert path.read_text().splitlines()[1] == '{"key": "b", "val_'  # kept: the sweep deletes nothing
     assert set(sw.load_rows(path)) == {"a", "b"}
+
+
+# --------------------------------------------------------------------- grid scripts' helpers
+
+
+def test_train_teacher_once_writes_the_summary_row_once(tmp_path):
+    """The teacher trains once into its folder: its row holds the run's own summary.json numbers
+    (test and validation of the metric, extra fields), and a second call trains nothing."""
+    spec = tmp_path / "teacher.yaml"
+    spec.write_text("\n".join([
+        "name: t", "seed: 0", "output: unused", "decompose: {blocks: 1}", "schedule: {epochs: 1}",
+        'student: {model: "module:kdgraph.zoo:resnet_tiny_student", kwargs: {num_classes: 10, in_chans: 1}}',
+        "data: {dataset: digits, batch_size: 64, fraction: 0.2, val_fraction: 0.2}",
+        "optim: {name: sgd, lr: 0.1}", "runtime: {device: cpu, num_threads: 1, log_every: 100}"]) + "\n")
+    results, out, logged = tmp_path / "r" / "rows.jsonl", tmp_path / "teacher", []
+    row = sw.train_teacher_once(results, "teacher-x", spec, out, extra={"test_top5": "student_top5"},
+                                what="the X teacher", log=logged.append)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(row) == ["key", "arm", "test_top1", "val_top1", "test_top5", "epochs", "wall_s", "output"]
+    assert (row["key"], row["arm"], row["epochs"]) == ("teacher-x", "teacher", 1)
+    assert (row["test_top1"], row["val_top1"], row["test_top5"]) == (
+        summary["student_top1"], summary["student_val_top1"], summary["student_top5"])
+    assert row["val_top1"] is not None and Path(row["output"]) == out and logged == ["training the X teacher"]
+    assert sw.load_rows(results) == {"teacher-x": row}
+    mtime = (out / "summary.json").stat().st_mtime_ns
+    assert sw.train_teacher_once(results, "teacher-x", spec, out, log=logged.append) is None
+    assert len(results.read_text().splitlines()) == 1 and logged == ["training the X teacher"]
+    assert (out / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_dry_run_line_counts_arms_cells_and_growth(tmp_path):
+    val = ("data.val_fraction=0.1",)
+    one = _sweep(tmp_path, common=val, extend=2)  # 1 arm x 3 lrs on seed 0 + 2 report seeds
+    other = _sweep(tmp_path, common=val, extend=1, arms=[
+        sw.Arm("a", (), (("optim.lr", ("0.1", "0.2")),)), sw.Arm("b", ("loss.temperature=4",), follow="a")])
+    assert sw.dry_run([one], "the teacher") == (
+        "1 arms, 5 cells as given (+ up to 4 per swept arm where a grid grows) + the teacher; specs valid")
+    assert sw.dry_run([one, other], "two teachers") == (
+        "3 arms in 2 sweeps, 11 cells as given (+ up to 4 per swept arm where a grid grows) + two teachers; "
+        "specs valid")
+    with pytest.raises(KDGraphError, match="set data.val_fraction"):
+        sw.dry_run([one, _sweep(tmp_path)], "x")
+
+
+def test_run_script_exits_with_the_one_line_error_or_130(capsys):
+    logged = []
+
+    def fails():
+        raise KDGraphError("no such spec")
+
+    with pytest.raises(SystemExit) as got:
+        sw.run_script(fails, logged.append)
+    assert got.value.code == "error: no such spec" and logged == []
+
+    def stopped():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as got:
+        sw.run_script(stopped, logged.append, stopped="stopped here")
+    assert got.value.code == 130 and logged == ["stopped here"]
+    done = []
+    sw.run_script(lambda: done.append(1), logged.append)
+    assert done == [1] and logged == ["stopped here"]

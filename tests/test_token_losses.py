@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdgraph.lm.token_losses import DIVERGENCES, chunked_token_loss, token_divergence, topk_kl, trim_vocabulary
+from kdgraph.lm.token_losses import chunked_token_loss, token_divergence, topk_kl, trim_vocabulary
+from kdgraph.registry import TOKEN_DIVERGENCES
 
 IGNORE = -100
 
@@ -89,10 +90,10 @@ def test_each_divergence_is_its_papers_formula(name, coefficient, temperature, c
     want_kd, want_ce = _hand(name, s.numpy(), t.numpy(), y.numpy(), coefficient, temperature, ce_weight)
     assert kd.item() == pytest.approx(want_kd, rel=1e-6, abs=1e-9)
     assert ce.item() == pytest.approx(want_ce, rel=1e-6, abs=1e-12)
-    assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "skew_kl", "jsd"}
+    assert set(TOKEN_DIVERGENCES) == {"forward_kl", "reverse_kl", "skew_kl", "jsd"}
 
 
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("name", sorted(TOKEN_DIVERGENCES))
 @pytest.mark.parametrize("chunk", [1, 5, 27, 10_000])
 def test_chunks_give_the_whole_formulas_value_and_gradient(name, chunk):
     s, t, y = _batch(seed=1)
@@ -245,3 +246,23 @@ def test_topk_kl_is_kl_to_the_spread_reconstruction_and_falls_with_k():
         assert np.allclose(kl.numpy(), want, rtol=1e-4, atol=1e-6)
         kls.append(float(kl.mean()))
     assert kls == sorted(kls, reverse=True) and kls[-1] < 1e-3  # k = V: fp16 rounding alone
+
+
+def test_loss_token_names_are_the_registered_divergences_and_their_loss_entries():
+    """One list of names: kdgraph.registry declares them (the spec reads it, torch-free), this
+    module registers a divergence for each, kdgraph.losses has a token head entry of each name
+    computing that divergence; a name outside it is refused by the spec naming the list."""
+    from kdgraph.errors import SpecError
+    from kdgraph.losses import LOSSES
+    from kdgraph.spec import load_spec
+
+    names = TOKEN_DIVERGENCES.names()
+    assert TOKEN_DIVERGENCES.unregistered() == [] and len(names) == 4
+    for name in names:
+        entry = LOSSES.get(name)
+        assert entry.role == "token" and entry.divergence == name
+    base = {"name": "x", "student": {"model": "timm:resnet18"}}
+    assert [load_spec({**base, "loss": {"token": n}}).loss.token for n in names] == names
+    with pytest.raises(SpecError) as info:
+        load_spec({**base, "loss": {"token": "kl"}})
+    assert info.value.path == "loss.token" and "allowed: " + ", ".join(names) in str(info.value)

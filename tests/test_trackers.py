@@ -258,3 +258,105 @@ def test_report_to_tensorboard_writes_the_scalars_as_log_tensorboard_does(tmp_pa
     board = EventAccumulator(str(folder.tensorboard))
     board.Reload()
     assert [(e.step, e.value) for e in board.Scalars("epoch/loss")] == [(4, 0.75), (8, 0.5)]
+
+
+def _wandb_history(folder: RunFolder) -> dict[str, list[tuple[int, float]]]:
+    """{KEY: [(step, value), ...]} of every W&B offline run file in the run folder, in step order."""
+    from wandb.proto import wandb_internal_pb2
+
+    got: dict[str, list[tuple[int, float]]] = {}
+    for run_file in sorted((folder.root / "wandb").glob("offline-run-*/run-*.wandb")):
+        for data in _wandb_records(run_file):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_"):
+                    got.setdefault(key, []).append((row["_step"], value))
+    return {key: sorted(series) for key, series in got.items()}
+
+
+def test_wandb_history_of_a_killed_and_resumed_run_is_metrics_jsonl(tmp_path, monkeypatch):
+    """Killed after logging step 5 with its checkpoint at step 3: the resumed run replays steps 4
+    and 5, which W&B already holds (offline, W&B itself knows nothing of them); the two offline run
+    files together hold each step once, the values of metrics.jsonl (the killed process's
+    measured speeds aside)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'kdgraph[wandb]')")
+    from kdgraph.runtime.loop import train
+    from kdgraph.runtime.metrics import Metrics
+
+    class Killed(BaseException):
+        pass
+
+    write = Metrics.write
+
+    def killed_at_step_5(self, record):
+        write(self, record)
+        if record["kind"] == "step" and record["global_step"] == 5:
+            raise Killed
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_PROJECT": "kdgraph-test"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(tiny_spec(tmp_path / "run", "supervised", epochs=2, fraction=0.1,
+                               runtime={"report_to": ["wandb"], "log_every": 1, "checkpoint_every": 3}))
+    monkeypatch.setattr(Metrics, "write", killed_at_step_5)
+    with pytest.raises(Killed):
+        train_here(spec)
+    wandb.teardown()  # the killed process's W&B run ends where it stopped
+    monkeypatch.setattr(Metrics, "write", write)
+    folder = RunFolder(tmp_path / "run")
+    assert max(s for s, _ in _wandb_history(folder)["step/loss"]) == 5 > max(
+        r["global_step"] for r in _steps_kept(folder))
+    train(spec, resume=True)
+    expected, got = _expected_series(folder), _wandb_history(folder)
+    assert any(step <= 5 for step, _ in expected["step/loss"]) and max(s for s, _ in expected["step/loss"]) > 5
+    assert got.keys() == expected.keys()
+    for key, series in expected.items():
+        if key in ("step/images_per_s", "step/data_wait_share"):
+            got[key], series = [s for s, _ in got[key]], [s for s, _ in series]
+        assert got[key] == sorted(series), key
+
+
+def test_a_resumed_online_wandb_run_gets_no_step_below_wandbs_own(tmp_path, monkeypatch):
+    """W&B online resumes a run at its last step + 1 (``run.step``; ``run.resumed``) and drops any
+    lower step with a warning: the tracker sends none of them, nor a step metrics.jsonl shows the
+    killed process sent for that kind; a new run (--force) sends every step. A stand-in wandb
+    module records the calls."""
+    import sys
+    import types
+
+    from kdgraph.runtime.trackers import WandbTracker, logged_steps
+
+    calls = []
+
+    class Run:
+        def __init__(self, resumed):
+            self.resumed, self.step = resumed, 7 if resumed else 0
+
+        def log(self, values, step):
+            calls.append((step, sorted(values)))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: Run(resumed=kw["resume"] == "allow")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    folder = RunFolder(tmp_path / "run")
+    (folder.root / "wandb" / "run-20260101_000000-abc123").mkdir(parents=True)
+    (folder.root / "wandb" / "latest-run").symlink_to(folder.root / "wandb" / "run-20260101_000000-abc123")
+    folder.metrics.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"kind": "step", "global_step": 8, "loss": 1.0}, {"kind": "epoch", "global_step": 6, "loss": 1.0},
+        {"kind": "step", "global_step": 9, "loss": 1.0})) + '{"kind": "step", "global_st')  # a line cut short
+    assert logged_steps(folder.metrics) == {"step": 9, "epoch": 6}
+    records = [{"kind": kind, "global_step": step, "loss": 0.5} for kind, step in
+               (("epoch", 6), ("step", 7), ("step", 8), ("step", 9), ("epoch", 7), ("step", 10))]
+    resumed = WandbTracker(folder, {"name": "x"}, {}, resumed=True)
+    for r in records:
+        resumed.log(r)
+    assert calls == [(7, ["epoch/loss"]), (10, ["step/loss"])]
+    calls.clear()
+    fresh = WandbTracker(folder, {"name": "x"}, {}, resumed=False)
+    for r in records:
+        fresh.log(r)
+    assert [step for step, _ in calls] == [6, 7, 8, 9, 7, 10]

@@ -36,12 +36,13 @@ A teacher whose vocabulary is padded past the student's (Qwen2.5-7B's 152064 row
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERGENCES", "chunked_token_loss", "spread_topk", "token_divergence", "topk_kl", "topk_log_probs",
+from kdgraph.registry import TOKEN_DIVERGENCES
+
+__all__ = ["chunked_token_loss", "spread_topk", "token_divergence", "topk_kl", "topk_log_probs",
            "trim_vocabulary"]
 
 
@@ -64,9 +65,11 @@ def _jsd(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
 
 
-DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
-    "forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "skew_kl": _skew_kl, "jsd": _jsd}
-"""Name -> per-token divergence(log q, log p, coefficient) of (N, V) log-probabilities -> (N,)."""
+# the names loss.token accepts are declared in kdgraph.registry (torch-free, read by the spec)
+for _name, _divergence in (("forward_kl", _forward_kl), ("reverse_kl", _reverse_kl), ("skew_kl", _skew_kl),
+                           ("jsd", _jsd)):
+    TOKEN_DIVERGENCES.register(_name, _divergence)
+del _name, _divergence
 
 
 def spread_topk(probs: torch.Tensor, indices: torch.Tensor, classes: int) -> torch.Tensor:
@@ -126,7 +129,7 @@ def token_divergence(*, name: str, s: torch.Tensor, t: torch.Tensor, y: torch.Te
         log_p = F.log_softmax(_wide(t) / temperature, dim=-1)
     else:
         log_p = topk_log_probs(t, ids, s.shape[-1]).to(s.dtype)
-    div = DIVERGENCES[name](log_q, log_p, coefficient) * (temperature ** 2)
+    div = TOKEN_DIVERGENCES.get(name)(log_q, log_p, coefficient) * (temperature ** 2)
     kd = torch.where(valid, div, 0.0).sum()
     if ce_weight == 0.0:
         return kd, kd.new_zeros(())
@@ -188,8 +191,8 @@ def chunked_token_loss(name: str, student_logits: torch.Tensor,
     a top-k token cache's (B, T, k) probabilities at T and ids < V) and (B, T) targets: each the
     mean over the tokens whose target is not ``ignore_index`` (0 where none is), ``chunk``
     tokens at a time (``chunk`` ≥ B·T: the whole at once)."""
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown token divergence {name!r}; known: {', '.join(DIVERGENCES)}")
+    if name not in TOKEN_DIVERGENCES:
+        raise ValueError(f"unknown token divergence {name!r}; known: {', '.join(TOKEN_DIVERGENCES)}")
     if name in ("skew_kl", "jsd") and not 0.0 < coefficient < 1.0:
         raise ValueError(f"{name}: the coefficient must lie in (0, 1), got {coefficient}")
     vocab = student_logits.shape[-1]

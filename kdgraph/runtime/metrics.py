@@ -25,21 +25,23 @@ class Metrics:
         from kdgraph.runtime.trackers import open_trackers, reported_to
 
         tensorboard = tensorboard or "tensorboard" in reported_to(folder)
+        if tensorboard:  # a missing package is said before any tracker starts a run
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise KDGraphError("runtime.log: tensorboard needs the tensorboard package; install it with "
+                                   "pip install 'kdgraph[tensorboard]' (or pip install tensorboard)") from None
+        # before metrics.jsonl is cut back: W&B's tracker reads how far the killed process got
+        self.trackers = open_trackers(folder, resumed=keep_until_step is not None)
         lines = []
         if keep_until_step is not None and self.path.exists():  # resume: drop what the checkpoint lost
             lines = [ln for ln in self.path.read_text().splitlines()
                      if ln.strip() and json.loads(ln)["global_step"] <= keep_until_step]
         self.path.write_text("".join(ln + "\n" for ln in lines))
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise KDGraphError("runtime.log: tensorboard needs the tensorboard package; install it with "
-                                   "pip install 'kdgraph[tensorboard]' (or pip install tensorboard)") from None
             # purge_step: a resumed run drops the events the checkpoint did not keep, as metrics.jsonl does
             self.board = SummaryWriter(str(folder.tensorboard),
                                        purge_step=None if keep_until_step is None else keep_until_step + 1)
-        self.trackers = open_trackers(folder, resumed=keep_until_step is not None)
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -18,7 +18,7 @@ from typing import Any
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.runs import RunFolder
 
-__all__ = ["flat_params", "numbers", "open_trackers", "reported_to", "MLflowTracker", "WandbTracker"]
+__all__ = ["flat_params", "logged_steps", "numbers", "open_trackers", "reported_to", "MLflowTracker", "WandbTracker"]
 
 MLFLOW_BATCH = 100  # MLflow's most params (and metrics, 1000) per log_batch call
 MLFLOW_VALUE_MAX = 6000  # MLflow's longest param value
@@ -114,10 +114,29 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id)
 
 
+def logged_steps(path: Path) -> dict[str, int]:
+    """{kind: last global step} of the records in metrics.jsonl at ``path`` (a line a kill cut
+    short: passed over); {} before any."""
+    last: dict[str, int] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "kind" in record and "global_step" in record:
+            last[record["kind"]] = max(last.get(record["kind"], -1), int(record["global_step"]))
+    return last
+
+
 class WandbTracker:
     """A W&B run with its files in OUTPUT/wandb; project WANDB_PROJECT, else "kdgraph". The mode is
     W&B's own (kdgraph sets no WANDB_MODE): online needs an account and the network, the user's
-    WANDB_MODE=offline neither. A resumed run continues the latest W&B run there."""
+    WANDB_MODE=offline neither. A resumed run continues the latest W&B run there and, as with
+    MLflow, logs only the steps past those already sent: W&B keeps one step per run, only ever
+    increasing (an online resumed run starts at its last step + 1 and drops lower ones with a
+    warning; an offline one knows no history and would hold the replayed steps twice), so a
+    record is sent where its step is at least W&B's and past the last one of its kind in
+    metrics.jsonl as the killed process left it (read before the resume cuts it back)."""
 
     def __init__(self, folder: RunFolder, stored_spec: dict, plan: dict, resumed: bool):
         try:
@@ -134,11 +153,13 @@ class WandbTracker:
         except Exception as exc:  # W&B's errors (login, network, a bad WANDB_* setting) as one line
             raise KDGraphError(f"runtime.report_to: wandb.init failed: {type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:400]} (WANDB_MODE=offline needs no account)") from None
+        self.sent = logged_steps(folder.metrics) if resumed else {}
+        self.first_step = self.run.step if resumed and self.run.resumed else 0
 
     def log(self, record: dict) -> None:
-        values = numbers(record)
-        if values:
-            self.run.log(values, step=record["global_step"])
+        values, step = numbers(record), record["global_step"]
+        if values and step >= self.first_step and step > self.sent.get(record["kind"], -1):
+            self.run.log(values, step=step)
 
     def close(self) -> None:
         self.run.finish()

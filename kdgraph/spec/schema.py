@@ -45,6 +45,7 @@ from kdgraph.registry import (
     PRETRAINED_SOURCES,
     SCHEDULES,
     TASKS,
+    TOKEN_DIVERGENCES,
     Method,
     dataset_choices,
     model_source_choices,
@@ -377,7 +378,7 @@ class DataSpec(_Strict):
         default=None, description="text: a local folder holding a Hugging Face fast tokenizer (tokenizer.json, "
         "tokenizer_config.json; read with local files only, no remote code; hub ids are not fetched) the text is "
         "tokenised with; its ids must fit the student's and the teacher's vocab_size; export writes it beside "
-        "the model (None: UTF-8 bytes, ids 0..255).",
+        "the model (None: UTF-8 bytes, ids 0..255). Refused on any other dataset.",
     )
     batch_size: Int = Field(default=128, ge=1, le=MAX_BATCH_SIZE, description="Training batch size.")
     test_batch_size: Int | None = Field(
@@ -459,6 +460,13 @@ class DataSpec(_Strict):
         if self.loader == "stream" and self.dataset != "imagefolder":
             raise _invalid(f"the streaming loader reads image folders; {self.dataset} is held in memory",
                            allowed="auto, memory", at="loader", got=self.loader)
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizer_for_text(self) -> DataSpec:
+        if self.tokenizer is not None and self.dataset != "text":
+            raise _invalid(f"tokenises the text dataset; {self.dataset} is not text, and it would be ignored",
+                           allowed="null", at="tokenizer", got=str(self.tokenizer))
         return self
 
     @model_validator(mode="after")
@@ -618,7 +626,7 @@ class LossSpec(_Strict):
                                           "student (None: the last block before the head).")
     tpp_weight: Float = Field(default=1.0, ge=0.0, le=1000.0, description="Weight of the TPP loss.")
     label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
-    token: Literal["forward_kl", "reverse_kl", "skew_kl", "jsd"] = Field(
+    token: Annotated[str, OneOf("token divergence", TOKEN_DIVERGENCES.names)] = Field(
         default="forward_kl", description="Causal LM (task causal_lm) with a teacher: the per-token divergence of "
         "the head loss, weighted by kl_weight, plus ce_weight times cross-entropy (without a teacher: "
         "cross-entropy alone).")

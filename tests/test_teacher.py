@@ -1,4 +1,5 @@
-"""The teacher is frozen: eval mode, no gradients, outside the student's module tree.
+"""The frozen teacher (kdgraph/runtime/teacher.py): eval mode, no gradients, outside the
+student's module tree; its block segments compute what its own eager forward does.
 
 Independent truth: a second teacher built separately from the same weights file
 (``kdgraph.zoo`` + safetensors, in eval mode, never seen by kdgraph's runtime), and the
@@ -87,6 +88,34 @@ def test_step_consumes_the_eval_mode_teacher(tmp_path, teacher_file):
     # the check can fail: the same teacher in train mode (batch statistics) differs
     train_outs, train_logits = _capture(_reference(teacher_file).train(), labels, x)
     assert not torch.allclose(train_logits, logits, atol=1e-3)
+
+
+def test_the_split_teachers_blocks_equal_its_eager_forward(tmp_path, teacher_file):
+    """FrozenTeacher on its own: block ends by segments (any set), logits by the model's forward
+    (kd's shortcut) or by the segments, and ``block`` steps chained from block 1's output, all
+    equal a separately built eval-mode teacher's module outputs (forward hooks); ``block`` keeps
+    autograd on its input and gives the teacher's parameters no gradient."""
+    from kdgraph.runtime.distiller import frozen_teacher
+
+    compiled = compile_spec(load_spec(tiny_spec(tmp_path, "kd+mse", teacher_checkpoint=teacher_file)))
+    teacher = frozen_teacher(compiled)
+    labels = [b.cut.label for b in compiled.teacher.boundaries]
+    x, _ = _batch(seed=5)
+    outs, logits = _capture(_reference(teacher_file), labels, x)
+    feats = teacher.features(x, {1, 2, 3, 4})
+    for i, label in enumerate(labels, start=1):
+        torch.testing.assert_close(feats[i], outs[label], rtol=0, atol=1e-6)
+    assert sorted(teacher.features(x, {2})) == [2]  # runs no further than asked
+    torch.testing.assert_close(teacher.features(x, {4})[4], logits, rtol=0, atol=1e-5)  # the whole forward
+    torch.testing.assert_close(teacher(x), logits, rtol=0, atol=1e-5)
+    h0 = feats[1].clone().requires_grad_(True)
+    h = h0
+    for i in (2, 3, 4):
+        h = teacher.block(i, h)
+    torch.testing.assert_close(h, logits, rtol=0, atol=1e-5)
+    h.sum().backward()
+    assert h0.grad is not None and h0.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.model.parameters())
 
 
 def test_teacher_is_outside_the_module_tree(tmp_path, teacher_file):
