@@ -214,8 +214,8 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
                    "(default: OUTPUT/student.safetensors).")] = None,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split;
-    for a dense task, pixel accuracy (as top-1) and mean IoU. The run's stored --set overrides apply first."""
+    """The trained student's scores (and the teacher's, where its weights exist) on a split: its task's
+    metrics (top-1 and top-5 accuracy, or the task's own such as mean IoU). The run's stored --set overrides apply first."""
     from kdgraph.runtime.commands import evaluate_spec
 
     try:

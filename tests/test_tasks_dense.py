@@ -317,7 +317,8 @@ def test_a_folder_the_dense_task_cannot_read_is_refused_in_one_line(tmp_path):
     with pytest.raises(KDGraphError, match=r"img_1.png: the mask holds class id 7, but the data has 3 classes"):
         train(load_spec(path), quiet=True)
     assert not (tmp_path / "run" / "student.safetensors").exists()
-    with pytest.raises(KDGraphError, match="labels every pixel, but the student's output"):
+    with pytest.raises(KDGraphError, match=r"voc is read by task dense alone, but this is a classification run "
+                                           r"\(the student.s output \[2, 3\]\)"):
         compile_spec(load_spec(path, ["teacher=null", "schedule.method=supervised", "task=null",
                                       "student.model=timm:resnet18",
                                       "student.kwargs={num_classes: 3}"]), allow_missing_weights=True)
