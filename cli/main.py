@@ -238,7 +238,8 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
     """Write the student as a folder timm loads: weights, config.json with preprocessing, model card;
-    a diffusers: denoiser as diffusers' save_pretrained folder.
+    a diffusers: denoiser as diffusers' save_pretrained folder, a torchvision: segmentation model as
+    torchvision's state dict and constructor.json.
     The run's stored --set overrides apply first; the teacher's weights are not needed."""
     from kdgraph.runtime.commands import export_spec
 
@@ -258,6 +259,8 @@ _EXPORTED = {
     "diffusers": " in diffusers' layout (config.json, diffusion_pytorch_model.safetensors): load it with "
                  "UNet2DModel.from_pretrained",
     "state_dict": " (model.safetensors, config.json, README.md)",
+    "torchvision": " in torchvision's layout (constructor.json, model.safetensors): load it with {reason}, "
+                   "then load_state_dict(safetensors.torch.load_file('model.safetensors'))",
     "torch.export": " as a torch.export program (model.pt2): {reason}",
 }
 

@@ -182,6 +182,7 @@ class Dense(Task):
                 "teacher_miou": summary.get("teacher_miou"), "method": compiled.plan.method,
                 "data": spec.data.dataset, "input_size": list(compiled.input_size),
                 "mean": pre.get("mean") or compiled.data.mean, "std": pre.get("std") or compiled.data.std,
+                "resize": pre.get("resize"),
                 "ignore_index": self.ignore_index, "weights_from": str(path), "command": command}
         return ship_torchvision(model.eval(), to, card, compiled.input_size)
 
