@@ -238,8 +238,8 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
     """Write the student as a folder timm loads: weights, config.json with preprocessing, model card;
-    a diffusers: denoiser as diffusers' save_pretrained folder, a torchvision: segmentation model as
-    torchvision's state dict and constructor.json.
+    a diffusers: denoiser as diffusers' save_pretrained folder; a torchvision: student whose task ships
+    in torchvision's layout as its state dict and constructor.json.
     The run's stored --set overrides apply first; the teacher's weights are not needed."""
     from kdgraph.runtime.commands import export_spec
 
