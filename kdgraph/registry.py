@@ -8,6 +8,11 @@ an entry whose implementation needs torch registers itself against its declared 
 it is implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``), and only
 those modules read such entries. Methods, augmentations and logit losses are plain
 descriptions, registered here in full.
+
+A task's own parts that the compiler reads by name (its losses, a library model it wraps, the
+datasets it alone reads and their planner, its head loss, its loss defaults) are registries here
+too, filled by the task's library module (``kdgraph.segmentation.register`` for the dense task),
+so that no shared module tests a task's name to find them.
 """
 
 from __future__ import annotations
