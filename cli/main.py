@@ -214,8 +214,8 @@ def eval_(spec: SpecArg, set_: SetOpt = None, allow_code: CodeOpt = False,
                    "(default: OUTPUT/student.safetensors).")] = None,
           split: Annotated[EvalSplit, typer.Option(help="Which split to evaluate on.")] = EvalSplit.test,
           format: Annotated[EvalFormat, typer.Option("--format", "-f")] = EvalFormat.table):
-    """Top-1 and top-5 accuracy of the trained student (and of the teacher, where its weights exist) on a split;
-    for a dense task, pixel accuracy (as top-1) and mean IoU. The run's stored --set overrides apply first."""
+    """The trained student's scores (and the teacher's, where its weights exist) on a split: its task's
+    metrics (top-1 and top-5 accuracy, or the task's own such as mean IoU). The run's stored --set overrides apply first."""
     from kdgraph.runtime.commands import evaluate_spec
 
     try:
@@ -238,7 +238,8 @@ def export(spec: SpecArg, to: Annotated[Path, typer.Option(
                help="The trained student: OUTPUT/student.safetensors (default), best.safetensors or a training "
                     "checkpoint, told apart by content.")] = None):
     """Write the student as a folder timm loads: weights, config.json with preprocessing, model card;
-    a diffusers: denoiser as diffusers' save_pretrained folder.
+    a diffusers: denoiser as diffusers' save_pretrained folder; a torchvision: student whose task ships
+    in torchvision's layout as its state dict and constructor.json.
     The run's stored --set overrides apply first; the teacher's weights are not needed."""
     from kdgraph.runtime.commands import export_spec
 
@@ -258,6 +259,8 @@ _EXPORTED = {
     "diffusers": " in diffusers' layout (config.json, diffusion_pytorch_model.safetensors): load it with "
                  "UNet2DModel.from_pretrained",
     "state_dict": " (model.safetensors, config.json, README.md)",
+    "torchvision": " in torchvision's layout (constructor.json, model.safetensors): load it with {reason}, "
+                   "then load_state_dict(safetensors.torch.load_file('model.safetensors'))",
     "torch.export": " as a torch.export program (model.pt2): {reason}",
 }
 

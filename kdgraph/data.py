@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import BadImage, bad_image, check_classes_readable, read_image, scan_imagefolder
 from kdgraph.registry import AUGMENTATIONS, DATASETS, dataset_choices, register_dataset
-from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
 from kdgraph.spec.schema import DataSpec
 from kdgraph.stream import StreamLoader, resolve_workers, stream_loaders
 
@@ -485,12 +484,12 @@ def _fashion_masks(data_spec: DataSpec, seed: int, semantic: bool) -> RawSplits:
 
 
 def _load_fashion_masks(data_spec: DataSpec, seed: int) -> RawSplits:
-    """Foreground segmentation of Fashion-MNIST: 2 classes per pixel (see ``_fashion_masks``)."""
+    """Foreground masks of Fashion-MNIST: 2 classes per pixel (see ``_fashion_masks``)."""
     return _fashion_masks(data_spec, seed, semantic=False)
 
 
 def _load_fashion_seg(data_spec: DataSpec, seed: int) -> RawSplits:
-    """Semantic segmentation of Fashion-MNIST: background + 10 garment classes per pixel."""
+    """Garment masks of Fashion-MNIST: background + 10 garment classes per pixel."""
     return _fashion_masks(data_spec, seed, semantic=True)
 
 
@@ -626,7 +625,7 @@ register_dataset("fashion-mnist", _load_fashion_mnist)
 register_dataset("imagefolder", _load_imagefolder)
 register_dataset("synthetic", _load_synthetic)
 register_dataset("torchvision", _load_torchvision)
-# Per-pixel labels (dense tasks), after the image-classification datasets.
+# Per-pixel labels, after the image-classification datasets.
 register_dataset("fashion-mnist-masks", _load_fashion_masks)
 register_dataset("fashion-mnist-seg", _load_fashion_seg)
 
@@ -639,17 +638,6 @@ def _refuse_text_images(data_spec: DataSpec, seed: int) -> RawSplits:
 
 
 register_dataset("text", _refuse_text_images)
-
-
-def _refuse_mask_folders(data_spec: DataSpec, seed: int) -> RawSplits:
-    """An image + mask folder (``voc``, ``cityscapes``) is streamed by the dense task
-    (``kdgraph.segmentation.data.segmentation_data``), never loaded whole as image splits."""
-    raise DataError(f"data.dataset: {data_spec.dataset} labels every pixel; it is read by the dense task, whose "
-                    "student predicts per-pixel logits (task: dense)")
-
-
-for _layout in SEGMENTATION_LAYOUTS:
-    register_dataset(_layout, _refuse_mask_folders)
 
 
 # ------------------------------------------------------------------------ device loader

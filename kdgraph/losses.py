@@ -55,8 +55,7 @@ from torch import nn
 from kdgraph.ir import FeatureFormat
 from kdgraph.layouts import to_map
 from kdgraph.lm.token_losses import chunked_token_loss, spread_topk
-from kdgraph.registry import LOGIT_LOSSES, Registry
-from kdgraph.segmentation.losses import ChannelWiseDistillation, PearsonFeatureLoss, PixelCE, PixelKL
+from kdgraph.registry import LOGIT_LOSSES, LOSSES
 
 __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeatureMimicking", "FKDHeadLoss", "FeatureMSE", "HeadLoss", "KLDivergence",
            "TeacherParameterPerception", "DecoupledKDHead", "DISTHead", "create_loss", "no_autocast", "resolve_params",
@@ -64,8 +63,8 @@ __all__ = ["LOSSES", "CrossEntropy", "DDPMLoss", "DenoiseHead", "DualViewFeature
            "DIST", "DKD", "LogitStandardization", "dkd_warmup", "standardize_logits",
            "ForwardKLTokens", "ReverseKLTokens", "SkewKLTokens", "GeneralisedJSDTokens"]
 
-LOSSES: Registry[type[nn.Module]] = Registry("loss")
-"""Loss name (a loss op's ``entry``) -> its module class (see the contract above)."""
+# LOSSES (kdgraph.registry's): loss name (a loss op's ``entry``) -> its module class (the contract
+# above). A task's own losses register themselves in their own module, as these do here.
 
 
 def term_names(name: str, block: int | None = None) -> tuple[str, ...]:
@@ -92,7 +91,7 @@ def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def per_sample(logits: torch.Tensor) -> torch.Tensor:
-    """(B, C) logits as they are; dense (B, C, *spatial) logits as (B*H*W, C), one row per pixel."""
+    """(B, C) logits as they are; per-pixel (B, C, *spatial) logits as (B*H*W, C), one row per pixel."""
     if logits.dim() <= 2:
         return logits
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
@@ -119,7 +118,7 @@ class KLDivergence(nn.Module):
     """Hinton's KD term: ``T^2 * mean_batch sum_c p_t (log p_t - log p_s)``.
 
     ``p = softmax(logits / T)``; the ``T^2`` keeps the gradient scale independent of T.
-    Inputs are (B, C) logits, or dense (B, C, H, W) logits of a per-pixel task: there each
+    Inputs are (B, C) logits, or per-pixel (B, C, H, W) logits of a per-pixel task: there each
     pixel is a sample, and the sum over classes is averaged over B*H*W pixels. The result is
     a float32 scalar.
     """
@@ -246,7 +245,7 @@ class HeadLoss(nn.Module):
     (``LogitStandardization``, Sun et al. 2024): ``z -> (z - mean(z)) / std(z)``, T the base
     temperature. ``w_ce = 0`` is function matching (Beyer et al.): the KL alone.
 
-    Dense (B, C, H, W) logits with (B, H, W) targets (a per-pixel task) give the per-pixel
+    Per-pixel (B, C, H, W) logits with (B, H, W) targets (a per-pixel task) give the per-pixel
     CE and KL, each averaged over every pixel of the batch.
 
     Returns ``{"ce": w_ce CE(y, label_smoothing), "kl": kl_weight * KLDivergence(T)}``; the
@@ -425,7 +424,7 @@ class DualViewFeatureMimicking(nn.Module):
 
 
 # --- logit losses of the recipes (issue 22) ----------------------------------------------------
-# Each takes (B, C) logits, or dense (B, C, *spatial) logits whose pixels are samples (per_sample),
+# Each takes (B, C) logits, or per-pixel (B, C, *spatial) logits whose pixels are samples (per_sample),
 # computes in float32 with autocast off and never sends a gradient into the teacher. ``terms``
 # returns the weighted named terms (what metrics.jsonl logs); ``forward`` is their sum.
 
@@ -460,7 +459,7 @@ class DKD(nn.Module):
     alpha 1, beta 8, T 4, CE weight 1, and the DKD term ramped in over the first 20 of 240
     epochs (``dkd_warmup``, which the caller multiplies the loss by).
 
-    ``targets`` are class indices, (B,) or (B, *spatial) for dense logits, each in 0..C-1 (not
+    ``targets`` are class indices, (B,) or (B, *spatial) for per-pixel logits, each in 0..C-1 (not
     checked: that would read them on the host every step; an index outside gives inf or nan).
     """
 
@@ -564,7 +563,7 @@ class DIST(nn.Module):
     only has to match relations, not the teacher's probabilities ("exact match" relaxed);
     identical logits give 0, and each term lies in [0, 2 tau^2]. The authors' code adds
     eps = 1e-8 to the product of norms, as here, and defaults to beta = gamma = tau = 1; the
-    loss is added to CE. With dense logits the batch of the intra-class term is every pixel of
+    loss is added to CE. With per-pixel logits the batch of the intra-class term is every pixel of
     the batch.
     """
 
@@ -876,8 +875,6 @@ class TokenCrossEntropy(nn.Module):
                                    ignore_index=self.ignore_index)
 
 
-# The dense task's losses (kdgraph.segmentation.losses, issue 41)
-LOSSES.register("pixel_kl", PixelKL)
-LOSSES.register("pixel_ce", PixelCE)
-LOSSES.register("cwd", ChannelWiseDistillation)
-LOSSES.register("pkd", PearsonFeatureLoss)
+# The dense task's losses (pixel_ce, pixel_kl, cwd, pkd) register themselves where they are
+# defined; imported here so that this module's LOSSES lists every built-in loss on its own.
+from kdgraph.segmentation import losses as _dense_losses  # noqa: E402,F401

@@ -3,7 +3,9 @@
 A reference is ``SOURCE:REST``; ``MODEL_SOURCES.get(SOURCE)(REST, kwargs)`` builds it
 (``kdgraph.registry``). Registered here: ``timm:NAME``, ``torchvision:NAME``,
 ``module:pkg.mod:factory``, ``diffusers:UNet2DModel`` (``kdgraph.tasks.denoise.diffusers_source``) and
-``transformers:NAME`` (a causal LM, ``kdgraph.lm.source``).
+``transformers:NAME`` (a causal LM, ``kdgraph.lm.source``). A ``SOURCE:NAME`` in ``LIBRARY_MODELS`` is
+built by the factory a task registered there instead (its library model wrapped); the task
+libraries whose entries the compiler reads by name register them when imported, here.
 Weights come from ``checkpoint`` files (``kdgraph.weights``) or, with ``pretrained:
 true``, from timm's or torchvision's own pretrained loader (their hub and cache).
 
@@ -32,8 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kdgraph.tasks.denoise.diffusers_source import create_diffusers
 from kdgraph.errors import ModelError
 from kdgraph.lm.source import create_causal_lm, pretrained_causal_lm
-from kdgraph.registry import MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
-from kdgraph.segmentation.models import create_segmentation_model, is_segmentation_model
+from kdgraph.registry import LIBRARY_MODELS, MODEL_SOURCES, PRETRAINED_SOURCES, register_model_source
+from kdgraph.segmentation import register as _dense  # noqa: F401  (the dense task's registry entries)
 from kdgraph.weights import fit_state, load_state, read_state_dict
 
 if TYPE_CHECKING:
@@ -86,8 +88,6 @@ def _create_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
     _check_torchvision_name(name)
-    if is_segmentation_model(name):  # its dict output wrapped, no backbone download (kdgraph.segmentation)
-        return create_segmentation_model(name, kwargs)
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
@@ -200,7 +200,7 @@ def create_model(ref: str, kwargs: dict[str, Any] | None = None, search_path: Pa
         raise ModelError(f"model reference {ref!r} must look like SOURCE:NAME; sources: {', '.join(MODEL_SOURCES)}")
     if source not in MODEL_SOURCES:
         raise ModelError(f"unknown model source {source!r} in {ref!r}; sources: {', '.join(MODEL_SOURCES)}")
-    factory = MODEL_SOURCES.get(source)
+    factory = LIBRARY_MODELS.get(ref) if ref in LIBRARY_MODELS else MODEL_SOURCES.get(source)
     with _search_first(search_path if source == "module" else None):
         try:
             with parameters_on_meta() if meta else contextlib.nullcontext():

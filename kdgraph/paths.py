@@ -11,7 +11,7 @@ __all__ = ["INCOMPLETE", "NAME_MAX", "PATH_MAX", "path_problem"]
 NAME_MAX = 255  # bytes in one path component (ext4, xfs, btrfs, apfs, ntfs: 255)
 PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 # An export writes this file first and removes it last: a folder holding it is a killed export's,
-# written over by the rerun (kdgraph.runtime.ship, kdgraph.segmentation.export)
+# written over by the rerun (kdgraph.runtime.ship, and a task's own export layouts)
 INCOMPLETE = ".kdgraph-export-incomplete"
 
 

@@ -8,6 +8,11 @@ an entry whose implementation needs torch registers itself against its declared 
 it is implemented (``kdgraph.models``, ``kdgraph.data``, ``kdgraph.schedules``), and only
 those modules read such entries. Methods, augmentations and logit losses are plain
 descriptions, registered here in full.
+
+A task's own parts that the compiler reads by name (its losses, a library model it wraps, the
+datasets it alone reads and their planner, its head loss, its loss defaults) are registries here
+too, filled by the task's library module (``kdgraph.segmentation.register`` for the dense task),
+so that no shared module tests a task's name to find them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ from typing import Any, Generic, TypeVar
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "DATASET_TASKS",
+    "DATA_PLANNERS",
+    "LIBRARY_MODELS",
     "LOGIT_LOSSES",
+    "LOSSES",
     "METHODS",
     "MODEL_SOURCES",
     "SCHEDULES",
     "TASKS",
     "TASK_HEAD_LOSSES",
+    "TASK_LOSS_DEFAULTS",
     "TOKEN_DIVERGENCES",
     "Augmentation",
     "LogitLoss",
@@ -115,6 +125,12 @@ MODEL_SOURCES: Registry[Callable[[str, dict[str, Any]], Any]] = Registry(
 """``SOURCE`` of a ``SOURCE:REST`` model reference -> ``factory(REST, kwargs) -> nn.Module``."""
 
 
+LIBRARY_MODELS: Registry[Callable[[str, dict[str, Any]], Any]] = Registry("library model")
+"""``SOURCE:NAME`` of a library model that a task builds itself instead of its source's factory
+(a model whose forward returns what the compiler cannot trace whole, wrapped) -> ``factory(NAME,
+kwargs) -> nn.Module``; ``kdgraph.models.create_model`` asks it first."""
+
+
 PRETRAINED_SOURCES: Registry[tuple[Callable[[str], Any], Callable[..., Any]]] = Registry(
     "pretrained model source", declared=("timm", "torchvision", "transformers"), home="kdgraph.models")
 """Sources whose models have pretrained weights -> (classes of the default weights, loader)."""
@@ -164,17 +180,9 @@ TOKEN_DIVERGENCES: Registry[Callable[..., Any]] = Registry(
 (N,); each is also the name of its ``kdgraph.losses.LOSSES`` head entry (a test keeps them equal)."""
 
 
-def dense_head(loss: Any) -> tuple[str, str]:
-    """A dense task's head entries: with a teacher ``loss.dense`` (pixel_kl, cwd), except that
-    pixel_kl under a ``loss.logit`` other than kl (dkd, dist, ...) is that recipe's head with
-    every pixel a sample; without a teacher ``pixel_ce``, the per-pixel cross-entropy
-    (ignore_index honoured)."""
-    if loss["dense"] == "pixel_kl" and loss["logit"] != "kl":
-        return (LOGIT_LOSSES.get(loss["logit"]).entry, "pixel_ce")
-    return (loss["dense"], "pixel_ce")
-
-
-TASK_HEAD_LOSSES.register("dense", dense_head)
+TASK_LOSS_DEFAULTS: Registry[dict[str, Any]] = Registry("task loss defaults")
+"""A task -> the values its ``loss`` fields left None take (``compiler.blockgraph.resolved_loss``);
+a field no task fills keeps the spec's meaning of None (``ignore_index``: -100)."""
 
 
 # ------------------------------------------------------------------------------ datasets
@@ -183,6 +191,16 @@ DATASETS: Registry[Callable[[Any, int], Any]] = Registry(
     "dataset", declared=("digits", "fashion-mnist", "imagefolder", "synthetic", "torchvision", "fashion-mnist-masks",
                          "fashion-mnist-seg", "text", "voc", "cityscapes"), home="kdgraph.data")
 """The part of ``data.dataset`` before any colon -> ``loader(data_spec, seed) -> RawSplits``."""
+
+
+DATA_PLANNERS: Registry[Callable[..., Any]] = Registry("data planner")
+"""A dataset whose loader its own module plans (an image + mask folder, listed and checked at plan
+time, always streamed) -> ``planner(data_spec, input_size, normalisation, missing_ok) -> DataPlan``
+(``compiler.data.plan_data`` asks it before its own choices)."""
+
+DATASET_TASKS: Registry[str] = Registry("dataset task")
+"""A dataset that one task alone reads -> that task (``compiler.blockgraph.task_of`` refuses, at plan
+time, a run the student makes another task's)."""
 
 
 def register_dataset(name: str, fn: Callable[[Any, int], Any], *, overwrite: bool = False) -> None:
@@ -255,6 +273,14 @@ for _method in (
 ):
     METHODS.register(_method.name, _method)
 del _method
+
+
+# -------------------------------------------------------------------------------- losses
+
+LOSSES: Registry[Any] = Registry("loss")
+"""Loss name (a loss op's ``entry``) -> its ``nn.Module`` class (the contract: ``kdgraph.losses``,
+which registers the built-in entries and re-exports this registry; a task's own losses register
+themselves where they are defined)."""
 
 
 # --------------------------------------------------------------------------- logit losses

@@ -15,6 +15,7 @@ from kdgraph.compiler.blockgraph import node_label
 from kdgraph.errors import KDGraphError
 from kdgraph.paths import path_problem
 from kdgraph.registry import METHODS
+from kdgraph.tasks.create import task_class
 
 if TYPE_CHECKING:
     from kdgraph.compiler import Compiled, ModelArtifacts
@@ -176,37 +177,15 @@ def _token_logits(c: Compiled) -> str:
     return f"{' / '.join(map(str, dict.fromkeys(vocab)))} logits per token"
 
 
-def _dense_heads(c: Compiled) -> list[tuple[str, str]]:
-    """(name, text) of each head of a dense student: its per-pixel logits and output stride, the
-    teacher's beside where it differs (the losses and metrics resize both to the labels' grid)."""
-    def grid(art, shape) -> str:
-        stride = art.traced.input_size[1] // shape[2] if shape[2] else 0
-        return f"{shape[2]}×{shape[3]}" + (f" (stride {stride})" if stride != 1 else "")
-
-    teacher = dict(c.teacher.heads) if c.teacher is not None and c.teacher.traced is not None else {}
-    rows = []
-    for name, shape in c.student.heads:
-        text = f"{shape[1]} logits per pixel, {grid(c.student, shape)}"
-        t_shape = teacher.get(name)
-        if t_shape is not None and tuple(t_shape) != tuple(shape):
-            text = f"{t_shape[1]} logits per pixel, {grid(c.teacher, t_shape)} / {grid(c.student, shape)}"
-        elif c.teacher is not None and t_shape is None:
-            text += " (student only)"
-        rows.append((name, text))
-    student = dict(c.student.heads)
-    rows += [(name, f"{shape[1]} logits per pixel, {grid(c.teacher, shape)} (teacher only)")
-             for name, shape in teacher.items() if name not in student]
-    return rows
-
-
 def blocks_table(c: Compiled) -> Table:
     t = Table(title="blocks (teacher ↔ student)", title_justify="left")
     for col in ("block", "teacher ends at", "student ends at", "shape T / S", "adapter", "rule"):
         t.add_column(col)
     active = c.plan.uses_adapters
+    heads = task_class(c.task).render_heads(c)  # a task's own rows for its named heads (None: one head row)
     for b in c.pairing.blocks:
-        if b.is_head and c.student.dense and c.run.denoise is None:
-            for name, text in _dense_heads(c):
+        if b.is_head and heads is not None:
+            for name, text in heads:
                 only_teacher = text.endswith("(teacher only)")
                 t.add_row(str(b.index), f"head {name}" if c.teacher and not text.endswith("(student only)") else "-",
                           "-" if only_teacher else f"head {name}", text, "", "head")

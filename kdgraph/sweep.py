@@ -15,8 +15,8 @@ instead ``follow`` another: it has no grid and trains at the other arm's chosen 
 control "at StableKD's lr").
 
 Protocol. 1. Selection: every grid point of an arm on each selection seed; the point with the
-best mean validation score (``metric``, top-1 by default: ``student_val_top1`` of a classification
-or dense spec with ``data.val_fraction``; ``bpb``, lower is better, for a causal LM) is the
+best mean validation score (``metric``, top-1 by default: ``student_val_top1`` of an image
+spec, per-image or per-pixel, with ``data.val_fraction``; ``bpb``, lower is better, for a causal LM) is the
 arm's choice (ties: the first in grid order; a diverged cell scores below any other).
 With ``extend`` > 0, a choice at the edge of a numeric axis whose values are all positive adds
 the next value of its geometric progression there (at most ``extend`` per side), and

@@ -165,7 +165,7 @@ class ConvBlock(nn.Sequential):
 
 
 class UNetTiny(nn.Module):
-    """A small U-Net for dense prediction: ``len(widths) - 1`` encoder levels, each halving
+    """A small U-Net for per-pixel prediction: ``len(widths) - 1`` encoder levels, each halving
     the grid, a bottleneck at the deepest width, and a decoder that upsamples (2x2
     transposed conv) and concatenates the encoder feature of the same grid (a long skip).
     The head is a 1x1 conv to ``num_classes`` per-pixel logits of the input's size.

@@ -101,7 +101,7 @@ def tier_batch(run) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...
     if run.task.indexed:  # a denoiser: its own batch
         return run.prepare(xb, yb, idx, 0, 0)
     student = run.compiled.student
-    if student.dense:
+    if student.per_pixel:
         g = torch.Generator().manual_seed(0)
         grid = tuple(student.output_shape[2:])
         yb = torch.randint(0, student.num_classes, (len(yb), *grid), generator=g).to(yb.device)

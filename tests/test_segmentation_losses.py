@@ -89,7 +89,7 @@ def test_pixel_ce_is_the_cross_entropy_over_labelled_pixels():
 
 
 def test_dense_head_entries_follow_loss_dense_and_loss_logit():
-    from kdgraph.registry import dense_head
+    from kdgraph.segmentation.register import dense_head
     from kdgraph.spec import LossSpec
 
     def entries(**kw):

@@ -195,3 +195,44 @@ def test_plan_infers_the_task(tmp_path):
     from kdgraph.compiler import compile_spec
 
     assert compile_spec(load_spec(tiny_spec(tmp_path)), materialize=False).task == "classification"
+
+
+def test_a_task_names_its_head_rows_its_loss_defaults_and_the_datasets_it_alone_reads(rotation_task, tmp_path):
+    """The compiler and the plan read a task's own parts by registry, never by its name: its
+    ``TASK_LOSS_DEFAULTS`` fill the loss fields left None (a value given stays), a dataset it
+    alone reads (``DATASET_TASKS``) is refused to a run of another task, and the plan's head rows
+    are its ``render_heads``."""
+    import io
+
+    from rich.console import Console
+
+    from kdgraph.compiler import compile_spec
+    from kdgraph.compiler.blockgraph import resolved_loss
+    from kdgraph.errors import PlanError
+    from kdgraph.registry import DATASET_TASKS, TASK_LOSS_DEFAULTS
+    from kdgraph.render import blocks_table
+
+    class Named(Rotation):
+        @classmethod
+        def render_heads(cls, compiled):
+            return [("turns", f"{compiled.num_classes} quarter turns")]
+
+    register_task(Named, overwrite=True)
+    TASK_LOSS_DEFAULTS.register("rotation", {"ignore_index": 3})
+    DATASET_TASKS.register("digits", "rotation")
+    try:
+        assert resolved_loss({"ignore_index": None}, "rotation")["ignore_index"] == 3
+        assert resolved_loss({"ignore_index": 7}, "rotation")["ignore_index"] == 7
+        assert resolved_loss({"ignore_index": None}, "classification")["ignore_index"] == -100
+        compiled = compile_spec(_rotation_spec(tmp_path / "run"), allow_missing_weights=True, materialize=False)
+        console = Console(file=io.StringIO(), width=200, record=True)
+        console.print(blocks_table(compiled))
+        rows = [line for line in console.export_text().splitlines() if "head" in line]
+        assert len(rows) == 1 and "head turns" in rows[0] and "4 quarter turns" in rows[0]
+        other = load_spec(tiny_spec(tmp_path / "other", method="kd", blocks=1, epochs=1))
+        with pytest.raises(PlanError, match="data.dataset: digits is read by task rotation alone, but this is a "
+                                            "classification run"):
+            compile_spec(other, allow_missing_weights=True, materialize=False)
+    finally:
+        DATASET_TASKS.unregister("digits")
+        TASK_LOSS_DEFAULTS.unregister("rotation")

@@ -276,6 +276,8 @@ def test_a_voc_folder_plans_trains_scores_and_ships_in_torchvisions_layout(tmp_p
     assert shipped["format"] == "torchvision" and sorted(p.name for p in out.iterdir()) == \
         ["config.json", "constructor.json", "model.safetensors"]
     ctor = json.loads((out / "constructor.json").read_text())
+    card = json.loads((out / "config.json").read_text())["_kdgraph"]
+    assert card["resize"] == "resize to 64x64 (bilinear, antialiased), no crop"  # as the scores below read the images
     net = torchvision.models.get_model(ctor["name"], weights=None, **ctor["kwargs"]).eval()
     net.load_state_dict(load_file(str(out / "model.safetensors")))
     student = create_segmentation_model("lraspp_mobilenet_v3_large", {"num_classes": 3}).eval()
@@ -303,6 +305,12 @@ def test_a_voc_folder_plans_trains_scores_and_ships_in_torchvisions_layout(tmp_p
     again = evaluate_spec(load_spec(path), checkpoint=out)
     assert again["student_miou"] == pytest.approx(saved["student_miou"], abs=1e-9)
     assert export_spec(load_spec(path), out)["format"] == "torchvision"  # a rerun writes over its own export
+    res = CliRunner().invoke(app, ["export", str(path), "--to", str(tmp_path / "by-cli")])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == (
+        f"student written to {tmp_path / 'by-cli'} in torchvision's layout (constructor.json, model.safetensors): "
+        "load it with torchvision.models.get_model('lraspp_mobilenet_v3_large'), then "
+        "load_state_dict(safetensors.torch.load_file('model.safetensors'))")
 
 
 def test_a_folder_the_dense_task_cannot_read_is_refused_in_one_line(tmp_path):
@@ -317,10 +325,115 @@ def test_a_folder_the_dense_task_cannot_read_is_refused_in_one_line(tmp_path):
     with pytest.raises(KDGraphError, match=r"img_1.png: the mask holds class id 7, but the data has 3 classes"):
         train(load_spec(path), quiet=True)
     assert not (tmp_path / "run" / "student.safetensors").exists()
-    with pytest.raises(KDGraphError, match="labels every pixel, but the student's output"):
+    with pytest.raises(KDGraphError, match=r"voc is read by task dense alone, but this is a classification run "
+                                           r"\(the student.s output \[2, 3\]\)"):
         compile_spec(load_spec(path, ["teacher=null", "schedule.method=supervised", "task=null",
                                       "student.model=timm:resnet18",
                                       "student.kwargs={num_classes: 3}"]), allow_missing_weights=True)
     (tmp_path / "voc" / "SegmentationClass" / "img_1.png").unlink()
     with pytest.raises(KDGraphError, match=r"img_1.png is missing \(train.txt lists 'img_1'\)"):
         compile_spec(load_spec(path), allow_missing_weights=True)
+
+
+# Cityscapes' label id -> train id, as its own labels.py lists them (every other id: void, 255).
+_CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+               27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def _write_cityscapes_folder(root: Path, h: int = 48, w: int = 96) -> dict[str, list[Path]]:
+    """A Cityscapes-layout folder: 3 train and 2 val images over two cities, 8x8 blocks of label
+    ids among road (7), sidewalk (8), car (26), sky (23) and ids that are void for training
+    (0 unlabeled, 4 static, 9 parking, 1 ego vehicle); the image's colour follows the block's id."""
+    from PIL import Image
+
+    g = np.random.default_rng(3)
+    ids = np.array([7, 8, 26, 23, 0, 4, 9, 1], np.uint8)
+    masks: dict[str, list[Path]] = {"train": [], "val": []}
+    for split, n in (("train", 3), ("val", 2)):
+        for i in range(n):
+            city = ("aachen", "bochum")[i % 2]
+            for top in ("leftImg8bit", "gtFine"):
+                (root / top / split / city).mkdir(parents=True, exist_ok=True)
+            label = ids[np.kron(g.integers(0, len(ids), size=(h // 8, w // 8)), np.ones((8, 8), np.int64))]
+            wide = label.astype(np.int64)
+            colour = np.stack([wide * 7, 255 - wide * 5, wide * 3], -1) % 256
+            noisy = np.clip(colour + g.integers(-15, 16, size=colour.shape), 0, 255).astype(np.uint8)
+            stem = f"{city}_{i:06d}_000019"
+            Image.fromarray(noisy).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            mask = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+            Image.fromarray(label, "L").save(mask)
+            masks[split].append(mask)
+    return masks
+
+
+def _nearest_exact(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``a`` (H, W) at ``size`` by nearest-exact sampling: output pixel i reads input floor((i + 0.5) H / h)."""
+    rows = np.floor((np.arange(size[0]) + 0.5) * a.shape[0] / size[0]).astype(int)
+    cols = np.floor((np.arange(size[1]) + 0.5) * a.shape[1] / size[1]).astype(int)
+    return a[rows][:, cols]
+
+
+def test_a_cityscapes_folder_plans_trains_and_scores_miou_without_its_void_pixels(tmp_path):
+    """Through the CLI: `kdgraph plan` lists the folder's splits, `kdgraph train` runs a U-Net pair
+    two epochs, `kdgraph eval` scores the student on the val split. Its mIoU equals a numpy
+    confusion matrix of the trained student's predictions on the val images (read, resized and
+    normalised here) against the label ids mapped to train ids by Cityscapes' own table, void
+    pixels (255) left out; counting them as road instead gives another number."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from kdgraph.cli.main import app
+    from kdgraph.zoo import unet_tiny_student
+
+    masks = _write_cityscapes_folder(tmp_path / "city")
+    path = tmp_path / "city.yaml"
+    path.write_text(
+        "name: city-tiny\nseed: 0\n"
+        "teacher: {model: 'module:kdgraph.zoo:unet_tiny_teacher', kwargs: {num_classes: 19, in_chans: 3}}\n"
+        "student: {model: 'module:kdgraph.zoo:unet_tiny_student', kwargs: {num_classes: 19, in_chans: 3}}\n"
+        f"data: {{dataset: cityscapes, root: {tmp_path / 'city'}, input_size: [3, 32, 64], batch_size: 2}}\n"
+        "decompose: {blocks: 1}\nschedule: {method: kd, epochs: 2}\nloss: {dense: pixel_kl}\n"
+        "optim: {name: sgd, lr: 0.05, momentum: 0.9}\n"
+        "runtime: {device: cpu, num_threads: 1, num_workers: 0, log_every: 1000}\n"
+        f"output: {tmp_path / 'run'}\n")
+    cli = CliRunner()
+    res = cli.invoke(app, ["plan", str(path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert (plan["data"]["dataset"], plan["data"]["loader"], plan["data"]["train_images"],
+            plan["data"]["test_images"]) == ("cityscapes", "stream", 3, 2)
+    torch.manual_seed(0)
+    res = cli.invoke(app, ["train", str(path), "--quiet"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["task"] == "dense" and len(saved["per_class"]["student"]["iou"]) == 19
+    # what the scores below reproduce: the whole image resized, no crop
+    assert (saved["preprocessing"]["resize"], saved["preprocessing"]["crop_pct"]) == \
+        ("resize to 32x64 (bilinear, antialiased), no crop", None)
+    res = cli.invoke(app, ["eval", str(path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.stdout)
+    assert scored["student_miou"] == pytest.approx(saved["student_miou"], abs=1e-9)
+
+    student = unet_tiny_student(num_classes=19, in_chans=3).eval()
+    student.load_state_dict(load_file(str(tmp_path / "run" / "student.safetensors")))
+    mean, std = (np.array(saved["preprocessing"][k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+    images, labels = [], []
+    for mask in masks["val"]:
+        image = mask.parents[2].parent / "leftImg8bit" / mask.parent.parent.name / mask.parent.name / \
+            mask.name.replace("_gtFine_labelIds.png", "_leftImg8bit.png")
+        pixels = np.asarray(Image.open(image).convert("RGB"), np.float32)
+        images.append(F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=(32, 64), mode="bilinear",
+                                    align_corners=False, antialias=True)[0].numpy())
+        ids = np.asarray(Image.open(mask), np.int64)
+        labels.append(_nearest_exact(np.vectorize(lambda i: _CITYSCAPES.get(int(i), 255))(ids), (32, 64)))
+    y = np.stack(labels)
+    assert (y == 255).mean() > 0.2 and set(np.unique(y)) <= {0, 1, 10, 13, 255}
+    with torch.no_grad():
+        pred = student(torch.from_numpy((np.stack(images) / 255.0 - mean) / std)).argmax(1).numpy()
+    assert scored["student_miou"] == pytest.approx(_numpy_miou(pred, y, 19), abs=1e-6)
+    keep = y != 255
+    assert scored["student_pixel_acc"] == pytest.approx(100 * float((pred[keep] == y[keep]).mean()), abs=1e-6)
+    void_as_road = np.where(y == 255, 0, y)
+    assert _numpy_miou(pred, void_as_road, 19) != pytest.approx(scored["student_miou"], abs=1e-6)

@@ -74,8 +74,8 @@ class ModelArtifacts:
     @property
     def heads(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """(name, shape) of each output head: the one tensor a forward returns ("out"), or the
-        tuple of tensors a model that names them in its ``heads`` attribute returns (a
-        segmentation model's ``("out", "aux")``); () for any other output."""
+        tuple of tensors a model that names them in its ``heads`` attribute returns (an FCN's or
+        DeepLabv3's ``("out", "aux")``); () for any other output."""
         out = next(n for n in reversed(self.traced.gm.graph.nodes) if n.op == "output")
         arg = out.args[0]
         if hasattr(arg, "name"):
@@ -104,15 +104,15 @@ class ModelArtifacts:
         return stride if stride * shape[3] == size[1] else None
 
     @property
-    def dense(self) -> bool:
-        """A per-pixel task: (B, C, h, w) logits on the input's grid (a U-Net's masks) or on a
-        coarser one at an integer output stride (torchvision's segmentation heads)."""
+    def per_pixel(self) -> bool:
+        """Per-pixel logits: (B, C, h, w) on the input's grid (a U-Net's masks) or on a coarser
+        one at an integer output stride (torchvision's LRASPP or DeepLabv3 heads)."""
         return self.output_stride is not None
 
     @property
     def num_classes(self) -> int | None:
         shape = self.output_shape
-        if self.dense:
+        if self.per_pixel:
             return shape[1]
         return shape[-1] if shape and len(shape) == 2 else None
 
@@ -121,7 +121,7 @@ class ModelArtifacts:
         """Per-sample logits: [C], or [C, H, W] for a per-pixel task."""
         if self.num_classes is None:
             return None
-        return list(self.output_shape[1:]) if self.dense else [self.num_classes]
+        return list(self.output_shape[1:]) if self.per_pixel else [self.num_classes]
 
     def side_tensors(self) -> list[list[dict]]:
         """Per block, the side tensors it reads (node, module, shape without the batch): values
@@ -134,7 +134,7 @@ class ModelArtifacts:
         side = {"side_inputs": [s.to_dict() for s in self.traced.side], "side_tensors": self.side_tensors()} \
             if self.traced is not None and self.traced.side else {}
         heads = {"heads": [{"name": n, "shape": list(shape[1:])} for n, shape in self.heads]} \
-            if self.traced is not None and self.dense else {}
+            if self.traced is not None and self.per_pixel else {}
         return {"model": type(self.model).__name__, **side, **heads, "cuts": [c.to_dict() for c in self.cuts],
                 "stages": [s.to_dict() for s in self.stages],
                 "boundaries": [{"node": b.cut.node, "module": b.cut.label, "rule": b.rule}

@@ -48,8 +48,7 @@ import networkx as nx
 from kdgraph.errors import PlanError
 from kdgraph.ir import BlockPair, ExplicitPair, FeatureFormat, Pairing, graph_json
 from kdgraph.losses import LOSSES, resolve_params, term_names
-from kdgraph.registry import LOGIT_LOSSES, TASK_HEAD_LOSSES
-from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
+from kdgraph.registry import DATASET_TASKS, LOGIT_LOSSES, TASK_HEAD_LOSSES, TASK_LOSS_DEFAULTS
 from kdgraph.spec.schema import LossSpec
 
 if TYPE_CHECKING:
@@ -105,13 +104,11 @@ def _explicit_pair(g: nx.DiGraph, pair: ExplicitPair, loss_spec: Mapping[str, An
 
 
 def resolved_loss(loss_spec: Mapping[str, Any], task: str) -> dict[str, Any]:
-    """The spec's ``loss`` section with its task defaults filled in: ``ignore_index`` None is
-    255 for the dense task (``kdgraph.segmentation.IGNORE_INDEX``), -100 for any other."""
-    from kdgraph.segmentation import IGNORE_INDEX
-
+    """The spec's ``loss`` section with its task defaults filled in: a field left None takes the
+    task's value (``TASK_LOSS_DEFAULTS``); ``ignore_index`` that no task fills is -100."""
     out = dict(loss_spec)
-    if out.get("ignore_index") is None:
-        out["ignore_index"] = IGNORE_INDEX if task == "dense" else -100
+    defaults = {"ignore_index": -100, **(TASK_LOSS_DEFAULTS.get(task) if task in TASK_LOSS_DEFAULTS else {})}
+    out.update({field: value for field, value in defaults.items() if out.get(field) is None})
     return out
 
 
@@ -137,18 +134,19 @@ def task_of(spec: Spec, student: ModelArtifacts) -> str:
     """The run's task (a ``TASKS`` name): the spec's, else inferred where unambiguous: a denoise
     block makes it ``denoise``, text ``causal_lm``, per-pixel logits ``dense``, anything else ``classification``.
     A spec that names classification or dense for a student predicting the other is refused, and so is
-    an image + mask folder (``voc``, ``cityscapes``) for a student without per-pixel logits."""
+    a dataset one task alone reads (``DATASET_TASKS``) in a run of another task."""
     if spec.denoise is not None:
         return "denoise"
     if spec.data.dataset == "text":
         return "causal_lm"
-    inferred = "dense" if student.traced is not None and student.dense else "classification"
-    if spec.data.dataset in SEGMENTATION_LAYOUTS and inferred != "dense" and student.traced is not None:
-        raise PlanError(f"data.dataset: {spec.data.dataset} labels every pixel, but the student's output "
-                        f"{list(student.output_shape or ())} is not per-pixel logits (task: dense)")
+    inferred = "dense" if student.traced is not None and student.per_pixel else "classification"
     if spec.task in ("classification", "dense") and spec.task != inferred and student.traced is not None:
         raise PlanError(f"task: {spec.task}, but the student's output {list(student.output_shape or ())} is "
                         f"{'per-pixel logits' if inferred == 'dense' else 'not per-pixel logits on the input grid'}")
+    owner = DATASET_TASKS.get(spec.data.dataset) if spec.data.dataset in DATASET_TASKS else None
+    if owner is not None and (spec.task or inferred) != owner and student.traced is not None:
+        raise PlanError(f"data.dataset: {spec.data.dataset} is read by task {owner} alone, but this is a "
+                        f"{spec.task or inferred} run (the student's output {list(student.output_shape or ())})")
     return spec.task or inferred
 
 
@@ -360,7 +358,7 @@ def block_graph_pass(spec: Spec, models: Models, pairing: Pairing,
                      input_size: tuple[int, int, int], cache_header: dict | None = None) -> nx.DiGraph:
     """Pass 9: the block graph of every way blocks, adapters and losses can be wired (frozen);
     ``cache_header``: the header of the teacher cache the run replays (None: none)."""
-    if spec.data.mixup is not None and models.student.dense:
+    if spec.data.mixup is not None and models.student.per_pixel:
         raise PlanError("data.mixup: mixup mixes one class label per image; this student predicts a class per "
                         "pixel (set data.mixup: null)")
     return nx.freeze(build_block_graph(pairing, input_size, models.student.num_classes, models.teacher is not None,

@@ -10,7 +10,7 @@ from torch import nn
 from kdgraph.errors import DataError
 from kdgraph.imagefolder import scan_imagefolder
 from kdgraph.ir import DataPlan
-from kdgraph.segmentation import LAYOUTS as SEGMENTATION_LAYOUTS
+from kdgraph.registry import DATA_PLANNERS
 from kdgraph.spec.schema import DEFAULT_CROP_PCT
 
 if TYPE_CHECKING:
@@ -21,15 +21,14 @@ if TYPE_CHECKING:
 def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module,
               input_size: tuple[int, int, int], missing_ok: bool = False) -> DataPlan:
     """Choose the loader of ``data_spec`` and its normalisation. Image folders are listed and
-    checked (scan_imagefolder's errors surface here, in `kdgraph plan`), and so are image + mask
-    folders (``voc``, ``cityscapes``: ``plan_segmentation``, always streamed); other datasets are
+    checked (scan_imagefolder's errors surface here, in `kdgraph plan`); a dataset with its own
+    planner (``DATA_PLANNERS``: a task's image + mask folders) is planned by it; other datasets are
     always held in memory and normalised with their training statistics. With ``missing_ok``
     (planning), an image folder that does not exist yet leaves the loader to be chosen later."""
-    if data_spec.dataset in SEGMENTATION_LAYOUTS:  # image + mask folders: listed and checked here, streamed
-        from kdgraph.segmentation.data import plan_segmentation
-
-        return plan_segmentation(data_spec, input_size, _normalisation(data_spec, teacher, student, input_size[0]),
-                                 missing_ok)
+    if data_spec.dataset in DATA_PLANNERS:  # listed and checked by its own planner
+        return DATA_PLANNERS.get(data_spec.dataset)(data_spec, input_size,
+                                                    _normalisation(data_spec, teacher, student, input_size[0]),
+                                                    missing_ok)
     if data_spec.dataset != "imagefolder":
         return DataPlan(data_spec.dataset, "memory", f"{data_spec.dataset} is held in memory", input_size)
     if missing_ok and (data_spec.root is None or not Path(data_spec.root).exists()):
@@ -58,7 +57,7 @@ def plan_data(data_spec: DataSpec, teacher: nn.Module | None, student: nn.Module
 
 def check_num_classes(data: DataPlan, predicted: int | None) -> None:
     """An image folder's classes are its class folders: the student must predict exactly as
-    many (``predicted``: what tracing found, None for a dense task)."""
+    many (``predicted``: what tracing found, None for per-pixel logits)."""
     if data.num_classes is not None and predicted is not None and predicted != data.num_classes:
         raise DataError(f"student.kwargs.num_classes: the student predicts {predicted} classes, the image folder "
                         f"has {data.num_classes} class folders; set num_classes: {data.num_classes} in "

@@ -122,7 +122,7 @@ def _logits_shape(compiled, width: int | None) -> tuple[int, ...]:
 def _checked_mode(compiled, shape: tuple[int, ...], full: bool, top_k: int) -> tuple[str, int | None]:
     if full:
         return "full", None
-    if compiled.task != "causal_lm" and (compiled.teacher.dense or compiled.teacher.num_classes is None):
+    if compiled.task != "causal_lm" and (compiled.teacher.per_pixel or compiled.teacher.num_classes is None):
         raise KDGraphError("a top-k cache holds class probabilities of (C,) logits or a causal LM's (T, V) ones; "
                            "this teacher's output is neither: build it with --full")
     if not 1 <= top_k <= MAX_CLASSES_TOPK:

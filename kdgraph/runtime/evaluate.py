@@ -1,7 +1,7 @@
 """Top-1 and top-5 accuracy on a split (one host sync per evaluation), and a run's ``Evaluator``.
 
-A per-pixel task (``per_pixel``: (B, C, H, W) logits, (B, H, W) labels; the dense task says
-so for U-Nets without ``ignore_index``; ``kdgraph.tasks.dense`` scores its own) counts every pixel as a sample:
+Per-pixel logits (``per_pixel``: (B, C, H, W) logits, (B, H, W) labels, no ignored label; a task
+with its own metric scores itself, ``Task.score``) count every pixel as a sample:
 its top-1 is the pixel accuracy; it also reports ``pixel_acc`` (the same number) and ``miou``
 (the mean over classes present in labels or predictions of intersection / union).
 """

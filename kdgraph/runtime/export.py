@@ -207,11 +207,15 @@ def _check_program_fits(compiled: Compiled, program: nn.Module, path: Path) -> N
 
 def preprocessing_of(run: RunRecord, data) -> dict:
     """What a user must do to an image before the student sees it: size, mean and std on
-    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.data.Data``)."""
+    pixels in [0, 1], resize and crop rule; from the run's data (``kdgraph.data.Data``). A streamed
+    plan without ``crop_pct`` (an image + mask folder's) resizes the whole image to the input size."""
     streamed = data.plan.loader == "stream"
+    crop_pct = data.plan.crop_pct if streamed else 1.0
+    h, w = data.plan.input_size[1:]
+    resize = (run.data.resize if not streamed else "resize + centre crop" if crop_pct is not None
+              else f"resize to {h}x{w} (bilinear, antialiased), no crop")
     return {"input_size": list(data.plan.input_size), "mean": list(data.mean), "std": list(data.std),
-            "interpolation": "bilinear", "crop_pct": data.plan.crop_pct if streamed else 1.0,
-            "resize": "resize + centre crop" if streamed else run.data.resize}
+            "interpolation": "bilinear", "crop_pct": crop_pct, "resize": resize}
 
 
 class _ExportedProgram(nn.Module):

@@ -524,6 +524,6 @@ def _finished(run: RunRecord, resume: bool, reshard: bool = False) -> dict | Non
     if stored is not None and (diff := runs.spec_differences(stored["spec"], run.to_dict(), also)):
         raise runs.OutputError(f"{run.output_dir} was trained with another spec (differs: {'; '.join(diff)})")
     summary = json.loads(path.read_text())
-    summary.setdefault("task", spec_task(run).name)  # summaries before tasks: the spec's (dense reads as classification)
+    summary.setdefault("task", spec_task(run).name)  # summaries before tasks: the spec's (per-pixel reads as classification)
     summary["already_finished"] = True
     return summary

@@ -1,5 +1,6 @@
-"""Dense distillation losses; ``kdgraph.losses`` registers them in ``LOSSES`` (``pixel_kl``, ``cwd``,
-``pkd``), so this module imports nothing of it (no import cycle). Like every entry, each computes
+"""Dense distillation losses, registered here in ``LOSSES`` (``kdgraph.registry``'s, which
+``kdgraph.losses`` re-exports): ``pixel_ce``, ``pixel_kl``, ``cwd``, ``pkd``; imported for that by
+``kdgraph.segmentation.register``. Like every entry, each computes
 in float32 whatever the caller's autocast, and teacher tensors get no gradient.
 
 ``pixel_kl`` and ``cwd`` are head losses (student logits (B, C, H, W), targets (B, H', W'),
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdgraph.registry import LOSSES
 from kdgraph.segmentation import IGNORE_INDEX
 
 __all__ = ["ChannelWiseDistillation", "PearsonFeatureLoss", "PixelCE", "PixelKL", "channel_wise_divergence",
@@ -104,6 +106,7 @@ class _DenseHead(nn.Module):
             return out
 
 
+@LOSSES.register("pixel_ce")
 class PixelCE(_DenseHead):
     """The dense task's head loss without a teacher: ``ce = (1/|V|) Σ_{i∈V} −log softmax_c(z^s_i)_{y_i}``,
     V the pixels whose label is not ``ignore_index``, logits resized to the targets, plus
@@ -123,6 +126,7 @@ class PixelCE(_DenseHead):
         return super().forward(student_logits, targets)
 
 
+@LOSSES.register("pixel_kl")
 class PixelKL(_DenseHead):
     """Pixel-wise KD: ``kl = λ T² (1/|V|) Σ_{i∈V} Σ_c p^t_{i,c} (log p^t_{i,c} − log p^s_{i,c})``,
     ``p_i = softmax_c(z_i / T)`` per pixel i, V the pixels whose label is not ``ignore_index``;
@@ -169,6 +173,7 @@ def channel_wise_divergence(student: torch.Tensor, teacher: torch.Tensor, temper
     return temperature * temperature * terms.sum() / (n * c)
 
 
+@LOSSES.register("cwd")
 class ChannelWiseDistillation(_DenseHead):
     """Channel-wise distillation of dense logits (Shu et al. 2021): ``cwd = λ · CWD_T(z_s, z_t)``
     with ``CWD_T = T² / (N C) Σ_n Σ_c KL(φ(z^t_{n,c}) || φ(z^s_{n,c}))``, ``φ = softmax over the H·W
@@ -212,6 +217,7 @@ def pearson_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean) / (std + eps)
 
 
+@LOSSES.register("pkd")
 class PearsonFeatureLoss(nn.Module):
     """PKD's feature loss (Cao et al. 2022, eq. 5): ``pkd = w Σ_l a_l · ½ mean (ŝ_l − t̂_l)²`` over the
     levels l (one tensor, or a tuple of FPN levels paired by position), ``ŝ, t̂`` the student's and

@@ -27,9 +27,10 @@ class Task:
     """One task. A subclass sets ``name`` (its ``TASKS`` entry) and overrides what differs."""
 
     name: ClassVar[str] = ""
-    # the kdgraph.losses.LOSSES head entries of its own head loss (with a teacher, without);
-    # None: the spec's loss.logit (cross-entropy alone without a teacher)
-    head_loss: ClassVar[tuple[str, str] | None] = None
+    # the kdgraph.losses.LOSSES head entries of its own head loss (with a teacher, without), or a
+    # function of the spec's loss block giving them; None: the spec's loss.logit (cross-entropy
+    # alone without a teacher)
+    head_loss: ClassVar[tuple[str, str] | Callable[[Any], tuple[str, str]] | None] = None
     metrics: ClassVar[tuple[str, ...]] = ("top1", "top5")  # the scores records and summaries keep
     best_metric: ClassVar[str] = "top1"  # the score a new best is chosen by
     higher_is_better: ClassVar[bool] = True
@@ -106,6 +107,12 @@ class Task:
         return f"student top-1 {summary['student_top1']:.2f}%{top5}" + (
             f", teacher top-1 {summary['teacher_top1']:.2f}%" if teacher and summary.get("teacher_top1") is not None
             else "")
+
+    @classmethod
+    def render_heads(cls, compiled: Compiled) -> list[tuple[str, str]] | None:
+        """The plan's rows for the head block, (head name, what it predicts) each, where the task
+        names its heads itself; None: one row of ``num_classes`` logits (the renderer's)."""
+        return None
 
     # ------------------------------------------------------------------ reports and export
 

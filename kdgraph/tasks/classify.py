@@ -1,4 +1,4 @@
-"""Image classification (its per-pixel form, semantic segmentation, is ``kdgraph.tasks.dense``)."""
+"""Image classification: ``Task``'s defaults."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 (B, H, W).
 
 Its head loss is ``loss.dense`` (``pixel_kl`` or ``cwd``, ``kdgraph.segmentation.losses``) with a
-teacher and the per-pixel cross-entropy without (``kdgraph.registry.dense_head``). Logits at
+teacher and the per-pixel cross-entropy without (``kdgraph.segmentation.register.dense_head``,
+registered there for the compiler with the task's other library entries: its losses, models,
+data planner and ``ignore_index`` default). Logits at
 another output stride than the labels (torchvision's heads at stride 8 or 16) are resized to the
 labels' grid (bilinear, ``align_corners=False``) by every loss and metric. A pixel labelled
 ``loss.ignore_index`` (255 by default) counts in no loss and no metric.
@@ -33,6 +35,7 @@ import torch
 
 from kdgraph.errors import KDGraphError
 from kdgraph.segmentation import IGNORE_INDEX, LAYOUTS
+from kdgraph.segmentation.register import dense_head
 from kdgraph.tasks import register_task
 from kdgraph.tasks.base import Task
 
@@ -85,6 +88,7 @@ class Dense(Task):
     """Images -> per-pixel class logits, scored by ``dense_scores``; a higher mIoU is better."""
 
     name = "dense"
+    head_loss = staticmethod(dense_head)
     metrics = ("top1", "top5", "miou", "pixel_acc")
     best_metric = "miou"
 
@@ -116,6 +120,33 @@ class Dense(Task):
         if teacher and summary.get("teacher_miou") is not None:
             line += f", teacher mIoU {summary['teacher_miou']:.2f}%"
         return line
+
+    @classmethod
+    def render_heads(cls, compiled) -> list[tuple[str, str]] | None:
+        """(name, text) of each head of the student: its per-pixel logits and output stride, the
+        teacher's beside where it differs (the losses and metrics resize both to the labels' grid)."""
+        c = compiled
+        if c.student.traced is None or not c.student.per_pixel:
+            return None
+
+        def grid(art, shape) -> str:
+            stride = art.traced.input_size[1] // shape[2] if shape[2] else 0
+            return f"{shape[2]}×{shape[3]}" + (f" (stride {stride})" if stride != 1 else "")
+
+        teacher = dict(c.teacher.heads) if c.teacher is not None and c.teacher.traced is not None else {}
+        rows = []
+        for name, shape in c.student.heads:
+            text = f"{shape[1]} logits per pixel, {grid(c.student, shape)}"
+            t_shape = teacher.get(name)
+            if t_shape is not None and tuple(t_shape) != tuple(shape):
+                text = f"{t_shape[1]} logits per pixel, {grid(c.teacher, t_shape)} / {grid(c.student, shape)}"
+            elif c.teacher is not None and t_shape is None:
+                text += " (student only)"
+            rows.append((name, text))
+        student = dict(c.student.heads)
+        rows += [(name, f"{shape[1]} logits per pixel, {grid(c.teacher, shape)} (teacher only)")
+                 for name, shape in teacher.items() if name not in student]
+        return rows
 
     def reports(self, run) -> dict:
         """The summary's ``per_class``: each class's IoU and pixel accuracy (%), the student's on
@@ -151,6 +182,7 @@ class Dense(Task):
                 "teacher_miou": summary.get("teacher_miou"), "method": compiled.plan.method,
                 "data": spec.data.dataset, "input_size": list(compiled.input_size),
                 "mean": pre.get("mean") or compiled.data.mean, "std": pre.get("std") or compiled.data.std,
+                "resize": pre.get("resize"),
                 "ignore_index": self.ignore_index, "weights_from": str(path), "command": command}
         return ship_torchvision(model.eval(), to, card, compiled.input_size)
 
