@@ -148,6 +148,47 @@ def test_a_dcp_checkpoint_resumes_exactly_in_one_process(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_a_single_file_checkpoint_loads_into_the_dcp_manager_exactly(tmp_path):
+    """An unsharded run's last.pt (CheckpointManager), no DCP folder: the DCP manager reads it
+    whole and sets its model and optimizer states through DCP's full-state-dict path (the
+    optimizer's numbered parameters renamed); the next steps are the ones the run itself takes."""
+    trainer, _ = _trainer(tmp_path)
+    for g in range(3):
+        _step(trainer, g)
+    trainer.global_step, trainer.saving_at = 3, (0, 3)
+    trainer.checkpoints.save()
+    trainer.checkpoints.written()
+    want = [_step(trainer, g) for g in range(3, 6)]
+    again, manager = _trainer(tmp_path)
+    manager.restore(True)
+    assert (again.global_step, again.position["step"]) == (3, 3)
+    assert not again.folder.sharded_checkpoint.exists()
+    assert [_step(again, g) for g in range(3, 6)] == want
+    for (n, p), q in zip(trainer.distiller.named_parameters(), again.distiller.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_named_optimizer_state_renames_the_numbered_parameters_and_refuses_other_groups(tmp_path):
+    from kdgraph.runtime.sharding import named_optimizer_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].bias]},
+                             {"params": [model[0].bias, model[1].weight], "weight_decay": 0.0}])
+    sum(model(torch.ones(1, 2))).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    named = named_optimizer_state(model, opt, saved)
+    assert [g["params"] for g in named["param_groups"]] == [["0.weight", "1.bias"], ["0.bias", "1.weight"]]
+    assert named["param_groups"][1]["weight_decay"] == 0.0
+    by_name = dict(model.named_parameters())
+    for name, st in named["state"].items():  # each moment is its parameter's (the gradient is 1 for a bias)
+        assert st["exp_avg"].shape == by_name[name].shape
+    torch.testing.assert_close(named["state"]["1.bias"]["exp_avg"], 0.1 * by_name["1.bias"].grad)
+    other = torch.optim.AdamW(model.parameters())
+    with pytest.raises(KDGraphError, match=r"groups of \[2, 2\] parameters, this run's \[4\]"):
+        named_optimizer_state(model, other, saved)
+
+
 def test_a_damaged_shard_falls_back_to_the_previous_and_both_damaged_is_an_error(tmp_path):
     trainer, manager = _trainer(tmp_path)
     manager.save()
@@ -332,12 +373,13 @@ def test_laid_out_plans_differ_only_in_whether_the_teacher_is_sharded():
     assert laid_out(half, True) != laid_out(sharded, True)  # the teacher's dtype is what it computes in: kept
 
 
-@pytest.mark.parametrize("fmt", ["dcp", "pt"])
+@pytest.mark.parametrize("fmt", ["dcp", "pt", "pt>dcp"])
 def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path, fmt):
     """A one-process checkpoint (DCP folder, or a whole student's last.pt) whose data record
     says 2 ranks of 4 windows, as a two-rank run's does: resumed with --reshard at 1 rank of 8
     windows, refused without it, and refused with it where the windows per step, or anything
-    trained, differ. A new trainer finds the run's checkpoint format on disk."""
+    trained, differ. A new trainer finds the run's checkpoint format on disk; ``pt>dcp``: the
+    last.pt read by the DCP manager, as a run that shards the student reads it."""
     trainer, manager = _trainer(tmp_path)
     manager = manager if fmt == "dcp" else trainer.checkpoints
     _step(trainer, 0)
@@ -347,14 +389,15 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
     manager.written()
 
     def resumed(reshard: bool, **optim):
-        other = _trainer(tmp_path, batch_size=8, **optim)[0]
+        other, dcp_manager = _trainer(tmp_path, batch_size=8, **optim)
         assert isinstance(other.checkpoints, ShardedCheckpoints) == (fmt == "dcp")
+        other.checkpoints = dcp_manager if fmt == "pt>dcp" else other.checkpoints
         other.reshard = reshard
         before = [p.clone() for p in other.distiller.parameters()]
         try:
             other.checkpoints.restore(True)
         except KDGraphError as exc:
-            if fmt == "dcp" or "another spec" in str(exc):  # last.pt reads its data record after the weights
+            if fmt != "pt" or "another spec" in str(exc):  # CheckpointManager reads the data record after the weights
                 assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
             raise
         return other
@@ -426,3 +469,47 @@ def test_torchrun_sharded_run_resumes_at_one_rank_with_reshard(tmp_path):
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
     # it keeps writing DCP checkpoints, now of one rank
     assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "state.pt"]
+
+
+@pytest.mark.slow
+def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_path):
+    """The other way: `kdgraph train` in one process (the student whole, DDP-less, last.pt
+    checkpoints, data.batch_size 8, 2 epochs), its last checkpoint damaged and its summary gone
+    (a run killed in its second epoch), then `torchrun --nproc_per_node 2 -m kdgraph train
+    --resume --reshard` with the student and the teacher sharded and data.batch_size 4: the two
+    ranks read the end-of-epoch-1 prev.pt whole, scatter it into their shards, train epoch 2 on
+    the same windows and end with the one-process run's student (within float tolerance)."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import run_cli, write_spec
+
+    raw = _lm(tmp_path)
+    raw["data"]["batch_size"] = 8
+    spec_file = write_spec(raw, tmp_path / "spec.yaml")
+    res = run_cli("train", str(spec_file), "--quiet", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = RunFolder(Path(raw["output"]))
+    want = load_file(str(folder.student))
+    last = bytearray(folder.last_checkpoint.read_bytes())
+    last[len(last) // 2] ^= 0xFF
+    folder.last_checkpoint.write_bytes(bytes(last))
+    folder.summary.unlink()
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    two = ["--set", "runtime.shard_student=true", "--set", "teacher.shard=true", "--set", "data.batch_size=4"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", *two], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (res.stdout + res.stderr).replace("\n", " ")
+    assert "continuing from the previous checkpoint" in text and "prev.pt" in text
+    assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
+    assert "the student is sharded over 2 ranks (FSDP2" in text
+    got = load_file(str(folder.student))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    # it goes on in DCP's format, each rank its shards; the files of the one-process run stay
+    assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp",
+                                                                           "__1_0.distcp", "state.pt"]
+    assert folder.previous_checkpoint.is_file()
