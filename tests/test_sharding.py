@@ -513,3 +513,47 @@ def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_
     assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp",
                                                                            "__1_0.distcp", "state.pt"]
     assert folder.previous_checkpoint.is_file()
+
+
+@pytest.mark.slow
+def test_an_image_run_resumes_on_two_ddp_ranks_with_a_sharded_teacher_with_reshard(tmp_path):
+    """An image task under --reshard: the toy DDPM pair (GroupNorm U-Nets: nothing in the step
+    depends on how a step's images are split over ranks; the noise is drawn per image index)
+    trained 2 epochs in one process with data.batch_size 8, its last checkpoint damaged, then
+    resumed by two torchrun ranks (the student under DDP, the teacher sharded, batch 4) from the
+    end of epoch 1: it ends with the one-process run's student (within float tolerance). SGD:
+    AdamW divides by the root of tiny second moments (the time-embedding projections'), which
+    turns float-reduction-order noise into 1e-3 differences, DDP against one process alike."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import run_cli, write_spec
+    from kdgraph.runtime.checkpoint import load
+    from test_diffusion import _spec as denoise_spec
+
+    raw = denoise_spec(tmp_path)
+    raw["runtime"].pop("checkpoint_every")  # a checkpoint at each epoch's end: prev.pt is epoch 1's
+    raw["optim"] = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    spec_file = write_spec(raw, tmp_path / "spec.yaml")
+    res = run_cli("train", str(spec_file), "--quiet", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = RunFolder(Path(raw["output"]))
+    want = load_file(str(folder.student))
+    last = bytearray(folder.last_checkpoint.read_bytes())
+    last[len(last) // 2] ^= 0xFF
+    folder.last_checkpoint.write_bytes(bytes(last))
+    folder.summary.unlink()
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", "--set", "teacher.shard=true",
+                          "--set", "data.batch_size=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (res.stdout + res.stderr).replace("\n", " ")
+    assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
+    assert "sharded over 2 ranks (FSDP2)" in text and "BatchNorm" not in text
+    got = load_file(str(folder.student))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    epoch1 = load(folder.previous_checkpoint)["model"]  # epoch 2 moved the student further than that
+    assert max((epoch1[f"student.{k}"] - v).abs().max().item() for k, v in want.items()) > 1e-3
