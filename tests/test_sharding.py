@@ -406,6 +406,7 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
         resumed(False)
     again = resumed(True)
     assert again.global_step == 1 and "the checkpoint of 2 rank(s) continues on 1" in again.reshard_note
+    assert again.reshard_note.endswith("reads the same 8 windows as before, in the same order")  # no caveat: no BatchNorm
     for p, q in zip(trainer.distiller.parameters(), again.distiller.parameters()):
         assert torch.equal(p, q)
     with pytest.raises(KDGraphError, match="another spec.*optim.lr"):
@@ -415,6 +416,71 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
     manager.written()
     with pytest.raises(KDGraphError, match="set data.batch_size=4"):
         resumed(True)
+
+
+@pytest.mark.parametrize("mixup", [False, True])
+def test_reshard_of_an_image_run_says_what_each_rank_computes_over_its_own_batch(tmp_path, mixup):
+    """A classification run (the tiny ResNets: BatchNorm in the student) checkpointed as two
+    ranks of 16 images: resumed at one rank of 32 with --reshard, it loads, and its note says
+    that BatchNorm (and, with it, data.mixup) now sees 32 images per rank where it saw 16."""
+    from _runtime_helpers import tiny_spec
+
+    def trainer_of(batch_size: int) -> Trainer:
+        raw = tiny_spec(tmp_path / "run", "kd+mse", epochs=1, fraction=0.1, batch_size=batch_size,
+                        data={"dataset": "digits", "batch_size": batch_size, "fraction": 0.1,
+                              **({"mixup": {}} if mixup else {})})
+        return Trainer.from_spec(load_spec(raw))
+
+    trainer = trainer_of(16)
+    trainer.data.train.world_size = 2  # the data record of a two-rank run of data.batch_size 16
+    trainer.saving_at, trainer.global_step = (0, 1), 1
+    trainer.checkpoints.save()
+    trainer.checkpoints.written()
+    other = trainer_of(32)
+    other.reshard = True
+    other.checkpoints.restore(True)
+    note = other.reshard_note
+    assert other.global_step == 1 and "data.batch_size 16 -> 32: each optimizer step reads the same 32 samples" in note
+    assert "the student's BatchNorm layers normalise over each rank's 32 samples (16 before)" in note
+    assert ("data.mixup mixes pairs within each rank's batch" in note) == mixup
+    assert "\n" not in note and note.endswith("not step for step as, the uninterrupted one")
+    for p, q in zip(trainer.distiller.state_dict().values(), other.distiller.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("n, augment", [(11, "crop+flip"), (12, "crop+flip"), (11, "none"), (11, "crop")])
+def test_reshard_names_the_augmentation_draws_exactly_where_the_loader_draws_other_ones(n, augment):
+    """The in-memory loader's step s at 2 ranks of 2 against 1 rank of 4: the same samples
+    always, the same crops and flips where n splits evenly or no flip is drawn; the note's
+    caveat is there exactly where the loader's images differ."""
+    from types import SimpleNamespace
+
+    from kdgraph.data import DeviceLoader
+    from kdgraph.runtime.loop import per_rank_caveat
+
+    x, y = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(n)
+
+    def steps(world_size: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loaders = [DeviceLoader(x, y, batch_size, shuffle=True, augment=augment, seed=0, drop_last=True, rank=r,
+                                world_size=world_size) for r in range(world_size)]
+        out = []
+        for batches in zip(*(loader.epoch(0) for loader in loaders)):
+            xb, yb = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            out.append((xb[yb.argsort()], yb.sort().values))
+        return out
+
+    two, one = steps(2, 2), steps(1, 4)
+    assert len(two) == len(one) and all(torch.equal(a[1], b[1]) for a, b in zip(two, one))
+    same_images = all(torch.equal(a[0], b[0]) for a, b in zip(two, one))
+    loader = DeviceLoader(x, y, 4, shuffle=True, augment=augment, seed=0, drop_last=True)
+    run = SimpleNamespace(distiller=SimpleNamespace(student=torch.nn.Linear(2, 2)),
+                          config=SimpleNamespace(mixup=None), data=SimpleNamespace(train=loader))
+    caveat = per_rank_caveat(run, loader.state_dict(0, 0) | {"world_size": 2, "batch_size": 2},
+                             loader.state_dict(0, 0))
+    assert (caveat == "") == same_images
+    assert same_images == (n % 2 == 0 or augment != "crop+flip")  # crops alone: the same first offsets drawn
+    if caveat:
+        assert f"flips are drawn anew ({n} samples split unevenly over 2 or 1 ranks)" in caveat
 
 
 def test_reshard_needs_resume(tmp_path):
