@@ -189,6 +189,24 @@ def test_named_optimizer_state_renames_the_numbered_parameters_and_refuses_other
         named_optimizer_state(model, other, saved)
 
 
+def test_a_whole_state_that_does_not_fit_the_model_is_a_one_line_error():
+    """DCP's full-state-dict load keeps the model's own tensor for a key the file lacks: the
+    keys are compared first; a tensor of another shape is torch's error, made one line."""
+    from kdgraph.runtime.sharding import load_full_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KDGraphError, match=r"missing \['0.bias'\], unexpected none"):
+        load_full_tensors(model, opt, {"model": {"0.weight": whole["0.weight"]}, "optimizer": opt.state_dict()})
+    with pytest.raises(KDGraphError) as info:
+        load_full_tensors(model, opt, {"model": {**whole, "0.bias": torch.zeros(4)}, "optimizer": opt.state_dict()})
+    assert "does not load into this run's sharded one" in str(info.value) and "\n" not in str(info.value)
+    assert torch.equal(model[0].bias, whole["0.bias"])
+
+
 def test_a_damaged_shard_falls_back_to_the_previous_and_both_damaged_is_an_error(tmp_path):
     trainer, manager = _trainer(tmp_path)
     manager.save()

@@ -302,9 +302,17 @@ def load_full_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, state:
     )
 
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=full)
+    want, have = set(model.state_dict()), set(state["model"])  # DCP keeps this run's tensor where one is missing
+    if want != have:
+        raise KDGraphError(f"the checkpoint's student does not load into this run's sharded one: missing "
+                           f"{sorted(want - have)[:3] or 'none'}, unexpected {sorted(have - want)[:3] or 'none'}")
     named = named_optimizer_state(model, optimizer, state["optimizer"])
-    set_optimizer_state_dict(model, optimizer, named, options=full)
+    try:
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, optimizer, named, options=full)
+    except (RuntimeError, KeyError, ValueError) as exc:  # torch's: missing or unexpected keys, shapes
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KDGraphError(f"the checkpoint's student does not load into this run's sharded one: {detail}") from None
 
 
 def load_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
