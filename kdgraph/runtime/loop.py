@@ -424,8 +424,8 @@ def per_rank_caveat(run: Trainer, then: dict, now: dict) -> str:
                      f"({then['batch_size']} before)")
     if run.config.mixup is not None:
         parts.append("data.mixup mixes pairs within each rank's batch")
-    n, ranks = then["num_samples"], (then["world_size"], now["world_size"])
-    memory = then["loader"] == now["loader"] == "memory"
+    n, ranks = then.get("num_samples", 0), (then["world_size"], now["world_size"])
+    memory = then.get("loader") == now.get("loader") == "memory"  # records before loaders were named: none
     drawn = memory and (lambda a: a.crop and a.flip)(AUGMENTATIONS.get(run.data.train.augment))
     if drawn and any(n % r for r in ranks):  # the flips follow the crops' draw, one per padded position
         parts.append(f"data.augment's flips are drawn anew ({n} samples split unevenly over "
