@@ -224,3 +224,15 @@ def test_training_data_rewritten_behind_the_stat_is_refused_at_replay(tmp_path):
         Trainer.from_spec(load_spec(d))
     with pytest.raises(KDGraphError, match="holds a cache built from other training data"):
         build_cache(load_spec(d), 2, full=True, quiet=True)  # nor extended with shards of the new data
+
+
+def test_a_cache_read_at_another_number_of_ranks_or_batch_size_is_refused(built):
+    """Its rows are each rank's batches in order: a run of other ranks (a --reshard resume) or of
+    another batch size would read other samples' logits; both are one-line refusals."""
+    root = built / "full"
+    TeacherCache(root, 0, 1, 16, torch.device("cpu"))  # as built
+    with pytest.raises(KDGraphError, match=r"built on 1 rank\(s\); this run has 2: rebuild it") as err:
+        TeacherCache(root, 0, 2, 8, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(KDGraphError, match="built with batch size 16, this run has 8"):
+        TeacherCache(root, 0, 1, 8, torch.device("cpu"))

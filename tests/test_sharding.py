@@ -148,6 +148,65 @@ def test_a_dcp_checkpoint_resumes_exactly_in_one_process(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_a_single_file_checkpoint_loads_into_the_dcp_manager_exactly(tmp_path):
+    """An unsharded run's last.pt (CheckpointManager), no DCP folder: the DCP manager reads it
+    whole and sets its model and optimizer states through DCP's full-state-dict path (the
+    optimizer's numbered parameters renamed); the next steps are the ones the run itself takes."""
+    trainer, _ = _trainer(tmp_path)
+    for g in range(3):
+        _step(trainer, g)
+    trainer.global_step, trainer.saving_at = 3, (0, 3)
+    trainer.checkpoints.save()
+    trainer.checkpoints.written()
+    want = [_step(trainer, g) for g in range(3, 6)]
+    again, manager = _trainer(tmp_path)
+    manager.restore(True)
+    assert (again.global_step, again.position["step"]) == (3, 3)
+    assert not again.folder.sharded_checkpoint.exists()
+    assert [_step(again, g) for g in range(3, 6)] == want
+    for (n, p), q in zip(trainer.distiller.named_parameters(), again.distiller.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_named_optimizer_state_renames_the_numbered_parameters_and_refuses_other_groups(tmp_path):
+    from kdgraph.runtime.sharding import named_optimizer_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].bias]},
+                             {"params": [model[0].bias, model[1].weight], "weight_decay": 0.0}])
+    sum(model(torch.ones(1, 2))).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    named = named_optimizer_state(model, opt, saved)
+    assert [g["params"] for g in named["param_groups"]] == [["0.weight", "1.bias"], ["0.bias", "1.weight"]]
+    assert named["param_groups"][1]["weight_decay"] == 0.0
+    by_name = dict(model.named_parameters())
+    for name, st in named["state"].items():  # each moment is its parameter's (the gradient is 1 for a bias)
+        assert st["exp_avg"].shape == by_name[name].shape
+    torch.testing.assert_close(named["state"]["1.bias"]["exp_avg"], 0.1 * by_name["1.bias"].grad)
+    other = torch.optim.AdamW(model.parameters())
+    with pytest.raises(KDGraphError, match=r"groups of \[2, 2\] parameters, this run's \[4\]"):
+        named_optimizer_state(model, other, saved)
+
+
+def test_a_whole_state_that_does_not_fit_the_model_is_a_one_line_error():
+    """DCP's full-state-dict load keeps the model's own tensor for a key the file lacks: the
+    keys are compared first; a tensor of another shape is torch's error, made one line."""
+    from kdgraph.runtime.sharding import load_full_tensors
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KDGraphError, match=r"missing \['0.bias'\], unexpected none"):
+        load_full_tensors(model, opt, {"model": {"0.weight": whole["0.weight"]}, "optimizer": opt.state_dict()})
+    with pytest.raises(KDGraphError) as info:
+        load_full_tensors(model, opt, {"model": {**whole, "0.bias": torch.zeros(4)}, "optimizer": opt.state_dict()})
+    assert "does not load into this run's sharded one" in str(info.value) and "\n" not in str(info.value)
+    assert torch.equal(model[0].bias, whole["0.bias"])
+
+
 def test_a_damaged_shard_falls_back_to_the_previous_and_both_damaged_is_an_error(tmp_path):
     trainer, manager = _trainer(tmp_path)
     manager.save()
@@ -332,12 +391,13 @@ def test_laid_out_plans_differ_only_in_whether_the_teacher_is_sharded():
     assert laid_out(half, True) != laid_out(sharded, True)  # the teacher's dtype is what it computes in: kept
 
 
-@pytest.mark.parametrize("fmt", ["dcp", "pt"])
+@pytest.mark.parametrize("fmt", ["dcp", "pt", "pt>dcp"])
 def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path, fmt):
     """A one-process checkpoint (DCP folder, or a whole student's last.pt) whose data record
     says 2 ranks of 4 windows, as a two-rank run's does: resumed with --reshard at 1 rank of 8
     windows, refused without it, and refused with it where the windows per step, or anything
-    trained, differ. A new trainer finds the run's checkpoint format on disk."""
+    trained, differ. A new trainer finds the run's checkpoint format on disk; ``pt>dcp``: the
+    last.pt read by the DCP manager, as a run that shards the student reads it."""
     trainer, manager = _trainer(tmp_path)
     manager = manager if fmt == "dcp" else trainer.checkpoints
     _step(trainer, 0)
@@ -347,14 +407,15 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
     manager.written()
 
     def resumed(reshard: bool, **optim):
-        other = _trainer(tmp_path, batch_size=8, **optim)[0]
+        other, dcp_manager = _trainer(tmp_path, batch_size=8, **optim)
         assert isinstance(other.checkpoints, ShardedCheckpoints) == (fmt == "dcp")
+        other.checkpoints = dcp_manager if fmt == "pt>dcp" else other.checkpoints
         other.reshard = reshard
         before = [p.clone() for p in other.distiller.parameters()]
         try:
             other.checkpoints.restore(True)
         except KDGraphError as exc:
-            if fmt == "dcp" or "another spec" in str(exc):  # last.pt reads its data record after the weights
+            if fmt != "pt" or "another spec" in str(exc):  # CheckpointManager reads the data record after the weights
                 assert all(torch.equal(p, q) for p, q in zip(before, other.distiller.parameters()))
             raise
         return other
@@ -363,6 +424,7 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
         resumed(False)
     again = resumed(True)
     assert again.global_step == 1 and "the checkpoint of 2 rank(s) continues on 1" in again.reshard_note
+    assert again.reshard_note.endswith("reads the same 8 windows as before, in the same order")  # no caveat: no BatchNorm
     for p, q in zip(trainer.distiller.parameters(), again.distiller.parameters()):
         assert torch.equal(p, q)
     with pytest.raises(KDGraphError, match="another spec.*optim.lr"):
@@ -372,6 +434,71 @@ def test_reshard_accepts_another_world_size_and_refuses_everything_else(tmp_path
     manager.written()
     with pytest.raises(KDGraphError, match="set data.batch_size=4"):
         resumed(True)
+
+
+@pytest.mark.parametrize("mixup", [False, True])
+def test_reshard_of_an_image_run_says_what_each_rank_computes_over_its_own_batch(tmp_path, mixup):
+    """A classification run (the tiny ResNets: BatchNorm in the student) checkpointed as two
+    ranks of 16 images: resumed at one rank of 32 with --reshard, it loads, and its note says
+    that BatchNorm (and, with it, data.mixup) now sees 32 images per rank where it saw 16."""
+    from _runtime_helpers import tiny_spec
+
+    def trainer_of(batch_size: int) -> Trainer:
+        raw = tiny_spec(tmp_path / "run", "kd+mse", epochs=1, fraction=0.1, batch_size=batch_size,
+                        data={"dataset": "digits", "batch_size": batch_size, "fraction": 0.1,
+                              **({"mixup": {}} if mixup else {})})
+        return Trainer.from_spec(load_spec(raw))
+
+    trainer = trainer_of(16)
+    trainer.data.train.world_size = 2  # the data record of a two-rank run of data.batch_size 16
+    trainer.saving_at, trainer.global_step = (0, 1), 1
+    trainer.checkpoints.save()
+    trainer.checkpoints.written()
+    other = trainer_of(32)
+    other.reshard = True
+    other.checkpoints.restore(True)
+    note = other.reshard_note
+    assert other.global_step == 1 and "data.batch_size 16 -> 32: each optimizer step reads the same 32 samples" in note
+    assert "the student's BatchNorm layers normalise over each rank's 32 samples (16 before)" in note
+    assert ("data.mixup mixes pairs within each rank's batch" in note) == mixup
+    assert "\n" not in note and note.endswith("not step for step as, the uninterrupted one")
+    for p, q in zip(trainer.distiller.state_dict().values(), other.distiller.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("n, augment", [(11, "crop+flip"), (12, "crop+flip"), (11, "none"), (11, "crop")])
+def test_reshard_names_the_augmentation_draws_exactly_where_the_loader_draws_other_ones(n, augment):
+    """The in-memory loader's step s at 2 ranks of 2 against 1 rank of 4: the same samples
+    always, the same crops and flips where n splits evenly or no flip is drawn; the note's
+    caveat is there exactly where the loader's images differ."""
+    from types import SimpleNamespace
+
+    from kdgraph.data import DeviceLoader
+    from kdgraph.runtime.loop import per_rank_caveat
+
+    x, y = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(n)
+
+    def steps(world_size: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loaders = [DeviceLoader(x, y, batch_size, shuffle=True, augment=augment, seed=0, drop_last=True, rank=r,
+                                world_size=world_size) for r in range(world_size)]
+        out = []
+        for batches in zip(*(loader.epoch(0) for loader in loaders)):
+            xb, yb = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+            out.append((xb[yb.argsort()], yb.sort().values))
+        return out
+
+    two, one = steps(2, 2), steps(1, 4)
+    assert len(two) == len(one) and all(torch.equal(a[1], b[1]) for a, b in zip(two, one))
+    same_images = all(torch.equal(a[0], b[0]) for a, b in zip(two, one))
+    loader = DeviceLoader(x, y, 4, shuffle=True, augment=augment, seed=0, drop_last=True)
+    run = SimpleNamespace(distiller=SimpleNamespace(student=torch.nn.Linear(2, 2)),
+                          config=SimpleNamespace(mixup=None), data=SimpleNamespace(train=loader))
+    caveat = per_rank_caveat(run, loader.state_dict(0, 0) | {"world_size": 2, "batch_size": 2},
+                             loader.state_dict(0, 0))
+    assert (caveat == "") == same_images
+    assert same_images == (n % 2 == 0 or augment != "crop+flip")  # crops alone: the same first offsets drawn
+    if caveat:
+        assert f"flips are drawn anew ({n} samples split unevenly over 2 or 1 ranks)" in caveat
 
 
 def test_reshard_needs_resume(tmp_path):
@@ -426,3 +553,91 @@ def test_torchrun_sharded_run_resumes_at_one_rank_with_reshard(tmp_path):
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
     # it keeps writing DCP checkpoints, now of one rank
     assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "state.pt"]
+
+
+@pytest.mark.slow
+def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_path):
+    """The other way: `kdgraph train` in one process (the student whole, DDP-less, last.pt
+    checkpoints, data.batch_size 8, 2 epochs), its last checkpoint damaged and its summary gone
+    (a run killed in its second epoch), then `torchrun --nproc_per_node 2 -m kdgraph train
+    --resume --reshard` with the student and the teacher sharded and data.batch_size 4: the two
+    ranks read the end-of-epoch-1 prev.pt whole, scatter it into their shards, train epoch 2 on
+    the same windows and end with the one-process run's student (within float tolerance)."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import run_cli, write_spec
+
+    raw = _lm(tmp_path)
+    raw["data"]["batch_size"] = 8
+    spec_file = write_spec(raw, tmp_path / "spec.yaml")
+    res = run_cli("train", str(spec_file), "--quiet", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = RunFolder(Path(raw["output"]))
+    want = load_file(str(folder.student))
+    last = bytearray(folder.last_checkpoint.read_bytes())
+    last[len(last) // 2] ^= 0xFF
+    folder.last_checkpoint.write_bytes(bytes(last))
+    folder.summary.unlink()
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    two = ["--set", "runtime.shard_student=true", "--set", "teacher.shard=true", "--set", "data.batch_size=4"]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", *two], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (res.stdout + res.stderr).replace("\n", " ")
+    assert "continuing from the previous checkpoint" in text and "prev.pt" in text
+    assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
+    assert "the student is sharded over 2 ranks (FSDP2" in text
+    got = load_file(str(folder.student))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+    # it goes on in DCP's format, each rank its shards; the files of the one-process run stay
+    assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp",
+                                                                           "__1_0.distcp", "state.pt"]
+    assert folder.previous_checkpoint.is_file()
+
+
+@pytest.mark.slow
+def test_an_image_run_resumes_on_two_ddp_ranks_with_a_sharded_teacher_with_reshard(tmp_path):
+    """An image task under --reshard: the toy DDPM pair (GroupNorm U-Nets: nothing in the step
+    depends on how a step's images are split over ranks; the noise is drawn per image index)
+    trained 2 epochs in one process with data.batch_size 8, its last checkpoint damaged, then
+    resumed by two torchrun ranks (the student under DDP, the teacher sharded, batch 4) from the
+    end of epoch 1: it ends with the one-process run's student (within float tolerance). SGD:
+    AdamW divides by the root of tiny second moments (the time-embedding projections'), which
+    turns float-reduction-order noise into 1e-3 differences, DDP against one process alike."""
+    from safetensors.torch import load_file
+
+    from _runtime_helpers import run_cli, write_spec
+    from kdgraph.runtime.checkpoint import load
+    from test_diffusion import _spec as denoise_spec
+
+    raw = denoise_spec(tmp_path)
+    raw["runtime"].pop("checkpoint_every")  # a checkpoint at each epoch's end: prev.pt is epoch 1's
+    raw["optim"] = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    spec_file = write_spec(raw, tmp_path / "spec.yaml")
+    res = run_cli("train", str(spec_file), "--quiet", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = RunFolder(Path(raw["output"]))
+    want = load_file(str(folder.student))
+    last = bytearray(folder.last_checkpoint.read_bytes())
+    last[len(last) // 2] ^= 0xFF
+    folder.last_checkpoint.write_bytes(bytes(last))
+    folder.summary.unlink()
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", "--set", "teacher.shard=true",
+                          "--set", "data.batch_size=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (res.stdout + res.stderr).replace("\n", " ")
+    assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
+    assert "sharded over 2 ranks (FSDP2)" in text and "BatchNorm" not in text
+    got = load_file(str(folder.student))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    epoch1 = load(folder.previous_checkpoint)["model"]  # epoch 2 moved the student further than that
+    assert max((epoch1[f"student.{k}"] - v).abs().max().item() for k, v in want.items()) > 1e-3

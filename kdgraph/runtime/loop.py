@@ -29,6 +29,7 @@ import torch
 
 from kdgraph.compiler import RunRecord  # module level: the compiler first, in the train path's reading order
 from kdgraph.errors import KDGraphError
+from kdgraph.registry import AUGMENTATIONS
 from kdgraph.runtime import report, runs
 from kdgraph.runtime.checkpoint import RNG, CheckpointManager, Value
 from kdgraph.runtime.builder import TRAIN, build_run, plan_records
@@ -402,11 +403,36 @@ def check_data_record(run: Trainer, stored: dict | None) -> None:
         now = run.data.state_dict(stored["epoch"], stored["step"])
         then = (stored["batch_size"], stored["world_size"])
         if then != (now["batch_size"], now["world_size"]):
+            caveat = per_rank_caveat(run, stored, now)
             stored = runs.resharded_data(stored, now)
+            unit = "windows" if stored.get("loader") == "text" else "samples"
             run.reshard_note = (f"note: --reshard: the checkpoint of {then[1]} rank(s) continues on "
                                 f"{now['world_size']}, data.batch_size {then[0]} -> {now['batch_size']}: each "
-                                f"optimizer step reads the same {then[0] * then[1]} windows as before, in the same order")
+                                f"optimizer step reads the same {then[0] * then[1]} {unit} as before, in the same "
+                                f"order{caveat}")
     run.data.check_resume(stored, str(run.folder.last_checkpoint))
+
+
+def per_rank_caveat(run: Trainer, then: dict, now: dict) -> str:
+    """What a step draws or computes per rank, and so differently at another number of ranks:
+    the student's BatchNorm statistics (over each rank's batch), consistent teaching's mixing
+    pairs (within it), the in-memory loader's flips (drawn after a crop offset per position of the
+    epoch's order padded to a multiple of the ranks: other flips where the samples split unevenly)."""
+    parts = []
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.distiller.student.modules()):
+        parts.append(f"the student's BatchNorm layers normalise over each rank's {now['batch_size']} samples "
+                     f"({then['batch_size']} before)")
+    if run.config.mixup is not None:
+        parts.append("data.mixup mixes pairs within each rank's batch")
+    n, ranks = then.get("num_samples", 0), (then["world_size"], now["world_size"])
+    memory = then.get("loader") == now.get("loader") == "memory"  # records before loaders were named: none
+    drawn = memory and (lambda a: a.crop and a.flip)(AUGMENTATIONS.get(run.data.train.augment))
+    if drawn and any(n % r for r in ranks):  # the flips follow the crops' draw, one per padded position
+        parts.append(f"data.augment's flips are drawn anew ({n} samples split unevenly over "
+                     f"{' or '.join(map(str, ranks))} ranks)")
+    if not parts:
+        return ""
+    return f"; but {' and '.join(parts)}: the run goes on close to, not step for step as, the uninterrupted one"
 
 
 def checkpoint_states(run: Trainer, spec_record: dict) -> dict[str, Any]:

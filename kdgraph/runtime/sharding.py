@@ -19,6 +19,8 @@ with torch's FSDP2 (``fully_shard``), and its checkpoints are written in
         temp -> ``last.dcp``; a kill leaves one whole folder at least. A load verifies every
         file's hash before reading anything, falls back to ``prev.dcp``, and reshards: a
         checkpoint of N ranks loads at M ranks, or into an unsharded student in one process.
+        A run with no DCP folder but an unsharded run's ``last.pt`` (--reshard onto ranks
+        that shard the student) loads that file whole and scatters it (``load_full_tensors``).
 """
 
 from __future__ import annotations
@@ -272,6 +274,47 @@ def _load_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict:
+    """A torch optimizer's own state_dict (a ``last.pt``'s: parameters numbered in the order of
+    its groups) keyed by the parameters' names instead, as DCP's state_dict functions read it:
+    number ``i`` of saved group ``g`` is the ``i``-th parameter of this optimizer's group ``g``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    shape = lambda groups: [len(g["params"]) for g in groups]  # noqa: E731
+    if shape(saved["param_groups"]) != shape(optimizer.param_groups):
+        raise KDGraphError(f"the checkpoint's optimizer has parameter groups of {shape(saved['param_groups'])} "
+                           f"parameters, this run's {shape(optimizer.param_groups)}: it is another model's")
+    state, groups = {}, []
+    for group, live in zip(saved["param_groups"], optimizer.param_groups):
+        fqns = [names[id(p)] for p in live["params"]]
+        state.update({fqn: saved["state"][i] for i, fqn in zip(group["params"], fqns) if i in saved["state"]})
+        groups.append({**group, "params": fqns})
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The whole model's and optimizer's states of a single-file checkpoint (``last.pt``, of a
+    run whose student was not sharded) scattered into this run's shards: every rank read the
+    whole file; DCP's ``set_*_state_dict(full_state_dict=True)`` keeps each rank's slices."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    want, have = set(model.state_dict()), set(state["model"])  # DCP keeps this run's tensor where one is missing
+    if want != have:
+        raise KDGraphError(f"the checkpoint's student does not load into this run's sharded one: missing "
+                           f"{sorted(want - have)[:3] or 'none'}, unexpected {sorted(have - want)[:3] or 'none'}")
+    named = named_optimizer_state(model, optimizer, state["optimizer"])
+    try:
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, optimizer, named, options=full)
+    except (RuntimeError, KeyError, ValueError) as exc:  # torch's: missing or unexpected keys, shapes
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KDGraphError(f"the checkpoint's student does not load into this run's sharded one: {detail}") from None
+
+
 def load_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """The model's and optimizer's states from the DCP checkpoint ``folder``, resharded to this
     run's ranks (or into a whole model in one process)."""
@@ -323,9 +366,14 @@ class ShardedCheckpoints:
     def written(self) -> None:
         """Saves are synchronous: nothing is in flight."""
 
-    def latest(self) -> tuple[Path, dict[str, Any], str | None]:
+    def latest(self) -> tuple[Path | None, dict[str, Any], str | None]:
         """The last good folder (``last.dcp``, else ``prev.dcp``), its state.pt, and a warning
-        where it fell back."""
+        where it fell back. A run without DCP folders but with ``last.pt`` (or ``prev.pt``: an
+        unsharded run's, continued sharded with --reshard): None, that file's whole state."""
+        plain = self.folder.last_checkpoint
+        if not (self.last.is_dir() or self.prev.is_dir()) and (plain.is_file() or ckpt.previous_of(plain).is_file()):
+            state, warning = ckpt.load_latest(plain)
+            return None, state, warning
         try:
             return self.last, read_folder(self.last), None
         except KDGraphError as exc:
@@ -345,7 +393,10 @@ class ShardedCheckpoints:
         for key in checks:
             if state.get(key) is not None:
                 self.states[key].load_state_dict(state[key])
-        load_tensors(self.states["model"], self.states["optimizer"], folder)
+        if folder is None:  # a single-file checkpoint of the whole student: scattered into the shards
+            load_full_tensors(self.states["model"], self.states["optimizer"], state)
+        else:
+            load_tensors(self.states["model"], self.states["optimizer"], folder)
         for key, owner in self.states.items():
             if key not in TENSOR_KEYS and key not in checks and state.get(key) is not None:
                 owner.load_state_dict(state[key])
