@@ -118,3 +118,24 @@ def test_a_stopped_grid_exits_130_saying_the_same_command_resumes(tmp_path, monk
     with pytest.raises(SystemExit) as got:
         evidence.main()
     assert got.value.code == 130 and capsys.readouterr().out.endswith("stopped; the same command resumes the grid\n")
+
+
+def test_the_docs_quote_every_finished_arm_as_the_committed_report_has_it():
+    """README.md, BENCHMARKS.md and docs/recipes.md state each arm's test mean ± std (and README and
+    BENCHMARKS its 95 % CI) exactly as bench/results/evidence-w8-report.md, regenerated from the
+    committed rows, gives them: a refreshed grid whose docs were not updated fails here."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    report = (root / "bench/results/evidence-w8-report.md").read_text()
+    table = report.split("**Test split**", 1)[1].split("**Controls**", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm") and not line.startswith("|---")]
+    finished = [r for r in rows if re.fullmatch(r"3", r[2])]
+    assert len(finished) >= 7, rows  # every arm but the diverging control
+    docs = {name: (root / name).read_text().replace("−", "-") for name in ("README.md", "BENCHMARKS.md", "docs/recipes.md")}
+    for arm, _chosen, _n, mean_std, ci, *_ in finished:
+        for name, text in docs.items():
+            assert mean_std in text, f"{name} lacks {arm}'s {mean_std}"
+            if name != "docs/recipes.md":
+                assert ci in text, f"{name} lacks {arm}'s CI {ci}"
