@@ -161,13 +161,14 @@ def _chunk_terms(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, y: 
     return kd.detach(), ce.detach()
 
 
-def _row_chunks(n: int, chunk: int) -> list[slice | None]:
-    """The row ranges of ``n`` rows, ``chunk`` at a time (``[None]``: all at once, unsliced)."""
-    return [None] if chunk >= n else [slice(i, i + chunk) for i in range(0, n, chunk)]
-
-
-def _rows(x: torch.Tensor | None, part: slice | None) -> torch.Tensor | None:
-    return x if x is None or part is None else x[part]
+def _chunked(chunk: int, *tensors: torch.Tensor | None) -> list[tuple]:
+    """The tensors' rows ``chunk`` at a time, as tuples of one chunk of each (None stays None);
+    where one chunk holds every row, the tensors themselves, unsliced."""
+    n = tensors[0].shape[0]
+    if chunk >= n:
+        return [tensors]
+    count = -(-n // chunk)
+    return list(zip(*[[None] * count if x is None else x.split(chunk) for x in tensors]))
 
 
 def _add_ce_grad(grad: torch.Tensor, s: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, a: torch.Tensor,
@@ -177,16 +178,14 @@ def _add_ce_grad(grad: torch.Tensor, s: torch.Tensor, w: torch.Tensor, targets: 
     ``w`` (N, 1) being c on the rows whose target counts, 0 on the others. float32 (float64)
     logits: three passes over each chunk (softmax, a·grad, + w·q); a half-precision ``grad`` is
     summed in float32 and rounded once."""
-    parts = _row_chunks(grad.shape[0], chunk)
     if s.dtype in (torch.float32, torch.float64):
         grad.mul_(a)
-        for part in parts:
-            _rows(grad, part).addcmul_(torch.softmax(_rows(s, part), dim=-1), _rows(w, part))
+        for g, sp, wp in _chunked(chunk, grad, s, w):
+            g.addcmul_(torch.softmax(sp, dim=-1), wp)
         grad.scatter_add_(1, targets, -w)
         return
-    for part in parts:
-        wp, g = _rows(w, part), _rows(grad, part)
-        q = torch.softmax(_rows(s, part).float(), dim=-1).mul_(wp).scatter_add_(1, _rows(targets, part), -wp)
+    for g, sp, wp, tp in _chunked(chunk, grad, s, w, targets):
+        q = torch.softmax(sp, dim=-1, dtype=torch.float32).mul_(wp).scatter_add_(1, tp, -wp)
         g.copy_(q.addcmul_(g, a))
 
 
@@ -199,9 +198,8 @@ class _Chunked(torch.autograd.Function):
     def forward(ctx, s, t, ids, y, settings, chunk):
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         kd_total = ce_total = None
-        for part in _row_chunks(s.shape[0], chunk):
-            kd, ce = _chunk_terms(_rows(s, part), _rows(t, part), _rows(ids, part), _rows(y, part), settings,
-                                  _rows(grad, part))
+        for sp, tp, ip, yp, gp in _chunked(chunk, s, t, ids, y, grad):
+            kd, ce = _chunk_terms(sp, tp, ip, yp, settings, gp)
             kd_total = kd if kd_total is None else kd_total + kd
             ce_total = ce if ce_total is None else ce_total + ce
         # the mean's 1 / (valid tokens), on the device: no host sync (a float count is exact below 2^24 tokens)
