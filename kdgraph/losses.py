@@ -84,8 +84,9 @@ def create_loss(name: str, params: Mapping[str, Any]) -> nn.Module:
 
 
 def no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Losses in float32 whatever the caller's autocast (meta tensors, shapes only, have none)."""
-    if t.device.type == "meta":
+    """Losses in float32 whatever the caller's autocast (meta tensors, shapes only, have none;
+    where none is on, nothing to turn off: no context to build)."""
+    if t.device.type == "meta" or not torch.is_autocast_enabled(t.device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 

@@ -95,17 +95,57 @@ def test_each_divergence_is_its_papers_formula(name, coefficient, temperature, c
 
 @pytest.mark.parametrize("name", sorted(TOKEN_DIVERGENCES))
 @pytest.mark.parametrize("chunk", [1, 5, 27, 10_000])
-def test_chunks_give_the_whole_formulas_value_and_gradient(name, chunk):
+@pytest.mark.parametrize("temperature,ce_weight", [(1.5, 0.7), (1.0, 0.0), (1.0, 1.0)])
+def test_chunks_give_the_whole_formulas_value_and_gradient(name, chunk, temperature, ce_weight):
     s, t, y = _batch(seed=1)
     s = s.requires_grad_(True)
-    kd, ce = chunked_token_loss(name, s, t, y, coefficient=0.3, temperature=1.5, ce_weight=0.7,
+    kd, ce = chunked_token_loss(name, s, t, y, coefficient=0.3, temperature=temperature, ce_weight=ce_weight,
                                 ignore_index=IGNORE, chunk=chunk)
     g_chunked, = torch.autograd.grad(2.0 * kd + 3.0 * ce, s)
-    want_kd, want_ce = _torch_formula(name, s, t, y, 0.3, 1.5, 0.7)
+    want_kd, want_ce = _torch_formula(name, s, t, y, 0.3, temperature, ce_weight)
     g_whole, = torch.autograd.grad(2.0 * want_kd + 3.0 * want_ce, s)
     assert torch.allclose(kd, want_kd, rtol=1e-10) and torch.allclose(ce, want_ce, rtol=1e-10)
     assert torch.allclose(g_chunked, g_whole, rtol=1e-8, atol=1e-12)
     assert torch.all(g_chunked[0, :4] == 0)  # padding tokens get no gradient
+
+
+@pytest.mark.parametrize("chunk", [4, 10_000])
+def test_half_precision_logits_get_the_whole_formulas_gradient_to_their_precision(chunk):
+    """bfloat16 student logits (a bf16 autocast step's): the gradient, in bfloat16, is the float64
+    formula's on the same (rounded) values to bfloat16's precision."""
+    s, t, y = _batch(seed=7, b=4, t=8, v=64)
+    s16, t16 = s.bfloat16().requires_grad_(True), t.bfloat16()
+    kd, ce = chunked_token_loss("forward_kl", s16, t16, y, temperature=1.0, ce_weight=0.5, ignore_index=IGNORE,
+                                chunk=chunk)
+    g, = torch.autograd.grad(0.7 * kd + ce, s16)
+    s64 = s16.double().requires_grad_(True)
+    want_kd, want_ce = _torch_formula("forward_kl", s64, t16.double(), y, 0.5, 1.0, 0.5)
+    g_whole, = torch.autograd.grad(0.7 * want_kd + want_ce, s64)
+    assert g.dtype == torch.bfloat16 and torch.all(g[0, :4] == 0)
+    assert (g.double() - g_whole).norm() / g_whole.norm() < 2 ** -7  # bfloat16 keeps 8 significant bits
+    assert torch.allclose(kd.double(), want_kd, rtol=1e-5) and torch.allclose(ce.double(), want_ce, rtol=1e-5)
+
+
+def test_the_loss_and_its_gradient_read_nothing_on_the_host():
+    """No ``.item()``/``int(tensor)`` (a device sync on a GPU): the token count stays a tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = _batch(seed=8)
+    s = s.requires_grad_(True)
+    with Reads() as reads:
+        kd, ce = chunked_token_loss("jsd", s, t, y, ce_weight=0.5, ignore_index=IGNORE, chunk=5)
+        (kd + ce).backward()
+    assert "nll_loss_forward" in reads.names and "_local_scalar_dense" not in reads.names
+    assert "nonzero" not in reads.names
 
 
 def test_a_padded_teacher_vocabulary_is_trimmed_to_the_students_ids():

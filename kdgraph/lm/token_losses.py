@@ -12,10 +12,13 @@ Each is T² times the mean over the tokens whose target is not ``ignore_index`` 
 plus ``w_ce`` times the cross-entropy of the student logits (at T = 1) with the targets.
 
 ``chunked_token_loss`` never holds batch × sequence × vocabulary float32 intermediates whole:
-it walks the flattened tokens ``chunk`` at a time and keeps only the sums; backward walks them
-again, recomputing each chunk with autograd and writing its gradient into the one buffer the
-size of the student logits that autograd returns anyway. The gradient is autograd's of the
-same per-token formula.
+it walks the flattened tokens ``chunk`` at a time and keeps only the sums and, where the
+student's logits need a gradient, each chunk's divergence gradient (autograd's, of the same
+per-token formula, taken there and then), in the one buffer the size of the student logits
+that autograd returns anyway. Backward scales that buffer by the divergence's incoming gradient
+and adds the cross-entropy's, w_ce (softmax(z_s) − onehot(y)) per valid token, a chunk at a
+time in place: nothing is recomputed but that softmax, and the teacher's logits are not kept
+for it. The token count that makes the sums means stays on the device (no host sync).
 
 The teacher is its (B, T, V′) logits, or a top-k token cache's (probabilities at T, ids) of
 its k likeliest ids per token (``kdgraph.teacher_cache``): p is then FKD's marginal smoothing,
@@ -116,59 +119,110 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``z / T``, skipped at T = 1 (z / 1 is z exactly: the same values, one op fewer)."""
+    return z if temperature == 1.0 else z / temperature
+
+
 def token_divergence(*, name: str, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, coefficient: float,
                      temperature: float, ce_weight: float, ignore_index: int,
                      ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid tokens of T²·divergence, sum over valid tokens of w_ce·CE) of flattened
     (N, V) student and teacher logits and (N,) targets; in float32 (float64 inputs: float64).
-    With ``ids`` (N, k), ``t`` is the (N, k) top-k probabilities at T of a token cache."""
+    With ``ids`` (N, k), ``t`` is the (N, k) top-k probabilities at T of a token cache. At T = 1
+    the CE reads log q itself (cross-entropy is the NLL of log_softmax: the same values, one
+    log-softmax fewer), and the identities z / 1 and · 1² are skipped."""
     valid = y != ignore_index
     s = _wide(s)
-    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_q = F.log_softmax(_tempered(s, temperature), dim=-1)
     if ids is None:
-        log_p = F.log_softmax(_wide(t) / temperature, dim=-1)
+        log_p = F.log_softmax(_tempered(_wide(t), temperature), dim=-1)
     else:
         log_p = topk_log_probs(t, ids, s.shape[-1]).to(s.dtype)
-    div = TOKEN_DIVERGENCES.get(name)(log_q, log_p, coefficient) * (temperature ** 2)
+    div = TOKEN_DIVERGENCES.get(name)(log_q, log_p, coefficient)
+    if temperature != 1.0:
+        div = div * (temperature ** 2)
     kd = torch.where(valid, div, 0.0).sum()
     if ce_weight == 0.0:
         return kd, kd.new_zeros(())
-    ce = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="sum")
-    return kd, ce * ce_weight
+    log_s = log_q if temperature == 1.0 else F.log_softmax(s, dim=-1)
+    ce = F.nll_loss(log_s, y, ignore_index=ignore_index, reduction="sum")
+    return kd, ce if ce_weight == 1.0 else ce * ce_weight
+
+
+def _chunk_terms(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, y: torch.Tensor, settings: dict,
+                 grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_divergence`` of one chunk's rows; with ``grad`` (those rows of the gradient
+    buffer), the divergence sum's gradient with respect to ``s`` is written into it."""
+    if grad is None:
+        return token_divergence(s=s, t=t, y=y, ids=ids, **settings)
+    with torch.enable_grad():
+        sc = s.detach().requires_grad_(True)
+        kd, ce = token_divergence(s=sc, t=t, y=y, ids=ids, **settings)
+        g, = torch.autograd.grad(kd, sc)
+    grad.copy_(g)
+    return kd.detach(), ce.detach()
+
+
+def _chunked(chunk: int, *tensors: torch.Tensor | None) -> list[tuple]:
+    """The tensors' rows ``chunk`` at a time, as tuples of one chunk of each (None stays None);
+    where one chunk holds every row, the tensors themselves, unsliced."""
+    n = tensors[0].shape[0]
+    if chunk >= n:
+        return [tensors]
+    count = -(-n // chunk)
+    return list(zip(*[[None] * count if x is None else x.split(chunk) for x in tensors]))
+
+
+def _add_ce_grad(grad: torch.Tensor, s: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, a: torch.Tensor,
+                 chunk: int) -> None:
+    """``grad`` ← a·grad + w·(softmax(s) − onehot(targets)) in place, ``chunk`` rows at a time:
+    the gradient of a·(divergence sum) + c·(CE sum), ``grad`` holding the first's at a = 1 and
+    ``w`` (N, 1) being c on the rows whose target counts, 0 on the others. float32 (float64)
+    logits: three passes over each chunk (softmax, a·grad, + w·q); a half-precision ``grad`` is
+    summed in float32 and rounded once."""
+    if s.dtype in (torch.float32, torch.float64):
+        grad.mul_(a)
+        for g, sp, wp in _chunked(chunk, grad, s, w):
+            g.addcmul_(torch.softmax(sp, dim=-1), wp)
+        grad.scatter_add_(1, targets, -w)
+        return
+    for g, sp, wp, tp in _chunked(chunk, grad, s, w, targets):
+        q = torch.softmax(sp, dim=-1, dtype=torch.float32).mul_(wp).scatter_add_(1, tp, -wp)
+        g.copy_(q.addcmul_(g, a))
 
 
 class _Chunked(torch.autograd.Function):
-    """Forward: the chunks' summed (divergence, CE) terms, nothing kept but the inputs. Backward:
-    each chunk recomputed with autograd and its gradient written into one buffer (as activation
-    checkpointing does, a chunk at a time)."""
+    """Forward: the chunks' summed (divergence, CE) terms and, where the student's logits need
+    a gradient, the divergence's gradient chunk by chunk in one buffer. Backward: that buffer
+    scaled, plus the CE's gradient, a chunk at a time in place (``_add_ce_grad``)."""
 
     @staticmethod
-    def forward(ctx, s, t, ids, y, settings, chunk, scale):
-        kd_total = _wide(s.new_zeros(()))
-        ce_total = _wide(s.new_zeros(()))
-        for start in range(0, s.shape[0], chunk):
-            part = slice(start, start + chunk)
-            kd, ce = token_divergence(s=s[part], t=t[part], y=y[part], ids=None if ids is None else ids[part],
-                                      **settings)
-            kd_total += kd
-            ce_total += ce
-        ctx.save_for_backward(s, t, ids, y)
-        ctx.settings, ctx.chunk, ctx.scale = settings, chunk, scale
+    def forward(ctx, s, t, ids, y, settings, chunk):
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        kd_total = ce_total = None
+        for sp, tp, ip, yp, gp in _chunked(chunk, s, t, ids, y, grad):
+            kd, ce = _chunk_terms(sp, tp, ip, yp, settings, gp)
+            kd_total = kd if kd_total is None else kd_total + kd
+            ce_total = ce if ce_total is None else ce_total + ce
+        # the mean's 1 / (valid tokens), on the device: no host sync (a float count is exact below 2^24 tokens)
+        valid = y != settings["ignore_index"]
+        scale = valid.sum(dtype=kd_total.dtype).clamp_min(1).reciprocal()
+        ce_rows = s if grad is not None and settings["ce_weight"] != 0.0 else None
+        ctx.save_for_backward(ce_rows, valid, y, grad, scale)
+        ctx.ce_weight, ctx.chunk = settings["ce_weight"], chunk
         return kd_total * scale, ce_total * scale
 
     @staticmethod
     def backward(ctx, d_kd, d_ce):
-        s, t, ids, y = ctx.saved_tensors
-        grad = torch.empty_like(s)
-        for start in range(0, s.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            with torch.enable_grad():
-                sc = s[part].detach().requires_grad_(True)
-                kd, ce = token_divergence(s=sc, t=t[part], y=y[part], ids=None if ids is None else ids[part],
-                                          **ctx.settings)
-                g, = torch.autograd.grad(kd * (d_kd * ctx.scale) + ce * (d_ce * ctx.scale), sc)
-            grad[part] = g.to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        s, valid, y, grad, scale = ctx.saved_tensors
+        a = d_kd * scale
+        if s is None:  # no CE term: the divergence's gradient alone
+            return grad.mul_(a), None, None, None, None, None
+        w = torch.where(valid, d_ce * scale * ctx.ce_weight, 0.0).unsqueeze(-1)
+        targets = torch.where(valid, y, 0).unsqueeze(-1)  # an id on every row (w is 0 where it does not count)
+        _add_ce_grad(grad, s, w, targets, a, ctx.chunk)
+        return grad, None, None, None, None, None
 
 
 def _teacher_rows(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -179,7 +233,8 @@ def _teacher_rows(student_logits: torch.Tensor, teacher: torch.Tensor | tuple[to
     if isinstance(teacher, tuple):
         probs, ids = teacher
         return probs.detach().reshape(-1, probs.shape[-1]), ids.reshape(-1, ids.shape[-1])
-    return trim_vocabulary(student_logits, teacher.detach()).reshape(-1, vocab), None
+    teacher = teacher.detach() if teacher.requires_grad else teacher  # a teacher's logits have no graph
+    return trim_vocabulary(student_logits, teacher).reshape(-1, vocab), None
 
 
 def chunked_token_loss(name: str, student_logits: torch.Tensor,
@@ -202,7 +257,6 @@ def chunked_token_loss(name: str, student_logits: torch.Tensor,
     if not s.shape[0] == t.shape[0] == y.shape[0]:
         raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher "
                          f"{tuple(t.shape)} and targets {tuple(targets.shape)} differ in tokens")
-    scale = 1.0 / max(int((y != ignore_index).sum()), 1)
     settings = {"name": name, "coefficient": float(coefficient), "temperature": float(temperature),
                 "ce_weight": float(ce_weight), "ignore_index": int(ignore_index)}
-    return _Chunked.apply(s, t, ids, y, settings, max(int(chunk), 1), scale)
+    return _Chunked.apply(s, t, ids, y, settings, max(int(chunk), 1))
