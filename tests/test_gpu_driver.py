@@ -101,6 +101,8 @@ def test_causal_lm_and_evidence_parts(tmp_path):
     mem = by_name["lm-memory"].command(dry)
     assert _opt(mem, "--device") == "cpu" and _opt(mem, "--size") == "tiny"
     ev = by_name["evidence-h100"]
+    # before the full block, alone: the two share the teacher's work folder (trained once, not twice at once)
+    assert ev.exclusive and NAMES.index("evidence-h100") == NAMES.index("stablekd") - 1
     assert ev.resume_from == "bench/results/stablekd-study-full.jsonl" and (ROOT / ev.resume_from).exists()
     cmd = ev.command(gpu)
     assert _opt(cmd, "--block") == "h100-open" and _opt(cmd, "--device") == "cuda" and "--width-div" not in cmd

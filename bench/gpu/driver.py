@@ -112,11 +112,11 @@ def _stablekd(ctx: Ctx) -> list[str] | None:
 
 def _evidence_h100(ctx: Ctx) -> list[str]:
     """Issue 38 item 4's cells (bench/stablekd_study.py --block h100-open); in a dry run one seed
-    of them at width / 16, one epoch each and a one-epoch teacher."""
+    of them at width / 16, three epochs each (5/2 has three stages) and a one-epoch teacher."""
     cmd = [ctx.python, "bench/stablekd_study.py", "--block", "h100-open", "--device", ctx.device,
            "--root", str(FASHION), "--results", str(ctx.figures("evidence-h100"))]
     if ctx.dry:
-        return cmd + ["--width-div", "16", "--jobs", "1", "--threads", "1", "--seeds", "0", "--base-epochs", "1",
+        return cmd + ["--width-div", "16", "--jobs", "1", "--threads", "1", "--seeds", "0", "--base-epochs", "3",
                       "--teacher-epochs", "1", "--work", str(ctx.work / "stablekd-study")]
     return cmd + ["--jobs", "10"]  # the stablekd part's work folder: its teacher is trained once
 
@@ -165,10 +165,11 @@ PARTS: list[Part] = [
     Part("data", "bench/data_throughput.py at 224 px: in-memory against streamed", 120, True, _data),
     Part("tier-compiled", "every spec, torch.compile (inductor)", 300, False, _tier("on_DEVICE and compiled", 8, True)),
     *[_compiled_throughput(pair) for pair in THROUGHPUT_PAIRS[1:]],
+    # alone: its 10 cells fill the GPU, and it trains the teacher the stablekd part then reuses
+    Part("evidence-h100", "bench/stablekd_study.py --block h100-open: issue 38's open full-width cells, 3 seeds",
+         300, True, _evidence_h100, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
     Part("stablekd", "bench/stablekd_study.py --block full: the cells not yet in its results", 480, False,
          _stablekd, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
-    Part("evidence-h100", "bench/stablekd_study.py --block h100-open: issue 38's open full-width cells, 3 seeds",
-         300, False, _evidence_h100, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
 ]
 
 
