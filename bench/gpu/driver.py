@@ -315,7 +315,7 @@ def env_report(path: Path) -> None:
            "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
            "cpus": os.cpu_count()}
     for name in ("torchvision", "timm", "pydantic", "pydantic-core", "typer", "rich", "networkx", "pyyaml",
-                 "safetensors", "numpy", "pytest", "pytest-xdist"):
+                 "safetensors", "numpy", "pytest", "pytest-xdist", "transformers"):
         try:
             row[name] = md.version(name)
         except md.PackageNotFoundError:
