@@ -11,6 +11,7 @@ summary.json (every part: status, exit code, seconds, counts) and log.txt (each 
 
     bash bench/gpu/run.sh                                  # on the GPU machine (installs the carried wheels)
     bash bench/gpu/run.sh --parts throughput-compiled     # the next call: what did not fit
+    bash bench/gpu/run.sh --parts evidence-h100           # whole epochs: issue 38's open H100 cells
     python bench/gpu/driver.py --list                      # parts, estimates, commands
     python bench/gpu/driver.py --dry-run --out /tmp/gpu    # here: the same parts on the CPU, tiny sizes
 """
