@@ -14,6 +14,7 @@ of the given shapes, random weights) through a kdgraph spec, trains a few kdgrap
 (and appends to ``--out``, one JSON line each) the measured peak (torch.cuda.max_memory_allocated;
 not measured on the CPU: None) beside per_rank's prediction for the same shapes, one rank, and
 their ratio. Student float32 with AdamW, teacher bfloat16, precision auto (bf16 autocast on CUDA).
+(Qwen2's q, k and v biases, a few thousand parameters a layer, are outside the model.)
 
     python bench/lm_memory.py --measure --device cuda                 # Qwen2.5 0.5B + 1.5B, 4 x 1024 tokens
     python bench/lm_memory.py --measure --size tiny --batch 2 --seq 32 # CPU: the prediction only
@@ -54,7 +55,7 @@ def budget_rows(student: str, teacher: str, tokens: int) -> list[str]:
 
 # --measure's pairs: (student, teacher) shapes; one vocabulary each (the spec pairs them unchanged).
 SIZES = {
-    "qwen2.5-0.5b+1.5b": (QWEN25["0.5B"], QWEN25["1.5B"]),  # an 80 GiB device: about 21 GiB predicted
+    "qwen2.5-0.5b+1.5b": (QWEN25["0.5B"], QWEN25["1.5B"]),  # 19.5 / 15.2 GiB predicted at 4 x 1024 tokens
     "tiny": (Decoder(512, 64, 128, 2, 4, 2), Decoder(512, 128, 256, 3, 4, 2)),  # a dry run on the CPU
 }
 
