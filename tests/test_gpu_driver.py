@@ -80,6 +80,38 @@ def test_commands_on_the_gpu_and_in_a_dry_run(tmp_path):
         assert all((ROOT / s).exists() for s in scripts), (part.name, scripts)
 
 
+def test_causal_lm_and_evidence_parts(tmp_path):
+    """Issues 36-38's parts: after the headline figures (the causal-LM ones by default, the
+    whole-epoch cells only when named), GPU sizes on the GPU, tiny ones on the CPU."""
+    gpu, dry = driver.Ctx(False, tmp_path, 3), driver.Ctx(True, tmp_path, 3)
+    by_name = {p.name: p for p in driver.PARTS}
+    assert NAMES.index("lm-throughput") == NAMES.index("throughput-compiled-r34-r18@224") + 1
+    assert NAMES.index("lm-memory") == NAMES.index("lm-throughput") + 1 < NAMES.index("data")
+    defaults = [p.name for p in driver.select_parts(None)]
+    assert "lm-throughput" in defaults and "lm-memory" in defaults and "evidence-h100" not in defaults
+    assert [p.name for p in driver.select_parts(["lm"])] == ["lm-throughput", "lm-memory"]
+    thr = by_name["lm-throughput"].command(gpu)
+    assert [_opt(thr, f) for f in ("--device", "--width", "--teacher-layers", "--batch", "--seq")] == \
+        ["cuda", "1024", "16", "16", "1024"]
+    assert _opt(thr, "--out") == str(tmp_path / "lm-throughput.jsonl")
+    thr = by_name["lm-throughput"].command(dry)
+    assert _opt(thr, "--device") == "cpu" and _opt(thr, "--width") == "64" and _opt(thr, "--rounds") == "1"
+    mem = by_name["lm-memory"].command(gpu)
+    assert "--measure" in mem and _opt(mem, "--device") == "cuda" and "--size" not in mem  # the Qwen2.5 pair
+    mem = by_name["lm-memory"].command(dry)
+    assert _opt(mem, "--device") == "cpu" and _opt(mem, "--size") == "tiny"
+    ev = by_name["evidence-h100"]
+    # before the full block, alone: the two share the teacher's work folder (trained once, not twice at once)
+    assert ev.exclusive and NAMES.index("evidence-h100") == NAMES.index("stablekd") - 1
+    assert ev.resume_from == "bench/results/stablekd-study-full.jsonl" and (ROOT / ev.resume_from).exists()
+    cmd = ev.command(gpu)
+    assert _opt(cmd, "--block") == "h100-open" and _opt(cmd, "--device") == "cuda" and "--width-div" not in cmd
+    assert "--seeds" not in cmd  # the study's default: seeds 0, 1, 2
+    cmd = ev.command(dry)
+    assert _opt(cmd, "--device") == "cpu" and _opt(cmd, "--width-div") == "16" and _opt(cmd, "--seeds") == "0"
+    assert _opt(cmd, "--work").startswith(str(tmp_path))  # a dry run writes nothing into the tree
+
+
 def _part(name, seconds, exclusive=False, estimate=1, rc=0):
     """A stand-in part: sleeps, writes one figure line with its start and end time, exits rc."""
     code = (f"import json, os, sys, time; t=time.time(); time.sleep({seconds}); "
@@ -154,3 +186,36 @@ def test_dry_run_of_the_tier_and_benchmark_parts(tmp_path):
     assert {r["method"] for r in thr} == {"loop", "kd", "decomposed", "merged"}
     assert all(r["recompile_limit_hits"] == 0 for r in thr if r["mode"] == "compiled")
     assert any("summary" in r for r in rows if r["part"] == "data")
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_causal_lm_parts(tmp_path):
+    """bench/lm_throughput.py and bench/lm_memory.py --measure through the driver at tiny sizes."""
+    out = tmp_path / "out"
+    rc = driver.main(["--dry-run", "--parts", "lm", "--out", str(out), "--work", str(tmp_path / "w"),
+                      "--budget", "600"])
+    summary = json.loads((out / "summary.json").read_text())["parts"]
+    assert rc == 0, (summary, (out / "log.txt").read_text()[-3000:])
+    rows = [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
+    assert sorted(r["runner"] for r in rows if r["part"] == "lm-throughput") == ["kdgraph", "loop"]
+    memory = [r for r in rows if r["part"] == "lm-memory"]
+    assert [r["checkpointing"] for r in memory] == [False, True]
+    assert all(r["measured_bytes"] is None and r["predicted_bytes"] > 0 for r in memory)  # the CPU: not measured
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_evidence_part(tmp_path):
+    """bench/stablekd_study.py --block h100-open through the driver at width / 16 (a few minutes):
+    the five cells of one seed, their lr and re-estimation in the rows; the committed rows it
+    resumes from are not figures of this call."""
+    out = tmp_path / "out"
+    rc = driver.main(["--dry-run", "--parts", "evidence-h100", "--out", str(out), "--work", str(tmp_path / "w"),
+                      "--budget", "1200"])
+    summary = json.loads((out / "summary.json").read_text())["parts"]
+    assert rc == 0, (summary, (out / "log.txt").read_text()[-3000:])
+    rows = [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
+    cells = {(r["method"], r["lr"], r.get("bn")) for r in rows if r["method"] != "teacher"}
+    assert cells == {("stablekd-5/0", 0.5, "auto"), ("stablekd-5/0", 1.0, "auto"), ("stablekd-5/2", 0.5, "auto"),
+                     ("stablekd-5/2", 1.0, "auto"), ("kd", 0.2, None)}
+    assert all(r["width_div"] == 16 and r["fraction"] == 0.2 and 0 < r["top1"] <= 100 for r in rows
+               if r["method"] != "teacher")

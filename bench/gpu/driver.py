@@ -11,6 +11,7 @@ summary.json (every part: status, exit code, seconds, counts) and log.txt (each 
 
     bash bench/gpu/run.sh                                  # on the GPU machine (installs the carried wheels)
     bash bench/gpu/run.sh --parts throughput-compiled     # the next call: what did not fit
+    bash bench/gpu/run.sh --parts evidence-h100           # whole epochs: issue 38's open H100 cells
     python bench/gpu/driver.py --list                      # parts, estimates, commands
     python bench/gpu/driver.py --dry-run --out /tmp/gpu    # here: the same parts on the CPU, tiny sizes
 """
@@ -110,6 +111,33 @@ def _stablekd(ctx: Ctx) -> list[str] | None:
             "--root", str(FASHION), "--results", str(ctx.figures("stablekd"))]
 
 
+def _evidence_h100(ctx: Ctx) -> list[str]:
+    """Issue 38 item 4's cells (bench/stablekd_study.py --block h100-open); in a dry run one seed
+    of them at width / 16, three epochs each (5/2 has three stages) and a one-epoch teacher."""
+    cmd = [ctx.python, "bench/stablekd_study.py", "--block", "h100-open", "--device", ctx.device,
+           "--root", str(FASHION), "--results", str(ctx.figures("evidence-h100"))]
+    if ctx.dry:
+        return cmd + ["--width-div", "16", "--jobs", "1", "--threads", "1", "--seeds", "0", "--base-epochs", "3",
+                      "--teacher-epochs", "1", "--work", str(ctx.work / "stablekd-study")]
+    return cmd + ["--jobs", "10"]  # the stablekd part's work folder: its teacher is trained once
+
+
+def _lm_throughput(ctx: Ctx) -> list[str]:
+    cmd = [ctx.python, "bench/lm_throughput.py", "--device", ctx.device, "--out", str(ctx.figures("lm-throughput"))]
+    if ctx.dry:
+        return cmd + ["--width", "64", "--teacher-layers", "2", "--vocab", "512", "--batch", "2", "--seq", "32",
+                      "--steps", "1", "--rounds", "1", "--warmup", "1", "--threads", "1"]
+    return cmd + ["--width", "1024", "--teacher-layers", "16", "--batch", "16", "--seq", "1024", "--rounds", "5"]
+
+
+def _lm_memory(ctx: Ctx) -> list[str]:
+    cmd = [ctx.python, "bench/lm_memory.py", "--measure", "--device", ctx.device,
+           "--out", str(ctx.figures("lm-memory"))]
+    if ctx.dry:  # the prediction only: the CPU's peak is not measured
+        return cmd + ["--size", "tiny", "--batch", "2", "--seq", "32", "--steps", "1"]
+    return cmd  # Qwen2.5-0.5B student + 1.5B teacher, 4 x 1024 tokens, 3 steps
+
+
 def _env(ctx: Ctx) -> list[str]:
     return [ctx.python, str(Path(__file__).resolve()), "--env-report", str(ctx.figures("env"))]
 
@@ -120,7 +148,9 @@ def _compiled_throughput(pair: str) -> Part:
 
 
 # Priority order: the cheap checks, then the goal's headline figures (every pair eager, the
-# ResNet pair compiled), the data path, the compiled tier, the other pairs compiled.
+# ResNet pair compiled), the causal-LM figures issues 36 and 37 wait for (kdgraph's step against
+# a hand-written loop; measured peak memory against kdgraph.lm.memory), the data path, the
+# compiled tier, the other pairs compiled; only when named: whole-epoch evidence.
 PARTS: list[Part] = [
     Part("env", "torch, the GPU, the packages kdgraph imports", 15, False, _env),
     Part("tier-eager", "every spec, eager, channels_last on and off", 120, False, _tier("on_DEVICE and eager", 6, True)),
@@ -129,9 +159,16 @@ PARTS: list[Part] = [
     Part("throughput-eager", "bench/throughput.py, every pair, eager, against the strong loop", 120, True,
          _throughput("eager")),
     _compiled_throughput(THROUGHPUT_PAIRS[0]),
+    Part("lm-throughput", "bench/lm_throughput.py, llama 16x1024 -> 8x512, 16 x 1024 tokens: kdgraph against "
+         "the hand-written loop", 90, True, _lm_throughput),
+    Part("lm-memory", "bench/lm_memory.py --measure, Qwen2.5 0.5B + 1.5B: peak against the prediction, "
+         "checkpointing off and on", 90, False, _lm_memory),
     Part("data", "bench/data_throughput.py at 224 px: in-memory against streamed", 120, True, _data),
     Part("tier-compiled", "every spec, torch.compile (inductor)", 300, False, _tier("on_DEVICE and compiled", 8, True)),
     *[_compiled_throughput(pair) for pair in THROUGHPUT_PAIRS[1:]],
+    # alone: its 10 cells fill the GPU, and it trains the teacher the stablekd part then reuses
+    Part("evidence-h100", "bench/stablekd_study.py --block h100-open: issue 38's open full-width cells, 3 seeds",
+         300, True, _evidence_h100, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
     Part("stablekd", "bench/stablekd_study.py --block full: the cells not yet in its results", 480, False,
          _stablekd, default=False, resume_from="bench/results/stablekd-study-full.jsonl"),
 ]
@@ -279,7 +316,7 @@ def env_report(path: Path) -> None:
            "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
            "cpus": os.cpu_count()}
     for name in ("torchvision", "timm", "pydantic", "pydantic-core", "typer", "rich", "networkx", "pyyaml",
-                 "safetensors", "numpy", "pytest", "pytest-xdist"):
+                 "safetensors", "numpy", "pytest", "pytest-xdist", "transformers"):
         try:
             row[name] = md.version(name)
         except md.PackageNotFoundError:
