@@ -139,3 +139,19 @@ def test_the_docs_quote_every_finished_arm_as_the_committed_report_has_it():
             assert mean_std in text, f"{name} lacks {arm}'s {mean_std}"
             if name != "docs/recipes.md":
                 assert ci in text, f"{name} lacks {arm}'s CI {ci}"
+
+
+def test_benchmarks_quotes_the_full_fraction_as_its_committed_report_has_it():
+    """BENCHMARKS.md's 100 % table: each finished arm's mean ± std and CI as
+    bench/results/evidence-more-report.md (regenerated from the committed rows) gives them."""
+    root = Path(__file__).resolve().parents[1]
+    report = (root / "bench/results/evidence-more-report.md").read_text()
+    section = report.split("## ResNet-34 -> ResNet-18 /8, 100 %", 1)[1].split("\n## ", 1)[0]
+    table = section.split("**Test split**", 1)[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm") and not line.startswith("|---")]
+    finished = [r for r in rows if r[2] == "3"]
+    assert [r[0] for r in finished] == ["kd", "stablekd-5/2", "kd+mse"]
+    bench = (root / "BENCHMARKS.md").read_text()
+    for arm, _chosen, _n, mean_std, ci, *_ in finished:
+        assert mean_std in bench and ci in bench, f"BENCHMARKS.md lacks {arm}'s {mean_std} / {ci}"

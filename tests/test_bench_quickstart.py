@@ -39,3 +39,15 @@ def test_timed_records_wall_seconds_only_for_a_run_that_ran_whole_here(tmp_path,
     assert got == {"summary": {}} and isinstance(secs, float) and secs >= 0.0
     assert mod.timed(Path("spec.yaml"), ["seed=0", f"output={resumed}"])[1] is None
     assert calls == [["seed=0", f"output={fresh}"], ["seed=0", f"output={resumed}"]]
+
+
+def test_the_demo_timing_in_the_docs_is_the_committed_two_thread_row():
+    """docs/getting-started.md's wall seconds of `make demo`'s trainings are row quickstart-s0-t2's."""
+    import json
+
+    rows = {r["key"]: r for r in map(json.loads, (ROOT / "bench/results/quickstart.jsonl").read_text().splitlines())}
+    row = rows["quickstart-s0-t2"]
+    started = " ".join((ROOT / "docs/getting-started.md").read_text().split())
+    assert row["torch_threads"] == 2 and row["teacher_wall_s"] is not None and row["student_wall_s"] is not None
+    assert f"teacher {row['teacher_wall_s']} s and student {row['student_wall_s']} s wall" in started
+    assert f"teacher {row['teacher_top1']:.2f} % and student {row['student_top1']:.2f} %" in started
