@@ -201,21 +201,3 @@ def test_dry_run_of_the_causal_lm_parts(tmp_path):
     memory = [r for r in rows if r["part"] == "lm-memory"]
     assert [r["checkpointing"] for r in memory] == [False, True]
     assert all(r["measured_bytes"] is None and r["predicted_bytes"] > 0 for r in memory)  # the CPU: not measured
-
-
-@pytest.mark.slow
-def test_dry_run_of_the_evidence_part(tmp_path):
-    """bench/stablekd_study.py --block h100-open through the driver at width / 16 (a few minutes):
-    the five cells of one seed, their lr and re-estimation in the rows; the committed rows it
-    resumes from are not figures of this call."""
-    out = tmp_path / "out"
-    rc = driver.main(["--dry-run", "--parts", "evidence-h100", "--out", str(out), "--work", str(tmp_path / "w"),
-                      "--budget", "1200"])
-    summary = json.loads((out / "summary.json").read_text())["parts"]
-    assert rc == 0, (summary, (out / "log.txt").read_text()[-3000:])
-    rows = [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
-    cells = {(r["method"], r["lr"], r.get("bn")) for r in rows if r["method"] != "teacher"}
-    assert cells == {("stablekd-5/0", 0.5, "auto"), ("stablekd-5/0", 1.0, "auto"), ("stablekd-5/2", 0.5, "auto"),
-                     ("stablekd-5/2", 1.0, "auto"), ("kd", 0.2, None)}
-    assert all(r["width_div"] == 16 and r["fraction"] == 0.2 and 0 < r["top1"] <= 100 for r in rows
-               if r["method"] != "teacher")
