@@ -555,20 +555,15 @@ def test_torchrun_sharded_run_resumes_at_one_rank_with_reshard(tmp_path):
     assert sorted(p.name for p in folder.sharded_checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "state.pt"]
 
 
-@pytest.mark.slow
-def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_path):
-    """The other way: `kdgraph train` in one process (the student whole, DDP-less, last.pt
-    checkpoints, data.batch_size 8, 2 epochs), its last checkpoint damaged and its summary gone
-    (a run killed in its second epoch), then `torchrun --nproc_per_node 2 -m kdgraph train
-    --resume --reshard` with the student and the teacher sharded and data.batch_size 4: the two
-    ranks read the end-of-epoch-1 prev.pt whole, scatter it into their shards, train epoch 2 on
-    the same windows and end with the one-process run's student (within float tolerance)."""
+def _one_process_then_two_ranks(raw: dict, tmp_path: Path, overrides: list[str]) -> tuple[RunFolder, dict, str]:
+    """`kdgraph train` of ``raw`` in one process, its last checkpoint damaged and its summary gone
+    (a run killed in its last epoch), then `torchrun --nproc_per_node 2 -m kdgraph train --resume
+    --reshard` with ``overrides`` (``--set`` pairs): the run folder, the one-process run's student
+    and the two ranks' output on one line."""
     from safetensors.torch import load_file
 
     from _runtime_helpers import run_cli, write_spec
 
-    raw = _lm(tmp_path)
-    raw["data"]["batch_size"] = 8
     spec_file = write_spec(raw, tmp_path / "spec.yaml")
     res = run_cli("train", str(spec_file), "--quiet", timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -580,12 +575,27 @@ def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_
     folder.summary.unlink()
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
-    two = ["--set", "runtime.shard_student=true", "--set", "teacher.shard=true", "--set", "data.batch_size=4"]
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", *two], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", *overrides], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = (res.stdout + res.stderr).replace("\n", " ")
+    return folder, want, (res.stdout + res.stderr).replace("\n", " ")
+
+
+@pytest.mark.slow
+def test_a_whole_students_last_pt_resumes_on_two_sharded_ranks_with_reshard(tmp_path):
+    """The other way: `kdgraph train` in one process (the student whole, DDP-less, last.pt
+    checkpoints, data.batch_size 8, 2 epochs), its last checkpoint damaged and its summary gone
+    (a run killed in its second epoch), then `torchrun --nproc_per_node 2 -m kdgraph train
+    --resume --reshard` with the student and the teacher sharded and data.batch_size 4: the two
+    ranks read the end-of-epoch-1 prev.pt whole, scatter it into their shards, train epoch 2 on
+    the same windows and end with the one-process run's student (within float tolerance)."""
+    from safetensors.torch import load_file
+
+    raw = _lm(tmp_path)
+    raw["data"]["batch_size"] = 8
+    folder, want, text = _one_process_then_two_ranks(
+        raw, tmp_path, ["--set", "runtime.shard_student=true", "--set", "teacher.shard=true", "--set", "data.batch_size=4"])
     assert "continuing from the previous checkpoint" in text and "prev.pt" in text
     assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
     assert "the student is sharded over 2 ranks (FSDP2" in text
@@ -610,29 +620,14 @@ def test_an_image_run_resumes_on_two_ddp_ranks_with_a_sharded_teacher_with_resha
     turns float-reduction-order noise into 1e-3 differences, DDP against one process alike."""
     from safetensors.torch import load_file
 
-    from _runtime_helpers import run_cli, write_spec
     from kdgraph.runtime.checkpoint import load
     from test_diffusion import _spec as denoise_spec
 
     raw = denoise_spec(tmp_path)
     raw["runtime"].pop("checkpoint_every")  # a checkpoint at each epoch's end: prev.pt is epoch 1's
     raw["optim"] = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
-    spec_file = write_spec(raw, tmp_path / "spec.yaml")
-    res = run_cli("train", str(spec_file), "--quiet", timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    folder = RunFolder(Path(raw["output"]))
-    want = load_file(str(folder.student))
-    last = bytearray(folder.last_checkpoint.read_bytes())
-    last[len(last) // 2] ^= 0xFF
-    folder.last_checkpoint.write_bytes(bytes(last))
-    folder.summary.unlink()
-    env = cli_env()
-    env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "kdgraph", "train", str(spec_file), "--resume", "--reshard", "--set", "teacher.shard=true",
-                          "--set", "data.batch_size=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = (res.stdout + res.stderr).replace("\n", " ")
+    folder, want, text = _one_process_then_two_ranks(
+        raw, tmp_path, ["--set", "teacher.shard=true", "--set", "data.batch_size=4"])
     assert "--reshard: the checkpoint of 1 rank(s) continues on 2, data.batch_size 8 -> 4" in text
     assert "sharded over 2 ranks (FSDP2)" in text and "BatchNorm" not in text
     got = load_file(str(folder.student))
