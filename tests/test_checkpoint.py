@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime.checkpoint import RNG, CheckpointManager, Value, load
+from kdgraph.runtime.checkpoint import RNG, CheckpointManager, Value, load, load_latest
 
 
 @dataclass
@@ -109,3 +109,30 @@ def test_a_failed_write_names_the_command_that_continues(tmp_path):
     manager.save()
     with pytest.raises(KDGraphError, match=r"continue from it with `kdgraph train S --resume`"):
         manager.written()
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps ``path``: the kernel's own list (/proc/self/maps)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_a_mapped_load_maps_the_file_and_gives_the_same_state_as_a_read_one(tmp_path):
+    box = {"plan": {"k": 4}, "optimizer": {"lr": 0.1}, "scheduler": {}, "position": {"epoch": 1}, "extra": None}
+    manager, _ = _manager(tmp_path, box, [])
+    with torch.no_grad():
+        manager.states["model"].weight.copy_(torch.tensor([[1.5, -2.0]]))
+    manager.save()
+    manager.save()  # a prev.pt too, for the fallback
+    manager.written()
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    read = load(last)
+    assert not _mapped(last)
+    mapped = load(last, data="mmap")
+    assert _mapped(last)  # --reshard's ranks each load it: one copy in the page cache, not one per rank
+    assert mapped["model"]["weight"].tolist() == [[1.5, -2.0]] and mapped["plan"] == read["plan"]
+    assert all(torch.equal(read["model"][k], v) for k, v in mapped["model"].items())
+    del mapped
+    last.write_bytes(b"damaged")
+    state, warning = load_latest(last, data="mmap")  # the fallback maps prev.pt the same way
+    assert _mapped(prev) and "previous checkpoint" in warning and state["model"]["weight"].tolist() == [[1.5, -2.0]]

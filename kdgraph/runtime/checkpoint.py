@@ -27,7 +27,7 @@ import torch
 
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.runs import PREVIOUS_CHECKPOINT, readable
-from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, read_weights_file
+from kdgraph.weights import TRAINING_CHECKPOINT_KEYS, DataMode, read_weights_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -217,8 +217,9 @@ class BackgroundWriter:
 REQUIRED_KEYS = TRAINING_CHECKPOINT_KEYS
 
 
-def load_latest(path: Path) -> tuple[dict[str, Any], str | None]:
-    """The checkpoint at ``path`` or, when it is missing or damaged, ``prev.pt`` beside it.
+def load_latest(path: Path, data: DataMode = "read") -> tuple[dict[str, Any], str | None]:
+    """The checkpoint at ``path`` or, when it is missing or damaged, ``prev.pt`` beside it
+    (``data`` as ``load``'s).
 
     Returns the state and a warning naming what was wrong and what was loaded instead
     (None when ``path`` itself was good). Raises KDGraphError naming both files when
@@ -227,26 +228,27 @@ def load_latest(path: Path) -> tuple[dict[str, Any], str | None]:
     path = Path(path)
     prev = previous_of(path)
     try:
-        return load(path), None
+        return load(path, data), None
     except KDGraphError as exc:
         if not prev.is_file() or prev == path:
             raise
         problem = exc if path.exists() else f"{path} is missing"
     try:
-        state = load(prev)
+        state = load(prev, data)
     except KDGraphError as exc:
         raise KDGraphError(f"{problem}; the previous checkpoint is no good either: {exc}") from None
     return state, f"warning: {problem}; continuing from the previous checkpoint {prev} instead"
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, data: DataMode = "read") -> dict[str, Any]:
     """A kdgraph training checkpoint, loaded without unpickling anything but data
     (``kdgraph.weights.read_weights_file``: format by content, code refused), its checksum
-    verified."""
+    verified. ``data="mmap"`` maps the file's storages instead of reading them into this
+    process: ranks that each load the same file share one copy in the page cache."""
     path = Path(path)
     if not path.exists():
         raise KDGraphError(f"no checkpoint at {path}: nothing to resume (train without --resume first)")
-    state = read_weights_file(path)
+    state = read_weights_file(path, data)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise KDGraphError(f"{path} is not a kdgraph training checkpoint: it needs keys "

@@ -372,7 +372,7 @@ class ShardedCheckpoints:
         unsharded run's, continued sharded with --reshard): None, that file's whole state."""
         plain = self.folder.last_checkpoint
         if not (self.last.is_dir() or self.prev.is_dir()) and (plain.is_file() or ckpt.previous_of(plain).is_file()):
-            state, warning = ckpt.load_latest(plain)
+            state, warning = ckpt.load_latest(plain, data="mmap")  # every rank reads it: one copy, in the page cache
             return None, state, warning
         try:
             return self.last, read_folder(self.last), None
