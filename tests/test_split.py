@@ -149,23 +149,3 @@ def test_a_boundary_that_is_not_a_cut_is_rejected():
     traced = trace(Res(), (1, 4, 4))
     with pytest.raises(PlanError, match="not a cut"):
         split_segments(traced, ["a"])
-
-
-def test_trace_leaves_the_built_model_as_it_found_it():
-    """No module added (a functional dropout follows its module's mode without one), and each
-    module's train/eval flag restored, a mix of modes included."""
-    import timm
-
-    model = timm.create_model("resnet18", num_classes=10, drop_rate=0.3)
-    model.train()
-    model.layer2.eval()
-    before = [(name, type(m), m.training) for name, m in model.named_modules()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    traced = trace(model, (3, 32, 32))
-    assert [(name, type(m), m.training) for name, m in model.named_modules()] == before
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    x = torch.randn(4, 3, 32, 32)
-    traced.gm.eval()
-    model.eval()  # the head's dropout follows the model's mode through the traced graph
-    with torch.no_grad():
-        assert torch.equal(traced.gm(x), model(x))

@@ -1,4 +1,5 @@
-"""Tracing and cut finding on small hand-built modules, where the right answer is obvious."""
+"""Cut finding (``compiler.cuts``) on small hand-built modules, where the right answer is written
+out by hand (the live set after each node, the reduction of each grid), and on timm models."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 from conftest import traced_timm
-from kdgraph.compiler.cuts import find_cut_by_module, find_cuts, infer_layout
-from kdgraph.errors import TraceError
+from kdgraph.compiler import cuts as cuts_module
+from kdgraph.compiler.cuts import (_nominal_reduction, _reduction, _token_reduction, find_cut_by_module, find_cuts,
+                                   infer_layout, needs_multi_tensor_cuts)
 from kdgraph.compiler.trace import trace
 
 
@@ -103,50 +105,6 @@ def test_sizes_read_from_the_input_are_live():
     assert not {"a", "b"} & {c.module for c in cuts}
 
 
-def test_concrete_args_are_bound_and_required_args_rejected():
-    class Masked(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x, mask=None, scale: float = 1.0):
-            x = self.a(x) * scale
-            if mask is not None:
-                x = x * mask
-            return self.b(x)
-
-    traced = trace(Masked(), (1, 4, 4))
-    placeholders = [n for n in traced.gm.graph.nodes if n.op == "placeholder"]
-    assert len(placeholders) == 1
-
-    class NeedsTwo(nn.Module):
-        def forward(self, x, y):
-            return x + y
-
-    with pytest.raises(TraceError, match="'y'"):
-        trace(NeedsTwo(), (1, 2, 2))
-
-
-def test_traced_graph_shares_parameters_with_the_model():
-    model = _resnetlike()
-    traced = trace(model, (3, 8, 8))
-    assert traced.gm.get_submodule("1.conv1") is model[1].conv1
-    assert traced.gm.get_submodule("1.conv1").weight is model[1].conv1.weight
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(traced.gm(x), model(x))
-    assert traced.input_size == (3, 8, 8)
-    assert traced.nodes["output"].op == "output"
-    assert traced.is_container("1") and not traced.is_container("1.conv1")
-
-
-def test_shape_prop_keeps_training_mode_and_bn_stats():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).train()
-    before = [b.clone() for b in model.buffers()]
-    trace(model, (3, 8, 8))
-    assert model.training
-    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
-
-
 @pytest.mark.parametrize("shape,hw,expected", [
     ((64, 8, 8), (32, 32), ("NCHW", 64, 4, 0)),
     ((8, 8, 64), (32, 32), ("NHWC", 64, 4, 0)),
@@ -207,3 +165,113 @@ def test_cut_to_dict_is_plain_data():
     d = cut.to_dict()
     assert d["shape"] == [8, 8, 8] and d["closes"] == ["0"] and d["layout"] == "NCHW"
     assert set(d) >= {"node", "module", "closes", "shape", "layout", "channels", "reduction"}
+
+
+@pytest.mark.parametrize("hw,h,w,expected", [
+    ((224, 224), 56, 56, 4), ((224, 224), 7, 7, 32), ((32, 32), 32, 32, 1),
+    ((224, 224), 4, 4, 64),  # 224/56 = 4 exactly, but a 64-stride with padding gives 4x4: 64
+    ((96, 64), 12, 8, 8),  # non-square input, one reduction
+    ((32, 32), 5, 5, None), ((32, 32), 8, 4, None), ((96, 64), 12, 16, None), ((32, 32), 0, 4, None),
+    ((48, 48), 16, 16, 3),  # 3 tiles exactly and no power of two gives 16: the exact 3 stays
+])
+def test_reduction_of_a_grid(hw, h, w, expected):
+    assert _reduction(hw, h, w) == expected
+
+
+@pytest.mark.parametrize("hw,h,w,expected", [
+    ((224, 224), 55, 55, 4),  # AlexNet's first conv (11x11, stride 4, no padding)
+    ((224, 224), 109, 109, 2), ((299, 299), 147, 147, 2), ((299, 299), 35, 35, 8), ((299, 299), 8, 8, 32),
+    ((224, 224), 55, 54, None),  # a square input keeps square maps
+    ((224, 224), 40, 40, None),  # 224/4 = 56 and 224/8 = 28: 40 is near neither
+])
+def test_nominal_reduction_of_an_unpadded_grid(hw, h, w, expected):
+    assert _nominal_reduction(hw, h, w) == expected
+
+
+def test_token_reduction_counts_prefix_tokens_up_to_eight():
+    assert _token_reduction((224, 224), 196 + 8) == (16, 8)
+    assert _token_reduction((224, 224), 196 + 9) is None  # 205 = 5 x 41: no square patch tiles it
+    assert _token_reduction((32, 32), 64) == (4, 0)
+    assert _token_reduction((32, 48), 24) == (8, 0)  # 4 x 6 patches of 8 px
+    assert _token_reduction((32, 32), 0) is None
+
+
+class TinyUNet(nn.Module):
+    """enc (8x8) -> down (4x4) -> mid (4x4) -> up (8x8) -> cat with enc -> out: enc stays live
+    from its conv to the concat, so no single tensor crosses down or mid."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        m = self.mid(self.down(e))
+        return self.out(torch.cat([e, self.up(m)], dim=1))
+
+
+def test_a_unet_gets_multi_tensor_cuts_carrying_its_skip():
+    traced = trace(TinyUNet(), (3, 8, 8))
+    single = cuts_module._sweep(traced, False)
+    # single-tensor: only enc's output (before down) and the concat (before out)
+    assert [c.module for c in single] == ["enc", ""]
+    assert single[1].node == "cat" and single[1].shape == (8, 8, 8)
+    assert needs_multi_tensor_cuts(traced, single)  # the 4x4 resolution has no single-tensor cut
+    cuts = find_cuts(traced)
+    by_module = {c.module: c for c in cuts}
+    assert set(by_module) == {"enc", "down", "mid", "up", ""}
+    for name, shape in (("down", (8, 4, 4)), ("mid", (8, 4, 4)), ("up", (4, 8, 8))):
+        c = by_module[name]
+        assert c.multi and c.nodes == ("enc", name) and c.shape == shape and c.tensors[-1].node == name
+        assert c.tensors[0].shape == (4, 8, 8) and c.tensors[0].reduction == 1
+        assert c.shapes == [[4, 8, 8], list(shape)]
+    assert by_module["down"].reduction == 2 and by_module["up"].reduction == 1
+    assert not by_module["enc"].multi and by_module["enc"].members == (by_module["enc"],)
+    assert [c.index for c in cuts] == sorted({c.index for c in cuts})
+    assert find_cuts(traced, multi=False) == single
+
+
+def test_a_sequential_model_never_needs_multi_tensor_cuts():
+    traced = trace(_resnetlike(), (3, 8, 8))
+    single = find_cuts(traced, multi=False)
+    assert not needs_multi_tensor_cuts(traced, single)
+    assert find_cuts(traced) == single
+    # forced: inside each residual its input stays live beside the body's maps (2 tensors)
+    forced = find_cuts(traced, multi=True)
+    assert [c for c in forced if not c.multi] == single
+    multi = [c for c in forced if c.multi]
+    assert multi and all(len(c.tensors) == 2 and c.module.startswith(("1.", "2.")) for c in multi)
+    assert {c.tensors[0].node for c in multi} == {single[0].node, single[1].node}  # each residual's input
+
+
+def test_multi_tensor_cuts_are_bounded_by_max_cut_tensors(monkeypatch):
+    traced = trace(TinyUNet(), (3, 8, 8))
+    monkeypatch.setattr(cuts_module, "MAX_CUT_TENSORS", 1)
+    assert not any(c.multi for c in find_cuts(traced, multi=True))
+
+
+class _IntMiddle(nn.Module):
+    """A float map, then an integer tensor (class indices), then an embedding: the integer
+    value is the only live one after ``argmax`` but is no feature to compare or feed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.emb = nn.Embedding(4, 6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        i = self.a(x).argmax(1)
+        return self.fc(self.emb(i).mean((1, 2)))
+
+
+def test_integer_values_are_no_cut():
+    traced = trace(_IntMiddle(), (3, 4, 4))
+    cuts = find_cuts(traced)
+    assert "argmax" in traced.nodes and traced.nodes["argmax"].dtype.startswith("int")
+    assert "argmax" not in {c.node for c in cuts}
+    assert [c.module for c in cuts][:2] == ["a", "emb"]
