@@ -1,4 +1,5 @@
-"""Segments compose to the traced model's forward and share its parameters."""
+"""Splitting (``compiler.split``): segments composed in order equal the eager model's forward
+(train and eval, shared parameters), with side inputs, multi-tensor cuts and taps alike."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from torch import nn
 
 from conftest import timm_kwargs
 from kdgraph.compiler import compile_spec
-from kdgraph.compiler.cuts import find_cuts
+from kdgraph.compiler.cuts import find_cut_by_module, find_cuts
 from kdgraph.errors import PlanError
-from kdgraph.compiler.split import split_segments
+from kdgraph.compiler.split import TAP_PREFIX, insert_tap, is_lazy, split_segments, split_side
+from kdgraph.ir import SideInput
+from kdgraph.runtime.chain import call_segment, side_values
 from kdgraph.compiler.boundaries import choose_boundaries
 from kdgraph.compiler.stages import find_stages
 from kdgraph.spec import load_spec
@@ -149,3 +152,126 @@ def test_a_boundary_that_is_not_a_cut_is_rejected():
     traced = trace(Res(), (1, 4, 4))
     with pytest.raises(PlanError, match="not a cut"):
         split_segments(traced, ["a"])
+
+
+def _chain(model):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 16, 2)) if model is None else model
+
+
+def test_a_tap_keeps_the_value_inside_a_block_while_armed():
+    torch.manual_seed(0)
+    model = _chain(None).eval()
+    traced = trace(model, (3, 4, 4))
+    cut = find_cut_by_module(find_cuts(traced), "1")
+    segs = split_segments(traced, [cut.node])
+    inner = find_cut_by_module(find_cuts(traced), "2").node  # the conv inside block 2
+    insert_tap(segs[1], inner, "xs_p1")
+    tap = segs[1].get_submodule(TAP_PREFIX + "xs_p1")
+    seen = {}
+    model[2].register_forward_hook(lambda m, i, o: seen.update(conv=o.detach().clone()))
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        want = model(x)
+        got = segs[1](segs[0](x))
+        assert tap.value is None  # not armed: nothing kept
+        tap.armed = True
+        assert torch.equal(segs[1](segs[0](x)), got)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(tap.value, seen["conv"])
+    assert not any(TAP_PREFIX in k for k in model.state_dict())  # the model's state is unchanged
+
+
+def test_tapping_a_node_the_segment_lacks_is_refused():
+    traced = trace(_chain(None), (3, 4, 4))
+    segs = split_segments(traced, [find_cut_by_module(find_cuts(traced), "1").node])
+    with pytest.raises(PlanError, match=r"^student_block1: no node 'nope' to tap$"):
+        insert_tap(segs[0], "nope", "xs_p1")
+
+
+class _Timed(nn.Module):
+    """A denoiser in miniature: a time embedding (side input ``t`` alone) read by the first
+    and the last block."""
+
+    def __init__(self):
+        super().__init__()
+        self.temb = nn.Linear(1, 4)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x, t):
+        e = self.temb(t.float()[:, None] / 10)[:, :, None, None]
+        h = self.a(x) + e
+        h = torch.relu(self.b(h))
+        return self.c(h) + e[:, :3]
+
+
+def test_side_values_reach_the_blocks_that_read_them():
+    torch.manual_seed(0)
+    model = _Timed().eval()
+    traced = trace(model, (3, 4, 4), side=(SideInput("t", "timestep", 10),))
+    cuts = [c for c in find_cuts(traced) if not c.multi]
+    # a, a + e, b, relu, c: the side value e live all along is no part of any cut
+    assert [c.module for c in cuts] == ["a", "", "b", "", "c"]
+    segs = split_segments(traced, [cuts[1].node, cuts[3].node])
+    side = split_side(traced, segs)
+    e_nodes = set(side.side_outputs)
+    assert segs[1].side_inputs == ()  # the middle block reads no side value
+    assert segs[0].side_inputs and set(segs[0].side_inputs) <= e_nodes
+    assert segs[2].side_inputs and set(segs[2].side_inputs) <= e_nodes
+    assert set(segs[0].side_inputs) | set(segs[2].side_inputs) == e_nodes
+    order = traced.order
+    assert list(side.side_outputs) == sorted(e_nodes, key=order.index)
+    x, t = torch.randn(3, 3, 4, 4), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        values = side_values(side, (t,))
+        h = x
+        for seg in segs:
+            h = call_segment(seg, h, values)
+        torch.testing.assert_close(h, model(x, t))
+    assert split_side(trace(_chain(None), (3, 4, 4)), segs) is None  # no side inputs: no side segment
+
+
+class _Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.out(torch.cat([e, self.up(self.down(e))], dim=1))
+
+
+def test_a_multi_tensor_cut_hands_every_tensor_to_the_next_block():
+    torch.manual_seed(0)
+    model = _Skip()
+    traced = trace(model, (3, 8, 8))
+    down = find_cut_by_module(find_cuts(traced), "down")
+    assert down.nodes == ("enc", "down")
+    segs = split_segments(traced, [down.nodes])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        mid = segs[0](x)
+        assert isinstance(mid, tuple) and [tuple(m.shape[1:]) for m in mid] == [(4, 8, 8), (8, 4, 4)]
+        torch.testing.assert_close(segs[1](*mid), model(x))
+    placeholders = [n.name for n in segs[1].graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["cut_enc", "cut_down"]
+
+
+def test_segments_of_a_lazy_trace_are_lazy_and_compute_the_same():
+    torch.manual_seed(0)
+    model = _chain(None).eval()
+    x = torch.randn(2, 3, 4, 4)
+    out = {}
+    for lazy in (False, True):
+        traced = trace(model, (3, 4, 4), lazy=lazy)
+        segs = split_segments(traced, [find_cut_by_module(find_cuts(traced), "1").node])
+        assert all(is_lazy(s) == lazy for s in segs)
+        with torch.no_grad():
+            out[lazy] = segs[1](segs[0](x))
+    assert torch.equal(out[True], out[False])
+    torch.testing.assert_close(out[True], model(x))
