@@ -1,22 +1,25 @@
-"""Depth splits of an isotropic stage whose depth the blocks do not divide: the rule is
-near-equal chunks, the larger ones first (``boundaries._split``: 10/4 -> 3, 3, 2, 2), and the
-plan says which chunks it cut (``depth split 1/4 (3/3/2/2)``).
+"""Block boundaries (``compiler.boundaries``): one per resolution, the shallowest dropped, the
+longest stage split by depth (near-equal chunks, the larger first: 10/4 -> 3, 3, 2, 2; Minitron's
+rule for decoder stacks), a U-Net cut on its way down then up, explicit cuts and their refusals.
 
-The truth is written out by hand for each case; the model is a stem, ``depth`` residual
-blocks of one width in a Sequential, and the head, small enough to trace in a blink."""
+The truth is written out by hand for each case, on models small enough to trace in a blink (a
+stem, ``depth`` residual blocks of one width and a head; a two-level U-Net), and on timm ResNets."""
 
 from __future__ import annotations
 
 import io
 
 import pytest
+import torch
 from torch import nn
 
 from kdgraph.compiler import compile_spec
-from kdgraph.compiler.boundaries import _depth_sizes, _split, choose_boundaries, depth_ends
+from kdgraph.compiler.artifacts import ModelArtifacts
+from kdgraph.compiler.boundaries import _depth_sizes, _split, choose_boundaries, depth_ends, pairable_stages
 from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
+from kdgraph.errors import PlanError
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec
@@ -103,3 +106,130 @@ def test_the_plan_shows_the_uneven_split():
     text = console.export_text()
     for j in range(1, 5):
         assert f"depth split {j}/4 (3/3/2/2) / depth split {j}/4 (2/2/2/1)" in text, text
+
+
+def _pair(teacher: str, student: str, size: int, **extra) -> dict:
+    return {
+        "name": "pair",
+        "teacher": {"model": f"timm:{teacher}", "kwargs": {"num_classes": 10}},
+        "student": {"model": f"timm:{student}", "kwargs": {"num_classes": 10}},
+        "data": {"dataset": "synthetic", "input_size": [3, size, size], "num_classes": 10},
+        **extra,
+    }
+
+
+def _labels(bounds):
+    return [b.cut.label for b in bounds]
+
+
+def test_explicit_cuts_override_the_automatic_choice():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4.1", "student": "layer4"}]})
+    c = compile_spec(load_spec(raw))
+    assert _labels(c.teacher.boundaries) == ["layer2", "layer4.1"]
+    assert _labels(c.student.boundaries) == ["layer2", "layer4"]
+    assert [b.rule for b in c.teacher.boundaries] == ["explicit", "explicit"]
+    assert [b.rule for b in c.pairing.blocks] == ["explicit", "explicit", "head"]
+    assert [b["rule"] for b in c.to_dict()["blocks"]] == ["explicit", "explicit", "head"]
+    assert c.teacher.boundaries[0].cut.shape == c.student.boundaries[0].cut.shape
+
+
+def test_explicit_cut_that_is_no_module_is_rejected():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4", "student": "layer9"}]})
+    with pytest.raises(PlanError, match=r"decompose\.cuts\.1\.student: 'layer9'"):
+        compile_spec(load_spec(raw))
+
+
+def test_explicit_cut_inside_a_residual_block_is_rejected():
+    raw = _pair("resnet34", "resnet18", 32, schedule={"recompositions": 1}, decompose={"blocks": 2, "cuts": [
+        {"teacher": "layer2.0.conv1", "student": "layer2"}]})
+    with pytest.raises(PlanError, match=r"decompose\.cuts\.0\.teacher"):
+        compile_spec(load_spec(raw))
+
+
+def test_explicit_cuts_out_of_order_are_rejected():
+    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
+        {"teacher": "layer3", "student": "layer2"}, {"teacher": "layer2", "student": "layer3"}]})
+    with pytest.raises(PlanError, match="forward order"):
+        compile_spec(load_spec(raw))
+
+
+def _bounds(model, size, blocks):
+    traced = trace(model.eval(), size)
+    return choose_boundaries(find_stages(find_cuts(traced), traced), blocks, traced), traced
+
+
+def _pyramid():
+    """Three resolutions (1, 2, 4) of widths 4, 8, 16, then the head."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 2))
+
+
+@pytest.mark.parametrize("blocks,ends", [(1, []), (2, ["5"]), (3, ["3", "5"]), (4, ["1", "3", "5"])])
+def test_one_boundary_per_resolution_the_shallowest_dropped_first(blocks, ends):
+    bounds, _ = _bounds(_pyramid(), (3, 8, 8), blocks)
+    assert [b.cut.module for b in bounds] == ends  # each resolution ends at its ReLU, the later cut
+    assert all(b.rule == "stage end" for b in bounds)
+
+
+def test_too_many_blocks_for_the_stages_and_their_units_is_refused():
+    with pytest.raises(PlanError, match=r"^the student cannot be cut into 5 blocks: it has 1 resolution stages and "
+                                        r"2 repeated units in all; lower decompose.blocks$"):
+        _bounds(_Isotropic(2), (1, 8, 8), 5)
+    with pytest.raises(PlanError, match=r"^the student cannot be cut into 5 blocks: it has 3 resolution stages and "
+                                        r"3 repeated units in all; lower decompose.blocks$"):
+        _bounds(_pyramid(), (3, 8, 8), 5)  # no stage repeats a unit: only one cut per resolution
+
+
+def test_a_model_with_only_vector_cuts_cannot_be_split():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(PlanError, match=r"^the student has no feature-map or token cut to split at; name the cuts "
+                                        r"in decompose.cuts or use decompose.blocks: 1$"):
+        _bounds(mlp, (3, 4, 4), 2)
+    assert _bounds(mlp, (3, 4, 4), 1)[0] == []
+
+
+class _UNet(nn.Module):
+    """enc (8x8) -> down, mid (4x4) -> up (8x8) -> concat with enc -> out."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.out(torch.cat([e, self.up(self.mid(self.down(e)))], dim=1))
+
+
+@pytest.mark.parametrize("blocks,ends,rules", [
+    (2, [("enc", "mid")], ["stage end"]),  # the bottleneck, carrying the skip
+    (3, [("enc",), ("enc", "mid")], ["stage end", "stage end"]),
+    (4, [("enc",), ("enc", "mid"), ("cat",)], ["stage end", "stage end", "decoder stage end"]),
+])
+def test_a_unet_is_cut_on_its_way_down_then_up(blocks, ends, rules):
+    bounds, _ = _bounds(_UNet(), (3, 8, 8), blocks)
+    assert [b.cut.nodes for b in bounds] == ends and [b.rule for b in bounds] == rules
+    with pytest.raises(PlanError, match=r"^the student cannot be cut into 5 blocks: it has 2 resolutions on the way "
+                                        r"down and 1 on the way up; lower decompose.blocks$"):
+        _bounds(_UNet(), (3, 8, 8), 5)
+
+
+def test_pairable_stages_leave_a_unet_its_single_tensor_ends_against_a_plain_partner():
+    def art(model):
+        traced = trace(model.eval(), (3, 8, 8))
+        return ModelArtifacts("student", model, traced, stages=tuple(find_stages(find_cuts(traced), traced)))
+
+    unet, plain = art(_UNet()), art(_pyramid())
+    assert any(s.end.multi for s in unet.stages)
+    single = pairable_stages(unet, plain)
+    assert single and not any(s.end.multi for s in single)
+    assert [s.end.node for s in single] == [s.end.node for s in unet.stages if not s.end.multi]
+    assert pairable_stages(unet, unet) == list(unet.stages)  # both carry skips: every stage
+    assert pairable_stages(unet, None) == list(unet.stages)
+    assert pairable_stages(plain, unet) == list(plain.stages)
