@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from kdgraph.compiler.cuts import find_cut_by_module, find_cuts
+from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.stages import feature_taps, find_stages, preferred, same_value, tapped
 from kdgraph.compiler.trace import trace
 from kdgraph.ir import Cut
