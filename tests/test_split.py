@@ -275,3 +275,63 @@ def test_segments_of_a_lazy_trace_are_lazy_and_compute_the_same():
             out[lazy] = segs[1](segs[0](x))
     assert torch.equal(out[True], out[False])
     torch.testing.assert_close(out[True], model(x))
+
+
+class _SkipBN(nn.Module):
+    """A U-Net level with BatchNorm and dropout on both sides of a multi-tensor cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.3))
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.Sequential(nn.Dropout(0.3), nn.Conv2d(8, 3, 1))
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.out(torch.cat([e, self.up(self.down(e))], dim=1))
+
+
+def test_training_through_split_segments_is_training_the_model():
+    """Train mode across a multi-tensor cut: the same outputs (one RNG stream for dropout, batch
+    statistics), the same gradients on the very same parameters, the same BN running stats."""
+    torch.manual_seed(0)
+    model, twin = _SkipBN().train(), _SkipBN().train()
+    twin.load_state_dict(model.state_dict())
+    traced = trace(model, (3, 8, 8))
+    segs = split_segments(traced, [find_cut_by_module(find_cuts(traced), "down").nodes]).train()
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(5)
+    want = twin(x)
+    want.square().mean().backward()
+    torch.manual_seed(5)
+    got = segs[1](*segs[0](x))
+    got.square().mean().backward()
+    torch.testing.assert_close(got, want)
+    grads = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    torch.testing.assert_close(model.down[1].running_mean, twin.down[1].running_mean)
+
+
+class _BatchRead(nn.Module):
+    """The batch size read in the second block from that block's own input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 2)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
+def test_a_batch_size_read_in_a_block_follows_the_batch_it_is_fed():
+    model = _BatchRead().eval()
+    traced = trace(model, (3, 4, 4), batch_size=2)
+    segs = split_segments(traced, [find_cut_by_module(find_cuts(traced), "a").node])
+    x = torch.randn(5, 3, 4, 4)  # another batch size than the trace's
+    with torch.no_grad():
+        torch.testing.assert_close(segs[1](segs[0](x)), model(x))
