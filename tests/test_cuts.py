@@ -275,3 +275,37 @@ def test_integer_values_are_no_cut():
     assert "argmax" in traced.nodes and traced.nodes["argmax"].dtype.startswith("int")
     assert "argmax" not in {c.node for c in cuts}
     assert [c.module for c in cuts][:2] == ["a", "emb"]
+
+
+class _Block(nn.Module):
+    """A plain chain inside a module that is no sequence container: cuts inside it stay open."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x))
+
+
+def test_levels_count_the_open_modules_that_are_no_sequences():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Block(), nn.Flatten(), nn.Linear(4 * 16, 2))
+    cuts = find_cuts(trace(model, (3, 4, 4)))
+    inner, end = find_cut_by_module(cuts, "1.c1"), find_cut_by_module(cuts, "1")
+    assert (inner.level, inner.closes) == (1, ("1.c1",))  # module 1 is still open
+    assert (end.level, end.closes, end.module) == (0, ("1", "1.c2"), "1")  # shallowest first
+    assert end is find_cut_by_module(cuts, "1.c2")
+
+
+def test_a_one_step_collapse_to_1x1_is_a_vector_and_a_blown_up_grid_is_other():
+    # 8x8 -> 1x1 in one conv (VGG's conv head): a vector, no map of reduction 8
+    collapse = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 8), nn.Flatten(), nn.Linear(6, 2))
+    cuts = find_cuts(trace(collapse, (3, 8, 8)))
+    assert [(c.module, c.layout, c.reduction) for c in cuts[:2]] == [("0", "NCHW", 1), ("1", "vector", None)]
+    # 2x2 -> 1x1 by a fixed max pool stays a map (reduction 4); then a fixed 3x3 of it tiles nothing
+    grown = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d((3, 3)),
+                          nn.Flatten(), nn.Linear(36, 2))
+    cuts = find_cuts(trace(grown, (3, 4, 4)))
+    assert [(c.module, c.layout, c.reduction) for c in cuts[:3]] == [("0", "NCHW", 2), ("1", "NCHW", 4),
+                                                                      ("2", "other", None)]
