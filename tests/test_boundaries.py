@@ -233,3 +233,20 @@ def test_pairable_stages_leave_a_unet_its_single_tensor_ends_against_a_plain_par
     assert pairable_stages(unet, unet) == list(unet.stages)  # both carry skips: every stage
     assert pairable_stages(unet, None) == list(unet.stages)
     assert pairable_stages(plain, unet) == list(plain.stages)
+
+
+def test_explicit_cuts_are_resolved_by_module_and_refused_with_the_cuts_near_them():
+    from kdgraph.compiler.boundaries import boundaries_for
+
+    traced = trace(_pyramid().eval(), (3, 8, 8))
+    cuts = find_cuts(traced)
+    stages = find_stages(cuts, traced)
+    bounds = boundaries_for(traced, cuts, stages, 3, ["1", "4"])
+    assert [(b.cut.module, b.rule) for b in bounds] == [("1", "explicit"), ("4", "explicit")]
+    assert boundaries_for(traced, cuts, stages, 3, None) == choose_boundaries(stages, 3, traced)
+    with pytest.raises(PlanError, match=r"^decompose\.cuts\.1\.student: '10' is not a cut of the student \(no single "
+                                        r"tensor crosses there, or no such module\); cuts near it: 0, 1\. "
+                                        r"`kdgraph plan` lists every cut\.$"):
+        boundaries_for(traced, cuts, stages, 3, ["1", "10"])
+    with pytest.raises(PlanError, match=r"^decompose\.cuts: the student cuts must be in forward order$"):
+        boundaries_for(traced, cuts, stages, 3, ["4", "1"])
