@@ -192,39 +192,6 @@ def test_unconvertible_pair_names_both_cuts():
     assert "vector" in msg and "NCHW" in msg
 
 
-def test_explicit_cuts_override_the_automatic_choice():
-    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
-        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4.1", "student": "layer4"}]})
-    c = compile_spec(load_spec(raw))
-    assert _labels(c.teacher.boundaries) == ["layer2", "layer4.1"]
-    assert _labels(c.student.boundaries) == ["layer2", "layer4"]
-    assert [b.rule for b in c.teacher.boundaries] == ["explicit", "explicit"]
-    assert [b.rule for b in c.pairing.blocks] == ["explicit", "explicit", "head"]
-    assert [b["rule"] for b in c.to_dict()["blocks"]] == ["explicit", "explicit", "head"]
-    assert c.teacher.boundaries[0].cut.shape == c.student.boundaries[0].cut.shape
-
-
-def test_explicit_cut_that_is_no_module_is_rejected():
-    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
-        {"teacher": "layer2", "student": "layer2"}, {"teacher": "layer4", "student": "layer9"}]})
-    with pytest.raises(PlanError, match=r"decompose\.cuts\.1\.student: 'layer9'"):
-        compile_spec(load_spec(raw))
-
-
-def test_explicit_cut_inside_a_residual_block_is_rejected():
-    raw = _pair("resnet34", "resnet18", 32, schedule={"recompositions": 1}, decompose={"blocks": 2, "cuts": [
-        {"teacher": "layer2.0.conv1", "student": "layer2"}]})
-    with pytest.raises(PlanError, match=r"decompose\.cuts\.0\.teacher"):
-        compile_spec(load_spec(raw))
-
-
-def test_explicit_cuts_out_of_order_are_rejected():
-    raw = _pair("resnet34", "resnet18", 32, decompose={"blocks": 3, "cuts": [
-        {"teacher": "layer3", "student": "layer2"}, {"teacher": "layer2", "student": "layer3"}]})
-    with pytest.raises(PlanError, match="forward order"):
-        compile_spec(load_spec(raw))
-
-
 def test_prebuilt_models_are_used_as_given():
     import timm
 

@@ -2,87 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
-import pytest
 import scipy.fft
 import torch
 import torch.nn.functional as F
 
 from kdgraph.compiler import compile_spec
-from kdgraph.layouts import FeatureFormat, FormatAdapter, from_map, resample, to_map
+from kdgraph.layouts import FeatureFormat
 from kdgraph.runtime.distiller import Distiller
 from kdgraph.losses import DualViewFeatureMimicking, dct2, idct2, remove_direct
-from kdgraph.scalekd import CrossAttentionProjector
 from kdgraph.spec import load_spec
-
-FORMATS = [
-    FeatureFormat("NCHW", 8, (8, 8)),
-    FeatureFormat("NCHW", 6, (4, 4)),
-    FeatureFormat("NHWC", 12, (4, 4)),
-    FeatureFormat("tokens", 16, (4, 4), prefix=1),
-    FeatureFormat("tokens", 10, (2, 2), prefix=0),
-]
-
-
-def _random(fmt: FeatureFormat, batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, *fmt.shape)
-
-
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.layout}{f.hw[0]}p{f.prefix}")
-def test_to_map_from_map_round_trip_is_exact(fmt):
-    x = _random(fmt)
-    m, prefix = to_map(x, fmt)
-    assert m.shape == (3, fmt.channels, *fmt.hw)
-    assert torch.equal(from_map(m, fmt, prefix), x)
-
-
-def test_tokens_to_map_puts_patch_tokens_in_row_major_grid():
-    fmt = FeatureFormat("tokens", 2, (2, 3), prefix=1)
-    x = torch.arange(7 * 2, dtype=torch.float32).reshape(1, 7, 2)  # token t has values (2t, 2t+1)
-    m, prefix = to_map(x, fmt)
-    assert torch.equal(prefix, x[:, :1])
-    # patch token 1 + (r * 3 + c) sits at row r, column c
-    for r, c in itertools.product(range(2), range(3)):
-        assert torch.equal(m[0, :, r, c], x[0, 1 + r * 3 + c])
-
-
-@pytest.mark.parametrize("src,dst", list(itertools.permutations(FORMATS, 2)),
-                         ids=lambda f: f"{f.layout}{f.hw[0]}p{f.prefix}")
-def test_format_adapter_shapes_for_every_layout_pair(src, dst):
-    out = FormatAdapter(src, dst)(_random(src))
-    assert out.shape == (3, *dst.shape)
-
-
-def test_format_adapter_is_resample_then_projection():
-    src, dst = FeatureFormat("NCHW", 4, (8, 8)), FeatureFormat("tokens", 6, (4, 4), prefix=1)
-    a = FormatAdapter(src, dst).eval()
-    with torch.no_grad():
-        a.prefix.normal_()
-        a.proj[1].running_mean.normal_()
-        a.proj[1].running_var.uniform_(0.5, 2)
-    x = torch.randn(2, 4, 8, 8)
-    by_hand = a.proj(F.adaptive_avg_pool2d(x, (4, 4)))
-    expected = torch.cat([a.prefix.expand(2, -1, -1), by_hand.flatten(2).transpose(1, 2)], 1)
-    assert torch.allclose(a(x), expected, atol=1e-6)
-
-
-def test_resample_upsamples_bilinear_and_pools_down():
-    m = torch.randn(1, 2, 4, 4)
-    assert torch.equal(resample(m, (2, 2)), F.avg_pool2d(m, 2))
-    assert torch.allclose(resample(m, (7, 7)), F.interpolate(m, size=(7, 7), mode="bilinear"))
-
-
-@pytest.mark.parametrize("dst", [FeatureFormat("tokens", 16, (4, 4), prefix=1), FeatureFormat("NCHW", 16, (2, 2)),
-                                 FeatureFormat("NHWC", 8, (4, 4))], ids=lambda f: f.layout)
-def test_cap_output_has_the_teachers_shape(dst):
-    src = FeatureFormat("NCHW", 6, (8, 8))
-    cap = CrossAttentionProjector(src, dst, heads=4)
-    out = cap(torch.randn(2, 6, 8, 8))
-    assert out.shape == (2, *dst.shape)
-    out.sum().backward()
-    assert cap.queries.grad is not None and cap.stem[0].weight.grad is not None
 
 
 def test_dct_matches_scipy():
