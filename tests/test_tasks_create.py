@@ -40,5 +40,5 @@ def test_create_task_builds_the_compiled_runs_task(tmp_path):
     spec = load_spec(tiny_spec(tmp_path, method="supervised", seed=7))
     task = create_task(spec, SimpleNamespace(task="classification", num_classes=10))
     assert type(task) is task_class("classification") and task.seed == 7 and task.num_classes == 10
-    with pytest.raises(UnknownName, match="unknown task 'rotation'"):
-        create_task(spec, SimpleNamespace(task="rotation", num_classes=10))
+    with pytest.raises(UnknownName, match="unknown task 'no-such-task'"):
+        create_task(spec, SimpleNamespace(task="no-such-task", num_classes=10))
