@@ -823,20 +823,6 @@ def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path
 
 # --- image folders ------------------------------------------------------------------------
 
-def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from kdgraph.imagefolder import read_image
-
-    pixels = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
-    Image.fromarray(pixels).save(tmp_path / "deep.png")
-    grey = np.asarray(read_image(str(tmp_path / "deep.png"), "L"))
-    assert grey.dtype == np.uint8 and np.array_equal(grey.ravel(), np.arange(256))
-    rgb = np.asarray(read_image(str(tmp_path / "deep.png"), "RGB"))
-    assert np.array_equal(rgb[..., 0], grey)
-
-
 def _image_folder_spec(tmp_path, **data):
     from test_stream_data import folder_spec, write_folder
 
