@@ -193,3 +193,21 @@ def test_a_tokenizer_on_a_dataset_that_is_not_text_is_refused(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "data.tokenizer: tokenises the text dataset" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_output_dir_and_located_at_leave_the_spec_alone(tmp_path):
+    spec = load_spec({"name": "t", "student": {"model": "timm:resnet18"}})
+    assert spec.output_dir == Path("runs") / "t" and spec.source_dir is None
+    moved = spec.located_at(tmp_path)
+    assert moved.source_dir == tmp_path and spec.source_dir is None  # a copy; this one unchanged
+    assert moved.to_dict() == spec.to_dict()  # where it was read from is no field of the spec
+    assert load_spec({**KD_DICT, "output": str(tmp_path / "o")}).output_dir == tmp_path / "o"
+
+
+@pytest.mark.parametrize("override, path", [("optim.lr=.inf", "optim.lr"), ("loss.kl_weight=.nan", "loss.kl_weight"),
+                                            ("data.mean=[.inf]", "data.mean.0")])
+def test_no_number_anywhere_may_be_inf_or_nan(override, path):
+    """``--set optim.lr=.inf`` would train all-NaN and exit 0."""
+    with pytest.raises(SpecError) as info:
+        load_spec(KD_DICT, [override])
+    assert info.value.path == path and "finite number" in info.value.message, info.value.message
