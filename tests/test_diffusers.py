@@ -22,7 +22,7 @@ from kdgraph.compiler.cuts import find_cuts
 from kdgraph.compiler.split import split_segments, split_side
 from kdgraph.compiler.stages import find_stages
 from kdgraph.compiler.trace import trace
-from kdgraph.errors import KDGraphError, ModelError
+from kdgraph.errors import KDGraphError
 from kdgraph.ir import SideInput
 from kdgraph.models import create_model
 from kdgraph.runtime.chain import StudentChain
@@ -48,14 +48,6 @@ def _unet(**over):
     return create_model("diffusers:UNet2DModel", {**CONFIG, **over}).eval()
 
 
-def test_the_wrapper_computes_diffusers_forward():
-    model = _unet()
-    x, t, y = _batch()
-    assert torch.equal(model(x, t, y), model.unet(x, t, class_labels=y).sample)
-    plain = _unet(num_class_embeds=None)
-    assert torch.equal(plain(x, t), plain.unet(x, t).sample)
-
-
 def test_unet2dmodel_splits_and_recomposes_its_eager_forward():
     model = _unet()
     traced = trace(model, SIZE, "student", side=SIDE)
@@ -72,13 +64,6 @@ def test_unet2dmodel_splits_and_recomposes_its_eager_forward():
         for i in range(1, blocks + 1):
             h = chain.block(i, h, values)
         assert torch.equal(h, expected), blocks
-
-
-def test_unknown_and_untraceable_diffusers_models_say_why():
-    with pytest.raises(ModelError, match="unet_2d_condition.py.*torch.is_tensor"):
-        create_model("diffusers:UNet2DConditionModel", {})
-    with pytest.raises(ModelError, match="unknown diffusers model 'UNet3D'.*UNet2DModel"):
-        create_model("diffusers:UNet3D", {})
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
@@ -100,12 +85,6 @@ def test_a_ddim_step_is_diffusers_own_for_either_prediction(prediction):
     x0, eps = x0_and_eps(pred, x_t, ab, prediction)
     assert torch.allclose(out.pred_original_sample, x0, atol=1e-5)
     assert torch.allclose(out.prev_sample, ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps, atol=1e-5)
-
-
-def test_a_missing_diffusers_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
-    with pytest.raises(ModelError, match=r"pip install 'kdgraph\[diffusion\]'"):
-        create_model("diffusers:UNet2DModel", CONFIG)
 
 
 def _spec(tmp_path, method, student_widths=(16, 32), teacher_ckpt=None):
@@ -199,25 +178,3 @@ def test_a_diffusers_pair_plans_on_the_meta_device(tmp_path):
         assert len(d[role]["side_tensors"]) == 3  # one list per block
 
 
-def test_a_diffusers_export_over_an_earlier_timm_layout_export_leaves_none_of_its_files(tmp_path, capfd, caplog):
-    """The old README.md and model.safetensors stayed beside the new config.json: a folder that
-    looked like both layouts. Another tool's file there stays. And the check's read-back says
-    nothing ("accelerate was not found" on every export)."""
-    from diffusers import UNet2DModel
-
-    from kdgraph.tasks.denoise.diffusers_source import DiffusersUNet
-    from kdgraph.tasks.denoise.layout import ship_diffusers
-
-    folder = tmp_path / "ship"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architecture": "resnet_tiny", "kdgraph": {"spec": "x"}}))
-    (folder / "model.safetensors").write_bytes(b"old weights")
-    (folder / "README.md").write_text("old card")
-    (folder / "notes.txt").write_text("mine")
-    torch.manual_seed(0)
-    ship_diffusers(DiffusersUNet(UNet2DModel(**CONFIG)).eval(), folder, {"prediction_type": "epsilon"})
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
-                                                        "notes.txt"]
-    assert (folder / "notes.txt").read_text() == "mine"
-    assert json.loads((folder / "config.json").read_text())["_kdgraph"] == {"prediction_type": "epsilon"}
-    assert "accelerate" not in capfd.readouterr().err + caplog.text

@@ -398,42 +398,6 @@ def test_stablekd_denoiser_trains_and_resumes_exactly(tmp_path, monkeypatch, pai
 
 # -- judging samples: a Fréchet distance in a kdgraph classifier's feature space ------------------
 
-def test_frechet_distance_written_out():
-    from kdgraph.tasks.denoise.frechet import frechet_distance
-
-    g = np.random.default_rng(0)
-    a = g.normal(size=(200, 1))
-    b = g.normal(loc=0.3, scale=2.0, size=(300, 1))
-    # one feature: (μ_a - μ_b)² + (σ_a - σ_b)²
-    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
-    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-9)
-    # b = c a + shift: Σ_b = c² Σ_a, so Tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^½) = (1 - c)² Tr Σ_a
-    a = g.normal(size=(500, 3)) @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
-    shift = np.array([1.0, -2.0, 0.5])
-    b = 3.0 * a + shift
-    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + 4.0 * np.trace(np.cov(a, rowvar=False))
-    assert math.isclose(frechet_distance(a, b), want, rel_tol=1e-6)
-    assert abs(frechet_distance(a, a)) < 1e-6
-
-
-def test_judge_features_are_the_classifiers_pooled_features():
-    from kdgraph.tasks.denoise.frechet import Judge
-    from kdgraph.zoo import resnet_tiny
-
-    torch.manual_seed(0)
-    model = resnet_tiny(num_classes=4, in_chans=1).eval()
-    judge = Judge(model, (0.5,), (0.25,))
-    pixels = torch.rand(6, 1, 8, 8)
-    feats, pred = judge.features(pixels, batch_size=4)
-    with torch.no_grad():
-        x = (pixels - 0.5) / 0.25
-        pooled = model.flatten(model.global_pool(model.forward_features(x)))
-        assert np.allclose(feats, pooled.numpy(), atol=1e-6)
-        assert (pred == model(x).argmax(1).numpy()).all()
-    verdict = judge.judge(pixels, pixels, classes=torch.as_tensor(pred))
-    assert abs(verdict["fd"]) < 1e-6 and verdict["class_accuracy"] == 100.0
-
-
 def test_a_judged_run_reports_fd_and_class_accuracy(tmp_path):
     classifier = {
         "name": "judge", "seed": 0,

@@ -61,24 +61,6 @@ def test_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path, entry):
     assert evil.exists()  # the file is left for the user to inspect
 
 
-class _Opaque:
-    """A plain class: torch's refusal advises allowlisting it or weights_only=False."""
-
-
-@pytest.mark.parametrize("payload", ["os.system", "a class"])
-def test_a_refused_pickled_checkpoint_names_the_global_without_torchs_advice(tmp_path, payload):
-    evil = tmp_path / "teacher.pt"
-    torch.save({"conv1.weight": _Payload(tmp_path / "PWNED") if payload == "os.system" else _Opaque()}, evil)
-    with pytest.raises(KDGraphError) as info:
-        from kdgraph.weights import read_state_dict
-        read_state_dict(evil)
-    message = str(info.value)
-    assert ("posix.system" if payload == "os.system" else "test_hostile_inputs._Opaque") in message
-    for advice in ("weights_only=False", "weights_only` set to `False", "add_safe_globals", "if you trust"):
-        assert advice not in message, message
-    assert "\n" not in message and not (tmp_path / "PWNED").exists()
-
-
 def test_teacher_checkpoint_with_code_payload_is_refused_unexecuted(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "teacher.pt"
@@ -726,28 +708,6 @@ def test_a_billion_laughs_in_kwargs_is_refused_fast(tmp_path):
     _one_line_error(run_cli("plan", str(path), timeout=60), str(path), "more than 10,000 values")
 
 
-@pytest.mark.parametrize("where", ["file", "set", "dict"])
-def test_deep_nesting_is_refused_without_recursion_error(tmp_path, where):
-    deep = "[" * 900 + "]" * 900
-    base = {"name": "deep", "student": {"model": "timm:resnet18"}}
-    with pytest.raises(SpecError, match="nested more than 32 levels deep"):
-        if where == "file":
-            path = tmp_path / "deep.yaml"
-            path.write_text(f"name: deep\nstudent: {{model: 'timm:resnet18', kwargs: {{a: {deep}}}}}\n")
-            load_spec(path)
-        elif where == "set":
-            load_spec(base, [f"student.kwargs.a={deep}"])
-        else:
-            base["student"]["kwargs"] = {"self": base}  # contains itself
-            load_spec(base)
-
-
-def test_values_in_error_messages_are_cut_short(tmp_path):
-    with pytest.raises(SpecError) as info:
-        load_spec(tiny_spec(tmp_path / "run", "kd"), ["student.kwargs=[" + ", ".join(["12345"] * 2000) + "]"])
-    assert len(info.value.message) < 400 and "characters)" in info.value.message
-
-
 # --- output paths ------------------------------------------------------------------------
 
 def test_an_unwritable_output_is_refused_before_building(tmp_path):
@@ -840,20 +800,6 @@ def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path
 
 
 # --- image folders ------------------------------------------------------------------------
-
-def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from kdgraph.imagefolder import read_image
-
-    pixels = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
-    Image.fromarray(pixels).save(tmp_path / "deep.png")
-    grey = np.asarray(read_image(str(tmp_path / "deep.png"), "L"))
-    assert grey.dtype == np.uint8 and np.array_equal(grey.ravel(), np.arange(256))
-    rgb = np.asarray(read_image(str(tmp_path / "deep.png"), "RGB"))
-    assert np.array_equal(rgb[..., 0], grey)
-
 
 def _image_folder_spec(tmp_path, **data):
     from test_stream_data import folder_spec, write_folder

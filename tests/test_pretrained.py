@@ -1,16 +1,13 @@
-"""Pretrained teachers and students: weight files read by content (safetensors, torch zip,
-legacy torch) from timm, torchvision, HF-, DDP- and Lightning-style savers and kdgraph's own
-training checkpoints; fresh heads for students; code payloads refused unexecuted; broken
-files as one-line errors; ``pretrained: true`` through timm's and torchvision's own loaders
-(never reaching a hub: sockets are disabled here); planning without weights; top-5.
+"""Pretrained teachers and students built from a spec: torchvision files, fresh heads for
+students, kdgraph's own training checkpoints as teachers; ``pretrained: true`` through timm's
+and torchvision's own loaders (never reaching a hub: sockets are disabled here); planning
+without weights; top-5. (Reading and fitting weight files themselves: tests/test_weights.py.)
 
 The truth every load is checked against is the source model's own ``state_dict``.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
 import socket
 from pathlib import Path
 
@@ -23,10 +20,9 @@ from torch import nn
 
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import ModelError
-from kdgraph.models import build_model, load_checkpoint, read_state_dict
+from kdgraph.models import build_model, read_state_dict
 from kdgraph.runtime.evaluate import topk_correct
 from kdgraph.spec import ModelSpec, load_spec
-from kdgraph.weights import classifier_names
 
 from _runtime_helpers import ROOT, tiny_spec, train_here
 
@@ -65,92 +61,7 @@ def _save_torch(state, path: Path, legacy: bool = False) -> Path:
     return path
 
 
-# --- formats, read by content ------------------------------------------------------------
-
-@pytest.mark.parametrize("fmt, name", [
-    ("safetensors", "w.safetensors"), ("safetensors", "w.pth"), ("safetensors", "weights"),
-    ("torch", "w.pt"), ("torch", "w.safetensors"), ("torch", "pytorch_model.bin"),
-    ("legacy", "w.pth.tar"), ("legacy", "w.safetensors"),
-])
-def test_format_is_read_from_content_not_suffix(tmp_path, fmt, name):
-    source = _timm()
-    truth = source.state_dict()
-    path = tmp_path / name
-    if fmt == "safetensors":
-        _save_safetensors(truth, path)
-    else:
-        _save_torch(truth, path, legacy=fmt == "legacy")
-    _same(read_state_dict(path), truth)
-    target = _timm(seed=1)
-    assert not torch.equal(target.fc.weight, source.fc.weight)
-    assert load_checkpoint(target, path) == []
-    _same(target.state_dict(), truth)
-
-
-def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
-    """The first byte of a safetensors file is the low byte of its header length: 0x80, the
-    pickle PROTO opcode, for one length in 256 (the quickstart's folded student hit it)."""
-    truth = {"w": torch.arange(6.0).reshape(2, 3)}
-    for pad in range(256):
-        path = tmp_path / f"{pad}.safetensors"
-        save_file(truth, str(path), metadata={"pad": "x" * pad})
-        if path.read_bytes()[0] == 0x80:
-            break
-    else:
-        pytest.fail("no metadata length gave a header length with low byte 0x80")
-    _same(read_state_dict(path), truth)
-
-
-@pytest.mark.parametrize("wrap", ["ddp-in-state_dict", "model", "module", "lightning", "compiled-ddp", "timm-train"])
-def test_wrappers_and_prefixes_are_stripped(tmp_path, wrap):
-    truth = _timm().state_dict()
-
-    def prefixed(prefix):
-        return {prefix + k: v for k, v in truth.items()}
-
-    saved = {
-        "ddp-in-state_dict": {"state_dict": prefixed("module.")},
-        "model": {"model": truth, "optimizer": {"state": {}}, "epoch": 3},  # torchvision's references
-        "module": {"module": truth},
-        "lightning": {"state_dict": prefixed("model."), "epoch": 1, "global_step": 10},
-        "compiled-ddp": prefixed("module._orig_mod."),
-        "timm-train": {"epoch": 5, "arch": TIMM, "state_dict": truth, "state_dict_ema": prefixed("ema.")},
-    }[wrap]
-    path = _save_torch(saved, tmp_path / "ckpt.pth")
-    target = _timm(seed=1)
-    load_checkpoint(target, path)
-    _same(target.state_dict(), truth)
-
-
-class _Wrapper(nn.Module):
-    """A model whose own keys start with 'model.': the prefix must stay."""
-
-    def __init__(self):
-        super().__init__()
-        self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-        self.model(torch.zeros(1, 3, 5, 5))
-
-
-def test_prefix_is_stripped_only_where_it_fits_better(tmp_path):
-    torch.manual_seed(0)
-    source = _Wrapper()
-    truth = source.state_dict()
-    assert all(k.startswith("model.") for k in truth)
-    for saved in (truth, {"module." + k: v for k, v in truth.items()}):
-        path = _save_torch(saved, tmp_path / "w.pt")
-        torch.manual_seed(1)
-        target = _Wrapper()
-        load_checkpoint(target, path)
-        _same(target.state_dict(), truth)
-
-
-def test_hf_style_safetensors_with_model_prefix(tmp_path):
-    truth = _timm().state_dict()
-    path = _save_safetensors({"model." + k: v for k, v in truth.items()}, tmp_path / "model.safetensors")
-    target = _timm(seed=1)
-    load_checkpoint(target, path)
-    _same(target.state_dict(), truth)
-
+# --- torchvision files ------------------------------------------------------------------------
 
 def test_torchvision_resnet_pth(tmp_path):
     torch.manual_seed(0)
@@ -164,28 +75,7 @@ def test_torchvision_resnet_pth(tmp_path):
     _same(build_model(spec.model_copy(update={"checkpoint": old})).state_dict(), truth)
 
 
-def test_mismatches_are_listed_in_one_error(tmp_path):
-    state = dict(_timm().state_dict())
-    state.pop("conv1.0.weight")
-    state["extra.weight"] = torch.zeros(1)
-    state["layer1.0.conv1.weight"] = torch.zeros(3, 3)
-    path = _save_torch(state, tmp_path / "bad.pt")
-    with pytest.raises(ModelError) as info:
-        load_checkpoint(_timm(), path)
-    text = str(info.value)
-    assert str(path) in text
-    assert "missing keys (1): conv1.0.weight" in text
-    assert "unexpected keys (1): extra.weight" in text
-    assert "layer1.0.conv1.weight: checkpoint (3, 3)" in text
-
-
 # --- heads ----------------------------------------------------------------------------------
-
-def test_classifier_names():
-    assert classifier_names(_timm()) == ("fc",)
-    assert classifier_names(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3)) == ("head",)
-    assert classifier_names(torchvision.models.mobilenet_v3_small(num_classes=3)) == ("classifier.3",)
-
 
 def test_student_checkpoint_for_other_classes_gets_a_fresh_head(tmp_path):
     truth = _timm(num_classes=1000).state_dict()
@@ -209,14 +99,6 @@ def test_teacher_checkpoint_for_other_classes_is_an_error(tmp_path):
         build_model(spec, role="teacher")
 
 
-def test_fresh_head_never_hides_a_body_mismatch(tmp_path):
-    state = dict(_timm(num_classes=1000).state_dict())
-    state["layer1.0.conv1.weight"] = torch.zeros(1)
-    path = _save_torch(state, tmp_path / "w.pt")
-    with pytest.raises(ModelError, match="shape mismatches \\(1\\): layer1.0.conv1.weight"):
-        load_checkpoint(_timm(num_classes=7), path, fresh_head=True)
-
-
 # --- kdgraph's own training checkpoints (issue 15.13) -----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -237,87 +119,6 @@ def test_teacher_checkpoint_can_be_a_kdgraph_last_pt(tmp_path, supervised_run):
     raw = tiny_spec(tmp_path / "kd", "kd", blocks=2, teacher_checkpoint=out / "checkpoints" / "last.pt")
     compiled = compile_spec(load_spec(raw))
     _same(compiled.teacher.model.state_dict(), truth)
-
-
-def _training_checkpoint(student: dict, adapters: dict, method: str) -> dict:
-    model = {**{"student." + k: v for k, v in student.items()}, **{"adapters." + k: v for k, v in adapters.items()}}
-    return {"model": model, "optimizer": {}, "scheduler": {}, "rng": {}, "scaler": {},
-            "position": {"epoch": 1, "step": 0, "global_step": 9}, "plan": {"method": method, "k": 4, "n": 0},
-            "teacher_top1": None, "history": {}}
-
-
-def test_kdgraph_checkpoint_whose_student_runs_through_adapters_is_refused(tmp_path):
-    truth = _timm().state_dict()
-    adapters = {"1.lift.weight": torch.zeros(4, 4, 1, 1)}
-    kdmse = _save_torch(_training_checkpoint(truth, adapters, "kd+mse"), tmp_path / "kdmse.pt")
-    _same(read_state_dict(kdmse), truth)  # kd+mse's adapters serve its losses only
-    stable = _save_torch(_training_checkpoint(truth, adapters, "stablekd"), tmp_path / "stable.pt")
-    with pytest.raises(ModelError, match="stablekd student that runs through adapters"):
-        read_state_dict(stable)
-
-
-# --- hostile and broken files -------------------------------------------------------------------
-
-class _Payload:
-    """Unpickling this calls os.system."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle", "raw-pickle-proto0", "as-safetensors"])
-def test_pickle_payload_is_refused_unexecuted(tmp_path, kind):
-    marker = tmp_path / "PWNED"
-    payload = {"conv1.0.weight": _Payload(marker)}
-    path = tmp_path / ("w.safetensors" if kind == "as-safetensors" else "w.pth")
-    if kind in ("torch-zip", "as-safetensors"):
-        torch.save(payload, path)
-    else:
-        path.write_bytes(pickle.dumps(payload, protocol=0 if kind.endswith("proto0") else 2))
-    with pytest.raises(ModelError) as info:
-        load_checkpoint(_timm(), path)
-    text = str(info.value)
-    assert "\n" not in text and str(path) in text
-    assert ("refusing to load" in text and "posix.system" in text) or "not a safetensors or torch file" in text
-    assert not marker.exists()
-
-
-def _truncated(path: Path) -> bytes:
-    return path.read_bytes()[: path.stat().st_size // 2]
-
-
-@pytest.mark.parametrize("content", ["empty", "garbage", "truncated-safetensors", "truncated-torch",
-                                     "lying-header", "header-not-json", "tensor-list"])
-def test_unreadable_files_give_one_line_errors(tmp_path, content):
-    path = tmp_path / "w.pth"
-    state = _timm().state_dict()
-    if content == "empty":
-        path.write_bytes(b"")
-    elif content == "garbage":
-        path.write_bytes(b"garbage" * 100)
-    elif content == "truncated-safetensors":
-        path.write_bytes(_truncated(_save_safetensors(state, tmp_path / "full.safetensors")))
-    elif content == "truncated-torch":
-        path.write_bytes(_truncated(_save_torch(state, tmp_path / "full.pt")))
-    elif content == "lying-header":  # a header length past the end of the file
-        path.write_bytes((10**6).to_bytes(8, "little") + b"{}")
-    elif content == "header-not-json":
-        path.write_bytes((8).to_bytes(8, "little") + b"{nojson!" + b"\0" * 32)
-    else:
-        torch.save([torch.zeros(2)], path)
-    with pytest.raises(ModelError) as info:
-        load_checkpoint(_timm(), path)
-    text = str(info.value)
-    assert "\n" not in text, text
-    assert str(path) in text
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(ModelError, match="checkpoint not found: .*nope.pt"):
-        read_state_dict(tmp_path / "nope.pt")
 
 
 # --- pretrained: true -----------------------------------------------------------------------------

@@ -88,18 +88,6 @@ def test_pixel_ce_is_the_cross_entropy_over_labelled_pixels():
     assert LOSSES.get("pixel_ce")()(*_torch(s2, y))["ce"].item() == pytest.approx(out["ce"].item(), rel=1e-6)
 
 
-def test_dense_head_entries_follow_loss_dense_and_loss_logit():
-    from kdgraph.segmentation.register import dense_head
-    from kdgraph.spec import LossSpec
-
-    def entries(**kw):
-        return dense_head(LossSpec(**kw).model_dump())
-    assert entries() == ("pixel_kl", "pixel_ce")
-    assert entries(dense="cwd") == ("cwd", "pixel_ce")
-    assert entries(logit="dkd") == ("dkd", "pixel_ce") and entries(logit="dist") == ("dist", "pixel_ce")
-    assert entries(logit="dkd", dense="cwd") == ("cwd", "pixel_ce")
-
-
 def test_pixel_kl_without_teacher_is_the_cross_entropy_alone():
     s, t, y = _case(1)
     out = LOSSES.get("pixel_kl")()(*_torch(s, y))

@@ -157,7 +157,10 @@ def _allowed_for(tp: Any) -> str:
         return f"a list of {_allowed_for(_unannotated(typing.get_args(tp)[0]))}"
     if origin is tuple:
         args = typing.get_args(tp)
-        return f"a list of {len(args)} {_allowed_for(_unannotated(args[0]))}s"
+        item = _allowed_for(_unannotated(args[0]))
+        if args[-1] is Ellipsis:  # tuple[X, ...]: any length
+            return f"a list of {item}s"
+        return f"a list of {len(args)} {item}s"
     if tp is type(None):
         return "null"
     if isinstance(tp, type) and issubclass(tp, BaseModel):
