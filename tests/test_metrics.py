@@ -91,6 +91,16 @@ def test_a_whole_line_that_is_no_record_is_refused_and_the_file_kept(tmp_path, b
     assert folder.metrics.read_text() == text
 
 
+def test_bytes_that_are_no_text_are_a_refused_line_or_a_dropped_cut_short_one(tmp_path):
+    folder = RunFolder(tmp_path)
+    good = json.dumps(_records([1])[0]).encode() + b"\n"
+    folder.metrics.write_bytes(good + b"\xff\xfe{\n" + good)
+    with pytest.raises(KDGraphError, match="line 2 is not a metrics record"):
+        kept_lines(folder.metrics, 5)
+    folder.metrics.write_bytes(good + b'{"kind": "st\xff')
+    assert kept_lines(folder.metrics, 5) == [good.decode().strip()]
+
+
 def test_a_bad_whole_last_line_is_refused_too(tmp_path):
     folder = RunFolder(tmp_path)
     text = _file(folder, _records([1]), tail="garbage\n")

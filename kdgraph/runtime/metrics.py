@@ -73,7 +73,7 @@ def kept_lines(path: Path, until_step: int) -> list[str]:
     line that is not a record (a whole line, so not a kill's doing) is refused, the file left as it is."""
     if not path.exists():
         return []
-    text = path.read_text()
+    text = path.read_text(errors="replace")  # bytes that are no text: a line that is no record
     lines = text.splitlines()
     last_cut_short = bool(lines) and not text.endswith("\n")
     kept = []
