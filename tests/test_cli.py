@@ -198,12 +198,3 @@ def test_a_full_disk_under_any_writer_is_one_line_exit_2(tmp_path, monkeypatch, 
     assert "--resume" in err
 
 
-@pytest.mark.parametrize("exc,full", [(OSError(28, "No space left on device"), True),
-                                      (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
-                                                    "failed writing file data/0: file write failed"), True),
-                                      (RuntimeError("unexpected pos 64 vs 0"), True),
-                                      (OSError(13, "Permission denied"), False), (ValueError("x"), False)])
-def test_disk_full_recognises_each_writers_words(exc, full):
-    from kdgraph.errors import disk_full
-
-    assert (disk_full(exc) is not None) == full

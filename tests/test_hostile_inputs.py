@@ -224,39 +224,6 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert (out / "summary.json").exists() and not (out / ".kdgraph.lock").exists()
 
 
-def _contend(out, barrier, trials, results):
-    from kdgraph.errors import KDGraphError
-    from kdgraph.runtime.runs import RunLock
-
-    for trial in range(trials):
-        barrier.wait()
-        lock = RunLock(out)
-        try:
-            lock.acquire()
-        except KDGraphError:
-            pass
-        results.put((trial, lock.held))
-        barrier.wait()  # both have tried before either lets go
-        lock.release()
-
-
-def test_two_runs_starting_together_never_both_hold_the_lock(tmp_path):
-    """The lock was created, then written: a second run reading it empty took it as stale."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    barrier, results, trials = ctx.Barrier(2), ctx.Queue(), 200
-    procs = [ctx.Process(target=_contend, args=(tmp_path, barrier, trials, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    held = [results.get(timeout=120) for _ in range(2 * trials)]
-    for p in procs:
-        p.join(timeout=120)
-    holders = [sum(h for t, h in held if t == trial) for trial in range(trials)]
-    assert holders == [1] * trials, holders
-    assert not (tmp_path / ".kdgraph.lock").exists() and list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.parametrize("content", ["", "{not json", '{"pid": "abc", "host": "h"}', '{"pid": 1e30}',
                                      '{"pid": 100000000000000000000000000000}', '{"pid": -5}', "[1, 2]"])
 def test_a_corrupt_lock_is_one_line_and_left_alone(tmp_path, content):
@@ -312,31 +279,6 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
                     "loss.kl_weight: 1.0 -> 0.5")
     assert _snapshot(tmp_path / "b" / "checkpoints") == before
     assert not (tmp_path / "b" / "summary.json").exists()
-
-def test_force_deletes_only_the_files_a_run_wrote(tmp_path):
-    from kdgraph.runtime.runs import claim
-
-    out = tmp_path / "run"
-    ours = ["checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/.last.pt.abc123.tmp", "metrics.jsonl",
-            "summary.json", "student.safetensors", "run.json", "tensorboard/events.out.tfevents.1.host.2.0"]
-    theirs = ["checkpoints/my-best.pt", "checkpoints/keep/a.txt", "tensorboard/other-run/events.out.tfevents.9",
-              "tensorboard/notes.md", "notes.md", "data/x.png"]
-    for name in ours + theirs:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(name)
-    (out / "run.json").write_text(json.dumps({"spec": {"seed": 0}}))  # kdgraph's record: the folder is a run's
-    claim(out, {"seed": 0}, resume=False, force=True)
-    assert [n for n in ours if n != "run.json" and (out / n).exists()] == []
-    assert all((out / n).read_text() == n for n in theirs)
-    # folders holding only what a run wrote go with it
-    (out / "tensorboard" / "notes.md").unlink()
-    for name in ("tensorboard/other-run/events.out.tfevents.9",):
-        (out / name).unlink()
-    (out / "tensorboard" / "other-run").rmdir()
-    (out / "tensorboard" / "events.out.tfevents.2").write_text("x")
-    claim(out, {"seed": 0}, resume=False, force=True)
-    assert not (out / "tensorboard").exists() and (out / "checkpoints" / "my-best.pt").exists()
-
 
 @pytest.mark.parametrize("output", ["", "/", ".", "./", "~", "cwd"])
 def test_output_that_is_a_root_home_or_the_working_directory_is_refused(tmp_path, output):
@@ -944,25 +886,6 @@ def test_small_messages_a_newcomer_reads(tmp_path):
     trained = run_cli("train", str(write_spec(raw, tmp_path / "folder.yaml")), "--quiet")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "warning: skipping unreadable image" in trained.stderr and "BadImageWarning" not in trained.stderr
-
-
-def test_a_run_killed_before_its_first_checkpoint_can_simply_be_run_again(tmp_path):
-    """--resume said 'train without --resume first' and a plain run said 'continue it with --resume'."""
-    from kdgraph.runtime.runs import claim, earlier_run
-
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
-    (out / "run.json").write_text('{"spec": {"seed": 0}}')
-    assert earlier_run(out) == []
-    claim(out, {"seed": 0}, resume=False, force=False)  # no error: nothing would be lost
-    assert not (out / "metrics.jsonl").exists()  # the killed run's own files go
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "last.pt").write_bytes(b"x")
-    (out / "metrics.jsonl").write_text('{"kind": "step"}\n')
-    assert earlier_run(out) == ["checkpoints/last.pt", "metrics.jsonl"]
-    with pytest.raises(KDGraphError, match="already holds a run .*checkpoints/last.pt"):
-        claim(out, {"seed": 0}, resume=False, force=False)
 
 
 def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):

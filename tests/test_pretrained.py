@@ -21,7 +21,6 @@ from torch import nn
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import ModelError
 from kdgraph.models import build_model, read_state_dict
-from kdgraph.runtime.evaluate import topk_correct
 from kdgraph.spec import ModelSpec, load_spec
 
 from _runtime_helpers import ROOT, tiny_spec, train_here
@@ -239,24 +238,6 @@ def test_your_own_data_specs_parse_and_plan_without_weights_or_data(monkeypatch,
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-
-def test_topk_against_hand_computed_values():
-    logits = torch.tensor([
-        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],  # target 0: top-1 and top-5
-        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # target 2: ranks 5th -> top-5 only
-        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # target 1: ranks 6th -> neither
-        [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # target 1: top-1
-        [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0],  # target 6: ranks 7th -> neither
-    ])
-    target = torch.tensor([0, 2, 1, 1, 6])
-    assert topk_correct(logits, target).tolist() == [2, 3]
-    from timm.utils import accuracy
-
-    assert [round(float(a), 4) for a in accuracy(logits, target, topk=(1, 5))] == [40.0, 60.0]
-    # Fewer classes than 5: top-5 is top-C, every row counts (as in timm).
-    small = torch.tensor([[0.1, 0.9, 0.0], [0.7, 0.2, 0.1]])
-    assert topk_correct(small, torch.tensor([2, 0])).tolist() == [1, 2]
-
 
 def test_metrics_summary_and_eval_report_top5(supervised_run):
     import json

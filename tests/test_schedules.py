@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdgraph.schedules import ONECYCLE_PCT_START, LRSchedule, build_lr_scheduler
+from kdgraph.schedules import ONECYCLE_PCT_START, LRSchedule, build_lr_scheduler, stage_at, stage_starts
 
 
 def _lrs(kind, stage_epochs, spe, peak, min_ratio=0.0):
@@ -101,3 +101,11 @@ def test_lambda_lr_follows_schedule_and_resumes():
         opt2.step()
         sched2.step()
     assert resumed == pytest.approx(seen[3:])
+
+
+def test_epoch_to_stage():
+    """Stages of 2, 3 and 1 epochs: epochs 0-1 are stage 0, 2-4 stage 1, 5 stage 2; past the
+    end, the last stage; a stage of no epochs holds none."""
+    assert stage_starts([2, 3, 1]) == (0, 2, 5)
+    assert [stage_at([2, 3, 1], e) for e in range(8)] == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert [stage_at([2, 0, 1], e) for e in range(3)] == [0, 0, 2]

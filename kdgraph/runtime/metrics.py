@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from pathlib import Path
 
 from kdgraph.errors import KDGraphError
 from kdgraph.runtime.runs import RunFolder
@@ -31,12 +32,10 @@ class Metrics:
             except ImportError:
                 raise KDGraphError("runtime.log: tensorboard needs the tensorboard package; install it with "
                                    "pip install 'kdgraph[tensorboard]' (or pip install tensorboard)") from None
+        # resume: drop what the checkpoint lost (read, and refused, before any tracker starts)
+        lines = [] if keep_until_step is None else kept_lines(self.path, keep_until_step)
         # before metrics.jsonl is cut back: W&B's tracker reads how far the killed process got
         self.trackers = open_trackers(folder, resumed=keep_until_step is not None)
-        lines = []
-        if keep_until_step is not None and self.path.exists():  # resume: drop what the checkpoint lost
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["global_step"] <= keep_until_step]
         self.path.write_text("".join(ln + "\n" for ln in lines))
         if tensorboard:
             # purge_step: a resumed run drops the events the checkpoint did not keep, as metrics.jsonl does
@@ -65,6 +64,34 @@ class Metrics:
 
     def read(self) -> list[dict]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def kept_lines(path: Path, until_step: int) -> list[str]:
+    """The lines of metrics.jsonl at ``path`` whose record's global step is at most ``until_step``.
+    A last line without its newline is one a kill cut short (``Metrics.write`` writes a record
+    and its newline in one call): kept if it still reads as a record, else dropped. Any other
+    line that is not a record (a whole line, so not a kill's doing) is refused, the file left as it is."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")  # bytes that are no text: a line that is no record
+    lines = text.splitlines()
+    last_cut_short = bool(lines) and not text.endswith("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["global_step"] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            step = None
+        if isinstance(step, int) and not isinstance(step, bool):
+            if step <= until_step:
+                kept.append(line)
+        elif number < len(lines) or not last_cut_short:
+            raise KDGraphError(f"{path}: line {number} is not a metrics record (JSON with a global_step); "
+                               "kdgraph wrote none such: mend or remove that line, then resume again")
+    return kept
 
 
 class WaitTimed:

@@ -1,4 +1,4 @@
-"""The Distiller's training step, checked against hand computations.
+"""kdgraph.runtime.distiller: the Distiller's training step, checked against hand computations.
 
 Independent truth: the teacher and student segments (``compiled.*.segments``) and the
 adapters composed by hand, and the losses written out with F.mse_loss, F.cross_entropy and
@@ -253,3 +253,55 @@ def test_inference_paths(tmp_path, stablekd):
         assert torch.allclose(got, manual, atol=1e-6)
         assert not torch.allclose(got, compiled.student.model(x), atol=1e-3)
     d.train()
+
+
+# --- what the Distiller holds, and how it is moved ------------------------------------------
+
+def test_the_module_tree_is_the_student_and_its_adapters_alone(stablekd):
+    """state_dict, parameters and DDP see each student parameter once under the student's own
+    names, the adapters beside them; the frozen teacher and the losses are no part of it."""
+    compiled, d = stablekd
+    student_keys = {f"student.{k}" for k in compiled.student.model.state_dict()}
+    adapter_keys = {f"adapters.{k}" for k in d.adapters.state_dict()}
+    projection_keys = {f"projections.{k}" for k in d.projections.state_dict()}
+    assert set(d.state_dict()) == student_keys | adapter_keys | projection_keys
+    teacher_params = {id(p) for p in compiled.teacher.model.parameters()}
+    assert teacher_params and not teacher_params & {id(p) for p in d.parameters()}
+    assert len({id(p) for p in d.parameters()}) == len(list(d.parameters()))
+
+
+def test_set_stage_loads_the_stages_programs_and_freezes_the_teacher_again(stablekd):
+    compiled, d = stablekd
+    last, first = compiled.plan.stages[-1], compiled.plan.stages[0]
+    try:
+        compiled.teacher.model.train()  # a user's .train() on the teacher
+        d.set_stage(last)
+        assert (d.groups, d.program, d.inference_program) == (last.groups, last.program, last.inference)
+        assert not compiled.teacher.model.training
+        assert all(not p.requires_grad for p in compiled.teacher.model.parameters())
+        assert d._teacher_blocks == set(last.program.teacher_reads)
+    finally:
+        d.set_stage(first)
+
+
+def test_a_cast_reaches_the_unregistered_teacher(tmp_path):
+    compiled, d = _build(tmp_path, "kd")
+    d.double()
+    assert all(p.dtype == torch.float64 for p in compiled.student.model.parameters())
+    assert all(p.dtype == torch.float64 for p in compiled.teacher.model.parameters())
+    x, y = _batch()
+    terms = d(x.double(), y)
+    logits = compiled.student.model(x.double())
+    assert logits.dtype == torch.float64  # the losses themselves are taken in float32
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(logits, y).float())
+    torch.testing.assert_close(terms["kl"], KL_W * _kl(logits, compiled.teacher.model(x.double())).float())
+
+
+def test_an_op_of_an_unknown_kind_is_refused_by_name(stablekd):
+    from kdgraph.ir import Op
+    from kdgraph.runtime.distiller import StepState
+
+    _, d = stablekd
+    with pytest.raises(LookupError, match="unknown program op kind 'teleport'; registered: teacher, cache, student"):
+        d.run_op(Op("X", "teleport", ("input",), 1), [torch.zeros(1)], StepState())
+    assert not d.needs_progress  # no loss of this plan declares progress (DKD's warm-up does)
