@@ -412,3 +412,23 @@ def test_every_package_folder_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdgraph").rglob("__init__.py")}
     assert folders | {"kdgraph.cli"} == listed
+
+
+def _test_module_names(path: Path) -> list[str]:
+    """The test modules that may cover library module ``path``: ``test_<name>.py`` or
+    ``test_<package>_<name>.py`` (the package the module sits in, e.g. tests/test_denoise_task.py
+    for kdgraph/tasks/denoise/task.py); the CLI's cli/main.py is tests/test_cli.py."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    if rel.parts[0] == "cli":
+        return ["test_cli.py"]
+    return [f"test_{rel.name}.py", f"test_{rel.parent.name}_{rel.name}.py"]
+
+
+def test_every_library_module_has_its_test_module():
+    """The project's rule "a test module per library module", read from the file names; a
+    package's __init__ and ``python -m``'s __main__ hold no behaviour of their own."""
+    tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    missing = [str(path.relative_to(ROOT)) for path in _modules().values()
+               if path.name not in ("__init__.py", "__main__.py")
+               and not any(name in tests for name in _test_module_names(path))]
+    assert not missing, f"library modules without a test module (tests/test_<name>.py): {missing}"

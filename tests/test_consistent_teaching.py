@@ -114,7 +114,7 @@ def test_dkd_reads_the_progress_of_each_step(tmp_path, monkeypatch):
 def test_streamed_resume_with_mixup_is_bit_identical(tmp_path, monkeypatch):
     """The streamed path (an image folder decoded by workers) mixes the same way: run B,
     stopped mid-epoch and resumed, ends with run A's student and per-step losses."""
-    from test_stream_data import folder_spec, write_folder
+    from test_stream import folder_spec, write_folder
 
     root = write_folder(tmp_path / "images")
 

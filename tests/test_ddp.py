@@ -111,7 +111,7 @@ def _emulate_steps(spec, out: Path):
 def _stream_spec_dict(out, root):
     """kd on an image folder, streamed by one worker per rank (DistributedSampler-style shards
     of EpochSampler); mean/std given, so that no rank estimates its own."""
-    from test_stream_data import folder_spec
+    from test_stream import folder_spec
 
     spec = folder_spec(root, out, epochs=2, workers=1, mean=[0.5], std=[0.25], augment="crop+flip")
     spec["runtime"]["bn_recalibrate"] = False
@@ -122,7 +122,7 @@ def _stream_spec_dict(out, root):
 @pytest.mark.parametrize("method", ["stablekd", "kd+mse", "stream"])
 def test_two_gloo_ranks_match_single_process_math(tmp_path, method):
     if method == "stream":
-        from test_stream_data import write_folder
+        from test_stream import write_folder
 
         spec = _stream_spec_dict(tmp_path / "ddp", write_folder(tmp_path / "images", train=12))
     else:

@@ -729,7 +729,7 @@ def test_micro_batches_that_leave_batchnorm_tiny_parts_are_refused(tmp_path):
 
 
 def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path):
-    from test_stream_data import folder_spec, write_folder
+    from test_stream import folder_spec, write_folder
 
     from kdgraph.stream import available_cpus
 
@@ -744,7 +744,7 @@ def test_more_workers_than_the_cpus_can_use_are_refused_before_decoding(tmp_path
 # --- image folders ------------------------------------------------------------------------
 
 def _image_folder_spec(tmp_path, **data):
-    from test_stream_data import folder_spec, write_folder
+    from test_stream import folder_spec, write_folder
 
     root = write_folder(tmp_path / "images")
     return root, folder_spec(root, tmp_path / "run", loader="memory", **data)
@@ -861,7 +861,7 @@ def test_eval_and_export_reuse_the_runs_stored_overrides_and_export_needs_no_tea
 
 
 def test_small_messages_a_newcomer_reads(tmp_path):
-    from test_stream_data import write_folder
+    from test_stream import write_folder
 
     # eval --checkpoint that is not there: no advice to pass --checkpoint
     spec = write_spec(tiny_spec(tmp_path / "run", "kd"), tmp_path / "spec.yaml")
@@ -894,7 +894,7 @@ def test_the_in_memory_image_folder_is_decoded_into_one_array(tmp_path):
     reports its allocations to tracemalloc."""
     import tracemalloc
 
-    from test_stream_data import write_folder
+    from test_stream import write_folder
 
     from kdgraph.data import _load_imagefolder
     from kdgraph.spec import DataSpec
