@@ -638,7 +638,8 @@ def format_report(report: dict) -> str:
             out.append(f"- {a['arm']}: at {a['follow']}'s choice {_point(a['chosen'])}")
             continue
         pts = ", ".join(("[{}]" if p["point"] == a["chosen"] else "{}").format(
-            f"{_point(p['point'])} → {_num(p['val_mean'], f)}") for p in a["selection"])
+            f"{_point(p['point'])} → {'diverged' if p['val_mean'] is None else _num(p['val_mean'], f)}")
+            for p in a["selection"])  # a point's mean is None only where a seed's loss stopped being finite
         edge = f"; EDGE: the choice sits at the edge of {', '.join(a['edge'])}" if a["edge"] else ""
         more = f"; {a['pending']} cell(s) pending" if a["pending"] else ""
         out.append(f"- {a['arm']}: {pts or 'not chosen yet'}{edge}{more}")

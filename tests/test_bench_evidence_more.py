@@ -120,3 +120,42 @@ def test_dry_run_trains_nothing(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == ("6 arms in 2 sweeps, 33 cells as given (+ up to 4 per swept arm where a grid "
                                        "grows) + the ResNet-50 teacher; specs valid\n")
     assert not (tmp_path / "w").exists() and not (tmp_path / "r.jsonl").exists()
+
+
+def _committed_report_rows(title: str) -> list[list[str]]:
+    """The test-split table of one section of bench/results/evidence-more-report.md."""
+    report = (ROOT / "bench/results/evidence-more-report.md").read_text()
+    section = report.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    table = section.split("**Test split**", 1)[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm") and not line.startswith("|---")]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_report_is_the_one_regenerated_from_the_committed_rows():
+    """bench/results/evidence-more-report.md == `python bench/evidence_more.py --markdown` on the
+    committed JSONL, recomputed here (the selection, the Welch tests and the teacher's line). The
+    sweeps are built with the script's default folders: the teacher's path is part of each cell's key."""
+    from kdgraph.sweep import load_rows
+
+    args = argparse.Namespace(work="/work/grid/evidence-more", w8_work="/work/grid/evidence-w8",
+                              results=str(evidence_more.COMMITTED))
+    rows = load_rows(evidence_more.COMMITTED)
+    assert (ROOT / "bench/results/evidence-more-report.md").read_text() == evidence_more.report(evidence_more.build(args), rows)
+
+
+def test_the_docs_quote_the_adapter_free_pair_as_its_committed_report_has_it():
+    """BENCHMARKS.md's adapter-free table: each arm's mean ± std and 95 % CI as the committed
+    report gives them; README.md and docs/recipes.md quote the projected student's and KD's."""
+    finished = [r for r in _committed_report_rows("ResNet-50-shaped -> ResNet-18 /8") if r[2] == "3"]
+    assert [r[0] for r in finished] == ["kd", "stablekd-5/2", "stablekd-5/2-inpath"]
+    docs = {name: (ROOT / name).read_text().replace("−", "-") for name in ("BENCHMARKS.md", "README.md", "docs/recipes.md")}
+    for arm, _chosen, _n, mean_std, ci, *_ in finished:
+        assert mean_std in docs["BENCHMARKS.md"] and ci in docs["BENCHMARKS.md"], f"BENCHMARKS.md lacks {arm}'s {mean_std} / {ci}"
+        assert mean_std in docs["docs/recipes.md"], f"docs/recipes.md lacks {arm}'s {mean_std}"
+        if arm != "stablekd-5/2-inpath":
+            assert mean_std in docs["README.md"].replace("\n", " "), f"README.md lacks {arm}'s {mean_std}"
+    projected = finished[1]
+    assert f"{projected[5]}, p = {float(projected[7]):.2g}" in docs["README.md"].replace("\n", " ")  # +0.68, p = 0.018

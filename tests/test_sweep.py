@@ -149,6 +149,8 @@ def test_selection_skips_diverged_and_ties_keep_the_first(tmp_path):
     div = lambda c: None if _lr(c) == 0.4 and c.seed == 1 else _lr(c)  # noqa: E731
     st = s.arm_state(s.arms[0], _simulate(s, div))
     assert dict(st.chosen) == {"optim.lr": "0.2"} and st.means[(("optim.lr", "0.4"),)] is None
+    text = sw.format_report(sw.sweep_report(s, _simulate(s, div)))
+    assert "[optim.lr=0.2 → 0.20], optim.lr=0.4 → diverged" in text  # said, not a dash
     tie = s.arm_state(s.arms[0], _simulate(s, lambda c: 70.0))
     assert dict(tie.chosen) == {"optim.lr": "0.1"} and tie.edges == ["optim.lr"]
 
