@@ -46,6 +46,19 @@ def test_a_spec_error_prefixes_its_path_once():
 
 
 @pytest.mark.parametrize("kind", [SpecError, ModelError, TraceError, PlanError, DataError])
-def test_every_error_kind_is_a_kdgraph_error_the_cli_catches(kind):
-    error = kind("x", "y") if kind is SpecError else kind("y")
-    assert isinstance(error, KDGraphError)
+def test_every_error_kind_is_a_kdgraph_error_the_cli_catches(kind, monkeypatch):
+    """Raised where the CLI loads the spec: its message on one line after 'error:', exit 2, no traceback."""
+    from typer.testing import CliRunner
+
+    import kdgraph.cli.main as cli
+
+    error = kind("data.root", "is missing") if kind is SpecError else kind("the model is missing")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    result = CliRunner().invoke(cli.app, ["plan", "spec.yaml"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)  # typer.Exit(2), nothing uncaught
+    said = result.output.strip()
+    assert said == f"error: {error}" and "Traceback" not in said
