@@ -4,6 +4,8 @@ teacher's scores only where its weights are at hand, and the refusals said befor
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -68,18 +70,32 @@ def test_eval_scores_the_runs_student_as_run_by_hand(run):
 
 
 def test_the_training_split_is_the_one_the_fraction_selects(run):
-    spec, _, _ = run
+    """Its size from data.fraction, scored unaugmented: the student run by hand over the
+    training split's samples, each normalised (x - mean) / std with the run's statistics."""
+    from kdgraph.runtime.techniques import DistInfo
+    from kdgraph.tasks.create import create_task
+
+    spec, compiled, _ = run
     got = evaluate_spec(spec, split="train")
     assert got["split"] == "train" and got["samples"] == round(FRACTION * _digits_split_sizes()[0])
-    assert 0 <= got["student_top1"] <= got["student_top5"] <= 100
+    train = create_task(compiled.run, compiled).build_data(compiled.run, compiled.data, torch.device("cpu"),
+                                                           DistInfo()).train
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in train.norm)
+    x, y = (train.x.float() - mean) / std, train.y.numpy()
+    assert len(y) == got["samples"]
+    with torch.no_grad():
+        order = np.argsort(-compiled.student.model.eval()(x).numpy(), axis=1)
+    assert got["student_top1"] == pytest.approx(100 * np.mean(order[:, 0] == y))
+    assert got["student_top5"] == pytest.approx(100 * np.mean((order[:, :5] == y[:, None]).any(axis=1)))
 
 
 def test_eval_refuses_an_unknown_split_and_a_missing_checkpoint(run, tmp_path):
     spec, _, _ = run
     with pytest.raises(KDGraphError, match="unknown split 'val'; splits: test, train"):
         evaluate_spec(spec, split="val")
-    with pytest.raises(KDGraphError, match="nothing.pt") as err:
-        evaluate_spec(spec, tmp_path / "nothing.pt")
+    missing = tmp_path / "nothing.pt"
+    with pytest.raises(KDGraphError, match=rf"^no trained student at {re.escape(str(missing))}$") as err:
+        evaluate_spec(spec, missing)
     assert "\n" not in str(err.value)
 
 
