@@ -1,6 +1,7 @@
 """kdgraph.runtime.commands: `kdgraph eval` on a run's student.safetensors against the same student
 run by hand over the test split (its size from scikit-learn's own split), the splits, the
-teacher's scores only where its weights are at hand, and the refusals said before anything is built."""
+teacher's scores only where its weights are at hand, and the refusals said before anything is built.
+(export's refusal of a user's folder: tests/test_hostile_inputs.py, through the CLI.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from kdgraph.errors import KDGraphError
-from kdgraph.runtime.commands import evaluate_spec, export_spec
+from kdgraph.runtime.commands import evaluate_spec
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec
@@ -97,13 +98,3 @@ def test_eval_refuses_an_unknown_split_and_a_missing_checkpoint(run, tmp_path):
     with pytest.raises(KDGraphError, match=rf"^no trained student at {re.escape(str(missing))}$") as err:
         evaluate_spec(spec, missing)
     assert "\n" not in str(err.value)
-
-
-def test_export_refuses_a_folder_that_is_not_an_export_and_leaves_it(run, tmp_path):
-    spec, _, _ = run
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "README.md").write_text("my own")
-    with pytest.raises(KDGraphError, match="holds files and is not a kdgraph export"):
-        export_spec(spec, tmp_path / "mine")
-    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["README.md"]
-    assert (tmp_path / "mine" / "README.md").read_text() == "my own"

@@ -75,13 +75,6 @@ def test_data_with_more_classes_than_the_student_predicts_is_one_line():
     _task(num_classes=None).check_data(SimpleNamespace(num_classes=10), "text")  # no head: nothing to check
 
 
-def test_better_points_up_and_a_tie_keeps_the_earlier():
-    task = _task()
-    assert task.better({"top1": 1.0}, None)
-    assert task.better({"top1": 2.0}, 1.0) and not task.better({"top1": 1.0}, 1.0)
-    assert not task.better({"top1": 0.5}, 1.0)
-
-
 def test_describe_and_headline_lines():
     assert _task().describe({"top1": 91.234, "top5": 99.5}) == "top-1 91.23%, top-5 99.50%"
     summary = {"student_top1": 80.0, "student_top5": 95.0, "teacher_top1": 90.0}

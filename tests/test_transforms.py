@@ -1,17 +1,16 @@
 """kdgraph.transforms, the streaming crop and its draws: boxes against timm's ``get_params``
 (distribution and fallback), pixels against torchvision's ``resized_crop``, the draws a pure
-function of (seed, epoch, index); ``mix_targets`` and the whole-image crop worked out by hand.
-(``MixupCutmix`` against timm's ``Mixup``: tests/test_mixup.py; ``Renormalize``:
-tests/test_renormalize.py.)"""
+function of (seed, epoch, index); the whole-image crop worked out by hand. (``MixupCutmix``
+against timm's ``Mixup`` and ``mix_targets`` against timm's ``mixup_target``: tests/test_mixup.py;
+``Renormalize``: tests/test_renormalize.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from kdgraph.transforms import RandomResizedCropFlip, crop_boxes, mix_targets, sample_seeds, uniforms
+from kdgraph.transforms import RandomResizedCropFlip, crop_boxes, sample_seeds, uniforms
 
 
 def test_a_crop_of_the_whole_area_at_the_images_own_aspect_is_the_whole_image():
@@ -28,18 +27,6 @@ def test_a_crop_of_the_whole_area_at_the_images_own_aspect_is_the_whole_image():
 def test_draw_k_does_not_depend_on_how_many_are_drawn():
     seeds = sample_seeds(11, 2, np.arange(7))
     assert np.array_equal(uniforms(seeds, 5), uniforms(seeds, 23)[:, :5])
-
-
-@pytest.mark.parametrize("lam, smoothing", [(1.0, 0.0), (0.7, 0.0), (0.25, 0.1)])
-def test_mix_targets_written_out(lam, smoothing):
-    y, c = torch.tensor([2, 0, 1]), 4
-    off, on = smoothing / c, 1 - smoothing + smoothing / c
-    one_hot = torch.full((3, c), off)
-    for i, label in enumerate(y.tolist()):
-        one_hot[i, label] = on
-    want = lam * one_hot + (1 - lam) * one_hot[[2, 1, 0]]  # sample i paired with sample B-1-i
-    got = mix_targets(y, c, lam, smoothing)
-    assert torch.allclose(got, want, atol=1e-7) and torch.allclose(got.sum(1), torch.ones(3))
 
 
 def test_non_square_output_and_mixed_input_sizes():
