@@ -169,7 +169,7 @@ def test_cut_to_dict_is_plain_data():
 
 @pytest.mark.parametrize("hw,h,w,expected", [
     ((224, 224), 56, 56, 4), ((224, 224), 7, 7, 32), ((32, 32), 32, 32, 1),
-    ((224, 224), 4, 4, 64),  # 224/56 = 4 exactly, but a 64-stride with padding gives 4x4: 64
+    ((224, 224), 4, 4, 64),  # 224/4 = 56 exactly, but a 64-stride with padding gives 4x4: 64
     ((96, 64), 12, 8, 8),  # non-square input, one reduction
     ((32, 32), 5, 5, None), ((32, 32), 8, 4, None), ((96, 64), 12, 16, None), ((32, 32), 0, 4, None),
     ((48, 48), 16, 16, 3),  # 3 tiles exactly and no power of two gives 16: the exact 3 stays
