@@ -54,8 +54,10 @@ def test_the_position_and_history_a_resume_restores(trainer):
     before = (trainer.position, trainer.global_step, trainer.history, trainer.wall_before)
     try:
         states["position"].load_state_dict({"epoch": 1, "step": 4, "global_step": 9})
-        states["history"].load_state_dict({"wall_s": 12.5, "images": 100, "train_s": 3.0})
+        history = {"wall_s": 12.5, "images": 100, "train_s": 3.0}
+        states["history"].load_state_dict(history)
         assert trainer.position["step"] == 4 and trainer.global_step == 9 and trainer.wall_before == 12.5
+        assert trainer.history == history and states["history"].state_dict() == history  # the whole record
         trainer.saving_at = (1, 4)
         assert states["position"].state_dict() == {"epoch": 1, "step": 4, "global_step": 9}
     finally:
