@@ -51,6 +51,7 @@ def test_from_teacher_copies_the_tensors_whose_name_and_shape_match():
     with torch.no_grad():
         teacher[1].running_mean.normal_()
     before = _state(student)
+    params, ptr = list(student.parameters()), student[0].weight.data_ptr()
     note = init_from_teacher(teacher, student)
     t, s = teacher.state_dict(), student.state_dict()
     copied = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
@@ -58,7 +59,9 @@ def test_from_teacher_copies_the_tensors_whose_name_and_shape_match():
     assert torch.equal(s["2.weight"], before["2.weight"]) and torch.equal(s["2.bias"], before["2.bias"])
     assert note == ("student.from_teacher: 7 of 9 tensors copied from the teacher (name and shape match): 0, 1; "
                     "initial weights kept: 2")
-    assert s["0.weight"].data_ptr() == student[0].weight.data_ptr()  # copied in place, not replaced
+    # copied in place, not replaced: the optimizer built on the student's parameters still holds them
+    assert all(p is q for p, q in zip(params, student.parameters(), strict=True))
+    assert student[0].weight.data_ptr() == ptr
 
 
 def test_from_teacher_note_when_nothing_matches():
