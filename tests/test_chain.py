@@ -129,8 +129,30 @@ def test_the_exported_student_runs_the_folded_map_between_its_blocks(compiled):
                                                                                         "folded.2.bias"}
 
 
+def _ops(exported):
+    return [(op.node, op.kind, op.inputs[0], op.block) for op in exported.program.ops], exported.program.output
+
+
 def test_exported_student_of_refuses_maps_the_plan_does_not_keep(compiled):
-    assert ExportedStudent.of(compiled, {}).program.ops == compiled.plan.stages[-1].inference.folded().ops
+    """Projected adapters (this plan's): the blocks alone. In the path: a folded map after each of
+    blocks 1-3 (the last stage's lift/lower pairs, one op each). Other maps: refused."""
+    from kdgraph.compiler import compile_spec
+    from kdgraph.spec import load_spec
+
+    assert compiled.pairing.adapters_mode == "projected"
+    assert _ops(ExportedStudent.of(compiled, {})) == ([("S1", "student", "input", 1), ("S2", "student", "S1", 2),
+                                                       ("S3", "student", "S2", 3), ("S4", "student", "S3", 4)], "S4")
     with pytest.raises(KDGraphError, match=r"adapters after blocks \[2\], but this spec's plan keeps them after "
                                            r"blocks \[\]: use the spec it was trained with"):
         ExportedStudent.of(compiled, {2: nn.Identity()})
+    raw = tiny_spec("runs/chain", "stablekd", blocks=4, recompositions=1, epochs=2)
+    raw.setdefault("decompose", {})["adapters"] = "in_path"
+    in_path = compile_spec(load_spec(raw))
+    maps = {i: nn.Identity() for i in (1, 2, 3)}
+    assert _ops(ExportedStudent.of(in_path, maps)) == ([
+        ("S1", "student", "input", 1), ("folded1", "folded", "S1", 1), ("S2", "student", "folded1", 2),
+        ("folded2", "folded", "S2", 2), ("S3", "student", "folded2", 3), ("folded3", "folded", "S3", 3),
+        ("S4", "student", "folded3", 4)], "S4")
+    with pytest.raises(KDGraphError, match=r"adapters after blocks \[\], but this spec's plan keeps them after "
+                                           r"blocks \[1, 2, 3\]"):
+        ExportedStudent.of(in_path, {})
