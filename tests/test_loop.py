@@ -45,8 +45,11 @@ def test_a_checkpoint_of_another_spec_or_plan_is_refused_naming_what_differs(tra
     plan = trainer.plan.to_dict()
     states["plan"].load_state_dict(plan)
     for key, value in (("epochs", plan["epochs"] + 1), ("k", plan["k"] + 1), ("method", "kd")):
-        with pytest.raises(KDGraphError, match="was written for another plan"):
-            states["plan"].load_state_dict({**plan, key: value})
+        stored = {**plan, key: value}
+        with pytest.raises(KDGraphError, match=rf"last\.pt was written for another plan \({stored['method']}, "
+                                               rf"{stored['epochs']} epochs\); resume with the spec it was trained "
+                                               r"with, or choose another output$"):
+            states["plan"].load_state_dict(stored)
 
 
 def test_the_position_and_history_a_resume_restores(trainer):

@@ -104,7 +104,8 @@ def test_bytes_that_are_no_text_are_a_refused_line_or_a_dropped_cut_short_one(tm
 def test_a_bad_whole_last_line_is_refused_too(tmp_path):
     folder = RunFolder(tmp_path)
     text = _file(folder, _records([1]), tail="garbage\n")
-    with pytest.raises(KDGraphError, match="line 2"):
+    with pytest.raises(KDGraphError, match=r"metrics\.jsonl: line 2 is not a metrics record \(JSON with a "
+                                           r"global_step\); kdgraph wrote none such: mend or remove that line"):
         kept_lines(folder.metrics, 5)
     assert folder.metrics.read_text() == text
 
