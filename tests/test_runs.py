@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -277,7 +278,10 @@ def test_a_lock_without_a_pid_is_refused_and_left(tmp_path, content):
     from kdgraph.runtime.runs import RunLock
 
     RunFolder(tmp_path).lock.write_text(content)
-    with pytest.raises(KDGraphError, match="is not a kdgraph run lock"):
+    lock = RunFolder(tmp_path).lock
+    with pytest.raises(KDGraphError, match=rf"^{re.escape(str(lock))} is not a kdgraph run lock \(it holds "
+                                           rf"{re.escape(repr(content))}, not a pid\); delete it if no kdgraph run "
+                                           rf"is using {re.escape(str(tmp_path))}$"):
         RunLock(tmp_path).acquire()
     assert RunFolder(tmp_path).lock.read_text() == content
 
