@@ -32,6 +32,8 @@ def test_disk_full_is_one_line_naming_the_first_line_of_the_cause_and_the_resume
 def test_a_quota_errno_counts_and_its_words_in_any_case():
     assert disk_full(OSError(errno.EDQUOT, "whatever the OS says")) is not None
     assert disk_full(OSError(errno.EACCES, "Disk quota exceeded")) is not None  # the words, whatever the errno
+    assert disk_full(RuntimeError("DISK QUOTA EXCEEDED")) is not None  # in any case
+    assert disk_full(RuntimeError("write: no space left on device")) is not None
     assert disk_full(OSError(errno.EACCES, "Permission denied")) is None
     assert disk_full(RuntimeError("")) is None
 
