@@ -12,7 +12,7 @@ from rich.console import Console
 
 from kdgraph.errors import KDGraphError
 from kdgraph.ir import Cut
-from kdgraph.render import (cut_name, cut_shape, draw_block_graph, loss_nodes, pair_shapes, plan_view,
+from kdgraph.render import (blocks_table, cut_name, cut_shape, draw_block_graph, loss_nodes, pair_shapes, plan_view,
                             schedule_table, stages_table)
 
 from _runtime_helpers import tiny_spec
@@ -92,11 +92,15 @@ def test_the_plan_tables_show_the_compiled_plan(compiled):
     stages = _text(stages_table(c.student))
     assert [row[0] for row in _rows(stages)] == [str(st.index) for st in c.student.stages]
     assert f"{len(c.student.cuts)} cuts" in stages
+    # the blocks: each pair's cuts and their shapes (T / S) as the pairing holds them, the head last
+    blocks = _text(blocks_table(c))
+    assert [row[:4] for row in _rows(blocks)] == [
+        [str(b.index), b.teacher.label, b.student.label, f"{'×'.join(map(str, b.teacher.shape))} / "
+                                                         f"{'×'.join(map(str, b.student.shape))}"]
+        for b in c.pairing.blocks if not b.is_head] + [[str(c.pairing.k), "head", "head", f"{c.num_classes} logits"]]
     view = _text(plan_view(c))
-    for b in c.pairing.blocks:
-        if not b.is_head:
-            assert f"{b.teacher.label}" in view and f"{b.student.label}" in view
-    assert f"{c.num_classes} logits" in view and "teacher stages" in view and "student stages" in view
+    assert all(line in view for line in blocks.splitlines() + stages.splitlines() + schedule.splitlines())
+    assert "teacher stages" in view and "student stages" in view
     for nodes, entry, _ in loss_nodes(c.graph):
         assert f"{nodes}: {entry}" in view
 
