@@ -52,6 +52,32 @@ def test_a_checkpoint_of_another_spec_or_plan_is_refused_naming_what_differs(tra
             states["plan"].load_state_dict(stored)
 
 
+def _changed(value):
+    """Another value of the same record field (an int or str changed, a list cut, a dict grown)."""
+    if isinstance(value, bool) or value is None:
+        return 1 if value is None else not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value[:-1]
+    return {**value, "changed": 1}
+
+
+@pytest.mark.parametrize("key", ["method", "k", "n", "epochs", "tpp_block", "stages", "projection_fit",
+                                 "teacher_shard", "teacher_dtype"])
+def test_every_field_of_the_plan_record_guards_the_resume(trainer, key):
+    """Each field of the plan a checkpoint records, changed alone, is refused (the list is the
+    record's keys plus the two a sharded teacher adds: a new field fails the first assert)."""
+    plan = trainer.plan.to_dict()
+    assert set(plan) | {"teacher_shard", "teacher_dtype"} == {"method", "k", "n", "epochs", "tpp_block", "stages",
+                                                              "projection_fit", "teacher_shard", "teacher_dtype"}
+    states = checkpoint_states(trainer, trainer.compiled.run.to_dict())
+    with pytest.raises(KDGraphError, match=r"last\.pt was written for another plan \("):
+        states["plan"].load_state_dict({**plan, key: _changed(plan.get(key))})
+
+
 def test_the_position_and_history_a_resume_restores(trainer):
     states = checkpoint_states(trainer, trainer.compiled.run.to_dict())
     before = (trainer.position, trainer.global_step, trainer.history, trainer.wall_before)
