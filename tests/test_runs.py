@@ -387,3 +387,45 @@ def test_readable_gives_a_private_file_the_umasks_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert readable(path) == path and (path.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_every_field_of_the_spec_record_guards_the_resume_but_the_resumable_ones(tmp_path):
+    """The resume's spec check over a whole record (a real spec, every default filled in, as a
+    checkpoint keeps it): each leaf changed alone is named as a difference, except the runtime
+    keys a resume may change (RESUMABLE_CHANGES) and, with --reshard, RESHARD_CHANGES too."""
+    from kdgraph.runtime.runs import RESHARD_CHANGES, RESUMABLE_CHANGES, _flatten, spec_differences
+    from kdgraph.spec import load_spec
+
+    from _runtime_helpers import tiny_spec
+
+    def unflatten(flat: dict) -> dict:
+        out: dict = {}
+        for key, value in flat.items():
+            *path, last = key.split(".")
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return out
+
+    record = load_spec(tiny_spec(tmp_path / "run", "stablekd")).to_dict()
+    leaves = _flatten(record)
+    assert len(leaves) > 60 and spec_differences(record, unflatten(leaves)) == []  # the whole spec, rebuilt whole
+    assert RESUMABLE_CHANGES == ("runtime.device", "runtime.num_threads", "runtime.log_every", "runtime.log",
+                                 "runtime.compile", "runtime.num_workers", "runtime.pin_memory",
+                                 "runtime.persistent_workers", "runtime.prefetch_factor")  # how a run executes, not what
+
+    def changed(value):
+        if isinstance(value, bool) or value is None:
+            return 1 if value is None else not value
+        if isinstance(value, (int, float)):
+            return value + 1
+        return [1] if isinstance(value, (list, dict)) and not value else f"{value}x"
+
+    for key, value in leaves.items():
+        other = unflatten({**leaves, key: changed(value)})
+        found = spec_differences(record, other)
+        resumable = key.startswith(RESUMABLE_CHANGES)
+        assert (found == []) if resumable else (len(found) == 1 and found[0].startswith(f"{key}: ")), (key, found)
+        if not resumable:
+            assert (spec_differences(record, other, RESHARD_CHANGES) == []) == key.startswith(RESHARD_CHANGES), key
