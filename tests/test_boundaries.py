@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from torch import nn
 
 from kdgraph.compiler import compile_spec
@@ -23,6 +22,7 @@ from kdgraph.errors import PlanError
 from kdgraph.spec import load_spec
 
 from _runtime_helpers import tiny_spec
+from test_cuts import TinyUNet  # enc -> down, mid -> up -> concat with enc -> out
 
 
 @pytest.mark.parametrize("n,parts,sizes", [
@@ -191,33 +191,17 @@ def test_a_model_with_only_vector_cuts_cannot_be_split():
     assert _bounds(mlp, (3, 4, 4), 1)[0] == []
 
 
-class _UNet(nn.Module):
-    """enc (8x8) -> down, mid (4x4) -> up (8x8) -> concat with enc -> out."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = nn.Conv2d(3, 4, 3, padding=1)
-        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
-        self.mid = nn.Conv2d(8, 8, 3, padding=1)
-        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
-        self.out = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x):
-        e = self.enc(x)
-        return self.out(torch.cat([e, self.up(self.mid(self.down(e)))], dim=1))
-
-
 @pytest.mark.parametrize("blocks,ends,rules", [
     (2, [("enc", "mid")], ["stage end"]),  # the bottleneck, carrying the skip
     (3, [("enc",), ("enc", "mid")], ["stage end", "stage end"]),
     (4, [("enc",), ("enc", "mid"), ("cat",)], ["stage end", "stage end", "decoder stage end"]),
 ])
 def test_a_unet_is_cut_on_its_way_down_then_up(blocks, ends, rules):
-    bounds, _ = _bounds(_UNet(), (3, 8, 8), blocks)
+    bounds, _ = _bounds(TinyUNet(), (3, 8, 8), blocks)
     assert [b.cut.nodes for b in bounds] == ends and [b.rule for b in bounds] == rules
     with pytest.raises(PlanError, match=r"^the student cannot be cut into 5 blocks: it has 2 resolutions on the way "
                                         r"down and 1 on the way up; lower decompose.blocks$"):
-        _bounds(_UNet(), (3, 8, 8), 5)
+        _bounds(TinyUNet(), (3, 8, 8), 5)
 
 
 def test_pairable_stages_leave_a_unet_its_single_tensor_ends_against_a_plain_partner():
@@ -225,7 +209,7 @@ def test_pairable_stages_leave_a_unet_its_single_tensor_ends_against_a_plain_par
         traced = trace(model.eval(), (3, 8, 8))
         return ModelArtifacts("student", model, traced, stages=tuple(find_stages(find_cuts(traced), traced)))
 
-    unet, plain = art(_UNet()), art(_pyramid())
+    unet, plain = art(TinyUNet()), art(_pyramid())
     assert any(s.end.multi for s in unet.stages)
     single = pairable_stages(unet, plain)
     assert single and not any(s.end.multi for s in single)

@@ -15,21 +15,7 @@ from kdgraph.models import create_model
 
 pytest.importorskip("diffusers")
 
-SIZE = (1, 16, 16)
-CONFIG = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 32],
-          "layers_per_block": 1, "norm_num_groups": 8, "num_class_embeds": 10,
-          "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
-
-
-def _batch(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SIZE, generator=g), torch.randint(0, 1000, (n,), generator=g), \
-        torch.randint(0, 10, (n,), generator=g)
-
-
-def _unet(**over):
-    torch.manual_seed(0)
-    return create_model("diffusers:UNet2DModel", {**CONFIG, **over}).eval()
+from test_diffusers import CONFIG, _batch, _unet  # the small class-conditional UNet2DModel
 
 
 @pytest.mark.parametrize("over", [

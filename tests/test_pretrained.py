@@ -9,14 +9,11 @@ The truth every load is checked against is the source model's own ``state_dict``
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import save_file
-from torch import nn
 
 from kdgraph.compiler import compile_spec
 from kdgraph.errors import ModelError
@@ -24,8 +21,7 @@ from kdgraph.models import build_model, read_state_dict
 from kdgraph.spec import ModelSpec, load_spec
 
 from _runtime_helpers import ROOT, tiny_spec, train_here
-
-TIMM = "resnet10t"  # small: 5M parameters, builds in 0.05 s
+from test_weights import TIMM, _same, _save_safetensors, _save_torch, _timm  # the weight files' helpers
 
 
 @pytest.fixture(autouse=True)
@@ -36,28 +32,6 @@ def _no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-def _timm(num_classes: int = 10, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(TIMM, num_classes=num_classes)
-
-
-def _same(state: dict, truth: dict, skip: tuple[str, ...] = ()) -> None:
-    keys = [k for k in truth if not k.startswith(skip)]
-    assert sorted(k for k in state if not k.startswith(skip)) == sorted(keys)
-    for k in keys:
-        assert torch.equal(state[k], truth[k]), k
-
-
-def _save_safetensors(state: dict, path: Path) -> Path:
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
-
-
-def _save_torch(state, path: Path, legacy: bool = False) -> Path:
-    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-    return path
 
 
 # --- torchvision files ------------------------------------------------------------------------

@@ -4,8 +4,6 @@ the message must hold (written out here), every problem one line, long values cu
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +11,8 @@ from kdgraph.errors import SpecError
 from kdgraph.spec import load_spec
 from kdgraph.spec.explain import MAX_SHOWN, short
 
-MINIMAL = "name: tiny\nstudent: {model: 'timm:resnet18'}\n"
-KD = "name: tiny\nteacher: {model: 'timm:resnet34'}\nstudent: {model: 'timm:resnet18'}\n"
-
-
-def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+from test_spec_loader import MINIMAL, write  # the minimal spec, a spec file written here
+from test_spec_schema import KD  # a teacher-student spec
 
 
 # (id, YAML text, overrides, expected SpecError.path, fragments that must be in the message)
@@ -93,8 +85,6 @@ def test_every_problem_listed_one_per_line():
     lines = info.value.message.splitlines()
     assert [line.split(":")[0] for line in lines] == ["data.batch_size", "data.augment", "optim.lr"]
     assert info.value.path == "data.batch_size"
-
-
 
 
 def test_a_list_of_any_length_is_not_described_as_a_pair():

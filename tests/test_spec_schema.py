@@ -4,7 +4,6 @@ written out here."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from kdgraph.errors import SpecError
 from kdgraph.spec import Spec, load_spec, max_recompositions
 
-MINIMAL = "name: tiny\nstudent: {model: 'timm:resnet18'}\n"
+from test_spec_loader import MINIMAL, write  # the minimal spec, a spec file written here
 KD = "name: tiny\nteacher: {model: 'timm:resnet34'}\nstudent: {model: 'timm:resnet18'}\n"
 KD_DICT = {"name": "t", "teacher": {"model": "timm:resnet34"}, "student": {"model": "timm:resnet18"}}
 
@@ -30,12 +29,6 @@ optim: {name: sgd, lr: 0.5, momentum: 0.9, weight_decay: 5.0e-4, lr_schedule: st
 runtime: {device: auto, precision: bf16, compile: false, channels_last: true}
 output: runs/resnet34-to-resnet18
 """
-
-
-def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def _tiny(tmp_path, method="kd", **sections):
@@ -119,8 +112,6 @@ def test_a_teacher_cache_that_is_a_file_is_a_spec_error(tmp_path, command):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "teacher.cache: a teacher cache is a folder, and this is a file" in " ".join(proc.stderr.split())
     assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
-
-
 
 
 @pytest.mark.parametrize("method,loss,named", [

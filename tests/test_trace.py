@@ -10,21 +10,7 @@ from torch import nn
 from kdgraph.compiler.trace import trace
 from kdgraph.errors import TraceError
 
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.ReLU()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(self.act(self.conv1(x)))
-
-
-def _resnetlike():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(8), Residual(8),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+from test_cuts import _resnetlike  # a conv stem, two residual blocks, a head
 
 
 def test_concrete_args_are_bound_and_required_args_rejected():
